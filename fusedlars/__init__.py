@@ -1,0 +1,12 @@
+"""fusedlars: fused LARS, TVLARS and LAMB optimizers for PyTorch.
+
+Public API: :class:`LARS`, :class:`TVLARS`, :class:`LAMB`, :func:`presets`,
+:func:`param_groups`, :func:`info`.
+"""
+
+from ._version import __version__
+from .groups import param_groups
+from .info import info
+from .optim import LAMB, LARS, TVLARS, presets
+
+__all__ = ["LARS", "TVLARS", "LAMB", "presets", "param_groups", "info", "__version__"]

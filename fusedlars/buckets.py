@@ -1,0 +1,262 @@
+"""Flat parameter buckets: memory layout, views, segment and tile tables.
+
+A :class:`Bucket` holds the parameters of one param group that share a device
+and a dtype in contiguous storage. Each user parameter becomes a view into
+``flat_param`` and its ``.grad`` a view into ``flat_grad``, so backward writes
+straight into the bucket and a kernel sees one pointer per buffer.
+
+Layout (element offsets, identical for every flat buffer of the bucket)::
+
+    | seg 0 data | 0-pad | seg 1 data | 0-pad | ... | seg S-1 data | 0-pad |
+      ^ offset[0]          ^ offset[1]
+
+A *segment* is one parameter tensor: the unit of a trust ratio. Every segment
+starts on a 64-byte boundary of the param buffer and of the (fp32) state
+buffers. Pads are zero in every buffer and never written by an update, so they
+never change a norm.
+
+A *tile* is a fixed-size slice of one segment (never crossing segments).
+Kernels write one partial sum of squares per tile; every consumer reduces a
+segment's tiles in a fixed order, so norms are bitwise reproducible whatever
+the thread or block count.
+
+// NOTE: [Views stay exact]
+// Anything that breaks a view (``model.zero_grad(set_to_none=True)``, a grad
+// replaced by user code, ``p.data = ...``) is detected at the start of the next
+// step by a pointer comparison, and repaired by copying the tensor into the
+// bucket and re-pointing the view. The copy costs one pass; results stay exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Bucket", "TileTable", "state_dtype_for", "SEGMENT_ALIGN_BYTES"]
+
+SEGMENT_ALIGN_BYTES = 64
+
+
+def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Optimizer state is fp32 for fp32/bf16/fp16 params and fp64 for fp64 params."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _align_elems(dtype: torch.dtype) -> int:
+    # Aligned for the param dtype and for the state dtype (>= 4 bytes) at once.
+    item = torch.empty((), dtype=dtype).element_size()
+    return max(SEGMENT_ALIGN_BYTES // item, SEGMENT_ALIGN_BYTES // 4)
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """Tiles of ``tile_elems`` elements; tiles of segment s are ``seg_tile_ptr[s]:seg_tile_ptr[s+1]``."""
+
+    tile_elems: int
+    tile_seg: torch.Tensor  # int32 [T]
+    tile_start: torch.Tensor  # int64 [T] element offset into the flat buffers
+    tile_len: torch.Tensor  # int32 [T] number of valid elements (<= tile_elems)
+    seg_tile_ptr: torch.Tensor  # int64 [S+1]
+    num_tiles: int
+    max_tiles_per_seg: int
+
+
+class Bucket:
+    """Contiguous storage of one (param group, device, dtype) and its per-segment tables.
+
+    Attributes used by the kernels (all on ``device``):
+      ``flat_param``, ``flat_grad`` (param dtype), ``flat_master`` (fp32 or None),
+      ``state[name]`` (state dtype), ``seg_offset`` / ``seg_numel`` / ``seg_len``
+      (int64 [S]; ``seg_len`` includes the pad), per-segment float tensors of the
+      state dtype ``wd_mask`` (1 where weight decay applies), ``adapt_mask`` (1 where a
+      trust ratio applies), ``active`` (1 where the param has a grad this step),
+      ``has_state`` (1 once the segment's momentum / moments exist), ``step``
+      (float32, completed steps), and the outputs of the last step ``w_norm``,
+      ``g_norm``, ``u_norm``, ``trust_ratio``.
+    """
+
+    def __init__(
+        self,
+        params: list[torch.Tensor],
+        names: list[str | None],
+        *,
+        state_names: tuple[str, ...],
+        master_weights: bool,
+        wd_excluded: list[bool],
+        adapt_excluded: list[bool],
+    ) -> None:
+        assert params
+        self.params = list(params)
+        self.names = list(names)
+        self.device = params[0].device
+        self.dtype = params[0].dtype
+        self.state_dtype = state_dtype_for(self.dtype)
+        align = _align_elems(self.dtype)
+        self.shapes = [tuple(p.shape) for p in params]
+        self.numels = [p.numel() for p in params]
+        offsets, off = [], 0
+        for n in self.numels:
+            offsets.append(off)
+            off += -(-n // align) * align if n else 0
+        self.offsets = offsets
+        self.total = off
+        self.num_segments = len(params)
+        dev, dt, sdt = self.device, self.dtype, self.state_dtype
+
+        with torch.no_grad():
+            self.flat_param = torch.zeros(self.total, dtype=dt, device=dev)
+            self.flat_grad = torch.zeros(self.total, dtype=dt, device=dev)
+            self.param_views = [self._view(self.flat_param, i) for i in range(len(params))]
+            self.grad_views = [self._view(self.flat_grad, i) for i in range(len(params))]
+            for p, v in zip(params, self.param_views):
+                v.copy_(p.detach())
+            self.flat_master = None
+            if master_weights and dt in (torch.float16, torch.bfloat16):
+                self.flat_master = self.flat_param.to(torch.float32)
+            self.master_views = (
+                [self._view(self.flat_master, i) for i in range(len(params))] if self.flat_master is not None else None
+            )
+            self.state = {name: torch.zeros(self.total, dtype=sdt, device=dev) for name in state_names}
+            self.state_views = {name: [self._view(buf, i) for i in range(len(params))] for name, buf in self.state.items()}
+
+        lens = [(offsets[i + 1] if i + 1 < len(offsets) else self.total) - offsets[i] for i in range(len(offsets))]
+        self.seg_len_list = lens
+        self.seg_offset = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        self.seg_numel = torch.tensor(self.numels, dtype=torch.int64, device=dev)
+        self.seg_len = torch.tensor(lens, dtype=torch.int64, device=dev)
+        S = self.num_segments
+        self.wd_mask = torch.tensor([0.0 if e else 1.0 for e in wd_excluded], dtype=sdt, device=dev)
+        self.adapt_mask = torch.tensor([0.0 if e else 1.0 for e in adapt_excluded], dtype=sdt, device=dev)
+        self.any_wd_excluded = any(wd_excluded)
+        self.any_adapt_excluded = any(adapt_excluded)
+        self.has_state = torch.zeros(S, dtype=sdt, device=dev)
+        self.step = torch.zeros(S, dtype=torch.float32, device=dev)
+        self.w_norm = torch.zeros(S, dtype=sdt, device=dev)
+        self.g_norm = torch.zeros(S, dtype=sdt, device=dev)
+        self.u_norm = torch.zeros(S, dtype=sdt, device=dev)
+        self.trust_ratio = torch.ones(S, dtype=sdt, device=dev)
+        self._active_key: tuple[bool, ...] | None = None
+        self.active = torch.ones(S, dtype=sdt, device=dev)
+        self.all_active = True
+        self._tiles: dict[int, TileTable] = {}
+        self._elem_seg: torch.Tensor | None = None
+        # point the user's params at the bucket
+        with torch.no_grad():
+            for p, v in zip(params, self.param_views):
+                p.data = v
+            for i, p in enumerate(params):
+                if p.grad is not None:
+                    self.grad_views[i].copy_(p.grad)
+                    p.grad = self.grad_views[i]
+
+    # -- layout helpers -------------------------------------------------------------------------
+    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        o, n = self.offsets[i], self.numels[i]
+        return flat[o : o + n].view(self.shapes[i])
+
+    def tiles(self, tile_elems: int) -> TileTable:
+        """The tile table for ``tile_elems`` (cached). Empty segments have no tiles."""
+        t = self._tiles.get(tile_elems)
+        if t is not None:
+            return t
+        seg, start, ln, ptr = [], [], [], [0]
+        for s, (o, n) in enumerate(zip(self.offsets, self.numels)):
+            for a in range(0, n, tile_elems):
+                seg.append(s)
+                start.append(o + a)
+                ln.append(min(tile_elems, n - a))
+            ptr.append(len(seg))
+        dev = self.device
+        counts = [ptr[i + 1] - ptr[i] for i in range(len(ptr) - 1)]
+        t = TileTable(
+            tile_elems=tile_elems,
+            tile_seg=torch.tensor(seg, dtype=torch.int32, device=dev),
+            tile_start=torch.tensor(start, dtype=torch.int64, device=dev),
+            tile_len=torch.tensor(ln, dtype=torch.int32, device=dev),
+            seg_tile_ptr=torch.tensor(ptr, dtype=torch.int64, device=dev),
+            num_tiles=len(seg),
+            max_tiles_per_seg=max(counts, default=0),
+        )
+        self._tiles[tile_elems] = t
+        return t
+
+    def elem_seg(self) -> torch.Tensor:
+        """int32 [total]: the segment of every element (pads belong to the segment before them)."""
+        if self._elem_seg is None:
+            self._elem_seg = torch.repeat_interleave(
+                torch.arange(self.num_segments, dtype=torch.int32, device=self.device),
+                self.seg_len,
+                output_size=self.total,
+            )
+        return self._elem_seg
+
+    # -- per-step bookkeeping ------------------------------------------------------------------
+    def sync_views(self) -> list[bool]:
+        """Repair broken param / grad views; return which segments have a grad this step.
+
+        Runs on the host only (pointer comparisons); copies happen only for broken views.
+        """
+        active = []
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                pv = self.param_views[i]
+                if p.data_ptr() != pv.data_ptr():
+                    pv.copy_(p.detach())
+                    if self.master_views is not None:
+                        self.master_views[i].copy_(pv)
+                    p.data = pv
+                g = p.grad
+                if g is None:
+                    active.append(False)
+                    continue
+                gv = self.grad_views[i]
+                if g.data_ptr() != gv.data_ptr() or g.shape != gv.shape or g.stride() != gv.stride():
+                    gv.copy_(g)
+                    p.grad = gv
+                active.append(True)
+        key = tuple(active)
+        if key != self._active_key:
+            self._active_key = key
+            self.active = torch.tensor([1.0 if a else 0.0 for a in active], dtype=self.state_dtype, device=self.device)
+            self.all_active = all(active)
+        return active
+
+    def any_active(self) -> bool:
+        return bool(self._active_key) and any(self._active_key)
+
+    def zero_grad_(self) -> None:
+        """Zero the flat grad buffer in one operation; grads that are views stay views."""
+        self.flat_grad.zero_()
+
+    def check_grads(self) -> None:
+        """Validation that must pass before anything is mutated (sparse, complex, dtype, device)."""
+        for i, p in enumerate(self.params):
+            if tuple(p.shape) != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
+                raise RuntimeError(
+                    f"parameter {self.names[i] or i} changed shape, dtype or device after the optimizer "
+                    f"built its buckets ({self.shapes[i]}, {self.dtype}, {self.device} -> "
+                    f"{tuple(p.shape)}, {p.dtype}, {p.device}). Create the optimizer after moving the model."
+                )
+            g = p.grad
+            if g is None:
+                continue
+            name = self.names[i] or f"#{i}"
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"parameter {name} has a sparse gradient; fusedlars needs dense gradients "
+                    "(e.g. nn.Embedding(sparse=False))."
+                )
+            if g.device != self.device:
+                raise RuntimeError(f"parameter {name}: grad is on {g.device} but the param is on {self.device}.")
+            if tuple(g.shape) != self.shapes[i]:
+                raise RuntimeError(f"parameter {name}: grad shape {tuple(g.shape)} != param shape {self.shapes[i]}.")
+            if g.dtype != self.dtype:
+                raise RuntimeError(
+                    f"parameter {name}: grad dtype {g.dtype} != param dtype {self.dtype}; "
+                    "fusedlars needs grads of the param's dtype."
+                )
+
+    def weights(self) -> torch.Tensor:
+        """The buffer the math reads weights from: the fp32 master if present, else the params."""
+        return self.flat_master if self.flat_master is not None else self.flat_param

@@ -1,0 +1,230 @@
+"""Reference backend: float64, one parameter at a time, a plain transcription of the formulas.
+
+This module is the specification in code. Every other backend is tested against it.
+It is written for clarity, not speed, but it still makes no host sync (guards are
+``torch.where``, per-step values stay tensors).
+
+LARS, per layer (You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional
+Networks", eq. 6 and Alg. 1, with the variants catalogued in shared/research/semantics.md):
+
+    g   = grad * inv_scale, negated if maximize        (GradScaler unscale inside the step)
+    lam = weight_decay if the layer is not excluded from decay else 0
+    ||w||, ||g||, ||g + lam*w||                        (norms of the unscaled gradient)
+    n_w = clamp(||w||), n_d = clamp(||g|| or ||g + lam*w||)        (norm_clamp, TVLARS: [0, 10])
+    denominator  sum_of_norms: n_d + lam*n_w + eps | norm_of_sum: n_d + eps | grad_only: n_d + eps
+    r   = eta * phi_t * n_w / denominator,  phi_t = 1/(alpha + exp(lmbda*(t - shift))) + gamma_min
+          (TVLARS, "Revisiting LARS for Large Batch Training Generalization of Neural Networks";
+           phi = 1 for plain LARS and while t < gate)
+    ok  = ||w|| > 0 and (||g|| | gradient-side norm | denominator) > 0       (zero_norm_check)
+    not adapted: r = 1;  ok: r = clip(r);  not ok: zero_norm 'one' -> r = clip(1), 'skip' -> r = 1, lam = 0
+    clip  larc: min(r/lr, 1) (apex LARC) | lambc: min(r, 1) | range: clamp(r, lo, hi)
+    g'  = r*(g + lam*w)  (l2)  |  r*g  (ratio_only, decoupled)
+    torch momentum:   b = mu*b + (1-d)*g'  (first step: b = g' [clone] or (1-d)*g' [zeros])
+                      step = g' + mu*b (nesterov) or b;      w <- w - lr*step
+    classic momentum: v = mu*v + lr*g';  step = lr*g' + mu*v (nesterov) or v;   w <- w - step
+    decoupled decay:  w <- w - lr*lam*w_old  in addition
+
+LAMB, per layer (You et al. 2019, "Large Batch Optimization for Deep Learning", Alg. 2):
+
+    g   = grad * inv_scale / clip_coef, negated if maximize   (clip_coef: global grad-norm clip)
+    l2 mode: g <- g + lam*w
+    m = b1*m + b3*g;  v = b2*v + (1-b2)*g^2;  t = step + 1
+    both:  u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t) + eps_root) + eps)
+    none / first_outside:  u = m / (sqrt(v + eps_root) + eps)
+    in_update mode: u <- u + lam*w;   decoupled mode: w <- w*(1 - lr*lam) first
+    r = clamp(||w||) / (||u|| + trust_ratio_eps) if both norms > 0 else 1;  r = clip(r);  r = 1 if not adapted
+    w <- w - lr * s * r * u,   s = 1/(1-b1^t) for first_outside else 1
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..buckets import Bucket
+from .common import LambConfig, LarsConfig
+
+NAME = "reference"
+
+
+def available() -> tuple[bool, str]:
+    return True, "pure PyTorch, float64, one parameter at a time (the specification)"
+
+
+def _f64(x):
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.float64).reshape(())
+    return torch.tensor(float(x), dtype=torch.float64)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64) if x.numel() else x.new_zeros((), dtype=torch.float64)
+
+
+def _clip(r, cfg, lr):
+    if cfg.trust_clip == "larc":
+        return torch.clamp(r / lr, max=1.0)
+    if cfg.trust_clip == "lambc":
+        return torch.clamp(r, max=1.0)
+    if cfg.trust_clip == "range":
+        return torch.clamp(r, min=cfg.clip_lo, max=cfg.clip_hi)
+    return r
+
+
+def _grad(bucket: Bucket, i: int, cfg) -> torch.Tensor:
+    g = bucket.grad_views[i].detach().to(torch.float64)
+    if cfg.inv_scale is not None:
+        g = g * _f64(cfg.inv_scale).to(g.device)
+    if getattr(cfg, "clip_coef", None) is not None:
+        g = g / _f64(cfg.clip_coef).to(g.device)
+    if cfg.maximize:
+        g = -g
+    return g
+
+
+def _weights(bucket: Bucket, i: int) -> torch.Tensor:
+    src = bucket.master_views[i] if bucket.master_views is not None else bucket.param_views[i]
+    return src.detach().to(torch.float64)
+
+
+def _write(bucket: Bucket, i: int, w_new: torch.Tensor, keep: torch.Tensor) -> None:
+    """Store new weights (and master weights) unless ``keep`` (skip) is true."""
+    if bucket.master_views is not None:
+        mv = bucket.master_views[i]
+        mv.copy_(torch.where(keep, mv.to(torch.float64), w_new).to(mv.dtype))
+        bucket.param_views[i].copy_(mv.to(bucket.dtype))
+    else:
+        pv = bucket.param_views[i]
+        pv.copy_(torch.where(keep, pv.to(torch.float64), w_new).to(pv.dtype))
+
+
+def _keep(bucket: Bucket, i: int, cfg) -> torch.Tensor:
+    """True where the segment must not change: no grad this step, or GradScaler found an inf."""
+    keep = bucket.active[i] == 0
+    if cfg.found_inf is not None:
+        keep = keep | (cfg.found_inf.reshape(()) != 0)
+    return keep
+
+
+def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    lr = _f64(cfg.lr).to(bucket.device)
+    for i in range(bucket.num_segments):
+        keep = _keep(bucket, i, cfg)
+        w = _weights(bucket, i)
+        g = _grad(bucket, i, cfg)
+        lam = cfg.weight_decay * bucket.wd_mask[i].to(torch.float64)
+        adapt = bool(cfg.adapt_enabled) & (bucket.adapt_mask[i] != 0)
+        n_w_raw, n_g_raw = _norm(w), _norm(g)
+        n_u_raw = _norm(g + lam * w)
+        n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
+        side_raw = n_u_raw if cfg.denominator == "norm_of_sum" else n_g_raw
+        side = torch.clamp(side_raw, cfg.clamp_lo, cfg.clamp_hi)
+        if cfg.denominator == "sum_of_norms":
+            den = side + lam * n_w + cfg.eps
+        else:
+            den = side + cfg.eps
+        t = bucket.step[i].to(torch.float64)
+        if cfg.tv is None:
+            phi = torch.ones((), dtype=torch.float64, device=bucket.device)
+        else:
+            lmbda, alpha, shift, gamma_min, gate = cfg.tv
+            phi = torch.where(t < gate, 1.0, 1.0 / (alpha + torch.exp(lmbda * (t - shift))) + gamma_min)
+        ratio = cfg.eta * phi * n_w / den
+        if cfg.zero_norm_check == "raw_grad":
+            ok = (n_w_raw > 0) & (n_g_raw > 0)
+        elif cfg.zero_norm_check == "update":
+            ok = (n_w_raw > 0) & (side_raw > 0)
+        else:
+            ok = (n_w_raw > 0) & (den > 0)
+        one = torch.ones((), dtype=torch.float64, device=bucket.device)
+        if cfg.zero_norm == "one":
+            r_adapt = _clip(torch.where(ok, ratio, one), cfg, lr)
+            lam_eff = lam
+        else:  # skip: no ratio, no clip and no weight decay on a zero norm
+            r_adapt = torch.where(ok, _clip(ratio, cfg, lr), one)
+            lam_eff = torch.where(ok | ~adapt, lam, torch.zeros_like(lam))
+        r = torch.where(adapt, r_adapt, one)
+        if cfg.weight_decay_mode == "l2":
+            gp = r * (g + lam_eff * w)
+        else:
+            gp = r * g
+        mu, d = cfg.momentum, cfg.dampening
+        has = bucket.has_state[i] != 0
+        if mu != 0:
+            buf_view = bucket.state_views["momentum_buffer"][i]
+            b = buf_view.detach().to(torch.float64)
+            if cfg.momentum_mode == "torch":
+                if cfg.first_step_buffer == "clone":
+                    b_new = torch.where(has, mu * b + (1 - d) * gp, gp)
+                else:
+                    b_new = mu * torch.where(has, b, torch.zeros_like(b)) + (1 - d) * gp
+                upd = gp + mu * b_new if cfg.nesterov else b_new
+                step = lr * upd
+            else:  # classic: lr inside the buffer
+                b_new = mu * torch.where(has, b, torch.zeros_like(b)) + lr * gp
+                step = lr * gp + mu * b_new if cfg.nesterov else b_new
+            buf_view.copy_(torch.where(keep, b, b_new).to(buf_view.dtype))
+        else:
+            step = lr * gp
+        w_new = w - step
+        if cfg.weight_decay_mode == "decoupled":
+            w_new = w_new - lr * lam_eff * w
+        _write(bucket, i, w_new, keep)
+        _finish(bucket, i, keep, n_w_raw, n_g_raw, n_u_raw, r)
+
+
+def _finish(bucket: Bucket, i: int, keep, n_w, n_g, n_u, r) -> None:
+    sd = bucket.state_dtype
+    for dst, val in ((bucket.w_norm, n_w), (bucket.g_norm, n_g), (bucket.u_norm, n_u), (bucket.trust_ratio, r)):
+        dst[i] = torch.where(keep, dst[i].to(torch.float64), val).to(sd)
+    bucket.has_state[i] = torch.where(keep, bucket.has_state[i], torch.ones((), dtype=sd, device=bucket.device))
+    bucket.step[i] = torch.where(keep, bucket.step[i], bucket.step[i] + 1)
+
+
+def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
+    """Sum over active segments of ||grad * inv_scale||^2 (float64 scalar), for global clipping."""
+    total = torch.zeros((), dtype=torch.float64, device=bucket.device)
+    for i in range(bucket.num_segments):
+        g = bucket.grad_views[i].detach().to(torch.float64)
+        if cfg.inv_scale is not None:
+            g = g * _f64(cfg.inv_scale).to(g.device)
+        total = total + torch.where(bucket.active[i] != 0, _norm(g) ** 2, 0.0)
+    return total
+
+
+def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+    lr = _f64(cfg.lr).to(bucket.device)
+    b1, b2 = cfg.beta1, cfg.beta2
+    for i in range(bucket.num_segments):
+        keep = _keep(bucket, i, cfg)
+        w = _weights(bucket, i)
+        g = _grad(bucket, i, cfg)
+        n_g_raw = _norm(g)
+        lam = cfg.weight_decay * bucket.wd_mask[i].to(torch.float64)
+        adapt = bool(cfg.adapt_enabled and not cfg.adam) & (bucket.adapt_mask[i] != 0)
+        if cfg.weight_decay_mode == "l2":
+            g = g + lam * w
+        mv, vv = bucket.state_views["exp_avg"][i], bucket.state_views["exp_avg_sq"][i]
+        m_old, v_old = mv.detach().to(torch.float64), vv.detach().to(torch.float64)
+        m = b1 * m_old + cfg.beta3 * g
+        v = b2 * v_old + (1 - b2) * g * g
+        t = bucket.step[i].to(torch.float64) + 1
+        if cfg.bias_correction == "both":
+            bc1, bc2 = 1 - b1**t, 1 - b2**t
+            u = (m / bc1) / (torch.sqrt(v / bc2 + cfg.eps_root) + cfg.eps)
+        else:
+            u = m / (torch.sqrt(v + cfg.eps_root) + cfg.eps)
+        if cfg.weight_decay_mode == "in_update":
+            u = u + lam * w
+        if cfg.weight_decay_mode == "decoupled":
+            w = w * (1 - lr * lam)
+        n_w_raw, n_u = _norm(w), _norm(u)
+        n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
+        one = torch.ones((), dtype=torch.float64, device=bucket.device)
+        ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
+        r = torch.where(adapt, _clip(ratio, cfg, lr), one)
+        s = 1 / (1 - b1**t) if cfg.bias_correction == "first_outside" else one
+        w_new = w - lr * s * r * u
+        mv.copy_(torch.where(keep, m_old, m).to(mv.dtype))
+        vv.copy_(torch.where(keep, v_old, v).to(vv.dtype))
+        _write(bucket, i, w_new, keep)
+        _finish(bucket, i, keep, n_w_raw, n_g_raw, n_u, r)

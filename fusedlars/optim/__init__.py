@@ -1,0 +1,7 @@
+"""Optimizer classes (no math here: see fusedlars.kernels)."""
+
+from .lamb import LAMB
+from .lars import LARS, TVLARS
+from .options import presets
+
+__all__ = ["LARS", "TVLARS", "LAMB", "presets"]

@@ -1,0 +1,144 @@
+"""LAMB: layer-wise adaptive moments (You et al. 2019, "Large Batch Optimization for Deep
+Learning: Training BERT in 76 minutes", Algorithm 2), with the known variants as presets.
+
+Per layer: an Adam direction ``u`` (plus ``wd*w``), scaled by ``||w|| / ||u||``. The
+full formula with every option is in :mod:`fusedlars.kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..kernels.common import LambConfig
+from .base import BucketedOptimizer
+from .options import LAMB_DEFAULTS, resolve, validate_lamb_group
+
+_UNSET: Any = object()
+
+
+def lamb_config(group: dict[str, Any], inv_scale=None, found_inf=None, clip_coef=None) -> LambConfig:
+    clamp = group["weight_norm_clamp"] or (0.0, math.inf)
+    clip = group["trust_clip"]
+    clip_kind, clip_lo, clip_hi = (None, 0.0, math.inf)
+    if isinstance(clip, (tuple, list)):
+        clip_kind, clip_lo, clip_hi = "range", float(clip[1]), float(clip[2])
+    elif clip is not None:
+        clip_kind = clip
+    b1, b2 = (float(x) for x in group["betas"])
+    tre = group["trust_ratio_eps"]
+    return LambConfig(
+        lr=group["lr"],
+        beta1=b1,
+        beta2=b2,
+        beta3=1.0 - b1 if group["grad_averaging"] else 1.0,
+        eps=float(group["eps"]),
+        eps_root=float(group["eps_root"]),
+        weight_decay=float(group["weight_decay"]),
+        maximize=bool(group["maximize"]),
+        bias_correction=group["bias_correction"],
+        weight_decay_mode=group["weight_decay_mode"],
+        adapt_enabled=group["adapt_when"] == "always" or float(group["weight_decay"]) != 0.0,
+        clamp_lo=float(clamp[0]),
+        clamp_hi=float(clamp[1]),
+        trust_clip=clip_kind,
+        clip_lo=clip_lo,
+        clip_hi=clip_hi,
+        trust_ratio_eps=float(group["eps"]) if tre == "eps" else float(tre),
+        adam=bool(group["adam"]),
+        inv_scale=inv_scale,
+        found_inf=found_inf,
+        clip_coef=clip_coef,
+    )
+
+
+class LAMB(BucketedOptimizer):
+    r"""LAMB over flat parameter buckets.
+
+    Default (paper) configuration, per layer::
+
+        m = b1*m + (1-b1)*g;  v = b2*v + (1-b2)*g^2
+        u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t)) + eps) + wd*w
+        r = ||w|| / ||u||   (1 if either norm is 0)
+        w = w - lr * r * u
+
+    Options (also param-group keys): ``bias_correction`` (``"both"`` | ``"none"`` |
+    ``"first_outside"``), ``weight_decay_mode`` (``"in_update"`` | ``"l2"`` | ``"decoupled"``),
+    ``grad_averaging``, ``max_grad_norm`` (global clip of the unscaled gradients over all
+    groups: g / max(1, ||G|| / max_grad_norm)), ``adapt_when``, ``trust_clip`` (``"lambc"`` |
+    ``("range", lo, hi)``), ``weight_norm_clamp``, ``trust_ratio_eps`` (a float or ``"eps"``),
+    ``eps_root``, ``adam`` (ratio 1), exclusions as in :class:`fusedlars.LARS`.
+    """
+
+    _KIND = "LAMB"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = _UNSET,
+        eps: float = _UNSET,
+        weight_decay: float = _UNSET,
+        *,
+        preset: str | None = None,
+        backend: str = "auto",
+        master_weights: bool = False,
+        exclude: Any = _UNSET,
+        **options: Any,
+    ) -> None:
+        explicit = {
+            k: v for k, v in dict(betas=betas, eps=eps, weight_decay=weight_decay).items() if v is not _UNSET
+        }
+        if exclude is not _UNSET:
+            explicit.setdefault("exclude_from_weight_decay", exclude)
+            explicit.setdefault("exclude_from_adaptation", exclude)
+        unknown = set(options) - set(LAMB_DEFAULTS)
+        if unknown:
+            raise TypeError(f"LAMB: unknown option(s) {sorted(unknown)}. Known: {sorted(LAMB_DEFAULTS)}.")
+        if isinstance(options.get("bias_correction"), bool):
+            options["bias_correction"] = "both" if options["bias_correction"] else "none"
+        explicit.update(options)
+        defaults = resolve("LAMB", preset, explicit)
+        defaults["lr"] = lr
+        validate_lamb_group(defaults)
+        self.preset = preset or "default"
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+
+    def _validate_group(self, group, where):
+        validate_lamb_group(group, where)
+        if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
+            raise ValueError(
+                f"LAMB{where}: max_grad_norm clips the global norm over all groups; set it once on the "
+                f"optimizer (it is {self.defaults['max_grad_norm']!r}), not per group."
+            )
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_avg_sq")
+
+    def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
+        max_norm = self.defaults["max_grad_norm"]
+        work = []
+        for gi, blist in buckets_by_group.items():
+            group = self.param_groups[gi]
+            for b in blist:
+                if not b.any_active():
+                    continue
+                cfg = lamb_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
+                mod = self._backend_for(b, cfg)
+                b.backend_name = mod.NAME
+                work.append((b, cfg, mod))
+        if max_norm is not None and work:
+            # Global clip over every gradient of every group, on unscaled grads (apex / timm):
+            # clip_coef = max(1, ||G|| / max_grad_norm). One reduction per bucket, no host sync.
+            dev = work[0][0].device
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            for b, cfg, mod in work:
+                total = total + mod.grad_sumsq(b, cfg).to(dev)
+            gnorm = total.sqrt()
+            coef = torch.where(gnorm > max_norm, gnorm / max_norm, torch.ones_like(gnorm))
+            for b, cfg, mod in work:
+                cfg.clip_coef = coef.to(device=b.device, dtype=b.state_dtype)
+        for b, cfg, mod in work:
+            mod.lamb_step(b, cfg)

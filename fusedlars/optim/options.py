@@ -1,0 +1,484 @@
+"""Option sets of LARS and LAMB, their validation, and the presets.
+
+Every LARS / LAMB implementation in use differs from the others in a handful of
+choices (see ``shared/research/semantics.md``, section e). Each choice is an
+option here, so that each implementation is an exact special case: a *preset*
+is nothing but a dict of option values. Resolution order for one param group:
+
+    base defaults  <  preset  <  explicit keyword arguments  <  group keys
+
+Validation happens here, before any tensor is touched, and every error names
+the parameter and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = [
+    "LARS_DEFAULTS",
+    "LAMB_DEFAULTS",
+    "LARS_PRESETS",
+    "LAMB_PRESETS",
+    "presets",
+    "resolve",
+    "validate_lars_group",
+    "validate_lamb_group",
+]
+
+_INF = math.inf
+
+# ---------------------------------------------------------------------------
+# LARS
+# ---------------------------------------------------------------------------
+
+#: Choices of each string-valued LARS option, with what they mean.
+LARS_CHOICES: dict[str, dict[str, str]] = {
+    "denominator": {
+        "sum_of_norms": "||g|| + wd*||w|| + eps (paper, timm, apex LARC, torchlars, Lightning, MLPerf)",
+        "norm_of_sum": "||g + wd*w|| + eps (Barlow Twins, TVLARS, optax)",
+        "grad_only": "||g|| + eps (weight decay not in the ratio)",
+    },
+    "weight_decay_mode": {
+        "l2": "g' = r*(g + wd*w): decay enters the step and is scaled by the ratio",
+        "ratio_only": "wd only in the denominator, never in the step (old tf.contrib LARS)",
+        "decoupled": "w <- w - lr*wd*w beside the ratio-scaled step",
+    },
+    "zero_norm": {
+        "one": "ratio = 1 where a norm is zero; weight decay still applies (timm, BT, optax)",
+        "skip": "neither ratio nor weight decay where a norm is zero (apex LARC, Lightning)",
+    },
+    "zero_norm_check": {
+        "raw_grad": "a layer is adapted when ||w|| > 0 and ||g|| > 0 (timm, LARC, MLPerf)",
+        "update": "... when ||w|| > 0 and the denominator's gradient-side norm > 0 (BT, TVLARS, optax)",
+        "denominator": "... when ||w|| > 0 and the whole denominator > 0 (pytorch_optimizer)",
+    },
+    "adapt_when": {
+        "always": "every non-excluded layer gets a trust ratio",
+        "weight_decay_nonzero": "only groups with weight_decay != 0 (timm, Lightning)",
+    },
+    "momentum_mode": {
+        "torch": "b <- mu*b + (1-d)*g'; w <- w - lr*b (torch SGD; lr outside the buffer)",
+        "classic": "v <- mu*v + lr*g'; w <- w - v (paper, optax; lr inside the buffer)",
+    },
+    "first_step_buffer": {
+        "clone": "b_1 = g' (torch SGD)",
+        "zeros": "b_0 = 0, so b_1 = (1-d)*g' (Barlow Twins, TVLARS, pytorch_optimizer)",
+    },
+}
+
+#: Base LARS defaults: the clean, torch-SGD-compatible choice.
+LARS_DEFAULTS: dict[str, Any] = {
+    "momentum": 0.9,
+    "dampening": 0.0,
+    "weight_decay": 0.0,
+    "nesterov": False,
+    "trust_coefficient": 1e-3,
+    "eps": 1e-8,
+    "maximize": False,
+    "denominator": "sum_of_norms",
+    "weight_decay_mode": "l2",
+    "zero_norm": "one",
+    "zero_norm_check": "raw_grad",
+    "norm_clamp": None,
+    "trust_clip": None,
+    "adapt_when": "always",
+    "exclude_from_weight_decay": False,
+    "exclude_from_adaptation": False,
+    "momentum_mode": "torch",
+    "first_step_buffer": "clone",
+    # TVLARS time-varying factor (None: plain LARS).
+    "tv": None,
+}
+
+_NDIM1 = "ndim<=1"
+
+LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("clean defaults: ||g||+wd||w||+eps, torch-SGD momentum, no exclusions", {}),
+    "paper": (
+        "You, Gitman & Ginsburg 2017 Alg. 1: ||g||+wd||w||, no eps, lr inside the momentum",
+        {"eps": 0.0, "momentum_mode": "classic", "first_step_buffer": "zeros"},
+    ),
+    "timm": (
+        "timm.optim.Lars: ||g||+wd||w||+1e-8, adapted only where weight_decay != 0",
+        {"eps": 1e-8, "adapt_when": "weight_decay_nonzero"},
+    ),
+    "apex_larc_clip": (
+        "apex LARC(clip=True) around SGD: eta 0.02, ratio min(r/lr, 1), zero norm skips ratio and decay",
+        {"trust_coefficient": 0.02, "eps": 1e-8, "zero_norm": "skip", "trust_clip": "larc"},
+    ),
+    "apex_larc_scale": (
+        "apex LARC(clip=False) around SGD: eta 0.02, zero norm skips ratio and decay",
+        {"trust_coefficient": 0.02, "eps": 1e-8, "zero_norm": "skip"},
+    ),
+    "lightning": (
+        "Lightning Bolts / Flash LARS: adapted only where weight_decay != 0, zero norm skips",
+        {"eps": 1e-8, "zero_norm": "skip", "adapt_when": "weight_decay_nonzero"},
+    ),
+    "barlowtwins": (
+        "Barlow Twins LARS: ||g+wd*w||, no eps, 1-D params excluded from decay and ratio, zero buffer",
+        {
+            "eps": 0.0,
+            "denominator": "norm_of_sum",
+            "zero_norm_check": "update",
+            "exclude_from_weight_decay": _NDIM1,
+            "exclude_from_adaptation": _NDIM1,
+            "first_step_buffer": "zeros",
+        },
+    ),
+    "tvlars_official": (
+        "official TVLARS code: Barlow Twins LARS, norms clamped to [0,10], phi_t = 1/(0.1+exp(lmbda*(t+1)))",
+        {
+            "eps": 0.0,
+            "weight_decay": 5e-4,
+            "denominator": "norm_of_sum",
+            "zero_norm_check": "update",
+            "norm_clamp": (0.0, 10.0),
+            "exclude_from_weight_decay": _NDIM1,
+            "exclude_from_adaptation": _NDIM1,
+            "first_step_buffer": "zeros",
+            "tv": {"lmbda": 1e-3, "alpha": 0.1, "shift": -1.0, "gamma_min": 0.0, "gate": 0},
+        },
+    ),
+    "optax": (
+        "optax.lars: ||g+wd*w||, eps 0, lr inside the momentum trace",
+        {
+            "eps": 0.0,
+            "denominator": "norm_of_sum",
+            "zero_norm_check": "update",
+            "momentum_mode": "classic",
+            "first_step_buffer": "zeros",
+        },
+    ),
+    "mlperf": (
+        "MLPerf ResNet-50 (NVIDIA MXNet SGDwLARS): ||g||+wd||w||, eps 0, bias/BN excluded",
+        {"eps": 0.0, "exclude_from_weight_decay": _NDIM1, "exclude_from_adaptation": _NDIM1},
+    ),
+    "pytorch_optimizer": (
+        "pytorch_optimizer.LARS 4.x: ||g||+wd||w||, eps 0, only ndim>1 adapted and decayed, zero buffer",
+        {
+            "eps": 0.0,
+            "zero_norm_check": "denominator",
+            "exclude_from_weight_decay": _NDIM1,
+            "exclude_from_adaptation": _NDIM1,
+            "first_step_buffer": "zeros",
+        },
+    ),
+    "torchlars": (
+        "kakaobrain torchlars around SGD: ||g||+wd||w||+1e-8, ratio 1 on zero norms",
+        {"eps": 1e-8},
+    ),
+}
+
+# ---------------------------------------------------------------------------
+# LAMB
+# ---------------------------------------------------------------------------
+
+LAMB_CHOICES: dict[str, dict[str, str]] = {
+    "bias_correction": {
+        "both": "u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t) + eps_root) + eps)",
+        "none": "u = m / (sqrt(v + eps_root) + eps) (cybertron, TVLARS repo)",
+        "first_outside": "u = m / (sqrt(v) + eps); step scaled by 1/(1-b1^t) outside the ratio (pytorch_optimizer)",
+    },
+    "weight_decay_mode": {
+        "in_update": "u <- u + wd*w, inside the trust ratio (paper, apex, timm)",
+        "l2": "g <- g + wd*w before the moments (apex adam_w_mode=0)",
+        "decoupled": "w <- w*(1 - lr*wd) before the norms (timm decoupled_decay, pytorch_optimizer)",
+    },
+    "adapt_when": LARS_CHOICES["adapt_when"],
+}
+
+LAMB_DEFAULTS: dict[str, Any] = {
+    "betas": (0.9, 0.999),
+    "eps": 1e-6,
+    "weight_decay": 0.0,
+    "maximize": False,
+    "bias_correction": "both",
+    "grad_averaging": True,
+    "max_grad_norm": None,
+    "weight_decay_mode": "in_update",
+    "adapt_when": "always",
+    "trust_clip": None,
+    "weight_norm_clamp": None,
+    "trust_ratio_eps": 0.0,
+    "eps_root": 0.0,
+    "adam": False,
+    "exclude_from_weight_decay": False,
+    "exclude_from_adaptation": False,
+}
+
+LAMB_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "default": ("You et al. 2019 LAMB: bias-corrected Adam + wd*w, ratio ||w||/||u|| on every layer", {}),
+    "paper": ("You et al. 2019 Algorithm 2 (same as default)", {}),
+    "apex": (
+        "apex FusedLAMB: global grad clip 1.0, ratio only where weight_decay != 0",
+        {"max_grad_norm": 1.0, "adapt_when": "weight_decay_nonzero"},
+    ),
+    "timm": (
+        "timm.optim.Lamb: global grad clip 1.0, ratio only where weight_decay != 0",
+        {"max_grad_norm": 1.0, "adapt_when": "weight_decay_nonzero"},
+    ),
+    "cybertron": (
+        "cybertronai pytorch-lamb (TVLARS repo): no bias correction, ||w|| clamped to [0,10]",
+        {"bias_correction": "none", "weight_norm_clamp": (0.0, 10.0)},
+    ),
+    "optax": ("optax.lamb: bias-corrected Adam (+eps_root) + wd*w, ratio on every layer", {}),
+    "deepspeed": (
+        "DeepSpeed FusedLamb: eps 1e-8, ratio clamped to [0.01, 10]",
+        {"eps": 1e-8, "trust_clip": ("range", 0.01, 10.0)},
+    ),
+    "pytorch_optimizer": (
+        "pytorch_optimizer.Lamb 4.x: decoupled decay, 1/(1-b1^t) outside, ||w||<=10, ratio eps = eps",
+        {
+            "bias_correction": "first_outside",
+            "weight_decay_mode": "decoupled",
+            "weight_norm_clamp": (0.0, 10.0),
+            "trust_ratio_eps": "eps",
+        },
+    ),
+}
+
+# Keys of torch optimizers' param groups that carry no semantics here; loading a
+# torch checkpoint (e.g. torch.optim.SGD) may bring them along.
+TORCH_INFRA_KEYS = frozenset(
+    {"foreach", "fused", "differentiable", "capturable", "decoupled_weight_decay", "initial_lr", "amsgrad"}
+)
+# Keys we add to groups ourselves (bookkeeping, not options).
+BOOKKEEPING_KEYS = frozenset({"params", "param_names", "preset", "initial_lr"})
+
+
+def presets() -> dict[str, dict[str, str]]:
+    """Every preset, one line each: ``{"LARS": {name: line}, "LAMB": {name: line}}``."""
+    return {
+        "LARS": {k: v[0] for k, v in LARS_PRESETS.items()},
+        "LAMB": {k: v[0] for k, v in LAMB_PRESETS.items()},
+    }
+
+
+def resolve(
+    kind: str, preset: str | None, explicit: Mapping[str, Any], *, base_override: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Merge base defaults, the preset and the explicit keyword arguments."""
+    table = LARS_PRESETS if kind == "LARS" else LAMB_PRESETS
+    base = dict(LARS_DEFAULTS if kind == "LARS" else LAMB_DEFAULTS)
+    if base_override:
+        base.update(base_override)
+    name = preset or "default"
+    if name not in table:
+        raise ValueError(
+            f"{kind}: unknown preset={name!r}. Choose one of {sorted(table)} "
+            f"(fusedlars.presets() describes each)."
+        )
+    out = dict(base)
+    out.update(table[name][1])
+    for k, v in explicit.items():
+        if k not in base:
+            raise TypeError(f"{kind}: unknown option {k!r}. Known options: {sorted(base)}.")
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _err(kind: str, where: str, msg: str) -> ValueError:
+    return ValueError(f"{kind}{where}: {msg}")
+
+
+def _check_float(kind, where, name, v, lo=None, hi=None, lo_open=False, hi_open=False, allow_tensor=False):
+    import torch
+
+    if allow_tensor and isinstance(v, torch.Tensor):
+        if v.numel() != 1 or not v.is_floating_point():
+            raise _err(kind, where, f"{name} must be a float or a 1-element float tensor, got {v!r}.")
+        return  # no host sync to look at its value
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _err(kind, where, f"{name} must be a number, got {type(v).__name__} {v!r}.")
+    if math.isnan(v):
+        raise _err(kind, where, f"{name} is NaN; pass a finite number.")
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
+        raise _err(kind, where, f"{name}={v} is outside {rng}; pass a value in that range.")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise _err(kind, where, f"{name}={v} is outside {rng}; pass a value in that range.")
+
+
+def _check_choice(kind, where, name, v, choices):
+    if v not in choices:
+        lines = "; ".join(f"{k!r}: {d}" for k, d in choices.items())
+        raise _err(kind, where, f"{name}={v!r} is not supported. Choose one of: {lines}.")
+
+
+def _check_exclude(kind, where, name, v):
+    if isinstance(v, bool) or v is None or callable(v):
+        return
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise _err(
+            kind,
+            where,
+            f"{name} must be a bool, a callable (name, param) -> bool, 'ndim<=K', or a regex / list of regexes "
+            f"matched against parameter names; got {v!r}.",
+        )
+    import re
+
+    for s in items:
+        if s.startswith("ndim<="):
+            try:
+                int(s[len("ndim<=") :])
+            except ValueError:
+                raise _err(kind, where, f"{name}: {s!r} must look like 'ndim<=1'.") from None
+        else:
+            try:
+                re.compile(s)
+            except re.error as e:
+                raise _err(kind, where, f"{name}: {s!r} is not a valid regular expression ({e}).") from None
+
+
+def _check_pair(kind, where, name, v):
+    if v is None:
+        return
+    if not (isinstance(v, (tuple, list)) and len(v) == 2):
+        raise _err(kind, where, f"{name} must be None or a (low, high) pair, got {v!r}.")
+    lo, hi = v
+    _check_float(kind, where, f"{name}[0]", lo, 0.0)
+    _check_float(kind, where, f"{name}[1]", hi, 0.0)
+    if hi < lo:
+        raise _err(kind, where, f"{name}={tuple(v)} has high < low; pass (low, high) with low <= high.")
+
+
+def _check_trust_clip(kind, where, v, allowed):
+    if v is None or v in allowed:
+        return
+    if isinstance(v, (tuple, list)) and len(v) == 3 and v[0] == "range":
+        _check_pair(kind, where, "trust_clip range", v[1:])
+        return
+    raise _err(
+        kind,
+        where,
+        f"trust_clip={v!r} is not supported. Use None, {', '.join(repr(a) for a in allowed)} or ('range', low, high).",
+    )
+
+
+def _check_common(kind, where, g):
+    _check_float(kind, where, "lr", g["lr"], 0.0, allow_tensor=True)
+    _check_float(kind, where, "weight_decay", g["weight_decay"], 0.0)
+    if not isinstance(g["maximize"], bool):
+        raise _err(kind, where, f"maximize must be a bool, got {g['maximize']!r}.")
+    _check_exclude(kind, where, "exclude_from_weight_decay", g["exclude_from_weight_decay"])
+    _check_exclude(kind, where, "exclude_from_adaptation", g["exclude_from_adaptation"])
+
+
+def validate_lars_group(g: Mapping[str, Any], where: str = "") -> None:
+    """Raise ValueError on any invalid or unsupported LARS option in group ``g``."""
+    k = "LARS"
+    _check_common(k, where, g)
+    _check_float(k, where, "momentum", g["momentum"], 0.0, 1.0, hi_open=True)
+    _check_float(k, where, "dampening", g["dampening"], 0.0, 1.0)
+    _check_float(k, where, "trust_coefficient", g["trust_coefficient"], 0.0)
+    _check_float(k, where, "eps", g["eps"], 0.0)
+    if not isinstance(g["nesterov"], bool):
+        raise _err(k, where, f"nesterov must be a bool, got {g['nesterov']!r}.")
+    for name, choices in LARS_CHOICES.items():
+        _check_choice(k, where, name, g[name], choices)
+    _check_pair(k, where, "norm_clamp", g["norm_clamp"])
+    _check_trust_clip(k, where, g["trust_clip"], ("larc", "lambc"))
+    if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+        raise _err(k, where, "nesterov=True needs momentum > 0 and dampening = 0 (as torch.optim.SGD).")
+    if g["momentum_mode"] == "classic" and g["dampening"] != 0:
+        raise _err(
+            k, where, "dampening is not defined for momentum_mode='classic' (lr inside the buffer); use dampening=0."
+        )
+    if g["weight_decay_mode"] == "ratio_only" and g["denominator"] == "norm_of_sum":
+        raise _err(
+            k,
+            where,
+            "weight_decay_mode='ratio_only' puts wd only in the denominator, which needs "
+            "denominator='sum_of_norms'; norm_of_sum would need wd in the step.",
+        )
+    tv = g["tv"]
+    if tv is not None:
+        if not isinstance(tv, Mapping):
+            raise _err(k, where, f"tv must be None or a dict of lmbda/alpha/shift/gamma_min/gate, got {tv!r}.")
+        unknown = set(tv) - {"lmbda", "alpha", "shift", "gamma_min", "gate"}
+        if unknown:
+            raise _err(k, where, f"tv has unknown keys {sorted(unknown)}; use lmbda, alpha, shift, gamma_min, gate.")
+        _check_float(k, where, "lmbda", tv.get("lmbda", 1e-3), 0.0)
+        _check_float(k, where, "alpha", tv.get("alpha", 0.1), 0.0)
+        _check_float(k, where, "shift", tv.get("shift", -1.0))
+        _check_float(k, where, "gamma_min", tv.get("gamma_min", 0.0), 0.0)
+        gate = tv.get("gate", 0)
+        if isinstance(gate, bool) or not isinstance(gate, int) or gate < 0:
+            raise _err(k, where, f"gate must be a non-negative int (steps with phi = 1), got {gate!r}.")
+        if tv.get("alpha", 0.1) == 0 and tv.get("gamma_min", 0.0) == 0 and tv.get("lmbda", 1e-3) < 0:
+            raise _err(k, where, "tv factor would overflow; use lmbda >= 0.")
+
+
+def validate_lamb_group(g: Mapping[str, Any], where: str = "") -> None:
+    """Raise ValueError on any invalid or unsupported LAMB option in group ``g``."""
+    k = "LAMB"
+    _check_common(k, where, g)
+    betas = g["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise _err(k, where, f"betas must be a pair (beta1, beta2), got {betas!r}.")
+    _check_float(k, where, "betas[0]", betas[0], 0.0, 1.0, hi_open=True)
+    _check_float(k, where, "betas[1]", betas[1], 0.0, 1.0, hi_open=True)
+    _check_float(k, where, "eps", g["eps"], 0.0)
+    _check_float(k, where, "eps_root", g["eps_root"], 0.0)
+    if g["trust_ratio_eps"] != "eps":
+        _check_float(k, where, "trust_ratio_eps", g["trust_ratio_eps"], 0.0)
+    if g["max_grad_norm"] is not None:
+        _check_float(k, where, "max_grad_norm", g["max_grad_norm"], 0.0, lo_open=True)
+    for name in ("grad_averaging", "adam"):
+        if not isinstance(g[name], bool):
+            raise _err(k, where, f"{name} must be a bool, got {g[name]!r}.")
+    for name, choices in LAMB_CHOICES.items():
+        _check_choice(k, where, name, g[name], choices)
+    _check_pair(k, where, "weight_norm_clamp", g["weight_norm_clamp"])
+    _check_trust_clip(k, where, g["trust_clip"], ("lambc",))
+    if g["eps"] == 0 and g["eps_root"] == 0:
+        # u = m / sqrt(v) is 0/0 on coordinates that never saw a gradient.
+        raise _err(k, where, "eps=0 with eps_root=0 divides 0 by 0 for untouched coordinates; use eps > 0.")
+
+
+def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
+    """Turn an exclusion spec into ``f(name, param) -> bool`` (True = excluded)."""
+    import re
+
+    if spec is None or spec is False:
+        return lambda name, p: False
+    if spec is True:
+        return lambda name, p: True
+    if callable(spec):
+        return lambda name, p: bool(spec(name, p))
+    items = [spec] if isinstance(spec, str) else list(spec)
+    rules: list[Callable[[str | None, Any], bool]] = []
+    for s in items:
+        if s.startswith("ndim<="):
+            k = int(s[len("ndim<=") :])
+            rules.append(lambda name, p, k=k: p.ndim <= k)
+        else:
+            rx = re.compile(s)
+
+            def rule(name, p, rx=rx, s=s):
+                if name is None:
+                    raise ValueError(
+                        f"exclusion pattern {s!r} matches parameter names, but this param group has none. "
+                        "Pass model.named_parameters() (or use fusedlars.param_groups(model, ...))."
+                    )
+                return rx.search(name) is not None
+
+            rules.append(rule)
+    return lambda name, p: any(r(name, p) for r in rules)
+
+
+def needs_names(spec: Any) -> bool:
+    if spec is None or isinstance(spec, bool) or callable(spec):
+        return False
+    items = [spec] if isinstance(spec, str) else list(spec)
+    return any(not s.startswith("ndim<=") for s in items)
