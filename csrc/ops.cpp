@@ -11,11 +11,6 @@ static struct PyModuleDef fusedlars_c_module = {PyModuleDef_HEAD_INIT, "_C", nul
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedlars_c_module); }
 }
 
-TORCH_LIBRARY(fusedlars, m) {
-  // Build identification, so `fusedlars info` can tell which kernels this binary holds.
-  m.def("build_info() -> str");
-}
-
 static std::string build_info() {
   std::string s = "cpu";
 #ifdef FUSEDLARS_WITH_CUDA
@@ -24,4 +19,7 @@ static std::string build_info() {
   return s;
 }
 
-TORCH_LIBRARY_IMPL(fusedlars, CompositeExplicitAutograd, m) { m.impl("build_info", &build_info); }
+TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
+  // Build identification, so `fusedlars info` can tell which kernels this binary holds.
+  m.def("build_info() -> str", &build_info);
+}

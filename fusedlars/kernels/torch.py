@@ -149,7 +149,8 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         # build, written only by a step that also sets has_state), so mu*b needs no mask.
         if cfg.momentum_mode == "torch":
             if cfg.first_step_buffer == "clone" and d != 0:
-                c_e = _expand(bucket, torch.where(bucket.has_state != 0, 1.0 - d, 1.0))
+                hs = bucket.has_state
+                c_e = _expand(bucket, torch.where(hs != 0, torch.full_like(hs, 1.0 - d), torch.ones_like(hs)))
                 b_new = buf * mu + gp * c_e
             else:
                 b_new = torch.add(gp, buf, alpha=mu) if d == 0 else buf * mu + gp * (1.0 - d)

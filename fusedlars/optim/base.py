@@ -278,6 +278,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # validate everything before anything is mutated
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, f" (param group {gi})")
+            self._check_grads(group, gi)
         self._ensure_buckets()
         for b in self.buckets():
             b.check_grads()
@@ -292,6 +293,23 @@ class BucketedOptimizer(torch.optim.Optimizer):
             found_inf.float() if found_inf is not None else None,
         )
         return loss
+
+    def _check_grads(self, group, gi) -> None:
+        names = group.get("param_names") or [None] * len(group["params"])
+        for j, (p, name) in enumerate(zip(group["params"], names)):
+            g = p.grad
+            if g is None:
+                continue
+            label = f"{self._KIND} (param group {gi}): parameter {name or '#' + str(j)}"
+            if g.is_sparse:
+                raise RuntimeError(
+                    f"{label} has a sparse gradient; fusedlars needs dense gradients (e.g. nn.Embedding(sparse=False))."
+                )
+            if g.device != p.device or tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
+                raise RuntimeError(
+                    f"{label}: grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param "
+                    f"({tuple(p.shape)}, {p.dtype}, {p.device})."
+                )
 
     @staticmethod
     def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -1,0 +1,281 @@
+// Per-layer (segment) and per-element math of LARS / TVLARS / LAMB, shared by every compiled backend.
+//
+// The formulas are those of fusedlars/kernels/reference.py (the specification; its module docstring
+// states them). This header has no torch and no std-library dependencies beyond <cmath>, so the same
+// code compiles for the CPU kernels (csrc/cpu) and, with nvcc, for CUDA (csrc/cuda).
+//
+// Split of the work:
+//   * per segment, in double: norms from sums of squares -> trust ratio -> the handful of float
+//     coefficients an element update needs (LarsCoef / LambCoef);
+//   * per element, templated on the value type T (float, or a SIMD vector of floats for the CPU
+//     kernels): the update itself, written with + - * / and fl_sqrt only.
+//
+// NOTE: [Internal linkage on the host]
+// On the host every function here is `static inline` (FUSEDLARS_INLINE). The CPU backend compiles the
+// element kernels once per instruction set (csrc/cpu/isa_*.cpp, each under its own
+// `#pragma GCC target`). With external linkage, the linker would keep ONE copy of each inline
+// function, possibly the AVX-512 one, and call it from the generic code path on a CPU without
+// AVX-512. Internal linkage gives each translation unit its own copy built for its own target.
+//
+// NOTE: [Determinism]
+// Nothing here reduces across elements. Norms come in as sums of squares that the caller reduced in
+// a fixed order (per-tile partials, tiles of a segment summed in tile order), so a segment's trust
+// ratio, and hence every update, is bitwise identical from run to run and for any thread count.
+//
+// NOTE: [Skips]
+// A GradScaler skip (found_inf != 0) and an inactive segment (no grad this step) are decided by the
+// caller before anything here runs: such segments are never touched, so params, master weights,
+// state, has_state, step and the reported norms keep their values.
+//
+// NOTE: [Pads stay zero]
+// Segments are padded with zeros to 64 bytes. Kernels process exactly seg_numel elements of each
+// segment and never write a pad, so pads never change a norm.
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define FUSEDLARS_HD __host__ __device__
+#define FUSEDLARS_INLINE __forceinline__
+#else
+#define FUSEDLARS_HD
+#define FUSEDLARS_INLINE static inline __attribute__((always_inline))
+#endif
+
+namespace fusedlars {
+
+// ---------------------------------------------------------------------------------------------
+// option codes (the order of the int[] `modes` argument of the ops; see fusedlars/kernels/cpu.py)
+
+enum Denominator : int { kSumOfNorms = 0, kNormOfSum = 1, kGradOnly = 2 };
+enum LarsWdMode : int { kLarsL2 = 0, kLarsRatioOnly = 1, kLarsDecoupled = 2 };
+enum ZeroNorm : int { kZeroNormOne = 0, kZeroNormSkip = 1 };
+enum ZeroNormCheck : int { kCheckRawGrad = 0, kCheckUpdate = 1, kCheckDenominator = 2 };
+enum TrustClip : int { kClipNone = 0, kClipLarc = 1, kClipLambc = 2, kClipRange = 3 };
+enum MomentumMode : int { kMomentumTorch = 0, kMomentumClassic = 1 };
+enum FirstStepBuffer : int { kFirstClone = 0, kFirstZeros = 1 };
+enum BiasCorrection : int { kBcBoth = 0, kBcNone = 1, kBcFirstOutside = 2 };
+enum LambWdMode : int { kLambInUpdate = 0, kLambL2 = 1, kLambDecoupled = 2 };
+
+// The resolved options of a LARS param group (plain data: copied by value to any device).
+struct LarsOptions {
+  double momentum, dampening, weight_decay, eta, eps;
+  double clamp_lo, clamp_hi, clip_lo, clip_hi;
+  double tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate;
+  int nesterov, maximize, denominator, wd_mode, zero_norm, zero_norm_check, trust_clip;
+  int adapt_enabled, momentum_mode, first_step_buffer, tv_on;
+};
+
+struct LambOptions {
+  double beta1, beta2, beta3, eps, eps_root, weight_decay;
+  double clamp_lo, clamp_hi, clip_lo, clip_hi, trust_ratio_eps;
+  int maximize, bias_correction, wd_mode, adapt_enabled, trust_clip, adam;
+};
+
+// ---------------------------------------------------------------------------------------------
+// scalar helpers (NaN-propagating like torch.clamp: a NaN ratio stays NaN)
+
+FUSEDLARS_HD FUSEDLARS_INLINE double fl_clamp(double x, double lo, double hi) {
+  x = x < lo ? lo : x;
+  return x > hi ? hi : x;
+}
+
+FUSEDLARS_HD FUSEDLARS_INLINE double fl_trust_clip(double r, int kind, double lo, double hi, double lr) {
+  switch (kind) {
+    case kClipLarc: {
+      double q = r / lr;
+      return q > 1.0 ? 1.0 : q;
+    }
+    case kClipLambc:
+      return r > 1.0 ? 1.0 : r;
+    case kClipRange:
+      return fl_clamp(r, lo, hi);
+    default:
+      return r;
+  }
+}
+
+FUSEDLARS_HD FUSEDLARS_INLINE float fl_sqrt(float x) { return sqrtf(x); }
+FUSEDLARS_HD FUSEDLARS_INLINE double fl_sqrt(double x) { return sqrt(x); }
+
+// ---------------------------------------------------------------------------------------------
+// LARS / TVLARS
+
+// Per-segment outputs (what bucket.w_norm / g_norm / u_norm / trust_ratio receive).
+struct LarsSegment {
+  double n_w, n_g, n_u;  // raw norms of w, g, g + lam*w
+  double r;              // trust ratio actually applied (1 where not adapted)
+  double lam_eff;        // weight decay actually applied (0 for a 'skip' zero-norm segment)
+};
+
+// Coefficients of the element update of one segment, see lars_update().
+struct LarsCoef {
+  float r;      // trust ratio
+  float lam;    // lam_eff (l2: g' = (g + lam*w) * r)
+  float mu_b;   // multiplier of the old buffer (0 when the segment has no state yet)
+  float c_g;    // multiplier of g' in the new buffer ((1-d), 1 on a 'clone' first step, lr for classic)
+  float a_g;    // step = a_g*g' + a_b*b_new  (nesterov), a_b*b_new (momentum), a_g*g' (no momentum)
+  float a_b;
+  float dec;    // decoupled decay: w -= dec*w_old, dec = lr*lam_eff
+};
+
+// TVLARS factor phi_t (1 for plain LARS and while t < gate); t = completed steps of the segment.
+FUSEDLARS_HD FUSEDLARS_INLINE double lars_tv_phi(const LarsOptions& o, double t) {
+  if (!o.tv_on || t < o.tv_gate) return 1.0;
+  return 1.0 / (o.tv_alpha + exp(o.tv_lmbda * (t - o.tv_shift))) + o.tv_gamma_min;
+}
+
+// Trust ratio of one segment from its sums of squares (reference.lars_step, line by line).
+//   lam: weight_decay * wd_mask;  adapt: segment not excluded from adaptation (and adapt_enabled)
+FUSEDLARS_HD FUSEDLARS_INLINE LarsSegment lars_segment(const LarsOptions& o, double ssq_w, double ssq_g,
+                                                       double ssq_u, double lam, bool adapt, double t,
+                                                       double lr) {
+  LarsSegment s;
+  s.n_w = sqrt(ssq_w);
+  s.n_g = sqrt(ssq_g);
+  s.n_u = sqrt(ssq_u);
+  const double n_w = fl_clamp(s.n_w, o.clamp_lo, o.clamp_hi);
+  const double side_raw = o.denominator == kNormOfSum ? s.n_u : s.n_g;
+  const double side = fl_clamp(side_raw, o.clamp_lo, o.clamp_hi);
+  const double den = o.denominator == kSumOfNorms ? side + lam * n_w + o.eps : side + o.eps;
+  const double ratio = o.eta * lars_tv_phi(o, t) * n_w / den;
+  bool ok;
+  if (o.zero_norm_check == kCheckRawGrad)
+    ok = (s.n_w > 0) && (s.n_g > 0);
+  else if (o.zero_norm_check == kCheckUpdate)
+    ok = (s.n_w > 0) && (side_raw > 0);
+  else
+    ok = (s.n_w > 0) && (den > 0);
+  double r_adapt;
+  s.lam_eff = lam;
+  if (o.zero_norm == kZeroNormOne) {
+    r_adapt = fl_trust_clip(ok ? ratio : 1.0, o.trust_clip, o.clip_lo, o.clip_hi, lr);
+  } else {  // skip: no ratio, no clip and no weight decay on a zero norm
+    r_adapt = ok ? fl_trust_clip(ratio, o.trust_clip, o.clip_lo, o.clip_hi, lr) : 1.0;
+    if (!(ok || !adapt)) s.lam_eff = 0.0;
+  }
+  s.r = adapt ? r_adapt : 1.0;
+  return s;
+}
+
+FUSEDLARS_HD FUSEDLARS_INLINE LarsCoef lars_coef(const LarsOptions& o, const LarsSegment& s, double lr,
+                                                 bool has_state) {
+  LarsCoef c;
+  c.r = (float)s.r;
+  c.lam = (float)s.lam_eff;
+  const double mu = o.momentum;
+  c.mu_b = has_state ? (float)mu : 0.0f;
+  if (o.momentum_mode == kMomentumTorch) {
+    const bool clone_first = o.first_step_buffer == kFirstClone && !has_state;
+    c.c_g = clone_first ? 1.0f : (float)(1.0 - o.dampening);
+    c.a_g = (float)lr;
+    c.a_b = o.nesterov ? (float)(lr * mu) : (float)lr;
+  } else {  // classic: lr inside the buffer
+    c.c_g = (float)lr;
+    c.a_g = (float)lr;
+    c.a_b = o.nesterov ? (float)mu : 1.0f;
+  }
+  c.dec = (float)(lr * s.lam_eff);
+  return c;
+}
+
+// Element update. WD: LarsWdMode; MOM: 0 none, 1 with buffer; NEST: nesterov.
+// g: the unscaled (and sign-applied) gradient; w: weight (master if any); b: momentum buffer in/out.
+template <int WD, int MOM, bool NEST, class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_update(const LarsCoef& c, T w, T g, T& b) {
+  T gp = WD == kLarsL2 ? (g + c.lam * w) * c.r : g * c.r;
+  T w_new;
+  if (MOM) {
+    b = c.mu_b * b + c.c_g * gp;
+    w_new = NEST ? w - (c.a_g * gp + c.a_b * b) : w - c.a_b * b;
+  } else {
+    w_new = w - c.a_g * gp;
+  }
+  if (WD == kLarsDecoupled) w_new = w_new - c.dec * w;
+  return w_new;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LAMB
+
+// Coefficients of one segment's element math, see lamb_moments() / lamb_direction().
+struct LambCoef {
+  float gscale;       // inv_scale / clip_coef, negated for maximize
+  float lam;          // weight_decay * wd_mask
+  float wd_keep;      // decoupled: w_d = w * wd_keep, wd_keep = 1 - lr*lam
+  float b1, b3, b2, one_minus_b2;
+  float bc1, bc2;     // bias corrections (1 for 'none' / 'first_outside')
+  float eps, eps_root;
+  float k;            // pass 2: w <- w_d - k*u, k = lr * s * r
+};
+
+// Pass 1: new moments from the gradient. WD: LambWdMode. Returns the (clipped, unscaled) grad before
+// the l2 term, for ||g||.
+template <int WD, class T>
+FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& m, T& v) {
+  if (WD == kLambL2) g = g + c.lam * w;
+  m = c.b1 * m + c.b3 * g;
+  v = c.b2 * v + c.one_minus_b2 * g * g;
+}
+
+// The Adam direction u from the NEW moments (recomputed identically in both passes), plus the
+// in_update decay term. w is the weight before decay.
+template <int WD, class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lamb_direction(const LambCoef& c, T w, T m, T v) {
+  T u = (m / c.bc1) / (fl_sqrt(v / c.bc2 + c.eps_root) + c.eps);
+  if (WD == kLambInUpdate) u = u + c.lam * w;
+  return u;
+}
+
+template <int WD, class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lamb_decayed_weight(const LambCoef& c, T w) {
+  return WD == kLambDecoupled ? w * c.wd_keep : w;
+}
+
+struct LambSegment {
+  double n_w, n_g, n_u, r;
+};
+
+// Trust ratio from the sums of squares of w_d (decayed weight), g and u.
+FUSEDLARS_HD FUSEDLARS_INLINE LambSegment lamb_segment(const LambOptions& o, double ssq_w, double ssq_g,
+                                                       double ssq_u, bool adapt, double lr) {
+  LambSegment s;
+  s.n_w = sqrt(ssq_w);
+  s.n_g = sqrt(ssq_g);
+  s.n_u = sqrt(ssq_u);
+  const double n_w = fl_clamp(s.n_w, o.clamp_lo, o.clamp_hi);
+  const double ratio = (n_w > 0 && s.n_u > 0) ? n_w / (s.n_u + o.trust_ratio_eps) : 1.0;
+  s.r = (adapt && o.adapt_enabled && !o.adam) ? fl_trust_clip(ratio, o.trust_clip, o.clip_lo, o.clip_hi, lr) : 1.0;
+  return s;
+}
+
+// Per-segment LAMB coefficients before the ratio is known (k is filled in after pass 1).
+FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gscale, double lam, double lr,
+                                                 double t_new) {
+  LambCoef c;
+  c.gscale = (float)gscale;
+  c.lam = (float)lam;
+  c.wd_keep = (float)(1.0 - lr * lam);
+  c.b1 = (float)o.beta1;
+  c.b3 = (float)o.beta3;
+  c.b2 = (float)o.beta2;
+  c.one_minus_b2 = (float)(1.0 - o.beta2);
+  if (o.bias_correction == kBcBoth) {
+    c.bc1 = (float)(1.0 - pow(o.beta1, t_new));
+    c.bc2 = (float)(1.0 - pow(o.beta2, t_new));
+  } else {
+    c.bc1 = 1.0f;
+    c.bc2 = 1.0f;
+  }
+  c.eps = (float)o.eps;
+  c.eps_root = (float)o.eps_root;
+  c.k = 0.0f;
+  return c;
+}
+
+FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double lr, double r, double t_new) {
+  const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - pow(o.beta1, t_new)) : 1.0;
+  return (float)(lr * s * r);
+}
+
+}  // namespace fusedlars

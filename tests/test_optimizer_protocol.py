@@ -1,0 +1,429 @@
+"""fusedlars optimizers as real torch.optim.Optimizers: groups, closures, views, state_dict,
+schedulers, AMP, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fusedlars
+from helpers import grads_for, make_params
+
+BACKENDS = ["torch", "reference"]
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+
+
+def batches(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)]
+
+
+def train(model, opt, data, zero="opt", scaler=None, sched=None):
+    for x, y in data:
+        if zero == "opt":
+            opt.zero_grad()
+        elif zero == "model_none":
+            model.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+    return model
+
+
+# ----------------------------------------------------------------------------- training loops
+
+
+@pytest.mark.parametrize("zero", ["opt", "model_none"])
+def test_training_loop_matches_reference_and_keeps_views(zero):
+    data = batches(6)
+    m_ref = small_model()
+    m = copy.deepcopy(m_ref)
+    o_ref = fusedlars.LARS(m_ref.parameters(), lr=0.5, weight_decay=1e-4, backend="reference")
+    o = fusedlars.LARS(m.parameters(), lr=0.5, weight_decay=1e-4, backend="torch")
+    train(m_ref, o_ref, data, zero)
+    train(m, o, data, zero)
+    for a, b in zip(m_ref.parameters(), m.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    (bucket,) = o.buckets()
+    for p, pv, gv in zip(bucket.params, bucket.param_views, bucket.grad_views):
+        assert p.data_ptr() == pv.data_ptr()
+        assert p.grad.data_ptr() == gv.data_ptr()  # views are repaired after set_to_none
+
+
+def test_zero_grad_default_keeps_views_and_set_to_none_drops_grads():
+    m = small_model()
+    o = fusedlars.LARS(m.parameters(), lr=0.1)
+    train(m, o, batches(2))
+    ptrs = [p.grad.data_ptr() for p in m.parameters()]
+    o.zero_grad()
+    assert [p.grad.data_ptr() for p in m.parameters()] == ptrs
+    assert all((p.grad == 0).all() for p in m.parameters())
+    o.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_params_without_grad_are_skipped_like_torch_sgd():
+    ps = make_params([(4,), (5,)], torch.float64)
+    ref = [p.detach().clone().requires_grad_() for p in ps]
+    o = fusedlars.LARS(ps, lr=0.1, backend="torch")
+    o_sgd = torch.optim.SGD(ref, lr=0.1, momentum=0.9)
+    # adaptation off: LARS default is then exactly SGD
+    o.param_groups[0]["exclude_from_adaptation"] = True
+    for t in range(4):
+        gs = grads_for([(4,), (5,)], t)
+        for p, r, g in zip(ps, ref, gs):
+            p.grad, r.grad = g.clone(), g.clone()
+        if t == 2:
+            ps[1].grad = None
+            ref[1].grad = None
+        o.step()
+        o_sgd.step()
+    for a, b in zip(ps, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert o.state[ps[1]]["step"].item() == 3 and o.state[ps[0]]["step"].item() == 4
+
+
+def test_replaced_param_data_and_grads_are_repaired_exactly():
+    ps = make_params([(7,), (3, 5)], torch.float64)
+    o = fusedlars.LARS(ps, lr=0.1, weight_decay=1e-2, backend="torch")
+    for p, g in zip(ps, grads_for([(7,), (3, 5)], 0)):
+        p.grad = g
+    o.step()
+    buf = o.state[ps[0]]["momentum_buffer"].clone()
+    with torch.no_grad():
+        ps[0].data = torch.full((7,), 2.0, dtype=torch.float64)  # breaks the view
+    ps[1].grad = torch.ones(3, 5, dtype=torch.float64)  # a replaced grad
+    ps[0].grad = torch.ones(7, dtype=torch.float64)
+    o.step()
+    (b,) = o.buckets()
+    assert ps[0].data_ptr() == b.param_views[0].data_ptr()
+    # the step saw the new values: w = 2 - lr*(mu*buf + r*(1 + wd*2))
+    r = 1e-3 * 2 * math.sqrt(7) / (math.sqrt(7) + 1e-2 * 2 * math.sqrt(7) + 1e-8)
+    torch.testing.assert_close(ps[0].detach(), 2 - 0.1 * (0.9 * buf + r * (1 + 1e-2 * 2)), rtol=1e-14, atol=0)
+
+
+# ----------------------------------------------------------------------------- torch.optim protocol
+
+
+def test_param_groups_add_param_group_closure_and_scheduler():
+    m = small_model()
+    groups = fusedlars.param_groups(m, weight_decay=1e-4)
+    assert [len(g["params"]) for g in groups] == [2, 4]  # conv/linear weights vs biases + BN
+    o = fusedlars.LARS(groups[:1], lr=0.1)
+    o.add_param_group(groups[1])
+    assert o.param_groups[1]["weight_decay"] == 0.0 and o.param_groups[1]["exclude_from_adaptation"] is True
+    sched = torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)
+    x, y = batches(1)[0]
+
+    def closure():
+        o.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    losses = []
+    for _ in range(4):
+        losses.append(o.step(closure).item())
+        sched.step()
+    assert losses[-1] < losses[0]
+    assert o.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_maximize_equals_negated_gradient():
+    shapes = [(5,), (4, 3)]
+    a = make_params(shapes, torch.float64)
+    b = make_params(shapes, torch.float64)
+    oa = fusedlars.LARS(a, lr=0.1, weight_decay=1e-2, maximize=True)
+    ob = fusedlars.LARS(b, lr=0.1, weight_decay=1e-2)
+    for t in range(3):
+        for pa, pb, g in zip(a, b, grads_for(shapes, t)):
+            pa.grad, pb.grad = g.clone(), -g
+        oa.step()
+        ob.step()
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+def test_named_parameters_and_name_patterns():
+    m = small_model()
+    o = fusedlars.LARS(m.named_parameters(), lr=0.1, weight_decay=1e-3, exclude_from_adaptation=r"bias|^1\.")
+    train(m, o, batches(1))
+    (b,) = o.buckets()
+    expected = [0.0 if ("bias" in n or n.startswith("1.")) else 1.0 for n, _ in m.named_parameters()]
+    assert b.adapt_mask.tolist() == expected
+    assert b.trust_ratio[torch.tensor(expected) == 0].eq(1).all()
+
+
+def test_exclusion_by_callable():
+    m = small_model()
+    o = fusedlars.LARS(m.named_parameters(), lr=0.1, exclude=lambda name, p: p.ndim == 1)
+    train(m, o, batches(1))
+    (b,) = o.buckets()
+    assert b.wd_mask.tolist() == [0.0 if p.ndim == 1 else 1.0 for p in m.parameters()]
+
+
+# ----------------------------------------------------------------------------- state_dict
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["LARS", "TVLARS", "LAMB"])
+def test_state_dict_round_trip_mid_run_is_bitwise(kind, backend):
+    cls = getattr(fusedlars, kind)
+    kw = dict(lr=0.05, weight_decay=1e-3, backend=backend)
+    data = batches(8)
+    m1 = small_model()
+    o1 = cls(m1.parameters(), **kw)
+    train(m1, o1, data[:4])
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, buf)
+    train(m1, o1, data[4:])  # the uninterrupted run
+
+    buf.seek(0)
+    ck = torch.load(buf)
+    m2 = small_model(seed=123)
+    m2.load_state_dict(ck["model"])
+    o2 = cls(m2.parameters(), **kw)
+    o2.load_state_dict(ck["opt"])
+    train(m2, o2, data[4:])
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
+    for k in s1:
+        for key in s1[k]:
+            assert torch.equal(s1[k][key], s2[k][key]), (k, key)
+
+
+def test_state_dict_uses_torch_keys():
+    m = small_model()
+    o = fusedlars.LARS(m.parameters(), lr=0.1)
+    train(m, o, batches(1))
+    sd = o.state_dict()
+    st = sd["state"][0]
+    assert set(st) == {"momentum_buffer", "step"}
+    assert st["step"].dtype == torch.float32 and st["step"].item() == 1
+    ol = fusedlars.LAMB(m.parameters(), lr=1e-3)
+    train(m, ol, batches(1))
+    assert set(ol.state_dict()["state"][0]) == {"exp_avg", "exp_avg_sq", "step"}
+
+
+def test_sgd_checkpoint_continues_its_momentum_in_lars():
+    data = batches(6)
+    m_sgd = small_model()
+    sgd = torch.optim.SGD(m_sgd.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    train(m_sgd, sgd, data[:3])
+    ck_model, ck_opt = copy.deepcopy(m_sgd.state_dict()), copy.deepcopy(sgd.state_dict())
+    train(m_sgd, sgd, data[3:])
+
+    m = small_model()
+    m.load_state_dict(ck_model)
+    # with adaptation off, default LARS is SGD; loading SGD's state continues its buffers
+    lars = fusedlars.LARS(m.parameters(), lr=0.1, exclude_from_adaptation=True)
+    lars.load_state_dict(ck_opt)
+    assert lars.param_groups[0]["weight_decay"] == 1e-4 and lars.param_groups[0]["momentum"] == 0.9
+    train(m, lars, data[3:])
+    for a, b in zip(m_sgd.parameters(), m.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_from_a_different_layout_raises_and_changes_nothing():
+    m = small_model()
+    o = fusedlars.LARS(m.parameters(), lr=0.1)
+    train(m, o, batches(1))
+    before = {k: v.clone() for k, v in o.state_dict()["state"][0].items()}
+    other = fusedlars.LARS(list(m.parameters())[:3], lr=0.1)
+    with pytest.raises(ValueError, match="different parameter layout"):
+        o.load_state_dict(other.state_dict())
+    bad = o.state_dict()
+    bad = copy.deepcopy(bad)
+    bad["state"][0]["momentum_buffer"] = torch.zeros(3)
+    with pytest.raises(ValueError, match="shape"):
+        o.load_state_dict(bad)
+    after = o.state_dict()["state"][0]
+    for k in before:
+        assert torch.equal(before[k], after[k])
+
+
+# ----------------------------------------------------------------------------- AMP
+
+
+def _amp_run(kind, scale, data, poison_step=None, backend="torch"):
+    m = small_model()
+    cls = getattr(fusedlars, kind)
+    o = cls(m.parameters(), lr=0.05, weight_decay=1e-3, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    snapshots = []
+    for t, (x, y) in enumerate(data):
+        o.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(m(x), y)
+        scaler.scale(loss).backward()
+        if t == poison_step:
+            next(m.parameters()).grad.view(-1)[0] = float("inf")
+            snapshots.append(([p.detach().clone() for p in m.parameters()], copy.deepcopy(o.state_dict())))
+        scaler.step(o)
+        scaler.update()
+        if t == poison_step:
+            snapshots.append(([p.detach().clone() for p in m.parameters()], copy.deepcopy(o.state_dict())))
+    return m, o, scaler, snapshots
+
+
+@pytest.mark.parametrize("kind", ["LARS", "TVLARS", "LAMB"])
+def test_grad_scaler_unscales_inside_the_step(kind):
+    assert getattr(fusedlars, kind)._step_supports_amp_scaling
+    data = batches(4)
+    m1, _, _, _ = _amp_run(kind, 2.0**10, data)
+    m2, _, _, _ = _amp_run(kind, 1.0, data)
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        # power-of-two scales are exact: the trajectories agree to rounding of the bf16 forward
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["LARS", "TVLARS", "LAMB"])
+def test_grad_scaler_found_inf_skips_everything(kind):
+    data = batches(4)
+    _, o, scaler, snaps = _amp_run(kind, 2.0**8, data, poison_step=2)
+    (p_before, sd_before), (p_after, sd_after) = snaps
+    for a, b in zip(p_before, p_after):
+        assert torch.equal(a, b)
+    for k, st in sd_before["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, sd_after["state"][k][key]), (k, key)
+    assert scaler.get_scale() == 2.0**7  # the scaler saw the inf
+    # the step counter did not advance on the skipped step
+    assert o.state_dict()["state"][0]["step"].item() == 3
+
+
+# ----------------------------------------------------------------------------- TVLARS
+
+
+def test_tvlars_ratio_matches_formula_exactly():
+    p = torch.nn.Parameter(torch.full((4, 4), 2.0, dtype=torch.float64))
+    o = fusedlars.TVLARS([p], lr=0.0, lmbda=0.01, alpha=0.2, delay=5, gamma_min=0.01, weight_decay=0.0, backend="torch")
+    for t in range(8):
+        p.grad = torch.full((4, 4), 0.5, dtype=torch.float64)
+        o.step()
+        phi = 1 / (0.2 + math.exp(0.01 * (t - 5))) + 0.01
+        expected = 1e-3 * phi * 8.0 / 2.0  # ||w|| = 8, ||g|| = 2 (norms clamped to 10: unchanged)
+        assert o.buckets()[0].trust_ratio[0].item() == pytest.approx(expected, rel=1e-12)
+    assert o.state[p]["step"].item() == 8
+
+
+def test_tvlars_gate_keeps_phi_one():
+    p = torch.nn.Parameter(torch.full((4,), 1.0, dtype=torch.float64))
+    o = fusedlars.TVLARS([p], lr=0.0, lmbda=0.5, gate=3, weight_decay=0.0, exclude_from_adaptation=False, backend="torch")
+    got = []
+    for _ in range(5):
+        p.grad = torch.full((4,), 1.0, dtype=torch.float64)
+        o.step()
+        got.append(o.buckets()[0].trust_ratio[0].item() / 1e-3)
+    assert got[:3] == pytest.approx([1.0, 1.0, 1.0])
+    assert got[3] == pytest.approx(1 / (0.1 + math.exp(0.5 * 4)))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lr=-0.1), "lr=-0.1 is outside"),
+        (dict(lr=float("nan")), "lr is NaN"),
+        (dict(lr=0.1, momentum=1.0), "momentum=1.0 is outside"),
+        (dict(lr=0.1, momentum=-0.1), "momentum=-0.1 is outside"),
+        (dict(lr=0.1, preset="nope"), "unknown preset='nope'"),
+        (dict(lr=0.1, denominator="sum"), "denominator='sum' is not supported"),
+        (dict(lr=0.1, trust_clip="larcx"), "trust_clip='larcx' is not supported"),
+        (dict(lr=0.1, nesterov=True, momentum=0.0), "nesterov=True needs momentum > 0"),
+        (dict(lr=0.1, momentum_mode="classic", dampening=0.1), "dampening is not defined"),
+        (dict(lr=0.1, exclude_from_adaptation="bias"), "matches parameter names"),
+    ],
+)
+def test_lars_bad_options_raise_clearly(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fusedlars.LARS([torch.nn.Parameter(torch.ones(3))], **kwargs)
+
+
+def test_unknown_option_raises_type_error():
+    with pytest.raises(TypeError, match="unknown option"):
+        fusedlars.LARS([torch.nn.Parameter(torch.ones(3))], lr=0.1, trust_coef=0.1)
+    with pytest.raises(TypeError, match="unknown option"):
+        fusedlars.LAMB([torch.nn.Parameter(torch.ones(3))], lr=0.1, amsgrad=True)
+    with pytest.raises(ValueError, match="unknown option"):
+        fusedlars.LARS([{"params": [torch.nn.Parameter(torch.ones(3))], "momentun": 0.5}], lr=0.1)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        (lambda: [torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))], "complex"),
+        (lambda: [torch.ones(3, dtype=torch.int64)], "only floating-point"),
+        (lambda: (lambda p: [p, p])(torch.nn.Parameter(torch.ones(3))), "appears twice"),
+    ],
+)
+def test_bad_params_raise_clearly(params, match):
+    with pytest.raises(ValueError, match=match):
+        fusedlars.LARS(params(), lr=0.1)
+
+
+def test_sparse_grad_raises_before_anything_changes():
+    emb = nn.Embedding(10, 4, sparse=True)
+    lin = nn.Linear(4, 1)
+    o = fusedlars.LARS(list(lin.parameters()) + list(emb.parameters()), lr=0.1)
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = [p.detach().clone() for p in list(lin.parameters()) + list(emb.parameters())]
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        o.step()
+    for a, b in zip(before, list(lin.parameters()) + list(emb.parameters())):
+        assert torch.equal(a, b)
+
+
+def test_bad_lr_set_by_user_mid_run_raises_before_mutation():
+    ps = make_params([(5,), (6,)], torch.float64)
+    o = fusedlars.LARS([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+    for p, g in zip(ps, grads_for([(5,), (6,)], 0)):
+        p.grad = g
+    o.step()
+    before = [p.detach().clone() for p in ps]
+    o.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="param group 1"):
+        o.step()
+    for a, b in zip(before, ps):
+        assert torch.equal(a, b)
+
+
+def test_unavailable_backend_raises_with_reason():
+    ok, why = fusedlars.kernels.status("cuda")
+    if ok:
+        pytest.skip("the CUDA backend is available on this machine")
+    with pytest.raises(RuntimeError, match="not available"):
+        fusedlars.LARS([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="cuda")
+    with pytest.raises(ValueError, match="not one of"):
+        fusedlars.LARS([torch.nn.Parameter(torch.ones(3))], lr=0.1, backend="gpu")
+
+
+def test_presets_listing_and_info():
+    table = fusedlars.presets()
+    for name in ["paper", "timm", "apex_larc_clip", "apex_larc_scale", "lightning", "barlowtwins",
+                 "tvlars_official", "optax", "mlperf", "pytorch_optimizer", "torchlars"]:
+        assert table["LARS"][name]
+    for name in ["paper", "apex", "timm", "cybertron", "optax", "deepspeed", "pytorch_optimizer"]:
+        assert table["LAMB"][name]
+    d = fusedlars.info()
+    assert d["backends"]["torch"]["available"] and d["backends"]["reference"]["available"]
+    assert d["torch"] == torch.__version__
