@@ -357,9 +357,5 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     return sc.gpart[: tt.num_tiles].sum()
 
 
-# exported for the AOT test / report
-def kernel_specializations():
-    """Every (kernel, signature, constexprs) the backend can launch, for ahead-of-time compiles."""
-    from ._triton_aot import specializations  # noqa: PLC0415
 
-    return specializations()
+

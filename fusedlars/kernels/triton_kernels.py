@@ -110,8 +110,8 @@ def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr,
     ratio = eta * n_w / den
     if use_tv != 0:
         tt = t.to(tl.float64)
-        e = tl.exp(tv_lmbda.to(tl.float64) * (tt - tv_shift.to(tl.float64)))
-        phi = 1.0 / (tv_alpha.to(tl.float64) + e) + tv_gamma_min.to(tl.float64)
+        e = tl.exp(tv_lmbda * (tt - tv_shift))  # fp64: fp32 scalars promote
+        phi = 1.0 / (tv_alpha + e) + tv_gamma_min
         phi = tl.where(tt < tv_gate, 1.0, phi)
         ratio = ratio * phi.to(tl.float32)
     if check_mode == 0:
@@ -133,7 +133,7 @@ def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr,
 @triton.jit
 def _bias_corr(t, omb):
     """1 - b^t in fp64 from omb = 1 - b (no cancellation for b close to 1)."""
-    lb = tl.log(1.0 - omb.to(tl.float64))
+    lb = tl.log(tl.full([], 1.0, tl.float64) - omb)
     return (1.0 - tl.exp(t.to(tl.float64) * lb)).to(tl.float32)
 
 

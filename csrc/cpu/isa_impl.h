@@ -1,0 +1,410 @@
+// Body of the per-tile kernels, compiled once per instruction set. Include this from an isa_*.cpp
+// after defining FL_ISA (2 = AVX-512, 1 = AVX2 + F16C, 0 = generic x86-64 / any CPU) and FL_TABLE_FN,
+// inside that file's `#pragma GCC target` region.
+//
+// NOTE: [One lane structure for every ISA]
+// The kernels are written with GCC vector extensions on 16 fp32 lanes (`vf`): one zmm register with
+// AVX-512, two ymm with AVX2, four xmm (or scalar code) otherwise. Every ISA performs the same lane
+// arithmetic in the same order (no FMA contraction: ISO C++ mode leaves -ffp-contract off), so the
+// three builds give bitwise identical results, and the lane sums are reduced in a fixed order.
+//
+// NOTE: [Accumulation]
+// Sums of squares run in fp32 lanes over blocks of 1024 elements (64 per lane), then are added into
+// double lanes; a tile's lanes are summed in lane order into a double partial.
+#ifndef FL_ISA
+#error "define FL_ISA before including isa_impl.h"
+#endif
+
+typedef float fl_vf __attribute__((vector_size(64)));
+typedef double fl_vd __attribute__((vector_size(128)));
+typedef int32_t fl_vi __attribute__((vector_size(64)));
+typedef uint32_t fl_vu __attribute__((vector_size(64)));
+typedef uint16_t fl_vh __attribute__((vector_size(32)));
+
+namespace fusedlars {
+// must be declared before lars_math.h's templates (unqualified lookup at definition)
+static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
+#if FL_ISA == 2
+  return (fl_vf)_mm512_sqrt_ps((__m512)x);
+#elif FL_ISA == 1
+  __m256 lo, hi;
+  __builtin_memcpy(&lo, &x, 32);
+  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&x) + 32, 32);
+  lo = _mm256_sqrt_ps(lo);
+  hi = _mm256_sqrt_ps(hi);
+  fl_vf r;
+  __builtin_memcpy(&r, &lo, 32);
+  __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+  return r;
+#else
+  fl_vf r;
+  for (int i = 0; i < 16; ++i) r[i] = __builtin_sqrtf(x[i]);
+  return r;
+#endif
+}
+}  // namespace fusedlars
+
+#include "../lars_math.h"
+
+namespace fusedlars {
+namespace cpu {
+namespace {
+
+#define FL_AI static inline __attribute__((always_inline))
+constexpr int kW = 16;         // lanes
+constexpr int64_t kBlock = 1024;  // elements accumulated in fp32 before moving to double
+
+struct bf16 {
+  uint16_t x;
+};
+struct f16 {
+  uint16_t x;
+};
+
+template <class T>
+struct IO;
+
+template <>
+struct IO<float> {
+  FL_AI fl_vf load(const float* p) {
+    fl_vf v;
+    __builtin_memcpy(&v, p, 64);
+    return v;
+  }
+  FL_AI void store(float* p, fl_vf v) { __builtin_memcpy(p, &v, 64); }
+};
+
+template <>
+struct IO<bf16> {
+  FL_AI fl_vf load(const bf16* p) {
+    fl_vh h;
+    __builtin_memcpy(&h, p, 32);
+    fl_vu u = __builtin_convertvector(h, fl_vu) << 16;
+    return (fl_vf)u;
+  }
+  // round to nearest even, NaN -> quiet NaN (as c10::BFloat16)
+  FL_AI void store(bf16* p, fl_vf v) {
+    fl_vu u = (fl_vu)v;
+    fl_vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    fl_vu nan = (fl_vu)(v != v);
+    r = (r & ~nan) | (nan & 0x7FC0u);
+    fl_vh h = __builtin_convertvector(r, fl_vh);
+    __builtin_memcpy(p, &h, 32);
+  }
+};
+
+template <>
+struct IO<f16> {
+  FL_AI fl_vf load(const f16* p) {
+#if FL_ISA == 2
+    return (fl_vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif FL_ISA == 1
+    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    fl_vf r;
+    __builtin_memcpy(&r, &lo, 32);
+    __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
+    return r;
+#else
+    fl_vf r;
+    for (int i = 0; i < 16; ++i) r[i] = static_cast<float>(c10::Half(p[i].x, c10::Half::from_bits()));
+    return r;
+#endif
+  }
+  FL_AI void store(f16* p, fl_vf v) {
+#if FL_ISA == 2
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+#elif FL_ISA == 1
+    __m256 lo, hi;
+    __builtin_memcpy(&lo, &v, 32);
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int i = 0; i < 16; ++i) p[i].x = c10::Half(v[i]).x;
+#endif
+  }
+};
+
+// Tail of a tile (n < 16 elements): through a zero-filled 16-lane buffer; only n are written back.
+template <class T>
+FL_AI fl_vf load_part(const T* p, int n) {
+  T tmp[kW] = {};
+  __builtin_memcpy(tmp, p, n * sizeof(T));
+  return IO<T>::load(tmp);
+}
+template <class T>
+FL_AI void store_part(T* p, fl_vf v, int n) {
+  T tmp[kW];
+  IO<T>::store(tmp, v);
+  __builtin_memcpy(p, tmp, n * sizeof(T));
+}
+
+FL_AI fl_vf lane_mask(fl_vf x, int n) {  // lanes >= n -> 0 (whatever x holds there: NaN, inf)
+  const fl_vi idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  fl_vi keep = idx < n;
+  return (fl_vf)((fl_vi)x & keep);
+}
+
+FL_AI fl_vd widen(fl_vf x) { return __builtin_convertvector(x, fl_vd); }
+
+FL_AI double lane_sum(fl_vd x) {
+  double s = 0.0;
+  for (int i = 0; i < kW; ++i) s += x[i];
+  return s;
+}
+
+// Storage of a variant: PT = param/grad type; MASTER: weights come from (and go to) fp32 master.
+template <class PT, bool MASTER>
+struct Buf {
+  const PT* g;
+  PT* p;
+  float* m;
+  explicit Buf(const TileArgs& a)
+      : g(static_cast<const PT*>(a.grad) + a.start),
+        p(static_cast<PT*>(a.param) + a.start),
+        m(MASTER ? a.master + a.start : nullptr) {}
+  FL_AI fl_vf w(int64_t i) const {
+    if constexpr (MASTER) return IO<float>::load(m + i);
+    else return IO<PT>::load(p + i);
+  }
+  FL_AI fl_vf w_part(int64_t i, int n) const {
+    if constexpr (MASTER) return load_part(m + i, n);
+    else return load_part(p + i, n);
+  }
+  FL_AI void put(int64_t i, fl_vf v) const {
+    if constexpr (MASTER) IO<float>::store(m + i, v);
+    IO<PT>::store(p + i, v);
+  }
+  FL_AI void put_part(int64_t i, fl_vf v, int n) const {
+    if constexpr (MASTER) store_part(m + i, v, n);
+    store_part(p + i, v, n);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// LARS
+
+template <class PT, bool MASTER>
+void lars_sumsq_t(const TileArgs& a, float gscale, float lam, double* out) {
+  const Buf<PT, MASTER> b(a);
+  const int64_t n = a.len;
+  fl_vd dw = {}, dg = {}, du = {};
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
+    fl_vf sw = {}, sg = {}, su = {};
+    int64_t i = i0;
+    for (; i + kW <= end; i += kW) {
+      fl_vf w = b.w(i);
+      fl_vf g = IO<PT>::load(b.g + i) * gscale;
+      fl_vf u = g + lam * w;
+      sw += w * w;
+      sg += g * g;
+      su += u * u;
+    }
+    if (i < end) {
+      const int r = static_cast<int>(end - i);
+      fl_vf w = b.w_part(i, r);
+      fl_vf g = lane_mask(load_part(b.g + i, r) * gscale, r);
+      fl_vf u = g + lam * w;
+      sw += w * w;
+      sg += g * g;
+      su += u * u;
+    }
+    dw += widen(sw);
+    dg += widen(sg);
+    du += widen(su);
+  }
+  out[0] = lane_sum(dw);
+  out[1] = lane_sum(dg);
+  out[2] = lane_sum(du);
+}
+
+template <class PT, bool MASTER, int WD, int MOM, bool NEST>
+void lars_update_t(const TileArgs& a, float gscale, const LarsCoef& c) {
+  const Buf<PT, MASTER> b(a);
+  float* mb = MOM ? a.s0 + a.start : nullptr;
+  const int64_t n = a.len;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    fl_vf w = b.w(i);
+    fl_vf g = IO<PT>::load(b.g + i) * gscale;
+    fl_vf buf = {};
+    if (MOM) buf = IO<float>::load(mb + i);
+    fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
+    if (MOM) IO<float>::store(mb + i, buf);
+    b.put(i, wn);
+  }
+  if (i < n) {
+    const int r = static_cast<int>(n - i);
+    fl_vf w = b.w_part(i, r);
+    fl_vf g = load_part(b.g + i, r) * gscale;
+    fl_vf buf = {};
+    if (MOM) buf = load_part(mb + i, r);
+    fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
+    if (MOM) store_part(mb + i, buf, r);
+    b.put_part(i, wn, r);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// LAMB
+
+template <class PT, bool MASTER, int WD>
+void lamb_pass1_t(const TileArgs& a, const LambCoef& c, double* out) {
+  const Buf<PT, MASTER> b(a);
+  float* mp = a.s0 + a.start;
+  float* vp = a.s1 + a.start;
+  const int64_t n = a.len;
+  fl_vd dw = {}, dg = {}, du = {};
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
+    fl_vf sw = {}, sg = {}, su = {};
+    int64_t i = i0;
+    for (; i + kW <= end; i += kW) {
+      fl_vf w = b.w(i);
+      fl_vf g = IO<PT>::load(b.g + i) * c.gscale;
+      fl_vf m = IO<float>::load(mp + i), v = IO<float>::load(vp + i);
+      sg += g * g;
+      lamb_moments<WD>(c, w, g, m, v);
+      IO<float>::store(mp + i, m);
+      IO<float>::store(vp + i, v);
+      fl_vf wd = lamb_decayed_weight<WD>(c, w);
+      fl_vf u = lamb_direction<WD>(c, w, m, v);
+      sw += wd * wd;
+      su += u * u;
+    }
+    if (i < end) {
+      const int r = static_cast<int>(end - i);
+      fl_vf w = b.w_part(i, r);
+      fl_vf g = lane_mask(load_part(b.g + i, r) * c.gscale, r);
+      fl_vf m = load_part(mp + i, r), v = load_part(vp + i, r);
+      sg += g * g;
+      lamb_moments<WD>(c, w, g, m, v);
+      store_part(mp + i, m, r);
+      store_part(vp + i, v, r);
+      fl_vf wd = lamb_decayed_weight<WD>(c, w);
+      fl_vf u = lane_mask(lamb_direction<WD>(c, w, m, v), r);  // 0/(0+eps) is NaN when eps == 0
+      sw += wd * wd;
+      su += u * u;
+    }
+    dw += widen(sw);
+    dg += widen(sg);
+    du += widen(su);
+  }
+  out[0] = lane_sum(dw);
+  out[1] = lane_sum(dg);
+  out[2] = lane_sum(du);
+}
+
+template <class PT, bool MASTER, int WD>
+void lamb_pass2_t(const TileArgs& a, const LambCoef& c) {
+  const Buf<PT, MASTER> b(a);
+  const float* mp = a.s0 + a.start;
+  const float* vp = a.s1 + a.start;
+  const int64_t n = a.len;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) {
+    fl_vf w = b.w(i);
+    fl_vf u = lamb_direction<WD>(c, w, IO<float>::load(mp + i), IO<float>::load(vp + i));
+    b.put(i, lamb_decayed_weight<WD>(c, w) - c.k * u);
+  }
+  if (i < n) {
+    const int r = static_cast<int>(n - i);
+    fl_vf w = b.w_part(i, r);
+    fl_vf u = lamb_direction<WD>(c, w, load_part(mp + i, r), load_part(vp + i, r));
+    b.put_part(i, lamb_decayed_weight<WD>(c, w) - c.k * u, r);
+  }
+}
+
+template <class PT>
+void grad_sumsq_t(const TileArgs& a, float gscale, double* out) {
+  const PT* gp = static_cast<const PT*>(a.grad) + a.start;
+  const int64_t n = a.len;
+  fl_vd dg = {};
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
+    fl_vf sg = {};
+    int64_t i = i0;
+    for (; i + kW <= end; i += kW) {
+      fl_vf g = IO<PT>::load(gp + i) * gscale;
+      sg += g * g;
+    }
+    if (i < end) {
+      const int r = static_cast<int>(end - i);
+      fl_vf g = lane_mask(load_part(gp + i, r) * gscale, r);
+      sg += g * g;
+    }
+    dg += widen(sg);
+  }
+  out[0] = lane_sum(dg);
+}
+
+// ------------------------------------------------------------------------------------------------
+// run-time option -> template dispatch
+
+template <class F>
+FL_AI void by_variant(int variant, F&& f) {
+  switch (variant) {
+    case kF32: f.template operator()<float, false>(); break;
+    case kBF16: f.template operator()<bf16, false>(); break;
+    case kBF16Master: f.template operator()<bf16, true>(); break;
+    case kF16: f.template operator()<f16, false>(); break;
+    default: f.template operator()<f16, true>(); break;
+  }
+}
+
+void lars_sumsq(const TileArgs& a, int variant, float gscale, float lam, double* out) {
+  by_variant(variant, [&]<class PT, bool M>() { lars_sumsq_t<PT, M>(a, gscale, lam, out); });
+}
+
+template <class PT, bool M, int WD>
+FL_AI void lars_update_mom(const TileArgs& a, int mom, int nest, float gscale, const LarsCoef& c) {
+  if (!mom) lars_update_t<PT, M, WD, 0, false>(a, gscale, c);
+  else if (nest) lars_update_t<PT, M, WD, 1, true>(a, gscale, c);
+  else lars_update_t<PT, M, WD, 1, false>(a, gscale, c);
+}
+
+void lars_update_k(const TileArgs& a, int variant, int wd, int mom, int nest, float gscale, const LarsCoef& c) {
+  by_variant(variant, [&]<class PT, bool M>() {
+    if (wd == kLarsL2) lars_update_mom<PT, M, kLarsL2>(a, mom, nest, gscale, c);
+    else if (wd == kLarsDecoupled) lars_update_mom<PT, M, kLarsDecoupled>(a, mom, nest, gscale, c);
+    else lars_update_mom<PT, M, kLarsRatioOnly>(a, mom, nest, gscale, c);
+  });
+}
+
+void lamb_pass1(const TileArgs& a, int variant, int wd, const LambCoef& c, double* out) {
+  by_variant(variant, [&]<class PT, bool M>() {
+    if (wd == kLambL2) lamb_pass1_t<PT, M, kLambL2>(a, c, out);
+    else if (wd == kLambDecoupled) lamb_pass1_t<PT, M, kLambDecoupled>(a, c, out);
+    else lamb_pass1_t<PT, M, kLambInUpdate>(a, c, out);
+  });
+}
+
+void lamb_pass2(const TileArgs& a, int variant, int wd, const LambCoef& c) {
+  by_variant(variant, [&]<class PT, bool M>() {
+    if (wd == kLambL2) lamb_pass2_t<PT, M, kLambL2>(a, c);
+    else if (wd == kLambDecoupled) lamb_pass2_t<PT, M, kLambDecoupled>(a, c);
+    else lamb_pass2_t<PT, M, kLambInUpdate>(a, c);
+  });
+}
+
+void grad_sumsq(const TileArgs& a, int variant, float gscale, double* out) {
+  switch (variant) {
+    case kF32: grad_sumsq_t<float>(a, gscale, out); break;
+    case kBF16:
+    case kBF16Master: grad_sumsq_t<bf16>(a, gscale, out); break;
+    default: grad_sumsq_t<f16>(a, gscale, out); break;
+  }
+}
+
+#undef FL_AI
+}  // namespace
+
+const KernelTable* FL_TABLE_FN() {
+  static const KernelTable t = {FL_ISA_NAME, &lars_sumsq, &lars_update_k, &lamb_pass1, &lamb_pass2, &grad_sumsq};
+  return &t;
+}
+
+}  // namespace cpu
+}  // namespace fusedlars

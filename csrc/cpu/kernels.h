@@ -1,0 +1,52 @@
+// The per-tile CPU kernels, as a table of function pointers with one implementation per instruction
+// set (isa_avx512.cpp, isa_avx2.cpp, isa_generic.cpp; chosen at run time in optim_cpu.cpp).
+//
+// A tile is a slice [start, start + len) of ONE segment (len <= kTileElems). Kernels see raw
+// pointers to the bucket's flat buffers and only touch the tile's elements (never the pads).
+#pragma once
+
+#include <cstdint>
+
+namespace fusedlars {
+
+struct LarsCoef;  // lars_math.h (not included here, see NOTE [Internal linkage on the host])
+struct LambCoef;
+
+namespace cpu {
+
+// Fixed tile size: partial sums of squares are per tile, and a segment's norm is the sum of its
+// tiles' partials in tile order, so this constant (not the thread count) fixes the rounding.
+constexpr int64_t kTileElems = 16384;
+
+// Storage variant of the param / grad / master buffers.
+enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master = 4 };
+
+struct TileArgs {
+  void* param;       // param dtype
+  float* master;     // fp32 master weights or nullptr
+  const void* grad;  // param dtype
+  float* s0;         // momentum_buffer (LARS) or exp_avg (LAMB); fp32
+  float* s1;         // exp_avg_sq (LAMB); fp32
+  int64_t start;
+  int64_t len;
+};
+
+struct KernelTable {
+  const char* name;
+  // out[0..2] = sum w^2, sum (g*gscale)^2, sum (g*gscale + lam*w)^2 over the tile
+  void (*lars_sumsq)(const TileArgs&, int variant, float gscale, float lam, double* out);
+  // wd: LarsWdMode, mom: 0/1, nesterov: 0/1
+  void (*lars_update)(const TileArgs&, int variant, int wd, int mom, int nesterov, float gscale, const LarsCoef&);
+  // new moments written to s0/s1; out = sum w_d^2, sum g^2, sum u^2
+  void (*lamb_pass1)(const TileArgs&, int variant, int wd, const LambCoef&, double* out);
+  void (*lamb_pass2)(const TileArgs&, int variant, int wd, const LambCoef&);
+  // out[0] = sum (g*gscale)^2
+  void (*grad_sumsq)(const TileArgs&, int variant, float gscale, double* out);
+};
+
+const KernelTable* kernel_table_avx512();
+const KernelTable* kernel_table_avx2();
+const KernelTable* kernel_table_generic();
+
+}  // namespace cpu
+}  // namespace fusedlars
