@@ -198,8 +198,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
                         views[i].copy_(st[name])
                         has = True
                 if "step" in st:
+                    # the step count alone does not mean a buffer exists (has_state drives first-step init)
                     b.step[i] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).to(b.device)
-                    has = True
                 if "master_weight" in st and b.master_views is not None:
                     b.master_views[i].copy_(st["master_weight"])
                     b.param_views[i].copy_(b.master_views[i])
@@ -261,6 +261,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 continue
             return mod
         return kernels.get("torch")
+
+    def stats(self) -> dict[str, Any]:
+        """Per-layer weight norm, grad norm, update norm, trust ratio and effective lr of the
+        last step, as tensors on the parameters' device (no extra pass, no host sync)."""
+        from ..stats import collect
+
+        return collect(self)
 
     def backends_in_use(self) -> list[str]:
         """Backend name of every bucket, as chosen at the last step."""

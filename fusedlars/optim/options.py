@@ -65,7 +65,8 @@ LARS_CHOICES: dict[str, dict[str, str]] = {
     },
     "first_step_buffer": {
         "clone": "b_1 = g' (torch SGD)",
-        "zeros": "b_0 = 0, so b_1 = (1-d)*g' (Barlow Twins, TVLARS, pytorch_optimizer)",
+        "zeros": "b_0 = 0, so b_1 = (1-d)*g' (Barlow Twins, TVLARS, pytorch_optimizer); "
+        "the two agree unless dampening != 0, and always in classic mode (v_1 = lr*g')",
     },
 }
 
