@@ -32,8 +32,10 @@ def _rel(paths):
 cpu_sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
-cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 # NOTE: no -march=native: SIMD levels are selected at run time inside the kernels.
+# -std=c++20: templated lambdas in csrc/cpu. -ffp-contract=off: no FMA contraction, so the AVX-512,
+# AVX2 and generic kernel builds round identically (bitwise equal results, see csrc/cpu/isa_impl.h).
 link_flags = ["-fopenmp"]
 define_macros = [("FUSEDLARS_EXT", "1")]
 

@@ -209,8 +209,8 @@ struct LambCoef {
   float k;            // pass 2: w <- w_d - k*u, k = lr * s * r
 };
 
-// Pass 1: new moments from the gradient. WD: LambWdMode. Returns the (clipped, unscaled) grad before
-// the l2 term, for ||g||.
+// Pass 1: new moments (in place) from the unscaled, clipped gradient g. WD: LambWdMode; the l2 mode
+// adds lam*w to g here (||g|| is taken by the caller before that).
 template <int WD, class T>
 FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& m, T& v) {
   if (WD == kLambL2) g = g + c.lam * w;

@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/kernels.h"
+
 extern "C" {
 // A minimal module object: importing it runs the static TORCH_LIBRARY registrations.
 static struct PyModuleDef fusedlars_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
@@ -22,4 +24,26 @@ static std::string build_info() {
 TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // Build identification, so `fusedlars info` can tell which kernels this binary holds.
   m.def("build_info() -> str", &build_info);
+
+  // Fused optimizer steps over one flat bucket (fusedlars/buckets.py). Every tensor is the bucket's
+  // own buffer; the per-segment tensors have one entry per parameter tensor. `hyper` and `modes`
+  // carry the resolved group options in the order fusedlars/kernels/cpu.py writes them (decoded in
+  // csrc/cpu/optim_cpu.cpp into LarsOptions / LambOptions of csrc/lars_math.h). Implementations:
+  // csrc/cpu/optim_cpu.cpp (CPU); fake kernels: fusedlars/kernels/cpu.py.
+  m.def(
+      "lars_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? momentum, "
+      "Tensor seg_offset, Tensor seg_numel, Tensor wd_mask, Tensor adapt_mask, Tensor active, "
+      "Tensor(d!) has_state, Tensor(e!) step, Tensor(f!) w_norm, Tensor(g!) g_norm, Tensor(h!) u_norm, "
+      "Tensor(i!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, float[] hyper, "
+      "int[] modes) -> ()");
+  m.def(
+      "lamb_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!) exp_avg, "
+      "Tensor(d!) exp_avg_sq, Tensor seg_offset, Tensor seg_numel, Tensor wd_mask, Tensor adapt_mask, "
+      "Tensor active, Tensor(e!) has_state, Tensor(f!) step, Tensor(g!) w_norm, Tensor(h!) g_norm, "
+      "Tensor(i!) u_norm, Tensor(j!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, "
+      "Tensor? clip_coef, float[] hyper, int[] modes) -> ()");
+  // sum over active segments of ||grad * inv_scale||^2, float64 0-dim
+  m.def("grad_sumsq_cpu(Tensor grad, Tensor seg_offset, Tensor seg_numel, Tensor active, Tensor? inv_scale) -> Tensor");
+  // the CPU kernel table in use (avx512 | avx2 | generic); a non-empty `want` switches it
+  m.def("cpu_isa(str want='') -> str", &fusedlars::cpu::cpu_isa);
 }

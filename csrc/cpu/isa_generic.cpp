@@ -3,6 +3,9 @@
 #include <cstdint>
 #include <cstring>
 #include <c10/util/Half.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "kernels.h"
 

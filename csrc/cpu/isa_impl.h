@@ -20,6 +20,15 @@ typedef double fl_vd __attribute__((vector_size(128)));
 typedef int32_t fl_vi __attribute__((vector_size(64)));
 typedef uint32_t fl_vu __attribute__((vector_size(64)));
 typedef uint16_t fl_vh __attribute__((vector_size(32)));
+typedef float fl_v8 __attribute__((vector_size(32)));
+// unaligned, aliasing views for loads and stores (a memcpy of a whole vector made GCC bounce it
+// through the stack in 8- and 16-byte pieces: store-forwarding stalls)
+typedef float fl_vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t fl_vh_u __attribute__((vector_size(32), aligned(2), may_alias));
+
+#define FL_LO8(x) __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
+#define FL_HI8(x) __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15)
+#define FL_CAT8(a, b) __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 
 namespace fusedlars {
 // must be declared before lars_math.h's templates (unqualified lookup at definition)
@@ -27,15 +36,9 @@ static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
 #if FL_ISA == 2
   return (fl_vf)_mm512_sqrt_ps((__m512)x);
 #elif FL_ISA == 1
-  __m256 lo, hi;
-  __builtin_memcpy(&lo, &x, 32);
-  __builtin_memcpy(&hi, reinterpret_cast<const char*>(&x) + 32, 32);
-  lo = _mm256_sqrt_ps(lo);
-  hi = _mm256_sqrt_ps(hi);
-  fl_vf r;
-  __builtin_memcpy(&r, &lo, 32);
-  __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
-  return r;
+  fl_v8 lo = (fl_v8)_mm256_sqrt_ps((__m256)FL_LO8(x));
+  fl_v8 hi = (fl_v8)_mm256_sqrt_ps((__m256)FL_HI8(x));
+  return FL_CAT8(lo, hi);
 #else
   fl_vf r;
   for (int i = 0; i < 16; ++i) r[i] = __builtin_sqrtf(x[i]);
@@ -51,6 +54,7 @@ namespace cpu {
 namespace {
 
 #define FL_AI static inline __attribute__((always_inline))
+#define FL_MI inline __attribute__((always_inline))
 constexpr int kW = 16;         // lanes
 constexpr int64_t kBlock = 1024;  // elements accumulated in fp32 before moving to double
 
@@ -66,19 +70,29 @@ struct IO;
 
 template <>
 struct IO<float> {
-  FL_AI fl_vf load(const float* p) {
-    fl_vf v;
-    __builtin_memcpy(&v, p, 64);
-    return v;
+  FL_AI fl_vf load(const float* p) { return *reinterpret_cast<const fl_vf_u*>(p); }
+  // explicit native-width stores: GCC lowers an under-aligned 64-byte vector store through the stack
+  FL_AI void store(float* p, fl_vf v) {
+#if FL_ISA == 2
+    _mm512_storeu_ps(p, (__m512)v);
+#elif FL_ISA == 1
+    _mm256_storeu_ps(p, (__m256)FL_LO8(v));
+    _mm256_storeu_ps(p + 8, (__m256)FL_HI8(v));
+#elif defined(__SSE2__)
+    _mm_storeu_ps(p, (__m128)__builtin_shufflevector(v, v, 0, 1, 2, 3));
+    _mm_storeu_ps(p + 4, (__m128)__builtin_shufflevector(v, v, 4, 5, 6, 7));
+    _mm_storeu_ps(p + 8, (__m128)__builtin_shufflevector(v, v, 8, 9, 10, 11));
+    _mm_storeu_ps(p + 12, (__m128)__builtin_shufflevector(v, v, 12, 13, 14, 15));
+#else
+    __builtin_memcpy(p, &v, 64);
+#endif
   }
-  FL_AI void store(float* p, fl_vf v) { __builtin_memcpy(p, &v, 64); }
 };
 
 template <>
 struct IO<bf16> {
   FL_AI fl_vf load(const bf16* p) {
-    fl_vh h;
-    __builtin_memcpy(&h, p, 32);
+    fl_vh h = *reinterpret_cast<const fl_vh_u*>(p);
     fl_vu u = __builtin_convertvector(h, fl_vu) << 16;
     return (fl_vf)u;
   }
@@ -89,7 +103,14 @@ struct IO<bf16> {
     fl_vu nan = (fl_vu)(v != v);
     r = (r & ~nan) | (nan & 0x7FC0u);
     fl_vh h = __builtin_convertvector(r, fl_vh);
+#if FL_ISA >= 1
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)h);
+#elif defined(__SSE2__)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), (__m128i)__builtin_shufflevector(h, h, 0, 1, 2, 3, 4, 5, 6, 7));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), (__m128i)__builtin_shufflevector(h, h, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
     __builtin_memcpy(p, &h, 32);
+#endif
   }
 };
 
@@ -99,12 +120,9 @@ struct IO<f16> {
 #if FL_ISA == 2
     return (fl_vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif FL_ISA == 1
-    __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
-    fl_vf r;
-    __builtin_memcpy(&r, &lo, 32);
-    __builtin_memcpy(reinterpret_cast<char*>(&r) + 32, &hi, 32);
-    return r;
+    fl_v8 lo = (fl_v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    fl_v8 hi = (fl_v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    return FL_CAT8(lo, hi);
 #else
     fl_vf r;
     for (int i = 0; i < 16; ++i) r[i] = static_cast<float>(c10::Half(p[i].x, c10::Half::from_bits()));
@@ -115,11 +133,8 @@ struct IO<f16> {
 #if FL_ISA == 2
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
 #elif FL_ISA == 1
-    __m256 lo, hi;
-    __builtin_memcpy(&lo, &v, 32);
-    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + 32, 32);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)FL_LO8(v), _MM_FROUND_TO_NEAREST_INT));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph((__m256)FL_HI8(v), _MM_FROUND_TO_NEAREST_INT));
 #else
     for (int i = 0; i < 16; ++i) p[i].x = c10::Half(v[i]).x;
 #endif
@@ -146,6 +161,37 @@ FL_AI fl_vf lane_mask(fl_vf x, int n) {  // lanes >= n -> 0 (whatever x holds th
   return (fl_vf)((fl_vi)x & keep);
 }
 
+// 16 fp32 accumulator lanes held in native registers: GCC keeps a 64-byte vector variable that is
+// wider than the ISA's registers in memory across loop iterations (store-forwarding stalls).
+typedef float fl_v4 __attribute__((vector_size(16)));
+struct Acc16 {
+#if FL_ISA == 2
+  fl_vf v = {};
+  inline __attribute__((always_inline)) void operator+=(fl_vf x) { v += x; }
+  inline __attribute__((always_inline)) fl_vf get() const { return v; }
+#elif FL_ISA == 1
+  fl_v8 lo = {}, hi = {};
+  inline __attribute__((always_inline)) void operator+=(fl_vf x) {
+    lo += FL_LO8(x);
+    hi += FL_HI8(x);
+  }
+  inline __attribute__((always_inline)) fl_vf get() const { return FL_CAT8(lo, hi); }
+#else
+  fl_v4 q0 = {}, q1 = {}, q2 = {}, q3 = {};
+  inline __attribute__((always_inline)) void operator+=(fl_vf x) {
+    q0 += __builtin_shufflevector(x, x, 0, 1, 2, 3);
+    q1 += __builtin_shufflevector(x, x, 4, 5, 6, 7);
+    q2 += __builtin_shufflevector(x, x, 8, 9, 10, 11);
+    q3 += __builtin_shufflevector(x, x, 12, 13, 14, 15);
+  }
+  inline __attribute__((always_inline)) fl_vf get() const {
+    return FL_CAT8(__builtin_shufflevector(q0, q1, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(q2, q3, 0, 1, 2, 3, 4, 5, 6, 7));
+  }
+#endif
+};
+
+FL_AI fl_vd widen(const Acc16& a) { return __builtin_convertvector(a.get(), fl_vd); }
 FL_AI fl_vd widen(fl_vf x) { return __builtin_convertvector(x, fl_vd); }
 
 FL_AI double lane_sum(fl_vd x) {
@@ -164,19 +210,19 @@ struct Buf {
       : g(static_cast<const PT*>(a.grad) + a.start),
         p(static_cast<PT*>(a.param) + a.start),
         m(MASTER ? a.master + a.start : nullptr) {}
-  FL_AI fl_vf w(int64_t i) const {
+  FL_MI fl_vf w(int64_t i) const {
     if constexpr (MASTER) return IO<float>::load(m + i);
     else return IO<PT>::load(p + i);
   }
-  FL_AI fl_vf w_part(int64_t i, int n) const {
+  FL_MI fl_vf w_part(int64_t i, int n) const {
     if constexpr (MASTER) return load_part(m + i, n);
     else return load_part(p + i, n);
   }
-  FL_AI void put(int64_t i, fl_vf v) const {
+  FL_MI void put(int64_t i, fl_vf v) const {
     if constexpr (MASTER) IO<float>::store(m + i, v);
     IO<PT>::store(p + i, v);
   }
-  FL_AI void put_part(int64_t i, fl_vf v, int n) const {
+  FL_MI void put_part(int64_t i, fl_vf v, int n) const {
     if constexpr (MASTER) store_part(m + i, v, n);
     store_part(p + i, v, n);
   }
@@ -192,7 +238,7 @@ void lars_sumsq_t(const TileArgs& a, float gscale, float lam, double* out) {
   fl_vd dw = {}, dg = {}, du = {};
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
-    fl_vf sw = {}, sg = {}, su = {};
+    Acc16 sw, sg, su;
     int64_t i = i0;
     for (; i + kW <= end; i += kW) {
       fl_vf w = b.w(i);
@@ -221,7 +267,8 @@ void lars_sumsq_t(const TileArgs& a, float gscale, float lam, double* out) {
 }
 
 template <class PT, bool MASTER, int WD, int MOM, bool NEST>
-void lars_update_t(const TileArgs& a, float gscale, const LarsCoef& c) {
+void lars_update_t(const TileArgs& a, float gscale, const LarsCoef& c_in) {
+  const LarsCoef c = c_in;  // a local copy: stores through float* cannot alias it (no reloads)
   const Buf<PT, MASTER> b(a);
   float* mb = MOM ? a.s0 + a.start : nullptr;
   const int64_t n = a.len;
@@ -251,7 +298,8 @@ void lars_update_t(const TileArgs& a, float gscale, const LarsCoef& c) {
 // LAMB
 
 template <class PT, bool MASTER, int WD>
-void lamb_pass1_t(const TileArgs& a, const LambCoef& c, double* out) {
+void lamb_pass1_t(const TileArgs& a, const LambCoef& c_in, double* out) {
+  const LambCoef c = c_in;
   const Buf<PT, MASTER> b(a);
   float* mp = a.s0 + a.start;
   float* vp = a.s1 + a.start;
@@ -259,7 +307,7 @@ void lamb_pass1_t(const TileArgs& a, const LambCoef& c, double* out) {
   fl_vd dw = {}, dg = {}, du = {};
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
-    fl_vf sw = {}, sg = {}, su = {};
+    Acc16 sw, sg, su;
     int64_t i = i0;
     for (; i + kW <= end; i += kW) {
       fl_vf w = b.w(i);
@@ -298,7 +346,8 @@ void lamb_pass1_t(const TileArgs& a, const LambCoef& c, double* out) {
 }
 
 template <class PT, bool MASTER, int WD>
-void lamb_pass2_t(const TileArgs& a, const LambCoef& c) {
+void lamb_pass2_t(const TileArgs& a, const LambCoef& c_in) {
+  const LambCoef c = c_in;
   const Buf<PT, MASTER> b(a);
   const float* mp = a.s0 + a.start;
   const float* vp = a.s1 + a.start;
@@ -324,7 +373,7 @@ void grad_sumsq_t(const TileArgs& a, float gscale, double* out) {
   fl_vd dg = {};
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
-    fl_vf sg = {};
+    Acc16 sg;
     int64_t i = i0;
     for (; i + kW <= end; i += kW) {
       fl_vf g = IO<PT>::load(gp + i) * gscale;
@@ -399,6 +448,7 @@ void grad_sumsq(const TileArgs& a, int variant, float gscale, double* out) {
 }
 
 #undef FL_AI
+#undef FL_MI
 }  // namespace
 
 const KernelTable* FL_TABLE_FN() {

@@ -6,6 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+
+#include <c10/util/string_view.h>
 
 namespace fusedlars {
 
@@ -47,6 +50,9 @@ struct KernelTable {
 const KernelTable* kernel_table_avx512();
 const KernelTable* kernel_table_avx2();
 const KernelTable* kernel_table_generic();
+
+// Name of the kernel table in use; a non-empty `want` (avx512 | avx2 | generic) switches to it.
+std::string cpu_isa(c10::string_view want);
 
 }  // namespace cpu
 }  // namespace fusedlars

@@ -12,10 +12,11 @@ Per bucket and step, whatever the number of layers:
   launch 2 ``lamb_update_kernel`` (re-reduce, ratio, u recomputed from m, v, store).
   2 launches, plus one ``grad_sumsq_kernel`` launch when ``max_grad_norm`` is set.
 
-fp32 bytes per parameter: LARS 12 (launch 1: w, g) + 20 (launch 2: w, g, b read, b, w
-written) = 32 with momentum (28 without master weights reread... see the final report);
-LAMB 24 + 16 = 40. The per-tile partial reads of launch 2 add 12 * tiles_in_segment bytes
-per tile, from L2.
+Bytes per parameter, fp32 params with momentum: LARS 8 (launch 1 reads w, g) + 20 (launch 2
+reads w, g, b and writes b, w) = 28; LAMB 24 (reads w, g, m, v, writes m, v) + 16 (reads w, m, v,
+writes w) = 40, plus 4 for ``grad_sumsq`` when ``max_grad_norm`` is set. Launch 2 also re-reads
+the segment's partials: 12 B x tiles-in-segment per tile (L2-resident; 3% of the tile's own
+traffic at TILE=4096 for a 2.4M-element layer).
 
 Per-step values never cause a host sync: ``lr`` is a 1-element tensor (a Python float lr
 is written into a cached device tensor with ``fill_`` only when it changes), GradScaler's
@@ -131,7 +132,8 @@ def _scratch(bucket: Bucket) -> _Scratch:
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
     if isinstance(lr, torch.Tensor):
-        return lr.reshape(-1)
+        # one kernel specialization (fp32 lr pointer); a device-side cast, no host sync
+        return lr.reshape(-1) if lr.dtype == torch.float32 else lr.reshape(-1).to(torch.float32)
     lr = float(lr)
     if sc.lr_value != lr:
         sc.lr.fill_(lr)
@@ -154,21 +156,31 @@ except ImportError:  # older torch: plain custom ops (opaque to torch.compile)
     _wrap_triton = None
 
 
+def _traceable() -> bool:
+    # wrap_triton traces compiled JIT kernels; interpreted ones are registered as opaque ops instead
+    return _triton_op is not None and not _interpreting()
+
+
 def _launch(kernel, grid: int, *args, **constexprs) -> None:
-    """Launch ``kernel`` on a 1-D grid of ``grid`` programs."""
+    """Launch ``kernel`` on a 1-D grid of ``grid`` programs (every launch of the backend passes here)."""
     if grid == 0:
         return
-    k = _wrap_triton(kernel) if _wrap_triton is not None else kernel
+    k = _wrap_triton(kernel) if _traceable() else kernel
     k[(grid,)](*args, num_warps=NUM_WARPS, **constexprs)
 
 
 def _register(name: str, mutates: tuple[str, ...]):
+    """A torch.library op: ``triton_op`` (torch.compile sees the kernels) or, in the interpreter or on an
+    older torch, an opaque ``custom_op`` with a fake implementation (the ops only mutate their inputs)."""
+
     def deco(fn):
         if _IMPORT_ERROR is not None:
             return fn
-        if _triton_op is not None:
+        if _traceable():
             return _triton_op(f"fusedlars::{name}", mutates_args=mutates)(fn)
-        return torch.library.custom_op(f"fusedlars::{name}", mutates_args=mutates)(fn)
+        op = torch.library.custom_op(f"fusedlars::{name}", mutates_args=mutates)(fn)
+        op.register_fake(lambda *a, **k: None)
+        return op
 
     return deco
 
@@ -270,11 +282,6 @@ def _op(name: str):
 _CLIP = {None: 0, "larc": 1, "lambc": 2, "range": 3}
 
 
-def _finite(x: float) -> float:
-    # fp32 kernel arguments: keep inf representable (clamp bounds), it is exact
-    return float(x)
-
-
 def _check(kind: str, cfg, bucket: Bucket) -> None:
     why = supports(kind, cfg, bucket)
     if why:
@@ -292,7 +299,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
     fvals = [
         float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.eta), float(cfg.eps),
-        _finite(cfg.clamp_lo), _finite(cfg.clamp_hi), _finite(cfg.clip_lo), _finite(cfg.clip_hi),
+        float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi),
         float(cfg.momentum), float(cfg.dampening),
         float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]),
     ]
@@ -322,7 +329,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     fvals = [
         float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.beta1), float(cfg.beta2),
         float(cfg.beta3), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
-        _finite(cfg.clamp_lo), _finite(cfg.clamp_hi), _finite(cfg.clip_lo), _finite(cfg.clip_hi),
+        float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi),
         float(cfg.trust_ratio_eps),
     ]
     ivals = [wdm, _CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
@@ -359,3 +366,104 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
 
 
 
+
+
+# ------------------------------------------------------------------------------------------
+# ahead-of-time compilation (no GPU needed): used by tests/test_triton_aot.py and
+# bench/triton_aot_report.py. Must run in a process where TRITON_INTERPRET is not set.
+# ------------------------------------------------------------------------------------------
+_PTR_F32 = "*fp32"
+_TRITON_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
+    """Triton type of every argument of ``kernel`` as this module launches it for a ``dtype`` bucket."""
+    fn = kernel.fn if hasattr(kernel, "fn") else kernel
+    import inspect  # noqa: PLC0415
+
+    sig = {}
+    for name, prm in inspect.signature(fn).parameters.items():
+        if name.isupper():
+            sig[name] = "constexpr"
+        elif name in ("param_ptr", "grad_ptr"):
+            sig[name] = "*" + _TRITON_DT[dtype]
+        elif name in ("tile_seg_ptr", "tile_len_ptr"):
+            sig[name] = "*i32"
+        elif name in ("tile_start_ptr", "seg_tile_ptr", "seg_numel_ptr"):
+            sig[name] = "*i64"
+        elif name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel":
+            sig[name] = "*fp64"
+        elif name.endswith("_ptr"):
+            sig[name] = _PTR_F32
+        elif name in ("num_tiles", "num_segs", "tv_gate") or name.endswith("_mode") or name in (
+            "zero_skip", "adapt_enabled", "use_tv", "nesterov", "clone_first"
+        ):
+            sig[name] = "i32"
+        else:
+            sig[name] = "fp32"
+    return sig
+
+
+def aot_specializations(covering: bool = False) -> list[dict]:
+    """Every (kernel, dtype, constexprs) this backend can launch with the module's tile geometry.
+
+    ``covering=True``: a subset that still compiles every kernel for every param dtype and
+    every value of every constexpr (MOM, BC, HAS_MASTER) at least once.
+    """
+    if K is None:
+        return []
+    geo = dict(TILE=TILE, BLOCK=BLOCK)
+    red = dict(geo, RBLOCK=RBLOCK, SBLOCK=SBLOCK)
+    layouts = [(dt, False) for dt in _TRITON_DT] + [(torch.float16, True), (torch.bfloat16, True)]
+    out = []
+
+    def add(kernel, dtype, **cx):
+        out.append(dict(kernel=kernel, name=kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                        dtype=dtype, constexprs=cx))
+
+    if covering:  # fp32 with every MOM / BC value, fp16 without and bf16 with master weights
+        layouts = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
+    for dt, master in layouts:
+        add(K.lars_partials_kernel, dt, HAS_MASTER=master, **geo, SBLOCK=SBLOCK)
+        for mom in (0, 1, 2):
+            if covering and dt != torch.float32 and mom != (1 if not master else 2):
+                continue
+            add(K.lars_update_kernel, dt, HAS_MASTER=master, MOM=mom, **red)
+        for bc in (0, 1, 2):
+            if covering and dt != torch.float32 and bc != (0 if not master else 2):
+                continue
+            add(K.lamb_moments_kernel, dt, HAS_MASTER=master, BC=bc, **geo, SBLOCK=SBLOCK)
+            add(K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **red)
+    for dt in _TRITON_DT:
+        add(K.grad_sumsq_kernel, dt, **geo)
+    return out
+
+
+def aot_compile(spec: dict, arch: int) -> dict:
+    """Compile one specialization for ``GPUTarget("cuda", arch, 32)``; registers, spills, shared memory."""
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+    from triton.compiler import ASTSource  # noqa: PLC0415
+
+    if K.INTERPRET:
+        raise RuntimeError("aot_compile needs a process without TRITON_INTERPRET (kernels are interpreted here)")
+    sig = _signature(spec["kernel"], spec["dtype"])
+    src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=dict(spec["constexprs"]))
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
+    res = dict(kernel=spec["name"], dtype=str(spec["dtype"]).replace("torch.", ""), arch=arch,
+               constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MOM", "BC")},
+               triton_shared=int(ck.metadata.shared), ptx_chars=len(ck.asm["ptx"]), cubin_bytes=len(ck.asm["cubin"]))
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
+    import re  # noqa: PLC0415
+
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", r.stdout)
+    if not m:
+        raise RuntimeError(f"cannot read resource usage of {spec['name']} sm_{arch}: {r.stdout} {r.stderr}")
+    res.update(regs=int(m.group(1)), stack=int(m.group(2)), static_shared=int(m.group(3)), spill_bytes=int(m.group(4)))
+    return res

@@ -158,7 +158,7 @@ def _snapshot(step_ptr, has_ptr, snap_ptr, sblk, num_segs, SBLOCK: tl.constexpr)
 # ------------------------------------------------------------------------------------------
 # LARS
 # ------------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "num_segs"])
 def lars_partials_kernel(
     param_ptr, master_ptr, grad_ptr,
     wd_mask_ptr, active_ptr, step_ptr, has_ptr,
@@ -202,7 +202,8 @@ def lars_partials_kernel(
             tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc_u, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "num_segs", "tv_gate", "den_mode", "wd_mode", "check_mode", "zero_skip",
+                               "clip_mode", "adapt_enabled", "use_tv", "nesterov", "clone_first"])
 def lars_update_kernel(
     param_ptr, master_ptr, grad_ptr, mom_ptr,
     wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
@@ -322,7 +323,7 @@ def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
     return u
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode"])
 def lamb_moments_kernel(
     param_ptr, master_ptr, grad_ptr, m_ptr, v_ptr,
     wd_mask_ptr, active_ptr, step_ptr, has_ptr,
@@ -383,7 +384,7 @@ def lamb_moments_kernel(
             tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc_u, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
 def lamb_update_kernel(
     param_ptr, master_ptr, m_ptr, v_ptr,
     wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,

@@ -1,0 +1,521 @@
+// Fused CPU LARS / TVLARS / LAMB steps over a flat bucket (ops fusedlars::*_cpu, schemas in ops.cpp).
+//
+// One step of a bucket:
+//   plan     the active segments, cut into tiles of kTileElems (a tile never crosses a segment), and
+//            grouped so that a group's pass-1 data fit in cache (kGroupBytes, default 8 MiB);
+//   pass 1   per tile: partial sums of squares (LARS: w^2, g^2, (g + lam*w)^2;  LAMB: also the new
+//            moments, written in place, and u^2 of the Adam direction);
+//   scalars  per segment: its tiles' partials summed in tile order, the trust ratio and the element
+//            coefficients (lars_math.h);
+//   pass 2   per tile: the update.
+// Groups run one after the other inside ONE OpenMP parallel region; inside a group, pass 1 and
+// pass 2 give each thread the same contiguous tiles, so pass 2 re-reads what the same core just read.
+//
+// NOTE: [Bytes per parameter, fp32]
+// LARS: pass 1 reads w, g (8 B); pass 2 reads w, g, b and writes w, b (20 B): 28 B from DRAM when a
+// group does not fit in cache (one segment larger than the budget), 20 B when pass 2 finds w and g in
+// cache. LAMB keeps no scratch: pass 1 reads w, g, m, v and writes m, v (24 B); pass 2 re-reads
+// w, m, v, recomputes the same u (deterministic) and writes w (16 B): 40 B, 28 B from cache.
+//
+// NOTE: [Determinism]
+// A tile's partial is computed by one thread in a fixed lane order, and a segment's norm is the sum
+// of its tiles' partials in tile order. Neither depends on the thread count, the group budget or the
+// instruction set, so results are bitwise identical across runs, thread counts and ISAs.
+//
+// NOTE: [Skips]
+// found_inf != 0: return before touching anything. active[s] == 0: the segment is not in the plan.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "../lars_math.h"
+#include "kernels.h"
+
+namespace fusedlars {
+namespace cpu {
+namespace {
+
+// ------------------------------------------------------------------------------------------------
+// instruction-set dispatch
+
+bool cpu_has(const char* isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (std::string(isa) == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::string(isa) == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return std::string(isa) == "generic";
+}
+
+const KernelTable* table_named(const std::string& name) {
+  if (name == "avx512") return kernel_table_avx512();
+  if (name == "avx2") return kernel_table_avx2();
+  if (name == "generic") return kernel_table_generic();
+  return nullptr;
+}
+
+const KernelTable* best_table() {
+  const char* env = std::getenv("FUSEDLARS_CPU_ISA");
+  if (env && *env) {
+    std::string want(env);
+    TORCH_CHECK(table_named(want) != nullptr, "FUSEDLARS_CPU_ISA=", want, " is not one of avx512, avx2, generic");
+    TORCH_CHECK(cpu_has(want.c_str()), "FUSEDLARS_CPU_ISA=", want, ": this CPU does not support it");
+    return table_named(want);
+  }
+  for (const char* n : {"avx512", "avx2"})
+    if (cpu_has(n) && table_named(n)) return table_named(n);
+  return kernel_table_generic();
+}
+
+std::atomic<const KernelTable*> g_table{nullptr};
+
+const KernelTable& table() {
+  const KernelTable* t = g_table.load();
+  if (!t) {
+    t = best_table();
+    g_table.store(t);
+  }
+  return *t;
+}
+
+// Cache budget of a group of segments (bytes of pass-1 data). FUSEDLARS_CPU_GROUP_BYTES overrides it
+// (benchmarks); it changes speed only, never results.
+int64_t group_budget() {
+  static const int64_t b = [] {
+    const char* env = std::getenv("FUSEDLARS_CPU_GROUP_BYTES");
+    return env && *env ? std::max<int64_t>(std::atoll(env), 0) : int64_t(8) << 20;
+  }();
+  return b;
+}
+
+// ------------------------------------------------------------------------------------------------
+// plan: tiles of the active segments, grouped for cache reuse
+
+struct Group {
+  int64_t t0, t1;  // tiles
+  int64_t s0, s1;  // indices into Plan::seg
+};
+
+struct Plan {
+  std::vector<int64_t> t_start, t_len, t_cum;  // t_cum[t] = elements in tiles before t (size T+1)
+  std::vector<int64_t> t_seg;                  // index into seg
+  std::vector<int64_t> seg;                    // active segments in bucket order
+  std::vector<int64_t> seg_t0;                 // tiles of seg[i]: [seg_t0[i], seg_t0[i+1])
+  std::vector<Group> groups;
+  int64_t num_tiles() const { return static_cast<int64_t>(t_start.size()); }
+};
+
+Plan make_plan(const int64_t* off, const int64_t* numel, const float* active, int64_t S, int64_t bytes_per_elem,
+               int64_t budget) {
+  Plan p;
+  p.t_cum.push_back(0);
+  p.seg_t0.push_back(0);
+  Group g{0, 0, 0, 0};
+  int64_t gbytes = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    if (active && active[s] == 0) continue;
+    const int64_t n = numel[s];
+    const int64_t bytes = n * bytes_per_elem;
+    if (gbytes > 0 && gbytes + bytes > budget) {
+      g.t1 = p.num_tiles();
+      g.s1 = static_cast<int64_t>(p.seg.size());
+      p.groups.push_back(g);
+      g = Group{g.t1, g.t1, g.s1, g.s1};
+      gbytes = 0;
+    }
+    const int64_t si = static_cast<int64_t>(p.seg.size());
+    for (int64_t a = 0; a < n; a += kTileElems) {
+      const int64_t len = std::min(kTileElems, n - a);
+      p.t_start.push_back(off[s] + a);
+      p.t_len.push_back(len);
+      p.t_cum.push_back(p.t_cum.back() + len);
+      p.t_seg.push_back(si);
+    }
+    p.seg.push_back(s);
+    p.seg_t0.push_back(p.num_tiles());
+    gbytes += bytes;
+  }
+  if (static_cast<int64_t>(p.seg.size()) > g.s0) {
+    g.t1 = p.num_tiles();
+    g.s1 = static_cast<int64_t>(p.seg.size());
+    p.groups.push_back(g);
+  }
+  return p;
+}
+
+// Tiles [a, b) of a group owned by thread tid of nt: contiguous, balanced by element count.
+void split(const Plan& p, const Group& g, int tid, int nt, int64_t& a, int64_t& b) {
+  const int64_t base = p.t_cum[g.t0], total = p.t_cum[g.t1] - base;
+  auto first = [&](int k) -> int64_t {
+    if (k <= 0) return g.t0;
+    if (k >= nt) return g.t1;
+    const int64_t target = base + (static_cast<int64_t>(k) * total + nt - 1) / nt;
+    return std::lower_bound(p.t_cum.begin() + g.t0, p.t_cum.begin() + g.t1, target) - p.t_cum.begin();
+  };
+  a = first(tid);
+  b = first(tid + 1);
+}
+
+// Runs pass1(tile), scalars(seg index), pass2(tile) group by group in one parallel region.
+template <class P1, class SC, class P2>
+void run_plan(const Plan& p, P1&& pass1, SC&& scalars, P2&& pass2) {
+  int nth = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (p.t_cum.back() < 4 * kTileElems) nth = 1;  // not worth waking threads
+  auto body = [&](int tid, int nt) {
+    for (const Group& g : p.groups) {
+      int64_t a, b;
+      split(p, g, tid, nt, a, b);
+      for (int64_t t = a; t < b; ++t) pass1(t);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      for (int64_t si = g.s0 + tid; si < g.s1; si += nt) scalars(si);
+      if (nt > 1) {
+#pragma omp barrier
+      }
+      for (int64_t t = a; t < b; ++t) pass2(t);
+    }
+  };
+  if (nth <= 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(nth)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+// ------------------------------------------------------------------------------------------------
+// argument checks
+
+int variant_of(const at::Tensor& param, const std::optional<at::Tensor>& master) {
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return master ? kBF16Master : kBF16;
+    case at::kHalf:
+      return master ? kF16Master : kF16;
+    default:
+      TORCH_CHECK(false, "fusedlars cpu: unsupported param dtype ", param.scalar_type(),
+                  " (float32, bfloat16, float16 are fused)");
+  }
+}
+
+void check_buf(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedlars cpu: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.is_contiguous(), "fusedlars cpu: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dt, "fusedlars cpu: ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(numel < 0 || t.numel() == numel, "fusedlars cpu: ", name, " has ", t.numel(), " elements, expected ",
+              numel);
+}
+
+struct Common {
+  int64_t S;
+  int variant;
+  const int64_t* off;
+  const int64_t* numel;
+  const float* wd_mask;
+  const float* adapt_mask;
+  const float* active;
+  float *has_state, *step, *w_norm, *g_norm, *u_norm, *trust_ratio;
+  double lr, inv_scale;
+  bool skip;
+};
+
+Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                    const at::Tensor& seg_offset, const at::Tensor& seg_numel, const at::Tensor& wd_mask,
+                    const at::Tensor& adapt_mask, const at::Tensor& active, const at::Tensor& has_state,
+                    const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,
+                    const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& lr,
+                    const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
+  Common c;
+  const int64_t N = param.numel();
+  c.variant = variant_of(param, master);
+  check_buf(param, "param", param.scalar_type(), -1);
+  check_buf(grad, "grad", param.scalar_type(), N);
+  if (master) {
+    TORCH_CHECK(param.scalar_type() != at::kFloat, "fusedlars cpu: master weights need a bf16/fp16 param");
+    check_buf(*master, "master", at::kFloat, N);
+  }
+  c.S = seg_offset.numel();
+  check_buf(seg_offset, "seg_offset", at::kLong, c.S);
+  check_buf(seg_numel, "seg_numel", at::kLong, c.S);
+  const std::pair<const at::Tensor*, const char*> segs[] = {
+      {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&active, "active"}, {&has_state, "has_state"},
+      {&step, "step"},       {&w_norm, "w_norm"},         {&g_norm, "g_norm"}, {&u_norm, "u_norm"},
+      {&trust_ratio, "trust_ratio"}};
+  for (const auto& [t, name] : segs) check_buf(*t, name, at::kFloat, c.S);
+  c.off = seg_offset.data_ptr<int64_t>();
+  c.numel = seg_numel.data_ptr<int64_t>();
+  for (int64_t s = 0; s < c.S; ++s)
+    TORCH_CHECK(c.off[s] >= 0 && c.numel[s] >= 0 && c.off[s] + c.numel[s] <= N,
+                "fusedlars cpu: segment ", s, " lies outside the flat buffer");
+  c.wd_mask = wd_mask.data_ptr<float>();
+  c.adapt_mask = adapt_mask.data_ptr<float>();
+  c.active = active.data_ptr<float>();
+  c.has_state = has_state.data_ptr<float>();
+  c.step = step.data_ptr<float>();
+  c.w_norm = w_norm.data_ptr<float>();
+  c.g_norm = g_norm.data_ptr<float>();
+  c.u_norm = u_norm.data_ptr<float>();
+  c.trust_ratio = trust_ratio.data_ptr<float>();
+  TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "fusedlars cpu: lr must be a 1-element CPU tensor");
+  c.lr = lr.item<double>();
+  c.inv_scale = 1.0;
+  if (inv_scale) {
+    TORCH_CHECK(inv_scale->numel() == 1 && inv_scale->device().is_cpu(), "fusedlars cpu: inv_scale must be a 1-element CPU tensor");
+    c.inv_scale = inv_scale->item<double>();
+  }
+  c.skip = false;
+  if (found_inf) {
+    TORCH_CHECK(found_inf->numel() == 1 && found_inf->device().is_cpu(), "fusedlars cpu: found_inf must be a 1-element CPU tensor");
+    c.skip = found_inf->item<double>() != 0.0;
+  }
+  return c;
+}
+
+int64_t weight_bytes(int variant) { return variant == kF32 || variant == kBF16Master || variant == kF16Master ? 4 : 2; }
+int64_t grad_bytes(int variant) { return variant == kF32 ? 4 : 2; }
+
+// ------------------------------------------------------------------------------------------------
+// ops
+
+void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                   const std::optional<at::Tensor>& momentum, const at::Tensor& seg_offset,
+                   const at::Tensor& seg_numel, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
+                   const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
+                   const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
+                   const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+                   const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
+                   at::ArrayRef<int64_t> modes) {
+  TORCH_CHECK(hyper.size() == 14 && modes.size() == 11, "fusedlars cpu: lars_step_cpu expects 14 hyper, 11 modes");
+  Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
+                          w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
+  if (c.skip) return;
+  LarsOptions o;
+  o.momentum = hyper[0];
+  o.dampening = hyper[1];
+  o.weight_decay = hyper[2];
+  o.eta = hyper[3];
+  o.eps = hyper[4];
+  o.clamp_lo = hyper[5];
+  o.clamp_hi = hyper[6];
+  o.clip_lo = hyper[7];
+  o.clip_hi = hyper[8];
+  o.tv_lmbda = hyper[9];
+  o.tv_alpha = hyper[10];
+  o.tv_shift = hyper[11];
+  o.tv_gamma_min = hyper[12];
+  o.tv_gate = hyper[13];
+  o.nesterov = static_cast<int>(modes[0]);
+  o.maximize = static_cast<int>(modes[1]);
+  o.denominator = static_cast<int>(modes[2]);
+  o.wd_mode = static_cast<int>(modes[3]);
+  o.zero_norm = static_cast<int>(modes[4]);
+  o.zero_norm_check = static_cast<int>(modes[5]);
+  o.trust_clip = static_cast<int>(modes[6]);
+  o.adapt_enabled = static_cast<int>(modes[7]);
+  o.momentum_mode = static_cast<int>(modes[8]);
+  o.first_step_buffer = static_cast<int>(modes[9]);
+  o.tv_on = static_cast<int>(modes[10]);
+  const int mom = o.momentum != 0.0;
+  float* buf = nullptr;
+  if (mom) {
+    TORCH_CHECK(momentum.has_value(), "fusedlars cpu: momentum != 0 needs a momentum buffer");
+    check_buf(*momentum, "momentum", at::kFloat, param.numel());
+    buf = momentum->data_ptr<float>();
+  }
+  const float gscale = static_cast<float>(o.maximize ? -c.inv_scale : c.inv_scale);
+  const int64_t bpe = weight_bytes(c.variant) + grad_bytes(c.variant);
+  const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget());
+  const KernelTable& k = table();
+  std::vector<double> part(3 * p.num_tiles());
+  std::vector<LarsCoef> coef(p.seg.size());
+  TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), buf, nullptr, 0, 0};
+
+  run_plan(
+      p,
+      [&](int64_t t) {
+        TileArgs a = base;
+        a.start = p.t_start[t];
+        a.len = p.t_len[t];
+        const float lam = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[p.t_seg[t]]]);
+        k.lars_sumsq(a, c.variant, gscale, lam, &part[3 * t]);
+      },
+      [&](int64_t si) {
+        const int64_t s = p.seg[si];
+        double ssq[3] = {0.0, 0.0, 0.0};
+        for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
+          for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
+        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
+        const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
+        const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, c.step[s], c.lr);
+        coef[si] = lars_coef(o, r, c.lr, c.has_state[s] != 0);
+        c.w_norm[s] = static_cast<float>(r.n_w);
+        c.g_norm[s] = static_cast<float>(r.n_g);
+        c.u_norm[s] = static_cast<float>(r.n_u);
+        c.trust_ratio[s] = static_cast<float>(r.r);
+        c.has_state[s] = 1.0f;
+        c.step[s] = c.step[s] + 1.0f;
+      },
+      [&](int64_t t) {
+        TileArgs a = base;
+        a.start = p.t_start[t];
+        a.len = p.t_len[t];
+        k.lars_update(a, c.variant, o.wd_mode, mom, o.nesterov, gscale, coef[p.t_seg[t]]);
+      });
+}
+
+void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                   const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& seg_offset,
+                   const at::Tensor& seg_numel, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
+                   const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
+                   const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
+                   const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                   at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
+  TORCH_CHECK(hyper.size() == 11 && modes.size() == 6, "fusedlars cpu: lamb_step_cpu expects 11 hyper, 6 modes");
+  Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
+                          w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
+  if (c.skip) return;
+  check_buf(exp_avg, "exp_avg", at::kFloat, param.numel());
+  check_buf(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel());
+  LambOptions o;
+  o.beta1 = hyper[0];
+  o.beta2 = hyper[1];
+  o.beta3 = hyper[2];
+  o.eps = hyper[3];
+  o.eps_root = hyper[4];
+  o.weight_decay = hyper[5];
+  o.clamp_lo = hyper[6];
+  o.clamp_hi = hyper[7];
+  o.clip_lo = hyper[8];
+  o.clip_hi = hyper[9];
+  o.trust_ratio_eps = hyper[10];
+  o.maximize = static_cast<int>(modes[0]);
+  o.bias_correction = static_cast<int>(modes[1]);
+  o.wd_mode = static_cast<int>(modes[2]);
+  o.adapt_enabled = static_cast<int>(modes[3]);
+  o.trust_clip = static_cast<int>(modes[4]);
+  o.adam = static_cast<int>(modes[5]);
+  double clip = 1.0;
+  if (clip_coef) {
+    TORCH_CHECK(clip_coef->numel() == 1 && clip_coef->device().is_cpu(), "fusedlars cpu: clip_coef must be a 1-element CPU tensor");
+    clip = clip_coef->item<double>();
+  }
+  const double gscale = (o.maximize ? -c.inv_scale : c.inv_scale) / clip;
+  const int64_t bpe = weight_bytes(c.variant) + grad_bytes(c.variant) + 8;
+  const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget());
+  const KernelTable& k = table();
+  std::vector<double> part(3 * p.num_tiles());
+  std::vector<LambCoef> coef(p.seg.size());
+  for (size_t si = 0; si < p.seg.size(); ++si) {
+    const int64_t s = p.seg[si];
+    coef[si] = lamb_coef(o, gscale, o.weight_decay * static_cast<double>(c.wd_mask[s]), c.lr,
+                         static_cast<double>(c.step[s]) + 1.0);
+  }
+  TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(),
+                exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), 0, 0};
+  run_plan(
+      p,
+      [&](int64_t t) {
+        TileArgs a = base;
+        a.start = p.t_start[t];
+        a.len = p.t_len[t];
+        k.lamb_pass1(a, c.variant, o.wd_mode, coef[p.t_seg[t]], &part[3 * t]);
+      },
+      [&](int64_t si) {
+        const int64_t s = p.seg[si];
+        double ssq[3] = {0.0, 0.0, 0.0};
+        for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
+          for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
+        const LambSegment r = lamb_segment(o, ssq[0], ssq[1], ssq[2], c.adapt_mask[s] != 0, c.lr);
+        const double t_new = static_cast<double>(c.step[s]) + 1.0;
+        coef[si].k = lamb_step_scale(o, c.lr, r.r, t_new);
+        c.w_norm[s] = static_cast<float>(r.n_w);
+        c.g_norm[s] = static_cast<float>(r.n_g);
+        c.u_norm[s] = static_cast<float>(r.n_u);
+        c.trust_ratio[s] = static_cast<float>(r.r);
+        c.has_state[s] = 1.0f;
+        c.step[s] = c.step[s] + 1.0f;
+      },
+      [&](int64_t t) {
+        TileArgs a = base;
+        a.start = p.t_start[t];
+        a.len = p.t_len[t];
+        k.lamb_pass2(a, c.variant, o.wd_mode, coef[p.t_seg[t]]);
+      });
+}
+
+at::Tensor grad_sumsq_cpu(const at::Tensor& grad, const at::Tensor& seg_offset, const at::Tensor& seg_numel,
+                          const at::Tensor& active, const std::optional<at::Tensor>& inv_scale) {
+  const int64_t S = seg_offset.numel();
+  check_buf(grad, "grad", grad.scalar_type(), -1);
+  check_buf(seg_offset, "seg_offset", at::kLong, S);
+  check_buf(seg_numel, "seg_numel", at::kLong, S);
+  check_buf(active, "active", at::kFloat, S);
+  const int variant = variant_of(grad, std::nullopt);
+  const int64_t* off = seg_offset.data_ptr<int64_t>();
+  const int64_t* numel = seg_numel.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(off[s] >= 0 && numel[s] >= 0 && off[s] + numel[s] <= grad.numel(),
+                "fusedlars cpu: segment ", s, " lies outside the flat buffer");
+  float gscale = 1.0f;
+  if (inv_scale) {
+    TORCH_CHECK(inv_scale->numel() == 1 && inv_scale->device().is_cpu(), "fusedlars cpu: inv_scale must be a 1-element CPU tensor");
+    gscale = inv_scale->item<float>();
+  }
+  const Plan p = make_plan(off, numel, active.data_ptr<float>(), S, 0, 0);
+  std::vector<double> part(p.num_tiles());
+  const KernelTable& k = table();
+  TileArgs base{nullptr, nullptr, grad.data_ptr(), nullptr, nullptr, 0, 0};
+  at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      TileArgs a = base;
+      a.start = p.t_start[t];
+      a.len = p.t_len[t];
+      k.grad_sumsq(a, variant, gscale, &part[t]);
+    }
+  });
+  double total = 0.0;  // segment order, tile order
+  for (size_t si = 0; si < p.seg.size(); ++si) {
+    double seg = 0.0;
+    for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t) seg += part[t];
+    total += seg;
+  }
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace
+
+// Which kernel table runs; `want` (avx512 | avx2 | generic) switches it (tests compare ISAs).
+std::string cpu_isa(c10::string_view want) {
+  if (!want.empty()) {
+    std::string w(want);
+    TORCH_CHECK(table_named(w) != nullptr, "fusedlars cpu: unknown ISA '", w, "' (avx512, avx2, generic)");
+    TORCH_CHECK(cpu_has(w.c_str()), "fusedlars cpu: this CPU does not support ", w);
+    g_table.store(table_named(w));
+  }
+  return table().name;
+}
+
+}  // namespace cpu
+}  // namespace fusedlars
+
+TORCH_LIBRARY_IMPL(fusedlars, CPU, m) {
+  m.impl("lars_step_cpu", &fusedlars::cpu::lars_step_cpu);
+  m.impl("lamb_step_cpu", &fusedlars::cpu::lamb_step_cpu);
+  m.impl("grad_sumsq_cpu", &fusedlars::cpu::grad_sumsq_cpu);
+}

@@ -1,0 +1,156 @@
+"""Fused CPU backend: the C++ kernels of ``fusedlars._C`` (csrc/cpu, math in csrc/lars_math.h).
+
+Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), computed in fp32
+with norms accumulated per fixed-size tile and reduced in a fixed order (bitwise reproducible for
+any thread count), SIMD chosen at run time (AVX-512, AVX2 or generic x86-64), threads from
+``torch.get_num_threads()``. One step of a bucket is one call into C++:
+
+* LARS: pass 1 sums w^2, g^2 and (g + wd*w)^2 per tile; per-layer trust ratios; pass 2 updates
+  params (and fp32 master weights) and the momentum buffer. Layers are grouped so that pass 2
+  finds pass 1's data in cache: 20 B/param from DRAM (fp32), 28 for a layer larger than the group
+  budget.
+* LAMB: pass 1 updates the moments in place and sums w^2, g^2 and u^2 of the Adam direction u;
+  pass 2 recomputes u from the new moments and updates the weights (no scratch buffer):
+  28 B/param from cache, 40 from DRAM.
+
+fp32, bf16 and fp16 params (fp32 state, optional fp32 master weights) are fused; fp64 buckets and
+non-CPU buckets are not (:func:`supports` gives the reason, ``backend='auto'`` then uses ``torch``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..buckets import Bucket
+from .common import LambConfig, LarsConfig
+
+NAME = "cpu"
+
+_OPS = ("lars_step_cpu", "lamb_step_cpu", "grad_sumsq_cpu", "cpu_isa")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# option codes, in the order of the enums of csrc/lars_math.h
+_DENOMINATOR = {"sum_of_norms": 0, "norm_of_sum": 1, "grad_only": 2}
+_LARS_WD = {"l2": 0, "ratio_only": 1, "decoupled": 2}
+_ZERO_NORM = {"one": 0, "skip": 1}
+_ZERO_CHECK = {"raw_grad": 0, "update": 1, "denominator": 2}
+_CLIP = {None: 0, "larc": 1, "lambc": 2, "range": 3}
+_MOMENTUM = {"torch": 0, "classic": 1}
+_FIRST = {"clone": 0, "zeros": 1}
+_BIAS = {"both": 0, "none": 1, "first_outside": 2}
+_LAMB_WD = {"in_update": 0, "l2": 1, "decoupled": 2}
+
+
+def _load() -> str | None:
+    """None when the extension and its ops are there, else why not."""
+    try:
+        import fusedlars._C  # noqa: F401  (loads the op registrations)
+    except Exception as e:  # ImportError, or an undefined symbol from a torch mismatch
+        return f"fusedlars._C does not import ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
+    missing = [op for op in _OPS if not hasattr(torch.ops.fusedlars, op)]
+    if missing:
+        return f"fusedlars._C lacks the ops {missing}: it was built from older sources, rebuild it"
+    return None
+
+
+_WHY_NOT = _load()
+
+
+def _register_fakes() -> None:
+    """Fake (meta) kernels, so the ops trace under torch.compile / FakeTensor (see torch.library.opcheck)."""
+
+    @torch.library.register_fake("fusedlars::lars_step_cpu")
+    def _lars_fake(param, grad, master, momentum, seg_offset, seg_numel, wd_mask, adapt_mask, active,
+                   has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, hyper, modes):
+        return None
+
+    @torch.library.register_fake("fusedlars::lamb_step_cpu")
+    def _lamb_fake(param, grad, master, exp_avg, exp_avg_sq, seg_offset, seg_numel, wd_mask, adapt_mask, active,
+                   has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, clip_coef,
+                   hyper, modes):
+        return None
+
+    @torch.library.register_fake("fusedlars::grad_sumsq_cpu")
+    def _sumsq_fake(grad, seg_offset, seg_numel, active, inv_scale):
+        return grad.new_empty((), dtype=torch.float64)
+
+
+if _WHY_NOT is None:
+    _register_fakes()
+
+
+def available() -> tuple[bool, str]:
+    if _WHY_NOT is not None:
+        return False, _WHY_NOT
+    isa = torch.ops.fusedlars.cpu_isa("")
+    return True, f"fused C++ kernels, {isa} SIMD, {torch.get_num_threads()} threads"
+
+
+def supports(kind: str, cfg, bucket: Bucket) -> str | None:
+    """None when this bucket and configuration run fused here, else the reason."""
+    if _WHY_NOT is not None:
+        return _WHY_NOT
+    if bucket.device.type != "cpu":
+        return f"the bucket is on {bucket.device}; the cpu backend runs CPU tensors"
+    if bucket.dtype not in _DTYPES:
+        return f"param dtype {bucket.dtype} is not fused on CPU (float32, bfloat16, float16 are)"
+    for name in ("lr", "inv_scale", "found_inf", "clip_coef"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, torch.Tensor) and (v.numel() != 1 or v.device.type != "cpu"):
+            return f"{name} must be a float or a 1-element CPU tensor, got shape {tuple(v.shape)} on {v.device}"
+    if kind not in ("LARS", "LAMB"):
+        return f"unknown optimizer kind {kind!r}"
+    return None
+
+
+def _lr(lr) -> torch.Tensor:
+    if isinstance(lr, torch.Tensor):
+        return lr.detach().reshape(())
+    return torch.tensor(float(lr), dtype=torch.float64)
+
+
+def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
+    hyper = [
+        cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.eta, cfg.eps,
+        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi,
+        float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]), float(tv[4]),
+    ]  # fmt: skip
+    modes = [
+        int(cfg.nesterov), int(cfg.maximize), _DENOMINATOR[cfg.denominator], _LARS_WD[cfg.weight_decay_mode],
+        _ZERO_NORM[cfg.zero_norm], _ZERO_CHECK[cfg.zero_norm_check], _CLIP[cfg.trust_clip],
+        int(cfg.adapt_enabled), _MOMENTUM[cfg.momentum_mode], _FIRST[cfg.first_step_buffer], int(cfg.tv is not None),
+    ]  # fmt: skip
+    torch.ops.fusedlars.lars_step_cpu(
+        bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
+        bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
+        bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
+        _lr(cfg.lr), cfg.inv_scale, cfg.found_inf, hyper, modes,
+    )  # fmt: skip
+
+
+def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+    hyper = [
+        cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps, cfg.eps_root, cfg.weight_decay,
+        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi, cfg.trust_ratio_eps,
+    ]  # fmt: skip
+    modes = [
+        int(cfg.maximize), _BIAS[cfg.bias_correction], _LAMB_WD[cfg.weight_decay_mode],
+        int(cfg.adapt_enabled), _CLIP[cfg.trust_clip], int(cfg.adam),
+    ]  # fmt: skip
+    clip = cfg.clip_coef
+    if clip is not None and not isinstance(clip, torch.Tensor):
+        clip = torch.tensor(float(clip), dtype=torch.float64)
+    torch.ops.fusedlars.lamb_step_cpu(
+        bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
+        bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
+        bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
+        _lr(cfg.lr), cfg.inv_scale, cfg.found_inf, clip, hyper, modes,
+    )  # fmt: skip
+
+
+def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
+    """Sum over active segments of ||grad * inv_scale||^2, as a float64 0-dim tensor."""
+    return torch.ops.fusedlars.grad_sumsq_cpu(
+        bucket.flat_grad, bucket.seg_offset, bucket.seg_numel, bucket.active, cfg.inv_scale
+    )

@@ -1,0 +1,415 @@
+"""The fused C++ CPU backend (fusedlars/kernels/cpu.py, csrc/cpu) against the float64 reference.
+
+Every test runs the same optimizer twice on the same data, once with ``backend="cpu"`` and once
+with ``backend="reference"``, and compares params, state and the per-layer outputs. fp32 runs
+compare at rtol 1e-5; bf16 / fp16 runs compare against the reference run on the same dtype, at a
+tolerance of a couple of ulps of that dtype (the reference rounds float64 -> bf16 once, the kernel
+float64 -> fp32 -> bf16). Set FUSEDLARS_REQUIRE_EXT=1 to make a missing extension a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusedlars
+from fusedlars import kernels
+from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+
+OK, WHY = kernels.status("cpu")
+
+
+def test_extension_present():
+    """CI sets FUSEDLARS_REQUIRE_EXT=1: no silent fallback to the torch backend."""
+    if os.environ.get("FUSEDLARS_REQUIRE_EXT") == "1":
+        assert OK, f"fusedlars._C is required but the cpu backend is unavailable: {WHY}"
+    elif not OK:
+        pytest.skip(WHY)
+
+
+pytestmark_ext = pytest.mark.skipif(not OK, reason=f"cpu backend unavailable: {WHY}")
+
+# odd sizes: single element, < one vector, > one tile (16384) by 1, several tiles, empty, 2-D, 4-D
+SHAPES = [
+    ("a", (1,)),
+    ("b", (3,)),
+    ("c", (4097,)),
+    ("d", (65537,)),
+    ("e", (0,)),
+    ("fc.weight", (33, 72)),
+    ("conv.weight", (8, 3, 3, 5)),
+    ("zero_w", (40, 17)),  # zero-initialised weight
+    ("zero_g", (19, 7)),  # gradient always zero
+]
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (3e-3, 1e-4)}
+
+
+def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, s in shapes:
+        p = torch.randn(s, generator=g, dtype=torch.float64)
+        if name == "zero_w":
+            p.zero_()
+        out.append((name, p.to(dtype).requires_grad_()))
+    return out
+
+
+def make_grads(params, step, scale=0.01, special=None):
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = []
+    for name, p in params:
+        gr = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
+        if name == "zero_g":
+            gr.zero_()
+        if special is not None:
+            special(name, gr, step)
+        grads.append(gr.to(p.dtype))
+    return grads
+
+
+def run(cls, backend, *, steps=3, dtype=torch.float32, master=False, lr=0.1, grad_fn=None, shapes=SHAPES,
+        scale=0.01, **kw):
+    params = make_params(dtype, shapes)
+    opt = cls(params, lr=lr, backend=backend, master_weights=master, **kw)
+    for t in range(steps):
+        grads = grad_fn(params, t) if grad_fn else make_grads(params, t, scale)
+        for (_, p), gr in zip(params, grads):
+            p.grad = gr
+        if isinstance(lr, (int, float)):
+            opt.param_groups[0]["lr"] = lr * (1 + 0.1 * t)  # a scheduler changes lr every step
+        opt.step()
+    return params, opt
+
+
+def assert_same(cls, *, dtype=torch.float32, equal_nan=False, **kw):
+    pa, oa = run(cls, "cpu", dtype=dtype, **kw)
+    pb, ob = run(cls, "reference", dtype=dtype, **kw)
+    assert oa.backends_in_use() == ["cpu"] * len(oa.buckets())
+    rtol, atol = TOL[dtype]
+    for (name, a), (_, b) in zip(pa, pb):
+        fin = b.detach().double()[torch.isfinite(b.detach().double())]
+        mag = max(fin.abs().max().item(), 1.0) if fin.numel() else 1.0
+        torch.testing.assert_close(
+            a.detach().double(), b.detach().double(), rtol=rtol, atol=atol * mag, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}"
+        )
+    for ba, bb in zip(oa.buckets(), ob.buckets()):
+        for key in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
+            torch.testing.assert_close(getattr(ba, key), getattr(bb, key), rtol=max(rtol, 1e-5), atol=1e-6,
+                                       equal_nan=equal_nan, msg=lambda m: f"{key}: {m}")
+        assert torch.equal(ba.step, bb.step) and torch.equal(ba.has_state, bb.has_state)
+        for key in ba.state:
+            torch.testing.assert_close(ba.state[key], bb.state[key], rtol=max(rtol, 1e-5), atol=1e-6 if dtype == torch.float32 else 1e-4,
+                                       equal_nan=equal_nan, msg=lambda m: f"state {key}: {m}")
+        if ba.flat_master is not None:
+            torch.testing.assert_close(ba.flat_master, bb.flat_master, rtol=1e-5, atol=1e-6)
+    return oa, ob
+
+
+# ---------------------------------------------------------------------------------------------
+# presets and options
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("preset", sorted(LARS_PRESETS))
+def test_lars_presets(preset):
+    assert_same(fusedlars.LARS, preset=preset, weight_decay=1e-3)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("preset", sorted(LAMB_PRESETS))
+def test_lamb_presets(preset):
+    # grads large enough for the apex/timm global clip (max_grad_norm=1) to bind
+    assert_same(fusedlars.LAMB, preset=preset, weight_decay=0.01, lr=1e-2, scale=0.3)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("kw", [{}, {"gate": 2}, {"lmbda": 0.5, "shift": 1.0, "gamma_min": 0.01}])
+def test_tvlars(kw):
+    assert_same(fusedlars.TVLARS, steps=4, **kw)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(nesterov=True, weight_decay=1e-4),
+        dict(dampening=0.3, weight_decay=1e-4),
+        dict(dampening=0.3, first_step_buffer="zeros"),
+        dict(momentum=0.0, weight_decay=1e-4),
+        dict(momentum_mode="classic", nesterov=True, first_step_buffer="zeros", weight_decay=1e-4),
+        dict(maximize=True, weight_decay=1e-4),
+        dict(weight_decay_mode="decoupled", weight_decay=1e-2, zero_norm="skip"),
+        dict(weight_decay_mode="ratio_only", weight_decay=1e-2, denominator="grad_only"),
+        dict(trust_clip=("range", 0.5, 2.0), norm_clamp=(0.0, 5.0), weight_decay=1e-3),
+        dict(trust_clip="lambc", zero_norm_check="denominator", eps=0.0),
+        dict(trust_clip="larc", zero_norm="skip", weight_decay=1e-3, trust_coefficient=0.02),
+        dict(exclude_from_weight_decay="ndim<=1", exclude_from_adaptation=r"conv\.", weight_decay=1e-3),
+        dict(adapt_when="weight_decay_nonzero", weight_decay=0.0),
+    ],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_lars_options(kw):
+    assert_same(fusedlars.LARS, **kw)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(weight_decay_mode="l2", weight_decay=0.01),
+        dict(weight_decay_mode="decoupled", weight_decay=0.01),
+        dict(bias_correction="none", eps_root=1e-8),
+        dict(bias_correction="first_outside", trust_ratio_eps=1e-6),
+        dict(adam=True, weight_decay=0.01),
+        dict(maximize=True, trust_clip="lambc", weight_norm_clamp=(0.0, 3.0)),
+        dict(grad_averaging=False, exclude_from_adaptation="ndim<=1", weight_decay=0.01),
+        dict(eps=0.0, eps_root=1e-12, weight_decay=0.01),
+    ],
+    ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_lamb_options(kw):
+    assert_same(fusedlars.LAMB, lr=1e-2, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes, master weights, non-finite grads, skips, inactive params
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_low_precision(dtype, master, cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    assert_same(cls, dtype=dtype, master=master, **kw)
+
+
+def _nonfinite(name, gr, step):
+    if name == "c" and step == 1:
+        gr[5] = float("inf")
+    if name == "fc.weight" and step == 1:
+        gr[0, 3] = float("nan")
+    if name == "d" and step == 2:
+        gr[-1] = float("-inf")
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_nonfinite_grads_propagate_like_reference(cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    assert_same(cls, equal_nan=True, grad_fn=lambda ps, t: make_grads(ps, t, special=_nonfinite), **kw)
+
+
+@pytestmark_ext
+def test_inactive_params_unchanged():
+    def grads(ps, t):
+        gs = make_grads(ps, t)
+        return [None if (name == "fc.weight" and t == 1) or name == "b" else g for (name, _), g in zip(ps, gs)]
+
+    oa, _ = assert_same(fusedlars.LARS, grad_fn=grads, weight_decay=1e-3)
+    b = oa.buckets()[0]
+    assert b.step.tolist()[1] == 0 and b.has_state.tolist()[1] == 0
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_grad_scaler_protocol(cls):
+    """grad_scale / found_inf as torch.amp.GradScaler passes them: unscale in the kernel, skip on inf."""
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    scale = 1024.0
+    ref, _ = run(cls, "cpu", steps=3, **kw)
+    params = make_params()
+    opt = cls(params, lr=0.1 if cls is fusedlars.LARS else 1e-2, backend="cpu", **{k: v for k, v in kw.items() if k != "lr"})
+    for t in range(3):
+        for (_, p), gr in zip(params, make_grads(params, t)):
+            p.grad = gr * scale
+        opt.param_groups[0]["lr"] = (0.1 if cls is fusedlars.LARS else 1e-2) * (1 + 0.1 * t)
+        opt.grad_scale = torch.tensor(scale)
+        opt.found_inf = torch.tensor(0.0)
+        opt.step()
+        if t == 1:  # an overflowing step in between: nothing may change
+            before = [p.detach().clone() for _, p in params]
+            b = opt.buckets()[0]
+            snap = {k: v.clone() for k, v in b.state.items()}
+            side = [x.clone() for x in (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)]
+            for _, p in params:
+                p.grad.fill_(float("inf"))
+            opt.found_inf = torch.tensor(1.0)
+            opt.step()
+            assert all(torch.equal(x, p.detach()) for x, (_, p) in zip(before, params))
+            assert all(torch.equal(snap[k], b.state[k]) for k in snap)
+            assert all(torch.equal(x, y) for x, y in zip(side, (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)))
+    for (_, a), (_, r) in zip(params, ref):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)  # scale is a power of two: near exact
+
+
+@pytestmark_ext
+def test_real_grad_scaler_cpu_autocast():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    opt = fusedlars.LARS(model.parameters(), lr=0.1, weight_decay=1e-4, backend="cpu")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert opt.backends_in_use() == ["cpu"]
+    assert opt.buckets()[0].step.tolist() == [3.0] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# determinism, state_dict
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_bitwise_deterministic_runs_and_isas(cls):
+    shapes = SHAPES + [("big", (300_001,))]
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    a, _ = run(cls, "cpu", shapes=shapes, **kw)
+    b, _ = run(cls, "cpu", shapes=shapes, **kw)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+    isa = torch.ops.fusedlars.cpu_isa("")
+    try:
+        torch.ops.fusedlars.cpu_isa("generic")
+        c, _ = run(cls, "cpu", shapes=shapes, **kw)
+    finally:
+        torch.ops.fusedlars.cpu_isa(isa)
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, c)), "generic and SIMD kernels differ"
+
+
+def _det_run():
+    out = []
+    for cls, kw in ((fusedlars.LARS, dict(weight_decay=1e-3)), (fusedlars.LAMB, dict(weight_decay=1e-2, lr=1e-2))):
+        ps, opt = run(cls, "cpu", steps=2, shapes=SHAPES + [("big", (300_001,))], **kw)
+        b = opt.buckets()[0]
+        out += [p.detach() for _, p in ps] + [b.w_norm, b.g_norm, b.u_norm, *b.state.values()]
+    return out
+
+
+_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_cpu_backend import _det_run
+    torch.save(_det_run(), {path!r})
+    """
+)
+
+
+@pytestmark_ext
+def test_bitwise_same_for_1_and_2_threads_and_any_grouping(tmp_path):
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _det_run()
+        torch.set_num_threads(2)
+        two = _det_run()
+    finally:
+        torch.set_num_threads(n)
+    assert all(torch.equal(x, y) for x, y in zip(one, two)), "1 and 2 threads differ"
+    # many small cache groups (the group budget is read once per process: use a child)
+    path = str(tmp_path / "grouped.pt")
+    env = dict(os.environ, FUSEDLARS_CPU_GROUP_BYTES="4096")
+    code = _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), path=path)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    grouped = torch.load(path)
+    assert all(torch.equal(x, y) for x, y in zip(two, grouped)), "grouping changed the results"
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_state_dict_round_trip_mid_run(cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2)
+    lr = 0.1 if cls is fusedlars.LARS else 1e-2
+    full, _ = run(cls, "cpu", steps=4, lr=lr, **kw)
+    params = make_params()
+    opt = cls(params, lr=lr, backend="cpu", **kw)
+
+    def step(o, ps, t):
+        for (_, p), gr in zip(ps, make_grads(ps, t)):
+            p.grad = gr
+        o.param_groups[0]["lr"] = lr * (1 + 0.1 * t)
+        o.step()
+
+    for t in range(2):
+        step(opt, params, t)
+    sd = opt.state_dict()
+    params2 = [(n, p.detach().clone().requires_grad_()) for n, p in params]
+    opt2 = cls(params2, lr=lr, backend="cpu", **kw)
+    opt2.load_state_dict(sd)
+    for t in range(2, 4):
+        step(opt2, params2, t)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(full, params2))
+
+
+# ---------------------------------------------------------------------------------------------
+# backend selection, ops
+
+
+@pytestmark_ext
+def test_auto_picks_cpu_and_falls_back_for_fp64():
+    ps = make_params(torch.float32)
+    opt = fusedlars.LARS(ps, lr=0.1)
+    for _, p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert opt.backends_in_use() == ["cpu"]
+    mod = kernels.get("cpu")
+    p64 = [torch.zeros(3, dtype=torch.float64, requires_grad=True)]
+    opt64 = fusedlars.LARS(p64, lr=0.1)
+    p64[0].grad = torch.ones(3, dtype=torch.float64)
+    opt64.step()
+    assert opt64.backends_in_use() == ["torch"]
+    assert "float64" in mod.supports("LARS", None, opt64.buckets()[0])
+    with pytest.raises(RuntimeError, match="does not fuse"):
+        o = fusedlars.LARS([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1, backend="cpu")
+        o.param_groups[0]["params"][0].grad = torch.ones(3, dtype=torch.float64)
+        o.step()
+
+
+@pytestmark_ext
+def test_grad_sumsq_matches_reference():
+    params, opt = run(fusedlars.LAMB, "cpu", steps=1, lr=1e-2)
+    b = opt.buckets()[0]
+    cfg = type("C", (), {"inv_scale": torch.tensor(0.5)})()
+    got = kernels.get("cpu").grad_sumsq(b, cfg)
+    want = kernels.get("reference").grad_sumsq(b, cfg)
+    assert got.dtype == torch.float64 and got.dim() == 0
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("op", ["lars", "lamb", "sumsq"])
+def test_opcheck(op):
+    from fusedlars.kernels.cpu import _lr
+
+    kind = fusedlars.LARS if op == "lars" else fusedlars.LAMB
+    _, opt = run(kind, "cpu", steps=1, shapes=SHAPES[:4], lr=1e-2)
+    b = opt.buckets()[0]
+    segs = (b.seg_offset, b.seg_numel, b.wd_mask, b.adapt_mask, b.active, b.has_state, b.step,
+            b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)  # fmt: skip
+    lr = _lr(1e-2)
+    if op == "lars":
+        args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *segs, lr, torch.tensor(0.5), torch.tensor(0.0),
+                [0.9, 0.0, 1e-4, 1e-3, 1e-8, 0.0, float("inf"), 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0],
+                [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])  # fmt: skip
+        torch.library.opcheck(torch.ops.fusedlars.lars_step_cpu.default, args)
+    elif op == "lamb":
+        args = (b.flat_param, b.flat_grad, None, b.state["exp_avg"], b.state["exp_avg_sq"], *segs, lr, None, None,
+                torch.tensor(2.0), [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, float("inf"), 0.0],
+                [0, 0, 0, 1, 0, 0])  # fmt: skip
+        torch.library.opcheck(torch.ops.fusedlars.lamb_step_cpu.default, args)
+    else:
+        args = (b.flat_grad, b.seg_offset, b.seg_numel, b.active, torch.tensor(0.5))
+        torch.library.opcheck(torch.ops.fusedlars.grad_sumsq_cpu.default, args)

@@ -1,0 +1,349 @@
+"""The Triton backend against backend="reference" (float64, the spec).
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (tests/conftest.py
+sets TRITON_INTERPRET=1 before fusedlars is imported). The interpreter costs ~1 ms per
+program, so the tiles here are small (TILE=1024, inner BLOCK=512, RBLOCK=4: the 4097-element
+layer spans 5 tiles, 2 reduction chunks and 2 inner iterations) and the tensors few.
+
+Tolerances: fp32 rtol 2e-5 (fp32 arithmetic vs float64); fp16 / bf16 params one ulp of
+their dtype after one step (the reference rounds float64 to nearest, the kernel rounds
+fp32, and the interpreter truncates bf16 stores instead of rounding them); master
+weights and optimizer state (fp32) at the fp32 tolerance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fusedlars
+from fusedlars import kernels
+from fusedlars.kernels import triton as tb
+
+pytestmark = [
+    pytest.mark.skipif(not tb.available()[0], reason=f"triton backend unavailable: {tb.available()[1]}"),
+    # 0/0 inside a tl.where branch that is not selected (zero-norm guards), as in the torch backend
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+# (shape, kind): kind 'rand' | 'zero_w' (zero weight) | 'zero_g' (zero grad) | 'none_g' (no grad)
+SPECS = [
+    ((1,), "rand"),
+    ((3,), "rand"),
+    ((4097,), "rand"),
+    ((0,), "rand"),
+    ((17, 33), "rand"),
+    ((6, 4), "zero_w"),
+    ((3, 5), "zero_g"),
+]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(tb, "TILE", 1024)
+    monkeypatch.setattr(tb, "BLOCK", 512)
+    monkeypatch.setattr(tb, "RBLOCK", 4)
+    monkeypatch.setattr(tb, "SBLOCK", 8)
+
+
+def make_params(dtype, specs=SPECS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for shape, kind in specs:
+        w = torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
+        if kind == "zero_w":
+            w.zero_()
+        out.append((f"p{len(out)}_{kind}", torch.nn.Parameter(w.to(dtype))))
+    return out
+
+
+def set_grads(named, specs, step, scale=1.0, dtype=None):
+    g = torch.Generator().manual_seed(1000 + step)
+    for (name, p), (shape, kind) in zip(named, specs):
+        x = torch.randn(shape, generator=g, dtype=torch.float64) * (0.1 + 0.4 * (step % 2))
+        if kind == "zero_g":
+            x.zero_()
+        p.grad = None if kind == "none_g" else (x * scale).to(p.dtype)
+
+
+def run(kind, backend, dtype, steps, specs=SPECS, groups=None, master=False, scaler=None, **opts):
+    named = make_params(dtype, specs)
+    params = [p for _, p in named]
+    if groups is None:
+        pg = [{"params": named}]
+    else:
+        pg = [{"params": [named[i] for i in idx], **extra} for idx, extra in groups]
+    cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
+    opts = {"lr": 0.1, **opts}
+    opt = cls(pg, backend=backend, master_weights=master, **opts)
+    for k in range(steps):
+        if scaler is None:
+            set_grads(named, specs, k)
+        else:
+            s, found = scaler
+            set_grads(named, specs, k, scale=s)
+            opt.grad_scale = torch.tensor(s)
+            opt.found_inf = torch.tensor([found])
+        for gi, group in enumerate(opt.param_groups):
+            group["lr"] = opts.get("lr", 0.1) * (1.0 + 0.25 * k)  # a scheduler changing lr each step
+        opt.step()
+        if scaler is not None:
+            del opt.grad_scale, opt.found_inf
+    return params, opt
+
+
+def ulp_diff(a, b):
+    """Distance in units of the last place for fp16/bf16 tensors (same-sign values)."""
+    ai = a.view(torch.int16).to(torch.int32)
+    bi = b.view(torch.int16).to(torch.int32)
+    same = torch.sign(a.float()) * torch.sign(b.float()) >= 0
+    d = (ai - bi).abs()
+    return torch.where(same | (a == b), d, torch.full_like(d, 1 << 20))
+
+
+def close(a, b, dtype, what, max_ulp=1):
+    assert a.shape == b.shape, what
+    if a.numel() == 0:
+        return
+    if dtype in (torch.float16, torch.bfloat16) and a.dtype == dtype:
+        d = ulp_diff(a, b).max().item()
+        assert d <= max_ulp, f"{what}: {d} ulp apart\n{a}\n{b}"
+    else:
+        fin = b[torch.isfinite(b)]
+        scale = max(fin.abs().max().item() if fin.numel() else 0.0, 1e-3)
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6 * scale, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def compare(kind, dtype, steps, **kw):
+    p_ref, o_ref = run(kind, "reference", dtype, steps, **kw)
+    p_tri, o_tri = run(kind, "triton", dtype, steps, **kw)
+    assert o_tri.backends_in_use() and set(o_tri.backends_in_use()) == {"triton"}
+    for i, (a, b) in enumerate(zip(p_tri, p_ref)):
+        close(a.detach(), b.detach(), dtype, f"param {i}")
+    for bt, br in zip(o_tri.buckets(), o_ref.buckets()):
+        for name in bt.state:
+            close(bt.state[name], br.state[name], torch.float32, f"state {name}")
+        if bt.flat_master is not None:
+            close(bt.flat_master, br.flat_master, torch.float32, "master")
+        for attr in ("w_norm", "g_norm", "u_norm", "trust_ratio", "has_state", "step"):
+            close(getattr(bt, attr), getattr(br, attr), torch.float32, attr)
+    return o_tri
+
+
+# ------------------------------------------------------------------------------------------
+# backend contract
+# ------------------------------------------------------------------------------------------
+def test_available_says_interpreter_or_cuda():
+    ok, why = tb.available()
+    assert ok
+    assert ("interpreter" in why) or ("CUDA" in why)
+    assert kernels.status("triton")[0]
+
+
+def test_supports_reasons(monkeypatch):
+    (_, p), = make_params(torch.float64, [((4,), "rand")])
+    b = fusedlars.buckets.Bucket([p.detach()], [None], state_names=(), master_weights=False,
+                                 wd_excluded=[False], adapt_excluded=[False])
+    assert "float64" in tb.supports("LARS", None, b)
+    (_, p), = make_params(torch.float32, [((4,), "rand")])
+    b = fusedlars.buckets.Bucket([p.detach()], [None], state_names=(), master_weights=False,
+                                 wd_excluded=[False], adapt_excluded=[False])
+    assert tb.supports("LARS", None, b) is None
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(tb.K, "INTERPRET", False)
+        assert not tb.available()[0]
+        assert "TRITON_INTERPRET" in tb.supports("LARS", None, b)
+
+
+# ------------------------------------------------------------------------------------------
+# LARS
+# ------------------------------------------------------------------------------------------
+LARS_CASES = {
+    "default": dict(weight_decay=1e-3),
+    "barlowtwins": dict(preset="barlowtwins", weight_decay=1e-3),
+    "tvlars_official": dict(preset="tvlars_official"),
+    "apex_larc_clip": dict(preset="apex_larc_clip", weight_decay=1e-3),
+    "optax_classic": dict(preset="optax", weight_decay=1e-3),
+    "paper_nesterov": dict(preset="paper", weight_decay=1e-3, nesterov=True),
+    "pytorch_optimizer": dict(preset="pytorch_optimizer", weight_decay=1e-3),
+    "torch_nesterov_maximize": dict(weight_decay=1e-3, nesterov=True, maximize=True),
+    "dampening_clone": dict(weight_decay=1e-3, dampening=0.3),
+    "decoupled_skip_lambc": dict(
+        weight_decay=1e-2, weight_decay_mode="decoupled", zero_norm="skip", trust_clip="lambc"
+    ),
+    "ratio_only_range_grad_only": dict(weight_decay=1e-2, weight_decay_mode="ratio_only", trust_clip=("range", 0.5, 2.0)),
+    "grad_only_no_momentum": dict(weight_decay=1e-2, denominator="grad_only", momentum=0.0, zero_norm_check="denominator"),
+    "tv_gate_clamp": dict(weight_decay=1e-3, tv={"lmbda": 0.5, "alpha": 0.1, "shift": 0.0, "gamma_min": 0.01, "gate": 1},
+                          norm_clamp=(0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LARS_CASES))
+def test_lars_fp32(case):
+    compare("LARS", torch.float32, 3, **LARS_CASES[case])
+
+
+def test_lars_timm_wd0_group():
+    groups = [([0, 2, 4, 5], {}), ([1, 3, 6], {"weight_decay": 0.0})]
+    o = compare("LARS", torch.float32, 3, groups=groups, preset="timm", weight_decay=1e-3)
+    # the wd=0 group is not adapted (timm): ratio 1 everywhere
+    assert torch.all(o.buckets()[1].trust_ratio == 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["default", "tvlars_official", "apex_larc_clip"])
+def test_lars_half_one_step(dtype, case):
+    compare("LARS", dtype, 1, **LARS_CASES[case])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lars_master_weights(dtype):
+    compare("LARS", dtype, 3, master=True, **LARS_CASES["barlowtwins"])
+
+
+def test_lars_inactive_segment_unchanged():
+    specs = SPECS + [((5, 2), "none_g")]
+    o = compare("LARS", torch.float32, 2, specs=specs, weight_decay=1e-3)
+    b = o.buckets()[0]
+    assert b.step[-1].item() == 0 and b.has_state[-1].item() == 0
+    assert torch.equal(b.param_views[-1], make_params(torch.float32, specs)[-1][1].detach())
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_lars_nonfinite_grads_match_reference(bad):
+    # no GradScaler: the non-finite values flow through exactly as in the reference
+    outs = {}
+    for be in ("reference", "triton"):
+        named = make_params(torch.float32)
+        opt = fusedlars.LARS([p for _, p in named], lr=0.1, weight_decay=1e-3, backend=be)
+        set_grads(named, SPECS, 0)
+        named[2][1].grad[7] = bad
+        opt.step()
+        outs[be] = [p.detach().clone() for _, p in named], opt.buckets()[0]
+    for a, b in zip(outs["triton"][0], outs["reference"][0]):
+        close(a, b, torch.float32, "param")
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+
+
+def test_lars_gradscaler_skip_and_unscale():
+    # found_inf = 1: nothing changes at all (bitwise), step counters included
+    params, opt = run("LARS", "triton", torch.float32, 1, scaler=(1024.0, 1.0), weight_decay=1e-3)
+    fresh = [p.detach() for _, p in make_params(torch.float32)]
+    for a, b in zip(params, fresh):
+        assert torch.equal(a.detach(), b)
+    b = opt.buckets()[0]
+    assert torch.all(b.step == 0) and torch.all(b.has_state == 0)
+    assert torch.all(b.state["momentum_buffer"] == 0)
+    # found_inf = 0: grads are unscaled inside the step
+    compare("LARS", torch.float32, 2, scaler=(1024.0, 0.0), weight_decay=1e-3)
+
+
+def test_lars_bitwise_deterministic():
+    p1, o1 = run("LARS", "triton", torch.float32, 2, weight_decay=1e-3)
+    p2, o2 = run("LARS", "triton", torch.float32, 2, weight_decay=1e-3)
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)
+    for x, y in zip(o1.buckets(), o2.buckets()):
+        assert torch.equal(x.trust_ratio, y.trust_ratio) and torch.equal(x.state["momentum_buffer"], y.state["momentum_buffer"])
+
+
+# ------------------------------------------------------------------------------------------
+# LAMB
+# ------------------------------------------------------------------------------------------
+LAMB_CASES = {
+    "default": dict(weight_decay=1e-2, lr=1e-2),
+    "apex_global_clip": dict(preset="apex", weight_decay=1e-2, lr=1e-2),
+    "cybertron": dict(preset="cybertron", weight_decay=1e-2, lr=1e-2),
+    "pytorch_optimizer": dict(preset="pytorch_optimizer", weight_decay=1e-2, lr=1e-2),
+    "deepspeed_range": dict(preset="deepspeed", weight_decay=1e-2, lr=1e-2),
+    "l2_lambc_maximize_eps_root": dict(
+        weight_decay=1e-2, lr=1e-2, weight_decay_mode="l2", trust_clip="lambc", maximize=True, eps_root=1e-12
+    ),
+    "adam_no_averaging": dict(weight_decay=1e-2, lr=1e-2, adam=True, grad_averaging=False),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAMB_CASES))
+def test_lamb_fp32(case):
+    compare("LAMB", torch.float32, 3, **LAMB_CASES[case])
+
+
+def test_lamb_apex_clip_binds():
+    # grads ~ N(0, 0.5^2) over ~5000 entries: ||G|| >> 1, so the global clip binds
+    o = compare("LAMB", torch.float32, 2, max_grad_norm=0.5, weight_decay=1e-2, lr=1e-2)
+    assert o.buckets()[0].g_norm.pow(2).sum().sqrt().item() <= 0.5 * 1.0001
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_lamb_half(dtype):
+    compare("LAMB", dtype, 1, **LAMB_CASES["default"])
+    compare("LAMB", dtype, 3, master=True, **LAMB_CASES["apex_global_clip"])
+
+
+def test_lamb_gradscaler_skip():
+    params, opt = run("LAMB", "triton", torch.float32, 1, scaler=(256.0, 1.0), weight_decay=1e-2, lr=1e-2)
+    for a, b in zip(params, make_params(torch.float32)):
+        assert torch.equal(a.detach(), b[1].detach())
+    assert torch.all(opt.buckets()[0].step == 0)
+    compare("LAMB", torch.float32, 2, scaler=(256.0, 0.0), preset="apex", weight_decay=1e-2, lr=1e-2)
+
+
+def test_lamb_bitwise_deterministic():
+    p1, _ = run("LAMB", "triton", torch.float32, 2, preset="apex", weight_decay=1e-2, lr=1e-2)
+    p2, _ = run("LAMB", "triton", torch.float32, 2, preset="apex", weight_decay=1e-2, lr=1e-2)
+    for a, b in zip(p1, p2):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------
+# launch budget: constant in the number of layers
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,opts,budget", [
+    ("LARS", dict(weight_decay=1e-3), 2),
+    ("LAMB", dict(weight_decay=1e-2, lr=1e-2), 3),
+    ("LAMB", dict(preset="apex", weight_decay=1e-2, lr=1e-2), 3),  # + grad_sumsq for the global clip
+])
+def test_launches_per_step(monkeypatch, kind, opts, budget):
+    monkeypatch.setattr(tb, "TILE", 4096)
+    monkeypatch.setattr(tb, "BLOCK", 4096)
+    specs = [((8, 3),  "rand") if i % 2 else ((5,), "rand") for i in range(30)]
+    named = make_params(torch.float32, specs)
+    cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
+    opt = cls([p for _, p in named], backend="triton", **{"lr": 0.1, **opts})
+    calls = []
+    real = tb._launch
+
+    def counting(kernel, grid, *a, **k):
+        calls.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, grid))
+        return real(kernel, grid, *a, **k)
+
+    monkeypatch.setattr(tb, "_launch", counting)
+    for step in range(2):
+        calls.clear()
+        set_grads(named, specs, step)
+        opt.step()
+        assert 1 < len(calls) <= budget, calls
+        if kind == "LARS":
+            assert len(calls) == 2
+
+
+def test_torch_compile_traces_the_step():
+    # the launches are torch.library ops (triton_op on GPU; an opaque custom_op with a fake in the
+    # interpreter), so a compiled backend call runs and matches eager bitwise
+    from fusedlars.optim.lars import lars_config
+
+    outs = []
+    for compiled in (False, True):
+        named = make_params(torch.float32, SPECS[:3])
+        opt = fusedlars.LARS([p for _, p in named], lr=0.1, weight_decay=1e-3, backend="triton")
+        set_grads(named, SPECS[:3], 0)
+        opt.step()  # builds the bucket
+        b = opt.buckets()[0]
+        cfg = lars_config(opt.param_groups[0])
+        fn = lambda: tb.lars_step(b, cfg)  # noqa: E731
+        (torch.compile(fn, backend="aot_eager") if compiled else fn)()
+        outs.append([p.detach().clone() for _, p in named])
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
