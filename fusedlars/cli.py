@@ -1,4 +1,4 @@
-"""Command line: ``fusedlars info | presets``."""
+"""Command line: ``fusedlars info | presets | bench``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,27 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="versions and which backends are live (and why not)")
     p_info.add_argument("--json", action="store_true")
     sub.add_parser("presets", help="list the presets, one line each")
+    from . import bench as _bench
+
+    p_bench = sub.add_parser(
+        "bench",
+        help="time fusedlars against unfused references (default: ResNet-50 shapes, LARS, fp32)",
+        description="Time one optimizer step of fusedlars and of unfused references, interleaved, "
+        "with an in-run memory-bandwidth probe; every comparison is a ratio within this run.",
+    )
+    _bench.add_arguments(p_bench)
+    from . import demo as _demo, plot as _plot
+
+    _demo.add_arguments(sub.add_parser(
+        "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"))
+    _plot.add_arguments(sub.add_parser("plot", help="plot a StatsLogger CSV: one line per layer over steps"))
     args = ap.parse_args(argv)
+    if args.cmd == "demo":
+        return _demo.main(args)
+    if args.cmd == "plot":
+        return _plot.main(args)
+    if args.cmd == "bench":
+        return _bench.main(args)
     if args.cmd == "info":
         from .info import format_info, info
 

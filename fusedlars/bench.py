@@ -1,0 +1,689 @@
+"""``fusedlars bench``: time one optimizer step of fusedlars against unfused references.
+
+Everything here is measured within one run and reported as ratios, because memory bandwidth
+drifts between runs (30-50% on shared machines): the variants' timed steps are interleaved
+round-robin (the starting variant rotates every round) so that drift hits them all equally,
+and an in-run bandwidth probe (the in-place triad ``a.add_(b, alpha=s)``, 12 B/elem, over as
+many elements as there are parameters) is timed in the same rounds. Nothing is compared with a
+stored absolute time.
+
+Variants, for ``--optimizer lars`` (and ``tvlars``, which has the same references):
+
+* ``fusedlars[<backend>]``: :class:`fusedlars.LARS` / :class:`fusedlars.TVLARS` /
+  :class:`fusedlars.LAMB` on each requested backend;
+* ``per_param_lars``: a per-parameter Python loop in plain PyTorch (same math as
+  ``bench/baselines.py``: ``r = eta*||w||/(||g|| + wd*||w|| + eps)``, SGD momentum);
+* ``foreach_lars``: the same with ``torch._foreach_*`` over the whole list;
+* ``pytorch_optimizer.LARS`` / ``pytorch_optimizer.Lamb`` (``foreach=False``) when installed;
+* the floor: ``torch.optim.SGD(momentum=0.9, fused=True)`` for LARS/TVLARS,
+  ``torch.optim.AdamW(fused=True)`` for LAMB (one fused pass, no trust ratio).
+
+Achieved GB/s uses a bytes-per-parameter model at fp32 (scaled by the element size for other
+dtypes): LARS 28 B/param (pass 1 reads w, g for the norms; pass 2 reads w, g, b and writes w, b),
+SGD 20, AdamW 36, LAMB 40 (two passes), triad 12 B/elem.
+
+The engine is importable from the installed package (it does not use the repository's
+``bench/`` folder); :func:`run` returns the JSON-able result that ``--json`` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import kernels
+from ._version import __version__
+from .shapes import SHAPE_SETS, count_params, make_params
+
+# bytes moved per parameter by one step, fp32 (scaled by element size / 4 for other dtypes)
+BYTES_PER_PARAM = {"lars": 28, "sgd": 20, "adamw": 36, "lamb": 40, "triad": 12}
+
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
+
+HYPER = {
+    "lars": dict(lr=0.1, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-8),
+    "tvlars": dict(lr=0.1, momentum=0.9, weight_decay=5e-4, trust_coefficient=1e-3, eps=1e-8),
+    "lamb": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01),
+}
+
+# "reference" is float64, one tensor at a time: only benchmarked on sets this small (or by name)
+REFERENCE_MAX_PARAMS = 100_000
+
+
+# ---------------------------------------------------------------------------------------------
+# unfused LARS references (same math as bench/baselines.py, duplicated so the installed package
+# does not depend on the repository's bench/ folder; tests/test_bench_cli.py checks they agree)
+
+
+def _trust_ratio(w_norm, g_norm, *, eta, weight_decay, eps):
+    ratio = eta * w_norm / (g_norm + weight_decay * w_norm + eps)
+    return torch.where((w_norm > 0) & (g_norm > 0), ratio, torch.ones_like(ratio))
+
+
+class _LARSRef(torch.optim.Optimizer):
+    """LARS with SGD momentum (lr outside the buffer), every tensor adapted, zero-init buffer."""
+
+    foreach = False
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=1e-3, eps=1e-8):
+        super().__init__(
+            params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps)
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            gs = [p.grad for p in ps]
+            bs = []
+            for p in ps:
+                st = self.state[p]
+                if "momentum_buffer" not in st:
+                    st["momentum_buffer"] = torch.zeros_like(p)
+                bs.append(st["momentum_buffer"])
+            if ps:
+                (foreach_lars_ if self.foreach else per_param_lars_)(
+                    ps, gs, bs, lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"],
+                    trust_coefficient=group["trust_coefficient"], eps=group["eps"],
+                )  # fmt: skip
+
+
+@torch.no_grad()
+def per_param_lars_(params, grads, bufs, *, lr, momentum, weight_decay, trust_coefficient, eps):
+    for w, g, b in zip(params, grads, bufs):
+        r = _trust_ratio(
+            torch.linalg.vector_norm(w), torch.linalg.vector_norm(g), eta=trust_coefficient, weight_decay=weight_decay, eps=eps
+        )
+        d = torch.add(g, w, alpha=weight_decay).mul_(r) if weight_decay != 0 else torch.mul(g, r)
+        if momentum != 0:
+            b.mul_(momentum).add_(d)
+            d = b
+        w.add_(d, alpha=-lr)
+
+
+@torch.no_grad()
+def foreach_lars_(params, grads, bufs, *, lr, momentum, weight_decay, trust_coefficient, eps):
+    w_norms = torch.stack(torch._foreach_norm(params))
+    g_norms = torch.stack(torch._foreach_norm(grads))
+    ratios = _trust_ratio(w_norms, g_norms, eta=trust_coefficient, weight_decay=weight_decay, eps=eps)
+    ratio_list = list(ratios.to(params[0].dtype).unbind(0))
+    if weight_decay != 0:
+        d = torch._foreach_add(grads, params, alpha=weight_decay)
+        torch._foreach_mul_(d, ratio_list)
+    else:
+        d = torch._foreach_mul(grads, ratio_list)
+    if momentum != 0:
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, d)
+        d = bufs
+    torch._foreach_add_(params, d, alpha=-lr)
+
+
+class PerParamLARS(_LARSRef):
+    foreach = False
+
+
+class ForeachLARS(_LARSRef):
+    foreach = True
+
+
+# ---------------------------------------------------------------------------------------------
+# variants
+
+
+@dataclass
+class Variant:
+    name: str  # unique key in the results
+    kind: str  # "fusedlars" | "reference" | "floor" | "probe"
+    algo: str  # key of BYTES_PER_PARAM
+    make: Callable[[list[torch.Tensor]], Any]  # params -> optimizer (or a step callable)
+    note: str = ""
+    times: list[float] = field(default_factory=list)
+    step: Callable[[], Any] | None = None
+
+
+def _pytorch_optimizer():
+    try:
+        import pytorch_optimizer
+
+        return pytorch_optimizer
+    except Exception:  # not installed (or broken): those references are skipped with the reason
+        return None
+
+
+def fused_backends(spec: str, device: torch.device, n_params: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Backends named by ``spec`` ("auto", "all" or a comma list), and (name, reason) skipped."""
+    skipped: list[tuple[str, str]] = []
+
+    def usable(name: str, explicit: bool) -> bool:
+        ok, why = kernels.status(name)
+        if not ok:
+            skipped.append((f"fusedlars[{name}]", why))
+            return False
+        if name == "triton" and device.type != "cuda":
+            skipped.append((f"fusedlars[{name}]", "Triton on CPU runs in the interpreter: not a benchmark"))
+            return False
+        if name == "cuda" and device.type != "cuda":
+            skipped.append((f"fusedlars[{name}]", "needs a CUDA device (--device cuda)"))
+            return False
+        if name == "cpu" and device.type != "cpu":
+            skipped.append((f"fusedlars[{name}]", "needs CPU tensors (--device cpu)"))
+            return False
+        if name == "reference" and not explicit and n_params > REFERENCE_MAX_PARAMS:
+            skipped.append((f"fusedlars[{name}]", "float64 one tensor at a time: too slow (name it in --backend to force)"))
+            return False
+        return True
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        for name in kernels.auto_order(device.type):
+            if name == "triton" and device.type != "cuda":
+                continue
+            if kernels.status(name)[0]:
+                return [name], []
+        return ["torch"], []
+    if spec == "all":
+        return [b for b in kernels.BACKENDS if usable(b, explicit=False)], skipped
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    for n in names:
+        if n not in kernels.BACKENDS:
+            raise ValueError(f"unknown backend {n!r}; choose from {kernels.BACKENDS}, 'auto' or 'all'")
+    return [n for n in names if usable(n, explicit=True)], skipped
+
+
+def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """The fusedlars variants plus the references for ``optimizer`` ("lars" | "tvlars" | "lamb")."""
+    import fusedlars
+
+    h = HYPER[optimizer]
+    out: list[Variant] = []
+    skipped: list[tuple[str, str]] = []
+    po = _pytorch_optimizer()
+    if optimizer in ("lars", "tvlars"):
+        cls = fusedlars.LARS if optimizer == "lars" else fusedlars.TVLARS
+        kw = dict(lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"])
+        if optimizer == "lars":
+            kw.update(trust_coefficient=h["trust_coefficient"], eps=h["eps"])
+        for b in backends:
+            out.append(Variant(f"fusedlars[{b}]", "fusedlars", "lars", lambda p, b=b: cls(p, backend=b, **kw), cls.__name__))
+        lk = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")}
+        out.append(Variant("per_param_lars", "reference", "lars", lambda p: PerParamLARS(p, **lk), "Python loop, plain PyTorch"))
+        out.append(Variant("foreach_lars", "reference", "lars", lambda p: ForeachLARS(p, **lk), "torch._foreach_*"))
+        if po is not None:
+            out.append(
+                Variant(
+                    "pytorch_optimizer.LARS",
+                    "reference",
+                    "lars",
+                    lambda p: po.LARS(p, lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"],
+                                      trust_coefficient=h["trust_coefficient"], foreach=False),  # fmt: skip
+                    f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach=False",
+                )
+            )
+        else:
+            skipped.append(("pytorch_optimizer.LARS", "pytorch_optimizer is not installed"))
+        out.append(
+            Variant(
+                "torch.SGD(fused)",
+                "floor",
+                "sgd",
+                lambda p: torch.optim.SGD(p, lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"], fused=True),
+                "momentum 0.9, fused=True: no trust ratio",
+            )
+        )
+    elif optimizer == "lamb":
+        for b in backends:
+            out.append(
+                Variant(
+                    f"fusedlars[{b}]",
+                    "fusedlars",
+                    "lamb",
+                    lambda p, b=b: fusedlars.LAMB(p, lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                                                  weight_decay=h["weight_decay"], backend=b),  # fmt: skip
+                    "LAMB",
+                )
+            )
+        if po is not None:
+            out.append(
+                Variant(
+                    "pytorch_optimizer.Lamb",
+                    "reference",
+                    "lamb",
+                    lambda p: po.Lamb(p, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"],
+                                      foreach=False),  # fmt: skip
+                    f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach=False",
+                )
+            )
+        else:
+            skipped.append(("pytorch_optimizer.Lamb", "pytorch_optimizer is not installed"))
+        out.append(
+            Variant(
+                "torch.AdamW(fused)",
+                "floor",
+                "adamw",
+                lambda p: torch.optim.AdamW(p, lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                                            weight_decay=h["weight_decay"], fused=True),  # fmt: skip
+                "fused=True: no trust ratio",
+            )
+        )
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose lars, tvlars or lamb")
+    return out, skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# machine description
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return "CPU"
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class _Progress:
+    """rich progress bar, else tqdm, else nothing (on stderr)."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self._rich = self._tqdm = None
+        if not enabled:
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._rich = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )  # fmt: skip
+            self._rich.start()
+            self._task = self._rich.add_task("bench", total=total)
+        except Exception:
+            try:
+                from tqdm import tqdm
+
+                self._tqdm = tqdm(total=total, file=sys.stderr, leave=False)
+            except Exception:
+                pass
+
+    def update(self, desc: str) -> None:
+        if self._rich is not None:
+            self._rich.update(self._task, advance=1, description=desc)
+        elif self._tqdm is not None:
+            self._tqdm.set_description(desc, refresh=False)
+            self._tqdm.update(1)
+
+    def close(self) -> None:
+        if self._rich is not None:
+            self._rich.stop()
+        elif self._tqdm is not None:
+            self._tqdm.close()
+
+
+def _stats(times_s: list[float]) -> dict[str, float]:
+    ms = sorted(t * 1e3 for t in times_s)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    return dict(median_ms=statistics.median(ms), q1_ms=q1, q3_ms=q3, iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1])
+
+
+def _estimate_bytes(variants: list[Variant], n: int, elem: int) -> int:
+    # params + grads (own copy for references, which may modify grads in place; fusedlars copies
+    # the shared grads into its flat bucket) + state buffers, per variant; + shared grads + probe
+    per = {"lars": 3, "sgd": 3, "adamw": 4, "lamb": 4}
+    return n * elem * (sum(per[v.algo] for v in variants) + 2)
+
+
+def run(
+    shapes: str = "resnet50",
+    optimizer: str = "lars",
+    dtype: str = "fp32",
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    steps: int = 100,
+    warmup: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+    only: list[str] | None = None,
+    time_limit: float | None = 90.0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Benchmark and return the results (the ``--json`` document)."""
+    t_run0 = time.perf_counter()
+    log = log or (lambda s: print(s, file=sys.stderr))
+    if shapes not in SHAPE_SETS:
+        raise ValueError(f"unknown shape set {shapes!r}; choose from {sorted(SHAPE_SETS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if steps < 1 or warmup < 0:
+        raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device is visible")
+    tdtype = DTYPES[dtype]
+    elem = torch.empty((), dtype=tdtype).element_size()
+    shp = SHAPE_SETS[shapes]()
+    n = count_params(shp)
+
+    backends, skipped = fused_backends(backend, dev, n)
+    variants, skipped2 = build_variants(optimizer, backends)
+    skipped += skipped2
+
+    from .shapes import _available_bytes
+
+    sel = [v for v in variants if not only or any(o in v.name for o in only)]
+    need, free = _estimate_bytes(sel, n, elem), _available_bytes(dev)
+    if free is not None and need > 0.85 * free:
+        raise MemoryError(
+            f"{shapes} with {len(sel)} variants needs about {need / 2**30:.1f} GiB ({dtype}) but "
+            f"{free / 2**30:.1f} GiB is free; use a smaller shape set, or fewer variants (--only)"
+        )
+
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    params0, grads0 = make_params(shp, dtype=tdtype, device=dev, seed=seed, scale=0.1, attach_grads=False)
+    # the gradients, as views of one flat buffer (which the bandwidth probe reads as its b)
+    b = torch.empty(n, dtype=tdtype, device=dev)
+    grads, off = [], 0
+    for g in grads0:
+        grads.append(b[off : off + g.numel()].view_as(g).copy_(g))
+        off += g.numel()
+    del grads0
+
+    live: list[Variant] = []
+    for v in variants:
+        if only and not any(o in v.name for o in only):
+            skipped.append((v.name, "not selected by --only"))
+            continue
+        ps = [p.clone() for p in params0]
+        for p, g in zip(ps, grads):
+            # fusedlars copies p.grad into its flat bucket and never writes the original; other
+            # optimizers may modify grads in place (pytorch_optimizer.LARS does), so they get a copy
+            p.grad = g if v.kind == "fusedlars" else g.clone()
+        try:
+            opt = v.make(ps)
+            opt.step()  # first step: state allocation, bucket building; also catches unsupported dtypes
+            sync()
+        except Exception as e:
+            skipped.append((v.name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            continue
+        v.step = opt.step
+        v._opt = opt  # keep alive
+        if v.kind == "fusedlars" and hasattr(opt, "backends_in_use"):
+            used = sorted(set(opt.backends_in_use()))
+            v.note += f" (buckets ran on: {', '.join(used)})"
+        live.append(v)
+    del params0
+    if not live:
+        raise RuntimeError(f"no variant could run: {skipped}")
+    a = torch.zeros(n, dtype=tdtype, device=dev)
+    probe = Variant("triad probe", "probe", "triad", lambda _: None, "a.add_(b, alpha=s) in place")
+    sign = [1.0]
+
+    def _triad():
+        sign[0] = -sign[0]  # alternate so a stays bounded
+        a.add_(b, alpha=sign[0])
+
+    probe.step = _triad
+    order = live + [probe]
+    gc.collect()
+
+    stopped_early = False
+    min_rounds = min(steps, 5)
+    bar = _Progress((warmup + steps) * len(order), enabled=progress)
+    t_start = time.perf_counter()
+    was_gc = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(warmup):
+            for v in order:
+                v.step()
+                sync()
+                bar.update(f"warmup {v.name}")
+        t_timed = time.perf_counter()
+        for r in range(steps):
+            if time_limit and r >= min_rounds and time.perf_counter() - t_run0 > time_limit:
+                stopped_early = True  # complete rounds only: every variant has the same count
+                break
+            k = r % len(order)
+            for v in order[k:] + order[:k]:  # round-robin, rotating start: drift hits all equally
+                sync()
+                t0 = time.perf_counter()
+                v.step()
+                sync()
+                v.times.append(time.perf_counter() - t0)
+                bar.update(f"step {r + 1}/{steps} {v.name}")
+    finally:
+        if was_gc:
+            gc.enable()
+        bar.close()
+    wall = time.perf_counter() - t_start
+    timed_rounds = len(probe.times)
+    if stopped_early:
+        log(
+            f"fusedlars bench: --time-limit {time_limit:g}s reached after {timed_rounds} of {steps} rounds "
+            f"({time.perf_counter() - t_timed:.0f}s timed); the results use those rounds"
+        )
+
+    scale = elem / 4
+    p_stats = _stats(probe.times)
+    p_gbps = BYTES_PER_PARAM["triad"] * scale * n / (p_stats["median_ms"] * 1e-3) / 1e9
+    rows = []
+    for v in live:
+        st = _stats(v.times)
+        bpp = BYTES_PER_PARAM[v.algo] * scale
+        gbps = bpp * n / (st["median_ms"] * 1e-3) / 1e9
+        rows.append(
+            dict(name=v.name, kind=v.kind, algo=v.algo, note=v.note.strip(), bytes_per_param=bpp, gbps=gbps,
+                 frac_probe=gbps / p_gbps, times_ms=[t * 1e3 for t in v.times], **st)  # fmt: skip
+        )
+    med = {r["name"]: r["median_ms"] for r in rows}
+    ratios = {f["name"]: {o: med[o] / f["median_ms"] for o in med if o != f["name"]} for f in rows if f["kind"] == "fusedlars"}
+    return dict(
+        meta=dict(
+            fusedlars=__version__,
+            torch=torch.__version__,
+            python=platform.python_version(),
+            machine=cpu_model(),
+            threads=torch.get_num_threads(),
+            date=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            device=device_name(dev),
+            device_type=dev.type,
+            shapes=shapes,
+            only=only,
+            n_tensors=len(shp),
+            n_params=n,
+            optimizer=optimizer,
+            dtype={torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[tdtype],
+            steps=timed_rounds,
+            steps_requested=steps,
+            stopped_early=stopped_early,
+            time_limit_s=time_limit,
+            warmup=warmup,
+            backends=backends,
+            wall_s=wall,
+            interleaved="round-robin, start rotated every round",
+        ),
+        probe=dict(name="triad", expr="a.add_(b, alpha=s)", bytes_per_elem=BYTES_PER_PARAM["triad"] * scale,
+                   elems=n, gbps=p_gbps, times_ms=[t * 1e3 for t in probe.times], **p_stats),  # fmt: skip
+        variants=rows,
+        ratios=ratios,
+        skipped=[dict(name=s, reason=r) for s, r in skipped],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def format_table(res: dict[str, Any]) -> str:
+    m, p = res["meta"], res["probe"]
+    fused = [r for r in res["variants"] if r["kind"] == "fusedlars"]
+    lines = [
+        f"fusedlars bench: {m['optimizer'].upper()} on {m['shapes']} ({m['n_tensors']} tensors, "
+        f"{m['n_params']:,} params), {m['dtype']}, device {m['device']}",
+        f"machine: {m['machine']}, {m['threads']} threads | {m['date']} | torch {m['torch']} | fusedlars {m['fusedlars']}",
+        f"{m['steps']} timed steps per variant (+{m['warmup']} warmup), interleaved round-robin"
+        + (f" (time limit: {m['steps']} of {m['steps_requested']})" if m["stopped_early"] else "")
+        + "; "
+        f"bandwidth probe a.add_(b, alpha=s): {p['median_ms']:.3f} ms = {p['gbps']:.1f} GB/s",
+        "",
+    ]
+    head = ["variant", "ms/step", "IQR", "min-max", "GB/s", "% probe"] + [f"{f['name']} speedup" for f in fused]
+    body = []
+    for r in res["variants"]:
+        row = [
+            r["name"],
+            f"{r['median_ms']:.3f}",
+            f"{r['iqr_ms']:.3f}",
+            f"{r['min_ms']:.2f}-{r['max_ms']:.2f}",
+            f"{r['gbps']:.1f}",
+            f"{100 * r['frac_probe']:.0f}%",
+        ]
+        for f in fused:
+            row.append("1.00x" if r["name"] == f["name"] else f"{res['ratios'][f['name']][r['name']]:.2f}x")
+        body.append(row)
+    body.append(["triad probe (12 B/elem)", f"{p['median_ms']:.3f}", f"{p['iqr_ms']:.3f}",
+                 f"{p['min_ms']:.2f}-{p['max_ms']:.2f}", f"{p['gbps']:.1f}", "100%"] + [""] * len(fused))  # fmt: skip
+    w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    fmt = lambda row: "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+    lines += [fmt(head), "  ".join("-" * x for x in w)] + [fmt(r) for r in body]
+    lines.append("")
+    lines.append(
+        "ms/step: median; IQR: q3-q1. GB/s from bytes/param (fp32: LARS 28, SGD 20, AdamW 36, LAMB 40). "
+        "speedup = variant median / fusedlars median (>1: fusedlars is faster)."
+    )
+    for s in res["skipped"]:
+        lines.append(f"skipped {s['name']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def plot(res: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["variants"] + [dict(name="triad probe", kind="probe", **{k: res["probe"][k] for k in ("median_ms", "q1_ms", "q3_ms")})]
+    colors = {"fusedlars": "tab:green", "reference": "tab:blue", "floor": "tab:gray", "probe": "tab:orange"}
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    y = list(range(len(rows)))[::-1]
+    med = [r["median_ms"] for r in rows]
+    err = [[r["median_ms"] - r["q1_ms"] for r in rows], [r["q3_ms"] - r["median_ms"] for r in rows]]
+    ax.barh(y, med, xerr=err, color=[colors.get(r["kind"], "tab:purple") for r in rows], capsize=3)
+    ax.set_yticks(y, [r["name"] for r in rows])
+    for yi, r in zip(y, rows):
+        ax.text(r["q3_ms"], yi, f"  {r['median_ms']:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, 1.15 * max(r["q3_ms"] for r in rows))
+    m = res["meta"]
+    ax.set_xlabel("ms / step (median, IQR bars)")
+    ax.set_title(f"{m['optimizer'].upper()} {m['shapes']} {m['dtype']} | {m['machine']}, {m['threads']} thr, {m['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--shapes", default="resnet50", choices=sorted(SHAPE_SETS), help="shape set (default resnet50)")
+    ap.add_argument("--optimizer", default="lars", choices=("lars", "tvlars", "lamb"))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument(
+        "--backend",
+        default="auto",
+        help="fusedlars backend(s): 'auto' (the best available, default), 'all', or a comma list of "
+        + ", ".join(kernels.BACKENDS),
+    )
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument("--steps", type=int, default=100, help="timed steps per variant (default 100)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first (default 5)")
+    ap.add_argument(
+        "--time-limit",
+        type=float,
+        default=90.0,
+        metavar="S",
+        help="stop timing after the round that passes S seconds since the start (setup included; default 90, "
+        "0: none); at least 5 rounds are always timed",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", metavar="PATH", help="write all results (every timing) as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of ms/step (needs matplotlib)")
+    ap.add_argument(
+        "--only",
+        metavar="NAMES",
+        help="comma list: run only the variants whose name contains one of these (e.g. fusedlars,SGD)",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        res = _run_args(args)
+    except (ValueError, RuntimeError, MemoryError) as e:
+        print(f"fusedlars bench: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    if args.plot:
+        plot(res, args.plot)
+    return 0
+
+
+def _run_args(args: argparse.Namespace) -> dict[str, Any]:
+    return run(
+        shapes=args.shapes,
+        optimizer=args.optimizer,
+        dtype=args.dtype,
+        backend=args.backend,
+        device=args.device,
+        threads=args.threads,
+        steps=args.steps,
+        warmup=args.warmup,
+        seed=args.seed,
+        time_limit=args.time_limit,
+        progress=not args.no_progress and os.environ.get("FUSEDLARS_NO_PROGRESS") is None,
+        only=[o.strip() for o in args.only.split(",") if o.strip()] if args.only else None,
+    )

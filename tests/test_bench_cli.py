@@ -1,0 +1,101 @@
+"""``fusedlars bench`` end to end on the tiny shape set (fast), and the engine's references."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fusedlars import bench, kernels
+from fusedlars.shapes import make_params, tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _expected_variants() -> set[str]:
+    backends, _ = bench.fused_backends("auto", torch.device("cpu"), 3438)
+    names = {f"fusedlars[{b}]" for b in backends}
+    names |= {"per_param_lars", "foreach_lars", "torch.SGD(fused)"}
+    if bench._pytorch_optimizer() is not None:
+        names.add("pytorch_optimizer.LARS")
+    return names
+
+
+def test_bench_cli_tiny(tmp_path):
+    out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
+    env = dict(os.environ, FUSEDLARS_NO_PROGRESS="1", MPLBACKEND="Agg")
+    cmd = [sys.executable, "-m", "fusedlars", "bench", "--shapes", "tiny", "--steps", "3", "--warmup", "1",
+           "--json", str(out_json), "--plot", str(out_png)]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ms/step" in proc.stdout and "CPU" in proc.stdout and "triad probe" in proc.stdout
+
+    res = json.loads(out_json.read_text())
+    meta = res["meta"]
+    assert meta["shapes"] == "tiny" and meta["optimizer"] == "lars" and meta["device"] == "CPU"
+    assert meta["n_params"] == 3438 and meta["threads"] >= 1 and meta["machine"] and meta["date"]
+    rows = {r["name"]: r for r in res["variants"]}
+    assert set(rows) == _expected_variants(), res["skipped"]
+    for r in rows.values():
+        assert len(r["times_ms"]) == 3
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["frac_probe"] > 0
+        assert r["min_ms"] <= r["q1_ms"] <= r["median_ms"] <= r["q3_ms"] <= r["max_ms"]
+    assert res["probe"]["median_ms"] > 0 and res["probe"]["gbps"] > 0
+
+    fused = [n for n, r in rows.items() if r["kind"] == "fusedlars"]
+    assert len(fused) == 1 and set(res["ratios"]) == set(fused)
+    for f in fused:
+        others = res["ratios"][f]
+        assert set(others) == set(rows) - {f}
+        for o, ratio in others.items():
+            assert ratio == pytest.approx(rows[o]["median_ms"] / rows[f]["median_ms"], rel=1e-9)
+    # GB/s follows the bytes-per-parameter model
+    for r in rows.values():
+        want = bench.BYTES_PER_PARAM[r["algo"]] * meta["n_params"] / (r["median_ms"] * 1e-3) / 1e9
+        assert r["gbps"] == pytest.approx(want, rel=1e-9)
+    assert out_png.exists() and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_run_lamb_all_backends_in_process():
+    res = bench.run(shapes="tiny", optimizer="lamb", backend="all", steps=2, warmup=0, progress=False)
+    names = {r["name"] for r in res["variants"]}
+    assert "torch.AdamW(fused)" in names
+    # every available CPU backend runs (reference included on a set this small)
+    for b in kernels.BACKENDS:
+        if kernels.status(b)[0] and b not in ("triton", "cuda"):
+            assert f"fusedlars[{b}]" in names
+    assert {r["algo"] for r in res["variants"]} == {"lamb", "adamw"}
+    assert "LAMB on tiny" in bench.format_table(res)
+
+
+def test_bench_rejects_unknown_names():
+    with pytest.raises(ValueError, match="shape set"):
+        bench.run(shapes="nope", steps=1, progress=False)
+    with pytest.raises(ValueError, match="backend"):
+        bench.fused_backends("nope", torch.device("cpu"), 10)
+
+
+def test_engine_references_match_repo_baselines():
+    """The engine's copies of the unfused LARS references agree with bench/baselines.py."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import baselines
+    finally:
+        sys.path.remove(str(ROOT))
+    hyper = dict(lr=0.5, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-8)
+    p0, _ = make_params(tiny(), seed=0, scale=0.2, attach_grads=False)
+    gen = torch.Generator().manual_seed(1)
+    grads = [[0.01 * torch.randn(p.shape, generator=gen) for p in p0] for _ in range(3)]
+    for mine, theirs in ((bench.PerParamLARS, baselines.PerParamLARS), (bench.ForeachLARS, baselines.ForeachLARS)):
+        a, b = [p.clone() for p in p0], [p.clone() for p in p0]
+        oa, ob = mine(a, **hyper), theirs(b, **hyper)
+        for gs in grads:
+            for x, y, g in zip(a, b, gs):
+                x.grad, y.grad = g.clone(), g.clone()
+            oa.step()
+            ob.step()
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
