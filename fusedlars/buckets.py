@@ -25,6 +25,14 @@ the thread or block count.
 // replaced by user code, ``p.data = ...``) is detected at the start of the next
 // step by a pointer comparison, and repaired by copying the tensor into the
 // bucket and re-pointing the view. The copy costs one pass; results stay exact.
+
+// NOTE: [External segments]
+// Some tensors must not be re-pointed (see fusedlars.distributed, NOTE [Foreign storage]):
+// DTensor parameters (FSDP2 all-gathers from its own sharded storage), and parameters or
+// grads that live inside a larger buffer we do not own (ZeRO parameter buckets, DDP
+// gradient buckets). For such a segment ``external[i]`` is True: ``sync_views`` copies
+// the (local) values in before the step and ``publish`` copies the new values back
+// after it; the segment's views in the bucket are ordinary bucket memory.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .distributed import is_dtensor, local_tensor
 
 __all__ = ["Bucket", "TileTable", "state_dtype_for", "SEGMENT_ALIGN_BYTES"]
 
@@ -41,6 +51,29 @@ SEGMENT_ALIGN_BYTES = 64
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """Optimizer state is fp32 for fp32/bf16/fp16 params and fp64 for fp64 params."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _foreign(t: torch.Tensor, own: set[int]) -> bool:
+    """True if ``t`` lives inside a larger buffer that is not one of ours (``own``: storage pointers)."""
+    st = t.untyped_storage()
+    return st.nbytes() > t.numel() * t.element_size() and st.data_ptr() not in own
+
+
+def _shared_param(p: torch.Tensor, own: set[int]) -> bool:
+    """True if ``p``'s storage belongs to someone else: a larger buffer, or (in a distributed job) a
+    buffer of exactly its size that another tensor also holds (ZeRO's one-parameter bucket). A false
+    positive (the user holds a ``p.detach()``) only costs a copy in and out per step and writes the
+    new values through to that storage, as torch.optim does."""
+    if _foreign(p, own):
+        return True
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    st = p.untyped_storage()
+    if st.data_ptr() in own or st.nbytes() == 0:
+        return False
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    # references: p's TensorImpl and the temporary Python storage object ``st``
+    return use_count is not None and use_count(st._cdata) > 2
 
 
 def _align_elems(dtype: torch.dtype) -> int:
@@ -85,16 +118,24 @@ class Bucket:
         master_weights: bool,
         wd_excluded: list[bool],
         adapt_excluded: list[bool],
+        shard=None,
+        own_storages: set[int] | frozenset[int] = frozenset(),
     ) -> None:
+        """``shard``: the :class:`fusedlars.distributed.ShardSpec` of a bucket of DTensor params
+        (whose local shards the bucket holds), else None. ``own_storages``: storage pointers of
+        buffers of earlier buckets of the same optimizer (not foreign when params still point there)."""
         assert params
         self.params = list(params)
         self.names = list(names)
-        self.device = params[0].device
-        self.dtype = params[0].dtype
+        self.shard = shard
+        locs = [local_tensor(p) for p in params]
+        self.device = locs[0].device
+        self.dtype = locs[0].dtype
         self.state_dtype = state_dtype_for(self.dtype)
         align = _align_elems(self.dtype)
-        self.shapes = [tuple(p.shape) for p in params]
-        self.numels = [p.numel() for p in params]
+        self.shapes = [tuple(t.shape) for t in locs]  # local shapes (== global shapes unless sharded)
+        self.global_shapes = [tuple(p.shape) for p in params]
+        self.numels = [t.numel() for t in locs]
         offsets, off = [], 0
         for n in self.numels:
             offsets.append(off)
@@ -109,8 +150,11 @@ class Bucket:
             self.flat_grad = torch.zeros(self.total, dtype=dt, device=dev)
             self.param_views = [self._view(self.flat_param, i) for i in range(len(params))]
             self.grad_views = [self._view(self.flat_grad, i) for i in range(len(params))]
-            for p, v in zip(params, self.param_views):
-                v.copy_(p.detach())
+            for t, v in zip(locs, self.param_views):
+                v.copy_(t.detach())
+            self._own = set(own_storages) | {self.flat_param.untyped_storage().data_ptr()}
+            self.external = [shard is not None or is_dtensor(p) or _shared_param(p, self._own) for p in params]
+            self.any_external = any(self.external)
             self.flat_master = None
             if master_weights and dt in (torch.float16, torch.bfloat16):
                 self.flat_master = self.flat_param.to(torch.float32)
@@ -141,14 +185,17 @@ class Bucket:
         self.all_active = True
         self._tiles: dict[int, TileTable] = {}
         self._elem_seg: torch.Tensor | None = None
-        # point the user's params at the bucket
+        # point the user's params at the bucket (external ones keep their storage)
         with torch.no_grad():
-            for p, v in zip(params, self.param_views):
-                p.data = v
+            for p, v, ext in zip(params, self.param_views, self.external):
+                if not ext:
+                    p.data = v
             for i, p in enumerate(params):
                 if p.grad is not None:
-                    self.grad_views[i].copy_(p.grad)
-                    p.grad = self.grad_views[i]
+                    g = local_tensor(p.grad)
+                    self.grad_views[i].copy_(g)
+                    if self._may_adopt_grad(i, p.grad, g):
+                        p.grad = self.grad_views[i]
 
     # -- layout helpers -------------------------------------------------------------------------
     def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
@@ -192,28 +239,51 @@ class Bucket:
         return self._elem_seg
 
     # -- per-step bookkeeping ------------------------------------------------------------------
-    def sync_views(self) -> list[bool]:
-        """Repair broken param / grad views; return which segments have a grad this step.
+    def _may_adopt_grad(self, i: int, g: torch.Tensor, g_local: torch.Tensor) -> bool:
+        """May ``p.grad`` be re-pointed into the bucket? Not for a DTensor grad (its local shard is
+        FSDP2's) nor for a grad that is a view of someone else's buffer (DDP gradient_as_bucket_view)."""
+        return not (self.shard is not None or is_dtensor(g) or _foreign(g_local, self._own))
 
-        Runs on the host only (pointer comparisons); copies happen only for broken views.
+    def _copy_in_param(self, i: int, src: torch.Tensor) -> None:
+        pv = self.param_views[i]
+        if self.master_views is not None:
+            # keep the fp32 master where the param still holds what we wrote (no host sync)
+            mv = self.master_views[i]
+            mv.copy_(torch.where(src != pv, src.to(mv.dtype), mv))
+        pv.copy_(src)
+
+    def sync_views(self) -> list[bool]:
+        """Repair broken param / grad views, copy external segments in; return which segments have a grad.
+
+        Runs on the host only (pointer comparisons); copies happen only for broken views and
+        for external segments (NOTE [External segments]).
         """
         active = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 pv = self.param_views[i]
-                if p.data_ptr() != pv.data_ptr():
-                    pv.copy_(p.detach())
-                    if self.master_views is not None:
-                        self.master_views[i].copy_(pv)
-                    p.data = pv
+                if self.external[i]:
+                    self._copy_in_param(i, local_tensor(p).detach())
+                elif p.data_ptr() != pv.data_ptr():
+                    if _shared_param(p, self._own):
+                        # someone else's buffer now owns it (e.g. ZeRO re-pointed p.data): follow it
+                        self.external[i] = self.any_external = True
+                        self._copy_in_param(i, p.detach())
+                    else:
+                        pv.copy_(p.detach())
+                        if self.master_views is not None:
+                            self.master_views[i].copy_(pv)
+                        p.data = pv
                 g = p.grad
                 if g is None:
                     active.append(False)
                     continue
+                gl = local_tensor(g)
                 gv = self.grad_views[i]
-                if g.data_ptr() != gv.data_ptr() or g.shape != gv.shape or g.stride() != gv.stride():
-                    gv.copy_(g)
-                    p.grad = gv
+                if gl.data_ptr() != gv.data_ptr() or gl.shape != gv.shape or gl.stride() != gv.stride():
+                    gv.copy_(gl)
+                    if self._may_adopt_grad(i, g, gl):
+                        p.grad = gv
                 active.append(True)
         key = tuple(active)
         if key != self._active_key:
@@ -221,6 +291,15 @@ class Bucket:
             self.active = torch.tensor([1.0 if a else 0.0 for a in active], dtype=self.state_dtype, device=self.device)
             self.all_active = all(active)
         return active
+
+    def publish(self) -> None:
+        """After a step: copy the new values of external segments back to their owners' storage."""
+        if not self.any_external:
+            return
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if self.external[i]:
+                    local_tensor(p).detach().copy_(self.param_views[i])
 
     def any_active(self) -> bool:
         return bool(self._active_key) and any(self._active_key)
@@ -232,15 +311,22 @@ class Bucket:
     def check_grads(self) -> None:
         """Validation that must pass before anything is mutated (sparse, complex, dtype, device)."""
         for i, p in enumerate(self.params):
+            p = local_tensor(p)
             if tuple(p.shape) != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise RuntimeError(
                     f"parameter {self.names[i] or i} changed shape, dtype or device after the optimizer "
                     f"built its buckets ({self.shapes[i]}, {self.dtype}, {self.device} -> "
                     f"{tuple(p.shape)}, {p.dtype}, {p.device}). Create the optimizer after moving the model."
                 )
-            g = p.grad
+            g = self.params[i].grad
             if g is None:
                 continue
+            if is_dtensor(g) != (self.shard is not None):
+                raise RuntimeError(
+                    f"parameter {self.names[i] or f'#{i}'}: the param is {'a' if self.shard else 'not a'} DTensor "
+                    f"but its grad is {'a' if is_dtensor(g) else 'not a'} DTensor."
+                )
+            g = local_tensor(g)
             name = self.names[i] or f"#{i}"
             if g.is_sparse:
                 raise RuntimeError(

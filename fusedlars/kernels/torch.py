@@ -93,21 +93,35 @@ def _finish(bucket: Bucket, keep_s, n_w, n_g, n_u, r) -> None:
     bucket.step.add_((~keep_s).to(bucket.step.dtype))
 
 
-def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+# NOTE: [Partials and apply]
+# Each step is split in two phases so that sharded buckets (FSDP2 / DTensor, see
+# fusedlars.distributed) can sum the per-layer sums of squares over the ranks in between:
+# ``*_partials`` returns ``(ssq [3, S], ctx)`` and ``*_apply(bucket, cfg, ssq, ctx)`` finishes
+# the step from (possibly reduced) sums. ``*_step`` = apply(partials): unsharded results are
+# bitwise those of a single function.
+
+
+def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
+    """Per-segment sums of squares ``[w², g², (g+λw)²]`` as one ``[3, S]`` tensor, and the step's context."""
     sdt = bucket.state_dtype
-    lr = cfg.lr.to(sdt) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
     w = bucket.weights().to(sdt)
     g = _load_grad(bucket, cfg, sdt)
-    keep_s, keep_e = _keep_mask(bucket, cfg)
-
     lam_s = cfg.weight_decay * bucket.wd_mask
     lam_e = _expand(bucket, lam_s) if bucket.any_wd_excluded else cfg.weight_decay
     ssq_w = _segsum(bucket, w * w)
     ssq_g = _segsum(bucket, g * g)
     u = g + lam_e * w if cfg.weight_decay != 0 else g
     ssq_u = _segsum(bucket, u * u) if cfg.weight_decay != 0 else ssq_g
-    n_w_raw, n_g_raw, n_u_raw = ssq_w.sqrt(), ssq_g.sqrt(), ssq_u.sqrt()
+    return torch.stack((ssq_w, ssq_g, ssq_u)), (w, g, u, lam_s, lam_e)
 
+
+def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
+    """The LARS update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
+    w, g, u, lam_s, lam_e = ctx
+    sdt = bucket.state_dtype
+    lr = cfg.lr.to(sdt) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
+    keep_s, keep_e = _keep_mask(bucket, cfg)
+    n_w_raw, n_g_raw, n_u_raw = ssq[0].sqrt(), ssq[1].sqrt(), ssq[2].sqrt()
     n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
     side_raw = n_u_raw if cfg.denominator == "norm_of_sum" else n_g_raw
     side = torch.clamp(side_raw, cfg.clamp_lo, cfg.clamp_hi)
@@ -170,6 +184,11 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     _finish(bucket, keep_s, n_w_raw, n_g_raw, n_u_raw, r)
 
 
+def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    ssq, ctx = lars_partials(bucket, cfg)
+    lars_apply(bucket, cfg, ssq, ctx)
+
+
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2, as a float64 scalar."""
     sdt = bucket.state_dtype
@@ -182,14 +201,14 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     return ssq.sum(dtype=torch.float64)
 
 
-def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]:
+    """Per-segment sums of squares ``[w_d², u², g²]`` as one ``[3, S]`` tensor, and the step's context."""
     sdt = bucket.state_dtype
     lr = cfg.lr.to(sdt) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
     b1, b2 = cfg.beta1, cfg.beta2
     w = bucket.weights().to(sdt)
     g = _load_grad(bucket, cfg, sdt)
-    keep_s, keep_e = _keep_mask(bucket, cfg)
-    n_g_raw = _segsum(bucket, g * g).sqrt()
+    ssq_g = _segsum(bucket, g * g)
     lam_s = cfg.weight_decay * bucket.wd_mask
     lam_e = _expand(bucket, lam_s) if bucket.any_wd_excluded else cfg.weight_decay
     if cfg.weight_decay_mode == "l2" and cfg.weight_decay != 0:
@@ -214,8 +233,17 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         w_d = w * (1 - lr * lam_e)
     else:
         w_d = w
-    n_w_raw = _segsum(bucket, w_d * w_d).sqrt()
-    n_u = _segsum(bucket, u * u).sqrt()
+    ssq = torch.stack((_segsum(bucket, w_d * w_d), _segsum(bucket, u * u), ssq_g))
+    return ssq, (w, w_d, u, m, v, bc1_s)
+
+
+def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -> None:
+    """The LAMB update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
+    w, w_d, u, m, v, bc1_s = ctx
+    sdt = bucket.state_dtype
+    lr = cfg.lr.to(sdt) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
+    keep_s, keep_e = _keep_mask(bucket, cfg)
+    n_w_raw, n_u, n_g_raw = ssq[0].sqrt(), ssq[1].sqrt(), ssq[2].sqrt()
     n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
     one = torch.ones_like(n_w)
     ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
@@ -223,6 +251,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     r = torch.where(bucket.adapt_mask != 0, _clip(ratio, cfg, lr), one) if adapt_on else one
     scale = r / bc1_s if cfg.bias_correction == "first_outside" else r
     w_new = w_d - u * _expand(bucket, scale) * lr
+    m_buf, v_buf = bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
     if keep_e is None:
         m_buf.copy_(m)
         v_buf.copy_(v)
@@ -231,3 +260,8 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         v_buf.copy_(torch.where(keep_e, v_buf, v))
     _store(bucket, w, w_new, keep_e)
     _finish(bucket, keep_s, n_w_raw, n_g_raw, n_u, r)
+
+
+def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+    ssq, ctx = lamb_partials(bucket, cfg)
+    lamb_apply(bucket, cfg, ssq, ctx)

@@ -14,11 +14,21 @@ from typing import Any, Callable
 
 import torch
 
-from .. import kernels
+from .. import distributed, kernels
 from ..buckets import Bucket, state_dtype_for
 from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, exclusion_fn, needs_names
 
 _VALID_BACKENDS = ("auto",) + kernels.BACKENDS
+
+
+def _as_dtensor_like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A DTensor with ``p``'s mesh, placements and global shape over ``local`` (no copy), so that the
+    state of a sharded param looks like torch.optim's (distributed checkpointing sees DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+    )
 
 
 class BucketedOptimizer(torch.optim.Optimizer):
@@ -164,15 +174,49 @@ class BucketedOptimizer(torch.optim.Optimizer):
         ad = [ad_fn(n, p) for n, p in zip(names, group["params"])]
         return names, wd, ad
 
-    def _build_group(self, gi: int) -> None:
+    def _build_group(self, gi: int, errors: list[str], own: set[int]) -> None:
+        """Build group ``gi``'s buckets: one per (device, dtype, shard spec). Layout problems go to ``errors``
+        (raised by the caller, on every rank when DTensors are involved) and leave the group unbuilt."""
         group = self.param_groups[gi]
         names, wd_ex, ad_ex = self._exclusions(group, gi)
         by_key: OrderedDict[tuple, list[int]] = OrderedDict()
+        specs: dict[tuple, Any] = {}
+        kinds = set()
         for j, p in enumerate(group["params"]):
-            by_key.setdefault((p.device, p.dtype), []).append(j)
+            label = f"{self._KIND} (param group {gi}): parameter {names[j] or '#' + str(j)}"
+            try:
+                spec = distributed.shard_spec(p)
+            except distributed.LayoutError as e:
+                errors.append(f"{label}: {e}")
+                return
+            kinds.add(spec is not None)
+            skey = None if spec is None else (spec.mesh, spec.shard_dims, spec.placements)
+            key = (p.device, p.dtype, skey)
+            by_key.setdefault(key, []).append(j)
+            specs[key] = spec
+        if len(kinds) > 1:
+            plain = [names[j] or f"#{j}" for j, p in enumerate(group["params"]) if not distributed.is_dtensor(p)]
+            errors.append(
+                f"{self._KIND} (param group {gi}) mixes DTensor (FSDP2-sharded) parameters with plain tensors "
+                f"({plain[:5]}{'...' if len(plain) > 5 else ''}): a plain tensor's grad is not reduced by FSDP2 "
+                "and its norm is not sharded. Wrap its module with fully_shard too (e.g. the root model), or put "
+                "it in a param group of its own if it is really meant to be replicated and reduced elsewhere."
+            )
+            return
+        meshes = []
+        for spec in specs.values():
+            if spec is not None and all(spec.mesh != m for m in meshes):
+                meshes.append(spec.mesh)
+        if len(meshes) > 1:
+            errors.append(
+                f"{self._KIND} (param group {gi}): parameters live on different device meshes "
+                f"({', '.join(str(m.mesh.tolist()) + ' ' + str(m.mesh_dim_names) for m in meshes)}); "
+                "one optimizer steps the parameters of one mesh."
+            )
+            return
         state_names = self._state_names(group)
         blist = []
-        for (_dev, _dt), idx in by_key.items():
+        for key, idx in by_key.items():
             ps = [group["params"][j] for j in idx]
             b = Bucket(
                 ps,
@@ -181,6 +225,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 master_weights=self.master_weights,
                 wd_excluded=[wd_ex[j] for j in idx],
                 adapt_excluded=[ad_ex[j] for j in idx],
+                shard=specs[key],
+                own_storages=own,
             )
             self._adopt_state(b)
             blist.append(b)
@@ -195,28 +241,36 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 has = False
                 for name, views in b.state_views.items():
                     if name in st:
-                        views[i].copy_(st[name])
+                        views[i].copy_(distributed.local_tensor(st[name]))
                         has = True
                 if "step" in st:
                     # the step count alone does not mean a buffer exists (has_state drives first-step init)
                     b.step[i] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).to(b.device)
                 if "master_weight" in st and b.master_views is not None:
-                    b.master_views[i].copy_(st["master_weight"])
+                    b.master_views[i].copy_(distributed.local_tensor(st["master_weight"]))
                     b.param_views[i].copy_(b.master_views[i])
                 b.has_state[i] = 1.0 if has else 0.0
                 self.state[p] = self._live_state(b, i)
 
     def _live_state(self, b: Bucket, i: int) -> dict[str, torch.Tensor]:
-        st = {name: views[i] for name, views in b.state_views.items()}
+        wrap = (lambda v: v) if b.shard is None else (lambda v: _as_dtensor_like(v, b.params[i]))
+        st = {name: wrap(views[i]) for name, views in b.state_views.items()}
         st["step"] = b.step[i]
         if b.master_views is not None:
-            st["master_weight"] = b.master_views[i]
+            st["master_weight"] = wrap(b.master_views[i])
         return st
 
     def _ensure_buckets(self) -> None:
+        missing = [gi for gi in range(len(self.param_groups)) if gi not in self._buckets]
+        if missing:
+            errors: list[str] = []
+            own = {st for st in getattr(self, "_retired_storages", ())}
+            for gi in missing:
+                self._build_group(gi, errors, own)
+            self._retired_storages = set()
+            self._check_layout(missing, errors)
         for gi, group in enumerate(self.param_groups):
-            if gi not in self._buckets:
-                self._build_group(gi)
+            if gi in missing:
                 continue
             spec = (group["exclude_from_weight_decay"], group["exclude_from_adaptation"])
             if spec != self._bucket_specs[gi]:
@@ -238,11 +292,40 @@ class BucketedOptimizer(torch.optim.Optimizer):
                         for i, p in enumerate(b.params):
                             self.state[p] = self._live_state(b, i)
 
+    def _check_layout(self, built: list[int], errors: list[str]) -> None:
+        """Raise layout errors; on every rank of the mesh when any parameter is a DTensor (NOTE [Layout check])."""
+        mesh = None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if distributed.is_dtensor(p):
+                    mesh = p.device_mesh
+                    break
+            if mesh is not None:
+                break
+        if mesh is None:
+            if errors:
+                raise distributed.LayoutError("fusedlars: " + "\n".join(errors))
+            return
+        fp = distributed.fingerprint_of(self._KIND, {gi: self._buckets.get(gi, []) for gi in built})
+        distributed.check_layout(mesh, fp, errors)
+
     def buckets(self) -> list[Bucket]:
         """All buckets (built at the first step), in group order."""
         return [b for gi in sorted(self._buckets) for b in self._buckets[gi]]
 
     def _backend_for(self, bucket: Bucket, cfg) -> Any:
+        if bucket.shard is not None and bucket.shard.shard_dims:
+            # a sharded bucket steps in two phases around the norm all_reduce (fusedlars.distributed)
+            name = "torch" if self.backend == "auto" else self.backend
+            mod = kernels.get(name)
+            split = ("lars_partials", "lars_apply") if self._KIND != "LAMB" else ("lamb_partials", "lamb_apply")
+            if not all(hasattr(mod, f) for f in split):
+                raise RuntimeError(
+                    f"{self._KIND}: backend={self.backend!r} cannot step FSDP2/DTensor-sharded parameters: it has "
+                    f"no {split[0]}/{split[1]} split around the cross-rank norm reduction. "
+                    "Use backend='torch' or backend='auto' (which picks torch for sharded buckets)."
+                )
+            return mod
         if self.backend != "auto":
             mod = kernels.get(self.backend)
             why = mod.supports(self._KIND, cfg, bucket) if hasattr(mod, "supports") else None
@@ -299,7 +382,24 @@ class BucketedOptimizer(torch.optim.Optimizer):
             inv_scale,
             found_inf.float() if found_inf is not None else None,
         )
+        for b in self.buckets():
+            b.publish()
         return loss
+
+    @staticmethod
+    def _step_buckets(work, step_fn: str, partials_fn: str, apply_fn: str) -> None:
+        """Step ``work`` = [(bucket, cfg, backend module)]: unsharded buckets in one call each; sharded
+        ones in two phases around one all_reduce of all their partial sums of squares."""
+        sharded = [w for w in work if w[0].shard is not None and w[0].shard.shard_dims]
+        for b, cfg, mod in work:
+            if not (b.shard is not None and b.shard.shard_dims):
+                getattr(mod, step_fn)(b, cfg)
+        if not sharded:
+            return
+        parts = [getattr(mod, partials_fn)(b, cfg) for b, cfg, mod in sharded]
+        sums = distributed.all_reduce_partials([(b.shard, ssq) for (b, _, _), (ssq, _) in zip(sharded, parts)])
+        for (b, cfg, mod), (_, ctx), ssq in zip(sharded, parts, sums):
+            getattr(mod, apply_fn)(b, cfg, ssq, ctx)
 
     def _check_grads(self, group, gi) -> None:
         names = group.get("param_names") or [None] * len(group["params"])
@@ -404,6 +504,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             g.update(ng)
         # Drop the buckets: the next step rebuilds them from the params' current values and
         # this state (the rebuilt bucket holds identical values, so the trajectory is unchanged).
+        self._retired_storages = {b.flat_param.untyped_storage().data_ptr() for b in self.buckets()}
         self._buckets.clear()
         self._bucket_specs.clear()
         self.state.clear()

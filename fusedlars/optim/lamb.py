@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..kernels.common import LambConfig
 from .base import BucketedOptimizer
 from .options import LAMB_DEFAULTS, resolve, validate_lamb_group
@@ -123,7 +124,8 @@ class LAMB(BucketedOptimizer):
         for gi, blist in buckets_by_group.items():
             group = self.param_groups[gi]
             for b in blist:
-                if not b.any_active():
+                # a sharded bucket steps even without grads: every rank must join its all_reduce
+                if not b.any_active() and b.shard is None:
                     continue
                 cfg = lamb_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
                 mod = self._backend_for(b, cfg)
@@ -132,13 +134,14 @@ class LAMB(BucketedOptimizer):
         if max_norm is not None and work:
             # Global clip over every gradient of every group, on unscaled grads (apex / timm):
             # clip_coef = max(1, ||G|| / max_grad_norm). One reduction per bucket, no host sync.
+            # Sharded buckets' sums are partial: summed over the ranks by one all_reduce per step.
             dev = work[0][0].device
+            sums = distributed.all_reduce_partials([(b.shard, mod.grad_sumsq(b, cfg)) for b, cfg, mod in work])
             total = torch.zeros((), dtype=torch.float64, device=dev)
-            for b, cfg, mod in work:
-                total = total + mod.grad_sumsq(b, cfg).to(dev)
+            for s in sums:
+                total = total + s.to(dev)
             gnorm = total.sqrt()
             coef = torch.where(gnorm > max_norm, gnorm / max_norm, torch.ones_like(gnorm))
             for b, cfg, mod in work:
                 cfg.clip_coef = coef.to(device=b.device, dtype=b.state_dtype)
-        for b, cfg, mod in work:
-            mod.lamb_step(b, cfg)
+        self._step_buckets(work, "lamb_step", "lamb_partials", "lamb_apply")

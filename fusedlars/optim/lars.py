@@ -167,15 +167,18 @@ class LARS(BucketedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
+        work = []
         for gi, blist in buckets_by_group.items():
             group = self.param_groups[gi]
             for b in blist:
-                if not b.any_active():
+                # a sharded bucket steps even without grads: every rank must join its all_reduce
+                if not b.any_active() and b.shard is None:
                     continue
                 cfg = lars_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
                 mod = self._backend_for(b, cfg)
                 b.backend_name = mod.NAME
-                mod.lars_step(b, cfg)
+                work.append((b, cfg, mod))
+        self._step_buckets(work, "lars_step", "lars_partials", "lars_apply")
 
 
 class TVLARS(LARS):
