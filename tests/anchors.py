@@ -38,7 +38,6 @@ __all__ = [
     "LARS_ANCHORS",
     "LAMB_ANCHORS",
     "total_grad_norm",
-    "tv_phi",
     # LARS family
     "paper_lars_step",
     "timm_lars_step",
@@ -107,11 +106,6 @@ def _torch_sgd_update(p, d_p, st, lr, momentum, dampening, nesterov):
             buf.mul_(momentum).add_(d_p, alpha=1.0 - dampening)
         d_p = d_p + momentum * buf if nesterov else buf
     p.add_(d_p, alpha=-lr)
-
-
-def tv_phi(t: int, lmbda: float, alpha: float = 0.1, shift: float = -1.0, gamma_min: float = 0.0) -> float:
-    """TVLARS time-varying factor for the t-th step (t = completed steps, from 0)."""
-    return 1.0 / (alpha + math.exp(lmbda * (t - shift))) + gamma_min
 
 
 # ==========================================================================
@@ -324,6 +318,7 @@ def tvlars_official_step(
         n_w = clamp(||w||, 0, 10), n_g = clamp(||g'||, 0, 10),
         q = eta*phi_t*n_w/n_g if n_w > 0 and n_g > 0 else 1,  g' <- q*g'
     mu <- m*mu + g' (zeros at start);  w <- w - lr*mu.
+    (The original evaluates exp in float32 on the CPU; here everything is float64.)
     """
     _check64(params, grads)
     t = state.get("step", 0)  # completed steps before this one

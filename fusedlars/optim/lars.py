@@ -85,7 +85,7 @@ class LARS(BucketedOptimizer):
     norm_clamp: ``None`` or ``(lo, hi)`` applied to ||w|| and to the denominator's norm
     trust_clip: ``None`` | ``"larc"`` (min(r/lr, 1)) | ``"lambc"`` (min(r, 1)) | ``("range", lo, hi)``
     adapt_when: ``"always"`` | ``"weight_decay_nonzero"``
-    exclude_from_weight_decay / exclude_from_adaptation: bool, ``"ndim<=1"``, regex(es) on
+    exclude_from_weight_decay / exclude_from_adaptation: bool, ``"ndim<=1"``, ``"ndim==1"``, regex(es) on
     parameter names (pass ``model.named_parameters()``) or a callable ``(name, param) -> bool``
     momentum_mode: ``"torch"`` (lr outside the buffer) | ``"classic"`` (lr inside)
     first_step_buffer: ``"clone"`` | ``"zeros"``
@@ -136,11 +136,11 @@ class LARS(BucketedOptimizer):
             if trust_coefficient is not _UNSET:
                 raise TypeError("LARS: pass trust_coefficient or its alias eta, not both.")
             explicit["trust_coefficient"] = eta
-        # Barlow Twins / TVLARS compatible flags: True excludes 1-D params (biases, norms).
+        # Barlow Twins / TVLARS compatible flags: True excludes params with ndim == 1 (biases, norms).
         if weight_decay_filter is not _UNSET:
-            explicit["exclude_from_weight_decay"] = "ndim<=1" if weight_decay_filter else False
+            explicit["exclude_from_weight_decay"] = "ndim==1" if weight_decay_filter else False
         if lars_adaptation_filter is not _UNSET:
-            explicit["exclude_from_adaptation"] = "ndim<=1" if lars_adaptation_filter else False
+            explicit["exclude_from_adaptation"] = "ndim==1" if lars_adaptation_filter else False
         if exclude is not _UNSET:
             explicit.setdefault("exclude_from_weight_decay", exclude)
             explicit.setdefault("exclude_from_adaptation", exclude)

@@ -94,7 +94,8 @@ LARS_DEFAULTS: dict[str, Any] = {
     "tv": None,
 }
 
-_NDIM1 = "ndim<=1"
+_NDIM1 = "ndim<=1"  # biases and norm scales, and 0-dim scalars
+_NDIM_EQ1 = "ndim==1"  # Barlow Twins / TVLARS test p.ndim == 1 exactly
 
 LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("clean defaults: ||g||+wd||w||+eps, torch-SGD momentum, no exclusions", {}),
@@ -124,8 +125,8 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "eps": 0.0,
             "denominator": "norm_of_sum",
             "zero_norm_check": "update",
-            "exclude_from_weight_decay": _NDIM1,
-            "exclude_from_adaptation": _NDIM1,
+            "exclude_from_weight_decay": _NDIM_EQ1,
+            "exclude_from_adaptation": _NDIM_EQ1,
             "first_step_buffer": "zeros",
         },
     ),
@@ -137,8 +138,8 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "denominator": "norm_of_sum",
             "zero_norm_check": "update",
             "norm_clamp": (0.0, 10.0),
-            "exclude_from_weight_decay": _NDIM1,
-            "exclude_from_adaptation": _NDIM1,
+            "exclude_from_weight_decay": _NDIM_EQ1,
+            "exclude_from_adaptation": _NDIM_EQ1,
             "first_step_buffer": "zeros",
             "tv": {"lmbda": 1e-3, "alpha": 0.1, "shift": -1.0, "gamma_min": 0.0, "gate": 0},
         },
@@ -323,17 +324,17 @@ def _check_exclude(kind, where, name, v):
         raise _err(
             kind,
             where,
-            f"{name} must be a bool, a callable (name, param) -> bool, 'ndim<=K', or a regex / list of regexes "
+            f"{name} must be a bool, a callable (name, param) -> bool, 'ndim<=K', 'ndim==K', or a regex / list of regexes "
             f"matched against parameter names; got {v!r}.",
         )
     import re
 
     for s in items:
-        if s.startswith("ndim<="):
+        if s.startswith(("ndim<=", "ndim==")):
             try:
                 int(s[len("ndim<=") :])
             except ValueError:
-                raise _err(kind, where, f"{name}: {s!r} must look like 'ndim<=1'.") from None
+                raise _err(kind, where, f"{name}: {s!r} must look like 'ndim<=1' or 'ndim==1'.") from None
         else:
             try:
                 re.compile(s)
@@ -463,6 +464,9 @@ def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
         if s.startswith("ndim<="):
             k = int(s[len("ndim<=") :])
             rules.append(lambda name, p, k=k: p.ndim <= k)
+        elif s.startswith("ndim=="):
+            k = int(s[len("ndim==") :])
+            rules.append(lambda name, p, k=k: p.ndim == k)
         else:
             rx = re.compile(s)
 
@@ -482,4 +486,4 @@ def needs_names(spec: Any) -> bool:
     if spec is None or isinstance(spec, bool) or callable(spec):
         return False
     items = [spec] if isinstance(spec, str) else list(spec)
-    return any(not s.startswith("ndim<=") for s in items)
+    return any(not s.startswith(("ndim<=", "ndim==")) for s in items)
