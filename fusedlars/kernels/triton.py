@@ -28,7 +28,6 @@ a step.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
