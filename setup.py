@@ -31,6 +31,8 @@ def _rel(paths):
 
 cpu_sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
 cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+# torch glue of the CUDA kernels (host C++; csrc/cuda/*.cu are torch-free, see csrc/cuda/launch.h)
+cuda_host_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 
 cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
 # NOTE: no -march=native: SIMD levels are selected at run time inside the kernels.
@@ -55,9 +57,9 @@ if why_not_cuda is None:
     print(f"fusedlars: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     ext = CUDAExtension(
         "fusedlars._C",
-        cpu_sources + cuda_sources,
+        cpu_sources + cuda_host_sources + cuda_sources,
         define_macros=define_macros + [("FUSEDLARS_WITH_CUDA", "1")],
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
         extra_link_args=link_flags,
     )
 else:

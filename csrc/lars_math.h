@@ -96,6 +96,21 @@ FUSEDLARS_HD FUSEDLARS_INLINE double fl_trust_clip(double r, int kind, double lo
 }
 
 FUSEDLARS_HD FUSEDLARS_INLINE float fl_sqrt(float x) { return sqrtf(x); }
+
+// b^t for the bias corrections. On the device, pow() is an out-of-line call (__internal_accurate_pow)
+// whose calling convention made ptxas spill registers in the LAMB kernels; exp(t*log(b)) inlines.
+// For 0 < b < 1 and t up to 1e7 it differs from pow() by a few ulp of a double, far below the
+// fp32 rounding of the coefficients it feeds.
+FUSEDLARS_HD FUSEDLARS_INLINE double fl_pow(double b, double t) {
+#if defined(__CUDA_ARCH__)
+  if (b > 0.0) return exp(t * log(b));
+  if (b == 0.0) return t == 0.0 ? 1.0 : 0.0;
+  const double m = exp(t * log(-b));  // b < 0 (not a valid beta): integer t
+  return fmod(t, 2.0) != 0.0 ? -m : m;
+#else
+  return pow(b, t);
+#endif
+}
 FUSEDLARS_HD FUSEDLARS_INLINE double fl_sqrt(double x) { return sqrt(x); }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,8 +276,8 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gs
   c.b2 = (float)o.beta2;
   c.one_minus_b2 = (float)(1.0 - o.beta2);
   if (o.bias_correction == kBcBoth) {
-    c.bc1 = (float)(1.0 - pow(o.beta1, t_new));
-    c.bc2 = (float)(1.0 - pow(o.beta2, t_new));
+    c.bc1 = (float)(1.0 - fl_pow(o.beta1, t_new));
+    c.bc2 = (float)(1.0 - fl_pow(o.beta2, t_new));
   } else {
     c.bc1 = 1.0f;
     c.bc2 = 1.0f;
@@ -274,7 +289,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gs
 }
 
 FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double lr, double r, double t_new) {
-  const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - pow(o.beta1, t_new)) : 1.0;
+  const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - fl_pow(o.beta1, t_new)) : 1.0;
   return (float)(lr * s * r);
 }
 

@@ -13,6 +13,30 @@ static struct PyModuleDef fusedlars_c_module = {PyModuleDef_HEAD_INIT, "_C", nul
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedlars_c_module); }
 }
 
+#ifdef FUSEDLARS_WITH_CUDA
+std::string fusedlars_cuda_info();  // csrc/cuda/ops_cuda.cpp
+#endif
+
+// The CUDA ops (lars_step_cuda, ...) have CUDA kernels only (csrc/cuda/ops_cuda.cpp). Called with
+// CPU tensors, or in a build without CUDA kernels, they land here and say so.
+static void cuda_op_on_cpu(const c10::OperatorHandle& op, torch::jit::Stack*) {
+#ifdef FUSEDLARS_WITH_CUDA
+  TORCH_CHECK(false, op.schema().name(), " runs CUDA tensors only, but was called with CPU tensors; "
+              "use backend='cpu' (or 'auto') for CPU buckets");
+#else
+  TORCH_CHECK(false, op.schema().name(), ": this build of fusedlars._C has no CUDA kernels (rebuild with a "
+              "CUDA torch and nvcc on PATH; setup.py prints why they were skipped)");
+#endif
+}
+
+static std::string cuda_info() {
+#ifdef FUSEDLARS_WITH_CUDA
+  return fusedlars_cuda_info();
+#else
+  return "";
+#endif
+}
+
 static std::string build_info() {
   std::string s = "cpu";
 #ifdef FUSEDLARS_WITH_CUDA
@@ -44,6 +68,35 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
       "Tensor? clip_coef, float[] hyper, int[] modes) -> ()");
   // sum over active segments of ||grad * inv_scale||^2, float64 0-dim
   m.def("grad_sumsq_cpu(Tensor grad, Tensor seg_offset, Tensor seg_numel, Tensor active, Tensor? inv_scale) -> Tensor");
+  // CUDA steps (csrc/cuda: one cooperative launch per bucket, or 2 launches). Same tensors as the CPU
+  // ops plus the bucket's tile table (Bucket.tiles(TILE)), the segment groups of the cooperative path
+  // and preallocated scratch (`partials` float64 [3T], `snap` float32 [2S]); lr is `lr_tensor` (a
+  // 1-element device tensor, fp32/fp64) or, when that is None, the float `lr`. path: 0 auto,
+  // 1 cooperative (error if unavailable), 2 two launches. Fake kernels: fusedlars/kernels/cuda.py.
+  m.def(
+      "lars_step_cuda(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? momentum, "
+      "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(d!) has_state, Tensor(e!) step, "
+      "Tensor(f!) w_norm, Tensor(g!) g_norm, Tensor(h!) u_norm, Tensor(i!) trust_ratio, Tensor tile_seg, "
+      "Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, Tensor(j!) partials, "
+      "Tensor(k!) snap, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, float[] hyper, "
+      "int[] modes, int path=0) -> ()");
+  m.def(
+      "lamb_step_cuda(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!) exp_avg, "
+      "Tensor(d!) exp_avg_sq, Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(e!) has_state, "
+      "Tensor(f!) step, Tensor(g!) w_norm, Tensor(h!) g_norm, Tensor(i!) u_norm, Tensor(j!) trust_ratio, "
+      "Tensor tile_seg, Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, "
+      "Tensor(k!) partials, Tensor(l!) snap, Tensor? lr_tensor, float lr, Tensor? inv_scale, "
+      "Tensor? found_inf, Tensor? clip_coef, float[] hyper, int[] modes, int path=0) -> ()");
+  m.def(
+      "grad_sumsq_cuda(Tensor grad, Tensor active, Tensor tile_seg, Tensor tile_start, Tensor tile_len, "
+      "Tensor(a!) gpart, Tensor? inv_scale) -> Tensor");
+  // CUDA build / device facts, "key=value;..." ("" without CUDA kernels): archs, coop, last_path
+  m.def("cuda_info() -> str", &cuda_info);
   // the CPU kernel table in use (avx512 | avx2 | generic); a non-empty `want` switches it
   m.def("cpu_isa(str want='') -> str", &fusedlars::cpu::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(fusedlars, CPU, m) {
+  for (const char* op : {"lars_step_cuda", "lamb_step_cuda", "grad_sumsq_cuda"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&cuda_op_on_cpu>());
 }

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from fusedlars import bench, kernels
-from fusedlars.shapes import make_params, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
