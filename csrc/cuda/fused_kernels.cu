@@ -1,0 +1,704 @@
+// Fused CUDA LARS / TVLARS / LAMB steps over a flat bucket. Math: csrc/lars_math.h (shared with the
+// CPU kernels); spec: fusedlars/kernels/reference.py. Host interface: launch.h (no torch here).
+//
+// One step of a bucket is ONE cooperative launch of a persistent grid (a few blocks per SM):
+//
+//   for each group of segments (consecutive segments whose pass-1 bytes fit in about half the L2,
+//   chosen by fusedlars/kernels/cuda.py; one group when the bucket fits):
+//     phase 1  each block takes a contiguous range of the group's tiles and writes per-tile partial
+//              sums of squares (LARS: w^2, g^2, (g+lam*w)^2; LAMB: w_d^2, g^2, u^2 after writing the
+//              new moments) into the preallocated Plan::part; it also snapshots step / has_state of
+//              a strided share of the group's segments into Plan::snap;
+//     grid.sync()
+//     phase 2  each block, for every segment its tiles belong to, reduces that segment's partials in
+//              a FIXED order (thread-strided over tiles, then a fixed warp/block tree) into the trust
+//              ratio and element coefficients, and updates its own tiles, the same ones it read in
+//              phase 1 (still in L2); a strided share of the segments is "finished" (norms, ratio,
+//              step + 1, has_state = 1) from the same reduction.
+//
+// Fallback (no cooperative launch on the device, FUSEDLARS_CUDA_COOP=0, or path=2): the same kernel
+// launched twice, phase 1 then phase 2, over the whole bucket. Both paths compute every number with
+// the same operations in the same order, so their results are bitwise identical, and identical for
+// any grid size (a tile's partial belongs to one block; a segment's reduction order depends only on
+// kThreads).
+//
+// NOTE: [Skips] found_inf != 0 (read on the device) makes every block return before touching
+// anything, including has_state / step. Segments with active == 0 are skipped by every phase.
+//
+// NOTE: [Vector access] Segments start on 64-byte boundaries (buckets.py), tiles on multiples of
+// kTileElems, so a tile whose start is a multiple of VEC = 16 / sizeof(param) elements is accessed
+// with 128-bit loads and stores (2 x 128 bit for the fp32 state of a 16-bit param); its last
+// len % VEC elements, and every tile of a bucket with an unaligned base pointer, go element by element.
+// Offsets are int64 (buckets above 2^31 elements); a tile's length fits an int.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "launch.h"
+
+namespace cg = cooperative_groups;
+
+namespace fusedlars {
+namespace cuda {
+namespace {
+
+constexpr int kWarps = kThreads / 32;
+
+// ------------------------------------------------------------------------------------------------
+// element conversion and vector access
+
+template <class T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  static __device__ __forceinline__ float in(float x) { return x; }
+  static __device__ __forceinline__ float out(float x) { return x; }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  static __device__ __forceinline__ float in(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 out(float x) { return __float2bfloat16_rn(x); }
+};
+template <>
+struct Cvt<__half> {
+  static __device__ __forceinline__ float in(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half out(float x) { return __float2half_rn(x); }
+};
+
+// M elements at p (16-byte aligned when M > 1, M * sizeof(T) a multiple of 16) as fp32.
+template <int M, class T>
+__device__ __forceinline__ void vload(const T* p, float (&x)[M]) {
+  if constexpr (M == 1) {
+    x[0] = Cvt<T>::in(p[0]);
+  } else {
+    static_assert((M * sizeof(T)) % 16 == 0, "vector access is 128-bit");
+    constexpr int E = 16 / sizeof(T);
+#pragma unroll
+    for (int k = 0; k < M / E; ++k) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[k];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < E; ++j) x[k * E + j] = Cvt<T>::in(e[j]);
+    }
+  }
+}
+
+template <int M, class T>
+__device__ __forceinline__ void vstore(T* p, const float (&x)[M]) {
+  if constexpr (M == 1) {
+    p[0] = Cvt<T>::out(x[0]);
+  } else {
+    constexpr int E = 16 / sizeof(T);
+#pragma unroll
+    for (int k = 0; k < M / E; ++k) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < E; ++j) e[j] = Cvt<T>::out(x[k * E + j]);
+      reinterpret_cast<uint4*>(p)[k] = raw;
+    }
+  }
+}
+
+// The flat buffers of a variant: PT param/grad type; MASTER: weights live in the fp32 master copy.
+template <class PT, bool MASTER>
+struct Mem {
+  PT* p;
+  float* m;
+  const PT* g;
+  float* s0;
+  float* s1;
+  __device__ explicit Mem(const Bufs& b)
+      : p(static_cast<PT*>(b.param)), m(b.master), g(static_cast<const PT*>(b.grad)), s0(b.s0), s1(b.s1) {}
+  template <int M>
+  __device__ __forceinline__ void load_w(int64_t i, float (&w)[M]) const {
+    if constexpr (MASTER) vload<M>(m + i, w);
+    else vload<M>(p + i, w);
+  }
+  template <int M>
+  __device__ __forceinline__ void store_w(int64_t i, const float (&w)[M]) const {
+    if constexpr (MASTER) vstore<M>(m + i, w);
+    vstore<M>(p + i, w);
+  }
+};
+
+// Runs f.template run<M>(i) over the tile [st, st + len): 128-bit groups of VEC, then the tail.
+template <int VEC, class F>
+__device__ __forceinline__ void for_tile(int64_t st, int len, bool vec_ok, F& f) {
+  int done = 0;
+  if (vec_ok && (st % VEC) == 0) {
+    const int nv = len / VEC;
+    for (int v = threadIdx.x; v < nv; v += kThreads) f.template run<VEC>(st + static_cast<int64_t>(v) * VEC);
+    done = nv * VEC;
+  }
+  for (int i = done + threadIdx.x; i < len; i += kThreads) f.template run<1>(st + i);
+}
+
+// Sum of N doubles over the block, the same value in every thread, in a fixed order: warp shuffle
+// tree, then the warps' sums in warp order.
+template <int N>
+__device__ __forceinline__ void block_sum(double (&x)[N]) {
+  __shared__ double sh[N][kWarps];
+#pragma unroll
+  for (int k = 0; k < N; ++k)
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) x[k] += __shfl_down_sync(0xffffffffu, x[k], off);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < N; ++k) sh[k][warp] = x[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    double s = 0.0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += sh[k][w];
+    x[k] = s;
+  }
+  __syncthreads();  // sh is reused by the next call
+}
+
+// A segment's sums of squares: its tiles' partials, thread-strided in tile order, then block_sum.
+__device__ __forceinline__ void segment_sums(const Plan& p, int64_t s, double (&ssq)[3]) {
+  ssq[0] = ssq[1] = ssq[2] = 0.0;
+  const int64_t t1 = p.seg_tile_ptr[s + 1];
+  for (int64_t t = p.seg_tile_ptr[s] + threadIdx.x; t < t1; t += kThreads) {
+    ssq[0] += p.part[3 * t];
+    ssq[1] += p.part[3 * t + 1];
+    ssq[2] += p.part[3 * t + 2];
+  }
+  block_sum<3>(ssq);
+}
+
+__device__ __forceinline__ double read(const Scalar& s) {
+  if (!s.ptr) return s.value;
+  return s.is_double ? *static_cast<const double*>(s.ptr) : static_cast<double>(*static_cast<const float*>(s.ptr));
+}
+
+// Tiles and segments of one group for this block: tiles [a, b) (contiguous, balanced by tile count),
+// segments s0 + blockIdx.x, s0 + blockIdx.x + gridDim.x, ... < s1 for the snapshot / finishing.
+struct Range {
+  int64_t s0, s1, a, b;
+};
+
+__device__ __forceinline__ Range group_range(const Plan& p, int phase, int64_t g) {
+  Range r;
+  r.s0 = phase == 0 ? p.group_seg[g] : 0;
+  r.s1 = phase == 0 ? p.group_seg[g + 1] : p.num_segs;
+  const int64_t t0 = p.seg_tile_ptr[r.s0], nt = p.seg_tile_ptr[r.s1] - t0;
+  r.a = t0 + nt * blockIdx.x / gridDim.x;
+  r.b = t0 + nt * (blockIdx.x + 1) / gridDim.x;
+  return r;
+}
+
+__device__ __forceinline__ void snapshot(const Plan& p, const Segs& s, const Range& r) {
+  if (threadIdx.x == 0)
+    for (int64_t k = r.s0 + blockIdx.x; k < r.s1; k += gridDim.x) {
+      p.snap[2 * k] = s.step[k];
+      p.snap[2 * k + 1] = s.has_state[k];
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// LARS
+
+template <class PT, bool MASTER>
+struct LarsSumsq {
+  Mem<PT, MASTER> mem;
+  float gscale, lam;
+  float sw = 0.f, sg = 0.f, su = 0.f;
+  template <int M>
+  __device__ __forceinline__ void run(int64_t i) {
+    float w[M], g[M];
+    mem.template load_w<M>(i, w);
+    vload<M>(mem.g + i, g);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float gj = g[j] * gscale;
+      const float u = gj + lam * w[j];
+      sw += w[j] * w[j];
+      sg += gj * gj;
+      su += u * u;
+    }
+  }
+};
+
+template <class PT, bool MASTER, int WD, int MOM, bool NEST>
+struct LarsUpdate {
+  Mem<PT, MASTER> mem;
+  float gscale;
+  LarsCoef c;
+  template <int M>
+  __device__ __forceinline__ void run(int64_t i) {
+    float w[M], g[M], b[M];
+    mem.template load_w<M>(i, w);
+    vload<M>(mem.g + i, g);
+    if constexpr (MOM) vload<M>(mem.s0 + i, b);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      float bj = MOM ? b[j] : 0.f;
+      w[j] = lars_update<WD, MOM, NEST>(c, w[j], g[j] * gscale, bj);
+      b[j] = bj;
+    }
+    if constexpr (MOM) vstore<M>(mem.s0 + i, b);
+    mem.template store_w<M>(i, w);
+  }
+};
+
+template <class PT, bool MASTER, int WD, int MOM, bool NEST>
+__device__ __forceinline__ void lars_tile_update(const LarsArgs& a, float gscale, const LarsCoef& c, int64_t st,
+                                                 int len) {
+  constexpr int VEC = 16 / sizeof(PT);
+  LarsUpdate<PT, MASTER, WD, MOM, NEST> f{Mem<PT, MASTER>(a.b), gscale, c};
+  for_tile<VEC>(st, len, a.b.vec_ok, f);
+}
+
+template <class PT, bool MASTER, int WD>
+__device__ __forceinline__ void lars_tile_update_mom(const LarsArgs& a, float gscale, const LarsCoef& c, int64_t st,
+                                                     int len) {
+  if (a.o.momentum == 0.0) lars_tile_update<PT, MASTER, WD, 0, false>(a, gscale, c, st, len);
+  else if (a.o.nesterov) lars_tile_update<PT, MASTER, WD, 1, true>(a, gscale, c, st, len);
+  else lars_tile_update<PT, MASTER, WD, 1, false>(a, gscale, c, st, len);
+}
+
+__device__ __forceinline__ LarsSegment lars_seg(const LarsArgs& a, int64_t s, double lr, const double (&ssq)[3]) {
+  const double lam = a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
+  const bool adapt = a.o.adapt_enabled && a.s.adapt_mask[s] != 0.f;
+  return lars_segment(a.o, ssq[0], ssq[1], ssq[2], lam, adapt, static_cast<double>(a.p.snap[2 * s]), lr);
+}
+
+// phase 0: both phases with a grid sync (cooperative launch); 1: phase 1 only; 2: phase 2 only.
+template <class PT, bool MASTER>
+__global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, const int phase) {
+  if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
+  const double inv = read(a.inv_scale);
+  const float gscale = static_cast<float>(a.o.maximize ? -inv : inv);
+  const double lr = read(a.lr);
+  const Plan& p = a.p;
+  constexpr int VEC = 16 / sizeof(PT);
+  const int64_t ng = phase == 0 ? p.num_groups : 1;
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    const Range r = group_range(p, phase, gi);
+    if (phase != 2) {
+      snapshot(p, a.s, r);
+      for (int64_t t = r.a; t < r.b; ++t) {
+        const int64_t s = p.tile_seg[t];
+        if (a.s.active[s] == 0.f) continue;
+        LarsSumsq<PT, MASTER> f{Mem<PT, MASTER>(a.b), gscale,
+                                static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
+        for_tile<VEC>(p.tile_start[t], p.tile_len[t], a.b.vec_ok, f);
+        double x[3] = {f.sw, f.sg, f.su};
+        block_sum<3>(x);
+        if (threadIdx.x == 0) {
+          p.part[3 * t] = x[0];
+          p.part[3 * t + 1] = x[1];
+          p.part[3 * t + 2] = x[2];
+        }
+      }
+    }
+    if (phase == 0) {
+      __threadfence();
+      cg::this_grid().sync();
+    }
+    if (phase != 1) {
+      int64_t cur = -1;
+      LarsCoef c{};
+      for (int64_t t = r.a; t < r.b; ++t) {
+        const int64_t s = p.tile_seg[t];
+        if (a.s.active[s] == 0.f) continue;
+        if (s != cur) {
+          double ssq[3];
+          segment_sums(p, s, ssq);
+          c = lars_coef(a.o, lars_seg(a, s, lr, ssq), lr, p.snap[2 * s + 1] != 0.f);
+          cur = s;
+        }
+        const int64_t st = p.tile_start[t];
+        const int len = p.tile_len[t];
+        switch (a.o.wd_mode) {
+          case kLarsL2: lars_tile_update_mom<PT, MASTER, kLarsL2>(a, gscale, c, st, len); break;
+          case kLarsDecoupled: lars_tile_update_mom<PT, MASTER, kLarsDecoupled>(a, gscale, c, st, len); break;
+          default: lars_tile_update_mom<PT, MASTER, kLarsRatioOnly>(a, gscale, c, st, len); break;
+        }
+      }
+      for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
+        if (a.s.active[s] == 0.f) continue;
+        double ssq[3];
+        segment_sums(p, s, ssq);
+        const LarsSegment sg = lars_seg(a, s, lr, ssq);
+        if (threadIdx.x == 0) {
+          a.s.w_norm[s] = static_cast<float>(sg.n_w);
+          a.s.g_norm[s] = static_cast<float>(sg.n_g);
+          a.s.u_norm[s] = static_cast<float>(sg.n_u);
+          a.s.trust_ratio[s] = static_cast<float>(sg.r);
+          a.s.has_state[s] = 1.f;
+          a.s.step[s] = p.snap[2 * s] + 1.f;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// LAMB
+
+template <class PT, bool MASTER, int WD>
+struct LambPass1 {
+  Mem<PT, MASTER> mem;
+  LambCoef c;
+  float sw = 0.f, sg = 0.f, su = 0.f;
+  template <int M>
+  __device__ __forceinline__ void run(int64_t i) {
+    float w[M], g[M], m[M], v[M];
+    mem.template load_w<M>(i, w);
+    vload<M>(mem.g + i, g);
+    vload<M>(mem.s0 + i, m);
+    vload<M>(mem.s1 + i, v);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float gj = g[j] * c.gscale;
+      sg += gj * gj;
+      lamb_moments<WD>(c, w[j], gj, m[j], v[j]);
+      const float wd = lamb_decayed_weight<WD>(c, w[j]);
+      const float u = lamb_direction<WD>(c, w[j], m[j], v[j]);
+      sw += wd * wd;
+      su += u * u;
+    }
+    vstore<M>(mem.s0 + i, m);
+    vstore<M>(mem.s1 + i, v);
+  }
+};
+
+template <class PT, bool MASTER, int WD>
+struct LambPass2 {
+  Mem<PT, MASTER> mem;
+  LambCoef c;
+  template <int M>
+  __device__ __forceinline__ void run(int64_t i) {
+    float w[M], m[M], v[M];
+    mem.template load_w<M>(i, w);
+    vload<M>(mem.s0 + i, m);
+    vload<M>(mem.s1 + i, v);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float u = lamb_direction<WD>(c, w[j], m[j], v[j]);
+      w[j] = lamb_decayed_weight<WD>(c, w[j]) - c.k * u;
+    }
+    mem.template store_w<M>(i, w);
+  }
+};
+
+template <class PT, bool MASTER, int WD>
+__device__ __forceinline__ void lamb_tile1(const LambArgs& a, const LambCoef& c, int64_t st, int len, double (&x)[3]) {
+  LambPass1<PT, MASTER, WD> f{Mem<PT, MASTER>(a.b), c};
+  for_tile<16 / sizeof(PT)>(st, len, a.b.vec_ok, f);
+  x[0] = f.sw;
+  x[1] = f.sg;
+  x[2] = f.su;
+}
+
+template <class PT, bool MASTER, int WD>
+__device__ __forceinline__ void lamb_tile2(const LambArgs& a, const LambCoef& c, int64_t st, int len) {
+  LambPass2<PT, MASTER, WD> f{Mem<PT, MASTER>(a.b), c};
+  for_tile<16 / sizeof(PT)>(st, len, a.b.vec_ok, f);
+}
+
+template <class PT, bool MASTER>
+__global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, const int phase) {
+  if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
+  const double inv = read(a.inv_scale);
+  const double gscale = (a.o.maximize ? -inv : inv) / read(a.clip_coef);
+  const double lr = read(a.lr);
+  const Plan& p = a.p;
+  const int64_t ng = phase == 0 ? p.num_groups : 1;
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    const Range r = group_range(p, phase, gi);
+    if (phase != 2) {
+      snapshot(p, a.s, r);
+      for (int64_t t = r.a; t < r.b; ++t) {
+        const int64_t s = p.tile_seg[t];
+        if (a.s.active[s] == 0.f) continue;
+        // step[s] is written only in phase 2 (after the grid sync / in the second launch)
+        const LambCoef c = lamb_coef(a.o, gscale, a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]), lr,
+                                     static_cast<double>(a.s.step[s]) + 1.0);
+        double x[3];
+        const int64_t st = p.tile_start[t];
+        const int len = p.tile_len[t];
+        switch (a.o.wd_mode) {
+          case kLambL2: lamb_tile1<PT, MASTER, kLambL2>(a, c, st, len, x); break;
+          case kLambDecoupled: lamb_tile1<PT, MASTER, kLambDecoupled>(a, c, st, len, x); break;
+          default: lamb_tile1<PT, MASTER, kLambInUpdate>(a, c, st, len, x); break;
+        }
+        block_sum<3>(x);
+        if (threadIdx.x == 0) {
+          p.part[3 * t] = x[0];
+          p.part[3 * t + 1] = x[1];
+          p.part[3 * t + 2] = x[2];
+        }
+      }
+    }
+    if (phase == 0) {
+      __threadfence();
+      cg::this_grid().sync();
+    }
+    if (phase != 1) {
+      int64_t cur = -1;
+      LambCoef c{};
+      for (int64_t t = r.a; t < r.b; ++t) {
+        const int64_t s = p.tile_seg[t];
+        if (a.s.active[s] == 0.f) continue;
+        if (s != cur) {
+          double ssq[3];
+          segment_sums(p, s, ssq);
+          const double t_new = static_cast<double>(p.snap[2 * s]) + 1.0;
+          const LambSegment sg = lamb_segment(a.o, ssq[0], ssq[1], ssq[2], a.s.adapt_mask[s] != 0.f, lr);
+          c = lamb_coef(a.o, gscale, a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]), lr, t_new);
+          c.k = lamb_step_scale(a.o, lr, sg.r, t_new);
+          cur = s;
+        }
+        const int64_t st = p.tile_start[t];
+        const int len = p.tile_len[t];
+        switch (a.o.wd_mode) {
+          case kLambL2: lamb_tile2<PT, MASTER, kLambL2>(a, c, st, len); break;
+          case kLambDecoupled: lamb_tile2<PT, MASTER, kLambDecoupled>(a, c, st, len); break;
+          default: lamb_tile2<PT, MASTER, kLambInUpdate>(a, c, st, len); break;
+        }
+      }
+      for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
+        if (a.s.active[s] == 0.f) continue;
+        double ssq[3];
+        segment_sums(p, s, ssq);
+        const LambSegment sg = lamb_segment(a.o, ssq[0], ssq[1], ssq[2], a.s.adapt_mask[s] != 0.f, lr);
+        if (threadIdx.x == 0) {
+          a.s.w_norm[s] = static_cast<float>(sg.n_w);
+          a.s.g_norm[s] = static_cast<float>(sg.n_g);
+          a.s.u_norm[s] = static_cast<float>(sg.n_u);
+          a.s.trust_ratio[s] = static_cast<float>(sg.r);
+          a.s.has_state[s] = 1.f;
+          a.s.step[s] = p.snap[2 * s] + 1.f;
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// global gradient norm (LAMB's max_grad_norm): per-tile partials, then one block in tile order
+
+template <class PT>
+struct GradSumsq {
+  const PT* g;
+  float gscale;
+  float sg = 0.f;
+  template <int M>
+  __device__ __forceinline__ void run(int64_t i) {
+    float x[M];
+    vload<M>(g + i, x);
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      const float gj = x[j] * gscale;
+      sg += gj * gj;
+    }
+  }
+};
+
+template <class PT>
+__global__ void __launch_bounds__(kThreads) grad_sumsq_partials(const PT* grad, int vec_ok, const float* active,
+                                                                 const Plan p, const Scalar inv_scale, double* gpart) {
+  const float gscale = static_cast<float>(read(inv_scale));
+  for (int64_t t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
+    if (active[p.tile_seg[t]] == 0.f) continue;
+    GradSumsq<PT> f{grad, gscale};
+    for_tile<16 / sizeof(PT)>(p.tile_start[t], p.tile_len[t], vec_ok, f);
+    double x[1] = {f.sg};
+    block_sum<1>(x);
+    if (threadIdx.x == 0) gpart[t] = x[0];
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) grad_sumsq_final(const float* active, const Plan p, const double* gpart,
+                                                              double* out) {
+  double x[1] = {0.0};
+  for (int64_t t = threadIdx.x; t < p.num_tiles; t += kThreads)
+    if (active[p.tile_seg[t]] != 0.f) x[0] += gpart[t];
+  block_sum<1>(x);
+  if (threadIdx.x == 0) *out = x[0];
+}
+
+// ------------------------------------------------------------------------------------------------
+// host side
+
+std::atomic<int> g_last_path{0};
+
+struct DevAttr {
+  int sms = 0, coop = 0;
+};
+
+DevAttr dev_attr(int dev) {
+  static std::mutex mu;
+  static std::map<int, DevAttr> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(dev);
+  if (it != cache.end()) return it->second;
+  DevAttr d;
+  if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&d.coop, cudaDevAttrCooperativeLaunch, dev) != cudaSuccess) {
+    cudaGetLastError();
+    d = DevAttr{};
+  }
+  cache[dev] = d;
+  return d;
+}
+
+int blocks_per_sm(const void* fn, int dev) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto key = std::make_pair(fn, dev);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, fn, kThreads, 0) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  cache[key] = n;
+  return n;
+}
+
+bool env_off(const char* name) {
+  const char* v = std::getenv(name);
+  return v && std::strcmp(v, "0") == 0;
+}
+
+template <class Args>
+LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t stream, int path) {
+  LaunchInfo info{cudaSuccess, kPathTwoLaunch, 0, nullptr};
+  int dev = 0;
+  if ((info.err = cudaGetDevice(&dev)) != cudaSuccess) return info;
+  const DevAttr d = dev_attr(dev);
+  const int per_sm = blocks_per_sm(reinterpret_cast<const void*>(fn), dev);
+  const int64_t T = a.p.num_tiles;
+  const int64_t resident = static_cast<int64_t>(per_sm) * d.sms;
+  bool coop = d.coop && resident > 0;
+  const char* why = coop ? nullptr : "the device does not support cooperative launches";
+  if (coop && env_off("FUSEDLARS_CUDA_COOP")) {
+    coop = false;
+    why = "FUSEDLARS_CUDA_COOP=0";
+  }
+  if (coop && env_off("FUSEDLARS_CUDA_COOP_IN_GRAPH")) {
+    cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(stream, &st) == cudaSuccess && st != cudaStreamCaptureStatusNone) {
+      coop = false;
+      why = "FUSEDLARS_CUDA_COOP_IN_GRAPH=0 and the stream is capturing";
+    }
+  }
+  if (path == kPathCooperative && !coop) {
+    info.err = cudaErrorNotSupported;
+    info.why = why;
+    return info;
+  }
+  if (path == kPathTwoLaunch) coop = false;
+  if (coop) {
+    // persistent grid: every block resident (required by grid.sync), no more blocks than tiles
+    const int64_t g = T < resident ? (T > 0 ? T : 1) : resident;
+    info.grid = static_cast<int>(g);
+    info.path = kPathCooperative;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(g));
+    cfg.blockDim = dim3(kThreads);
+    cfg.dynamicSmemBytes = 0;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    info.err = cudaLaunchKernelEx(&cfg, fn, a, 0);
+  } else {
+    const int64_t cap = resident > 0 ? 4 * resident : 1024;
+    const int64_t g = T < cap ? (T > 0 ? T : 1) : cap;
+    info.grid = static_cast<int>(g);
+    info.path = kPathTwoLaunch;
+    fn<<<static_cast<unsigned>(g), kThreads, 0, stream>>>(a, 1);
+    fn<<<static_cast<unsigned>(g), kThreads, 0, stream>>>(a, 2);
+    info.err = cudaGetLastError();
+  }
+  if (info.err == cudaSuccess) g_last_path.store(info.path);
+  return info;
+}
+
+}  // namespace
+
+LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path) {
+  switch (variant) {
+    case kF32: return launch(&lars_kernel<float, false>, a, stream, path);
+    case kBF16: return launch(&lars_kernel<__nv_bfloat16, false>, a, stream, path);
+    case kBF16Master: return launch(&lars_kernel<__nv_bfloat16, true>, a, stream, path);
+    case kF16: return launch(&lars_kernel<__half, false>, a, stream, path);
+    default: return launch(&lars_kernel<__half, true>, a, stream, path);
+  }
+}
+
+LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int path) {
+  switch (variant) {
+    case kF32: return launch(&lamb_kernel<float, false>, a, stream, path);
+    case kBF16: return launch(&lamb_kernel<__nv_bfloat16, false>, a, stream, path);
+    case kBF16Master: return launch(&lamb_kernel<__nv_bfloat16, true>, a, stream, path);
+    case kF16: return launch(&lamb_kernel<__half, false>, a, stream, path);
+    default: return launch(&lamb_kernel<__half, true>, a, stream, path);
+  }
+}
+
+cudaError_t launch_grad_sumsq(const void* grad, int variant, int vec_ok, const float* active, const Plan& p,
+                              Scalar inv_scale, double* gpart, double* out, cudaStream_t stream) {
+  const int64_t T = p.num_tiles;
+  if (T > 0) {
+    const unsigned g = static_cast<unsigned>(T < 4096 ? T : 4096);
+    if (variant == kF32)
+      grad_sumsq_partials<float><<<g, kThreads, 0, stream>>>(static_cast<const float*>(grad), vec_ok, active, p,
+                                                             inv_scale, gpart);
+    else if (variant == kBF16 || variant == kBF16Master)
+      grad_sumsq_partials<__nv_bfloat16><<<g, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(grad), vec_ok,
+                                                                     active, p, inv_scale, gpart);
+    else
+      grad_sumsq_partials<__half><<<g, kThreads, 0, stream>>>(static_cast<const __half*>(grad), vec_ok, active, p,
+                                                              inv_scale, gpart);
+  }
+  grad_sumsq_final<<<1, kThreads, 0, stream>>>(active, p, gpart, out);
+  return cudaGetLastError();
+}
+
+#define FUSEDLARS_STR2(...) #__VA_ARGS__
+#define FUSEDLARS_STR(...) FUSEDLARS_STR2(__VA_ARGS__)
+const char* compiled_archs() {
+#ifdef __CUDA_ARCH_LIST__
+  return FUSEDLARS_STR(__CUDA_ARCH_LIST__);
+#else
+  return "unknown";
+#endif
+}
+
+int last_path() { return g_last_path.load(); }
+
+int device_coop(int device, int* sms, int* per_sm) {
+  const DevAttr d = dev_attr(device);
+  int prev = 0;
+  cudaGetDevice(&prev);
+  if (prev != device) cudaSetDevice(device);
+  const int n = blocks_per_sm(reinterpret_cast<const void*>(&lars_kernel<float, false>), device);
+  if (prev != device) cudaSetDevice(prev);
+  if (sms) *sms = d.sms;
+  if (per_sm) *per_sm = n;
+  return d.coop && n > 0 ? 1 : 0;
+}
+
+}  // namespace cuda
+}  // namespace fusedlars

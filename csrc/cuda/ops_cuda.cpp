@@ -1,0 +1,294 @@
+// CUDA implementations of fusedlars::lars_step_cuda / lamb_step_cuda / grad_sumsq_cuda (schemas in
+// csrc/ops.cpp): argument checks, tensors -> raw pointers, launch on the current stream
+// (csrc/cuda/fused_kernels.cu). No host sync: per-step scalars are passed as device pointers.
+//
+// Only <c10/cuda/...> headers: ATen/cuda/CUDAContext.h pulls cusparse.h, which a minimal toolkit lacks.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "launch.h"
+
+namespace fusedlars {
+namespace cuda {
+namespace {
+
+void check_buf(const at::Tensor& t, const char* name, const at::Device& dev, at::ScalarType dt, int64_t numel) {
+  TORCH_CHECK(t.device() == dev, "fusedlars cuda: ", name, " must be on ", dev, " (the param's device), got ",
+              t.device());
+  TORCH_CHECK(t.is_contiguous(), "fusedlars cuda: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == dt, "fusedlars cuda: ", name, " must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(numel < 0 || t.numel() == numel, "fusedlars cuda: ", name, " has ", t.numel(), " elements, expected ",
+              numel);
+}
+
+Scalar scalar(const std::optional<at::Tensor>& t, const char* name, const at::Device& dev, double dflt) {
+  if (!t) return Scalar{nullptr, 0, dflt};
+  TORCH_CHECK(t->numel() == 1, "fusedlars cuda: ", name, " must have one element, got shape ", t->sizes());
+  TORCH_CHECK(t->device() == dev, "fusedlars cuda: ", name, " must be on ", dev, ", got ", t->device(),
+              " (a CPU value would need a host sync; pass a float or a device tensor)");
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, "fusedlars cuda: ", name,
+              " must be float32 or float64, got ", t->scalar_type());
+  return Scalar{t->data_ptr(), t->scalar_type() == at::kDouble ? 1 : 0, dflt};
+}
+
+bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+struct Common {
+  int variant;
+  Bufs b;
+  Segs s;
+  Plan p;
+  Scalar lr, inv_scale, found_inf;
+};
+
+Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                    const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
+                    const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                    const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                    const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
+                    const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
+                    const at::Tensor& snap, const std::optional<at::Tensor>& lr_tensor, double lr,
+                    const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(param.is_cuda(), "fusedlars cuda: param must be a CUDA tensor, got ", param.device());
+  const at::Device dev = param.device();
+  Common c{};
+  const int64_t N = param.numel();
+  switch (param.scalar_type()) {
+    case at::kFloat:
+      TORCH_CHECK(!master, "fusedlars cuda: master weights need a bf16/fp16 param");
+      c.variant = kF32;
+      break;
+    case at::kBFloat16:
+      c.variant = master ? kBF16Master : kBF16;
+      break;
+    case at::kHalf:
+      c.variant = master ? kF16Master : kF16;
+      break;
+    default:
+      TORCH_CHECK(false, "fusedlars cuda: unsupported param dtype ", param.scalar_type(),
+                  " (float32, bfloat16, float16 are fused)");
+  }
+  check_buf(param, "param", dev, param.scalar_type(), -1);
+  check_buf(grad, "grad", dev, param.scalar_type(), N);
+  if (master) check_buf(*master, "master", dev, at::kFloat, N);
+  const int64_t S = wd_mask.numel();
+  const std::pair<const at::Tensor*, const char*> segs[] = {
+      {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&active, "active"}, {&has_state, "has_state"},
+      {&step, "step"},       {&w_norm, "w_norm"},         {&g_norm, "g_norm"}, {&u_norm, "u_norm"},
+      {&trust_ratio, "trust_ratio"}};
+  for (const auto& [t, name] : segs) check_buf(*t, name, dev, at::kFloat, S);
+  const int64_t T = tile_start.numel();
+  check_buf(tile_seg, "tile_seg", dev, at::kInt, T);
+  check_buf(tile_start, "tile_start", dev, at::kLong, T);
+  check_buf(tile_len, "tile_len", dev, at::kInt, T);
+  check_buf(seg_tile_ptr, "seg_tile_ptr", dev, at::kLong, S + 1);
+  check_buf(group_seg, "group_seg", dev, at::kLong, -1);
+  TORCH_CHECK(group_seg.numel() >= 2, "fusedlars cuda: group_seg needs at least 2 entries");
+  check_buf(partials, "partials", dev, at::kDouble, -1);
+  TORCH_CHECK(partials.numel() >= 3 * T, "fusedlars cuda: partials needs 3 * num_tiles = ", 3 * T, " elements");
+  check_buf(snap, "snap", dev, at::kFloat, -1);
+  TORCH_CHECK(snap.numel() >= 2 * S, "fusedlars cuda: snap needs 2 * num_segments = ", 2 * S, " elements");
+
+  c.b = Bufs{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), nullptr, nullptr, 0};
+  c.s = Segs{wd_mask.data_ptr<float>(), adapt_mask.data_ptr<float>(), active.data_ptr<float>(),
+             has_state.data_ptr<float>(), step.data_ptr<float>(), w_norm.data_ptr<float>(),
+             g_norm.data_ptr<float>(), u_norm.data_ptr<float>(), trust_ratio.data_ptr<float>()};
+  c.p = Plan{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(),
+             seg_tile_ptr.data_ptr<int64_t>(), group_seg.data_ptr<int64_t>(), T, S, group_seg.numel() - 1,
+             partials.data_ptr<double>(), snap.data_ptr<float>()};
+  c.lr = scalar(lr_tensor, "lr", dev, lr);
+  c.inv_scale = scalar(inv_scale, "inv_scale", dev, 1.0);
+  c.found_inf = scalar(found_inf, "found_inf", dev, 0.0);
+  return c;
+}
+
+void finish_vec(Bufs& b) {
+  b.vec_ok = aligned16(b.param) && aligned16(b.master) && aligned16(b.grad) && aligned16(b.s0) && aligned16(b.s1);
+}
+
+void check_launch(const LaunchInfo& info, const char* op) {
+  TORCH_CHECK(info.why == nullptr, "fusedlars cuda: ", op, ": cooperative launch requested but unavailable: ",
+              info.why);
+  TORCH_CHECK(info.err == cudaSuccess, "fusedlars cuda: ", op, " launch failed: ", cudaGetErrorString(info.err));
+}
+
+void lars_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                    const std::optional<at::Tensor>& momentum, const at::Tensor& wd_mask,
+                    const at::Tensor& adapt_mask, const at::Tensor& active, const at::Tensor& has_state,
+                    const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,
+                    const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& tile_seg,
+                    const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr,
+                    const at::Tensor& group_seg, const at::Tensor& partials, const at::Tensor& snap,
+                    const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
+                    const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
+                    at::ArrayRef<int64_t> modes, int64_t path) {
+  TORCH_CHECK(hyper.size() == 14 && modes.size() == 11, "fusedlars cuda: lars_step_cuda expects 14 hyper, 11 modes");
+  Common c = check_common(param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm,
+                          trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap,
+                          lr_tensor, lr, inv_scale, found_inf);
+  LarsArgs a{};
+  LarsOptions& o = a.o;
+  o.momentum = hyper[0];
+  o.dampening = hyper[1];
+  o.weight_decay = hyper[2];
+  o.eta = hyper[3];
+  o.eps = hyper[4];
+  o.clamp_lo = hyper[5];
+  o.clamp_hi = hyper[6];
+  o.clip_lo = hyper[7];
+  o.clip_hi = hyper[8];
+  o.tv_lmbda = hyper[9];
+  o.tv_alpha = hyper[10];
+  o.tv_shift = hyper[11];
+  o.tv_gamma_min = hyper[12];
+  o.tv_gate = hyper[13];
+  o.nesterov = static_cast<int>(modes[0]);
+  o.maximize = static_cast<int>(modes[1]);
+  o.denominator = static_cast<int>(modes[2]);
+  o.wd_mode = static_cast<int>(modes[3]);
+  o.zero_norm = static_cast<int>(modes[4]);
+  o.zero_norm_check = static_cast<int>(modes[5]);
+  o.trust_clip = static_cast<int>(modes[6]);
+  o.adapt_enabled = static_cast<int>(modes[7]);
+  o.momentum_mode = static_cast<int>(modes[8]);
+  o.first_step_buffer = static_cast<int>(modes[9]);
+  o.tv_on = static_cast<int>(modes[10]);
+  if (o.momentum != 0.0) {
+    TORCH_CHECK(momentum.has_value(), "fusedlars cuda: momentum != 0 needs a momentum buffer");
+    check_buf(*momentum, "momentum", param.device(), at::kFloat, param.numel());
+    c.b.s0 = momentum->data_ptr<float>();
+  }
+  finish_vec(c.b);
+  a.b = c.b;
+  a.s = c.s;
+  a.p = c.p;
+  a.lr = c.lr;
+  a.inv_scale = c.inv_scale;
+  a.found_inf = c.found_inf;
+  const c10::cuda::CUDAGuard guard(param.device());
+  check_launch(launch_lars(a, c.variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
+               "lars_step_cuda");
+}
+
+void lamb_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& wd_mask,
+                    const at::Tensor& adapt_mask, const at::Tensor& active, const at::Tensor& has_state,
+                    const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,
+                    const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& tile_seg,
+                    const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr,
+                    const at::Tensor& group_seg, const at::Tensor& partials, const at::Tensor& snap,
+                    const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
+                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                    at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path) {
+  TORCH_CHECK(hyper.size() == 11 && modes.size() == 6, "fusedlars cuda: lamb_step_cuda expects 11 hyper, 6 modes");
+  Common c = check_common(param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm,
+                          trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap,
+                          lr_tensor, lr, inv_scale, found_inf);
+  check_buf(exp_avg, "exp_avg", param.device(), at::kFloat, param.numel());
+  check_buf(exp_avg_sq, "exp_avg_sq", param.device(), at::kFloat, param.numel());
+  LambArgs a{};
+  LambOptions& o = a.o;
+  o.beta1 = hyper[0];
+  o.beta2 = hyper[1];
+  o.beta3 = hyper[2];
+  o.eps = hyper[3];
+  o.eps_root = hyper[4];
+  o.weight_decay = hyper[5];
+  o.clamp_lo = hyper[6];
+  o.clamp_hi = hyper[7];
+  o.clip_lo = hyper[8];
+  o.clip_hi = hyper[9];
+  o.trust_ratio_eps = hyper[10];
+  o.maximize = static_cast<int>(modes[0]);
+  o.bias_correction = static_cast<int>(modes[1]);
+  o.wd_mode = static_cast<int>(modes[2]);
+  o.adapt_enabled = static_cast<int>(modes[3]);
+  o.trust_clip = static_cast<int>(modes[4]);
+  o.adam = static_cast<int>(modes[5]);
+  c.b.s0 = exp_avg.data_ptr<float>();
+  c.b.s1 = exp_avg_sq.data_ptr<float>();
+  finish_vec(c.b);
+  a.b = c.b;
+  a.s = c.s;
+  a.p = c.p;
+  a.lr = c.lr;
+  a.inv_scale = c.inv_scale;
+  a.found_inf = c.found_inf;
+  a.clip_coef = scalar(clip_coef, "clip_coef", param.device(), 1.0);
+  const c10::cuda::CUDAGuard guard(param.device());
+  check_launch(launch_lamb(a, c.variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
+               "lamb_step_cuda");
+}
+
+at::Tensor grad_sumsq_cuda(const at::Tensor& grad, const at::Tensor& active, const at::Tensor& tile_seg,
+                           const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& gpart,
+                           const std::optional<at::Tensor>& inv_scale) {
+  TORCH_CHECK(grad.is_cuda(), "fusedlars cuda: grad must be a CUDA tensor, got ", grad.device());
+  const at::Device dev = grad.device();
+  int variant = kF32;
+  switch (grad.scalar_type()) {
+    case at::kFloat: variant = kF32; break;
+    case at::kBFloat16: variant = kBF16; break;
+    case at::kHalf: variant = kF16; break;
+    default: TORCH_CHECK(false, "fusedlars cuda: unsupported grad dtype ", grad.scalar_type());
+  }
+  check_buf(grad, "grad", dev, grad.scalar_type(), -1);
+  check_buf(active, "active", dev, at::kFloat, -1);
+  const int64_t T = tile_start.numel();
+  check_buf(tile_seg, "tile_seg", dev, at::kInt, T);
+  check_buf(tile_start, "tile_start", dev, at::kLong, T);
+  check_buf(tile_len, "tile_len", dev, at::kInt, T);
+  check_buf(gpart, "gpart", dev, at::kDouble, -1);
+  TORCH_CHECK(gpart.numel() >= T, "fusedlars cuda: gpart needs num_tiles = ", T, " elements");
+  Plan p{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(), nullptr, nullptr,
+         T, active.numel(), 0, nullptr, nullptr};
+  const c10::cuda::CUDAGuard guard(dev);
+  at::Tensor out = at::empty({}, grad.options().dtype(at::kDouble));
+  const cudaError_t err =
+      launch_grad_sumsq(grad.data_ptr(), variant, aligned16(grad.data_ptr()) ? 1 : 0, active.data_ptr<float>(), p,
+                        scalar(inv_scale, "inv_scale", dev, 1.0), gpart.data_ptr<double>(), out.data_ptr<double>(),
+                        c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "fusedlars cuda: grad_sumsq_cuda launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fusedlars
+
+// "archs=800,900,1000;devices=N;device=<i>;name=...;sm=90;coop=1;sms=132;blocks_per_sm=3;last_path=cooperative"
+// (device fields only when a GPU is visible). Called by ops.cpp's cuda_info op.
+std::string fusedlars_cuda_info() {
+  using namespace fusedlars::cuda;
+  std::string s = std::string("archs=") + compiled_archs();
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    n = 0;
+  }
+  s += ";devices=" + std::to_string(n);
+  if (n > 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, dev) == cudaSuccess) {
+      s += ";device=" + std::to_string(dev) + ";name=" + prop.name + ";sm=" + std::to_string(prop.major * 10 + prop.minor);
+    }
+    int sms = 0, per_sm = 0;
+    const int coop = device_coop(dev, &sms, &per_sm);
+    s += ";coop=" + std::to_string(coop) + ";sms=" + std::to_string(sms) + ";blocks_per_sm=" + std::to_string(per_sm);
+  }
+  const int lp = last_path();
+  s += std::string(";last_path=") + (lp == kPathCooperative ? "cooperative" : lp == kPathTwoLaunch ? "two_launch" : "none");
+  return s;
+}
+
+TORCH_LIBRARY_IMPL(fusedlars, CUDA, m) {
+  m.impl("lars_step_cuda", &fusedlars::cuda::lars_step_cuda);
+  m.impl("lamb_step_cuda", &fusedlars::cuda::lamb_step_cuda);
+  m.impl("grad_sumsq_cuda", &fusedlars::cuda::grad_sumsq_cuda);
+}

@@ -1,0 +1,308 @@
+"""The fused CUDA backend (fusedlars/kernels/cuda.py, csrc/cuda) against the float64 reference.
+
+GPU tests: marked ``gpu`` and skipped unless a CUDA device is visible and the cuda backend is
+available. Every comparison runs the same optimizer with ``backend="cuda"`` and ``backend="reference"``
+on the same CUDA data (odd shapes 1, 3, 4097, 65537, empty, zero weights / grads, multi-tile layers).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fusedlars
+from fusedlars import kernels
+from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+
+OK, WHY = kernels.status("cuda")
+HAVE_GPU = torch.cuda.is_available()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (HAVE_GPU and OK), reason=f"needs a CUDA device and the cuda backend: {WHY}"),
+]
+
+SHAPES = [
+    ("a", (1,)),
+    ("b", (3,)),
+    ("c", (4097,)),
+    ("d", (65537,)),  # 5 tiles of 16384, last one of 1 element
+    ("e", (0,)),
+    ("fc.weight", (33, 72)),
+    ("conv.weight", (8, 3, 3, 5)),
+    ("zero_w", (40, 17)),
+    ("zero_g", (19, 7)),
+    ("bias", (64,)),
+]
+TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (3e-3, 1e-4)}
+DEV = "cuda"
+
+
+def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for name, s in shapes:
+        p = torch.randn(s, generator=g, dtype=torch.float64)
+        if name == "zero_w":
+            p.zero_()
+        out.append((name, p.to(dtype).to(DEV).requires_grad_()))
+    return out
+
+
+def make_grads(params, step, scale=0.01, special=None):
+    g = torch.Generator().manual_seed(1000 + step)
+    grads = []
+    for name, p in params:
+        gr = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
+        if name == "zero_g":
+            gr.zero_()
+        if special is not None:
+            special(name, gr, step)
+        grads.append(gr.to(p.dtype).to(DEV))
+    return grads
+
+
+def run(cls, backend, *, steps=3, dtype=torch.float32, master=False, lr=0.1, grad_fn=None, shapes=SHAPES, **kw):
+    params = make_params(dtype, shapes)
+    opt = cls(params, lr=lr, backend=backend, master_weights=master, **kw)
+    for t in range(steps):
+        grads = grad_fn(params, t) if grad_fn else make_grads(params, t)
+        for (_, p), gr in zip(params, grads):
+            p.grad = gr
+        if isinstance(lr, (int, float)):
+            opt.param_groups[0]["lr"] = lr * (1 + 0.1 * t)
+        opt.step()
+    return params, opt
+
+
+def assert_same(cls, *, dtype=torch.float32, equal_nan=False, **kw):
+    pa, oa = run(cls, "cuda", dtype=dtype, **kw)
+    pb, ob = run(cls, "reference", dtype=dtype, **kw)
+    assert oa.backends_in_use() == ["cuda"] * len(oa.buckets())
+    rtol, atol = TOL[dtype]
+    for (name, a), (_, b) in zip(pa, pb):
+        fin = b.detach().double()[torch.isfinite(b.detach().double())]
+        mag = max(fin.abs().max().item(), 1.0) if fin.numel() else 1.0
+        torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=rtol, atol=atol * mag,
+                                   equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
+    for ba, bb in zip(oa.buckets(), ob.buckets()):
+        for key in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
+            torch.testing.assert_close(getattr(ba, key), getattr(bb, key), rtol=max(rtol, 1e-5), atol=1e-6,
+                                       equal_nan=equal_nan, msg=lambda m: f"{key}: {m}")
+        assert torch.equal(ba.step, bb.step) and torch.equal(ba.has_state, bb.has_state)
+        for key in ba.state:
+            torch.testing.assert_close(ba.state[key], bb.state[key], rtol=max(rtol, 1e-5),
+                                       atol=1e-6 if dtype == torch.float32 else 1e-4, equal_nan=equal_nan,
+                                       msg=lambda m: f"state {key}: {m}")
+        if ba.flat_master is not None:
+            torch.testing.assert_close(ba.flat_master, bb.flat_master, rtol=1e-5, atol=1e-6)
+    return oa, ob
+
+
+@pytest.fixture(params=["auto", "two_launch"])
+def path(request, monkeypatch):
+    monkeypatch.setenv("FUSEDLARS_CUDA_PATH", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("preset", sorted(LARS_PRESETS))
+def test_lars_presets(preset, path):
+    assert_same(fusedlars.LARS, preset=preset, steps=4)
+
+
+@pytest.mark.parametrize("preset", sorted(LAMB_PRESETS))
+def test_lamb_presets(preset, path):
+    assert_same(fusedlars.LAMB, preset=preset, lr=1e-2, steps=4)
+
+
+@pytest.mark.parametrize("kw", [{}, {"gate": 2}, {"lmbda": 0.5, "shift": 1.0, "gamma_min": 0.01}])
+def test_tvlars(kw):
+    assert_same(fusedlars.TVLARS, weight_decay=1e-3, steps=4, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("master", [False, True])
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_low_precision(dtype, master, cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    assert_same(cls, dtype=dtype, master=master, **kw)
+
+
+def _nonfinite(name, gr, step):
+    if name == "c" and step == 1:
+        gr[5] = float("inf")
+    if name == "fc.weight" and step == 1:
+        gr[0, 3] = float("nan")
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_nonfinite_grads_propagate_like_reference(cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    assert_same(cls, equal_nan=True, grad_fn=lambda ps, t: make_grads(ps, t, special=_nonfinite), **kw)
+
+
+def test_excluded_and_inactive_layers():
+    def grads(ps, t):
+        gs = make_grads(ps, t)
+        return [None if (name == "fc.weight" and t == 1) or name == "b" else g for (name, _), g in zip(ps, gs)]
+
+    oa, _ = assert_same(fusedlars.LARS, grad_fn=grads, weight_decay=1e-3, exclude_from_adaptation=["bias", "a"],
+                        exclude_from_weight_decay=["bias"])
+    b = oa.buckets()[0]
+    assert b.step.tolist()[1] == 0 and b.has_state.tolist()[1] == 0
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_grad_scaler_skip_changes_nothing(cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    params = make_params()
+    opt = cls(params, backend="cuda", **kw) if "lr" in kw else cls(params, lr=0.1, backend="cuda", **kw)
+    for t in range(3):
+        for (_, p), gr in zip(params, make_grads(params, t)):
+            p.grad = gr * 1024.0
+        opt.grad_scale = torch.tensor(1024.0, device=DEV)
+        opt.found_inf = torch.tensor(0.0, device=DEV)
+        opt.step()
+    b = opt.buckets()[0]
+    before = [p.detach().clone() for _, p in params]
+    snap = {k: v.clone() for k, v in b.state.items()}
+    side = [x.clone() for x in (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)]
+    for _, p in params:
+        p.grad.fill_(float("inf"))
+    opt.found_inf = torch.tensor(1.0, device=DEV)
+    opt.step()
+    assert all(torch.equal(x, p.detach()) for x, (_, p) in zip(before, params))
+    assert all(torch.equal(snap[k], b.state[k]) for k in snap)
+    assert all(torch.equal(x, y) for x, y in zip(side, (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)))
+
+
+def test_real_grad_scaler_autocast():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(DEV)
+    opt = fusedlars.LARS(model.parameters(), lr=0.1, weight_decay=1e-4, backend="cuda")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    x, y = torch.randn(64, 16, device=DEV), torch.randn(64, 4, device=DEV)
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.mse_loss(model(x).float(), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_bitwise_deterministic_and_same_for_both_paths(cls, monkeypatch):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2, lr=1e-2)
+    outs = []
+    for p in ("auto", "auto", "two_launch"):
+        monkeypatch.setenv("FUSEDLARS_CUDA_PATH", p)
+        params, opt = run(cls, "cuda", steps=4, **kw)
+        outs.append(([x.detach().clone() for _, x in params], [b.trust_ratio.clone() for b in opt.buckets()]))
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][0], o[0]))
+        assert all(torch.equal(a, b) for a, b in zip(outs[0][1], o[1]))
+
+
+def test_cooperative_path_used_when_supported():
+    from fusedlars.kernels import cuda as K
+
+    run(fusedlars.LARS, "cuda", steps=1)
+    info = K.build_info()
+    assert info["last_path"] == ("cooperative" if info["coop"] == "1" else "two_launch"), info
+
+
+def test_grad_sumsq_matches_reference():
+    _, opt = run(fusedlars.LAMB, "cuda", steps=1, lr=1e-2)
+    b = opt.buckets()[0]
+    cfg = type("C", (), {"inv_scale": torch.tensor(0.5, device=DEV)})()
+    got = kernels.get("cuda").grad_sumsq(b, cfg)
+    want = kernels.get("reference").grad_sumsq(b, cfg)
+    assert got.dtype == torch.float64 and got.dim() == 0 and got.device.type == "cuda"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("op", ["lars", "lamb"])
+def test_opcheck(op):
+    """Schema / fake-kernel consistency of the CUDA ops (torch.library.opcheck)."""
+    from fusedlars.kernels import cuda as K
+
+    cls = fusedlars.LARS if op == "lars" else fusedlars.LAMB
+    _, opt = run(cls, "cuda", steps=1, lr=1e-2)
+    b = opt.buckets()[0]
+    sc = K._scratch(b, op.upper())
+    tt = sc.tiles
+    seg = (b.wd_mask, b.adapt_mask, b.active, b.has_state, b.step, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio,
+           tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap, None, 0.01, None, None)
+    if op == "lars":
+        args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *seg, [0.9] + [0.0] * 2 + [1e-3, 0.0, 0.0,
+                float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0] * 11)
+        torch.library.opcheck(torch.ops.fusedlars.lars_step_cuda.default, args, test_utils=("test_schema", "test_faketensor"))
+    else:
+        args = (b.flat_param, b.flat_grad, None, b.state["exp_avg"], b.state["exp_avg_sq"], *seg, None,
+                [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, 0.0, 0.0], [0] * 6)
+        torch.library.opcheck(torch.ops.fusedlars.lamb_step_cuda.default, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_cuda_graph_capture_replay_equals_eager(cls):
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2)
+    lr_eager = 0.1 if cls is fusedlars.LARS else 1e-2
+
+    def setup():
+        params = make_params()
+        lr_t = torch.tensor(lr_eager, device=DEV)
+        opt = cls(params, lr=lr_t, backend="cuda", **kw)
+        return params, opt, lr_t
+
+    grads = [make_grads(make_params(), t) for t in range(4)]
+    pe, oe, lre = setup()
+    for t in range(4):
+        for (_, p), g in zip(pe, grads[t]):
+            p.grad = g.clone()
+        lre.fill_(lr_eager * (1 + 0.1 * t))
+        oe.step()
+
+    pg, og, lrg = setup()
+    for (_, p), g in zip(pg, grads[0]):
+        p.grad = g.clone()
+    lrg.fill_(lr_eager)
+    og.step()  # warm-up: buckets, scratch and tile tables exist before capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph, stream=s):
+            og.step()
+    torch.cuda.current_stream().wait_stream(s)
+    # the capture did not run the step: replay steps 1..3
+    for t in range(1, 4):
+        for (_, p), g in zip(pg, grads[t]):
+            p.grad.copy_(g)
+        lrg.fill_(lr_eager * (1 + 0.1 * t))
+        graph.replay()
+    torch.cuda.synchronize()
+    for (_, a), (_, b) in zip(pe, pg):
+        assert torch.equal(a.detach(), b.detach())
+
+
+@pytest.mark.slow
+def test_tensor_above_2_pow_31_elements():
+    n = 2**31 + 4097
+    free, _ = torch.cuda.mem_get_info()
+    if free < n * 4 * 4 + (2 << 30):
+        pytest.skip(f"needs {n * 16 / 2**30:.0f} GiB of GPU memory")
+    p = torch.nn.Parameter(torch.full((n,), 1.0, device=DEV))
+    opt = fusedlars.LARS([p], lr=0.1, momentum=0.0, weight_decay=0.0, backend="cuda")
+    p.grad = torch.full((n,), 2.0, device=DEV)
+    opt.step()
+    b = opt.buckets()[0]
+    # ||w|| = sqrt(n), ||g|| = 2 sqrt(n); no momentum, no decay: w = 1 - lr * r * 2 everywhere
+    r = b.trust_ratio[0].item()
+    torch.testing.assert_close(b.w_norm[0].double(), torch.tensor(float(n) ** 0.5, dtype=torch.float64, device=DEV), rtol=1e-5, atol=0)
+    expect = 1.0 - 0.1 * r * 2.0
+    assert torch.all(p.detach()[-4097:] == p.detach()[0])
+    torch.testing.assert_close(p.detach()[[0, 2**31 - 1, 2**31, n - 1]].double(),
+                               torch.full((4,), expect, dtype=torch.float64, device=DEV), rtol=1e-6, atol=0)
