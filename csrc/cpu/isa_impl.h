@@ -57,6 +57,7 @@ namespace {
 #define FL_MI inline __attribute__((always_inline))
 constexpr int kW = 16;         // lanes
 constexpr int64_t kBlock = 1024;  // elements accumulated in fp32 before moving to double
+constexpr int64_t kPrefetch = 256;  // LARS pass 1: prefetch distance in elements (may run past the tile: harmless)
 
 struct bf16 {
   uint16_t x;
@@ -210,6 +211,13 @@ struct Buf {
       : g(static_cast<const PT*>(a.grad) + a.start),
         p(static_cast<PT*>(a.param) + a.start),
         m(MASTER ? a.master + a.start : nullptr) {}
+  // software prefetch of the read streams of pass 1 (a read-only pass: the hardware prefetchers
+  // alone left it ~10% below the read bandwidth it reaches with this; no effect on results)
+  FL_MI void prefetch(int64_t i) const {
+    __builtin_prefetch(g + i);
+    if constexpr (MASTER) __builtin_prefetch(m + i);
+    else __builtin_prefetch(p + i);
+  }
   FL_MI fl_vf w(int64_t i) const {
     if constexpr (MASTER) return IO<float>::load(m + i);
     else return IO<PT>::load(p + i);
@@ -241,6 +249,7 @@ void lars_sumsq_t(const TileArgs& a, float gscale, float lam, double* out) {
     Acc16 sw, sg, su;
     int64_t i = i0;
     for (; i + kW <= end; i += kW) {
+      b.prefetch(i + kPrefetch);
       fl_vf w = b.w(i);
       fl_vf g = IO<PT>::load(b.g + i) * gscale;
       fl_vf u = g + lam * w;

@@ -91,14 +91,14 @@ const KernelTable& table() {
 }
 
 // Cache budget of a group of segments (bytes of pass-1 data). FUSEDLARS_CPU_GROUP_BYTES overrides it
-// (benchmarks); it changes speed only, never results.
+// (benchmarks; read at every step so that one process can compare budgets); it changes speed only,
+// never results. 4 MiB: with the pipelined schedule (run_plan) two groups are in flight, and
+// 4 MiB measured a little faster than 8 and clearly faster than 16 on a 32 MiB-L3 EPYC (2 threads).
 int64_t group_budget() {
-  static const int64_t b = [] {
-    const char* env = std::getenv("FUSEDLARS_CPU_GROUP_BYTES");
-    return env && *env ? std::max<int64_t>(std::atoll(env), 0) : int64_t(8) << 20;
-  }();
-  return b;
+  const char* env = std::getenv("FUSEDLARS_CPU_GROUP_BYTES");
+  return env && *env ? std::max<int64_t>(std::atoll(env), 0) : int64_t(4) << 20;
 }
+
 
 // ------------------------------------------------------------------------------------------------
 // plan: tiles of the active segments, grouped for cache reuse
@@ -168,24 +168,52 @@ void split(const Plan& p, const Group& g, int tid, int nt, int64_t& a, int64_t& 
   b = first(tid + 1);
 }
 
-// Runs pass1(tile), scalars(seg index), pass2(tile) group by group in one parallel region.
-template <class P1, class SC, class P2>
-void run_plan(const Plan& p, P1&& pass1, SC&& scalars, P2&& pass2) {
-  int nth = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (p.t_cum.back() < 4 * kTileElems) nth = 1;  // not worth waking threads
+// Runs the plan in ONE parallel region, software-pipelined over groups, one barrier per group:
+//
+//   pass1(G0)
+//   for k:  barrier  (every thread's pass 1 of G_k is done)
+//           coefficients of the segments of G_k that this thread's tiles touch
+//           pass2(G_k) interleaved tile by tile with pass1(G_k+1)
+//
+// Interleaving keeps the memory system busy with pass 2's stores (w, state) while pass 1 of the
+// next group streams in w and g (a read-only pass on its own leaves the write bandwidth idle).
+// coef(si, slot, commit) computes segment si's coefficients into this thread's slot (threads that
+// share a segment compute identical values: same partials, same order); exactly one thread per
+// segment passes commit = true (the owner of its first tile; thread 0 for a segment without
+// tiles) and writes the per-segment outputs. coef must read per-segment state (step, has_state)
+// from a snapshot taken before the region, as the committing thread updates it.
+// pass2(t, slot) reads the coefficients of tile t's segment from that slot.
+template <class P1, class CO, class P2>
+void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2) {
+  const int64_t G = static_cast<int64_t>(p.groups.size());
   auto body = [&](int tid, int nt) {
-    for (const Group& g : p.groups) {
-      int64_t a, b;
-      split(p, g, tid, nt, a, b);
-      for (int64_t t = a; t < b; ++t) pass1(t);
+    int64_t a1 = 0, b1 = 0;
+    if (G > 0) split(p, p.groups[0], tid, nt, a1, b1);
+    for (int64_t t = a1; t < b1; ++t) pass1(t);
+    for (int64_t k = 0; k < G; ++k) {
+      const Group& g = p.groups[k];
+      const int64_t a2 = a1, b2 = b1;  // this thread's tiles of G_k (same split as its pass 1)
       if (nt > 1) {
 #pragma omp barrier
       }
-      for (int64_t si = g.s0 + tid; si < g.s1; si += nt) scalars(si);
-      if (nt > 1) {
-#pragma omp barrier
+      for (int64_t t = a2; t < b2;) {
+        const int64_t si = p.t_seg[t];
+        coef(si, tid, p.seg_t0[si] >= a2);
+        t = p.seg_t0[si + 1];
       }
-      for (int64_t t = a; t < b; ++t) pass2(t);
+      if (tid == 0)
+        for (int64_t si = g.s0; si < g.s1; ++si)
+          if (p.seg_t0[si] == p.seg_t0[si + 1]) coef(si, tid, true);
+      a1 = b1 = 0;
+      if (k + 1 < G) split(p, p.groups[k + 1], tid, nt, a1, b1);
+      // merge by fraction of elements done (deterministic results whatever the order)
+      const int64_t e2 = p.t_cum[b2] - p.t_cum[a2], e1 = p.t_cum[b1] - p.t_cum[a1];
+      int64_t i2 = a2, i1 = a1;
+      while (i2 < b2 || i1 < b1) {
+        const int64_t d2 = p.t_cum[i2] - p.t_cum[a2], d1 = p.t_cum[i1] - p.t_cum[a1];
+        if (i1 >= b1 || (i2 < b2 && d2 * e1 <= d1 * e2)) pass2(i2++, tid);
+        else pass1(i1++);
+      }
     }
   };
   if (nth <= 1) {
@@ -194,6 +222,12 @@ void run_plan(const Plan& p, P1&& pass1, SC&& scalars, P2&& pass2) {
   }
 #pragma omp parallel num_threads(nth)
   body(omp_get_thread_num(), omp_get_num_threads());
+}
+
+int plan_threads(const Plan& p) {
+  int nth = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (p.t_cum.back() < 4 * kTileElems) nth = 1;  // not worth waking threads
+  return std::max(nth, 1);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -342,11 +376,18 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
   const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget());
   const KernelTable& k = table();
   std::vector<double> part(3 * p.num_tiles());
-  std::vector<LarsCoef> coef(p.seg.size());
+  const int nth = plan_threads(p);
+  const int64_t NS = static_cast<int64_t>(p.seg.size());
+  std::vector<LarsCoef> coef(static_cast<size_t>(nth) * NS);  // one slot per thread
+  std::vector<float> step0(p.seg.size()), has0(p.seg.size());  // snapshot (see run_plan)
+  for (int64_t si = 0; si < NS; ++si) {
+    step0[si] = c.step[p.seg[si]];
+    has0[si] = c.has_state[p.seg[si]];
+  }
   TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), buf, nullptr, 0, 0};
 
   run_plan(
-      p,
+      p, nth,
       [&](int64_t t) {
         TileArgs a = base;
         a.start = p.t_start[t];
@@ -354,27 +395,28 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
         const float lam = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[p.t_seg[t]]]);
         k.lars_sumsq(a, c.variant, gscale, lam, &part[3 * t]);
       },
-      [&](int64_t si) {
+      [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
         double ssq[3] = {0.0, 0.0, 0.0};
         for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
           for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
-        const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, c.step[s], c.lr);
-        coef[si] = lars_coef(o, r, c.lr, c.has_state[s] != 0);
+        const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
+        coef[slot * NS + si] = lars_coef(o, r, c.lr, has0[si] != 0);
+        if (!commit) return;
         c.w_norm[s] = static_cast<float>(r.n_w);
         c.g_norm[s] = static_cast<float>(r.n_g);
         c.u_norm[s] = static_cast<float>(r.n_u);
         c.trust_ratio[s] = static_cast<float>(r.r);
         c.has_state[s] = 1.0f;
-        c.step[s] = c.step[s] + 1.0f;
+        c.step[s] = step0[si] + 1.0f;
       },
-      [&](int64_t t) {
+      [&](int64_t t, int slot) {
         TileArgs a = base;
         a.start = p.t_start[t];
         a.len = p.t_len[t];
-        k.lars_update(a, c.variant, o.wd_mode, mom, o.nesterov, gscale, coef[p.t_seg[t]]);
+        k.lars_update(a, c.variant, o.wd_mode, mom, o.nesterov, gscale, coef[slot * NS + p.t_seg[t]]);
       });
 }
 
@@ -420,42 +462,49 @@ void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
   const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget());
   const KernelTable& k = table();
   std::vector<double> part(3 * p.num_tiles());
-  std::vector<LambCoef> coef(p.seg.size());
-  for (size_t si = 0; si < p.seg.size(); ++si) {
+  const int nth = plan_threads(p);
+  const int64_t NS = static_cast<int64_t>(p.seg.size());
+  std::vector<LambCoef> coef(static_cast<size_t>(nth) * NS);  // one slot per thread
+  std::vector<float> step0(p.seg.size());                     // snapshot (see run_plan)
+  for (int64_t si = 0; si < NS; ++si) {
     const int64_t s = p.seg[si];
-    coef[si] = lamb_coef(o, gscale, o.weight_decay * static_cast<double>(c.wd_mask[s]), c.lr,
-                         static_cast<double>(c.step[s]) + 1.0);
+    step0[si] = c.step[s];
+    const LambCoef c0 = lamb_coef(o, gscale, o.weight_decay * static_cast<double>(c.wd_mask[s]), c.lr,
+                                  static_cast<double>(c.step[s]) + 1.0);
+    for (int j = 0; j < nth; ++j) coef[j * NS + si] = c0;
   }
   TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(),
                 exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), 0, 0};
   run_plan(
-      p,
+      p, nth,
       [&](int64_t t) {
         TileArgs a = base;
         a.start = p.t_start[t];
         a.len = p.t_len[t];
+        // pass 1 uses only the coefficients fixed before the region (not k)
         k.lamb_pass1(a, c.variant, o.wd_mode, coef[p.t_seg[t]], &part[3 * t]);
       },
-      [&](int64_t si) {
+      [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
         double ssq[3] = {0.0, 0.0, 0.0};
         for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
           for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
         const LambSegment r = lamb_segment(o, ssq[0], ssq[1], ssq[2], c.adapt_mask[s] != 0, c.lr);
-        const double t_new = static_cast<double>(c.step[s]) + 1.0;
-        coef[si].k = lamb_step_scale(o, c.lr, r.r, t_new);
+        const double t_new = static_cast<double>(step0[si]) + 1.0;
+        coef[slot * NS + si].k = lamb_step_scale(o, c.lr, r.r, t_new);
+        if (!commit) return;
         c.w_norm[s] = static_cast<float>(r.n_w);
         c.g_norm[s] = static_cast<float>(r.n_g);
         c.u_norm[s] = static_cast<float>(r.n_u);
         c.trust_ratio[s] = static_cast<float>(r.r);
         c.has_state[s] = 1.0f;
-        c.step[s] = c.step[s] + 1.0f;
+        c.step[s] = step0[si] + 1.0f;
       },
-      [&](int64_t t) {
+      [&](int64_t t, int slot) {
         TileArgs a = base;
         a.start = p.t_start[t];
         a.len = p.t_len[t];
-        k.lamb_pass2(a, c.variant, o.wd_mode, coef[p.t_seg[t]]);
+        k.lamb_pass2(a, c.variant, o.wd_mode, coef[slot * NS + p.t_seg[t]]);
       });
 }
 
