@@ -360,9 +360,11 @@ def run(
             continue
         ps = [p.clone() for p in params0]
         for p, g in zip(ps, grads):
-            # fusedlars copies p.grad into its flat bucket and never writes the original; other
-            # optimizers may modify grads in place (pytorch_optimizer.LARS does), so they get a copy
-            p.grad = g if v.kind == "fusedlars" else g.clone()
+            # Every variant owns its gradients, as after a backward pass: fusedlars then adopts
+            # them into its bucket at the first step (a grad that is a view of someone else's
+            # buffer would be copied in every step, like DDP's), and optimizers that modify
+            # grads in place (pytorch_optimizer.LARS does) cannot disturb the others.
+            p.grad = g.clone()
         try:
             opt = v.make(ps)
             opt.step()  # first step: state allocation, bucket building; also catches unsupported dtypes

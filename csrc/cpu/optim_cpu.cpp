@@ -2,14 +2,17 @@
 //
 // One step of a bucket:
 //   plan     the active segments, cut into tiles of kTileElems (a tile never crosses a segment), and
-//            grouped so that a group's pass-1 data fit in cache (kGroupBytes, default 8 MiB);
+//            grouped so that a group's pass-1 data fit in cache (kGroupBytes, default 4 MiB);
 //   pass 1   per tile: partial sums of squares (LARS: w^2, g^2, (g + lam*w)^2;  LAMB: also the new
 //            moments, written in place, and u^2 of the Adam direction);
 //   scalars  per segment: its tiles' partials summed in tile order, the trust ratio and the element
 //            coefficients (lars_math.h);
 //   pass 2   per tile: the update.
-// Groups run one after the other inside ONE OpenMP parallel region; inside a group, pass 1 and
-// pass 2 give each thread the same contiguous tiles, so pass 2 re-reads what the same core just read.
+// Groups run inside ONE OpenMP parallel region, software-pipelined: pass 2 of group k is interleaved
+// tile by tile with pass 1 of group k+1 (stores of one overlap the loads of the other), one barrier
+// per group; each thread computes the coefficients of the segments its own tiles touch (redundantly
+// where threads share a segment: identical values). Pass 1 and pass 2 give each thread the same
+// contiguous tiles of a group, so pass 2 re-reads what the same core just read.
 //
 // NOTE: [Bytes per parameter, fp32]
 // LARS: pass 1 reads w, g (8 B); pass 2 reads w, g, b and writes w, b (20 B): 28 B from DRAM when a
