@@ -278,7 +278,7 @@ class Bucket:
                 if g is None:
                     active.append(False)
                     continue
-                gl = local_tensor(g)
+                gl = g if self.shard is None else local_tensor(g)
                 gv = self.grad_views[i]
                 if gl.data_ptr() != gv.data_ptr() or gl.shape != gv.shape or gl.stride() != gv.stride():
                     gv.copy_(gl)
@@ -310,7 +310,15 @@ class Bucket:
 
     def check_grads(self) -> None:
         """Validation that must pass before anything is mutated (sparse, complex, dtype, device)."""
+        plain = self.shard is None
         for i, p in enumerate(self.params):
+            if plain and not self.external[i]:
+                # fast path: param and grad are still our views, so nothing about them can be wrong
+                g, pv, gv = p.grad, self.param_views[i], self.grad_views[i]
+                if p.data_ptr() == pv.data_ptr() and p.shape == pv.shape and (
+                    g is None or (g.data_ptr() == gv.data_ptr() and g.shape == gv.shape)
+                ):
+                    continue
             p = local_tensor(p)
             if tuple(p.shape) != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise RuntimeError(

@@ -368,7 +368,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # validate everything before anything is mutated
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, f" (param group {gi})")
-            self._check_grads(group, gi)
+            if gi not in self._buckets:  # built buckets check their own params (Bucket.check_grads)
+                self._check_grads(group, gi)
         self._ensure_buckets()
         for b in self.buckets():
             b.check_grads()
