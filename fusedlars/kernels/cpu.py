@@ -23,22 +23,13 @@ import torch
 
 from ..buckets import Bucket
 from .common import LambConfig, LarsConfig
+from .packing import lamb_options, lars_options
 
 NAME = "cpu"
 
 _OPS = ("lars_step_cpu", "lamb_step_cpu", "grad_sumsq_cpu", "cpu_isa")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# option codes, in the order of the enums of csrc/lars_math.h
-_DENOMINATOR = {"sum_of_norms": 0, "norm_of_sum": 1, "grad_only": 2}
-_LARS_WD = {"l2": 0, "ratio_only": 1, "decoupled": 2}
-_ZERO_NORM = {"one": 0, "skip": 1}
-_ZERO_CHECK = {"raw_grad": 0, "update": 1, "denominator": 2}
-_CLIP = {None: 0, "larc": 1, "lambc": 2, "range": 3}
-_MOMENTUM = {"torch": 0, "classic": 1}
-_FIRST = {"clone": 0, "zeros": 1}
-_BIAS = {"both": 0, "none": 1, "first_outside": 2}
-_LAMB_WD = {"in_update": 0, "l2": 1, "decoupled": 2}
 
 
 def _load() -> str | None:
@@ -110,17 +101,7 @@ def _lr(lr) -> torch.Tensor:
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
-    tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
-    hyper = [
-        cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.eta, cfg.eps,
-        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi,
-        float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]), float(tv[4]),
-    ]  # fmt: skip
-    modes = [
-        int(cfg.nesterov), int(cfg.maximize), _DENOMINATOR[cfg.denominator], _LARS_WD[cfg.weight_decay_mode],
-        _ZERO_NORM[cfg.zero_norm], _ZERO_CHECK[cfg.zero_norm_check], _CLIP[cfg.trust_clip],
-        int(cfg.adapt_enabled), _MOMENTUM[cfg.momentum_mode], _FIRST[cfg.first_step_buffer], int(cfg.tv is not None),
-    ]  # fmt: skip
+    hyper, modes = lars_options(cfg)
     torch.ops.fusedlars.lars_step_cpu(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
         bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
@@ -130,14 +111,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
-    hyper = [
-        cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps, cfg.eps_root, cfg.weight_decay,
-        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi, cfg.trust_ratio_eps,
-    ]  # fmt: skip
-    modes = [
-        int(cfg.maximize), _BIAS[cfg.bias_correction], _LAMB_WD[cfg.weight_decay_mode],
-        int(cfg.adapt_enabled), _CLIP[cfg.trust_clip], int(cfg.adam),
-    ]  # fmt: skip
+    hyper, modes = lamb_options(cfg)
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = torch.tensor(float(clip), dtype=torch.float64)

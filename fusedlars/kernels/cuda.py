@@ -24,7 +24,7 @@ import torch
 
 from ..buckets import Bucket
 from .common import LambConfig, LarsConfig
-from .cpu import _BIAS, _CLIP, _DENOMINATOR, _FIRST, _LAMB_WD, _LARS_WD, _MOMENTUM, _ZERO_CHECK, _ZERO_NORM
+from .packing import lamb_options, lars_options
 
 NAME = "cuda"
 
@@ -195,17 +195,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     _check("LARS", cfg, bucket)
     sc = _scratch(bucket, "LARS")
     tt = sc.tiles
-    tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
-    hyper = [
-        cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.eta, cfg.eps,
-        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi,
-        float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]), float(tv[4]),
-    ]  # fmt: skip
-    modes = [
-        int(cfg.nesterov), int(cfg.maximize), _DENOMINATOR[cfg.denominator], _LARS_WD[cfg.weight_decay_mode],
-        _ZERO_NORM[cfg.zero_norm], _ZERO_CHECK[cfg.zero_norm_check], _CLIP[cfg.trust_clip],
-        int(cfg.adapt_enabled), _MOMENTUM[cfg.momentum_mode], _FIRST[cfg.first_step_buffer], int(cfg.tv is not None),
-    ]  # fmt: skip
+    hyper, modes = lars_options(cfg)
     lr_t, lr = _lr(cfg.lr)
     torch.ops.fusedlars.lars_step_cuda(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
@@ -220,14 +210,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     _check("LAMB", cfg, bucket)
     sc = _scratch(bucket, "LAMB")
     tt = sc.tiles
-    hyper = [
-        cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps, cfg.eps_root, cfg.weight_decay,
-        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi, cfg.trust_ratio_eps,
-    ]  # fmt: skip
-    modes = [
-        int(cfg.maximize), _BIAS[cfg.bias_correction], _LAMB_WD[cfg.weight_decay_mode],
-        int(cfg.adapt_enabled), _CLIP[cfg.trust_clip], int(cfg.adam),
-    ]  # fmt: skip
+    hyper, modes = lamb_options(cfg)
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = torch.full((1,), float(clip), dtype=torch.float64, device=bucket.device)

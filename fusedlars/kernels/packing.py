@@ -1,0 +1,47 @@
+"""Options as the compiled kernels take them: the fields of the POD option structs of
+``csrc/lars_math.h`` as a float list (``hyper``) and an int list (``modes``), in struct order.
+Shared by the C++ CPU and CUDA backends, so both pass exactly the same values."""
+
+from __future__ import annotations
+
+from .common import LambConfig, LarsConfig
+
+# option codes, in the order of the enums of csrc/lars_math.h
+DENOMINATOR = {"sum_of_norms": 0, "norm_of_sum": 1, "grad_only": 2}
+LARS_WD = {"l2": 0, "ratio_only": 1, "decoupled": 2}
+ZERO_NORM = {"one": 0, "skip": 1}
+ZERO_CHECK = {"raw_grad": 0, "update": 1, "denominator": 2}
+CLIP = {None: 0, "larc": 1, "lambc": 2, "range": 3}
+MOMENTUM = {"torch": 0, "classic": 1}
+FIRST = {"clone": 0, "zeros": 1}
+BIAS = {"both": 0, "none": 1, "first_outside": 2}
+LAMB_WD = {"in_update": 0, "l2": 1, "decoupled": 2}
+
+
+def lars_options(cfg: LarsConfig) -> tuple[list[float], list[int]]:
+    """(hyper, modes) of ``LarsOptions`` in csrc/lars_math.h."""
+    tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
+    hyper = [
+        cfg.momentum, cfg.dampening, cfg.weight_decay, cfg.eta, cfg.eps,
+        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi,
+        float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]), float(tv[4]),
+    ]  # fmt: skip
+    modes = [
+        int(cfg.nesterov), int(cfg.maximize), DENOMINATOR[cfg.denominator], LARS_WD[cfg.weight_decay_mode],
+        ZERO_NORM[cfg.zero_norm], ZERO_CHECK[cfg.zero_norm_check], CLIP[cfg.trust_clip],
+        int(cfg.adapt_enabled), MOMENTUM[cfg.momentum_mode], FIRST[cfg.first_step_buffer], int(cfg.tv is not None),
+    ]  # fmt: skip
+    return hyper, modes
+
+
+def lamb_options(cfg: LambConfig) -> tuple[list[float], list[int]]:
+    """(hyper, modes) of ``LambOptions`` in csrc/lars_math.h."""
+    hyper = [
+        cfg.beta1, cfg.beta2, cfg.beta3, cfg.eps, cfg.eps_root, cfg.weight_decay,
+        cfg.clamp_lo, cfg.clamp_hi, cfg.clip_lo, cfg.clip_hi, cfg.trust_ratio_eps,
+    ]  # fmt: skip
+    modes = [
+        int(cfg.maximize), BIAS[cfg.bias_correction], LAMB_WD[cfg.weight_decay_mode],
+        int(cfg.adapt_enabled), CLIP[cfg.trust_clip], int(cfg.adam),
+    ]  # fmt: skip
+    return hyper, modes
