@@ -92,7 +92,19 @@ class TileTable:
     tile_len: torch.Tensor  # int32 [T] number of valid elements (<= tile_elems)
     seg_tile_ptr: torch.Tensor  # int64 [S+1]
     num_tiles: int
-    max_tiles_per_seg: int
+
+
+def grad_mismatch(g: torch.Tensor, shape, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why grad ``g`` cannot be stepped for a param of ``shape``/``dtype``/``device`` (None if it can).
+    The text follows the parameter's name in the error."""
+    if g.is_sparse:
+        return " has a sparse gradient; fusedlars needs dense gradients (e.g. nn.Embedding(sparse=False))."
+    if g.device != device or tuple(g.shape) != tuple(shape) or g.dtype != dtype:
+        return (
+            f": grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param "
+            f"({tuple(shape)}, {dtype}, {device}); fusedlars needs grads of the param's shape, dtype and device."
+        )
+    return None
 
 
 class Bucket:
@@ -134,7 +146,6 @@ class Bucket:
         self.state_dtype = state_dtype_for(self.dtype)
         align = _align_elems(self.dtype)
         self.shapes = [tuple(t.shape) for t in locs]  # local shapes (== global shapes unless sharded)
-        self.global_shapes = [tuple(p.shape) for p in params]
         self.numels = [t.numel() for t in locs]
         offsets, off = [], 0
         for n in self.numels:
@@ -161,19 +172,17 @@ class Bucket:
             self.master_views = (
                 [self._view(self.flat_master, i) for i in range(len(params))] if self.flat_master is not None else None
             )
-            self.state = {name: torch.zeros(self.total, dtype=sdt, device=dev) for name in state_names}
-            self.state_views = {name: [self._view(buf, i) for i in range(len(params))] for name, buf in self.state.items()}
+        self.state: dict[str, torch.Tensor] = {}
+        self.state_views: dict[str, list[torch.Tensor]] = {}
+        for name in state_names:
+            self.ensure_state(name)
 
         lens = [(offsets[i + 1] if i + 1 < len(offsets) else self.total) - offsets[i] for i in range(len(offsets))]
-        self.seg_len_list = lens
         self.seg_offset = torch.tensor(offsets, dtype=torch.int64, device=dev)
         self.seg_numel = torch.tensor(self.numels, dtype=torch.int64, device=dev)
         self.seg_len = torch.tensor(lens, dtype=torch.int64, device=dev)
         S = self.num_segments
-        self.wd_mask = torch.tensor([0.0 if e else 1.0 for e in wd_excluded], dtype=sdt, device=dev)
-        self.adapt_mask = torch.tensor([0.0 if e else 1.0 for e in adapt_excluded], dtype=sdt, device=dev)
-        self.any_wd_excluded = any(wd_excluded)
-        self.any_adapt_excluded = any(adapt_excluded)
+        self.set_exclusions(wd_excluded, adapt_excluded)
         self.has_state = torch.zeros(S, dtype=sdt, device=dev)
         self.step = torch.zeros(S, dtype=torch.float32, device=dev)
         self.w_norm = torch.zeros(S, dtype=sdt, device=dev)
@@ -202,6 +211,21 @@ class Bucket:
         o, n = self.offsets[i], self.numels[i]
         return flat[o : o + n].view(self.shapes[i])
 
+    def set_exclusions(self, wd_excluded: list[bool], adapt_excluded: list[bool]) -> None:
+        """Per-segment masks: ``wd_mask`` 1 where weight decay applies, ``adapt_mask`` 1 where a ratio does."""
+        sdt, dev = self.state_dtype, self.device
+        self.wd_mask = torch.tensor([0.0 if e else 1.0 for e in wd_excluded], dtype=sdt, device=dev)
+        self.adapt_mask = torch.tensor([0.0 if e else 1.0 for e in adapt_excluded], dtype=sdt, device=dev)
+        self.any_wd_excluded = any(wd_excluded)
+
+    def ensure_state(self, name: str) -> bool:
+        """Allocate the zero flat state buffer ``name`` (and its views) if missing; True if it was."""
+        if name in self.state:
+            return False
+        self.state[name] = torch.zeros(self.total, dtype=self.state_dtype, device=self.device)
+        self.state_views[name] = [self._view(self.state[name], i) for i in range(self.num_segments)]
+        return True
+
     def tiles(self, tile_elems: int) -> TileTable:
         """The tile table for ``tile_elems`` (cached). Empty segments have no tiles."""
         t = self._tiles.get(tile_elems)
@@ -215,7 +239,6 @@ class Bucket:
                 ln.append(min(tile_elems, n - a))
             ptr.append(len(seg))
         dev = self.device
-        counts = [ptr[i + 1] - ptr[i] for i in range(len(ptr) - 1)]
         t = TileTable(
             tile_elems=tile_elems,
             tile_seg=torch.tensor(seg, dtype=torch.int32, device=dev),
@@ -223,7 +246,6 @@ class Bucket:
             tile_len=torch.tensor(ln, dtype=torch.int32, device=dev),
             seg_tile_ptr=torch.tensor(ptr, dtype=torch.int64, device=dev),
             num_tiles=len(seg),
-            max_tiles_per_seg=max(counts, default=0),
         )
         self._tiles[tile_elems] = t
         return t
@@ -334,22 +356,9 @@ class Bucket:
                     f"parameter {self.names[i] or f'#{i}'}: the param is {'a' if self.shard else 'not a'} DTensor "
                     f"but its grad is {'a' if is_dtensor(g) else 'not a'} DTensor."
                 )
-            g = local_tensor(g)
-            name = self.names[i] or f"#{i}"
-            if g.is_sparse:
-                raise RuntimeError(
-                    f"parameter {name} has a sparse gradient; fusedlars needs dense gradients "
-                    "(e.g. nn.Embedding(sparse=False))."
-                )
-            if g.device != self.device:
-                raise RuntimeError(f"parameter {name}: grad is on {g.device} but the param is on {self.device}.")
-            if tuple(g.shape) != self.shapes[i]:
-                raise RuntimeError(f"parameter {name}: grad shape {tuple(g.shape)} != param shape {self.shapes[i]}.")
-            if g.dtype != self.dtype:
-                raise RuntimeError(
-                    f"parameter {name}: grad dtype {g.dtype} != param dtype {self.dtype}; "
-                    "fusedlars needs grads of the param's dtype."
-                )
+            why = grad_mismatch(local_tensor(g), self.shapes[i], self.dtype, self.device)
+            if why:
+                raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
 
     def weights(self) -> torch.Tensor:
         """The buffer the math reads weights from: the fp32 master if present, else the params."""

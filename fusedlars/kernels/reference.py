@@ -60,7 +60,8 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64) if x.numel() else x.new_zeros((), dtype=torch.float64)
 
 
-def _clip(r, cfg, lr):
+def trust_clip(r, cfg, lr):
+    """Clip a trust ratio: larc min(r/lr, 1) | lambc min(r, 1) | range clamp(r, lo, hi)."""
     if cfg.trust_clip == "larc":
         return torch.clamp(r / lr, max=1.0)
     if cfg.trust_clip == "lambc":
@@ -137,10 +138,10 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
             ok = (n_w_raw > 0) & (den > 0)
         one = torch.ones((), dtype=torch.float64, device=bucket.device)
         if cfg.zero_norm == "one":
-            r_adapt = _clip(torch.where(ok, ratio, one), cfg, lr)
+            r_adapt = trust_clip(torch.where(ok, ratio, one), cfg, lr)
             lam_eff = lam
         else:  # skip: no ratio, no clip and no weight decay on a zero norm
-            r_adapt = torch.where(ok, _clip(ratio, cfg, lr), one)
+            r_adapt = torch.where(ok, trust_clip(ratio, cfg, lr), one)
             lam_eff = torch.where(ok | ~adapt, lam, torch.zeros_like(lam))
         r = torch.where(adapt, r_adapt, one)
         if cfg.weight_decay_mode == "l2":
@@ -221,7 +222,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
         one = torch.ones((), dtype=torch.float64, device=bucket.device)
         ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
-        r = torch.where(adapt, _clip(ratio, cfg, lr), one)
+        r = torch.where(adapt, trust_clip(ratio, cfg, lr), one)
         s = 1 / (1 - b1**t) if cfg.bias_correction == "first_outside" else one
         w_new = w - lr * s * r * u
         mv.copy_(torch.where(keep, m_old, m).to(mv.dtype))

@@ -20,6 +20,7 @@ import torch
 
 from ..buckets import Bucket
 from .common import LambConfig, LarsConfig
+from .reference import trust_clip
 
 NAME = "torch"
 
@@ -47,16 +48,6 @@ def _segsum(bucket: Bucket, x: torch.Tensor) -> torch.Tensor:
 
 def _expand(bucket: Bucket, v: torch.Tensor) -> torch.Tensor:
     return v.index_select(0, bucket.elem_seg())
-
-
-def _clip(r: torch.Tensor, cfg, lr) -> torch.Tensor:
-    if cfg.trust_clip == "larc":
-        return torch.clamp(r / lr, max=1.0)
-    if cfg.trust_clip == "lambc":
-        return torch.clamp(r, max=1.0)
-    if cfg.trust_clip == "range":
-        return torch.clamp(r, min=cfg.clip_lo, max=cfg.clip_hi)
-    return r
 
 
 def _load_grad(bucket: Bucket, cfg, sdt) -> torch.Tensor:
@@ -155,9 +146,9 @@ def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -
     adapt = bucket.adapt_mask != 0 if cfg.adapt_enabled else torch.zeros_like(ok)
     lam_eff_e = lam_e
     if cfg.zero_norm == "one":
-        r_adapt = _clip(torch.where(ok, ratio, one), cfg, lr)
+        r_adapt = trust_clip(torch.where(ok, ratio, one), cfg, lr)
     else:
-        r_adapt = torch.where(ok, _clip(ratio, cfg, lr), one)
+        r_adapt = torch.where(ok, trust_clip(ratio, cfg, lr), one)
         if cfg.weight_decay != 0:
             lam_eff_s = torch.where(ok | ~adapt, lam_s, torch.zeros_like(lam_s))
             lam_eff_e = _expand(bucket, lam_eff_s)
@@ -261,7 +252,7 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
     one = torch.ones_like(n_w)
     ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
     adapt_on = cfg.adapt_enabled and not cfg.adam
-    r = torch.where(bucket.adapt_mask != 0, _clip(ratio, cfg, lr), one) if adapt_on else one
+    r = torch.where(bucket.adapt_mask != 0, trust_clip(ratio, cfg, lr), one) if adapt_on else one
     scale = r / bc1_s if cfg.bias_correction == "first_outside" else r
     w_new = w_d - u * _expand(bucket, scale) * lr
     m_buf, v_buf = bucket.state["exp_avg"], bucket.state["exp_avg_sq"]

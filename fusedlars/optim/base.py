@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from .. import distributed, kernels
-from ..buckets import Bucket, state_dtype_for
+from ..buckets import Bucket, grad_mismatch, state_dtype_for
 from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, exclusion_fn, needs_names
 
 _VALID_BACKENDS = ("auto",) + kernels.BACKENDS
@@ -278,19 +278,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 pos = {id(p): j for j, p in enumerate(group["params"])}
                 for b in self._buckets[gi]:
                     js = [pos[id(p)] for p in b.params]
-                    sdt = b.state_dtype
-                    b.wd_mask = torch.tensor([0.0 if wd_ex[j] else 1.0 for j in js], dtype=sdt, device=b.device)
-                    b.adapt_mask = torch.tensor([0.0 if ad_ex[j] else 1.0 for j in js], dtype=sdt, device=b.device)
-                    b.any_wd_excluded = any(wd_ex[j] for j in js)
-                    b.any_adapt_excluded = any(ad_ex[j] for j in js)
+                    b.set_exclusions([wd_ex[j] for j in js], [ad_ex[j] for j in js])
                 self._bucket_specs[gi] = spec
             for b in self._buckets[gi]:
-                for name in self._state_names(group):
-                    if name not in b.state:
-                        b.state[name] = torch.zeros(b.total, dtype=b.state_dtype, device=b.device)
-                        b.state_views[name] = [b._view(b.state[name], i) for i in range(b.num_segments)]
-                        for i, p in enumerate(b.params):
-                            self.state[p] = self._live_state(b, i)
+                # momentum switched on after the buckets were built: a zero buffer, like torch's first step
+                if any([b.ensure_state(name) for name in self._state_names(group)]):
+                    for i, p in enumerate(b.params):
+                        self.state[p] = self._live_state(b, i)
 
     def _check_layout(self, built: list[int], errors: list[str]) -> None:
         """Raise layout errors; on every rank of the mesh when any parameter is a DTensor (NOTE [Layout check])."""
@@ -405,19 +399,25 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def _check_grads(self, group, gi) -> None:
         names = group.get("param_names") or [None] * len(group["params"])
         for j, (p, name) in enumerate(zip(group["params"], names)):
-            g = p.grad
-            if g is None:
-                continue
-            label = f"{self._KIND} (param group {gi}): parameter {name or '#' + str(j)}"
-            if g.is_sparse:
-                raise RuntimeError(
-                    f"{label} has a sparse gradient; fusedlars needs dense gradients (e.g. nn.Embedding(sparse=False))."
-                )
-            if g.device != p.device or tuple(g.shape) != tuple(p.shape) or g.dtype != p.dtype:
-                raise RuntimeError(
-                    f"{label}: grad ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match the param "
-                    f"({tuple(p.shape)}, {p.dtype}, {p.device})."
-                )
+            if p.grad is not None:
+                why = grad_mismatch(p.grad, p.shape, p.dtype, p.device)
+                if why:
+                    raise RuntimeError(f"{self._KIND} (param group {gi}): parameter {name or '#' + str(j)}{why}")
+
+    def _plan(self, buckets_by_group, inv_scale, found_inf, make_config) -> list:
+        """[(bucket, cfg, backend module)] for the buckets that step now."""
+        work = []
+        for gi, blist in buckets_by_group.items():
+            group = self.param_groups[gi]
+            for b in blist:
+                # a sharded bucket steps even without grads: every rank must join its all_reduce
+                if not b.any_active() and b.shard is None:
+                    continue
+                cfg = make_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
+                mod = self._backend_for(b, cfg)
+                b.backend_name = mod.NAME
+                work.append((b, cfg, mod))
+        return work
 
     @staticmethod
     def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

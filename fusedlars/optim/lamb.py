@@ -15,19 +15,14 @@ import torch
 from .. import distributed
 from ..kernels.common import LambConfig
 from .base import BucketedOptimizer
-from .options import LAMB_DEFAULTS, resolve, validate_lamb_group
+from .options import LAMB_DEFAULTS, resolve, trust_clip_spec, validate_lamb_group
+from .options import UNSET as _UNSET
 
-_UNSET: Any = object()
 
 
 def lamb_config(group: dict[str, Any], inv_scale=None, found_inf=None, clip_coef=None) -> LambConfig:
     clamp = group["weight_norm_clamp"] or (0.0, math.inf)
-    clip = group["trust_clip"]
-    clip_kind, clip_lo, clip_hi = (None, 0.0, math.inf)
-    if isinstance(clip, (tuple, list)):
-        clip_kind, clip_lo, clip_hi = "range", float(clip[1]), float(clip[2])
-    elif clip is not None:
-        clip_kind = clip
+    clip_kind, clip_lo, clip_hi = trust_clip_spec(group["trust_clip"])
     b1, b2 = (float(x) for x in group["betas"])
     tre = group["trust_ratio_eps"]
     return LambConfig(
@@ -120,17 +115,7 @@ class LAMB(BucketedOptimizer):
 
     def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
         max_norm = self.defaults["max_grad_norm"]
-        work = []
-        for gi, blist in buckets_by_group.items():
-            group = self.param_groups[gi]
-            for b in blist:
-                # a sharded bucket steps even without grads: every rank must join its all_reduce
-                if not b.any_active() and b.shard is None:
-                    continue
-                cfg = lamb_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
-                mod = self._backend_for(b, cfg)
-                b.backend_name = mod.NAME
-                work.append((b, cfg, mod))
+        work = self._plan(buckets_by_group, inv_scale, found_inf, lamb_config)
         if max_norm is not None and work:
             # Global clip over every gradient of every group, on unscaled grads (apex / timm):
             # clip_coef = max(1, ||G|| / max_grad_norm). One reduction per bucket, no host sync.

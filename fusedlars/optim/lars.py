@@ -15,19 +15,14 @@ from typing import Any
 
 from ..kernels.common import LarsConfig
 from .base import BucketedOptimizer
-from .options import LARS_DEFAULTS, resolve, validate_lars_group
+from .options import LARS_DEFAULTS, resolve, trust_clip_spec, validate_lars_group
+from .options import UNSET as _UNSET
 
-_UNSET: Any = object()
 
 
 def lars_config(group: dict[str, Any], inv_scale=None, found_inf=None) -> LarsConfig:
     clamp = group["norm_clamp"] or (0.0, math.inf)
-    clip = group["trust_clip"]
-    clip_kind, clip_lo, clip_hi = (None, 0.0, math.inf)
-    if isinstance(clip, (tuple, list)):
-        clip_kind, clip_lo, clip_hi = "range", float(clip[1]), float(clip[2])
-    elif clip is not None:
-        clip_kind = clip
+    clip_kind, clip_lo, clip_hi = trust_clip_spec(group["trust_clip"])
     tv = group["tv"]
     tv_t = None
     if tv is not None:
@@ -167,17 +162,7 @@ class LARS(BucketedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
-        work = []
-        for gi, blist in buckets_by_group.items():
-            group = self.param_groups[gi]
-            for b in blist:
-                # a sharded bucket steps even without grads: every rank must join its all_reduce
-                if not b.any_active() and b.shard is None:
-                    continue
-                cfg = lars_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
-                mod = self._backend_for(b, cfg)
-                b.backend_name = mod.NAME
-                work.append((b, cfg, mod))
+        work = self._plan(buckets_by_group, inv_scale, found_inf, lars_config)
         self._step_buckets(work, "lars_step", "lars_partials", "lars_apply")
 
 

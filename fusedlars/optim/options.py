@@ -448,6 +448,17 @@ def validate_lamb_group(g: Mapping[str, Any], where: str = "") -> None:
         raise _err(k, where, "eps=0 with eps_root=0 divides 0 by 0 for untouched coordinates; use eps > 0.")
 
 
+def trust_clip_spec(clip: Any) -> tuple[str | None, float, float]:
+    """``trust_clip`` as the kernels take it: (kind, low, high); low/high only bind for 'range'."""
+    if isinstance(clip, (tuple, list)):
+        return "range", float(clip[1]), float(clip[2])
+    return clip, 0.0, math.inf
+
+
+#: Sentinel for "argument not passed", so a preset's value is kept unless overridden.
+UNSET: Any = object()
+
+
 def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
     """Turn an exclusion spec into ``f(name, param) -> bool`` (True = excluded)."""
     import re
