@@ -90,3 +90,61 @@ def tv_phi(t: float, tv: tuple[float, float, float, float, int] | None) -> float
     if t < gate:
         return 1.0
     return 1.0 / (alpha + math.exp(lmbda * (t - shift))) + gamma_min
+
+
+# ------------------------------------------------------------------------------------------
+# shared by the fused backends
+# ------------------------------------------------------------------------------------------
+#: Per-step values a config may hold as Python floats or as tensors.
+STEP_SCALARS = ("lr", "inv_scale", "found_inf", "clip_coef")
+#: Param dtypes the fused kernels (C++, CUDA, Triton) run: they compute in fp32.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_scalars(cfg, device: torch.device, dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
+    """None when every per-step value of ``cfg`` is a float or a 1-element tensor on ``device``
+    (of one of ``dtypes`` when given), else why not."""
+    for name in STEP_SCALARS:
+        v = getattr(cfg, name, None)
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.numel() != 1 or v.device != device:
+            return f"{name} must be a float or a 1-element tensor on {device}, got shape {tuple(v.shape)} on {v.device}"
+        if dtypes is not None and v.dtype not in dtypes:
+            allowed = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+            return f"{name} must be {allowed}, got {v.dtype}"
+    return None
+
+
+def check_fused(kind: str, cfg, bucket, device_type: str, label: str,
+                scalar_dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
+    """The checks of the compiled backends (``cpu``, ``cuda``): bucket device and dtype, per-step
+    values, optimizer kind. None when they pass, else the reason."""
+    if bucket.device.type != device_type:
+        return f"the bucket is on {bucket.device}; the {device_type} backend runs {label} tensors"
+    if bucket.dtype not in FUSED_DTYPES:
+        return f"param dtype {bucket.dtype} is not fused on {label} (float32, bfloat16, float16 are)"
+    why = check_scalars(cfg, bucket.device, scalar_dtypes)
+    if why:
+        return why
+    return check_kind(kind)
+
+
+def check_kind(kind: str) -> str | None:
+    return None if kind in ("LARS", "LAMB") else f"unknown optimizer kind {kind!r}"
+
+
+class CachedScalar:
+    """A device tensor holding a Python float per-step value (lr, a float clip divisor): written with
+    ``fill_`` only when the value changes, so a step allocates nothing and copies nothing."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...] = (1,)) -> None:
+        self.tensor = torch.zeros(shape, dtype=dtype, device=device)
+        self.value: float | None = None
+
+    def __call__(self, value: float) -> torch.Tensor:
+        value = float(value)
+        if self.value != value:
+            self.tensor.fill_(value)
+            self.value = value
+        return self.tensor

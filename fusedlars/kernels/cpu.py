@@ -22,14 +22,12 @@ from __future__ import annotations
 import torch
 
 from ..buckets import Bucket
-from .common import LambConfig, LarsConfig
+from .common import CachedScalar, LambConfig, LarsConfig, check_fused
 from .packing import lamb_options, lars_options
 
 NAME = "cpu"
 
 _OPS = ("lars_step_cpu", "lamb_step_cpu", "grad_sumsq_cpu", "cpu_isa")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 
 def _load() -> str | None:
@@ -81,23 +79,31 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    if bucket.device.type != "cpu":
-        return f"the bucket is on {bucket.device}; the cpu backend runs CPU tensors"
-    if bucket.dtype not in _DTYPES:
-        return f"param dtype {bucket.dtype} is not fused on CPU (float32, bfloat16, float16 are)"
-    for name in ("lr", "inv_scale", "found_inf", "clip_coef"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, torch.Tensor) and (v.numel() != 1 or v.device.type != "cpu"):
-            return f"{name} must be a float or a 1-element CPU tensor, got shape {tuple(v.shape)} on {v.device}"
-    if kind not in ("LARS", "LAMB"):
-        return f"unknown optimizer kind {kind!r}"
-    return None
+    return check_fused(kind, cfg, bucket, "cpu", "CPU")
 
 
-def _lr(lr) -> torch.Tensor:
+class _Scalars:
+    """Per-bucket 0-dim float64 tensors for float ``lr`` / ``clip_coef`` (no allocation per step)."""
+
+    def __init__(self) -> None:
+        self.lr = CachedScalar(torch.device("cpu"), torch.float64, ())
+        self.clip = CachedScalar(torch.device("cpu"), torch.float64, ())
+
+
+def _scalars(bucket: Bucket) -> _Scalars:
+    sc = bucket.__dict__.get("_cpu_scalars")
+    if sc is None:
+        sc = bucket.__dict__["_cpu_scalars"] = _Scalars()
+    return sc
+
+
+def _lr(lr, bucket: Bucket | None = None) -> torch.Tensor:
+    """lr as the ops take it: a 0-dim float64 tensor (a float lr goes into the bucket's cached one)."""
     if isinstance(lr, torch.Tensor):
         return lr.detach().reshape(())
-    return torch.tensor(float(lr), dtype=torch.float64)
+    if bucket is None:
+        return torch.tensor(float(lr), dtype=torch.float64)
+    return _scalars(bucket).lr(lr)
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
@@ -106,7 +112,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
         bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr(cfg.lr), cfg.inv_scale, cfg.found_inf, hyper, modes,
+        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, hyper, modes,
     )  # fmt: skip
 
 
@@ -114,12 +120,12 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     hyper, modes = lamb_options(cfg)
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
-        clip = torch.tensor(float(clip), dtype=torch.float64)
+        clip = _scalars(bucket).clip(clip)
     torch.ops.fusedlars.lamb_step_cpu(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
         bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr(cfg.lr), cfg.inv_scale, cfg.found_inf, clip, hyper, modes,
+        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, clip, hyper, modes,
     )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ import os
 import torch
 
 from ..buckets import Bucket
-from .common import LambConfig, LarsConfig
+from .common import CachedScalar, LambConfig, LarsConfig, check_fused
 from .packing import lamb_options, lars_options
 
 NAME = "cuda"
@@ -32,7 +32,7 @@ NAME = "cuda"
 TILE = 16384
 _PATHS = {"auto": 0, "cooperative": 1, "two_launch": 2}
 _OPS = ("lars_step_cuda", "lamb_step_cuda", "grad_sumsq_cuda", "cuda_info", "build_info")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCALAR_DTYPES = (torch.float32, torch.float64)
 
 
 def _load() -> str | None:
@@ -121,20 +121,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    if bucket.device.type != "cuda":
-        return f"the bucket is on {bucket.device}; the cuda backend runs CUDA tensors"
-    if bucket.dtype not in _DTYPES:
-        return f"param dtype {bucket.dtype} is not fused on CUDA (float32, bfloat16, float16 are)"
-    for name in ("lr", "inv_scale", "found_inf", "clip_coef"):
-        v = getattr(cfg, name, None)
-        if isinstance(v, torch.Tensor):
-            if v.numel() != 1 or v.device != bucket.device:
-                return f"{name} must be a float or a 1-element tensor on {bucket.device}, got shape {tuple(v.shape)} on {v.device}"
-            if v.dtype not in (torch.float32, torch.float64):
-                return f"{name} must be float32 or float64, got {v.dtype}"
-    if kind not in ("LARS", "LAMB"):
-        return f"unknown optimizer kind {kind!r}"
-    return None
+    return check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -149,6 +136,7 @@ class _Scratch:
         self.snap = torch.zeros(2 * max(S, 1), dtype=torch.float32, device=dev)
         self.gpart = torch.zeros(max(T, 1), dtype=torch.float64, device=dev)
         self.group_seg = torch.tensor(_groups(bucket, kind), dtype=torch.int64, device=dev)
+        self.clip = CachedScalar(dev, torch.float64)  # LAMB's clip_coef when given as a float
 
 
 def _groups(bucket: Bucket, kind: str) -> list[int]:
@@ -213,7 +201,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     hyper, modes = lamb_options(cfg)
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
-        clip = torch.full((1,), float(clip), dtype=torch.float64, device=bucket.device)
+        clip = sc.clip(clip)
     lr_t, lr = _lr(cfg.lr)
     torch.ops.fusedlars.lamb_step_cuda(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],

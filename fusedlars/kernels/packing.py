@@ -1,6 +1,7 @@
 """Options as the compiled kernels take them: the fields of the POD option structs of
 ``csrc/lars_math.h`` as a float list (``hyper``) and an int list (``modes``), in struct order.
-Shared by the C++ CPU and CUDA backends, so both pass exactly the same values."""
+Shared by the C++ CPU and CUDA backends, so both pass exactly the same values; the Triton backend
+passes the same codes as runtime ints (see :mod:`.triton_kernels`)."""
 
 from __future__ import annotations
 

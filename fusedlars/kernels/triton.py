@@ -33,7 +33,8 @@ import os
 import torch
 
 from ..buckets import Bucket
-from .common import LambConfig, LarsConfig
+from .common import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
+from .packing import BIAS, CLIP, DENOMINATOR, LAMB_WD, LARS_WD, ZERO_CHECK
 
 NAME = "triton"
 
@@ -85,7 +86,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     ok, why = available()
     if not ok:
         return why
-    if bucket.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if bucket.dtype not in FUSED_DTYPES:
         return (
             f"{bucket.dtype} buckets are not fused by the Triton backend (its kernels compute in fp32 and take "
             "fp32 hyper-parameters)"
@@ -97,9 +98,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
         return f"the bucket is on {dev}; the Triton backend launches on CUDA devices"
     if dev == "cuda" and _interpreting():
         return "Triton is in interpreter mode (TRITON_INTERPRET=1): it runs on CPU tensors only here"
-    if kind not in ("LARS", "LAMB"):
-        return f"unknown optimizer kind {kind!r}"
-    return None
+    return check_scalars(cfg, bucket.device) or check_kind(kind)
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,8 +116,8 @@ class _Scratch:
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
         self.no_master = torch.zeros(1, dtype=torch.float32, device=dev)
         self.no_mom = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.lr = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.lr_value: float | None = None
+        self.lr = CachedScalar(dev, torch.float32)  # a float lr
+        self.clip = CachedScalar(dev, torch.float32)  # a float clip_coef
 
 
 def _scratch(bucket: Bucket) -> _Scratch:
@@ -133,11 +132,7 @@ def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
     if isinstance(lr, torch.Tensor):
         # one kernel specialization (fp32 lr pointer); a device-side cast, no host sync
         return lr.reshape(-1) if lr.dtype == torch.float32 else lr.reshape(-1).to(torch.float32)
-    lr = float(lr)
-    if sc.lr_value != lr:
-        sc.lr.fill_(lr)
-        sc.lr_value = lr
-    return sc.lr
+    return sc.lr(lr)
 
 
 def _t(x: torch.Tensor | None, default: torch.Tensor) -> torch.Tensor:
@@ -278,9 +273,6 @@ def _op(name: str):
 # ------------------------------------------------------------------------------------------
 # the backend contract
 # ------------------------------------------------------------------------------------------
-_CLIP = {None: 0, "larc": 1, "lambc": 2, "range": 3}
-
-
 def _check(kind: str, cfg, bucket: Bucket) -> None:
     why = supports(kind, cfg, bucket)
     if why:
@@ -292,9 +284,10 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     sc = _scratch(bucket)
     tt = sc.tiles
     mom_mode = 0 if cfg.momentum == 0 else (1 if cfg.momentum_mode == "torch" else 2)
-    den = {"sum_of_norms": 0, "norm_of_sum": 1, "grad_only": 2}[cfg.denominator]
-    wdm = {"l2": 0, "ratio_only": 1, "decoupled": 2}[cfg.weight_decay_mode]
-    chk = {"raw_grad": 0, "update": 1, "denominator": 2}[cfg.zero_norm_check]
+    # runtime mode codes of the kernels: the same as those of the C++ option structs (packing)
+    den = DENOMINATOR[cfg.denominator]
+    wdm = LARS_WD[cfg.weight_decay_mode]
+    chk = ZERO_CHECK[cfg.zero_norm_check]
     tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
     fvals = [
         float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.eta), float(cfg.eps),
@@ -303,7 +296,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]),
     ]
     ivals = [
-        int(tv[4]), den, wdm, chk, int(cfg.zero_norm == "skip"), _CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled)),
+        int(tv[4]), den, wdm, chk, int(cfg.zero_norm == "skip"), CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled)),
         int(cfg.tv is not None), int(bool(cfg.nesterov)), int(cfg.first_step_buffer == "clone"),
     ]
     master = bucket.flat_master
@@ -323,18 +316,18 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     _check("LAMB", cfg, bucket)
     sc = _scratch(bucket)
     tt = sc.tiles
-    bc = {"both": 0, "none": 1, "first_outside": 2}[cfg.bias_correction]
-    wdm = {"in_update": 0, "l2": 1, "decoupled": 2}[cfg.weight_decay_mode]
+    bc = BIAS[cfg.bias_correction]
+    wdm = LAMB_WD[cfg.weight_decay_mode]
     fvals = [
         float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.beta1), float(cfg.beta2),
         float(cfg.beta3), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
         float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi),
         float(cfg.trust_ratio_eps),
     ]
-    ivals = [wdm, _CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
+    ivals = [wdm, CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
-        clip = torch.full((1,), float(clip), dtype=torch.float32, device=bucket.device)
+        clip = sc.clip(clip)
     master = bucket.flat_master
     _op("triton_lamb_step")(
         bucket.flat_param, master if master is not None else sc.no_master, bucket.flat_grad,
@@ -361,10 +354,6 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
         tt.tile_seg, tt.tile_start, tt.tile_len, tt.num_tiles, TILE, BLOCK,
     )
     return sc.gpart[: tt.num_tiles].sum()
-
-
-
-
 
 
 # ------------------------------------------------------------------------------------------

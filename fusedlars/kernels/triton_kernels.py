@@ -42,7 +42,8 @@ import triton.language as tl
 #: Whether the kernels below were decorated in interpreter mode (fixed at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Runtime mode codes (kept in sync with triton.py).
+# Runtime mode codes: triton.py passes those of fusedlars.kernels.packing (the C++ option enums);
+# the kernels below test the literal values.
 DEN_SUM_OF_NORMS, DEN_NORM_OF_SUM, DEN_GRAD_ONLY = 0, 1, 2
 WD_L2, WD_RATIO_ONLY, WD_DECOUPLED = 0, 1, 2  # LARS
 LWD_IN_UPDATE, LWD_L2, LWD_DECOUPLED = 0, 1, 2  # LAMB
@@ -148,6 +149,34 @@ def _lamb_ratio(ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, t
 
 
 @triton.jit
+def _load_w(param_ptr, master_ptr, off, m, HAS_MASTER: tl.constexpr):
+    """fp32 weights of a block: the master copy when there is one, else the params."""
+    if HAS_MASTER:
+        w = tl.load(master_ptr + off, mask=m, other=0.0)
+    else:
+        w = tl.load(param_ptr + off, mask=m, other=0.0).to(tl.float32)
+    return w
+
+
+@triton.jit
+def _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2):
+    """This tile's three partial sums of squares, one per row of ``part`` ([3, num_tiles])."""
+    tl.store(part_ptr + pid, tl.sum(acc0, axis=0))
+    tl.store(part_ptr + num_tiles + pid, tl.sum(acc1, axis=0))
+    tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc2, axis=0))
+
+
+@triton.jit
+def _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK: tl.constexpr):
+    """Segment-program lanes of launch 2: (segment indices, mask of the active empty segments)."""
+    offs = (pid - num_tiles).to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
+    m = offs < num_segs
+    numel = tl.load(seg_numel_ptr + offs, mask=m, other=1)
+    act = tl.load(active_ptr + offs, mask=m, other=0.0)
+    return offs, m & (numel == 0) & (act != 0)
+
+
+@triton.jit
 def _snapshot(step_ptr, has_ptr, snap_ptr, sblk, num_segs, SBLOCK: tl.constexpr):
     offs = sblk.to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
     m = offs < num_segs
@@ -188,18 +217,13 @@ def lars_partials_kernel(
                 offs = k + tl.arange(0, BLOCK)
                 m = offs < n
                 ptr_off = start + offs
-                if HAS_MASTER:
-                    w = tl.load(master_ptr + ptr_off, mask=m, other=0.0)
-                else:
-                    w = tl.load(param_ptr + ptr_off, mask=m, other=0.0).to(tl.float32)
+                w = _load_w(param_ptr, master_ptr, ptr_off, m, HAS_MASTER)
                 g = tl.load(grad_ptr + ptr_off, mask=m, other=0.0).to(tl.float32) * inv_scale
                 u = g + lam * w
                 acc_w += w * w
                 acc_g += g * g
                 acc_u += u * u
-            tl.store(part_ptr + pid, tl.sum(acc_w, axis=0))
-            tl.store(part_ptr + num_tiles + pid, tl.sum(acc_g, axis=0))
-            tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc_u, axis=0))
+            _store_partials(part_ptr, num_tiles, pid, acc_w, acc_g, acc_u)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "tv_gate", "den_mode", "wd_mode", "check_mode", "zero_skip",
@@ -226,11 +250,7 @@ def lars_update_kernel(
     if go:
         if pid >= num_tiles:
             # segments without tiles (empty params): norms are 0
-            offs = (pid - num_tiles).to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
-            m = offs < num_segs
-            numel = tl.load(seg_numel_ptr + offs, mask=m, other=1)
-            act = tl.load(active_ptr + offs, mask=m, other=0.0)
-            m = m & (numel == 0) & (act != 0)
+            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
             lam = weight_decay * tl.load(wd_mask_ptr + offs, mask=m, other=0.0).to(tl.float32)
             adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
             t = tl.load(step_ptr + offs, mask=m, other=0.0)
@@ -279,10 +299,7 @@ def lars_update_kernel(
                     offs = k + tl.arange(0, BLOCK)
                     m = offs < n
                     ptr_off = start + offs
-                    if HAS_MASTER:
-                        w = tl.load(master_ptr + ptr_off, mask=m, other=0.0)
-                    else:
-                        w = tl.load(param_ptr + ptr_off, mask=m, other=0.0).to(tl.float32)
+                    w = _load_w(param_ptr, master_ptr, ptr_off, m, HAS_MASTER)
                     g = tl.load(grad_ptr + ptr_off, mask=m, other=0.0).to(tl.float32) * inv_scale
                     if wd_mode == 0:
                         gp = r * (g + lam_eff * w)
@@ -360,10 +377,7 @@ def lamb_moments_kernel(
                 offs = k + tl.arange(0, BLOCK)
                 msk = offs < n
                 ptr_off = start + offs
-                if HAS_MASTER:
-                    w = tl.load(master_ptr + ptr_off, mask=msk, other=0.0)
-                else:
-                    w = tl.load(param_ptr + ptr_off, mask=msk, other=0.0).to(tl.float32)
+                w = _load_w(param_ptr, master_ptr, ptr_off, msk, HAS_MASTER)
                 g = tl.load(grad_ptr + ptr_off, mask=msk, other=0.0).to(tl.float32) * gscale / clip
                 acc_g += g * g
                 if wd_mode == 1:
@@ -379,9 +393,7 @@ def lamb_moments_kernel(
                     w = w * (1.0 - lr * lam)
                 acc_w += w * w
                 acc_u += u * u
-            tl.store(part_ptr + pid, tl.sum(acc_w, axis=0))
-            tl.store(part_ptr + num_tiles + pid, tl.sum(acc_g, axis=0))
-            tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc_u, axis=0))
+            _store_partials(part_ptr, num_tiles, pid, acc_w, acc_g, acc_u)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
@@ -404,11 +416,7 @@ def lamb_update_kernel(
     lr = tl.load(lr_ptr).to(tl.float32)
     if go:
         if pid >= num_tiles:
-            offs = (pid - num_tiles).to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
-            m = offs < num_segs
-            numel = tl.load(seg_numel_ptr + offs, mask=m, other=1)
-            act = tl.load(active_ptr + offs, mask=m, other=0.0)
-            m = m & (numel == 0) & (act != 0)
+            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
             adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
             t = tl.load(step_ptr + offs, mask=m, other=0.0)
             zero = tl.zeros([SBLOCK], dtype=tl.float32)
@@ -451,10 +459,7 @@ def lamb_update_kernel(
                     offs = k + tl.arange(0, BLOCK)
                     msk = offs < n
                     ptr_off = start + offs
-                    if HAS_MASTER:
-                        w = tl.load(master_ptr + ptr_off, mask=msk, other=0.0)
-                    else:
-                        w = tl.load(param_ptr + ptr_off, mask=msk, other=0.0).to(tl.float32)
+                    w = _load_w(param_ptr, master_ptr, ptr_off, msk, HAS_MASTER)
                     mm = tl.load(m_ptr + ptr_off, mask=msk, other=0.0)
                     vv = tl.load(v_ptr + ptr_off, mask=msk, other=0.0)
                     u = _adam_dir(mm, vv, bc1, bc2, eps, eps_root, BC)
