@@ -186,8 +186,9 @@ def test_make_params_refuses_oversized_request():
 # -- baselines --------------------------------------------------------------------------------
 
 
-def _reference_lars_f64(params, grads_per_step, *, lr, momentum, wd, eta, eps):
-    """Module-docstring formula, float64, Python branches (test oracle)."""
+def _reference_lars_f64(params, grads_per_step, *, lr, momentum, weight_decay, trust_coefficient, eps):
+    """Module-docstring formula, float64, Python branches (test oracle); the baselines' keywords."""
+    wd, eta = weight_decay, trust_coefficient
     ws = [p.double().clone() for p in params]
     bufs = [torch.zeros_like(w) for w in ws]
     for grads in grads_per_step:
@@ -234,15 +235,7 @@ def test_baselines_agree(hyper):
     for a, b in zip(pp + pb, fp + fb):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
 
-    want = _reference_lars_f64(
-        params0,
-        grads_per_step,
-        lr=hyper["lr"],
-        momentum=hyper["momentum"],
-        wd=hyper["weight_decay"],
-        eta=hyper["trust_coefficient"],
-        eps=hyper["eps"],
-    )
+    want = _reference_lars_f64(params0, grads_per_step, **hyper)
     for a, b in zip(pp, want):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-7)
 

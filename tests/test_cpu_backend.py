@@ -20,6 +20,7 @@ import torch
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+from helpers import assert_backend_matches_reference, make_named_grads, make_named_params, run_named
 
 OK, WHY = kernels.status("cpu")
 
@@ -46,69 +47,22 @@ SHAPES = [
     ("zero_w", (40, 17)),  # zero-initialised weight
     ("zero_g", (19, 7)),  # gradient always zero
 ]
-TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (3e-3, 1e-4)}
 
 
 def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for name, s in shapes:
-        p = torch.randn(s, generator=g, dtype=torch.float64)
-        if name == "zero_w":
-            p.zero_()
-        out.append((name, p.to(dtype).requires_grad_()))
-    return out
+    return make_named_params(shapes, dtype, seed)
 
 
 def make_grads(params, step, scale=0.01, special=None):
-    g = torch.Generator().manual_seed(1000 + step)
-    grads = []
-    for name, p in params:
-        gr = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
-        if name == "zero_g":
-            gr.zero_()
-        if special is not None:
-            special(name, gr, step)
-        grads.append(gr.to(p.dtype))
-    return grads
+    return make_named_grads(params, step, scale, special)
 
 
-def run(cls, backend, *, steps=3, dtype=torch.float32, master=False, lr=0.1, grad_fn=None, shapes=SHAPES,
-        scale=0.01, **kw):
-    params = make_params(dtype, shapes)
-    opt = cls(params, lr=lr, backend=backend, master_weights=master, **kw)
-    for t in range(steps):
-        grads = grad_fn(params, t) if grad_fn else make_grads(params, t, scale)
-        for (_, p), gr in zip(params, grads):
-            p.grad = gr
-        if isinstance(lr, (int, float)):
-            opt.param_groups[0]["lr"] = lr * (1 + 0.1 * t)  # a scheduler changes lr every step
-        opt.step()
-    return params, opt
+def run(cls, backend, *, shapes=SHAPES, **kw):
+    return run_named(cls, backend, shapes, **kw)
 
 
-def assert_same(cls, *, dtype=torch.float32, equal_nan=False, **kw):
-    pa, oa = run(cls, "cpu", dtype=dtype, **kw)
-    pb, ob = run(cls, "reference", dtype=dtype, **kw)
-    assert oa.backends_in_use() == ["cpu"] * len(oa.buckets())
-    rtol, atol = TOL[dtype]
-    for (name, a), (_, b) in zip(pa, pb):
-        fin = b.detach().double()[torch.isfinite(b.detach().double())]
-        mag = max(fin.abs().max().item(), 1.0) if fin.numel() else 1.0
-        torch.testing.assert_close(
-            a.detach().double(), b.detach().double(), rtol=rtol, atol=atol * mag, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}"
-        )
-    for ba, bb in zip(oa.buckets(), ob.buckets()):
-        for key in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
-            torch.testing.assert_close(getattr(ba, key), getattr(bb, key), rtol=max(rtol, 1e-5), atol=1e-6,
-                                       equal_nan=equal_nan, msg=lambda m: f"{key}: {m}")
-        assert torch.equal(ba.step, bb.step) and torch.equal(ba.has_state, bb.has_state)
-        for key in ba.state:
-            torch.testing.assert_close(ba.state[key], bb.state[key], rtol=max(rtol, 1e-5), atol=1e-6 if dtype == torch.float32 else 1e-4,
-                                       equal_nan=equal_nan, msg=lambda m: f"state {key}: {m}")
-        if ba.flat_master is not None:
-            torch.testing.assert_close(ba.flat_master, bb.flat_master, rtol=1e-5, atol=1e-6)
-    return oa, ob
+def assert_same(cls, **kw):
+    return assert_backend_matches_reference(cls, "cpu", SHAPES, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,14 +346,12 @@ def test_grad_sumsq_matches_reference():
 @pytestmark_ext
 @pytest.mark.parametrize("op", ["lars", "lamb", "sumsq"])
 def test_opcheck(op):
-    from fusedlars.kernels.cpu import _lr
-
     kind = fusedlars.LARS if op == "lars" else fusedlars.LAMB
     _, opt = run(kind, "cpu", steps=1, shapes=SHAPES[:4], lr=1e-2)
     b = opt.buckets()[0]
     segs = (b.seg_offset, b.seg_numel, b.wd_mask, b.adapt_mask, b.active, b.has_state, b.step,
             b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)  # fmt: skip
-    lr = _lr(1e-2)
+    lr = torch.tensor(1e-2, dtype=torch.float64)  # the ops take lr as a 0-dim float64 tensor
     if op == "lars":
         args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *segs, lr, torch.tensor(0.5), torch.tensor(0.0),
                 [0.9, 0.0, 1e-4, 1e-3, 1e-8, 0.0, float("inf"), 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0],

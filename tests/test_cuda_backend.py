@@ -7,14 +7,13 @@ on the same CUDA data (odd shapes 1, 3, 4097, 65537, empty, zero weights / grads
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+from helpers import assert_backend_matches_reference, make_named_grads, make_named_params, run_named
 
 OK, WHY = kernels.status("cuda")
 HAVE_GPU = torch.cuda.is_available()
@@ -35,69 +34,23 @@ SHAPES = [
     ("zero_g", (19, 7)),
     ("bias", (64,)),
 ]
-TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (3e-3, 1e-4)}
 DEV = "cuda"
 
 
 def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for name, s in shapes:
-        p = torch.randn(s, generator=g, dtype=torch.float64)
-        if name == "zero_w":
-            p.zero_()
-        out.append((name, p.to(dtype).to(DEV).requires_grad_()))
-    return out
+    return make_named_params(shapes, dtype, seed, device=DEV)
 
 
 def make_grads(params, step, scale=0.01, special=None):
-    g = torch.Generator().manual_seed(1000 + step)
-    grads = []
-    for name, p in params:
-        gr = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
-        if name == "zero_g":
-            gr.zero_()
-        if special is not None:
-            special(name, gr, step)
-        grads.append(gr.to(p.dtype).to(DEV))
-    return grads
+    return make_named_grads(params, step, scale, special)
 
 
-def run(cls, backend, *, steps=3, dtype=torch.float32, master=False, lr=0.1, grad_fn=None, shapes=SHAPES, **kw):
-    params = make_params(dtype, shapes)
-    opt = cls(params, lr=lr, backend=backend, master_weights=master, **kw)
-    for t in range(steps):
-        grads = grad_fn(params, t) if grad_fn else make_grads(params, t)
-        for (_, p), gr in zip(params, grads):
-            p.grad = gr
-        if isinstance(lr, (int, float)):
-            opt.param_groups[0]["lr"] = lr * (1 + 0.1 * t)
-        opt.step()
-    return params, opt
+def run(cls, backend, *, shapes=SHAPES, **kw):
+    return run_named(cls, backend, shapes, device=DEV, **kw)
 
 
-def assert_same(cls, *, dtype=torch.float32, equal_nan=False, **kw):
-    pa, oa = run(cls, "cuda", dtype=dtype, **kw)
-    pb, ob = run(cls, "reference", dtype=dtype, **kw)
-    assert oa.backends_in_use() == ["cuda"] * len(oa.buckets())
-    rtol, atol = TOL[dtype]
-    for (name, a), (_, b) in zip(pa, pb):
-        fin = b.detach().double()[torch.isfinite(b.detach().double())]
-        mag = max(fin.abs().max().item(), 1.0) if fin.numel() else 1.0
-        torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=rtol, atol=atol * mag,
-                                   equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
-    for ba, bb in zip(oa.buckets(), ob.buckets()):
-        for key in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
-            torch.testing.assert_close(getattr(ba, key), getattr(bb, key), rtol=max(rtol, 1e-5), atol=1e-6,
-                                       equal_nan=equal_nan, msg=lambda m: f"{key}: {m}")
-        assert torch.equal(ba.step, bb.step) and torch.equal(ba.has_state, bb.has_state)
-        for key in ba.state:
-            torch.testing.assert_close(ba.state[key], bb.state[key], rtol=max(rtol, 1e-5),
-                                       atol=1e-6 if dtype == torch.float32 else 1e-4, equal_nan=equal_nan,
-                                       msg=lambda m: f"state {key}: {m}")
-        if ba.flat_master is not None:
-            torch.testing.assert_close(ba.flat_master, bb.flat_master, rtol=1e-5, atol=1e-6)
-    return oa, ob
+def assert_same(cls, **kw):
+    return assert_backend_matches_reference(cls, "cuda", SHAPES, device=DEV, **kw)
 
 
 @pytest.fixture(params=["auto", "two_launch"])
