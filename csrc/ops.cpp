@@ -52,7 +52,7 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // Fused optimizer steps over one flat bucket (fusedlars/buckets.py). Every tensor is the bucket's
   // own buffer; the per-segment tensors have one entry per parameter tensor. `hyper` and `modes`
   // carry the resolved group options in the order fusedlars/kernels/cpu.py writes them (decoded in
-  // csrc/cpu/optim_cpu.cpp into LarsOptions / LambOptions of csrc/lars_math.h). Implementations:
+  // csrc/op_args.h into LarsOptions / LambOptions of csrc/lars_math.h). Implementations:
   // csrc/cpu/optim_cpu.cpp (CPU); fake kernels: fusedlars/kernels/cpu.py.
   m.def(
       "lars_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? momentum, "

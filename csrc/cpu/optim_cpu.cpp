@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "../lars_math.h"
+#include "../op_args.h"
 #include "kernels.h"
 
 namespace fusedlars {
@@ -258,6 +259,24 @@ void check_buf(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t
               numel);
 }
 
+// seg_offset / seg_numel: int64 [S], every segment inside a flat buffer of N elements. Returns S.
+int64_t check_segments(const at::Tensor& seg_offset, const at::Tensor& seg_numel, int64_t N) {
+  const int64_t S = seg_offset.numel();
+  check_buf(seg_offset, "seg_offset", at::kLong, S);
+  check_buf(seg_numel, "seg_numel", at::kLong, S);
+  const int64_t* off = seg_offset.data_ptr<int64_t>();
+  const int64_t* numel = seg_numel.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s)
+    TORCH_CHECK(off[s] >= 0 && numel[s] >= 0 && off[s] + numel[s] <= N, "fusedlars cpu: segment ", s,
+                " lies outside the flat buffer");
+  return S;
+}
+
+// A per-step scalar argument (lr, inv_scale, found_inf, clip_coef): one element, on the CPU.
+void check_scalar(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "fusedlars cpu: ", name, " must be a 1-element CPU tensor");
+}
+
 struct Common {
   int64_t S;
   int variant;
@@ -286,9 +305,7 @@ Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::
     TORCH_CHECK(param.scalar_type() != at::kFloat, "fusedlars cpu: master weights need a bf16/fp16 param");
     check_buf(*master, "master", at::kFloat, N);
   }
-  c.S = seg_offset.numel();
-  check_buf(seg_offset, "seg_offset", at::kLong, c.S);
-  check_buf(seg_numel, "seg_numel", at::kLong, c.S);
+  c.S = check_segments(seg_offset, seg_numel, N);
   const std::pair<const at::Tensor*, const char*> segs[] = {
       {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&active, "active"}, {&has_state, "has_state"},
       {&step, "step"},       {&w_norm, "w_norm"},         {&g_norm, "g_norm"}, {&u_norm, "u_norm"},
@@ -296,9 +313,6 @@ Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::
   for (const auto& [t, name] : segs) check_buf(*t, name, at::kFloat, c.S);
   c.off = seg_offset.data_ptr<int64_t>();
   c.numel = seg_numel.data_ptr<int64_t>();
-  for (int64_t s = 0; s < c.S; ++s)
-    TORCH_CHECK(c.off[s] >= 0 && c.numel[s] >= 0 && c.off[s] + c.numel[s] <= N,
-                "fusedlars cpu: segment ", s, " lies outside the flat buffer");
   c.wd_mask = wd_mask.data_ptr<float>();
   c.adapt_mask = adapt_mask.data_ptr<float>();
   c.active = active.data_ptr<float>();
@@ -308,16 +322,16 @@ Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::
   c.g_norm = g_norm.data_ptr<float>();
   c.u_norm = u_norm.data_ptr<float>();
   c.trust_ratio = trust_ratio.data_ptr<float>();
-  TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "fusedlars cpu: lr must be a 1-element CPU tensor");
+  check_scalar(lr, "lr");
   c.lr = lr.item<double>();
   c.inv_scale = 1.0;
   if (inv_scale) {
-    TORCH_CHECK(inv_scale->numel() == 1 && inv_scale->device().is_cpu(), "fusedlars cpu: inv_scale must be a 1-element CPU tensor");
+    check_scalar(*inv_scale, "inv_scale");
     c.inv_scale = inv_scale->item<double>();
   }
   c.skip = false;
   if (found_inf) {
-    TORCH_CHECK(found_inf->numel() == 1 && found_inf->device().is_cpu(), "fusedlars cpu: found_inf must be a 1-element CPU tensor");
+    check_scalar(*found_inf, "found_inf");
     c.skip = found_inf->item<double>() != 0.0;
   }
   return c;
@@ -337,36 +351,10 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
                    const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
                    const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
                    at::ArrayRef<int64_t> modes) {
-  TORCH_CHECK(hyper.size() == 14 && modes.size() == 11, "fusedlars cpu: lars_step_cpu expects 14 hyper, 11 modes");
+  const LarsOptions o = lars_options(hyper, modes, "fusedlars cpu: lars_step_cpu");
   Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
                           w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
   if (c.skip) return;
-  LarsOptions o;
-  o.momentum = hyper[0];
-  o.dampening = hyper[1];
-  o.weight_decay = hyper[2];
-  o.eta = hyper[3];
-  o.eps = hyper[4];
-  o.clamp_lo = hyper[5];
-  o.clamp_hi = hyper[6];
-  o.clip_lo = hyper[7];
-  o.clip_hi = hyper[8];
-  o.tv_lmbda = hyper[9];
-  o.tv_alpha = hyper[10];
-  o.tv_shift = hyper[11];
-  o.tv_gamma_min = hyper[12];
-  o.tv_gate = hyper[13];
-  o.nesterov = static_cast<int>(modes[0]);
-  o.maximize = static_cast<int>(modes[1]);
-  o.denominator = static_cast<int>(modes[2]);
-  o.wd_mode = static_cast<int>(modes[3]);
-  o.zero_norm = static_cast<int>(modes[4]);
-  o.zero_norm_check = static_cast<int>(modes[5]);
-  o.trust_clip = static_cast<int>(modes[6]);
-  o.adapt_enabled = static_cast<int>(modes[7]);
-  o.momentum_mode = static_cast<int>(modes[8]);
-  o.first_step_buffer = static_cast<int>(modes[9]);
-  o.tv_on = static_cast<int>(modes[10]);
   const int mom = o.momentum != 0.0;
   float* buf = nullptr;
   if (mom) {
@@ -431,33 +419,15 @@ void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
                    const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                    at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
-  TORCH_CHECK(hyper.size() == 11 && modes.size() == 6, "fusedlars cpu: lamb_step_cpu expects 11 hyper, 6 modes");
+  const LambOptions o = lamb_options(hyper, modes, "fusedlars cpu: lamb_step_cpu");
   Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
                           w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
   if (c.skip) return;
   check_buf(exp_avg, "exp_avg", at::kFloat, param.numel());
   check_buf(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel());
-  LambOptions o;
-  o.beta1 = hyper[0];
-  o.beta2 = hyper[1];
-  o.beta3 = hyper[2];
-  o.eps = hyper[3];
-  o.eps_root = hyper[4];
-  o.weight_decay = hyper[5];
-  o.clamp_lo = hyper[6];
-  o.clamp_hi = hyper[7];
-  o.clip_lo = hyper[8];
-  o.clip_hi = hyper[9];
-  o.trust_ratio_eps = hyper[10];
-  o.maximize = static_cast<int>(modes[0]);
-  o.bias_correction = static_cast<int>(modes[1]);
-  o.wd_mode = static_cast<int>(modes[2]);
-  o.adapt_enabled = static_cast<int>(modes[3]);
-  o.trust_clip = static_cast<int>(modes[4]);
-  o.adam = static_cast<int>(modes[5]);
   double clip = 1.0;
   if (clip_coef) {
-    TORCH_CHECK(clip_coef->numel() == 1 && clip_coef->device().is_cpu(), "fusedlars cpu: clip_coef must be a 1-element CPU tensor");
+    check_scalar(*clip_coef, "clip_coef");
     clip = clip_coef->item<double>();
   }
   const double gscale = (o.maximize ? -c.inv_scale : c.inv_scale) / clip;
@@ -513,20 +483,15 @@ void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
 
 at::Tensor grad_sumsq_cpu(const at::Tensor& grad, const at::Tensor& seg_offset, const at::Tensor& seg_numel,
                           const at::Tensor& active, const std::optional<at::Tensor>& inv_scale) {
-  const int64_t S = seg_offset.numel();
   check_buf(grad, "grad", grad.scalar_type(), -1);
-  check_buf(seg_offset, "seg_offset", at::kLong, S);
-  check_buf(seg_numel, "seg_numel", at::kLong, S);
+  const int64_t S = check_segments(seg_offset, seg_numel, grad.numel());
   check_buf(active, "active", at::kFloat, S);
   const int variant = variant_of(grad, std::nullopt);
   const int64_t* off = seg_offset.data_ptr<int64_t>();
   const int64_t* numel = seg_numel.data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s)
-    TORCH_CHECK(off[s] >= 0 && numel[s] >= 0 && off[s] + numel[s] <= grad.numel(),
-                "fusedlars cpu: segment ", s, " lies outside the flat buffer");
   float gscale = 1.0f;
   if (inv_scale) {
-    TORCH_CHECK(inv_scale->numel() == 1 && inv_scale->device().is_cpu(), "fusedlars cpu: inv_scale must be a 1-element CPU tensor");
+    check_scalar(*inv_scale, "inv_scale");
     gscale = inv_scale->item<float>();
   }
   const Plan p = make_plan(off, numel, active.data_ptr<float>(), S, 0, 0);

@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include "../op_args.h"
 #include "launch.h"
 
 namespace fusedlars {
@@ -37,36 +38,31 @@ Scalar scalar(const std::optional<at::Tensor>& t, const char* name, const at::De
 
 bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-struct Common {
-  int variant;
-  Bufs b;
-  Segs s;
-  Plan p;
-  Scalar lr, inv_scale, found_inf;
-};
-
-Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                    const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
-                    const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
-                    const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
-                    const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
-                    const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
-                    const at::Tensor& snap, const std::optional<at::Tensor>& lr_tensor, double lr,
-                    const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
+// Checks the arguments LARS and LAMB share and fills the common fields of `a` (LarsArgs / LambArgs):
+// b (all but the state buffers s0 / s1 and vec_ok), s, p, lr, inv_scale, found_inf. Returns the variant.
+template <class Args>
+int check_common(Args& a, const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
+                 const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
+                 const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                 const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                 const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
+                 const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
+                 const at::Tensor& snap, const std::optional<at::Tensor>& lr_tensor, double lr,
+                 const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
   TORCH_CHECK(param.is_cuda(), "fusedlars cuda: param must be a CUDA tensor, got ", param.device());
   const at::Device dev = param.device();
-  Common c{};
+  int variant = kF32;
   const int64_t N = param.numel();
   switch (param.scalar_type()) {
     case at::kFloat:
       TORCH_CHECK(!master, "fusedlars cuda: master weights need a bf16/fp16 param");
-      c.variant = kF32;
+      variant = kF32;
       break;
     case at::kBFloat16:
-      c.variant = master ? kBF16Master : kBF16;
+      variant = master ? kBF16Master : kBF16;
       break;
     case at::kHalf:
-      c.variant = master ? kF16Master : kF16;
+      variant = master ? kF16Master : kF16;
       break;
     default:
       TORCH_CHECK(false, "fusedlars cuda: unsupported param dtype ", param.scalar_type(),
@@ -93,17 +89,17 @@ Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::
   check_buf(snap, "snap", dev, at::kFloat, -1);
   TORCH_CHECK(snap.numel() >= 2 * S, "fusedlars cuda: snap needs 2 * num_segments = ", 2 * S, " elements");
 
-  c.b = Bufs{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), nullptr, nullptr, 0};
-  c.s = Segs{wd_mask.data_ptr<float>(), adapt_mask.data_ptr<float>(), active.data_ptr<float>(),
+  a.b = Bufs{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), nullptr, nullptr, 0};
+  a.s = Segs{wd_mask.data_ptr<float>(), adapt_mask.data_ptr<float>(), active.data_ptr<float>(),
              has_state.data_ptr<float>(), step.data_ptr<float>(), w_norm.data_ptr<float>(),
              g_norm.data_ptr<float>(), u_norm.data_ptr<float>(), trust_ratio.data_ptr<float>()};
-  c.p = Plan{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(),
+  a.p = Plan{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(),
              seg_tile_ptr.data_ptr<int64_t>(), group_seg.data_ptr<int64_t>(), T, S, group_seg.numel() - 1,
              partials.data_ptr<double>(), snap.data_ptr<float>()};
-  c.lr = scalar(lr_tensor, "lr", dev, lr);
-  c.inv_scale = scalar(inv_scale, "inv_scale", dev, 1.0);
-  c.found_inf = scalar(found_inf, "found_inf", dev, 0.0);
-  return c;
+  a.lr = scalar(lr_tensor, "lr", dev, lr);
+  a.inv_scale = scalar(inv_scale, "inv_scale", dev, 1.0);
+  a.found_inf = scalar(found_inf, "found_inf", dev, 0.0);
+  return variant;
 }
 
 void finish_vec(Bufs& b) {
@@ -126,51 +122,19 @@ void lars_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::
                     const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
                     const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
                     at::ArrayRef<int64_t> modes, int64_t path) {
-  TORCH_CHECK(hyper.size() == 14 && modes.size() == 11, "fusedlars cuda: lars_step_cuda expects 14 hyper, 11 modes");
-  Common c = check_common(param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm,
-                          trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap,
-                          lr_tensor, lr, inv_scale, found_inf);
   LarsArgs a{};
-  LarsOptions& o = a.o;
-  o.momentum = hyper[0];
-  o.dampening = hyper[1];
-  o.weight_decay = hyper[2];
-  o.eta = hyper[3];
-  o.eps = hyper[4];
-  o.clamp_lo = hyper[5];
-  o.clamp_hi = hyper[6];
-  o.clip_lo = hyper[7];
-  o.clip_hi = hyper[8];
-  o.tv_lmbda = hyper[9];
-  o.tv_alpha = hyper[10];
-  o.tv_shift = hyper[11];
-  o.tv_gamma_min = hyper[12];
-  o.tv_gate = hyper[13];
-  o.nesterov = static_cast<int>(modes[0]);
-  o.maximize = static_cast<int>(modes[1]);
-  o.denominator = static_cast<int>(modes[2]);
-  o.wd_mode = static_cast<int>(modes[3]);
-  o.zero_norm = static_cast<int>(modes[4]);
-  o.zero_norm_check = static_cast<int>(modes[5]);
-  o.trust_clip = static_cast<int>(modes[6]);
-  o.adapt_enabled = static_cast<int>(modes[7]);
-  o.momentum_mode = static_cast<int>(modes[8]);
-  o.first_step_buffer = static_cast<int>(modes[9]);
-  o.tv_on = static_cast<int>(modes[10]);
-  if (o.momentum != 0.0) {
+  a.o = lars_options(hyper, modes, "fusedlars cuda: lars_step_cuda");
+  const int variant = check_common(a, param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
+                                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr,
+                                   group_seg, partials, snap, lr_tensor, lr, inv_scale, found_inf);
+  if (a.o.momentum != 0.0) {
     TORCH_CHECK(momentum.has_value(), "fusedlars cuda: momentum != 0 needs a momentum buffer");
     check_buf(*momentum, "momentum", param.device(), at::kFloat, param.numel());
-    c.b.s0 = momentum->data_ptr<float>();
+    a.b.s0 = momentum->data_ptr<float>();
   }
-  finish_vec(c.b);
-  a.b = c.b;
-  a.s = c.s;
-  a.p = c.p;
-  a.lr = c.lr;
-  a.inv_scale = c.inv_scale;
-  a.found_inf = c.found_inf;
+  finish_vec(a.b);
   const c10::cuda::CUDAGuard guard(param.device());
-  check_launch(launch_lars(a, c.variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
+  check_launch(launch_lars(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
                "lars_step_cuda");
 }
 
@@ -184,43 +148,19 @@ void lamb_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::
                     const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                     at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path) {
-  TORCH_CHECK(hyper.size() == 11 && modes.size() == 6, "fusedlars cuda: lamb_step_cuda expects 11 hyper, 6 modes");
-  Common c = check_common(param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm,
-                          trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap,
-                          lr_tensor, lr, inv_scale, found_inf);
+  LambArgs a{};
+  a.o = lamb_options(hyper, modes, "fusedlars cuda: lamb_step_cuda");
+  const int variant = check_common(a, param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
+                                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr,
+                                   group_seg, partials, snap, lr_tensor, lr, inv_scale, found_inf);
   check_buf(exp_avg, "exp_avg", param.device(), at::kFloat, param.numel());
   check_buf(exp_avg_sq, "exp_avg_sq", param.device(), at::kFloat, param.numel());
-  LambArgs a{};
-  LambOptions& o = a.o;
-  o.beta1 = hyper[0];
-  o.beta2 = hyper[1];
-  o.beta3 = hyper[2];
-  o.eps = hyper[3];
-  o.eps_root = hyper[4];
-  o.weight_decay = hyper[5];
-  o.clamp_lo = hyper[6];
-  o.clamp_hi = hyper[7];
-  o.clip_lo = hyper[8];
-  o.clip_hi = hyper[9];
-  o.trust_ratio_eps = hyper[10];
-  o.maximize = static_cast<int>(modes[0]);
-  o.bias_correction = static_cast<int>(modes[1]);
-  o.wd_mode = static_cast<int>(modes[2]);
-  o.adapt_enabled = static_cast<int>(modes[3]);
-  o.trust_clip = static_cast<int>(modes[4]);
-  o.adam = static_cast<int>(modes[5]);
-  c.b.s0 = exp_avg.data_ptr<float>();
-  c.b.s1 = exp_avg_sq.data_ptr<float>();
-  finish_vec(c.b);
-  a.b = c.b;
-  a.s = c.s;
-  a.p = c.p;
-  a.lr = c.lr;
-  a.inv_scale = c.inv_scale;
-  a.found_inf = c.found_inf;
+  a.b.s0 = exp_avg.data_ptr<float>();
+  a.b.s1 = exp_avg_sq.data_ptr<float>();
+  finish_vec(a.b);
   a.clip_coef = scalar(clip_coef, "clip_coef", param.device(), 1.0);
   const c10::cuda::CUDAGuard guard(param.device());
-  check_launch(launch_lamb(a, c.variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
+  check_launch(launch_lamb(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
                "lamb_step_cuda");
 }
 
