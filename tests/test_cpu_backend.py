@@ -279,6 +279,11 @@ def test_bitwise_same_for_1_and_2_threads_and_any_grouping(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     grouped = torch.load(path)
     assert all(torch.equal(x, y) for x, y in zip(two, grouped)), "grouping changed the results"
+    # pass 2 forwards instead of backwards (NOTE [Pass 2 runs backwards]): the order must not matter
+    env = dict(os.environ, FUSEDLARS_CPU_P2_REVERSE="0", FUSEDLARS_CPU_GROUP_BYTES="65536")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    forward = torch.load(path)
+    assert all(torch.equal(x, y) for x, y in zip(two, forward)), "the pass-2 order changed the results"
 
 
 @pytestmark_ext
