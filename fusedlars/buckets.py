@@ -266,7 +266,8 @@ class Bucket:
         FSDP2's) nor for a grad that is a view of someone else's buffer (DDP gradient_as_bucket_view)."""
         return not (self.shard is not None or is_dtensor(g) or _foreign(g_local, self._own))
 
-    def _copy_in_param(self, i: int, src: torch.Tensor) -> None:
+    def copy_in_param(self, i: int, src: torch.Tensor) -> None:
+        """Copy ``src`` into segment ``i``'s param (and master) view."""
         pv = self.param_views[i]
         if self.master_views is not None:
             # keep the fp32 master where the param still holds what we wrote (no host sync)
@@ -274,23 +275,24 @@ class Bucket:
             mv.copy_(torch.where(src != pv, src.to(mv.dtype), mv))
         pv.copy_(src)
 
-    def sync_views(self) -> list[bool]:
+    def sync_views(self, adopt_grads: bool = True) -> list[bool]:
         """Repair broken param / grad views, copy external segments in; return which segments have a grad.
 
         Runs on the host only (pointer comparisons); copies happen only for broken views and
-        for external segments (NOTE [External segments]).
+        for external segments (NOTE [External segments]). ``adopt_grads=False`` copies a grad that is
+        not a view without re-pointing ``p.grad`` at the bucket (compiled steps, NOTE [Compiled steps]).
         """
         active = []
         with torch.no_grad():
             for i, p in enumerate(self.params):
                 pv = self.param_views[i]
                 if self.external[i]:
-                    self._copy_in_param(i, local_tensor(p).detach())
+                    self.copy_in_param(i, local_tensor(p).detach())
                 elif p.data_ptr() != pv.data_ptr():
                     if _shared_param(p, self._own):
                         # someone else's buffer now owns it (e.g. ZeRO re-pointed p.data): follow it
                         self.external[i] = self.any_external = True
-                        self._copy_in_param(i, p.detach())
+                        self.copy_in_param(i, p.detach())
                     else:
                         pv.copy_(p.detach())
                         if self.master_views is not None:
@@ -304,7 +306,7 @@ class Bucket:
                 gv = self.grad_views[i]
                 if gl.data_ptr() != gv.data_ptr() or gl.shape != gv.shape or gl.stride() != gv.stride():
                     gv.copy_(gl)
-                    if self._may_adopt_grad(i, g, gl):
+                    if adopt_grads and self._may_adopt_grad(i, g, gl):
                         p.grad = gv
                 active.append(True)
         key = tuple(active)
@@ -359,6 +361,15 @@ class Bucket:
             why = grad_mismatch(local_tensor(g), self.shapes[i], self.dtype, self.device)
             if why:
                 raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor a kernel reads or writes (flat buffers, state, per-segment tables and outputs)."""
+        out = [self.flat_param, self.flat_grad, *self.state.values(), self.seg_offset, self.seg_numel,
+               self.seg_len, self.wd_mask, self.adapt_mask, self.active, self.has_state, self.step,
+               self.w_norm, self.g_norm, self.u_norm, self.trust_ratio]  # fmt: skip
+        if self.flat_master is not None:
+            out.append(self.flat_master)
+        return out
 
     def weights(self) -> torch.Tensor:
         """The buffer the math reads weights from: the fp32 master if present, else the params."""

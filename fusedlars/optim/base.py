@@ -38,7 +38,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
     # GradScaler passes grad_scale / found_inf to step() instead of unscaling in a separate pass.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, defaults: dict[str, Any], *, backend: str, master_weights: bool) -> None:
+    def __init__(
+        self, params, defaults: dict[str, Any], *, backend: str, master_weights: bool, capturable: bool = False
+    ) -> None:
         if backend not in _VALID_BACKENDS:
             raise ValueError(f"{self._KIND}: backend={backend!r} is not one of {_VALID_BACKENDS}.")
         if backend != "auto":
@@ -50,8 +52,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 )
         if not isinstance(master_weights, bool):
             raise ValueError(f"{self._KIND}: master_weights must be a bool, got {master_weights!r}.")
+        if not isinstance(capturable, bool):
+            raise ValueError(f"{self._KIND}: capturable must be a bool, got {capturable!r}.")
         self.backend = backend
         self.master_weights = master_weights
+        self.capturable = capturable
         self._buckets: dict[int, list[Bucket]] = {}
         self._bucket_specs: dict[int, tuple] = {}
         self._seen: set[int] = set()
@@ -357,9 +362,26 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        # validate everything before anything is mutated
+        if torch.compiler.is_compiling():
+            self._step_traced()
+            return loss
+        self._opt_called = True  # what torch's LR schedulers track (NOTE [LR schedulers])
+        self._prepare_step()
+        self._run_step()
+        return loss
+
+    # NOTE: [LR schedulers]
+    # torch.optim.lr_scheduler wraps ``opt.step`` in a function of its own unless the step already
+    # carries ``_wrapped_by_lr_sched``; dynamo refuses to trace that wrapper (lr_scheduler.py is on
+    # its skip list), so ``torch.compile(opt.step, fullgraph=True)`` would fail once a scheduler
+    # exists. Our step sets the flag the wrapper would set (``_opt_called``, read by the scheduler's
+    # "lr_scheduler.step() before optimizer.step()" warning) and carries the marker.
+    step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
+
+    def _prepare_step(self, *, adopt_grads: bool = True) -> None:
+        """The host-side part of a step: validate everything before anything is mutated, build the
+        buckets, repair broken views (NOTE [Views stay exact]) and, when capturable, put float lrs
+        on the device."""
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, f" (param group {gi})")
             if gi not in self._buckets:  # built buckets check their own params (Bucket.check_grads)
@@ -367,8 +389,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self._ensure_buckets()
         for b in self.buckets():
             b.check_grads()
+        if self.capturable:
+            self._lrs_on_device()
         for b in self.buckets():
-            b.sync_views()
+            b.sync_views(adopt_grads=adopt_grads)
+
+    def _run_step(self) -> None:
+        """The device-side part of a step: the kernels, then external segments copied back."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         inv_scale = None
         if grad_scale is not None:
             inv_scale = grad_scale.double().reciprocal().float()
@@ -379,7 +408,86 @@ class BucketedOptimizer(torch.optim.Optimizer):
         )
         for b in self.buckets():
             b.publish()
-        return loss
+
+    def _lrs_on_device(self) -> None:
+        """Replace every float lr by a 0-dim tensor on its group's device, which LR schedulers then
+        update in place (``fill_``): a captured or compiled step reads the current value, not the one
+        of the step it was recorded at."""
+        for group in self.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor) or not group["params"]:
+                continue
+            dev = distributed.local_tensor(group["params"][0]).device
+            dt = torch.float64 if dev.type in ("cpu", "cuda") else torch.float32
+            group["lr"] = torch.tensor(float(lr), dtype=dt, device=dev)
+
+    # -- torch.compile / CUDA graphs ---------------------------------------------------------------
+    # NOTE: [Compiled steps]
+    # Under torch.compile, step() is traced by dynamo. Everything that happens on the host (building
+    # buckets, pointer checks, view repair, choosing a backend) cannot be traced, so it lives in
+    # _init_group: dynamo's OptimizerVariable runs a method of that name *eagerly*, with the real
+    # tensors, while it traces (the hook torch.optim's own optimizers use for lazy state). It
+    # returns None; what the traced part needs it leaves on the buckets:
+    #   traced_backend   the backend module of the bucket (auto resolution done eagerly);
+    #   traced_copy      segments whose grad is not a view of the bucket (zero_grad(set_to_none)
+    #                    workflows): the graph copies those grads in on every call;
+    #   traced_ext       external segments (NOTE [External segments]): copied in and out per call.
+    # Grads that ARE views are marked static with an id guard, and the traced part reads them, so a
+    # replaced grad (or a None one) fails the guard: dynamo recompiles, which re-runs _init_group and
+    # re-checks every view. _init_group does not re-point grads into the bucket (that would change
+    # the grad's id on every set_to_none step and recompile each time); such grads are copied.
+    # Bucket tensors are marked static (graph attributes for inductor, fixed addresses for CUDA
+    # graphs). A float lr becomes a device tensor (_lrs_on_device), so an LR scheduler's new value
+    # is read at run time instead of being guarded on (no recompilation per lr value).
+    # Not seen by the guards: ``p.data = other`` after compilation (the param object keeps its id);
+    # call torch.compiler.reset() after re-pointing params, or load values with copy_.
+    def _init_group(self, _group=None, _tensors=None) -> None:
+        """Eager prelude of a compiled step (NOTE [Compiled steps]); not part of the public API."""
+        from torch._dynamo import mark_static_address
+
+        self._opt_called = True  # (NOTE [LR schedulers]; an attribute set in traced code is dropped)
+        self._lrs_on_device()
+        self._prepare_step(adopt_grads=False)
+        for gi, blist in self._buckets.items():
+            group = self.param_groups[gi]
+            for b in blist:
+                if b.shard is not None:
+                    raise RuntimeError(
+                        f"{self._KIND}: a step over FSDP2/DTensor-sharded parameters cannot be compiled (the "
+                        "cross-rank norm reduction runs between two kernels). Compile the model, and call "
+                        "opt.step() outside the compiled region."
+                    )
+                cfg = self._make_config(group, None, None)
+                b.traced_backend = self._backend_for(b, cfg)
+                copy, views = [], []
+                for i, p in enumerate(b.params):
+                    g = p.grad
+                    if g is None:
+                        continue
+                    if g.data_ptr() == b.grad_views[i].data_ptr() and g.stride() == b.grad_views[i].stride():
+                        views.append(i)
+                        mark_static_address(g, guard=True)
+                    else:
+                        copy.append(i)
+                b.traced_copy = tuple(copy)
+                b.traced_views = tuple(views)
+                b.traced_ext = tuple(i for i, e in enumerate(b.external) if e)
+                for t in b.tensors():
+                    mark_static_address(t, guard=True)
+        return None
+
+    def _step_traced(self) -> None:
+        """The traced part of a compiled step (NOTE [Compiled steps])."""
+        self._init_group(None, [])
+        for b in self.buckets():
+            for i in b.traced_views:
+                if b.params[i].grad is None:  # reading it installs the id guard
+                    raise RuntimeError("unreachable: guarded by dynamo")
+            for i in b.traced_copy:
+                b.grad_views[i].copy_(b.params[i].grad)
+            for i in b.traced_ext:
+                b.copy_in_param(i, distributed.local_tensor(b.params[i]).detach())
+        self._run_step()
 
     @staticmethod
     def _step_buckets(work, step_fn: str, partials_fn: str, apply_fn: str) -> None:
@@ -414,7 +522,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 if not b.any_active() and b.shard is None:
                     continue
                 cfg = make_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
-                mod = self._backend_for(b, cfg)
+                mod = b.traced_backend if torch.compiler.is_compiling() else self._backend_for(b, cfg)
                 b.backend_name = mod.NAME
                 work.append((b, cfg, mod))
         return work

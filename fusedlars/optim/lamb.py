@@ -65,7 +65,8 @@ class LAMB(BucketedOptimizer):
     ``grad_averaging``, ``max_grad_norm`` (global clip of the unscaled gradients over all
     groups: g / max(1, ||G|| / max_grad_norm)), ``adapt_when``, ``trust_clip`` (``"lambc"`` |
     ``("range", lo, hi)``), ``weight_norm_clamp``, ``trust_ratio_eps`` (a float or ``"eps"``),
-    ``eps_root``, ``adam`` (ratio 1), exclusions as in :class:`fusedlars.LARS`.
+    ``eps_root``, ``adam`` (ratio 1), exclusions as in :class:`fusedlars.LARS`. ``backend``,
+    ``master_weights`` and ``capturable`` as in :class:`fusedlars.LARS`.
     """
 
     _KIND = "LAMB"
@@ -81,6 +82,7 @@ class LAMB(BucketedOptimizer):
         preset: str | None = None,
         backend: str = "auto",
         master_weights: bool = False,
+        capturable: bool = False,
         exclude: Any = _UNSET,
         **options: Any,
     ) -> None:
@@ -100,7 +102,7 @@ class LAMB(BucketedOptimizer):
         defaults["lr"] = lr
         validate_lamb_group(defaults)
         self.preset = preset or "default"
-        super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights, capturable=capturable)
 
     def _validate_group(self, group, where):
         validate_lamb_group(group, where)
@@ -112,6 +114,8 @@ class LAMB(BucketedOptimizer):
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq")
+
+    _make_config = staticmethod(lamb_config)
 
     def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
         max_norm = self.defaults["max_grad_norm"]

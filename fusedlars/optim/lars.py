@@ -87,6 +87,9 @@ class LARS(BucketedOptimizer):
 
     ``backend``: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
     ``master_weights=True`` keeps fp32 master copies of bf16/fp16 params (saved in ``state_dict``).
+    ``capturable=True`` keeps every per-step value on the device (a float lr becomes a 0-dim tensor
+    that LR schedulers update in place), so the step can be captured in a CUDA graph; a step under
+    ``torch.compile`` does this by itself (README, "Compiled and captured steps").
     """
 
     _KIND = "LARS"
@@ -105,6 +108,7 @@ class LARS(BucketedOptimizer):
         preset: str | None = None,
         backend: str = "auto",
         master_weights: bool = False,
+        capturable: bool = False,
         maximize: bool = _UNSET,
         eta: float = _UNSET,
         weight_decay_filter: bool = _UNSET,
@@ -144,7 +148,7 @@ class LARS(BucketedOptimizer):
         defaults["lr"] = lr
         validate_lars_group(defaults)
         self.preset = preset or self._default_preset()
-        super().__init__(params, defaults, backend=backend, master_weights=master_weights)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights, capturable=capturable)
 
     def _default_preset(self) -> str:
         return "default"
@@ -160,6 +164,8 @@ class LARS(BucketedOptimizer):
 
     def _state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    _make_config = staticmethod(lars_config)
 
     def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
         work = self._plan(buckets_by_group, inv_scale, found_inf, lars_config)
