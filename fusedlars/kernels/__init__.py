@@ -2,7 +2,9 @@
 
 ``available() -> (bool, reason)``, ``lars_step(bucket, cfg)``, ``lamb_step(bucket, cfg)``,
 ``grad_sumsq(bucket, cfg)`` and, for fused backends, ``supports(kind, cfg, bucket) -> str | None``
-(None when the combination is fused, else the reason it is not).
+(None when the combination is fused, else the reason it is not). A backend that caches per-bucket
+tables or scratch lazily also has ``prepare(bucket, kind) -> list[Tensor]``, which builds them at
+once and returns them (a compiled or captured step must not allocate them mid-graph).
 """
 
 from __future__ import annotations

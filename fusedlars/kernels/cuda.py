@@ -167,6 +167,14 @@ def _scratch(bucket: Bucket, kind: str) -> _Scratch:
     return sc
 
 
+def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+    """Allocate the bucket's tables and scratch now (not inside a compiled graph or a CUDA graph
+    capture); returns them."""
+    sc = _scratch(bucket, kind)
+    t = sc.tiles
+    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.group_seg]
+
+
 def _lr(lr) -> tuple[torch.Tensor | None, float]:
     if isinstance(lr, torch.Tensor):
         return lr.detach().reshape(-1), 0.0

@@ -42,12 +42,21 @@ def _segsum(bucket: Bucket, x: torch.Tensor) -> torch.Tensor:
     chunks = x.view(-1, _CHUNK).sum(dim=1, dtype=torch.float64)
     lengths = bucket.__dict__.get("_seg_chunks")
     if lengths is None:
-        lengths = bucket._seg_chunks = bucket.seg_len // _CHUNK
+        prepare(bucket, "")
+        lengths = bucket._seg_chunks
     return torch.segment_reduce(chunks, "sum", lengths=lengths).to(x.dtype)
 
 
 def _expand(bucket: Bucket, v: torch.Tensor) -> torch.Tensor:
     return v.index_select(0, bucket.elem_seg())
+
+
+def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+    """Build the bucket's cached tables now (a compiled step must not build them in its graph);
+    returns them, so that they can be marked static."""
+    if bucket.__dict__.get("_seg_chunks") is None:
+        bucket._seg_chunks = bucket.seg_len // _CHUNK
+    return [bucket.elem_seg(), bucket._seg_chunks]
 
 
 def _load_grad(bucket: Bucket, cfg, sdt) -> torch.Tensor:

@@ -128,6 +128,14 @@ def _scratch(bucket: Bucket) -> _Scratch:
     return sc
 
 
+def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+    """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
+    sc = _scratch(bucket)
+    t = sc.tiles
+    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.one, sc.zero,
+            sc.no_master, sc.no_mom]  # fmt: skip
+
+
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
     if isinstance(lr, torch.Tensor):
         # one kernel specialization (fp32 lr pointer); a device-side cast, no host sync

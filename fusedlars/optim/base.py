@@ -435,7 +435,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
     # Grads that ARE views are marked static with an id guard, and the traced part reads them, so a
     # replaced grad (or a None one) fails the guard: dynamo recompiles, which re-runs _init_group and
     # re-checks every view. _init_group does not re-point grads into the bucket (that would change
-    # the grad's id on every set_to_none step and recompile each time); such grads are copied.
+    # the grad's id on every set_to_none step and recompile each time); such grads are copied. (The
+    # step that builds the buckets does adopt the grads, as in eager mode: a zero_grad(set_to_none)
+    # loop then recompiles once, at its second step, and copies from then on.)
     # Bucket tensors are marked static (graph attributes for inductor, fixed addresses for CUDA
     # graphs). A float lr becomes a device tensor (_lrs_on_device), so an LR scheduler's new value
     # is read at run time instead of being guarded on (no recompilation per lr value).
@@ -472,7 +474,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 b.traced_copy = tuple(copy)
                 b.traced_views = tuple(views)
                 b.traced_ext = tuple(i for i, e in enumerate(b.external) if e)
-                for t in b.tensors():
+                prepare = getattr(b.traced_backend, "prepare", None)
+                cached = prepare(b, self._KIND) if prepare is not None else []
+                for t in b.tensors() + cached:
                     mark_static_address(t, guard=True)
         return None
 
