@@ -58,8 +58,8 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
       "lars_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? momentum, "
       "Tensor seg_offset, Tensor seg_numel, Tensor wd_mask, Tensor adapt_mask, Tensor active, "
       "Tensor(d!) has_state, Tensor(e!) step, Tensor(f!) w_norm, Tensor(g!) g_norm, Tensor(h!) u_norm, "
-      "Tensor(i!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, float[] hyper, "
-      "int[] modes) -> ()");
+      "Tensor(i!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, Tensor(j!)? w_sumsq, "
+      "float[] hyper, int[] modes) -> ()");
   m.def(
       "lamb_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!) exp_avg, "
       "Tensor(d!) exp_avg_sq, Tensor seg_offset, Tensor seg_numel, Tensor wd_mask, Tensor adapt_mask, "

@@ -358,10 +358,12 @@ def test_opcheck(op):
             b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)  # fmt: skip
     lr = torch.tensor(1e-2, dtype=torch.float64)  # the ops take lr as a 0-dim float64 tensor
     if op == "lars":
-        args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *segs, lr, torch.tensor(0.5), torch.tensor(0.0),
-                [0.9, 0.0, 1e-4, 1e-3, 1e-8, 0.0, float("inf"), 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0],
-                [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0])  # fmt: skip
-        torch.library.opcheck(torch.ops.fusedlars.lars_step_cpu.default, args)
+        hyper = [0.9, 0.0, 1e-4, 1e-3, 1e-8, 0.0, float("inf"), 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0]
+        modes = [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]
+        for wss in (None, torch.full((b.num_segments,), -1.0, dtype=torch.float64)):  # carried norms off / on
+            args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *segs, lr, torch.tensor(0.5),
+                    torch.tensor(0.0), wss, hyper, modes)  # fmt: skip
+            torch.library.opcheck(torch.ops.fusedlars.lars_step_cpu.default, args)
     elif op == "lamb":
         args = (b.flat_param, b.flat_grad, None, b.state["exp_avg"], b.state["exp_avg_sq"], *segs, lr, None, None,
                 torch.tensor(2.0), [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, float("inf"), 0.0],

@@ -49,6 +49,8 @@ static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
 
 #include "../lars_math.h"
 
+#include <type_traits>
+
 namespace fusedlars {
 namespace cpu {
 namespace {
@@ -275,32 +277,63 @@ void lars_sumsq_t(const TileArgs& a, float gscale, float lam, double* out) {
   out[2] = lane_sum(du);
 }
 
-template <class PT, bool MASTER, int WD, int MOM, bool NEST>
-void lars_update_t(const TileArgs& a, float gscale, const LarsCoef& c_in) {
+// CARRY: also sum the squares of the NEW weights per tile into out[0], with pass 1's exact block and
+// lane structure and on the values pass 1 would load (the stored bf16/fp16 value when there is no
+// master): next step's pass 1 can take ||w||^2 from here instead of reading w (NOTE [Carried weight
+// norms] in optim_cpu.cpp). ACC_U: also sum (g + lam_u*w)^2 of the OLD weights into out[1], exactly
+// as pass 1 does, for a segment whose pass 1 read only g.
+template <class PT, bool MASTER, int WD, int MOM, bool NEST, bool CARRY, bool ACC_U>
+void lars_update_t(const TileArgs& a, float gscale, float lam_u, const LarsCoef& c_in, double* out) {
   const LarsCoef c = c_in;  // a local copy: stores through float* cannot alias it (no reloads)
   const Buf<PT, MASTER> b(a);
   float* mb = MOM ? a.s0 + a.start : nullptr;
   const int64_t n = a.len;
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) {
-    fl_vf w = b.w(i);
-    fl_vf g = IO<PT>::load(b.g + i) * gscale;
-    fl_vf buf = {};
-    if (MOM) buf = IO<float>::load(mb + i);
-    fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
-    if (MOM) IO<float>::store(mb + i, buf);
-    b.put(i, wn);
+  constexpr bool kExact = MASTER || std::is_same<PT, float>::value;  // the register is what pass 1 loads
+  fl_vd dw = {}, du = {};
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
+    Acc16 sw, su;
+    int64_t i = i0;
+    for (; i + kW <= end; i += kW) {
+      fl_vf w = b.w(i);
+      fl_vf g = IO<PT>::load(b.g + i) * gscale;
+      if (ACC_U) {
+        fl_vf u = g + lam_u * w;
+        su += u * u;
+      }
+      fl_vf buf = {};
+      if (MOM) buf = IO<float>::load(mb + i);
+      fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
+      if (MOM) IO<float>::store(mb + i, buf);
+      b.put(i, wn);
+      if (CARRY) {
+        fl_vf ws = kExact ? wn : b.w(i);
+        sw += ws * ws;
+      }
+    }
+    if (i < end) {
+      const int r = static_cast<int>(end - i);
+      fl_vf w = b.w_part(i, r);
+      fl_vf g = load_part(b.g + i, r) * gscale;
+      if (ACC_U) {
+        fl_vf u = lane_mask(g, r) + lam_u * w;
+        su += u * u;
+      }
+      fl_vf buf = {};
+      if (MOM) buf = load_part(mb + i, r);
+      fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
+      if (MOM) store_part(mb + i, buf, r);
+      b.put_part(i, wn, r);
+      if (CARRY) {
+        fl_vf ws = kExact ? lane_mask(wn, r) : b.w_part(i, r);
+        sw += ws * ws;
+      }
+    }
+    if (CARRY) dw += widen(sw);
+    if (ACC_U) du += widen(su);
   }
-  if (i < n) {
-    const int r = static_cast<int>(n - i);
-    fl_vf w = b.w_part(i, r);
-    fl_vf g = load_part(b.g + i, r) * gscale;
-    fl_vf buf = {};
-    if (MOM) buf = load_part(mb + i, r);
-    fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
-    if (MOM) store_part(mb + i, buf, r);
-    b.put_part(i, wn, r);
-  }
+  if (CARRY) out[0] = lane_sum(dw);
+  if (ACC_U) out[1] = lane_sum(du);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -435,18 +468,28 @@ void lars_sumsq(const TileArgs& a, int variant, float gscale, float lam, double*
   by_variant(variant, [&]<class PT, bool M>() { lars_sumsq_t<PT, M>(a, gscale, lam, out); });
 }
 
-template <class PT, bool M, int WD>
-FL_AI void lars_update_mom(const TileArgs& a, int mom, int nest, float gscale, const LarsCoef& c) {
-  if (!mom) lars_update_t<PT, M, WD, 0, false>(a, gscale, c);
-  else if (nest) lars_update_t<PT, M, WD, 1, true>(a, gscale, c);
-  else lars_update_t<PT, M, WD, 1, false>(a, gscale, c);
+template <class PT, bool M, int WD, bool CARRY, bool ACC_U>
+FL_AI void lars_update_mom(const TileArgs& a, int mom, int nest, float gscale, float lam_u, const LarsCoef& c,
+                           double* out) {
+  if (!mom) lars_update_t<PT, M, WD, 0, false, CARRY, ACC_U>(a, gscale, lam_u, c, out);
+  else if (nest) lars_update_t<PT, M, WD, 1, true, CARRY, ACC_U>(a, gscale, lam_u, c, out);
+  else lars_update_t<PT, M, WD, 1, false, CARRY, ACC_U>(a, gscale, lam_u, c, out);
 }
 
-void lars_update_k(const TileArgs& a, int variant, int wd, int mom, int nest, float gscale, const LarsCoef& c) {
+template <class PT, bool M, int WD>
+FL_AI void lars_update_carry(const TileArgs& a, int mom, int nest, int carry, float gscale, float lam_u,
+                             const LarsCoef& c, double* out) {
+  if (carry == kCarryNone) lars_update_mom<PT, M, WD, false, false>(a, mom, nest, gscale, lam_u, c, out);
+  else if (carry == kCarryW) lars_update_mom<PT, M, WD, true, false>(a, mom, nest, gscale, lam_u, c, out);
+  else lars_update_mom<PT, M, WD, true, true>(a, mom, nest, gscale, lam_u, c, out);
+}
+
+void lars_update_k(const TileArgs& a, int variant, int wd, int mom, int nest, int carry, float gscale, float lam_u,
+                   const LarsCoef& c, double* out) {
   by_variant(variant, [&]<class PT, bool M>() {
-    if (wd == kLarsL2) lars_update_mom<PT, M, kLarsL2>(a, mom, nest, gscale, c);
-    else if (wd == kLarsDecoupled) lars_update_mom<PT, M, kLarsDecoupled>(a, mom, nest, gscale, c);
-    else lars_update_mom<PT, M, kLarsRatioOnly>(a, mom, nest, gscale, c);
+    if (wd == kLarsL2) lars_update_carry<PT, M, kLarsL2>(a, mom, nest, carry, gscale, lam_u, c, out);
+    else if (wd == kLarsDecoupled) lars_update_carry<PT, M, kLarsDecoupled>(a, mom, nest, carry, gscale, lam_u, c, out);
+    else lars_update_carry<PT, M, kLarsRatioOnly>(a, mom, nest, carry, gscale, lam_u, c, out);
   });
 }
 

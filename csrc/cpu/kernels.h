@@ -21,6 +21,9 @@ namespace cpu {
 // tiles' partials in tile order, so this constant (not the thread count) fixes the rounding.
 constexpr int64_t kTileElems = 16384;
 
+// What a LARS update tile also sums (NOTE [Carried weight norms] in optim_cpu.cpp).
+enum Carry : int { kCarryNone = 0, kCarryW = 1, kCarryWU = 2 };
+
 // Storage variant of the param / grad / master buffers.
 enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master = 4 };
 
@@ -38,8 +41,10 @@ struct KernelTable {
   const char* name;
   // out[0..2] = sum w^2, sum (g*gscale)^2, sum (g*gscale + lam*w)^2 over the tile
   void (*lars_sumsq)(const TileArgs&, int variant, float gscale, float lam, double* out);
-  // wd: LarsWdMode, mom: 0/1, nesterov: 0/1
-  void (*lars_update)(const TileArgs&, int variant, int wd, int mom, int nesterov, float gscale, const LarsCoef&);
+  // wd: LarsWdMode, mom: 0/1, nesterov: 0/1, carry: Carry. With carry != kCarryNone, out[0] = sum of the
+  // new weights' squares; with kCarryWU also out[1] = sum (g*gscale + lam_u*w_old)^2 (as lars_sumsq's out[2])
+  void (*lars_update)(const TileArgs&, int variant, int wd, int mom, int nesterov, int carry, float gscale,
+                      float lam_u, const LarsCoef&, double* out);
   // new moments written to s0/s1; out = sum w_d^2, sum g^2, sum u^2
   void (*lamb_pass1)(const TileArgs&, int variant, int wd, const LambCoef&, double* out);
   void (*lamb_pass2)(const TileArgs&, int variant, int wd, const LambCoef&);

@@ -20,6 +20,17 @@
 // cache. LAMB keeps no scratch: pass 1 reads w, g, m, v and writes m, v (24 B); pass 2 re-reads
 // w, m, v, recomputes the same u (deterministic) and writes w (16 B): 40 B, 28 B from cache.
 //
+// NOTE: [Carried weight norms]
+// With a w_sumsq buffer (float64 [S]), pass 2 also sums the squares of the weights it writes, per
+// tile, in pass 1's block and lane order, on the values pass 1 will load (the rounded bf16/fp16
+// param when there is no master), and stores each segment's sum (tiles in order). Next step, a
+// segment whose entry is not negative skips w in pass 1: it reads only g (grad_sumsq, bitwise
+// lars_sumsq's g^2), takes ||w||^2 from w_sumsq (bitwise what it would have summed), and pass 2
+// sums the (g + lam*w)^2 of the report (u_norm) instead. Results are bitwise those of a step that
+// reads w. Pass 1 then moves 4 B/param (fp32) instead of 8. Not with denominator='norm_of_sum',
+// whose ratio needs ||g + lam*w|| before the update. The CALLER owns validity: it writes -1 into
+// an entry whenever the weights may have changed outside this op (fusedlars.kernels.cpu).
+//
 // NOTE: [Determinism]
 // A tile's partial is computed by one thread in a fixed lane order, and a segment's norm is the sum
 // of its tiles' partials in tile order. Neither depends on the thread count, the group budget or the
@@ -35,6 +46,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -369,8 +381,8 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
                    const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
                    const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
                    const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
-                   const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
-                   at::ArrayRef<int64_t> modes) {
+                   const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& w_sumsq,
+                   at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
   const LarsOptions o = lars_options(hyper, modes, "fusedlars cpu: lars_step_cpu");
   Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
                           w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
@@ -383,17 +395,27 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
     buf = momentum->data_ptr<float>();
   }
   const float gscale = static_cast<float>(o.maximize ? -c.inv_scale : c.inv_scale);
+  double* wss = nullptr;
+  if (w_sumsq) {
+    check_buf(*w_sumsq, "w_sumsq", at::kDouble, c.S);
+    wss = w_sumsq->data_ptr<double>();
+  }
   const int64_t bpe = weight_bytes(c.variant) + grad_bytes(c.variant);
   const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget(kLarsBudget));
   const KernelTable& k = table();
   std::vector<double> part(3 * p.num_tiles());
+  std::vector<double> part2(wss ? 2 * p.num_tiles() : 0);  // pass 2: new w^2, (g + lam*w)^2
   const int nth = plan_threads(p);
   const int64_t NS = static_cast<int64_t>(p.seg.size());
   std::vector<LarsCoef> coef(static_cast<size_t>(nth) * NS);  // one slot per thread
   std::vector<float> step0(p.seg.size()), has0(p.seg.size());  // snapshot (see run_plan)
+  // carried[si]: ||w||^2 comes from w_sumsq, pass 1 reads only g (NOTE [Carried weight norms])
+  std::vector<char> carried(p.seg.size(), 0);
+  const bool u_in_math = o.denominator == kNormOfSum;
   for (int64_t si = 0; si < NS; ++si) {
     step0[si] = c.step[p.seg[si]];
     has0[si] = c.has_state[p.seg[si]];
+    if (wss && !u_in_math) carried[si] = !(wss[p.seg[si]] < 0.0);  // NaN is a valid (carried) value
   }
   TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), buf, nullptr, 0, 0};
 
@@ -403,6 +425,11 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
         TileArgs a = base;
         a.start = p.t_start[t];
         a.len = p.t_len[t];
+        if (carried[p.t_seg[t]]) {
+          part[3 * t] = part[3 * t + 2] = 0.0;
+          k.grad_sumsq(a, c.variant, gscale, &part[3 * t + 1]);  // bitwise lars_sumsq's out[1]
+          return;
+        }
         const float lam = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[p.t_seg[t]]]);
         k.lars_sumsq(a, c.variant, gscale, lam, &part[3 * t]);
       },
@@ -411,6 +438,7 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
         double ssq[3] = {0.0, 0.0, 0.0};
         for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
           for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
+        if (carried[si]) ssq[0] = wss[s];  // ssq[2] (0 here) is not used by the math: u_in_math is false
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
         const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
@@ -427,8 +455,24 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
         TileArgs a = base;
         a.start = p.t_start[t];
         a.len = p.t_len[t];
-        k.lars_update(a, c.variant, o.wd_mode, mom, o.nesterov, gscale, coef[slot * NS + p.t_seg[t]]);
+        const int64_t si = p.t_seg[t];
+        const int carry = !wss ? kCarryNone : carried[si] ? kCarryWU : kCarryW;
+        const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
+        k.lars_update(a, c.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
+                      wss ? &part2[2 * t] : nullptr);
       });
+  if (!wss) return;
+  // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
+  for (int64_t si = 0; si < NS; ++si) {
+    const int64_t s = p.seg[si];
+    double w2 = 0.0, u2 = 0.0;
+    for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t) {
+      w2 += part2[2 * t];
+      u2 += part2[2 * t + 1];
+    }
+    wss[s] = w2;
+    if (carried[si]) c.u_norm[s] = static_cast<float>(std::sqrt(u2));
+  }
 }
 
 void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,

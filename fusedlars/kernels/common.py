@@ -51,6 +51,7 @@ class LarsConfig:
     tv: tuple[float, float, float, float, int] | None  # (lmbda, alpha, shift, gamma_min, gate)
     inv_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
+    carry_w: bool = False  # may the kernel carry ||w||^2 to the next step (NOTE [Carried weight norms])
 
     @property
     def uses_buffer(self) -> bool:

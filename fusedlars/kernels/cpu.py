@@ -6,9 +6,10 @@ any thread count), SIMD chosen at run time (AVX-512, AVX2 or generic x86-64), th
 ``torch.get_num_threads()``. One step of a bucket is one call into C++:
 
 * LARS: pass 1 sums w^2, g^2 and (g + wd*w)^2 per tile; per-layer trust ratios; pass 2 updates
-  params (and fp32 master weights) and the momentum buffer. Layers are grouped so that pass 2
-  finds pass 1's data in cache: 20 B/param from DRAM (fp32), 28 for a layer larger than the group
-  budget.
+  params (and fp32 master weights) and the momentum buffer, and sums the new w^2, which the next
+  step uses instead of reading w again (NOTE [Carried weight norms]; bitwise the same results):
+  pass 1 then reads only g. Layers are grouped so that pass 2 finds pass 1's data in cache:
+  20 B/param from DRAM (fp32), 24 for a layer larger than the cache (28 without carried norms).
 * LAMB: pass 1 updates the moments in place and sums w^2, g^2 and u^2 of the Adam direction u;
   pass 2 recomputes u from the new moments and updates the weights (no scratch buffer):
   28 B/param from cache, 40 from DRAM.
@@ -50,7 +51,8 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fusedlars::lars_step_cpu")
     def _lars_fake(param, grad, master, momentum, seg_offset, seg_numel, wd_mask, adapt_mask, active,
-                   has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, hyper, modes):
+                   has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq,
+                   hyper, modes):
         return None
 
     @torch.library.register_fake("fusedlars::lamb_step_cpu")
@@ -106,13 +108,18 @@ def _lr(lr, bucket: Bucket | None = None) -> torch.Tensor:
     return _scalars(bucket).lr(lr)
 
 
+#: lars_step carries ||w||^2 from one step to the next (NOTE [Carried weight norms], csrc/cpu/optim_cpu.cpp)
+CARRIES_WEIGHT_NORMS = True
+
+
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     hyper, modes = lars_options(cfg)
+    wss = bucket.carry_buffer() if cfg.carry_w else None
     torch.ops.fusedlars.lars_step_cpu(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
         bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, hyper, modes,
+        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss, hyper, modes,
     )  # fmt: skip
 
 
