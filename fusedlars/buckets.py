@@ -161,6 +161,12 @@ class Bucket:
             self.flat_grad = torch.zeros(self.total, dtype=dt, device=dev)
             self.param_views = [self._view(self.flat_param, i) for i in range(len(params))]
             self.grad_views = [self._view(self.flat_grad, i) for i in range(len(params))]
+            # constant: the fast path of check_grads compares against these
+            self._pv_ptr = [v.data_ptr() for v in self.param_views]
+            self._gv_ptr = [v.data_ptr() for v in self.grad_views]
+            self._gv_stride = [v.stride() for v in self.grad_views]
+            self._size = [v.shape for v in self.param_views]
+            self._clean: list[bool] | None = None
             for t, v in zip(locs, self.param_views):
                 v.copy_(t.detach())
             self._own = set(own_storages) | {self.flat_param.untyped_storage().data_ptr()}
@@ -194,6 +200,11 @@ class Bucket:
         self.all_active = True
         self._tiles: dict[int, TileTable] = {}
         self._elem_seg: torch.Tensor | None = None
+        # NOTE [Carried weight norms] (csrc/cpu/optim_cpu.cpp): per-segment ||w||^2 written by the last
+        # step, -1 where unknown; None when the last step did not carry them. _versions: the params'
+        # version counters after that step (an in-place write through a param bumps its counter).
+        self.w_sumsq: torch.Tensor | None = None
+        self._versions: list[int] | None = None
         # point the user's params at the bucket (external ones keep their storage)
         with torch.no_grad():
             for p, v, ext in zip(params, self.param_views, self.external):
@@ -281,34 +292,22 @@ class Bucket:
         Runs on the host only (pointer comparisons); copies happen only for broken views and
         for external segments (NOTE [External segments]). ``adopt_grads=False`` copies a grad that is
         not a view without re-pointing ``p.grad`` at the bucket (compiled steps, NOTE [Compiled steps]).
+        Segments that check_grads() found intact (``_clean``) need no look beyond their grad's presence.
         """
-        active = []
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                pv = self.param_views[i]
-                if self.external[i]:
-                    self.copy_in_param(i, local_tensor(p).detach())
-                elif p.data_ptr() != pv.data_ptr():
-                    if _shared_param(p, self._own):
-                        # someone else's buffer now owns it (e.g. ZeRO re-pointed p.data): follow it
-                        self.external[i] = self.any_external = True
-                        self.copy_in_param(i, p.detach())
-                    else:
-                        pv.copy_(p.detach())
-                        if self.master_views is not None:
-                            self.master_views[i].copy_(pv)
-                        p.data = pv
-                g = p.grad
-                if g is None:
-                    active.append(False)
-                    continue
-                gl = g if self.shard is None else local_tensor(g)
-                gv = self.grad_views[i]
-                if gl.data_ptr() != gv.data_ptr() or gl.shape != gv.shape or gl.stride() != gv.stride():
-                    gv.copy_(gl)
-                    if adopt_grads and self._may_adopt_grad(i, g, gl):
-                        p.grad = gv
-                active.append(True)
+        clean = self._clean if self._clean is not None else [False] * self.num_segments
+        self._clean = None  # one use: views may break before the next check
+        versions = self._versions if self.w_sumsq is not None else None
+        active = [p.grad is not None for p in self.params]
+        # segments whose weights may differ from what the last step wrote (NOTE [Carried weight norms])
+        changed = [] if versions is None else [i for i, p in enumerate(self.params) if p._version != versions[i]]
+        if not all(clean):
+            with torch.no_grad():
+                for i, p in enumerate(self.params):
+                    if clean[i]:
+                        continue
+                    self._repair(i, p, adopt_grads, changed)
+        if changed and versions is not None:
+            self.w_sumsq.index_fill_(0, torch.tensor(changed, dtype=torch.int64, device=self.device), -1.0)
         key = tuple(active)
         if key != self._active_key:
             self._active_key = key
@@ -316,8 +315,50 @@ class Bucket:
             self.all_active = all(active)
         return active
 
+    def _repair(self, i: int, p: torch.Tensor, adopt_grads: bool, changed: list[int]) -> None:
+        """sync_views for one segment whose param or grad is not (or may not be) our view."""
+        pv = self.param_views[i]
+        if self.external[i]:
+            changed.append(i)
+            self.copy_in_param(i, local_tensor(p).detach())
+        elif p.data_ptr() != pv.data_ptr():
+            changed.append(i)
+            if _shared_param(p, self._own):
+                # someone else's buffer now owns it (e.g. ZeRO re-pointed p.data): follow it
+                self.external[i] = self.any_external = True
+                self.copy_in_param(i, p.detach())
+            else:
+                pv.copy_(p.detach())
+                if self.master_views is not None:
+                    self.master_views[i].copy_(pv)
+                p.data = pv
+        g = p.grad
+        if g is None:
+            return
+        gl = g if self.shard is None else local_tensor(g)
+        gv = self.grad_views[i]
+        if gl.data_ptr() != gv.data_ptr() or gl.shape != gv.shape or gl.stride() != gv.stride():
+            gv.copy_(gl)
+            if adopt_grads and self._may_adopt_grad(i, g, gl):
+                p.grad = gv
+
+    def carry_buffer(self) -> torch.Tensor:
+        """The carried ||w||^2 buffer (NOTE [Carried weight norms]), allocated as 'unknown' (-1)."""
+        if self.w_sumsq is None:
+            self.w_sumsq = torch.full((self.num_segments,), -1.0, dtype=torch.float64, device=self.device)
+            self._versions = None
+        return self.w_sumsq
+
+    def drop_carry(self) -> None:
+        """Forget the carried norms (the next step is not done by a kernel that carries them)."""
+        self.w_sumsq = None
+        self._versions = None
+
     def publish(self) -> None:
-        """After a step: copy the new values of external segments back to their owners' storage."""
+        """After a step: copy the new values of external segments back to their owners' storage,
+        and note the params' version counters when weight norms are carried."""
+        if self.w_sumsq is not None:
+            self._versions = [p._version for p in self.params]
         if not self.any_external:
             return
         with torch.no_grad():
@@ -333,16 +374,21 @@ class Bucket:
         self.flat_grad.zero_()
 
     def check_grads(self) -> None:
-        """Validation that must pass before anything is mutated (sparse, complex, dtype, device)."""
+        """Validation that must pass before anything is mutated (sparse, complex, dtype, device).
+        Notes which segments still have both views intact, for the sync_views() that follows."""
         plain = self.shard is None
+        clean = []
+        pv_ptr, gv_ptr, gv_stride, size, external = self._pv_ptr, self._gv_ptr, self._gv_stride, self._size, self.external
         for i, p in enumerate(self.params):
-            if plain and not self.external[i]:
+            if plain and not external[i]:
                 # fast path: param and grad are still our views, so nothing about them can be wrong
-                g, pv, gv = p.grad, self.param_views[i], self.grad_views[i]
-                if p.data_ptr() == pv.data_ptr() and p.shape == pv.shape and (
-                    g is None or (g.data_ptr() == gv.data_ptr() and g.shape == gv.shape)
+                g = p.grad
+                if p.data_ptr() == pv_ptr[i] and p.shape == size[i] and (
+                    g is None or (g.data_ptr() == gv_ptr[i] and g.shape == size[i] and g.stride() == gv_stride[i])
                 ):
+                    clean.append(True)
                     continue
+            clean.append(False)
             p = local_tensor(p)
             if tuple(p.shape) != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
                 raise RuntimeError(
@@ -361,6 +407,7 @@ class Bucket:
             why = grad_mismatch(local_tensor(g), self.shapes[i], self.dtype, self.device)
             if why:
                 raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
+        self._clean = clean
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a kernel reads or writes (flat buffers, state, per-segment tables and outputs)."""

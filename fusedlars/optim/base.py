@@ -57,6 +57,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.backend = backend
         self.master_weights = master_weights
         self.capturable = capturable
+        self.carry_weight_norms = getattr(self, "carry_weight_norms", False)
         self._buckets: dict[int, list[Bucket]] = {}
         self._bucket_specs: dict[int, tuple] = {}
         self._seen: set[int] = set()
@@ -474,6 +475,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 b.traced_copy = tuple(copy)
                 b.traced_views = tuple(views)
                 b.traced_ext = tuple(i for i, e in enumerate(b.external) if e)
+                b.drop_carry()  # the compiled step does not carry weight norms
                 prepare = getattr(b.traced_backend, "prepare", None)
                 cached = prepare(b, self._KIND) if prepare is not None else []
                 for t in b.tensors() + cached:
@@ -526,8 +528,16 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 if not b.any_active() and b.shard is None:
                     continue
                 cfg = make_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
-                mod = b.traced_backend if torch.compiler.is_compiling() else self._backend_for(b, cfg)
+                compiling = torch.compiler.is_compiling()
+                mod = b.traced_backend if compiling else self._backend_for(b, cfg)
                 b.backend_name = mod.NAME
+                if hasattr(cfg, "carry_w"):
+                    # NOTE [Carried weight norms]: only across eager steps of a kernel that carries them
+                    # (a compiled step cannot check the params' version counters per call)
+                    cfg.carry_w = self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False)
+                    cfg.carry_w = cfg.carry_w and not compiling and b.shard is None
+                if not getattr(cfg, "carry_w", False) and not compiling:
+                    b.drop_carry()
                 work.append((b, cfg, mod))
         return work
 

@@ -90,6 +90,11 @@ class LARS(BucketedOptimizer):
     ``capturable=True`` keeps every per-step value on the device (a float lr becomes a 0-dim tensor
     that LR schedulers update in place), so the step can be captured in a CUDA graph; a step under
     ``torch.compile`` does this by itself (README, "Compiled and captured steps").
+    ``carry_weight_norms=True`` (the ``cpu`` backend): the step sums the squares of the weights it
+    writes and the next step uses them instead of reading the weights again, bitwise the same
+    norms. A param changed in place (``p.mul_``, ``p.copy_``, ``load_state_dict``, ``p.data = t``)
+    is noticed through its version counter; a change through ``p.data.<op>_()`` is NOT (``.data``
+    has a counter of its own): pass ``carry_weight_norms=False`` if your code edits weights that way.
     """
 
     _KIND = "LARS"
@@ -109,6 +114,7 @@ class LARS(BucketedOptimizer):
         backend: str = "auto",
         master_weights: bool = False,
         capturable: bool = False,
+        carry_weight_norms: bool = True,
         maximize: bool = _UNSET,
         eta: float = _UNSET,
         weight_decay_filter: bool = _UNSET,
@@ -144,6 +150,9 @@ class LARS(BucketedOptimizer):
             explicit.setdefault("exclude_from_weight_decay", exclude)
             explicit.setdefault("exclude_from_adaptation", exclude)
         explicit.update(self._extra_options(options))
+        if not isinstance(carry_weight_norms, bool):
+            raise ValueError(f"{type(self).__name__}: carry_weight_norms must be a bool, got {carry_weight_norms!r}.")
+        self.carry_weight_norms = carry_weight_norms
         defaults = resolve("LARS", preset or self._default_preset(), explicit)
         defaults["lr"] = lr
         validate_lars_group(defaults)
