@@ -4,11 +4,13 @@ Run (pyproject's addopts disable benchmarks by default)::
 
     pytest bench/test_bench_cpu.py --benchmark-enable -s
 
-Cases (one pytest-benchmark group, ``r50-cpu``): fused LARS (``backend="cpu"``), ``torch.optim.SGD(
-momentum=0.9, fused=True)``, ``pytorch_optimizer.LARS(foreach=False)``, fused LAMB, ``torch.optim.AdamW(
-fused=True)`` and the in-place triad ``a.add_(b, alpha=s)`` (12 B/elem) as a bandwidth probe.
-``extra_info`` holds GB/s under the byte models: LARS 28 B/param (two passes from DRAM), SGD 20,
-LAMB 40, AdamW 36. The last test, ``test_ratios``, times all variants again *interleaved* (one step of
+Cases (one pytest-benchmark group, ``r50-cpu``): fused LARS (``backend="cpu"``, with and without
+carried weight norms), ``torch.optim.SGD(momentum=0.9, fused=True)``, ``pytorch_optimizer.LARS`` as
+constructed by default (``foreach=None``: foreach on CPU) and with ``foreach=False`` (its faster
+per-parameter loop, ``ptopt_lars_loop``), fused LAMB, ``torch.optim.AdamW(fused=True)`` and the in-place triad ``a.add_(b,
+alpha=s)`` (12 B/elem) as a bandwidth probe. ``extra_info`` holds GB/s under the byte models (both
+passes from DRAM): LARS 24 B/param (pass 1 reads only g: NOTE [Carried weight norms]), LARS without
+carried norms 28, SGD 20, LAMB 40, AdamW 28. The last test, ``test_ratios``, times all variants again *interleaved* (one step of
 each in turn, so bandwidth drift hits all alike), prints medians and the ratios of the issue's targets
 (fused LARS <= 1.15x fused SGD, >= 3x faster than pytorch_optimizer.LARS, fused LAMB <= 1.15x fused
 AdamW) and stores them in its ``extra_info``. Numbers drift 30-50% between runs on this machine:
@@ -36,7 +38,7 @@ from fusedlars import kernels  # noqa: E402
 THREADS = 2
 ROUNDS = 15
 N = count_params(resnet50())
-BYTES = {"lars": 28, "sgd": 20, "ptopt_lars": 28, "lamb": 40, "adamw": 36, "triad": 12}
+BYTES = {"lars": 24, "lars_nocarry": 28, "sgd": 20, "ptopt_lars": 28, "ptopt_lars_loop": 28, "lamb": 40, "adamw": 28, "triad": 12}
 
 pytestmark = pytest.mark.skipif(not kernels.status("cpu")[0], reason=f"cpu backend: {kernels.status('cpu')[1]}")
 
@@ -56,14 +58,17 @@ def _make(kind: str):
         b = torch.randn(N)
         return lambda: a.add_(b, alpha=1e-3)
     params, _ = make_params(resnet50(), seed=0)
-    if kind == "lars":
-        opt = fusedlars.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, backend="cpu")
+    if kind in ("lars", "lars_nocarry"):
+        opt = fusedlars.LARS(
+            params, lr=0.1, momentum=0.9, weight_decay=1e-4, backend="cpu", carry_weight_norms=kind == "lars"
+        )
     elif kind == "sgd":
         opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
-    elif kind == "ptopt_lars":
+    elif kind in ("ptopt_lars", "ptopt_lars_loop"):
         import pytorch_optimizer
 
-        opt = pytorch_optimizer.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=False)
+        fe = None if kind == "ptopt_lars" else False
+        opt = pytorch_optimizer.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=fe)
     elif kind == "lamb":
         opt = fusedlars.LAMB(params, lr=1e-3, weight_decay=0.01, backend="cpu")
     elif kind == "adamw":
@@ -72,13 +77,13 @@ def _make(kind: str):
         raise ValueError(kind)
     for _ in range(2):  # build buckets / state
         opt.step()
-    if kind in ("lars", "lamb"):
+    if kind in ("lars", "lars_nocarry", "lamb"):
         assert opt.backends_in_use() == ["cpu"]
     return opt.step
 
 
 def _available(kind: str) -> bool:
-    if kind == "ptopt_lars":
+    if kind.startswith("ptopt"):
         try:
             import pytorch_optimizer  # noqa: F401
         except ImportError:
@@ -86,7 +91,7 @@ def _available(kind: str) -> bool:
     return True
 
 
-KINDS = ["triad", "sgd", "lars", "ptopt_lars", "adamw", "lamb"]
+KINDS = ["triad", "sgd", "lars", "lars_nocarry", "ptopt_lars", "ptopt_lars_loop", "adamw", "lamb"]
 
 
 @pytest.mark.benchmark(group="r50-cpu")
@@ -117,9 +122,11 @@ def test_ratios(benchmark):
     info = {f"{k}_ms": round(1e3 * m, 2) for k, m in med.items()}
     info.update({f"{k}_GBps": round(BYTES[k] * N / m / 1e9, 1) for k, m in med.items()})
     info["lars_over_sgd"] = round(med["lars"] / med["sgd"], 3)
+    info["lars_nocarry_over_sgd"] = round(med["lars_nocarry"] / med["sgd"], 3)
     info["lamb_over_adamw"] = round(med["lamb"] / med["adamw"], 3)
     if "ptopt_lars" in med:
         info["ptopt_lars_over_lars"] = round(med["ptopt_lars"] / med["lars"], 2)
+        info["ptopt_lars_loop_over_lars"] = round(med["ptopt_lars_loop"] / med["lars"], 2)
     # effective bytes per param of the fused steps, measured against the triad's bandwidth
     bw = 12 * N / med["triad"]
     info["lars_bytes_per_param_at_triad_bw"] = round(med["lars"] * bw / N, 1)

@@ -14,13 +14,15 @@ Variants, for ``--optimizer lars`` (and ``tvlars``, which has the same reference
 * ``per_param_lars``: a per-parameter Python loop in plain PyTorch (same math as
   ``bench/baselines.py``: ``r = eta*||w||/(||g|| + wd*||w|| + eps)``, SGD momentum);
 * ``foreach_lars``: the same with ``torch._foreach_*`` over the whole list;
-* ``pytorch_optimizer.LARS`` / ``pytorch_optimizer.Lamb`` (``foreach=False``) when installed;
+* ``pytorch_optimizer.LARS`` / ``pytorch_optimizer.Lamb`` when installed, as constructed by default
+  (``foreach=None``: foreach on CPU) and with ``foreach=False`` (its faster per-parameter loop);
 * the floor: ``torch.optim.SGD(momentum=0.9, fused=True)`` for LARS/TVLARS,
   ``torch.optim.AdamW(fused=True)`` for LAMB (one fused pass, no trust ratio).
 
 Achieved GB/s uses a bytes-per-parameter model at fp32 (scaled by the element size for other
 dtypes): LARS 28 B/param (pass 1 reads w, g for the norms; pass 2 reads w, g, b and writes w, b),
-SGD 20, AdamW 36, LAMB 40 (two passes), triad 12 B/elem.
+24 for ``fusedlars[cpu]`` (carried weight norms: pass 1 reads only g), SGD 20, AdamW 28 (reads w,
+g, m, v, writes w, m, v), LAMB 40 (two passes), triad 12 B/elem.
 
 The engine is importable from the installed package (it does not use the repository's
 ``bench/`` folder); :func:`run` returns the JSON-able result that ``--json`` writes.
@@ -47,7 +49,7 @@ from ._version import __version__
 from .shapes import SHAPE_SETS, count_params, make_params
 
 # bytes moved per parameter by one step, fp32 (scaled by element size / 4 for other dtypes)
-BYTES_PER_PARAM = {"lars": 28, "sgd": 20, "adamw": 36, "lamb": 40, "triad": 12}
+BYTES_PER_PARAM = {"lars": 28, "lars_carried": 24, "sgd": 20, "adamw": 28, "lamb": 40, "triad": 12}
 
 DTYPES = {
     "fp32": torch.float32,
@@ -84,6 +86,14 @@ class Variant:
     note: str = ""
     times: list[float] = field(default_factory=list)
     step: Callable[[], Any] | None = None
+
+
+def _carries(backend: str) -> bool:
+    """Does this backend carry LARS weight norms across steps (pass 1 reads only g)?"""
+    from . import kernels
+
+    ok, _ = kernels.status(backend)
+    return ok and getattr(kernels.get(backend), "CARRIES_WEIGHT_NORMS", False)
 
 
 def _pytorch_optimizer():
@@ -149,21 +159,23 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
         if optimizer == "lars":
             kw.update(trust_coefficient=h["trust_coefficient"], eps=h["eps"])
         for b in backends:
-            out.append(Variant(f"fusedlars[{b}]", "fusedlars", "lars", lambda p, b=b: cls(p, backend=b, **kw), cls.__name__))
+            algo = "lars_carried" if _carries(b) else "lars"
+            out.append(Variant(f"fusedlars[{b}]", "fusedlars", algo, lambda p, b=b: cls(p, backend=b, **kw), cls.__name__))
         lk = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")}
         out.append(Variant("per_param_lars", "reference", "lars", lambda p: PerParamLARS(p, **lk), "Python loop, plain PyTorch"))
         out.append(Variant("foreach_lars", "reference", "lars", lambda p: ForeachLARS(p, **lk), "torch._foreach_*"))
         if po is not None:
-            out.append(
-                Variant(
-                    "pytorch_optimizer.LARS",
-                    "reference",
-                    "lars",
-                    lambda p: po.LARS(p, lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"],
-                                      trust_coefficient=h["trust_coefficient"], foreach=False),  # fmt: skip
-                    f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach=False",
+            for name, fe in (("pytorch_optimizer.LARS", None), ("pytorch_optimizer.LARS(loop)", False)):
+                out.append(
+                    Variant(
+                        name,
+                        "reference",
+                        "lars",
+                        lambda p, fe=fe: po.LARS(p, lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"],
+                                                 trust_coefficient=h["trust_coefficient"], foreach=fe),  # fmt: skip
+                        f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach={fe}",
+                    )
                 )
-            )
         else:
             skipped.append(("pytorch_optimizer.LARS", "pytorch_optimizer is not installed"))
         out.append(
@@ -188,16 +200,17 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
                 )
             )
         if po is not None:
-            out.append(
-                Variant(
-                    "pytorch_optimizer.Lamb",
-                    "reference",
-                    "lamb",
-                    lambda p: po.Lamb(p, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"],
-                                      foreach=False),  # fmt: skip
-                    f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach=False",
+            for name, fe in (("pytorch_optimizer.Lamb", None), ("pytorch_optimizer.Lamb(loop)", False)):
+                out.append(
+                    Variant(
+                        name,
+                        "reference",
+                        "lamb",
+                        lambda p, fe=fe: po.Lamb(p, lr=h["lr"], betas=h["betas"], eps=h["eps"],
+                                                 weight_decay=h["weight_decay"], foreach=fe),  # fmt: skip
+                        f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach={fe}",
+                    )
                 )
-            )
         else:
             skipped.append(("pytorch_optimizer.Lamb", "pytorch_optimizer is not installed"))
         out.append(
@@ -291,7 +304,7 @@ def _stats(times_s: list[float]) -> dict[str, float]:
 def _estimate_bytes(variants: list[Variant], n: int, elem: int) -> int:
     # params + grads (own copy for references, which may modify grads in place; fusedlars copies
     # the shared grads into its flat bucket) + state buffers, per variant; + shared grads + probe
-    per = {"lars": 3, "sgd": 3, "adamw": 4, "lamb": 4}
+    per = {"lars": 3, "lars_carried": 3, "sgd": 3, "adamw": 4, "lamb": 4}
     return n * elem * (sum(per[v.algo] for v in variants) + 2)
 
 
@@ -515,7 +528,7 @@ def format_table(res: dict[str, Any]) -> str:
     lines += [fmt(head), "  ".join("-" * x for x in w)] + [fmt(r) for r in body]
     lines.append("")
     lines.append(
-        "ms/step: median; IQR: q3-q1. GB/s from bytes/param (fp32: LARS 28, SGD 20, AdamW 36, LAMB 40). "
+        "ms/step: median; IQR: q3-q1. GB/s from bytes/param (fp32: LARS 28, fusedlars[cpu] LARS 24, SGD 20, AdamW 28, LAMB 40). "
         "speedup = variant median / fusedlars median (>1: fusedlars is faster)."
     )
     for s in res["skipped"]:

@@ -19,7 +19,7 @@ def _expected_variants() -> set[str]:
     names = {"fusedlars[cpu]" if kernels.status("cpu")[0] else "fusedlars[torch]"}
     names |= {"per_param_lars", "foreach_lars", "torch.SGD(fused)"}
     if bench._pytorch_optimizer() is not None:
-        names.add("pytorch_optimizer.LARS")
+        names |= {"pytorch_optimizer.LARS", "pytorch_optimizer.LARS(loop)"}
     return names
 
 
