@@ -88,6 +88,19 @@ class Variant:
     step: Callable[[], Any] | None = None
 
 
+def _pytorch_optimizer_variants(po, cls_name: str, algo: str, kw: dict, out: list, skipped: list) -> None:
+    """``pytorch_optimizer.<cls_name>`` as constructed by default (foreach=None) and its per-parameter
+    loop (foreach=False), or a skip note when the package is not installed."""
+    name = f"pytorch_optimizer.{cls_name}"
+    if po is None:
+        skipped.append((name, "pytorch_optimizer is not installed"))
+        return
+    cls = getattr(po, cls_name)
+    for label, fe in ((name, None), (f"{name}(loop)", False)):
+        note = f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach={fe}"
+        out.append(Variant(label, "reference", algo, lambda p, fe=fe: cls(p, foreach=fe, **kw), note))
+
+
 def _carries(backend: str) -> bool:
     """Does this backend carry LARS weight norms across steps (pass 1 reads only g)?"""
     from . import kernels
@@ -164,20 +177,8 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
         lk = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")}
         out.append(Variant("per_param_lars", "reference", "lars", lambda p: PerParamLARS(p, **lk), "Python loop, plain PyTorch"))
         out.append(Variant("foreach_lars", "reference", "lars", lambda p: ForeachLARS(p, **lk), "torch._foreach_*"))
-        if po is not None:
-            for name, fe in (("pytorch_optimizer.LARS", None), ("pytorch_optimizer.LARS(loop)", False)):
-                out.append(
-                    Variant(
-                        name,
-                        "reference",
-                        "lars",
-                        lambda p, fe=fe: po.LARS(p, lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"],
-                                                 trust_coefficient=h["trust_coefficient"], foreach=fe),  # fmt: skip
-                        f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach={fe}",
-                    )
-                )
-        else:
-            skipped.append(("pytorch_optimizer.LARS", "pytorch_optimizer is not installed"))
+        kw_po = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient")}
+        _pytorch_optimizer_variants(po, "LARS", "lars", kw_po, out, skipped)
         out.append(
             Variant(
                 "torch.SGD(fused)",
@@ -199,20 +200,8 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
                     "LAMB",
                 )
             )
-        if po is not None:
-            for name, fe in (("pytorch_optimizer.Lamb", None), ("pytorch_optimizer.Lamb(loop)", False)):
-                out.append(
-                    Variant(
-                        name,
-                        "reference",
-                        "lamb",
-                        lambda p, fe=fe: po.Lamb(p, lr=h["lr"], betas=h["betas"], eps=h["eps"],
-                                                 weight_decay=h["weight_decay"], foreach=fe),  # fmt: skip
-                        f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach={fe}",
-                    )
-                )
-        else:
-            skipped.append(("pytorch_optimizer.Lamb", "pytorch_optimizer is not installed"))
+        kw_po = {k: h[k] for k in ("lr", "betas", "eps", "weight_decay")}
+        _pytorch_optimizer_variants(po, "Lamb", "lamb", kw_po, out, skipped)
         out.append(
             Variant(
                 "torch.AdamW(fused)",
