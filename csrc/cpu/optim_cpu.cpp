@@ -2,22 +2,21 @@
 //
 // One step of a bucket:
 //   plan     the active segments, cut into tiles of kTileElems (a tile never crosses a segment), and
-//            grouped so that a group's pass-1 data fit in cache (group_budget: LARS 2 MiB, LAMB 8 MiB);
+//            grouped so that a group's pass-1 data fit in cache (group_budget: LARS 8 MiB, LAMB 4 MiB);
 //   pass 1   per tile: partial sums of squares (LARS: w^2, g^2, (g + lam*w)^2;  LAMB: also the new
 //            moments, written in place, and u^2 of the Adam direction);
 //   scalars  per segment: its tiles' partials summed in tile order, the trust ratio and the element
 //            coefficients (lars_math.h);
 //   pass 2   per tile, backwards (NOTE [Pass 2 runs backwards]): the update.
-// Groups run inside ONE OpenMP parallel region, software-pipelined: pass 2 of group k is interleaved
-// tile by tile with pass 1 of group k+1 (stores of one overlap the loads of the other), one barrier
-// per group; each thread computes the coefficients of the segments its own tiles touch (redundantly
-// where threads share a segment: identical values). Pass 1 and pass 2 give each thread the same
-// contiguous tiles of a group, so pass 2 re-reads what the same core just read.
+// Groups run one after the other inside ONE OpenMP parallel region (run_plan, NOTE [Schedule]), one
+// barrier per group; each thread computes the coefficients of the segments its own tiles touch
+// (redundantly where threads share a segment: identical values). Pass 1 and pass 2 give each
+// thread the same contiguous tiles of a group, so pass 2 re-reads what the same core just read.
 //
 // NOTE: [Bytes per parameter, fp32]
-// LARS: pass 1 reads w, g (8 B); pass 2 reads w, g, b and writes w, b (20 B): 28 B from DRAM when a
-// group does not fit in cache (one segment larger than the budget), 20 B when pass 2 finds w and g in
-// cache. LAMB keeps no scratch: pass 1 reads w, g, m, v and writes m, v (24 B); pass 2 re-reads
+// LARS: pass 1 reads w, g (8 B), or only g (4 B) with carried weight norms; pass 2 reads w, g, b and
+// writes w, b (20 B): 28 B (24 carried) from DRAM when a group does not fit in cache (one segment
+// larger than the budget), 20 B when pass 2 finds w and g in cache. LAMB keeps no scratch: pass 1 reads w, g, m, v and writes m, v (24 B); pass 2 re-reads
 // w, m, v, recomputes the same u (deterministic) and writes w (16 B): 40 B, 28 B from cache.
 //
 // NOTE: [Carried weight norms]
@@ -106,25 +105,27 @@ const KernelTable& table() {
   return *t;
 }
 
-// Cache budget of a group of segments (bytes of pass-1 data). FUSEDLARS_CPU_GROUP_BYTES overrides it
-// (benchmarks; read at every step so that one process can compare budgets); it changes speed only,
-// never results. With the pipelined schedule (run_plan) two groups are in flight. Defaults measured
-// on a 32 MiB-L3 EPYC with 2 threads, ResNet-50 shapes, interleaved runs: LARS 2 MiB (8 B/param of
-// pass-1 data: 256K params) ~2% faster than 4 and 8 MiB; LAMB 8 MiB (16 B/param: 512K params) ~1-2%
-// faster than 2 and 4 MiB. Small effects (the runs drift more than that), but the order held in three runs.
+// Cache budget of a group of segments, in bytes of w + g (LARS) or w + g + m + v (LAMB).
+// FUSEDLARS_CPU_GROUP_BYTES overrides it (benchmarks; read at every step so that one process can
+// compare budgets); it changes speed only, never results. Defaults measured on a 32 MiB-L3 EPYC,
+// 2 threads, ResNet-50 shapes, interleaved runs (NOTE [Schedule]): LARS 8 MiB (1M params), LAMB
+// 4 MiB (256K params); neighbouring budgets were within 1-3%, less than the run-to-run drift.
 int64_t group_budget(int64_t fallback) {
   const char* env = std::getenv("FUSEDLARS_CPU_GROUP_BYTES");
   return env && *env ? std::max<int64_t>(std::atoll(env), 0) : fallback;
 }
-constexpr int64_t kLarsBudget = int64_t(2) << 20;
-constexpr int64_t kLambBudget = int64_t(8) << 20;
+constexpr int64_t kLarsBudget = int64_t(8) << 20;
+constexpr int64_t kLambBudget = int64_t(4) << 20;
 
 // NOTE: [Pass 2 runs backwards]
 // Each thread runs pass 2 over its tiles of a group in reverse order: the tiles pass 1 read last
 // are the likeliest still in cache, so a group larger than the cache (one big segment) gets hits
 // for its last part instead of evicting it while reading its first part. Order does not change
-// results (pass 2 is element-wise). FUSEDLARS_CPU_P2_REVERSE=0 restores the forward order
-// (benchmarks: LARS ~3% and LAMB ~2-3% faster backwards on ResNet-50 shapes, same machine).
+// results (pass 2 is element-wise). FUSEDLARS_CPU_P2_REVERSE=0 restores the forward order for
+// benchmarks. Measured: LARS ~3% and LAMB ~2-3% faster backwards with the interleaved schedule on
+// ResNet-50 shapes; with the sequential one (NOTE [Schedule]) the two orders are within the noise
+// there (LARS/SGD 1.063-1.114 backwards, 1.066-1.085 forwards), and backwards is 1-4% faster on
+// synthetic 512K- and 2.4M-parameter layers.
 bool p2_reverse() {
   const char* env = std::getenv("FUSEDLARS_CPU_P2_REVERSE");
   return !(env && *env == '0');
@@ -198,58 +199,51 @@ void split(const Plan& p, const Group& g, int tid, int nt, int64_t& a, int64_t& 
   b = first(tid + 1);
 }
 
-// Runs the plan in ONE parallel region, software-pipelined over groups, one barrier per group:
+// Runs the plan in ONE parallel region, one barrier per group:
 //
-//   pass1(G0)
-//   for k:  barrier  (every thread's pass 1 of G_k is done)
+//   for k:  pass1(G_k)  (this thread's tiles)
+//           barrier     (every thread's pass 1 of G_k is done)
 //           coefficients of the segments of G_k that this thread's tiles touch
-//           pass2(G_k) interleaved tile by tile with pass1(G_k+1)
+//           pass2(G_k)  (the same tiles, backwards: NOTE [Pass 2 runs backwards])
 //
-// Interleaving keeps the memory system busy with pass 2's stores (w, state) while pass 1 of the
-// next group streams in w and g (a read-only pass on its own leaves the write bandwidth idle).
+// No barrier between pass 2 of G_k and pass 1 of G_k+1: they touch different segments.
 // coef(si, slot, commit) computes segment si's coefficients into this thread's slot (threads that
 // share a segment compute identical values: same partials, same order); exactly one thread per
 // segment passes commit = true (the owner of its first tile; thread 0 for a segment without
 // tiles) and writes the per-segment outputs. coef must read per-segment state (step, has_state)
 // from a snapshot taken before the region, as the committing thread updates it.
 // pass2(t, slot) reads the coefficients of tile t's segment from that slot.
+//
+// NOTE: [Schedule]
+// An earlier schedule interleaved pass 2 of G_k tile by tile with pass 1 of G_k+1 (overlapping
+// stores with loads). Once pass 1 of LARS read only g (NOTE [Carried weight norms]), running the
+// passes back to back measured faster: ResNet-50 shapes, fp32, 2 threads, LARS/fused-SGD time
+// ratio over five interleaved runs: 1.108-1.159 interleaved (2 MiB groups), 1.063-1.114
+// sequential (8 MiB groups); LAMB/fused-AdamW 1.23-1.27 either way (1.21-1.25 sequential, 4 MiB).
+// Interleaving doubles the data in flight between a tile's two passes, which costs the hits that
+// pass 2 gets from cache.
 template <class P1, class CO, class P2>
 void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2) {
   const int64_t G = static_cast<int64_t>(p.groups.size());
   auto body = [&](int tid, int nt) {
-    int64_t a1 = 0, b1 = 0;
-    if (G > 0) split(p, p.groups[0], tid, nt, a1, b1);
-    for (int64_t t = a1; t < b1; ++t) pass1(t);
+    const bool rev = p2_reverse();
     for (int64_t k = 0; k < G; ++k) {
       const Group& g = p.groups[k];
-      const int64_t a2 = a1, b2 = b1;  // this thread's tiles of G_k (same split as its pass 1)
+      int64_t a = 0, b = 0;
+      split(p, g, tid, nt, a, b);
+      for (int64_t t = a; t < b; ++t) pass1(t);
       if (nt > 1) {
 #pragma omp barrier
       }
-      for (int64_t t = a2; t < b2;) {
+      for (int64_t t = a; t < b;) {
         const int64_t si = p.t_seg[t];
-        coef(si, tid, p.seg_t0[si] >= a2);
+        coef(si, tid, p.seg_t0[si] >= a);
         t = p.seg_t0[si + 1];
       }
       if (tid == 0)
         for (int64_t si = g.s0; si < g.s1; ++si)
           if (p.seg_t0[si] == p.seg_t0[si + 1]) coef(si, tid, true);
-      a1 = b1 = 0;
-      if (k + 1 < G) split(p, p.groups[k + 1], tid, nt, a1, b1);
-      // merge by fraction of elements done (deterministic results whatever the order)
-      const int64_t e2 = p.t_cum[b2] - p.t_cum[a2], e1 = p.t_cum[b1] - p.t_cum[a1];
-      const bool rev = p2_reverse();
-      int64_t j2 = 0, i1 = a1;  // j2: pass-2 tiles done
-      while (a2 + j2 < b2 || i1 < b1) {
-        const int64_t d2 = rev ? p.t_cum[b2] - p.t_cum[b2 - j2] : p.t_cum[a2 + j2] - p.t_cum[a2];
-        const int64_t d1 = p.t_cum[i1] - p.t_cum[a1];
-        if (i1 >= b1 || (a2 + j2 < b2 && d2 * e1 <= d1 * e2)) {
-          pass2(rev ? b2 - 1 - j2 : a2 + j2, tid);
-          ++j2;
-        } else {
-          pass1(i1++);
-        }
-      }
+      for (int64_t j = 0; j < b - a; ++j) pass2(rev ? b - 1 - j : a + j, tid);
     }
   };
   if (nth <= 1) {
