@@ -264,6 +264,10 @@ def scenario_errors(rank, world, counter):
     # 4. a backend without the partials/apply split refuses sharded buckets, with the reason
     opt = fusedlars.LARS(ps, lr=0.1, backend="reference")
     out["backend"] = _expect_error(opt.step, "cannot step FSDP2/DTensor-sharded", "backend='torch'")
+    # 5. a compiled step over sharded params refuses with the reason (the all_reduce sits between kernels)
+    opt = fusedlars.LARS(ps, lr=0.1)
+    compiled = torch.compile(opt.step, fullgraph=True, backend="eager")
+    out["compile"] = _expect_error(compiled, "cannot be compiled", "outside the compiled region")
     return out
 
 
@@ -412,7 +416,7 @@ def test_zero_redundancy_optimizer_matches_single_process(runs, name):
             assert got["data_ptrs_stable"], "p.data left ZeRO's bucket"
 
 
-@pytest.mark.parametrize("case", ["param_sets", "mixed", "meshes", "backend"])
+@pytest.mark.parametrize("case", ["param_sets", "mixed", "meshes", "backend", "compile"])
 def test_mismatched_layouts_raise_on_every_rank(runs, case):
     res = _result(runs, 2, "errors")
     for r, got in enumerate(res):
