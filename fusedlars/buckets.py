@@ -166,7 +166,6 @@ class Bucket:
             self._gv_ptr = [v.data_ptr() for v in self.grad_views]
             self._gv_stride = [v.stride() for v in self.grad_views]
             self._size = [v.shape for v in self.param_views]
-            self._clean: list[bool] | None = None
             for t, v in zip(locs, self.param_views):
                 v.copy_(t.detach())
             self._own = set(own_storages) | {self.flat_param.untyped_storage().data_ptr()}
@@ -286,26 +285,23 @@ class Bucket:
             mv.copy_(torch.where(src != pv, src.to(mv.dtype), mv))
         pv.copy_(src)
 
-    def sync_views(self, adopt_grads: bool = True) -> list[bool]:
+    def sync_views(self, clean: list[bool] | None = None, adopt_grads: bool = True) -> list[bool]:
         """Repair broken param / grad views, copy external segments in; return which segments have a grad.
 
         Runs on the host only (pointer comparisons); copies happen only for broken views and
-        for external segments (NOTE [External segments]). ``adopt_grads=False`` copies a grad that is
-        not a view without re-pointing ``p.grad`` at the bucket (compiled steps, NOTE [Compiled steps]).
-        Segments that check_grads() found intact (``_clean``) need no look beyond their grad's presence.
+        for external segments (NOTE [External segments]). ``clean``: what check_grads() returned just
+        before (segments whose views are intact need no repair). ``adopt_grads=False`` copies a grad
+        that is not a view without re-pointing ``p.grad`` at the bucket (NOTE [Compiled steps]).
         """
-        clean = self._clean if self._clean is not None else [False] * self.num_segments
-        self._clean = None  # one use: views may break before the next check
         versions = self._versions if self.w_sumsq is not None else None
-        active = [p.grad is not None for p in self.params]
-        # segments whose weights may differ from what the last step wrote (NOTE [Carried weight norms])
-        changed = [] if versions is None else [i for i, p in enumerate(self.params) if p._version != versions[i]]
-        if not all(clean):
-            with torch.no_grad():
-                for i, p in enumerate(self.params):
-                    if clean[i]:
-                        continue
+        active, changed = [], []  # changed: weights may differ from what the last step wrote
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                if versions is not None and p._version != versions[i]:
+                    changed.append(i)
+                if clean is None or not clean[i]:
                     self._repair(i, p, adopt_grads, changed)
+                active.append(p.grad is not None)
         if changed and versions is not None:
             self.w_sumsq.index_fill_(0, torch.tensor(changed, dtype=torch.int64, device=self.device), -1.0)
         key = tuple(active)
@@ -314,6 +310,10 @@ class Bucket:
             self.active = torch.tensor([1.0 if a else 0.0 for a in active], dtype=self.state_dtype, device=self.device)
             self.all_active = all(active)
         return active
+
+    def grad_is_view(self, i: int, g: torch.Tensor) -> bool:
+        """Is ``g`` (a local grad tensor) segment ``i``'s grad view of the bucket?"""
+        return g.data_ptr() == self._gv_ptr[i] and g.shape == self._size[i] and g.stride() == self._gv_stride[i]
 
     def _repair(self, i: int, p: torch.Tensor, adopt_grads: bool, changed: list[int]) -> None:
         """sync_views for one segment whose param or grad is not (or may not be) our view."""
@@ -336,8 +336,8 @@ class Bucket:
         if g is None:
             return
         gl = g if self.shard is None else local_tensor(g)
-        gv = self.grad_views[i]
-        if gl.data_ptr() != gv.data_ptr() or gl.shape != gv.shape or gl.stride() != gv.stride():
+        if not self.grad_is_view(i, gl):
+            gv = self.grad_views[i]
             gv.copy_(gl)
             if adopt_grads and self._may_adopt_grad(i, g, gl):
                 p.grad = gv
@@ -373,19 +373,16 @@ class Bucket:
         """Zero the flat grad buffer in one operation; grads that are views stay views."""
         self.flat_grad.zero_()
 
-    def check_grads(self) -> None:
+    def check_grads(self) -> list[bool]:
         """Validation that must pass before anything is mutated (sparse, complex, dtype, device).
-        Notes which segments still have both views intact, for the sync_views() that follows."""
+        Returns which segments still have both views intact (for the sync_views() that follows)."""
         plain = self.shard is None
         clean = []
-        pv_ptr, gv_ptr, gv_stride, size, external = self._pv_ptr, self._gv_ptr, self._gv_stride, self._size, self.external
         for i, p in enumerate(self.params):
-            if plain and not external[i]:
+            if plain and not self.external[i]:
                 # fast path: param and grad are still our views, so nothing about them can be wrong
                 g = p.grad
-                if p.data_ptr() == pv_ptr[i] and p.shape == size[i] and (
-                    g is None or (g.data_ptr() == gv_ptr[i] and g.shape == size[i] and g.stride() == gv_stride[i])
-                ):
+                if p.data_ptr() == self._pv_ptr[i] and p.shape == self._size[i] and (g is None or self.grad_is_view(i, g)):
                     clean.append(True)
                     continue
             clean.append(False)
@@ -407,7 +404,7 @@ class Bucket:
             why = grad_mismatch(local_tensor(g), self.shapes[i], self.dtype, self.device)
             if why:
                 raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
-        self._clean = clean
+        return clean
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor a kernel reads or writes (flat buffers, state, per-segment tables and outputs)."""

@@ -61,9 +61,7 @@ def _train(carry, *, dtype=torch.float32, master=False, between=None, cls=fusedl
 def _assert_bitwise(a, b):
     assert len(a) == len(b)
     for i, (x, y) in enumerate(zip(a, b)):
-        assert torch.equal(x, y) or (x.isnan() == y.isnan()).all() and torch.equal(
-            torch.nan_to_num(x), torch.nan_to_num(y)
-        ), f"tensor {i} differs: {(x.double() - y.double()).abs().max()}"
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"tensor {i}: {m}")
 
 
 CONFIGS = {

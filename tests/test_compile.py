@@ -135,9 +135,9 @@ def test_replaced_grad_recompiles_and_stays_exact():
             w = m[0].weight
             w.grad = w.grad.clone() * 2.0
 
-    eager, _ = _train("LARS", "cpu" if kernels.status("cpu")[0] else "torch", mutate=replace)
-    counter = CompileCounterWithBackend("aot_eager")
     backend = "cpu" if kernels.status("cpu")[0] else "torch"
+    eager, _ = _train("LARS", backend, mutate=replace)
+    counter = CompileCounterWithBackend("aot_eager")
     compiled, _ = _train("LARS", backend, compiler="aot_eager", mutate=replace, counter=counter)
     _compare(backend, eager, compiled)
     assert counter.counts[3] > counter.counts[2], f"the replaced grad must be seen (a recompilation): {counter.counts}"

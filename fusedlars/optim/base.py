@@ -39,7 +39,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(
-        self, params, defaults: dict[str, Any], *, backend: str, master_weights: bool, capturable: bool = False
+        self,
+        params,
+        defaults: dict[str, Any],
+        *,
+        backend: str,
+        master_weights: bool,
+        capturable: bool = False,
+        carry_weight_norms: bool = False,
     ) -> None:
         if backend not in _VALID_BACKENDS:
             raise ValueError(f"{self._KIND}: backend={backend!r} is not one of {_VALID_BACKENDS}.")
@@ -52,12 +59,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 )
         if not isinstance(master_weights, bool):
             raise ValueError(f"{self._KIND}: master_weights must be a bool, got {master_weights!r}.")
-        if not isinstance(capturable, bool):
-            raise ValueError(f"{self._KIND}: capturable must be a bool, got {capturable!r}.")
+        for name, v in (("capturable", capturable), ("carry_weight_norms", carry_weight_norms)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{type(self).__name__}: {name} must be a bool, got {v!r}.")
         self.backend = backend
         self.master_weights = master_weights
         self.capturable = capturable
-        self.carry_weight_norms = getattr(self, "carry_weight_norms", False)
+        self.carry_weight_norms = carry_weight_norms
         self._buckets: dict[int, list[Bucket]] = {}
         self._bucket_specs: dict[int, tuple] = {}
         self._seen: set[int] = set()
@@ -388,12 +396,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if gi not in self._buckets:  # built buckets check their own params (Bucket.check_grads)
                 self._check_grads(group, gi)
         self._ensure_buckets()
-        for b in self.buckets():
-            b.check_grads()
+        clean = [b.check_grads() for b in self.buckets()]
         if self.capturable:
             self._lrs_on_device()
-        for b in self.buckets():
-            b.sync_views(adopt_grads=adopt_grads)
+        for b, c in zip(self.buckets(), clean):
+            b.sync_views(c, adopt_grads=adopt_grads)
 
     def _run_step(self) -> None:
         """The device-side part of a step: the kernels, then external segments copied back."""
@@ -467,7 +474,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     g = p.grad
                     if g is None:
                         continue
-                    if g.data_ptr() == b.grad_views[i].data_ptr() and g.stride() == b.grad_views[i].stride():
+                    if b.grad_is_view(i, g):
                         views.append(i)
                         mark_static_address(g, guard=True)
                     else:
@@ -528,16 +535,17 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 if not b.any_active() and b.shard is None:
                     continue
                 cfg = make_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
-                compiling = torch.compiler.is_compiling()
-                mod = b.traced_backend if compiling else self._backend_for(b, cfg)
-                b.backend_name = mod.NAME
-                if hasattr(cfg, "carry_w"):
+                if torch.compiler.is_compiling():
+                    mod = b.traced_backend  # chosen by _init_group; compiled steps carry nothing
+                else:
+                    mod = self._backend_for(b, cfg)
                     # NOTE [Carried weight norms]: only across eager steps of a kernel that carries them
-                    # (a compiled step cannot check the params' version counters per call)
-                    cfg.carry_w = self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False)
-                    cfg.carry_w = cfg.carry_w and not compiling and b.shard is None
-                if not getattr(cfg, "carry_w", False) and not compiling:
-                    b.drop_carry()
+                    # (a compiled step cannot check the params' version counters at every call)
+                    if self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False):
+                        cfg.carry_w = True
+                    else:
+                        b.drop_carry()
+                b.backend_name = mod.NAME
                 work.append((b, cfg, mod))
         return work
 

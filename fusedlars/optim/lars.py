@@ -150,14 +150,18 @@ class LARS(BucketedOptimizer):
             explicit.setdefault("exclude_from_weight_decay", exclude)
             explicit.setdefault("exclude_from_adaptation", exclude)
         explicit.update(self._extra_options(options))
-        if not isinstance(carry_weight_norms, bool):
-            raise ValueError(f"{type(self).__name__}: carry_weight_norms must be a bool, got {carry_weight_norms!r}.")
-        self.carry_weight_norms = carry_weight_norms
         defaults = resolve("LARS", preset or self._default_preset(), explicit)
         defaults["lr"] = lr
         validate_lars_group(defaults)
         self.preset = preset or self._default_preset()
-        super().__init__(params, defaults, backend=backend, master_weights=master_weights, capturable=capturable)
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            master_weights=master_weights,
+            capturable=capturable,
+            carry_weight_norms=carry_weight_norms,
+        )
 
     def _default_preset(self) -> str:
         return "default"
