@@ -254,6 +254,23 @@ void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2) {
   body(omp_get_thread_num(), omp_get_num_threads());
 }
 
+// Tile t of the plan, as the kernels take it.
+TileArgs tile_of(const TileArgs& base, const Plan& p, int64_t t) {
+  TileArgs a = base;
+  a.start = p.t_start[t];
+  a.len = p.t_len[t];
+  return a;
+}
+
+// Segment si's sums of N partials per tile (part[N*t + j]), tiles in order: the fixed reduction
+// order of NOTE [Determinism].
+template <int N>
+void segment_sums(const Plan& p, const std::vector<double>& part, int64_t si, double* out) {
+  for (int j = 0; j < N; ++j) out[j] = 0.0;
+  for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
+    for (int j = 0; j < N; ++j) out[j] += part[N * t + j];
+}
+
 int plan_threads(const Plan& p) {
   int nth = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (p.t_cum.back() < 4 * kTileElems) nth = 1;  // not worth waking threads
@@ -314,6 +331,15 @@ struct Common {
   float *has_state, *step, *w_norm, *g_norm, *u_norm, *trust_ratio;
   double lr, inv_scale;
   bool skip;
+  // the per-segment outputs of a step (run by the one thread that commits segment s)
+  void commit(int64_t s, double n_w, double n_g, double n_u, double r, float step_before) const {
+    w_norm[s] = static_cast<float>(n_w);
+    g_norm[s] = static_cast<float>(n_g);
+    u_norm[s] = static_cast<float>(n_u);
+    trust_ratio[s] = static_cast<float>(r);
+    has_state[s] = 1.0f;
+    step[s] = step_before + 1.0f;
+  }
 };
 
 Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
@@ -416,9 +442,7 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
   run_plan(
       p, nth,
       [&](int64_t t) {
-        TileArgs a = base;
-        a.start = p.t_start[t];
-        a.len = p.t_len[t];
+        const TileArgs a = tile_of(base, p, t);
         if (carried[p.t_seg[t]]) {
           part[3 * t] = part[3 * t + 2] = 0.0;
           k.grad_sumsq(a, c.variant, gscale, &part[3 * t + 1]);  // bitwise lars_sumsq's out[1]
@@ -429,26 +453,17 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
       },
       [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
-        double ssq[3] = {0.0, 0.0, 0.0};
-        for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
-          for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
+        double ssq[3];
+        segment_sums<3>(p, part, si, ssq);
         if (carried[si]) ssq[0] = wss[s];  // ssq[2] (0 here) is not used by the math: u_in_math is false
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
         const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
         coef[slot * NS + si] = lars_coef(o, r, c.lr, has0[si] != 0);
-        if (!commit) return;
-        c.w_norm[s] = static_cast<float>(r.n_w);
-        c.g_norm[s] = static_cast<float>(r.n_g);
-        c.u_norm[s] = static_cast<float>(r.n_u);
-        c.trust_ratio[s] = static_cast<float>(r.r);
-        c.has_state[s] = 1.0f;
-        c.step[s] = step0[si] + 1.0f;
+        if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
       [&](int64_t t, int slot) {
-        TileArgs a = base;
-        a.start = p.t_start[t];
-        a.len = p.t_len[t];
+        const TileArgs a = tile_of(base, p, t);
         const int64_t si = p.t_seg[t];
         const int carry = !wss ? kCarryNone : carried[si] ? kCarryWU : kCarryW;
         const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
@@ -459,13 +474,10 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
   // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
   for (int64_t si = 0; si < NS; ++si) {
     const int64_t s = p.seg[si];
-    double w2 = 0.0, u2 = 0.0;
-    for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t) {
-      w2 += part2[2 * t];
-      u2 += part2[2 * t + 1];
-    }
-    wss[s] = w2;
-    if (carried[si]) c.u_norm[s] = static_cast<float>(std::sqrt(u2));
+    double wu[2];
+    segment_sums<2>(p, part2, si, wu);
+    wss[s] = wu[0];
+    if (carried[si]) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
   }
 }
 
@@ -509,32 +521,21 @@ void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
   run_plan(
       p, nth,
       [&](int64_t t) {
-        TileArgs a = base;
-        a.start = p.t_start[t];
-        a.len = p.t_len[t];
+        const TileArgs a = tile_of(base, p, t);
         // pass 1 uses only the coefficients fixed before the region (not k)
         k.lamb_pass1(a, c.variant, o.wd_mode, coef[p.t_seg[t]], &part[3 * t]);
       },
       [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
-        double ssq[3] = {0.0, 0.0, 0.0};
-        for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t)
-          for (int j = 0; j < 3; ++j) ssq[j] += part[3 * t + j];
+        double ssq[3];
+        segment_sums<3>(p, part, si, ssq);
         const LambSegment r = lamb_segment(o, ssq[0], ssq[1], ssq[2], c.adapt_mask[s] != 0, c.lr);
         const double t_new = static_cast<double>(step0[si]) + 1.0;
         coef[slot * NS + si].k = lamb_step_scale(o, c.lr, r.r, t_new);
-        if (!commit) return;
-        c.w_norm[s] = static_cast<float>(r.n_w);
-        c.g_norm[s] = static_cast<float>(r.n_g);
-        c.u_norm[s] = static_cast<float>(r.n_u);
-        c.trust_ratio[s] = static_cast<float>(r.r);
-        c.has_state[s] = 1.0f;
-        c.step[s] = step0[si] + 1.0f;
+        if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
       [&](int64_t t, int slot) {
-        TileArgs a = base;
-        a.start = p.t_start[t];
-        a.len = p.t_len[t];
+        const TileArgs a = tile_of(base, p, t);
         k.lamb_pass2(a, c.variant, o.wd_mode, coef[slot * NS + p.t_seg[t]]);
       });
 }
@@ -558,16 +559,14 @@ at::Tensor grad_sumsq_cpu(const at::Tensor& grad, const at::Tensor& seg_offset, 
   TileArgs base{nullptr, nullptr, grad.data_ptr(), nullptr, nullptr, 0, 0};
   at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      TileArgs a = base;
-      a.start = p.t_start[t];
-      a.len = p.t_len[t];
+      const TileArgs a = tile_of(base, p, t);
       k.grad_sumsq(a, variant, gscale, &part[t]);
     }
   });
   double total = 0.0;  // segment order, tile order
-  for (size_t si = 0; si < p.seg.size(); ++si) {
-    double seg = 0.0;
-    for (int64_t t = p.seg_t0[si]; t < p.seg_t0[si + 1]; ++t) seg += part[t];
+  for (int64_t si = 0; si < static_cast<int64_t>(p.seg.size()); ++si) {
+    double seg;
+    segment_sums<1>(p, part, si, &seg);
     total += seg;
   }
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
