@@ -167,6 +167,19 @@ def _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2):
 
 
 @triton.jit
+def _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, idx, mask,
+                       n_w, n_g, n_u, r, one, t_new):
+    """A segment's (or a block of empty segments') outputs of the step: norms, ratio, has_state = 1 and
+    the new step count, stored where ``mask`` holds."""
+    tl.store(w_norm_ptr + idx, n_w, mask=mask)
+    tl.store(g_norm_ptr + idx, n_g, mask=mask)
+    tl.store(u_norm_ptr + idx, n_u, mask=mask)
+    tl.store(ratio_ptr + idx, r, mask=mask)
+    tl.store(has_ptr + idx, one, mask=mask)
+    tl.store(step_ptr + idx, t_new, mask=mask)
+
+
+@triton.jit
 def _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK: tl.constexpr):
     """Segment-program lanes of launch 2: (segment indices, mask of the active empty segments)."""
     offs = (pid - num_tiles).to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
@@ -259,12 +272,7 @@ def lars_update_kernel(
                 zero, zero, zero, lam, adapt, t, lr, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
                 tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
                 den_mode, check_mode, zero_skip, clip_mode, use_tv)
-            tl.store(w_norm_ptr + offs, n_w, mask=m)
-            tl.store(g_norm_ptr + offs, n_g, mask=m)
-            tl.store(u_norm_ptr + offs, n_u, mask=m)
-            tl.store(ratio_ptr + offs, r, mask=m)
-            tl.store(has_ptr + offs, zero + 1.0, mask=m)
-            tl.store(step_ptr + offs, t + 1.0, mask=m)
+            _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, offs, m, n_w, n_g, n_u, r, zero + 1.0, t + 1.0)
         else:
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
@@ -279,13 +287,8 @@ def lars_update_kernel(
                     ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
                     tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
                     den_mode, check_mode, zero_skip, clip_mode, use_tv)
-                if pid == lo:
-                    tl.store(w_norm_ptr + s, n_w)
-                    tl.store(g_norm_ptr + s, n_g)
-                    tl.store(u_norm_ptr + s, n_u)
-                    tl.store(ratio_ptr + s, r)
-                    tl.store(has_ptr + s, 1.0)
-                    tl.store(step_ptr + s, t + 1.0)
+                # the segment's first tile writes its outputs
+                _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, n_g, n_u, r, 1.0, t + 1.0)
                 start = tl.load(tile_start_ptr + pid)  # int64
                 n = tl.load(tile_len_ptr + pid)
                 inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
@@ -422,12 +425,7 @@ def lamb_update_kernel(
             zero = tl.zeros([SBLOCK], dtype=tl.float32)
             r, n_w, n_u = _lamb_ratio(zero, zero, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
                                       clip_mode)
-            tl.store(w_norm_ptr + offs, n_w, mask=m)
-            tl.store(g_norm_ptr + offs, zero, mask=m)
-            tl.store(u_norm_ptr + offs, n_u, mask=m)
-            tl.store(ratio_ptr + offs, r, mask=m)
-            tl.store(has_ptr + offs, zero + 1.0, mask=m)
-            tl.store(step_ptr + offs, t + 1.0, mask=m)
+            _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, offs, m, n_w, zero, n_u, r, zero + 1.0, t + 1.0)
         else:
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
@@ -440,13 +438,8 @@ def lamb_update_kernel(
                 adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
                 r, n_w, n_u = _lamb_ratio(ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
                                           clip_mode)
-                if pid == lo:
-                    tl.store(w_norm_ptr + s, n_w)
-                    tl.store(g_norm_ptr + s, tl.sqrt(ssq_g))
-                    tl.store(u_norm_ptr + s, n_u)
-                    tl.store(ratio_ptr + s, r)
-                    tl.store(has_ptr + s, 1.0)
-                    tl.store(step_ptr + s, t)
+                # the segment's first tile writes its outputs
+                _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, tl.sqrt(ssq_g), n_u, r, 1.0, t)
                 bc1 = _bias_corr(t, omb1)
                 bc2 = _bias_corr(t, omb2)
                 if BC == 2:
