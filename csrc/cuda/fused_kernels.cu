@@ -178,6 +178,35 @@ __device__ __forceinline__ void segment_sums(const Plan& p, int64_t s, double (&
   block_sum<3>(ssq);
 }
 
+// Tile t's three partial sums (this block's per-thread sums x): reduced over the block, stored by
+// thread 0.
+__device__ __forceinline__ void store_partials(const Plan& p, int64_t t, double (&x)[3]) {
+  block_sum<3>(x);
+  if (threadIdx.x == 0) {
+    p.part[3 * t] = x[0];
+    p.part[3 * t + 1] = x[1];
+    p.part[3 * t + 2] = x[2];
+  }
+}
+
+// Cooperative path: every block's partials are visible to every block after this.
+__device__ __forceinline__ void grid_barrier() {
+  __threadfence();
+  cg::this_grid().sync();
+}
+
+// Segment s's outputs of the step, written by thread 0 of the block that finishes it.
+__device__ __forceinline__ void commit_segment(const Segs& sa, const Plan& p, int64_t s, double n_w, double n_g,
+                                               double n_u, double r) {
+  if (threadIdx.x != 0) return;
+  sa.w_norm[s] = static_cast<float>(n_w);
+  sa.g_norm[s] = static_cast<float>(n_g);
+  sa.u_norm[s] = static_cast<float>(n_u);
+  sa.trust_ratio[s] = static_cast<float>(r);
+  sa.has_state[s] = 1.f;
+  sa.step[s] = p.snap[2 * s] + 1.f;
+}
+
 __device__ __forceinline__ double read(const Scalar& s) {
   if (!s.ptr) return s.value;
   return s.is_double ? *static_cast<const double*>(s.ptr) : static_cast<double>(*static_cast<const float*>(s.ptr));
@@ -296,18 +325,10 @@ __global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, con
                                 static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
         for_tile<VEC>(p.tile_start[t], p.tile_len[t], a.b.vec_ok, f);
         double x[3] = {f.sw, f.sg, f.su};
-        block_sum<3>(x);
-        if (threadIdx.x == 0) {
-          p.part[3 * t] = x[0];
-          p.part[3 * t + 1] = x[1];
-          p.part[3 * t + 2] = x[2];
-        }
+        store_partials(p, t, x);
       }
     }
-    if (phase == 0) {
-      __threadfence();
-      cg::this_grid().sync();
-    }
+    if (phase == 0) grid_barrier();
     if (phase != 1) {
       int64_t cur = -1;
       LarsCoef c{};
@@ -333,14 +354,7 @@ __global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, con
         double ssq[3];
         segment_sums(p, s, ssq);
         const LarsSegment sg = lars_seg(a, s, lr, ssq);
-        if (threadIdx.x == 0) {
-          a.s.w_norm[s] = static_cast<float>(sg.n_w);
-          a.s.g_norm[s] = static_cast<float>(sg.n_g);
-          a.s.u_norm[s] = static_cast<float>(sg.n_u);
-          a.s.trust_ratio[s] = static_cast<float>(sg.r);
-          a.s.has_state[s] = 1.f;
-          a.s.step[s] = p.snap[2 * s] + 1.f;
-        }
+        commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
       }
     }
   }
@@ -436,18 +450,10 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
           case kLambDecoupled: lamb_tile1<PT, MASTER, kLambDecoupled>(a, c, st, len, x); break;
           default: lamb_tile1<PT, MASTER, kLambInUpdate>(a, c, st, len, x); break;
         }
-        block_sum<3>(x);
-        if (threadIdx.x == 0) {
-          p.part[3 * t] = x[0];
-          p.part[3 * t + 1] = x[1];
-          p.part[3 * t + 2] = x[2];
-        }
+        store_partials(p, t, x);
       }
     }
-    if (phase == 0) {
-      __threadfence();
-      cg::this_grid().sync();
-    }
+    if (phase == 0) grid_barrier();
     if (phase != 1) {
       int64_t cur = -1;
       LambCoef c{};
@@ -476,14 +482,7 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
         double ssq[3];
         segment_sums(p, s, ssq);
         const LambSegment sg = lamb_segment(a.o, ssq[0], ssq[1], ssq[2], a.s.adapt_mask[s] != 0.f, lr);
-        if (threadIdx.x == 0) {
-          a.s.w_norm[s] = static_cast<float>(sg.n_w);
-          a.s.g_norm[s] = static_cast<float>(sg.n_g);
-          a.s.u_norm[s] = static_cast<float>(sg.n_u);
-          a.s.trust_ratio[s] = static_cast<float>(sg.r);
-          a.s.has_state[s] = 1.f;
-          a.s.step[s] = p.snap[2 * s] + 1.f;
-        }
+        commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
       }
     }
   }
