@@ -1,4 +1,4 @@
-"""Command line: ``fusedlars info | presets | bench``."""
+"""Command line: ``fusedlars info | presets | bench | selftest | demo | plot``."""
 
 from __future__ import annotations
 
@@ -26,7 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     _demo.add_arguments(sub.add_parser(
         "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"))
     _plot.add_arguments(sub.add_parser("plot", help="plot a StatsLogger CSV: one line per layer over steps"))
+    from . import selftest as _selftest
+
+    _selftest.add_arguments(sub.add_parser(
+        "selftest", help="every live backend against the float64 reference; exit 1 on any FAIL",
+        description="Run every live backend (LARS, TVLARS, LAMB, LAMB with max_grad_norm; fp32 and bf16 with "
+        "master weights) for a few steps on odd shapes and compare it with the float64 reference. "
+        "Exit status 0 only when nothing fails."))
     args = ap.parse_args(argv)
+    if args.cmd == "selftest":
+        return _selftest.main(args)
     if args.cmd == "demo":
         return _demo.main(args)
     if args.cmd == "plot":
