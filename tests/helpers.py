@@ -6,6 +6,9 @@ import math
 
 import torch
 
+from fusedlars.selftest import TOLERANCES as BACKEND_TOL  # noqa: F401  (rtol, atol) per param dtype
+from fusedlars.selftest import compare_backend, make_named_grads, make_named_params, run_named  # noqa: F401
+
 ODD_SHAPES = [(1,), (3,), (4097,), (65537,), (0,), (8, 3, 3, 3), (17, 33), (5,)]
 
 
@@ -60,76 +63,15 @@ def assert_close_lists(a, b, rtol, atol, equal_nan=False, msg=""):
 
 # ---------------------------------------------------------------------------------------------
 # "fused backend X against backend='reference'" harness (tests/test_cpu_backend.py,
-# tests/test_cuda_backend.py). Parameters are named (name, tensor) pairs; the names "zero_w"
-# (zero-initialised weight) and "zero_g" (gradient always zero) are special.
-
-# (rtol, atol) per param dtype; atol is scaled by the largest finite |value| of the reference.
-BACKEND_TOL = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (2e-2, 1e-3), torch.float16: (3e-3, 1e-4)}
-
-
-def make_named_params(shapes, dtype=torch.float32, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for name, s in shapes:
-        p = torch.randn(s, generator=g, dtype=torch.float64)
-        if name == "zero_w":
-            p.zero_()
-        out.append((name, p.to(dtype).to(device).requires_grad_()))
-    return out
-
-
-def make_named_grads(params, step, scale=0.01, special=None):
-    """Float64 grads drawn on the CPU (same on every device), cast to each param's dtype and device."""
-    g = torch.Generator().manual_seed(1000 + step)
-    grads = []
-    for name, p in params:
-        gr = torch.randn(p.shape, generator=g, dtype=torch.float64) * scale
-        if name == "zero_g":
-            gr.zero_()
-        if special is not None:
-            special(name, gr, step)
-        grads.append(gr.to(p.dtype).to(p.device))
-    return grads
-
-
-def run_named(cls, backend, shapes, *, device="cpu", steps=3, dtype=torch.float32, master=False, lr=0.1,
-              grad_fn=None, scale=0.01, **kw):
-    """``steps`` steps of ``cls(..., backend=backend)``; a float lr is changed every step as a scheduler would."""
-    params = make_named_params(shapes, dtype, device=device)
-    opt = cls(params, lr=lr, backend=backend, master_weights=master, **kw)
-    for t in range(steps):
-        grads = grad_fn(params, t) if grad_fn else make_named_grads(params, t, scale)
-        for (_, p), gr in zip(params, grads):
-            p.grad = gr
-        if isinstance(lr, (int, float)):
-            opt.param_groups[0]["lr"] = lr * (1 + 0.1 * t)
-        opt.step()
-    return params, opt
+# tests/test_cuda_backend.py). It lives in the package, where `fusedlars selftest` runs it too:
+# parameters are named (name, tensor) pairs; the names "zero_w" (zero-initialised weight) and
+# "zero_g" (gradient always zero) are special.
 
 
 def assert_backend_matches_reference(cls, backend, shapes, *, device="cpu", dtype=torch.float32, equal_nan=False, **kw):
-    """Run ``backend`` and "reference" on the same data; compare params, per-layer outputs, state, master."""
-    pa, oa = run_named(cls, backend, shapes, device=device, dtype=dtype, **kw)
-    pb, ob = run_named(cls, "reference", shapes, device=device, dtype=dtype, **kw)
-    assert oa.backends_in_use() == [backend] * len(oa.buckets())
-    assert len(oa.buckets()) == len(ob.buckets())
-    rtol, atol = BACKEND_TOL[dtype]
-    for (name, a), (_, b) in zip(pa, pb):
-        fin = b.detach().double()[torch.isfinite(b.detach().double())]
-        mag = max(fin.abs().max().item(), 1.0) if fin.numel() else 1.0
-        torch.testing.assert_close(a.detach().double(), b.detach().double(), rtol=rtol, atol=atol * mag,
-                                   equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
-    for ba, bb in zip(oa.buckets(), ob.buckets()):
-        for key in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
-            torch.testing.assert_close(getattr(ba, key), getattr(bb, key), rtol=max(rtol, 1e-5), atol=1e-6,
-                                       equal_nan=equal_nan, msg=lambda m: f"{key}: {m}")
-        assert torch.equal(ba.step, bb.step) and torch.equal(ba.has_state, bb.has_state)
-        assert set(ba.state) == set(bb.state)
-        for key in ba.state:
-            torch.testing.assert_close(ba.state[key], bb.state[key], rtol=max(rtol, 1e-5),
-                                       atol=1e-6 if dtype == torch.float32 else 1e-4, equal_nan=equal_nan,
-                                       msg=lambda m: f"state {key}: {m}")
-        assert (ba.flat_master is None) == (bb.flat_master is None)
-        if ba.flat_master is not None:
-            torch.testing.assert_close(ba.flat_master, bb.flat_master, rtol=1e-5, atol=1e-6)
+    """Run ``backend`` and "reference" on the same data; compare params, per-layer outputs, state, master
+    (:func:`fusedlars.selftest.compare_runs`: every check must pass)."""
+    checks, oa, ob = compare_backend(cls, backend, shapes, device=device, dtype=dtype, equal_nan=equal_nan, **kw)
+    bad = [c for c in checks if not c.ok]
+    assert not bad, f"{backend} vs reference ({dtype}):\n" + "\n".join(f"  {c}" for c in bad)
     return oa, ob
