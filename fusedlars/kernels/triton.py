@@ -163,11 +163,90 @@ def _traceable() -> bool:
     return _triton_op is not None and not _interpreting()
 
 
+#: Test-only hook: the order in which the *interpreter* runs the programs of every launch.
+#: ``None`` (natural order, the default), ``"reversed"``, ``"shuffled"`` (a new permutation per
+#: launch, seeded by :data:`ORDER_SEED`), or a callable ``n -> permutation of range(n)``. A GPU runs
+#: programs in any order; tests use this to require bitwise-equal results under other orders.
+#: Initialised from ``FUSEDLARS_TRITON_PROGRAM_ORDER`` so a whole test file can run reordered.
+PROGRAM_ORDER = os.environ.get("FUSEDLARS_TRITON_PROGRAM_ORDER") or None
+ORDER_SEED = 0
+_order_launches = 0  # launches reordered so far (varies the shuffle from launch to launch)
+
+
+def program_order(n: int, order=None) -> list[int]:
+    """The order of program ids ``0..n-1`` that :data:`PROGRAM_ORDER` (or ``order``) asks for."""
+    global _order_launches
+    order = PROGRAM_ORDER if order is None else order
+    if callable(order):
+        perm = [int(i) for i in order(n)]
+    elif order == "reversed":
+        perm = list(range(n - 1, -1, -1))
+    elif order == "shuffled":
+        import random  # noqa: PLC0415
+
+        perm = list(range(n))
+        random.Random(f"{ORDER_SEED}/{_order_launches}/{n}").shuffle(perm)
+        _order_launches += 1
+    elif order in (None, "natural"):
+        perm = list(range(n))
+    else:
+        raise ValueError(f"PROGRAM_ORDER must be None, 'natural', 'reversed', 'shuffled' or a callable, not {order!r}")
+    if sorted(perm) != list(range(n)):
+        raise ValueError(f"program order {order!r} is not a permutation of range({n})")
+    return perm
+
+
+def _launch_reordered(k, grid: int, args, kwargs) -> None:
+    """Run one interpreted launch with its program ids visited in ``program_order(grid)``.
+
+    NOTE: [Program order in the interpreter] Triton 3.9's interpreter runs a launch as
+    ``for x in range(grid[0]): interpreter_builder.set_grid_idx(x, 0, 0); fn(**args)`` and
+    ``tl.program_id`` returns the index last set. We shadow ``set_grid_idx`` on that builder
+    instance for the duration of the launch and map the loop's x to ``perm[x]``: the kernels,
+    their signatures and the launch count stay exactly as in production, and the launch's
+    argument copies happen once. (The alternative, a program-id offset argument and one
+    ``grid=(1,)`` launch per program, would add an argument to every production kernel and
+    copy every argument's storage once per program.) The hook checks that the interpreter
+    did call it once per program in loop order; if a future Triton iterates the grid another
+    way, the launch raises instead of silently running in natural order.
+    """
+    from triton.runtime import interpreter as _interp  # noqa: PLC0415
+
+    builder = _interp.interpreter_builder
+    perm = program_order(grid)
+    seen: list[int] = []
+    real = type(builder).set_grid_idx
+
+    def set_grid_idx(x, y, z):
+        seen.append(x)
+        real(builder, perm[x], y, z)
+
+    saved = builder.__dict__.get("set_grid_idx")
+    builder.set_grid_idx = set_grid_idx
+    try:
+        k[(grid,)](*args, **kwargs)
+    finally:
+        if saved is None:
+            del builder.set_grid_idx
+        else:
+            builder.set_grid_idx = saved
+    if seen != list(range(grid)):
+        raise RuntimeError(
+            "PROGRAM_ORDER: Triton's interpreter did not iterate the grid through interpreter_builder.set_grid_idx "
+            f"once per program in order (saw {seen[:8]}... for {grid} programs); the order hook must be updated"
+        )
+
+
 def _launch(kernel, grid: int, *args, **constexprs) -> None:
     """Launch ``kernel`` on a 1-D grid of ``grid`` programs (every launch of the backend passes here)."""
     if grid == 0:
         return
     k = _wrap_triton(kernel) if _traceable() else kernel
+    if PROGRAM_ORDER is not None and PROGRAM_ORDER != "natural":
+        if not _interpreting():
+            raise RuntimeError("PROGRAM_ORDER (a test hook) reorders programs only in Triton's interpreter")
+        _launch_reordered(k, grid, args, dict(num_warps=NUM_WARPS, **constexprs))
+        return
     k[(grid,)](*args, num_warps=NUM_WARPS, **constexprs)
 
 
