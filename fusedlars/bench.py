@@ -11,13 +11,19 @@ Variants, for ``--optimizer lars`` (and ``tvlars``, which has the same reference
 
 * ``fusedlars[<backend>]``: :class:`fusedlars.LARS` / :class:`fusedlars.TVLARS` /
   :class:`fusedlars.LAMB` on each requested backend;
-* ``per_param_lars``: a per-parameter Python loop in plain PyTorch (same math as
-  ``bench/baselines.py``: ``r = eta*||w||/(||g|| + wd*||w|| + eps)``, SGD momentum);
-* ``foreach_lars``: the same with ``torch._foreach_*`` over the whole list;
-* ``pytorch_optimizer.LARS`` / ``pytorch_optimizer.Lamb`` when installed, as constructed by default
-  (``foreach=None``: foreach on CPU) and with ``foreach=False`` (its faster per-parameter loop);
-* the floor: ``torch.optim.SGD(momentum=0.9, fused=True)`` for LARS/TVLARS,
+* our own unfused baselines (kind ``baseline``, :mod:`fusedlars.baselines`, written for this
+  comparison): ``per_param_lars``, a per-parameter Python loop in plain PyTorch
+  (``r = eta*||w||/(||g|| + wd*||w|| + eps)``, SGD momentum), and ``foreach_lars``, the same with
+  ``torch._foreach_*`` over the whole list;
+* third-party implementations (kind ``third_party``): ``pytorch_optimizer.LARS`` /
+  ``pytorch_optimizer.Lamb`` when installed, as constructed by default (``foreach=None``: foreach on
+  CPU) and with ``foreach=False`` (its faster per-parameter loop);
+* the floor (kind ``floor``): ``torch.optim.SGD(momentum=0.9, fused=True)`` for LARS/TVLARS,
   ``torch.optim.AdamW(fused=True)`` for LAMB (one fused pass, no trust ratio).
+
+The output starts with one summary line per fusedlars variant (:func:`summary`), whose numbers are
+the table's: the speedups over the per-parameter loop and the third-party rows (the "speedup"
+column), and the cost relative to the floor (the "x <floor>" column).
 
 Achieved GB/s uses a bytes-per-parameter model at fp32 (scaled by the element size for other
 dtypes): LARS 28 B/param (pass 1 reads w, g for the norms; pass 2 reads w, g, b and writes w, b),
@@ -80,7 +86,7 @@ from .baselines import ForeachLARS, PerParamLARS  # noqa: E402
 @dataclass
 class Variant:
     name: str  # unique key in the results
-    kind: str  # "fusedlars" | "reference" | "floor" | "probe"
+    kind: str  # "fusedlars" | "baseline" (fusedlars.baselines) | "third_party" | "floor" | "probe"
     algo: str  # key of BYTES_PER_PARAM
     make: Callable[[list[torch.Tensor]], Any]  # params -> optimizer (or a step callable)
     note: str = ""
@@ -96,9 +102,15 @@ def _pytorch_optimizer_variants(po, cls_name: str, algo: str, kw: dict, out: lis
         skipped.append((name, "pytorch_optimizer is not installed"))
         return
     cls = getattr(po, cls_name)
+    try:
+        from importlib.metadata import version
+
+        ver = version("pytorch_optimizer")
+    except Exception:
+        ver = getattr(po, "__version__", "?")
     for label, fe in ((name, None), (f"{name}(loop)", False)):
-        note = f"pytorch_optimizer {getattr(po, '__version__', '?')}, foreach={fe}"
-        out.append(Variant(label, "reference", algo, lambda p, fe=fe: cls(p, foreach=fe, **kw), note))
+        note = f"pytorch_optimizer {ver}, foreach={fe}"
+        out.append(Variant(label, "third_party", algo, lambda p, fe=fe: cls(p, foreach=fe, **kw), note))
 
 
 def _carries(backend: str) -> bool:
@@ -175,8 +187,10 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
             algo = "lars_carried" if _carries(b) else "lars"
             out.append(Variant(f"fusedlars[{b}]", "fusedlars", algo, lambda p, b=b: cls(p, backend=b, **kw), cls.__name__))
         lk = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")}
-        out.append(Variant("per_param_lars", "reference", "lars", lambda p: PerParamLARS(p, **lk), "Python loop, plain PyTorch"))
-        out.append(Variant("foreach_lars", "reference", "lars", lambda p: ForeachLARS(p, **lk), "torch._foreach_*"))
+        out.append(Variant("per_param_lars", "baseline", "lars", lambda p: PerParamLARS(p, **lk),
+                           "fusedlars.baselines.PerParamLARS: Python loop, plain PyTorch"))
+        out.append(Variant("foreach_lars", "baseline", "lars", lambda p: ForeachLARS(p, **lk),
+                           "fusedlars.baselines.ForeachLARS: torch._foreach_*"))
         kw_po = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient")}
         _pytorch_optimizer_variants(po, "LARS", "lars", kw_po, out, skipped)
         out.append(
@@ -446,7 +460,10 @@ def run(
         )
     med = {r["name"]: r["median_ms"] for r in rows}
     ratios = {f["name"]: {o: med[o] / f["median_ms"] for o in med if o != f["name"]} for f in rows if f["kind"] == "fusedlars"}
-    return dict(
+    floor = next((r for r in rows if r["kind"] == "floor"), None)
+    for r in rows:  # time of a step in units of the floor's (torch's fused SGD / AdamW step)
+        r["x_floor"] = r["median_ms"] / floor["median_ms"] if floor else None
+    res = dict(
         meta=dict(
             fusedlars=__version__,
             torch=torch.__version__,
@@ -475,20 +492,80 @@ def run(
                    elems=n, gbps=p_gbps, times_ms=[t * 1e3 for t in probe.times], **p_stats),  # fmt: skip
         variants=rows,
         ratios=ratios,
+        floor=floor["name"] if floor else None,
         skipped=[dict(name=s, reason=r) for s, r in skipped],
     )
+    res["summary"] = summary(res)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
 # output
 
 
+SOURCE = {
+    "fusedlars": "fusedlars",
+    "baseline": "ours, unfused",
+    "third_party": "third party",
+    "floor": "torch (floor)",
+    "probe": "probe",
+}
+_FLOOR_STEP = {"sgd": "a fused SGD step", "adamw": "a fused AdamW step"}
+
+
+def _x(ratio: float) -> str:
+    """A ratio as every output prints it (table, summary line, plot): the same string everywhere."""
+    return f"{ratio:.2f}x"
+
+
+def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One line per fusedlars variant saying what the run shows, e.g. ``result: fusedlars[cpu] LARS
+    step 2.95x faster than our per-parameter loop (per_param_lars), ... and 1.19x the time of a fused
+    SGD step (torch.SGD(fused), no trust ratio)``. Its ratios are the table's: ``vs`` = other median /
+    fusedlars median (the "speedup" column), ``x_floor`` = fusedlars median / floor median (the
+    "x <floor>" column). Returns ``[{"fused", "vs": {name: ratio}, "floor", "x_floor", "text"}]``."""
+    rows = {r["name"]: r for r in res["variants"]}
+    algo = res["meta"]["optimizer"].upper()
+    out = []
+    for f in (r for r in res["variants"] if r["kind"] == "fusedlars"):
+        rat = res["ratios"][f["name"]]
+        vs: dict[str, float] = {}
+        parts: list[str] = []
+
+        def cmp(name: str, label: str) -> str:
+            vs[name] = rat[name]
+            return f"{_x(rat[name])} {'faster than' if rat[name] >= 1 else 'as fast as'} {label}"
+
+        if "per_param_lars" in rat:
+            parts.append(cmp("per_param_lars", "our per-parameter loop (per_param_lars)"))
+        third = [n for n in rat if rows[n]["kind"] == "third_party"]
+        for n in third:
+            if n.endswith("(loop)") and n[: -len("(loop)")] in third:
+                continue  # attached to its default-constructed sibling below
+            part = cmp(n, n)
+            if f"{n}(loop)" in third:
+                part += f" ({cmp(f'{n}(loop)', 'its foreach=False loop')})"
+            parts.append(part)
+        fl = res.get("floor")
+        x_floor = f["x_floor"] if fl else None
+        text = f"result: {f['name']} {algo} step " + (", ".join(parts) if parts else "")
+        if fl:
+            step = _FLOOR_STEP.get(rows[fl]["algo"], fl)
+            text += (" and " if parts else "") + f"{_x(x_floor)} the time of {step} ({fl}, no trust ratio)"
+        elif not parts:
+            text = text.rstrip() + f": {f['median_ms']:.3f} ms (no other variant ran to compare with)"
+        out.append(dict(fused=f["name"], vs=vs, floor=fl, x_floor=x_floor, text=text))
+    return out
+
+
 def format_table(res: dict[str, Any]) -> str:
     m, p = res["meta"], res["probe"]
     fused = [r for r in res["variants"] if r["kind"] == "fusedlars"]
+    floor = res.get("floor")
     lines = [
         f"fusedlars bench: {m['optimizer'].upper()} on {m['shapes']} ({m['n_tensors']} tensors, "
         f"{m['n_params']:,} params), {m['dtype']}, device {m['device']}",
+        *[s["text"] for s in res.get("summary", ())],
         f"machine: {m['machine']}, {m['threads']} threads | {m['date']} | torch {m['torch']} | fusedlars {m['fusedlars']}",
         f"{m['steps']} timed steps per variant (+{m['warmup']} warmup), interleaved round-robin"
         + (f" (time limit: {m['steps']} of {m['steps_requested']})" if m["stopped_early"] else "")
@@ -496,58 +573,115 @@ def format_table(res: dict[str, Any]) -> str:
         f"bandwidth probe a.add_(b, alpha=s): {p['median_ms']:.3f} ms = {p['gbps']:.1f} GB/s",
         "",
     ]
-    head = ["variant", "ms/step", "IQR", "min-max", "GB/s", "% probe"] + [f"{f['name']} speedup" for f in fused]
+    head = ["variant", "source", "ms/step", "IQR", "min-max", "GB/s", "% probe"]
+    head += [f"x {floor}"] if floor else []
+    head += [f"{f['name']} speedup" for f in fused]
     body = []
     for r in res["variants"]:
         row = [
             r["name"],
+            SOURCE.get(r["kind"], r["kind"]),
             f"{r['median_ms']:.3f}",
             f"{r['iqr_ms']:.3f}",
             f"{r['min_ms']:.2f}-{r['max_ms']:.2f}",
             f"{r['gbps']:.1f}",
             f"{100 * r['frac_probe']:.0f}%",
         ]
+        if floor:
+            row.append(_x(r["x_floor"]))
         for f in fused:
-            row.append("1.00x" if r["name"] == f["name"] else f"{res['ratios'][f['name']][r['name']]:.2f}x")
+            row.append(_x(1.0) if r["name"] == f["name"] else _x(res["ratios"][f["name"]][r["name"]]))
         body.append(row)
-    body.append(["triad probe (12 B/elem)", f"{p['median_ms']:.3f}", f"{p['iqr_ms']:.3f}",
-                 f"{p['min_ms']:.2f}-{p['max_ms']:.2f}", f"{p['gbps']:.1f}", "100%"] + [""] * len(fused))  # fmt: skip
+    body.append(["triad probe (12 B/elem)", SOURCE["probe"], f"{p['median_ms']:.3f}", f"{p['iqr_ms']:.3f}",
+                 f"{p['min_ms']:.2f}-{p['max_ms']:.2f}", f"{p['gbps']:.1f}", "100%"]
+                + [""] * (len(head) - 7))  # fmt: skip
     w = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    fmt = lambda row: "  ".join(c.ljust(w[0]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
+    fmt = lambda row: "  ".join(c.ljust(w[i]) if i < 2 else c.rjust(w[i]) for i, c in enumerate(row))  # noqa: E731
     lines += [fmt(head), "  ".join("-" * x for x in w)] + [fmt(r) for r in body]
     lines.append("")
     lines.append(
         "ms/step: median; IQR: q3-q1. GB/s from bytes/param (fp32: LARS 28, fusedlars[cpu] LARS 24, SGD 20, AdamW 28, LAMB 40). "
-        "speedup = variant median / fusedlars median (>1: fusedlars is faster)."
+        "speedup = variant median / fusedlars median (>1: fusedlars is faster)"
+        + (f"; x {floor} = variant median / {floor} median." if floor else ".")
     )
+    lines.append(
+        "% probe: the row's GB/s as a share of the bandwidth probe's (an in-place a.add_(b, alpha=s) over as many "
+        "elements, timed in the same rounds): 100% = the step streams its bytes as fast as this machine does right now."
+    )
+    kinds = {r["kind"] for r in res["variants"]}
+    src = []
+    if "fusedlars" in kinds:
+        src.append("fusedlars = this package's fused step")
+    if "baseline" in kinds:
+        src.append("ours, unfused = fusedlars.baselines (the same LARS math in plain PyTorch, written for this comparison)")
+    if "third_party" in kinds:
+        vers = sorted({r["note"].split(",")[0] for r in res["variants"] if r["kind"] == "third_party"})
+        src.append(f"third party = {', '.join(vers)} as published ((loop): foreach=False)")
+    if "floor" in kinds:
+        src.append("torch (floor) = torch.optim's fused step, no trust ratio")
+    lines.append("source: " + "; ".join(src) + ".")
     for s in res["skipped"]:
         lines.append(f"skipped {s['name']}: {s['reason']}")
     return "\n".join(lines)
 
 
-def plot(res: dict[str, Any], path: str) -> None:
-    import matplotlib
+PLOT_COLORS = {"fusedlars": "tab:green", "baseline": "tab:blue", "third_party": "tab:purple", "floor": "tab:gray",
+               "probe": "tab:orange"}  # fmt: skip
+PLOT_LABELS = {
+    "fusedlars": "fusedlars (fused)",
+    "baseline": "ours, unfused (fusedlars.baselines)",
+    "third_party": "third party",
+    "floor": "torch fused step (floor, no trust ratio)",
+    "probe": "bandwidth probe (a.add_(b, alpha=s))",
+}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def figure(res: dict[str, Any]):
+    """The ``--plot`` figure: horizontal bars of ms/step (median, IQR whiskers) coloured by source,
+    with a legend of the sources and the summary line under the title (matplotlib, Agg)."""
+    import textwrap
+
+    from matplotlib.patches import Patch
+
+    from .plot import pyplot
+
+    plt = pyplot()
     rows = res["variants"] + [dict(name="triad probe", kind="probe", **{k: res["probe"][k] for k in ("median_ms", "q1_ms", "q3_ms")})]
-    colors = {"fusedlars": "tab:green", "reference": "tab:blue", "floor": "tab:gray", "probe": "tab:orange"}
-    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
-    y = list(range(len(rows)))[::-1]
-    med = [r["median_ms"] for r in rows]
-    err = [[r["median_ms"] - r["q1_ms"] for r in rows], [r["q3_ms"] - r["median_ms"] for r in rows]]
-    ax.barh(y, med, xerr=err, color=[colors.get(r["kind"], "tab:purple") for r in rows], capsize=3)
-    ax.set_yticks(y, [r["name"] for r in rows])
-    for yi, r in zip(y, rows):
-        ax.text(r["q3_ms"], yi, f"  {r['median_ms']:.2f}", va="center", fontsize=8)
-    ax.set_xlim(0, 1.15 * max(r["q3_ms"] for r in rows))
-    m = res["meta"]
-    ax.set_xlabel("ms / step (median, IQR bars)")
-    ax.set_title(f"{m['optimizer'].upper()} {m['shapes']} {m['dtype']} | {m['machine']}, {m['threads']} thr, {m['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 3.2))
+    try:
+        y = list(range(len(rows)))[::-1]
+        med = [r["median_ms"] for r in rows]
+        err = [[r["median_ms"] - r["q1_ms"] for r in rows], [r["q3_ms"] - r["median_ms"] for r in rows]]
+        ax.barh(y, med, xerr=err, color=[PLOT_COLORS.get(r["kind"], "tab:brown") for r in rows], capsize=3)
+        ax.set_yticks(y, [r["name"] for r in rows])
+        for yi, r in zip(y, rows):
+            ax.text(r["q3_ms"], yi, f"  {r['median_ms']:.2f}", va="center", fontsize=8)
+        ax.set_xlim(0, 1.18 * max(r["q3_ms"] for r in rows))
+        m = res["meta"]
+        ax.set_xlabel("ms / step (median; whiskers: q1-q3)")
+        title = f"{m['optimizer'].upper()} {m['shapes']} {m['dtype']} | {m['machine']}, {m['threads']} thr, {m['device']}"
+        sub = "\n".join(textwrap.fill(s["text"], 110) for s in res.get("summary", ()))
+        ax.set_title(title + ("\n" + sub if sub else ""), fontsize=8, loc="left")
+        kinds = [k for k in PLOT_COLORS if any(r["kind"] == k for r in rows)]
+        ax.legend(handles=[Patch(color=PLOT_COLORS[k], label=PLOT_LABELS[k]) for k in kinds], loc="upper center",
+                  bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, title="source", title_fontsize=8)  # fmt: skip
+        fig.tight_layout()
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def plot(res: dict[str, Any], path: str) -> str:
+    """Write :func:`figure` to ``path`` (PNG); returns the absolute path written."""
+    fig = figure(res)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return os.path.abspath(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,8 +731,13 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+        print(f"json: wrote {os.path.abspath(args.json)}")
     if args.plot:
-        plot(res, args.plot)
+        try:
+            print(f"plot: wrote {plot(res, args.plot)}")
+        except (ImportError, OSError) as e:
+            print(f"fusedlars bench: --plot: error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

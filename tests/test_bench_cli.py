@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,100 @@ def test_bench_cli_tiny(tmp_path):
         want = bench.BYTES_PER_PARAM[r["algo"]] * meta["n_params"] / (r["median_ms"] * 1e-3) / 1e9
         assert r["gbps"] == pytest.approx(want, rel=1e-9)
     assert out_png.exists() and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --plot / --json say where they wrote
+    assert f"plot: wrote {out_png}" in proc.stdout.splitlines() and f"json: wrote {out_json}" in proc.stdout.splitlines()
+    _check_output_against_json(proc.stdout, res)
+
+
+def _table(stdout: str) -> dict[str, dict[str, str]]:
+    """The printed table as {variant: {column header: cell}} (columns are separated by 2+ spaces)."""
+    lines = stdout.splitlines()
+    i = next(k for k, ln in enumerate(lines) if ln.startswith("variant "))
+    head = re.split(r"\s{2,}", lines[i].strip())
+    assert set(lines[i + 1].replace(" ", "")) == {"-"}
+    out = {}
+    for ln in lines[i + 2 :]:
+        if not ln.strip():
+            break
+        cells = re.split(r"\s{2,}", ln.strip())
+        out[cells[0]] = dict(zip(head, cells))
+    return out
+
+
+def _check_output_against_json(stdout: str, res: dict) -> None:
+    """The summary line, the % probe and source columns and their explanations, all against the
+    JSON numbers of the same run."""
+    rows = {r["name"]: r for r in res["variants"]}
+    table = _table(stdout)
+    fused = [n for n, r in rows.items() if r["kind"] == "fusedlars"]
+    floor = res["floor"]
+    assert floor == "torch.SGD(fused)" and rows[floor]["kind"] == "floor"
+
+    # one summary line per fusedlars variant, right under the title, = the JSON's text
+    lines = stdout.splitlines()
+    assert [ln for ln in lines if ln.startswith("result: ")] == [s["text"] for s in res["summary"]] == lines[1 : 1 + len(fused)]
+    for s in res["summary"]:
+        f, text = s["fused"], s["text"]
+        assert f in fused and text.startswith(f"result: {f} LARS step ")
+        # every ratio it names is the JSON ratio, and printed exactly as the table's speedup column prints it
+        want = {"per_param_lars"} | {n for n in rows if rows[n]["kind"] == "third_party"}
+        assert set(s["vs"]) == want
+        for n, ratio in s["vs"].items():
+            assert ratio == res["ratios"][f][n] == pytest.approx(rows[n]["median_ms"] / rows[f]["median_ms"], rel=1e-12)
+            cell = table[n][f"{f} speedup"]
+            assert cell == f"{ratio:.2f}x"
+            word = "faster than" if ratio >= 1 else "as fast as"
+            label = {"per_param_lars": "our per-parameter loop (per_param_lars)",
+                     "pytorch_optimizer.LARS(loop)": "its foreach=False loop"}.get(n, n)  # fmt: skip
+            assert f"{cell} {word} {label}" in text, (cell, text)
+        # the cost against the floor: fused median / floor median, = the table's "x <floor>" cell of the fused row
+        assert s["floor"] == floor
+        assert s["x_floor"] == pytest.approx(rows[f]["median_ms"] / rows[floor]["median_ms"], rel=1e-12)
+        cell = table[f][f"x {floor}"]
+        assert cell == f"{s['x_floor']:.2f}x" and text.endswith(f"{cell} the time of a fused SGD step ({floor}, no trust ratio)")
+        # and it names no other number
+        assert re.findall(r"\d+\.\d+x", text) == [f"{v:.2f}x" for v in s["vs"].values()] + [cell]
+
+    # % probe: explained in one line; each cell = the row's GB/s / the probe's GB/s
+    expl = [ln for ln in lines if ln.startswith("% probe: ")]
+    assert len(expl) == 1 and "bandwidth probe" in expl[0] and "a.add_(b, alpha=s)" in expl[0]
+    for n, r in rows.items():
+        assert r["frac_probe"] == pytest.approx(r["gbps"] / res["probe"]["gbps"], rel=1e-12)
+        assert table[n]["% probe"] == f"{100 * r['frac_probe']:.0f}%"
+        assert table[n][f"x {floor}"] == f"{r['x_floor']:.2f}x"
+    assert table["triad probe (12 B/elem)"]["% probe"] == "100%"
+
+    # which rows are ours and which are third-party: source column, JSON kind, one explaining line
+    source = {"per_param_lars": ("baseline", "ours, unfused"), "foreach_lars": ("baseline", "ours, unfused"),
+              floor: ("floor", "torch (floor)")}  # fmt: skip
+    source |= {f: ("fusedlars", "fusedlars") for f in fused}
+    source |= {n: ("third_party", "third party") for n in rows if n.startswith("pytorch_optimizer.")}
+    assert set(source) == set(rows)
+    for n, (kind, label) in source.items():
+        assert rows[n]["kind"] == kind and table[n]["source"] == label, (n, rows[n]["kind"], table[n])
+    src = [ln for ln in lines if ln.startswith("source: ")]
+    assert len(src) == 1 and "ours, unfused = fusedlars.baselines" in src[0]
+    if any(r["kind"] == "third_party" for r in rows.values()):
+        import importlib.metadata
+
+        assert f"third party = pytorch_optimizer {importlib.metadata.version('pytorch_optimizer')}" in src[0]
+
+
+def test_bench_plot_has_a_legend_of_the_sources():
+    res = bench.run(shapes="tiny", optimizer="lars", steps=2, warmup=0, progress=False)
+    fig = bench.figure(res)
+    try:
+        leg = fig.axes[0].get_legend()
+        assert leg is not None
+        labels = [t.get_text() for t in leg.get_texts()]
+        kinds = [k for k in bench.PLOT_COLORS if k == "probe" or any(r["kind"] == k for r in res["variants"])]
+        assert labels == [bench.PLOT_LABELS[k] for k in kinds]
+        assert "ours, unfused (fusedlars.baselines)" in labels and "fusedlars (fused)" in labels
+        assert res["summary"][0]["text"] in fig.axes[0].get_title(loc="left").replace("\n", " ")
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def test_bench_run_lamb_all_backends_in_process():
@@ -67,7 +162,17 @@ def test_bench_run_lamb_all_backends_in_process():
         if kernels.status(b)[0] and b not in ("triton", "cuda"):
             assert f"fusedlars[{b}]" in names
     assert {r["algo"] for r in res["variants"]} == {"lamb", "adamw"}
-    assert "LAMB on tiny" in bench.format_table(res)
+    table = bench.format_table(res)
+    assert "LAMB on tiny" in table
+    # one summary line per fusedlars backend, against the fused AdamW floor (the table's "x" column)
+    fused = [r for r in res["variants"] if r["kind"] == "fusedlars"]
+    assert [s["fused"] for s in res["summary"]] == [r["name"] for r in fused]
+    for s, r in zip(res["summary"], fused):
+        assert s["text"] in table.splitlines()
+        assert s["text"].startswith(f"result: {r['name']} LAMB step ") and "per_param_lars" not in s["text"]
+        assert s["x_floor"] == pytest.approx(r["median_ms"] / next(
+            x["median_ms"] for x in res["variants"] if x["name"] == "torch.AdamW(fused)"), rel=1e-12)  # fmt: skip
+        assert f"{s['x_floor']:.2f}x the time of a fused AdamW step (torch.AdamW(fused), no trust ratio)" in s["text"]
 
 
 def test_bench_rejects_unknown_names():
