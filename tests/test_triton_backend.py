@@ -5,6 +5,11 @@ sets TRITON_INTERPRET=1 before fusedlars is imported). The interpreter costs ~1 
 program, so the tiles here are small (TILE=1024, inner BLOCK=512, RBLOCK=4: the 4097-element
 layer spans 5 tiles, 2 reduction chunks and 2 inner iterations) and the tensors few.
 
+Launches per step (counted at ``_launch``) and the partials the segment reduction loads
+(counted in the interpreter) must equal ``launch_plan``, which also shows the reduction is
+linear for a 1e9-element layer without allocating it. Reversed and shuffled program orders:
+tests/test_triton_order.py.
+
 Tolerances: fp32 rtol 2e-5 (fp32 arithmetic vs float64); fp16 / bf16 params one ulp of
 their dtype after one step (the reference rounds float64 to nearest, the kernel rounds
 fp32, and the interpreter truncates bf16 stores instead of rounding them); master
@@ -320,6 +325,7 @@ def test_launches_per_step(monkeypatch, kind, opts, budget):
         return real(kernel, grid, *a, **k)
 
     monkeypatch.setattr(tb, "_launch", counting)
+    plan = tb.launch_plan([math.prod(s) for s, _ in specs], kind, max_grad_norm="preset" in opts)
     for step in range(2):
         calls.clear()
         set_grads(named, specs, step)
@@ -327,6 +333,64 @@ def test_launches_per_step(monkeypatch, kind, opts, budget):
         assert 1 < len(calls) <= budget, calls
         if kind == "LARS":
             assert len(calls) == 2
+        assert calls == plan["launches"]
+
+
+# ------------------------------------------------------------------------------------------
+# the segment reduction reads every partial once: O(tiles) at any layer size
+# ------------------------------------------------------------------------------------------
+def count_partial_reads(opt):
+    """One step of ``opt`` in the interpreter; returns the fp32 values it loaded from the partials buffer."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    b = opt.buckets()[0]
+    part = tb._scratch(b).part
+    lo, hi = part.data_ptr(), part.data_ptr() + part.numel() * part.element_size()
+    builder = interp.interpreter_builder
+    real = type(builder).create_masked_load
+    n = [0]
+
+    def counting(ptrs, mask, other, cache_policy, is_volatile):
+        addr = ptrs.data.astype(np.uint64)
+        n[0] += int(((addr >= lo) & (addr < hi) & np.broadcast_to(mask.data, addr.shape)).sum())
+        return real(builder, ptrs, mask, other, cache_policy, is_volatile)
+
+    builder.create_masked_load = counting  # shadows the method on this instance for one step
+    try:
+        opt.step()
+    finally:
+        del builder.create_masked_load
+    return n[0]
+
+
+@pytest.mark.parametrize("kind,opts", [("LARS", dict(weight_decay=1e-3)),
+                                       ("LAMB", dict(weight_decay=1e-2, lr=1e-2, max_grad_norm=1.0))])
+def test_partial_reads_counted_in_the_interpreter_match_the_plan(monkeypatch, kind, opts):
+    # TILE=256 and RBLOCK=4: segments of 0, 1, 2, 16, 17 and 24 tiles (24 tiles: 6 reduction chunks)
+    monkeypatch.setattr(tb, "TILE", 256)
+    monkeypatch.setattr(tb, "BLOCK", 256)
+    numels = [4097, 3, 0, 6000, 512, 300, 4096]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in numels]
+    opt = (fusedlars.LARS if kind == "LARS" else fusedlars.LAMB)(params, backend="triton", **{"lr": 0.1, **opts})
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds the bucket
+    plan = tb.launch_plan(numels, kind, max_grad_norm="max_grad_norm" in opts)
+    assert plan["num_tiles"] == 17 + 1 + 0 + 24 + 2 + 2 + 16
+    # every tile's 3 partials are loaded exactly once per step (the re-reducing design loaded 3 * sum(tiles^2))
+    assert count_partial_reads(opt) == 3 * plan["partial_reads"] == 3 * plan["num_tiles"]
+
+
+@pytest.mark.parametrize("numels", [[1_000_000_000], [40_000_000], [500_000_000, 1024, 3, 0, 2_400_000] * 3])
+def test_reduction_is_linear_at_any_layer_size(numels):
+    # the default geometry (TILE=4096); the plan is computed, nothing is allocated
+    for kind in ("LARS", "LAMB"):
+        plan = tb.launch_plan(numels, kind, max_grad_norm=kind == "LAMB", tile=4096, rblock=1024)
+        assert plan["partial_reads"] <= 1.1 * plan["num_tiles"], plan
+        assert len(plan["launches"]) == (2 if kind == "LARS" else 3)
+    big = tb.launch_plan([1_000_000_000], tile=4096, rblock=1024)
+    assert big["num_tiles"] == 244_141 and big["max_reduction_iters"] == 239
 
 
 def test_torch_compile_traces_the_step():

@@ -5,18 +5,30 @@ Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), in 
 
 Per bucket and step, whatever the number of layers:
 
-* LARS: launch 1 ``lars_partials_kernel`` (per tile: sum w^2, g^2, (g+lam*w)^2),
-  launch 2 ``lars_update_kernel`` (per tile: re-reduce the segment's partials in a
-  fixed order, trust ratio, momentum, store). 2 launches.
-* LAMB: launch 1 ``lamb_moments_kernel`` (new m, v stored; per tile sum g^2, w_d^2, u^2),
-  launch 2 ``lamb_update_kernel`` (re-reduce, ratio, u recomputed from m, v, store).
-  2 launches, plus one ``grad_sumsq_kernel`` launch when ``max_grad_norm`` is set.
+* LARS: launch 1 ``lars_partials_kernel`` (per tile: sum w^2, g^2, (g+lam*w)^2; the last
+  tile program of a segment to finish reduces the segment's partials in a fixed order),
+  launch 2 ``lars_update_kernel`` (per tile: the segment's three sums, trust ratio,
+  momentum, store). 2 launches.
+* LAMB: launch 1 ``lamb_moments_kernel`` (new m, v stored; per tile sum w_d^2, g^2, u^2;
+  per segment reduced as for LARS), launch 2 ``lamb_update_kernel`` (ratio, u recomputed
+  from m, v, store). 2 launches, plus one ``grad_sumsq_kernel`` launch before them when
+  ``max_grad_norm`` is set (its fp64 per-tile partials summed by one ``torch.sum``).
 
 Bytes per parameter, fp32 params with momentum: LARS 8 (launch 1 reads w, g) + 20 (launch 2
 reads w, g, b and writes b, w) = 28; LAMB 24 (reads w, g, m, v, writes m, v) + 16 (reads w, m, v,
-writes w) = 40, plus 4 for ``grad_sumsq`` when ``max_grad_norm`` is set. Launch 2 also re-reads
-the segment's partials: 12 B x tiles-in-segment per tile (L2-resident; 3% of the tile's own
-traffic at TILE=4096 for a 2.4M-element layer).
+writes w) = 40, plus 4 for ``grad_sumsq`` when ``max_grad_norm`` is set. Per tile on top of that:
+launch 1 writes 3 fp32 partials and does one int32 atomic on its segment's arrival counter, the
+segment's reduction reads each partial once, launch 2 reads the segment's 3 sums: about 40 B per
+tile of TILE=4096 elements (0.01 B/param).
+
+Reduction cost: linear, every tile's partials are read exactly once per step at any layer size
+(``launch_plan`` computes the reads; tests check it against loads counted in the interpreter and
+require at most 1.1x the number of tiles for a 1e9-element layer). The previous design re-reduced
+a segment's partials in every tile program of launch 2, tiles^2 reads per segment (2x the step's
+own traffic at 40M elements). A segment's reduction runs in one program, at the end of launch 1:
+``cdiv(tiles, RBLOCK)`` iterations of three RBLOCK-wide loads (10 for a 40M-element layer, 239 for
+1e9 elements, where launch 1 itself streams 8 GB). It is order-independent: which program reduces
+depends on scheduling, the order of the sum does not (NOTE [Last-arriving program] in the kernels).
 
 Per-step values never cause a host sync: ``lr`` is a 1-element tensor (a Python float lr
 is written into a cached device tensor with ``fill_`` only when it changes), GradScaler's
@@ -50,11 +62,11 @@ except Exception as e:  # triton missing or broken: reported by available()
     _IMPORT_ERROR = e
 
 #: Tile geometry. TILE elements per tile (and per program), BLOCK the vector width of the
-#: inner loop, RBLOCK the chunk of partials reduced at once, SBLOCK segments per
-#: segment-program. Tests may lower TILE / RBLOCK to exercise multi-tile segments.
+#: inner loop, RBLOCK the chunk of partials a segment's reduction loads at once, SBLOCK
+#: segments per segment-program. Tests may lower TILE / RBLOCK to exercise multi-tile segments.
 TILE = 4096
 BLOCK = 1024
-RBLOCK = 256
+RBLOCK = 1024
 SBLOCK = 256
 NUM_WARPS = 4
 
@@ -111,6 +123,8 @@ class _Scratch:
         T, S = self.tiles.num_tiles, bucket.num_segments
         self.part = torch.zeros(3 * max(T, 1), dtype=torch.float32, device=dev)
         self.snap = torch.zeros(2 * max(S, 1), dtype=torch.float32, device=dev)
+        self.ssq = torch.zeros(3 * max(S, 1), dtype=torch.float32, device=dev)  # per-segment sums, launch 1 -> 2
+        self.count = torch.zeros(max(S, 1), dtype=torch.int32, device=dev)  # arrivals per segment, 0 between steps
         self.gpart = torch.zeros(max(T, 1), dtype=torch.float64, device=dev)
         self.one = torch.ones(1, dtype=torch.float32, device=dev)
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
@@ -132,8 +146,8 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
     sc = _scratch(bucket)
     t = sc.tiles
-    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.one, sc.zero,
-            sc.no_master, sc.no_mom]  # fmt: skip
+    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart,
+            sc.one, sc.zero, sc.no_master, sc.no_mom]  # fmt: skip
 
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
@@ -271,13 +285,14 @@ T_ = torch.Tensor
 
 @_register(
     "triton_lars_step",
-    ("param", "master", "mom", "step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio", "part", "snap"),
+    ("param", "master", "mom", "step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio", "part", "snap",
+     "ssq", "count"),
 )
 def _lars_op(
     param: T_, master: T_, grad: T_, mom: T_,
     wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
     step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
-    lr: T_, inv_scale: T_, found_inf: T_, part: T_, snap: T_,
+    lr: T_, inv_scale: T_, found_inf: T_, part: T_, snap: T_, ssq: T_, count: T_,
     tile_seg: T_, tile_start: T_, tile_len: T_, seg_tile_ptr: T_,
     num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
     has_master: bool, mom_mode: int, tile: int, block: int, rblock: int, sblock: int,
@@ -289,33 +304,33 @@ def _lars_op(
     grid = num_tiles + triton.cdiv(num_segs, sblock)
     _launch(
         K.lars_partials_kernel, grid,
-        param, master, grad, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap,
-        tile_seg, tile_start, tile_len, num_tiles, num_segs, weight_decay, sign,
-        HAS_MASTER=has_master, TILE=tile, BLOCK=block, SBLOCK=sblock,
+        param, master, grad, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap, ssq, count,
+        tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs, weight_decay, sign,
+        HAS_MASTER=has_master, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
     )
     _launch(
         K.lars_update_kernel, grid,
         param, master, grad, mom, wd_mask, adapt_mask, active, seg_numel,
         step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-        lr, inv_scale, found_inf, part, snap,
+        lr, inv_scale, found_inf, ssq, snap,
         tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
         weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
         tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
         den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
-        HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+        HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
     )
 
 
 @_register(
     "triton_lamb_step",
     ("param", "master", "exp_avg", "exp_avg_sq", "step", "has_state", "w_norm", "g_norm", "u_norm",
-     "trust_ratio", "part", "snap"),
+     "trust_ratio", "part", "snap", "ssq", "count"),
 )
 def _lamb_op(
     param: T_, master: T_, grad: T_, exp_avg: T_, exp_avg_sq: T_,
     wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
     step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
-    lr: T_, inv_scale: T_, found_inf: T_, clip_coef: T_, part: T_, snap: T_,
+    lr: T_, inv_scale: T_, found_inf: T_, clip_coef: T_, part: T_, snap: T_, ssq: T_, count: T_,
     tile_seg: T_, tile_start: T_, tile_len: T_, seg_tile_ptr: T_,
     num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
     has_master: bool, bc_mode: int, tile: int, block: int, rblock: int, sblock: int,
@@ -327,20 +342,20 @@ def _lamb_op(
     _launch(
         K.lamb_moments_kernel, grid,
         param, master, grad, exp_avg, exp_avg_sq, wd_mask, active, step, has_state,
-        lr, inv_scale, found_inf, clip_coef, part, snap,
-        tile_seg, tile_start, tile_len, num_tiles, num_segs,
+        lr, inv_scale, found_inf, clip_coef, part, snap, ssq, count,
+        tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
         weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode,
-        HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+        HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
     )
     _launch(
         K.lamb_update_kernel, grid,
         param, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, seg_numel,
         step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-        lr, found_inf, part, snap,
+        lr, found_inf, ssq, snap,
         tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
         weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
         wd_mode, clip_mode, adapt_enabled,
-        HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+        HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
     )
 
 
@@ -393,7 +408,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
         bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
         _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), sc.part, sc.snap,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr,
+        sc.ssq, sc.count, tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr,
         tt.num_tiles, bucket.num_segments, fvals, ivals,
         master is not None, mom_mode, TILE, BLOCK, RBLOCK, SBLOCK,
     )
@@ -422,7 +437,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
         bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
         _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), _t(clip, sc.one),
-        sc.part, sc.snap,
+        sc.part, sc.snap, sc.ssq, sc.count,
         tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr,
         tt.num_tiles, bucket.num_segments, fvals, ivals,
         master is not None, bc, TILE, BLOCK, RBLOCK, SBLOCK,
@@ -441,6 +456,37 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
         tt.tile_seg, tt.tile_start, tt.tile_len, tt.num_tiles, TILE, BLOCK,
     )
     return sc.gpart[: tt.num_tiles].sum()
+
+
+def launch_plan(seg_numels, kind: str = "LARS", max_grad_norm: bool = False, *, tile: int | None = None,
+                sblock: int | None = None, rblock: int | None = None) -> dict:
+    """What one step over a bucket whose segments have ``seg_numels`` elements launches and reads,
+    from the tile geometry alone (nothing is allocated: a 1e9-element layer is fine).
+
+    Returns ``launches`` (kernel name, grid) in launch order, ``num_tiles``, ``partial_reads``
+    (tile partial records read per step; each record is the tile's 3 fp32 sums, read once, by the
+    program that reduces its segment), ``max_reduction_iters`` (the longest serial reduction:
+    ``cdiv(tiles, RBLOCK)`` iterations for the largest segment). Assumes every segment is active.
+    """
+    tile = TILE if tile is None else tile
+    sblock = SBLOCK if sblock is None else sblock
+    rblock = RBLOCK if rblock is None else rblock
+    tiles = [-(-int(n) // tile) for n in seg_numels]
+    num_tiles = sum(tiles)
+    grid = num_tiles + -(-len(tiles) // sblock)
+    if kind == "LAMB":
+        launches = [("lamb_moments_kernel", grid), ("lamb_update_kernel", grid)]
+        if max_grad_norm and num_tiles:
+            launches.insert(0, ("grad_sumsq_kernel", num_tiles))
+    elif kind == "LARS":
+        launches = [("lars_partials_kernel", grid), ("lars_update_kernel", grid)]
+    else:
+        raise ValueError(f"kind must be 'LARS' or 'LAMB', not {kind!r}")
+    # launch 1: the last tile program of segment s to arrive reads [seg_tile_ptr[s], seg_tile_ptr[s+1]) once;
+    # launch 2 reads the segment's reduced sums, no partials
+    partial_reads = sum(tiles)
+    return dict(launches=launches, num_tiles=num_tiles, partial_reads=partial_reads,
+                max_reduction_iters=max((-(-t // rblock) for t in tiles), default=0))
 
 
 # ------------------------------------------------------------------------------------------
@@ -462,7 +508,7 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name in ("param_ptr", "grad_ptr"):
             sig[name] = "*" + _TRITON_DT[dtype]
-        elif name in ("tile_seg_ptr", "tile_len_ptr"):
+        elif name in ("tile_seg_ptr", "tile_len_ptr", "count_ptr"):
             sig[name] = "*i32"
         elif name in ("tile_start_ptr", "seg_tile_ptr", "seg_numel_ptr"):
             sig[name] = "*i64"
@@ -488,7 +534,8 @@ def aot_specializations(covering: bool = False) -> list[dict]:
     if K is None:
         return []
     geo = dict(TILE=TILE, BLOCK=BLOCK)
-    red = dict(geo, RBLOCK=RBLOCK, SBLOCK=SBLOCK)
+    red = dict(geo, RBLOCK=RBLOCK, SBLOCK=SBLOCK)  # launch 1 (reduces a segment's partials)
+    upd = dict(geo, SBLOCK=SBLOCK)  # launch 2
     layouts = [(dt, False) for dt in _TRITON_DT] + [(torch.float16, True), (torch.bfloat16, True)]
     out = []
 
@@ -499,16 +546,16 @@ def aot_specializations(covering: bool = False) -> list[dict]:
     if covering:  # fp32 with every MOM / BC value, fp16 without and bf16 with master weights
         layouts = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
     for dt, master in layouts:
-        add(K.lars_partials_kernel, dt, HAS_MASTER=master, **geo, SBLOCK=SBLOCK)
+        add(K.lars_partials_kernel, dt, HAS_MASTER=master, **red)
         for mom in (0, 1, 2):
             if covering and dt != torch.float32 and mom != (1 if not master else 2):
                 continue
-            add(K.lars_update_kernel, dt, HAS_MASTER=master, MOM=mom, **red)
+            add(K.lars_update_kernel, dt, HAS_MASTER=master, MOM=mom, **upd)
         for bc in (0, 1, 2):
             if covering and dt != torch.float32 and bc != (0 if not master else 2):
                 continue
-            add(K.lamb_moments_kernel, dt, HAS_MASTER=master, BC=bc, **geo, SBLOCK=SBLOCK)
-            add(K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **red)
+            add(K.lamb_moments_kernel, dt, HAS_MASTER=master, BC=bc, **red)
+            add(K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **upd)
     for dt in _TRITON_DT:
         add(K.grad_sumsq_kernel, dt, **geo)
     return out
@@ -530,13 +577,23 @@ def aot_compile(spec: dict, arch: int) -> dict:
     res = dict(kernel=spec["name"], dtype=str(spec["dtype"]).replace("torch.", ""), arch=arch,
                constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MOM", "BC")},
                triton_shared=int(ck.metadata.shared), ptx_chars=len(ck.asm["ptx"]), cubin_bytes=len(ck.asm["cubin"]))
+    import re  # noqa: PLC0415
+
+    # the synchronization the kernel was compiled with (NOTE [Last-arriving program] in the kernels):
+    # its atomic instructions, whether a CTA barrier sits between its last global store and each
+    # atomic, and its L1-bypassing loads
+    ptx = ck.asm["ptx"]
+    res["atomics"] = sorted(set(re.findall(r"\b(?:atom|red)\.[\w.:]+", ptx)))
+    res["barrier_before_atomics"] = all(
+        "bar.sync" in ptx[ptx.rfind("st.global", 0, m.start()):m.start()]
+        for m in re.finditer(r"\batom\.", ptx)
+    )
+    res["cg_loads"] = len(re.findall(r"\bld\.global\.cg\b", ptx))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(ck.asm["cubin"])
         f.flush()
         r = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True)
-    import re  # noqa: PLC0415
-
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", r.stdout)
     if not m:
         raise RuntimeError(f"cannot read resource usage of {spec['name']} sm_{arch}: {r.stdout} {r.stderr}")

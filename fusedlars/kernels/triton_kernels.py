@@ -4,10 +4,17 @@ Layout contract (see :mod:`fusedlars.buckets`): every flat buffer of a bucket sh
 the same element offsets; a *tile* is ``TILE`` consecutive elements of one segment,
 described by the integer tables ``tile_seg`` (int32), ``tile_start`` (int64),
 ``tile_len`` (int32) and ``seg_tile_ptr`` (int64 [S+1]). No pointer tables, no
-float atomics: launch 1 writes one partial sum of squares per tile and quantity,
-launch 2 re-reduces a segment's partials in a fixed order (chunks of ``RBLOCK``
-partials added element-wise in tile order, then one ``tl.sum``), so every program
-of a segment computes the same bits and the result does not depend on scheduling.
+float atomics.
+
+Reduction (linear in the number of tiles): every tile program of launch 1 writes one
+partial sum of squares per quantity into ``part`` (fp32 [3, num_tiles]), then counts
+itself into its segment's int32 arrival counter ``count[s]``; the program that arrives
+last reduces the segment's partials in a fixed order (chunks of ``RBLOCK`` partials
+added element-wise in tile order, then one ``tl.sum``) into ``ssq`` (fp32 [3, S]) and
+resets ``count[s]`` to 0. Launch 2 reads the three sums of its segment. Each partial
+is read once per step; which program reduces depends on scheduling, the bits do not
+(NOTE [Last-arriving program] below; tests/test_triton_order.py runs every launch with
+its programs reversed and shuffled and requires the natural order's bits).
 
 Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 ``num_tiles`` work on a tile; the others handle segments ``SBLOCK`` at a time:
@@ -76,17 +83,56 @@ def _clip(r, lr, clip_mode, clip_lo, clip_hi):
 
 @triton.jit
 def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
-    """Sums of the three partial rows over tiles [lo, hi): fixed order, same bits everywhere."""
+    """Sums of the three partial rows over tiles [lo, hi) in a fixed order: chunks of RBLOCK partials
+    added element-wise in tile order, then one ``tl.sum``. The bits depend only on the partials,
+    ``lo``, ``hi`` and RBLOCK, not on which program runs it. Loads bypass L1 (``.cg``): the partials
+    were written by other programs of this launch."""
     a0 = tl.zeros([RBLOCK], dtype=tl.float32)
     a1 = tl.zeros([RBLOCK], dtype=tl.float32)
     a2 = tl.zeros([RBLOCK], dtype=tl.float32)
     for j in range(lo, hi, RBLOCK):
         idx = j + tl.arange(0, RBLOCK)
         m = idx < hi
-        a0 += tl.load(part_ptr + idx, mask=m, other=0.0)
-        a1 += tl.load(part_ptr + num_tiles + idx, mask=m, other=0.0)
-        a2 += tl.load(part_ptr + 2 * num_tiles + idx, mask=m, other=0.0)
+        a0 += tl.load(part_ptr + idx, mask=m, other=0.0, cache_modifier=".cg")
+        a1 += tl.load(part_ptr + num_tiles + idx, mask=m, other=0.0, cache_modifier=".cg")
+        a2 += tl.load(part_ptr + 2 * num_tiles + idx, mask=m, other=0.0, cache_modifier=".cg")
     return tl.sum(a0, axis=0), tl.sum(a1, axis=0), tl.sum(a2, axis=0)
+
+
+@triton.jit
+def _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s,
+                               acc0, acc1, acc2, RBLOCK: tl.constexpr):
+    """Launch 1's tile epilogue: store this tile's partials; the segment's last-arriving tile program
+    then reduces all of the segment's partials (:func:`_seg_sum3`) into ``ssq[:, s]`` and re-arms
+    the segment's arrival counter for the next step.
+
+    NOTE: [Last-arriving program] ``count[s]`` (int32, zero between steps) counts the tiles of
+    segment s that have stored their partials. Each tile program stores its partials, waits at a
+    CTA barrier (every thread's stores precede the atomic in program order), then increments the
+    counter with an acq_rel, gpu-scope integer atomic. The release publishes the partials; the
+    program that sees ``tiles - 1`` (the last to arrive) has, by the acquire, every other tile's
+    partials visible, and reads them with L1-bypassing loads. Which program that is depends on
+    scheduling; the sum does not: it is always the same fixed-order reduction over [lo, hi).
+    Every partial is read exactly once per step (O(tiles), not O(tiles^2)). The counter is an
+    integer; no float atomics anywhere.
+    """
+    _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2)
+    tl.debug_barrier()
+    lo = tl.load(seg_tile_ptr + s)
+    hi = tl.load(seg_tile_ptr + s + 1)
+    arrived = tl.atomic_add(count_ptr + s, 1, sem="acq_rel", scope="gpu")
+    if arrived == (hi - lo - 1).to(tl.int32):
+        ssq0, ssq1, ssq2 = _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK)
+        tl.store(ssq_ptr + s, ssq0)
+        tl.store(ssq_ptr + num_segs + s, ssq1)
+        tl.store(ssq_ptr + 2 * num_segs + s, ssq2)
+        tl.store(count_ptr + s, 0)
+
+
+@triton.jit
+def _load_seg_sums(ssq_ptr, num_segs, s):
+    """Segment s's three sums of squares, reduced in launch 1."""
+    return tl.load(ssq_ptr + s), tl.load(ssq_ptr + num_segs + s), tl.load(ssq_ptr + 2 * num_segs + s)
 
 
 @triton.jit
@@ -205,13 +251,15 @@ def lars_partials_kernel(
     param_ptr, master_ptr, grad_ptr,
     wd_mask_ptr, active_ptr, step_ptr, has_ptr,
     inv_scale_ptr, found_inf_ptr,
-    part_ptr, snap_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr,
+    part_ptr, snap_ptr, ssq_ptr, count_ptr,
+    tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, sign,
-    HAS_MASTER: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    HAS_MASTER: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
 ):
-    """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed)."""
+    """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
+    their totals, reduced by the segment's last-arriving tile program."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
@@ -236,7 +284,8 @@ def lars_partials_kernel(
                 acc_w += w * w
                 acc_g += g * g
                 acc_u += u * u
-            _store_partials(part_ptr, num_tiles, pid, acc_w, acc_g, acc_u)
+            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s,
+                                       acc_w, acc_g, acc_u, RBLOCK)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "tv_gate", "den_mode", "wd_mode", "check_mode", "zero_skip",
@@ -246,7 +295,7 @@ def lars_update_kernel(
     wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
     step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr,
     lr_ptr, inv_scale_ptr, found_inf_ptr,
-    part_ptr, snap_ptr,
+    ssq_ptr, snap_ptr,
     tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
@@ -254,9 +303,9 @@ def lars_update_kernel(
     tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
     den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
     HAS_MASTER: tl.constexpr, MOM: tl.constexpr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
-    """Launch 2: reduce the segment's partials, trust ratio, momentum update, store."""
+    """Launch 2: the segment's sums of squares (from launch 1), trust ratio, momentum update, store."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     lr = tl.load(lr_ptr).to(tl.float32)
@@ -277,8 +326,7 @@ def lars_update_kernel(
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
                 lo = tl.load(seg_tile_ptr + s)
-                hi = tl.load(seg_tile_ptr + s + 1)
-                ssq_w, ssq_g, ssq_u = _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK)
+                ssq_w, ssq_g, ssq_u = _load_seg_sums(ssq_ptr, num_segs, s)
                 t = tl.load(snap_ptr + s)
                 has = tl.load(snap_ptr + num_segs + s) != 0
                 lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
@@ -348,15 +396,16 @@ def lamb_moments_kernel(
     param_ptr, master_ptr, grad_ptr, m_ptr, v_ptr,
     wd_mask_ptr, active_ptr, step_ptr, has_ptr,
     lr_ptr, inv_scale_ptr, found_inf_ptr, clip_ptr,
-    part_ptr, snap_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr,
+    part_ptr, snap_ptr, ssq_ptr, count_ptr,
+    tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root,
     wd_mode,
     HAS_MASTER: tl.constexpr, BC: tl.constexpr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
-    """Launch 1: new m, v (stored); per tile sums of g^2 (before L2), w_d^2 and u^2."""
+    """Launch 1: new m, v (stored); per tile sums of w_d^2, g^2 (before L2) and u^2; per segment their
+    totals, reduced by the segment's last-arriving tile program."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
@@ -396,7 +445,8 @@ def lamb_moments_kernel(
                     w = w * (1.0 - lr * lam)
                 acc_w += w * w
                 acc_u += u * u
-            _store_partials(part_ptr, num_tiles, pid, acc_w, acc_g, acc_u)
+            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s,
+                                       acc_w, acc_g, acc_u, RBLOCK)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
@@ -405,15 +455,16 @@ def lamb_update_kernel(
     wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
     step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr,
     lr_ptr, found_inf_ptr,
-    part_ptr, snap_ptr,
+    ssq_ptr, snap_ptr,
     tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
     wd_mode, clip_mode, adapt_enabled,
     HAS_MASTER: tl.constexpr, BC: tl.constexpr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
-    """Launch 2: reduce the segment's partials, trust ratio, w <- w_d - lr*s*r*u (u from the new m, v)."""
+    """Launch 2: the segment's sums of squares (from launch 1), trust ratio, w <- w_d - lr*s*r*u (u from
+    the new m, v)."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     lr = tl.load(lr_ptr).to(tl.float32)
@@ -430,8 +481,7 @@ def lamb_update_kernel(
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
                 lo = tl.load(seg_tile_ptr + s)
-                hi = tl.load(seg_tile_ptr + s + 1)
-                ssq_w, ssq_g, ssq_u = _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK)
+                ssq_w, ssq_g, ssq_u = _load_seg_sums(ssq_ptr, num_segs, s)
                 t0 = tl.load(snap_ptr + s)
                 t = t0 + 1.0
                 lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
