@@ -4,7 +4,9 @@ For each kernel x param dtype x constexpr combination the backend can launch
 (``fusedlars.kernels.triton.aot_specializations``) and each target (sm_80, sm_90, sm_100),
 ``triton.compile`` produces PTX and a cubin (Triton's bundled ptxas); the cubin's resource
 usage (registers, spilled local memory, stack, static shared memory) is read with Triton's
-bundled ``cuobjdump``. Prints a table; ``--json`` prints JSON lines instead.
+bundled ``cuobjdump``, and the atomic instructions of the PTX are listed (launch 1's kernels:
+the int32 arrival counter of the segment reduction; no float atomics). Prints a table;
+``--json`` prints JSON lines instead (with ``barrier_before_atomics`` and ``cg_loads``).
 
     python bench/triton_aot_report.py [--covering] [--json] [--targets 80,90,100] [-j 2]
 
@@ -63,7 +65,8 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    hdr = f"{'kernel':22} {'dtype':9} {'constexprs':28} {'sm':>4} {'regs':>5} {'spill B':>8} {'stack':>6} {'shared B':>9}"
+    hdr = (f"{'kernel':22} {'dtype':9} {'constexprs':28} {'sm':>4} {'regs':>5} {'spill B':>8} {'stack':>6} "
+           f"{'shared B':>9}  atomics")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -73,7 +76,7 @@ def main(argv=None) -> int:
         cx = ",".join(f"{k}={int(v)}" for k, v in r["constexprs"].items())
         shared = max(r["triton_shared"], r["static_shared"])
         print(f"{r['kernel']:22} {r['dtype']:9} {cx:28} {r['arch']:>4} {r['regs']:>5} {r['spill_bytes']:>8} "
-              f"{r['stack']:>6} {shared:>9}")
+              f"{r['stack']:>6} {shared:>9}  {' '.join(r['atomics']) or '-'}")
     ok = [r for r in rows if "error" not in r]
     print(f"\n{len(rows)} compiles ({n} specializations x {len(a.targets.split(','))} targets), "
           f"{len(rows) - len(ok)} failed, {len(bad)} with spills/stack or errors; "

@@ -9,6 +9,10 @@ The full set (53 x 3) is what ``python bench/triton_aot_report.py`` compiles and
 
 Asserted per compile: success, no spilled local memory, no stack frame, registers at most
 128 (4 warps, so at least 4 CTAs per SM fit by registers), static + Triton shared memory under 48 KiB.
+And the synchronization of the segment reduction as compiled (PTX): launch 1's kernels use one
+kind of atomic, an int32 ``atom.global.gpu.acq_rel.add`` on the arrival counter, preceded by a CTA
+barrier after the partials' stores, and read the partials with L1-bypassing ``ld.global.cg``; no
+other kernel has an atomic, and no kernel has a float atomic.
 """
 
 from __future__ import annotations
@@ -63,3 +67,16 @@ def test_no_spills_and_bounded_resources(rows):
         assert r["stack"] == 0, f"{what} uses a {r['stack']} B stack frame"
         assert r["regs"] <= 128, f"{what} uses {r['regs']} registers"
         assert max(r["triton_shared"], r["static_shared"]) <= 48 * 1024, what
+
+
+def test_segment_reduction_synchronization_as_compiled(rows):
+    launch1 = {"lars_partials_kernel", "lamb_moments_kernel"}
+    for r in rows:
+        what = f"{r['kernel']} {r['dtype']} {r['constexprs']} sm_{r['arch']}"
+        assert not any(".f16" in a or ".f32" in a or ".f64" in a or "bf16" in a for a in r["atomics"]), what
+        if r["kernel"] in launch1:
+            assert r["atomics"] == ["atom.global.gpu.acq_rel.add.u32"], (what, r["atomics"])
+            assert r["barrier_before_atomics"], what
+            assert r["cg_loads"] > 0, what
+        else:
+            assert r["atomics"] == [], (what, r["atomics"])
