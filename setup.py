@@ -2,13 +2,18 @@
 
 * The CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built.
 * The CUDA kernels (csrc/cuda/*.cu) are added when the installed torch has CUDA and
-  nvcc is found, unless FUSEDLARS_NO_CUDA=1. The reason is printed either way.
+  nvcc is found, unless FUSEDLARS_NO_CUDA=1. The reason is printed either way (pip shows it
+  only with -v), and recorded next to the extension in ``fusedlars/_build_info.py`` (written by
+  build_ext, so it is in the wheel and in an in-place / editable build, and only when the
+  extension was really built), which ``fusedlars info`` prints.
 
 Build with the torch you run: ``pip install --no-build-isolation .``
 """
 
 import glob
 import os
+import platform
+import subprocess
 import sys
 
 from setuptools import setup
@@ -54,6 +59,7 @@ elif not cuda_sources:
 
 if why_not_cuda is None:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0;10.0+PTX")
+    decision = f"CPU + CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
     print(f"fusedlars: building CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']}", file=sys.stderr)
     ext = CUDAExtension(
         "fusedlars._C",
@@ -63,7 +69,8 @@ if why_not_cuda is None:
         extra_link_args=link_flags,
     )
 else:
-    print(f"fusedlars: CPU kernels only (CUDA kernels not built: {why_not_cuda})", file=sys.stderr)
+    decision = f"CPU kernels only (CUDA kernels not built: {why_not_cuda})"
+    print(f"fusedlars: {decision}", file=sys.stderr)
     ext = CppExtension(
         "fusedlars._C",
         cpu_sources,
@@ -72,4 +79,50 @@ else:
         extra_link_args=link_flags,
     )
 
-setup(ext_modules=[ext], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)})
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return out.splitlines()[0].strip() if out else cxx
+    except Exception:  # the build itself reports a missing compiler
+        return cxx
+
+
+def build_record() -> dict:
+    """What this build decided and what it built against (written to fusedlars/_build_info.py)."""
+    return {
+        "kernels": "cpu+cuda" if why_not_cuda is None else "cpu",
+        "decision": decision,
+        "why_not_cuda": why_not_cuda,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if why_not_cuda is None else None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "platform": f"{platform.system()} {platform.machine()}",
+        "compiler": _compiler(),
+        "cxx_flags": " ".join(cxx_flags),
+    }
+
+
+class build_ext(BuildExtension.with_options(use_ninja=True)):
+    """torch's BuildExtension, plus the build record next to the built extension."""
+
+    def run(self):
+        super().run()
+        text = (
+            '"""Written by setup.py when fusedlars._C was built (do not edit; not in git)."""\n\n'
+            f"BUILD = {build_record()!r}\n"
+        )
+        # setuptools builds into build_lib (what a wheel packs) and, for in-place / editable
+        # builds, copies the extension into the source package: write the record in both.
+        dirs = {os.path.join(self.build_lib, "fusedlars")}
+        if self.inplace or getattr(self, "editable_mode", False):
+            dirs.add(os.path.dirname(os.path.abspath(self.get_ext_fullpath("fusedlars._C"))))
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, "_build_info.py"), "w") as f:
+                f.write(text)
+
+
+setup(ext_modules=[ext], cmdclass={"build_ext": build_ext})
