@@ -4,6 +4,7 @@ broken backend or a missing requested backend is reported as a FAIL."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ CPU_OK, CPU_WHY = kernels.status("cpu")
 LIVE = ["cpu", "torch"] if CPU_OK else ["torch"]
 
 RESULT_KEYS = {"backend", "optimizer", "dtype", "status", "reason", "master_weights", "max_abs_err", "max_rel_err",
-               "rtol", "atol", "tol_used", "seconds", "failed_checks"}
+               "rtol", "atol", "tol_used", "seconds", "failed_checks", "shapes"}
 TOP_KEYS = {"fusedlars", "torch", "python", "device", "steps", "shapes", "ok", "summary", "wall_s", "results"}
 
 
@@ -39,7 +40,7 @@ def test_cli_passes_for_cpu_and_torch_and_writes_the_documented_json(tmp_path, c
     ]
     for r in rows:
         assert set(r) == RESULT_KEYS
-        assert r["status"] == "PASS" and r["failed_checks"] == [] and r["reason"] == ""
+        assert r["status"] == "PASS" and r["failed_checks"] == [] and r["reason"] == "" and r["shapes"] is None
         assert r["master_weights"] == (r["dtype"] == "bf16")
         assert 0 <= r["max_abs_err"] and 0 <= r["max_rel_err"] and 0 <= r["tol_used"] <= 1
         assert (r["rtol"], r["atol"]) == ((1e-5, 1e-6) if r["dtype"] == "fp32" else (2e-2, 1e-3))
@@ -182,9 +183,14 @@ def test_a_crashing_backend_is_a_fail(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.status("triton")[0], reason=f"triton unavailable: {kernels.status('triton')[1]}")
-def test_triton_runs_in_the_interpreter():
+def test_triton_runs_in_the_interpreter_on_its_smaller_shapes(capsys):
     report = selftest.run_selftest("cpu", ["triton"], optimizers=["LARS"], dtypes=[torch.float32])
     assert [(r.backend, r.status) for r in report.results] == [("triton", "PASS")], report.results
+    assert report.results[0].shapes == selftest.INTERPRETER_SHAPES and report.shapes == selftest.SHAPES
+    assert sum(math.prod(s) for _, s in selftest.INTERPRETER_SHAPES) == 15843
+    selftest.print_report(report, use_rich=False)
+    assert "triton on cpu runs in Triton's interpreter: 15843 elements (d (8193,) instead of (65537,))" in (
+        capsys.readouterr().out)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
