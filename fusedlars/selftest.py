@@ -195,7 +195,7 @@ SHAPES = [
 ]
 #: Triton on CPU runs in its interpreter (TRITON_INTERPRET=1), at ~10 ms per program: there the
 #: 65537-element layer (17 Triton tiles, there for the CPU kernels' 16384-element tiles) has 8193
-#: elements (3 tiles), 15,843 elements in all. Its 8 cases then take ~10 s on 2 idle cores instead of ~25.
+#: elements (3 tiles), 15,843 elements in all: its 8 cases take ~10 s of CPU time instead of ~25 (measured).
 INTERPRETER_SHAPES = [(n, (8193,) if n == "d" else s) for n, s in SHAPES]
 #: Steps per case: the first fills the momentum / Adam state, the next ones read it.
 STEPS = 3
