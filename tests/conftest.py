@@ -11,3 +11,14 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def emu_lib():
+    """csrc/cuda's kernels built under the CUDA-on-CPU emulation (tests/cuda_emu.py), loaded once."""
+    import cuda_emu
+
+    return cuda_emu.Lib(cuda_emu.build())

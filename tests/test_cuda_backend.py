@@ -1,11 +1,18 @@
 """The fused CUDA backend (fusedlars/kernels/cuda.py, csrc/cuda) against the float64 reference.
 
-GPU tests: marked ``gpu`` and skipped unless a CUDA device is visible and the cuda backend is
-available. Every comparison runs the same optimizer with ``backend="cuda"`` and ``backend="reference"``
-on the same CUDA data (odd shapes 1, 3, 4097, 65537, empty, zero weights / grads, multi-tile layers).
+Every comparison runs the same optimizer with ``backend="cuda"`` and ``backend="reference"`` on the
+same data (odd shapes 1, 3, 4097, 65537, empty, zero weights / grads, multi-tile layers).
+
+Where a GPU is visible the kernels run on it. Without one, the same tests run csrc/cuda's kernels and
+host launchers under the CUDA-on-CPU emulation (tests/cuda_emu.py, csrc/emu/simt.h) on CPU tensors,
+each test under one of the four emulated schedules (chosen from the test's name). The few tests
+that need the real device (CUDA graphs, torch.library.opcheck of the CUDA ops, > 2^31 elements) are
+marked ``gpu`` and skipped without one.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import pytest
 import torch
@@ -17,10 +24,8 @@ from helpers import assert_backend_matches_reference, make_named_grads, make_nam
 
 OK, WHY = kernels.status("cuda")
 HAVE_GPU = torch.cuda.is_available()
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not (HAVE_GPU and OK), reason=f"needs a CUDA device and the cuda backend: {WHY}"),
-]
+EMULATED = not HAVE_GPU
+pytestmark = [pytest.mark.skipif(HAVE_GPU and not OK, reason=f"a CUDA device is visible but the cuda backend is not: {WHY}")]
 
 SHAPES = [
     ("a", (1,)),
@@ -34,7 +39,18 @@ SHAPES = [
     ("zero_g", (19, 7)),
     ("bias", (64,)),
 ]
-DEV = "cuda"
+DEV = "cpu" if EMULATED else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _emulation(request, monkeypatch):
+    """Without a GPU: the kernels under the CUDA-on-CPU emulation, schedule chosen from the test id."""
+    if EMULATED:
+        import cuda_emu
+
+        lib = request.getfixturevalue("emu_lib")
+        lib.configure(seed=zlib.crc32(request.node.nodeid.encode()) % 4)
+        cuda_emu.install(monkeypatch, lib)
 
 
 def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):
@@ -134,11 +150,11 @@ def test_real_grad_scaler_autocast():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)).to(DEV)
     opt = fusedlars.LARS(model.parameters(), lr=0.1, weight_decay=1e-4, backend="cuda")
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    scaler = torch.amp.GradScaler(DEV, init_scale=2.0**10)
     x, y = torch.randn(64, 16, device=DEV), torch.randn(64, 4, device=DEV)
     for _ in range(3):
         opt.zero_grad()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = torch.nn.functional.mse_loss(model(x).float(), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
@@ -173,11 +189,13 @@ def test_grad_sumsq_matches_reference():
     cfg = type("C", (), {"inv_scale": torch.tensor(0.5, device=DEV)})()
     got = kernels.get("cuda").grad_sumsq(b, cfg)
     want = kernels.get("reference").grad_sumsq(b, cfg)
-    assert got.dtype == torch.float64 and got.dim() == 0 and got.device.type == "cuda"
+    assert got.dtype == torch.float64 and got.dim() == 0 and got.device.type == DEV
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("op", ["lars", "lamb"])
+@pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="opcheck of the registered CUDA ops needs a CUDA device")
 def test_opcheck(op):
     """Schema / fake-kernel consistency of the CUDA ops (torch.library.opcheck)."""
     from fusedlars.kernels import cuda as K
@@ -200,6 +218,8 @@ def test_opcheck(op):
 
 
 @pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+@pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="CUDA graph capture needs a CUDA device")
 def test_cuda_graph_capture_replay_equals_eager(cls):
     kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(weight_decay=1e-2)
     lr_eager = 0.1 if cls is fusedlars.LARS else 1e-2
@@ -242,6 +262,8 @@ def test_cuda_graph_capture_replay_equals_eager(cls):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="needs a CUDA device with > 32 GiB free")
 def test_tensor_above_2_pow_31_elements():
     n = 2**31 + 4097
     free, _ = torch.cuda.mem_get_info()

@@ -572,6 +572,17 @@ int blocks_per_sm(const void* fn, int dev) {
   return n;
 }
 
+bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// NOTE: [Vector access] 128-bit access only when every base pointer of the step is 16-byte aligned.
+template <class Args>
+Args with_vec_flag(const Args& a0) {
+  Args a = a0;
+  const Bufs& b = a.b;
+  a.b.vec_ok = aligned16(b.param) && aligned16(b.master) && aligned16(b.grad) && aligned16(b.s0) && aligned16(b.s1);
+  return a;
+}
+
 bool env_off(const char* name) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, "0") == 0;
@@ -636,7 +647,8 @@ LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t
 
 }  // namespace
 
-LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path) {
+LaunchInfo launch_lars(const LarsArgs& a0, int variant, cudaStream_t stream, int path) {
+  const LarsArgs a = with_vec_flag(a0);
   switch (variant) {
     case kF32: return launch(&lars_kernel<float, false>, a, stream, path);
     case kBF16: return launch(&lars_kernel<__nv_bfloat16, false>, a, stream, path);
@@ -646,7 +658,8 @@ LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int 
   }
 }
 
-LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int path) {
+LaunchInfo launch_lamb(const LambArgs& a0, int variant, cudaStream_t stream, int path) {
+  const LambArgs a = with_vec_flag(a0);
   switch (variant) {
     case kF32: return launch(&lamb_kernel<float, false>, a, stream, path);
     case kBF16: return launch(&lamb_kernel<__nv_bfloat16, false>, a, stream, path);
@@ -656,9 +669,10 @@ LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int 
   }
 }
 
-cudaError_t launch_grad_sumsq(const void* grad, int variant, int vec_ok, const float* active, const Plan& p,
+cudaError_t launch_grad_sumsq(const void* grad, int variant, const float* active, const Plan& p,
                               Scalar inv_scale, double* gpart, double* out, cudaStream_t stream) {
   const int64_t T = p.num_tiles;
+  const int vec_ok = aligned16(grad) ? 1 : 0;
   if (T > 0) {
     const unsigned g = static_cast<unsigned>(T < 4096 ? T : 4096);
     if (variant == kF32)

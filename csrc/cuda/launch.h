@@ -53,7 +53,7 @@ struct Bufs {
   const void* grad;  // param dtype
   float* s0;         // momentum buffer (LARS, nullptr without momentum) or exp_avg (LAMB)
   float* s1;         // exp_avg_sq (LAMB)
-  int vec_ok;        // every base pointer is 16-byte aligned: 128-bit loads on aligned tiles
+  int vec_ok;        // set by launch_lars / launch_lamb: every base pointer is 16-byte aligned (128-bit access)
 };
 
 struct LarsArgs {
@@ -82,7 +82,7 @@ struct LaunchInfo {
 LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path);
 LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int path);
 // *out = sum over active tiles (tile order) of sum (grad*inv_scale)^2; gpart: [T] scratch
-cudaError_t launch_grad_sumsq(const void* grad, int variant, int vec_ok, const float* active, const Plan& p,
+cudaError_t launch_grad_sumsq(const void* grad, int variant, const float* active, const Plan& p,
                               Scalar inv_scale, double* gpart, double* out, cudaStream_t stream);
 
 const char* compiled_archs();  // nvcc's __CUDA_ARCH_LIST__, e.g. "800,900,1000"

@@ -36,10 +36,8 @@ Scalar scalar(const std::optional<at::Tensor>& t, const char* name, const at::De
   return Scalar{t->data_ptr(), t->scalar_type() == at::kDouble ? 1 : 0, dflt};
 }
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // Checks the arguments LARS and LAMB share and fills the common fields of `a` (LarsArgs / LambArgs):
-// b (all but the state buffers s0 / s1 and vec_ok), s, p, lr, inv_scale, found_inf. Returns the variant.
+// b (all but the state buffers s0 / s1; the launcher sets vec_ok), s, p, lr, inv_scale, found_inf. Returns the variant.
 template <class Args>
 int check_common(Args& a, const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
                  const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
@@ -102,10 +100,6 @@ int check_common(Args& a, const at::Tensor& param, const at::Tensor& grad, const
   return variant;
 }
 
-void finish_vec(Bufs& b) {
-  b.vec_ok = aligned16(b.param) && aligned16(b.master) && aligned16(b.grad) && aligned16(b.s0) && aligned16(b.s1);
-}
-
 void check_launch(const LaunchInfo& info, const char* op) {
   TORCH_CHECK(info.why == nullptr, "fusedlars cuda: ", op, ": cooperative launch requested but unavailable: ",
               info.why);
@@ -132,7 +126,6 @@ void lars_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::
     check_buf(*momentum, "momentum", param.device(), at::kFloat, param.numel());
     a.b.s0 = momentum->data_ptr<float>();
   }
-  finish_vec(a.b);
   const c10::cuda::CUDAGuard guard(param.device());
   check_launch(launch_lars(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
                "lars_step_cuda");
@@ -157,7 +150,6 @@ void lamb_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::
   check_buf(exp_avg_sq, "exp_avg_sq", param.device(), at::kFloat, param.numel());
   a.b.s0 = exp_avg.data_ptr<float>();
   a.b.s1 = exp_avg_sq.data_ptr<float>();
-  finish_vec(a.b);
   a.clip_coef = scalar(clip_coef, "clip_coef", param.device(), 1.0);
   const c10::cuda::CUDAGuard guard(param.device());
   check_launch(launch_lamb(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
@@ -189,7 +181,7 @@ at::Tensor grad_sumsq_cuda(const at::Tensor& grad, const at::Tensor& active, con
   const c10::cuda::CUDAGuard guard(dev);
   at::Tensor out = at::empty({}, grad.options().dtype(at::kDouble));
   const cudaError_t err =
-      launch_grad_sumsq(grad.data_ptr(), variant, aligned16(grad.data_ptr()) ? 1 : 0, active.data_ptr<float>(), p,
+      launch_grad_sumsq(grad.data_ptr(), variant, active.data_ptr<float>(), p,
                         scalar(inv_scale, "inv_scale", dev, 1.0), gpart.data_ptr<double>(), out.data_ptr<double>(),
                         c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "fusedlars cuda: grad_sumsq_cuda launch failed: ", cudaGetErrorString(err));

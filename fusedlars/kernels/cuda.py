@@ -34,6 +34,18 @@ _PATHS = {"auto": 0, "cooperative": 1, "two_launch": 2}
 _OPS = ("lars_step_cuda", "lamb_step_cuda", "grad_sumsq_cuda", "cuda_info", "build_info")
 _SCALAR_DTYPES = (torch.float32, torch.float64)
 
+#: Where the kernels run. The CUDA-on-CPU emulation of the tests (tests/cuda_emu.py) points these at
+#: its own ops object and at CPU tensors, so that everything below runs unmodified around the
+#: emulated kernels. OPS None: the extension's ``torch.ops.fusedlars``.
+OPS = None
+DEVICE_TYPE = "cuda"
+#: L2 bytes for the cooperative path's segment groups; None: ask the device (40 MiB if it cannot say).
+L2_BYTES: int | None = None
+
+
+def _ops():
+    return OPS if OPS is not None else torch.ops.fusedlars
+
 
 def _load() -> str | None:
     """None when the extension holds the CUDA kernels, else why not."""
@@ -79,7 +91,7 @@ def build_info() -> dict[str, str]:
     """The CUDA build and device facts (``cuda_info`` op): archs, devices, coop, sms, last_path ...; {} without CUDA kernels."""
     if _WHY_NOT is not None:
         return {}
-    raw = torch.ops.fusedlars.cuda_info()
+    raw = _ops().cuda_info()
     return dict(kv.split("=", 1) for kv in raw.split(";") if "=" in kv)
 
 
@@ -121,7 +133,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    return check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
+    return check_fused(kind, cfg, bucket, DEVICE_TYPE, "CUDA", _SCALAR_DTYPES)
 
 
 # ------------------------------------------------------------------------------------------
@@ -141,10 +153,12 @@ class _Scratch:
 
 def _groups(bucket: Bucket, kind: str) -> list[int]:
     """Segment boundaries of groups of consecutive segments whose phase-1 bytes fit in ~half the L2."""
-    try:
-        l2 = int(getattr(torch.cuda.get_device_properties(bucket.device), "L2_cache_size", 0)) or (40 << 20)
-    except Exception:
-        l2 = 40 << 20
+    l2 = L2_BYTES
+    if l2 is None:
+        try:
+            l2 = int(getattr(torch.cuda.get_device_properties(bucket.device), "L2_cache_size", 0)) or (40 << 20)
+        except Exception:
+            l2 = 40 << 20
     budget = l2 // 2
     item = torch.empty((), dtype=bucket.dtype).element_size()
     bpe = (4 if bucket.flat_master is not None else item) + item + (8 if kind == "LAMB" else 0)
@@ -193,7 +207,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     tt = sc.tiles
     hyper, modes = lars_options(cfg)
     lr_t, lr = _lr(cfg.lr)
-    torch.ops.fusedlars.lars_step_cuda(
+    _ops().lars_step_cuda(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
         bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.has_state, bucket.step,
         bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
@@ -211,7 +225,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = sc.clip(clip)
     lr_t, lr = _lr(cfg.lr)
-    torch.ops.fusedlars.lamb_step_cuda(
+    _ops().lamb_step_cuda(
         bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
         bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.has_state, bucket.step,
         bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
@@ -224,6 +238,6 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2, as a float64 0-dim tensor on the device."""
     sc = _scratch(bucket, "LAMB")
     tt = sc.tiles
-    return torch.ops.fusedlars.grad_sumsq_cuda(
+    return _ops().grad_sumsq_cuda(
         bucket.flat_grad, bucket.active, tt.tile_seg, tt.tile_start, tt.tile_len, sc.gpart, cfg.inv_scale
     )

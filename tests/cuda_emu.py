@@ -1,0 +1,259 @@
+"""Run csrc/cuda's kernels on the CPU: build them under the SIMT emulation (csrc/emu) and drive them
+through the real ``fusedlars.kernels.cuda`` backend.
+
+* :func:`build` rewrites the six ``kernel<<<grid, block, smem, stream>>>(args)`` launches of
+  ``csrc/cuda/fused_kernels.cu`` into ``::fusedlars_emu::Launcher(grid, block, smem, stream)(kernel, args)``
+  (nothing else of the source changes; ``#line`` keeps the messages pointing at the original lines),
+  compiles it with g++ together with ``csrc/emu/emu_abi.cpp`` under UBSan into a shared library, and
+  caches it by content hash under ``build/cuda_emu/``. ``FUSEDLARS_EMU_SOURCE`` replaces the kernel
+  source (the mutation check, ``scripts/cuda_emu_mutants.py``, builds each mutant this way).
+* :class:`EmuOps` has the signatures of ``torch.ops.fusedlars.{lars,lamb}_step_cuda`` /
+  ``grad_sumsq_cuda`` / ``cuda_info`` and takes CPU tensors. It poisons the step's scratch (per-tile
+  partials, snapshots) with NaN before every launch, so a kernel that reads a partial it did not
+  write in this step shows as NaN instead of reusing last step's value.
+* :func:`install` points ``fusedlars.kernels.cuda`` at an :class:`EmuOps` and at CPU tensors, so
+  ``LARS(..., backend="cuda")`` runs the whole host path of the backend (option packing, tile and
+  group tables, scratch, launch path choice) and the kernels, on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "csrc"
+KERNELS = CSRC / "cuda" / "fused_kernels.cu"
+SELFTEST = CSRC / "emu" / "selftest_kernels.cu"
+EMU_FILES = sorted((CSRC / "emu").rglob("*.h")) + [CSRC / "emu" / "emu_control.cpp", CSRC / "cuda" / "launch.h",
+                                                    CSRC / "lars_math.h", CSRC / "option_decode.h"]
+#: what each emulation library is made of: (kernel source with <<<>>> launches, plain C++ sources)
+LIBS = {
+    "kernels": (KERNELS, [CSRC / "emu" / "emu_abi.cpp", CSRC / "emu" / "emu_control.cpp"]),
+    "selftest": (SELFTEST, [CSRC / "emu" / "emu_control.cpp"]),
+}
+
+# name<<<config>>>( -> ::fusedlars_emu::Launcher(config)(name,
+LAUNCH_RE = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>();]*>)?)\s*<<<([^\n]*?)>>>\s*\(")
+
+FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
+         "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function"]
+UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
+
+# launch.h Variant
+VARIANTS = {(torch.float32, False): 0, (torch.bfloat16, False): 1, (torch.bfloat16, True): 2,
+            (torch.float16, False): 3, (torch.float16, True): 4}
+PATHS = {1: "cooperative", 2: "two_launch"}
+
+
+class EmulationError(RuntimeError):
+    """A launch stopped by the emulation (divergent barrier, deadlock, grid.sync outside a cooperative launch ...)."""
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("g++")
+
+
+def rewrite(src: str) -> tuple[str, int]:
+    """The kernel source with every ``<<<...>>>`` launch rewritten; returns (text, launches rewritten)."""
+    return LAUNCH_RE.subn(lambda m: f"::fusedlars_emu::Launcher({m.group(2)})({m.group(1)}, ", src)
+
+
+def build(source: Path | None = None, *, kind: str = "kernels", sanitize: bool = True,
+          out_root: Path | None = None) -> Path:
+    """Build (or reuse) an emulation library: ``kind`` "kernels" (csrc/cuda, or ``source`` /
+    FUSEDLARS_EMU_SOURCE in its place) or "selftest" (csrc/emu/selftest_kernels.cu). Raises RuntimeError
+    with the compiler output on failure."""
+    original, extra = LIBS[kind]
+    if kind == "kernels":
+        source = source or os.environ.get("FUSEDLARS_EMU_SOURCE")
+    source = Path(source or original).resolve()
+    text, n = rewrite(source.read_text())
+    if n == 0:
+        raise RuntimeError(f"{source}: no <<<...>>> launch found to rewrite")
+    text = f'#line 1 "{original.relative_to(ROOT)}"\n' + text
+    cxx = compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) on PATH: the CUDA-on-CPU emulation needs one")
+    flags = FLAGS + (UBSAN if sanitize else [])
+    h = hashlib.sha256(text.encode())
+    for f in EMU_FILES + extra:
+        h.update(f.read_bytes())
+    h.update(" ".join([cxx] + flags).encode())
+    out_dir = (out_root or ROOT / "build" / "cuda_emu") / h.hexdigest()[:16]
+    lib = out_dir / f"libfusedlars_emu_{kind}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / f"{original.stem}_emu.cpp"
+    src.write_text(text)
+    tmp = out_dir / f"lib.{os.getpid()}.so"
+    cmd = [cxx, *flags, "-I", str(CSRC / "emu" / "include"), "-I", str(CSRC / "cuda"), "-I", str(CSRC),
+           str(src), *map(str, extra), "-o", str(tmp)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"emulation build failed ({' '.join(cmd)}):\n{r.stderr[-6000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+class Lib:
+    """The loaded emulation library."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        L = ctypes.CDLL(str(path))
+        self.L = L
+        L.emu_configure.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_uint]
+        L.emu_counters.argtypes = [ctypes.POINTER(ctypes.c_long)]
+        L.emu_error_text.restype = ctypes.c_char_p
+        self.device = dict(sms=4, blocks_per_sm=2, coop=True, seed=0)
+        if not hasattr(L, "emu_lars_step"):  # the selftest library
+            return
+        vp, i64p = ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_int64)
+        dp, ip = ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_int)
+        for name in ("emu_lars_step", "emu_lamb_step"):
+            fn = getattr(L, name)
+            fn.argtypes = [vp, i64p, dp, ctypes.c_int64, i64p, ctypes.c_int64, ctypes.c_double, ctypes.c_int, ip]
+            fn.restype = ctypes.c_int
+        L.emu_grad_sumsq.argtypes = [vp, i64p]
+        L.emu_why.restype = ctypes.c_char_p
+        self.slots = L.emu_slots()
+
+    def configure(self, *, sms: int = 4, blocks_per_sm: int = 2, coop: bool = True, seed: int = 0) -> None:
+        """The emulated device: SM count, resident blocks per SM, cooperative launch support; the schedule seed."""
+        self.device = dict(sms=sms, blocks_per_sm=blocks_per_sm, coop=coop, seed=seed)
+        self.L.emu_configure(sms, blocks_per_sm, int(coop), seed)
+
+    def reset(self) -> None:
+        self.L.emu_reset()
+
+    def counters(self) -> dict[str, int]:
+        """Launches and cooperative launches since the last reset (every step resets), blocks of the last one."""
+        out = (ctypes.c_long * 3)()
+        self.L.emu_counters(out)
+        return {"launches": out[0], "coop_launches": out[1], "last_grid": out[2]}
+
+    def error_text(self) -> str:
+        return self.L.emu_error_text().decode()
+
+
+def _ptr(t: torch.Tensor | None, name: str) -> int:
+    if t is None:
+        return 0
+    if t.device.type != "cpu":
+        raise ValueError(f"emulated CUDA op: {name} must be a CPU tensor, got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"emulated CUDA op: {name} must be contiguous")
+    return t.data_ptr()
+
+
+def _is_double(t: torch.Tensor | None) -> int:
+    return int(t is not None and t.dtype == torch.float64)
+
+
+class EmuOps:
+    """Stand-in for ``torch.ops.fusedlars`` (the CUDA ops) over CPU tensors."""
+
+    def __init__(self, lib: Lib, *, poison: bool = True) -> None:
+        self.lib = lib
+        self.poison = poison
+        self.last = None  # (path, grid) of the last step
+
+    def _run(self, fn, slots: list, ints: list[int], hyper, modes, lr: float, path: int) -> None:
+        t = (ctypes.c_void_p * self.lib.slots)(*[_ptr(x, f"slot {i}") for i, x in enumerate(slots)])
+        n = (ctypes.c_int64 * 8)(*ints)
+        h = (ctypes.c_double * len(hyper))(*[float(x) for x in hyper])
+        m = (ctypes.c_int64 * len(modes))(*[int(x) for x in modes])
+        out = (ctypes.c_int * 3)()
+        self.lib.reset()
+        rc = fn(t, n, h, len(hyper), m, len(modes), float(lr), int(path), out)
+        if rc == -1:
+            raise ValueError(f"emulated CUDA op: wrong option list lengths ({len(hyper)} hyper, {len(modes)} modes)")
+        why = self.lib.L.emu_why().decode()
+        if why:
+            raise RuntimeError(f"fusedlars cuda: cooperative launch requested but unavailable: {why}")
+        err = self.lib.error_text()
+        if rc != 0 or err:
+            raise EmulationError(f"emulated CUDA launch failed (cudaError {out[2]}): {err or 'no emulation message'}")
+        self.last = (PATHS.get(out[0], "none"), out[1])
+
+    def _common(self, param, grad, master, s0, s1, segs, tables, partials, snap, lr_tensor, inv_scale, found_inf,
+                clip_coef):
+        if self.poison:
+            partials.fill_(float("nan"))
+            snap.fill_(float("nan"))
+        variant = VARIANTS[(param.dtype, master is not None)]
+        wd_mask = segs[0]
+        tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg = tables
+        slots = [param, grad, master, s0, s1, *segs, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
+                 partials, snap, lr_tensor, inv_scale, found_inf, clip_coef]
+        ints = [variant, tile_start.numel(), wd_mask.numel(), group_seg.numel(), _is_double(lr_tensor),
+                _is_double(inv_scale), _is_double(found_inf), _is_double(clip_coef)]
+        return slots, ints
+
+    def lars_step_cuda(self, param, grad, master, momentum, wd_mask, adapt_mask, active, has_state, step, w_norm,
+                       g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials,
+                       snap, lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
+        slots, ints = self._common(
+            param, grad, master, momentum, None,
+            (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
+            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, lr_tensor, inv_scale,
+            found_inf, None)
+        self._run(self.lib.L.emu_lars_step, slots, ints, hyper, modes, lr, path)
+
+    def lamb_step_cuda(self, param, grad, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, has_state, step,
+                       w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
+                       partials, snap, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
+        slots, ints = self._common(
+            param, grad, master, exp_avg, exp_avg_sq,
+            (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
+            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, lr_tensor, inv_scale,
+            found_inf, clip_coef)
+        self._run(self.lib.L.emu_lamb_step, slots, ints, hyper, modes, lr, path)
+
+    def grad_sumsq_cuda(self, grad, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
+        if self.poison:
+            gpart.fill_(float("nan"))
+        out = torch.full((), float("nan"), dtype=torch.float64)
+        slots = [None] * self.lib.slots
+        slots[1], slots[7], slots[14], slots[15], slots[16] = grad, active, tile_seg, tile_start, tile_len
+        slots[19], slots[21], slots[22] = gpart, out, inv_scale
+        t = (ctypes.c_void_p * self.lib.slots)(*[_ptr(x, f"slot {i}") for i, x in enumerate(slots)])
+        n = (ctypes.c_int64 * 8)(VARIANTS[(grad.dtype, False)], tile_start.numel(), active.numel(), 0, 0,
+                                 _is_double(inv_scale), 0, 0)
+        self.lib.reset()
+        rc = self.lib.L.emu_grad_sumsq(t, n)
+        err = self.lib.error_text()
+        if rc != 0 or err:
+            raise EmulationError(f"emulated grad_sumsq launch failed (cudaError {rc}): {err}")
+        return out
+
+    def cuda_info(self) -> str:
+        d = self.lib.device
+        lp = PATHS.get(self.lib.L.emu_last_path(), "none")
+        return (f"archs=emulated;devices=1;device=0;name=SIMT emulation;sm=0;coop={int(d['coop'])};"
+                f"sms={d['sms']};blocks_per_sm={d['blocks_per_sm']};last_path={lp}")
+
+    def build_info(self) -> str:
+        return "emulated+cuda"
+
+
+def install(monkeypatch, lib: Lib, *, l2_bytes: int | None = None, poison: bool = True) -> EmuOps:
+    """Point ``fusedlars.kernels.cuda`` at the emulation for the duration of a test."""
+    from fusedlars.kernels import cuda as K
+
+    ops = EmuOps(lib, poison=poison)
+    monkeypatch.setattr(K, "OPS", ops)
+    monkeypatch.setattr(K, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(K, "_WHY_NOT", None)
+    monkeypatch.setattr(K, "L2_BYTES", l2_bytes)
+    monkeypatch.setattr(K, "available", lambda: (True, f"CUDA kernels under the SIMT emulation ({lib.path.name})"))
+    return ops
