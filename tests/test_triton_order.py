@@ -176,3 +176,51 @@ def test_bitwise_equal_in_any_program_order(monkeypatch, case, order):
     # every launch of the step was reordered, and at least one had several programs per segment
     assert len(calls) >= 4 and max(calls) > 20, calls
     assert_bitwise(got, want, f"{case}, {order}")
+
+
+# ------------------------------------------------------------------------------------------
+# the arrival counters of the segment reduction
+# ------------------------------------------------------------------------------------------
+def test_counters_rearmed_after_every_step_and_after_an_interrupted_launch():
+    from triton.runtime import interpreter as interp
+
+    want = _run("lars", steps=2)
+    # an interpreted launch 1 that raises after 5 of its programs: some arrivals are counted, and
+    # the counters must still be 0 afterwards, or the next step's last-arriving program would miss
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for shape, what in SPECS:
+        w = torch.randn(shape, generator=gen) * 0.5
+        params.append(torch.nn.Parameter(w.zero_() if what == "zero_w" else w))
+    opt = fusedlars.LARS(params, backend="triton", **CASES["lars"][1])
+
+    def grads(k):
+        g = torch.Generator().manual_seed(100 + k)
+        for p, (shape, what) in zip(params, SPECS):
+            x = torch.randn(shape, generator=g) * (0.2 + 0.5 * k)
+            p.grad = None if what == "none_g" else x * (what != "zero_g")
+
+    grads(0)
+    opt.step()
+    count = tb._scratch(opt.buckets()[0]).count
+    assert torch.all(count == 0)
+    builder = interp.interpreter_builder
+    calls = [0]
+
+    def interrupted(x, y, z):
+        calls[0] += 1
+        if calls[0] > 5:
+            raise KeyboardInterrupt
+        type(builder).set_grid_idx(builder, x, y, z)
+
+    grads(1)
+    builder.set_grid_idx = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            opt.step()
+    finally:
+        del builder.set_grid_idx
+    assert torch.all(count == 0)
+    opt.step()  # LARS's launch 1 writes only scratch: the retried step is the uninterrupted one
+    got = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
+    assert_bitwise(got, {k: v for k, v in want.items() if k.startswith("param")}, "after an interrupted launch")

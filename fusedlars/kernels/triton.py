@@ -40,6 +40,7 @@ a step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -264,6 +265,18 @@ def _launch(kernel, grid: int, *args, **constexprs) -> None:
     k[(grid,)](*args, num_warps=NUM_WARPS, **constexprs)
 
 
+@contextlib.contextmanager
+def _rearm_on_error(count: torch.Tensor):
+    """Zero the segments' arrival counters if a launch raises: an interrupted launch 1 (possible in the
+    interpreter) leaves some arrivals counted, and the next step's last-arriving program would not
+    recognise itself. On success launch 1 leaves every counter at 0 by itself."""
+    try:
+        yield
+    except BaseException:
+        count.zero_()
+        raise
+
+
 def _register(name: str, mutates: tuple[str, ...]):
     """A torch.library op: ``triton_op`` (torch.compile sees the kernels) or, in the interpreter or on an
     older torch, an opaque ``custom_op`` with a fake implementation (the ops only mutate their inputs)."""
@@ -302,23 +315,24 @@ def _lars_op(
     (tv_gate, den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov,
      clone_first) = ivals
     grid = num_tiles + triton.cdiv(num_segs, sblock)
-    _launch(
-        K.lars_partials_kernel, grid,
-        param, master, grad, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap, ssq, count,
-        tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs, weight_decay, sign,
-        HAS_MASTER=has_master, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
-    )
-    _launch(
-        K.lars_update_kernel, grid,
-        param, master, grad, mom, wd_mask, adapt_mask, active, seg_numel,
-        step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-        lr, inv_scale, found_inf, ssq, snap,
-        tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
-        weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
-        tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-        den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
-        HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
-    )
+    with _rearm_on_error(count):
+        _launch(
+            K.lars_partials_kernel, grid,
+            param, master, grad, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap, ssq, count,
+            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs, weight_decay, sign,
+            HAS_MASTER=has_master, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+        )
+        _launch(
+            K.lars_update_kernel, grid,
+            param, master, grad, mom, wd_mask, adapt_mask, active, seg_numel,
+            step, has_state, w_norm, g_norm, u_norm, trust_ratio,
+            lr, inv_scale, found_inf, ssq, snap,
+            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
+            weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
+            tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
+            den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
+            HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+        )
 
 
 @_register(
@@ -339,24 +353,25 @@ def _lamb_op(
      tr_eps) = fvals
     wd_mode, clip_mode, adapt_enabled = ivals
     grid = num_tiles + triton.cdiv(num_segs, sblock)
-    _launch(
-        K.lamb_moments_kernel, grid,
-        param, master, grad, exp_avg, exp_avg_sq, wd_mask, active, step, has_state,
-        lr, inv_scale, found_inf, clip_coef, part, snap, ssq, count,
-        tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
-        weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode,
-        HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
-    )
-    _launch(
-        K.lamb_update_kernel, grid,
-        param, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, seg_numel,
-        step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-        lr, found_inf, ssq, snap,
-        tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
-        weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
-        wd_mode, clip_mode, adapt_enabled,
-        HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
-    )
+    with _rearm_on_error(count):
+        _launch(
+            K.lamb_moments_kernel, grid,
+            param, master, grad, exp_avg, exp_avg_sq, wd_mask, active, step, has_state,
+            lr, inv_scale, found_inf, clip_coef, part, snap, ssq, count,
+            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
+            weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode,
+            HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+        )
+        _launch(
+            K.lamb_update_kernel, grid,
+            param, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, seg_numel,
+            step, has_state, w_norm, g_norm, u_norm, trust_ratio,
+            lr, found_inf, ssq, snap,
+            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
+            weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
+            wd_mode, clip_mode, adapt_enabled,
+            HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+        )
 
 
 @_register("triton_grad_sumsq", ("part",))
