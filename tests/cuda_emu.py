@@ -5,8 +5,9 @@ through the real ``fusedlars.kernels.cuda`` backend.
   ``csrc/cuda/fused_kernels.cu`` into ``::fusedlars_emu::Launcher(grid, block, smem, stream)(kernel, args)``
   (nothing else of the source changes; ``#line`` keeps the messages pointing at the original lines),
   compiles it with g++ together with ``csrc/emu/emu_abi.cpp`` under UBSan into a shared library, and
-  caches it by content hash under ``build/cuda_emu/``. ``FUSEDLARS_EMU_SOURCE`` replaces the kernel
-  source (the mutation check, ``scripts/cuda_emu_mutants.py``, builds each mutant this way).
+  caches it by content hash under ``build/cuda_emu/`` (or ``FUSEDLARS_EMU_BUILD_DIR``).
+  ``FUSEDLARS_EMU_SOURCE`` replaces the kernel source (the mutation check,
+  ``scripts/cuda_emu_mutants.py``, builds each mutant this way).
 * :class:`EmuOps` has the signatures of ``torch.ops.fusedlars.{lars,lamb}_step_cuda`` /
   ``grad_sumsq_cuda`` / ``cuda_info`` and takes CPU tensors. It poisons the step's scratch (per-tile
   partials, snapshots) with NaN before every launch, so a kernel that reads a partial it did not
@@ -87,7 +88,8 @@ def build(source: Path | None = None, *, kind: str = "kernels", sanitize: bool =
     for f in EMU_FILES + extra:
         h.update(f.read_bytes())
     h.update(" ".join([cxx] + flags).encode())
-    out_dir = (out_root or ROOT / "build" / "cuda_emu") / h.hexdigest()[:16]
+    out_root = out_root or Path(os.environ.get("FUSEDLARS_EMU_BUILD_DIR") or ROOT / "build" / "cuda_emu")
+    out_dir = out_root / h.hexdigest()[:16]
     lib = out_dir / f"libfusedlars_emu_{kind}.so"
     if lib.exists():
         return lib
