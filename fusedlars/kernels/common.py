@@ -68,7 +68,7 @@ class LambConfig:
     eps_root: float
     weight_decay: float
     maximize: bool
-    bias_correction: str  # both | none | first_outside
+    bias_correction: str  # both | none | first_outside | both_outside (not fused: check_options)
     weight_decay_mode: str  # in_update | l2 | decoupled
     adapt_enabled: bool
     clamp_lo: float
@@ -102,9 +102,29 @@ STEP_SCALARS = ("lr", "inv_scale", "found_inf", "clip_coef")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def check_options(cfg) -> str | None:
+    """None when the fused kernels implement every option of ``cfg``, else why not. The option codes
+    they take are those of :mod:`.packing` (the enums of csrc/lars_math.h); an option outside them
+    (LAMB ``bias_correction='both_outside'``, DeepSpeed's legacy step size) runs on the torch and
+    reference backends only."""
+    from .packing import BIAS
+
+    bc = getattr(cfg, "bias_correction", None)
+    if bc is not None and bc not in BIAS:
+        return (
+            f"bias_correction={bc!r} is not implemented by the fused kernels (they implement "
+            f"{', '.join(repr(k) for k in BIAS)}); the torch backend runs it"
+        )
+    return None
+
+
 def check_scalars(cfg, device: torch.device, dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
     """None when every per-step value of ``cfg`` is a float or a 1-element tensor on ``device``
-    (of one of ``dtypes`` when given), else why not."""
+    (of one of ``dtypes`` when given) and the fused kernels implement every option of ``cfg``
+    (:func:`check_options`: every fused backend's ``supports()`` reaches it through here), else why not."""
+    why = check_options(cfg)
+    if why:
+        return why
     for name in STEP_SCALARS:
         v = getattr(cfg, name, None)
         if not isinstance(v, torch.Tensor):

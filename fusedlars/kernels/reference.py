@@ -30,10 +30,11 @@ LAMB, per layer (You et al. 2019, "Large Batch Optimization for Deep Learning", 
     l2 mode: g <- g + lam*w
     m = b1*m + b3*g;  v = b2*v + (1-b2)*g^2;  t = step + 1
     both:  u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t) + eps_root) + eps)
-    none / first_outside:  u = m / (sqrt(v + eps_root) + eps)
+    none / first_outside / both_outside:  u = m / (sqrt(v + eps_root) + eps)   (raw moments)
     in_update mode: u <- u + lam*w;   decoupled mode: w <- w*(1 - lr*lam) first
     r = clamp(||w||) / (||u|| + trust_ratio_eps) if both norms > 0 else 1;  r = clip(r);  r = 1 if not adapted
-    w <- w - lr * s * r * u,   s = 1/(1-b1^t) for first_outside else 1
+    w <- w - lr * s * r * u,   s = 1/(1-b1^t) for first_outside (pytorch_optimizer),
+                               sqrt(1-b2^t)/(1-b1^t) for both_outside (DeepSpeed FusedLamb <= v0.19.6), else 1
 """
 
 from __future__ import annotations
@@ -223,7 +224,12 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         one = torch.ones((), dtype=torch.float64, device=bucket.device)
         ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
         r = torch.where(adapt, trust_clip(ratio, cfg, lr), one)
-        s = 1 / (1 - b1**t) if cfg.bias_correction == "first_outside" else one
+        if cfg.bias_correction == "first_outside":
+            s = 1 / (1 - b1**t)
+        elif cfg.bias_correction == "both_outside":
+            s = torch.sqrt(1 - b2**t) / (1 - b1**t)
+        else:
+            s = one
         w_new = w - lr * s * r * u
         mv.copy_(torch.where(keep, m_old, m).to(mv.dtype))
         vv.copy_(torch.where(keep, v_old, v).to(vv.dtype))

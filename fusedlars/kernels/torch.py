@@ -237,9 +237,14 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
         bc2_e = _expand(bucket, (1 - b2**t).to(sdt))
         den = (v / bc2_e + cfg.eps_root).sqrt_().add_(cfg.eps)
         u = (m / bc1_e).div_(den)
-    else:
+    else:  # none, first_outside, both_outside: u from the raw moments
         den = (v + cfg.eps_root).sqrt_().add_(cfg.eps) if cfg.eps_root else v.sqrt().add_(cfg.eps)
         u = m / den
+    if cfg.bias_correction == "both_outside":
+        # DeepSpeed's legacy step size: sqrt(1-b2^t)/(1-b1^t) outside the ratio, in float64 as above
+        outside_s = ((1 - b2**t).sqrt() / (1 - b1**t)).to(sdt)
+    else:
+        outside_s = None
     if cfg.weight_decay_mode == "in_update" and cfg.weight_decay != 0:
         u = u + lam_e * w
     if cfg.weight_decay_mode == "decoupled" and cfg.weight_decay != 0:
@@ -247,12 +252,12 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
     else:
         w_d = w
     ssq = torch.stack((_segsum(bucket, w_d * w_d), _segsum(bucket, u * u), ssq_g))
-    return ssq, (w, w_d, u, m, v, bc1_s)
+    return ssq, (w, w_d, u, m, v, bc1_s, outside_s)
 
 
 def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """The LAMB update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
-    w, w_d, u, m, v, bc1_s = ctx
+    w, w_d, u, m, v, bc1_s, outside_s = ctx
     sdt = bucket.state_dtype
     lr = cfg.lr.to(sdt) if isinstance(cfg.lr, torch.Tensor) else cfg.lr
     keep_s, keep_e = _keep_mask(bucket, cfg)
@@ -262,7 +267,12 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
     ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
     adapt_on = cfg.adapt_enabled and not cfg.adam
     r = torch.where(bucket.adapt_mask != 0, trust_clip(ratio, cfg, lr), one) if adapt_on else one
-    scale = r / bc1_s if cfg.bias_correction == "first_outside" else r
+    if cfg.bias_correction == "first_outside":
+        scale = r / bc1_s
+    elif cfg.bias_correction == "both_outside":
+        scale = r * outside_s
+    else:
+        scale = r
     w_new = w_d - u * _expand(bucket, scale) * lr
     m_buf, v_buf = bucket.state["exp_avg"], bucket.state["exp_avg_sq"]
     if keep_e is None:
