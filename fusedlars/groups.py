@@ -4,6 +4,7 @@ Barlow Twins / SimCLR / BYOL recipes and the MLPerf ResNet-50 rules do)."""
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 
@@ -39,10 +40,26 @@ def param_groups(
     Groups carry ``param_names``, so name-based options work on them. Empty groups are
     dropped. Extra keyword arguments are added to both groups.
     """
-    if weight_decay < 0:
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"param_groups: model must be a torch.nn.Module, got {type(model).__name__}; "
+            "it reads model.named_parameters() and the model's normalization layers."
+        )
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+        raise ValueError(
+            f"param_groups: weight_decay must be a number, got {type(weight_decay).__name__} {weight_decay!r}."
+        )
+    if math.isnan(weight_decay) or weight_decay < 0:
         raise ValueError(f"param_groups: weight_decay={weight_decay} must be >= 0.")
+    if exclude_ndim_le is not None and (isinstance(exclude_ndim_le, bool) or not isinstance(exclude_ndim_le, int)):
+        raise ValueError(f"param_groups: exclude_ndim_le must be an int or None, got {exclude_ndim_le!r}.")
     pats = [exclude] if isinstance(exclude, str) else list(exclude or ())
-    rx = [re.compile(p) for p in pats]
+    if not all(isinstance(p, str) for p in pats):
+        raise ValueError(f"param_groups: exclude must be a regex or a list of regexes, got {exclude!r}.")
+    try:
+        rx = [re.compile(p) for p in pats]
+    except re.error as e:
+        raise ValueError(f"param_groups: exclude has an invalid regular expression ({e}).") from None
     norm_params = set()
     if exclude_norm_layers:
         for m in model.modules():

@@ -9,14 +9,19 @@ kernels' inputs, and convert state to and from torch's ``state_dict`` format.
 from __future__ import annotations
 
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 from typing import Any, Callable
 
 import torch
 
 from .. import distributed, kernels
 from ..buckets import Bucket, grad_mismatch, state_dtype_for
-from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, exclusion_fn, needs_names
+from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, exclusion_fn, needs_names, prefers_names
+
+#: torch.optim keywords that select an implementation; here optimizer-wide (NOTE [foreach and fused]).
+_IMPL_KEYS = ("foreach", "fused", "differentiable")
+#: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
+_TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_retired_storages")
 
 _VALID_BACKENDS = ("auto",) + kernels.BACKENDS
 
@@ -47,7 +52,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
         master_weights: bool,
         capturable: bool = False,
         carry_weight_norms: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
     ) -> None:
+        backend = self._implementation(backend, foreach, fused, differentiable)
         if backend not in _VALID_BACKENDS:
             raise ValueError(f"{self._KIND}: backend={backend!r} is not one of {_VALID_BACKENDS}.")
         if backend != "auto":
@@ -66,14 +75,103 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.capturable = capturable
         self.carry_weight_norms = carry_weight_norms
+        self.foreach = foreach
+        self.fused = fused
         self._buckets: dict[int, list[Bucket]] = {}
         self._bucket_specs: dict[int, tuple] = {}
         self._seen: set[int] = set()
         super().__init__(params, defaults)
+        if fused and backend == "auto":
+            self._check_fused_devices()
+
+    # NOTE: [foreach and fused]
+    # torch.optim's implementation keywords, accepted because users pass them out of habit. Every
+    # fusedlars backend works on whole buckets, so they select backends:
+    #   foreach=True   the ``torch`` backend (vectorized tensor ops over each bucket);
+    #   foreach=False / None   no constraint (there is no per-parameter loop to pick; the float64
+    #                  ``reference`` backend is the one-parameter-at-a-time form: backend="reference");
+    #   fused=True     a fused kernel (``cpu``, ``cuda``, ``triton``) for every bucket: with
+    #                  backend="auto" the step raises with the reason instead of falling back to
+    #                  ``torch``; at construction when no fused backend runs the params' device;
+    #   fused=False    no fused kernel: the ``torch`` backend;  fused=None  backend="auto"'s choice;
+    #   differentiable=True   not supported (the step writes flat buckets in place under no_grad).
+    # They are optimizer-wide; a param group may repeat the optimizer's value (or None).
+    def _implementation(self, backend, foreach, fused, differentiable) -> str:
+        k = self._KIND
+        for name, v in (("foreach", foreach), ("fused", fused)):
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{k}: {name} must be None, True or False, got {v!r}.")
+        if differentiable not in (None, False):
+            if differentiable is True:
+                raise ValueError(
+                    f"{k}: differentiable=True is not supported: the step updates flat parameter buckets in place "
+                    "under torch.no_grad(), so autograd cannot differentiate through it. Use a torch.optim "
+                    "optimizer with differentiable=True for that."
+                )
+            raise ValueError(f"{k}: differentiable must be False, got {differentiable!r}.")
+        if foreach and fused:
+            raise ValueError(f"{k}: foreach=True and fused=True select different backends; pass at most one of them.")
+        if foreach:
+            if backend not in ("auto", "torch"):
+                raise ValueError(
+                    f"{k}: foreach=True selects the 'torch' backend (vectorized tensor ops over each bucket), "
+                    f"which contradicts backend={backend!r}; pass one of them."
+                )
+            return "torch"
+        if fused is False:
+            if backend in ("cpu", "cuda", "triton"):
+                raise ValueError(f"{k}: fused=False excludes the fused kernels, which contradicts backend={backend!r}.")
+            return "torch" if backend == "auto" else backend
+        if fused and backend in ("torch", "reference"):
+            raise ValueError(
+                f"{k}: fused=True asks for a fused kernel (cpu, cuda, triton), which contradicts backend={backend!r}."
+            )
+        return backend
+
+    def _check_fused_devices(self) -> None:
+        """fused=True with backend='auto': raise now when no fused backend runs a param's device type."""
+        types = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                t = distributed.local_tensor(p).device.type
+                if t not in types:
+                    types.append(t)
+        for t in types:
+            why = self._no_fused_backend(t)
+            if why:
+                raise RuntimeError(f"{self._KIND}: fused=True, but no fused backend runs {t} tensors: {why}.")
+
+    @staticmethod
+    def _no_fused_backend(device_type: str) -> str | None:
+        names = [n for n in kernels.auto_order(device_type) if n not in ("torch", "reference")]
+        reasons = []
+        for n in names:
+            ok, why = kernels.status(n)
+            if ok:
+                return None
+            reasons.append(f"{n}: {why}")
+        return "; ".join(reasons) or f"fusedlars has no fused kernel for {device_type} (only the torch backend)"
 
     # -- subclass hooks ---------------------------------------------------------------------
     def _validate_group(self, group: dict[str, Any], where: str) -> None:
         raise NotImplementedError
+
+    def _normalize_group(self, group: dict[str, Any], where: str) -> None:
+        """Translate the constructor's aliases used as group keys into options, in place."""
+
+    def _impl_keys(self, group: dict[str, Any], where: str) -> None:
+        """foreach / fused / differentiable in a group: optimizer-wide (NOTE [foreach and fused])."""
+        for key in _IMPL_KEYS:
+            if key not in group:
+                continue
+            v = group.pop(key)
+            mine = getattr(self, key, None) if key != "differentiable" else False
+            if v is None or v == mine or (key == "foreach" and v is False and not mine):
+                continue
+            raise ValueError(
+                f"{self._KIND}{where}: {key}={v!r} in a param group; {key} applies to the whole optimizer "
+                f"(it is {mine!r}): pass it to the constructor."
+            )
 
     def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
         raise NotImplementedError
@@ -94,10 +192,26 @@ class BucketedOptimizer(torch.optim.Optimizer):
         elif isinstance(params, set):
             raise TypeError(f"{self._KIND}{where}: params must be an ordered collection (list), not a set.")
         params = list(params)
-        if params and isinstance(params[0], tuple):
-            # named parameters, as torch.optim accepts them since 2.6
-            group.setdefault("param_names", [n for n, _ in params])
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):
+            # named parameters, as torch.optim accepts them since 2.6: all or none
+            if not all(named):
+                raise ValueError(
+                    f"{self._KIND}{where}: all parameters of a group must come with names or none: this one mixes "
+                    "(name, tensor) pairs with bare tensors. Pass model.named_parameters() or model.parameters()."
+                )
+            for j, item in enumerate(params):
+                if len(item) != 2 or not isinstance(item[0], str):
+                    raise ValueError(
+                        f"{self._KIND}{where}: entry #{j} of a named parameter list must be a (name, tensor) pair "
+                        f"with a str name, got {type(item[0]).__name__ if item else 'an empty tuple'} names."
+                    )
+            if "param_names" in group:
+                raise ValueError(f"{self._KIND}{where}: pass names as (name, tensor) pairs or as param_names, not both.")
+            group["param_names"] = [n for n, _ in params]
             params = [p for _, p in params]
+        self._impl_keys(group, where)
+        self._normalize_group(group, where)
         unknown = set(group) - set(self.defaults) - BOOKKEEPING_KEYS
         if unknown:
             raise ValueError(
@@ -144,6 +258,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"{self._KIND}{where}: {key}={merged[key]!r} matches parameter names, but the group has none. "
                     "Pass model.named_parameters() or use fusedlars.param_groups(model, ...)."
+                )
+            if prefers_names(merged[key]) and names is None and params:
+                warnings.warn(
+                    f"{self._KIND}{where}: {key} ({getattr(merged[key], '__name__', merged[key])}) decides by parameter "
+                    "name, as its source does, but the group has no names: it falls back to excluding every "
+                    "parameter with ndim <= 1. Pass model.named_parameters() for the source's rule.",
+                    stacklevel=3,
                 )
         group["params"] = params
         super().add_param_group(group)
@@ -324,6 +445,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def _backend_for(self, bucket: Bucket, cfg) -> Any:
         if bucket.shard is not None and bucket.shard.shard_dims:
             # a sharded bucket steps in two phases around the norm all_reduce (fusedlars.distributed)
+            if getattr(self, "fused", None):
+                raise RuntimeError(
+                    f"{self._KIND}: fused=True, but FSDP2/DTensor-sharded parameters step on the torch backend "
+                    "(the cross-rank norm reduction sits between two phases). Pass fused=None."
+                )
             name = "torch" if self.backend == "auto" else self.backend
             mod = kernels.get(name)
             split = ("lars_partials", "lars_apply") if self._KIND != "LAMB" else ("lamb_partials", "lamb_apply")
@@ -334,6 +460,23 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     "Use backend='torch' or backend='auto' (which picks torch for sharded buckets)."
                 )
             return mod
+        if self.backend == "auto" and getattr(self, "fused", None):
+            reasons = []
+            for name in kernels.auto_order(bucket.device.type):
+                if name in ("torch", "reference"):
+                    continue
+                ok, why = kernels.status(name)
+                if ok:
+                    mod = kernels.get(name)
+                    why = mod.supports(self._KIND, cfg, bucket) if hasattr(mod, "supports") else None
+                    if not why:
+                        return mod
+                reasons.append(f"{name}: {why}")
+            raise RuntimeError(
+                f"{self._KIND}: fused=True, but no fused backend runs this bucket ({bucket.dtype} on {bucket.device}): "
+                f"{'; '.join(reasons) or 'no fused kernel exists for ' + bucket.device.type}. "
+                "Pass fused=None to let backend='auto' use the torch backend for it."
+            )
         if self.backend != "auto":
             mod = kernels.get(self.backend)
             why = mod.supports(self._KIND, cfg, bucket) if hasattr(mod, "supports") else None
@@ -570,8 +713,26 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     self.state[p] = self._live_state(b, i)
         return sd
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a fusedlars or torch (e.g. ``torch.optim.SGD``) state dict; validated before anything changes."""
+        """Load a fusedlars or torch (e.g. ``torch.optim.SGD``) state dict; validated before anything changes.
+
+        Hooks registered with ``register_load_state_dict_pre_hook`` / ``..._post_hook`` run as in
+        torch.optim: pre-hooks (in order, ``prepend=True`` first) on a shallow copy, a returned dict
+        replacing it; post-hooks after the state is loaded."""
+        k = self._KIND
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{k}: load_state_dict expects a dict with 'state' and 'param_groups'.")
+        state_dict = state_dict.copy()  # shallow, as torch.optim
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         k = self._KIND
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError(f"{k}: load_state_dict expects a dict with 'state' and 'param_groups'.")
@@ -642,7 +803,38 @@ class BucketedOptimizer(torch.optim.Optimizer):
         for p, st in new_state.items():
             self.state[p] = st
 
+    # NOTE: [Copies]
+    # torch.optim's __getstate__ keeps only defaults, state and param_groups; ours keeps every attribute
+    # (backend, master_weights, capturable, carry_weight_norms, preset, foreach, fused, and a subclass's
+    # own) except the buckets and hooks (torch drops hooks too). The state is taken as state_dict()
+    # sees it (params that never stepped have none, so the copy's first step on them is a first step)
+    # and cloned, so that a pickle holds the state once instead of one bucket per view. The copy
+    # rebuilds its buckets at its first step from its params and this state, like after
+    # load_state_dict: it steps bitwise like the original. (Params are pickled as the tensors they
+    # are: views of their bucket, each carrying the bucket's storage; copy.deepcopy clones them.)
+    def __getstate__(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT and not k.startswith("_optimizer_")}
+        stepped: dict[int, bool] = {}
+        for b in self.buckets():
+            for p, h in zip(b.params, b.has_state.tolist()):  # host sync: fine outside step()
+                stepped[id(p)] = bool(h)
+        state: defaultdict = defaultdict(dict)
+        for p, st in self.state.items():
+            if not stepped.get(id(p), True):
+                continue
+            state[p] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        out["state"] = state
+        return out
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
-        self.__dict__.setdefault("_buckets", {})
-        self.__dict__.setdefault("_bucket_specs", {})
+        if not had_differentiable:  # torch's __setstate__ adds it; it is not an option here
+            self.defaults.pop("differentiable", None)
+        for k, v in (("backend", "auto"), ("master_weights", False), ("capturable", False),
+                     ("carry_weight_norms", False), ("foreach", None), ("fused", None)):  # fmt: skip
+            self.__dict__.setdefault(k, v)
+        self._buckets = {}
+        self._bucket_specs = {}
+        self._retired_storages = set()
+        self._seen = {id(p) for g in self.param_groups for p in g["params"]}

@@ -15,9 +15,17 @@ import torch
 from .. import distributed
 from ..kernels.common import LambConfig
 from .base import BucketedOptimizer
-from .options import LAMB_DEFAULTS, resolve, trust_clip_spec, validate_lamb_group
-from .options import UNSET as _UNSET
-
+from .lars import step_lr
+from .options import (
+    LAMB_DEFAULTS,
+    Default,
+    bias_correction_value,
+    corrected_form,
+    passed,
+    resolve,
+    trust_clip_spec,
+    validate_lamb_group,
+)
 
 
 def lamb_config(group: dict[str, Any], inv_scale=None, found_inf=None, clip_coef=None) -> LambConfig:
@@ -26,7 +34,7 @@ def lamb_config(group: dict[str, Any], inv_scale=None, found_inf=None, clip_coef
     b1, b2 = (float(x) for x in group["betas"])
     tre = group["trust_ratio_eps"]
     return LambConfig(
-        lr=group["lr"],
+        lr=step_lr(group["lr"]),
         beta1=b1,
         beta2=b2,
         beta3=1.0 - b1 if group["grad_averaging"] else 1.0,
@@ -60,13 +68,18 @@ class LAMB(BucketedOptimizer):
         r = ||w|| / ||u||   (1 if either norm is 0)
         w = w - lr * r * u
 
+    ``preset=`` selects a known implementation's formula and constructor defaults (apex and timm:
+    weight_decay 0.01); arguments not passed take the preset's value.
     Options (also param-group keys): ``bias_correction`` (``"both"`` | ``"none"`` |
-    ``"first_outside"``), ``weight_decay_mode`` (``"in_update"`` | ``"l2"`` | ``"decoupled"``),
+    ``"first_outside"`` | ``"both_outside"``, or a bool: True is the preset's corrected form, False
+    ``"none"``), ``weight_decay_mode`` (``"in_update"`` | ``"l2"`` | ``"decoupled"``),
     ``grad_averaging``, ``max_grad_norm`` (global clip of the unscaled gradients over all
     groups: g / max(1, ||G|| / max_grad_norm)), ``adapt_when``, ``trust_clip`` (``"lambc"`` |
     ``("range", lo, hi)``), ``weight_norm_clamp``, ``trust_ratio_eps`` (a float or ``"eps"``),
     ``eps_root``, ``adam`` (ratio 1), exclusions as in :class:`fusedlars.LARS`. ``backend``,
-    ``master_weights`` and ``capturable`` as in :class:`fusedlars.LARS`.
+    ``master_weights``, ``capturable``, ``foreach``, ``fused`` and ``differentiable`` as in
+    :class:`fusedlars.LARS`. ``bias_correction="both_outside"`` (preset ``"deepspeed_legacy"``) runs
+    on the ``torch`` and ``reference`` backends only.
     """
 
     _KIND = "LAMB"
@@ -75,36 +88,60 @@ class LAMB(BucketedOptimizer):
         self,
         params,
         lr: float = 1e-3,
-        betas: tuple[float, float] = _UNSET,
-        eps: float = _UNSET,
-        weight_decay: float = _UNSET,
+        betas: tuple[float, float] = Default((0.9, 0.999)),
+        eps: float = Default(1e-6),
+        weight_decay: float = Default(0.0),
         *,
         preset: str | None = None,
         backend: str = "auto",
         master_weights: bool = False,
         capturable: bool = False,
-        exclude: Any = _UNSET,
+        exclude: Any = Default(False),
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
         **options: Any,
     ) -> None:
-        explicit = {
-            k: v for k, v in dict(betas=betas, eps=eps, weight_decay=weight_decay).items() if v is not _UNSET
-        }
-        if exclude is not _UNSET:
+        explicit = {k: v for k, v in dict(betas=betas, eps=eps, weight_decay=weight_decay).items() if passed(v)}
+        if passed(exclude):
             explicit.setdefault("exclude_from_weight_decay", exclude)
             explicit.setdefault("exclude_from_adaptation", exclude)
         unknown = set(options) - set(LAMB_DEFAULTS)
         if unknown:
             raise TypeError(f"LAMB: unknown option(s) {sorted(unknown)}. Known: {sorted(LAMB_DEFAULTS)}.")
-        if isinstance(options.get("bias_correction"), bool):
-            options["bias_correction"] = "both" if options["bias_correction"] else "none"
+        name = preset or "default"
+        # bias_correction=True means the preset's corrected form (DeepSpeed's legacy kernel corrects
+        # outside the ratio), False means none, as in apex, timm and DeepSpeed
+        self._corrected = corrected_form(resolve("LAMB", name, {})["bias_correction"])
+        if "bias_correction" in options:
+            options["bias_correction"] = bias_correction_value(options["bias_correction"], self._corrected)
         explicit.update(options)
-        defaults = resolve("LAMB", preset, explicit)
+        defaults = resolve("LAMB", name, explicit)
         defaults["lr"] = lr
         validate_lamb_group(defaults)
-        self.preset = preset or "default"
-        super().__init__(params, defaults, backend=backend, master_weights=master_weights, capturable=capturable)
+        self.preset = name
+        super().__init__(
+            params,
+            defaults,
+            backend=backend,
+            master_weights=master_weights,
+            capturable=capturable,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
+        )
+
+    def _normalize_group(self, group, where):
+        if "exclude" in group:
+            spec = group.pop("exclude")
+            group.setdefault("exclude_from_weight_decay", spec)
+            group.setdefault("exclude_from_adaptation", spec)
+        if "bias_correction" in group:
+            group["bias_correction"] = bias_correction_value(group["bias_correction"], getattr(self, "_corrected", "both"))
 
     def _validate_group(self, group, where):
+        if isinstance(group.get("bias_correction"), bool):  # set on a group after construction
+            group["bias_correction"] = bias_correction_value(group["bias_correction"], getattr(self, "_corrected", "both"))
         validate_lamb_group(group, where)
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             raise ValueError(

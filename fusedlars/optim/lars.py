@@ -13,10 +13,38 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from ..kernels.common import LarsConfig
 from .base import BucketedOptimizer
-from .options import LARS_DEFAULTS, resolve, trust_clip_spec, validate_lars_group
-from .options import UNSET as _UNSET
+from .options import LARS_DEFAULTS, REQUIRED, Default, passed, resolve, trust_clip_spec, validate_lars_group
+
+_TV_KEYS = ("lmbda", "alpha", "shift", "gamma_min", "gate")
+
+
+def step_lr(lr):
+    """lr as the kernels take it: a 1-element tensor of any rank becomes 0-dim (a view: no copy, no sync)."""
+    if isinstance(lr, torch.Tensor) and lr.dim() != 0:
+        return lr.reshape(())
+    return lr
+
+
+def lars_aliases(kind: str, group: dict[str, Any], where: str) -> None:
+    """The LARS constructor's aliases as group keys: eta, weight_decay_filter, lars_adaptation_filter, exclude."""
+    if "eta" in group:
+        if "trust_coefficient" in group:
+            raise ValueError(f"{kind}{where}: pass trust_coefficient or its alias eta, not both.")
+        group["trust_coefficient"] = group.pop("eta")
+    for alias, key in (("weight_decay_filter", "exclude_from_weight_decay"),
+                       ("lars_adaptation_filter", "exclude_from_adaptation")):  # fmt: skip
+        if alias in group:
+            if key in group:
+                raise ValueError(f"{kind}{where}: pass {key} or its Barlow Twins alias {alias}, not both.")
+            group[key] = "ndim==1" if group.pop(alias) else False
+    if "exclude" in group:
+        spec = group.pop("exclude")
+        group.setdefault("exclude_from_weight_decay", spec)
+        group.setdefault("exclude_from_adaptation", spec)
 
 
 
@@ -34,7 +62,7 @@ def lars_config(group: dict[str, Any], inv_scale=None, found_inf=None) -> LarsCo
             int(tv.get("gate", 0)),
         )
     return LarsConfig(
-        lr=group["lr"],
+        lr=step_lr(group["lr"]),
         momentum=float(group["momentum"]),
         dampening=float(group["dampening"]),
         nesterov=bool(group["nesterov"]),
@@ -71,8 +99,12 @@ class LARS(BucketedOptimizer):
 
     which is exactly ``torch.optim.SGD`` on the ratio-scaled gradient, so an SGD
     checkpoint continues here. ``preset=`` selects the exact semantics of a known
-    implementation (``fusedlars.presets()`` lists them); explicit keyword arguments
-    override the preset. Options (each also a param-group key):
+    implementation, its formula and its constructor's defaults (``fusedlars.presets()``
+    lists them): an argument you do not pass takes the preset's value, so the defaults in
+    the signature are those of the default preset (``preset="torchlars"`` has momentum 0,
+    ``"timm"`` lr 1.0 and momentum 0). Explicit keyword arguments override the preset.
+    Options (each also a param-group key, as are the aliases ``eta``, ``exclude``,
+    ``weight_decay_filter`` and ``lars_adaptation_filter``):
 
     denominator: ``"sum_of_norms"`` | ``"norm_of_sum"`` | ``"grad_only"``
     weight_decay_mode: ``"l2"`` | ``"ratio_only"`` | ``"decoupled"``
@@ -90,6 +122,11 @@ class LARS(BucketedOptimizer):
     ``capturable=True`` keeps every per-step value on the device (a float lr becomes a 0-dim tensor
     that LR schedulers update in place), so the step can be captured in a CUDA graph; a step under
     ``torch.compile`` does this by itself (README, "Compiled and captured steps").
+    ``foreach`` / ``fused`` / ``differentiable`` (torch.optim's keywords, optimizer-wide):
+    ``foreach=True`` selects the ``torch`` backend (vectorized tensor ops; ``False``/``None``: no
+    constraint); ``fused=True`` requires a fused kernel (``cpu``, ``cuda``, ``triton``) for every
+    bucket and raises with the reason where there is none (instead of ``auto``'s fallback to
+    ``torch``); ``fused=False`` selects ``torch``; ``differentiable=True`` is not supported.
     ``carry_weight_norms=True`` (the ``cpu`` backend): the step sums the squares of the weights it
     writes and the next step uses them instead of reading the weights again, bitwise the same
     norms. A param changed in place (``p.mul_``, ``p.copy_``, ``load_state_dict``, ``p.data = t``)
@@ -102,28 +139,29 @@ class LARS(BucketedOptimizer):
     def __init__(
         self,
         params,
-        lr: float = _UNSET,
-        momentum: float = _UNSET,
-        dampening: float = _UNSET,
-        weight_decay: float = _UNSET,
-        nesterov: bool = _UNSET,
-        trust_coefficient: float = _UNSET,
-        eps: float = _UNSET,
+        lr: float = REQUIRED,
+        momentum: float = Default(0.9),
+        dampening: float = Default(0.0),
+        weight_decay: float = Default(0.0),
+        nesterov: bool = Default(False),
+        trust_coefficient: float = Default(1e-3),
+        eps: float = Default(1e-8),
         *,
         preset: str | None = None,
         backend: str = "auto",
         master_weights: bool = False,
         capturable: bool = False,
         carry_weight_norms: bool = True,
-        maximize: bool = _UNSET,
-        eta: float = _UNSET,
-        weight_decay_filter: bool = _UNSET,
-        lars_adaptation_filter: bool = _UNSET,
-        exclude: Any = _UNSET,
+        maximize: bool = Default(False),
+        eta: float = Default(1e-3),
+        weight_decay_filter: bool = Default(False),
+        lars_adaptation_filter: bool = Default(False),
+        exclude: Any = Default(False),
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        differentiable: bool = False,
         **options: Any,
     ) -> None:
-        if lr is _UNSET:
-            raise TypeError(f"{type(self).__name__}: lr is required (e.g. lr=0.1 * batch_size / 256).")
         explicit = {
             k: v
             for k, v in dict(
@@ -135,25 +173,29 @@ class LARS(BucketedOptimizer):
                 eps=eps,
                 maximize=maximize,
             ).items()
-            if v is not _UNSET
+            if passed(v)
         }
-        if eta is not _UNSET:
-            if trust_coefficient is not _UNSET:
+        if passed(eta):
+            if passed(trust_coefficient):
                 raise TypeError("LARS: pass trust_coefficient or its alias eta, not both.")
             explicit["trust_coefficient"] = eta
         # Barlow Twins / TVLARS compatible flags: True excludes params with ndim == 1 (biases, norms).
-        if weight_decay_filter is not _UNSET:
+        if passed(weight_decay_filter):
             explicit["exclude_from_weight_decay"] = "ndim==1" if weight_decay_filter else False
-        if lars_adaptation_filter is not _UNSET:
+        if passed(lars_adaptation_filter):
             explicit["exclude_from_adaptation"] = "ndim==1" if lars_adaptation_filter else False
-        if exclude is not _UNSET:
+        if passed(exclude):
             explicit.setdefault("exclude_from_weight_decay", exclude)
             explicit.setdefault("exclude_from_adaptation", exclude)
         explicit.update(self._extra_options(options))
-        defaults = resolve("LARS", preset or self._default_preset(), explicit)
-        defaults["lr"] = lr
+        name = preset or self._default_preset()
+        defaults = resolve("LARS", name, explicit)
+        if passed(lr):
+            defaults["lr"] = lr
+        elif "lr" not in defaults:
+            raise TypeError(f"{type(self).__name__}: lr is required (e.g. lr=0.1 * batch_size / 256).")
         validate_lars_group(defaults)
-        self.preset = preset or self._default_preset()
+        self.preset = name
         super().__init__(
             params,
             defaults,
@@ -161,6 +203,9 @@ class LARS(BucketedOptimizer):
             master_weights=master_weights,
             capturable=capturable,
             carry_weight_norms=carry_weight_norms,
+            foreach=foreach,
+            fused=fused,
+            differentiable=differentiable,
         )
 
     def _default_preset(self) -> str:
@@ -174,6 +219,22 @@ class LARS(BucketedOptimizer):
 
     def _validate_group(self, group, where):
         validate_lars_group(group, where)
+
+    def _normalize_group(self, group, where):
+        lars_aliases(self._KIND, group, where)
+        tv = {k: group.pop(k) for k in _TV_KEYS + ("delay",) if k in group}
+        if tv:
+            if self.defaults.get("tv") is None:
+                raise ValueError(
+                    f"{self._KIND}{where}: {sorted(tv)} are TVLARS arguments; use fusedlars.TVLARS (or a 'tv' dict)."
+                )
+            if "shift" in tv and "delay" in tv:
+                raise ValueError(f"{self._KIND}{where}: pass shift or delay (the paper's d_e), not both.")
+            if "delay" in tv:
+                tv["shift"] = tv.pop("delay")
+            merged = dict(group.get("tv") or self.defaults["tv"])
+            merged.update(tv)
+            group["tv"] = merged
 
     def _state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
@@ -191,31 +252,55 @@ class TVLARS(LARS):
     ``phi_t = 1 / (alpha + exp(lmbda * (t - shift))) + gamma_min``  (``phi_t = 1`` while ``t < gate``)
 
     with ``t`` the number of steps the layer has completed (kept in optimizer state,
-    saved in ``state_dict`` and not advanced on a step GradScaler skips). The defaults
-    are those of the official TVLARS code (alpha=0.1, shift=-1, gamma_min=0, the
-    Barlow-Twins-style ratio ``||g + wd*w||`` with norms clamped to [0, 10], weight_decay
-    5e-4, 1-D params excluded). The paper writes the shift as the delay ``d_e``: pass
-    ``delay=d_e``. The 2023-08 code gated phi for the first epochs: pass ``gate=steps``.
+    saved in ``state_dict`` and not advanced on a step GradScaler skips).
+
+    Defaults (preset ``"tvlars_official"``, the official TVLARS code, KhoiDOO/tvlars @ 89c3291):
+    alpha=0.1, shift=-1, gamma_min=0, lmbda=1e-3, the Barlow-Twins-style ratio ``||g + wd*w||`` with
+    both norms clamped to [0, 10], momentum 0.9, no eps, **weight_decay=5e-4** (its class default) and
+    **1-D parameters (biases, norm scales) excluded from weight decay and from the ratio**
+    (``weight_decay_filter=True, lars_adaptation_filter=True``, as its ``clf.py`` passes them; its
+    class defaults them to False). Pass ``weight_decay=0`` or ``weight_decay_filter=False`` /
+    ``lars_adaptation_filter=False`` to change them. The paper writes the shift as the delay ``d_e``:
+    pass ``delay=d_e``. The 2023-08 code gated phi for the first epochs: pass ``gate=steps``. Every
+    argument is also a param-group key. Other options as in :class:`LARS`.
     """
 
     def __init__(
         self,
         params,
-        lr: float = _UNSET,
+        lr: float = REQUIRED,
         lmbda: float = 1e-3,
         alpha: float = 0.1,
-        shift: float = _UNSET,
+        shift: float = Default(-1.0),
         gamma_min: float = 0.0,
         gate: int = 0,
         *,
-        delay: float = _UNSET,
+        delay: float | None = None,
+        momentum: float = Default(0.9),
+        weight_decay: float = Default(5e-4),
+        weight_decay_filter: bool = Default(True),
+        lars_adaptation_filter: bool = Default(True),
+        trust_coefficient: float = Default(1e-3),
+        eps: float = Default(0.0),
+        preset: str | None = None,
         **kwargs: Any,
     ) -> None:
-        if shift is not _UNSET and delay is not _UNSET:
+        if passed(shift) and delay is not None:
             raise TypeError("TVLARS: pass shift or delay (the paper's d_e), not both; they are the same quantity.")
-        s = -1.0 if shift is _UNSET and delay is _UNSET else (delay if shift is _UNSET else shift)
+        s = delay if delay is not None else (shift if passed(shift) else -1.0)
         self._tv = {"lmbda": lmbda, "alpha": alpha, "shift": s, "gamma_min": gamma_min, "gate": gate}
-        super().__init__(params, lr, **kwargs)
+        super().__init__(
+            params,
+            lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            weight_decay_filter=weight_decay_filter,
+            lars_adaptation_filter=lars_adaptation_filter,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            preset=preset,
+            **kwargs,
+        )
 
     def _default_preset(self) -> str:
         return "tvlars_official"

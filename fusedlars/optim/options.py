@@ -24,6 +24,8 @@ __all__ = [
     "LAMB_PRESETS",
     "presets",
     "resolve",
+    "mlperf_no_weight_decay",
+    "mlperf_no_adaptation",
     "validate_lars_group",
     "validate_lamb_group",
 ]
@@ -95,6 +97,38 @@ LARS_DEFAULTS: dict[str, Any] = {
 }
 
 _NDIM1 = "ndim<=1"  # biases and norm scales, and 0-dim scalars
+
+
+# NVIDIA's MLPerf ResNet-50 LARS (mlcommons/training_results_v0.7 @ c6640611,
+# NVIDIA/benchmarks/resnet/implementations/mxnet/common/fit.py, SGDwLARS and SGDwFASTLARS) decides by
+# MXNet parameter name: ``set_wd_mult`` zeroes the decay of every name that does not end with
+# '_weight', except names containing both 'fc' and 'bias' (the fc bias IS decayed); ``_get_lars`` /
+# ``multi_lars`` skip the ratio for names ending with 'gamma', 'beta' or 'bias' (fc bias included).
+# torch names a normalization layer's scale '<layer>.weight' (1-D) where MXNet says '<layer>_gamma':
+# a 1-D name ending in 'weight' but not '_weight' counts as a gamma. Without names (plain
+# ``model.parameters()``) the rules fall back to the parameter's dimension: ndim <= 1 is excluded
+# from both (the fc bias is then not decayed), and a warning says so at construction.
+def mlperf_no_weight_decay(name: str | None, p: Any) -> bool:
+    """MLPerf ResNet-50 (NVIDIA MXNet) weight-decay exclusion: all but weights and the fc bias."""
+    if name is None:
+        return p.ndim <= 1
+    decayed = (
+        name.endswith("_weight") or (name.endswith("weight") and p.ndim > 1) or ("fc" in name and "bias" in name)
+    )
+    return not decayed
+
+
+def mlperf_no_adaptation(name: str | None, p: Any) -> bool:
+    """MLPerf ResNet-50 (NVIDIA MXNet) trust-ratio exclusion: BN gamma/beta and every bias."""
+    if name is None:
+        return p.ndim <= 1
+    if name.endswith(("gamma", "beta", "bias")):
+        return True
+    return name.endswith("weight") and not name.endswith("_weight") and p.ndim <= 1
+
+
+mlperf_no_weight_decay.prefers_names = True  # type: ignore[attr-defined]
+mlperf_no_adaptation.prefers_names = True  # type: ignore[attr-defined]
 _NDIM_EQ1 = "ndim==1"  # Barlow Twins / TVLARS test p.ndim == 1 exactly
 
 LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -104,23 +138,27 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"eps": 0.0, "momentum_mode": "classic", "first_step_buffer": "zeros"},
     ),
     "timm": (
-        "timm.optim.Lars: ||g||+wd||w||+1e-8, adapted only where weight_decay != 0",
-        {"eps": 1e-8, "adapt_when": "weight_decay_nonzero"},
+        "timm.optim.Lars: ||g||+wd||w||+1e-8, adapted only where weight_decay != 0; "
+        "defaults lr 1.0, momentum 0 (as timm)",
+        {"lr": 1.0, "momentum": 0.0, "eps": 1e-8, "adapt_when": "weight_decay_nonzero"},
     ),
     "apex_larc_clip": (
-        "apex LARC(clip=True) around SGD: eta 0.02, ratio min(r/lr, 1), zero norm skips ratio and decay",
-        {"trust_coefficient": 0.02, "eps": 1e-8, "zero_norm": "skip", "trust_clip": "larc"},
+        "apex LARC(clip=True) around torch.optim.SGD: eta 0.02, ratio min(r/lr, 1), zero norm skips ratio and "
+        "decay; default momentum 0 (SGD's)",
+        {"momentum": 0.0, "trust_coefficient": 0.02, "eps": 1e-8, "zero_norm": "skip", "trust_clip": "larc"},
     ),
     "apex_larc_scale": (
-        "apex LARC(clip=False) around SGD: eta 0.02, zero norm skips ratio and decay",
-        {"trust_coefficient": 0.02, "eps": 1e-8, "zero_norm": "skip"},
+        "apex LARC(clip=False) around torch.optim.SGD: eta 0.02, zero norm skips ratio and decay; "
+        "default momentum 0 (SGD's)",
+        {"momentum": 0.0, "trust_coefficient": 0.02, "eps": 1e-8, "zero_norm": "skip"},
     ),
     "lightning": (
-        "Lightning Bolts / Flash LARS: adapted only where weight_decay != 0, zero norm skips",
-        {"eps": 1e-8, "zero_norm": "skip", "adapt_when": "weight_decay_nonzero"},
+        "Lightning Bolts / Flash LARS: adapted only where weight_decay != 0, zero norm skips; default momentum 0",
+        {"momentum": 0.0, "eps": 1e-8, "zero_norm": "skip", "adapt_when": "weight_decay_nonzero"},
     ),
     "barlowtwins": (
-        "Barlow Twins LARS: ||g+wd*w||, no eps, 1-D params excluded from decay and ratio, zero buffer",
+        "Barlow Twins LARS: ||g+wd*w||, no eps, zero buffer; 1-D params excluded from decay and ratio by default "
+        "(the flags its main.py passes; the class itself defaults them off)",
         {
             "eps": 0.0,
             "denominator": "norm_of_sum",
@@ -131,7 +169,9 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "tvlars_official": (
-        "official TVLARS code: Barlow Twins LARS, norms clamped to [0,10], phi_t = 1/(0.1+exp(lmbda*(t+1)))",
+        "official TVLARS code: Barlow Twins LARS, norms clamped to [0,10], phi_t = 1/(0.1+exp(lmbda*(t+1))); "
+        "defaults weight_decay 5e-4, momentum 0.9 (its class) and 1-D params excluded from decay and ratio "
+        "(its clf.py call site)",
         {
             "eps": 0.0,
             "weight_decay": 5e-4,
@@ -155,12 +195,21 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "mlperf": (
-        "MLPerf ResNet-50 (NVIDIA MXNet SGDwLARS): ||g||+wd||w||, eps 0, bias/BN excluded",
-        {"eps": 0.0, "exclude_from_weight_decay": _NDIM1, "exclude_from_adaptation": _NDIM1},
+        "MLPerf ResNet-50 v0.7 (NVIDIA MXNet SGDwLARS/SGDwFASTLARS): ||g||+wd||w||, eps 0; by parameter name: "
+        "BN gamma/beta and biases get no ratio, only weights and the fc bias are decayed; defaults "
+        "momentum 0.9, weight_decay 1e-4 (its training script)",
+        {
+            "eps": 0.0,
+            "weight_decay": 1e-4,
+            "exclude_from_weight_decay": mlperf_no_weight_decay,
+            "exclude_from_adaptation": mlperf_no_adaptation,
+        },
     ),
     "pytorch_optimizer": (
-        "pytorch_optimizer.LARS 4.x: ||g||+wd||w||, eps 0, only ndim>1 adapted and decayed, zero buffer",
+        "pytorch_optimizer.LARS 4.x: ||g||+wd||w||, eps 0, only ndim>1 adapted and decayed, zero buffer; "
+        "default lr 1e-3",
         {
+            "lr": 1e-3,
             "eps": 0.0,
             "zero_norm_check": "denominator",
             "exclude_from_weight_decay": _NDIM1,
@@ -169,8 +218,9 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         },
     ),
     "torchlars": (
-        "kakaobrain torchlars around SGD: ||g||+wd||w||+1e-8, ratio 1 on zero norms",
-        {"eps": 1e-8},
+        "kakaobrain torchlars around torch.optim.SGD: ||g||+wd||w||+1e-8, ratio 1 on zero norms; "
+        "default momentum 0 (SGD's)",
+        {"momentum": 0.0, "eps": 1e-8},
     ),
 }
 
@@ -183,6 +233,8 @@ LAMB_CHOICES: dict[str, dict[str, str]] = {
         "both": "u = (m/(1-b1^t)) / (sqrt(v/(1-b2^t) + eps_root) + eps)",
         "none": "u = m / (sqrt(v + eps_root) + eps) (cybertron, TVLARS repo)",
         "first_outside": "u = m / (sqrt(v) + eps); step scaled by 1/(1-b1^t) outside the ratio (pytorch_optimizer)",
+        "both_outside": "u = m / (sqrt(v + eps_root) + eps) from the raw moments; step scaled by "
+        "sqrt(1-b2^t)/(1-b1^t) outside the ratio (DeepSpeed FusedLamb v0.1.0 to v0.19.6)",
     },
     "weight_decay_mode": {
         "in_update": "u <- u + wd*w, inside the trust ratio (paper, apex, timm)",
@@ -215,12 +267,12 @@ LAMB_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("You et al. 2019 LAMB: bias-corrected Adam + wd*w, ratio ||w||/||u|| on every layer", {}),
     "paper": ("You et al. 2019 Algorithm 2 (same as default)", {}),
     "apex": (
-        "apex FusedLAMB: global grad clip 1.0, ratio only where weight_decay != 0",
-        {"max_grad_norm": 1.0, "adapt_when": "weight_decay_nonzero"},
+        "apex FusedLAMB: global grad clip 1.0, ratio only where weight_decay != 0; default weight_decay 0.01",
+        {"weight_decay": 0.01, "max_grad_norm": 1.0, "adapt_when": "weight_decay_nonzero"},
     ),
     "timm": (
-        "timm.optim.Lamb: global grad clip 1.0, ratio only where weight_decay != 0",
-        {"max_grad_norm": 1.0, "adapt_when": "weight_decay_nonzero"},
+        "timm.optim.Lamb: global grad clip 1.0, ratio only where weight_decay != 0; default weight_decay 0.01",
+        {"weight_decay": 0.01, "max_grad_norm": 1.0, "adapt_when": "weight_decay_nonzero"},
     ),
     "cybertron": (
         "cybertronai pytorch-lamb (TVLARS repo): no bias correction, ||w|| clamped to [0,10]",
@@ -228,8 +280,13 @@ LAMB_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "optax": ("optax.lamb: bias-corrected Adam (+eps_root) + wd*w, ratio on every layer", {}),
     "deepspeed": (
-        "DeepSpeed FusedLamb: eps 1e-8, ratio clamped to [0.01, 10]",
+        "DeepSpeed FusedLamb, current kernel (bias-corrected m and v): eps 1e-8, ratio clamped to [0.01, 10]",
         {"eps": 1e-8, "trust_clip": ("range", 0.01, 10.0)},
+    ),
+    "deepspeed_legacy": (
+        "DeepSpeed FusedLamb v0.1.0 to v0.19.6: raw moments, ratio clamped to [0.01, 10], "
+        "lr*sqrt(1-b2^t)/(1-b1^t) outside the ratio, eps 1e-8 (not fused: torch backend)",
+        {"eps": 1e-8, "trust_clip": ("range", 0.01, 10.0), "bias_correction": "both_outside"},
     ),
     "pytorch_optimizer": (
         "pytorch_optimizer.Lamb 4.x: decoupled decay, 1/(1-b1^t) outside, ||w||<=10, ratio eps = eps",
@@ -455,8 +512,59 @@ def trust_clip_spec(clip: Any) -> tuple[str | None, float, float]:
     return clip, 0.0, math.inf
 
 
+class Default:
+    """A signature default that is *not passed*: the preset's value wins over it.
+
+    It shows as the value of the default preset (``help(fusedlars.LARS)`` reads ``momentum=0.9``), so
+    every default is visible, while ``LARS(preset="torchlars")`` still gets torchlars' momentum 0.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+class _Required:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+#: Signature default of an argument without a default (LARS's lr, unless the preset has one).
+REQUIRED: Any = _Required()
 #: Sentinel for "argument not passed", so a preset's value is kept unless overridden.
-UNSET: Any = object()
+UNSET: Any = Default(None)
+
+
+def passed(v: Any) -> bool:
+    """True when the caller passed ``v`` (it is neither a :class:`Default` nor :data:`REQUIRED`)."""
+    return not isinstance(v, (Default, _Required))
+
+
+#: bias_correction values that correct the moments (True maps to the preset's one of these).
+_CORRECTED = ("both", "first_outside", "both_outside")
+
+
+def bias_correction_value(v: Any, corrected: str) -> Any:
+    """``bias_correction`` given as a bool (apex, timm, DeepSpeed): True -> ``corrected`` (the preset's
+    corrected form, "both" unless the preset says otherwise), False -> "none". Other values unchanged."""
+    if isinstance(v, bool):
+        return corrected if v else "none"
+    return v
+
+
+def corrected_form(preset_value: Any) -> str:
+    return preset_value if preset_value in _CORRECTED else "both"
+
+
+def prefers_names(spec: Any) -> bool:
+    """An exclusion rule that decides by parameter name and falls back to ndim without names (MLPerf)."""
+    return bool(getattr(spec, "prefers_names", False))
 
 
 def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
