@@ -58,6 +58,7 @@ __all__ = [
     "cybertron_lamb_step",
     "optax_lamb_step",
     "deepspeed_lamb_step",
+    "deepspeed_legacy_lamb_step",
     "pytorch_optimizer_lamb_step",
 ]
 
@@ -396,16 +397,22 @@ def mlperf_lars_step(
     state,
     lr,
     *,
+    names,
     momentum=0.9,
     weight_decay=1e-4,
     eta=1e-3,
     eps=0.0,
 ):
-    """MLPerf NVIDIA MXNet SGDwLARS, in its equivalent torch form (semantics.md b.14).
+    """MLPerf ResNet-50, NVIDIA MXNet ``SGDwLARS`` / ``SGDwFASTLARS`` (mlcommons/training_results_v0.7
+    @ c6640611, NVIDIA/benchmarks/resnet/implementations/mxnet/common/fit.py), in its equivalent
+    torch form (semantics.md b.14).  ``names`` are MXNet parameter names.
 
-    Params with ndim <= 1 (bias / BN) get neither weight decay nor a ratio.
-    Others: r = eta*||w||/(||g|| + wd*||w|| + eps), r = 1 if ||w|| == 0 or ||g|| == 0,
-    buf <- m*buf + r*(g + wd*w) (buf starts at zeros),  w <- w - lr*buf.
+    wd_mult = 0 unless the name ends with '_weight' or contains both 'fc' and 'bias' (the fc bias IS
+    decayed); lam = wd * wd_mult.
+    No ratio (r = 1) for names ending with 'gamma', 'beta' or 'bias' (fc bias included); others:
+    r = eta*||w||/(||g|| + lam*||w|| + eps), r = 1 if ||w|| == 0 or ||g|| == 0.
+    MXNet's sgd_mom_update with the lr-ratio momentum correction == buf <- m*buf + r*(g + lam*w)
+    (buf starts at zeros), w <- w - lr*buf.
     """
     _check64(params, grads)
     _advance(state)
@@ -413,12 +420,15 @@ def mlperf_lars_step(
         if g is None:
             continue
         st = _pstate(state, i)
-        if w.ndim <= 1:
-            dp = g.clone()
+        name = names[i]
+        decayed = name.endswith("_weight") or ("fc" in name and "bias" in name)
+        lam = weight_decay if decayed else 0.0
+        if name.endswith("gamma") or name.endswith("beta") or name.endswith("bias"):
+            r = 1.0
         else:
             wn, gn = _norm(w), _norm(g)
-            r = eta * wn / (gn + weight_decay * wn + eps) if (wn > 0 and gn > 0) else 1.0
-            dp = (g + weight_decay * w) * r
+            r = eta * wn / (gn + lam * wn + eps) if (wn > 0 and gn > 0) else 1.0
+        dp = (g + lam * w) * r
         buf = st.get("momentum_buffer")
         if buf is None:
             buf = st["momentum_buffer"] = torch.zeros_like(w)
@@ -711,15 +721,19 @@ def deepspeed_lamb_step(
     *,
     betas=(0.9, 0.999),
     eps=1e-8,
+    eps_inside_sqrt=False,
     weight_decay=0.0,
     bias_correction=True,
     max_coeff=10.0,
     min_coeff=0.01,
 ):
-    """DeepSpeed ``FusedLamb`` (default max_grad_norm=0: no global clip).
+    """DeepSpeed ``FusedLamb``, current kernel (deepspeedai/DeepSpeed @ e5d277fc,
+    csrc/lamb/fused_lamb_cuda_kernel.cu: m and v bias-corrected themselves; default max_grad_norm=0:
+    no global clip).
 
-    u = m_hat/(sqrt(v_hat)+eps) + wd*w;  r = ||w||/||u|| if both > 0 else 1;
-    r <- clamp(r, min_coeff, max_coeff);  w <- w - lr*r*u.
+    m_hat = m/bc1, v_hat = v/bc2;  u = m_hat/(sqrt(v_hat)+eps) + wd*w  (sqrt(v_hat + eps) when
+    eps_inside_sqrt);  r = ||w||/||u|| if both > 0 else 1, then clamped to [min_coeff, max_coeff];
+    w <- w - lr*r*u.
     """
     _check64(params, grads)
     t = _advance(state)
@@ -729,11 +743,53 @@ def deepspeed_lamb_step(
         if g is None:
             continue
         m, v = _moments(_pstate(state, i), w, g, b1, b2, 1.0 - b1)
-        u = (m / bc1) / ((v / bc2).sqrt() + eps) + weight_decay * w
+        v_hat = v / bc2
+        den = (v_hat + eps).sqrt() if eps_inside_sqrt else v_hat.sqrt() + eps
+        u = (m / bc1) / den + weight_decay * w
         wn, un = _norm(w), _norm(u)
-        r = wn / un if (wn > 0 and un > 0) else 1.0
-        r = min(max(r, min_coeff), max_coeff)
+        r = 1.0
+        if wn != 0 and un != 0:
+            r = min(max(wn / un, min_coeff), max_coeff)
         w.add_(u, alpha=-lr * r)
+
+
+def deepspeed_legacy_lamb_step(
+    params,
+    grads,
+    state,
+    lr,
+    *,
+    betas=(0.9, 0.999),
+    eps=1e-8,
+    eps_inside_sqrt=False,
+    weight_decay=0.0,
+    bias_correction=True,
+    max_coeff=10.0,
+    min_coeff=0.01,
+):
+    """DeepSpeed ``FusedLamb``, the kernel of every release up to v0.19.6 (deepspeedai/DeepSpeed
+    v0.1.0 .. v0.19.6, master @ edaa7221 of 2026-08-22; csrc/lamb/fused_lamb_cuda_kernel.cu).
+
+    Raw moments: u = m/(sqrt(v)+eps) + wd*w  (sqrt(v + eps) when eps_inside_sqrt);
+    r = ||w||/||u|| clamped to [min_coeff, max_coeff], 1 when either norm is 0;
+    step_size = lr*sqrt(1-b2^t)/(1-b1^t) (lr without bias correction), outside the ratio;
+    w <- w - step_size*r*u.
+    """
+    _check64(params, grads)
+    t = _advance(state)
+    b1, b2 = betas
+    step_size = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t) if bias_correction else lr
+    for i, (w, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        m, v = _moments(_pstate(state, i), w, g, b1, b2, 1.0 - b1)
+        den = (v + eps).sqrt() if eps_inside_sqrt else v.sqrt() + eps
+        u = m / den + weight_decay * w
+        wn, un = _norm(w), _norm(u)
+        r = 1.0
+        if wn != 0 and un != 0:
+            r = min(max(wn / un, min_coeff), max_coeff)
+        w.add_(u, alpha=-step_size * r)
 
 
 def pytorch_optimizer_lamb_step(
@@ -809,5 +865,6 @@ LAMB_ANCHORS: dict[str, Callable] = {
     "cybertron": cybertron_lamb_step,
     "optax": optax_lamb_step,
     "deepspeed": deepspeed_lamb_step,
+    "deepspeed_legacy": deepspeed_legacy_lamb_step,
     "pytorch_optimizer": pytorch_optimizer_lamb_step,
 }

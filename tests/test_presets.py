@@ -18,6 +18,7 @@ the tensor's magnitude.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import sys
 from pathlib import Path
@@ -49,7 +50,9 @@ LARS_PRESET_NAMES = {
     "pytorch_optimizer",
     "torchlars",
 }
-LAMB_PRESET_NAMES = {"default", "paper", "apex", "timm", "cybertron", "optax", "deepspeed", "pytorch_optimizer"}
+LAMB_PRESET_NAMES = {
+    "default", "paper", "apex", "timm", "cybertron", "optax", "deepspeed", "deepspeed_legacy", "pytorch_optimizer"
+}
 
 # ---------------------------------------------------------------------------
 # the problem
@@ -74,6 +77,13 @@ SPECS["main"] = [
     (1, (6, 2), "zero_grad", 1.0),
     (1, (7,), "zero_grad", 1.0),
 ]
+# Parameter names, MXNet style (the MLPerf preset excludes by name: 'gamma' / 'beta' / 'bias' are not
+# adapted, only '*_weight' and the fc bias are decayed); every other preset ignores them.
+NAMES = {}
+NAMES["main"] = [
+    "conv0_weight", "fc1_weight", "bn0_gamma", "fc1_bias", "bn0_beta", "conv1_bias", "conv2_weight",
+    "conv3_weight", "bn1_gamma", "fc2_weight", "conv4_weight", "conv5_weight", "conv6_weight", "fc2_bias",
+]
 # 0-dim parameters (a learnable scale or temperature): Barlow Twins and the official TVLARS
 # filter ``p.ndim == 1`` only, MLPerf and pytorch_optimizer everything with ndim <= 1.
 SPECS["scalar"] = [
@@ -83,6 +93,7 @@ SPECS["scalar"] = [
     (1, (), "rand", 2.0),
     (1, (3, 3), "rand", 0.5),
 ]
+NAMES["scalar"] = ["temperature_weight", "conv0_weight", "bn0_beta", "scale_gamma", "conv1_weight"]
 
 
 def group_idx(name):
@@ -137,12 +148,15 @@ class AnchorRun:
         self.global_clip = global_clip
         self.params = [w.clone() for w in init]
         self.states = [{} for _ in self.groups]
+        # anchors that decide by parameter name (MLPerf) get the names
+        self.names = NAMES[name] if "names" in inspect.signature(fn).parameters else None
 
     def step(self, grads, lr):
         extra = {}
         if self.global_clip:
             extra["global_grad_norm"] = anchors.total_grad_norm(grads)
         for k, idx in enumerate(self.groups):
+            named = {} if self.names is None else {"names": [self.names[i] for i in idx]}
             self.fn(
                 [self.params[i] for i in idx],
                 [grads[i] for i in idx],
@@ -150,6 +164,7 @@ class AnchorRun:
                 lr,
                 **self.group_kwargs[k],
                 **extra,
+                **named,
             )
 
 
@@ -161,7 +176,10 @@ class TorchRun:
         self.dtype = dtype
         self.params = [torch.nn.Parameter(w.to(dtype).clone()) for w in init]
         idx = group_idx(name)
-        groups = [dict(params=[self.params[i] for i in ix], **group_options[k]) for k, ix in enumerate(idx)]
+        groups = [
+            dict(params=[self.params[i] for i in ix], param_names=[NAMES[name][i] for i in ix], **group_options[k])
+            for k, ix in enumerate(idx)
+        ]
         self.opt = factory(groups)
 
     def step(self, grads, lr, t):
@@ -350,6 +368,7 @@ LAMB_TABLE = {
     "cybertron": anchors.cybertron_lamb_step,
     "optax": anchors.optax_lamb_step,
     "deepspeed": anchors.deepspeed_lamb_step,
+    "deepspeed_legacy": anchors.deepspeed_legacy_lamb_step,
     "pytorch_optimizer": anchors.pytorch_optimizer_lamb_step,
 }
 GLOBAL_CLIP = {"apex", "timm"}
@@ -371,6 +390,13 @@ LAMB_EXTRA = {
     ("optax", "eps_root"): (dict(eps_root=1e-8), dict(eps_root=1e-8)),
     ("pytorch_optimizer", "maximize"): (dict(maximize=True), dict(maximize=True)),
     ("pytorch_optimizer", "wd_in_update"): (dict(weight_decay_mode="in_update"), dict(weight_decouple=False)),
+    # DeepSpeed's eps_inside_sqrt=True is eps_root=eps, eps=0; bias_correction=False is the same in both forms
+    ("deepspeed", "eps_inside_sqrt"): (dict(eps=0.0, eps_root=1e-8), dict(eps_inside_sqrt=True)),
+    ("deepspeed_legacy", "eps_inside_sqrt"): (dict(eps=0.0, eps_root=1e-8), dict(eps_inside_sqrt=True)),
+    ("deepspeed", "no_bias_correction"): (dict(bias_correction=False), dict(bias_correction=False)),
+    ("deepspeed_legacy", "no_bias_correction"): (dict(bias_correction=False), dict(bias_correction=False)),
+    ("deepspeed_legacy", "bias_correction_true"): (dict(bias_correction=True), dict(bias_correction=True)),
+    ("deepspeed_legacy", "range"): (dict(trust_clip=("range", 0.5, 2.0)), dict(min_coeff=0.5, max_coeff=2.0)),
 }
 
 
@@ -546,6 +572,7 @@ def test_explicit_eps_overrides_lamb_preset(backend):
 # the anchors are not all the same formula (so the tests above can fail)
 # ---------------------------------------------------------------------------
 def _anchor_trajectory(fn, kw, dtype=torch.float64, lrs=None, global_clip=False):
+    # (AnchorRun passes the parameter names to the anchors that take them)
     _, grads = problem(dtype)
     groups = [dict(weight_decay=WD), dict(weight_decay=0.0)]
     a = AnchorRun(fn, [{**kw, **gk} for gk in groups], dtype, global_clip=global_clip)
@@ -605,3 +632,113 @@ def test_lr_inside_vs_outside_momentum_differ():
     p_c = _anchor_trajectory(anchors.paper_lars_step, kw, lrs=const)
     t_c = _anchor_trajectory(anchors.torchlars_step, dict(kw, eps=0.0), lrs=const)
     assert _rel_diff(p_c, t_c) < 1e-12
+
+
+# ---------------------------------------------------------------------------
+# a preset reproduces its source's constructor defaults too (issue #16, items 7-9)
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("preset", sorted(set(LARS_TABLE) - {"default"}))
+def test_lars_preset_uses_the_source_constructor_defaults(preset):
+    """preset="X" with only lr given == X(params, lr) with X's own defaults (momentum, weight decay, eps)."""
+    dtype = torch.float64
+    groups = [{}, {}]
+    ours = TorchRun(lambda g: fusedlars.LARS(g, lr=LARS_LR, preset=preset, backend="torch"), groups, dtype)
+    anchor = AnchorRun(LARS_TABLE[preset][0], [{}, {}], dtype)
+    run_pair(ours, anchor, dtype, lr_schedule(LARS_LR), f"LARS preset={preset} source defaults")
+
+
+@pytest.mark.parametrize("preset", sorted(set(LAMB_TABLE) - {"default"}))
+def test_lamb_preset_uses_the_source_constructor_defaults(preset):
+    dtype = torch.float64
+    groups = [{}, {}]
+    ours = TorchRun(lambda g: fusedlars.LAMB(g, lr=LAMB_LR, preset=preset, backend="torch"), groups, dtype)
+    anchor = AnchorRun(LAMB_TABLE[preset], [{}, {}], dtype, global_clip=preset in GLOBAL_CLIP)
+    run_pair(ours, anchor, dtype, lr_schedule(LAMB_LR), f"LAMB preset={preset} source defaults")
+
+
+@pytest.mark.parametrize(
+    "family,preset,key,value",
+    [
+        ("LARS", "apex_larc_clip", "momentum", 0.0),
+        ("LARS", "apex_larc_scale", "momentum", 0.0),
+        ("LARS", "torchlars", "momentum", 0.0),
+        ("LARS", "lightning", "momentum", 0.0),
+        ("LARS", "timm", "momentum", 0.0),
+        ("LARS", "mlperf", "weight_decay", 1e-4),
+        ("LARS", "tvlars_official", "weight_decay", 5e-4),
+        ("LAMB", "apex", "weight_decay", 0.01),
+        ("LAMB", "timm", "weight_decay", 0.01),
+        ("LAMB", "deepspeed", "eps", 1e-8),
+    ],
+)
+def test_preset_defaults_are_the_sources(family, preset, key, value):
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    opt = getattr(fusedlars, family)([("conv_weight", p)], lr=0.1, preset=preset)
+    assert opt.defaults[key] == value
+
+
+def test_timm_lars_preset_defaults_lr_like_timm():
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    assert fusedlars.LARS([p], preset="timm").defaults["lr"] == 1.0  # timm.optim.Lars(lr=1.0)
+    with pytest.raises(TypeError, match="lr is required"):
+        fusedlars.LARS([torch.nn.Parameter(torch.ones(3, 3))], preset="barlowtwins")
+
+
+def test_deepspeed_legacy_first_step_differs_from_current():
+    """The two DeepSpeed kernels differ by sqrt(1-b2)/(1-b1) = 0.316 (3.16x) on the first step."""
+    lrs = [LAMB_LR] * STEPS
+    init, grads = problem(torch.float64)
+    runs = {}
+    for name in ("deepspeed", "deepspeed_legacy"):
+        a = AnchorRun(LAMB_TABLE[name], [{}, {}], torch.float64)
+        a.step([g.clone() for g in grads[0]], lrs[0])
+        runs[name] = a.params
+    w0, new, old = init[0], runs["deepspeed"][0], runs["deepspeed_legacy"][0]
+    ratio = float((w0 - new).norm() / (w0 - old).norm())
+    assert ratio == pytest.approx(1 / (math.sqrt(1 - 0.999) / (1 - 0.9)), rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_deepspeed_legacy_is_not_fused(backend):
+    """The fused kernels do not implement bias_correction='both_outside': explicit fused backends raise
+    with the reason, auto picks torch, and supports() names the option."""
+    ok, why = fusedlars.kernels.status(backend)
+    if not ok:
+        pytest.skip(why)
+    ps = [torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(5))]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = fusedlars.LAMB(ps, lr=1e-2, preset="deepspeed_legacy", backend=backend)
+    with pytest.raises(RuntimeError, match="bias_correction='both_outside'"):
+        opt.step()
+    auto = fusedlars.LAMB(ps, lr=1e-2, preset="deepspeed_legacy")
+    auto.step()
+    assert auto.backends_in_use() == ["torch"]
+    fused = fusedlars.LAMB(ps, lr=1e-2, preset="deepspeed")
+    fused.step()
+    assert fused.backends_in_use() != ["torch"] or backend == "triton"
+
+
+def test_mlperf_exclusions_on_torch_names():
+    """MLPerf (NVIDIA MXNet SGDwLARS, training_results_v0.7): BN scales/shifts and biases get no ratio;
+    only weights and the fc bias are decayed. On torch names a BatchNorm scale is a 1-D '.weight'."""
+    from torch import nn
+
+    model = nn.Sequential()
+    model.add_module("conv1", nn.Conv2d(3, 4, 3, bias=False))
+    model.add_module("bn1", nn.BatchNorm2d(4))
+    model.add_module("conv2", nn.Conv2d(4, 4, 1, bias=True))
+    model.add_module("flat", nn.Flatten())
+    model.add_module("fc", nn.Linear(4, 2))
+    opt = fusedlars.LARS(model.named_parameters(), lr=0.1, preset="mlperf", backend="torch")
+    x = torch.randn(2, 3, 3, 3)
+    model(x).sum().backward()
+    opt.step()
+    (b,) = opt.buckets()
+    names = [n for n, _ in model.named_parameters()]
+    decayed = dict(zip(names, b.wd_mask.tolist()))
+    adapted = dict(zip(names, b.adapt_mask.tolist()))
+    assert decayed == {"conv1.weight": 1, "bn1.weight": 0, "bn1.bias": 0, "conv2.weight": 1, "conv2.bias": 0,
+                       "fc.weight": 1, "fc.bias": 1}
+    assert adapted == {"conv1.weight": 1, "bn1.weight": 0, "bn1.bias": 0, "conv2.weight": 1, "conv2.bias": 0,
+                       "fc.weight": 1, "fc.bias": 0}
