@@ -27,7 +27,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 "$PY" -c "import torch, setuptools" 2>/dev/null || fail "$PY cannot import torch and setuptools (activate the CI venv first)"
 
 WORK=$(mktemp -d /tmp/fusedlars-wheel.XXXXXX)
-if [[ "${KEEP:-0}" == 1 ]]; then trap 'echo "kept $WORK"' EXIT; else trap 'rm -rf "$WORK"' EXIT; fi
+# removal of the temp dir (a ~1 GB venv: tens of seconds on a busy disk) runs in the background
+if [[ "${KEEP:-0}" == 1 ]]; then trap 'echo "kept $WORK"' EXIT; else trap '(rm -rf "$WORK" >/dev/null 2>&1 &)' EXIT; fi
 mkdir -p "$WORK/src" "$WORK/dist" "$WORK/run" "$WORK/home"
 
 # --- 3a. (in the background, while the wheel compiles) a fresh venv with torch from pip, as CI installs it
