@@ -386,11 +386,11 @@ def test_partial_reads_counted_in_the_interpreter_match_the_plan(monkeypatch, ki
 def test_reduction_is_linear_at_any_layer_size(numels):
     # the default geometry (TILE=4096); the plan is computed, nothing is allocated
     for kind in ("LARS", "LAMB"):
-        plan = tb.launch_plan(numels, kind, max_grad_norm=kind == "LAMB", tile=4096, rblock=1024)
+        plan = tb.launch_plan(numels, kind, max_grad_norm=kind == "LAMB", tile=4096, rblock=512)
         assert plan["partial_reads"] <= 1.1 * plan["num_tiles"], plan
         assert len(plan["launches"]) == (2 if kind == "LARS" else 3)
-    big = tb.launch_plan([1_000_000_000], tile=4096, rblock=1024)
-    assert big["num_tiles"] == 244_141 and big["max_reduction_iters"] == 239
+    big = tb.launch_plan([1_000_000_000], tile=4096, rblock=512)
+    assert big["num_tiles"] == 244_141 and big["max_reduction_iters"] == 477
 
 
 def test_torch_compile_traces_the_step():

@@ -24,18 +24,20 @@ tile of TILE=4096 elements (0.01 B/param).
 Reduction cost: linear, every tile's partials are read exactly once per step at any layer size
 (``launch_plan`` computes the reads; tests check it against loads counted in the interpreter and
 require at most 1.1x the number of tiles for a 1e9-element layer). The previous design re-reduced
-a segment's partials in every tile program of launch 2, tiles^2 reads per segment (2x the step's
-own traffic at 40M elements). A segment's reduction runs in one program, at the end of launch 1:
-``cdiv(tiles, RBLOCK)`` iterations of three RBLOCK-wide loads (10 for a 40M-element layer, 239 for
-1e9 elements, where launch 1 itself streams 8 GB). It is order-independent: which program reduces
-depends on scheduling, the order of the sum does not (NOTE [Last-arriving program] in the kernels).
+a segment's partials in every tile program of launch 2, tiles^2 reads per segment: at 40M elements
+12 B x 9766 tiles per 4096-element tile, as many bytes again as the step itself moves. A segment's reduction runs in one program, at the end of launch 1:
+``cdiv(tiles, RBLOCK)`` dependent iterations of three RBLOCK-wide loads of L2-resident partials (20
+for a 40M-element layer, 477 for 1e9 elements: a serial tail of roughly 0.2-0.5 ms, not measured,
+where the step itself streams 28 GB). It is order-independent: which program reduces depends on
+scheduling, the order of the sum does not (NOTE [Last-arriving program] in the kernels).
 
 Per-step values never cause a host sync: ``lr`` is a 1-element tensor (a Python float lr
 is written into a cached device tensor with ``fill_`` only when it changes), GradScaler's
 ``inv_scale`` / ``found_inf`` and LAMB's ``clip_coef`` are passed as pointers (constant
-1 / 0 tensors when absent). Every launch goes through :func:`_launch` and is registered
-as a ``torch.library`` op (``triton_op`` + ``wrap_triton``), so ``torch.compile`` can trace
-a step.
+1 / 0 tensors when absent). Every launch goes through :func:`_launch` (tests count the
+launches there, and in the interpreter can run each launch's programs reversed or shuffled:
+:data:`PROGRAM_ORDER`) and is registered as a ``torch.library`` op (``triton_op`` +
+``wrap_triton``), so ``torch.compile`` can trace a step.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ except Exception as e:  # triton missing or broken: reported by available()
 #: segments per segment-program. Tests may lower TILE / RBLOCK to exercise multi-tile segments.
 TILE = 4096
 BLOCK = 1024
-RBLOCK = 1024
+RBLOCK = 512  # 1024 would raise lamb_moments_kernel from <= 96 to 118 registers (sm_80/90/100)
 SBLOCK = 256
 NUM_WARPS = 4
 
