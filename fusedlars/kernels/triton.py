@@ -25,10 +25,11 @@ Reduction cost: linear, every tile's partials are read exactly once per step at 
 (``launch_plan`` computes the reads; tests check it against loads counted in the interpreter and
 require at most 1.1x the number of tiles for a 1e9-element layer). The previous design re-reduced
 a segment's partials in every tile program of launch 2, tiles^2 reads per segment: at 40M elements
-12 B x 9766 tiles per 4096-element tile, as many bytes again as the step itself moves. A segment's reduction runs in one program, at the end of launch 1:
-``cdiv(tiles, RBLOCK)`` dependent iterations of three RBLOCK-wide loads of L2-resident partials (20
-for a 40M-element layer, 477 for 1e9 elements: a serial tail of roughly 0.2-0.5 ms, not measured,
-where the step itself streams 28 GB). It is order-independent: which program reduces depends on
+12 B x 9766 tiles per 4096-element tile, as many bytes again as the step itself moves. A
+segment's reduction runs in one program, at the end of launch 1: ``cdiv(tiles, RBLOCK)``
+dependent iterations of three RBLOCK-wide loads of L2-resident partials (20 for a 40M-element
+layer, 477 for 1e9 elements: a serial tail of roughly 0.2-0.5 ms, estimated, not measured, where
+the step itself streams 28 GB). It is order-independent: which program reduces depends on
 scheduling, the order of the sum does not (NOTE [Last-arriving program] in the kernels).
 
 Per-step values never cause a host sync: ``lr`` is a 1-element tensor (a Python float lr
