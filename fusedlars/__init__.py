@@ -8,5 +8,6 @@ from ._version import __version__
 from .groups import param_groups
 from .info import info
 from .optim import LAMB, LARS, TVLARS, presets
+from . import compat  # noqa: E402,F401  (light: its submodules load on first use)
 
 __all__ = ["LARS", "TVLARS", "LAMB", "presets", "param_groups", "info", "__version__"]

@@ -126,6 +126,12 @@ class LARC(_LARS):
         self.eps = eps
         self._share_with_inner()
 
+    def step(self, closure=None):
+        loss = super().step(closure)
+        # an LR scheduler built on the wrapped SGD counts its optimizer's steps through this flag
+        self.optim._opt_called = True
+        return loss
+
     def _share_with_inner(self) -> None:
         # the wrapped SGD sees (and its schedulers edit) this optimizer's groups and state
         self.optim.param_groups = self.param_groups
