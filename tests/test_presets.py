@@ -742,3 +742,32 @@ def test_mlperf_exclusions_on_torch_names():
                        "fc.weight": 1, "fc.bias": 1}
     assert adapted == {"conv1.weight": 1, "bn1.weight": 0, "bn1.bias": 0, "conv2.weight": 1, "conv2.bias": 0,
                        "fc.weight": 1, "fc.bias": 0}
+
+
+def test_mlperf_state_dict_loads_with_weights_only():
+    """The MLPerf rules are named strings, not functions: the checkpoint loads with weights_only=True."""
+    import io
+
+    p = torch.nn.Parameter(torch.ones(3, 3))
+    opt = fusedlars.LARS([("conv_weight", p)], lr=0.1, preset="mlperf")
+    p.grad = torch.ones(3, 3)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert sd["param_groups"][0]["exclude_from_weight_decay"] == "rule:mlperf_no_weight_decay"
+    opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match="unknown rule"):
+        fusedlars.LARS([p], lr=0.1, exclude="rule:nope")
+
+
+def test_mlperf_without_names_warns_and_falls_back_to_ndim():
+    ps = [torch.nn.Parameter(torch.ones(3, 3)), torch.nn.Parameter(torch.ones(3))]
+    with pytest.warns(UserWarning, match="no names"):
+        opt = fusedlars.LARS(ps, lr=0.1, preset="mlperf", backend="torch")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    (b,) = opt.buckets()
+    assert b.wd_mask.tolist() == [1.0, 0.0] and b.adapt_mask.tolist() == [1.0, 0.0]

@@ -261,7 +261,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 )
             if prefers_names(merged[key]) and names is None and params:
                 warnings.warn(
-                    f"{self._KIND}{where}: {key} ({getattr(merged[key], '__name__', merged[key])}) decides by parameter "
+                    f"{self._KIND}{where}: {key}={merged[key]!r} decides by parameter "
                     "name, as its source does, but the group has no names: it falls back to excluding every "
                     "parameter with ndim <= 1. Pass model.named_parameters() for the source's rule.",
                     stacklevel=3,

@@ -127,8 +127,14 @@ def mlperf_no_adaptation(name: str | None, p: Any) -> bool:
     return name.endswith("weight") and not name.endswith("_weight") and p.ndim <= 1
 
 
-mlperf_no_weight_decay.prefers_names = True  # type: ignore[attr-defined]
-mlperf_no_adaptation.prefers_names = True  # type: ignore[attr-defined]
+#: Named exclusion rules, written ``"rule:<name>"`` in an exclusion spec: a string, so that a
+#: state_dict's param groups stay loadable with ``torch.load(weights_only=True)`` (a function is not).
+#: They decide by parameter name and fall back to ``ndim <= 1`` without names.
+RULES: dict[str, Callable[[str | None, Any], bool]] = {
+    "mlperf_no_weight_decay": mlperf_no_weight_decay,
+    "mlperf_no_adaptation": mlperf_no_adaptation,
+}
+_RULE = "rule:"
 _NDIM_EQ1 = "ndim==1"  # Barlow Twins / TVLARS test p.ndim == 1 exactly
 
 LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -201,8 +207,8 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {
             "eps": 0.0,
             "weight_decay": 1e-4,
-            "exclude_from_weight_decay": mlperf_no_weight_decay,
-            "exclude_from_adaptation": mlperf_no_adaptation,
+            "exclude_from_weight_decay": "rule:mlperf_no_weight_decay",
+            "exclude_from_adaptation": "rule:mlperf_no_adaptation",
         },
     ),
     "pytorch_optimizer": (
@@ -381,13 +387,17 @@ def _check_exclude(kind, where, name, v):
         raise _err(
             kind,
             where,
-            f"{name} must be a bool, a callable (name, param) -> bool, 'ndim<=K', 'ndim==K', or a regex / list of regexes "
-            f"matched against parameter names; got {v!r}.",
+            f"{name} must be a bool, a callable (name, param) -> bool, 'ndim<=K', 'ndim==K', a named rule "
+            f"{sorted(_RULE + r for r in RULES)}, or a regex / list of regexes matched against parameter names; "
+            f"got {v!r}.",
         )
     import re
 
     for s in items:
-        if s.startswith(("ndim<=", "ndim==")):
+        if s.startswith(_RULE):
+            if s[len(_RULE) :] not in RULES:
+                raise _err(kind, where, f"{name}: unknown rule {s!r}; known: {sorted(_RULE + r for r in RULES)}.")
+        elif s.startswith(("ndim<=", "ndim==")):
             try:
                 int(s[len("ndim<=") :])
             except ValueError:
@@ -562,9 +572,15 @@ def corrected_form(preset_value: Any) -> str:
     return preset_value if preset_value in _CORRECTED else "both"
 
 
+def _items(spec: Any) -> list:
+    if spec is None or isinstance(spec, bool) or callable(spec):
+        return []
+    return [spec] if isinstance(spec, str) else list(spec)
+
+
 def prefers_names(spec: Any) -> bool:
-    """An exclusion rule that decides by parameter name and falls back to ndim without names (MLPerf)."""
-    return bool(getattr(spec, "prefers_names", False))
+    """A named rule (``"rule:..."``, MLPerf) decides by parameter name and falls back to ndim without names."""
+    return any(isinstance(s, str) and s.startswith(_RULE) for s in _items(spec))
 
 
 def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
@@ -580,7 +596,9 @@ def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
     items = [spec] if isinstance(spec, str) else list(spec)
     rules: list[Callable[[str | None, Any], bool]] = []
     for s in items:
-        if s.startswith("ndim<="):
+        if s.startswith(_RULE):
+            rules.append(RULES[s[len(_RULE) :]])
+        elif s.startswith("ndim<="):
             k = int(s[len("ndim<=") :])
             rules.append(lambda name, p, k=k: p.ndim <= k)
         elif s.startswith("ndim=="):
@@ -605,4 +623,4 @@ def needs_names(spec: Any) -> bool:
     if spec is None or isinstance(spec, bool) or callable(spec):
         return False
     items = [spec] if isinstance(spec, str) else list(spec)
-    return any(not s.startswith(("ndim<=", "ndim==")) for s in items)
+    return any(not s.startswith(("ndim<=", "ndim==", _RULE)) for s in items)
