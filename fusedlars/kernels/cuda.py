@@ -58,7 +58,7 @@ def _load() -> str | None:
         return f"fusedlars._C lacks the ops {missing}: it was built from older sources, rebuild it"
     if "+cuda" not in torch.ops.fusedlars.build_info():
         why = "the installed torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA_HOME was not found or FUSEDLARS_NO_CUDA=1"
-        return f"fusedlars._C was built without CUDA kernels ({why}; setup.py prints the reason)"
+        return f"fusedlars._C was built without CUDA kernels ({why}; the build: line of `fusedlars info` says why)"
     return None
 
 
