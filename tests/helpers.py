@@ -75,3 +75,14 @@ def assert_backend_matches_reference(cls, backend, shapes, *, device="cpu", dtyp
     bad = [c for c in checks if not c.ok]
     assert not bad, f"{backend} vs reference ({dtype}):\n" + "\n".join(f"  {c}" for c in bad)
     return oa, ob
+
+
+def lamb_preset_fused(preset: str) -> bool:
+    """Whether the fused kernels implement LAMB preset ``preset`` (the check every fused backend's
+    ``supports()`` makes, fusedlars.kernels.common.check_options); the others run on ``torch`` only."""
+    import fusedlars
+    from fusedlars.kernels.common import check_options
+    from fusedlars.optim.lamb import lamb_config
+
+    opt = fusedlars.LAMB([torch.zeros(1, requires_grad=True)], lr=1e-3, preset=preset, backend="torch")
+    return check_options(lamb_config(opt.param_groups[0])) is None

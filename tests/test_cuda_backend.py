@@ -20,7 +20,7 @@ import torch
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
-from helpers import assert_backend_matches_reference, make_named_grads, make_named_params, run_named
+from helpers import assert_backend_matches_reference, lamb_preset_fused, make_named_grads, make_named_params, run_named
 
 OK, WHY = kernels.status("cuda")
 HAVE_GPU = torch.cuda.is_available()
@@ -80,13 +80,9 @@ def test_lars_presets(preset, path):
     assert_same(fusedlars.LARS, preset=preset, steps=4)
 
 
-#: presets whose formula no fused kernel implements (the torch backend runs them; backend="cuda" refuses)
-NOT_FUSED_LAMB = {"deepspeed_legacy"}
-
-
 @pytest.mark.parametrize("preset", sorted(LAMB_PRESETS))
 def test_lamb_presets(preset, path):
-    if preset in NOT_FUSED_LAMB:
+    if not lamb_preset_fused(preset):  # the torch backend runs it; backend="cuda" refuses
         with pytest.raises(RuntimeError, match="does not fuse this configuration"):
             run(fusedlars.LAMB, "cuda", preset=preset, lr=1e-2, steps=1)
         return
