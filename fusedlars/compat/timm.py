@@ -9,10 +9,12 @@ backend); the math does not depend on it.
 
 :func:`register` adds fusedlars to timm's optimizer registry, so that
 ``timm.optim.create_optimizer_v2(model, "fusedlars", lr=..., weight_decay=...)`` builds one.
-timm splits optimizer names at ``_`` (``"lookahead_lars"``) and looks up the last part, so
-registered names have no underscore: ``fusedlars``, ``fusedlarc``, ``fusednlars``, ``fusednlarc``,
-``fusedlamb``, ``fusedlambc``, ``fusedlambw``, ``fusedlambcw`` (timm's ``lars``... variants) and
-``fusedtvlars``.
+Names: ``fusedlars`` plus ``fusedlars<timm name>`` for timm's variants: ``fusedlarslarc``,
+``fusedlarsnlars``, ``fusedlarsnlarc``, ``fusedlarslamb``, ``fusedlarslambc``, ``fusedlarslambw``,
+``fusedlarslambcw``, and ``fusedlarstvlars``. They have no underscore because timm splits a name
+at ``_`` (``"lookahead_lars"``) and looks up the last part (``"fusedlars_lars"`` would be timm's
+own ``lars``), and no plain ``fused...`` prefix because timm already registers apex's ``fusedlamb``
+and ``fusedsgd``; a name timm holds for another optimizer is never overwritten (ValueError).
 """
 
 from __future__ import annotations
@@ -149,15 +151,15 @@ class _TimmTVLARS(_TVLARS):
 #: name -> (class, bound defaults, has_momentum, has_betas, description), as timm's OptimInfo takes them.
 OPTIMIZERS: dict[str, tuple[type, dict[str, Any], bool, bool, str]] = {
     "fusedlars": (Lars, {}, True, False, "fusedlars LARS (timm Lars semantics)"),
-    "fusedlarc": (Lars, {"trust_clip": True}, True, False, "fusedlars LARC (trust ratio clip)"),
-    "fusednlars": (Lars, {"nesterov": True}, True, False, "fusedlars LARS with Nesterov momentum"),
-    "fusednlarc": (Lars, {"nesterov": True, "trust_clip": True}, True, False, "fusedlars LARC, Nesterov"),
-    "fusedlamb": (Lamb, {}, False, True, "fusedlars LAMB (timm Lamb semantics)"),
-    "fusedlambc": (Lamb, {"trust_clip": True}, False, True, "fusedlars LAMB with trust ratio clipping"),
-    "fusedlambw": (Lamb, {"decoupled_decay": True}, False, True, "fusedlars LAMB, decoupled decay"),
-    "fusedlambcw": (Lamb, {"trust_clip": True, "decoupled_decay": True}, False, True,
-                    "fusedlars LAMB, trust ratio clipping and decoupled decay"),  # fmt: skip
-    "fusedtvlars": (_TimmTVLARS, {}, True, False, "fusedlars TVLARS (official code's phi_t)"),
+    "fusedlarslarc": (Lars, {"trust_clip": True}, True, False, "fusedlars LARC (trust ratio clip)"),
+    "fusedlarsnlars": (Lars, {"nesterov": True}, True, False, "fusedlars LARS with Nesterov momentum"),
+    "fusedlarsnlarc": (Lars, {"nesterov": True, "trust_clip": True}, True, False, "fusedlars LARC, Nesterov"),
+    "fusedlarslamb": (Lamb, {}, False, True, "fusedlars LAMB (timm Lamb semantics)"),
+    "fusedlarslambc": (Lamb, {"trust_clip": True}, False, True, "fusedlars LAMB with trust ratio clipping"),
+    "fusedlarslambw": (Lamb, {"decoupled_decay": True}, False, True, "fusedlars LAMB, decoupled decay"),
+    "fusedlarslambcw": (Lamb, {"trust_clip": True, "decoupled_decay": True}, False, True,
+                        "fusedlars LAMB, trust ratio clipping and decoupled decay"),  # fmt: skip
+    "fusedlarstvlars": (_TimmTVLARS, {}, True, False, "fusedlars TVLARS (official code's phi_t)"),
 }
 
 
@@ -166,15 +168,22 @@ def register(registry: Any = None, optim_info: Any = None) -> list[str]:
 
     ``registry`` defaults to ``timm.optim._optim_factory.default_registry`` (the one
     ``create_optimizer_v2`` uses) and ``optim_info`` to ``timm.optim.OptimInfo``; both are
-    imported only when not given. Calling it twice re-registers the same names."""
+    imported only when not given. Calling it again does nothing."""
     if registry is None or optim_info is None:
         from timm.optim import OptimInfo
         from timm.optim._optim_factory import default_registry
 
         registry = default_registry if registry is None else registry
         optim_info = OptimInfo if optim_info is None else optim_info
+    taken = set(registry.list_optimizers())
     names = []
     for name, (cls, defaults, has_momentum, has_betas, desc) in OPTIMIZERS.items():
+        if name in taken:
+            held = registry.get_optimizer_info(name).opt_class
+            if not (isinstance(held, type) and held.__module__.startswith("fusedlars.")):
+                raise ValueError(f"fusedlars.compat.timm.register: timm already has an optimizer named {name!r} ({held}).")
+            names.append(name)  # registered before: nothing to do
+            continue
         registry.register(
             optim_info(
                 name=name,
