@@ -437,3 +437,23 @@ def test_compat_classes_are_fusedlars_optimizers():
     assert issubclass(ctimm.Lars, fusedlars.LARS) and issubclass(ctimm.Lamb, fusedlars.LAMB)
     assert issubclass(capex.LARC, fusedlars.LARS) and issubclass(ctv.TVLARS, fusedlars.TVLARS)
     assert fusedlars.compat.timm is ctimm
+
+
+def test_tvlars_step_arguments_through_gradscaler():
+    """The TVLARS repo calls scaler.step(opt, unit_step_cnt): GradScaler forwards the arguments."""
+    def run(scaled):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(4, 3)
+        opt = ctv.TVLARS(m.parameters(), lr=1.0)
+        loss = m(torch.randn(5, 4)).sum()
+        if scaled:
+            scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt, 98, 10)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step(98, 10)
+        return m.weight.detach()
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-6, atol=0)
