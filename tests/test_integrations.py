@@ -121,7 +121,6 @@ def test_timm_example_trains(timm_optim):
 
 # -- Lightning -----------------------------------------------------------------------------------
 def test_lightning_trainer_fit():
-    pytest.importorskip("sklearn")
     acc = example("lightning_lars").main(epochs=3)
     assert acc >= 0.85
 

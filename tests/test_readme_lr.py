@@ -15,14 +15,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
-pytest.importorskip("sklearn")
-
-import fusedlars  # noqa: E402
-from fusedlars.demo import SmallCNN, load_digits  # noqa: E402
-from fusedlars.schedules import WarmupCosine  # noqa: E402
+import fusedlars
+from fusedlars.demo import SmallCNN, load_digits
+from fusedlars.schedules import WarmupCosine
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BATCH = 128
