@@ -193,7 +193,10 @@ class LARS(BucketedOptimizer):
         if passed(lr):
             defaults["lr"] = lr
         elif "lr" not in defaults:
-            raise TypeError(f"{type(self).__name__}: lr is required (e.g. lr=0.1 * batch_size / 256).")
+            raise TypeError(
+                f"{type(self).__name__}: lr is required. With the default trust_coefficient=1e-3 it is not SGD's lr: "
+                "published recipes use about 1-20 (README, 'Learning rates'); preset='apex_larc_clip' keeps SGD's lr."
+            )
         validate_lars_group(defaults)
         self.preset = name
         super().__init__(
