@@ -7,7 +7,7 @@ A mutant is *killed* when the tests fail (a wrong number, an emulation error, or
 every mutant must be killed. The unmutated source must pass first, or the check means nothing.
 
     python scripts/cuda_emu_mutants.py            # all mutants, 2 at a time
-    python scripts/cuda_emu_mutants.py -k barrier # those whose name contains "barrier"
+    python scripts/cuda_emu_mutants.py -k barrier,tile   # those whose name contains "barrier" or "tile"
 
 Exit status 0 when every mutant was killed (and the original passed), 1 otherwise. A mutant whose
 text no longer occurs exactly once in the source is an error of this script (the list is stale).
@@ -79,13 +79,14 @@ def run_tests(source: Path | None, build_dir: Path, timeout: int) -> tuple[int, 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-k", default="", help="only mutants whose name contains this")
+    ap.add_argument("-k", default="", help="only mutants whose name contains one of these (comma-separated)")
     ap.add_argument("-j", type=int, default=2, help="mutants at a time (default 2)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
     ap.add_argument("--skip-original", action="store_true", help="do not run the unmutated source first")
     args = ap.parse_args()
     src = SOURCE.read_text()
-    chosen = [m for m in MUTANTS if args.k in m[0]]
+    keys = [k.strip() for k in args.k.split(",")]
+    chosen = [m for m in MUTANTS if any(k in m[0] for k in keys)]
     t_all = time.time()
     with tempfile.TemporaryDirectory(prefix="fusedlars-mutants-") as tmp:
         tmpd = Path(tmp)

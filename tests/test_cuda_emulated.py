@@ -35,6 +35,7 @@ SHAPES = [
 
 CONFIGS = {
     "lars": (fusedlars.LARS, dict(weight_decay=1e-3, exclude_from_adaptation=["bias"])),
+    "lars-dampening": (fusedlars.LARS, dict(weight_decay=1e-3, dampening=0.1)),
     "lars-nesterov-larc": (fusedlars.LARS, dict(weight_decay=1e-3, momentum=0.9, nesterov=True, preset="apex_larc_clip")),
     "tvlars": (fusedlars.TVLARS, dict(weight_decay=1e-3, lmbda=0.5, gate=1)),
     "lamb": (fusedlars.LAMB, dict(lr=1e-2, weight_decay=1e-2, exclude_from_weight_decay=["bias"])),
@@ -283,3 +284,53 @@ def test_found_inf_skips_the_launch_entirely(emu):
         opt.step()
         after = [b.flat_param, b.step, b.has_state, b.w_norm, b.trust_ratio, *b.state.values()]
         assert _bitwise(before, after), path
+
+
+def test_first_step_ignores_what_the_buffer_holds(emu):
+    """A segment without state (first step, or first grad) must not take anything from its momentum
+    buffer: finite garbage there changes nothing (the kernel multiplies it by 0; NaN would not be
+    ignored by that, and a bucket's new state is zero-filled)."""
+    ops = emu(seed=0)
+    calls = []
+
+    def before(args):
+        fresh = args["has_state"] == 0
+        starts, numels = args["tile_start"], args["tile_len"]
+        for t in range(starts.numel()):
+            if fresh[args["tile_seg"][t]]:
+                st, ln = int(starts[t]), int(numels[t])
+                args["momentum"][st : st + ln] = 1e3
+        calls.append(int(fresh.sum()))
+
+    hook(ops, "lars_step_cuda", before, lambda args, ctx: None)
+
+    def grads(ps, t):  # "fc.weight" gets its first grad at step 1, "bias" at step 2
+        gs = make_named_grads(ps, t)
+        return [None if (n == "fc.weight" and t < 1) or (n == "bias" and t < 2) else g
+                for (n, _), g in zip(ps, gs, strict=True)]
+
+    assert_backend_matches_reference(fusedlars.LARS, "cuda", SHAPES, steps=3, grad_fn=grads, weight_decay=1e-3)
+    assert calls == [len(SHAPES), 2, 1], calls  # step 1: fc.weight (first grad) and bias (none yet)
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_segment_with_more_tiles_than_threads(emu, cls):
+    """A layer of 300 tiles (more than the 256 threads that reduce a segment's partials): every partial
+    is summed once."""
+    emu(seed=2)
+    shapes = [("huge", (16384 * 300 + 7,)), ("b", (3,))]
+    kw = dict(weight_decay=1e-3) if cls is fusedlars.LARS else dict(lr=1e-2, weight_decay=1e-2, max_grad_norm=0.5)
+    assert_backend_matches_reference(cls, "cuda", shapes, steps=1, **kw)
+
+
+def test_global_clip_skips_layers_without_grad(emu):
+    """LAMB's global gradient norm counts only the layers that have a grad this step (the others' tiles
+    hold no partial: poisoned NaN)."""
+    emu(seed=1, path="two_launch")
+
+    def grads(ps, t):
+        gs = make_named_grads(ps, t)
+        return [None if n in ("c", "fc.weight") and t == 1 else g for (n, _), g in zip(ps, gs, strict=True)]
+
+    assert_backend_matches_reference(fusedlars.LAMB, "cuda", SHAPES, steps=3, grad_fn=grads, lr=1e-2,
+                                     weight_decay=1e-2, max_grad_norm=0.05)
