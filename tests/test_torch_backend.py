@@ -1,0 +1,145 @@
+"""The `torch` backend's own properties: foreach ops counted once per list (a constant op count per
+step), GradScaler skips and grad-less segments that leave every buffer bitwise unchanged, accurate
+norms on large layers. Its numbers against the float64 reference: tests/test_backends.py."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedlars
+from helpers import assert_close_lists, grads_for, make_params
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _make(kind, ps, **kw):
+    if kind == "LARS":
+        return fusedlars.LARS(ps, lr=0.1, backend="torch", **{"momentum": 0.9, "weight_decay": 1e-4, **kw})
+    return fusedlars.LAMB(ps, lr=1e-3, backend="torch", **{"weight_decay": 0.01, **kw})
+
+
+def _ops_per_step(kind, layers, scaler=False, **kw):
+    ps = [torch.nn.Parameter(torch.randn(33 + i) if i % 2 else torch.randn(3, 11 + i)) for i in range(layers)]
+    opt = _make(kind, ps, **kw)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    if scaler:
+        opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    opt.step()  # builds buckets, lists and scratch
+    c = _Count()
+    with c:
+        opt.step()
+    return c.ops
+
+
+# measured on torch 2.13 (README's backends table): LARS 43, LAMB 65 dispatched ops per step (2 of
+# them the profiler's record_function); with GradScaler's grad_scale/found_inf 74 and 98 (the
+# optimizer's own unscale bookkeeping included). The bounds leave room for other torch versions.
+@pytest.mark.parametrize("kind,bound", [("LARS", 50), ("LAMB", 72)])
+@pytest.mark.parametrize("variant", ["plain", "excluded", "scaler"])
+def test_op_count_is_constant_and_small(kind, bound, variant):
+    kw = {"exclude_from_weight_decay": "ndim<=1"} if variant == "excluded" else {}
+    counts = []
+    for layers in (3, 48):
+        ops = _ops_per_step(kind, layers, scaler=variant == "scaler", **kw)
+        counts.append(sum(ops.values()))
+    assert counts[0] == counts[1], counts
+    assert counts[0] <= bound + (35 if variant == "scaler" else 0), counts
+
+
+def _snapshot(opt):
+    b = opt.buckets()[0]
+    out = [p.detach().clone() for p in b.params]
+    out += [v.clone() for v in b.state.values()]
+    if b.flat_master is not None:
+        out.append(b.flat_master.clone())
+    out += [x.clone() for x in (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)]
+    return out
+
+
+LARS_OPTIONS = [
+    {},
+    {"nesterov": True},
+    {"momentum_mode": "classic"},
+    {"momentum": 0.0},
+    {"dampening": 0.3, "first_step_buffer": "clone"},
+    {"zero_norm": "skip"},
+    {"zero_norm": "skip", "momentum": 0.0},
+    {"weight_decay_mode": "decoupled"},
+    {"weight_decay_mode": "ratio_only", "exclude_from_weight_decay": "ndim<=1"},
+    {"trust_clip": "larc"},
+]
+LAMB_OPTIONS = [
+    {},
+    {"weight_decay_mode": "l2"},
+    {"weight_decay_mode": "decoupled"},
+    {"bias_correction": "both_outside"},
+    {"bias_correction": "first_outside", "eps_root": 1e-8},
+    {"max_grad_norm": 1.0},
+]
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, True),
+                                          (torch.float16, False)])
+@pytest.mark.parametrize("kind,opts", [("LARS", o) for o in LARS_OPTIONS] + [("LAMB", o) for o in LAMB_OPTIONS],
+                         ids=lambda v: str(v) if isinstance(v, dict) else v)
+def test_grad_scaler_skip_and_gradless_segments_leave_everything_bitwise(kind, opts, dtype, master):
+    """A found_inf step changes nothing; a segment without a grad is untouched while the others step;
+    the unscaled steps match the reference."""
+    shapes = [(3,), (40000,), (0,), (4, 3, 3), (17,)]
+    kw = dict(opts, master_weights=master)
+
+    def drive(backend, check):
+        ps = make_params(shapes, dtype, zero_weight_index=3)
+        opt = _make(kind, ps, **kw)
+        opt.backend = backend
+        for t in range(5):
+            gs = grads_for(shapes, t)
+            for i, (p, g) in enumerate(zip(ps, gs)):
+                p.grad = None if (t == 3 and i == 1) else (g * 8.0).to(dtype)
+            opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+            if t == 3 and check:  # segment 1 has no grad: its param and state stay untouched
+                b = opt.buckets()[0]
+                seg1 = [ps[1].detach().clone()] + [v[1].clone() for v in b.state_views.values()]
+            opt.step()
+            if t == 3 and check:
+                assert all(torch.equal(x, y) for x, y in zip(seg1, [ps[1].detach()] + [v[1] for v in b.state_views.values()]))
+            if t == 2 and check:
+                before = _snapshot(opt)
+                for p in ps:
+                    p.grad.view(-1)[:1].fill_(float("inf"))
+                opt.found_inf = torch.tensor(1.0)
+                opt.step()
+                after = _snapshot(opt)
+                assert all(torch.equal(x, y) for x, y in zip(before, after)), "a skipped step changed something"
+        return ps
+
+    a = drive("torch", True)
+    r = drive("reference", False)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5}.get(dtype, 4 * torch.finfo(dtype).eps)
+    assert_close_lists(r, a, rtol=tol, atol=tol)
+
+
+def test_norms_of_large_layers_are_accurate():
+    """Sums of squares in fp32 lanes drift with the layer size (NOTE [Accurate norms] in kernels/torch.py)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3_000_000, generator=g) + 2.0)
+    opt = fusedlars.LARS([w], lr=0.1, momentum=0.9, backend="torch")
+    w.grad = torch.randn(3_000_000, generator=g) + 1.0
+    w64, g64 = w.detach().double(), w.grad.double()
+    opt.step()
+    b = opt.buckets()[0]
+    assert abs(float(b.w_norm[0]) / float(w64.norm()) - 1) < 1e-6
+    assert abs(float(b.g_norm[0]) / float(g64.norm()) - 1) < 1e-6
