@@ -46,9 +46,11 @@ def available() -> tuple[bool, str]:
 # grows with the tensor (measured on torch 2.13: ~1e-6 at 64K elements, 6e-6 at 2.4M, 3e-5 at
 # 10M, 2e-3 at 100M; 9e-5 worst case over ResNet-50's tensors). Every tensor is therefore cut
 # into chunks of _CHUNK elements (cached views), one foreach op takes the norms of all chunks, and
-# their squares are added per layer in float64 (index_add_): 1.4e-6 relative worst case on
-# ResNet-50's tensors, independent of the layer size, for ~1.1x the time of one foreach norm.
-_CHUNK = 65536
+# their squares are added per layer in float64 (index_add_): 1.7e-6 relative worst case on
+# ResNet-50's tensors (shifted to a nonzero mean), 4e-9 on 30M elements, for ~1.05x the time of
+# one foreach norm. (64K chunks: 1.3e-6; 256K: 4e-6; 1M: 2.6e-5. Each chunk of more than 32K
+# elements is one parallel region of the CPU kernel: fewer chunks also stall less on a busy machine.)
+_CHUNK = 131072
 _MAX_PATTERNS = 8  # sets of active segments whose lists are kept per bucket
 
 
