@@ -9,8 +9,8 @@ or the param), grad, state buffers and scratch. The bucket only supplies those l
 (``param_views``, ``grad_views``, ``master_views``, ``state_views``), which segments are active
 (host side) and the per-segment masks (``wd_mask``, ``adapt_mask``, ``has_state``, ``step``):
 
-* per-layer sums of squares with ``torch._foreach_norm`` over
-  fixed-size chunks of every tensor, summed per layer in float64 (NOTE [Accurate norms]);
+* per-layer sums of squares with ``torch._foreach_norm`` over fixed-size chunks of every
+  tensor, summed per layer in float64 (NOTE [Accurate norms]);
 * per-layer scalars (trust ratio, momentum coefficients) computed on ``[S]`` vectors with
   ``torch.where`` guards, exactly as before, then handed to the foreach ops as lists of 0-dim
   tensors (one ``unbind`` per coefficient);
@@ -21,7 +21,14 @@ Segments without a grad this step are not in the lists at all (untouched). A Gra
 with ``found_inf`` is skipped without a host sync: the grads are copied into scratch and zeroed
 there when ``found_inf`` is set (``masked_fill_``), every coefficient that would change a buffer
 becomes its neutral value (``torch.where`` on the per-layer vectors), so the buffers are
-rewritten with their own values.
+rewritten with their own values. A segment without a grad adds 0 to the partial sums that a
+sharded bucket all-reduces.
+
+Costs (ResNet-50, fp32, CPU): LARS 3 norm passes + 5 in-place passes, LAMB 3 + 10 (defaults); each foreach
+op is one ATen call per tensor (per chunk for the norms). A foreach op whose per-layer scalar is a
+list of 0-dim tensors takes torch's per-tensor path on GPUs too (one kernel per tensor). On a CPU
+shared with other processes, each per-tensor op over 32K elements is a parallel region that can
+stall for a time slice: prefer fewer threads there.
 
 It runs on any device torch supports and is the fallback when no fused kernel is built.
 """
