@@ -143,3 +143,23 @@ def test_norms_of_large_layers_are_accurate():
     b = opt.buckets()[0]
     assert abs(float(b.w_norm[0]) / float(w64.norm()) - 1) < 1e-6
     assert abs(float(b.g_norm[0]) / float(g64.norm()) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_norms_accumulate_in_fp32(dtype):
+    """Norms of bf16 / fp16 tensors (the grads of low-precision params, LAMB's global clip) are taken in
+    fp32, not rounded to the tensors' dtype (bf16 keeps ~3 significant digits)."""
+    from fusedlars import kernels
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((4097,), (33, 71), (3,))]
+    opt = fusedlars.LAMB(ps, lr=1e-3, backend="torch", master_weights=True)
+    for p in ps:
+        p.grad = (torch.randn(p.shape) * 0.37).to(dtype)
+    opt.step()
+    b = opt.buckets()[0]
+    got = kernels.get("torch").grad_sumsq(b, type("C", (), {"inv_scale": None})())
+    want = sum(float(p.grad.double().square().sum()) for p in ps)
+    assert got.dtype == torch.float64
+    assert abs(float(got) - want) <= 1e-6 * want, (float(got), want)
+    torch.testing.assert_close(b.g_norm.double(), torch.stack([p.grad.double().norm() for p in ps]), rtol=1e-6, atol=0)

@@ -180,8 +180,12 @@ def _sumsq(L: _Lists, names: tuple[str, ...]) -> torch.Tensor:
     chunks, rows = L.chunks(names)
     out = torch.zeros(len(names) * L.n, dtype=torch.float64, device=L.bucket.device)
     if chunks:
-        # _foreach_norm rather than _foreach_powsum: dynamo traces it, and torch < 2.13 has it
-        out.index_add_(0, rows, torch.stack(torch._foreach_norm(chunks)).to(torch.float64).square())
+        # _foreach_norm rather than _foreach_powsum: dynamo traces it, and torch < 2.13 has it.
+        # bf16 / fp16 chunks accumulate and return in fp32 (without dtype= the norm itself is rounded to
+        # bf16: ~1e-3 relative, e.g. in LAMB's global clip coefficient); fp32 / fp64 chunks keep theirs.
+        low = any(c.dtype in (torch.bfloat16, torch.float16) for c in chunks)
+        norms = torch._foreach_norm(chunks, 2, dtype=torch.float32) if low else torch._foreach_norm(chunks)
+        out.index_add_(0, rows, torch.stack(norms).to(torch.float64).square())
     return out.view(len(names), L.n)
 
 
