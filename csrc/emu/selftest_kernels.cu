@@ -68,7 +68,9 @@ __global__ void misaligned_load(const float* p, float* out) {
 
 int launched(cudaError_t e) { return e == cudaSuccess ? static_cast<int>(cudaGetLastError()) : static_cast<int>(e); }
 
-cudaError_t coop_launch(void (*fn)(float*, float*, int), unsigned grid, float* a, float* b, int c) {
+// A cooperative launch of `fn` on `grid` blocks of 32 threads.
+template <class... P, class... A>
+cudaError_t coop_launch(void (*fn)(P...), unsigned grid, A... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
   cfg.blockDim = dim3(32);
@@ -77,7 +79,7 @@ cudaError_t coop_launch(void (*fn)(float*, float*, int), unsigned grid, float* a
   attr[0].val.cooperative = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, fn, a, b, c);
+  return cudaLaunchKernelEx(&cfg, fn, args...);
 }
 
 }  // namespace
@@ -105,15 +107,7 @@ int st_grid_sync(int* out, unsigned grid, int coop) {
     grid_sync_kernel<<<grid, 32>>>(out);
     return launched(cudaSuccess);
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(32);
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  return launched(cudaLaunchKernelEx(&cfg, grid_sync_kernel, out));
+  return launched(coop_launch(grid_sync_kernel, grid, out));
 }
 
 int st_block_sum(const float* x, float* out, unsigned blocks, int sync) {
