@@ -135,7 +135,7 @@ def launches(device: str, out: str) -> int:
         Path(out).write_text(json.dumps(res, indent=1))
         print(res["skipped"])
         return 0
-    shapes = [s for _, s in SHAPE_SETS["resnet50"]()] if callable(SHAPE_SETS["resnet50"]) else SHAPE_SETS["resnet50"]
+    shapes = [s for _, s in SHAPE_SETS["resnet50"]()]
     from torch.profiler import ProfilerActivity, profile
 
     budget = {"cuda": {"LARS": 1, "TVLARS": 1, "LAMB": 1, "LAMB+clip": 3},

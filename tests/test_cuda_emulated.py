@@ -225,12 +225,26 @@ def test_pads_are_never_read_or_written(emu, config, path):
 
 
 def test_scratch_is_rewritten_every_step(emu):
-    """The ops poison the per-tile partials and snapshots with NaN before every launch (tests/cuda_emu.py);
-    without that poisoning a kernel that skipped rewriting a partial would reuse last step's value."""
+    """The ops poison the per-tile partials with NaN before every launch (tests/cuda_emu.py), so a partial
+    left unwritten shows as NaN: after each launch every tile of an active layer holds a finite partial,
+    and the tiles of a layer without a grad this step still hold the poison."""
     ops = emu()
-    assert ops.poison
-    _, opt = run_named(fusedlars.LARS, "cuda", SHAPES, steps=2, weight_decay=1e-3)
-    assert torch.isfinite(opt.buckets()[0].trust_ratio).all()
+    seen = []
+
+    def after(args, _):
+        part = args["partials"].view(-1, 3)[: args["tile_start"].numel()]
+        active = args["active"][args["tile_seg"].long()] != 0
+        assert torch.isfinite(part[active]).all() and part[~active].isnan().all()
+        seen.append(int((~active).sum()))
+
+    hook(ops, "lars_step_cuda", lambda args: None, after)
+
+    def grads(ps, t):
+        gs = make_named_grads(ps, t)
+        return [None if n == "d" and t == 1 else g for (n, _), g in zip(ps, gs, strict=True)]
+
+    run_named(fusedlars.LARS, "cuda", SHAPES, steps=2, weight_decay=1e-3, grad_fn=grads)
+    assert seen[0] == 0 and seen[1] == 5  # "d" has 5 tiles
 
 
 @pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
