@@ -49,25 +49,28 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // Build identification, so `fusedlars info` can tell which kernels this binary holds.
   m.def("build_info() -> str", &build_info);
 
-  // Fused optimizer steps over one flat bucket (fusedlars/buckets.py). Every tensor is the bucket's
-  // own buffer; the per-segment tensors have one entry per parameter tensor. `hyper` and `modes`
-  // carry the resolved group options in the order fusedlars/kernels/cpu.py writes them (decoded in
-  // csrc/op_args.h into LarsOptions / LambOptions of csrc/lars_math.h). Implementations:
-  // csrc/cpu/optim_cpu.cpp (CPU); fake kernels: fusedlars/kernels/cpu.py.
+  // Fused optimizer steps over one bucket (fusedlars/buckets.py): the user's params and grads, the
+  // optimizer's masters and state, as lists over the bucket's ACTIVE segments (those with a grad this
+  // step; `masters` / `momentum` empty when unused), `seg_ids` (int64, the bucket index of each)
+  // and the per-segment tables with one entry per segment of the bucket. `hyper` and `modes` carry
+  // the resolved group options in the order fusedlars/kernels/packing.py writes them (decoded in
+  // csrc/op_args.h into LarsOptions / LambOptions of csrc/lars_math.h). `phase` / `sums`: NOTE
+  // [Phases] in csrc/cpu/optim_cpu.cpp (0: a whole step). Implementations: csrc/cpu/optim_cpu.cpp;
+  // fake kernels: fusedlars/kernels/cpu.py.
   m.def(
-      "lars_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? momentum, "
-      "Tensor seg_offset, Tensor seg_numel, Tensor wd_mask, Tensor adapt_mask, Tensor active, "
+      "lars_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] momentum, "
+      "Tensor seg_ids, Tensor wd_mask, Tensor adapt_mask, "
       "Tensor(d!) has_state, Tensor(e!) step, Tensor(f!) w_norm, Tensor(g!) g_norm, Tensor(h!) u_norm, "
       "Tensor(i!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, Tensor(j!)? w_sumsq, "
-      "float[] hyper, int[] modes) -> ()");
+      "Tensor(k!)? sums, int phase, float[] hyper, int[] modes) -> ()");
   m.def(
-      "lamb_step_cpu(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!) exp_avg, "
-      "Tensor(d!) exp_avg_sq, Tensor seg_offset, Tensor seg_numel, Tensor wd_mask, Tensor adapt_mask, "
-      "Tensor active, Tensor(e!) has_state, Tensor(f!) step, Tensor(g!) w_norm, Tensor(h!) g_norm, "
+      "lamb_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] exp_avg, "
+      "Tensor(d!)[] exp_avg_sq, Tensor seg_ids, Tensor wd_mask, Tensor adapt_mask, "
+      "Tensor(e!) has_state, Tensor(f!) step, Tensor(g!) w_norm, Tensor(h!) g_norm, "
       "Tensor(i!) u_norm, Tensor(j!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, "
-      "Tensor? clip_coef, float[] hyper, int[] modes) -> ()");
-  // sum over active segments of ||grad * inv_scale||^2, float64 0-dim
-  m.def("grad_sumsq_cpu(Tensor grad, Tensor seg_offset, Tensor seg_numel, Tensor active, Tensor? inv_scale) -> Tensor");
+      "Tensor? clip_coef, Tensor(k!)? sums, int phase, float[] hyper, int[] modes) -> ()");
+  // sum of ||grad * inv_scale||^2 over the given grads, float64 0-dim
+  m.def("grad_sumsq_cpu(Tensor[] grads, Tensor? inv_scale) -> Tensor");
   // CUDA steps (csrc/cuda: one cooperative launch per bucket, or 2 launches). Same tensors as the CPU
   // ops plus the bucket's tile table (Bucket.tiles(TILE)), the segment groups of the cooperative path
   // and preallocated scratch (`partials` float64 [3T], `snap` float32 [2S]); lr is `lr_tensor` (a

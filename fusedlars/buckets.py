@@ -1,51 +1,59 @@
-"""Flat parameter buckets: memory layout, views, segment and tile tables.
+"""Buckets: segment, tile and address tables over the user's own tensors.
 
-A :class:`Bucket` holds the parameters of one param group that share a device
-and a dtype in contiguous storage. Each user parameter becomes a view into
-``flat_param`` and its ``.grad`` a view into ``flat_grad``, so backward writes
-straight into the bucket and a kernel sees one pointer per buffer.
+A :class:`Bucket` describes the parameters of one param group that share a device, a dtype and
+a shard layout. It owns no copy of them: params and grads stay the user's tensors (never
+re-pointed, never made views of a buffer of ours), as with torch.optim's fused optimizers.
+Kernels see one *logical* flat element space::
 
-Layout (element offsets, identical for every flat buffer of the bucket)::
+    segment s = parameter tensor s (the unit of a trust ratio), numel[s] elements
+    element (s, k) lives at base_X[s] + k for every buffer X (param, grad, master, state)
 
-    | seg 0 data | 0-pad | seg 1 data | 0-pad | ... | seg S-1 data | 0-pad |
-      ^ offset[0]          ^ offset[1]
+A *tile* is a fixed-size slice ``[start, start + len)`` of ONE segment (``start`` is an offset
+inside the segment). Kernels write one partial sum of squares per tile; every consumer reduces a
+segment's tiles in a fixed order, so norms are bitwise reproducible whatever the thread, block
+or program count.
 
-A *segment* is one parameter tensor: the unit of a trust ratio. Every segment
-starts on a 64-byte boundary of the param buffer and of the (fp32) state
-buffers. Pads are zero in every buffer and never written by an update, so they
-never change a norm.
+What a backend reads, per step (:meth:`Bucket.refresh` builds it on the host):
 
-A *tile* is a fixed-size slice of one segment (never crossing segments).
-Kernels write one partial sum of squares per tile; every consumer reduces a
-segment's tiles in a fixed order, so norms are bitwise reproducible whatever
-the thread or block count.
+* ``param_tensors[s]``: the local tensor of param s (a DTensor's local shard), updated in place;
+* ``grad_tensors[s]``: its local grad, or None: the segment is inactive this step (skipped,
+  exactly as torch.optim skips a param whose ``.grad`` is None);
+* ``master_tensors[s]`` (fp32 master weights of bf16/fp16 params, when enabled) and
+  ``state_tensors[name][s]``: ours, created zero-filled the first time param s has a grad
+  (torch semantics: a frozen param never gets state). They are the tensors of the optimizer's
+  ``state[p]`` (:meth:`refresh` adopts loaded or replaced ones);
+* ``active_idx``: the active segments; per-segment device tables ``wd_mask``, ``adapt_mask``,
+  ``active``, ``has_state``, ``step`` and the outputs ``w_norm``, ``g_norm``, ``u_norm``,
+  ``trust_ratio``;
+* :meth:`address_table`: the same tensors as a device table of base addresses (CUDA, Triton).
 
-// NOTE: [Views stay exact]
-// Anything that breaks a view (``model.zero_grad(set_to_none=True)``, a grad
-// replaced by user code, ``p.data = ...``) is detected at the start of the next
-// step by a pointer comparison, and repaired by copying the tensor into the
-// bucket and re-pointing the view. The copy costs one pass; results stay exact.
+// NOTE: [Dense segments]
+// Kernels walk a segment as ``numel`` consecutive elements from its base address. That is exact
+// for any non-overlapping and dense tensor (contiguous, channels_last, transposed) provided every
+// buffer of the segment has the param's strides: state and masters are created with the param's
+// strides (``empty_like``), and a grad with other strides (autograd's layout contract makes this
+// rare) is copied into a scratch tensor of the param's strides for that step. A param that is not
+// dense (a strided slice) is refused when the bucket is built, with the fix in the message.
 
-// NOTE: [External segments]
-// Some tensors must not be re-pointed (see fusedlars.distributed, NOTE [Foreign storage]):
-// DTensor parameters (FSDP2 all-gathers from its own sharded storage), and parameters or
-// grads that live inside a larger buffer we do not own (ZeRO parameter buckets, DDP
-// gradient buckets). For such a segment ``external[i]`` is True: ``sync_views`` copies
-// the (local) values in before the step and ``publish`` copies the new values back
-// after it; the segment's views in the bucket are ordinary bucket memory.
+// NOTE: [Versions]
+// Kernels write params through raw addresses, which autograd's version counters do not see, so
+// :meth:`publish` bumps the counters of the params a fused step wrote (as an in-place op would):
+// a tensor saved for backward and then stepped still raises in backward instead of silently
+// using the new values. The counters after the step are recorded; a different counter (or data
+// pointer) at the next step means the user wrote the param: its carried weight norm is dropped
+// (NOTE [Carried weight norms], csrc/cpu/optim_cpu.cpp) and its fp32 master re-synced.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, MutableMapping
 
 import torch
 
-from .distributed import is_dtensor, local_tensor
+from .distributed import as_dtensor_like, is_dtensor, local_tensor
 
-__all__ = ["Bucket", "TileTable", "state_dtype_for", "SEGMENT_ALIGN_BYTES"]
-
-SEGMENT_ALIGN_BYTES = 64
+__all__ = ["Bucket", "TileTable", "state_dtype_for", "grad_mismatch", "dense_problem"]
 
 
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -53,33 +61,22 @@ def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _foreign(t: torch.Tensor, own: set[int]) -> bool:
-    """True if ``t`` lives inside a larger buffer that is not one of ours (``own``: storage pointers)."""
-    st = t.untyped_storage()
-    return st.nbytes() > t.numel() * t.element_size() and st.data_ptr() not in own
-
-
-def _shared_param(p: torch.Tensor, own: set[int]) -> bool:
-    """True if ``p``'s storage belongs to someone else: a larger buffer, or (in a distributed job) a
-    buffer of exactly its size that another tensor also holds (ZeRO's one-parameter bucket). A false
-    positive (the user holds a ``p.detach()``) only costs a copy in and out per step and writes the
-    new values through to that storage, as torch.optim does."""
-    if _foreign(p, own):
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill ``numel`` consecutive slots from ``data_ptr``."""
+    if t.is_contiguous():
         return True
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    st = p.untyped_storage()
-    if st.data_ptr() in own or st.nbytes() == 0:
-        return False
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    # references: p's TensorImpl and the temporary Python storage object ``st``
-    return use_count is not None and use_count(st._cdata) > 2
+    return t._is_non_overlapping_and_dense() if hasattr(t, "_is_non_overlapping_and_dense") else False
 
 
-def _align_elems(dtype: torch.dtype) -> int:
-    # Aligned for the param dtype and for the state dtype (>= 4 bytes) at once.
-    item = torch.empty((), dtype=dtype).element_size()
-    return max(SEGMENT_ALIGN_BYTES // item, SEGMENT_ALIGN_BYTES // 4)
+def dense_problem(t: torch.Tensor) -> str | None:
+    """Why the kernels cannot walk ``t`` as a flat segment (None when they can)."""
+    if t.numel() <= 1 or _is_dense(t):
+        return None
+    return (
+        f" is not dense in memory (shape {tuple(t.shape)}, strides {t.stride()}: a strided slice of a larger "
+        "tensor); fusedlars steps params in place as flat segments. Make it a tensor of its own, e.g. "
+        "nn.Parameter(t.contiguous()), before creating the optimizer."
+    )
 
 
 @dataclass(frozen=True)
@@ -88,7 +85,7 @@ class TileTable:
 
     tile_elems: int
     tile_seg: torch.Tensor  # int32 [T]
-    tile_start: torch.Tensor  # int64 [T] element offset into the flat buffers
+    tile_start: torch.Tensor  # int64 [T] element offset inside the tile's segment
     tile_len: torch.Tensor  # int32 [T] number of valid elements (<= tile_elems)
     seg_tile_ptr: torch.Tensor  # int64 [S+1]
     num_tiles: int
@@ -107,18 +104,19 @@ def grad_mismatch(g: torch.Tensor, shape, dtype: torch.dtype, device: torch.devi
     return None
 
 
-class Bucket:
-    """Contiguous storage of one (param group, device, dtype) and its per-segment tables.
+#: address_table kinds besides the state names
+ADDRESS_KINDS = ("param", "grad", "master")
 
-    Attributes used by the kernels (all on ``device``):
-      ``flat_param``, ``flat_grad`` (param dtype), ``flat_master`` (fp32 or None),
-      ``state[name]`` (state dtype), ``seg_offset`` / ``seg_numel`` / ``seg_len``
-      (int64 [S]; ``seg_len`` includes the pad), per-segment float tensors of the
-      state dtype ``wd_mask`` (1 where weight decay applies), ``adapt_mask`` (1 where a
-      trust ratio applies), ``active`` (1 where the param has a grad this step),
-      ``has_state`` (1 once the segment's momentum / moments exist), ``step``
-      (float32, completed steps), and the outputs of the last step ``w_norm``,
-      ``g_norm``, ``u_norm``, ``trust_ratio``.
+
+class Bucket:
+    """Tables over the params of one (param group, device, dtype, shard layout).
+
+    Static: ``params`` (the user's tensors, DTensors under FSDP2), ``names``, ``shapes`` and
+    ``numels`` (local), ``num_segments``, ``device``, ``dtype``, ``state_dtype``, ``shard``,
+    ``state_names``, ``uses_masters``; device tables ``seg_numel`` (int64), ``wd_mask`` /
+    ``adapt_mask`` (1 where decay / a ratio applies), ``has_state`` (1 once the segment stepped),
+    ``step`` (float32 completed steps, whose 0-dim views are ``state[p]["step"]``), and the last
+    step's ``w_norm``, ``g_norm``, ``u_norm``, ``trust_ratio``. Per step: see the module docstring.
     """
 
     def __init__(
@@ -131,62 +129,27 @@ class Bucket:
         wd_excluded: list[bool],
         adapt_excluded: list[bool],
         shard=None,
-        own_storages: set[int] | frozenset[int] = frozenset(),
     ) -> None:
-        """``shard``: the :class:`fusedlars.distributed.ShardSpec` of a bucket of DTensor params
-        (whose local shards the bucket holds), else None. ``own_storages``: storage pointers of
-        buffers of earlier buckets of the same optimizer (not foreign when params still point there)."""
+        """``shard``: the :class:`fusedlars.distributed.ShardSpec` of a bucket of DTensor params, else None."""
         assert params
         self.params = list(params)
         self.names = list(names)
         self.shard = shard
         locs = [local_tensor(p) for p in params]
+        for i, t in enumerate(locs):
+            why = dense_problem(t)
+            if why:
+                raise ValueError(f"parameter {self.names[i] or f'#{i}'}{why}")
         self.device = locs[0].device
         self.dtype = locs[0].dtype
         self.state_dtype = state_dtype_for(self.dtype)
-        align = _align_elems(self.dtype)
         self.shapes = [tuple(t.shape) for t in locs]  # local shapes (== global shapes unless sharded)
         self.numels = [t.numel() for t in locs]
-        offsets, off = [], 0
-        for n in self.numels:
-            offsets.append(off)
-            off += -(-n // align) * align if n else 0
-        self.offsets = offsets
-        self.total = off
-        self.num_segments = len(params)
-        dev, dt, sdt = self.device, self.dtype, self.state_dtype
-
-        with torch.no_grad():
-            self.flat_param = torch.zeros(self.total, dtype=dt, device=dev)
-            self.flat_grad = torch.zeros(self.total, dtype=dt, device=dev)
-            self.param_views = [self._view(self.flat_param, i) for i in range(len(params))]
-            self.grad_views = [self._view(self.flat_grad, i) for i in range(len(params))]
-            # constant: the fast path of check_grads compares against these
-            self._pv_ptr = [v.data_ptr() for v in self.param_views]
-            self._gv_ptr = [v.data_ptr() for v in self.grad_views]
-            self._gv_stride = [v.stride() for v in self.grad_views]
-            self._size = [v.shape for v in self.param_views]
-            for t, v in zip(locs, self.param_views):
-                v.copy_(t.detach())
-            self._own = set(own_storages) | {self.flat_param.untyped_storage().data_ptr()}
-            self.external = [shard is not None or is_dtensor(p) or _shared_param(p, self._own) for p in params]
-            self.any_external = any(self.external)
-            self.flat_master = None
-            if master_weights and dt in (torch.float16, torch.bfloat16):
-                self.flat_master = self.flat_param.to(torch.float32)
-            self.master_views = (
-                [self._view(self.flat_master, i) for i in range(len(params))] if self.flat_master is not None else None
-            )
-        self.state: dict[str, torch.Tensor] = {}
-        self.state_views: dict[str, list[torch.Tensor]] = {}
-        for name in state_names:
-            self.ensure_state(name)
-
-        lens = [(offsets[i + 1] if i + 1 < len(offsets) else self.total) - offsets[i] for i in range(len(offsets))]
-        self.seg_offset = torch.tensor(offsets, dtype=torch.int64, device=dev)
+        self.num_segments = S = len(params)
+        self.state_names = tuple(state_names)
+        self.uses_masters = bool(master_weights) and self.dtype in (torch.float16, torch.bfloat16)
+        dev, sdt = self.device, self.state_dtype
         self.seg_numel = torch.tensor(self.numels, dtype=torch.int64, device=dev)
-        self.seg_len = torch.tensor(lens, dtype=torch.int64, device=dev)
-        S = self.num_segments
         self.set_exclusions(wd_excluded, adapt_excluded)
         self.has_state = torch.zeros(S, dtype=sdt, device=dev)
         self.step = torch.zeros(S, dtype=torch.float32, device=dev)
@@ -194,33 +157,29 @@ class Bucket:
         self.g_norm = torch.zeros(S, dtype=sdt, device=dev)
         self.u_norm = torch.zeros(S, dtype=sdt, device=dev)
         self.trust_ratio = torch.ones(S, dtype=sdt, device=dev)
-        self._active_key: tuple[bool, ...] | None = None
-        self.active = torch.ones(S, dtype=sdt, device=dev)
-        self.all_active = True
+        self._step_views = [self.step[i] for i in range(S)]
+        # per step (refresh)
+        self.param_tensors: list[torch.Tensor] = locs
+        self.grad_tensors: list[torch.Tensor | None] = [None] * S
+        self.master_tensors: list[torch.Tensor | None] | None = [None] * S if self.uses_masters else None
+        self.state_tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * S for n in self.state_names}
+        self.active_idx: tuple[int, ...] = ()
+        self.active = torch.zeros(S, dtype=sdt, device=dev)
+        self.all_active = False
+        self._active_key: tuple[int, ...] | None = None
+        self._grad_scratch: dict[int, torch.Tensor] = {}
         self._tiles: dict[int, TileTable] = {}
-        self._elem_seg: torch.Tensor | None = None
-        # NOTE [Carried weight norms] (csrc/cpu/optim_cpu.cpp): per-segment ||w||^2 written by the last
-        # step, -1 where unknown; None when the last step did not carry them. _versions: the params'
-        # version counters after that step (an in-place write through a param bumps its counter).
+        self._addr: dict[tuple[str, ...], tuple[tuple[int, ...], torch.Tensor]] = {}
+        self._ids: dict[tuple[int, ...], torch.Tensor] = {}
+        self._seen_state: list[tuple | None] = [None] * S  # ids of the state tensors last adopted
+        self._versions: list[tuple[int, int] | None] = [None] * S  # (data_ptr, _version) after our last step
+        # NOTE [Carried weight norms] (csrc/cpu/optim_cpu.cpp): per-segment ||w||^2 written by the
+        # last step, -1 where unknown; None when the last step did not carry them.
         self.w_sumsq: torch.Tensor | None = None
-        self._versions: list[int] | None = None
-        # point the user's params at the bucket (external ones keep their storage)
-        with torch.no_grad():
-            for p, v, ext in zip(params, self.param_views, self.external):
-                if not ext:
-                    p.data = v
-            for i, p in enumerate(params):
-                if p.grad is not None:
-                    g = local_tensor(p.grad)
-                    self.grad_views[i].copy_(g)
-                    if self._may_adopt_grad(i, p.grad, g):
-                        p.grad = self.grad_views[i]
+        #: backend caches (lists, scratch, launch tables), keyed by the backend's name
+        self.cache: dict[str, Any] = {}
 
-    # -- layout helpers -------------------------------------------------------------------------
-    def _view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
-        o, n = self.offsets[i], self.numels[i]
-        return flat[o : o + n].view(self.shapes[i])
-
+    # -- tables ---------------------------------------------------------------------------------
     def set_exclusions(self, wd_excluded: list[bool], adapt_excluded: list[bool]) -> None:
         """Per-segment masks: ``wd_mask`` 1 where weight decay applies, ``adapt_mask`` 1 where a ratio does."""
         sdt, dev = self.state_dtype, self.device
@@ -228,24 +187,26 @@ class Bucket:
         self.adapt_mask = torch.tensor([0.0 if e else 1.0 for e in adapt_excluded], dtype=sdt, device=dev)
         self.any_wd_excluded = any(wd_excluded)
 
-    def ensure_state(self, name: str) -> bool:
-        """Allocate the zero flat state buffer ``name`` (and its views) if missing; True if it was."""
-        if name in self.state:
-            return False
-        self.state[name] = torch.zeros(self.total, dtype=self.state_dtype, device=self.device)
-        self.state_views[name] = [self._view(self.state[name], i) for i in range(self.num_segments)]
-        return True
+    def set_state_names(self, names: tuple[str, ...]) -> None:
+        """The state buffers the group's options need now (momentum switched on or off after the
+        buckets were built): missing ones are created at the next refresh, as at a first step."""
+        names = tuple(names)
+        if names == self.state_names:
+            return
+        self.state_names = names
+        self.state_tensors = {n: [None] * self.num_segments for n in names}
+        self._seen_state = [None] * self.num_segments
 
     def tiles(self, tile_elems: int) -> TileTable:
-        """The tile table for ``tile_elems`` (cached). Empty segments have no tiles."""
+        """The tile table for ``tile_elems`` (cached), over every segment. Empty segments have no tiles."""
         t = self._tiles.get(tile_elems)
         if t is not None:
             return t
         seg, start, ln, ptr = [], [], [], [0]
-        for s, (o, n) in enumerate(zip(self.offsets, self.numels)):
+        for s, n in enumerate(self.numels):
             for a in range(0, n, tile_elems):
                 seg.append(s)
-                start.append(o + a)
+                start.append(a)
                 ln.append(min(tile_elems, n - a))
             ptr.append(len(seg))
         dev = self.device
@@ -260,140 +221,59 @@ class Bucket:
         self._tiles[tile_elems] = t
         return t
 
-    def elem_seg(self) -> torch.Tensor:
-        """int32 [total]: the segment of every element (pads belong to the segment before them)."""
-        if self._elem_seg is None:
-            self._elem_seg = torch.repeat_interleave(
-                torch.arange(self.num_segments, dtype=torch.int32, device=self.device),
-                self.seg_len,
-                output_size=self.total,
-            )
-        return self._elem_seg
+    def tensors_of(self, kind: str) -> list[torch.Tensor | None]:
+        """This step's tensors of one address kind: 'param', 'grad', 'master' or a state name."""
+        if kind == "param":
+            return self.param_tensors
+        if kind == "grad":
+            return self.grad_tensors
+        if kind == "master":
+            return self.master_tensors if self.master_tensors is not None else [None] * self.num_segments
+        return self.state_tensors[kind]
 
-    # -- per-step bookkeeping ------------------------------------------------------------------
-    def _may_adopt_grad(self, i: int, g: torch.Tensor, g_local: torch.Tensor) -> bool:
-        """May ``p.grad`` be re-pointed into the bucket? Not for a DTensor grad (its local shard is
-        FSDP2's) nor for a grad that is a view of someone else's buffer (DDP gradient_as_bucket_view)."""
-        return not (self.shard is not None or is_dtensor(g) or _foreign(g_local, self._own))
+    def address_table(self, kinds: tuple[str, ...]) -> torch.Tensor:
+        """int64 ``[len(kinds), S]`` device table of this step's base addresses (0 where a segment has
+        no such tensor: inactive, or no master). The same tensor object every call; its contents are
+        rewritten (one small host-to-device copy) only when an address changed, which the caching
+        allocator makes rare. Under CUDA-graph capture addresses must stay the same (capturable)."""
+        ptrs = tuple(0 if t is None else t.data_ptr() for k in kinds for t in self.tensors_of(k))
+        hit = self._addr.get(kinds)
+        if hit is not None and hit[0] == ptrs:
+            return hit[1]
+        host = torch.tensor(ptrs, dtype=torch.int64).view(len(kinds), self.num_segments)
+        if hit is None:
+            table = host.to(self.device)
+        else:
+            table = hit[1]
+            table.copy_(host, non_blocking=False)
+        self._addr[kinds] = (ptrs, table)
+        return table
 
-    def copy_in_param(self, i: int, src: torch.Tensor) -> None:
-        """Copy ``src`` into segment ``i``'s param (and master) view."""
-        pv = self.param_views[i]
-        if self.master_views is not None:
-            # keep the fp32 master where the param still holds what we wrote (no host sync)
-            mv = self.master_views[i]
-            mv.copy_(torch.where(src != pv, src.to(mv.dtype), mv))
-        pv.copy_(src)
+    def active_ids(self) -> torch.Tensor:
+        """int64 device tensor of ``active_idx`` (cached per set of active segments)."""
+        t = self._ids.get(self.active_idx)
+        if t is None:
+            if len(self._ids) >= 16:
+                self._ids.clear()
+            t = self._ids[self.active_idx] = torch.tensor(self.active_idx, dtype=torch.int64, device=self.device)
+        return t
 
-    def sync_views(self, clean: list[bool] | None = None, adopt_grads: bool = True) -> list[bool]:
-        """Repair broken param / grad views, copy external segments in; return which segments have a grad.
-
-        Runs on the host only (pointer comparisons); copies happen only for broken views and
-        for external segments (NOTE [External segments]). ``clean``: what check_grads() returned just
-        before (segments whose views are intact need no repair). ``adopt_grads=False`` copies a grad
-        that is not a view without re-pointing ``p.grad`` at the bucket (NOTE [Compiled steps]).
-        """
-        versions = self._versions if self.w_sumsq is not None else None
-        active, changed = [], []  # changed: weights may differ from what the last step wrote
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if versions is not None and p._version != versions[i]:
-                    changed.append(i)
-                if clean is None or not clean[i]:
-                    self._repair(i, p, adopt_grads, changed)
-                active.append(p.grad is not None)
-        if changed and versions is not None:
-            self.w_sumsq.index_fill_(0, torch.tensor(changed, dtype=torch.int64, device=self.device), -1.0)
-        key = tuple(active)
-        if key != self._active_key:
-            self._active_key = key
-            self.active = torch.tensor([1.0 if a else 0.0 for a in active], dtype=self.state_dtype, device=self.device)
-            self.all_active = all(active)
-        return active
-
-    def grad_is_view(self, i: int, g: torch.Tensor) -> bool:
-        """Is ``g`` (a local grad tensor) segment ``i``'s grad view of the bucket?"""
-        return g.data_ptr() == self._gv_ptr[i] and g.shape == self._size[i] and g.stride() == self._gv_stride[i]
-
-    def _repair(self, i: int, p: torch.Tensor, adopt_grads: bool, changed: list[int]) -> None:
-        """sync_views for one segment whose param or grad is not (or may not be) our view."""
-        pv = self.param_views[i]
-        if self.external[i]:
-            changed.append(i)
-            self.copy_in_param(i, local_tensor(p).detach())
-        elif p.data_ptr() != pv.data_ptr():
-            changed.append(i)
-            if _shared_param(p, self._own):
-                # someone else's buffer now owns it (e.g. ZeRO re-pointed p.data): follow it
-                self.external[i] = self.any_external = True
-                self.copy_in_param(i, p.detach())
-            else:
-                pv.copy_(p.detach())
-                if self.master_views is not None:
-                    self.master_views[i].copy_(pv)
-                p.data = pv
-        g = p.grad
-        if g is None:
-            return
-        gl = g if self.shard is None else local_tensor(g)
-        if not self.grad_is_view(i, gl):
-            gv = self.grad_views[i]
-            gv.copy_(gl)
-            if adopt_grads and self._may_adopt_grad(i, g, gl):
-                p.grad = gv
-
-    def carry_buffer(self) -> torch.Tensor:
-        """The carried ||w||^2 buffer (NOTE [Carried weight norms]), allocated as 'unknown' (-1)."""
-        if self.w_sumsq is None:
-            self.w_sumsq = torch.full((self.num_segments,), -1.0, dtype=torch.float64, device=self.device)
-            self._versions = None
-        return self.w_sumsq
-
-    def drop_carry(self) -> None:
-        """Forget the carried norms (the next step is not done by a kernel that carries them)."""
-        self.w_sumsq = None
-        self._versions = None
-
-    def publish(self) -> None:
-        """After a step: copy the new values of external segments back to their owners' storage,
-        and note the params' version counters when weight norms are carried."""
-        if self.w_sumsq is not None:
-            self._versions = [p._version for p in self.params]
-        if not self.any_external:
-            return
-        with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if self.external[i]:
-                    local_tensor(p).detach().copy_(self.param_views[i])
-
-    def any_active(self) -> bool:
-        return bool(self._active_key) and any(self._active_key)
-
-    def zero_grad_(self) -> None:
-        """Zero the flat grad buffer in one operation; grads that are views stay views."""
-        self.flat_grad.zero_()
-
-    def check_grads(self) -> list[bool]:
-        """Validation that must pass before anything is mutated (sparse, complex, dtype, device).
-        Returns which segments still have both views intact (for the sync_views() that follows)."""
-        plain = self.shard is None
-        clean = []
+    # -- per step -------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Validation that must pass before anything is mutated: every param still has its shape,
+        dtype, device and a dense layout; every grad matches its param."""
         for i, p in enumerate(self.params):
-            if plain and not self.external[i]:
-                # fast path: param and grad are still our views, so nothing about them can be wrong
-                g = p.grad
-                if p.data_ptr() == self._pv_ptr[i] and p.shape == self._size[i] and (g is None or self.grad_is_view(i, g)):
-                    clean.append(True)
-                    continue
-            clean.append(False)
-            p = local_tensor(p)
-            if tuple(p.shape) != self.shapes[i] or p.dtype != self.dtype or p.device != self.device:
+            loc = local_tensor(p)
+            if tuple(loc.shape) != self.shapes[i] or loc.dtype != self.dtype or loc.device != self.device:
                 raise RuntimeError(
                     f"parameter {self.names[i] or i} changed shape, dtype or device after the optimizer "
                     f"built its buckets ({self.shapes[i]}, {self.dtype}, {self.device} -> "
-                    f"{tuple(p.shape)}, {p.dtype}, {p.device}). Create the optimizer after moving the model."
+                    f"{tuple(loc.shape)}, {loc.dtype}, {loc.device}). Create the optimizer after moving the model."
                 )
-            g = self.params[i].grad
+            why = dense_problem(loc)
+            if why:
+                raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
+            g = p.grad
             if g is None:
                 continue
             if is_dtensor(g) != (self.shard is not None):
@@ -404,17 +284,147 @@ class Bucket:
             why = grad_mismatch(local_tensor(g), self.shapes[i], self.dtype, self.device)
             if why:
                 raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
-        return clean
 
-    def tensors(self) -> list[torch.Tensor]:
-        """Every tensor a kernel reads or writes (flat buffers, state, per-segment tables and outputs)."""
-        out = [self.flat_param, self.flat_grad, *self.state.values(), self.seg_offset, self.seg_numel,
-               self.seg_len, self.wd_mask, self.adapt_mask, self.active, self.has_state, self.step,
-               self.w_norm, self.g_norm, self.u_norm, self.trust_ratio]  # fmt: skip
-        if self.flat_master is not None:
-            out.append(self.flat_master)
-        return out
+    def refresh(self, state: MutableMapping[torch.Tensor, dict], *, adopt_only: bool = False) -> None:
+        """This step's tensors (host side, after :meth:`check`): locals and grads of the params,
+        state from ``state`` (the optimizer's ``state``), created zero-filled for a segment that has
+        a grad and none yet (NOTE [Dense segments]); masters re-synced where the user wrote a param
+        (NOTE [Versions]). ``adopt_only``: only adopt existing state (``load_state_dict``), create none."""
+        active = []
+        changed = []  # params written outside our steps: drop their carried norm, re-sync masters
+        for i, p in enumerate(self.params):
+            loc = local_tensor(p)
+            self.param_tensors[i] = loc
+            seen = self._versions[i]
+            if seen is not None and (loc.data_ptr(), loc._version) != seen:
+                changed.append(i)
+                self._versions[i] = None
+            g = p.grad
+            if g is not None and not adopt_only:
+                g = local_tensor(g)
+                if g.stride() != loc.stride() and g.numel() > 1:
+                    scratch = self._grad_scratch.get(i)
+                    if scratch is None:
+                        scratch = self._grad_scratch[i] = torch.empty_like(loc)
+                    scratch.copy_(g)
+                    g = scratch
+                active.append(i)
+            else:
+                g = None
+            self.grad_tensors[i] = g
+            self._adopt(i, p, loc, state, create=g is not None)
+        if changed:
+            if self.w_sumsq is not None:
+                self.w_sumsq.index_fill_(0, torch.tensor(changed, dtype=torch.int64, device=self.device), -1.0)
+            if self.master_tensors is not None:
+                for i in changed:
+                    m = self.master_tensors[i]
+                    if m is not None:
+                        loc = self.param_tensors[i]
+                        # keep the fp32 master where the param still holds its rounding (no host sync)
+                        m.copy_(torch.where(loc != m.to(loc.dtype), loc.to(m.dtype), m))
+        key = tuple(active)
+        if key != self._active_key:
+            self._active_key = self.active_idx = key
+            mask = [0.0] * self.num_segments
+            for i in key:
+                mask[i] = 1.0
+            self.active.copy_(torch.tensor(mask, dtype=self.state_dtype))  # same tensor: static for graphs
+            self.all_active = len(key) == self.num_segments
 
-    def weights(self) -> torch.Tensor:
-        """The buffer the math reads weights from: the fp32 master if present, else the params."""
-        return self.flat_master if self.flat_master is not None else self.flat_param
+    def _wrap(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        return local if self.shard is None else as_dtensor_like(local, self.params[i])
+
+    def _adopt(self, i: int, p: torch.Tensor, loc: torch.Tensor, state: MutableMapping, create: bool) -> None:
+        """Point segment i's state at ``state[p]``'s tensors; create them when missing and ``create``."""
+        st = state.get(p)
+        if st is None:
+            if not create:
+                for name in self.state_names:
+                    self.state_tensors[name][i] = None
+                if self.master_tensors is not None:
+                    self.master_tensors[i] = None
+                return
+            st = state[p] = {}
+        names = self.state_names + (("master_weight",) if self.uses_masters else ())
+        ids = tuple(id(st.get(n)) for n in names) + (id(st.get("step")),)
+        if ids == self._seen_state[i]:
+            return
+        sdt = self.state_dtype
+        fresh = False
+        with torch.no_grad():
+            for name in self.state_names:
+                v = st.get(name)
+                if v is None:
+                    if not create:
+                        self.state_tensors[name][i] = None
+                        continue
+                    loc_v = torch.zeros_like(loc, dtype=sdt)
+                    st[name] = self._wrap(i, loc_v)
+                    fresh = True
+                else:
+                    loc_v = local_tensor(v)
+                    if loc_v.stride() != loc.stride() or loc_v.dtype != sdt or loc_v.device != loc.device:
+                        loc_v = torch.empty_like(loc, dtype=sdt).copy_(loc_v)
+                        st[name] = self._wrap(i, loc_v)
+                self.state_tensors[name][i] = loc_v
+            if self.master_tensors is not None:
+                v = st.get("master_weight")
+                if v is None and create:
+                    m = torch.empty_like(loc, dtype=torch.float32).copy_(loc)
+                    st["master_weight"] = self._wrap(i, m)
+                elif v is not None:
+                    m = local_tensor(v)
+                    if m.stride() != loc.stride() or m.dtype != torch.float32:
+                        m = torch.empty_like(loc, dtype=torch.float32).copy_(m)
+                        st["master_weight"] = self._wrap(i, m)
+                    loc.copy_(m)  # a loaded master is the truth: the param is its rounding
+                else:
+                    m = None
+                self.master_tensors[i] = m
+            s = st.get("step")
+            if s is not self._step_views[i]:
+                if s is not None:
+                    self.step[i] = torch.as_tensor(s, dtype=torch.float32).reshape(()).to(self.device)
+                elif not create:
+                    return
+                else:
+                    self.step[i] = 0.0
+                st["step"] = self._step_views[i]
+            # a segment whose state came from outside (load_state_dict) has stepped; fresh state has not
+            self.has_state[i] = 0.0 if fresh else (1.0 if any(n in st for n in self.state_names) or s is not None else 0.0)
+        self._seen_state[i] = tuple(id(st.get(n)) for n in names) + (id(st.get("step")),)
+
+    def publish(self, wrote_raw: bool) -> None:
+        """After a step: bump the version counters of the params a kernel wrote through raw
+        addresses (``wrote_raw``) and record every active param's (data_ptr, version) (NOTE [Versions])."""
+        idx = self.active_idx
+        if wrote_raw and idx:
+            torch.autograd.graph.increment_version([self.param_tensors[i] for i in idx])
+        for i in idx:
+            loc = self.param_tensors[i]
+            self._versions[i] = (loc.data_ptr(), loc._version)
+
+    def carry_buffer(self) -> torch.Tensor:
+        """The carried ||w||^2 buffer (NOTE [Carried weight norms]), allocated as 'unknown' (-1)."""
+        if self.w_sumsq is None:
+            self.w_sumsq = torch.full((self.num_segments,), -1.0, dtype=torch.float64, device=self.device)
+        return self.w_sumsq
+
+    def drop_carry(self) -> None:
+        """Forget the carried norms (the next step is not done by a kernel that carries them)."""
+        self.w_sumsq = None
+
+    def any_active(self) -> bool:
+        return bool(self.active_idx)
+
+    def weights(self, i: int) -> torch.Tensor:
+        """The tensor the math reads segment i's weights from: its fp32 master if any, else the param."""
+        if self.master_tensors is not None and self.master_tensors[i] is not None:
+            return self.master_tensors[i]
+        return self.param_tensors[i]
+
+    def tables(self) -> list[torch.Tensor]:
+        """The per-segment device tables a kernel reads or writes (static across steps)."""
+        return [self.seg_numel, self.wd_mask, self.adapt_mask, self.active, self.has_state, self.step,
+                self.w_norm, self.g_norm, self.u_norm, self.trust_ratio]  # fmt: skip

@@ -46,6 +46,7 @@ __all__ = [
     "ShardSpec",
     "is_dtensor",
     "local_tensor",
+    "as_dtensor_like",
     "shard_spec",
     "all_reduce_partials",
     "check_layout",
@@ -62,6 +63,14 @@ def is_dtensor(t: Any) -> bool:
     mod = sys.modules.get("torch.distributed.tensor")
     cls = getattr(mod, "DTensor", None) if mod is not None else None
     return cls is not None and isinstance(t, cls)
+
+
+def as_dtensor_like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A DTensor with ``p``'s mesh, placements and global shape over ``local`` (no copy), so that the
+    state of a sharded param looks like torch.optim's (distributed checkpointing sees DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

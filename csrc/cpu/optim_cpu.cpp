@@ -1,4 +1,11 @@
-// Fused CPU LARS / TVLARS / LAMB steps over a flat bucket (ops fusedlars::*_cpu, schemas in ops.cpp).
+// Fused CPU LARS / TVLARS / LAMB steps over a bucket (ops fusedlars::*_cpu, schemas in ops.cpp).
+//
+// A bucket is a set of tables over the user's own tensors (fusedlars/buckets.py): the ops take the
+// params, grads, masters and state buffers of the ACTIVE segments (those with a grad this step) as
+// tensor lists, plus `seg_ids`, the bucket index of each, which addresses the per-segment tables
+// (masks, has_state, step, outputs; one entry per segment of the bucket). Element k of active
+// segment i is at base_X[i] + k for every buffer X (NOTE [Dense segments] in buckets.py: every
+// buffer of a segment has the param's strides, so all are walked in the same memory order).
 //
 // One step of a bucket:
 //   plan     the active segments, cut into tiles of kTileElems (a tile never crosses a segment), and
@@ -36,7 +43,14 @@
 // instruction set, so results are bitwise identical across runs, thread counts and ISAs.
 //
 // NOTE: [Skips]
-// found_inf != 0: return before touching anything. active[s] == 0: the segment is not in the plan.
+// found_inf != 0: return before touching anything. A segment without a grad is not in the lists.
+//
+// NOTE: [Phases]
+// `phase` splits a step around a cross-rank reduction (FSDP2: fusedlars/distributed.py): 1 runs
+// pass 1 and writes each active segment's sums of squares into `sums` (float64 [3, S]; LARS rows
+// w^2, g^2, (g + lam*w)^2; LAMB rows w^2, u^2, g^2 as fusedlars/kernels/torch.py), 2 takes the
+// (all-reduced) sums from `sums` and runs the scalars and pass 2. LAMB's pass 1 writes the moments,
+// so phase 2 must follow phase 1 exactly once. Phase 0 (a whole step) is bitwise phase 1 then 2.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -141,24 +155,24 @@ struct Group {
 };
 
 struct Plan {
-  std::vector<int64_t> t_start, t_len, t_cum;  // t_cum[t] = elements in tiles before t (size T+1)
-  std::vector<int64_t> t_seg;                  // index into seg
-  std::vector<int64_t> seg;                    // active segments in bucket order
+  std::vector<int64_t> t_start, t_len, t_cum;  // t_start: offset inside the segment; t_cum[t] = elements before t
+  std::vector<int64_t> t_seg;                  // index into seg (= index into the ops' tensor lists)
+  std::vector<int64_t> seg;                    // bucket index of each active segment (seg_ids)
   std::vector<int64_t> seg_t0;                 // tiles of seg[i]: [seg_t0[i], seg_t0[i+1])
   std::vector<Group> groups;
   int64_t num_tiles() const { return static_cast<int64_t>(t_start.size()); }
 };
 
-Plan make_plan(const int64_t* off, const int64_t* numel, const float* active, int64_t S, int64_t bytes_per_elem,
-               int64_t budget) {
+// numel[i] / seg_ids[i]: the i-th active segment's element count and bucket index.
+Plan make_plan(const std::vector<int64_t>& numel, const int64_t* seg_ids, int64_t bytes_per_elem, int64_t budget) {
   Plan p;
   p.t_cum.push_back(0);
   p.seg_t0.push_back(0);
   Group g{0, 0, 0, 0};
   int64_t gbytes = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    if (active && active[s] == 0) continue;
-    const int64_t n = numel[s];
+  const int64_t A = static_cast<int64_t>(numel.size());
+  for (int64_t i = 0; i < A; ++i) {
+    const int64_t n = numel[i];
     const int64_t bytes = n * bytes_per_elem;
     if (gbytes > 0 && gbytes + bytes > budget) {
       g.t1 = p.num_tiles();
@@ -170,12 +184,12 @@ Plan make_plan(const int64_t* off, const int64_t* numel, const float* active, in
     const int64_t si = static_cast<int64_t>(p.seg.size());
     for (int64_t a = 0; a < n; a += kTileElems) {
       const int64_t len = std::min(kTileElems, n - a);
-      p.t_start.push_back(off[s] + a);
+      p.t_start.push_back(a);
       p.t_len.push_back(len);
       p.t_cum.push_back(p.t_cum.back() + len);
       p.t_seg.push_back(si);
     }
-    p.seg.push_back(s);
+    p.seg.push_back(seg_ids[i]);
     p.seg_t0.push_back(p.num_tiles());
     gbytes += bytes;
   }
@@ -255,9 +269,9 @@ void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2) {
   body(omp_get_thread_num(), omp_get_num_threads());
 }
 
-// Tile t of the plan, as the kernels take it.
-TileArgs tile_of(const TileArgs& base, const Plan& p, int64_t t) {
-  TileArgs a = base;
+// Tile t of the plan, as the kernels take it: its segment's base pointers, its offset and length.
+TileArgs tile_of(const std::vector<TileArgs>& bases, const Plan& p, int64_t t) {
+  TileArgs a = bases[p.t_seg[t]];
   a.start = p.t_start[t];
   a.len = p.t_len[t];
   return a;
@@ -281,8 +295,8 @@ int plan_threads(const Plan& p) {
 // ------------------------------------------------------------------------------------------------
 // argument checks
 
-int variant_of(const at::Tensor& param, const std::optional<at::Tensor>& master) {
-  switch (param.scalar_type()) {
+int variant_of(at::ScalarType dt, bool master) {
+  switch (dt) {
     case at::kFloat:
       return kF32;
     case at::kBFloat16:
@@ -290,30 +304,14 @@ int variant_of(const at::Tensor& param, const std::optional<at::Tensor>& master)
     case at::kHalf:
       return master ? kF16Master : kF16;
     default:
-      TORCH_CHECK(false, "fusedlars cpu: unsupported param dtype ", param.scalar_type(),
-                  " (float32, bfloat16, float16 are fused)");
+      TORCH_CHECK(false, "fusedlars cpu: unsupported param dtype ", dt, " (float32, bfloat16, float16 are fused)");
   }
 }
 
-void check_buf(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t numel) {
-  TORCH_CHECK(t.device().is_cpu(), "fusedlars cpu: ", name, " must be a CPU tensor");
-  TORCH_CHECK(t.is_contiguous(), "fusedlars cpu: ", name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == dt, "fusedlars cpu: ", name, " must be ", dt, ", got ", t.scalar_type());
-  TORCH_CHECK(numel < 0 || t.numel() == numel, "fusedlars cpu: ", name, " has ", t.numel(), " elements, expected ",
-              numel);
-}
-
-// seg_offset / seg_numel: int64 [S], every segment inside a flat buffer of N elements. Returns S.
-int64_t check_segments(const at::Tensor& seg_offset, const at::Tensor& seg_numel, int64_t N) {
-  const int64_t S = seg_offset.numel();
-  check_buf(seg_offset, "seg_offset", at::kLong, S);
-  check_buf(seg_numel, "seg_numel", at::kLong, S);
-  const int64_t* off = seg_offset.data_ptr<int64_t>();
-  const int64_t* numel = seg_numel.data_ptr<int64_t>();
-  for (int64_t s = 0; s < S; ++s)
-    TORCH_CHECK(off[s] >= 0 && numel[s] >= 0 && off[s] + numel[s] <= N, "fusedlars cpu: segment ", s,
-                " lies outside the flat buffer");
-  return S;
+// A per-segment table (float [S] or double [S]).
+void check_table(const at::Tensor& t, const char* name, at::ScalarType dt, int64_t S) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == dt && t.numel() == S,
+              "fusedlars cpu: ", name, " must be a contiguous CPU ", dt, " tensor of ", S, " elements");
 }
 
 // A per-step scalar argument (lr, inv_scale, found_inf, clip_coef): one element, on the CPU.
@@ -321,14 +319,76 @@ void check_scalar(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "fusedlars cpu: ", name, " must be a 1-element CPU tensor");
 }
 
+// Entry i of a segment list: on the CPU, of dtype `dt`, with param i's shape and strides (NOTE [Dense
+// segments], fusedlars/buckets.py: the kernels walk every buffer of a segment in the same order).
+void check_entry(const at::Tensor& t, const at::Tensor& param, const char* name, int64_t i, at::ScalarType dt) {
+  TORCH_CHECK(t.device().is_cpu(), "fusedlars cpu: ", name, "[", i, "] must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dt, "fusedlars cpu: ", name, "[", i, "] must be ", dt, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == param.sizes(), "fusedlars cpu: ", name, "[", i, "] has shape ", t.sizes(),
+              ", its param ", param.sizes());
+  TORCH_CHECK(t.numel() <= 1 || (t.strides() == param.strides() && t.is_non_overlapping_and_dense()),
+              "fusedlars cpu: ", name, "[", i, "] must be dense with its param's strides");
+}
+
+// The segment lists of one step. `lists` are (tensors, name, dtype) and either empty or of length A.
+struct Segments {
+  int64_t A = 0;
+  int variant = kF32;
+  std::vector<int64_t> numel;
+  std::vector<TileArgs> bases;
+};
+
+Segments check_segments(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList s0,
+                        at::TensorList s1, const at::Tensor& seg_ids, int64_t S) {
+  Segments g;
+  g.A = static_cast<int64_t>(params.size());
+  TORCH_CHECK(grads.size() == params.size(), "fusedlars cpu: ", grads.size(), " grads for ", params.size(), " params");
+  TORCH_CHECK(seg_ids.device().is_cpu() && seg_ids.is_contiguous() && seg_ids.scalar_type() == at::kLong &&
+                  seg_ids.numel() == g.A,
+              "fusedlars cpu: seg_ids must be a contiguous CPU int64 tensor with one entry per param");
+  const int64_t* ids = seg_ids.data_ptr<int64_t>();
+  for (int64_t i = 0; i < g.A; ++i)
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < S, "fusedlars cpu: seg_ids[", i, "] = ", ids[i], " outside [0, ", S, ")");
+  for (const auto& [lst, name] : {std::pair<at::TensorList, const char*>{masters, "masters"}, {s0, "state"},
+                                  {s1, "state"}})
+    TORCH_CHECK(lst.empty() || static_cast<int64_t>(lst.size()) == g.A, "fusedlars cpu: ", name, " has ",
+                lst.size(), " tensors for ", g.A, " params");
+  if (g.A == 0) return g;
+  const at::ScalarType dt = params[0].scalar_type();
+  TORCH_CHECK(masters.empty() || dt != at::kFloat, "fusedlars cpu: master weights need bf16/fp16 params");
+  g.variant = variant_of(dt, !masters.empty());
+  g.numel.resize(g.A);
+  g.bases.resize(g.A);
+  for (int64_t i = 0; i < g.A; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == dt, "fusedlars cpu: params[", i, "] must be a CPU ", dt,
+                " tensor");
+    TORCH_CHECK(p.numel() <= 1 || p.is_non_overlapping_and_dense(), "fusedlars cpu: params[", i,
+                "] is not dense in memory");
+    check_entry(grads[i], p, "grads", i, dt);
+    TileArgs& b = g.bases[i];
+    b = TileArgs{p.data_ptr(), nullptr, grads[i].data_ptr(), nullptr, nullptr, 0, 0};
+    if (!masters.empty()) {
+      check_entry(masters[i], p, "masters", i, at::kFloat);
+      b.master = masters[i].data_ptr<float>();
+    }
+    if (!s0.empty()) {
+      check_entry(s0[i], p, "state", i, at::kFloat);
+      b.s0 = s0[i].data_ptr<float>();
+    }
+    if (!s1.empty()) {
+      check_entry(s1[i], p, "state", i, at::kFloat);
+      b.s1 = s1[i].data_ptr<float>();
+    }
+    g.numel[i] = p.numel();
+  }
+  return g;
+}
+
 struct Common {
   int64_t S;
-  int variant;
-  const int64_t* off;
-  const int64_t* numel;
   const float* wd_mask;
   const float* adapt_mask;
-  const float* active;
   float *has_state, *step, *w_norm, *g_norm, *u_norm, *trust_ratio;
   double lr, inv_scale;
   bool skip;
@@ -343,32 +403,18 @@ struct Common {
   }
 };
 
-Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                    const at::Tensor& seg_offset, const at::Tensor& seg_numel, const at::Tensor& wd_mask,
-                    const at::Tensor& adapt_mask, const at::Tensor& active, const at::Tensor& has_state,
+Common check_common(const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& has_state,
                     const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,
                     const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& lr,
                     const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
   Common c;
-  const int64_t N = param.numel();
-  c.variant = variant_of(param, master);
-  check_buf(param, "param", param.scalar_type(), -1);
-  check_buf(grad, "grad", param.scalar_type(), N);
-  if (master) {
-    TORCH_CHECK(param.scalar_type() != at::kFloat, "fusedlars cpu: master weights need a bf16/fp16 param");
-    check_buf(*master, "master", at::kFloat, N);
-  }
-  c.S = check_segments(seg_offset, seg_numel, N);
+  c.S = wd_mask.numel();
   const std::pair<const at::Tensor*, const char*> segs[] = {
-      {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&active, "active"}, {&has_state, "has_state"},
-      {&step, "step"},       {&w_norm, "w_norm"},         {&g_norm, "g_norm"}, {&u_norm, "u_norm"},
-      {&trust_ratio, "trust_ratio"}};
-  for (const auto& [t, name] : segs) check_buf(*t, name, at::kFloat, c.S);
-  c.off = seg_offset.data_ptr<int64_t>();
-  c.numel = seg_numel.data_ptr<int64_t>();
+      {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&has_state, "has_state"}, {&step, "step"},
+      {&w_norm, "w_norm"},   {&g_norm, "g_norm"},         {&u_norm, "u_norm"},       {&trust_ratio, "trust_ratio"}};
+  for (const auto& [t, name] : segs) check_table(*t, name, at::kFloat, c.S);
   c.wd_mask = wd_mask.data_ptr<float>();
   c.adapt_mask = adapt_mask.data_ptr<float>();
-  c.active = active.data_ptr<float>();
   c.has_state = has_state.data_ptr<float>();
   c.step = step.data_ptr<float>();
   c.w_norm = w_norm.data_ptr<float>();
@@ -390,39 +436,46 @@ Common check_common(const at::Tensor& param, const at::Tensor& grad, const std::
   return c;
 }
 
+// `sums` of NOTE [Phases]: float64 [3, S], or nullptr for phase 0.
+double* check_phase(int64_t phase, const std::optional<at::Tensor>& sums, int64_t S, bool carried) {
+  TORCH_CHECK(phase >= 0 && phase <= 2, "fusedlars cpu: phase must be 0, 1 or 2, got ", phase);
+  if (phase == 0) return nullptr;
+  TORCH_CHECK(sums.has_value(), "fusedlars cpu: phase ", phase, " needs a sums tensor");
+  check_table(*sums, "sums", at::kDouble, 3 * S);
+  TORCH_CHECK(!carried, "fusedlars cpu: carried weight norms are not used with phases");
+  return sums->data_ptr<double>();
+}
+
 int64_t weight_bytes(int variant) { return variant == kF32 || variant == kBF16Master || variant == kF16Master ? 4 : 2; }
 int64_t grad_bytes(int variant) { return variant == kF32 ? 4 : 2; }
 
 // ------------------------------------------------------------------------------------------------
 // ops
 
-void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                   const std::optional<at::Tensor>& momentum, const at::Tensor& seg_offset,
-                   const at::Tensor& seg_numel, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
-                   const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
-                   const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
-                   const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList momentum,
+                   const at::Tensor& seg_ids, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
+                   const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                   const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                   const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& w_sumsq,
-                   at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
+                   const std::optional<at::Tensor>& sums, int64_t phase, at::ArrayRef<double> hyper,
+                   at::ArrayRef<int64_t> modes) {
   const LarsOptions o = lars_options(hyper, modes, "fusedlars cpu: lars_step_cpu");
-  Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
-                          w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
-  if (c.skip) return;
+  Common c = check_common(wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale,
+                          found_inf);
   const int mom = o.momentum != 0.0;
-  float* buf = nullptr;
-  if (mom) {
-    TORCH_CHECK(momentum.has_value(), "fusedlars cpu: momentum != 0 needs a momentum buffer");
-    check_buf(*momentum, "momentum", at::kFloat, param.numel());
-    buf = momentum->data_ptr<float>();
-  }
+  TORCH_CHECK(!mom || !momentum.empty() || params.empty(), "fusedlars cpu: momentum != 0 needs momentum buffers");
+  const Segments g = check_segments(params, grads, masters, mom ? momentum : at::TensorList(), {}, seg_ids, c.S);
+  double* ext = check_phase(phase, sums, c.S, w_sumsq.has_value());
+  if (c.skip) return;
   const float gscale = static_cast<float>(o.maximize ? -c.inv_scale : c.inv_scale);
   double* wss = nullptr;
   if (w_sumsq) {
-    check_buf(*w_sumsq, "w_sumsq", at::kDouble, c.S);
+    check_table(*w_sumsq, "w_sumsq", at::kDouble, c.S);
     wss = w_sumsq->data_ptr<double>();
   }
-  const int64_t bpe = weight_bytes(c.variant) + grad_bytes(c.variant);
-  const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget(kLarsBudget));
+  const int64_t bpe = weight_bytes(g.variant) + grad_bytes(g.variant);
+  const Plan p = make_plan(g.numel, seg_ids.data_ptr<int64_t>(), bpe, group_budget(kLarsBudget));
   const KernelTable& k = table();
   std::vector<double> part(3 * p.num_tiles());
   std::vector<double> part2(wss ? 2 * p.num_tiles() : 0);  // pass 2: new w^2, (g + lam*w)^2
@@ -438,24 +491,40 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
     has0[si] = c.has_state[p.seg[si]];
     if (wss && !u_in_math) carried[si] = !(wss[p.seg[si]] < 0.0);  // NaN is a valid (carried) value
   }
-  TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), buf, nullptr, 0, 0};
-
+  auto pass1 = [&](int64_t t) {
+    const TileArgs a = tile_of(g.bases, p, t);
+    if (carried[p.t_seg[t]]) {
+      part[3 * t] = part[3 * t + 2] = 0.0;
+      k.grad_sumsq(a, g.variant, gscale, &part[3 * t + 1]);  // bitwise lars_sumsq's out[1]
+      return;
+    }
+    const float lam = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[p.t_seg[t]]]);
+    k.lars_sumsq(a, g.variant, gscale, lam, &part[3 * t]);
+  };
+  if (phase == 1) {
+    at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) pass1(t);
+    });
+    for (int64_t si = 0; si < NS; ++si) {
+      double ssq[3];
+      segment_sums<3>(p, part, si, ssq);
+      for (int j = 0; j < 3; ++j) ext[j * c.S + p.seg[si]] = ssq[j];
+    }
+    return;
+  }
   run_plan(
       p, nth,
       [&](int64_t t) {
-        const TileArgs a = tile_of(base, p, t);
-        if (carried[p.t_seg[t]]) {
-          part[3 * t] = part[3 * t + 2] = 0.0;
-          k.grad_sumsq(a, c.variant, gscale, &part[3 * t + 1]);  // bitwise lars_sumsq's out[1]
-          return;
-        }
-        const float lam = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[p.t_seg[t]]]);
-        k.lars_sumsq(a, c.variant, gscale, lam, &part[3 * t]);
+        if (phase != 2) pass1(t);
       },
       [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
         double ssq[3];
-        segment_sums<3>(p, part, si, ssq);
+        if (phase == 2) {
+          for (int j = 0; j < 3; ++j) ssq[j] = ext[j * c.S + s];
+        } else {
+          segment_sums<3>(p, part, si, ssq);
+        }
         if (carried[si]) ssq[0] = wss[s];  // ssq[2] (0 here) is not used by the math: u_in_math is false
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
@@ -464,11 +533,11 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
         if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
       [&](int64_t t, int slot) {
-        const TileArgs a = tile_of(base, p, t);
+        const TileArgs a = tile_of(g.bases, p, t);
         const int64_t si = p.t_seg[t];
         const int carry = !wss ? kCarryNone : carried[si] ? kCarryWU : kCarryW;
         const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
-        k.lars_update(a, c.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
+        k.lars_update(a, g.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
                       wss ? &part2[2 * t] : nullptr);
       });
   if (!wss) return;
@@ -482,28 +551,30 @@ void lars_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
   }
 }
 
-void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                   const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& seg_offset,
-                   const at::Tensor& seg_numel, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
-                   const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
+void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList exp_avg,
+                   at::TensorList exp_avg_sq, const at::Tensor& seg_ids, const at::Tensor& wd_mask,
+                   const at::Tensor& adapt_mask, const at::Tensor& has_state, const at::Tensor& step,
                    const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
                    const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
-                   at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
+                   const std::optional<at::Tensor>& sums, int64_t phase, at::ArrayRef<double> hyper,
+                   at::ArrayRef<int64_t> modes) {
   const LambOptions o = lamb_options(hyper, modes, "fusedlars cpu: lamb_step_cpu");
-  Common c = check_common(param, grad, master, seg_offset, seg_numel, wd_mask, adapt_mask, active, has_state, step,
-                          w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf);
+  Common c = check_common(wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale,
+                          found_inf);
+  TORCH_CHECK(params.empty() || (exp_avg.size() == params.size() && exp_avg_sq.size() == params.size()),
+              "fusedlars cpu: lamb_step_cpu needs exp_avg and exp_avg_sq for every param");
+  const Segments g = check_segments(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, c.S);
+  double* ext = check_phase(phase, sums, c.S, false);
   if (c.skip) return;
-  check_buf(exp_avg, "exp_avg", at::kFloat, param.numel());
-  check_buf(exp_avg_sq, "exp_avg_sq", at::kFloat, param.numel());
   double clip = 1.0;
   if (clip_coef) {
     check_scalar(*clip_coef, "clip_coef");
     clip = clip_coef->item<double>();
   }
   const double gscale = (o.maximize ? -c.inv_scale : c.inv_scale) / clip;
-  const int64_t bpe = weight_bytes(c.variant) + grad_bytes(c.variant) + 8;
-  const Plan p = make_plan(c.off, c.numel, c.active, c.S, bpe, group_budget(kLambBudget));
+  const int64_t bpe = weight_bytes(g.variant) + grad_bytes(g.variant) + 8;
+  const Plan p = make_plan(g.numel, seg_ids.data_ptr<int64_t>(), bpe, group_budget(kLambBudget));
   const KernelTable& k = table();
   std::vector<double> part(3 * p.num_tiles());
   const int nth = plan_threads(p);
@@ -517,52 +588,71 @@ void lamb_step_cpu(const at::Tensor& param, const at::Tensor& grad, const std::o
                                   static_cast<double>(c.step[s]) + 1.0);
     for (int j = 0; j < nth; ++j) coef[j * NS + si] = c0;
   }
-  TileArgs base{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(),
-                exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>(), 0, 0};
+  // pass 1 uses only the coefficients fixed before the region (not k)
+  auto pass1 = [&](int64_t t) {
+    k.lamb_pass1(tile_of(g.bases, p, t), g.variant, o.wd_mode, coef[p.t_seg[t]], &part[3 * t]);
+  };
+  // part rows per tile: w^2, g^2, u^2; sums rows (NOTE [Phases]): w^2, u^2, g^2
+  constexpr int kRow[3] = {0, 2, 1};
+  if (phase == 1) {
+    at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) pass1(t);
+    });
+    for (int64_t si = 0; si < NS; ++si) {
+      double ssq[3];
+      segment_sums<3>(p, part, si, ssq);
+      for (int j = 0; j < 3; ++j) ext[kRow[j] * c.S + p.seg[si]] = ssq[j];
+    }
+    return;
+  }
   run_plan(
       p, nth,
       [&](int64_t t) {
-        const TileArgs a = tile_of(base, p, t);
-        // pass 1 uses only the coefficients fixed before the region (not k)
-        k.lamb_pass1(a, c.variant, o.wd_mode, coef[p.t_seg[t]], &part[3 * t]);
+        if (phase != 2) pass1(t);
       },
       [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
         double ssq[3];
-        segment_sums<3>(p, part, si, ssq);
+        if (phase == 2) {
+          for (int j = 0; j < 3; ++j) ssq[j] = ext[kRow[j] * c.S + s];
+        } else {
+          segment_sums<3>(p, part, si, ssq);
+        }
         const LambSegment r = lamb_segment(o, ssq[0], ssq[1], ssq[2], c.adapt_mask[s] != 0, c.lr);
         const double t_new = static_cast<double>(step0[si]) + 1.0;
         coef[slot * NS + si].k = lamb_step_scale(o, c.lr, r.r, t_new);
         if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
       [&](int64_t t, int slot) {
-        const TileArgs a = tile_of(base, p, t);
-        k.lamb_pass2(a, c.variant, o.wd_mode, coef[slot * NS + p.t_seg[t]]);
+        k.lamb_pass2(tile_of(g.bases, p, t), g.variant, o.wd_mode, coef[slot * NS + p.t_seg[t]]);
       });
 }
 
-at::Tensor grad_sumsq_cpu(const at::Tensor& grad, const at::Tensor& seg_offset, const at::Tensor& seg_numel,
-                          const at::Tensor& active, const std::optional<at::Tensor>& inv_scale) {
-  check_buf(grad, "grad", grad.scalar_type(), -1);
-  const int64_t S = check_segments(seg_offset, seg_numel, grad.numel());
-  check_buf(active, "active", at::kFloat, S);
-  const int variant = variant_of(grad, std::nullopt);
-  const int64_t* off = seg_offset.data_ptr<int64_t>();
-  const int64_t* numel = seg_numel.data_ptr<int64_t>();
+at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale) {
   float gscale = 1.0f;
   if (inv_scale) {
     check_scalar(*inv_scale, "inv_scale");
     gscale = inv_scale->item<float>();
   }
-  const Plan p = make_plan(off, numel, active.data_ptr<float>(), S, 0, 0);
+  const int64_t A = static_cast<int64_t>(grads.size());
+  std::vector<int64_t> numel(A), ids(A);
+  std::vector<TileArgs> bases(A);
+  int variant = kF32;
+  for (int64_t i = 0; i < A; ++i) {
+    const at::Tensor& gr = grads[i];
+    TORCH_CHECK(gr.device().is_cpu() && (gr.numel() <= 1 || gr.is_non_overlapping_and_dense()) &&
+                    gr.scalar_type() == grads[0].scalar_type(),
+                "fusedlars cpu: grads[", i, "] must be a dense CPU tensor of grads[0]'s dtype");
+    variant = variant_of(gr.scalar_type(), false);
+    bases[i] = TileArgs{nullptr, nullptr, gr.data_ptr(), nullptr, nullptr, 0, 0};
+    numel[i] = gr.numel();
+    ids[i] = i;
+  }
+  const Plan p = make_plan(numel, ids.data(), 0, 0);
   std::vector<double> part(p.num_tiles());
   const KernelTable& k = table();
-  TileArgs base{nullptr, nullptr, grad.data_ptr(), nullptr, nullptr, 0, 0};
   at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const TileArgs a = tile_of(base, p, t);
-      k.grad_sumsq(a, variant, gscale, &part[t]);
-    }
+    for (int64_t t = t0; t < t1; ++t) k.grad_sumsq(tile_of(bases, p, t), variant, gscale, &part[t]);
   });
   double total = 0.0;  // segment order, tile order
   for (int64_t si = 0; si < static_cast<int64_t>(p.seg.size()); ++si) {

@@ -50,20 +50,19 @@ def _register_fakes() -> None:
     """Fake (meta) kernels, so the ops trace under torch.compile / FakeTensor (see torch.library.opcheck)."""
 
     @torch.library.register_fake("fusedlars::lars_step_cpu")
-    def _lars_fake(param, grad, master, momentum, seg_offset, seg_numel, wd_mask, adapt_mask, active,
-                   has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq,
-                   hyper, modes):
+    def _lars_fake(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step, w_norm,
+                   g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq, sums, phase, hyper, modes):
         return None
 
     @torch.library.register_fake("fusedlars::lamb_step_cpu")
-    def _lamb_fake(param, grad, master, exp_avg, exp_avg_sq, seg_offset, seg_numel, wd_mask, adapt_mask, active,
-                   has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, clip_coef,
-                   hyper, modes):
+    def _lamb_fake(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask, has_state, step,
+                   w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, clip_coef, sums, phase, hyper,
+                   modes):
         return None
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cpu")
-    def _sumsq_fake(grad, seg_offset, seg_numel, active, inv_scale):
-        return grad.new_empty((), dtype=torch.float64)
+    def _sumsq_fake(grads, inv_scale):
+        return torch.empty((), dtype=torch.float64, device="cpu")
 
 
 if _WHY_NOT is None:
@@ -93,9 +92,9 @@ class _Scalars:
 
 
 def _scalars(bucket: Bucket) -> _Scalars:
-    sc = bucket.__dict__.get("_cpu_scalars")
+    sc = bucket.cache.get(NAME)
     if sc is None:
-        sc = bucket.__dict__["_cpu_scalars"] = _Scalars()
+        sc = bucket.cache[NAME] = _Scalars()
     return sc
 
 
@@ -112,32 +111,82 @@ def _lr(lr, bucket: Bucket | None = None) -> torch.Tensor:
 CARRIES_WEIGHT_NORMS = True
 
 
-def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+def _lists(bucket: Bucket, *names: str) -> list[list[torch.Tensor]]:
+    """The active segments' tensors of each address kind (``[]`` for a kind the bucket has none of)."""
+    idx = bucket.active_idx
+    out = []
+    for kind in names:
+        if kind == "master" and bucket.master_tensors is None:
+            out.append([])
+        else:
+            src = bucket.tensors_of(kind)
+            out.append([src[i] for i in idx])
+    return out
+
+
+def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None) -> None:
     hyper, modes = lars_options(cfg)
-    wss = bucket.carry_buffer() if cfg.carry_w else None
+    wss = bucket.carry_buffer() if cfg.carry_w and phase == 0 else None
+    mom = ("momentum_buffer",) if cfg.uses_buffer else ()
+    params, grads, masters, *moms = _lists(bucket, "param", "grad", "master", *mom)
     torch.ops.fusedlars.lars_step_cpu(
-        bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
-        bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
+        params, grads, masters, moms[0] if moms else [], bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss, hyper, modes,
+        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss, sums, phase, hyper, modes,
     )  # fmt: skip
 
 
-def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+def _lamb(bucket: Bucket, cfg: LambConfig, phase: int, sums: torch.Tensor | None) -> None:
     hyper, modes = lamb_options(cfg)
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = _scalars(bucket).clip(clip)
+    params, grads, masters, m, v = _lists(bucket, "param", "grad", "master", "exp_avg", "exp_avg_sq")
     torch.ops.fusedlars.lamb_step_cpu(
-        bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
-        bucket.seg_offset, bucket.seg_numel, bucket.wd_mask, bucket.adapt_mask, bucket.active,
+        params, grads, masters, m, v, bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, clip, hyper, modes,
+        _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, clip, sums, phase, hyper, modes,
     )  # fmt: skip
+
+
+def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    _lars(bucket, cfg, 0, None)
+
+
+def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+    _lamb(bucket, cfg, 0, None)
+
+
+# NOTE [Partials and apply] (fusedlars/kernels/torch.py) on the C++ kernels: NOTE [Phases] in
+# csrc/cpu/optim_cpu.cpp. The sums are float64 [3, S] (zero for segments without a grad, so that a
+# sharded bucket's all_reduce adds nothing for them); apply reads them after the all_reduce.
+
+
+def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
+    """Per-segment sums of squares ``[w², g², (g+λw)²]`` (g = grad * inv_scale) as a float64 ``[3, S]`` tensor."""
+    sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
+    _lars(bucket, cfg, 1, sums)
+    return sums, ()
+
+
+def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
+    """The LARS update from the (all-reduced) per-segment sums ``ssq`` of :func:`lars_partials`."""
+    _lars(bucket, cfg, 2, ssq.to(torch.float64).contiguous())
+
+
+def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]:
+    """Per-segment sums ``[w_d², u², g²]`` as a float64 ``[3, S]`` tensor; updates the moments in place."""
+    sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
+    _lamb(bucket, cfg, 1, sums)
+    return sums, ()
+
+
+def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -> None:
+    """The LAMB weight update from the (all-reduced) sums of :func:`lamb_partials`."""
+    _lamb(bucket, cfg, 2, ssq.to(torch.float64).contiguous())
 
 
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2, as a float64 0-dim tensor."""
-    return torch.ops.fusedlars.grad_sumsq_cpu(
-        bucket.flat_grad, bucket.seg_offset, bucket.seg_numel, bucket.active, cfg.inv_scale
-    )
+    (grads,) = _lists(bucket, "grad")
+    return torch.ops.fusedlars.grad_sumsq_cpu(grads, cfg.inv_scale)

@@ -73,7 +73,7 @@ def trust_clip(r, cfg, lr):
 
 
 def _grad(bucket: Bucket, i: int, cfg) -> torch.Tensor:
-    g = bucket.grad_views[i].detach().to(torch.float64)
+    g = bucket.grad_tensors[i].detach().to(torch.float64)
     if cfg.inv_scale is not None:
         g = g * _f64(cfg.inv_scale).to(g.device)
     if getattr(cfg, "clip_coef", None) is not None:
@@ -84,32 +84,32 @@ def _grad(bucket: Bucket, i: int, cfg) -> torch.Tensor:
 
 
 def _weights(bucket: Bucket, i: int) -> torch.Tensor:
-    src = bucket.master_views[i] if bucket.master_views is not None else bucket.param_views[i]
-    return src.detach().to(torch.float64)
+    return bucket.weights(i).detach().to(torch.float64)
 
 
 def _write(bucket: Bucket, i: int, w_new: torch.Tensor, keep: torch.Tensor) -> None:
     """Store new weights (and master weights) unless ``keep`` (skip) is true."""
-    if bucket.master_views is not None:
-        mv = bucket.master_views[i]
+    if bucket.master_tensors is not None:
+        mv = bucket.master_tensors[i]
         mv.copy_(torch.where(keep, mv.to(torch.float64), w_new).to(mv.dtype))
-        bucket.param_views[i].copy_(mv.to(bucket.dtype))
+        bucket.param_tensors[i].copy_(mv.to(bucket.dtype))
     else:
-        pv = bucket.param_views[i]
+        pv = bucket.param_tensors[i]
         pv.copy_(torch.where(keep, pv.to(torch.float64), w_new).to(pv.dtype))
 
 
 def _keep(bucket: Bucket, i: int, cfg) -> torch.Tensor:
-    """True where the segment must not change: no grad this step, or GradScaler found an inf."""
-    keep = bucket.active[i] == 0
+    """True when the segment must not change: GradScaler found an inf (segments without a grad are
+    not visited at all)."""
+    keep = torch.zeros((), dtype=torch.bool, device=bucket.device)
     if cfg.found_inf is not None:
-        keep = keep | (cfg.found_inf.reshape(()) != 0)
+        keep = keep | (cfg.found_inf.reshape(()).to(bucket.device) != 0)
     return keep
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     lr = _f64(cfg.lr).to(bucket.device)
-    for i in range(bucket.num_segments):
+    for i in bucket.active_idx:  # a param without a grad is skipped (torch.optim)
         keep = _keep(bucket, i, cfg)
         w = _weights(bucket, i)
         g = _grad(bucket, i, cfg)
@@ -152,7 +152,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         mu, d = cfg.momentum, cfg.dampening
         has = bucket.has_state[i] != 0
         if mu != 0:
-            buf_view = bucket.state_views["momentum_buffer"][i]
+            buf_view = bucket.state_tensors["momentum_buffer"][i]
             b = buf_view.detach().to(torch.float64)
             if cfg.momentum_mode == "torch":
                 if cfg.first_step_buffer == "clone":
@@ -185,18 +185,18 @@ def _finish(bucket: Bucket, i: int, keep, n_w, n_g, n_u, r) -> None:
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2 (float64 scalar), for global clipping."""
     total = torch.zeros((), dtype=torch.float64, device=bucket.device)
-    for i in range(bucket.num_segments):
-        g = bucket.grad_views[i].detach().to(torch.float64)
+    for i in bucket.active_idx:  # a param without a grad is skipped (torch.optim)
+        g = bucket.grad_tensors[i].detach().to(torch.float64)
         if cfg.inv_scale is not None:
             g = g * _f64(cfg.inv_scale).to(g.device)
-        total = total + torch.where(bucket.active[i] != 0, _norm(g) ** 2, 0.0)
+        total = total + _norm(g) ** 2
     return total
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     lr = _f64(cfg.lr).to(bucket.device)
     b1, b2 = cfg.beta1, cfg.beta2
-    for i in range(bucket.num_segments):
+    for i in bucket.active_idx:  # a param without a grad is skipped (torch.optim)
         keep = _keep(bucket, i, cfg)
         w = _weights(bucket, i)
         g = _grad(bucket, i, cfg)
@@ -205,7 +205,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         adapt = bool(cfg.adapt_enabled and not cfg.adam) & (bucket.adapt_mask[i] != 0)
         if cfg.weight_decay_mode == "l2":
             g = g + lam * w
-        mv, vv = bucket.state_views["exp_avg"][i], bucket.state_views["exp_avg_sq"][i]
+        mv, vv = bucket.state_tensors["exp_avg"][i], bucket.state_tensors["exp_avg_sq"][i]
         m_old, v_old = mv.detach().to(torch.float64), vv.detach().to(torch.float64)
         m = b1 * m_old + cfg.beta3 * g
         v = b2 * v_old + (1 - b2) * g * g

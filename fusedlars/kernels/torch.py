@@ -5,9 +5,10 @@ state dtype (fp32, or fp64 for fp64 params) with a constant number of tensor ope
 bucket, whatever the number of layers (a foreach op counts once), and no host sync.
 
 The math is written against *lists of tensors*: per active segment its weight (the fp32 master,
-or the param), grad, state buffers and scratch. The bucket only supplies those lists
-(``param_views``, ``grad_views``, ``master_views``, ``state_views``), which segments are active
-(host side) and the per-segment masks (``wd_mask``, ``adapt_mask``, ``has_state``, ``step``):
+or the param), grad, state buffers and scratch. The bucket supplies those lists (the user's
+params and grads, the optimizer's state: ``param_tensors``, ``grad_tensors``, ``master_tensors``,
+``state_tensors``), which segments are active (host side) and the per-segment masks
+(``wd_mask``, ``adapt_mask``, ``has_state``, ``step``):
 
 * per-layer sums of squares with ``torch._foreach_norm`` over fixed-size chunks of every
   tensor, summed per layer in float64 (NOTE [Accurate norms]);
@@ -63,7 +64,8 @@ _MAX_PATTERNS = 8  # sets of active segments whose lists are kept per bucket
 
 class _Lists:
     """The tensors one step runs over: one entry per active segment (cached per bucket and set
-    of active segments), the scratch buffers and the chunk tables of the norms."""
+    of active segments; the grads and every list whose tensors changed are re-read each step),
+    the scratch buffers and the chunk tables of the norms."""
 
     def __init__(self, bucket: Bucket, idx: tuple[int, ...]) -> None:
         self.bucket = bucket
@@ -72,19 +74,29 @@ class _Lists:
         self.sel = (
             None if self.n == bucket.num_segments else torch.tensor(idx, dtype=torch.int64, device=bucket.device)
         )
-        self.params = [bucket.param_views[i] for i in idx]
-        self.grads = [bucket.grad_views[i] for i in idx]
-        self.masters = [bucket.master_views[i] for i in idx] if bucket.master_views is not None else None
-        self._state: dict[str, list[torch.Tensor]] = {}
+        self._key: tuple = ()
         self._scratch: dict[str, list[torch.Tensor]] = {}
-        self._chunks: dict[tuple[str, ...], tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._rows: dict[tuple[str, ...], torch.Tensor] = {}
+        self.update()
+
+    def update(self) -> None:
+        """Re-read this step's tensors from the bucket. Chunk tables over the user's params, masters
+        and state are kept while those tensors are the same objects; grads are new most steps."""
+        b, idx = self.bucket, self.idx
+        self.grads = [b.grad_tensors[i] for i in idx]
+        params = [b.param_tensors[i] for i in idx]
+        masters = [b.master_tensors[i] for i in idx] if b.master_tensors is not None else None
+        state = {name: [lst[i] for i in idx] for name, lst in b.state_tensors.items()}
+        key = tuple(map(id, params)) + (tuple(map(id, masters)) if masters else ()) + tuple(
+            id(t) for lst in state.values() for t in lst
+        )
+        if key != self._key:
+            self._key = key
+            self.params, self.masters, self._state = params, masters, state
+            self._chunks: dict[tuple[str, ...], tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     def state(self, name: str) -> list[torch.Tensor]:
-        lst = self._state.get(name)
-        if lst is None:
-            views = self.bucket.state_views[name]
-            lst = self._state[name] = [views[i] for i in self.idx]
-        return lst
+        return self._state[name]
 
     def scratch(self, name: str) -> list[torch.Tensor]:
         """Per-segment views of a persistent scratch buffer of the state dtype."""
@@ -112,7 +124,8 @@ class _Lists:
 
     def chunks(self, names: tuple[str, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(chunk views of every tensor of the lists ``names``, int64 row of each chunk in
-        ``[len(names) * n]``), cached (NOTE [Accurate norms])."""
+        ``[len(names) * n]``) (NOTE [Accurate norms]). The rows depend only on the shapes and are
+        cached; the views are cached unless they include the user's grads (new tensors most steps)."""
         hit = self._chunks.get(names)
         if hit is not None:
             return hit
@@ -126,12 +139,20 @@ class _Lists:
                 cs = flat.split(_CHUNK) if flat.numel() > _CHUNK else (flat,)
                 out.extend(cs)
                 rows.extend([k * self.n + j] * len(cs))
-        hit = self._chunks[names] = (out, torch.tensor(rows, dtype=torch.int64, device=self.bucket.device))
-        return hit
+        table = self._rows.get(names)
+        if table is None:
+            table = self._rows[names] = torch.tensor(rows, dtype=torch.int64, device=self.bucket.device)
+        if "grads" not in names:
+            self._chunks[names] = (out, table)
+        return out, table
+
+
+def _cache(bucket: Bucket) -> dict:
+    return bucket.cache.setdefault(NAME, {})
 
 
 def _scratch(bucket: Bucket, name: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    cache = bucket.__dict__.setdefault("_torch_scratch", {})
+    cache = _cache(bucket).setdefault("scratch", {})
     hit = cache.get(name)
     if hit is None:
         flat = torch.zeros(sum(bucket.numels), dtype=bucket.state_dtype, device=bucket.device)
@@ -144,16 +165,16 @@ def _scratch(bucket: Bucket, name: str) -> tuple[torch.Tensor, list[torch.Tensor
 
 
 def _lists(bucket: Bucket) -> _Lists:
-    key = bucket.__dict__.get("_active_key")
-    if key is None or bucket.all_active:
-        key = None
-    plans = bucket.__dict__.setdefault("_torch_lists", {})
+    """This step's lists (call once per step phase; re-reads the grads)."""
+    key = bucket.active_idx
+    plans = _cache(bucket).setdefault("lists", {})
     plan = plans.get(key)
     if plan is None:
         if len(plans) >= _MAX_PATTERNS:  # grads present on ever-changing subsets: keep the newest
-            del plans[next(k for k in plans if k is not None)]
-        idx = tuple(range(bucket.num_segments)) if key is None else tuple(i for i, a in enumerate(key) if a)
-        plan = plans[key] = _Lists(bucket, idx)
+            del plans[next(iter(plans))]
+        plan = plans[key] = _Lists(bucket, key)
+    else:
+        plan.update()
     return plan
 
 
@@ -164,14 +185,14 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     names = ["g", "u"] + ([] if L.weights_direct() else ["w"])
     for name in names:
         L.scratch(name)
-    for name in bucket.state_views:
+    for name in bucket.state_tensors:
         L.state(name)
     if L.n:  # every combination _sumsq is called with
         for g in ("grads", "g"):
             for combo in (("w", g, "u"), ("w", g), (g,), ("w", "u", g)):
                 L.chunks(combo)
         L.chunks(("w", "u"))
-    return [bucket._torch_scratch[name][0] for name in names]
+    return [_cache(bucket)["scratch"][name][0] for name in names]
 
 
 def _sumsq(L: _Lists, names: tuple[str, ...]) -> torch.Tensor:

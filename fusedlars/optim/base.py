@@ -1,9 +1,10 @@
 """The torch.optim protocol shared by LARS, TVLARS and LAMB: groups, buckets, AMP, state_dict.
 
-The classes here hold no math. They validate options, build flat buckets lazily at the
-first ``step()`` (DDP broadcasts parameters after the optimizer is built), keep the
-buckets' views intact, translate GradScaler's ``grad_scale`` / ``found_inf`` into the
-kernels' inputs, and convert state to and from torch's ``state_dict`` format.
+The classes here hold no math. They validate options, build buckets (tables over the user's
+own params, grads and the optimizer's per-param state: fusedlars.buckets) lazily at the first
+``step()``, translate GradScaler's ``grad_scale`` / ``found_inf`` into the kernels' inputs, and
+keep ``state`` in torch's format: ``state[p]`` holds per-param tensors, created the first time
+``p`` has a grad, and a param whose ``.grad`` is None is skipped, as in torch.optim.
 """
 
 from __future__ import annotations
@@ -21,23 +22,15 @@ from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, exclusion_fn, needs_nam
 #: torch.optim keywords that select an implementation; here optimizer-wide (NOTE [foreach and fused]).
 _IMPL_KEYS = ("foreach", "fused", "differentiable")
 #: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
-_TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_retired_storages")
+_TRANSIENT = ("_buckets", "_bucket_specs", "_seen")
 
 _VALID_BACKENDS = ("auto",) + kernels.BACKENDS
-
-
-def _as_dtensor_like(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A DTensor with ``p``'s mesh, placements and global shape over ``local`` (no copy), so that the
-    state of a sharded param looks like torch.optim's (distributed checkpointing sees DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(
-        local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
-    )
+#: backends whose kernels write params through raw addresses (Bucket: NOTE [Versions])
+_RAW_WRITERS = ("cpu", "cuda", "triton")
 
 
 class BucketedOptimizer(torch.optim.Optimizer):
-    """Base class: a real ``torch.optim.Optimizer`` whose step runs on flat buckets."""
+    """Base class: a real ``torch.optim.Optimizer`` whose step runs on buckets of its params."""
 
     _KIND = "?"
     # GradScaler passes grad_scale / found_inf to step() instead of unscaling in a separate pass.
@@ -94,7 +87,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
     #                  backend="auto" the step raises with the reason instead of falling back to
     #                  ``torch``; at construction when no fused backend runs the params' device;
     #   fused=False    no fused kernel: the ``torch`` backend;  fused=None  backend="auto"'s choice;
-    #   differentiable=True   not supported (the step writes flat buckets in place under no_grad).
+    #   differentiable=True   not supported (the step writes params in place under no_grad).
     # They are optimizer-wide; a param group may repeat the optimizer's value (or None).
     def _implementation(self, backend, foreach, fused, differentiable) -> str:
         k = self._KIND
@@ -104,7 +97,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if differentiable not in (None, False):
             if differentiable is True:
                 raise ValueError(
-                    f"{k}: differentiable=True is not supported: the step updates flat parameter buckets in place "
+                    f"{k}: differentiable=True is not supported: the step updates the parameters in place "
                     "under torch.no_grad(), so autograd cannot differentiate through it. Use a torch.optim "
                     "optimizer with differentiable=True for that."
                 )
@@ -270,36 +263,6 @@ class BucketedOptimizer(torch.optim.Optimizer):
         super().add_param_group(group)
         self._seen |= ids
 
-    # -- grads -------------------------------------------------------------------------------
-    def zero_grad(self, set_to_none: bool | None = None) -> None:
-        """Zero the gradients.
-
-        ``set_to_none=None`` (the default here): zero each bucket's flat grad buffer in
-        one operation and keep the views, as ``set_to_none=False`` does in torch
-        (params whose grad is None stay None). ``set_to_none=True``: torch's default;
-        the next step then copies fresh grads into the buckets (one extra pass).
-        """
-        if set_to_none:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    p.grad = None
-            return
-        bucketed = set()
-        for blist in self._buckets.values():
-            for b in blist:
-                b.zero_grad_()
-                for p, gv in zip(b.params, b.grad_views):
-                    if p.grad is not None and p.grad.data_ptr() == gv.data_ptr():
-                        bucketed.add(id(p))
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in bucketed:
-                    if p.grad.grad_fn is not None:
-                        p.grad.detach_()
-                    else:
-                        p.grad.requires_grad_(False)
-                    p.grad.zero_()
-
     # -- buckets -----------------------------------------------------------------------------
     def _exclusions(self, group, gi):
         names = group.get("param_names") or [None] * len(group["params"])
@@ -309,7 +272,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         ad = [ad_fn(n, p) for n, p in zip(names, group["params"])]
         return names, wd, ad
 
-    def _build_group(self, gi: int, errors: list[str], own: set[int]) -> None:
+    def _build_group(self, gi: int, errors: list[str]) -> None:
         """Build group ``gi``'s buckets: one per (device, dtype, shard spec). Layout problems go to ``errors``
         (raised by the caller, on every rank when DTensors are involved) and leave the group unbuilt."""
         group = self.param_groups[gi]
@@ -361,48 +324,20 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 wd_excluded=[wd_ex[j] for j in idx],
                 adapt_excluded=[ad_ex[j] for j in idx],
                 shard=specs[key],
-                own_storages=own,
             )
-            self._adopt_state(b)
             blist.append(b)
         self._buckets[gi] = blist
         self._bucket_specs[gi] = (group["exclude_from_weight_decay"], group["exclude_from_adaptation"])
-
-    def _adopt_state(self, b: Bucket) -> None:
-        """Move state loaded or created before the bucket existed into it; expose views in self.state."""
-        with torch.no_grad():
-            for i, p in enumerate(b.params):
-                st = self.state.get(p, {})
-                has = False
-                for name, views in b.state_views.items():
-                    if name in st:
-                        views[i].copy_(distributed.local_tensor(st[name]))
-                        has = True
-                if "step" in st:
-                    # the step count alone does not mean a buffer exists (has_state drives first-step init)
-                    b.step[i] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(()).to(b.device)
-                if "master_weight" in st and b.master_views is not None:
-                    b.master_views[i].copy_(distributed.local_tensor(st["master_weight"]))
-                    b.param_views[i].copy_(b.master_views[i])
-                b.has_state[i] = 1.0 if has else 0.0
-                self.state[p] = self._live_state(b, i)
-
-    def _live_state(self, b: Bucket, i: int) -> dict[str, torch.Tensor]:
-        wrap = (lambda v: v) if b.shard is None else (lambda v: _as_dtensor_like(v, b.params[i]))
-        st = {name: wrap(views[i]) for name, views in b.state_views.items()}
-        st["step"] = b.step[i]
-        if b.master_views is not None:
-            st["master_weight"] = wrap(b.master_views[i])
-        return st
 
     def _ensure_buckets(self) -> None:
         missing = [gi for gi in range(len(self.param_groups)) if gi not in self._buckets]
         if missing:
             errors: list[str] = []
-            own = {st for st in getattr(self, "_retired_storages", ())}
             for gi in missing:
-                self._build_group(gi, errors, own)
-            self._retired_storages = set()
+                try:
+                    self._build_group(gi, errors)
+                except ValueError as e:  # a param the kernels cannot walk (Bucket: NOTE [Dense segments])
+                    errors.append(f"{self._KIND} (param group {gi}): {e}")
             self._check_layout(missing, errors)
         for gi, group in enumerate(self.param_groups):
             if gi in missing:
@@ -415,11 +350,10 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     js = [pos[id(p)] for p in b.params]
                     b.set_exclusions([wd_ex[j] for j in js], [ad_ex[j] for j in js])
                 self._bucket_specs[gi] = spec
+            names = self._state_names(group)
             for b in self._buckets[gi]:
-                # momentum switched on after the buckets were built: a zero buffer, like torch's first step
-                if any([b.ensure_state(name) for name in self._state_names(group)]):
-                    for i, p in enumerate(b.params):
-                        self.state[p] = self._live_state(b, i)
+                # momentum switched on (or off) after the buckets were built: state follows at the next refresh
+                b.set_state_names(names)
 
     def _check_layout(self, built: list[int], errors: list[str]) -> None:
         """Raise layout errors; on every rank of the mesh when any parameter is a DTensor (NOTE [Layout check])."""
@@ -530,23 +464,24 @@ class BucketedOptimizer(torch.optim.Optimizer):
     # "lr_scheduler.step() before optimizer.step()" warning) and carries the marker.
     step._wrapped_by_lr_sched = True  # type: ignore[attr-defined]
 
-    def _prepare_step(self, *, adopt_grads: bool = True) -> None:
+    def _prepare_step(self) -> None:
         """The host-side part of a step: validate everything before anything is mutated, build the
-        buckets, repair broken views (NOTE [Views stay exact]) and, when capturable, put float lrs
-        on the device."""
+        buckets, read this step's grads and state into their tables (creating state for params that
+        have their first grad) and, when capturable, put float lrs on the device."""
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, f" (param group {gi})")
-            if gi not in self._buckets:  # built buckets check their own params (Bucket.check_grads)
+            if gi not in self._buckets:  # built buckets check their own params (Bucket.check)
                 self._check_grads(group, gi)
         self._ensure_buckets()
-        clean = [b.check_grads() for b in self.buckets()]
+        for b in self.buckets():
+            b.check()
         if self.capturable:
             self._lrs_on_device()
-        for b, c in zip(self.buckets(), clean):
-            b.sync_views(c, adopt_grads=adopt_grads)
+        for b in self.buckets():
+            b.refresh(self.state)
 
     def _run_step(self) -> None:
-        """The device-side part of a step: the kernels, then external segments copied back."""
+        """The device-side part of a step: the kernels, then the params' version counters."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         inv_scale = None
@@ -557,8 +492,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
             inv_scale,
             found_inf.float() if found_inf is not None else None,
         )
-        for b in self.buckets():
-            b.publish()
+        if not torch.compiler.is_compiling():
+            for b in self.buckets():
+                b.publish(wrote_raw=getattr(b, "backend_name", "torch") in _RAW_WRITERS)
 
     def _lrs_on_device(self) -> None:
         """Replace every float lr by a 0-dim tensor on its group's device, which LR schedulers then
@@ -575,32 +511,24 @@ class BucketedOptimizer(torch.optim.Optimizer):
     # -- torch.compile / CUDA graphs ---------------------------------------------------------------
     # NOTE: [Compiled steps]
     # Under torch.compile, step() is traced by dynamo. Everything that happens on the host (building
-    # buckets, pointer checks, view repair, choosing a backend) cannot be traced, so it lives in
-    # _init_group: dynamo's OptimizerVariable runs a method of that name *eagerly*, with the real
-    # tensors, while it traces (the hook torch.optim's own optimizers use for lazy state). It
-    # returns None; what the traced part needs it leaves on the buckets:
-    #   traced_backend   the backend module of the bucket (auto resolution done eagerly);
-    #   traced_copy      segments whose grad is not a view of the bucket (zero_grad(set_to_none)
-    #                    workflows): the graph copies those grads in on every call;
-    #   traced_ext       external segments (NOTE [External segments]): copied in and out per call.
-    # Grads that ARE views are marked static with an id guard, and the traced part reads them, so a
-    # replaced grad (or a None one) fails the guard: dynamo recompiles, which re-runs _init_group and
-    # re-checks every view. _init_group does not re-point grads into the bucket (that would change
-    # the grad's id on every set_to_none step and recompile each time); such grads are copied. (The
-    # step that builds the buckets does adopt the grads, as in eager mode: a zero_grad(set_to_none)
-    # loop then recompiles once, at its second step, and copies from then on.)
-    # Bucket tensors are marked static (graph attributes for inductor, fixed addresses for CUDA
+    # buckets, reading grads and state into their tables, creating first state, choosing a backend)
+    # cannot be traced, so it lives in _init_group: dynamo's OptimizerVariable runs a method of that
+    # name *eagerly*, with the real tensors, while it traces (the hook torch.optim's own optimizers
+    # use for lazy state), and marks every tensor of ``self.state`` static with an id guard. The
+    # traced part reads the buckets' tables; ``traced_backend`` is the bucket's backend, resolved
+    # eagerly. Grads are the user's tensors, read from ``p.grad`` like torch.optim's: a fresh grad
+    # every step (``zero_grad()``, set_to_none) does not recompile; a param gaining or losing its grad
+    # does, as in torch. ``state_dict()`` does not touch ``self.state``, so it never recompiles.
+    # Bucket tables are marked static (graph attributes for inductor, fixed addresses for CUDA
     # graphs). A float lr becomes a device tensor (_lrs_on_device), so an LR scheduler's new value
     # is read at run time instead of being guarded on (no recompilation per lr value).
-    # Not seen by the guards: ``p.data = other`` after compilation (the param object keeps its id);
-    # call torch.compiler.reset() after re-pointing params, or load values with copy_.
     def _init_group(self, _group=None, _tensors=None) -> None:
         """Eager prelude of a compiled step (NOTE [Compiled steps]); not part of the public API."""
         from torch._dynamo import mark_static_address
 
         self._opt_called = True  # (NOTE [LR schedulers]; an attribute set in traced code is dropped)
         self._lrs_on_device()
-        self._prepare_step(adopt_grads=False)
+        self._prepare_step()
         for gi, blist in self._buckets.items():
             group = self.param_groups[gi]
             for b in blist:
@@ -612,37 +540,16 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     )
                 cfg = self._make_config(group, None, None)
                 b.traced_backend = self._backend_for(b, cfg)
-                copy, views = [], []
-                for i, p in enumerate(b.params):
-                    g = p.grad
-                    if g is None:
-                        continue
-                    if b.grad_is_view(i, g):
-                        views.append(i)
-                        mark_static_address(g, guard=True)
-                    else:
-                        copy.append(i)
-                b.traced_copy = tuple(copy)
-                b.traced_views = tuple(views)
-                b.traced_ext = tuple(i for i, e in enumerate(b.external) if e)
                 b.drop_carry()  # the compiled step does not carry weight norms
                 prepare = getattr(b.traced_backend, "prepare", None)
                 cached = prepare(b, self._KIND) if prepare is not None else []
-                for t in b.tensors() + cached:
+                for t in b.tables() + cached:
                     mark_static_address(t, guard=True)
         return None
 
     def _step_traced(self) -> None:
         """The traced part of a compiled step (NOTE [Compiled steps])."""
         self._init_group(None, [])
-        for b in self.buckets():
-            for i in b.traced_views:
-                if b.params[i].grad is None:  # reading it installs the id guard
-                    raise RuntimeError("unreachable: guarded by dynamo")
-            for i in b.traced_copy:
-                b.grad_views[i].copy_(b.params[i].grad)
-            for i in b.traced_ext:
-                b.copy_in_param(i, distributed.local_tensor(b.params[i]).detach())
         self._run_step()
 
     @staticmethod
@@ -699,18 +606,25 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return t if t.device == device else t.to(device, non_blocking=True)
 
     # -- state_dict --------------------------------------------------------------------------
+    def _unstepped(self) -> set[int]:
+        """ids of params whose state was created but never stepped (a GradScaler-skipped first step):
+        torch.optim would have no state for them. Reads the buckets' ``has_state`` (a host sync:
+        fine outside step())."""
+        out: set[int] = set()
+        for b in self.buckets():
+            for p, h in zip(b.params, b.has_state.tolist()):
+                if not h and p in self.state:
+                    out.add(id(p))
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """torch-format state: views of the bucket state, for params that have stepped."""
-        if self._buckets:
-            for b in self.buckets():
-                has = b.has_state.tolist()  # host sync: fine outside step()
-                for i, p in enumerate(b.params):
-                    self.state[p] = self._live_state(b, i) if has[i] else {}
+        """torch-format state (``torch.optim.Optimizer.state_dict``): the per-param state tensors
+        themselves, for params that have stepped. ``self.state`` is not modified."""
         sd = super().state_dict()
-        if self._buckets:
-            for b in self.buckets():
-                for i, p in enumerate(b.params):
-                    self.state[p] = self._live_state(b, i)
+        skip = self._unstepped()
+        if skip:
+            order = [p for group in self.param_groups for p in group["params"]]  # torch's packed ids
+            sd["state"] = {k: v for k, v in sd["state"].items() if not (isinstance(k, int) and id(order[k]) in skip)}
         return sd
 
     @torch._disable_dynamo
@@ -794,35 +708,34 @@ class BucketedOptimizer(torch.optim.Optimizer):
         for g, ng in zip(self.param_groups, new_groups):
             g.clear()
             g.update(ng)
-        # Drop the buckets: the next step rebuilds them from the params' current values and
-        # this state (the rebuilt bucket holds identical values, so the trajectory is unchanged).
-        self._retired_storages = {b.flat_param.untyped_storage().data_ptr() for b in self.buckets()}
-        self._buckets.clear()
-        self._bucket_specs.clear()
+        # The buckets adopt the new state tensors at the next step (Bucket.refresh); a loaded fp32
+        # master is copied into its param then. A sharded param's state is wrapped as a DTensor.
         self.state.clear()
         for p, st in new_state.items():
+            if distributed.is_dtensor(p):
+                st = {
+                    key: distributed.as_dtensor_like(distributed.local_tensor(v), p) if key != "step" else v
+                    for key, v in st.items()
+                }
             self.state[p] = st
+        for b in self.buckets():
+            b.refresh(self.state, adopt_only=True)
 
     # NOTE: [Copies]
     # torch.optim's __getstate__ keeps only defaults, state and param_groups; ours keeps every attribute
     # (backend, master_weights, capturable, carry_weight_norms, preset, foreach, fused, and a subclass's
     # own) except the buckets and hooks (torch drops hooks too). The state is taken as state_dict()
-    # sees it (params that never stepped have none, so the copy's first step on them is a first step)
-    # and cloned, so that a pickle holds the state once instead of one bucket per view. The copy
-    # rebuilds its buckets at its first step from its params and this state, like after
-    # load_state_dict: it steps bitwise like the original. (Params are pickled as the tensors they
-    # are: views of their bucket, each carrying the bucket's storage; copy.deepcopy clones them.)
+    # sees it (params that never stepped have none, so the copy's first step on them is a first step),
+    # with each "step" cloned out of its bucket's step table. The copy builds its buckets at its first
+    # step from its params and this state, like after load_state_dict: it steps bitwise like the original.
     def __getstate__(self) -> dict[str, Any]:
         out = {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT and not k.startswith("_optimizer_")}
-        stepped: dict[int, bool] = {}
-        for b in self.buckets():
-            for p, h in zip(b.params, b.has_state.tolist()):  # host sync: fine outside step()
-                stepped[id(p)] = bool(h)
+        skip = self._unstepped()
         state: defaultdict = defaultdict(dict)
         for p, st in self.state.items():
-            if not stepped.get(id(p), True):
+            if id(p) in skip:
                 continue
-            state[p] = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in st.items()}
+            state[p] = {k: v.detach().clone() if k == "step" and isinstance(v, torch.Tensor) else v for k, v in st.items()}
         out["state"] = state
         return out
 
@@ -836,5 +749,4 @@ class BucketedOptimizer(torch.optim.Optimizer):
             self.__dict__.setdefault(k, v)
         self._buckets = {}
         self._bucket_specs = {}
-        self._retired_storages = set()
         self._seen = {id(p) for g in self.param_groups for p in g["params"]}
