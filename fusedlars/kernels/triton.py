@@ -1,7 +1,12 @@
-"""Triton backend: LARS / TVLARS / LAMB over a flat bucket in two launches per step.
+"""Triton backend: LARS / TVLARS / LAMB over a bucket of the user's tensors in two launches per step.
 
 Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), in fp32
-(the state dtype of fp32 / fp16 / bf16 buckets). Kernels: :mod:`.triton_kernels`.
+(the state dtype of fp32 / fp16 / bf16 buckets). Kernels: :mod:`.triton_kernels`. Params and
+grads stay the user's tensors: the kernels reach every segment's param, grad, fp32 master and
+state buffers through the bucket's int64 address table (:meth:`Bucket.address_table`, rows
+param, grad, [master], state names), so a grad that is a view at any offset of a larger tensor
+(DDP's ``gradient_as_bucket_view``), a freshly allocated one or an FSDP2 local shard is read
+where it lies, never copied. A segment without a grad this step (address 0) is not touched.
 
 Per bucket and step, whatever the number of layers:
 
@@ -9,17 +14,22 @@ Per bucket and step, whatever the number of layers:
   tile program of a segment to finish reduces the segment's partials in a fixed order),
   launch 2 ``lars_update_kernel`` (per tile: the segment's three sums, trust ratio,
   momentum, store). 2 launches.
-* LAMB: launch 1 ``lamb_moments_kernel`` (new m, v stored; per tile sum w_d^2, g^2, u^2;
+* LAMB: launch 1 ``lamb_moments_kernel`` (new m, v stored; per tile sum w_d^2, u^2, g^2;
   per segment reduced as for LARS), launch 2 ``lamb_update_kernel`` (ratio, u recomputed
   from m, v, store). 2 launches, plus one ``grad_sumsq_kernel`` launch before them when
   ``max_grad_norm`` is set (its fp64 per-tile partials summed by one ``torch.sum``).
+
+FSDP2 / DTensor buckets: ``lars_partials`` / ``lamb_partials`` are launch 1 and return the
+per-segment sums ``[3, S]``; ``lars_apply`` / ``lamb_apply`` are launch 2 from sums the caller
+has all-reduced (NOTE [Triton partials and apply]). ``*_step`` is exactly apply(partials).
 
 Bytes per parameter, fp32 params with momentum: LARS 8 (launch 1 reads w, g) + 20 (launch 2
 reads w, g, b and writes b, w) = 28; LAMB 24 (reads w, g, m, v, writes m, v) + 16 (reads w, m, v,
 writes w) = 40, plus 4 for ``grad_sumsq`` when ``max_grad_norm`` is set. Per tile on top of that:
 launch 1 writes 3 fp32 partials and does one int32 atomic on its segment's arrival counter, the
-segment's reduction reads each partial once, launch 2 reads the segment's 3 sums: about 40 B per
-tile of TILE=4096 elements (0.01 B/param).
+segment's reduction reads each partial once, launch 2 reads the segment's 3 sums, and each tile
+program loads its segment's 2-5 base addresses: about 80 B per tile of TILE=4096 elements
+(0.02 B/param). Full tiles of 16-byte-aligned buffers use 128-bit accesses (NOTE [Vector path]).
 
 Reduction cost: linear, every tile's partials are read exactly once per step at any layer size
 (``launch_plan`` computes the reads; tests check it against loads counted in the interpreter and
@@ -132,26 +142,43 @@ class _Scratch:
         self.gpart = torch.zeros(max(T, 1), dtype=torch.float64, device=dev)
         self.one = torch.ones(1, dtype=torch.float32, device=dev)
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.no_master = torch.zeros(1, dtype=torch.float32, device=dev)
-        self.no_mom = torch.zeros(1, dtype=torch.float32, device=dev)
         self.lr = CachedScalar(dev, torch.float32)  # a float lr
         self.clip = CachedScalar(dev, torch.float32)  # a float clip_coef
 
 
 def _scratch(bucket: Bucket) -> _Scratch:
-    cache = bucket.__dict__.setdefault("_triton_scratch", {})
+    cache = bucket.cache.setdefault(NAME, {})
     sc = cache.get(TILE)
     if sc is None:
         sc = cache[TILE] = _Scratch(bucket, TILE)
     return sc
 
 
+def _kinds(bucket: Bucket) -> tuple[str, ...]:
+    """The address-table rows the kernels read, in their order (see :mod:`.triton_kernels`): param, grad,
+    master (only for a bucket with fp32 masters), then the bucket's state buffers."""
+    return ("param", "grad") + (("master",) if bucket.uses_masters else ()) + tuple(bucket.state_names)
+
+
+def _addresses(bucket: Bucket) -> torch.Tensor:
+    """This step's int64 ``[rows, S]`` address table (a cached device tensor, rewritten only when an address moved)."""
+    return bucket.address_table(_kinds(bucket))
+
+
+#: param dtype codes of the ops (a torch.library schema cannot carry a tl.dtype) -> the kernels' PDT
+_PDT_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _pdt(code: int):
+    return (K.tl.float32, K.tl.float16, K.tl.bfloat16)[code]
+
+
 def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
     sc = _scratch(bucket)
     t = sc.tiles
-    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart,
-            sc.one, sc.zero, sc.no_master, sc.no_mom]  # fmt: skip
+    return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart, sc.one, sc.zero,
+            _addresses(bucket)]  # fmt: skip
 
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
@@ -298,92 +325,100 @@ def _register(name: str, mutates: tuple[str, ...]):
 
 T_ = torch.Tensor
 
+# NOTE: [Ops and raw addresses] One torch.library op per launch. The kernels write params, masters
+# and state through the address table ``addr``, which these schemas cannot name: an op declares only
+# the bucket tables and scratch it mutates. Eager and interpreted steps are unaffected; a compiled
+# graph that also reads params after the step must not rely on the op's schema to order the reads.
 
-@_register(
-    "triton_lars_step",
-    ("param", "master", "mom", "step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio", "part", "snap",
-     "ssq", "count"),
-)
-def _lars_op(
-    param: T_, master: T_, grad: T_, mom: T_,
-    wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
+
+@_register("triton_lars_partials", ("part", "snap", "ssq", "count"))
+def _lars_partials_op(
+    addr: T_, wd_mask: T_, active: T_, step: T_, has_state: T_, inv_scale: T_, found_inf: T_,
+    part: T_, snap: T_, ssq: T_, count: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
+    num_tiles: int, num_segs: int, weight_decay: float, sign: float,
+    pdt: int, has_master: bool, tile: int, block: int, rblock: int, sblock: int,
+) -> None:
+    with _rearm_on_error(count):
+        _launch(
+            K.lars_partials_kernel, num_tiles + triton.cdiv(num_segs, sblock),
+            addr, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap, ssq, count,
+            tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs, weight_decay, sign,
+            PDT=_pdt(pdt), HAS_MASTER=has_master, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+        )
+
+
+@_register("triton_lars_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
+def _lars_update_op(
+    addr: T_, wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
     step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
-    lr: T_, inv_scale: T_, found_inf: T_, part: T_, snap: T_, ssq: T_, count: T_,
-    tile_seg: T_, tile_start: T_, tile_len: T_, seg_tile_ptr: T_,
+    lr: T_, inv_scale: T_, found_inf: T_, ssq: T_, snap: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
     num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
-    has_master: bool, mom_mode: int, tile: int, block: int, rblock: int, sblock: int,
+    pdt: int, has_master: bool, mom_mode: int, tile: int, block: int, sblock: int,
 ) -> None:
     (weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
      tv_lmbda, tv_alpha, tv_shift, tv_gamma_min) = fvals
-    (tv_gate, den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov,
-     clone_first) = ivals
-    grid = num_tiles + triton.cdiv(num_segs, sblock)
-    with _rearm_on_error(count):
-        _launch(
-            K.lars_partials_kernel, grid,
-            param, master, grad, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap, ssq, count,
-            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs, weight_decay, sign,
-            HAS_MASTER=has_master, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
-        )
-        _launch(
-            K.lars_update_kernel, grid,
-            param, master, grad, mom, wd_mask, adapt_mask, active, seg_numel,
-            step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-            lr, inv_scale, found_inf, ssq, snap,
-            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
-            weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
-            tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-            den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
-            HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
-        )
+    tv_gate, den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first = ivals
+    _launch(
+        K.lars_update_kernel, num_tiles + triton.cdiv(num_segs, sblock),
+        addr, wd_mask, adapt_mask, active, seg_numel,
+        step, has_state, w_norm, g_norm, u_norm, trust_ratio,
+        lr, inv_scale, found_inf, ssq, snap,
+        tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs,
+        weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
+        tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
+        den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
+        PDT=_pdt(pdt), HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+    )
 
 
-@_register(
-    "triton_lamb_step",
-    ("param", "master", "exp_avg", "exp_avg_sq", "step", "has_state", "w_norm", "g_norm", "u_norm",
-     "trust_ratio", "part", "snap", "ssq", "count"),
-)
-def _lamb_op(
-    param: T_, master: T_, grad: T_, exp_avg: T_, exp_avg_sq: T_,
-    wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
-    step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
+@_register("triton_lamb_partials", ("part", "snap", "ssq", "count"))
+def _lamb_partials_op(
+    addr: T_, wd_mask: T_, active: T_, step: T_, has_state: T_,
     lr: T_, inv_scale: T_, found_inf: T_, clip_coef: T_, part: T_, snap: T_, ssq: T_, count: T_,
-    tile_seg: T_, tile_start: T_, tile_len: T_, seg_tile_ptr: T_,
-    num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
-    has_master: bool, bc_mode: int, tile: int, block: int, rblock: int, sblock: int,
+    tile_seg: T_, tile_len: T_, seg_tile_ptr: T_, num_tiles: int, num_segs: int, fvals: list[float], wd_mode: int,
+    pdt: int, has_master: bool, bc_mode: int, tile: int, block: int, rblock: int, sblock: int,
 ) -> None:
-    (weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi,
-     tr_eps) = fvals
-    wd_mode, clip_mode, adapt_enabled = ivals
-    grid = num_tiles + triton.cdiv(num_segs, sblock)
+    weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root = fvals
     with _rearm_on_error(count):
         _launch(
-            K.lamb_moments_kernel, grid,
-            param, master, grad, exp_avg, exp_avg_sq, wd_mask, active, step, has_state,
+            K.lamb_moments_kernel, num_tiles + triton.cdiv(num_segs, sblock),
+            addr, wd_mask, active, step, has_state,
             lr, inv_scale, found_inf, clip_coef, part, snap, ssq, count,
-            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
+            tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs,
             weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode,
-            HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+            PDT=_pdt(pdt), HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
         )
-        _launch(
-            K.lamb_update_kernel, grid,
-            param, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, seg_numel,
-            step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-            lr, found_inf, ssq, snap,
-            tile_seg, tile_start, tile_len, seg_tile_ptr, num_tiles, num_segs,
-            weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
-            wd_mode, clip_mode, adapt_enabled,
-            HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
-        )
+
+
+@_register("triton_lamb_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
+def _lamb_update_op(
+    addr: T_, wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
+    step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
+    lr: T_, found_inf: T_, ssq: T_, snap: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
+    num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
+    pdt: int, has_master: bool, bc_mode: int, tile: int, block: int, sblock: int,
+) -> None:
+    weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps = fvals
+    wd_mode, clip_mode, adapt_enabled = ivals
+    _launch(
+        K.lamb_update_kernel, num_tiles + triton.cdiv(num_segs, sblock),
+        addr, wd_mask, adapt_mask, active, seg_numel,
+        step, has_state, w_norm, g_norm, u_norm, trust_ratio,
+        lr, found_inf, ssq, snap,
+        tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs,
+        weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
+        wd_mode, clip_mode, adapt_enabled,
+        PDT=_pdt(pdt), HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+    )
 
 
 @_register("triton_grad_sumsq", ("part",))
 def _grad_sumsq_op(
-    grad: T_, active: T_, inv_scale: T_, part: T_, tile_seg: T_, tile_start: T_, tile_len: T_,
-    num_tiles: int, tile: int, block: int,
+    addr: T_, active: T_, inv_scale: T_, part: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
+    num_tiles: int, num_segs: int, pdt: int, tile: int, block: int,
 ) -> None:
-    _launch(K.grad_sumsq_kernel, num_tiles, grad, active, inv_scale, part, tile_seg, tile_start, tile_len,
-            TILE=tile, BLOCK=block)
+    _launch(K.grad_sumsq_kernel, num_tiles, addr, active, inv_scale, part, tile_seg, tile_len, seg_tile_ptr,
+            num_segs, PDT=_pdt(pdt), TILE=tile, BLOCK=block)
 
 
 def _op(name: str):
@@ -399,15 +434,26 @@ def _check(kind: str, cfg, bucket: Bucket) -> None:
         raise RuntimeError(f"{kind}: backend='triton' cannot run this bucket: {why}.")
 
 
-def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
-    _check("LARS", cfg, bucket)
-    sc = _scratch(bucket)
-    tt = sc.tiles
+def _sums_for_apply(bucket: Bucket, ssq: torch.Tensor) -> torch.Tensor:
+    """``ssq`` as launch 2 reads it: a contiguous fp32 ``[3, S]`` on the bucket's device (a no-op for
+    launch 1's own buffer and for an all-reduced fp32 one)."""
+    S = bucket.num_segments
+    if tuple(ssq.shape) != (3, S):
+        raise ValueError(f"ssq must have shape (3, {S}) (per-segment sums of squares), got {tuple(ssq.shape)}")
+    return ssq.to(device=bucket.device, dtype=torch.float32).contiguous()
+
+
+# NOTE: [Triton partials and apply] The FSDP2 split of NOTE [Partials and apply] (kernels/torch.py)
+# is the step's own two launches: ``*_partials`` is launch 1 (it returns launch 1's per-segment sums,
+# a view of the bucket's scratch, valid until the bucket's next launch 1; LAMB's launch 1 has already
+# updated the moments), ``*_apply`` is launch 2 reading the sums it is given. ``*_step`` calls the
+# same two ops with launch 1's own buffer: 2 launches, bitwise equal to apply(partials). Launch 2
+# also reads the step/has_state snapshot launch 1 took, so apply must follow its bucket's partials.
+
+
+def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
+    """(fp32 hyper-parameters, int modes, MOM) of launch 2, in the kernel's argument order."""
     mom_mode = 0 if cfg.momentum == 0 else (1 if cfg.momentum_mode == "torch" else 2)
-    # runtime mode codes of the kernels: the same as those of the C++ option structs (packing)
-    den = DENOMINATOR[cfg.denominator]
-    wdm = LARS_WD[cfg.weight_decay_mode]
-    chk = ZERO_CHECK[cfg.zero_norm_check]
     tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
     fvals = [
         float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.eta), float(cfg.eps),
@@ -415,51 +461,108 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         float(cfg.momentum), float(cfg.dampening),
         float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]),
     ]
+    # runtime mode codes of the kernels: the same as those of the C++ option structs (packing)
     ivals = [
-        int(tv[4]), den, wdm, chk, int(cfg.zero_norm == "skip"), CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled)),
+        int(tv[4]), DENOMINATOR[cfg.denominator], LARS_WD[cfg.weight_decay_mode], ZERO_CHECK[cfg.zero_norm_check],
+        int(cfg.zero_norm == "skip"), CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled)),
         int(cfg.tv is not None), int(bool(cfg.nesterov)), int(cfg.first_step_buffer == "clone"),
     ]
-    master = bucket.flat_master
-    mom = bucket.state["momentum_buffer"] if mom_mode else sc.no_mom
-    _op("triton_lars_step")(
-        bucket.flat_param, master if master is not None else sc.no_master, bucket.flat_grad, mom,
-        bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
+    return fvals, ivals, mom_mode
+
+
+def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
+    """Launch 1: per-segment sums of squares ``[w², g², (g+λw)²]`` (g = grad * inv_scale, signed for
+    ``maximize``; w the fp32 master when there is one) as an fp32 ``[3, S]`` tensor (0 for segments
+    without a grad), and the step's context. Changes nothing the user or ``state`` sees."""
+    _check("LARS", cfg, bucket)
+    if (cfg.momentum != 0) != ("momentum_buffer" in bucket.state_names):
+        raise RuntimeError(f"LARS: momentum={cfg.momentum} but the bucket's state is {bucket.state_names}")
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    addr = _addresses(bucket)
+    _op("triton_lars_partials")(
+        addr, bucket.wd_mask, bucket.active, bucket.step, bucket.has_state,
+        _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), sc.part, sc.snap, sc.ssq, sc.count,
+        tt.tile_seg, tt.tile_len, tt.seg_tile_ptr, tt.num_tiles, bucket.num_segments,
+        float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0,
+        _PDT_CODE[bucket.dtype], bucket.uses_masters, TILE, BLOCK, RBLOCK, SBLOCK,
+    )
+    return sc.ssq[: 3 * bucket.num_segments].view(3, bucket.num_segments), (addr,)
+
+
+def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
+    """Launch 2: the LARS update from the per-segment sums ``ssq`` (``[3, S]``, as :func:`lars_partials`
+    returns them, or summed over the ranks of a sharded bucket)."""
+    (addr,) = ctx
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    fvals, ivals, mom_mode = _lars_values(cfg)
+    _op("triton_lars_update")(
+        addr, bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
         bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), sc.part, sc.snap,
-        sc.ssq, sc.count, tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr,
+        _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero),
+        _sums_for_apply(bucket, ssq), sc.snap, tt.tile_seg, tt.tile_len, tt.seg_tile_ptr,
         tt.num_tiles, bucket.num_segments, fvals, ivals,
-        master is not None, mom_mode, TILE, BLOCK, RBLOCK, SBLOCK,
+        _PDT_CODE[bucket.dtype], bucket.uses_masters, mom_mode, TILE, BLOCK, SBLOCK,
+    )
+
+
+def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    """One LARS step: :func:`lars_partials` then :func:`lars_apply` on launch 1's own sums (2 launches)."""
+    ssq, ctx = lars_partials(bucket, cfg)
+    lars_apply(bucket, cfg, ssq, ctx)
+
+
+def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]:
+    """Launch 1: the new moments m, v (stored: they do not depend on the norms) and the per-segment
+    sums of squares ``[w_d², u², g²]`` (w_d the weights after decoupled decay, u the Adam direction
+    plus in-update decay, g = grad * inv_scale / clip_coef before L2 decay) as an fp32 ``[3, S]``
+    tensor (0 for segments without a grad), and the step's context."""
+    _check("LAMB", cfg, bucket)
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    clip = cfg.clip_coef
+    if clip is not None and not isinstance(clip, torch.Tensor):
+        clip = sc.clip(clip)
+    fvals = [
+        float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.beta1), float(cfg.beta2),
+        float(cfg.beta3), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
+    ]
+    addr = _addresses(bucket)
+    _op("triton_lamb_partials")(
+        addr, bucket.wd_mask, bucket.active, bucket.step, bucket.has_state,
+        _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), _t(clip, sc.one),
+        sc.part, sc.snap, sc.ssq, sc.count, tt.tile_seg, tt.tile_len, tt.seg_tile_ptr,
+        tt.num_tiles, bucket.num_segments, fvals, LAMB_WD[cfg.weight_decay_mode],
+        _PDT_CODE[bucket.dtype], bucket.uses_masters, BIAS[cfg.bias_correction], TILE, BLOCK, RBLOCK, SBLOCK,
+    )
+    return sc.ssq[: 3 * bucket.num_segments].view(3, bucket.num_segments), (addr,)
+
+
+def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -> None:
+    """Launch 2: trust ratio from the per-segment sums ``ssq`` (``[3, S]``, as :func:`lamb_partials`
+    returns them, or summed over ranks) and w <- w_d - lr * ratio * u (u recomputed from m, v)."""
+    (addr,) = ctx
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    fvals = [
+        float(cfg.weight_decay), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
+        float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi), float(cfg.trust_ratio_eps),
+    ]
+    ivals = [LAMB_WD[cfg.weight_decay_mode], CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
+    _op("triton_lamb_update")(
+        addr, bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
+        bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
+        _lr_tensor(sc, cfg.lr), _t(cfg.found_inf, sc.zero), _sums_for_apply(bucket, ssq), sc.snap,
+        tt.tile_seg, tt.tile_len, tt.seg_tile_ptr, tt.num_tiles, bucket.num_segments, fvals, ivals,
+        _PDT_CODE[bucket.dtype], bucket.uses_masters, BIAS[cfg.bias_correction], TILE, BLOCK, SBLOCK,
     )
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
-    _check("LAMB", cfg, bucket)
-    sc = _scratch(bucket)
-    tt = sc.tiles
-    bc = BIAS[cfg.bias_correction]
-    wdm = LAMB_WD[cfg.weight_decay_mode]
-    fvals = [
-        float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.beta1), float(cfg.beta2),
-        float(cfg.beta3), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
-        float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi),
-        float(cfg.trust_ratio_eps),
-    ]
-    ivals = [wdm, CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
-    clip = cfg.clip_coef
-    if clip is not None and not isinstance(clip, torch.Tensor):
-        clip = sc.clip(clip)
-    master = bucket.flat_master
-    _op("triton_lamb_step")(
-        bucket.flat_param, master if master is not None else sc.no_master, bucket.flat_grad,
-        bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
-        bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
-        bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), _t(clip, sc.one),
-        sc.part, sc.snap, sc.ssq, sc.count,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr,
-        tt.num_tiles, bucket.num_segments, fvals, ivals,
-        master is not None, bc, TILE, BLOCK, RBLOCK, SBLOCK,
-    )
+    """One LAMB step: :func:`lamb_partials` then :func:`lamb_apply` on launch 1's own sums (2 launches)."""
+    ssq, ctx = lamb_partials(bucket, cfg)
+    lamb_apply(bucket, cfg, ssq, ctx)
 
 
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
@@ -470,8 +573,9 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     if tt.num_tiles == 0:
         return torch.zeros((), dtype=torch.float64, device=bucket.device)
     _op("triton_grad_sumsq")(
-        bucket.flat_grad, bucket.active, _t(cfg.inv_scale, sc.one), sc.gpart,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.num_tiles, TILE, BLOCK,
+        _addresses(bucket), bucket.active, _t(cfg.inv_scale, sc.one), sc.gpart,
+        tt.tile_seg, tt.tile_len, tt.seg_tile_ptr, tt.num_tiles, bucket.num_segments,
+        _PDT_CODE[bucket.dtype], TILE, BLOCK,
     )
     return sc.gpart[: tt.num_tiles].sum()
 
@@ -516,7 +620,9 @@ _TRITON_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf1
 
 
 def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
-    """Triton type of every argument of ``kernel`` as this module launches it for a ``dtype`` bucket."""
+    """Triton type of every argument of ``kernel`` as this module launches it for a ``dtype`` bucket (the
+    param dtype itself is the constexpr ``PDT``: params, grads and state are reached through the int64
+    address table ``addr_ptr``)."""
     fn = kernel.fn if hasattr(kernel, "fn") else kernel
     import inspect  # noqa: PLC0415
 
@@ -524,11 +630,9 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     for name, prm in inspect.signature(fn).parameters.items():
         if name.isupper():
             sig[name] = "constexpr"
-        elif name in ("param_ptr", "grad_ptr"):
-            sig[name] = "*" + _TRITON_DT[dtype]
         elif name in ("tile_seg_ptr", "tile_len_ptr", "count_ptr"):
             sig[name] = "*i32"
-        elif name in ("tile_start_ptr", "seg_tile_ptr", "seg_numel_ptr"):
+        elif name in ("addr_ptr", "seg_tile_ptr", "seg_numel_ptr"):
             sig[name] = "*i64"
         elif name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel":
             sig[name] = "*fp64"
@@ -558,6 +662,7 @@ def aot_specializations(covering: bool = False) -> list[dict]:
     out = []
 
     def add(kernel, dtype, **cx):
+        cx = dict(PDT=_pdt(_PDT_CODE[dtype]), **cx)  # the param dtype, a constexpr (pointers come from the table)
         out.append(dict(kernel=kernel, name=kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
                         dtype=dtype, constexprs=cx))
 

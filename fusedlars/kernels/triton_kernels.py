@@ -1,27 +1,48 @@
 """Triton kernels of the ``triton`` backend (the launch logic lives in :mod:`.triton`).
 
-Layout contract (see :mod:`fusedlars.buckets`): every flat buffer of a bucket shares
-the same element offsets; a *tile* is ``TILE`` consecutive elements of one segment,
-described by the integer tables ``tile_seg`` (int32), ``tile_start`` (int64),
-``tile_len`` (int32) and ``seg_tile_ptr`` (int64 [S+1]). No pointer tables, no
-float atomics.
+Layout contract (see :mod:`fusedlars.buckets`): params and grads are the user's tensors, state
+and master weights the optimizer's; a segment is one param tensor, walked as ``numel``
+consecutive elements from its base address (NOTE [Dense segments] in buckets.py). Kernels find
+segment ``s``'s buffers in an int64 *address table* ``addr`` (``[rows, S]`` of ``data_ptr()``s,
+:meth:`Bucket.address_table`)::
+
+    row 0 param (param dtype PDT)   row 1 grad (PDT)   row 2 fp32 master (only when HAS_MASTER)
+    then the fp32 state buffers in the bucket's order: momentum_buffer (LARS), exp_avg, exp_avg_sq (LAMB)
+
+    element k of buffer X of segment s  =  *((X's type *) addr[row_X, s] + k)
+
+A row holds 0 where a segment has no such tensor (no grad this step: inactive; no state yet);
+no kernel loads an address of an inactive segment, so those are never dereferenced. A *tile*
+is ``TILE`` consecutive elements of one segment, described by the integer tables ``tile_seg``
+(int32), ``tile_len`` (int32) and ``seg_tile_ptr`` (int64 [S+1]); tile ``t`` of segment ``s``
+starts at element ``(t - seg_tile_ptr[s]) * TILE`` of the segment (the ``tile_start`` of
+:class:`TileTable`, recomputed here so that the compiler knows it is a multiple of TILE).
+No float atomics.
 
 Reduction (linear in the number of tiles): every tile program of launch 1 writes one
 partial sum of squares per quantity into ``part`` (fp32 [3, num_tiles]), then counts
 itself into its segment's int32 arrival counter ``count[s]``; the program that arrives
 last reduces the segment's partials in a fixed order (chunks of ``RBLOCK`` partials
 added element-wise in tile order, then one ``tl.sum``) into ``ssq`` (fp32 [3, S]) and
-resets ``count[s]`` to 0. Launch 2 reads the three sums of its segment. Each partial
-is read once per step; which program reduces depends on scheduling, the bits do not
-(NOTE [Last-arriving program] below; tests/test_triton_order.py runs every launch with
-its programs reversed and shuffled and requires the natural order's bits).
+resets ``count[s]`` to 0. Launch 2 reads the three sums of its segment from an ``ssq`` it is
+given: the one launch 1 wrote (``*_step``) or one summed over the ranks of a sharded bucket
+(``*_partials`` / ``*_apply``). Each partial is read once per step; which program reduces
+depends on scheduling, the bits do not (NOTE [Last-arriving program] below;
+tests/test_triton_order.py runs every launch with its programs reversed and shuffled and
+requires the natural order's bits).
+
+``ssq`` rows: LARS ``[w^2, g^2, (g + lam*w)^2]``, LAMB ``[w_d^2, u^2, g^2]`` (the conventions
+of NOTE [Partials and apply] in fusedlars/kernels/torch.py). After launch 1 every entry of
+``ssq`` is defined: segments that no tile program sums (inactive, empty, a GradScaler-skipped
+step) hold 0, so a sharded bucket all-reduces exact zeros for them.
 
 Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 ``num_tiles`` work on a tile; the others handle segments ``SBLOCK`` at a time:
 
 * launch 1 (partials): they snapshot ``step`` and ``has_state`` into ``snap``
   (fp32 [2, S]), so that launch 2 can read the values of *before* the step while
-  its programs advance them (no read/write race inside a launch);
+  its programs advance them (no read/write race inside a launch), and zero the ``ssq``
+  entries no tile program writes;
 * launch 2 (update): they finish the segments that have no tiles (empty params):
   norms 0, trust ratio, ``has_state``, ``step``. For the others the program of the
   segment's first tile writes the per-segment outputs.
@@ -29,11 +50,19 @@ Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 Per-step values are pointers to 1-element tensors: ``lr_ptr``, ``inv_scale_ptr``
 (GradScaler's 1/scale, a 1.0 tensor when absent), ``found_inf_ptr`` (0.0 when
 absent), ``clip_ptr`` (LAMB's global clip divisor, 1.0 when absent). Hyper-parameters
-are fp32 scalars. Only the element dtypes (from the pointers), ``HAS_MASTER``,
-the momentum mode ``MOM`` and the tile geometry are compile-time; the per-segment
+are fp32 scalars. Only the param dtype ``PDT``, ``HAS_MASTER``, the momentum mode ``MOM``,
+the bias-correction mode ``BC`` and the tile geometry are compile-time; the per-segment
 option modes (denominator, zero-norm rule, clip, TV factor, ...) are runtime
 integers, because they cost one scalar branch per program and would otherwise
 multiply the number of compiled variants.
+
+NOTE: [Vector path] A pointer loaded from a table carries no alignment the compiler could
+know, and a mask ``offs < n`` with a loaded ``n`` none either: such loads compile to 32-bit
+(16-bit) accesses. A tile that is full (``tile_len == TILE``) and whose buffers' base
+addresses are all 16-byte aligned runs the same loop body unmasked on pointers hinted
+``multiple_of(16)`` (``FAST=True``: 128-bit ``ld/st.global.v4``); every other tile (the last
+tile of a segment, a view at an odd element offset, e.g. a DDP bucket's grad view) runs it
+masked (``FAST=False``). Both compute the same values in the same order.
 
 All per-element arithmetic is fp32 (the state dtype of fp32/fp16/bf16 params);
 per-segment scalars that suffer cancellation (Adam bias corrections) use fp64.
@@ -100,11 +129,11 @@ def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s,
+def _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo,
                                acc0, acc1, acc2, RBLOCK: tl.constexpr):
     """Launch 1's tile epilogue: store this tile's partials; the segment's last-arriving tile program
     then reduces all of the segment's partials (:func:`_seg_sum3`) into ``ssq[:, s]`` and re-arms
-    the segment's arrival counter for the next step.
+    the segment's arrival counter for the next step. ``lo``: the segment's first tile.
 
     NOTE: [Last-arriving program] ``count[s]`` (int32, zero between steps) counts the tiles of
     segment s that have stored their partials. Each tile program stores its partials, waits at a
@@ -118,7 +147,6 @@ def _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_t
     """
     _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2)
     tl.debug_barrier()
-    lo = tl.load(seg_tile_ptr + s)
     hi = tl.load(seg_tile_ptr + s + 1)
     arrived = tl.atomic_add(count_ptr + s, 1, sem="acq_rel", scope="gpu")
     if arrived == (hi - lo - 1).to(tl.int32):
@@ -195,13 +223,63 @@ def _lamb_ratio(ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, t
 
 
 @triton.jit
-def _load_w(param_ptr, master_ptr, off, m, HAS_MASTER: tl.constexpr):
-    """fp32 weights of a block: the master copy when there is one, else the params."""
+def _addr(addr_ptr, row, num_segs, s):
+    """Segment s's base address (int64) in row ``row`` of the address table."""
+    return tl.load(addr_ptr + row * num_segs + s)
+
+
+@triton.jit
+def _state_row(HAS_MASTER: tl.constexpr):
+    """Row of the first state buffer: after param, grad and, when there are masters, master."""
     if HAS_MASTER:
-        w = tl.load(master_ptr + off, mask=m, other=0.0)
+        row = 3
     else:
-        w = tl.load(param_ptr + off, mask=m, other=0.0).to(tl.float32)
-    return w
+        row = 2
+    return row
+
+
+@triton.jit
+def _ptr(addr, start, DT: tl.constexpr, FAST: tl.constexpr):
+    """Pointer to element ``start`` (the tile's first) of the DT buffer at ``addr``; the base is hinted
+    16-byte aligned on the vector path (NOTE [Vector path]). Moving the pointer once per tile keeps the
+    per-element offsets and the mask in int32."""
+    p = addr.to(tl.pointer_type(DT))
+    if FAST:
+        p = tl.multiple_of(p, 16)
+    return p + start
+
+
+@triton.jit
+def _ld(ptr, offs, m, FAST: tl.constexpr):
+    """Block load: unmasked on the vector path (a full tile), masked with 0 fill otherwise."""
+    if FAST:
+        x = tl.load(ptr + offs)
+    else:
+        x = tl.load(ptr + offs, mask=m, other=0.0)
+    return x
+
+
+@triton.jit
+def _st(ptr, offs, x, m, FAST: tl.constexpr):
+    if FAST:
+        tl.store(ptr + offs, x)
+    else:
+        tl.store(ptr + offs, x, mask=m)
+
+
+@triton.jit
+def _fast(n, addr_or, TILE: tl.constexpr):
+    """Does this tile take the vector path: full, and every base address it touches 16-byte aligned."""
+    return (n == TILE) & ((addr_or % 16) == 0)
+
+
+@triton.jit
+def _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE: tl.constexpr):
+    """(first tile of segment s, element offset of this tile inside the segment, valid elements)."""
+    lo = tl.load(seg_tile_ptr + s)
+    start = (pid - lo) * TILE  # int64, a multiple of TILE (== TileTable.tile_start[pid])
+    n = tl.load(tile_len_ptr + pid)
+    return lo, start, n
 
 
 @triton.jit
@@ -236,76 +314,161 @@ def _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK: tl.
 
 
 @triton.jit
-def _snapshot(step_ptr, has_ptr, snap_ptr, sblk, num_segs, SBLOCK: tl.constexpr):
+def _segment_prologue(step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, sblk, num_segs,
+                      SBLOCK: tl.constexpr):
+    """Segment-program lanes of launch 1: snapshot ``step`` / ``has_state`` for launch 2, and zero the
+    sums of the segments no tile program sums this launch (inactive, no tiles, or a skipped step):
+    disjoint from the entries the tile programs write, so no race."""
     offs = sblk.to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
     m = offs < num_segs
     tl.store(snap_ptr + offs, tl.load(step_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
     tl.store(snap_ptr + num_segs + offs, tl.load(has_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
+    act = tl.load(active_ptr + offs, mask=m, other=0.0)
+    ntiles = tl.load(seg_tile_ptr + offs + 1, mask=m, other=0) - tl.load(seg_tile_ptr + offs, mask=m, other=0)
+    zero = tl.zeros([SBLOCK], dtype=tl.float32)
+    found = zero + tl.load(found_inf_ptr).to(tl.float32)  # as a vector: the interpreter cannot OR a scalar bool in
+    idle = m & ((act == 0) | (ntiles == 0) | (found != 0))
+    tl.store(ssq_ptr + offs, zero, mask=idle)
+    tl.store(ssq_ptr + num_segs + offs, zero, mask=idle)
+    tl.store(ssq_ptr + 2 * num_segs + offs, zero, mask=idle)
 
 
 # ------------------------------------------------------------------------------------------
 # LARS
 # ------------------------------------------------------------------------------------------
+@triton.jit
+def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr):
+    """Pointer to the weights of segment s (fp32 master when there are masters, else the param)."""
+    if HAS_MASTER:
+        w = _ptr(_addr(addr_ptr, 2, num_segs, s), start, tl.float32, FAST)
+    else:
+        w = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
+    return w
+
+
+@triton.jit
+def _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
+                    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr,
+                    TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile's elementwise accumulators of w^2, g^2 and (g + lam*w)^2, g = grad * inv_scale (signed)."""
+    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
+    gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        m = offs < n
+        w = _ld(wp, offs, m, FAST).to(tl.float32)
+        g = _ld(gp, offs, m, FAST).to(tl.float32) * inv_scale
+        u = g + lam * w
+        acc_w += w * w
+        acc_g += g * g
+        acc_u += u * u
+    return acc_w, acc_g, acc_u
+
+
 @triton.jit(do_not_specialize=["num_tiles", "num_segs"])
 def lars_partials_kernel(
-    param_ptr, master_ptr, grad_ptr,
+    addr_ptr,
     wd_mask_ptr, active_ptr, step_ptr, has_ptr,
     inv_scale_ptr, found_inf_ptr,
     part_ptr, snap_ptr, ssq_ptr, count_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
+    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, sign,
-    HAS_MASTER: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
     """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
-    their totals, reduced by the segment's last-arriving tile program."""
+    their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _snapshot(step_ptr, has_ptr, snap_ptr, pid - num_tiles, num_segs, SBLOCK)
+        _segment_prologue(step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, pid - num_tiles,
+                          num_segs, SBLOCK)
     else:
         s = tl.load(tile_seg_ptr + pid)
         if go & (tl.load(active_ptr + s) != 0):
-            start = tl.load(tile_start_ptr + pid)  # int64
-            n = tl.load(tile_len_ptr + pid)
+            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
             inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
             lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-            acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in range(0, TILE, BLOCK):
-                offs = k + tl.arange(0, BLOCK)
-                m = offs < n
-                ptr_off = start + offs
-                w = _load_w(param_ptr, master_ptr, ptr_off, m, HAS_MASTER)
-                g = tl.load(grad_ptr + ptr_off, mask=m, other=0.0).to(tl.float32) * inv_scale
-                u = g + lam * w
-                acc_w += w * w
-                acc_g += g * g
-                acc_u += u * u
-            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s,
+            if HAS_MASTER:
+                aw = _addr(addr_ptr, 2, num_segs, s)
+            else:
+                aw = _addr(addr_ptr, 0, num_segs, s)
+            if _fast(n, aw | _addr(addr_ptr, 1, num_segs, s), TILE):
+                acc_w, acc_g, acc_u = _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
+                                                      PDT, HAS_MASTER, True, TILE, BLOCK)
+            else:
+                acc_w, acc_g, acc_u = _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
+                                                      PDT, HAS_MASTER, False, TILE, BLOCK)
+            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo,
                                        acc_w, acc_g, acc_u, RBLOCK)
+
+
+@triton.jit
+def _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
+                      wd_mode, nesterov,
+                      PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr, FAST: tl.constexpr,
+                      TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of the LARS update: g' = r*(g + lam_eff*w) (l2) or r*g; momentum; decoupled decay; store."""
+    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
+    pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
+    gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
+    if MOM != 0:
+        bp = _ptr(_addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s), start, tl.float32, FAST)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        m = offs < n
+        w = _ld(wp, offs, m, FAST).to(tl.float32)
+        g = _ld(gp, offs, m, FAST).to(tl.float32) * inv_scale
+        if wd_mode == 0:
+            gq = r * (g + lam_eff * w)
+        else:
+            gq = r * g
+        if MOM == 0:
+            w_new = w - lr * gq
+        else:
+            b = _ld(bp, offs, m, FAST)
+            b_new = momentum * tl.where(has, b, 0.0) + c_new * gq
+            _st(bp, offs, b_new, m, FAST)
+            if MOM == 1:
+                if nesterov != 0:
+                    w_new = w - lr * (gq + momentum * b_new)
+                else:
+                    w_new = w - lr * b_new
+            else:
+                if nesterov != 0:
+                    w_new = w - (lr * gq + momentum * b_new)
+                else:
+                    w_new = w - b_new
+        if wd_mode == 2:
+            w_new = w_new - lr * lam_eff * w
+        if HAS_MASTER:
+            _st(wp, offs, w_new, m, FAST)
+        _st(pp, offs, w_new.to(PDT), m, FAST)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "tv_gate", "den_mode", "wd_mode", "check_mode", "zero_skip",
                                "clip_mode", "adapt_enabled", "use_tv", "nesterov", "clone_first"])
 def lars_update_kernel(
-    param_ptr, master_ptr, grad_ptr, mom_ptr,
+    addr_ptr,
     wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
     step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr,
     lr_ptr, inv_scale_ptr, found_inf_ptr,
     ssq_ptr, snap_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
+    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
     momentum, dampening,
     tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
     den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
-    HAS_MASTER: tl.constexpr, MOM: tl.constexpr,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr,
     TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
-    """Launch 2: the segment's sums of squares (from launch 1), trust ratio, momentum update, store."""
+    """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
+    ratio, momentum update, store."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     lr = tl.load(lr_ptr).to(tl.float32)
@@ -325,7 +488,7 @@ def lars_update_kernel(
         else:
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
-                lo = tl.load(seg_tile_ptr + s)
+                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
                 ssq_w, ssq_g, ssq_u = _load_seg_sums(ssq_ptr, num_segs, s)
                 t = tl.load(snap_ptr + s)
                 has = tl.load(snap_ptr + num_segs + s) != 0
@@ -337,46 +500,23 @@ def lars_update_kernel(
                     den_mode, check_mode, zero_skip, clip_mode, use_tv)
                 # the segment's first tile writes its outputs
                 _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, n_g, n_u, r, 1.0, t + 1.0)
-                start = tl.load(tile_start_ptr + pid)  # int64
-                n = tl.load(tile_len_ptr + pid)
                 inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
-                # momentum coefficient of the new gradient, and whether the old buffer counts
+                # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
                 if MOM == 1:
                     c_new = tl.where(has | (clone_first == 0), 1.0 - dampening, 1.0)
                 else:
                     c_new = lr
-                mu_old = momentum
-                for k in range(0, TILE, BLOCK):
-                    offs = k + tl.arange(0, BLOCK)
-                    m = offs < n
-                    ptr_off = start + offs
-                    w = _load_w(param_ptr, master_ptr, ptr_off, m, HAS_MASTER)
-                    g = tl.load(grad_ptr + ptr_off, mask=m, other=0.0).to(tl.float32) * inv_scale
-                    if wd_mode == 0:
-                        gp = r * (g + lam_eff * w)
-                    else:
-                        gp = r * g
-                    if MOM == 0:
-                        w_new = w - lr * gp
-                    else:
-                        b = tl.load(mom_ptr + ptr_off, mask=m, other=0.0)
-                        b_new = mu_old * tl.where(has, b, 0.0) + c_new * gp
-                        tl.store(mom_ptr + ptr_off, b_new, mask=m)
-                        if MOM == 1:
-                            if nesterov != 0:
-                                w_new = w - lr * (gp + momentum * b_new)
-                            else:
-                                w_new = w - lr * b_new
-                        else:
-                            if nesterov != 0:
-                                w_new = w - (lr * gp + momentum * b_new)
-                            else:
-                                w_new = w - b_new
-                    if wd_mode == 2:
-                        w_new = w_new - lr * lam_eff * w
-                    if HAS_MASTER:
-                        tl.store(master_ptr + ptr_off, w_new, mask=m)
-                    tl.store(param_ptr + ptr_off, w_new.to(param_ptr.dtype.element_ty), mask=m)
+                aligned = _addr(addr_ptr, 0, num_segs, s) | _addr(addr_ptr, 1, num_segs, s)
+                if HAS_MASTER:
+                    aligned = aligned | _addr(addr_ptr, 2, num_segs, s)
+                if MOM != 0:
+                    aligned = aligned | _addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s)
+                if _fast(n, aligned, TILE):
+                    _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
+                                      wd_mode, nesterov, PDT, HAS_MASTER, MOM, True, TILE, BLOCK)
+                else:
+                    _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
+                                      wd_mode, nesterov, PDT, HAS_MASTER, MOM, False, TILE, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------
@@ -391,30 +531,78 @@ def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
     return u
 
 
+@triton.jit
+def _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER: tl.constexpr, WITH_GRAD: tl.constexpr):
+    """OR of the base addresses a LAMB tile touches (param, [grad], [master], exp_avg, exp_avg_sq)."""
+    row = _state_row(HAS_MASTER)
+    a = _addr(addr_ptr, 0, num_segs, s) | _addr(addr_ptr, row, num_segs, s) | _addr(addr_ptr, row + 1, num_segs, s)
+    if WITH_GRAD:
+        a = a | _addr(addr_ptr, 1, num_segs, s)
+    if HAS_MASTER:
+        a = a | _addr(addr_ptr, 2, num_segs, s)
+    return a
+
+
+@triton.jit
+def _lamb_tile_moments(addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, bc1, bc2,
+                       beta1, beta2, beta3, omb2, eps, eps_root, wd_mode,
+                       PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr,
+                       TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of LAMB's launch 1: new m, v stored; elementwise accumulators of w_d^2, u^2, g^2."""
+    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
+    gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
+    row = _state_row(HAS_MASTER)
+    mp = _ptr(_addr(addr_ptr, row, num_segs, s), start, tl.float32, FAST)
+    vp = _ptr(_addr(addr_ptr, row + 1, num_segs, s), start, tl.float32, FAST)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        msk = offs < n
+        w = _ld(wp, offs, msk, FAST).to(tl.float32)
+        g = _ld(gp, offs, msk, FAST).to(tl.float32) * gscale / clip
+        acc_g += g * g
+        if wd_mode == 1:
+            g = g + lam * w
+        m = beta1 * _ld(mp, offs, msk, FAST) + beta3 * g
+        v = beta2 * _ld(vp, offs, msk, FAST) + omb2 * g * g
+        _st(mp, offs, m, msk, FAST)
+        _st(vp, offs, v, msk, FAST)
+        u = _adam_dir(m, v, bc1, bc2, eps, eps_root, BC)
+        if wd_mode == 0:
+            u = u + lam * w
+        if wd_mode == 2:
+            w = w * (1.0 - lr * lam)
+        acc_w += w * w
+        acc_u += u * u
+    return acc_w, acc_u, acc_g
+
+
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode"])
 def lamb_moments_kernel(
-    param_ptr, master_ptr, grad_ptr, m_ptr, v_ptr,
+    addr_ptr,
     wd_mask_ptr, active_ptr, step_ptr, has_ptr,
     lr_ptr, inv_scale_ptr, found_inf_ptr, clip_ptr,
     part_ptr, snap_ptr, ssq_ptr, count_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
+    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root,
     wd_mode,
-    HAS_MASTER: tl.constexpr, BC: tl.constexpr,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr,
     TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
-    """Launch 1: new m, v (stored); per tile sums of w_d^2, g^2 (before L2) and u^2; per segment their
-    totals, reduced by the segment's last-arriving tile program."""
+    """Launch 1: new m, v (stored); per tile sums of w_d^2, u^2 and g^2 (before L2); per segment their
+    totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _snapshot(step_ptr, has_ptr, snap_ptr, pid - num_tiles, num_segs, SBLOCK)
+        _segment_prologue(step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, pid - num_tiles,
+                          num_segs, SBLOCK)
     else:
         s = tl.load(tile_seg_ptr + pid)
         if go & (tl.load(active_ptr + s) != 0):
-            start = tl.load(tile_start_ptr + pid)
-            n = tl.load(tile_len_ptr + pid)
+            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
             lr = tl.load(lr_ptr).to(tl.float32)
             gscale = tl.load(inv_scale_ptr).to(tl.float32) * sign
             clip = tl.load(clip_ptr).to(tl.float32)
@@ -422,49 +610,59 @@ def lamb_moments_kernel(
             t = tl.load(step_ptr + s).to(tl.float32) + 1.0
             bc1 = _bias_corr(t, omb1)
             bc2 = _bias_corr(t, omb2)
-            acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in range(0, TILE, BLOCK):
-                offs = k + tl.arange(0, BLOCK)
-                msk = offs < n
-                ptr_off = start + offs
-                w = _load_w(param_ptr, master_ptr, ptr_off, msk, HAS_MASTER)
-                g = tl.load(grad_ptr + ptr_off, mask=msk, other=0.0).to(tl.float32) * gscale / clip
-                acc_g += g * g
-                if wd_mode == 1:
-                    g = g + lam * w
-                m = beta1 * tl.load(m_ptr + ptr_off, mask=msk, other=0.0) + beta3 * g
-                v = beta2 * tl.load(v_ptr + ptr_off, mask=msk, other=0.0) + omb2 * g * g
-                tl.store(m_ptr + ptr_off, m, mask=msk)
-                tl.store(v_ptr + ptr_off, v, mask=msk)
-                u = _adam_dir(m, v, bc1, bc2, eps, eps_root, BC)
-                if wd_mode == 0:
-                    u = u + lam * w
-                if wd_mode == 2:
-                    w = w * (1.0 - lr * lam)
-                acc_w += w * w
-                acc_u += u * u
-            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s,
-                                       acc_w, acc_g, acc_u, RBLOCK)
+            if _fast(n, _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER, True), TILE):
+                acc_w, acc_u, acc_g = _lamb_tile_moments(
+                    addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, bc1, bc2,
+                    beta1, beta2, beta3, omb2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC, True, TILE, BLOCK)
+            else:
+                acc_w, acc_u, acc_g = _lamb_tile_moments(
+                    addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, bc1, bc2,
+                    beta1, beta2, beta3, omb2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC, False, TILE, BLOCK)
+            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo,
+                                       acc_w, acc_u, acc_g, RBLOCK)
+
+
+@triton.jit
+def _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode,
+                      PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr,
+                      TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """One tile of LAMB's launch 2: u from the new m, v; w <- w_d - lr * scale * u; store."""
+    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
+    pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
+    row = _state_row(HAS_MASTER)
+    mp = _ptr(_addr(addr_ptr, row, num_segs, s), start, tl.float32, FAST)
+    vp = _ptr(_addr(addr_ptr, row + 1, num_segs, s), start, tl.float32, FAST)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        msk = offs < n
+        w = _ld(wp, offs, msk, FAST).to(tl.float32)
+        u = _adam_dir(_ld(mp, offs, msk, FAST), _ld(vp, offs, msk, FAST), bc1, bc2, eps, eps_root, BC)
+        if wd_mode == 0:
+            u = u + lam * w
+        if wd_mode == 2:
+            w = w * (1.0 - lr * lam)
+        w_new = w - u * scale * lr
+        if HAS_MASTER:
+            _st(wp, offs, w_new, msk, FAST)
+        _st(pp, offs, w_new.to(PDT), msk, FAST)
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
 def lamb_update_kernel(
-    param_ptr, master_ptr, m_ptr, v_ptr,
+    addr_ptr,
     wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
     step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr,
     lr_ptr, found_inf_ptr,
     ssq_ptr, snap_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr, seg_tile_ptr,
+    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
     num_tiles, num_segs,
     weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
     wd_mode, clip_mode, adapt_enabled,
-    HAS_MASTER: tl.constexpr, BC: tl.constexpr,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr,
     TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
 ):
-    """Launch 2: the segment's sums of squares (from launch 1), trust ratio, w <- w_d - lr*s*r*u (u from
-    the new m, v)."""
+    """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
+    ratio, w <- w_d - lr*s*r*u (u from the new m, v)."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     lr = tl.load(lr_ptr).to(tl.float32)
@@ -480,8 +678,8 @@ def lamb_update_kernel(
         else:
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
-                lo = tl.load(seg_tile_ptr + s)
-                ssq_w, ssq_g, ssq_u = _load_seg_sums(ssq_ptr, num_segs, s)
+                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
+                ssq_w, ssq_u, ssq_g = _load_seg_sums(ssq_ptr, num_segs, s)
                 t0 = tl.load(snap_ptr + s)
                 t = t0 + 1.0
                 lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
@@ -496,46 +694,46 @@ def lamb_update_kernel(
                     scale = r / bc1
                 else:
                     scale = r
-                start = tl.load(tile_start_ptr + pid)
-                n = tl.load(tile_len_ptr + pid)
-                for k in range(0, TILE, BLOCK):
-                    offs = k + tl.arange(0, BLOCK)
-                    msk = offs < n
-                    ptr_off = start + offs
-                    w = _load_w(param_ptr, master_ptr, ptr_off, msk, HAS_MASTER)
-                    mm = tl.load(m_ptr + ptr_off, mask=msk, other=0.0)
-                    vv = tl.load(v_ptr + ptr_off, mask=msk, other=0.0)
-                    u = _adam_dir(mm, vv, bc1, bc2, eps, eps_root, BC)
-                    if wd_mode == 0:
-                        u = u + lam * w
-                    if wd_mode == 2:
-                        w = w * (1.0 - lr * lam)
-                    w_new = w - u * scale * lr
-                    if HAS_MASTER:
-                        tl.store(master_ptr + ptr_off, w_new, mask=msk)
-                    tl.store(param_ptr + ptr_off, w_new.to(param_ptr.dtype.element_ty), mask=msk)
+                if _fast(n, _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER, False), TILE):
+                    _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root,
+                                      wd_mode, PDT, HAS_MASTER, BC, True, TILE, BLOCK)
+                else:
+                    _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root,
+                                      wd_mode, PDT, HAS_MASTER, BC, False, TILE, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------
 # global gradient norm (LAMB max_grad_norm)
 # ------------------------------------------------------------------------------------------
 @triton.jit
+def _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT: tl.constexpr, FAST: tl.constexpr,
+                     TILE: tl.constexpr, BLOCK: tl.constexpr):
+    gp = _ptr(gaddr, start, PDT, FAST)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        g = _ld(gp, offs, offs < n, FAST).to(tl.float32) * inv_scale
+        acc += g * g
+    return acc
+
+
+@triton.jit(do_not_specialize=["num_segs"])
 def grad_sumsq_kernel(
-    grad_ptr, active_ptr, inv_scale_ptr, part_ptr,
-    tile_seg_ptr, tile_start_ptr, tile_len_ptr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr,
+    addr_ptr, active_ptr, inv_scale_ptr, part_ptr,
+    tile_seg_ptr, tile_len_ptr, seg_tile_ptr, num_segs,
+    PDT: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Per tile sum of (grad * inv_scale)^2, 0 for inactive segments (fp64 partials)."""
+    """Per tile sum of (grad * inv_scale)^2 (grads: row 1 of the address table), 0 for inactive
+    segments (fp64 partials)."""
     pid = tl.program_id(0)
     s = tl.load(tile_seg_ptr + pid)
-    start = tl.load(tile_start_ptr + pid)
-    n = tl.load(tile_len_ptr + pid)
     inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if tl.load(active_ptr + s) != 0:
-        for k in range(0, TILE, BLOCK):
-            offs = k + tl.arange(0, BLOCK)
-            m = offs < n
-            g = tl.load(grad_ptr + start + offs, mask=m, other=0.0).to(tl.float32) * inv_scale
-            acc += g * g
+        lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
+        gaddr = _addr(addr_ptr, 1, num_segs, s)
+        if _fast(n, gaddr, TILE):
+            acc = _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT, True, TILE, BLOCK)
+        else:
+            acc = _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT, False, TILE, BLOCK)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.float64))
