@@ -82,11 +82,10 @@ def _run(case, steps=2):
         opt.step()
     assert set(opt.backends_in_use()) == {"triton"}
     out = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
+    for i, p in enumerate(params):  # momentum / moments, fp32 masters, step (state of params that had a grad)
+        for name, t in opt.state.get(p, {}).items():
+            out[f"param{i}.{name}"] = torch.as_tensor(t).clone()
     for bi, b in enumerate(opt.buckets()):
-        for name, t in b.state.items():
-            out[f"b{bi}.{name}"] = t.clone()
-        if b.flat_master is not None:
-            out[f"b{bi}.master"] = b.flat_master.clone()
         for attr in ("w_norm", "g_norm", "u_norm", "trust_ratio", "has_state", "step"):
             out[f"b{bi}.{attr}"] = getattr(b, attr).clone()
     return out
@@ -223,4 +222,4 @@ def test_counters_rearmed_after_every_step_and_after_an_interrupted_launch():
     assert torch.all(count == 0)
     opt.step()  # LARS's launch 1 writes only scratch: the retried step is the uninterrupted one
     got = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
-    assert_bitwise(got, {k: v for k, v in want.items() if k.startswith("param")}, "after an interrupted launch")
+    assert_bitwise(got, {k: v for k, v in want.items() if k.startswith("param") and "." not in k}, "after an interrupted launch")
