@@ -421,3 +421,239 @@ def test_torch_compile_traces_the_step():
         outs.append([p.detach().clone() for _, p in named])
     for a, c in zip(*outs):
         assert torch.equal(a, c)
+
+
+# ------------------------------------------------------------------------------------------
+# the data model: the user's tensors, reached through the address table
+# ------------------------------------------------------------------------------------------
+def record_accesses(fn):
+    """Run ``fn`` (interpreted launches) and return the byte addresses its kernels loaded and stored
+    (masked-off lanes excluded), as two numpy arrays."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    builder = interp.interpreter_builder
+    real_load, real_store = type(builder).create_masked_load, type(builder).create_masked_store
+    loads, stores = [], []
+
+    def pick(ptrs, mask):
+        addr = ptrs.data.astype(np.uint64).reshape(-1)
+        return addr[np.broadcast_to(mask.data, ptrs.data.shape).reshape(-1)]
+
+    def load(ptrs, mask, other, cache_policy, is_volatile):
+        loads.append(pick(ptrs, mask))
+        return real_load(builder, ptrs, mask, other, cache_policy, is_volatile)
+
+    def store(ptrs, value, mask, cache_policy):
+        stores.append(pick(ptrs, mask))
+        return real_store(builder, ptrs, value, mask, cache_policy)
+
+    builder.create_masked_load, builder.create_masked_store = load, store
+    try:
+        fn()
+    finally:
+        del builder.create_masked_load, builder.create_masked_store
+    cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.uint64)  # noqa: E731
+    return cat(loads), cat(stores)
+
+
+def hits(addrs, t: torch.Tensor) -> int:
+    """How many of ``addrs`` fall inside ``t``'s elements."""
+    lo = t.data_ptr()
+    return int(((addrs >= lo) & (addrs < lo + t.numel() * t.element_size())).sum())
+
+
+@pytest.fixture
+def fast_paths(monkeypatch):
+    """Records, per interpreted tile, whether it took the vector path (NOTE [Vector path])."""
+    seen = []
+    real = tb.K._fast
+
+    def spy(n, addr_or, TILE):
+        r = real(n, addr_or, TILE)
+        seen.append(bool(r))
+        return r
+
+    monkeypatch.setattr(tb.K, "_fast", spy)
+    return seen
+
+
+# (shape, element offset of the param in its storage, element offset of the grad in its storage):
+# odd offsets (12 B, 4 B: not 16-byte aligned, the masked path) as DDP's gradient_as_bucket_view
+# produces them, and one layer whose param and grad are 16-byte aligned (its full tiles take the
+# vector path). Offsets are absolute positions inside one big param tensor and one big grad tensor.
+VIEW_SPECS = [((4097,), 3, 1), ((17, 33), 4101, 4099), ((2048,), 4664, 4664), ((5,), 6713, 6715)]
+
+
+def view_params(dtype, as_views: bool, seed=0):
+    """The VIEW_SPECS params (same values either way): views into one sentinel-filled tensor, or tensors of their own."""
+    g = torch.Generator().manual_seed(seed)
+    vals = [torch.randn(shape, generator=g, dtype=torch.float64) * 0.5 for shape, _, _ in VIEW_SPECS]
+    if not as_views:
+        return [torch.nn.Parameter(v.to(dtype)) for v in vals], None
+    big = torch.full((6800,), 7.0, dtype=dtype)
+    params = []
+    for v, (shape, off, _) in zip(vals, VIEW_SPECS):
+        n = v.numel()
+        big[off : off + n] = v.reshape(-1).to(dtype)
+        p = torch.nn.Parameter(big[off : off + n].view(shape))
+        assert p.data_ptr() == big[off:].data_ptr()  # a view of big, not a copy
+        params.append(p)
+    return params, big
+
+
+def view_grads(params, step, gbig=None):
+    g = torch.Generator().manual_seed(500 + step)
+    for p, (shape, _, goff) in zip(params, VIEW_SPECS):
+        x = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.3).to(p.dtype)
+        if gbig is None:
+            p.grad = x
+        else:  # the grad is written into its slot of the big buffer, as DDP's reducer does
+            view = gbig[goff : goff + p.numel()].view(shape)
+            view.copy_(x)
+            p.grad = view
+
+
+def outside(big, spans):
+    keep = torch.ones(big.numel(), dtype=torch.bool)
+    for lo, n in spans:
+        keep[lo : lo + n] = False
+    return big[keep]
+
+
+@pytest.mark.parametrize("kind,dtype,opts", [
+    ("LARS", torch.float32, dict(weight_decay=1e-3)),
+    ("LARS", torch.bfloat16, dict(preset="barlowtwins", weight_decay=1e-3, master_weights=True)),
+    ("LAMB", torch.float32, dict(weight_decay=1e-2, lr=1e-2)),
+])
+def test_views_at_odd_offsets_match_reference(kind, dtype, opts, fast_paths):
+    cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
+    opts = {"lr": 0.1, **opts}
+    ref_params, _ = view_params(dtype, as_views=False)
+    ref = cls(ref_params, backend="reference", **opts)
+    params, big = view_params(dtype, as_views=True)
+    opt = cls(params, backend="triton", **opts)
+    gbig = torch.full((6800,), 5.0, dtype=dtype)
+    spans_p = [(off, math.prod(s)) for s, off, _ in VIEW_SPECS]
+    spans_g = [(goff, math.prod(s)) for s, _, goff in VIEW_SPECS]
+    for k in range(3):
+        view_grads(ref_params, k)
+        view_grads(params, k, gbig)
+        grads_before = gbig.clone()
+        ref.step()
+        opt.step()
+        assert opt.backends_in_use() == ["triton"]
+        assert torch.equal(gbig, grads_before)  # grads are read, never written
+    for i, (a, b) in enumerate(zip(params, ref_params)):
+        close(a.detach(), b.detach(), dtype, f"param {i}")
+    compare_states(opt, params, ref, ref_params, dtype)
+    for attr in ("w_norm", "g_norm", "u_norm", "trust_ratio", "step"):
+        close(getattr(opt.buckets()[0], attr), getattr(ref.buckets()[0], attr), torch.float32, attr)
+    # nothing outside the views was written: the sentinels around every view are intact
+    assert torch.all(outside(big, spans_p) == 7.0) and torch.all(outside(gbig, spans_g) == 5.0)
+    # both tile paths ran: the aligned layer's full tiles vectorized, the odd views' tiles masked
+    assert True in fast_paths and False in fast_paths
+
+
+@pytest.mark.parametrize("kind", ["LARS", "LAMB"])
+def test_inactive_segment_is_never_touched(kind):
+    # bf16 with fp32 masters: a layer that stepped once (it has momentum / moments and a master) and has
+    # no grad now. Its grad address is 0; no kernel may load or store any byte of its param, master or state.
+    specs = [((4097,), "rand"), ((3, 5), "rand"), ((300,), "rand")]
+    named = make_params(torch.bfloat16, specs)
+    params = [p for _, p in named]
+    cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
+    opt = cls(params, lr=1e-2, weight_decay=1e-2, backend="triton", master_weights=True,
+              **({"max_grad_norm": 1.0} if kind == "LAMB" else {}))
+    set_grads(named, specs, 0)
+    opt.step()
+    idle = params[2]
+    before = {name: torch.as_tensor(t).clone() for name, t in opt.state[idle].items()}
+    assert "master_weight" in before and len(before) >= 3
+    w_before = idle.detach().clone()
+    set_grads(named, specs, 1)
+    idle.grad = None
+    loads, stores = record_accesses(opt.step)
+    assert opt.buckets()[0].active.tolist() == [1.0, 1.0, 0.0]
+    tensors = [idle] + [t for t in opt.state[idle].values() if torch.as_tensor(t).numel() > 1]
+    for t in tensors:
+        assert hits(loads, t) == 0 and hits(stores, t) == 0
+    assert torch.equal(idle.detach(), w_before)
+    for name, t in opt.state[idle].items():
+        assert torch.equal(torch.as_tensor(t), before[name]), name
+    # the active layers were read and written through the same table (weights read from the master)
+    master0 = opt.state[params[0]]["master_weight"]
+    assert hits(loads, master0) and hits(stores, master0) and hits(stores, params[0]) and hits(loads, params[0].grad)
+
+
+# ------------------------------------------------------------------------------------------
+# the FSDP2 split: partials (launch 1) and apply (launch 2) from given sums
+# ------------------------------------------------------------------------------------------
+SPLIT_SPECS = SPECS + [((5, 2), "none_g")]
+
+
+@pytest.mark.parametrize("kind,opts", [
+    ("LARS", dict(weight_decay=1e-3)),
+    ("LARS", dict(preset="barlowtwins", weight_decay=1e-3)),
+    ("LAMB", dict(weight_decay=1e-2, lr=1e-2)),
+    ("LAMB", dict(preset="apex", weight_decay=1e-2, lr=1e-2)),
+])
+def test_partials_then_apply_equal_step(monkeypatch, kind, opts):
+    # *_step against *_partials + *_apply with a copy of the sums (an all_reduce returns a new tensor):
+    # bitwise equal, also through a GradScaler-skipped step; the sums follow NOTE [Partials and apply]
+    step_fn, part_fn, apply_fn = ("lars_step", "lars_partials", "lars_apply") if kind == "LARS" else (
+        "lamb_step", "lamb_partials", "lamb_apply")
+    sums = []
+
+    def split(bucket, cfg):
+        params_before = [p.detach().clone() for p in bucket.params]
+        ssq, ctx = getattr(tb, part_fn)(bucket, cfg)
+        if kind == "LARS":  # launch 1 of LARS changes nothing the user sees
+            assert all(torch.equal(a, p.detach()) for a, p in zip(params_before, bucket.params))
+        sums.append(ssq.clone())
+        getattr(tb, apply_fn)(bucket, cfg, ssq.clone(), ctx)
+
+    want, o_want = run(kind, "triton", torch.float32, 3, specs=SPLIT_SPECS, **opts)
+    monkeypatch.setattr(tb, step_fn, split)
+    got, o_got = run(kind, "triton", torch.float32, 3, specs=SPLIT_SPECS, **opts)
+    assert len(sums) == 3
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    for a, b in zip(got, want):
+        for name, t in o_want.state.get(b, {}).items():
+            assert torch.equal(torch.as_tensor(o_got.state[a][name]), torch.as_tensor(t)), name
+    bg, bw = o_got.buckets()[0], o_want.buckets()[0]
+    for attr in ("w_norm", "g_norm", "u_norm", "trust_ratio", "has_state", "step"):
+        assert torch.equal(getattr(bg, attr), getattr(bw, attr)), attr
+    # rows: LARS [w^2, g^2, (g+lam w)^2], LAMB [w_d^2, u^2, g^2]; 0 for the grad-less and the empty layer
+    ssq = sums[-1]
+    assert ssq.shape == (3, len(SPLIT_SPECS)) and ssq.dtype == torch.float32
+    assert torch.all(ssq[:, -1] == 0) and torch.all(ssq[:, 3] == 0)
+    rows = (bg.w_norm, bg.g_norm, bg.u_norm) if kind == "LARS" else (bg.w_norm, bg.u_norm, bg.g_norm)
+    for row, norm in zip(ssq, rows):
+        torch.testing.assert_close(row.sqrt()[:-1], norm[:-1], rtol=1e-6, atol=0)
+    # a skipped step (found_inf): the sums are all zero and nothing changes
+    sums.clear()
+    _, o_skip = run(kind, "triton", torch.float32, 1, specs=SPLIT_SPECS, scaler=(1024.0, 1.0), **opts)
+    assert torch.all(sums[0] == 0) and torch.all(o_skip.buckets()[0].step == 0)
+
+
+def test_apply_uses_the_sums_it_is_given():
+    # apply must read the given (all-reduced) sums, not launch 1's: doubling every sum of w^2 and g^2
+    # leaves the default ratio eta*||w||/(||g|| + lam*||w||) unchanged while the reported norms grow by sqrt(2)
+    named = make_params(torch.float32, SPECS[:3])
+    opt = fusedlars.LARS([p for _, p in named], lr=0.1, weight_decay=0.0, backend="triton")
+    set_grads(named, SPECS[:3], 0)
+    opt.step()
+    from fusedlars.optim.lars import lars_config
+
+    b = opt.buckets()[0]
+    set_grads(named, SPECS[:3], 1)
+    opt._prepare_step()
+    ssq, ctx = tb.lars_partials(b, lars_config(opt.param_groups[0]))
+    local = ssq.clone()
+    tb.lars_apply(b, lars_config(opt.param_groups[0]), 2 * local, ctx)
+    torch.testing.assert_close(b.w_norm, (2 * local[0]).sqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(b.g_norm, (2 * local[1]).sqrt(), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        tb.lars_apply(b, lars_config(opt.param_groups[0]), local[:2], ctx)

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import Optional
 
 import torch
 
@@ -161,8 +162,28 @@ def _kinds(bucket: Bucket) -> tuple[str, ...]:
 
 
 def _addresses(bucket: Bucket) -> torch.Tensor:
-    """This step's int64 ``[rows, S]`` address table (a cached device tensor, rewritten only when an address moved)."""
-    return bucket.address_table(_kinds(bucket))
+    """This step's int64 ``[rows, S]`` address table (a cached device tensor, rewritten only when an address moved).
+
+    NOTE: [Addresses in a compiled step] Eager steps take the table from :meth:`Bucket.address_table`.
+    A compiled step cannot: dynamo does not trace ``data_ptr()``, and the grads of a compiled step are
+    graph inputs (a new tensor each step after ``zero_grad()``) whose addresses exist only at run time.
+    There the same table object (built by :func:`prepare` in the eager prelude, marked static) is
+    refreshed by the opaque op ``fusedlars::triton_addresses`` from the tensors themselves, before
+    the kernels' ops that read it."""
+    kinds = _kinds(bucket)
+    if torch.compiler.is_compiling():
+        table = bucket.cache.setdefault(NAME, {}).get(("addr", kinds))
+        if table is None:
+            raise RuntimeError("triton backend: a compiled step needs prepare(bucket) in its eager prelude")
+        _op("triton_addresses")(table, [t for k in kinds for t in bucket.tensors_of(k)])
+        return table
+    return _table(bucket, kinds)
+
+
+def _table(bucket: Bucket, kinds: tuple[str, ...]) -> torch.Tensor:
+    table = bucket.address_table(kinds)
+    bucket.cache.setdefault(NAME, {})[("addr", kinds)] = table
+    return table
 
 
 #: param dtype codes of the ops (a torch.library schema cannot carry a tl.dtype) -> the kernels' PDT
@@ -177,8 +198,9 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
     sc = _scratch(bucket)
     t = sc.tiles
+    # (eager even inside dynamo's prelude, where is_compiling() is already true)
     return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart, sc.one, sc.zero,
-            _addresses(bucket)]  # fmt: skip
+            _table(bucket, _kinds(bucket))]  # fmt: skip
 
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
@@ -419,6 +441,24 @@ def _grad_sumsq_op(
 ) -> None:
     _launch(K.grad_sumsq_kernel, num_tiles, addr, active, inv_scale, part, tile_seg, tile_len, seg_tile_ptr,
             num_segs, PDT=_pdt(pdt), TILE=tile, BLOCK=block)
+
+
+_seen_addresses: dict[int, tuple[int, ...]] = {}  # table data_ptr -> the addresses it holds
+
+
+def _addresses_op(table: T_, tensors: list[Optional[T_]]) -> None:
+    """Write the base addresses of ``tensors`` (row-major ``[rows, S]``, 0 for None) into ``table``,
+    copying only when they changed (NOTE [Addresses in a compiled step])."""
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    if _seen_addresses.get(table.data_ptr()) != ptrs:
+        table.copy_(torch.tensor(ptrs, dtype=torch.int64).view(table.shape))
+        _seen_addresses[table.data_ptr()] = ptrs
+
+
+if _IMPORT_ERROR is None:
+    # always opaque (never traced): its body reads data_ptr()s
+    _addresses_op = torch.library.custom_op("fusedlars::triton_addresses", mutates_args=("table",))(_addresses_op)
+    _addresses_op.register_fake(lambda table, tensors: None)
 
 
 def _op(name: str):
