@@ -157,7 +157,8 @@ class Bucket:
         self.g_norm = torch.zeros(S, dtype=sdt, device=dev)
         self.u_norm = torch.zeros(S, dtype=sdt, device=dev)
         self.trust_ratio = torch.ones(S, dtype=sdt, device=dev)
-        self._step_views = [self.step[i] for i in range(S)]
+        with torch.enable_grad():  # views of a table, written in place under any grad mode
+            self._step_views = [self.step[i] for i in range(S)]
         # per step (refresh)
         self.param_tensors: list[torch.Tensor] = locs
         self.grad_tensors: list[torch.Tensor | None] = [None] * S
@@ -285,11 +286,11 @@ class Bucket:
             if why:
                 raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
 
-    def refresh(self, state: MutableMapping[torch.Tensor, dict], *, adopt_only: bool = False) -> None:
+    def refresh(self, state: MutableMapping[torch.Tensor, dict]) -> None:
         """This step's tensors (host side, after :meth:`check`): locals and grads of the params,
         state from ``state`` (the optimizer's ``state``), created zero-filled for a segment that has
         a grad and none yet (NOTE [Dense segments]); masters re-synced where the user wrote a param
-        (NOTE [Versions]). ``adopt_only``: only adopt existing state (``load_state_dict``), create none."""
+        (NOTE [Versions])."""
         active = []
         changed = []  # params written outside our steps: drop their carried norm, re-sync masters
         for i, p in enumerate(self.params):
@@ -300,7 +301,7 @@ class Bucket:
                 changed.append(i)
                 self._versions[i] = None
             g = p.grad
-            if g is not None and not adopt_only:
+            if g is not None:
                 g = local_tensor(g)
                 if g.stride() != loc.stride() and g.numel() > 1:
                     scratch = self._grad_scratch.get(i)
@@ -394,6 +395,25 @@ class Bucket:
             # a segment whose state came from outside (load_state_dict) has stepped; fresh state has not
             self.has_state[i] = 0.0 if fresh else (1.0 if any(n in st for n in self.state_names) or s is not None else 0.0)
         self._seen_state[i] = tuple(id(st.get(n)) for n in names) + (id(st.get("step")),)
+
+    def loaded(self, state: MutableMapping[torch.Tensor, dict]) -> None:
+        """After ``load_state_dict`` (NOTE [Loading in place], fusedlars/optim/base.py): adopt the
+        state, mark the segments that have some as stepped and the others as fresh, and make each
+        param the rounding of its loaded fp32 master."""
+        has = []
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                st = state.get(p) or {}
+                has.append(1.0 if any(n in st for n in self.state_names) or "step" in st else 0.0)
+                if "step" not in st:
+                    self.step[i] = 0.0
+                if self.uses_masters and "master_weight" in st:
+                    local_tensor(p).copy_(local_tensor(st["master_weight"]))
+                self._versions[i] = None
+            self.has_state.copy_(torch.tensor(has, dtype=self.state_dtype))
+            self.drop_carry()
+            for i, p in enumerate(self.params):  # adopt replaced state; this step's grads stay as they are
+                self._adopt(i, p, local_tensor(p), state, create=False)
 
     def publish(self, wrote_raw: bool) -> None:
         """After a step: bump the version counters of the params a kernel wrote through raw

@@ -130,6 +130,20 @@ def compare_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, rto
     return Check(what, kind, ok, max_abs, max_rel, tol_used, rtol, atol, detail)
 
 
+def _state_of(bucket) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
+    """Per state buffer (and ``master_weight``) of a bucket: (segments that have it, their values
+    concatenated, flattened in memory order)."""
+    lists = dict(bucket.state_tensors)
+    if bucket.master_tensors is not None:
+        lists["master_weight"] = bucket.master_tensors
+    out = {}
+    for key, lst in lists.items():
+        segs = tuple(i for i, t in enumerate(lst) if t is not None)
+        flat = [lst[i].detach().reshape(-1) for i in segs]
+        out[key] = (segs, torch.cat(flat) if flat else torch.zeros(0))
+    return out
+
+
 def compare_runs(backend: str, params, opt, ref_params, ref_opt, dtype: torch.dtype, *,
                  equal_nan: bool = False) -> list[Check]:
     """Every check of a ``backend`` run against the reference run on the same data: the backend really
@@ -154,21 +168,23 @@ def compare_runs(backend: str, params, opt, ref_params, ref_opt, dtype: torch.dt
         for key in ("step", "has_state"):
             checks.append(Check(pre + key, "exact", torch.equal(getattr(ba, key), getattr(bb, key)),
                                 detail=f"{getattr(ba, key).tolist()} vs reference {getattr(bb, key).tolist()}"))
-        same_keys = set(ba.state) == set(bb.state)
-        checks.append(Check(pre + "state keys", "exact", same_keys, detail=f"{sorted(ba.state)} vs {sorted(bb.state)}"))
-        for key in sorted(set(ba.state) & set(bb.state)):
+        sa, sb = _state_of(ba), _state_of(bb)
+        same_keys = set(sa) == set(sb)
+        checks.append(Check(pre + "state keys", "exact", same_keys, detail=f"{sorted(sa)} vs {sorted(sb)}"))
+        for key in sorted(set(sa) & set(sb)):
+            (pa, ta), (pb, tb) = sa[key], sb[key]
+            if pa != pb:
+                checks.append(Check(f"{pre}state {key} segments", "exact", False,
+                                    detail=f"state exists for segments {pa} vs reference {pb}"))
+                continue
             # atol relative to the buffer's own scale: exp_avg_sq is ~1e-7 for grads of 1e-2, below any fixed atol
-            ref = bb.state[key].detach().double()
+            ref = tb.detach().double()
             fin = ref[torch.isfinite(ref)]
             scale = fin.abs().max().item() if fin.numel() else 0.0
-            checks.append(compare_tensors(f"{pre}state {key}", ba.state[key], bb.state[key], max(rtol, 1e-5),
-                                          state_atol * scale, kind="state", equal_nan=equal_nan))
-        has_master = (ba.flat_master is not None, bb.flat_master is not None)
-        checks.append(Check(pre + "master weights present", "exact", has_master[0] == has_master[1],
-                            detail=f"{has_master[0]} vs reference {has_master[1]}"))
-        if all(has_master):
-            checks.append(compare_tensors(pre + "master weights", ba.flat_master, bb.flat_master, 1e-5, 1e-6,
-                                          kind="master"))
+            kind = "master" if key == "master_weight" else "state"
+            rtol_k, atol_k = (1e-5, 1e-6) if kind == "master" else (max(rtol, 1e-5), state_atol * scale)
+            checks.append(compare_tensors(f"{pre}{'master weights' if kind == 'master' else 'state ' + key}",
+                                          ta, tb, rtol_k, atol_k, kind=kind, equal_nan=equal_nan))
     return checks
 
 

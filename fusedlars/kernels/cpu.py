@@ -107,6 +107,12 @@ def _lr(lr, bucket: Bucket | None = None) -> torch.Tensor:
     return _scalars(bucket).lr(lr)
 
 
+def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+    """Build the bucket's cached scalars now (a compiled step must not create them in its graph)."""
+    sc = _scalars(bucket)
+    return [sc.lr.tensor, sc.clip.tensor]
+
+
 #: lars_step carries ||w||^2 from one step to the next (NOTE [Carried weight norms], csrc/cpu/optim_cpu.cpp)
 CARRIES_WEIGHT_NORMS = True
 

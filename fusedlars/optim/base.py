@@ -543,13 +543,22 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 b.drop_carry()  # the compiled step does not carry weight norms
                 prepare = getattr(b.traced_backend, "prepare", None)
                 cached = prepare(b, self._KIND) if prepare is not None else []
-                for t in b.tables() + cached:
+                for t in b.tables() + [b.active_ids()] + cached:
                     mark_static_address(t, guard=True)
         return None
 
     def _step_traced(self) -> None:
         """The traced part of a compiled step (NOTE [Compiled steps])."""
         self._init_group(None, [])
+        for b in self.buckets():
+            # this call's grads, read from p.grad in the graph (the eager prelude ran at trace time only)
+            for i in b.active_idx:
+                g = b.params[i].grad
+                scratch = b._grad_scratch.get(i)
+                if scratch is not None and b.grad_tensors[i] is scratch:
+                    scratch.copy_(g)
+                else:
+                    b.grad_tensors[i] = g
         self._run_step()
 
     @staticmethod
@@ -708,18 +717,32 @@ class BucketedOptimizer(torch.optim.Optimizer):
         for g, ng in zip(self.param_groups, new_groups):
             g.clear()
             g.update(ng)
-        # The buckets adopt the new state tensors at the next step (Bucket.refresh); a loaded fp32
-        # master is copied into its param then. A sharded param's state is wrapped as a DTensor.
-        self.state.clear()
-        for p, st in new_state.items():
-            if distributed.is_dtensor(p):
-                st = {
-                    key: distributed.as_dtensor_like(distributed.local_tensor(v), p) if key != "step" else v
-                    for key, v in st.items()
-                }
-            self.state[p] = st
-        for b in self.buckets():
-            b.refresh(self.state, adopt_only=True)
+        # NOTE: [Loading in place]
+        # Where a param already has state of the same keys and shapes, the loaded values are copied
+        # into the existing tensors (and "step" into its bucket table), so that a compiled step, whose
+        # guards hold the state tensors' ids, does not recompile after load_state_dict. Other state
+        # replaces the param's entry and is adopted by its bucket (Bucket.refresh); state of params
+        # the state dict has none for is dropped, as in torch.optim. A loaded fp32 master is copied
+        # into its param. A sharded param's state is wrapped as a DTensor.
+        with torch.no_grad():
+            for p in [p for p in self.state if p not in new_state]:
+                del self.state[p]
+            for p, st in new_state.items():
+                cur = self.state.get(p)
+                if cur is not None and cur.keys() == st.keys() and all(
+                    distributed.local_tensor(cur[k]).shape == v.shape for k, v in st.items() if k != "step"
+                ):
+                    for k, v in st.items():
+                        cur[k].copy_(v) if k == "step" else distributed.local_tensor(cur[k]).copy_(v)
+                    continue
+                if distributed.is_dtensor(p):
+                    st = {
+                        key: distributed.as_dtensor_like(distributed.local_tensor(v), p) if key != "step" else v
+                        for key, v in st.items()
+                    }
+                self.state[p] = st
+            for b in self.buckets():
+                b.loaded(self.state)
 
     # NOTE: [Copies]
     # torch.optim's __getstate__ keeps only defaults, state and param_groups; ours keeps every attribute
