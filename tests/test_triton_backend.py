@@ -657,3 +657,22 @@ def test_apply_uses_the_sums_it_is_given():
     torch.testing.assert_close(b.g_norm, (2 * local[1]).sqrt(), rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="shape"):
         tb.lars_apply(b, lars_config(opt.param_groups[0]), local[:2], ctx)
+
+
+def test_eager_and_compiled_steps_interleave():
+    # NOTE [Addresses in a compiled step]: eager steps and compiled steps keep separate address tables,
+    # each refreshed from its own record of what it wrote; fresh grads every step (new addresses)
+    specs = SPECS[:3]
+    outs = []
+    for mixed in (False, True):
+        torch._dynamo.reset()
+        named = make_params(torch.float32, specs)
+        opt = fusedlars.LARS([p for _, p in named], lr=0.1, weight_decay=1e-3, backend="triton")
+        compiled = torch.compile(opt.step, backend="eager") if mixed else opt.step
+        for k, step in enumerate([opt.step, compiled, opt.step, compiled, opt.step]):
+            set_grads(named, specs, k)
+            step()
+        outs.append([p.detach().clone() for _, p in named])
+    torch._dynamo.reset()
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

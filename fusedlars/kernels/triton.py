@@ -167,22 +167,29 @@ def _addresses(bucket: Bucket) -> torch.Tensor:
     NOTE: [Addresses in a compiled step] Eager steps take the table from :meth:`Bucket.address_table`.
     A compiled step cannot: dynamo does not trace ``data_ptr()``, and the grads of a compiled step are
     graph inputs (a new tensor each step after ``zero_grad()``) whose addresses exist only at run time.
-    There the same table object (built by :func:`prepare` in the eager prelude, marked static) is
-    refreshed by the opaque op ``fusedlars::triton_addresses`` from the tensors themselves, before
-    the kernels' ops that read it."""
+    It uses a table of its own (allocated by :func:`prepare` in the eager prelude, marked static),
+    refreshed by the opaque op ``fusedlars::triton_addresses`` from the tensors themselves before the
+    kernels' ops that read it. Its own: the op and ``Bucket.address_table`` each skip the copy when the
+    addresses equal the ones *they* wrote last, so sharing one table between eager and compiled steps
+    could leave stale addresses in it."""
     kinds = _kinds(bucket)
     if torch.compiler.is_compiling():
-        table = bucket.cache.setdefault(NAME, {}).get(("addr", kinds))
+        table = bucket.cache.setdefault(NAME, {}).get(("traced_addr", kinds))
         if table is None:
             raise RuntimeError("triton backend: a compiled step needs prepare(bucket) in its eager prelude")
         _op("triton_addresses")(table, [t for k in kinds for t in bucket.tensors_of(k)])
         return table
-    return _table(bucket, kinds)
+    return bucket.address_table(kinds)
 
 
-def _table(bucket: Bucket, kinds: tuple[str, ...]) -> torch.Tensor:
-    table = bucket.address_table(kinds)
-    bucket.cache.setdefault(NAME, {})[("addr", kinds)] = table
+def _traced_table(bucket: Bucket) -> torch.Tensor:
+    """The address table of compiled steps (NOTE [Addresses in a compiled step]), allocated once."""
+    kinds = _kinds(bucket)
+    cache = bucket.cache.setdefault(NAME, {})
+    table = cache.get(("traced_addr", kinds))
+    if table is None:
+        table = cache[("traced_addr", kinds)] = torch.zeros(
+            (len(kinds), bucket.num_segments), dtype=torch.int64, device=bucket.device)
     return table
 
 
@@ -198,9 +205,8 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
     sc = _scratch(bucket)
     t = sc.tiles
-    # (eager even inside dynamo's prelude, where is_compiling() is already true)
     return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart, sc.one, sc.zero,
-            _table(bucket, _kinds(bucket))]  # fmt: skip
+            _traced_table(bucket)]  # fmt: skip
 
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
