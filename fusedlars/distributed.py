@@ -12,18 +12,14 @@ in two phases (see :func:`fusedlars.kernels.torch.lars_partials`):
    layers and buckets there are (the buckets' ``[k, S]`` tensors are concatenated);
 3. ``apply``: the update runs on the local shards with the global norms.
 
-Nothing is gathered, and FSDP2's own parameter storage is never re-pointed (FSDP2
-all-gathers from it): a bucket of DTensor parameters holds copies of the local shards.
-It copies the shards (and the local grads) in before the step and the new values back
-after it (:meth:`fusedlars.buckets.Bucket.publish`).
+Nothing is gathered and nothing is copied: the local shards (FSDP2's own sharded storage, which
+it all-gathers from) and the reduce-scattered local grads are stepped in place, by the fused
+kernels (``cpu``, ``cuda``, ``triton``: their ``*_partials`` / ``*_apply``) or the ``torch`` backend.
+The optimizer state of a sharded param is a DTensor with the param's placements.
 
-// NOTE: [Foreign storage]
-// A parameter or gradient that lives inside a larger buffer this optimizer does not own
-// (ZeroRedundancyOptimizer(parameters_as_bucket_view=True) re-points ``p.data`` into its
-// buckets; DDP(gradient_as_bucket_view=True) makes ``p.grad`` a view of its buckets) is
-// never re-pointed into our bucket: we copy it in before the step (and, for a parameter,
-// back after it). Re-pointing would make the owner and us repair each other's views every
-// step, and for ZeRO it would broadcast stale values. Results are exact either way.
+Params and grads that live inside larger buffers (ZeroRedundancyOptimizer's
+``parameters_as_bucket_view=True``, DDP's ``gradient_as_bucket_view=True``) are stepped in place
+too: a segment is any dense tensor at any address (fusedlars.buckets, NOTE [Dense segments]).
 
 // NOTE: [Layout check]
 // Every rank must issue the same collectives in the same order. At bucket build time (once,

@@ -144,9 +144,11 @@ def _train(model, opt, rank, world, counter, step_fn=None):
     return counts
 
 
-def scenario_fsdp2(opt_name, rank, world, counter):
+def scenario_fsdp2(opt_name, rank, world, counter, backend="auto"):
     model = _fsdp2_model(world)
     opt = OPTIMIZERS[opt_name](list(model.parameters()))
+    opt.backend = backend
+    local_ptrs = [p.to_local().data_ptr() for p in model.parameters()]
     counts = _train(model, opt, rank, world, counter)
     full = [p.full_tensor().detach().clone() for p in model.parameters()]  # collective on every rank
     b = opt.buckets()
@@ -154,11 +156,8 @@ def scenario_fsdp2(opt_name, rank, world, counter):
         "local_shapes": [tuple(p.to_local().shape) for p in model.parameters()],
         "backends": opt.backends_in_use(),
         "num_buckets": len(b),
-        # FSDP2's storage is intact: the DTensors' local tensors are not views into our bucket
-        "storage_kept": all(
-            p.to_local().untyped_storage().data_ptr() != b[0].flat_param.untyped_storage().data_ptr()
-            for p in model.parameters()
-        ),
+        # FSDP2's storage is intact: the local shards were stepped in place, never re-pointed
+        "storage_kept": [p.to_local().data_ptr() for p in model.parameters()] == local_ptrs,
         "state_is_dtensor": all(
             type(v).__name__ == "DTensor" for st in opt.state.values() for k, v in st.items() if k != "step"
         ),
@@ -171,22 +170,27 @@ def scenario_ddp(opt_name, rank, world, counter, bucket_view):
     ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
     opt = OPTIMIZERS[opt_name](list(ddp.parameters()))
     grad_ptrs = []
+    repointed = []
 
     def step():
-        grad_ptrs.append([p.grad.data_ptr() for p in ddp.parameters()])
+        grads = [(p.grad, p.grad.data_ptr(), p.data_ptr()) for p in ddp.parameters()]
+        grad_ptrs.append([gp for _, gp, _ in grads])
         opt.step()
+        repointed.append(any(p.grad is not g or p.grad.data_ptr() != gp or p.data_ptr() != pp
+                             for p, (g, gp, pp) in zip(ddp.parameters(), grads)))
 
     counts = _train(ddp, opt, rank, world, counter, step)
     return {
         "params": [p.detach().clone() for p in model.parameters()],
         "counts": counts,
-        # p.grad is re-pointed by nobody after the first step (DDP rebuilds its buckets once after
-        # the first iteration; and without bucket views we adopt the grads at the first step)
+        # with bucket views, p.grad stays a view of DDP's bucket (DDP rebuilds its buckets once after
+        # the first iteration); our step never re-points a grad or a param
         "grad_ptrs_stable": all(g == grad_ptrs[1] for g in grad_ptrs[1:]),
-        "grads_in_our_bucket": [
-            p.grad.untyped_storage().data_ptr() == opt.buckets()[0].flat_grad.untyped_storage().data_ptr()
-            for p in ddp.parameters()
+        "repointed": any(repointed),
+        "grads_in_ddp_bucket": [
+            p.grad.untyped_storage().nbytes() > p.grad.numel() * p.grad.element_size() for p in ddp.parameters()
         ],
+        "backends": opt.backends_in_use(),
     }
 
 
@@ -273,6 +277,8 @@ def scenario_errors(rank, world, counter):
 
 def _scenarios(world):
     sc = {f"fsdp2_{o}": functools.partial(scenario_fsdp2, o) for o in OPTIMIZERS}
+    # the portable path too (the auto choice on CPU is the fused C++ kernels)
+    sc.update({f"fsdp2_{o}_torch": functools.partial(scenario_fsdp2, o, backend="torch") for o in ("lars", "lamb")})
     if world == 2:
         sc.update(
             {
@@ -373,18 +379,21 @@ def _assert_params(got, ref, what):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS) + ["lars_torch", "lamb_torch"])
 def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(runs, world, opt_name):
     res = _result(runs, world, f"fsdp2_{opt_name}")
-    ref = reference(opt_name)
+    base, _, backend = opt_name.partition("_")
+    ref = reference(base)
+    fused = fusedlars.kernels.status("cpu")[0]
     for r, got in enumerate(res):
         _assert_params(got["params"], ref, f"FSDP2 {opt_name} world {world} rank {r}")
         info = got["info"]
-        assert info["backends"] == ["torch"], info  # backend='auto' picks torch for a sharded bucket
+        # backend='auto' steps the local shards on the fused kernels (the torch backend where asked)
+        assert info["backends"] == [backend or ("cpu" if fused else "torch")], info
         assert info["storage_kept"] and info["state_is_dtensor"], info
         for t, c in enumerate(got["counts"]):
             # the first step also exchanges the layout fingerprint (1-D mesh: one all_gather_object)
-            expected = {"all_reduce": EXPECTED_ALL_REDUCE[opt_name]}
+            expected = {"all_reduce": EXPECTED_ALL_REDUCE[base]}
             if t == 0:
                 expected["all_gather_object"] = 1
             assert c == expected, f"rank {r} step {t}: collectives {c}, expected {expected}"
@@ -400,10 +409,11 @@ def test_ddp_matches_single_process_and_keeps_ddp_grad_views(runs, name):
     for r, got in enumerate(_result(runs, 2, name)):
         _assert_params(got["params"], ref, f"{name} rank {r}")
         assert all(c == {} for c in got["counts"]), f"our step issued collectives under DDP: {got['counts']}"
-        assert got["grad_ptrs_stable"], "p.grad was re-pointed between steps (DDP and fusedlars fight)"
-        # plain DDP: grads are adopted as views into our bucket; with gradient_as_bucket_view they stay DDP's
-        expected = "bucket_view" not in name
-        assert got["grads_in_our_bucket"] == [expected] * len(ref), got["grads_in_our_bucket"]
+        assert not got["repointed"], "the step re-pointed a param or a grad"
+        assert got["backends"] == ["cpu" if fusedlars.kernels.status("cpu")[0] else "torch"], got["backends"]
+        if "bucket_view" in name:  # read in place from DDP's gradient buckets
+            assert got["grad_ptrs_stable"], "p.grad left DDP's bucket between steps"
+            assert got["grads_in_ddp_bucket"] == [True] * len(ref), got["grads_in_ddp_bucket"]
 
 
 @pytest.mark.parametrize("name", ["zero_lars", "zero_bucket_view_lars"])

@@ -378,22 +378,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     def _backend_for(self, bucket: Bucket, cfg) -> Any:
         if bucket.shard is not None and bucket.shard.shard_dims:
-            # a sharded bucket steps in two phases around the norm all_reduce (fusedlars.distributed)
-            if getattr(self, "fused", None):
-                raise RuntimeError(
-                    f"{self._KIND}: fused=True, but FSDP2/DTensor-sharded parameters step on the torch backend "
-                    "(the cross-rank norm reduction sits between two phases). Pass fused=None."
-                )
-            name = "torch" if self.backend == "auto" else self.backend
-            mod = kernels.get(name)
-            split = ("lars_partials", "lars_apply") if self._KIND != "LAMB" else ("lamb_partials", "lamb_apply")
-            if not all(hasattr(mod, f) for f in split):
-                raise RuntimeError(
-                    f"{self._KIND}: backend={self.backend!r} cannot step FSDP2/DTensor-sharded parameters: it has "
-                    f"no {split[0]}/{split[1]} split around the cross-rank norm reduction. "
-                    "Use backend='torch' or backend='auto' (which picks torch for sharded buckets)."
-                )
-            return mod
+            return self._sharded_backend(bucket, cfg)
         if self.backend == "auto" and getattr(self, "fused", None):
             reasons = []
             for name in kernels.auto_order(bucket.device.type):
@@ -429,6 +414,47 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 continue
             return mod
         return kernels.get("torch")
+
+    def _sharded_backend(self, bucket: Bucket, cfg) -> Any:
+        """The backend of a sharded (FSDP2) bucket: one with the ``partials`` / ``apply`` split around
+        the cross-rank reduction of the per-layer sums (fusedlars.distributed). ``auto`` prefers the
+        fused kernels, as for any bucket; the local shards are stepped in place either way."""
+        split = ("lars_partials", "lars_apply") if self._KIND != "LAMB" else ("lamb_partials", "lamb_apply")
+
+        def has_split(mod) -> bool:
+            return all(hasattr(mod, f) for f in split)
+
+        if self.backend != "auto":
+            mod = kernels.get(self.backend)
+            if not has_split(mod):
+                raise RuntimeError(
+                    f"{self._KIND}: backend={self.backend!r} cannot step FSDP2/DTensor-sharded parameters: it has "
+                    f"no {split[0]}/{split[1]} split around the cross-rank norm reduction. "
+                    "Use backend='torch', a fused backend, or backend='auto'."
+                )
+            why = mod.supports(self._KIND, cfg, bucket) if hasattr(mod, "supports") else None
+            if why:
+                raise RuntimeError(
+                    f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
+                    "Use backend='torch' for it, or backend='auto'."
+                )
+            return mod
+        reasons = []
+        for name in kernels.auto_order(bucket.device.type):
+            ok, why = kernels.status(name)
+            if ok:
+                mod = kernels.get(name)
+                why = mod.supports(self._KIND, cfg, bucket) if hasattr(mod, "supports") else None
+                if not why and not has_split(mod):
+                    why = f"no {split[0]}/{split[1]} split"
+                if not why and (name != "torch" or not getattr(self, "fused", None)):
+                    return mod
+            if name != "torch":
+                reasons.append(f"{name}: {why}")
+        raise RuntimeError(
+            f"{self._KIND}: fused=True, but no fused backend steps this sharded bucket ({bucket.dtype} on "
+            f"{bucket.device}): {'; '.join(reasons)}. Pass fused=None to let backend='auto' use the torch backend."
+        )
 
     def stats(self) -> dict[str, Any]:
         """Per-layer weight norm, grad norm, update norm, trust ratio and effective lr of the
@@ -600,7 +626,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     mod = self._backend_for(b, cfg)
                     # NOTE [Carried weight norms]: only across eager steps of a kernel that carries them
                     # (a compiled step cannot check the params' version counters at every call)
-                    if self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False):
+                    sharded = b.shard is not None and b.shard.shard_dims
+                    if self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False) and not sharded:
                         cfg.carry_w = True
                     else:
                         b.drop_carry()
