@@ -92,6 +92,7 @@ class Variant:
     note: str = ""
     times: list[float] = field(default_factory=list)
     step: Callable[[], Any] | None = None
+    swap: Callable[[], None] | None = None  # --grads fresh: installs the next set of grads
 
 
 def _pytorch_optimizer_variants(po, cls_name: str, algo: str, kw: dict, out: list, skipped: list) -> None:
@@ -295,6 +296,25 @@ class _Progress:
             self._tqdm.close()
 
 
+#: --grads: how the benchmarked loop leaves its grads between steps (see run())
+GRAD_STYLES = {
+    "kept": "the same grad tensors every step (zero_grad(set_to_none=False))",
+    "fresh": "new grad tensors every step (zero_grad() / model.zero_grad(), then backward)",
+}
+
+
+def _swapper(params: list[torch.Tensor], sets: list[list[torch.Tensor]]) -> Callable[[], None]:
+    """Point every param's .grad at the next set of grad tensors (round robin)."""
+    k = [0]
+
+    def swap() -> None:
+        k[0] = (k[0] + 1) % len(sets)
+        for p, g in zip(params, sets[k[0]]):
+            p.grad = g
+
+    return swap
+
+
 def _stats(times_s: list[float]) -> dict[str, float]:
     ms = sorted(t * 1e3 for t in times_s)
     if len(ms) >= 2:
@@ -325,8 +345,14 @@ def run(
     only: list[str] | None = None,
     time_limit: float | None = 90.0,
     log: Callable[[str], None] | None = None,
+    grads: str = "kept",
 ) -> dict[str, Any]:
-    """Benchmark and return the results (the ``--json`` document)."""
+    """Benchmark and return the results (the ``--json`` document).
+
+    ``grads``: the training loop's grads, for every variant alike: ``"kept"`` (the same grad tensors
+    every step, as after ``zero_grad(set_to_none=False)``) or ``"fresh"`` (new grad tensors every
+    step, as after ``zero_grad()`` / ``model.zero_grad()`` and a backward: two sets of grads per
+    variant, swapped in before each step, outside the timed region)."""
     t_run0 = time.perf_counter()
     log = log or (lambda s: print(s, file=sys.stderr))
     if shapes not in SHAPE_SETS:
@@ -335,6 +361,8 @@ def run(
         raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
     if steps < 1 or warmup < 0:
         raise ValueError("--steps must be >= 1 and --warmup >= 0")
+    if grads not in GRAD_STYLES:
+        raise ValueError(f"unknown --grads {grads!r}; choose from {sorted(GRAD_STYLES)}")
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -360,6 +388,7 @@ def run(
         )
 
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    grads_style = grads
     params0, grads0 = make_params(shp, dtype=tdtype, device=dev, seed=seed, scale=0.1, attach_grads=False)
     # the gradients, as views of one flat buffer (which the bandwidth probe reads as its b)
     b = torch.empty(n, dtype=tdtype, device=dev)
@@ -375,12 +404,11 @@ def run(
             skipped.append((v.name, "not selected by --only"))
             continue
         ps = [p.clone() for p in params0]
-        for p, g in zip(ps, grads):
-            # Every variant owns its gradients, as after a backward pass: fusedlars then adopts
-            # them into its bucket at the first step (a grad that is a view of someone else's
-            # buffer would be copied in every step, like DDP's), and optimizers that modify
-            # grads in place (pytorch_optimizer.LARS does) cannot disturb the others.
-            p.grad = g.clone()
+        # Every variant owns its gradients, as after a backward pass (optimizers that modify grads in
+        # place, as pytorch_optimizer.LARS does, cannot disturb the others); "fresh": two sets.
+        sets = [[g.clone() for g in grads] for _ in range(2 if grads_style == "fresh" else 1)]
+        for p, g in zip(ps, sets[0]):
+            p.grad = g
         try:
             opt = v.make(ps)
             opt.step()  # first step: state allocation, bucket building; also catches unsupported dtypes
@@ -390,6 +418,7 @@ def run(
             continue
         v.step = opt.step
         v._opt = opt  # keep alive
+        v.swap = _swapper(ps, sets) if len(sets) > 1 else None
         if v.kind == "fusedlars" and hasattr(opt, "backends_in_use"):
             used = sorted(set(opt.backends_in_use()))
             v.note += f" (buckets ran on: {', '.join(used)})"
@@ -418,6 +447,8 @@ def run(
     try:
         for _ in range(warmup):
             for v in order:
+                if v.swap is not None:
+                    v.swap()
                 v.step()
                 sync()
                 bar.update(f"warmup {v.name}")
@@ -428,6 +459,8 @@ def run(
                 break
             k = r % len(order)
             for v in order[k:] + order[:k]:  # round-robin, rotating start: drift hits all equally
+                if v.swap is not None:
+                    v.swap()  # a new set of grad tensors, untimed (NOTE: as a backward would leave them)
                 sync()
                 t0 = time.perf_counter()
                 v.step()
@@ -485,6 +518,7 @@ def run(
             time_limit_s=time_limit,
             warmup=warmup,
             backends=backends,
+            grads=grads_style,
             wall_s=wall,
             interleaved="round-robin, start rotated every round",
         ),
@@ -564,7 +598,7 @@ def format_table(res: dict[str, Any]) -> str:
     floor = res.get("floor")
     lines = [
         f"fusedlars bench: {m['optimizer'].upper()} on {m['shapes']} ({m['n_tensors']} tensors, "
-        f"{m['n_params']:,} params), {m['dtype']}, device {m['device']}",
+        f"{m['n_params']:,} params), {m['dtype']}, device {m['device']}, grads {m.get('grads', 'kept')}",
         *[s["text"] for s in res.get("summary", ())],
         f"machine: {m['machine']}, {m['threads']} threads | {m['date']} | torch {m['torch']} | fusedlars {m['fusedlars']}",
         f"{m['steps']} timed steps per variant (+{m['warmup']} warmup), interleaved round-robin"
@@ -718,6 +752,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         metavar="NAMES",
         help="comma list: run only the variants whose name contains one of these (e.g. fusedlars,SGD)",
     )
+    ap.add_argument(
+        "--grads",
+        default="kept",
+        choices=sorted(GRAD_STYLES),
+        help="the loop's grads, for every variant: " + "; ".join(f"{k}: {v}" for k, v in GRAD_STYLES.items())
+        + " (default kept)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -755,4 +796,5 @@ def _run_args(args: argparse.Namespace) -> dict[str, Any]:
         time_limit=args.time_limit,
         progress=not args.no_progress and os.environ.get("FUSEDLARS_NO_PROGRESS") is None,
         only=[o.strip() for o in args.only.split(",") if o.strip()] if args.only else None,
+        grads=getattr(args, "grads", "kept"),
     )
