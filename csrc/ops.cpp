@@ -71,28 +71,37 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
       "Tensor? clip_coef, Tensor(k!)? sums, int phase, float[] hyper, int[] modes) -> ()");
   // sum of ||grad * inv_scale||^2 over the given grads, float64 0-dim
   m.def("grad_sumsq_cpu(Tensor[] grads, Tensor? inv_scale) -> Tensor");
-  // CUDA steps (csrc/cuda: one cooperative launch per bucket, or 2 launches). Same tensors as the CPU
-  // ops plus the bucket's tile table (Bucket.tiles(TILE)), the segment groups of the cooperative path
-  // and preallocated scratch (`partials` float64 [3T], `snap` float32 [2S]); lr is `lr_tensor` (a
-  // 1-element device tensor, fp32/fp64) or, when that is None, the float `lr`. path: 0 auto,
-  // 1 cooperative (error if unavailable), 2 two launches. Fake kernels: fusedlars/kernels/cuda.py.
+  // CUDA steps (csrc/cuda: one cooperative launch per bucket, or 2 launches) over the bucket's own
+  // tensors: the kernels reach them through `addresses`, the int64 [rows, S] device table of base
+  // addresses of Bucket.address_table (rows param, grad, master, then the state buffers: momentum, or
+  // exp_avg and exp_avg_sq; 0 where a segment has none). The lists declare what the step reads and
+  // writes (alias information) and are checked for device and dtype, never dereferenced: `params` the
+  // S params (written), `grads` the active segments' grads, `state` the existing masters and state
+  // buffers (written); `master`: the weights live in the fp32 masters. Then the per-segment tables,
+  // the tile table (Bucket.tiles(TILE)), the segment groups of the cooperative path and preallocated
+  // scratch (`partials` float64 [3T], `snap` float32 [2S]); lr is `lr_tensor` (a 1-element device
+  // tensor, fp32/fp64) or, when that is None, the float `lr`. path: 0 auto, 1 cooperative (error if
+  // unavailable), 2 two launches; FSDP2 split: 3 partials (writes the per-segment sums of squares into
+  // `ssq`, float64 [3, S]), 4 apply (finishes the step from the sums in `ssq`). Fake kernels:
+  // fusedlars/kernels/cuda.py.
   m.def(
-      "lars_step_cuda(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!)? momentum, "
-      "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(d!) has_state, Tensor(e!) step, "
-      "Tensor(f!) w_norm, Tensor(g!) g_norm, Tensor(h!) u_norm, Tensor(i!) trust_ratio, Tensor tile_seg, "
-      "Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, Tensor(j!) partials, "
-      "Tensor(k!) snap, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, float[] hyper, "
-      "int[] modes, int path=0) -> ()");
+      "lars_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor addresses, bool master, "
+      "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(c!) has_state, Tensor(d!) step, "
+      "Tensor(e!) w_norm, Tensor(f!) g_norm, Tensor(g!) u_norm, Tensor(h!) trust_ratio, Tensor tile_seg, "
+      "Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, Tensor(i!) partials, "
+      "Tensor(j!) snap, Tensor(k!)? ssq, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, "
+      "float[] hyper, int[] modes, int path=0) -> ()");
   m.def(
-      "lamb_step_cuda(Tensor(a!) param, Tensor grad, Tensor(b!)? master, Tensor(c!) exp_avg, "
-      "Tensor(d!) exp_avg_sq, Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(e!) has_state, "
-      "Tensor(f!) step, Tensor(g!) w_norm, Tensor(h!) g_norm, Tensor(i!) u_norm, Tensor(j!) trust_ratio, "
-      "Tensor tile_seg, Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, "
-      "Tensor(k!) partials, Tensor(l!) snap, Tensor? lr_tensor, float lr, Tensor? inv_scale, "
-      "Tensor? found_inf, Tensor? clip_coef, float[] hyper, int[] modes, int path=0) -> ()");
+      "lamb_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor addresses, bool master, "
+      "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(c!) has_state, Tensor(d!) step, "
+      "Tensor(e!) w_norm, Tensor(f!) g_norm, Tensor(g!) u_norm, Tensor(h!) trust_ratio, Tensor tile_seg, "
+      "Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, Tensor(i!) partials, "
+      "Tensor(j!) snap, Tensor(k!)? ssq, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, "
+      "Tensor? clip_coef, float[] hyper, int[] modes, int path=0) -> ()");
+  // sum over active segments of ||grad * inv_scale||^2 (grads at row 1 of `addresses`), float64 0-dim
   m.def(
-      "grad_sumsq_cuda(Tensor grad, Tensor active, Tensor tile_seg, Tensor tile_start, Tensor tile_len, "
-      "Tensor(a!) gpart, Tensor? inv_scale) -> Tensor");
+      "grad_sumsq_cuda(Tensor[] grads, Tensor addresses, Tensor active, Tensor tile_seg, Tensor tile_start, "
+      "Tensor tile_len, Tensor(a!) gpart, Tensor? inv_scale) -> Tensor");
   // CUDA build / device facts, "key=value;..." ("" without CUDA kernels): archs, coop, last_path
   m.def("cuda_info() -> str", &cuda_info);
   // the CPU kernel table in use (avx512 | avx2 | generic); a non-empty `want` switches it

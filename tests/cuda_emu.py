@@ -10,8 +10,10 @@ through the real ``fusedlars.kernels.cuda`` backend.
   ``scripts/cuda_emu_mutants.py``, builds each mutant this way).
 * :class:`EmuOps` has the signatures of ``torch.ops.fusedlars.{lars,lamb}_step_cuda`` /
   ``grad_sumsq_cuda`` / ``cuda_info`` and takes CPU tensors. It poisons the step's scratch (per-tile
-  partials, snapshots) with NaN before every launch, so a kernel that reads a partial it did not
-  write in this step shows as NaN instead of reusing last step's value.
+  partials, snapshots, the split's per-segment sums) with NaN before every launch, so a kernel that
+  reads a partial it did not write in this step shows as NaN instead of reusing last step's value.
+  The kernels reach params, grads and state through the address table (raw addresses of the CPU
+  tensors): an inactive segment's address 0 that a kernel dereferenced would crash the process.
 * :func:`install` points ``fusedlars.kernels.cuda`` at an :class:`EmuOps` and at CPU tensors, so
   ``LARS(..., backend="cuda")`` runs the whole host path of the backend (option packing, tile and
   group tables, scratch, launch path choice) and the kernels, on CPU tensors.
@@ -51,7 +53,7 @@ UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
 # launch.h Variant
 VARIANTS = {(torch.float32, False): 0, (torch.bfloat16, False): 1, (torch.bfloat16, True): 2,
             (torch.float16, False): 3, (torch.float16, True): 4}
-PATHS = {1: "cooperative", 2: "two_launch"}
+PATHS = {1: "cooperative", 2: "two_launch", 3: "partials", 4: "apply"}
 
 
 class EmulationError(RuntimeError):
@@ -128,6 +130,7 @@ class Lib:
         L.emu_grad_sumsq.argtypes = [vp, i64p]
         L.emu_why.restype = ctypes.c_char_p
         self.slots = L.emu_slots()
+        self.ints = L.emu_ints()
 
     def configure(self, *, sms: int = 4, blocks_per_sm: int = 2, coop: bool = True, seed: int = 0) -> None:
         """The emulated device: SM count, resident blocks per SM, cooperative launch support; the schedule seed."""
@@ -161,6 +164,24 @@ def _is_double(t: torch.Tensor | None) -> int:
     return int(t is not None and t.dtype == torch.float64)
 
 
+def _check_lists(params, grads, state, addresses, S: int, min_rows: int) -> torch.dtype:
+    """The checks of csrc/cuda/ops_cuda.cpp check_lists / check_common on the lists and the address table."""
+    if len(params) != S or S == 0:
+        raise RuntimeError(f"fusedlars cuda: {S} segments but {len(params)} params")
+    dt = params[0].dtype
+    if any(t.dtype != dt or t.device.type != "cpu" for t in params):
+        raise RuntimeError(f"fusedlars cuda: every param must be {dt}")
+    if len(grads) > S or any(t.dtype != dt or t.device.type != "cpu" for t in grads):
+        raise RuntimeError(f"fusedlars cuda: at most {S} grads, every one {dt}")
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in state):
+        raise RuntimeError("fusedlars cuda: master weights and state must be float32")
+    if addresses.dtype != torch.int64 or addresses.dim() != 2 or addresses.shape[1] != S or \
+            not min_rows <= addresses.shape[0] <= 5:
+        raise RuntimeError(f"fusedlars cuda: the address table must be int64 [{min_rows}..5, {S}], got "
+                           f"{addresses.dtype} {tuple(addresses.shape)}")
+    return dt
+
+
 class EmuOps:
     """Stand-in for ``torch.ops.fusedlars`` (the CUDA ops) over CPU tensors."""
 
@@ -171,7 +192,7 @@ class EmuOps:
 
     def _run(self, fn, slots: list, ints: list[int], hyper, modes, lr: float, path: int) -> None:
         t = (ctypes.c_void_p * self.lib.slots)(*[_ptr(x, f"slot {i}") for i, x in enumerate(slots)])
-        n = (ctypes.c_int64 * 8)(*ints)
+        n = (ctypes.c_int64 * self.lib.ints)(*ints)
         h = (ctypes.c_double * len(hyper))(*[float(x) for x in hyper])
         m = (ctypes.c_int64 * len(modes))(*[int(x) for x in modes])
         out = (ctypes.c_int * 3)()
@@ -187,50 +208,67 @@ class EmuOps:
             raise EmulationError(f"emulated CUDA launch failed (cudaError {out[2]}): {err or 'no emulation message'}")
         self.last = (PATHS.get(out[0], "none"), out[1])
 
-    def _common(self, param, grad, master, s0, s1, segs, tables, partials, snap, lr_tensor, inv_scale, found_inf,
-                clip_coef):
+    def _common(self, params, grads, state, addresses, master, segs, tables, partials, snap, ssq, lr_tensor,
+                inv_scale, found_inf, clip_coef, path, min_rows):
+        S = segs[0].numel()
+        dt = _check_lists(params, grads, state, addresses, S, min_rows)
+        if (path in (3, 4)) != (ssq is not None):
+            raise RuntimeError("fusedlars cuda: ssq is given exactly for path 3 (partials) and 4 (apply)")
+        if ssq is not None and (ssq.dtype != torch.float64 or ssq.numel() != 3 * S):
+            raise RuntimeError("fusedlars cuda: ssq must be float64 [3, S]")
         if self.poison:
+            # a kernel must write every partial it reads in the same step; the apply launch of the split
+            # reads the snapshots the partials launch took (not the partials) and the given sums
             partials.fill_(float("nan"))
-            snap.fill_(float("nan"))
-        variant = VARIANTS[(param.dtype, master is not None)]
-        wd_mask = segs[0]
+            if path != 4:
+                snap.fill_(float("nan"))
+            if path == 3:
+                ssq.fill_(float("nan"))
+        variant = VARIANTS[(dt, bool(master))]
         tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg = tables
-        slots = [param, grad, master, s0, s1, *segs, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
-                 partials, snap, lr_tensor, inv_scale, found_inf, clip_coef]
-        ints = [variant, tile_start.numel(), wd_mask.numel(), group_seg.numel(), _is_double(lr_tensor),
+        slots = [addresses, *segs, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap, ssq,
+                 lr_tensor, inv_scale, found_inf, clip_coef]
+        ints = [variant, tile_start.numel(), S, group_seg.numel(), addresses.shape[0], _is_double(lr_tensor),
                 _is_double(inv_scale), _is_double(found_inf), _is_double(clip_coef)]
         return slots, ints
 
-    def lars_step_cuda(self, param, grad, master, momentum, wd_mask, adapt_mask, active, has_state, step, w_norm,
-                       g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials,
-                       snap, lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
+    def lars_step_cuda(self, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step,
+                       w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
+                       partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
+        momentum = float(hyper[0]) != 0.0  # packing.lars_options: hyper[0] is the momentum
         slots, ints = self._common(
-            param, grad, master, momentum, None,
+            params, grads, state, addresses, master,
             (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
-            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, lr_tensor, inv_scale,
-            found_inf, None)
+            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, ssq, lr_tensor, inv_scale,
+            found_inf, None, path, 4 if momentum else 3)
         self._run(self.lib.L.emu_lars_step, slots, ints, hyper, modes, lr, path)
 
-    def lamb_step_cuda(self, param, grad, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, has_state, step,
+    def lamb_step_cuda(self, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step,
                        w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
-                       partials, snap, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
+                       partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
         slots, ints = self._common(
-            param, grad, master, exp_avg, exp_avg_sq,
+            params, grads, state, addresses, master,
             (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
-            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, lr_tensor, inv_scale,
-            found_inf, clip_coef)
+            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, ssq, lr_tensor, inv_scale,
+            found_inf, clip_coef, path, 5)
         self._run(self.lib.L.emu_lamb_step, slots, ints, hyper, modes, lr, path)
 
-    def grad_sumsq_cuda(self, grad, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
+    def grad_sumsq_cuda(self, grads, addresses, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
+        S = active.numel()
+        if addresses.dtype != torch.int64 or addresses.dim() != 2 or addresses.shape[1] != S or addresses.shape[0] < 2:
+            raise RuntimeError("fusedlars cuda: the address table must be int64 [rows >= 2, S]")
         if self.poison:
             gpart.fill_(float("nan"))
         out = torch.full((), float("nan"), dtype=torch.float64)
         slots = [None] * self.lib.slots
-        slots[1], slots[7], slots[14], slots[15], slots[16] = grad, active, tile_seg, tile_start, tile_len
-        slots[19], slots[21], slots[22] = gpart, out, inv_scale
+        slots[0], slots[3], slots[10], slots[11], slots[12] = addresses, active, tile_seg, tile_start, tile_len
+        slots[15], slots[17], slots[19] = gpart, out, inv_scale
         t = (ctypes.c_void_p * self.lib.slots)(*[_ptr(x, f"slot {i}") for i, x in enumerate(slots)])
-        n = (ctypes.c_int64 * 8)(VARIANTS[(grad.dtype, False)], tile_start.numel(), active.numel(), 0, 0,
-                                 _is_double(inv_scale), 0, 0)
+        dt = grads[0].dtype if grads else torch.float32
+        ints = [0] * self.lib.ints
+        ints[0], ints[1], ints[2], ints[4], ints[6] = VARIANTS[(dt, False)], tile_start.numel(), S, addresses.shape[0], \
+            _is_double(inv_scale)
+        n = (ctypes.c_int64 * self.lib.ints)(*ints)
         self.lib.reset()
         rc = self.lib.L.emu_grad_sumsq(t, n)
         err = self.lib.error_text()

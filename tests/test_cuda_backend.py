@@ -139,14 +139,14 @@ def test_grad_scaler_skip_changes_nothing(cls):
         opt.step()
     b = opt.buckets()[0]
     before = [p.detach().clone() for _, p in params]
-    snap = {k: v.clone() for k, v in b.state.items()}
+    snap = {(i, k): v.clone() for i, (_, p) in enumerate(params) for k, v in opt.state[p].items()}
     side = [x.clone() for x in (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)]
     for _, p in params:
         p.grad.fill_(float("inf"))
     opt.found_inf = torch.tensor(1.0, device=DEV)
     opt.step()
     assert all(torch.equal(x, p.detach()) for x, (_, p) in zip(before, params))
-    assert all(torch.equal(snap[k], b.state[k]) for k in snap)
+    assert all(torch.equal(v, opt.state[params[i][1]][k]) for (i, k), v in snap.items())
     assert all(torch.equal(x, y) for x, y in zip(side, (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)))
 
 
@@ -209,16 +209,22 @@ def test_opcheck(op):
     b = opt.buckets()[0]
     sc = K._scratch(b, op.upper())
     tt = sc.tiles
+    params, grads, state = K._lists(b, sc)
+    head = (params, grads, state, K._addresses(b, sc), False)
     seg = (b.wd_mask, b.adapt_mask, b.active, b.has_state, b.step, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio,
-           tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap, None, 0.01, None, None)
-    if op == "lars":
-        args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *seg, [0.9] + [0.0] * 2 + [1e-3, 0.0, 0.0,
-                float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0] * 11)
-        torch.library.opcheck(torch.ops.fusedlars.lars_step_cuda.default, args, test_utils=("test_schema", "test_faketensor"))
-    else:
-        args = (b.flat_param, b.flat_grad, None, b.state["exp_avg"], b.state["exp_avg_sq"], *seg, None,
-                [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, 0.0, 0.0], [0] * 6)
-        torch.library.opcheck(torch.ops.fusedlars.lamb_step_cuda.default, args, test_utils=("test_schema", "test_faketensor"))
+           tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap)
+    tail = (None, 0.01, None, None)
+    for path, ssq in ((0, None), (3, sc.ssq), (4, sc.ssq.clone())):
+        if op == "lars":
+            args = (*head, *seg, ssq, *tail, [0.9] + [0.0] * 2 + [1e-3, 0.0, 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0,
+                    0.0, 0.0], [0] * 11, path)
+            torch.library.opcheck(torch.ops.fusedlars.lars_step_cuda.default, args,
+                                  test_utils=("test_schema", "test_faketensor"))
+        else:
+            args = (*head, *seg, ssq, *tail, None, [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, 0.0, 0.0],
+                    [0] * 6, path)
+            torch.library.opcheck(torch.ops.fusedlars.lamb_step_cuda.default, args,
+                                  test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)

@@ -34,20 +34,20 @@ EXPECT = os.environ.get("FUSEDLARS_EXPECT_CUDA_BUILD") == "1"
 def _cpu_args(kind: str):
     S, T = 2, 2
     f = lambda n: torch.zeros(n)  # noqa: E731
-    param = torch.zeros(64)
+    params = [torch.zeros(32), torch.zeros(32)]
     common = dict(
-        wd_mask=f(S), adapt_mask=f(S), active=torch.ones(S), has_state=f(S), step=f(S), w_norm=f(S), g_norm=f(S),
-        u_norm=f(S), trust_ratio=f(S), tile_seg=torch.tensor([0, 1], dtype=torch.int32),
-        tile_start=torch.tensor([0, 32]), tile_len=torch.tensor([3, 5], dtype=torch.int32),
+        params=params, grads=[torch.zeros(32)], addresses=torch.zeros((5 if kind == "lamb" else 4, S), dtype=torch.int64),
+        master=False, wd_mask=f(S), adapt_mask=f(S), active=torch.ones(S), has_state=f(S), step=f(S), w_norm=f(S),
+        g_norm=f(S), u_norm=f(S), trust_ratio=f(S), tile_seg=torch.tensor([0, 1], dtype=torch.int32),
+        tile_start=torch.tensor([0, 0]), tile_len=torch.tensor([3, 5], dtype=torch.int32),
         seg_tile_ptr=torch.tensor([0, 1, 2]), group_seg=torch.tensor([0, 2]),
-        partials=torch.zeros(3 * T, dtype=torch.float64), snap=f(2 * S), lr_tensor=None, lr=0.1, inv_scale=None,
-        found_inf=None,
+        partials=torch.zeros(3 * T, dtype=torch.float64), snap=f(2 * S), ssq=None, lr_tensor=None, lr=0.1,
+        inv_scale=None, found_inf=None,
     )  # fmt: skip
     if kind == "lars":
-        return torch.ops.fusedlars.lars_step_cuda, dict(param=param, grad=torch.zeros(64), master=None, momentum=f(64),
-                                                         **common, hyper=[0.9] + [0.0] * 13, modes=[0] * 11)
-    return torch.ops.fusedlars.lamb_step_cuda, dict(param=param, grad=torch.zeros(64), master=None, exp_avg=f(64),
-                                                     exp_avg_sq=f(64), **common, clip_coef=None, hyper=[0.0] * 11,
+        return torch.ops.fusedlars.lars_step_cuda, dict(state=[f(32), f(32)], **common, hyper=[0.9] + [0.0] * 13,
+                                                         modes=[0] * 11)
+    return torch.ops.fusedlars.lamb_step_cuda, dict(state=[f(32)] * 4, **common, clip_coef=None, hyper=[0.0] * 11,
                                                      modes=[0] * 6)
 
 
@@ -61,7 +61,7 @@ def test_cuda_ops_registered():
     for op in ("lars_step_cuda", "lamb_step_cuda", "grad_sumsq_cuda", "cuda_info"):
         assert hasattr(torch.ops.fusedlars, op), op
     schema = str(torch.ops.fusedlars.lars_step_cuda.default._schema)
-    assert "Tensor(a!) param" in schema and "int path=0" in schema
+    assert "Tensor(a!)[] params" in schema and "Tensor addresses" in schema and "int path=0" in schema
 
 
 @pytest.mark.parametrize("kind", ["lars", "lamb"])
@@ -79,8 +79,9 @@ def test_cuda_ops_reject_cpu_tensors_clearly(kind):
 def test_grad_sumsq_cuda_rejects_cpu_tensors():
     with pytest.raises(RuntimeError, match="CUDA tensors only|has no CUDA kernels"):
         torch.ops.fusedlars.grad_sumsq_cuda(
-            torch.zeros(8), torch.ones(1), torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int64),
-            torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.float64), None,
+            [torch.zeros(8)], torch.zeros((2, 1), dtype=torch.int64), torch.ones(1), torch.zeros(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.float64),
+            None,
         )
 
 

@@ -1,10 +1,12 @@
 """csrc/cuda's kernels and host launchers executed on the CPU (CUDA-on-CPU emulation, tests/cuda_emu.py)
 on what only an execution shows: every schedule of the emulation, both launch paths at several grid
-sizes and segment groupings (bitwise equal to each other), unaligned base pointers, pads that must
-never be read or written, scratch that must be rewritten every step, the launch budget, and the
-error when the cooperative path is asked for but missing. The numerical case matrix against the
-float64 reference (presets, dtypes and masters, zero / inf / nan, masks, inactive layers, GradScaler
-skip) is tests/test_cuda_backend.py, which runs under the emulation too where there is no GPU.
+sizes and segment groupings (bitwise equal to each other), params and grads at arbitrary element
+offsets of larger buffers (bitwise the results of aligned ones; the memory around them never read or
+written), inactive segments never dereferenced, scratch that must be rewritten every step, the FSDP2
+split (partials + apply bitwise the step), the launch budget, and the error when the cooperative
+path is asked for but missing. The numerical case matrix against the float64 reference (presets,
+dtypes and masters, zero / inf / nan, masks, inactive layers, GradScaler skip) is
+tests/test_cuda_backend.py, which runs under the emulation too where there is no GPU.
 
 All of it runs under UBSan (a misaligned 128-bit access or other undefined behaviour aborts).
 """
@@ -79,19 +81,25 @@ def test_low_precision_matches_reference(emu, config, dtype):
     assert_backend_matches_reference(cls, "cuda", SHAPES, dtype=dt, master=master, steps=3, **kw)
 
 
-def _run(cls, kw, dtype=torch.float32, master=False, steps=3):
-    params, opt = run_named(cls, "cuda", SHAPES, dtype=dtype, master=master, steps=steps, **kw)
+def _outputs(params, opt):
+    """Everything a step writes: params, per-layer outputs, state and masters (opt.state), in a fixed order."""
     b = opt.buckets()[0]
-    out = [p.detach().clone() for _, p in params] + [b.trust_ratio.clone(), b.w_norm.clone(), b.u_norm.clone()]
-    out += [v.clone() for _, v in sorted(b.state.items())]
-    if b.flat_master is not None:
-        out.append(b.flat_master.clone())
+    out = [p.detach().clone() for _, p in params] + [b.trust_ratio.clone(), b.w_norm.clone(), b.u_norm.clone(),
+                                                     b.g_norm.clone(), b.step.clone(), b.has_state.clone()]
+    for _, p in params:
+        out += [v.clone() for _, v in sorted(opt.state.get(p, {}).items()) if isinstance(v, torch.Tensor)]
     return out
 
 
+def _run(cls, kw, dtype=torch.float32, master=False, steps=3, **more):
+    return _outputs(*run_named(cls, "cuda", SHAPES, dtype=dtype, master=master, steps=steps, **kw, **more))
+
+
 def _bitwise(a, b):
-    return all(torch.equal(x.view(torch.uint8) if x.numel() else x, y.view(torch.uint8) if y.numel() else y)
-               for x, y in zip(a, b, strict=True))
+    def raw(x):
+        return x.reshape(-1).view(torch.uint8) if x.numel() else x
+
+    return all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in zip(a, b, strict=True))
 
 
 # (path, device, L2 bytes, seed): both paths, cooperative grids of 1, 6 and every tile, one segment group
@@ -120,6 +128,89 @@ def test_bitwise_equal_across_paths_grids_groups_and_schedules(emu, config, dtyp
         assert _bitwise(runs[first_key], out), f"{key} differs from {first_key}"
 
 
+def _split(mod, kind, seen=None, tweak=None):
+    """A ``<kind>_step`` that runs ``<kind>_partials`` then ``<kind>_apply`` on a copy of the sums (FSDP2's
+    all_reduce in between), recording them in ``seen`` and changing them with ``tweak``."""
+    partials, apply = getattr(mod, f"{kind}_partials"), getattr(mod, f"{kind}_apply")
+
+    def step(b, cfg):
+        ssq, ctx = partials(b, cfg)
+        ssq = ssq.clone()
+        if seen is not None:
+            seen.append((ssq.clone(), b.active.clone()))
+        apply(b, cfg, tweak(ssq) if tweak else ssq, ctx)
+
+    return step
+
+
+def _some_grads_missing(ps, t):
+    gs = make_named_grads(ps, t)
+    return [None if n == "bias" or (n == "c" and t == 1) else g for (n, _), g in zip(ps, gs, strict=True)]
+
+
+@pytest.mark.parametrize(("config", "dtype"), [("lars", "fp32"), ("lars-nesterov-larc", "bf16+master"),
+                                               ("tvlars", "fp16"), ("lamb", "fp32"), ("lamb-clip", "bf16+master")])
+def test_partials_then_apply_is_the_step_bitwise(emu, emu_lib, monkeypatch, config, dtype):
+    """FSDP2 split (NOTE [Partials and apply], cuda.py): partials (launch 1 + the per-segment reduction)
+    then apply (launch 2) from the unchanged sums give bitwise the step's results; the sums follow the
+    torch backend's rows (LARS [w², g², (g+λw)²], LAMB [w_d², u², g²]: their square roots are the
+    reported norms) and are 0 for segments without a grad. Launches: 2 for partials, 1 for apply."""
+    from fusedlars.kernels import cuda as K
+
+    cls, kw = CONFIGS[config]
+    dt, master = DTYPES[dtype]
+    kind = "lamb" if cls is fusedlars.LAMB else "lars"
+    ops = emu(seed=2)
+    want = _run(cls, kw, dt, master, grad_fn=_some_grads_missing)
+    ops = emu(seed=2)
+    paths = []
+    for name in ("lars_step_cuda", "lamb_step_cuda"):
+        hook(ops, name, lambda args: None, lambda args, _: paths.append((ops.last[0], emu_lib.counters()["launches"])))
+    seen = []
+    monkeypatch.setattr(K, f"{kind}_step", _split(K, kind, seen))
+    params, opt = run_named(cls, "cuda", SHAPES, dtype=dt, master=master, steps=3, grad_fn=_some_grads_missing, **kw)
+    assert paths == [("partials", 2), ("apply", 1)] * 3  # launch 1 + the per-segment sums; launch 2
+    assert _bitwise(want, _outputs(params, opt))
+    b = opt.buckets()[0]
+    ssq, active = seen[-1]
+    assert ssq.dtype == torch.float64 and ssq.shape == (3, b.num_segments)
+    assert not ssq[:, active == 0].any() and (active == 0).sum() == 1  # "bias"
+    rows = (b.w_norm, b.g_norm, b.u_norm) if kind == "lars" else (b.w_norm, b.u_norm, b.g_norm)
+    for k, norm in enumerate(rows):
+        assert torch.equal(ssq[k].sqrt().float()[active != 0], norm[active != 0]), k
+
+
+@pytest.mark.parametrize("config", ["lars", "lars-nesterov-larc", "lamb", "lamb-clip"])
+def test_apply_finishes_from_the_given_sums(emu, monkeypatch, config):
+    """Sums changed between partials and apply, as an all_reduce over ranks changes them (here: the
+    second row x3 and the first x2, as if other ranks held more of each layer): the CUDA backend's apply
+    matches the torch backend's apply from the same sums (same rows, same math)."""
+    from fusedlars.kernels import cuda as K
+    from fusedlars.kernels import torch as T
+    from fusedlars.selftest import compare_runs
+
+    cls, kw = CONFIGS[config]
+    kind = "lamb" if cls is fusedlars.LAMB else "lars"
+
+    def tweak(ssq):
+        ssq[0] *= 2.0
+        ssq[1] *= 3.0
+        return ssq
+
+    emu(seed=1)
+    monkeypatch.setattr(K, f"{kind}_step", _split(K, kind, tweak=tweak))
+    monkeypatch.setattr(T, f"{kind}_step", _split(T, kind, tweak=tweak))
+    pa, oa = run_named(cls, "cuda", SHAPES, steps=3, grad_fn=_some_grads_missing, **kw)
+    pb, ob = run_named(cls, "torch", SHAPES, steps=3, grad_fn=_some_grads_missing, **kw)
+    bad = [c for c in compare_runs("cuda", pa, oa, pb, ob, torch.float32) if not c.ok]
+    assert not bad, "\n".join(map(str, bad))
+    # and the change mattered: another trust ratio than without it
+    monkeypatch.undo()
+    emu(seed=1)
+    _, oc = run_named(cls, "cuda", SHAPES, steps=3, grad_fn=_some_grads_missing, **kw)
+    assert not torch.equal(oa.buckets()[0].trust_ratio, oc.buckets()[0].trust_ratio)
+
+
 def test_several_groups_really_run(emu):
     """The small-L2 setting of the test above does cut the bucket into groups (one grid sync each)."""
     from fusedlars.kernels import cuda as K
@@ -127,43 +218,6 @@ def test_several_groups_really_run(emu):
     emu(l2=64 << 10)
     _, opt = run_named(fusedlars.LARS, "cuda", SHAPES, steps=1)
     assert K._scratch(opt.buckets()[0], "LARS").group_seg.numel() - 1 >= 3
-
-
-STATE = {"lars_step_cuda": ("momentum",), "lamb_step_cuda": ("exp_avg", "exp_avg_sq")}
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16+master", "fp16"])
-@pytest.mark.parametrize("config", ["lars", "lamb-clip"])
-def test_unaligned_base_pointers(emu, config, dtype):
-    """Buffers whose base is not 16-byte aligned take the element-by-element path (the 128-bit one would
-    stop under UBSan) and still match the reference."""
-    cls, kw = CONFIGS[config]
-    dt, master = DTYPES[dtype]
-    ops = emu()
-    op = "lars_step_cuda" if cls is not fusedlars.LAMB else "lamb_step_cuda"
-    moved = ("param", "grad", "master") + STATE[op]
-    seen = []
-
-    def before(args):
-        orig = {}
-        for k in moved:
-            t = args[k]
-            if t is None:
-                continue
-            v = torch.empty(t.numel() + 16, dtype=t.dtype)[1 : 1 + t.numel()]
-            v.copy_(t)
-            assert v.data_ptr() % 16 != 0
-            orig[k], args[k] = t, v
-        seen.append(True)
-        return orig
-
-    def after(args, orig):
-        for k, t in orig.items():
-            t.copy_(args[k])
-
-    hook(ops, op, before, after)
-    assert_backend_matches_reference(cls, "cuda", SHAPES, dtype=dt, master=master, steps=3, **kw)
-    assert len(seen) == 3
 
 
 def hook(ops, name, before, after):
@@ -185,43 +239,126 @@ def hook(ops, name, before, after):
     setattr(ops, name, wrapped)
 
 
-def _data_mask(args) -> torch.Tensor:
-    n = args["param"].numel()
-    mask = torch.zeros(n, dtype=torch.bool)
-    for st, ln in zip(args["tile_start"].tolist(), args["tile_len"].tolist(), strict=True):
-        mask[st : st + ln] = True
-    return mask
+GUARD = 40  # elements of NaN before and after every tensor carved out of a shared buffer
 
 
-@pytest.mark.parametrize("config", ["lars", "lamb", "lamb-clip"])
-@pytest.mark.parametrize("path", ["auto", "two_launch"])
-def test_pads_are_never_read_or_written(emu, config, path):
-    """NaN in every pad of every flat buffer before each step: the results match the reference (no pad
-    was read into a norm or an update) and the pads are still NaN after it (none was written)."""
+def _carve(tensors, dtype, offset_of):
+    """Copies of ``tensors`` as views into ONE NaN-filled buffer (as DDP's bucket views, FSDP2 shards):
+    tensor i starts ``offset_of(i)`` elements after a 64-byte boundary, with GUARD NaNs around it.
+    Returns (views, buffer, mask of the guard elements)."""
+    per = 64 // torch.empty((), dtype=dtype).element_size()
+    starts, pos = [], 0
+    for i, t in enumerate(tensors):
+        pos = -(-(pos + GUARD) // per) * per + offset_of(i)
+        starts.append(pos)
+        pos += t.numel()
+    buf = torch.full((pos + GUARD,), float("nan"), dtype=dtype)
+    guard = torch.ones(buf.numel(), dtype=torch.bool)
+    views = []
+    for t, st in zip(tensors, starts, strict=True):
+        v = buf[st : st + t.numel()].view(t.shape)
+        v.copy_(t)
+        guard[st : st + t.numel()] = False
+        views.append(v)
+    return views, buf, guard
+
+
+def _run_views(cls, kw, dtype, master, steps, p_off, g_off, grad_fn=None):
+    """run_named with every param and every grad a view at the given element offsets of one shared
+    NaN-guarded buffer (offsets None: separate, aligned tensors). Returns (outputs, guard checks)."""
+    from fusedlars.selftest import make_named_params
+
+    named = make_named_params(SHAPES, dtype)
+    if p_off is None:
+        params = [(n, torch.nn.Parameter(t.detach().clone())) for n, t in named]
+        pbuf = None
+    else:
+        views, pbuf, pguard = _carve([t.detach() for _, t in named], dtype, p_off)
+        params = [(n, torch.nn.Parameter(v)) for (n, _), v in zip(named, views, strict=True)]
+    opt = cls(params, lr=kw.pop("lr", 0.1), backend="cuda", master_weights=master, **kw)
+    guards = []
+    for t in range(steps):
+        grads = grad_fn(params, t) if grad_fn else make_named_grads(params, t)
+        if g_off is not None:
+            live = [g for g in grads if g is not None]
+            views, gbuf, gguard = _carve(live, dtype, g_off)
+            it = iter(views)
+            grads = [None if g is None else next(it) for g in grads]
+            guards.append((gbuf, gguard))
+        for (_, p), g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.param_groups[0]["lr"] = opt.param_groups[0]["lr"] * (1 + 0.1 * t)
+        opt.step()
+    if pbuf is not None:
+        guards.append((pbuf, pguard))
+    return _outputs(params, opt), all(bool(buf[m].isnan().all()) for buf, m in guards)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16+master", "fp16"])
+@pytest.mark.parametrize("config", ["lars", "lars-nesterov-larc", "lamb-clip"])
+def test_unaligned_bases_are_bitwise_aligned_results(emu, config, dtype):
+    """Params and grads that are views at arbitrary element offsets of larger buffers (DDP bucket views,
+    FSDP2 shards): segments whose bases are all 16-byte aligned take 128-bit access, the others element
+    by element (a 128-bit access there would stop under UBSan), and every result is bitwise the one of
+    separate, aligned tensors (the same VEC-element groups per thread either way, NOTE [Vector
+    access]). The NaN around every view is never read (it would show in a norm) nor written."""
     cls, kw = CONFIGS[config]
-    ops = emu(path=path, seed=1)
-    op = "lars_step_cuda" if cls is not fusedlars.LAMB else "lamb_step_cuda"
-    bufs = ("param", "grad", "master") + STATE[op]
-    checked = []
+    dt, master = DTYPES[dtype]
+    emu(seed=len(config) % 4)
+    want, _ = _run_views(cls, dict(kw), dt, master, 3, None, None)
+    # every param at an odd offset; the grads of some segments aligned (all-aligned segments: 128-bit path)
+    cases = [(lambda i: 1 + 2 * (i % 3), lambda i: 3), (lambda i: 0 if i % 2 else 5, lambda i: 0 if i % 4 < 2 else 1)]
+    for p_off, g_off in cases:
+        got, guards_ok = _run_views(cls, dict(kw), dt, master, 3, p_off, g_off)
+        assert guards_ok, "a guard element next to a view was written"
+        assert _bitwise(want, got)
+
+
+def test_inactive_segments_are_never_dereferenced(emu):
+    """A segment without a grad has address 0 in the grad row (and in every row before its first grad;
+    a kernel that dereferenced it would crash the process). Stronger: point every row of the inactive
+    segments at poison (all bytes 0xFF: NaN in every float format): the results still match the
+    reference (nothing of them was read into a norm or an update) and the poison is intact (nothing
+    written), on both launch paths and in LAMB's global gradient norm."""
+    poisons = []
+
+    def poison() -> int:
+        buf = torch.full((300000,), -1, dtype=torch.int16)
+        poisons.append(buf)
+        return buf.data_ptr() + 64  # 16-byte aligned: a 128-bit access would not stop either
 
     def before(args):
-        pad = ~_data_mask(args)
-        assert pad.any()
-        for k in bufs:
-            if args[k] is not None:
-                args[k][pad] = float("nan")
+        addr = args["addresses"].clone()
+        inactive = (args["active"] == 0).nonzero().flatten().tolist()
+        for s in inactive:
+            for r in range(addr.shape[0]):
+                addr[r, s] = poison()
+        args["addresses"] = addr
+        return len(inactive)
 
-    def after(args, _):
-        pad = ~_data_mask(args)
-        for k in bufs:
-            if args[k] is not None:
-                assert args[k][pad].isnan().all(), f"{k}: a pad was written"
-                args[k][pad] = 0  # the bucket's invariant again (e.g. for the global grad norm)
-        checked.append(True)
+    def grads(ps, t):
+        gs = make_named_grads(ps, t)
+        return [None if n in ("d", "bias") or (n == "c" and t == 1) else g for (n, _), g in zip(ps, gs, strict=True)]
 
-    hook(ops, op, before, after)
-    assert_backend_matches_reference(cls, "cuda", SHAPES, steps=3, **kw)
-    assert len(checked) == 3
+    seen = []
+    for cls, kw in (CONFIGS["lars"], CONFIGS["lamb-clip"]):
+        for path in ("auto", "two_launch"):
+            ops = emu(seed=3, path=path)
+            for name in ("lars_step_cuda", "lamb_step_cuda"):
+                hook(ops, name, before, lambda args, n: seen.append(n))
+            grad_sumsq = ops.grad_sumsq_cuda
+
+            def sumsq(grads, addresses, active, *rest, _f=grad_sumsq):
+                addr = addresses.clone()
+                for s in (active == 0).nonzero().flatten().tolist():
+                    addr[1, s] = poison()
+                seen.append(-1)
+                return _f(grads, addr, active, *rest)
+
+            ops.grad_sumsq_cuda = sumsq
+            assert_backend_matches_reference(cls, "cuda", SHAPES, steps=3, grad_fn=grads, **kw)
+    assert len(seen) == 2 * 3 + 2 * 6 and min(n for n in seen if n >= 0) >= 2  # "d", "bias" never have a grad
+    assert poisons and all(bool((b == -1).all()) for b in poisons)
 
 
 def test_scratch_is_rewritten_every_step(emu):
@@ -285,46 +422,33 @@ def test_cooperative_path_missing(emu):
 
 
 def test_found_inf_skips_the_launch_entirely(emu):
-    """GradScaler's found_inf: nothing changes, including the reported norms and step counters, on both paths."""
-    for path in ("auto", "two_launch"):
-        emu(path=path)
+    """GradScaler's found_inf: nothing changes, including the reported norms and step counters, on both
+    paths and through the FSDP2 split (whose sums are then all zero)."""
+    from fusedlars.kernels import cuda as K
+
+    for path in ("auto", "two_launch", "split"):
+        emu(path="two_launch" if path == "split" else path)
         params, opt = run_named(fusedlars.LAMB, "cuda", SHAPES, steps=2, lr=1e-2)
-        b = opt.buckets()[0]
-        before = [t.clone() for t in (b.flat_param, b.step, b.has_state, b.w_norm, b.trust_ratio, *b.state.values())]
+        before = _outputs(params, opt)
         for (_, p), g in zip(params, make_named_grads(params, 5), strict=True):
             p.grad = g.fill_(float("inf"))
         opt.found_inf = torch.tensor(1.0)
         opt.grad_scale = torch.tensor(2.0)
-        opt.step()
-        after = [b.flat_param, b.step, b.has_state, b.w_norm, b.trust_ratio, *b.state.values()]
-        assert _bitwise(before, after), path
+        if path == "split":
+            sums = []
 
+            def step(b, cfg):
+                ssq, ctx = K.lamb_partials(b, cfg)
+                sums.append(ssq.clone())
+                K.lamb_apply(b, cfg, ssq, ctx)
 
-def test_first_step_ignores_what_the_buffer_holds(emu):
-    """A segment without state (first step, or first grad) must not take anything from its momentum
-    buffer: finite garbage there changes nothing (the kernel multiplies it by 0; NaN would not be
-    ignored by that, and a bucket's new state is zero-filled)."""
-    ops = emu(seed=0)
-    calls = []
-
-    def before(args):
-        fresh = args["has_state"] == 0
-        starts, numels = args["tile_start"], args["tile_len"]
-        for t in range(starts.numel()):
-            if fresh[args["tile_seg"][t]]:
-                st, ln = int(starts[t]), int(numels[t])
-                args["momentum"][st : st + ln] = 1e3
-        calls.append(int(fresh.sum()))
-
-    hook(ops, "lars_step_cuda", before, lambda args, ctx: None)
-
-    def grads(ps, t):  # "fc.weight" gets its first grad at step 1, "bias" at step 2
-        gs = make_named_grads(ps, t)
-        return [None if (n == "fc.weight" and t < 1) or (n == "bias" and t < 2) else g
-                for (n, _), g in zip(ps, gs, strict=True)]
-
-    assert_backend_matches_reference(fusedlars.LARS, "cuda", SHAPES, steps=3, grad_fn=grads, weight_decay=1e-3)
-    assert calls == [len(SHAPES), 2, 1], calls  # step 1: fc.weight (first grad) and bias (none yet)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(K, "lamb_step", step)
+                opt.step()
+            assert len(sums) == 1 and not sums[0].any()
+        else:
+            opt.step()
+        assert _bitwise(before, _outputs(params, opt)), path
 
 
 @pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)

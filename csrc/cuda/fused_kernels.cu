@@ -1,12 +1,14 @@
-// Fused CUDA LARS / TVLARS / LAMB steps over a flat bucket. Math: csrc/lars_math.h (shared with the
-// CPU kernels); spec: fusedlars/kernels/reference.py. Host interface: launch.h (no torch here).
+// Fused CUDA LARS / TVLARS / LAMB steps over a bucket: segments (parameter tensors) reached through a
+// per-segment table of base addresses (launch.h Addr: the user's params and grads, our state and
+// masters), cut into tiles of kTileElems elements of one segment each. Math: csrc/lars_math.h (shared
+// with the CPU kernels); spec: fusedlars/kernels/reference.py. Host interface: launch.h (no torch here).
 //
 // One step of a bucket is ONE cooperative launch of a persistent grid (a few blocks per SM):
 //
 //   for each group of segments (consecutive segments whose pass-1 bytes fit in about half the L2,
 //   chosen by fusedlars/kernels/cuda.py; one group when the bucket fits):
 //     phase 1  each block takes a contiguous range of the group's tiles and writes per-tile partial
-//              sums of squares (LARS: w^2, g^2, (g+lam*w)^2; LAMB: w_d^2, g^2, u^2 after writing the
+//              sums of squares (LARS: w^2, g^2, (g+lam*w)^2; LAMB: w_d^2, u^2, g^2 after writing the
 //              new moments) into the preallocated Plan::part; it also snapshots step / has_state of
 //              a strided share of the group's segments into Plan::snap;
 //     grid.sync()
@@ -22,14 +24,30 @@
 // any grid size (a tile's partial belongs to one block; a segment's reduction order depends only on
 // kThreads).
 //
+// FSDP2 split (path kPathPartials, then kPathApply; fusedlars/kernels/cuda.py lars_partials / apply):
+// phase 1 plus segment_reduce, which writes each segment's sums (the same fixed-order reduction as
+// phase 2's) into Plan::ssq_out; the caller all-reduces them over the ranks; then phase 2 alone,
+// reading the sums from Plan::ssq_in instead of reducing partials. With unreduced sums this is
+// bitwise the two-launch step.
+//
 // NOTE: [Skips] found_inf != 0 (read on the device) makes every block return before touching
 // anything, including has_state / step. Segments with active == 0 are skipped by every phase.
 //
-// NOTE: [Vector access] Segments start on 64-byte boundaries (buckets.py), tiles on multiples of
-// kTileElems, so a tile whose start is a multiple of VEC = 16 / sizeof(param) elements is accessed
-// with 128-bit loads and stores (2 x 128 bit for the fp32 state of a 16-bit param); its last
-// len % VEC elements, and every tile of a bucket with an unaligned base pointer, go element by element.
-// Offsets are int64 (buckets above 2^31 elements); a tile's length fits an int.
+// NOTE: [Vector access] Params and grads are the user's tensors: a segment's base addresses (param,
+// grad, master, state; launch.h Addr) can sit at any element offset (DDP bucket views, FSDP2 shards).
+// Each block decides per segment, from the addresses themselves: when every base the kernel touches
+// is 16-byte aligned, groups of VEC = 16 / sizeof(param) elements are accessed with 128-bit loads and
+// stores (2 x 128 bit for the fp32 state of a 16-bit param), else element by element. Both ways run
+// the SAME groups of VEC elements per thread, in the same order, through the same math (for_tile):
+// only the width of the loads and stores differs, so the per-thread fp32 partial sums, and every
+// result, are bitwise identical for aligned and unaligned tensors. Tiles start at multiples of
+// kTileElems inside their segment, so a tile of an aligned segment is aligned too. A tile's last
+// len % VEC elements go element by element on both ways. Offsets are int64 (segments above 2^31
+// elements); a tile's length fits an int.
+//
+// NOTE: [Inactive segments] A segment without a grad this step has address 0 in the grad row (and
+// maybe in every row: no state yet). Every loop checks active[s] before it builds the segment's
+// pointers (Mem), so nothing of an inactive segment is ever dereferenced.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -73,11 +91,13 @@ struct Cvt<__half> {
   static __device__ __forceinline__ __half out(float x) { return __float2half_rn(x); }
 };
 
-// M elements at p (16-byte aligned when M > 1, M * sizeof(T) a multiple of 16) as fp32.
-template <int M, class T>
+// M elements at p as fp32: with V (p 16-byte aligned, M * sizeof(T) a multiple of 16) as 128-bit
+// loads, else element by element. Either way x[j] = p[j].
+template <int M, bool V, class T>
 __device__ __forceinline__ void vload(const T* p, float (&x)[M]) {
-  if constexpr (M == 1) {
-    x[0] = Cvt<T>::in(p[0]);
+  if constexpr (!V) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) x[j] = Cvt<T>::in(p[j]);
   } else {
     static_assert((M * sizeof(T)) % 16 == 0, "vector access is 128-bit");
     constexpr int E = 16 / sizeof(T);
@@ -91,10 +111,11 @@ __device__ __forceinline__ void vload(const T* p, float (&x)[M]) {
   }
 }
 
-template <int M, class T>
+template <int M, bool V, class T>
 __device__ __forceinline__ void vstore(T* p, const float (&x)[M]) {
-  if constexpr (M == 1) {
-    p[0] = Cvt<T>::out(x[0]);
+  if constexpr (!V) {
+#pragma unroll
+    for (int j = 0; j < M; ++j) p[j] = Cvt<T>::out(x[j]);
   } else {
     constexpr int E = 16 / sizeof(T);
 #pragma unroll
@@ -108,7 +129,12 @@ __device__ __forceinline__ void vstore(T* p, const float (&x)[M]) {
   }
 }
 
-// The flat buffers of a variant: PT param/grad type; MASTER: weights live in the fp32 master copy.
+__device__ __forceinline__ int64_t base_of(const Addr& b, int row, int64_t s) {
+  return row < b.rows ? b.base[row * b.num_segs + s] : 0;
+}
+
+// Segment s's buffers (NOTE [Inactive segments]: only for an active s). PT param/grad type; MASTER:
+// the weights live in the fp32 master copy. vec: every base it uses is 16-byte aligned.
 template <class PT, bool MASTER>
 struct Mem {
   PT* p;
@@ -116,30 +142,43 @@ struct Mem {
   const PT* g;
   float* s0;
   float* s1;
-  __device__ explicit Mem(const Bufs& b)
-      : p(static_cast<PT*>(b.param)), m(b.master), g(static_cast<const PT*>(b.grad)), s0(b.s0), s1(b.s1) {}
-  template <int M>
-  __device__ __forceinline__ void load_w(int64_t i, float (&w)[M]) const {
-    if constexpr (MASTER) vload<M>(m + i, w);
-    else vload<M>(p + i, w);
+  bool vec;
+  Mem() = default;
+  __device__ Mem(const Addr& b, int64_t s) {
+    const int64_t bp = base_of(b, kRowParam, s), bg = base_of(b, kRowGrad, s);
+    const int64_t bm = MASTER ? base_of(b, kRowMaster, s) : 0;
+    const int64_t b0 = base_of(b, kRowS0, s), b1 = base_of(b, kRowS1, s);
+    p = reinterpret_cast<PT*>(bp);
+    m = reinterpret_cast<float*>(bm);
+    g = reinterpret_cast<const PT*>(bg);
+    s0 = reinterpret_cast<float*>(b0);
+    s1 = reinterpret_cast<float*>(b1);
+    vec = ((bp | bg | bm | b0 | b1) & 15) == 0;  // NOTE [Vector access]
   }
-  template <int M>
+  template <int M, bool V>
+  __device__ __forceinline__ void load_w(int64_t i, float (&w)[M]) const {
+    if constexpr (MASTER) vload<M, V>(m + i, w);
+    else vload<M, V>(p + i, w);
+  }
+  template <int M, bool V>
   __device__ __forceinline__ void store_w(int64_t i, const float (&w)[M]) const {
-    if constexpr (MASTER) vstore<M>(m + i, w);
-    vstore<M>(p + i, w);
+    if constexpr (MASTER) vstore<M, V>(m + i, w);
+    vstore<M, V>(p + i, w);
   }
 };
 
-// Runs f.template run<M>(i) over the tile [st, st + len): 128-bit groups of VEC, then the tail.
+// Runs f.template run<M, V>(i) over the tile [st, st + len) of a segment: thread k takes the groups
+// of VEC elements k, k + kThreads, ... (128-bit access when vec, element by element otherwise: the
+// same groups in the same order, NOTE [Vector access]), then the tail element by element.
 template <int VEC, class F>
-__device__ __forceinline__ void for_tile(int64_t st, int len, bool vec_ok, F& f) {
-  int done = 0;
-  if (vec_ok && (st % VEC) == 0) {
-    const int nv = len / VEC;
-    for (int v = threadIdx.x; v < nv; v += kThreads) f.template run<VEC>(st + static_cast<int64_t>(v) * VEC);
-    done = nv * VEC;
+__device__ __forceinline__ void for_tile(int64_t st, int len, bool vec, F& f) {
+  const int nv = len / VEC;
+  if (vec && (st % VEC) == 0) {
+    for (int v = threadIdx.x; v < nv; v += kThreads) f.template run<VEC, true>(st + static_cast<int64_t>(v) * VEC);
+  } else {
+    for (int v = threadIdx.x; v < nv; v += kThreads) f.template run<VEC, false>(st + static_cast<int64_t>(v) * VEC);
   }
-  for (int i = done + threadIdx.x; i < len; i += kThreads) f.template run<1>(st + i);
+  for (int i = nv * VEC + threadIdx.x; i < len; i += kThreads) f.template run<1, false>(st + i);
 }
 
 // Sum of N doubles over the block, the same value in every thread, in a fixed order: warp shuffle
@@ -176,6 +215,17 @@ __device__ __forceinline__ void segment_sums(const Plan& p, int64_t s, double (&
     ssq[2] += p.part[3 * t + 2];
   }
   block_sum<3>(ssq);
+}
+
+// The sums a segment's trust ratio is computed from: its partials' (segment_sums), or on the apply
+// launch of the FSDP2 split the given ones (Plan::ssq_in, already summed over the ranks).
+__device__ __forceinline__ void step_sums(const Plan& p, int64_t s, double (&ssq)[3]) {
+  if (p.ssq_in) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) ssq[k] = p.ssq_in[k * p.num_segs + s];
+  } else {
+    segment_sums(p, s, ssq);
+  }
 }
 
 // Tile t's three partial sums (this block's per-thread sums x): reduced over the block, stored by
@@ -244,11 +294,11 @@ struct LarsSumsq {
   Mem<PT, MASTER> mem;
   float gscale, lam;
   float sw = 0.f, sg = 0.f, su = 0.f;
-  template <int M>
+  template <int M, bool V>
   __device__ __forceinline__ void run(int64_t i) {
     float w[M], g[M];
-    mem.template load_w<M>(i, w);
-    vload<M>(mem.g + i, g);
+    mem.template load_w<M, V>(i, w);
+    vload<M, V>(mem.g + i, g);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       const float gj = g[j] * gscale;
@@ -265,37 +315,38 @@ struct LarsUpdate {
   Mem<PT, MASTER> mem;
   float gscale;
   LarsCoef c;
-  template <int M>
+  template <int M, bool V>
   __device__ __forceinline__ void run(int64_t i) {
     float w[M], g[M], b[M];
-    mem.template load_w<M>(i, w);
-    vload<M>(mem.g + i, g);
-    if constexpr (MOM) vload<M>(mem.s0 + i, b);
+    mem.template load_w<M, V>(i, w);
+    vload<M, V>(mem.g + i, g);
+    if constexpr (MOM) vload<M, V>(mem.s0 + i, b);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       float bj = MOM ? b[j] : 0.f;
       w[j] = lars_update<WD, MOM, NEST>(c, w[j], g[j] * gscale, bj);
       b[j] = bj;
     }
-    if constexpr (MOM) vstore<M>(mem.s0 + i, b);
-    mem.template store_w<M>(i, w);
+    if constexpr (MOM) vstore<M, V>(mem.s0 + i, b);
+    mem.template store_w<M, V>(i, w);
   }
 };
 
+// (The segment's pointers are rebuilt per tile, from the address table: held across the tile loop
+// they made ptxas spill in the master-weight variants under the 3-blocks-per-SM register cap.)
 template <class PT, bool MASTER, int WD, int MOM, bool NEST>
-__device__ __forceinline__ void lars_tile_update(const LarsArgs& a, float gscale, const LarsCoef& c, int64_t st,
-                                                 int len) {
-  constexpr int VEC = 16 / sizeof(PT);
-  LarsUpdate<PT, MASTER, WD, MOM, NEST> f{Mem<PT, MASTER>(a.b), gscale, c};
-  for_tile<VEC>(st, len, a.b.vec_ok, f);
+__device__ __forceinline__ void lars_tile_update(const Addr& b, int64_t s, float gscale, const LarsCoef& c,
+                                                 int64_t st, int len) {
+  LarsUpdate<PT, MASTER, WD, MOM, NEST> f{Mem<PT, MASTER>(b, s), gscale, c};
+  for_tile<16 / sizeof(PT)>(st, len, f.mem.vec, f);
 }
 
 template <class PT, bool MASTER, int WD>
-__device__ __forceinline__ void lars_tile_update_mom(const LarsArgs& a, float gscale, const LarsCoef& c, int64_t st,
-                                                     int len) {
-  if (a.o.momentum == 0.0) lars_tile_update<PT, MASTER, WD, 0, false>(a, gscale, c, st, len);
-  else if (a.o.nesterov) lars_tile_update<PT, MASTER, WD, 1, true>(a, gscale, c, st, len);
-  else lars_tile_update<PT, MASTER, WD, 1, false>(a, gscale, c, st, len);
+__device__ __forceinline__ void lars_tile_update_mom(const LarsArgs& a, int64_t s, float gscale, const LarsCoef& c,
+                                                     int64_t st, int len) {
+  if (a.o.momentum == 0.0) lars_tile_update<PT, MASTER, WD, 0, false>(a.b, s, gscale, c, st, len);
+  else if (a.o.nesterov) lars_tile_update<PT, MASTER, WD, 1, true>(a.b, s, gscale, c, st, len);
+  else lars_tile_update<PT, MASTER, WD, 1, false>(a.b, s, gscale, c, st, len);
 }
 
 __device__ __forceinline__ LarsSegment lars_seg(const LarsArgs& a, int64_t s, double lr, const double (&ssq)[3]) {
@@ -305,6 +356,7 @@ __device__ __forceinline__ LarsSegment lars_seg(const LarsArgs& a, int64_t s, do
 }
 
 // phase 0: both phases with a grid sync (cooperative launch); 1: phase 1 only; 2: phase 2 only.
+// Partials (per tile, then per segment): [w^2, g^2, (g + lam*w)^2], g = grad * inv_scale (negated for maximize).
 template <class PT, bool MASTER>
 __global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, const int phase) {
   if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
@@ -320,10 +372,10 @@ __global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, con
       snapshot(p, a.s, r);
       for (int64_t t = r.a; t < r.b; ++t) {
         const int64_t s = p.tile_seg[t];
-        if (a.s.active[s] == 0.f) continue;
-        LarsSumsq<PT, MASTER> f{Mem<PT, MASTER>(a.b), gscale,
+        if (a.s.active[s] == 0.f) continue;  // NOTE [Inactive segments]
+        LarsSumsq<PT, MASTER> f{Mem<PT, MASTER>(a.b, s), gscale,
                                 static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
-        for_tile<VEC>(p.tile_start[t], p.tile_len[t], a.b.vec_ok, f);
+        for_tile<VEC>(p.tile_start[t], p.tile_len[t], f.mem.vec, f);
         double x[3] = {f.sw, f.sg, f.su};
         store_partials(p, t, x);
       }
@@ -337,22 +389,22 @@ __global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, con
         if (a.s.active[s] == 0.f) continue;
         if (s != cur) {
           double ssq[3];
-          segment_sums(p, s, ssq);
+          step_sums(p, s, ssq);
           c = lars_coef(a.o, lars_seg(a, s, lr, ssq), lr, p.snap[2 * s + 1] != 0.f);
           cur = s;
         }
         const int64_t st = p.tile_start[t];
         const int len = p.tile_len[t];
         switch (a.o.wd_mode) {
-          case kLarsL2: lars_tile_update_mom<PT, MASTER, kLarsL2>(a, gscale, c, st, len); break;
-          case kLarsDecoupled: lars_tile_update_mom<PT, MASTER, kLarsDecoupled>(a, gscale, c, st, len); break;
-          default: lars_tile_update_mom<PT, MASTER, kLarsRatioOnly>(a, gscale, c, st, len); break;
+          case kLarsL2: lars_tile_update_mom<PT, MASTER, kLarsL2>(a, s, gscale, c, st, len); break;
+          case kLarsDecoupled: lars_tile_update_mom<PT, MASTER, kLarsDecoupled>(a, s, gscale, c, st, len); break;
+          default: lars_tile_update_mom<PT, MASTER, kLarsRatioOnly>(a, s, gscale, c, st, len); break;
         }
       }
       for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
         if (a.s.active[s] == 0.f) continue;
         double ssq[3];
-        segment_sums(p, s, ssq);
+        step_sums(p, s, ssq);
         const LarsSegment sg = lars_seg(a, s, lr, ssq);
         commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
       }
@@ -368,13 +420,13 @@ struct LambPass1 {
   Mem<PT, MASTER> mem;
   LambCoef c;
   float sw = 0.f, sg = 0.f, su = 0.f;
-  template <int M>
+  template <int M, bool V>
   __device__ __forceinline__ void run(int64_t i) {
     float w[M], g[M], m[M], v[M];
-    mem.template load_w<M>(i, w);
-    vload<M>(mem.g + i, g);
-    vload<M>(mem.s0 + i, m);
-    vload<M>(mem.s1 + i, v);
+    mem.template load_w<M, V>(i, w);
+    vload<M, V>(mem.g + i, g);
+    vload<M, V>(mem.s0 + i, m);
+    vload<M, V>(mem.s1 + i, v);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       const float gj = g[j] * c.gscale;
@@ -385,8 +437,8 @@ struct LambPass1 {
       sw += wd * wd;
       su += u * u;
     }
-    vstore<M>(mem.s0 + i, m);
-    vstore<M>(mem.s1 + i, v);
+    vstore<M, V>(mem.s0 + i, m);
+    vstore<M, V>(mem.s1 + i, v);
   }
 };
 
@@ -394,34 +446,42 @@ template <class PT, bool MASTER, int WD>
 struct LambPass2 {
   Mem<PT, MASTER> mem;
   LambCoef c;
-  template <int M>
+  template <int M, bool V>
   __device__ __forceinline__ void run(int64_t i) {
     float w[M], m[M], v[M];
-    mem.template load_w<M>(i, w);
-    vload<M>(mem.s0 + i, m);
-    vload<M>(mem.s1 + i, v);
+    mem.template load_w<M, V>(i, w);
+    vload<M, V>(mem.s0 + i, m);
+    vload<M, V>(mem.s1 + i, v);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       const float u = lamb_direction<WD>(c, w[j], m[j], v[j]);
       w[j] = lamb_decayed_weight<WD>(c, w[j]) - c.k * u;
     }
-    mem.template store_w<M>(i, w);
+    mem.template store_w<M, V>(i, w);
   }
 };
 
+// Tile partials in the order of the sharded split's rows (fusedlars/kernels/torch.py lamb_partials):
+// [w_d^2, u^2, g^2].
 template <class PT, bool MASTER, int WD>
-__device__ __forceinline__ void lamb_tile1(const LambArgs& a, const LambCoef& c, int64_t st, int len, double (&x)[3]) {
-  LambPass1<PT, MASTER, WD> f{Mem<PT, MASTER>(a.b), c};
-  for_tile<16 / sizeof(PT)>(st, len, a.b.vec_ok, f);
+__device__ __forceinline__ void lamb_tile1(const Mem<PT, MASTER>& mem, const LambCoef& c, int64_t st, int len,
+                                           double (&x)[3]) {
+  LambPass1<PT, MASTER, WD> f{mem, c};
+  for_tile<16 / sizeof(PT)>(st, len, mem.vec, f);
   x[0] = f.sw;
-  x[1] = f.sg;
-  x[2] = f.su;
+  x[1] = f.su;
+  x[2] = f.sg;
 }
 
 template <class PT, bool MASTER, int WD>
-__device__ __forceinline__ void lamb_tile2(const LambArgs& a, const LambCoef& c, int64_t st, int len) {
-  LambPass2<PT, MASTER, WD> f{Mem<PT, MASTER>(a.b), c};
-  for_tile<16 / sizeof(PT)>(st, len, a.b.vec_ok, f);
+__device__ __forceinline__ void lamb_tile2(const Mem<PT, MASTER>& mem, const LambCoef& c, int64_t st, int len) {
+  LambPass2<PT, MASTER, WD> f{mem, c};
+  for_tile<16 / sizeof(PT)>(st, len, mem.vec, f);
+}
+
+// ssq = [w_d^2, u^2, g^2] (lamb_tile1)
+__device__ __forceinline__ LambSegment lamb_seg(const LambArgs& a, int64_t s, double lr, const double (&ssq)[3]) {
+  return lamb_segment(a.o, ssq[0], ssq[2], ssq[1], a.s.adapt_mask[s] != 0.f, lr);
 }
 
 template <class PT, bool MASTER>
@@ -438,17 +498,18 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
       snapshot(p, a.s, r);
       for (int64_t t = r.a; t < r.b; ++t) {
         const int64_t s = p.tile_seg[t];
-        if (a.s.active[s] == 0.f) continue;
-        // step[s] is written only in phase 2 (after the grid sync / in the second launch)
+        if (a.s.active[s] == 0.f) continue;  // NOTE [Inactive segments]
+        // step[s] is written only in phase 2 (after the grid sync / in a later launch)
         const LambCoef c = lamb_coef(a.o, gscale, a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]), lr,
                                      static_cast<double>(a.s.step[s]) + 1.0);
+        const Mem<PT, MASTER> mem(a.b, s);
         double x[3];
         const int64_t st = p.tile_start[t];
         const int len = p.tile_len[t];
         switch (a.o.wd_mode) {
-          case kLambL2: lamb_tile1<PT, MASTER, kLambL2>(a, c, st, len, x); break;
-          case kLambDecoupled: lamb_tile1<PT, MASTER, kLambDecoupled>(a, c, st, len, x); break;
-          default: lamb_tile1<PT, MASTER, kLambInUpdate>(a, c, st, len, x); break;
+          case kLambL2: lamb_tile1<PT, MASTER, kLambL2>(mem, c, st, len, x); break;
+          case kLambDecoupled: lamb_tile1<PT, MASTER, kLambDecoupled>(mem, c, st, len, x); break;
+          default: lamb_tile1<PT, MASTER, kLambInUpdate>(mem, c, st, len, x); break;
         }
         store_partials(p, t, x);
       }
@@ -457,34 +518,54 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
     if (phase != 1) {
       int64_t cur = -1;
       LambCoef c{};
+      Mem<PT, MASTER> mem;
       for (int64_t t = r.a; t < r.b; ++t) {
         const int64_t s = p.tile_seg[t];
         if (a.s.active[s] == 0.f) continue;
         if (s != cur) {
           double ssq[3];
-          segment_sums(p, s, ssq);
+          step_sums(p, s, ssq);
           const double t_new = static_cast<double>(p.snap[2 * s]) + 1.0;
-          const LambSegment sg = lamb_segment(a.o, ssq[0], ssq[1], ssq[2], a.s.adapt_mask[s] != 0.f, lr);
+          const LambSegment sg = lamb_seg(a, s, lr, ssq);
           c = lamb_coef(a.o, gscale, a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]), lr, t_new);
           c.k = lamb_step_scale(a.o, lr, sg.r, t_new);
+          mem = Mem<PT, MASTER>(a.b, s);
           cur = s;
         }
         const int64_t st = p.tile_start[t];
         const int len = p.tile_len[t];
         switch (a.o.wd_mode) {
-          case kLambL2: lamb_tile2<PT, MASTER, kLambL2>(a, c, st, len); break;
-          case kLambDecoupled: lamb_tile2<PT, MASTER, kLambDecoupled>(a, c, st, len); break;
-          default: lamb_tile2<PT, MASTER, kLambInUpdate>(a, c, st, len); break;
+          case kLambL2: lamb_tile2<PT, MASTER, kLambL2>(mem, c, st, len); break;
+          case kLambDecoupled: lamb_tile2<PT, MASTER, kLambDecoupled>(mem, c, st, len); break;
+          default: lamb_tile2<PT, MASTER, kLambInUpdate>(mem, c, st, len); break;
         }
       }
       for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
         if (a.s.active[s] == 0.f) continue;
         double ssq[3];
-        segment_sums(p, s, ssq);
-        const LambSegment sg = lamb_segment(a.o, ssq[0], ssq[1], ssq[2], a.s.adapt_mask[s] != 0.f, lr);
+        step_sums(p, s, ssq);
+        const LambSegment sg = lamb_seg(a, s, lr, ssq);
         commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
       }
     }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// FSDP2 split: per-segment sums of the phase-1 partials (kPathPartials, after a phase-1 launch)
+
+// ssq_out[k * S + s] = segment_sums(s)[k] for active segments, 0 for inactive ones (they add nothing
+// to a sum over the ranks) and for all of them when found_inf (phase 1 returned: no partials).
+// The same reduction, in the same order, as phase 2 of a whole step: lars_step == apply(partials)
+// bitwise.
+__global__ void __launch_bounds__(kThreads) segment_reduce(const Plan p, const float* active, const Scalar found_inf) {
+  const bool skip = found_inf.ptr && read(found_inf) != 0.0;
+  for (int64_t s = blockIdx.x; s < p.num_segs; s += gridDim.x) {
+    double x[3] = {0.0, 0.0, 0.0};
+    if (!skip && active[s] != 0.f) segment_sums(p, s, x);  // block-uniform condition
+    if (threadIdx.x == 0)
+#pragma unroll
+      for (int k = 0; k < 3; ++k) p.ssq_out[k * p.num_segs + s] = x[k];
   }
 }
 
@@ -496,10 +577,10 @@ struct GradSumsq {
   const PT* g;
   float gscale;
   float sg = 0.f;
-  template <int M>
+  template <int M, bool V>
   __device__ __forceinline__ void run(int64_t i) {
     float x[M];
-    vload<M>(g + i, x);
+    vload<M, V>(g + i, x);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
       const float gj = x[j] * gscale;
@@ -509,13 +590,15 @@ struct GradSumsq {
 };
 
 template <class PT>
-__global__ void __launch_bounds__(kThreads) grad_sumsq_partials(const PT* grad, int vec_ok, const float* active,
-                                                                 const Plan p, const Scalar inv_scale, double* gpart) {
+__global__ void __launch_bounds__(kThreads) grad_sumsq_partials(const Addr b, const float* active, const Plan p,
+                                                                 const Scalar inv_scale, double* gpart) {
   const float gscale = static_cast<float>(read(inv_scale));
   for (int64_t t = blockIdx.x; t < p.num_tiles; t += gridDim.x) {
-    if (active[p.tile_seg[t]] == 0.f) continue;
-    GradSumsq<PT> f{grad, gscale};
-    for_tile<16 / sizeof(PT)>(p.tile_start[t], p.tile_len[t], vec_ok, f);
+    const int64_t s = p.tile_seg[t];
+    if (active[s] == 0.f) continue;  // NOTE [Inactive segments]
+    const int64_t bg = base_of(b, kRowGrad, s);
+    GradSumsq<PT> f{reinterpret_cast<const PT*>(bg), gscale};
+    for_tile<16 / sizeof(PT)>(p.tile_start[t], p.tile_len[t], (bg & 15) == 0, f);
     double x[1] = {f.sg};
     block_sum<1>(x);
     if (threadIdx.x == 0) gpart[t] = x[0];
@@ -572,17 +655,6 @@ int blocks_per_sm(const void* fn, int dev) {
   return n;
 }
 
-bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// NOTE: [Vector access] 128-bit access only when every base pointer of the step is 16-byte aligned.
-template <class Args>
-Args with_vec_flag(const Args& a0) {
-  Args a = a0;
-  const Bufs& b = a.b;
-  a.b.vec_ok = aligned16(b.param) && aligned16(b.master) && aligned16(b.grad) && aligned16(b.s0) && aligned16(b.s1);
-  return a;
-}
-
 bool env_off(const char* name) {
   const char* v = std::getenv(name);
   return v && std::strcmp(v, "0") == 0;
@@ -609,6 +681,23 @@ LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t
       coop = false;
       why = "FUSEDLARS_CUDA_COOP_IN_GRAPH=0 and the stream is capturing";
     }
+  }
+  if (path == kPathPartials || path == kPathApply) {
+    // FSDP2 split: the launches of the two-launch path, apart (NOTE [Partials and apply], cuda.py)
+    const int64_t cap = resident > 0 ? 4 * resident : 1024;
+    const int64_t g = T < cap ? (T > 0 ? T : 1) : cap;
+    info.grid = static_cast<int>(g);
+    info.path = path;
+    if (path == kPathPartials) {
+      fn<<<static_cast<unsigned>(g), kThreads, 0, stream>>>(a, 1);
+      const int64_t S = a.p.num_segs;
+      const int64_t gs = S < cap ? (S > 0 ? S : 1) : cap;
+      segment_reduce<<<static_cast<unsigned>(gs), kThreads, 0, stream>>>(a.p, a.s.active, a.found_inf);
+    } else {
+      fn<<<static_cast<unsigned>(g), kThreads, 0, stream>>>(a, 2);
+    }
+    info.err = cudaGetLastError();
+    return info;
   }
   if (path == kPathCooperative && !coop) {
     info.err = cudaErrorNotSupported;
@@ -647,8 +736,7 @@ LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t
 
 }  // namespace
 
-LaunchInfo launch_lars(const LarsArgs& a0, int variant, cudaStream_t stream, int path) {
-  const LarsArgs a = with_vec_flag(a0);
+LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path) {
   switch (variant) {
     case kF32: return launch(&lars_kernel<float, false>, a, stream, path);
     case kBF16: return launch(&lars_kernel<__nv_bfloat16, false>, a, stream, path);
@@ -658,8 +746,7 @@ LaunchInfo launch_lars(const LarsArgs& a0, int variant, cudaStream_t stream, int
   }
 }
 
-LaunchInfo launch_lamb(const LambArgs& a0, int variant, cudaStream_t stream, int path) {
-  const LambArgs a = with_vec_flag(a0);
+LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int path) {
   switch (variant) {
     case kF32: return launch(&lamb_kernel<float, false>, a, stream, path);
     case kBF16: return launch(&lamb_kernel<__nv_bfloat16, false>, a, stream, path);
@@ -669,21 +756,17 @@ LaunchInfo launch_lamb(const LambArgs& a0, int variant, cudaStream_t stream, int
   }
 }
 
-cudaError_t launch_grad_sumsq(const void* grad, int variant, const float* active, const Plan& p,
-                              Scalar inv_scale, double* gpart, double* out, cudaStream_t stream) {
+cudaError_t launch_grad_sumsq(const Addr& b, int variant, const float* active, const Plan& p, Scalar inv_scale,
+                              double* gpart, double* out, cudaStream_t stream) {
   const int64_t T = p.num_tiles;
-  const int vec_ok = aligned16(grad) ? 1 : 0;
   if (T > 0) {
     const unsigned g = static_cast<unsigned>(T < 4096 ? T : 4096);
     if (variant == kF32)
-      grad_sumsq_partials<float><<<g, kThreads, 0, stream>>>(static_cast<const float*>(grad), vec_ok, active, p,
-                                                             inv_scale, gpart);
+      grad_sumsq_partials<float><<<g, kThreads, 0, stream>>>(b, active, p, inv_scale, gpart);
     else if (variant == kBF16 || variant == kBF16Master)
-      grad_sumsq_partials<__nv_bfloat16><<<g, kThreads, 0, stream>>>(static_cast<const __nv_bfloat16*>(grad), vec_ok,
-                                                                     active, p, inv_scale, gpart);
+      grad_sumsq_partials<__nv_bfloat16><<<g, kThreads, 0, stream>>>(b, active, p, inv_scale, gpart);
     else
-      grad_sumsq_partials<__half><<<g, kThreads, 0, stream>>>(static_cast<const __half*>(grad), vec_ok, active, p,
-                                                              inv_scale, gpart);
+      grad_sumsq_partials<__half><<<g, kThreads, 0, stream>>>(b, active, p, inv_scale, gpart);
   }
   grad_sumsq_final<<<1, kThreads, 0, stream>>>(active, p, gpart, out);
   return cudaGetLastError();

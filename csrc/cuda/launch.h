@@ -3,6 +3,8 @@
 // No torch here: the kernels' translation unit compiles with plain nvcc (scripts/cuda_compile_check.py
 // builds it for sm_80 / sm_90 / sm_100 without torch), and the torch glue (ops_cuda.cpp) fills these
 // structs from tensors. Everything is a raw device pointer; nothing here synchronizes with the host.
+// Params and grads are the user's tensors, reached through a per-segment table of base addresses
+// (Addr); nothing assumes that segments are adjacent or aligned.
 #pragma once
 
 #include <cstdint>
@@ -19,9 +21,18 @@ namespace cuda {
 // Bucket.tiles(TILE)).
 constexpr int kTileElems = 16384;
 constexpr int kThreads = 256;  // threads per block (fixed: the reduction order depends on it)
+static_assert(kTileElems % 8 == 0, "tiles start on multiples of every 128-bit vector width (NOTE [Vector access])");
 
 enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master = 4 };
-enum Path : int { kPathAuto = 0, kPathCooperative = 1, kPathTwoLaunch = 2 };
+// kPathAuto / kPathCooperative / kPathTwoLaunch: a whole step. kPathPartials: launch 1 and the
+// per-segment reduction into Plan::ssq_out (FSDP2 split, fusedlars/kernels/cuda.py lars_partials);
+// kPathApply: launch 2 from the given per-segment sums Plan::ssq_in (lars_apply).
+enum Path : int { kPathAuto = 0, kPathCooperative = 1, kPathTwoLaunch = 2, kPathPartials = 3, kPathApply = 4 };
+
+// Rows of the address table (Bucket.address_table(kinds), kinds in this order: cuda.py _kinds()).
+// Element k of segment s of buffer X is at ((X's type*) base[X * S + s]) + k; 0 where the segment has
+// no such buffer (inactive, no master). Rows at or above Addr::rows are absent.
+enum Row : int { kRowParam = 0, kRowGrad = 1, kRowMaster = 2, kRowS0 = 3, kRowS1 = 4 };
 
 // A per-step scalar: read on the device from `ptr` (fp32 or fp64) when set, else `value`.
 struct Scalar {
@@ -33,13 +44,15 @@ struct Scalar {
 // Tile table (Bucket.tiles) and scratch, all device memory.
 struct Plan {
   const int32_t* tile_seg;      // [T]
-  const int64_t* tile_start;    // [T] element offset into the flat buffers
+  const int64_t* tile_start;    // [T] element offset inside the tile's segment
   const int32_t* tile_len;      // [T]
   const int64_t* seg_tile_ptr;  // [S+1]
   const int64_t* group_seg;     // [G+1] segment boundaries of the L2-sized groups (cooperative path)
   int64_t num_tiles, num_segs, num_groups;
   double* part;  // [3T] per-tile partial sums of squares
   float* snap;   // [2S] step / has_state of each segment at the start of the step
+  double* ssq_out;       // kPathPartials: [3, S] per-segment sums (0 for inactive segments), else nullptr
+  const double* ssq_in;  // kPathApply: [3, S] per-segment sums to finish the step from, else nullptr
 };
 
 struct Segs {
@@ -47,17 +60,16 @@ struct Segs {
   float *has_state, *step, *w_norm, *g_norm, *u_norm, *trust_ratio;
 };
 
-struct Bufs {
-  void* param;       // param dtype
-  float* master;     // fp32 master weights or nullptr
-  const void* grad;  // param dtype
-  float* s0;         // momentum buffer (LARS, nullptr without momentum) or exp_avg (LAMB)
-  float* s1;         // exp_avg_sq (LAMB)
-  int vec_ok;        // set by launch_lars / launch_lamb: every base pointer is 16-byte aligned (128-bit access)
+// Base addresses of the user's tensors (params, grads) and ours (masters, state), per segment.
+// s0: momentum buffer (LARS; absent without momentum) or exp_avg (LAMB); s1: exp_avg_sq (LAMB).
+struct Addr {
+  const int64_t* base;  // [rows, S] int64
+  int64_t num_segs;     // S
+  int rows;             // rows present (3..5)
 };
 
 struct LarsArgs {
-  Bufs b;
+  Addr b;
   Segs s;
   Plan p;
   LarsOptions o;
@@ -65,7 +77,7 @@ struct LarsArgs {
 };
 
 struct LambArgs {
-  Bufs b;
+  Addr b;
   Segs s;
   Plan p;
   LambOptions o;
@@ -81,9 +93,10 @@ struct LaunchInfo {
 
 LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path);
 LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int path);
-// *out = sum over active tiles (tile order) of sum (grad*inv_scale)^2; gpart: [T] scratch
-cudaError_t launch_grad_sumsq(const void* grad, int variant, const float* active, const Plan& p,
-                              Scalar inv_scale, double* gpart, double* out, cudaStream_t stream);
+// *out = sum over active tiles (tile order) of sum (grad*inv_scale)^2 (grads: row kRowGrad of `b`);
+// gpart: [T] scratch
+cudaError_t launch_grad_sumsq(const Addr& b, int variant, const float* active, const Plan& p, Scalar inv_scale,
+                              double* gpart, double* out, cudaStream_t stream);
 
 const char* compiled_archs();  // nvcc's __CUDA_ARCH_LIST__, e.g. "800,900,1000"
 int last_path();               // path of the last LARS/LAMB launch in this process (0: none yet)

@@ -1,6 +1,8 @@
 // CUDA implementations of fusedlars::lars_step_cuda / lamb_step_cuda / grad_sumsq_cuda (schemas in
 // csrc/ops.cpp): argument checks, tensors -> raw pointers, launch on the current stream
-// (csrc/cuda/fused_kernels.cu). No host sync: per-step scalars are passed as device pointers.
+// (csrc/cuda/fused_kernels.cu). No host sync: per-step scalars are passed as device pointers, and the
+// params, grads and state are reached through the bucket's device table of base addresses (the tensor
+// lists are checked here for device and dtype, never dereferenced through the lists).
 //
 // Only <c10/cuda/...> headers: ATen/cuda/CUDAContext.h pulls cusparse.h, which a minimal toolkit lacks.
 #include <ATen/ATen.h>
@@ -36,22 +38,48 @@ Scalar scalar(const std::optional<at::Tensor>& t, const char* name, const at::De
   return Scalar{t->data_ptr(), t->scalar_type() == at::kDouble ? 1 : 0, dflt};
 }
 
+// The tensor lists of a step (honest alias information for the dispatcher and torch.compile; the
+// kernels reach the tensors through the address table): params (the S segments' local tensors, written),
+// grads (the active segments' grads, read), state (masters and state buffers that exist, written).
+// Returns the param dtype.
+at::ScalarType check_lists(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Device& dev,
+                           int64_t S) {
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == S, "fusedlars cuda: ", S, " segments but ", params.size(),
+              " params");
+  TORCH_CHECK(S > 0, "fusedlars cuda: a bucket has at least one param");
+  const at::ScalarType dt = params[0].scalar_type();
+  for (const auto& t : params)
+    TORCH_CHECK(t.device() == dev && t.scalar_type() == dt, "fusedlars cuda: every param must be ", dt, " on ", dev,
+                ", got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(static_cast<int64_t>(grads.size()) <= S, "fusedlars cuda: more grads (", grads.size(), ") than params");
+  for (const auto& t : grads)
+    TORCH_CHECK(t.device() == dev && t.scalar_type() == dt, "fusedlars cuda: every grad must be ", dt, " on ", dev,
+                ", got ", t.scalar_type(), " on ", t.device());
+  for (const auto& t : state)
+    TORCH_CHECK(t.device() == dev && t.scalar_type() == at::kFloat, "fusedlars cuda: master weights and state must be "
+                "float32 on ", dev, ", got ", t.scalar_type(), " on ", t.device());
+  return dt;
+}
+
 // Checks the arguments LARS and LAMB share and fills the common fields of `a` (LarsArgs / LambArgs):
-// b (all but the state buffers s0 / s1; the launcher sets vec_ok), s, p, lr, inv_scale, found_inf. Returns the variant.
+// b, s, p, lr, inv_scale, found_inf. Returns the variant.
 template <class Args>
-int check_common(Args& a, const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                 const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
-                 const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
-                 const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
-                 const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
-                 const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
-                 const at::Tensor& snap, const std::optional<at::Tensor>& lr_tensor, double lr,
-                 const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf) {
-  TORCH_CHECK(param.is_cuda(), "fusedlars cuda: param must be a CUDA tensor, got ", param.device());
-  const at::Device dev = param.device();
+int check_common(Args& a, at::TensorList params, at::TensorList grads, at::TensorList state,
+                 const at::Tensor& addresses, bool master, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
+                 const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
+                 const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
+                 const at::Tensor& trust_ratio, const at::Tensor& tile_seg, const at::Tensor& tile_start,
+                 const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg,
+                 const at::Tensor& partials, const at::Tensor& snap, const std::optional<at::Tensor>& ssq,
+                 const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
+                 const std::optional<at::Tensor>& found_inf, int64_t path, int min_rows) {
+  TORCH_CHECK(addresses.is_cuda(), "fusedlars cuda: the address table must be a CUDA tensor, got ",
+              addresses.device());
+  const at::Device dev = addresses.device();
+  const int64_t S = wd_mask.numel();
+  const at::ScalarType dt = check_lists(params, grads, state, dev, S);
   int variant = kF32;
-  const int64_t N = param.numel();
-  switch (param.scalar_type()) {
+  switch (dt) {
     case at::kFloat:
       TORCH_CHECK(!master, "fusedlars cuda: master weights need a bf16/fp16 param");
       variant = kF32;
@@ -63,13 +91,13 @@ int check_common(Args& a, const at::Tensor& param, const at::Tensor& grad, const
       variant = master ? kF16Master : kF16;
       break;
     default:
-      TORCH_CHECK(false, "fusedlars cuda: unsupported param dtype ", param.scalar_type(),
-                  " (float32, bfloat16, float16 are fused)");
+      TORCH_CHECK(false, "fusedlars cuda: unsupported param dtype ", dt, " (float32, bfloat16, float16 are fused)");
   }
-  check_buf(param, "param", dev, param.scalar_type(), -1);
-  check_buf(grad, "grad", dev, param.scalar_type(), N);
-  if (master) check_buf(*master, "master", dev, at::kFloat, N);
-  const int64_t S = wd_mask.numel();
+  check_buf(addresses, "addresses", dev, at::kLong, -1);
+  TORCH_CHECK(addresses.dim() == 2 && addresses.size(1) == S && addresses.size(0) >= min_rows &&
+                  addresses.size(0) <= kRowS1 + 1,
+              "fusedlars cuda: the address table must be int64 [rows, ", S, "] with ", min_rows, "..", kRowS1 + 1,
+              " rows, got ", addresses.sizes());
   const std::pair<const at::Tensor*, const char*> segs[] = {
       {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&active, "active"}, {&has_state, "has_state"},
       {&step, "step"},       {&w_norm, "w_norm"},         {&g_norm, "g_norm"}, {&u_norm, "u_norm"},
@@ -86,14 +114,20 @@ int check_common(Args& a, const at::Tensor& param, const at::Tensor& grad, const
   TORCH_CHECK(partials.numel() >= 3 * T, "fusedlars cuda: partials needs 3 * num_tiles = ", 3 * T, " elements");
   check_buf(snap, "snap", dev, at::kFloat, -1);
   TORCH_CHECK(snap.numel() >= 2 * S, "fusedlars cuda: snap needs 2 * num_segments = ", 2 * S, " elements");
+  TORCH_CHECK(path >= kPathAuto && path <= kPathApply, "fusedlars cuda: path must be 0..4, got ", path);
+  const bool split = path == kPathPartials || path == kPathApply;
+  TORCH_CHECK(split == ssq.has_value(), "fusedlars cuda: ssq is given exactly for path 3 (partials) and 4 (apply)");
+  if (ssq) check_buf(*ssq, "ssq", dev, at::kDouble, 3 * S);
 
-  a.b = Bufs{param.data_ptr(), master ? master->data_ptr<float>() : nullptr, grad.data_ptr(), nullptr, nullptr, 0};
+  a.b = Addr{addresses.data_ptr<int64_t>(), S, static_cast<int>(addresses.size(0))};
   a.s = Segs{wd_mask.data_ptr<float>(), adapt_mask.data_ptr<float>(), active.data_ptr<float>(),
              has_state.data_ptr<float>(), step.data_ptr<float>(), w_norm.data_ptr<float>(),
              g_norm.data_ptr<float>(), u_norm.data_ptr<float>(), trust_ratio.data_ptr<float>()};
   a.p = Plan{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(),
              seg_tile_ptr.data_ptr<int64_t>(), group_seg.data_ptr<int64_t>(), T, S, group_seg.numel() - 1,
-             partials.data_ptr<double>(), snap.data_ptr<float>()};
+             partials.data_ptr<double>(), snap.data_ptr<float>(),
+             path == kPathPartials ? ssq->data_ptr<double>() : nullptr,
+             path == kPathApply ? ssq->data_ptr<double>() : nullptr};
   a.lr = scalar(lr_tensor, "lr", dev, lr);
   a.inv_scale = scalar(inv_scale, "inv_scale", dev, 1.0);
   a.found_inf = scalar(found_inf, "found_inf", dev, 0.0);
@@ -106,69 +140,73 @@ void check_launch(const LaunchInfo& info, const char* op) {
   TORCH_CHECK(info.err == cudaSuccess, "fusedlars cuda: ", op, " launch failed: ", cudaGetErrorString(info.err));
 }
 
-void lars_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                    const std::optional<at::Tensor>& momentum, const at::Tensor& wd_mask,
-                    const at::Tensor& adapt_mask, const at::Tensor& active, const at::Tensor& has_state,
-                    const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,
-                    const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& tile_seg,
-                    const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr,
-                    const at::Tensor& group_seg, const at::Tensor& partials, const at::Tensor& snap,
+void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& addresses,
+                    bool master, const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
+                    const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                    const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                    const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
+                    const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
+                    const at::Tensor& snap, const std::optional<at::Tensor>& ssq,
                     const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
                     const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
                     at::ArrayRef<int64_t> modes, int64_t path) {
   LarsArgs a{};
   a.o = lars_options(hyper, modes, "fusedlars cuda: lars_step_cuda");
-  const int variant = check_common(a, param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
-                                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr,
-                                   group_seg, partials, snap, lr_tensor, lr, inv_scale, found_inf);
-  if (a.o.momentum != 0.0) {
-    TORCH_CHECK(momentum.has_value(), "fusedlars cuda: momentum != 0 needs a momentum buffer");
-    check_buf(*momentum, "momentum", param.device(), at::kFloat, param.numel());
-    a.b.s0 = momentum->data_ptr<float>();
-  }
-  const c10::cuda::CUDAGuard guard(param.device());
+  // rows param, grad, master (+ momentum buffer)
+  const int variant = check_common(a, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state,
+                                   step, w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len,
+                                   seg_tile_ptr, group_seg, partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf,
+                                   path, a.o.momentum != 0.0 ? kRowS0 + 1 : kRowMaster + 1);
+  const c10::cuda::CUDAGuard guard(addresses.device());
   check_launch(launch_lars(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
                "lars_step_cuda");
 }
 
-void lamb_step_cuda(const at::Tensor& param, const at::Tensor& grad, const std::optional<at::Tensor>& master,
-                    const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq, const at::Tensor& wd_mask,
-                    const at::Tensor& adapt_mask, const at::Tensor& active, const at::Tensor& has_state,
-                    const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,
-                    const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& tile_seg,
-                    const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr,
-                    const at::Tensor& group_seg, const at::Tensor& partials, const at::Tensor& snap,
+void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& addresses,
+                    bool master, const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
+                    const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                    const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                    const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
+                    const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
+                    const at::Tensor& snap, const std::optional<at::Tensor>& ssq,
                     const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
                     at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path) {
   LambArgs a{};
   a.o = lamb_options(hyper, modes, "fusedlars cuda: lamb_step_cuda");
-  const int variant = check_common(a, param, grad, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
-                                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr,
-                                   group_seg, partials, snap, lr_tensor, lr, inv_scale, found_inf);
-  check_buf(exp_avg, "exp_avg", param.device(), at::kFloat, param.numel());
-  check_buf(exp_avg_sq, "exp_avg_sq", param.device(), at::kFloat, param.numel());
-  a.b.s0 = exp_avg.data_ptr<float>();
-  a.b.s1 = exp_avg_sq.data_ptr<float>();
-  a.clip_coef = scalar(clip_coef, "clip_coef", param.device(), 1.0);
-  const c10::cuda::CUDAGuard guard(param.device());
+  // rows param, grad, master, exp_avg, exp_avg_sq
+  const int variant = check_common(a, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state,
+                                   step, w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len,
+                                   seg_tile_ptr, group_seg, partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf,
+                                   path, kRowS1 + 1);
+  a.clip_coef = scalar(clip_coef, "clip_coef", addresses.device(), 1.0);
+  const c10::cuda::CUDAGuard guard(addresses.device());
   check_launch(launch_lamb(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
                "lamb_step_cuda");
 }
 
-at::Tensor grad_sumsq_cuda(const at::Tensor& grad, const at::Tensor& active, const at::Tensor& tile_seg,
-                           const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& gpart,
-                           const std::optional<at::Tensor>& inv_scale) {
-  TORCH_CHECK(grad.is_cuda(), "fusedlars cuda: grad must be a CUDA tensor, got ", grad.device());
-  const at::Device dev = grad.device();
-  int variant = kF32;
-  switch (grad.scalar_type()) {
-    case at::kFloat: variant = kF32; break;
-    case at::kBFloat16: variant = kBF16; break;
-    case at::kHalf: variant = kF16; break;
-    default: TORCH_CHECK(false, "fusedlars cuda: unsupported grad dtype ", grad.scalar_type());
+at::Tensor grad_sumsq_cuda(at::TensorList grads, const at::Tensor& addresses, const at::Tensor& active,
+                           const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
+                           const at::Tensor& gpart, const std::optional<at::Tensor>& inv_scale) {
+  TORCH_CHECK(addresses.is_cuda(), "fusedlars cuda: the address table must be a CUDA tensor, got ",
+              addresses.device());
+  const at::Device dev = addresses.device();
+  const int64_t S = active.numel();
+  int variant = kF32;  // no grad: no active tile, nothing is read
+  if (!grads.empty()) {
+    switch (grads[0].scalar_type()) {
+      case at::kFloat: variant = kF32; break;
+      case at::kBFloat16: variant = kBF16; break;
+      case at::kHalf: variant = kF16; break;
+      default: TORCH_CHECK(false, "fusedlars cuda: unsupported grad dtype ", grads[0].scalar_type());
+    }
   }
-  check_buf(grad, "grad", dev, grad.scalar_type(), -1);
+  for (const auto& g : grads)
+    TORCH_CHECK(g.device() == dev && g.scalar_type() == grads[0].scalar_type(), "fusedlars cuda: every grad must be ",
+                grads[0].scalar_type(), " on ", dev, ", got ", g.scalar_type(), " on ", g.device());
+  check_buf(addresses, "addresses", dev, at::kLong, -1);
+  TORCH_CHECK(addresses.dim() == 2 && addresses.size(1) == S && addresses.size(0) > kRowGrad,
+              "fusedlars cuda: the address table must be int64 [rows >= 2, ", S, "], got ", addresses.sizes());
   check_buf(active, "active", dev, at::kFloat, -1);
   const int64_t T = tile_start.numel();
   check_buf(tile_seg, "tile_seg", dev, at::kInt, T);
@@ -177,13 +215,13 @@ at::Tensor grad_sumsq_cuda(const at::Tensor& grad, const at::Tensor& active, con
   check_buf(gpart, "gpart", dev, at::kDouble, -1);
   TORCH_CHECK(gpart.numel() >= T, "fusedlars cuda: gpart needs num_tiles = ", T, " elements");
   Plan p{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(), nullptr, nullptr,
-         T, active.numel(), 0, nullptr, nullptr};
+         T, S, 0, nullptr, nullptr, nullptr, nullptr};
+  const Addr b{addresses.data_ptr<int64_t>(), S, static_cast<int>(addresses.size(0))};
   const c10::cuda::CUDAGuard guard(dev);
-  at::Tensor out = at::empty({}, grad.options().dtype(at::kDouble));
+  at::Tensor out = at::empty({}, addresses.options().dtype(at::kDouble));
   const cudaError_t err =
-      launch_grad_sumsq(grad.data_ptr(), variant, active.data_ptr<float>(), p,
-                        scalar(inv_scale, "inv_scale", dev, 1.0), gpart.data_ptr<double>(), out.data_ptr<double>(),
-                        c10::cuda::getCurrentCUDAStream().stream());
+      launch_grad_sumsq(b, variant, active.data_ptr<float>(), p, scalar(inv_scale, "inv_scale", dev, 1.0),
+                        gpart.data_ptr<double>(), out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "fusedlars cuda: grad_sumsq_cuda launch failed: ", cudaGetErrorString(err));
   return out;
 }

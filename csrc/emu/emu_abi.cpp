@@ -4,13 +4,15 @@
 // csrc/cuda/fused_kernels.cu (launch_lars / launch_lamb / launch_grad_sumsq), which choose the launch
 // path and grid size from the emulated device table and launch the kernels through csrc/emu/simt.h.
 //
-// Tensor slots (`t`), in the order of the torch op schemas (csrc/ops.cpp); null for an absent optional:
-//   0 param  1 grad  2 master  3 momentum / exp_avg  4 exp_avg_sq (LAMB)  5 wd_mask  6 adapt_mask
-//   7 active  8 has_state  9 step  10 w_norm  11 g_norm  12 u_norm  13 trust_ratio  14 tile_seg
-//   15 tile_start  16 tile_len  17 seg_tile_ptr  18 group_seg  19 partials  20 snap  21 lr tensor
-//   22 inv_scale  23 found_inf  24 clip_coef (LAMB)
+// Tensor slots (`t`), in the order of the torch op schemas (csrc/ops.cpp) after the tensor lists
+// (which the kernels never read: the address table holds their base addresses); null for an absent
+// optional:
+//   0 addresses (int64 [rows, S], launch.h Row)  1 wd_mask  2 adapt_mask  3 active  4 has_state  5 step
+//   6 w_norm  7 g_norm  8 u_norm  9 trust_ratio  10 tile_seg  11 tile_start  12 tile_len  13 seg_tile_ptr
+//   14 group_seg  15 partials (grad_sumsq: gpart)  16 snap  17 ssq (float64 [3, S]; grad_sumsq: out)
+//   18 lr tensor  19 inv_scale  20 found_inf  21 clip_coef (LAMB)
 // Integer slots (`n`): 0 variant (launch.h Variant)  1 num_tiles  2 num_segments  3 group_seg entries
-//   4..7 lr / inv_scale / found_inf / clip_coef tensor is float64 (else float32).
+//   4 address rows  5..8 lr / inv_scale / found_inf / clip_coef tensor is float64 (else float32).
 #include <cstdint>
 #include <string>
 
@@ -22,22 +24,34 @@ using namespace fusedlars::cuda;
 
 namespace {
 
-constexpr int kSlots = 25;
+constexpr int kSlots = 22;
+constexpr int kInts = 9;
 
-Scalar scalar(const void* p, int is_double, double dflt) { return Scalar{p, is_double, dflt}; }
+Scalar scalar(const void* p, int64_t is_double, double dflt) { return Scalar{p, static_cast<int>(is_double), dflt}; }
+
+Addr addr(void* const* t, const int64_t* n) {
+  return Addr{static_cast<const int64_t*>(t[0]), n[2], static_cast<int>(n[4])};
+}
+
+Plan plan(void* const* t, const int64_t* n, int path) {
+  return Plan{static_cast<const int32_t*>(t[10]), static_cast<const int64_t*>(t[11]),
+              static_cast<const int32_t*>(t[12]), static_cast<const int64_t*>(t[13]),
+              static_cast<const int64_t*>(t[14]), n[1], n[2], n[3] - 1, static_cast<double*>(t[15]),
+              static_cast<float*>(t[16]),
+              path == kPathPartials ? static_cast<double*>(t[17]) : nullptr,
+              path == kPathApply ? static_cast<const double*>(t[17]) : nullptr};
+}
 
 template <class Args>
-void fill(Args& a, void* const* t, const int64_t* n, double lr) {
-  a.b = Bufs{t[0], static_cast<float*>(t[2]), t[1], static_cast<float*>(t[3]), static_cast<float*>(t[4]), 0};
-  a.s = Segs{static_cast<const float*>(t[5]), static_cast<const float*>(t[6]), static_cast<const float*>(t[7]),
-             static_cast<float*>(t[8]),       static_cast<float*>(t[9]),       static_cast<float*>(t[10]),
-             static_cast<float*>(t[11]),      static_cast<float*>(t[12]),      static_cast<float*>(t[13])};
-  a.p = Plan{static_cast<const int32_t*>(t[14]), static_cast<const int64_t*>(t[15]), static_cast<const int32_t*>(t[16]),
-             static_cast<const int64_t*>(t[17]), static_cast<const int64_t*>(t[18]), n[1], n[2], n[3] - 1,
-             static_cast<double*>(t[19]), static_cast<float*>(t[20])};
-  a.lr = scalar(t[21], static_cast<int>(n[4]), lr);
-  a.inv_scale = scalar(t[22], static_cast<int>(n[5]), 1.0);
-  a.found_inf = scalar(t[23], static_cast<int>(n[6]), 0.0);
+void fill(Args& a, void* const* t, const int64_t* n, double lr, int path) {
+  a.b = addr(t, n);
+  a.s = Segs{static_cast<const float*>(t[1]), static_cast<const float*>(t[2]), static_cast<const float*>(t[3]),
+             static_cast<float*>(t[4]),       static_cast<float*>(t[5]),       static_cast<float*>(t[6]),
+             static_cast<float*>(t[7]),       static_cast<float*>(t[8]),       static_cast<float*>(t[9])};
+  a.p = plan(t, n, path);
+  a.lr = scalar(t[18], n[5], lr);
+  a.inv_scale = scalar(t[19], n[6], 1.0);
+  a.found_inf = scalar(t[20], n[7], 0.0);
 }
 
 thread_local std::string g_why;
@@ -55,6 +69,7 @@ int report(const LaunchInfo& info, int* out) {
 extern "C" {
 
 int emu_slots() { return kSlots; }
+int emu_ints() { return kInts; }
 
 // last_path() of the launcher: 1 cooperative, 2 two launches, 0 none yet
 int emu_last_path() { return last_path(); }
@@ -67,8 +82,7 @@ int emu_lars_step(void* const* t, const int64_t* n, const double* hyper, int64_t
                   int64_t nm, double lr, int path, int* out) {
   LarsArgs a{};
   if (!decode_lars_options(hyper, static_cast<size_t>(nh), modes, static_cast<size_t>(nm), a.o)) return -1;
-  fill(a, t, n, lr);
-  a.b.s1 = nullptr;
+  fill(a, t, n, lr, path);
   return report(launch_lars(a, static_cast<int>(n[0]), nullptr, path), out);
 }
 
@@ -76,18 +90,19 @@ int emu_lamb_step(void* const* t, const int64_t* n, const double* hyper, int64_t
                   int64_t nm, double lr, int path, int* out) {
   LambArgs a{};
   if (!decode_lamb_options(hyper, static_cast<size_t>(nh), modes, static_cast<size_t>(nm), a.o)) return -1;
-  fill(a, t, n, lr);
-  a.clip_coef = scalar(t[24], static_cast<int>(n[7]), 1.0);
+  fill(a, t, n, lr, path);
+  a.clip_coef = scalar(t[21], n[8], 1.0);
   return report(launch_lamb(a, static_cast<int>(n[0]), nullptr, path), out);
 }
 
-// slots used: 1 grad, 7 active, 14-16 tile tables, 19 gpart (float64 [T]), 21 out (float64 scalar), 22 inv_scale
+// slots used: 0 addresses (row kRowGrad), 3 active, 10-12 tile tables, 15 gpart (float64 [T]),
+// 17 out (float64 scalar), 19 inv_scale
 int emu_grad_sumsq(void* const* t, const int64_t* n) {
-  Plan p{static_cast<const int32_t*>(t[14]), static_cast<const int64_t*>(t[15]), static_cast<const int32_t*>(t[16]),
-         nullptr, nullptr, n[1], n[2], 0, nullptr, nullptr};
-  const cudaError_t e = launch_grad_sumsq(t[1], static_cast<int>(n[0]), static_cast<const float*>(t[7]), p,
-                                          scalar(t[22], static_cast<int>(n[5]), 1.0), static_cast<double*>(t[19]),
-                                          static_cast<double*>(t[21]), nullptr);
+  Plan p{static_cast<const int32_t*>(t[10]), static_cast<const int64_t*>(t[11]), static_cast<const int32_t*>(t[12]),
+         nullptr, nullptr, n[1], n[2], 0, nullptr, nullptr, nullptr, nullptr};
+  const cudaError_t e =
+      launch_grad_sumsq(addr(t, n), static_cast<int>(n[0]), static_cast<const float*>(t[3]), p,
+                        scalar(t[19], n[6], 1.0), static_cast<double*>(t[15]), static_cast<double*>(t[17]), nullptr);
   return e == cudaSuccess ? 0 : static_cast<int>(e);
 }
 

@@ -1,5 +1,10 @@
 """Fused CUDA backend: the CUDA kernels of ``fusedlars._C`` (csrc/cuda, math in csrc/lars_math.h).
 
+The kernels step the user's own tensors (params, grads) and ours (state, masters) in place, through the
+bucket's device table of base addresses (:meth:`Bucket.address_table`), refreshed only when a tensor
+moves. Tensors may sit at any element offset (DDP bucket views, FSDP2 shards): 128-bit access is chosen
+per segment from its addresses, with bitwise the same results either way.
+
 Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), in fp32 with norms
 accumulated per tile of ``TILE`` elements and reduced in a fixed order (bitwise reproducible, for any
 grid size and for both launch paths). One step of a bucket is ONE cooperative launch of a persistent
@@ -14,6 +19,7 @@ on the device (``found_inf != 0``: the step changes nothing). No host sync, so a
 in a CUDA graph (pass ``lr`` as a tensor then: a float lr is baked into the captured launch).
 
 ``FUSEDLARS_CUDA_PATH`` = ``auto`` (default) | ``cooperative`` (error if unavailable) | ``two_launch``.
+FSDP2-sharded buckets: ``lars_partials`` / ``lars_apply`` (and LAMB's), NOTE [Partials and apply].
 """
 
 from __future__ import annotations
@@ -67,20 +73,20 @@ _WHY_NOT = _load()
 
 def _register_fakes() -> None:
     @torch.library.register_fake("fusedlars::lars_step_cuda")
-    def _lars_fake(param, grad, master, momentum, wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm,
-                   u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap,
-                   lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
+    def _lars_fake(params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
+                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials,
+                   snap, ssq, lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
         return None
 
     @torch.library.register_fake("fusedlars::lamb_step_cuda")
-    def _lamb_fake(param, grad, master, exp_avg, exp_avg_sq, wd_mask, adapt_mask, active, has_state, step, w_norm,
+    def _lamb_fake(params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
                    g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials,
-                   snap, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
+                   snap, ssq, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
         return None
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cuda")
-    def _sumsq_fake(grad, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
-        return grad.new_empty((), dtype=torch.float64)
+    def _sumsq_fake(grads, addresses, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
+        return addresses.new_empty((), dtype=torch.float64)
 
 
 if _WHY_NOT is None:
@@ -139,16 +145,35 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
 # ------------------------------------------------------------------------------------------
 # per-bucket cached device tables and scratch (allocated once: nothing allocates in a step)
 # ------------------------------------------------------------------------------------------
+#: Rows of the address table the kernels read (csrc/cuda/launch.h Row): param, grad, master, then the
+#: state buffers of the kind (see _kinds).
+_ROWS = ("param", "grad", "master")
+#: path codes of the FSDP2 split (csrc/cuda/launch.h Path)
+_PARTIALS, _APPLY = 3, 4
+
+
+def _kinds(bucket: Bucket, kind: str) -> tuple[str, ...]:
+    """The address kinds of a step, in the kernels' row order."""
+    if kind == "LAMB":
+        return _ROWS + ("exp_avg", "exp_avg_sq")
+    return _ROWS + (("momentum_buffer",) if "momentum_buffer" in bucket.state_names else ())
+
+
 class _Scratch:
     def __init__(self, bucket: Bucket, kind: str) -> None:
         dev = bucket.device
         self.tiles = bucket.tiles(TILE)
         T, S = self.tiles.num_tiles, bucket.num_segments
+        self.kinds = _kinds(bucket, kind)
         self.part = torch.zeros(3 * max(T, 1), dtype=torch.float64, device=dev)
         self.snap = torch.zeros(2 * max(S, 1), dtype=torch.float32, device=dev)
         self.gpart = torch.zeros(max(T, 1), dtype=torch.float64, device=dev)
+        self.ssq = torch.zeros((3, S), dtype=torch.float64, device=dev)  # the split's per-segment sums
         self.group_seg = torch.tensor(_groups(bucket, kind), dtype=torch.int64, device=dev)
         self.clip = CachedScalar(dev, torch.float64)  # LAMB's clip_coef when given as a float
+        # Bucket.address_table returns the same tensor object every call (contents rewritten when an
+        # address changes): a compiled step reads this one (refreshed eagerly by prepare()).
+        self.addr = bucket.address_table(self.kinds)
 
 
 def _groups(bucket: Bucket, kind: str) -> list[int]:
@@ -161,7 +186,7 @@ def _groups(bucket: Bucket, kind: str) -> list[int]:
             l2 = 40 << 20
     budget = l2 // 2
     item = torch.empty((), dtype=bucket.dtype).element_size()
-    bpe = (4 if bucket.flat_master is not None else item) + item + (8 if kind == "LAMB" else 0)
+    bpe = (4 if bucket.uses_masters else item) + item + (8 if kind == "LAMB" else 0)
     bounds, acc = [0], 0
     for i, n in enumerate(bucket.numels):
         b = n * bpe
@@ -174,7 +199,7 @@ def _groups(bucket: Bucket, kind: str) -> list[int]:
 
 
 def _scratch(bucket: Bucket, kind: str) -> _Scratch:
-    cache = bucket.__dict__.setdefault("_cuda_scratch", {})
+    cache = bucket.cache.setdefault(NAME, {})
     sc = cache.get(kind)
     if sc is None:
         sc = cache[kind] = _Scratch(bucket, kind)
@@ -183,10 +208,30 @@ def _scratch(bucket: Bucket, kind: str) -> _Scratch:
 
 def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph or a CUDA graph
-    capture); returns them."""
+    capture) and refresh its address table; returns them."""
     sc = _scratch(bucket, kind)
     t = sc.tiles
-    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.group_seg]
+    bucket.address_table(sc.kinds)
+    return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.group_seg, sc.ssq,
+            sc.addr]  # fmt: skip
+
+
+def _addresses(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
+    """This step's address table: refreshed from the tensors' data pointers when eager; a traced step
+    cannot read data pointers and uses the table prepare() refreshed (NOTE [Compiled steps], base.py)."""
+    if torch.compiler.is_compiling():
+        return sc.addr
+    return bucket.address_table(sc.kinds)
+
+
+def _lists(bucket: Bucket, sc: _Scratch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(params, grads, state) of the op: what a step writes and reads, as alias information (the
+    kernels reach every tensor through the address table)."""
+    grads = [g for g in bucket.grad_tensors if g is not None]
+    state = [m for m in bucket.master_tensors if m is not None] if bucket.master_tensors is not None else []
+    for name in sc.kinds[len(_ROWS) :]:
+        state += [t for t in bucket.state_tensors[name] if t is not None]
+    return bucket.param_tensors, grads, state
 
 
 def _lr(lr) -> tuple[torch.Tensor | None, float]:
@@ -201,22 +246,31 @@ def _check(kind: str, cfg, bucket: Bucket) -> None:
         raise RuntimeError(f"{kind}: backend='cuda' cannot run this bucket: {why}.")
 
 
-def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+def _given_sums(bucket: Bucket, ssq: torch.Tensor) -> torch.Tensor:
+    S = bucket.num_segments
+    if tuple(ssq.shape) != (3, S):
+        raise ValueError(f"the per-segment sums of squares must have shape (3, {S}), got {tuple(ssq.shape)}")
+    return ssq.to(device=bucket.device, dtype=torch.float64).contiguous()
+
+
+def _lars(bucket: Bucket, cfg: LarsConfig, path: int, ssq: torch.Tensor | None) -> _Scratch:
     _check("LARS", cfg, bucket)
     sc = _scratch(bucket, "LARS")
     tt = sc.tiles
     hyper, modes = lars_options(cfg)
     lr_t, lr = _lr(cfg.lr)
+    params, grads, state = _lists(bucket, sc)
     _ops().lars_step_cuda(
-        bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state.get("momentum_buffer"),
+        params, grads, state, _addresses(bucket, sc), bucket.uses_masters,
         bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.has_state, bucket.step,
         bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap,
-        lr_t, lr, cfg.inv_scale, cfg.found_inf, hyper, modes, _path_code(),
+        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap, ssq,
+        lr_t, lr, cfg.inv_scale, cfg.found_inf, hyper, modes, path,
     )  # fmt: skip
+    return sc
 
 
-def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+def _lamb(bucket: Bucket, cfg: LambConfig, path: int, ssq: torch.Tensor | None) -> _Scratch:
     _check("LAMB", cfg, bucket)
     sc = _scratch(bucket, "LAMB")
     tt = sc.tiles
@@ -225,19 +279,66 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = sc.clip(clip)
     lr_t, lr = _lr(cfg.lr)
+    params, grads, state = _lists(bucket, sc)
     _ops().lamb_step_cuda(
-        bucket.flat_param, bucket.flat_grad, bucket.flat_master, bucket.state["exp_avg"], bucket.state["exp_avg_sq"],
+        params, grads, state, _addresses(bucket, sc), bucket.uses_masters,
         bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.has_state, bucket.step,
         bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap,
-        lr_t, lr, cfg.inv_scale, cfg.found_inf, clip, hyper, modes, _path_code(),
+        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap, ssq,
+        lr_t, lr, cfg.inv_scale, cfg.found_inf, clip, hyper, modes, path,
     )  # fmt: skip
+    return sc
+
+
+def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    """One LARS step of the bucket: 1 cooperative launch, or 2 (``FUSEDLARS_CUDA_PATH``)."""
+    _lars(bucket, cfg, _path_code(), None)
+
+
+def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+    """One LAMB step of the bucket: 1 cooperative launch, or 2 (``FUSEDLARS_CUDA_PATH``)."""
+    _lamb(bucket, cfg, _path_code(), None)
+
+
+# NOTE: [Partials and apply] (fusedlars/kernels/torch.py states the convention)
+# ``*_partials(bucket, cfg) -> (ssq, ctx)`` runs launch 1 of the two-launch path (per-tile partials;
+# LAMB also writes the new moments, which do not depend on the norms) and one more launch that reduces
+# each segment's partials, in the fixed order a whole step uses, into ``ssq``: float64 ``[3, S]``,
+# rows LARS ``[w², g², (g+λw)²]`` (g = grad * inv_scale), LAMB ``[w_d², u², g²]``, 0 for a segment
+# without a grad. ``*_apply(bucket, cfg, ssq, ctx)`` runs launch 2 from the given (all-reduced) sums.
+# Unreduced, apply(partials) is bitwise the step (the same sums, the same element math). ``ssq`` is
+# the bucket's scratch: the next partials call of the bucket overwrites it. float64, as the kernels'
+# own sums: rounding them to fp32 would make a sharded step differ from an unsharded one.
+
+
+def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, None]:
+    """Per-segment sums of squares ``[w², g², (g+λw)²]`` (float64 ``[3, S]``) and the context (None)."""
+    sc = _lars(bucket, cfg, _PARTIALS, _scratch(bucket, "LARS").ssq)
+    return sc.ssq, None
+
+
+def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx=None) -> None:
+    """The LARS update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
+    _lars(bucket, cfg, _APPLY, _given_sums(bucket, ssq))
+
+
+def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, None]:
+    """Per-segment sums of squares ``[w_d², u², g²]`` (float64 ``[3, S]``) and the context (None); the
+    moments are updated in place."""
+    sc = _lamb(bucket, cfg, _PARTIALS, _scratch(bucket, "LAMB").ssq)
+    return sc.ssq, None
+
+
+def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx=None) -> None:
+    """The LAMB update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
+    _lamb(bucket, cfg, _APPLY, _given_sums(bucket, ssq))
 
 
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2, as a float64 0-dim tensor on the device."""
     sc = _scratch(bucket, "LAMB")
     tt = sc.tiles
+    grads = [g for g in bucket.grad_tensors if g is not None]
     return _ops().grad_sumsq_cuda(
-        bucket.flat_grad, bucket.active, tt.tile_seg, tt.tile_start, tt.tile_len, sc.gpart, cfg.inv_scale
+        grads, _addresses(bucket, sc), bucket.active, tt.tile_seg, tt.tile_start, tt.tile_len, sc.gpart, cfg.inv_scale
     )
