@@ -40,18 +40,25 @@ MUTANTS: list[tuple[str, str, str, int]] = [
     ("vector lanes rotated", "x[k * E + j] = Cvt<T>::in(e[j]);", "x[k * E + j] = Cvt<T>::in(e[(j + 1) % E]);", 0),
     ("reads has_state that the same launch updates", "p.snap[2 * s + 1] != 0.f", "a.s.has_state[s] != 0.f", 0),
     ("no first __syncthreads in the block sum", "  __syncthreads();\n#pragma unroll\n  for (int k = 0; k < N; ++k) {", "\n#pragma unroll\n  for (int k = 0; k < N; ++k) {", 0),
-    ("128-bit-safe flag ignored", "if (vec_ok && (st % VEC) == 0)", "if ((st % VEC) == 0)", 0),
+    ("128-bit-safe flag ignored", "if (vec && (st % VEC) == 0)", "if ((st % VEC) == 0)", 0),
     ("wrong vector chunk index", "reinterpret_cast<const uint4*>(p)[k]", "reinterpret_cast<const uint4*>(p)[0]", 0),
     # and a few more
     ("no grid barrier (LAMB)", "    if (phase == 0) grid_barrier();\n", "\n", 1),
     ("a tile of each block's range skipped (LAMB phase 2)", "for (int64_t t = r.a; t < r.b; ++t) {", "for (int64_t t = r.a + 1; t < r.b; ++t) {", 3),
-    ("scalar tail writes one element past the tile", "i < len; i += kThreads) f.template run<1>", "i <= len; i += kThreads) f.template run<1>", 0),
+    ("scalar tail writes one element past the tile", "i < len; i += kThreads) f.template run<1, false>", "i <= len; i += kThreads) f.template run<1, false>", 0),
     ("segment reduction skips partials", "t < t1; t += kThreads) {", "t < t1; t += 2 * kThreads) {", 0),
     ("GradScaler skip ignored (LAMB)", "  if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes\n", "\n", 1),
     ("global grad norm sums inactive tiles", "if (active[p.tile_seg[t]] != 0.f) x[0] += gpart[t];", "x[0] += gpart[t];", 0),
-    ("master weights not written back", "    if constexpr (MASTER) vstore<M>(m + i, w);\n", "\n", 0),
+    ("master weights not written back", "    if constexpr (MASTER) vstore<M, V>(m + i, w);\n", "\n", 0),
     ("LAMB pass 2 bias correction with the old step", "const double t_new = static_cast<double>(p.snap[2 * s]) + 1.0;", "const double t_new = static_cast<double>(p.snap[2 * s]);", 0),
     ("cooperative grid not capped at the resident blocks", "const int64_t g = T < resident ? (T > 0 ? T : 1) : resident;", "const int64_t g = T > 0 ? T : 1;", 0),
+    # the address table (issue #14): per-segment bases at any offset, inactive segments, the FSDP2 split
+    ("128-bit access decided from the param base alone", "vec = ((bp | bg | bm | b0 | b1) & 15) == 0;", "vec = (bp & 15) == 0;", 0),
+    ("inactive segment not skipped (LAMB phase 1)", "if (a.s.active[s] == 0.f) continue;  // NOTE [Inactive segments]", "", 1),
+    ("segment's pointers from the wrong segment", "return row < b.rows ? b.base[row * b.num_segs + s] : 0;", "return row < b.rows ? b.base[row * b.num_segs + (s > 0 ? s - 1 : s)] : 0;", 0),
+    ("apply recomputes the sums from the partials", "  if (p.ssq_in) {", "  if (false) {", 0),
+    ("split sums of inactive segments not zero", "if (!skip && active[s] != 0.f) segment_sums(p, s, x);", "if (!skip) segment_sums(p, s, x);", 0),
+    ("LAMB partial rows swapped", "  x[1] = f.su;\n  x[2] = f.sg;", "  x[1] = f.sg;\n  x[2] = f.su;", 0),
 ]
 
 
