@@ -269,6 +269,30 @@ void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2) {
   body(omp_get_thread_num(), omp_get_num_threads());
 }
 
+// NOTE: [Partials run backwards]
+// Phase 1 of a split step (NOTE [Phases]) cannot be fused with pass 2 group by group: pass 2 needs
+// the sums of every rank first. So that pass 2 (run_plan: groups in order, each thread's tiles of a
+// group backwards) still starts on cached data, phase 1 visits the groups in REVERSE order, each
+// thread the same tiles of a group as in run_plan, forwards: the data phase 1 touched last is the
+// data phase 2 touches first. Order does not change results (one partial per tile).
+template <class P1>
+void run_pass1_reverse(const Plan& p, int nth, P1&& pass1) {
+  const int64_t G = static_cast<int64_t>(p.groups.size());
+  auto body = [&](int tid, int nt) {
+    for (int64_t k = G - 1; k >= 0; --k) {
+      int64_t a = 0, b = 0;
+      split(p, p.groups[k], tid, nt, a, b);
+      for (int64_t t = a; t < b; ++t) pass1(t);
+    }
+  };
+  if (nth <= 1) {
+    body(0, 1);
+    return;
+  }
+#pragma omp parallel num_threads(nth)
+  body(omp_get_thread_num(), omp_get_num_threads());
+}
+
 // Tile t of the plan, as the kernels take it: its segment's base pointers, its offset and length.
 TileArgs tile_of(const std::vector<TileArgs>& bases, const Plan& p, int64_t t) {
   TileArgs a = bases[p.t_seg[t]];
@@ -502,9 +526,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     k.lars_sumsq(a, g.variant, gscale, lam, &part[3 * t]);
   };
   if (phase == 1) {
-    at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) pass1(t);
-    });
+    run_pass1_reverse(p, nth, pass1);
     for (int64_t si = 0; si < NS; ++si) {
       double ssq[3];
       segment_sums<3>(p, part, si, ssq);
@@ -595,9 +617,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   // part rows per tile: w^2, g^2, u^2; sums rows (NOTE [Phases]): w^2, u^2, g^2
   constexpr int kRow[3] = {0, 2, 1};
   if (phase == 1) {
-    at::parallel_for(0, p.num_tiles(), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) pass1(t);
-    });
+    run_pass1_reverse(p, nth, pass1);
     for (int64_t si = 0; si < NS; ++si) {
       double ssq[3];
       segment_sums<3>(p, part, si, ssq);
