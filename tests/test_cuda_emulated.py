@@ -472,3 +472,27 @@ def test_global_clip_skips_layers_without_grad(emu):
 
     assert_backend_matches_reference(fusedlars.LAMB, "cuda", SHAPES, steps=3, grad_fn=grads, lr=1e-2,
                                      weight_decay=1e-2, max_grad_norm=0.05)
+
+
+def test_compiled_step_refreshes_its_own_address_table(emu, monkeypatch):
+    """NOTE [Addresses in a compiled step] (cuda.py): a traced step cannot read data_ptr(); the opaque op
+    cuda_addresses rewrites the table of compiled steps from the tensors at run time, so fresh grads
+    (new addresses every step after zero_grad()) and a param losing its grad are seen."""
+    from fusedlars.kernels import cuda as K
+
+    emu()
+    params, opt = run_named(fusedlars.LARS, "cuda", SHAPES, steps=1, weight_decay=1e-3)
+    b = opt.buckets()[0]
+    sc = K._scratch(b, "LARS")
+    for t in range(3):
+        gs = make_named_grads(params, t)
+        for (n, p), g in zip(params, gs, strict=True):
+            p.grad = None if (n == "c" and t == 1) else g.clone()
+        opt._prepare_step()  # the eager prelude: refresh
+        with monkeypatch.context() as mp:
+            mp.setattr(torch.compiler, "is_compiling", lambda: True)
+            table = K._addresses(b, sc)
+        assert table is sc.traced_addr
+        assert torch.equal(table, b.address_table(sc.kinds)), t
+        empty = sum(p.numel() == 0 for _, p in params)  # an empty tensor's data_ptr() is 0 (it has no tile)
+        assert (table[1] == 0).sum() == empty + (1 if t == 1 else 0)

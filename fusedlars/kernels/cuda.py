@@ -171,9 +171,8 @@ class _Scratch:
         self.ssq = torch.zeros((3, S), dtype=torch.float64, device=dev)  # the split's per-segment sums
         self.group_seg = torch.tensor(_groups(bucket, kind), dtype=torch.int64, device=dev)
         self.clip = CachedScalar(dev, torch.float64)  # LAMB's clip_coef when given as a float
-        # Bucket.address_table returns the same tensor object every call (contents rewritten when an
-        # address changes): a compiled step reads this one (refreshed eagerly by prepare()).
-        self.addr = bucket.address_table(self.kinds)
+        # NOTE [Addresses in a compiled step]: the table of compiled steps
+        self.traced_addr = torch.zeros((len(self.kinds), S), dtype=torch.int64, device=dev)
 
 
 def _groups(bucket: Bucket, kind: str) -> list[int]:
@@ -208,20 +207,43 @@ def _scratch(bucket: Bucket, kind: str) -> _Scratch:
 
 def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph or a CUDA graph
-    capture) and refresh its address table; returns them."""
+    capture); returns them."""
     sc = _scratch(bucket, kind)
     t = sc.tiles
-    bucket.address_table(sc.kinds)
     return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.group_seg, sc.ssq,
-            sc.addr]  # fmt: skip
+            sc.traced_addr]  # fmt: skip
 
 
 def _addresses(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
-    """This step's address table: refreshed from the tensors' data pointers when eager; a traced step
-    cannot read data pointers and uses the table prepare() refreshed (NOTE [Compiled steps], base.py)."""
+    """This step's int64 ``[rows, S]`` address table.
+
+    NOTE: [Addresses in a compiled step] (as fusedlars/kernels/triton.py) Eager steps take the table
+    from :meth:`Bucket.address_table`. A compiled step cannot: dynamo does not trace ``data_ptr()``, and
+    its grads are graph inputs (a new tensor each step after ``zero_grad()``) whose addresses exist only
+    at run time. It uses a table of its own (``_Scratch.traced_addr``, allocated by :func:`prepare` in
+    the eager prelude, marked static) that the opaque op ``fusedlars::cuda_addresses`` refreshes from the
+    tensors themselves before the step's op reads it. Its own: each writer skips the copy when the
+    addresses equal the ones *it* wrote last, so a table shared by both kinds of steps could go stale."""
     if torch.compiler.is_compiling():
-        return sc.addr
+        torch.ops.fusedlars.cuda_addresses(sc.traced_addr, [t for k in sc.kinds for t in bucket.tensors_of(k)])
+        return sc.traced_addr
     return bucket.address_table(sc.kinds)
+
+
+_last_written: dict[int, tuple[int, ...]] = {}  # traced table's data_ptr -> the addresses the op wrote last
+
+
+@torch.library.custom_op("fusedlars::cuda_addresses", mutates_args=("table",))
+def _cuda_addresses(table: torch.Tensor, tensors: list[torch.Tensor | None]) -> None:
+    """Writes the base addresses of ``tensors`` (0 for None), row-major, into ``table`` when they
+    differ from what this op wrote there last (NOTE [Addresses in a compiled step]). Opaque: never traced."""
+    ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
+    if _last_written.get(table.data_ptr()) != ptrs:
+        table.copy_(torch.tensor(ptrs, dtype=torch.int64).view(table.shape))
+        _last_written[table.data_ptr()] = ptrs
+
+
+_cuda_addresses.register_fake(lambda table, tensors: None)
 
 
 def _lists(bucket: Bucket, sc: _Scratch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
