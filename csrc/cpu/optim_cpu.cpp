@@ -51,6 +51,10 @@
 // w^2, g^2, (g + lam*w)^2; LAMB rows w^2, u^2, g^2 as fusedlars/kernels/torch.py), 2 takes the
 // (all-reduced) sums from `sums` and runs the scalars and pass 2. LAMB's pass 1 writes the moments,
 // so phase 2 must follow phase 1 exactly once. Phase 0 (a whole step) is bitwise phase 1 then 2.
+// Carried weight norms work across phases too: phase 1 takes a carried segment's LOCAL ||w||^2
+// from w_sumsq (reading only g) and phase 2 writes the new local one. The sum of squares of
+// g + lam*w (the reported u_norm, not used by the math when weight norms are carried) is then not
+// known across ranks: phase 1 puts NaN in its row, so u_norm reads NaN for such a segment.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -62,6 +66,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -461,12 +466,11 @@ Common check_common(const at::Tensor& wd_mask, const at::Tensor& adapt_mask, con
 }
 
 // `sums` of NOTE [Phases]: float64 [3, S], or nullptr for phase 0.
-double* check_phase(int64_t phase, const std::optional<at::Tensor>& sums, int64_t S, bool carried) {
+double* check_phase(int64_t phase, const std::optional<at::Tensor>& sums, int64_t S) {
   TORCH_CHECK(phase >= 0 && phase <= 2, "fusedlars cpu: phase must be 0, 1 or 2, got ", phase);
   if (phase == 0) return nullptr;
   TORCH_CHECK(sums.has_value(), "fusedlars cpu: phase ", phase, " needs a sums tensor");
   check_table(*sums, "sums", at::kDouble, 3 * S);
-  TORCH_CHECK(!carried, "fusedlars cpu: carried weight norms are not used with phases");
   return sums->data_ptr<double>();
 }
 
@@ -490,7 +494,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const int mom = o.momentum != 0.0;
   TORCH_CHECK(!mom || !momentum.empty() || params.empty(), "fusedlars cpu: momentum != 0 needs momentum buffers");
   const Segments g = check_segments(params, grads, masters, mom ? momentum : at::TensorList(), {}, seg_ids, c.S);
-  double* ext = check_phase(phase, sums, c.S, w_sumsq.has_value());
+  double* ext = check_phase(phase, sums, c.S);
   if (c.skip) return;
   const float gscale = static_cast<float>(o.maximize ? -c.inv_scale : c.inv_scale);
   double* wss = nullptr;
@@ -530,6 +534,10 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     for (int64_t si = 0; si < NS; ++si) {
       double ssq[3];
       segment_sums<3>(p, part, si, ssq);
+      if (carried[si]) {  // NOTE [Phases]: the local carried ||w||^2; u unknown
+        ssq[0] = wss[p.seg[si]];
+        ssq[2] = std::numeric_limits<double>::quiet_NaN();
+      }
       for (int j = 0; j < 3; ++j) ext[j * c.S + p.seg[si]] = ssq[j];
     }
     return;
@@ -547,7 +555,8 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         } else {
           segment_sums<3>(p, part, si, ssq);
         }
-        if (carried[si]) ssq[0] = wss[s];  // ssq[2] (0 here) is not used by the math: u_in_math is false
+        // ssq[2] (0 or NaN here) is not used by the math: u_in_math is false. Phase 2's sums are global.
+        if (carried[si] && phase == 0) ssq[0] = wss[s];
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
         const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
@@ -557,7 +566,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       [&](int64_t t, int slot) {
         const TileArgs a = tile_of(g.bases, p, t);
         const int64_t si = p.t_seg[t];
-        const int carry = !wss ? kCarryNone : carried[si] ? kCarryWU : kCarryW;
+        const int carry = !wss ? kCarryNone : (carried[si] && phase == 0) ? kCarryWU : kCarryW;
         const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
         k.lars_update(a, g.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
                       wss ? &part2[2 * t] : nullptr);
@@ -569,7 +578,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     double wu[2];
     segment_sums<2>(p, part2, si, wu);
     wss[s] = wu[0];
-    if (carried[si]) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
+    if (carried[si] && phase == 0) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
   }
 }
 
@@ -587,7 +596,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   TORCH_CHECK(params.empty() || (exp_avg.size() == params.size() && exp_avg_sq.size() == params.size()),
               "fusedlars cpu: lamb_step_cpu needs exp_avg and exp_avg_sq for every param");
   const Segments g = check_segments(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, c.S);
-  double* ext = check_phase(phase, sums, c.S, false);
+  double* ext = check_phase(phase, sums, c.S);
   if (c.skip) return;
   double clip = 1.0;
   if (clip_coef) {

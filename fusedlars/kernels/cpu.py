@@ -132,7 +132,7 @@ def _lists(bucket: Bucket, *names: str) -> list[list[torch.Tensor]]:
 
 def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None) -> None:
     hyper, modes = lars_options(cfg)
-    wss = bucket.carry_buffer() if cfg.carry_w and phase == 0 else None
+    wss = bucket.carry_buffer() if cfg.carry_w else None
     mom = ("momentum_buffer",) if cfg.uses_buffer else ()
     params, grads, masters, *moms = _lists(bucket, "param", "grad", "master", *mom)
     torch.ops.fusedlars.lars_step_cpu(

@@ -626,8 +626,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                     mod = self._backend_for(b, cfg)
                     # NOTE [Carried weight norms]: only across eager steps of a kernel that carries them
                     # (a compiled step cannot check the params' version counters at every call)
-                    sharded = b.shard is not None and b.shard.shard_dims
-                    if self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False) and not sharded:
+                    if self.carry_weight_norms and getattr(mod, "CARRIES_WEIGHT_NORMS", False):
                         cfg.carry_w = True
                     else:
                         b.drop_carry()
