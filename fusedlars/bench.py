@@ -324,11 +324,10 @@ def _stats(times_s: list[float]) -> dict[str, float]:
     return dict(median_ms=statistics.median(ms), q1_ms=q1, q3_ms=q3, iqr_ms=q3 - q1, min_ms=ms[0], max_ms=ms[-1])
 
 
-def _estimate_bytes(variants: list[Variant], n: int, elem: int) -> int:
-    # params + grads (own copy for references, which may modify grads in place; fusedlars copies
-    # the shared grads into its flat bucket) + state buffers, per variant; + shared grads + probe
-    per = {"lars": 3, "lars_carried": 3, "sgd": 3, "adamw": 4, "lamb": 4}
-    return n * elem * (sum(per[v.algo] for v in variants) + 2)
+def _estimate_bytes(variants: list[Variant], n: int, elem: int, grad_sets: int = 1) -> int:
+    # params + own grads (one set, two with --grads fresh) + state buffers, per variant; + shared grads + probe
+    per = {"lars": 2, "lars_carried": 2, "sgd": 2, "adamw": 3, "lamb": 3}
+    return n * elem * (sum(per[v.algo] + grad_sets for v in variants) + 2)
 
 
 def run(
@@ -380,7 +379,7 @@ def run(
     from .shapes import _available_bytes
 
     sel = [v for v in variants if not only or any(o in v.name for o in only)]
-    need, free = _estimate_bytes(sel, n, elem), _available_bytes(dev)
+    need, free = _estimate_bytes(sel, n, elem, 2 if grads == "fresh" else 1), _available_bytes(dev)
     if free is not None and need > 0.85 * free:
         raise MemoryError(
             f"{shapes} with {len(sel)} variants needs about {need / 2**30:.1f} GiB ({dtype}) but "

@@ -2,7 +2,7 @@
 // set (isa_avx512.cpp, isa_avx2.cpp, isa_generic.cpp; chosen at run time in optim_cpu.cpp).
 //
 // A tile is a slice [start, start + len) of ONE segment (len <= kTileElems). Kernels see raw
-// pointers to the bucket's flat buffers and only touch the tile's elements (never the pads).
+// pointers to the tile's segment (the user's tensors, fusedlars/buckets.py) and only touch the tile's elements.
 #pragma once
 
 #include <cstdint>

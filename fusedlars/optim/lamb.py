@@ -59,7 +59,7 @@ def lamb_config(group: dict[str, Any], inv_scale=None, found_inf=None, clip_coef
 
 
 class LAMB(BucketedOptimizer):
-    r"""LAMB over flat parameter buckets.
+    r"""LAMB over buckets of the user's parameters (fused kernels, one step per bucket).
 
     Default (paper) configuration, per layer::
 

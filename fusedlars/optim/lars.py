@@ -89,7 +89,7 @@ def lars_config(group: dict[str, Any], inv_scale=None, found_inf=None) -> LarsCo
 
 
 class LARS(BucketedOptimizer):
-    r"""Layer-wise Adaptive Rate Scaling over flat parameter buckets.
+    r"""Layer-wise Adaptive Rate Scaling over buckets of the user's parameters (fused kernels, one step per bucket).
 
     Per layer (parameter tensor) ``w`` with gradient ``g``, the default configuration is::
 
