@@ -65,7 +65,12 @@ def _is_dense(t: torch.Tensor) -> bool:
     """Non-overlapping and dense: its elements fill ``numel`` consecutive slots from ``data_ptr``."""
     if t.is_contiguous():
         return True
-    return t._is_non_overlapping_and_dense() if hasattr(t, "_is_non_overlapping_and_dense") else False
+    expected = 1  # the strides, smallest first, must be those of a contiguous permutation
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def dense_problem(t: torch.Tensor) -> str | None:

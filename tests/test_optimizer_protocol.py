@@ -539,3 +539,37 @@ def test_presets_listing_and_info():
     d = fusedlars.info()
     assert d["backends"]["torch"]["available"] and d["backends"]["reference"]["available"]
     assert d["torch"] == torch.__version__
+
+
+def test_a_strided_slice_param_is_refused_with_the_fix_before_anything_changes():
+    """A param the kernels cannot walk as one dense segment raises at the first step, naming the
+    param and the fix, and no param, grad or state has changed."""
+    base = torch.randn(6, 8)
+    good = nn.Parameter(torch.randn(5))
+    bad = nn.Parameter(base[:, ::2])  # a strided view: not dense
+    o = fusedlars.LARS([("good", good), ("bad", bad)], lr=0.1)
+    good.grad, bad.grad = torch.ones(5), torch.ones(6, 4)
+    before = (good.detach().clone(), bad.detach().clone())
+    with pytest.raises(Exception, match=r"bad.*not dense.*contiguous\(\)"):
+        o.step()
+    assert torch.equal(good, before[0]) and torch.equal(bad, before[1]) and len(o.state) == 0
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_channels_last_params_step_in_memory_order_like_the_reference(backend):
+    """A channels_last conv weight is dense with other strides: its state takes its strides and the
+    step equals the reference's on the contiguous copy."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 3, 3, 3).to(memory_format=torch.channels_last))
+    ref = nn.Parameter(w.detach().contiguous().clone())
+    o = fusedlars.LARS([w], lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
+    o_ref = fusedlars.LARS([ref], lr=0.1, momentum=0.9, weight_decay=1e-2, backend="reference")
+    for t in range(3):
+        g = torch.randn(8, 3, 3, 3)
+        w.grad = g.to(memory_format=torch.channels_last)
+        ref.grad = g.clone()
+        o.step()
+        o_ref.step()
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    assert o.state[w]["momentum_buffer"].stride() == w.stride()
+    torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
