@@ -135,8 +135,7 @@ class _Lists:
             for j, t in enumerate(self.get(name)):
                 if t.numel() == 0:
                     continue
-                flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)
-                cs = flat.split(_CHUNK) if flat.numel() > _CHUNK else (flat,)
+                cs = (t.view(-1) if t.is_contiguous() else t.reshape(-1)).split(_CHUNK) if t.numel() > _CHUNK else (t,)
                 out.extend(cs)
                 rows.extend([k * self.n + j] * len(cs))
         table = self._rows.get(names)
