@@ -14,7 +14,7 @@ import torch
 
 import fusedlars
 from fusedlars import kernels
-from helpers import make_named_grads, make_named_params
+from helpers import assert_bitwise_equal, make_named_grads, make_named_params, snapshot
 
 OK, WHY = kernels.status("cpu")
 pytestmark = pytest.mark.skipif(not OK, reason=f"cpu backend unavailable: {WHY}")
@@ -50,18 +50,13 @@ def _train(carry, *, dtype=torch.float32, master=False, between=None, cls=fusedl
         opt.step()
         b = opt.buckets()[0]
         trace += [b.w_norm.clone(), b.g_norm.clone(), b.u_norm.clone(), b.trust_ratio.clone()]
-    out = [p.detach().clone() for _, p in params] + trace
-    for b in opt.buckets():
-        out += [v.clone() for v in b.state.values()]
-        if b.flat_master is not None:
-            out.append(b.flat_master.clone())
+    # the params first (tests index them), then every state tensor, master and per-segment table
+    out = [p.detach().clone() for _, p in params] + trace + list(snapshot(opt).values())
     return out, opt
 
 
 def _assert_bitwise(a, b):
-    assert len(a) == len(b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"tensor {i}: {m}")
+    assert_bitwise_equal(a, b, "carried vs not carried")
 
 
 CONFIGS = {
@@ -121,7 +116,7 @@ def _inplace(t, params, opt):
 def _repoint(t, params, opt):
     if t == 2:
         with torch.no_grad():
-            params[5][1].data = params[5][1].detach() * 2.0  # no longer a view of the bucket
+            params[5][1].data = params[5][1].detach() * 2.0  # new storage, version counter kept: data_ptr moves
 
 
 def _load_model_state(t, params, opt):
@@ -218,6 +213,7 @@ def _pass1_sumsq(w: torch.Tensor, tile=16384, block=1024, lanes=16) -> float:
 def test_carried_sums_are_bitwise_pass_1_sums(dtype, master):
     _, opt = _train(True, dtype=dtype, master=master)
     b = opt.buckets()[0]
-    weights = b.master_views if b.master_views is not None else b.param_views
+    weights = [b.weights(i) for i in range(b.num_segments)]  # the fp32 masters if any, else the params
+    assert (b.master_tensors is not None) == master
     for i, w in enumerate(weights):
         assert b.w_sumsq[i].item() == _pass1_sumsq(w), f"segment {i}"

@@ -20,7 +20,16 @@ import torch
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
-from helpers import assert_backend_matches_reference, lamb_preset_fused, make_named_grads, make_named_params, run_named
+from helpers import (
+    assert_backend_matches_reference,
+    assert_bitwise_equal,
+    check_views_into_one_buffer,
+    lamb_preset_fused,
+    make_named_grads,
+    make_named_params,
+    run_named,
+    snapshot,
+)
 
 OK, WHY = kernels.status("cpu")
 
@@ -173,6 +182,25 @@ def test_inactive_params_unchanged():
     oa, _ = assert_same(fusedlars.LARS, grad_fn=grads, weight_decay=1e-3)
     b = oa.buckets()[0]
     assert b.step.tolist()[1] == 0 and b.has_state.tolist()[1] == 0
+    # "b" never had a grad: like torch.optim, no state at all (none in the state_dict either)
+    assert b.params[1] not in oa.state and all(lst[1] is None for lst in b.state_tensors.values())
+    assert 1 not in oa.state_dict()["state"] and 0 in oa.state_dict()["state"]
+    assert b.step.tolist()[5] == 2  # fc.weight: no grad at step 1, stepped at 0 and 2
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)],
+                         ids=str)
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
+def test_params_and_grads_that_are_views_into_one_buffer_step_in_place(cls, dtype, master):
+    """The kernels step the user's tensors where they are, even views at odd element offsets into one
+    buffer (ZeRO's flat params, DDP's gradient bucket views): never re-pointed, nothing else of the
+    buffers written, the reference's numbers (tests/helpers.py check_views_into_one_buffer)."""
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3) if cls is fusedlars.LARS else dict(lr=1e-2, weight_decay=1e-2)
+    eps = torch.finfo(dtype).eps
+    tol = (1e-5, 1e-6) if dtype == torch.float32 else (4 * eps, 4 * eps)
+    opt = check_views_into_one_buffer(cls, "cpu", dtype=dtype, master_weights=master, rtol=tol[0], atol=tol[1], **kw)
+    assert opt.backends_in_use() == ["cpu"]
 
 
 @pytestmark_ext
@@ -191,18 +219,14 @@ def test_grad_scaler_protocol(cls):
         opt.grad_scale = torch.tensor(scale)
         opt.found_inf = torch.tensor(0.0)
         opt.step()
-        if t == 1:  # an overflowing step in between: nothing may change
-            before = [p.detach().clone() for _, p in params]
-            b = opt.buckets()[0]
-            snap = {k: v.clone() for k, v in b.state.items()}
-            side = [x.clone() for x in (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)]
+        if t == 1:  # an overflowing step in between: nothing may change (params, state, tables: bitwise)
+            before = snapshot(opt)
+            assert before["bucket 0 step"].tolist() == [2.0] * len(params)
             for _, p in params:
                 p.grad.fill_(float("inf"))
             opt.found_inf = torch.tensor(1.0)
             opt.step()
-            assert all(torch.equal(x, p.detach()) for x, (_, p) in zip(before, params))
-            assert all(torch.equal(snap[k], b.state[k]) for k in snap)
-            assert all(torch.equal(x, y) for x, y in zip(side, (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)))
+            assert_bitwise_equal(before, snapshot(opt), "a skipped step changed something")
     for (_, a), (_, r) in zip(params, ref):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-7)  # scale is a power of two: near exact
 
@@ -250,8 +274,7 @@ def _det_run():
     out = []
     for cls, kw in ((fusedlars.LARS, dict(weight_decay=1e-3)), (fusedlars.LAMB, dict(weight_decay=1e-2, lr=1e-2))):
         ps, opt = run(cls, "cpu", steps=2, shapes=SHAPES + [("big", (300_001,))], **kw)
-        b = opt.buckets()[0]
-        out += [p.detach() for _, p in ps] + [b.w_norm, b.g_norm, b.u_norm, *b.state.values()]
+        out += [p.detach() for _, p in ps] + list(snapshot(opt).values())  # state, tables
     return out
 
 
@@ -275,19 +298,19 @@ def test_bitwise_same_for_1_and_2_threads_and_any_grouping(tmp_path):
         two = _det_run()
     finally:
         torch.set_num_threads(n)
-    assert all(torch.equal(x, y) for x, y in zip(one, two)), "1 and 2 threads differ"
+    assert_bitwise_equal(one, two, "1 and 2 threads differ")
     # many small cache groups (the group budget is read once per process: use a child)
     path = str(tmp_path / "grouped.pt")
     env = dict(os.environ, FUSEDLARS_CPU_GROUP_BYTES="4096")
     code = _CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)), path=path)
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     grouped = torch.load(path)
-    assert all(torch.equal(x, y) for x, y in zip(two, grouped)), "grouping changed the results"
+    assert_bitwise_equal(two, grouped, "grouping changed the results")
     # pass 2 forwards instead of backwards (NOTE [Pass 2 runs backwards]): the order must not matter
     env = dict(os.environ, FUSEDLARS_CPU_P2_REVERSE="0", FUSEDLARS_CPU_GROUP_BYTES="65536")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     forward = torch.load(path)
-    assert all(torch.equal(x, y) for x, y in zip(two, forward)), "the pass-2 order changed the results"
+    assert_bitwise_equal(two, forward, "the pass-2 order changed the results")
 
 
 @pytestmark_ext
@@ -353,26 +376,48 @@ def test_grad_sumsq_matches_reference():
 
 
 @pytestmark_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", ["lars", "lamb", "sumsq"])
-def test_opcheck(op):
+def test_opcheck(op, dtype):
+    """torch.library.opcheck (schema and aliasing, fake kernel, autograd registration, AOT dispatch) on
+    the ops as the backend calls them: lists over the ACTIVE segments (segment 1 inactive here), their
+    bucket indices in ``seg_ids``, the per-segment tables over all segments; every phase."""
     kind = fusedlars.LARS if op == "lars" else fusedlars.LAMB
-    _, opt = run(kind, "cpu", steps=1, shapes=SHAPES[:4], lr=1e-2)
+    master = dtype != torch.float32
+    _, opt = run(kind, "cpu", steps=1, shapes=SHAPES[:4], lr=1e-2, dtype=dtype, master=master)
     b = opt.buckets()[0]
-    segs = (b.seg_offset, b.seg_numel, b.wd_mask, b.adapt_mask, b.active, b.has_state, b.step,
-            b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)  # fmt: skip
+    ids = [0, 2, 3]
+    seg_ids = torch.tensor(ids, dtype=torch.int64)
+    params = [b.param_tensors[i].detach() for i in ids]  # (the kernels write params under no_grad)
+    grads = [b.params[i].grad for i in ids]
+    masters = [b.master_tensors[i] for i in ids] if master else []
+    state = {n: [b.state_tensors[n][i] for i in ids] for n in b.state_names}
+    assert all(t is not None for t in grads + masters + [t for v in state.values() for t in v])
+    assert all(m.dtype == torch.float32 for m in masters) and len(masters) == (3 if master else 0)
+    tables = (b.wd_mask, b.adapt_mask, b.has_state, b.step, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)
+    S = b.num_segments
     lr = torch.tensor(1e-2, dtype=torch.float64)  # the ops take lr as a 0-dim float64 tensor
+    # phase 0: a whole step; 1: the partial sums into `sums` [3, S]; 2: the update from (reduced) sums
+    phases = [(0, None), (1, torch.zeros(3, S, dtype=torch.float64)),
+              (2, torch.rand(3, S, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5)]
     if op == "lars":
         hyper = [0.9, 0.0, 1e-4, 1e-3, 1e-8, 0.0, float("inf"), 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0]
         modes = [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]
-        for wss in (None, torch.full((b.num_segments,), -1.0, dtype=torch.float64)):  # carried norms off / on
-            args = (b.flat_param, b.flat_grad, None, b.state["momentum_buffer"], *segs, lr, torch.tensor(0.5),
-                    torch.tensor(0.0), wss, hyper, modes)  # fmt: skip
-            torch.library.opcheck(torch.ops.fusedlars.lars_step_cpu.default, args)
+        for phase, sums in phases:
+            for wss in (None, torch.full((S,), -1.0, dtype=torch.float64)):  # carried norms off / on
+                args = (params, grads, masters, state["momentum_buffer"], seg_ids, *tables, lr, torch.tensor(0.5),
+                        torch.tensor(0.0), wss, sums, phase, hyper, modes)  # fmt: skip
+                torch.library.opcheck(torch.ops.fusedlars.lars_step_cpu.default, args)
     elif op == "lamb":
-        args = (b.flat_param, b.flat_grad, None, b.state["exp_avg"], b.state["exp_avg_sq"], *segs, lr, None, None,
-                torch.tensor(2.0), [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, float("inf"), 0.0],
-                [0, 0, 0, 1, 0, 0])  # fmt: skip
-        torch.library.opcheck(torch.ops.fusedlars.lamb_step_cpu.default, args)
+        for phase, sums in phases:
+            args = (params, grads, masters, state["exp_avg"], state["exp_avg_sq"], seg_ids, *tables, lr, None, None,
+                    torch.tensor(2.0, dtype=torch.float64), sums, phase,
+                    [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, float("inf"), 0.0],
+                    [0, 0, 0, 1, 0, 0])  # fmt: skip
+            torch.library.opcheck(torch.ops.fusedlars.lamb_step_cpu.default, args)
     else:
-        args = (b.flat_grad, b.seg_offset, b.seg_numel, b.active, torch.tensor(0.5))
+        args = (grads, torch.tensor(0.5))
         torch.library.opcheck(torch.ops.fusedlars.grad_sumsq_cpu.default, args)
+        want = sum(float((g.double() * 0.5).square().sum()) for g in grads)
+        torch.testing.assert_close(float(torch.ops.fusedlars.grad_sumsq_cpu(grads, torch.tensor(0.5))), want,
+                                   rtol=1e-6, atol=0)

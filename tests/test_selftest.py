@@ -71,9 +71,10 @@ def _perturb_after(monkeypatch, module, fn_name, edit):
 
 def _one_weight(bucket, rel=1e-4):
     # one element of the 4097-element param, 10x the fp32 rtol per step; the master weight with it
-    bucket.param_views[2].view(-1)[7] *= 1 + rel
-    if bucket.flat_master is not None:
-        bucket.master_views[2].view(-1)[7] *= 1 + rel
+    with torch.no_grad():
+        bucket.param_tensors[2].view(-1)[7] *= 1 + rel
+        if bucket.master_tensors is not None:
+            bucket.master_tensors[2].view(-1)[7] *= 1 + rel
 
 
 def test_a_perturbed_weight_fails_and_exits_1(monkeypatch, capsys):
@@ -97,7 +98,7 @@ def test_a_perturbed_weight_fails_and_exits_1(monkeypatch, capsys):
 
 def test_a_perturbed_optimizer_state_fails(monkeypatch):
     def edit(bucket):
-        bucket.state_views["exp_avg"][2].view(-1)[7] *= 1.01  # one element of the state, nothing else
+        bucket.state_tensors["exp_avg"][2].view(-1)[7] *= 1.01  # one element of the state, nothing else
 
     # one step: the params cannot have seen the perturbed moment, only the state check can
     _perturb_after(monkeypatch, kernels.get("torch"), "lamb_step", edit)
@@ -113,6 +114,9 @@ def test_the_perturbation_is_seen_on_the_cpu_backend_too(monkeypatch):
     report = selftest.run_selftest("cpu", ["cpu", "torch"], optimizers=["LAMB+clip"])
     assert [(r.backend, r.dtype, r.status) for r in report.results] == [
         ("cpu", "fp32", "FAIL"), ("cpu", "bf16", "FAIL"), ("torch", "fp32", "PASS"), ("torch", "bf16", "PASS")]
+    # failed on the numbers (not on an error of the edit): the perturbed weight, and in bf16 its fp32 master
+    assert report.results[0].reason.startswith("param c: "), report.results[0].reason
+    assert any(c.startswith("master weights") for c in report.results[1].failed_checks), report.results[1]
 
 
 def _unavailable(monkeypatch, names, why="test: pretend it is not built"):

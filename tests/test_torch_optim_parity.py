@@ -96,6 +96,9 @@ def test_copy_with_params_that_never_stepped_keeps_first_step_semantics():
     opt.step()
     twin = copy.deepcopy(opt)
     qs = opt_params(twin)
+    # as in torch.optim, a param that never had a grad has no state, in the original and in the copy
+    assert ps[1] not in opt.state and qs[1] not in twin.state
+    assert qs[0] in twin.state and twin.state[qs[0]]["momentum_buffer"] is not opt.state[ps[0]]["momentum_buffer"]
     for t in range(1, 3):
         step(opt, ps, t)
         step(twin, qs, t)
