@@ -51,7 +51,7 @@ from typing import Any, MutableMapping
 
 import torch
 
-from .distributed import as_dtensor_like, is_dtensor, local_tensor
+from .distributed import as_dtensor_like, dtensor_class, is_dtensor, local_tensor
 
 __all__ = ["Bucket", "TileTable", "state_dtype_for", "grad_mismatch", "dense_problem"]
 
@@ -268,6 +268,8 @@ class Bucket:
     def check(self) -> None:
         """Validation that must pass before anything is mutated: every param still has its shape,
         dtype, device and a dense layout; every grad matches its param."""
+        if self.shard is None and self._plain_ok():
+            return
         for i, p in enumerate(self.params):
             loc = local_tensor(p)
             if tuple(loc.shape) != self.shapes[i] or loc.dtype != self.dtype or loc.device != self.device:
@@ -291,6 +293,26 @@ class Bucket:
             if why:
                 raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
 
+    def _plain_ok(self) -> bool:
+        """The common case of :meth:`check` for plain (not sharded) params, cheaply: True when all is
+        well; False sends :meth:`check` through its full walk, which names what is wrong. This is
+        per-step host time on every step (161 params of ResNet-50: ~0.1 ms instead of ~0.4)."""
+        dt_cls = dtensor_class()
+        dtype, dev, strided = self.dtype, self.device, torch.strided
+        for p, shape in zip(self.params, self.shapes):
+            if p.shape != shape or p.dtype != dtype or p.device != dev:
+                return False
+            if not p.is_contiguous() and dense_problem(p):
+                return False
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout is not strided or g.shape != shape or g.dtype != dtype or g.device != dev:
+                return False
+            if dt_cls is not None and (isinstance(g, dt_cls) or isinstance(p, dt_cls)):
+                return False
+        return True
+
     def refresh(self, state: MutableMapping[torch.Tensor, dict]) -> None:
         """This step's tensors (host side, after :meth:`check`): locals and grads of the params,
         state from ``state`` (the optimizer's ``state``), created zero-filled for a segment that has
@@ -298,8 +320,9 @@ class Bucket:
         (NOTE [Versions])."""
         active = []
         changed = []  # params written outside our steps: drop their carried norm, re-sync masters
+        plain = self.shard is None
         for i, p in enumerate(self.params):
-            loc = local_tensor(p)
+            loc = p if plain else local_tensor(p)
             self.param_tensors[i] = loc
             seen = self._versions[i]
             if seen is not None and (loc.data_ptr(), loc._version) != seen:
@@ -307,8 +330,10 @@ class Bucket:
                 self._versions[i] = None
             g = p.grad
             if g is not None:
-                g = local_tensor(g)
-                if g.stride() != loc.stride() and g.numel() > 1:
+                if not plain:
+                    g = local_tensor(g)
+                # same shape and both contiguous: the same element order (no stride tuples to compare)
+                if not (g.is_contiguous() and loc.is_contiguous()) and g.stride() != loc.stride() and g.numel() > 1:
                     scratch = self._grad_scratch.get(i)
                     if scratch is None:
                         scratch = self._grad_scratch[i] = torch.empty_like(loc)
@@ -352,9 +377,8 @@ class Bucket:
                     self.master_tensors[i] = None
                 return
             st = state[p] = {}
-        names = self.state_names + (("master_weight",) if self.uses_masters else ())
-        ids = tuple(id(st.get(n)) for n in names) + (id(st.get("step")),)
-        if ids == self._seen_state[i]:
+        keys = self.state_names + (("master_weight",) if self.uses_masters else ()) + ("step",)
+        if tuple(map(id, map(st.get, keys))) == self._seen_state[i]:  # builtins only: per-step host time
             return
         sdt = self.state_dtype
         fresh = False
@@ -399,7 +423,7 @@ class Bucket:
                 st["step"] = self._step_views[i]
             # a segment whose state came from outside (load_state_dict) has stepped; fresh state has not
             self.has_state[i] = 0.0 if fresh else (1.0 if any(n in st for n in self.state_names) or s is not None else 0.0)
-        self._seen_state[i] = tuple(id(st.get(n)) for n in names) + (id(st.get("step")),)
+        self._seen_state[i] = tuple(map(id, map(st.get, keys)))
 
     def loaded(self, state: MutableMapping[torch.Tensor, dict]) -> None:
         """After ``load_state_dict`` (NOTE [Loading in place], fusedlars/optim/base.py): adopt the

@@ -54,10 +54,15 @@ class LayoutError(RuntimeError):
     """The ranks' optimizer layouts differ, or a param group mixes incompatible parameters."""
 
 
-def is_dtensor(t: Any) -> bool:
-    # No DTensor can exist before torch.distributed.tensor is imported: no import cost here.
+def dtensor_class() -> type | None:
+    """``DTensor``, or None while ``torch.distributed.tensor`` is not imported (then no DTensor can
+    exist: no import cost here)."""
     mod = sys.modules.get("torch.distributed.tensor")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = dtensor_class()
     return cls is not None and isinstance(t, cls)
 
 
