@@ -1,16 +1,21 @@
-"""Backends: one module per backend, each exposing the same functions.
+"""Backends: one module per backend, each providing :class:`fusedlars.kernels.protocol.Backend`.
 
-``available() -> (bool, reason)``, ``lars_step(bucket, cfg)``, ``lamb_step(bucket, cfg)``,
-``grad_sumsq(bucket, cfg)`` and, for fused backends, ``supports(kind, cfg, bucket) -> str | None``
-(None when the combination is fused, else the reason it is not). A backend that caches per-bucket
-tables or scratch lazily also has ``prepare(bucket, kind) -> list[Tensor]``, which builds them at
-once and returns them (a compiled or captured step must not allocate them mid-graph).
+``NAME``, ``available() -> (bool, reason)``, ``supports(kind, cfg, bucket) -> str | None`` (None
+when the combination runs there, else the reason it does not), ``lars_step(bucket, cfg)``,
+``lamb_step(bucket, cfg)``, ``grad_sumsq(bucket, cfg)``, the FSDP2 split ``lars_partials`` /
+``lars_apply`` / ``lamb_partials`` / ``lamb_apply`` (None where the backend has none),
+``prepare(bucket, kind) -> list[Tensor]``, which builds the per-bucket tables and scratch a step
+caches in ``bucket.cache[NAME]`` at once and returns them (a compiled or captured step must not
+allocate them mid-graph), and ``CARRIES_WEIGHT_NORMS``. The optimizers call the kernels of their
+kind through a :class:`fusedlars.kernels.protocol.KernelSet`.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from .protocol import Backend
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "reference")
 
@@ -44,14 +49,14 @@ def status(name: str) -> tuple[bool, str]:
     return mod.available()
 
 
-def get(name: str) -> ModuleType:
+def get(name: str) -> Backend:
     """The backend module ``name``; raises with the reason when it is not available."""
     ok, why = status(name)
     if not ok:
         raise RuntimeError(f"backend={name!r} is not available: {why}. `python -m fusedlars info` lists the backends.")
     mod = _load(name)
     assert isinstance(mod, ModuleType)
-    return mod
+    return mod  # type: ignore[return-value]  # a module providing Backend
 
 
 def auto_order(device_type: str) -> tuple[str, ...]:

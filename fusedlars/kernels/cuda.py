@@ -142,6 +142,10 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     return check_fused(kind, cfg, bucket, DEVICE_TYPE, "CUDA", _SCALAR_DTYPES)
 
 
+#: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
+CARRIES_WEIGHT_NORMS = False
+
+
 # ------------------------------------------------------------------------------------------
 # per-bucket cached device tables and scratch (allocated once: nothing allocates in a step)
 # ------------------------------------------------------------------------------------------

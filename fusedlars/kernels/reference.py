@@ -51,6 +51,20 @@ def available() -> tuple[bool, str]:
     return True, "pure PyTorch, float64, one parameter at a time (the specification)"
 
 
+# The backend contract (fusedlars.kernels.protocol.Backend): every configuration runs here, nothing is
+# cached per bucket, no weight norms are carried, and there is no partials/apply split (FSDP2).
+def supports(kind: str, cfg, bucket: Bucket) -> str | None:
+    return None
+
+
+def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+    return []
+
+
+CARRIES_WEIGHT_NORMS = False
+lars_partials = lars_apply = lamb_partials = lamb_apply = None
+
+
 def _f64(x):
     if isinstance(x, torch.Tensor):
         return x.to(torch.float64).reshape(())

@@ -49,6 +49,15 @@ def available() -> tuple[bool, str]:
     return True, f"pure PyTorch {torch.__version__}, torch._foreach_* over per-layer tensor lists"
 
 
+def supports(kind: str, cfg, bucket: Bucket) -> str | None:
+    """Every configuration runs here (the fallback of backend='auto')."""
+    return None
+
+
+#: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
+CARRIES_WEIGHT_NORMS = False
+
+
 # NOTE: [Accurate norms]
 # torch's CPU norm kernels accumulate fp32 in fp32 lanes: the relative error of a sum of squares
 # grows with the tensor (measured on torch 2.13: ~1e-6 at 64K elements, 6e-6 at 2.4M, 3e-5 at

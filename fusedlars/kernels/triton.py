@@ -128,6 +128,10 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     return check_scalars(cfg, bucket.device) or check_kind(kind)
 
 
+#: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
+CARRIES_WEIGHT_NORMS = False
+
+
 # ------------------------------------------------------------------------------------------
 # per-bucket cached device tensors
 # ------------------------------------------------------------------------------------------

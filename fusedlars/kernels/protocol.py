@@ -1,0 +1,94 @@
+"""The contract between the optimizers and a backend module, and the kernel table of each optimizer kind.
+
+Every backend module (``fusedlars.kernels.cpu``, ``cuda``, ``triton``, ``torch``, ``reference``)
+defines every name of :class:`Backend`; a capability it lacks is declared, not missing:
+``lars_partials`` / ``lars_apply`` / ``lamb_partials`` / ``lamb_apply`` are ``None`` where the
+backend has no split around the cross-rank norm reduction (FSDP2), ``supports`` returns ``None``
+where every configuration runs, ``prepare`` returns ``[]`` where nothing is cached, and
+``CARRIES_WEIGHT_NORMS`` is False where the kernels do not carry weight norms across steps.
+
+The optimizers never build kernel names: an optimizer class declares its :class:`KernelSet`
+(``LARS_KERNELS`` or ``LAMB_KERNELS``), which reads the module's attribute at each call (a
+function replaced on the module, as tests do, is the one that runs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..buckets import Bucket
+
+StepFn = Callable[["Bucket", Any], None]
+PartialsFn = Callable[["Bucket", Any], "tuple[torch.Tensor, Any]"]
+ApplyFn = Callable[["Bucket", Any, "torch.Tensor", Any], None]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend module provides (each module satisfies it: tests/test_backend_protocol.py)."""
+
+    #: the name ``backend=`` selects it by, and ``backends_in_use()`` reports
+    NAME: str
+    #: whether ``cfg.carry_w`` is honoured (NOTE [Carried weight norms])
+    CARRIES_WEIGHT_NORMS: bool
+    #: the sharded (FSDP2) split: phase 1 returns the per-layer partial sums of squares and a
+    #: context, phase 2 takes the all-reduced sums; None where the backend has no split
+    lars_partials: Optional[PartialsFn]
+    lars_apply: Optional[ApplyFn]
+    lamb_partials: Optional[PartialsFn]
+    lamb_apply: Optional[ApplyFn]
+
+    def available(self) -> tuple[bool, str]:
+        """(whether it runs here, why / what it is)."""
+        ...
+
+    def supports(self, kind: str, cfg: Any, bucket: "Bucket") -> str | None:
+        """None when this backend steps ``bucket`` with ``cfg``, else the reason it does not."""
+        ...
+
+    def prepare(self, bucket: "Bucket", kind: str) -> "list[torch.Tensor]":
+        """Build the per-bucket tables a step caches lazily (in ``bucket.cache[NAME]``) and return them."""
+        ...
+
+    def lars_step(self, bucket: "Bucket", cfg: Any) -> None: ...
+
+    def lamb_step(self, bucket: "Bucket", cfg: Any) -> None: ...
+
+    def grad_sumsq(self, bucket: "Bucket", cfg: Any) -> "torch.Tensor":
+        """The (unscaled) gradients' sum of squares over the bucket, a float64 0-dim tensor."""
+        ...
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """The kernels of one optimizer kind, as accessors on a backend module."""
+
+    kind: str
+    step: Callable[[Backend], StepFn]
+    partials: Callable[[Backend], Optional[PartialsFn]]
+    apply: Callable[[Backend], Optional[ApplyFn]]
+    #: the split's names, for error messages
+    split_names: tuple[str, str]
+
+    def has_split(self, mod: Backend) -> bool:
+        return self.partials(mod) is not None and self.apply(mod) is not None
+
+
+LARS_KERNELS = KernelSet(
+    kind="LARS",
+    step=lambda m: m.lars_step,
+    partials=lambda m: m.lars_partials,
+    apply=lambda m: m.lars_apply,
+    split_names=("lars_partials", "lars_apply"),
+)
+LAMB_KERNELS = KernelSet(
+    kind="LAMB",
+    step=lambda m: m.lamb_step,
+    partials=lambda m: m.lamb_partials,
+    apply=lambda m: m.lamb_apply,
+    split_names=("lamb_partials", "lamb_apply"),
+)
