@@ -81,6 +81,7 @@ def main() -> None:
         ref_params = [p.detach() for p in ref.parameters()]
         diff = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(full, ref_params))
         print(f"sharded ({world} ranks) vs single process: max relative difference {diff:.2e}")
+    dist.barrier()  # tear the gloo group down together (see examples/ddp_lars.py)
     dist.destroy_process_group()
 
 
