@@ -54,7 +54,7 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from fusedlars.shapes import SHAPE_SETS
+    from fusedlars.tools.shapes import SHAPE_SETS
 
     shapes = SHAPE_SETS[args.shapes]()
     mesh = init_device_mesh("cpu", (args.world,))
@@ -119,7 +119,7 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from fusedlars.shapes import SHAPE_SETS
+    from fusedlars.tools.shapes import SHAPE_SETS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="resnet50", choices=sorted(SHAPE_SETS))

@@ -126,7 +126,7 @@ def step(device: str) -> int:
 def launches(device: str, out: str) -> int:
     """Kernel launches of one optimizer step per fused backend (CUDA profiler events), on ResNet-50's
     161 parameter tensors: the launch budget is constant in the number of layers."""
-    from fusedlars.shapes import SHAPE_SETS
+    from fusedlars.tools.shapes import SHAPE_SETS
 
     dev = torch.device(device)
     res = {"device": str(dev), "shapes": "resnet50", "cases": []}
@@ -171,9 +171,9 @@ def launches(device: str, out: str) -> int:
 
 
 def bench(device: str, out: str, budget: float, quick: bool) -> int:
-    """fusedlars.bench.run over shapes x dtypes x optimizers, one JSON each and a summary; stops starting
+    """fusedlars.tools.bench.run over shapes x dtypes x optimizers, one JSON each and a summary; stops starting
     new runs when ``budget`` seconds are spent (the rest are listed as not run)."""
-    from fusedlars.bench import format_table, run
+    from fusedlars.tools.bench import format_table, run
 
     outd = Path(out)
     outd.mkdir(parents=True, exist_ok=True)

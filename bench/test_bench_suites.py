@@ -9,11 +9,11 @@ Not part of the default test run (pyproject's addopts has ``--benchmark-disable`
 
 Each group (``<shapes>-<optimizer>``) holds every available fusedlars backend ("reference",
 float64 one tensor at a time, only on ``tiny``; Triton only on CUDA), the per-parameter and
-``torch._foreach`` LARS loops of ``bench/baselines.py``, ``pytorch_optimizer``'s LARS / Lamb
+``torch._foreach`` LARS loops of ``fusedlars/tools/baselines.py``, ``pytorch_optimizer``'s LARS / Lamb
 (``foreach=False``) when installed, the fused torch floor (``SGD(momentum=0.9, fused=True)`` for
 LARS, ``AdamW(fused=True)`` for LAMB) and the in-place triad ``a.add_(b, alpha=s)`` as a
 memory-bandwidth probe. ``extra_info`` carries GB/s from the bytes-per-parameter model of
-:mod:`fusedlars.bench`. pytest-benchmark runs the cases one after another, so bandwidth drift
+:mod:`fusedlars.tools.bench`. pytest-benchmark runs the cases one after another, so bandwidth drift
 between cases is not cancelled here: compare within one run, or use ``fusedlars bench``, which
 interleaves the variants' steps.
 
@@ -33,14 +33,14 @@ import pytest
 import torch
 
 _ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # bench/ is not an installed package
+if _ROOT not in sys.path:  # the checkout's fusedlars, also when pytest runs from another directory
     sys.path.insert(0, _ROOT)
 
 import fusedlars  # noqa: E402
-from bench import baselines  # noqa: E402
+from fusedlars.tools import baselines  # noqa: E402
 from fusedlars import kernels  # noqa: E402
-from fusedlars.bench import BYTES_PER_PARAM, HYPER  # noqa: E402
-from fusedlars.shapes import SHAPE_SETS, count_params, make_params  # noqa: E402
+from fusedlars.tools.bench import BYTES_PER_PARAM, HYPER  # noqa: E402
+from fusedlars.tools.shapes import SHAPE_SETS, count_params, make_params  # noqa: E402
 
 DEVICE = torch.device(os.environ.get("FUSEDLARS_BENCH_DEVICE", "cpu"))
 BIG = os.environ.get("FUSEDLARS_BENCH_BIG", "") not in ("", "0")

@@ -29,7 +29,7 @@ class DigitsModule(L.LightningModule):
     def __init__(self, lr: float = 5.0, weight_decay: float = 1e-4, warmup_frac: float = 0.2):
         super().__init__()
         self.save_hyperparameters()
-        from fusedlars.demo import SmallCNN
+        from fusedlars.tools.demo import SmallCNN
 
         self.model = SmallCNN()
 
@@ -53,7 +53,7 @@ class DigitsModule(L.LightningModule):
 def loaders(batch_size: int = 128):
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fusedlars.demo import load_digits
+    from fusedlars.tools.demo import load_digits
 
     x_tr, y_tr, x_te, y_te = load_digits()
     g = torch.Generator().manual_seed(0)

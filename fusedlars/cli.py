@@ -12,7 +12,7 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="versions and which backends are live (and why not)")
     p_info.add_argument("--json", action="store_true")
     sub.add_parser("presets", help="list the presets, one line each")
-    from . import bench as _bench
+    from .tools import bench as _bench
 
     p_bench = sub.add_parser(
         "bench",
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         "with an in-run memory-bandwidth probe; every comparison is a ratio within this run.",
     )
     _bench.add_arguments(p_bench)
-    from . import demo as _demo, plot as _plot
+    from .tools import demo as _demo, plot as _plot
 
     _demo.add_arguments(sub.add_parser(
         "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedlars import bench, kernels
+from fusedlars import kernels
+from fusedlars.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,7 +130,7 @@ def _check_output_against_json(stdout: str, res: dict) -> None:
     for n, (kind, label) in source.items():
         assert rows[n]["kind"] == kind and table[n]["source"] == label, (n, rows[n]["kind"], table[n])
     src = [ln for ln in lines if ln.startswith("source: ")]
-    assert len(src) == 1 and "ours, unfused = fusedlars.baselines" in src[0]
+    assert len(src) == 1 and "ours, unfused = fusedlars.tools.baselines" in src[0]
     if any(r["kind"] == "third_party" for r in rows.values()):
         import importlib.metadata
 
@@ -145,7 +146,7 @@ def test_bench_plot_has_a_legend_of_the_sources():
         labels = [t.get_text() for t in leg.get_texts()]
         kinds = [k for k in bench.PLOT_COLORS if k == "probe" or any(r["kind"] == k for r in res["variants"])]
         assert labels == [bench.PLOT_LABELS[k] for k in kinds]
-        assert "ours, unfused (fusedlars.baselines)" in labels and "fusedlars (fused)" in labels
+        assert "ours, unfused (fusedlars.tools.baselines)" in labels and "fusedlars (fused)" in labels
         assert res["summary"][0]["text"] in fig.axes[0].get_title(loc="left").replace("\n", " ")
     finally:
         import matplotlib.pyplot as plt

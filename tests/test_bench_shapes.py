@@ -1,18 +1,11 @@
 """Benchmark shape sets (parameter counts, layouts) and the unfused LARS baselines."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-_ROOT = str(Path(__file__).resolve().parents[1])
-if _ROOT not in sys.path:  # bench/ is not an installed package
-    sys.path.insert(0, _ROOT)
-
-from bench import baselines, shapes  # noqa: E402
-from bench.shapes import SHAPE_SETS, count_params, make_params  # noqa: E402
+from fusedlars.tools import baselines, shapes
+from fusedlars.tools.shapes import SHAPE_SETS, count_params, make_params
 
 # Published totals: torchvision model docs (resnet50 25,557,032; vit_b_16 86,567,656) and
 # Hugging Face BertModel for bert-large-uncased (335,141,888).

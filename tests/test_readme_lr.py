@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 import fusedlars
-from fusedlars.demo import SmallCNN, load_digits
+from fusedlars.tools.demo import SmallCNN, load_digits
 from fusedlars.schedules import WarmupCosine
 
 README = Path(__file__).resolve().parent.parent / "README.md"

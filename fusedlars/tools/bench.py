@@ -11,7 +11,7 @@ Variants, for ``--optimizer lars`` (and ``tvlars``, which has the same reference
 
 * ``fusedlars[<backend>]``: :class:`fusedlars.LARS` / :class:`fusedlars.TVLARS` /
   :class:`fusedlars.LAMB` on each requested backend;
-* our own unfused baselines (kind ``baseline``, :mod:`fusedlars.baselines`, written for this
+* our own unfused baselines (kind ``baseline``, :mod:`fusedlars.tools.baselines`, written for this
   comparison): ``per_param_lars``, a per-parameter Python loop in plain PyTorch
   (``r = eta*||w||/(||g|| + wd*||w|| + eps)``, SGD momentum), and ``foreach_lars``, the same with
   ``torch._foreach_*`` over the whole list;
@@ -50,8 +50,8 @@ from typing import Any, Callable
 
 import torch
 
-from . import kernels
-from ._version import __version__
+from .. import kernels
+from .._version import __version__
 from .shapes import SHAPE_SETS, count_params, make_params
 
 # bytes moved per parameter by one step, fp32 (scaled by element size / 4 for other dtypes)
@@ -86,7 +86,7 @@ from .baselines import ForeachLARS, PerParamLARS  # noqa: E402
 @dataclass
 class Variant:
     name: str  # unique key in the results
-    kind: str  # "fusedlars" | "baseline" (fusedlars.baselines) | "third_party" | "floor" | "probe"
+    kind: str  # "fusedlars" | "baseline" (fusedlars.tools.baselines) | "third_party" | "floor" | "probe"
     algo: str  # key of BYTES_PER_PARAM
     make: Callable[[list[torch.Tensor]], Any]  # params -> optimizer (or a step callable)
     note: str = ""
@@ -116,7 +116,7 @@ def _pytorch_optimizer_variants(po, cls_name: str, algo: str, kw: dict, out: lis
 
 def _carries(backend: str) -> bool:
     """Does this backend carry LARS weight norms across steps (pass 1 reads only g)?"""
-    from . import kernels
+    from .. import kernels
 
     ok, _ = kernels.status(backend)
     return ok and getattr(kernels.get(backend), "CARRIES_WEIGHT_NORMS", False)
@@ -189,9 +189,9 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
             out.append(Variant(f"fusedlars[{b}]", "fusedlars", algo, lambda p, b=b: cls(p, backend=b, **kw), cls.__name__))
         lk = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")}
         out.append(Variant("per_param_lars", "baseline", "lars", lambda p: PerParamLARS(p, **lk),
-                           "fusedlars.baselines.PerParamLARS: Python loop, plain PyTorch"))
+                           "fusedlars.tools.baselines.PerParamLARS: Python loop, plain PyTorch"))
         out.append(Variant("foreach_lars", "baseline", "lars", lambda p: ForeachLARS(p, **lk),
-                           "fusedlars.baselines.ForeachLARS: torch._foreach_*"))
+                           "fusedlars.tools.baselines.ForeachLARS: torch._foreach_*"))
         kw_po = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient")}
         _pytorch_optimizer_variants(po, "LARS", "lars", kw_po, out, skipped)
         out.append(
@@ -646,7 +646,7 @@ def format_table(res: dict[str, Any]) -> str:
     if "fusedlars" in kinds:
         src.append("fusedlars = this package's fused step")
     if "baseline" in kinds:
-        src.append("ours, unfused = fusedlars.baselines (the same LARS math in plain PyTorch, written for this comparison)")
+        src.append("ours, unfused = fusedlars.tools.baselines (the same LARS math in plain PyTorch, written for this comparison)")
     if "third_party" in kinds:
         vers = sorted({r["note"].split(",")[0] for r in res["variants"] if r["kind"] == "third_party"})
         src.append(f"third party = {', '.join(vers)} as published ((loop): foreach=False)")
@@ -662,7 +662,7 @@ PLOT_COLORS = {"fusedlars": "tab:green", "baseline": "tab:blue", "third_party": 
                "probe": "tab:orange"}  # fmt: skip
 PLOT_LABELS = {
     "fusedlars": "fusedlars (fused)",
-    "baseline": "ours, unfused (fusedlars.baselines)",
+    "baseline": "ours, unfused (fusedlars.tools.baselines)",
     "third_party": "third party",
     "floor": "torch fused step (floor, no trust ratio)",
     "probe": "bandwidth probe (a.add_(b, alpha=s))",

@@ -139,7 +139,7 @@ class SmallCNN(nn.Module):
 def make_optimizer(name: str, model: nn.Module, cfg: DemoConfig, total_steps: int):
     """``(optimizer, scheduler or None, description)`` for one of :data:`OPTIMIZERS`."""
     import fusedlars
-    from .schedules import WarmupCosine
+    from ..schedules import WarmupCosine
 
     lr = cfg.peak_lr(name)
     groups = fusedlars.param_groups(model, weight_decay=WEIGHT_DECAY)
@@ -179,7 +179,7 @@ def train_one(
 ) -> dict[str, Any]:
     """Train :class:`SmallCNN` from ``init_state`` with optimizer ``name``; returns the curves
     and the summary numbers."""
-    from .stats import StatsLogger
+    from ..stats import StatsLogger
 
     x_tr, y_tr, x_te, y_te = data
     n = x_tr.shape[0]

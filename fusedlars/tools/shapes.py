@@ -1,7 +1,7 @@
 """Parameter-shape sets for optimizer benchmarks, generated in code (no torchvision, no downloads).
 
-Part of the installed package so that ``fusedlars bench`` runs without the repository
-(``bench/shapes.py`` re-exports this module).
+Part of the installed package so that ``fusedlars bench`` runs without the repository; the
+suites in ``bench/`` import it from here.
 
 Each set is a function returning a list of ``(name, shape)`` tuples, one per parameter tensor
 (trainable parameters only: no BatchNorm running statistics or other buffers), in the order and
