@@ -30,7 +30,7 @@ TESTS = ["tests/test_cuda_emulated.py", "tests/test_cuda_backend.py"]
 
 # (name, text, replacement, which occurrence (0-based) when the text occurs more than once)
 MUTANTS: list[tuple[str, str, str, int]] = [
-    # the classes of research/cuda-on-cpu.md
+    # the classic CUDA bug classes: warp-shuffle offsets, missing barriers, vector overruns, skipped tiles
     ("warp tree starts at offset 8", "for (int off = 16; off > 0; off >>= 1)", "for (int off = 8; off > 0; off >>= 1)", 0),
     ("no trailing __syncthreads before shared memory is reused", "  __syncthreads();  // sh is reused by the next call\n", "\n", 0),
     ("vector loop overruns the tile", "const int nv = len / VEC;", "const int nv = (len + VEC - 1) / VEC;", 0),

@@ -1,10 +1,10 @@
 """Float64 anchors: one plain transcription per existing optimizer.
 
 Each function performs ONE optimizer step of ONE param group, in place, the way
-the named implementation does it.  They are written from the formulas collected
-in ``shared/research/semantics.md`` sections (b) and (c) (and, for the
-pytorch_optimizer anchors, from the per-parameter code path of
-pytorch_optimizer 4.1.0), independently of ``fusedlars``: nothing here imports
+the named implementation does it.  They are written from the upstream sources named in
+each docstring (a paper by its arXiv id, or a repository and file; for the
+pytorch_optimizer anchors, the per-parameter code path of pytorch_optimizer
+4.1.0), independently of ``fusedlars``: nothing here imports
 the package under test.
 
 Calling convention (all anchors)::
@@ -113,7 +113,7 @@ def _torch_sgd_update(p, d_p, st, lr, momentum, dampening, nesterov):
 # LARS family
 # ==========================================================================
 def paper_lars_step(params, grads, state, lr, *, momentum=0.9, weight_decay=0.0, eta=1e-3):
-    """You, Gitman & Ginsburg 2017, Algorithm 1 (semantics.md b.1).
+    """You, Gitman & Ginsburg 2017, Algorithm 1 (arXiv:1708.03888, eq. 6).
 
     local_lr = eta*||w|| / (||g|| + wd*||w||), taken as 1 when ||w|| or ||g|| is 0
     v <- m*v + lr*local_lr*(g + wd*w)      (lr INSIDE the momentum, v starts at 0)
@@ -153,7 +153,7 @@ def timm_lars_step(
     trust_clip=False,
     always_adapt=False,
 ):
-    """timm ``Lars`` (semantics.md b.3).
+    """timm ``Lars`` (huggingface/pytorch-image-models, ``timm/optim/lars.py``).
 
     Only when wd != 0 (or always_adapt): r = eta*||w||/(||g||+wd*||w||+eps),
     r = 1 if ||w|| == 0 or raw ||g|| == 0, LARC clip r = min(r/lr, 1) if
@@ -193,7 +193,8 @@ def apex_larc_step(
     weight_decay=0.0,
     nesterov=False,
 ):
-    """apex ``LARC`` wrapping ``torch.optim.SGD`` (semantics.md b.5).
+    """apex ``LARC`` wrapping ``torch.optim.SGD`` (NVIDIA apex
+    ``apex/parallel/LARC.py``, removed in apex commit ``cb65b8ed``: read at ``cb65b8ed^``).
 
     The group's weight decay is taken away from SGD.  When ||w|| != 0 and raw
     ||g|| != 0: a = eta*||w||/(||g||+wd*||w||+eps), clip mode a = min(a/lr, 1),
@@ -241,7 +242,8 @@ def lightning_lars_step(
     eta=1e-3,
     eps=1e-8,
 ):
-    """Lightning Bolts / Flash ``LARS`` (semantics.md b.13).
+    """Lightning Bolts / Flash ``LARS`` (Lightning-Universe/lightning-bolts
+    ``pl_bolts/optimizers/lars.py``; Lightning-Universe/lightning-flash ``flash/core/optimizers/lars.py``).
 
     Only if wd != 0 and ||w|| != 0 and raw ||g|| != 0:
     d_p = (g + wd*w) * eta*||w||/(||g||+wd*||w||+eps); otherwise d_p = g (no decay).
@@ -273,7 +275,8 @@ def barlowtwins_lars_step(
     weight_decay_filter=True,
     lars_adaptation_filter=True,
 ):
-    """Barlow Twins ``LARS`` (semantics.md b.2), with both filters on as at its call site.
+    """Barlow Twins ``LARS`` (facebookresearch/barlowtwins, ``main.py``), with both filters on as
+    at its call site.
 
     g' = g + wd*w unless (filter and ndim == 1);
     r = eta*||w||/||g'|| if ||w|| > 0 and ||g'|| > 0 else 1, unless (filter and ndim == 1);
@@ -312,7 +315,7 @@ def tvlars_official_step(
     weight_decay_filter=True,
     lars_adaptation_filter=True,
 ):
-    """Official TVLARS at HEAD (semantics.md c.1), both filters on as in its clf.py.
+    """Official TVLARS at HEAD (KhoiDOO/tvlars ``opt/tvlars.py`` at ``89c3291``), both filters on as in its clf.py.
 
     t = number of completed step() calls (from 0); phi_t = 1/(0.1 + exp(lmbda*(t+1))).
     g' = g + wd*w unless ndim == 1;  unless ndim == 1:
@@ -362,7 +365,7 @@ def optax_lars_step(
     weight_decay_mask=True,
     trust_ratio_mask=True,
 ):
-    """optax ``lars`` chain (semantics.md b.11).
+    """optax ``lars`` chain (google-deepmind/optax ``optax/_src/alias.py``, ``_src/transform.py``).
 
     u = g + wd*w (where the wd mask holds);
     where the trust mask holds: r = eta*||w||/(||u||+eps), r = 1 if ||w|| == 0 or ||u|| == 0;  u <- r*u
@@ -405,7 +408,7 @@ def mlperf_lars_step(
 ):
     """MLPerf ResNet-50, NVIDIA MXNet ``SGDwLARS`` / ``SGDwFASTLARS`` (mlcommons/training_results_v0.7
     @ c6640611, NVIDIA/benchmarks/resnet/implementations/mxnet/common/fit.py), in its equivalent
-    torch form (semantics.md b.14).  ``names`` are MXNet parameter names.
+    torch form (the ratio kernel: MXNet ``src/operator/contrib/multi_lars-inl.h``).  ``names`` are MXNet parameter names.
 
     wd_mult = 0 unless the name ends with '_weight' or contains both 'fc' and 'bias' (the fc bias IS
     decayed); lam = wd * wd_mult.
@@ -490,7 +493,7 @@ def torchlars_step(
     weight_decay=0.0,
     nesterov=False,
 ):
-    """torchlars ``LARS`` wrapping ``torch.optim.SGD`` (semantics.md b.10).
+    """torchlars ``LARS`` wrapping ``torch.optim.SGD`` (kakaobrain/torchlars ``torchlars/lars.py``).
 
     a = eta*||w||/(||g|| + wd*||w|| + eps) if ||w|| > 0 and ||g|| > 0 else 1;
     g <- (g + wd*w)*a (decay applied even when a = 1); SGD step with wd hidden.
@@ -564,7 +567,7 @@ def apex_lamb_step(
     use_nvlamb=False,
     global_grad_norm=None,
 ):
-    """apex ``FusedLAMB`` (semantics.md b.6).
+    """apex ``FusedLAMB`` (NVIDIA apex ``apex/optimizers/fused_lamb.py``, ``csrc/multi_tensor_lamb.cu``).
 
     ``global_grad_norm`` must be the norm over the grads of ALL groups (apex
     clips globally); when omitted it is computed from this group's grads only.
@@ -616,7 +619,7 @@ def timm_lamb_step(
     decoupled_decay=False,
     global_grad_norm=None,
 ):
-    """timm ``Lamb`` (semantics.md b.4); ``global_grad_norm`` as for apex.
+    """timm ``Lamb`` (huggingface/pytorch-image-models ``timm/optim/lamb.py``); ``global_grad_norm`` as for apex.
 
     g <- g / max(1, ||G||/max_grad_norm);  u = (m/bc1)/(sqrt(v)/sqrt(bc2)+eps);
     wd != 0: decoupled -> w <- w - lr*wd*w, else u <- u + wd*w;
@@ -690,7 +693,7 @@ def optax_lamb_step(
     weight_decay=0.0,
     mask=None,
 ):
-    """optax ``lamb`` chain (semantics.md b.11).
+    """optax ``lamb`` chain (google-deepmind/optax ``optax/_src/alias.py``).
 
     scale_by_adam: u = m_hat/(sqrt(v_hat + eps_root) + eps) (bias corrected, count from 1);
     add_decayed_weights: u <- u + wd*w where mask holds (None = everywhere);

@@ -247,7 +247,8 @@ def test_phi_first_step():
     assert tv_factor(0, 1e-3) == pytest.approx(0.9082, abs=1e-4)  # 0.90826...
 
 
-# semantics.md c.1, 98 steps per epoch; "epoch e" is optimizer step t = 98 * e.
+# phi_t = 1 / (0.1 + exp(lmbda * (t + 1))) of official TVLARS (KhoiDOO/tvlars opt/tvlars.py at 89c3291),
+# 98 steps per epoch; "epoch e" is optimizer step t = 98 * e.
 PROFILE = {
     1e-6: [0.909, 0.908, 0.905, 0.901],
     1e-4: [0.909, 0.831, 0.577, 0.362],

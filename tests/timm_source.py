@@ -1,7 +1,8 @@
 """Load timm's optimizer sources (``timm/optim``) without importing ``timm``.
 
 ``import timm`` needs a torchvision built for the running torch, which PyPI does not have for the
-CPU build of torch 2.13.0 (shared/research/environment.md, section 6). ``timm.optim`` itself imports
+CPU build of torch 2.13.0 (torchvision 0.28.0 from PyPI fails to import beside it: "operator
+torchvision::nms does not exist"). ``timm.optim`` itself imports
 only torch, its own modules and ``timm.models.group_parameters`` (layer decay, which we do not use):
 so we load the installed files (``pip install --no-deps timm``) under a stand-in ``timm`` package
 whose ``timm.models`` holds only a stub of that function, and take the ``timm*`` entries out of

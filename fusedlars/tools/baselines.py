@@ -14,9 +14,10 @@ Both compute the same math, in fp32 (or the params' dtype), for every parameter 
 
 This is LARS as written in You, Gitman & Ginsburg, "Large Batch Training of Convolutional
 Networks" (arXiv:1708.03888), eq. 6 for the local lr (``||g|| + wd ||w||`` denominator),
-with the ``eps`` and zero-norm guard of timm ``Lars`` / apex ``LARC`` / torchlars and
-PyTorch-style momentum (lr outside the buffer); see ``research/semantics.md`` b.1, b.3 and
-b.17. Every tensor is adapted (no exclusion of 1-D tensors), there is no dampening, no
+with the ``eps`` and zero-norm guard of timm ``Lars`` (huggingface/pytorch-image-models,
+``timm/optim/lars.py``), NVIDIA apex ``LARC`` (``apex/parallel/LARC.py``, removed from apex in
+commit ``cb65b8ed``) and torchlars (kakaobrain/torchlars, ``torchlars/lars.py``), and
+PyTorch-style momentum (lr outside the buffer, as in timm ``Lars`` and ``torch.optim.SGD``). Every tensor is adapted (no exclusion of 1-D tensors), there is no dampening, no
 nesterov and no clipping. A zero-initialised buffer gives the same first step as torch SGD's
 ``clone`` (no dampening).
 
