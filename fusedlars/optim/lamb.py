@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from .. import distributed
+from ..kernels.clip import set_global_clip
 from ..kernels.common import LambConfig
+from ..kernels.protocol import LAMB_KERNELS
 from .base import BucketedOptimizer
 from .lars import step_lr
 from .options import (
@@ -153,21 +152,10 @@ class LAMB(BucketedOptimizer):
         return ("exp_avg", "exp_avg_sq")
 
     _make_config = staticmethod(lamb_config)
+    _kernels = LAMB_KERNELS
 
-    def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
+    def _before_kernels(self, work) -> None:
+        # the global clip over every gradient of every group (fusedlars.kernels.clip)
         max_norm = self.defaults["max_grad_norm"]
-        work = self._plan(buckets_by_group, inv_scale, found_inf, lamb_config)
         if max_norm is not None and work:
-            # Global clip over every gradient of every group, on unscaled grads (apex / timm):
-            # clip_coef = max(1, ||G|| / max_grad_norm). One reduction per bucket, no host sync.
-            # Sharded buckets' sums are partial: summed over the ranks by one all_reduce per step.
-            dev = work[0][0].device
-            sums = distributed.all_reduce_partials([(b.shard, mod.grad_sumsq(b, cfg)) for b, cfg, mod in work])
-            total = torch.zeros((), dtype=torch.float64, device=dev)
-            for s in sums:
-                total = total + s.to(dev)
-            gnorm = total.sqrt()
-            coef = torch.where(gnorm > max_norm, gnorm / max_norm, torch.ones_like(gnorm))
-            for b, cfg, mod in work:
-                cfg.clip_coef = coef.to(device=b.device, dtype=b.state_dtype)
-        self._step_buckets(work, "lamb_step", "lamb_partials", "lamb_apply")
+            set_global_clip(work, max_norm)

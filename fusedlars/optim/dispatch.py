@@ -1,0 +1,176 @@
+"""Backend dispatch: which backend steps each bucket, and the calls of its kernels.
+
+The optimizer class declares its kernels (``_kernels``, a :class:`fusedlars.kernels.protocol.KernelSet`)
+and how a group becomes a kernel config (``_make_config``); a kind whose step needs a pass over all
+buckets before the kernels (LAMB's global clip) overrides ``_before_kernels``. Every backend module
+provides the whole :class:`fusedlars.kernels.protocol.Backend` contract, so nothing here probes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .. import distributed, kernels
+from ..buckets import Bucket
+from ..kernels.protocol import Backend, KernelSet
+
+#: backends whose kernels write params through raw addresses (Bucket: NOTE [Versions])
+_RAW_WRITERS = ("cpu", "cuda", "triton")
+
+Work = list[tuple[Bucket, Any, Backend]]
+
+
+class DispatchMixin:
+    """Backend choice and kernel calls of a :class:`fusedlars.optim.base.BucketedOptimizer`."""
+
+    #: the kernels of this optimizer kind (declared by the subclass)
+    _kernels: KernelSet
+    #: group -> kernel config: ``(group, inv_scale, found_inf) -> cfg`` (declared by the subclass)
+    _make_config: Callable[..., Any]
+
+    def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
+        work = self._plan(buckets_by_group, inv_scale, found_inf)
+        self._before_kernels(work)
+        self._step_buckets(work, self._kernels)
+
+    def _before_kernels(self, work: Work) -> None:
+        """Hook: runs with the whole step's work before any kernel (LAMB: the global clip)."""
+
+    def _backend_for(self, bucket: Bucket, cfg) -> Backend:
+        if bucket.shard is not None and bucket.shard.shard_dims:
+            return self._sharded_backend(bucket, cfg)
+        if self.backend == "auto" and self.fused:
+            reasons = []
+            for name in kernels.auto_order(bucket.device.type):
+                if name in ("torch", "reference"):
+                    continue
+                ok, why = kernels.status(name)
+                if ok:
+                    mod = kernels.get(name)
+                    why = mod.supports(self._KIND, cfg, bucket)
+                    if not why:
+                        return mod
+                reasons.append(f"{name}: {why}")
+            raise RuntimeError(
+                f"{self._KIND}: fused=True, but no fused backend runs this bucket ({bucket.dtype} on {bucket.device}): "
+                f"{'; '.join(reasons) or 'no fused kernel exists for ' + bucket.device.type}. "
+                "Pass fused=None to let backend='auto' use the torch backend for it."
+            )
+        if self.backend != "auto":
+            mod = kernels.get(self.backend)
+            why = mod.supports(self._KIND, cfg, bucket)
+            if why:
+                raise RuntimeError(
+                    f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
+                    "Use backend='torch' for it, or backend='auto'."
+                )
+            return mod
+        for name in kernels.auto_order(bucket.device.type):
+            ok, _ = kernels.status(name)
+            if not ok:
+                continue
+            mod = kernels.get(name)
+            if mod.supports(self._KIND, cfg, bucket):
+                continue
+            return mod
+        return kernels.get("torch")
+
+    def _sharded_backend(self, bucket: Bucket, cfg) -> Backend:
+        """The backend of a sharded (FSDP2) bucket: one with the ``partials`` / ``apply`` split around
+        the cross-rank reduction of the per-layer sums (fusedlars.distributed). ``auto`` prefers the
+        fused kernels, as for any bucket; the local shards are stepped in place either way."""
+        ks = self._kernels
+        split = ks.split_names
+        if self.backend != "auto":
+            mod = kernels.get(self.backend)
+            if not ks.has_split(mod):
+                raise RuntimeError(
+                    f"{self._KIND}: backend={self.backend!r} cannot step FSDP2/DTensor-sharded parameters: it has "
+                    f"no {split[0]}/{split[1]} split around the cross-rank norm reduction. "
+                    "Use backend='torch', a fused backend, or backend='auto'."
+                )
+            why = mod.supports(self._KIND, cfg, bucket)
+            if why:
+                raise RuntimeError(
+                    f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
+                    "Use backend='torch' for it, or backend='auto'."
+                )
+            return mod
+        reasons = []
+        for name in kernels.auto_order(bucket.device.type):
+            ok, why = kernels.status(name)
+            if ok:
+                mod = kernels.get(name)
+                why = mod.supports(self._KIND, cfg, bucket)
+                if not why and not ks.has_split(mod):
+                    why = f"no {split[0]}/{split[1]} split"
+                if not why and (name != "torch" or not self.fused):
+                    return mod
+            if name != "torch":
+                reasons.append(f"{name}: {why}")
+        raise RuntimeError(
+            f"{self._KIND}: fused=True, but no fused backend steps this sharded bucket ({bucket.dtype} on "
+            f"{bucket.device}): {'; '.join(reasons)}. Pass fused=None to let backend='auto' use the torch backend."
+        )
+
+    def backends_in_use(self) -> list[str]:
+        """Backend name of every bucket, as chosen at the last step."""
+        return [self._chosen.get((gi, j), "(not stepped)") for gi, j, _ in self._indexed_buckets()]
+
+    def _indexed_buckets(self) -> list[tuple[int, int, Bucket]]:
+        """(group index, index in the group's list, bucket) of every bucket, in group order."""
+        return [(gi, j, b) for gi in sorted(self._buckets) for j, b in enumerate(self._buckets[gi])]
+
+    def _wrote_raw(self, gi: int, j: int) -> bool:
+        """Whether the backend last chosen for bucket ``j`` of group ``gi`` writes params through raw
+        addresses (Bucket: NOTE [Versions])."""
+        return self._chosen.get((gi, j), "torch") in _RAW_WRITERS
+
+    @staticmethod
+    def _step_buckets(work: Work, ks: KernelSet) -> None:
+        """Step ``work`` = [(bucket, cfg, backend module)]: unsharded buckets in one call each; sharded
+        ones in two phases around one all_reduce of all their partial sums of squares."""
+        sharded = [w for w in work if w[0].shard is not None and w[0].shard.shard_dims]
+        for b, cfg, mod in work:
+            if not (b.shard is not None and b.shard.shard_dims):
+                ks.step(mod)(b, cfg)
+        if not sharded:
+            return
+        parts = [ks.partials(mod)(b, cfg) for b, cfg, mod in sharded]
+        sums = distributed.all_reduce_partials([(b.shard, ssq) for (b, _, _), (ssq, _) in zip(sharded, parts)])
+        for (b, cfg, mod), (_, ctx), ssq in zip(sharded, parts, sums):
+            ks.apply(mod)(b, cfg, ssq, ctx)
+
+    def _plan(self, buckets_by_group, inv_scale, found_inf) -> Work:
+        """[(bucket, cfg, backend module)] for the buckets that step now."""
+        work = []
+        compiling = torch.compiler.is_compiling()
+        for gi, blist in buckets_by_group.items():
+            group = self.param_groups[gi]
+            for j, b in enumerate(blist):
+                # a sharded bucket steps even without grads: every rank must join its all_reduce
+                if not b.any_active() and b.shard is None:
+                    continue
+                cfg = self._make_config(group, self._on(inv_scale, b.device), self._on(found_inf, b.device))
+                if compiling:
+                    # chosen (and recorded in _chosen) by the eager prelude; compiled steps carry nothing
+                    mod = self._compiled.backends[gi, j]
+                else:
+                    mod = self._backend_for(b, cfg)
+                    # NOTE [Carried weight norms]: only across eager steps of a kernel that carries them
+                    # (a compiled step cannot check the params' version counters at every call)
+                    if self.carry_weight_norms and mod.CARRIES_WEIGHT_NORMS:
+                        cfg.carry_w = True
+                    else:
+                        b.drop_carry()
+                    self._chosen[gi, j] = mod.NAME
+                work.append((b, cfg, mod))
+        return work
+
+    @staticmethod
+    def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t if t.device == device else t.to(device, non_blocking=True)

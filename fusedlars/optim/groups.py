@@ -1,0 +1,231 @@
+"""Param groups and their validation: the constructor's options, ``add_param_group`` and the
+optimizer-wide implementation keywords (foreach / fused / differentiable).
+
+A subclass says what its groups hold through the hooks ``_validate_group``, ``_normalize_group``
+and ``_state_names``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .. import distributed, kernels
+from .options import BOOKKEEPING_KEYS, needs_names, prefers_names
+
+#: torch.optim keywords that select an implementation; here optimizer-wide (NOTE [foreach and fused]).
+_IMPL_KEYS = ("foreach", "fused", "differentiable")
+
+VALID_BACKENDS = ("auto",) + kernels.BACKENDS
+
+
+class ParamGroupsMixin:
+    """Options and param groups of a :class:`fusedlars.optim.base.BucketedOptimizer`."""
+
+    _KIND = "?"
+
+    def _check_options(self, backend, master_weights, capturable, carry_weight_norms, foreach, fused,
+                       differentiable) -> str:  # fmt: skip
+        """Validate the constructor's optimizer-wide options; the backend they select."""
+        backend = self._implementation(backend, foreach, fused, differentiable)
+        if backend not in VALID_BACKENDS:
+            raise ValueError(f"{self._KIND}: backend={backend!r} is not one of {VALID_BACKENDS}.")
+        if backend != "auto":
+            ok, why = kernels.status(backend)
+            if not ok:
+                raise RuntimeError(
+                    f"{self._KIND}: backend={backend!r} is not available: {why}. "
+                    "Use backend='auto' or see `python -m fusedlars info`."
+                )
+        if not isinstance(master_weights, bool):
+            raise ValueError(f"{self._KIND}: master_weights must be a bool, got {master_weights!r}.")
+        for name, v in (("capturable", capturable), ("carry_weight_norms", carry_weight_norms)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{type(self).__name__}: {name} must be a bool, got {v!r}.")
+        return backend
+
+    # NOTE: [foreach and fused]
+    # torch.optim's implementation keywords, accepted because users pass them out of habit. Every
+    # fusedlars backend works on whole buckets, so they select backends:
+    #   foreach=True   the ``torch`` backend (vectorized tensor ops over each bucket);
+    #   foreach=False / None   no constraint (there is no per-parameter loop to pick; the float64
+    #                  ``reference`` backend is the one-parameter-at-a-time form: backend="reference");
+    #   fused=True     a fused kernel (``cpu``, ``cuda``, ``triton``) for every bucket: with
+    #                  backend="auto" the step raises with the reason instead of falling back to
+    #                  ``torch``; at construction when no fused backend runs the params' device;
+    #   fused=False    no fused kernel: the ``torch`` backend;  fused=None  backend="auto"'s choice;
+    #   differentiable=True   not supported (the step writes params in place under no_grad).
+    # They are optimizer-wide; a param group may repeat the optimizer's value (or None).
+    def _implementation(self, backend, foreach, fused, differentiable) -> str:
+        k = self._KIND
+        for name, v in (("foreach", foreach), ("fused", fused)):
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{k}: {name} must be None, True or False, got {v!r}.")
+        if differentiable not in (None, False):
+            if differentiable is True:
+                raise ValueError(
+                    f"{k}: differentiable=True is not supported: the step updates the parameters in place "
+                    "under torch.no_grad(), so autograd cannot differentiate through it. Use a torch.optim "
+                    "optimizer with differentiable=True for that."
+                )
+            raise ValueError(f"{k}: differentiable must be False, got {differentiable!r}.")
+        if foreach and fused:
+            raise ValueError(f"{k}: foreach=True and fused=True select different backends; pass at most one of them.")
+        if foreach:
+            if backend not in ("auto", "torch"):
+                raise ValueError(
+                    f"{k}: foreach=True selects the 'torch' backend (vectorized tensor ops over each bucket), "
+                    f"which contradicts backend={backend!r}; pass one of them."
+                )
+            return "torch"
+        if fused is False:
+            if backend in ("cpu", "cuda", "triton"):
+                raise ValueError(f"{k}: fused=False excludes the fused kernels, which contradicts backend={backend!r}.")
+            return "torch" if backend == "auto" else backend
+        if fused and backend in ("torch", "reference"):
+            raise ValueError(
+                f"{k}: fused=True asks for a fused kernel (cpu, cuda, triton), which contradicts backend={backend!r}."
+            )
+        return backend
+
+    def _check_fused_devices(self) -> None:
+        """fused=True with backend='auto': raise now when no fused backend runs a param's device type."""
+        types = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                t = distributed.local_tensor(p).device.type
+                if t not in types:
+                    types.append(t)
+        for t in types:
+            why = self._no_fused_backend(t)
+            if why:
+                raise RuntimeError(f"{self._KIND}: fused=True, but no fused backend runs {t} tensors: {why}.")
+
+    @staticmethod
+    def _no_fused_backend(device_type: str) -> str | None:
+        names = [n for n in kernels.auto_order(device_type) if n not in ("torch", "reference")]
+        reasons = []
+        for n in names:
+            ok, why = kernels.status(n)
+            if ok:
+                return None
+            reasons.append(f"{n}: {why}")
+        return "; ".join(reasons) or f"fusedlars has no fused kernel for {device_type} (only the torch backend)"
+
+    # -- subclass hooks: what a kind's groups hold ----------------------------------------------
+    def _validate_group(self, group: dict[str, Any], where: str) -> None:
+        raise NotImplementedError
+
+    def _normalize_group(self, group: dict[str, Any], where: str) -> None:
+        """Translate the constructor's aliases used as group keys into options, in place."""
+
+    def _impl_keys(self, group: dict[str, Any], where: str) -> None:
+        """foreach / fused / differentiable in a group: optimizer-wide (NOTE [foreach and fused])."""
+        for key in _IMPL_KEYS:
+            if key not in group:
+                continue
+            v = group.pop(key)
+            mine = getattr(self, key, None) if key != "differentiable" else False
+            if v is None or v == mine or (key == "foreach" and v is False and not mine):
+                continue
+            raise ValueError(
+                f"{self._KIND}{where}: {key}={v!r} in a param group; {key} applies to the whole optimizer "
+                f"(it is {mine!r}): pass it to the constructor."
+            )
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    # -- param groups -----------------------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{self._KIND}: a param group must be a dict, got {type(param_group).__name__}.")
+        gi = len(self.param_groups)
+        where = f" (param group {gi})"
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(f"{self._KIND}{where}: params must be an ordered collection (list), not a set.")
+        params = list(params)
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):
+            # named parameters, as torch.optim accepts them since 2.6: all or none
+            if not all(named):
+                raise ValueError(
+                    f"{self._KIND}{where}: all parameters of a group must come with names or none: this one mixes "
+                    "(name, tensor) pairs with bare tensors. Pass model.named_parameters() or model.parameters()."
+                )
+            for j, item in enumerate(params):
+                if len(item) != 2 or not isinstance(item[0], str):
+                    raise ValueError(
+                        f"{self._KIND}{where}: entry #{j} of a named parameter list must be a (name, tensor) pair "
+                        f"with a str name, got {type(item[0]).__name__ if item else 'an empty tuple'} names."
+                    )
+            if "param_names" in group:
+                raise ValueError(f"{self._KIND}{where}: pass names as (name, tensor) pairs or as param_names, not both.")
+            group["param_names"] = [n for n, _ in params]
+            params = [p for _, p in params]
+        self._impl_keys(group, where)
+        self._normalize_group(group, where)
+        unknown = set(group) - set(self.defaults) - BOOKKEEPING_KEYS
+        if unknown:
+            raise ValueError(
+                f"{self._KIND}{where}: unknown option(s) {sorted(unknown)} in the param group. "
+                f"Known options: {sorted(self.defaults)}."
+            )
+        if "preset" in group:
+            raise ValueError(
+                f"{self._KIND}{where}: 'preset' applies to the whole optimizer; set the group's options explicitly."
+            )
+        ids = set()
+        for j, p in enumerate(params):
+            name = group.get("param_names", [None] * len(params))[j] if group.get("param_names") else None
+            label = f"parameter {name!r}" if name else f"parameter #{j}"
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{self._KIND}{where}: {label} is a {type(p).__name__}, not a tensor.")
+            if p.is_complex():
+                raise ValueError(
+                    f"{self._KIND}{where}: {label} is complex ({p.dtype}); LARS/LAMB norms are defined for real "
+                    "tensors: optimize torch.view_as_real(param) instead."
+                )
+            if not p.is_floating_point():
+                raise ValueError(f"{self._KIND}{where}: {label} has dtype {p.dtype}; only floating-point params train.")
+            if p.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+                raise ValueError(
+                    f"{self._KIND}{where}: {label} has dtype {p.dtype}; use float32, float64, float16 or bfloat16."
+                )
+            if p.is_sparse:
+                raise ValueError(f"{self._KIND}{where}: {label} is sparse; fusedlars needs dense params.")
+            if id(p) in ids or id(p) in self._seen:
+                raise ValueError(
+                    f"{self._KIND}{where}: {label} appears twice (in this group or an earlier one); "
+                    "pass every parameter once."
+                )
+            ids.add(id(p))
+        merged = dict(self.defaults)
+        merged.update(group)
+        self._validate_group(merged, where)
+        names = group.get("param_names")
+        if names is not None and len(names) != len(params):
+            raise ValueError(f"{self._KIND}{where}: param_names has {len(names)} entries for {len(params)} params.")
+        for key in ("exclude_from_weight_decay", "exclude_from_adaptation"):
+            if needs_names(merged[key]) and names is None:
+                raise ValueError(
+                    f"{self._KIND}{where}: {key}={merged[key]!r} matches parameter names, but the group has none. "
+                    "Pass model.named_parameters() or use fusedlars.param_groups(model, ...)."
+                )
+            if prefers_names(merged[key]) and names is None and params:
+                warnings.warn(
+                    f"{self._KIND}{where}: {key}={merged[key]!r} decides by parameter "
+                    "name, as its source does, but the group has no names: it falls back to excluding every "
+                    "parameter with ndim <= 1. Pass model.named_parameters() for the source's rule.",
+                    stacklevel=3,
+                )
+        group["params"] = params
+        super().add_param_group(group)
+        self._seen |= ids
+

@@ -1,0 +1,179 @@
+"""state_dict conversion: torch-format ``state_dict`` / ``load_state_dict`` (also from torch.optim's
+SGD / Adam-style dicts), and copies (pickle, ``copy.deepcopy``)."""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..buckets import state_dtype_for
+from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS
+
+#: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
+TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_chosen", "_compiled")
+
+
+class StateDictMixin:
+    """``state_dict`` / ``load_state_dict`` and copies of a :class:`fusedlars.optim.base.BucketedOptimizer`."""
+
+    def _unstepped(self) -> set[int]:
+        """ids of params whose state was created but never stepped (a GradScaler-skipped first step):
+        torch.optim would have no state for them. Reads the buckets' ``has_state`` (a host sync:
+        fine outside step())."""
+        out: set[int] = set()
+        for b in self.buckets():
+            for p, h in zip(b.params, b.has_state.tolist()):
+                if not h and p in self.state:
+                    out.add(id(p))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch-format state (``torch.optim.Optimizer.state_dict``): the per-param state tensors
+        themselves, for params that have stepped. ``self.state`` is not modified."""
+        sd = super().state_dict()
+        skip = self._unstepped()
+        if skip:
+            order = [p for group in self.param_groups for p in group["params"]]  # torch's packed ids
+            sd["state"] = {k: v for k, v in sd["state"].items() if not (isinstance(k, int) and id(order[k]) in skip)}
+        return sd
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a fusedlars or torch (e.g. ``torch.optim.SGD``) state dict; validated before anything changes.
+
+        Hooks registered with ``register_load_state_dict_pre_hook`` / ``..._post_hook`` run as in
+        torch.optim: pre-hooks (in order, ``prepend=True`` first) on a shallow copy, a returned dict
+        replacing it; post-hooks after the state is loaded."""
+        k = self._KIND
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{k}: load_state_dict expects a dict with 'state' and 'param_groups'.")
+        state_dict = state_dict.copy()  # shallow, as torch.optim
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        k = self._KIND
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{k}: load_state_dict expects a dict with 'state' and 'param_groups'.")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"{k}: the state dict has {len(saved_groups)} param groups, this optimizer has "
+                f"{len(self.param_groups)}: it comes from a different parameter layout."
+            )
+        id_map = {}
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(g["params"]) != len(sg["params"]):
+                raise ValueError(
+                    f"{k}: param group {gi} has {len(g['params'])} params but the state dict's has "
+                    f"{len(sg['params'])}: it comes from a different parameter layout."
+                )
+            id_map.update(zip(sg["params"], g["params"]))
+        new_state: dict[torch.Tensor, dict[str, Any]] = {}
+        ignored: set[str] = set()
+        aliases = {"mu": "momentum_buffer", "momentum": "momentum_buffer"}
+        for pid, st in state_dict["state"].items():
+            if pid not in id_map:
+                raise ValueError(f"{k}: the state dict has state for param id {pid}, which no group lists.")
+            p = id_map[pid]
+            out: dict[str, Any] = {}
+            for key, v in st.items():
+                key = aliases.get(key, key)
+                if key in ("momentum_buffer", "exp_avg", "exp_avg_sq", "master_weight"):
+                    if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(p.shape):
+                        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                        raise ValueError(
+                            f"{k}: state {key!r} of param id {pid} has shape {shape}, the param has "
+                            f"{tuple(p.shape)}: the state dict comes from a different parameter layout."
+                        )
+                    sdt = torch.float32 if key == "master_weight" else state_dtype_for(p.dtype)
+                    out[key] = v.detach().to(device=p.device, dtype=sdt, copy=True)
+                elif key == "step":
+                    out["step"] = torch.as_tensor(v, dtype=torch.float32).detach().clone().reshape(())
+                else:
+                    ignored.add(key)
+            new_state[p] = out
+        new_groups = []
+        for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
+            ng = dict(g)
+            for key, v in sg.items():
+                if key == "params":
+                    continue
+                if key in self.defaults or key in BOOKKEEPING_KEYS:
+                    ng[key] = v
+                elif key not in TORCH_INFRA_KEYS:
+                    ignored.add(f"param_groups[{gi}].{key}")
+            self._validate_group(ng, f" (loaded param group {gi})")
+            new_groups.append(ng)
+        if ignored:
+            warnings.warn(
+                f"{k}.load_state_dict: ignored entries with no meaning here: {sorted(ignored)}", stacklevel=2
+            )
+        # -- nothing above mutated the optimizer; now commit
+        for g, ng in zip(self.param_groups, new_groups):
+            g.clear()
+            g.update(ng)
+        # NOTE: [Loading in place]
+        # Where a param already has state of the same keys and shapes, the loaded values are copied
+        # into the existing tensors (and "step" into its bucket table), so that a compiled step, whose
+        # guards hold the state tensors' ids, does not recompile after load_state_dict. Other state
+        # replaces the param's entry and is adopted by its bucket (Bucket.refresh); state of params
+        # the state dict has none for is dropped, as in torch.optim. A loaded fp32 master is copied
+        # into its param. A sharded param's state is wrapped as a DTensor.
+        with torch.no_grad():
+            for p in [p for p in self.state if p not in new_state]:
+                del self.state[p]
+            for p, st in new_state.items():
+                cur = self.state.get(p)
+                if cur is not None and cur.keys() == st.keys() and all(
+                    distributed.local_tensor(cur[k]).shape == v.shape for k, v in st.items() if k != "step"
+                ):
+                    for k, v in st.items():
+                        cur[k].copy_(v) if k == "step" else distributed.local_tensor(cur[k]).copy_(v)
+                    continue
+                if distributed.is_dtensor(p):
+                    st = {
+                        key: distributed.as_dtensor_like(distributed.local_tensor(v), p) if key != "step" else v
+                        for key, v in st.items()
+                    }
+                self.state[p] = st
+            for b in self.buckets():
+                b.loaded(self.state)
+
+    # NOTE: [Copies]
+    # torch.optim's __getstate__ keeps only defaults, state and param_groups; ours keeps every attribute
+    # (backend, master_weights, capturable, carry_weight_norms, preset, foreach, fused, and a subclass's
+    # own) except the buckets and hooks (torch drops hooks too). The state is taken as state_dict()
+    # sees it (params that never stepped have none, so the copy's first step on them is a first step),
+    # with each "step" cloned out of its bucket's step table. The copy builds its buckets at its first
+    # step from its params and this state, like after load_state_dict: it steps bitwise like the original.
+    def __getstate__(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k not in TRANSIENT and not k.startswith("_optimizer_")}
+        skip = self._unstepped()
+        state: defaultdict = defaultdict(dict)
+        for p, st in self.state.items():
+            if id(p) in skip:
+                continue
+            state[p] = {k: v.detach().clone() if k == "step" and isinstance(v, torch.Tensor) else v for k, v in st.items()}
+        out["state"] = state
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        had_differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not had_differentiable:  # torch's __setstate__ adds it; it is not an option here
+            self.defaults.pop("differentiable", None)
+        for k, v in (("backend", "auto"), ("master_weights", False), ("capturable", False),
+                     ("carry_weight_norms", False), ("foreach", None), ("fused", None)):  # fmt: skip
+            self.__dict__.setdefault(k, v)
+        self._reset_transient()
+        self._seen = {id(p) for g in self.param_groups for p in g["params"]}
