@@ -39,6 +39,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from .kernels.formulas import TV_DEFAULTS, tv_phi, tv_phi_tensor
+
 __all__ = [
     "WarmupCosine",
     "WarmupPolynomial",
@@ -299,10 +301,10 @@ def _check_tv_args(lmbda, alpha, shift, gamma_min, gate) -> tuple[float, float, 
 def tv_factor(
     step: int,
     lmbda: float,
-    alpha: float = 0.1,
-    shift: float = -1,
-    gamma_min: float = 0.0,
-    gate: int = 0,
+    alpha: float = TV_DEFAULTS["alpha"],
+    shift: float = TV_DEFAULTS["shift"],
+    gamma_min: float = TV_DEFAULTS["gamma_min"],
+    gate: int = TV_DEFAULTS["gate"],
 ) -> float:
     r"""The TVLARS time-varying factor ``phi_t`` (Python float math).
 
@@ -325,28 +327,23 @@ def tv_factor(
 
     At ``t = 0`` with the defaults, ``phi = 1 / (0.1 + e^lmbda)`` (about 0.909 for small
     ``lmbda``); it decreases monotonically towards ``gamma_min``. An overflowing exponential
-    gives exactly ``gamma_min``.
+    gives exactly ``gamma_min``. The formula's one definition is
+    :func:`fusedlars.kernels.formulas.tv_phi` (this function checks the arguments).
     """
     lmbda, alpha, shift, gamma_min, gate = _check_tv_args(lmbda, alpha, shift, gamma_min, gate)
     t = _check_real("step", step, fix="pass the 0-based optimizer step count")
     if t < 0:
         raise ValueError(f"step must be >= 0, got {step}; pass the 0-based optimizer step count")
-    if t < gate:
-        return 1.0
-    try:
-        e = math.exp(lmbda * (t - shift))
-    except OverflowError:
-        return gamma_min
-    return 1.0 / (alpha + e) + gamma_min
+    return tv_phi(t, lmbda, alpha, shift, gamma_min, gate)
 
 
 def tv_factor_tensor(
     step: torch.Tensor,
     lmbda: float,
-    alpha: float = 0.1,
-    shift: float = -1,
-    gamma_min: float = 0.0,
-    gate: int = 0,
+    alpha: float = TV_DEFAULTS["alpha"],
+    shift: float = TV_DEFAULTS["shift"],
+    gamma_min: float = TV_DEFAULTS["gamma_min"],
+    gate: int = TV_DEFAULTS["gate"],
     *,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -370,8 +367,4 @@ def tv_factor_tensor(
         )
     if dtype is None:
         dtype = step.dtype if step.dtype.is_floating_point else torch.float32
-    t = step.to(dtype)
-    phi = torch.reciprocal(torch.exp((t - shift) * lmbda) + alpha) + gamma_min
-    if gate > 0:
-        phi = torch.where(t < gate, torch.ones_like(phi), phi)
-    return phi
+    return tv_phi_tensor(step.to(dtype), lmbda, alpha, shift, gamma_min, gate)

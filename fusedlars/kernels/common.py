@@ -12,7 +12,6 @@ needs no host sync.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -48,7 +47,7 @@ class LarsConfig:
     adapt_enabled: bool  # False: no segment gets a ratio (adapt_when='weight_decay_nonzero' and wd == 0)
     momentum_mode: str  # torch | classic
     first_step_buffer: str  # clone | zeros
-    tv: tuple[float, float, float, float, int] | None  # (lmbda, alpha, shift, gamma_min, gate)
+    tv: tuple[float, float, float, float, int] | None  # (lmbda, alpha, shift, gamma_min, gate): formulas.TV_KEYS
     inv_scale: torch.Tensor | None = None
     found_inf: torch.Tensor | None = None
     carry_w: bool = False  # may the kernel carry ||w||^2 to the next step (NOTE [Carried weight norms])
@@ -83,16 +82,6 @@ class LambConfig:
     clip_coef: Scalar | None = None  # divide grads by this (>= 1): global grad-norm clipping
 
 
-def tv_phi(t: float, tv: tuple[float, float, float, float, int] | None) -> float:
-    """TVLARS factor phi_t = 1/(alpha + exp(lmbda*(t - shift))) + gamma_min, or 1 while t < gate."""
-    if tv is None:
-        return 1.0
-    lmbda, alpha, shift, gamma_min, gate = tv
-    if t < gate:
-        return 1.0
-    return 1.0 / (alpha + math.exp(lmbda * (t - shift))) + gamma_min
-
-
 # ------------------------------------------------------------------------------------------
 # shared by the fused backends
 # ------------------------------------------------------------------------------------------
@@ -104,10 +93,10 @@ FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def check_options(cfg) -> str | None:
     """None when the fused kernels implement every option of ``cfg``, else why not. The option codes
-    they take are those of :mod:`.packing` (the enums of csrc/lars_math.h); an option outside them
+    they take are those of :mod:`.codes` (the enums of csrc/lars_math.h); an option outside them
     (LAMB ``bias_correction='both_outside'``, DeepSpeed's legacy step size) runs on the torch and
     reference backends only."""
-    from .packing import BIAS
+    from .codes import BIAS
 
     bc = getattr(cfg, "bias_correction", None)
     if bc is not None and bc not in BIAS:

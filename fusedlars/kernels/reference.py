@@ -1,6 +1,9 @@
 """Reference backend: float64, one parameter at a time, a plain transcription of the formulas.
 
-This module is the specification in code. Every other backend is tested against it.
+This module is the specification in code. Every other backend is tested against it. Two
+definitions it shares with the ``torch`` backend live in :mod:`.formulas` (the TVLARS factor
+``phi_t`` and the meaning of each ``trust_clip`` kind; that module says why); the rest of the step
+is transcribed here line by line.
 It is written for clarity, not speed, but it still makes no host sync (guards are
 ``torch.where``, per-step values stay tensors).
 
@@ -43,6 +46,7 @@ import torch
 
 from ..buckets import Bucket
 from .common import LambConfig, LarsConfig
+from .formulas import trust_clip, tv_phi_tensor  # noqa: F401  (shared definitions: see .formulas)
 
 NAME = "reference"
 
@@ -73,17 +77,6 @@ def _f64(x):
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64) if x.numel() else x.new_zeros((), dtype=torch.float64)
-
-
-def trust_clip(r, cfg, lr):
-    """Clip a trust ratio: larc min(r/lr, 1) | lambc min(r, 1) | range clamp(r, lo, hi)."""
-    if cfg.trust_clip == "larc":
-        return torch.clamp(r / lr, max=1.0)
-    if cfg.trust_clip == "lambc":
-        return torch.clamp(r, max=1.0)
-    if cfg.trust_clip == "range":
-        return torch.clamp(r, min=cfg.clip_lo, max=cfg.clip_hi)
-    return r
 
 
 def _grad(bucket: Bucket, i: int, cfg) -> torch.Tensor:
@@ -142,8 +135,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         if cfg.tv is None:
             phi = torch.ones((), dtype=torch.float64, device=bucket.device)
         else:
-            lmbda, alpha, shift, gamma_min, gate = cfg.tv
-            phi = torch.where(t < gate, 1.0, 1.0 / (alpha + torch.exp(lmbda * (t - shift))) + gamma_min)
+            phi = tv_phi_tensor(t, *cfg.tv)
         ratio = cfg.eta * phi * n_w / den
         if cfg.zero_norm_check == "raw_grad":
             ok = (n_w_raw > 0) & (n_g_raw > 0)

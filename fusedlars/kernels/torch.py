@@ -40,7 +40,7 @@ import torch
 
 from ..buckets import Bucket
 from .common import LambConfig, LarsConfig
-from .reference import trust_clip
+from .formulas import trust_clip, tv_phi_tensor
 
 NAME = "torch"
 
@@ -376,9 +376,7 @@ def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -
     den = side + lam_s * n_w + cfg.eps if cfg.denominator == "sum_of_norms" else side + cfg.eps
     ratio = cfg.eta * n_w / den
     if cfg.tv is not None:
-        lmbda, alpha, shift, gamma_min, gate = cfg.tv
-        t = bucket.step.to(sdt)
-        phi = torch.where(t < gate, 1.0, 1.0 / (alpha + torch.exp(lmbda * (t - shift))) + gamma_min)
+        phi = tv_phi_tensor(bucket.step.to(sdt), *cfg.tv)
         ratio = ratio * phi
     if cfg.zero_norm_check == "raw_grad":
         ok = (n_w_raw > 0) & (n_g_raw > 0)

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from ..kernels.common import LarsConfig
-from ..kernels.protocol import LARS_KERNELS
+from ..kernels.formulas import TV_DEFAULTS, TV_KEYS
 from .base import BucketedOptimizer
 from .options import LARS_DEFAULTS, REQUIRED, Default, passed, resolve, trust_clip_spec, validate_lars_group
 
-_TV_KEYS = ("lmbda", "alpha", "shift", "gamma_min", "gate")
+_TV_KEYS = TV_KEYS
 
 
 def step_lr(lr):
@@ -55,12 +55,13 @@ def lars_config(group: dict[str, Any], inv_scale=None, found_inf=None) -> LarsCo
     tv = group["tv"]
     tv_t = None
     if tv is not None:
+        tv = {**TV_DEFAULTS, **tv}
         tv_t = (
-            float(tv.get("lmbda", 1e-3)),
-            float(tv.get("alpha", 0.1)),
-            float(tv.get("shift", -1.0)),
-            float(tv.get("gamma_min", 0.0)),
-            int(tv.get("gate", 0)),
+            float(tv["lmbda"]),
+            float(tv["alpha"]),
+            float(tv["shift"]),
+            float(tv["gamma_min"]),
+            int(tv["gate"]),
         )
     return LarsConfig(
         lr=step_lr(group["lr"]),
@@ -244,7 +245,10 @@ class LARS(BucketedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     _make_config = staticmethod(lars_config)
-    _kernels = LARS_KERNELS
+
+    def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
+        work = self._plan(buckets_by_group, inv_scale, found_inf, lars_config)
+        self._step_buckets(work, "lars_step", "lars_partials", "lars_apply")
 
 
 class TVLARS(LARS):
@@ -270,11 +274,11 @@ class TVLARS(LARS):
         self,
         params,
         lr: float = REQUIRED,
-        lmbda: float = 1e-3,
-        alpha: float = 0.1,
-        shift: float = Default(-1.0),
-        gamma_min: float = 0.0,
-        gate: int = 0,
+        lmbda: float = TV_DEFAULTS["lmbda"],
+        alpha: float = TV_DEFAULTS["alpha"],
+        shift: float = Default(TV_DEFAULTS["shift"]),
+        gamma_min: float = TV_DEFAULTS["gamma_min"],
+        gate: int = TV_DEFAULTS["gate"],
         *,
         delay: float | None = None,
         momentum: float = Default(0.9),
@@ -288,7 +292,7 @@ class TVLARS(LARS):
     ) -> None:
         if passed(shift) and delay is not None:
             raise TypeError("TVLARS: pass shift or delay (the paper's d_e), not both; they are the same quantity.")
-        s = delay if delay is not None else (shift if passed(shift) else -1.0)
+        s = delay if delay is not None else (shift if passed(shift) else TV_DEFAULTS["shift"])
         self._tv = {"lmbda": lmbda, "alpha": alpha, "shift": s, "gamma_min": gamma_min, "gate": gate}
         super().__init__(
             params,

@@ -17,6 +17,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ..kernels.formulas import TV_DEFAULTS, TV_KEYS
+
 __all__ = [
     "LARS_DEFAULTS",
     "LAMB_DEFAULTS",
@@ -187,7 +189,7 @@ LARS_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             "exclude_from_weight_decay": _NDIM_EQ1,
             "exclude_from_adaptation": _NDIM_EQ1,
             "first_step_buffer": "zeros",
-            "tv": {"lmbda": 1e-3, "alpha": 0.1, "shift": -1.0, "gamma_min": 0.0, "gate": 0},
+            "tv": dict(TV_DEFAULTS),
         },
     ),
     "optax": (
@@ -474,17 +476,18 @@ def validate_lars_group(g: Mapping[str, Any], where: str = "") -> None:
     if tv is not None:
         if not isinstance(tv, Mapping):
             raise _err(k, where, f"tv must be None or a dict of lmbda/alpha/shift/gamma_min/gate, got {tv!r}.")
-        unknown = set(tv) - {"lmbda", "alpha", "shift", "gamma_min", "gate"}
+        unknown = set(tv) - set(TV_KEYS)
         if unknown:
             raise _err(k, where, f"tv has unknown keys {sorted(unknown)}; use lmbda, alpha, shift, gamma_min, gate.")
-        _check_float(k, where, "lmbda", tv.get("lmbda", 1e-3), 0.0)
-        _check_float(k, where, "alpha", tv.get("alpha", 0.1), 0.0)
-        _check_float(k, where, "shift", tv.get("shift", -1.0))
-        _check_float(k, where, "gamma_min", tv.get("gamma_min", 0.0), 0.0)
-        gate = tv.get("gate", 0)
+        tv = {**TV_DEFAULTS, **tv}
+        _check_float(k, where, "lmbda", tv["lmbda"], 0.0)
+        _check_float(k, where, "alpha", tv["alpha"], 0.0)
+        _check_float(k, where, "shift", tv["shift"])
+        _check_float(k, where, "gamma_min", tv["gamma_min"], 0.0)
+        gate = tv["gate"]
         if isinstance(gate, bool) or not isinstance(gate, int) or gate < 0:
             raise _err(k, where, f"gate must be a non-negative int (steps with phi = 1), got {gate!r}.")
-        if tv.get("alpha", 0.1) == 0 and tv.get("gamma_min", 0.0) == 0 and tv.get("lmbda", 1e-3) < 0:
+        if tv["alpha"] == 0 and tv["gamma_min"] == 0 and tv["lmbda"] < 0:
             raise _err(k, where, "tv factor would overflow; use lmbda >= 0.")
 
 
