@@ -1,22 +1,15 @@
 """Options as the compiled kernels take them: the fields of the POD option structs of
 ``csrc/lars_math.h`` as a float list (``hyper``) and an int list (``modes``), in struct order.
 Shared by the C++ CPU and CUDA backends, so both pass exactly the same values; the Triton backend
-passes the same codes as runtime ints (see :mod:`.triton_kernels`)."""
+passes the same codes as runtime ints (see :mod:`.triton_kernels`). The codes themselves are
+those of :mod:`.codes`."""
 
 from __future__ import annotations
 
 from .common import LambConfig, LarsConfig
 
-# option codes, in the order of the enums of csrc/lars_math.h
-DENOMINATOR = {"sum_of_norms": 0, "norm_of_sum": 1, "grad_only": 2}
-LARS_WD = {"l2": 0, "ratio_only": 1, "decoupled": 2}
-ZERO_NORM = {"one": 0, "skip": 1}
-ZERO_CHECK = {"raw_grad": 0, "update": 1, "denominator": 2}
-CLIP = {None: 0, "larc": 1, "lambc": 2, "range": 3}
-MOMENTUM = {"torch": 0, "classic": 1}
-FIRST = {"clone": 0, "zeros": 1}
-BIAS = {"both": 0, "none": 1, "first_outside": 2}
-LAMB_WD = {"in_update": 0, "l2": 1, "decoupled": 2}
+# option codes: the tables of .codes (the enums of csrc/lars_math.h, checked by tests/test_one_source.py)
+from .codes import BIAS, CLIP, DENOMINATOR, FIRST, LAMB_WD, LARS_WD, MOMENTUM, ZERO_CHECK, ZERO_NORM  # noqa: F401
 
 
 def lars_options(cfg: LarsConfig) -> tuple[list[float], list[int]]:
