@@ -107,7 +107,7 @@ def step(device: str) -> int:
                     ps = _params(dtype, dev)
                     try:
                         opt = cls(ps, backend=backend, master_weights=master, **kw)
-                        for t in range(2):
+                        for _t in range(2):
                             for p in ps:
                                 p.grad = torch.randn_like(p) * 0.01
                             opt.step()

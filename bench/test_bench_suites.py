@@ -37,8 +37,8 @@ if _ROOT not in sys.path:  # the checkout's fusedlars, also when pytest runs fro
     sys.path.insert(0, _ROOT)
 
 import fusedlars  # noqa: E402
-from fusedlars.tools import baselines  # noqa: E402
 from fusedlars import kernels  # noqa: E402
+from fusedlars.tools import baselines  # noqa: E402
 from fusedlars.tools.bench import BYTES_PER_PARAM, HYPER  # noqa: E402
 from fusedlars.tools.shapes import SHAPE_SETS, count_params, make_params  # noqa: E402
 

@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         "with an in-run memory-bandwidth probe; every comparison is a ratio within this run.",
     )
     _bench.add_arguments(p_bench)
-    from .tools import demo as _demo, plot as _plot
+    from .tools import demo as _demo
+    from .tools import plot as _plot
 
     _demo.add_arguments(sub.add_parser(
         "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"))

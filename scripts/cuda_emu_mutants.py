@@ -103,7 +103,7 @@ def main() -> int:
             if rc != 0:
                 return 1
         files = []
-        for i, (name, text, repl, occ) in enumerate(chosen):
+        for i, (_name, text, repl, occ) in enumerate(chosen):
             f = tmpd / f"mutant_{i:02d}.cu"
             f.write_text(mutate(src, text, repl, occ))
             files.append(f)

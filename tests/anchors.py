@@ -30,7 +30,7 @@ tensors: slow and obvious is the point.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fusedlars
+
 from helpers import ODD_SHAPES, assert_close_lists, check_views_into_one_buffer, run
 
 LARS_PRESETS = list(fusedlars.presets()["LARS"])

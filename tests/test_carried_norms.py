@@ -14,6 +14,7 @@ import torch
 
 import fusedlars
 from fusedlars import kernels
+
 from helpers import assert_bitwise_equal, make_named_grads, make_named_params, snapshot
 
 OK, WHY = kernels.status("cpu")

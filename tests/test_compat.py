@@ -22,15 +22,15 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import anchors  # noqa: E402
-import timm_source  # noqa: E402
-
 from fusedlars.compat import UnsupportedOption  # noqa: E402
 from fusedlars.compat import apex as capex  # noqa: E402
 from fusedlars.compat import barlowtwins as cbt  # noqa: E402
 from fusedlars.compat import pytorch_optimizer as cpo  # noqa: E402
 from fusedlars.compat import timm as ctimm  # noqa: E402
 from fusedlars.compat import tvlars as ctv  # noqa: E402
+
+import anchors  # noqa: E402
+import timm_source  # noqa: E402
 
 STEPS = 5
 RTOL, ATOL = 1e-9, 1e-12
@@ -55,7 +55,7 @@ def data(seed=0):
         w = torch.randn(shape, generator=g, dtype=torch.float64) * 0.5
         init.append(w.zero_() if kind == "zero_init" else w)
     grads = []
-    for t in range(STEPS):
+    for _t in range(STEPS):
         step = []
         for _, shape, kind, scale in SPEC:
             x = torch.randn(shape, generator=g, dtype=torch.float64) * (0.5 * scale)

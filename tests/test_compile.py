@@ -180,7 +180,7 @@ def test_compiled_model_and_step_train_together():
         step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
         losses = []
         x, y = _data(0)
-        for t in range(STEPS):
+        for _t in range(STEPS):
             loss = torch.nn.functional.mse_loss(fwd(x), y)
             loss.backward()
             step()

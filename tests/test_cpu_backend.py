@@ -20,6 +20,7 @@ import torch
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+
 from helpers import (
     assert_backend_matches_reference,
     assert_bitwise_equal,

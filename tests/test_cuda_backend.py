@@ -20,6 +20,7 @@ import torch
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+
 from helpers import assert_backend_matches_reference, lamb_preset_fused, make_named_grads, make_named_params, run_named
 
 OK, WHY = kernels.status("cuda")

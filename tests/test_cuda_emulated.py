@@ -16,8 +16,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import cuda_emu
 import fusedlars
+
+import cuda_emu
 from helpers import assert_backend_matches_reference, make_named_grads, run_named
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: tests/test_cuda_backend.py runs there")

@@ -24,9 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "examples"))
-import timm_source  # noqa: E402
-
 from fusedlars.compat import timm as ctimm  # noqa: E402
+
+import timm_source  # noqa: E402
 
 
 def example(name: str):
@@ -54,7 +54,7 @@ def _cnn(seed=0):
 def _steps(model, opt, n=5):
     dtype = next(model.parameters()).dtype
     g = torch.Generator().manual_seed(1)
-    for t in range(n):
+    for _t in range(n):
         x = torch.randn(16, 1, 8, 8, generator=g, dtype=dtype)
         y = torch.randint(0, 3, (16,), generator=g)
         opt.zero_grad()

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedlars
 from fusedlars import kernels
+
 from helpers import grads_for, make_params
 
 SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}

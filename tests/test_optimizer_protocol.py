@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fusedlars
+
 from helpers import grads_for, make_params
 
 BACKENDS = ["torch", "reference"]
@@ -564,7 +565,7 @@ def test_channels_last_params_step_in_memory_order_like_the_reference(backend):
     ref = nn.Parameter(w.detach().contiguous().clone())
     o = fusedlars.LARS([w], lr=0.1, momentum=0.9, weight_decay=1e-2, backend=backend)
     o_ref = fusedlars.LARS([ref], lr=0.1, momentum=0.9, weight_decay=1e-2, backend="reference")
-    for t in range(3):
+    for _t in range(3):
         g = torch.randn(8, 3, 3, 3)
         w.grad = g.to(memory_format=torch.channels_last)
         ref.grad = g.clone()

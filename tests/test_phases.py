@@ -17,6 +17,7 @@ import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.lamb import lamb_config
 from fusedlars.optim.lars import lars_config
+
 from helpers import grads_for, make_params
 
 SHAPES = [(3,), (4097,), (0,), (40, 17), (70000,)]

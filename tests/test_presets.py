@@ -27,9 +27,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import anchors  # noqa: E402
-
 import fusedlars  # noqa: E402
+
+import anchors  # noqa: E402
 
 STEPS = 20
 BACKENDS = ["reference", "torch"]
@@ -107,7 +107,7 @@ TINY_STEPS = {4, 9, 14, 19}  # gradients scaled by 1e-4: ||G|| < 1, LAMB's clip 
 CHECK_STEPS = {0, 1, 2, 3, 4, 9, 14, 19}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def problem(dtype: torch.dtype, name: str = "main", seed: int = 1234):
     """Initial weights and per-step grads, as float64 values exactly representable in ``dtype``."""
     gen = torch.Generator().manual_seed(seed)

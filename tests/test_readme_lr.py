@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import fusedlars
-from fusedlars.tools.demo import SmallCNN, load_digits
 from fusedlars.schedules import WarmupCosine
+from fusedlars.tools.demo import SmallCNN, load_digits
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BATCH = 128

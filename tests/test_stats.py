@@ -8,6 +8,7 @@ import torch
 
 import fusedlars
 from fusedlars.stats import StatsLogger
+
 from helpers import grads_for, make_params
 
 SHAPES = [(3,), (17, 5), (0,), (4097,)]

@@ -11,6 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedlars
+
 from helpers import assert_bitwise_equal, assert_close_lists, grads_for, make_params, pointers, snapshot
 
 

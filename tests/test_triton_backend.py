@@ -66,7 +66,7 @@ def make_params(dtype, specs=SPECS, seed=0):
 
 def set_grads(named, specs, step, scale=1.0, dtype=None):
     g = torch.Generator().manual_seed(1000 + step)
-    for (name, p), (shape, kind) in zip(named, specs):
+    for (_name, p), (shape, kind) in zip(named, specs):
         x = torch.randn(shape, generator=g, dtype=torch.float64) * (0.1 + 0.4 * (step % 2))
         if kind == "zero_g":
             x.zero_()
@@ -91,7 +91,7 @@ def run(kind, backend, dtype, steps, specs=SPECS, groups=None, master=False, sca
             set_grads(named, specs, k, scale=s)
             opt.grad_scale = torch.tensor(s)
             opt.found_inf = torch.tensor([found])
-        for gi, group in enumerate(opt.param_groups):
+        for group in opt.param_groups:
             group["lr"] = opts.get("lr", 0.1) * (1.0 + 0.25 * k)  # a scheduler changing lr each step
         opt.step()
         if scaler is not None:

@@ -19,7 +19,7 @@ and ``fusedsgd``; a name timm holds for another optimizer is never overwritten (
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 from ..optim import LAMB as _LAMB
 from ..optim import LARS as _LARS
@@ -75,7 +75,7 @@ class Lars(_LARS):
         eps=1e-8,
         trust_clip=False,
         always_adapt=False,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
     ):
         super().__init__(
             translate_groups(params, _lars_group),
@@ -104,17 +104,17 @@ class Lamb(_LAMB):
         params,
         lr: float = 1e-3,
         bias_correction: bool = True,
-        betas: Tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.01,
         grad_averaging: bool = True,
-        max_grad_norm: Optional[float] = 1.0,
+        max_grad_norm: float | None = 1.0,
         trust_clip: bool = False,
         always_adapt: bool = False,
         caution: bool = False,
         decoupled_decay: bool = False,
         corrected_weight_decay: bool = False,
-        foreach: Optional[bool] = None,
+        foreach: bool | None = None,
     ):
         if caution:
             raise unsupported("timm.Lamb", "caution", caution, _LAMB_WHY["caution"])

@@ -14,9 +14,9 @@ step counter t is saved in ``state_dict`` and the per-step ``ratio_log`` / ``wei
 from __future__ import annotations
 
 from ..optim import TVLARS as _TVLARS
+from ._common import translate_groups
 from .barlowtwins import LARS as _BTLARS
 from .barlowtwins import bt_group, filter_spec
-from ._common import translate_groups
 
 __all__ = ["LARS", "TVLARS"]
 

@@ -31,7 +31,7 @@ Neither calls ``.item()`` or branches on tensor values, so neither synchronises 
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer

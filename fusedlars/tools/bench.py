@@ -45,8 +45,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -77,7 +78,6 @@ REFERENCE_MAX_PARAMS = 100_000
 
 
 from .baselines import ForeachLARS, PerParamLARS  # noqa: E402
-
 
 # ---------------------------------------------------------------------------------------------
 # variants

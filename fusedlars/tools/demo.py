@@ -139,6 +139,7 @@ class SmallCNN(nn.Module):
 def make_optimizer(name: str, model: nn.Module, cfg: DemoConfig, total_steps: int):
     """``(optimizer, scheduler or None, description)`` for one of :data:`OPTIMIZERS`."""
     import fusedlars
+
     from ..schedules import WarmupCosine
 
     lr = cfg.peak_lr(name)
