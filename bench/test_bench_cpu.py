@@ -32,8 +32,8 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import fusedlars  # noqa: E402
-from bench.shapes import count_params, make_params, resnet50  # noqa: E402
 from fusedlars import kernels  # noqa: E402
+from fusedlars.tools.shapes import count_params, make_params, resnet50  # noqa: E402
 
 THREADS = 2
 ROUNDS = 15
@@ -52,11 +52,12 @@ def _threads():
 
 
 def _make(kind: str):
-    """A zero-argument step function for variant ``kind`` on fresh ResNet-50 params and grads."""
+    """A zero-argument step function for variant ``kind`` on fresh ResNet-50 params and grads,
+    and the tensors that step writes (to check that the timed calls did the work)."""
     if kind == "triad":
         a = torch.randn(N)
         b = torch.randn(N)
-        return lambda: a.add_(b, alpha=1e-3)
+        return (lambda: a.add_(b, alpha=1e-3)), [a]
     params, _ = make_params(resnet50(), seed=0)
     if kind in ("lars", "lars_nocarry"):
         opt = fusedlars.LARS(
@@ -79,7 +80,18 @@ def _make(kind: str):
         opt.step()
     if kind in ("lars", "lars_nocarry", "lamb"):
         assert opt.backends_in_use() == ["cpu"]
-    return opt.step
+    return opt.step, params
+
+
+def _snapshot(tensors):
+    return [t.detach().clone() for t in tensors]
+
+
+def _assert_moved(kind, before, tensors):
+    """Every tensor the step writes changed, and stayed finite: the timed call was a real step."""
+    for i, (b, t) in enumerate(zip(before, tensors)):
+        assert torch.isfinite(t).all(), (kind, i)
+        assert not torch.equal(b, t), f"{kind}: tensor {i} {tuple(t.shape)} unchanged by the timed steps"
 
 
 def _available(kind: str) -> bool:
@@ -99,10 +111,13 @@ KINDS = ["triad", "sgd", "lars", "lars_nocarry", "ptopt_lars", "ptopt_lars_loop"
 def test_step(benchmark, kind):
     if not _available(kind):
         pytest.skip(f"{kind} not installed")
-    step = _make(kind)
+    step, written = _make(kind)
+    before = _snapshot(written)
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    _assert_moved(kind, before, written)
     if benchmark.stats is not None:
         med = benchmark.stats.stats.median
+        assert med > 0
         benchmark.extra_info["bytes_per_param"] = BYTES[kind]
         benchmark.extra_info["GB/s"] = round(BYTES[kind] * N / med / 1e9, 1)
 
@@ -110,7 +125,9 @@ def test_step(benchmark, kind):
 def test_ratios(benchmark):
     """Interleaved timing of every variant; prints and records medians, GB/s and the target ratios."""
     kinds = [k for k in KINDS if _available(k)]
-    steps = {k: _make(k) for k in kinds}
+    made = {k: _make(k) for k in kinds}
+    steps = {k: step for k, (step, _) in made.items()}
+    before = {k: _snapshot(written) for k, (_, written) in made.items()}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     rounds = ROUNDS if benchmark.enabled else 1
     for _ in range(rounds):
@@ -118,6 +135,8 @@ def test_ratios(benchmark):
             t0 = time.perf_counter()
             steps[k]()
             times[k].append(time.perf_counter() - t0)
+    for k, (_, written) in made.items():
+        _assert_moved(k, before[k], written)
     med = {k: statistics.median(v) for k, v in times.items()}
     info = {f"{k}_ms": round(1e3 * m, 2) for k, m in med.items()}
     info.update({f"{k}_GBps": round(BYTES[k] * N / m / 1e9, 1) for k, m in med.items()})
@@ -132,6 +151,12 @@ def test_ratios(benchmark):
     info["lars_bytes_per_param_at_triad_bw"] = round(med["lars"] * bw / N, 1)
     info["lamb_bytes_per_param_at_triad_bw"] = round(med["lamb"] * bw / N, 1)
     benchmark.extra_info.update(info)
+    # A fused step moves at least its byte model (LARS 24, LAMB 40 B/param) through memory: at
+    # the triad's bandwidth it cannot take less time than about that many bytes. A third of the
+    # model leaves room for one-round noise on a shared machine; a step that skipped its tensors
+    # (or a triad that did not run) would land far below.
+    assert info["lars_bytes_per_param_at_triad_bw"] >= BYTES["lars"] / 3, info
+    assert info["lamb_bytes_per_param_at_triad_bw"] >= BYTES["lamb"] / 3, info
     print(f"\nResNet-50 shapes, {N:,} params, fp32, {THREADS} threads, {rounds} interleaved rounds (medians):")
     for k, v in info.items():
         print(f"  {k:>34}: {v}")
