@@ -45,7 +45,9 @@
 namespace fusedlars {
 
 // ---------------------------------------------------------------------------------------------
-// option codes (the order of the int[] `modes` argument of the ops; see fusedlars/kernels/cpu.py)
+// option codes: the values of the tables of fusedlars/kernels/codes.py (tests/test_one_source.py checks
+// each enum against its table); fusedlars/kernels/packing.py writes them into the int[] `modes` argument
+// of the ops, decoded in csrc/option_decode.h.
 
 enum Denominator : int { kSumOfNorms = 0, kNormOfSum = 1, kGradOnly = 2 };
 enum LarsWdMode : int { kLarsL2 = 0, kLarsRatioOnly = 1, kLarsDecoupled = 2 };
@@ -135,6 +137,7 @@ struct LarsCoef {
 };
 
 // TVLARS factor phi_t (1 for plain LARS and while t < gate); t = completed steps of the segment.
+// The formula's definition: fusedlars/kernels/formulas.py tv_phi (tests/test_one_source.py checks a step).
 FUSEDLARS_HD FUSEDLARS_INLINE double lars_tv_phi(const LarsOptions& o, double t) {
   if (!o.tv_on || t < o.tv_gate) return 1.0;
   return 1.0 / (o.tv_alpha + exp(o.tv_lmbda * (t - o.tv_shift))) + o.tv_gamma_min;

@@ -61,7 +61,7 @@ import torch
 
 from ..buckets import Bucket
 from .common import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
-from .packing import BIAS, CLIP, DENOMINATOR, LAMB_WD, LARS_WD, ZERO_CHECK
+from .codes import BIAS, CLIP, DENOMINATOR, LAMB_WD, LARS_WD, MOM, MOM_NONE, ZERO_CHECK, triton_mom
 
 NAME = "triton"
 
@@ -503,7 +503,7 @@ def _sums_for_apply(bucket: Bucket, ssq: torch.Tensor) -> torch.Tensor:
 
 def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
     """(fp32 hyper-parameters, int modes, MOM) of launch 2, in the kernel's argument order."""
-    mom_mode = 0 if cfg.momentum == 0 else (1 if cfg.momentum_mode == "torch" else 2)
+    mom_mode = triton_mom(cfg.momentum, cfg.momentum_mode)
     tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
     fvals = [
         float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.eta), float(cfg.eps),
@@ -511,7 +511,7 @@ def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
         float(cfg.momentum), float(cfg.dampening),
         float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]),
     ]
-    # runtime mode codes of the kernels: the same as those of the C++ option structs (packing)
+    # runtime mode codes of the kernels: those of the C++ option structs (.codes); zero_skip, clone_first: 0/1 flags
     ivals = [
         int(tv[4]), DENOMINATOR[cfg.denominator], LARS_WD[cfg.weight_decay_mode], ZERO_CHECK[cfg.zero_norm_check],
         int(cfg.zero_norm == "skip"), CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled)),
@@ -720,12 +720,12 @@ def aot_specializations(covering: bool = False) -> list[dict]:
         layouts = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
     for dt, master in layouts:
         add(K.lars_partials_kernel, dt, HAS_MASTER=master, **red)
-        for mom in (0, 1, 2):
-            if covering and dt != torch.float32 and mom != (1 if not master else 2):
+        for mom in (MOM_NONE, *MOM.values()):
+            if covering and dt != torch.float32 and mom != MOM["classic" if master else "torch"]:
                 continue
             add(K.lars_update_kernel, dt, HAS_MASTER=master, MOM=mom, **upd)
-        for bc in (0, 1, 2):
-            if covering and dt != torch.float32 and bc != (0 if not master else 2):
+        for bc in BIAS.values():
+            if covering and dt != torch.float32 and bc != BIAS["first_outside" if master else "both"]:
                 continue
             add(K.lamb_moments_kernel, dt, HAS_MASTER=master, BC=bc, **red)
             add(K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **upd)

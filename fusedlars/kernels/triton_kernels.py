@@ -75,18 +75,37 @@ import os
 import triton
 import triton.language as tl
 
+from . import codes as _codes
+
 #: Whether the kernels below were decorated in interpreter mode (fixed at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Runtime mode codes: triton.py passes those of fusedlars.kernels.packing (the C++ option enums);
-# the kernels below test the literal values.
-DEN_SUM_OF_NORMS, DEN_NORM_OF_SUM, DEN_GRAD_ONLY = 0, 1, 2
-WD_L2, WD_RATIO_ONLY, WD_DECOUPLED = 0, 1, 2  # LARS
-LWD_IN_UPDATE, LWD_L2, LWD_DECOUPLED = 0, 1, 2  # LAMB
-CHECK_RAW_GRAD, CHECK_UPDATE, CHECK_DENOMINATOR = 0, 1, 2
-CLIP_NONE, CLIP_LARC, CLIP_LAMBC, CLIP_RANGE = 0, 1, 2, 3
-BC_BOTH, BC_NONE, BC_FIRST_OUTSIDE = 0, 1, 2
-MOM_NONE, MOM_TORCH, MOM_CLASSIC = 0, 1, 2
+# Mode codes the kernels test: the tables of fusedlars.kernels.codes (the C++ option enums), as
+# constexpr globals (the only globals a jitted function may read). Runtime ints (den_mode, wd_mode,
+# check_mode, clip_mode) come from triton.py's _lars_values / LAMB ivals; MOM and BC are constexprs.
+DEN_SUM_OF_NORMS = tl.constexpr(_codes.DENOMINATOR["sum_of_norms"])
+DEN_NORM_OF_SUM = tl.constexpr(_codes.DENOMINATOR["norm_of_sum"])
+DEN_GRAD_ONLY = tl.constexpr(_codes.DENOMINATOR["grad_only"])
+WD_L2 = tl.constexpr(_codes.LARS_WD["l2"])  # LARS
+WD_RATIO_ONLY = tl.constexpr(_codes.LARS_WD["ratio_only"])
+WD_DECOUPLED = tl.constexpr(_codes.LARS_WD["decoupled"])
+LWD_IN_UPDATE = tl.constexpr(_codes.LAMB_WD["in_update"])  # LAMB
+LWD_L2 = tl.constexpr(_codes.LAMB_WD["l2"])
+LWD_DECOUPLED = tl.constexpr(_codes.LAMB_WD["decoupled"])
+CHECK_RAW_GRAD = tl.constexpr(_codes.ZERO_CHECK["raw_grad"])
+CHECK_UPDATE = tl.constexpr(_codes.ZERO_CHECK["update"])
+CHECK_DENOMINATOR = tl.constexpr(_codes.ZERO_CHECK["denominator"])
+CLIP_NONE = tl.constexpr(_codes.CLIP[None])
+CLIP_LARC = tl.constexpr(_codes.CLIP["larc"])
+CLIP_LAMBC = tl.constexpr(_codes.CLIP["lambc"])
+CLIP_RANGE = tl.constexpr(_codes.CLIP["range"])
+BC_BOTH = tl.constexpr(_codes.BIAS["both"])
+BC_NONE = tl.constexpr(_codes.BIAS["none"])
+BC_FIRST_OUTSIDE = tl.constexpr(_codes.BIAS["first_outside"])
+# MOM: no buffer / torch / classic (codes.triton_mom: the one encoding that differs from C++'s)
+MOM_NONE = tl.constexpr(_codes.MOM_NONE)
+MOM_TORCH = tl.constexpr(_codes.MOM["torch"])
+MOM_CLASSIC = tl.constexpr(_codes.MOM["classic"])
 
 
 # ------------------------------------------------------------------------------------------
@@ -101,11 +120,11 @@ def _clamp(x, lo, hi):
 @triton.jit
 def _clip(r, lr, clip_mode, clip_lo, clip_hi):
     out = r
-    if clip_mode == 1:  # larc: min(r/lr, 1)
+    if clip_mode == CLIP_LARC:  # larc: min(r/lr, 1)
         out = tl.minimum(r / lr, 1.0, propagate_nan=tl.PropagateNan.ALL)
-    elif clip_mode == 2:  # lambc: min(r, 1)
+    elif clip_mode == CLIP_LAMBC:  # lambc: min(r, 1)
         out = tl.minimum(r, 1.0, propagate_nan=tl.PropagateNan.ALL)
-    elif clip_mode == 3:
+    elif clip_mode == CLIP_RANGE:  # range: clamp(r, lo, hi)
         out = _clamp(r, clip_lo, clip_hi)
     return out
 
@@ -173,12 +192,12 @@ def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr,
     n_g_raw = tl.sqrt(ssq_g)
     n_u_raw = tl.sqrt(ssq_u)
     n_w = _clamp(n_w_raw, clamp_lo, clamp_hi)
-    if den_mode == 1:
+    if den_mode == DEN_NORM_OF_SUM:
         side_raw = n_u_raw
     else:
         side_raw = n_g_raw
     side = _clamp(side_raw, clamp_lo, clamp_hi)
-    if den_mode == 0:
+    if den_mode == DEN_SUM_OF_NORMS:
         den = side + lam * n_w + eps
     else:
         den = side + eps
@@ -189,9 +208,9 @@ def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr,
         phi = 1.0 / (tv_alpha + e) + tv_gamma_min
         phi = tl.where(tt < tv_gate, 1.0, phi)
         ratio = ratio * phi.to(tl.float32)
-    if check_mode == 0:
+    if check_mode == CHECK_RAW_GRAD:
         ok = (n_w_raw > 0) & (n_g_raw > 0)
-    elif check_mode == 1:
+    elif check_mode == CHECK_UPDATE:
         ok = (n_w_raw > 0) & (side_raw > 0)
     else:
         ok = (n_w_raw > 0) & (den > 0)
@@ -416,24 +435,24 @@ def _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
     gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
-    if MOM != 0:
+    if MOM != MOM_NONE:
         bp = _ptr(_addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s), start, tl.float32, FAST)
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         m = offs < n
         w = _ld(wp, offs, m, FAST).to(tl.float32)
         g = _ld(gp, offs, m, FAST).to(tl.float32) * inv_scale
-        if wd_mode == 0:
+        if wd_mode == WD_L2:
             gq = r * (g + lam_eff * w)
         else:
             gq = r * g
-        if MOM == 0:
+        if MOM == MOM_NONE:
             w_new = w - lr * gq
         else:
             b = _ld(bp, offs, m, FAST)
             b_new = momentum * tl.where(has, b, 0.0) + c_new * gq
             _st(bp, offs, b_new, m, FAST)
-            if MOM == 1:
+            if MOM == MOM_TORCH:
                 if nesterov != 0:
                     w_new = w - lr * (gq + momentum * b_new)
                 else:
@@ -443,7 +462,7 @@ def _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr
                     w_new = w - (lr * gq + momentum * b_new)
                 else:
                     w_new = w - b_new
-        if wd_mode == 2:
+        if wd_mode == WD_DECOUPLED:
             w_new = w_new - lr * lam_eff * w
         if HAS_MASTER:
             _st(wp, offs, w_new, m, FAST)
@@ -502,14 +521,14 @@ def lars_update_kernel(
                 _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, n_g, n_u, r, 1.0, t + 1.0)
                 inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
                 # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
-                if MOM == 1:
+                if MOM == MOM_TORCH:
                     c_new = tl.where(has | (clone_first == 0), 1.0 - dampening, 1.0)
                 else:
                     c_new = lr
                 aligned = _addr(addr_ptr, 0, num_segs, s) | _addr(addr_ptr, 1, num_segs, s)
                 if HAS_MASTER:
                     aligned = aligned | _addr(addr_ptr, 2, num_segs, s)
-                if MOM != 0:
+                if MOM != MOM_NONE:
                     aligned = aligned | _addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s)
                 if _fast(n, aligned, TILE):
                     _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
@@ -524,7 +543,7 @@ def lars_update_kernel(
 # ------------------------------------------------------------------------------------------
 @triton.jit
 def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
-    if BC == 0:
+    if BC == BC_BOTH:
         u = (m / bc1) / (tl.sqrt(v / bc2 + eps_root) + eps)
     else:
         u = m / (tl.sqrt(v + eps_root) + eps)
@@ -563,16 +582,16 @@ def _lamb_tile_moments(addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, b
         w = _ld(wp, offs, msk, FAST).to(tl.float32)
         g = _ld(gp, offs, msk, FAST).to(tl.float32) * gscale / clip
         acc_g += g * g
-        if wd_mode == 1:
+        if wd_mode == LWD_L2:
             g = g + lam * w
         m = beta1 * _ld(mp, offs, msk, FAST) + beta3 * g
         v = beta2 * _ld(vp, offs, msk, FAST) + omb2 * g * g
         _st(mp, offs, m, msk, FAST)
         _st(vp, offs, v, msk, FAST)
         u = _adam_dir(m, v, bc1, bc2, eps, eps_root, BC)
-        if wd_mode == 0:
+        if wd_mode == LWD_IN_UPDATE:
             u = u + lam * w
-        if wd_mode == 2:
+        if wd_mode == LWD_DECOUPLED:
             w = w * (1.0 - lr * lam)
         acc_w += w * w
         acc_u += u * u
@@ -637,9 +656,9 @@ def _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2,
         msk = offs < n
         w = _ld(wp, offs, msk, FAST).to(tl.float32)
         u = _adam_dir(_ld(mp, offs, msk, FAST), _ld(vp, offs, msk, FAST), bc1, bc2, eps, eps_root, BC)
-        if wd_mode == 0:
+        if wd_mode == LWD_IN_UPDATE:
             u = u + lam * w
-        if wd_mode == 2:
+        if wd_mode == LWD_DECOUPLED:
             w = w * (1.0 - lr * lam)
         w_new = w - u * scale * lr
         if HAS_MASTER:
@@ -690,7 +709,7 @@ def lamb_update_kernel(
                 _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, tl.sqrt(ssq_g), n_u, r, 1.0, t)
                 bc1 = _bias_corr(t, omb1)
                 bc2 = _bias_corr(t, omb2)
-                if BC == 2:
+                if BC == BC_FIRST_OUTSIDE:
                     scale = r / bc1
                 else:
                     scale = r
