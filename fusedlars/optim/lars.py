@@ -17,6 +17,7 @@ import torch
 
 from ..kernels.common import LarsConfig
 from ..kernels.formulas import TV_DEFAULTS, TV_KEYS
+from ..kernels.protocol import LARS_KERNELS
 from .base import BucketedOptimizer
 from .options import LARS_DEFAULTS, REQUIRED, Default, passed, resolve, trust_clip_spec, validate_lars_group
 
@@ -245,10 +246,7 @@ class LARS(BucketedOptimizer):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
     _make_config = staticmethod(lars_config)
-
-    def _run(self, buckets_by_group, inv_scale, found_inf) -> None:
-        work = self._plan(buckets_by_group, inv_scale, found_inf, lars_config)
-        self._step_buckets(work, "lars_step", "lars_partials", "lars_apply")
+    _kernels = LARS_KERNELS
 
 
 class TVLARS(LARS):
