@@ -14,8 +14,9 @@ function replaced on the module, as tests do, is the one that runs).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -37,28 +38,28 @@ class Backend(Protocol):
     CARRIES_WEIGHT_NORMS: bool
     #: the sharded (FSDP2) split: phase 1 returns the per-layer partial sums of squares and a
     #: context, phase 2 takes the all-reduced sums; None where the backend has no split
-    lars_partials: Optional[PartialsFn]
-    lars_apply: Optional[ApplyFn]
-    lamb_partials: Optional[PartialsFn]
-    lamb_apply: Optional[ApplyFn]
+    lars_partials: PartialsFn | None
+    lars_apply: ApplyFn | None
+    lamb_partials: PartialsFn | None
+    lamb_apply: ApplyFn | None
 
     def available(self) -> tuple[bool, str]:
         """(whether it runs here, why / what it is)."""
         ...
 
-    def supports(self, kind: str, cfg: Any, bucket: "Bucket") -> str | None:
+    def supports(self, kind: str, cfg: Any, bucket: Bucket) -> str | None:
         """None when this backend steps ``bucket`` with ``cfg``, else the reason it does not."""
         ...
 
-    def prepare(self, bucket: "Bucket", kind: str) -> "list[torch.Tensor]":
+    def prepare(self, bucket: Bucket, kind: str) -> list[torch.Tensor]:
         """Build the per-bucket tables a step caches lazily (in ``bucket.cache[NAME]``) and return them."""
         ...
 
-    def lars_step(self, bucket: "Bucket", cfg: Any) -> None: ...
+    def lars_step(self, bucket: Bucket, cfg: Any) -> None: ...
 
-    def lamb_step(self, bucket: "Bucket", cfg: Any) -> None: ...
+    def lamb_step(self, bucket: Bucket, cfg: Any) -> None: ...
 
-    def grad_sumsq(self, bucket: "Bucket", cfg: Any) -> "torch.Tensor":
+    def grad_sumsq(self, bucket: Bucket, cfg: Any) -> torch.Tensor:
         """The (unscaled) gradients' sum of squares over the bucket, a float64 0-dim tensor."""
         ...
 
@@ -69,8 +70,8 @@ class KernelSet:
 
     kind: str
     step: Callable[[Backend], StepFn]
-    partials: Callable[[Backend], Optional[PartialsFn]]
-    apply: Callable[[Backend], Optional[ApplyFn]]
+    partials: Callable[[Backend], PartialsFn | None]
+    apply: Callable[[Backend], ApplyFn | None]
     #: the split's names, for error messages
     split_names: tuple[str, str]
 

@@ -14,7 +14,8 @@ compiled-step set-up (:mod:`.compiled`). This module builds the buckets and runs
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -65,7 +65,7 @@ class CompiledStep:
         self.static = static
 
     @staticmethod
-    def read_grads(buckets: "list[Bucket]") -> None:
+    def read_grads(buckets: list[Bucket]) -> None:
         """Traced: this call's grads, read from ``p.grad`` in the graph (the eager prelude ran at trace
         time only)."""
         for b in buckets:

@@ -8,7 +8,8 @@ provides the whole :class:`fusedlars.kernels.protocol.Backend` contract, so noth
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
