@@ -65,8 +65,9 @@ def _worker(rank: int, args, port: int, out_path: str) -> None:
     sharded = list(model.parameters())
     for p in sharded:
         local = torch.randn(p.to_local().shape, generator=gen) * 1e-3
-        p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-                                    stride=p.stride())
+        p.grad = DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+        )
     plain = [p.to_local().detach().clone() for p in sharded]
     for q, p in zip(plain, sharded):
         q.grad = p.grad.to_local().clone()

@@ -57,8 +57,9 @@ def versions(path: str) -> int:
         "backends": {name: list(kernels.status(name)) for name in kernels.BACKENDS},
         "nvcc": _cmd(["nvcc", "--version"]).splitlines()[-1:],
         "compute_sanitizer": _cmd(["compute-sanitizer", "--version"]).splitlines()[-1:],
-        "nvidia_smi": _cmd(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.memory",
-                            "--format=csv,noheader"]),
+        "nvidia_smi": _cmd(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.memory", "--format=csv,noheader"]
+        ),
         "cpu_count": os.cpu_count(),
     }
     try:
@@ -69,9 +70,13 @@ def versions(path: str) -> int:
         info["triton"] = f"not importable: {e}"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["device"] = dict(name=p.name, capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
-                              memory_gib=round(p.total_memory / 2**30, 1),
-                              l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+        info["device"] = dict(
+            name=p.name,
+            capability=f"{p.major}.{p.minor}",
+            sms=p.multi_processor_count,
+            memory_gib=round(p.total_memory / 2**30, 1),
+            l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1),
+        )
         info["driver"] = torch.cuda.driver_version() if hasattr(torch.cuda, "driver_version") else None
     Path(path).write_text(json.dumps(info, indent=1, default=str))
     print(json.dumps(info, indent=1, default=str))
@@ -138,8 +143,10 @@ def launches(device: str, out: str) -> int:
     shapes = [s for _, s in SHAPE_SETS["resnet50"]()]
     from torch.profiler import ProfilerActivity, profile
 
-    budget = {"cuda": {"LARS": 1, "TVLARS": 1, "LAMB": 1, "LAMB+clip": 3},
-              "triton": {"LARS": 2, "TVLARS": 2, "LAMB": 2, "LAMB+clip": 3}}
+    budget = {
+        "cuda": {"LARS": 1, "TVLARS": 1, "LAMB": 1, "LAMB+clip": 3},
+        "triton": {"LARS": 2, "TVLARS": 2, "LAMB": 2, "LAMB+clip": 3},
+    }
     bad = 0
     for backend, live, why in _fused(dev):
         if not live:
@@ -158,14 +165,22 @@ def launches(device: str, out: str) -> int:
                 torch.cuda.synchronize()
             names = [e.name for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
             ours = [n for n in names if any(k in n for k in ("lars", "lamb", "grad_sumsq"))]
-            case = dict(backend=backend, optimizer=name, kernels=len(names), ours=len(ours),
-                        budget=budget[backend][name], names=sorted(set(names)))
+            case = dict(
+                backend=backend,
+                optimizer=name,
+                kernels=len(names),
+                ours=len(ours),
+                budget=budget[backend][name],
+                names=sorted(set(names)),
+            )
             ok = len(ours) <= budget[backend][name]
             bad += not ok
             case["ok"] = ok
             res["cases"].append(case)
-            print(f"{'ok  ' if ok else 'OVER'} {backend:6s} {name:10s} our launches {len(ours)} (budget "
-                  f"{budget[backend][name]}), all device kernels {len(names)}")
+            print(
+                f"{'ok  ' if ok else 'OVER'} {backend:6s} {name:10s} our launches {len(ours)} (budget "
+                f"{budget[backend][name]}), all device kernels {len(names)}"
+            )
     Path(out).write_text(json.dumps(res, indent=1))
     return 1 if bad else 0
 
@@ -181,8 +196,12 @@ def bench(device: str, out: str, budget: float, quick: bool) -> int:
         combos = [("tiny", dt, opt) for dt in ("fp32", "bf16") for opt in ("lars", "tvlars", "lamb")]
         steps, warmup = 3, 1
     else:
-        combos = [(s, dt, opt) for s in ("resnet50", "vit_b16", "bert_large") for dt in ("fp32", "bf16")
-                  for opt in ("lars", "tvlars", "lamb")]
+        combos = [
+            (s, dt, opt)
+            for s in ("resnet50", "vit_b16", "bert_large")
+            for dt in ("fp32", "bf16")
+            for opt in ("lars", "tvlars", "lamb")
+        ]
         steps, warmup = 30, 5
     t0 = time.time()
     summary, failures = [], 0
@@ -192,8 +211,17 @@ def bench(device: str, out: str, budget: float, quick: bool) -> int:
             summary.append(dict(run=key, status="not run (time budget)"))
             continue
         try:
-            res = run(shapes=shapes, optimizer=opt, dtype=dtype, device=device, steps=steps, warmup=warmup,
-                      progress=False, time_limit=max(10.0, budget / len(combos)), log=lambda s: None)
+            res = run(
+                shapes=shapes,
+                optimizer=opt,
+                dtype=dtype,
+                device=device,
+                steps=steps,
+                warmup=warmup,
+                progress=False,
+                time_limit=max(10.0, budget / len(combos)),
+                log=lambda s: None,
+            )
             (outd / f"{key}.json").write_text(json.dumps(res, indent=1, default=str))
             table = format_table(res)
             (outd / f"{key}.txt").write_text(table + "\n")
@@ -203,7 +231,9 @@ def bench(device: str, out: str, budget: float, quick: bool) -> int:
             failures += 1
             summary.append(dict(run=key, status=f"error: {type(e).__name__}: {e}"))
             print(f"== {key}: error: {type(e).__name__}: {e}", flush=True)
-    (outd / "summary.json").write_text(json.dumps(dict(device=device, runs=summary, seconds=time.time() - t0), indent=1))
+    (outd / "summary.json").write_text(
+        json.dumps(dict(device=device, runs=summary, seconds=time.time() - t0), indent=1)
+    )
     return 1 if failures else 0
 
 

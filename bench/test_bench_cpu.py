@@ -38,7 +38,16 @@ from fusedlars.tools.shapes import count_params, make_params, resnet50  # noqa: 
 THREADS = 2
 ROUNDS = 15
 N = count_params(resnet50())
-BYTES = {"lars": 24, "lars_nocarry": 28, "sgd": 20, "ptopt_lars": 28, "ptopt_lars_loop": 28, "lamb": 40, "adamw": 28, "triad": 12}
+BYTES = {
+    "lars": 24,
+    "lars_nocarry": 28,
+    "sgd": 20,
+    "ptopt_lars": 28,
+    "ptopt_lars_loop": 28,
+    "lamb": 40,
+    "adamw": 28,
+    "triad": 12,
+}
 
 pytestmark = pytest.mark.skipif(not kernels.status("cpu")[0], reason=f"cpu backend: {kernels.status('cpu')[1]}")
 

@@ -91,13 +91,25 @@ def _variants(shapes: str, opt: str) -> list[tuple[str, str, object]]:
         out.append(("foreach_lars", "lars", lambda p: baselines.ForeachLARS(p, **lk)))
         if po is not None:
             out.append(
-                ("pytorch_optimizer.LARS", "lars",
-                 lambda p: po.LARS(p, lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"],
-                                   trust_coefficient=h["trust_coefficient"], foreach=False))  # fmt: skip
+                (
+                    "pytorch_optimizer.LARS",
+                    "lars",
+                    lambda p: po.LARS(
+                        p,
+                        lr=h["lr"],
+                        momentum=h["momentum"],
+                        weight_decay=h["weight_decay"],
+                        trust_coefficient=h["trust_coefficient"],
+                        foreach=False,
+                    ),
+                )  # fmt: skip
             )
         out.append(
-            ("torch.SGD(fused)", "sgd",
-             lambda p: torch.optim.SGD(p, lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"], fused=True))  # fmt: skip
+            (
+                "torch.SGD(fused)",
+                "sgd",
+                lambda p: torch.optim.SGD(p, lr=h["lr"], momentum=0.9, weight_decay=h["weight_decay"], fused=True),
+            )  # fmt: skip
         )
     else:
         lk = dict(lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
@@ -120,7 +132,9 @@ def _cases():
             ]
         for opt in opts:
             for name, algo, make in _variants(shapes, opt):
-                yield pytest.param(shapes, opt, name, algo, make, rounds, warmup, id=f"{shapes}-{opt}-{name}", marks=marks)
+                yield pytest.param(
+                    shapes, opt, name, algo, make, rounds, warmup, id=f"{shapes}-{opt}-{name}", marks=marks
+                )
 
 
 _CACHE: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
@@ -171,7 +185,12 @@ def test_step(benchmark, shapes, opt, name, algo, make, rounds, warmup):
 
     benchmark.group = f"{shapes}-{opt}"
     benchmark.extra_info.update(
-        shapes=shapes, optimizer=opt, variant=name, n_params=n, bytes_per_param=BYTES_PER_PARAM[algo], device=str(DEVICE)
+        shapes=shapes,
+        optimizer=opt,
+        variant=name,
+        n_params=n,
+        bytes_per_param=BYTES_PER_PARAM[algo],
+        device=str(DEVICE),
     )
     benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)

@@ -65,8 +65,10 @@ def main(argv=None) -> int:
         for r in rows:
             print(json.dumps(r))
         return 0
-    hdr = (f"{'kernel':22} {'dtype':9} {'constexprs':28} {'sm':>4} {'regs':>5} {'spill B':>8} {'stack':>6} "
-           f"{'shared B':>9}  atomics")
+    hdr = (
+        f"{'kernel':22} {'dtype':9} {'constexprs':28} {'sm':>4} {'regs':>5} {'spill B':>8} {'stack':>6} "
+        f"{'shared B':>9}  atomics"
+    )
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
@@ -75,12 +77,16 @@ def main(argv=None) -> int:
             continue
         cx = ",".join(f"{k}={int(v)}" for k, v in r["constexprs"].items())
         shared = max(r["triton_shared"], r["static_shared"])
-        print(f"{r['kernel']:22} {r['dtype']:9} {cx:28} {r['arch']:>4} {r['regs']:>5} {r['spill_bytes']:>8} "
-              f"{r['stack']:>6} {shared:>9}  {' '.join(r['atomics']) or '-'}")
+        print(
+            f"{r['kernel']:22} {r['dtype']:9} {cx:28} {r['arch']:>4} {r['regs']:>5} {r['spill_bytes']:>8} "
+            f"{r['stack']:>6} {shared:>9}  {' '.join(r['atomics']) or '-'}"
+        )
     ok = [r for r in rows if "error" not in r]
-    print(f"\n{len(rows)} compiles ({n} specializations x {len(a.targets.split(','))} targets), "
-          f"{len(rows) - len(ok)} failed, {len(bad)} with spills/stack or errors; "
-          f"max registers {max((r['regs'] for r in ok), default=0)}")
+    print(
+        f"\n{len(rows)} compiles ({n} specializations x {len(a.targets.split(','))} targets), "
+        f"{len(rows) - len(ok)} failed, {len(bad)} with spills/stack or errors; "
+        f"max registers {max((r['regs'] for r in ok), default=0)}"
+    )
     return 1 if bad else 0
 
 

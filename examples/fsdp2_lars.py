@@ -58,7 +58,10 @@ def main() -> None:
     per_rank = GLOBAL_BATCH // world
     for step in range(STEPS):
         x, y = data(step)
-        x, y = x[rank * per_rank : (rank + 1) * per_rank].to(device), y[rank * per_rank : (rank + 1) * per_rank].to(device)
+        x, y = (
+            x[rank * per_rank : (rank + 1) * per_rank].to(device),
+            y[rank * per_rank : (rank + 1) * per_rank].to(device),
+        )
         opt.zero_grad(set_to_none=True)
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()

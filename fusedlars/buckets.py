@@ -46,8 +46,9 @@ What a backend reads, per step (:meth:`Bucket.refresh` builds it on the host):
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from dataclasses import dataclass
-from typing import Any, MutableMapping
+from typing import Any
 
 import torch
 
@@ -422,7 +423,9 @@ class Bucket:
                     self.step[i] = 0.0
                 st["step"] = self._step_views[i]
             # a segment whose state came from outside (load_state_dict) has stepped; fresh state has not
-            self.has_state[i] = 0.0 if fresh else (1.0 if any(n in st for n in self.state_names) or s is not None else 0.0)
+            self.has_state[i] = (
+                0.0 if fresh else (1.0 if any(n in st for n in self.state_names) or s is not None else 0.0)
+            )
         self._seen_state[i] = tuple(map(id, map(st.get, keys)))
 
     def loaded(self, state: MutableMapping[torch.Tensor, dict]) -> None:

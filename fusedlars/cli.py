@@ -24,16 +24,23 @@ def main(argv: list[str] | None = None) -> int:
     from .tools import demo as _demo
     from .tools import plot as _plot
 
-    _demo.add_arguments(sub.add_parser(
-        "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"))
+    _demo.add_arguments(
+        sub.add_parser(
+            "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"
+        )
+    )
     _plot.add_arguments(sub.add_parser("plot", help="plot a StatsLogger CSV: one line per layer over steps"))
     from . import selftest as _selftest
 
-    _selftest.add_arguments(sub.add_parser(
-        "selftest", help="every live backend against the float64 reference; exit 1 on any FAIL",
-        description="Run every live backend (LARS, TVLARS, LAMB, LAMB with max_grad_norm; fp32 and bf16 with "
-        "master weights) for a few steps on odd shapes and compare it with the float64 reference. "
-        "Exit status 0 only when nothing fails."))
+    _selftest.add_arguments(
+        sub.add_parser(
+            "selftest",
+            help="every live backend against the float64 reference; exit 1 on any FAIL",
+            description="Run every live backend (LARS, TVLARS, LAMB, LAMB with max_grad_norm; fp32 and bf16 with "
+            "master weights) for a few steps on odd shapes and compare it with the float64 reference. "
+            "Exit status 0 only when nothing fails.",
+        )
+    )
     args = ap.parse_args(argv)
     if args.cmd == "selftest":
         return _selftest.main(args)

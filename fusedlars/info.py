@@ -30,15 +30,27 @@ def build_record() -> dict | None:
     except Exception as e:  # reported, never raised: info() must work without the extension
         ext = f"not loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     if rec is None:
-        return None if ext.startswith("not loaded") else {"ext": ext, "problems": [
-            "no build record (fusedlars/_build_info.py): built before setup.py wrote one; rebuild to get it"]}
+        return (
+            None
+            if ext.startswith("not loaded")
+            else {
+                "ext": ext,
+                "problems": [
+                    "no build record (fusedlars/_build_info.py): built before setup.py wrote one; rebuild to get it"
+                ],
+            }
+        )
     problems = []
     if ext.startswith("not loaded"):
         problems.append(f"fusedlars._C is {ext}")
     elif ext != rec.get("kernels"):
-        problems.append(f"the loaded extension holds {ext!r} kernels, the record says {rec.get('kernels')!r}: stale record, rebuild")
+        problems.append(
+            f"the loaded extension holds {ext!r} kernels, the record says {rec.get('kernels')!r}: stale record, rebuild"
+        )
     if rec.get("torch") and rec["torch"] != torch.__version__:
-        problems.append(f"built against torch {rec['torch']}, running {torch.__version__}: rebuild against the torch you run")
+        problems.append(
+            f"built against torch {rec['torch']}, running {torch.__version__}: rebuild against the torch you run"
+        )
     rec.update(ext=ext, problems=problems)
     return rec
 
@@ -59,14 +71,18 @@ def info() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "build": build_record(),
         "backends": backends,
-        "auto": {dev: next((b for b in kernels.auto_order(dev) if backends[b]["available"]), None) for dev in ("cpu", "cuda")},
+        "auto": {
+            dev: next((b for b in kernels.auto_order(dev) if backends[b]["available"]), None) for dev in ("cpu", "cuda")
+        },
     }
 
 
 def format_build(b: dict | None) -> list[str]:
     """The ``build:`` lines of ``fusedlars info``."""
     if b is None:
-        return ["build: fusedlars._C is not built (pip install --no-build-isolation -e .); only the torch and reference backends"]
+        return [
+            "build: fusedlars._C is not built (pip install --no-build-isolation -e .); only the torch and reference backends"
+        ]
     if "decision" not in b:
         lines = [f"build: fusedlars._C holds {b['ext']} kernels"]
     else:

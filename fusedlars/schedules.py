@@ -25,15 +25,14 @@ Contents
   (the MLPerf ResNet-50 LARS schedule).
 * :func:`tv_factor` and :func:`tv_factor_tensor`: the TVLARS time-varying factor ``phi_t``.
 
-Sources are cited in each docstring; ``research/semantics.md`` sections b.14, b.15, c.1 to c.4
-hold the detailed reading of those sources.
+Sources (papers and upstream repositories with their files) are cited in each docstring.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.optim import Optimizer
@@ -56,8 +55,7 @@ __all__ = [
 def _check_int(name: str, value: object, *, minimum: int, fix: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(
-            f"{name} must be an integer number of optimizer steps, got {value!r} "
-            f"({type(value).__name__}); {fix}"
+            f"{name} must be an integer number of optimizer steps, got {value!r} ({type(value).__name__}); {fix}"
         )
     value = int(value)
     if value < minimum:
@@ -140,7 +138,7 @@ class WarmupCosine(_ClosedFormLR):
     ``adjust_learning_rate``), used in the experiments of "Revisiting LARS for Large Batch
     Training Generalization of Neural Networks" (Do et al., arXiv:2309.14053). There the
     warm-up starts from 0 (``s = 0``, so the first update has lr 0), ``W = 20`` epochs,
-    ``f = 0.001`` and ``base = (B / 256) * lr``; see ``research/semantics.md`` section c.4.
+    ``f = 0.001`` and ``base = (B / 256) * lr`` (``KhoiDOO/tvlars``, ``main.py`` and ``scheduler/``).
 
     Args:
         optimizer: any :class:`torch.optim.Optimizer`; each group's current ``lr`` is its
@@ -163,17 +161,12 @@ class WarmupCosine(_ClosedFormLR):
         last_epoch: int = -1,
     ) -> None:
         self.warmup_steps, self.total_steps = _check_steps(warmup_steps, total_steps)
-        end_factor = _check_real(
-            "end_factor", end_factor, fix="use e.g. 0.001 (final lr = 0.001 * peak lr)"
-        )
+        end_factor = _check_real("end_factor", end_factor, fix="use e.g. 0.001 (final lr = 0.001 * peak lr)")
         if end_factor < 0:
             raise ValueError(
-                f"end_factor must be >= 0 (a fraction of the peak lr), got {end_factor}; "
-                "use 0 to decay to zero"
+                f"end_factor must be >= 0 (a fraction of the peak lr), got {end_factor}; use 0 to decay to zero"
             )
-        warmup_start_factor = _check_real(
-            "warmup_start_factor", warmup_start_factor, fix="use a fraction in [0, 1]"
-        )
+        warmup_start_factor = _check_real("warmup_start_factor", warmup_start_factor, fix="use a fraction in [0, 1]")
         if not 0.0 <= warmup_start_factor <= 1.0:
             raise ValueError(
                 f"warmup_start_factor must be in [0, 1], got {warmup_start_factor}; "
@@ -211,8 +204,7 @@ class WarmupPolynomial(_ClosedFormLR):
     (``mlcommons/training_results_v0.7``, ``NVIDIA/benchmarks/resnet/implementations/mxnet/
     common/fit.py``) and Google's ``lars_util.poly_rate_schedule`` (``training_results_v0.6``
     and ``v0.7``), both with ``end_lr = 1e-4`` and ``power = 2``; the LARS paper (You, Gitman
-    & Ginsburg 2017, arXiv:1708.03888, Algorithm 1) uses the same poly(2) decay. See
-    ``research/semantics.md`` sections b.1, b.14 and b.15.
+    & Ginsburg 2017, arXiv:1708.03888, Algorithm 1) uses the same poly(2) decay.
 
     Args:
         optimizer: any :class:`torch.optim.Optimizer`; each group's current ``lr`` is its
@@ -254,9 +246,7 @@ class WarmupPolynomial(_ClosedFormLR):
         self.end_lrs = checked
         power = _check_real("power", power, fix="use e.g. 2.0 (MLPerf) or 1.0 (linear)")
         if power <= 0:
-            raise ValueError(
-                f"power must be > 0, got {power}; use 2.0 (MLPerf) or 1.0 (linear decay)"
-            )
+            raise ValueError(f"power must be > 0, got {power}; use 2.0 (MLPerf) or 1.0 (linear decay)")
         self.power = power
         super().__init__(optimizer, last_epoch)
 
@@ -280,21 +270,16 @@ def _check_tv_args(lmbda, alpha, shift, gamma_min, gate) -> tuple[float, float, 
     lmbda = _check_real("lmbda", lmbda, fix="use a delay factor such as 1e-3")
     if lmbda < 0:
         raise ValueError(
-            f"lmbda must be >= 0, got {lmbda}; phi decays for lmbda > 0 "
-            "(the TVLARS sweep is 1e-6 ... 1e-2)"
+            f"lmbda must be >= 0, got {lmbda}; phi decays for lmbda > 0 (the TVLARS sweep is 1e-6 ... 1e-2)"
         )
     alpha = _check_real("alpha", alpha, fix="use 0.1 (official code) or 0 (May 2023 code)")
     if alpha < 0:
-        raise ValueError(
-            f"alpha must be >= 0, got {alpha}; use 0.1 (official code) or 0 (pure exponential)"
-        )
+        raise ValueError(f"alpha must be >= 0, got {alpha}; use 0.1 (official code) or 0 (pure exponential)")
     shift = _check_real("shift", shift, fix="use -1 (official code) or the delay d_e")
     gamma_min = _check_real("gamma_min", gamma_min, fix="use 0.0 (official code)")
     if gamma_min < 0:
         raise ValueError(f"gamma_min must be >= 0, got {gamma_min}; use 0.0 (official code)")
-    gate = _check_int(
-        "gate", gate, minimum=0, fix="use 0 for no gate, or delay_epochs * steps_per_epoch"
-    )
+    gate = _check_int("gate", gate, minimum=0, fix="use 0 for no gate, or delay_epochs * steps_per_epoch")
     return lmbda, alpha, shift, gamma_min, gate
 
 
@@ -323,7 +308,7 @@ def tv_factor(
     computes ``1 / (0.1 + exp(lmbda * (t + 1)))`` per optimizer step, i.e. ``alpha = 0.1``,
     ``shift = -1``, ``gamma_min = 0``, ``gate = 0`` (the defaults here); its Aug to Nov 2023
     version used the same expression behind a hard gate of 10 epochs (``gate = 10 *
-    steps_per_epoch``, no time shift). See ``research/semantics.md`` sections c.1 to c.3.
+    steps_per_epoch``, no time shift).
 
     At ``t = 0`` with the defaults, ``phi = 1 / (0.1 + e^lmbda)`` (about 0.909 for small
     ``lmbda``); it decreases monotonically towards ``gamma_min``. An overflowing exponential
@@ -361,10 +346,7 @@ def tv_factor_tensor(
     """
     lmbda, alpha, shift, gamma_min, gate = _check_tv_args(lmbda, alpha, shift, gamma_min, gate)
     if not isinstance(step, torch.Tensor):
-        raise TypeError(
-            f"step must be a torch.Tensor, got {type(step).__name__}; use tv_factor() for "
-            "Python numbers"
-        )
+        raise TypeError(f"step must be a torch.Tensor, got {type(step).__name__}; use tv_factor() for Python numbers")
     if dtype is None:
         dtype = step.dtype if step.dtype.is_floating_point else torch.float32
     return tv_phi_tensor(step.to(dtype), lmbda, alpha, shift, gamma_min, gate)

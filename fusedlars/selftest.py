@@ -62,8 +62,20 @@ def make_named_grads(params, step, scale=0.01, special=None):
     return grads
 
 
-def run_named(cls, backend, shapes, *, device="cpu", steps=3, dtype=torch.float32, master=False, lr=0.1,
-              grad_fn=None, scale=0.01, **kw):
+def run_named(
+    cls,
+    backend,
+    shapes,
+    *,
+    device="cpu",
+    steps=3,
+    dtype=torch.float32,
+    master=False,
+    lr=0.1,
+    grad_fn=None,
+    scale=0.01,
+    **kw,
+):
     """``steps`` steps of ``cls(..., backend=backend)``; a float lr is changed every step as a scheduler would."""
     params = make_named_params(shapes, dtype, device=device)
     opt = cls(params, lr=lr, backend=backend, master_weights=master, **kw)
@@ -98,19 +110,38 @@ class Check:
     def __str__(self) -> str:
         if self.kind == "exact":
             return f"{self.what}: {'ok' if self.ok else 'MISMATCH'}{': ' + self.detail if self.detail else ''}"
-        return (f"{self.what}: max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g}, "
-                f"{self.tol_used:.3g} of the tolerance (rtol {self.rtol:g}, atol {self.atol:g})"
-                f"{'; ' + self.detail if self.detail else ''}")
+        return (
+            f"{self.what}: max abs err {self.max_abs:.3g}, max rel err {self.max_rel:.3g}, "
+            f"{self.tol_used:.3g} of the tolerance (rtol {self.rtol:g}, atol {self.atol:g})"
+            f"{'; ' + self.detail if self.detail else ''}"
+        )
 
 
-def compare_tensors(what: str, actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, *,
-                    kind: str = "weight", equal_nan: bool = False) -> Check:
+def compare_tensors(
+    what: str,
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    rtol: float,
+    atol: float,
+    *,
+    kind: str = "weight",
+    equal_nan: bool = False,
+) -> Check:
     """Element-wise comparison of ``actual`` against ``expected`` (the reference), as a :class:`Check`."""
     a = actual.detach().to(torch.float64).reshape(-1)
     b = expected.detach().to(torch.float64).reshape(-1)
     if actual.shape != expected.shape:
-        return Check(what, kind, False, math.inf, math.inf, math.inf, rtol, atol,
-                     f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}")
+        return Check(
+            what,
+            kind,
+            False,
+            math.inf,
+            math.inf,
+            math.inf,
+            rtol,
+            atol,
+            f"shape {tuple(actual.shape)} != reference {tuple(expected.shape)}",
+        )
     if a.numel() == 0:
         return Check(what, kind, True, rtol=rtol, atol=atol)
     same = a == b
@@ -145,16 +176,21 @@ def _state_of(bucket) -> dict[str, tuple[tuple[int, ...], torch.Tensor]]:
     return out
 
 
-def compare_runs(backend: str, params, opt, ref_params, ref_opt, dtype: torch.dtype, *,
-                 equal_nan: bool = False) -> list[Check]:
+def compare_runs(
+    backend: str, params, opt, ref_params, ref_opt, dtype: torch.dtype, *, equal_nan: bool = False
+) -> list[Check]:
     """Every check of a ``backend`` run against the reference run on the same data: the backend really
     ran, params, per-layer norms and trust ratios, step counters, state and master weights."""
     rtol, atol = TOLERANCES[dtype]
     used = opt.backends_in_use()
     checks = [
         Check("backend in use", "exact", used == [backend] * len(opt.buckets()), detail=f"{used}"),
-        Check("bucket count", "exact", len(opt.buckets()) == len(ref_opt.buckets()),
-              detail=f"{len(opt.buckets())} vs reference {len(ref_opt.buckets())}"),
+        Check(
+            "bucket count",
+            "exact",
+            len(opt.buckets()) == len(ref_opt.buckets()),
+            detail=f"{len(opt.buckets())} vs reference {len(ref_opt.buckets())}",
+        ),
     ]
     for (name, a), (_, b) in zip(params, ref_params):
         fin = b.detach().double()[torch.isfinite(b.detach().double())]
@@ -164,19 +200,40 @@ def compare_runs(backend: str, params, opt, ref_params, ref_opt, dtype: torch.dt
     for j, (ba, bb) in enumerate(zip(opt.buckets(), ref_opt.buckets())):
         pre = f"bucket {j} " if len(opt.buckets()) > 1 else ""
         for key in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
-            checks.append(compare_tensors(pre + key, getattr(ba, key), getattr(bb, key), max(rtol, 1e-5), 1e-6,
-                                          kind="norm", equal_nan=equal_nan))
+            checks.append(
+                compare_tensors(
+                    pre + key,
+                    getattr(ba, key),
+                    getattr(bb, key),
+                    max(rtol, 1e-5),
+                    1e-6,
+                    kind="norm",
+                    equal_nan=equal_nan,
+                )
+            )
         for key in ("step", "has_state"):
-            checks.append(Check(pre + key, "exact", torch.equal(getattr(ba, key), getattr(bb, key)),
-                                detail=f"{getattr(ba, key).tolist()} vs reference {getattr(bb, key).tolist()}"))
+            checks.append(
+                Check(
+                    pre + key,
+                    "exact",
+                    torch.equal(getattr(ba, key), getattr(bb, key)),
+                    detail=f"{getattr(ba, key).tolist()} vs reference {getattr(bb, key).tolist()}",
+                )
+            )
         sa, sb = _state_of(ba), _state_of(bb)
         same_keys = set(sa) == set(sb)
         checks.append(Check(pre + "state keys", "exact", same_keys, detail=f"{sorted(sa)} vs {sorted(sb)}"))
         for key in sorted(set(sa) & set(sb)):
             (pa, ta), (pb, tb) = sa[key], sb[key]
             if pa != pb:
-                checks.append(Check(f"{pre}state {key} segments", "exact", False,
-                                    detail=f"state exists for segments {pa} vs reference {pb}"))
+                checks.append(
+                    Check(
+                        f"{pre}state {key} segments",
+                        "exact",
+                        False,
+                        detail=f"state exists for segments {pa} vs reference {pb}",
+                    )
+                )
                 continue
             # atol relative to the buffer's own scale: exp_avg_sq is ~1e-7 for grads of 1e-2, below any fixed atol
             ref = tb.detach().double()
@@ -184,8 +241,17 @@ def compare_runs(backend: str, params, opt, ref_params, ref_opt, dtype: torch.dt
             scale = fin.abs().max().item() if fin.numel() else 0.0
             kind = "master" if key == "master_weight" else "state"
             rtol_k, atol_k = (1e-5, 1e-6) if kind == "master" else (max(rtol, 1e-5), state_atol * scale)
-            checks.append(compare_tensors(f"{pre}{'master weights' if kind == 'master' else 'state ' + key}",
-                                          ta, tb, rtol_k, atol_k, kind=kind, equal_nan=equal_nan))
+            checks.append(
+                compare_tensors(
+                    f"{pre}{'master weights' if kind == 'master' else 'state ' + key}",
+                    ta,
+                    tb,
+                    rtol_k,
+                    atol_k,
+                    kind=kind,
+                    equal_nan=equal_nan,
+                )
+            )
     return checks
 
 
@@ -324,8 +390,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype)[6:])
 
 
-def _case(backend: str, opt_name: str, dtype: torch.dtype, device: torch.device, shapes, steps: int,
-          requested: bool) -> Result:
+def _case(
+    backend: str, opt_name: str, dtype: torch.dtype, device: torch.device, shapes, steps: int, requested: bool
+) -> Result:
     cls, kw = _optimizers()[opt_name]
     kw = dict(kw)
     label = _dtype_name(dtype)
@@ -335,8 +402,9 @@ def _case(backend: str, opt_name: str, dtype: torch.dtype, device: torch.device,
         with warnings.catch_warnings():
             # 0/0 in a zero-norm branch that a where() does not select (Triton's interpreter warns)
             warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
-            checks, _, _ = compare_backend(cls, backend, shapes, device=device, dtype=dtype, steps=steps,
-                                           master=master, **kw)
+            checks, _, _ = compare_backend(
+                cls, backend, shapes, device=device, dtype=dtype, steps=steps, master=master, **kw
+            )
     except RuntimeError as e:
         msg = str(e)
         if _NOT_FUSED in msg:
@@ -344,13 +412,34 @@ def _case(backend: str, opt_name: str, dtype: torch.dtype, device: torch.device,
             # bf16 runs only where the backend steps it itself; an fp32 case it cannot run is a
             # failure only when the user asked for this backend
             status = "FAIL" if requested and dtype == torch.float32 else "SKIP"
-            return Result(backend, opt_name, label, status, reason=f"not run by this backend: {why}",
-                          master_weights=master, seconds=time.perf_counter() - t0)
-        return Result(backend, opt_name, label, "FAIL", reason=f"error: {type(e).__name__}: {msg}",
-                      master_weights=master, seconds=time.perf_counter() - t0)
+            return Result(
+                backend,
+                opt_name,
+                label,
+                status,
+                reason=f"not run by this backend: {why}",
+                master_weights=master,
+                seconds=time.perf_counter() - t0,
+            )
+        return Result(
+            backend,
+            opt_name,
+            label,
+            "FAIL",
+            reason=f"error: {type(e).__name__}: {msg}",
+            master_weights=master,
+            seconds=time.perf_counter() - t0,
+        )
     except Exception as e:
-        return Result(backend, opt_name, label, "FAIL", reason=f"error: {type(e).__name__}: {e}",
-                      master_weights=master, seconds=time.perf_counter() - t0)
+        return Result(
+            backend,
+            opt_name,
+            label,
+            "FAIL",
+            reason=f"error: {type(e).__name__}: {e}",
+            master_weights=master,
+            seconds=time.perf_counter() - t0,
+        )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     wts = [c for c in checks if c.kind in ("weight", "master")]
@@ -388,8 +477,13 @@ def _backend_results(name: str, asked: bool, dev: torch.device, optimizers, dtyp
             r.shapes = own
             if first and dtype == torch.float32 and r.reason.startswith("not run by this backend"):
                 # its first fp32 case does not run: the backend does not run on this device at all
-                yield Result(name, "-", "-", r.status, reason=r.reason.replace("not run by this backend",
-                                                                               f"not live on {dev}", 1))
+                yield Result(
+                    name,
+                    "-",
+                    "-",
+                    r.status,
+                    reason=r.reason.replace("not run by this backend", f"not live on {dev}", 1),
+                )
                 return
             first = False
             yield r
@@ -433,8 +527,7 @@ def run_selftest(
 # ---------------------------------------------------------------------------------------------
 # output
 
-COLUMNS = ("backend", "optimizer", "dtype", "max abs err", "max rel err", "rtol", "atol", "err/tol", "verdict",
-           "note")
+COLUMNS = ("backend", "optimizer", "dtype", "max abs err", "max rel err", "rtol", "atol", "err/tol", "verdict", "note")
 
 
 def _row(r: Result) -> list[str]:
@@ -443,14 +536,26 @@ def _row(r: Result) -> list[str]:
             return "-"
         return format(v, fmt) if math.isfinite(v) else str(v)
 
-    return [r.backend, r.optimizer, r.dtype, num(r.max_abs_err), num(r.max_rel_err), num(r.rtol, "g"),
-            num(r.atol, "g"), num(r.tol_used, ".2f"), r.status, r.reason]
+    return [
+        r.backend,
+        r.optimizer,
+        r.dtype,
+        num(r.max_abs_err),
+        num(r.max_rel_err),
+        num(r.rtol, "g"),
+        num(r.atol, "g"),
+        num(r.tol_used, ".2f"),
+        r.status,
+        r.reason,
+    ]
 
 
 def header(report: Report) -> str:
-    return (f"fusedlars selftest on {report.device}: {report.steps} steps (momentum / Adam state), fp32 and bf16 (with fp32 "
-            f"master weights) against the float64 reference, {sum(math.prod(s) for _, s in report.shapes)} elements "
-            f"in {len(report.shapes)} tensors")
+    return (
+        f"fusedlars selftest on {report.device}: {report.steps} steps (momentum / Adam state), fp32 and bf16 (with fp32 "
+        f"master weights) against the float64 reference, {sum(math.prod(s) for _, s in report.shapes)} elements "
+        f"in {len(report.shapes)} tensors"
+    )
 
 
 def shape_notes(report: Report) -> list[str]:
@@ -460,8 +565,10 @@ def shape_notes(report: Report) -> list[str]:
         if r.shapes is not None and r.backend not in notes:
             default = dict(report.shapes)
             changed = ", ".join(f"{n} {s} instead of {default.get(n)}" for n, s in r.shapes if default.get(n) != s)
-            notes[r.backend] = (f"{r.backend} on {report.device} runs in Triton's interpreter: "
-                                f"{sum(math.prod(s) for _, s in r.shapes)} elements ({changed})")
+            notes[r.backend] = (
+                f"{r.backend} on {report.device} runs in Triton's interpreter: "
+                f"{sum(math.prod(s) for _, s in r.shapes)} elements ({changed})"
+            )
     return list(notes.values())
 
 
@@ -469,8 +576,11 @@ def summary(report: Report) -> str:
     c = report.counts()
     skipped = sorted({r.backend for r in report.results if r.status == "SKIP"})
     failed = sorted({r.backend for r in report.results if r.status == "FAIL"})
-    parts = [f"{c['PASS']} passed", f"{c['FAIL']} failed" + (f" ({', '.join(failed)})" if failed else ""),
-             f"{c['SKIP']} skipped" + (f" ({', '.join(skipped)})" if skipped else "")]
+    parts = [
+        f"{c['PASS']} passed",
+        f"{c['FAIL']} failed" + (f" ({', '.join(failed)})" if failed else ""),
+        f"{c['SKIP']} skipped" + (f" ({', '.join(skipped)})" if skipped else ""),
+    ]
     return f"selftest {'PASS' if report.ok else 'FAIL'}: {', '.join(parts)} on {report.device} in {report.wall_s:.1f} s"
 
 
@@ -511,8 +621,12 @@ def print_report(report: Report, *, use_rich: bool | None = None) -> None:
                 cells = [Text(c) for c in _row(r)]  # Text: a reason may hold "[...]", which is not markup
                 cells[8].stylize(style[r.status])
                 if r.reason:
-                    notes.append(Text(f"{r.backend} {r.optimizer} {r.dtype} {r.status}: {r.reason}"
-                                      .replace(" - - ", " "), style=style[r.status]))
+                    notes.append(
+                        Text(
+                            f"{r.backend} {r.optimizer} {r.dtype} {r.status}: {r.reason}".replace(" - - ", " "),
+                            style=style[r.status],
+                        )
+                    )
                     cells[8].append(f" [{len(notes)}]")
                 table.add_row(*cells[:-1])
             console.print(table)
@@ -528,13 +642,18 @@ def print_report(report: Report, *, use_rich: bool | None = None) -> None:
 # ---------------------------------------------------------------------------------------------
 # command line: `fusedlars selftest` (registered in cli.py)
 
+
 def add_arguments(p) -> None:
     choices = [b for b in kernels.BACKENDS if b != "reference"]
-    p.add_argument("--device", default=None,
-                   help="device to test on (default: cuda when a GPU is visible, else cpu)")
-    p.add_argument("--backend", action="append", default=None, metavar="NAME",
-                   help=f"test only this backend ({', '.join(choices)}); repeat it or separate names with "
-                        "commas. A backend asked for that is not available is a FAIL, not a SKIP")
+    p.add_argument("--device", default=None, help="device to test on (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument(
+        "--backend",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=f"test only this backend ({', '.join(choices)}); repeat it or separate names with "
+        "commas. A backend asked for that is not available is a FAIL, not a SKIP",
+    )
     p.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
 
 
@@ -547,8 +666,9 @@ def main(args) -> int:
 
     def progress(r: Result) -> None:
         if sys.stderr.isatty():
-            print(f"\rselftest: {r.backend} {r.optimizer} {r.dtype} {r.status}\033[K", end="", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\rselftest: {r.backend} {r.optimizer} {r.dtype} {r.status}\033[K", end="", file=sys.stderr, flush=True
+            )
 
     try:
         report = run_selftest(args.device, backends, on_result=progress)
@@ -556,8 +676,11 @@ def main(args) -> int:
         print(f"fusedlars selftest: FAIL: {e}", file=sys.stderr)
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"fusedlars": __version__, "torch": torch.__version__, "ok": False, "error": str(e),
-                           "results": []}, f, indent=2)
+                json.dump(
+                    {"fusedlars": __version__, "torch": torch.__version__, "ok": False, "error": str(e), "results": []},
+                    f,
+                    indent=2,
+                )
         return 1
     if sys.stderr.isatty():
         print("\r\033[K", end="", file=sys.stderr, flush=True)

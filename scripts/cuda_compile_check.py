@@ -33,7 +33,11 @@ _SMEM = re.compile(r"(\d+) bytes smem")
 
 
 def find_nvcc() -> str:
-    for cand in (os.environ.get("NVCC"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"), shutil.which("nvcc")):
+    for cand in (
+        os.environ.get("NVCC"),
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc"),
+        shutil.which("nvcc"),
+    ):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     sys.exit("cuda_compile_check: nvcc not found (set NVCC or CUDA_HOME, or put nvcc on PATH)")
@@ -70,15 +74,17 @@ def parse(log: str) -> list[dict]:
     for line in log.splitlines():
         m = _ENTRY.search(line)
         if m:
-            cur = rows.setdefault(m.group(1), {"name": m.group(1), "regs": None, "stack": 0, "spill_st": 0, "spill_ld": 0, "smem": 0})
+            cur = rows.setdefault(
+                m.group(1), {"name": m.group(1), "regs": None, "stack": 0, "spill_st": 0, "spill_ld": 0, "smem": 0}
+            )
             continue
         if cur is None:
             continue
-        if (m := _REGS.search(line)):
+        if m := _REGS.search(line):
             cur["regs"] = int(m.group(1))
-            if (s := _SMEM.search(line)):
+            if s := _SMEM.search(line):
                 cur["smem"] = int(s.group(1))
-        if (m := _SPILL.search(line)):
+        if m := _SPILL.search(line):
             cur["stack"], cur["spill_st"], cur["spill_ld"] = (int(x) for x in m.groups())
     return [r for r in rows.values() if r["regs"] is not None]
 
@@ -116,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         if r["spill_st"] or r["spill_ld"]:
             spills.append(f"sm_{arch} {name}")
             flag = "  <-- SPILLS"
-        print(f"sm_{arch:<4}{name:<42}{r['regs']:>5}{r['stack']:>7}{r['spill_st']:>10}{r['spill_ld']:>10}{r['smem']:>6}{flag}")
+        print(
+            f"sm_{arch:<4}{name:<42}{r['regs']:>5}{r['stack']:>7}{r['spill_st']:>10}{r['spill_ld']:>10}{r['smem']:>6}{flag}"
+        )
     print(f"\ntotal {time.time() - t0:.1f} s")
     if spills and not args.allow_spills:
         print(f"FAIL: {len(spills)} kernel(s) spill registers: {', '.join(spills)}")

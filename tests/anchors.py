@@ -654,9 +654,7 @@ def timm_lamb_step(
         w.add_(u, alpha=-lr)
 
 
-def cybertron_lamb_step(
-    params, grads, state, lr, *, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, adam=False
-):
+def cybertron_lamb_step(params, grads, state, lr, *, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, adam=False):
     """cybertronai pytorch-lamb ``Lamb`` (= the TVLARS repo's LAMB).
 
     No bias correction: u = m/(sqrt(v)+eps) + wd*w;

@@ -35,8 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = ROOT / "csrc"
 KERNELS = CSRC / "cuda" / "fused_kernels.cu"
 SELFTEST = CSRC / "emu" / "selftest_kernels.cu"
-EMU_FILES = sorted((CSRC / "emu").rglob("*.h")) + [CSRC / "emu" / "emu_control.cpp", CSRC / "cuda" / "launch.h",
-                                                    CSRC / "lars_math.h", CSRC / "option_decode.h"]
+EMU_FILES = sorted((CSRC / "emu").rglob("*.h")) + [
+    CSRC / "emu" / "emu_control.cpp",
+    CSRC / "cuda" / "launch.h",
+    CSRC / "lars_math.h",
+    CSRC / "option_decode.h",
+]
 #: what each emulation library is made of: (kernel source with <<<>>> launches, plain C++ sources)
 LIBS = {
     "kernels": (KERNELS, [CSRC / "emu" / "emu_abi.cpp", CSRC / "emu" / "emu_control.cpp"]),
@@ -46,13 +50,30 @@ LIBS = {
 # name<<<config>>>( -> ::fusedlars_emu::Launcher(config)(name,
 LAUNCH_RE = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>();]*>)?)\s*<<<([^\n]*?)>>>\s*\(")
 
-FLAGS = ["-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-pthread", "-fno-strict-aliasing",
-         "-U_FORTIFY_SOURCE", "-D_FORTIFY_SOURCE=0", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function"]
+FLAGS = [
+    "-std=c++17",
+    "-O1",
+    "-g",
+    "-fPIC",
+    "-shared",
+    "-pthread",
+    "-fno-strict-aliasing",
+    "-U_FORTIFY_SOURCE",
+    "-D_FORTIFY_SOURCE=0",
+    "-Wall",
+    "-Wno-unknown-pragmas",
+    "-Wno-unused-function",
+]
 UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
 
 # launch.h Variant
-VARIANTS = {(torch.float32, False): 0, (torch.bfloat16, False): 1, (torch.bfloat16, True): 2,
-            (torch.float16, False): 3, (torch.float16, True): 4}
+VARIANTS = {
+    (torch.float32, False): 0,
+    (torch.bfloat16, False): 1,
+    (torch.bfloat16, True): 2,
+    (torch.float16, False): 3,
+    (torch.float16, True): 4,
+}
 PATHS = {1: "cooperative", 2: "two_launch", 3: "partials", 4: "apply"}
 
 
@@ -69,8 +90,9 @@ def rewrite(src: str) -> tuple[str, int]:
     return LAUNCH_RE.subn(lambda m: f"::fusedlars_emu::Launcher({m.group(2)})({m.group(1)}, ", src)
 
 
-def build(source: Path | None = None, *, kind: str = "kernels", sanitize: bool = True,
-          out_root: Path | None = None) -> Path:
+def build(
+    source: Path | None = None, *, kind: str = "kernels", sanitize: bool = True, out_root: Path | None = None
+) -> Path:
     """Build (or reuse) an emulation library: ``kind`` "kernels" (csrc/cuda, or ``source`` /
     FUSEDLARS_EMU_SOURCE in its place) or "selftest" (csrc/emu/selftest_kernels.cu). Raises RuntimeError
     with the compiler output on failure."""
@@ -99,8 +121,20 @@ def build(source: Path | None = None, *, kind: str = "kernels", sanitize: bool =
     src = out_dir / f"{original.stem}_emu.cpp"
     src.write_text(text)
     tmp = out_dir / f"lib.{os.getpid()}.so"
-    cmd = [cxx, *flags, "-I", str(CSRC / "emu" / "include"), "-I", str(CSRC / "cuda"), "-I", str(CSRC),
-           str(src), *map(str, extra), "-o", str(tmp)]
+    cmd = [
+        cxx,
+        *flags,
+        "-I",
+        str(CSRC / "emu" / "include"),
+        "-I",
+        str(CSRC / "cuda"),
+        "-I",
+        str(CSRC),
+        str(src),
+        *map(str, extra),
+        "-o",
+        str(tmp),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"emulation build failed ({' '.join(cmd)}):\n{r.stderr[-6000:]}")
@@ -175,10 +209,16 @@ def _check_lists(params, grads, state, addresses, S: int, min_rows: int) -> torc
         raise RuntimeError(f"fusedlars cuda: at most {S} grads, every one {dt}")
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in state):
         raise RuntimeError("fusedlars cuda: master weights and state must be float32")
-    if addresses.dtype != torch.int64 or addresses.dim() != 2 or addresses.shape[1] != S or \
-            not min_rows <= addresses.shape[0] <= 5:
-        raise RuntimeError(f"fusedlars cuda: the address table must be int64 [{min_rows}..5, {S}], got "
-                           f"{addresses.dtype} {tuple(addresses.shape)}")
+    if (
+        addresses.dtype != torch.int64
+        or addresses.dim() != 2
+        or addresses.shape[1] != S
+        or not min_rows <= addresses.shape[0] <= 5
+    ):
+        raise RuntimeError(
+            f"fusedlars cuda: the address table must be int64 [{min_rows}..5, {S}], got "
+            f"{addresses.dtype} {tuple(addresses.shape)}"
+        )
     return dt
 
 
@@ -208,8 +248,25 @@ class EmuOps:
             raise EmulationError(f"emulated CUDA launch failed (cudaError {out[2]}): {err or 'no emulation message'}")
         self.last = (PATHS.get(out[0], "none"), out[1])
 
-    def _common(self, params, grads, state, addresses, master, segs, tables, partials, snap, ssq, lr_tensor,
-                inv_scale, found_inf, clip_coef, path, min_rows):
+    def _common(
+        self,
+        params,
+        grads,
+        state,
+        addresses,
+        master,
+        segs,
+        tables,
+        partials,
+        snap,
+        ssq,
+        lr_tensor,
+        inv_scale,
+        found_inf,
+        clip_coef,
+        path,
+        min_rows,
+    ):
         S = segs[0].numel()
         dt = _check_lists(params, grads, state, addresses, S, min_rows)
         if (path in (3, 4)) != (ssq is not None):
@@ -226,31 +283,139 @@ class EmuOps:
                 ssq.fill_(float("nan"))
         variant = VARIANTS[(dt, bool(master))]
         tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg = tables
-        slots = [addresses, *segs, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap, ssq,
-                 lr_tensor, inv_scale, found_inf, clip_coef]
-        ints = [variant, tile_start.numel(), S, group_seg.numel(), addresses.shape[0], _is_double(lr_tensor),
-                _is_double(inv_scale), _is_double(found_inf), _is_double(clip_coef)]
+        slots = [
+            addresses,
+            *segs,
+            tile_seg,
+            tile_start,
+            tile_len,
+            seg_tile_ptr,
+            group_seg,
+            partials,
+            snap,
+            ssq,
+            lr_tensor,
+            inv_scale,
+            found_inf,
+            clip_coef,
+        ]
+        ints = [
+            variant,
+            tile_start.numel(),
+            S,
+            group_seg.numel(),
+            addresses.shape[0],
+            _is_double(lr_tensor),
+            _is_double(inv_scale),
+            _is_double(found_inf),
+            _is_double(clip_coef),
+        ]
         return slots, ints
 
-    def lars_step_cuda(self, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step,
-                       w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
-                       partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
+    def lars_step_cuda(
+        self,
+        params,
+        grads,
+        state,
+        addresses,
+        master,
+        wd_mask,
+        adapt_mask,
+        active,
+        has_state,
+        step,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        tile_seg,
+        tile_start,
+        tile_len,
+        seg_tile_ptr,
+        group_seg,
+        partials,
+        snap,
+        ssq,
+        lr_tensor,
+        lr,
+        inv_scale,
+        found_inf,
+        hyper,
+        modes,
+        path=0,
+    ):
         momentum = float(hyper[0]) != 0.0  # packing.lars_options: hyper[0] is the momentum
         slots, ints = self._common(
-            params, grads, state, addresses, master,
+            params,
+            grads,
+            state,
+            addresses,
+            master,
             (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
-            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, ssq, lr_tensor, inv_scale,
-            found_inf, None, path, 4 if momentum else 3)
+            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg),
+            partials,
+            snap,
+            ssq,
+            lr_tensor,
+            inv_scale,
+            found_inf,
+            None,
+            path,
+            4 if momentum else 3,
+        )
         self._run(self.lib.L.emu_lars_step, slots, ints, hyper, modes, lr, path)
 
-    def lamb_step_cuda(self, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step,
-                       w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg,
-                       partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
+    def lamb_step_cuda(
+        self,
+        params,
+        grads,
+        state,
+        addresses,
+        master,
+        wd_mask,
+        adapt_mask,
+        active,
+        has_state,
+        step,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        tile_seg,
+        tile_start,
+        tile_len,
+        seg_tile_ptr,
+        group_seg,
+        partials,
+        snap,
+        ssq,
+        lr_tensor,
+        lr,
+        inv_scale,
+        found_inf,
+        clip_coef,
+        hyper,
+        modes,
+        path=0,
+    ):
         slots, ints = self._common(
-            params, grads, state, addresses, master,
+            params,
+            grads,
+            state,
+            addresses,
+            master,
             (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
-            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg), partials, snap, ssq, lr_tensor, inv_scale,
-            found_inf, clip_coef, path, 5)
+            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg),
+            partials,
+            snap,
+            ssq,
+            lr_tensor,
+            inv_scale,
+            found_inf,
+            clip_coef,
+            path,
+            5,
+        )
         self._run(self.lib.L.emu_lamb_step, slots, ints, hyper, modes, lr, path)
 
     def grad_sumsq_cuda(self, grads, addresses, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
@@ -266,8 +431,13 @@ class EmuOps:
         t = (ctypes.c_void_p * self.lib.slots)(*[_ptr(x, f"slot {i}") for i, x in enumerate(slots)])
         dt = grads[0].dtype if grads else torch.float32
         ints = [0] * self.lib.ints
-        ints[0], ints[1], ints[2], ints[4], ints[6] = VARIANTS[(dt, False)], tile_start.numel(), S, addresses.shape[0], \
-            _is_double(inv_scale)
+        ints[0], ints[1], ints[2], ints[4], ints[6] = (
+            VARIANTS[(dt, False)],
+            tile_start.numel(),
+            S,
+            addresses.shape[0],
+            _is_double(inv_scale),
+        )
         n = (ctypes.c_int64 * self.lib.ints)(*ints)
         self.lib.reset()
         rc = self.lib.L.emu_grad_sumsq(t, n)
@@ -279,8 +449,10 @@ class EmuOps:
     def cuda_info(self) -> str:
         d = self.lib.device
         lp = PATHS.get(self.lib.L.emu_last_path(), "none")
-        return (f"archs=emulated;devices=1;device=0;name=SIMT emulation;sm=0;coop={int(d['coop'])};"
-                f"sms={d['sms']};blocks_per_sm={d['blocks_per_sm']};last_path={lp}")
+        return (
+            f"archs=emulated;devices=1;device=0;name=SIMT emulation;sm=0;coop={int(d['coop'])};"
+            f"sms={d['sms']};blocks_per_sm={d['blocks_per_sm']};last_path={lp}"
+        )
 
     def build_info(self) -> str:
         return "emulated+cuda"

@@ -57,7 +57,12 @@ def run(opt_factory, shapes=ODD_SHAPES, dtype=torch.float32, steps=20, base_lr=0
 def assert_close_lists(a, b, rtol, atol, equal_nan=False, msg=""):
     for i, (x, y) in enumerate(zip(a, b)):
         torch.testing.assert_close(
-            x.detach().double(), y.detach().double(), rtol=rtol, atol=atol, equal_nan=equal_nan, msg=lambda m: f"{msg} tensor {i}: {m}"
+            x.detach().double(),
+            y.detach().double(),
+            rtol=rtol,
+            atol=atol,
+            equal_nan=equal_nan,
+            msg=lambda m: f"{msg} tensor {i}: {m}",
         )
 
 
@@ -157,8 +162,10 @@ def assert_bitwise_equal(a, b, msg=""):
             if x.shape == y.shape and x.dtype == y.dtype:
                 diff = _bits(x) != _bits(y)
                 first = int(diff.nonzero()[0, 0])
-                bad.append(f"{k}: {int(diff.sum())} of {x.numel()} elements differ, first at flat index {first}: "
-                           f"{x.reshape(-1)[first].item()!r} vs {y.reshape(-1)[first].item()!r}")
+                bad.append(
+                    f"{k}: {int(diff.sum())} of {x.numel()} elements differ, first at flat index {first}: "
+                    f"{x.reshape(-1)[first].item()!r} vs {y.reshape(-1)[first].item()!r}"
+                )
             else:
                 bad.append(f"{k}: {x.dtype}{tuple(x.shape)} vs {y.dtype}{tuple(y.shape)}")
     assert not bad, f"{msg}: not bitwise equal:\n  " + "\n  ".join(bad)
@@ -200,8 +207,9 @@ def into_one_buffer(tensors, gap=3):
     return buf, views, free
 
 
-def check_views_into_one_buffer(cls, backend, *, shapes=ODD_SHAPES, dtype=torch.float32, steps=5, rtol=None,
-                                atol=None, **kw):
+def check_views_into_one_buffer(
+    cls, backend, *, shapes=ODD_SHAPES, dtype=torch.float32, steps=5, rtol=None, atol=None, **kw
+):
     """Params whose ``.data`` are views into one buffer (:func:`into_one_buffer`) and grads that are views
     into another take ``steps`` steps of ``cls(..., backend=backend)``. Asserts: every param and grad
     stays the same tensor at the same address (stepped in place: the buffer holds the new values),
@@ -234,7 +242,12 @@ def check_views_into_one_buffer(cls, backend, *, shapes=ODD_SHAPES, dtype=torch.
     assert bool((pbuf[pfree] == SENTINEL).all()), "the step wrote into the param buffer outside the params"
     assert bool((gbuf[gfree] == SENTINEL).all()), "the step wrote into the grad buffer outside the grads"
     d_rtol, d_atol = BACKEND_TOL[dtype]
-    assert_close_lists(ps, ref, d_rtol if rtol is None else rtol, d_atol if atol is None else atol,
-                       msg=f"{backend} on views vs reference")
+    assert_close_lists(
+        ps,
+        ref,
+        d_rtol if rtol is None else rtol,
+        d_atol if atol is None else atol,
+        msg=f"{backend} on views vs reference",
+    )
     assert not torch.equal(ps[2].detach(), make_params(shapes, dtype)[2].detach())  # they moved
     return opt

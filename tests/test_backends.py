@@ -34,7 +34,9 @@ def test_lars_presets_torch_vs_reference(preset, dtype):
     assert_close_lists(a, b, rtol, atol, msg=preset)
     for pa, pb in zip(a, b):
         if "momentum_buffer" in oa.state[pa]:
-            torch.testing.assert_close(oa.state[pa]["momentum_buffer"], ob.state[pb]["momentum_buffer"], rtol=rtol, atol=atol)
+            torch.testing.assert_close(
+                oa.state[pa]["momentum_buffer"], ob.state[pb]["momentum_buffer"], rtol=rtol, atol=atol
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -199,7 +201,11 @@ def test_master_weights_track_small_updates_that_bf16_loses():
     shapes = [(64,)]
     w0 = make_params(shapes, torch.bfloat16)[0].detach()
     runs = {}
-    for name, dtype, master in (("plain", torch.bfloat16, False), ("master", torch.bfloat16, True), ("ref", torch.float64, False)):
+    for name, dtype, master in (
+        ("plain", torch.bfloat16, False),
+        ("master", torch.bfloat16, True),
+        ("ref", torch.float64, False),
+    ):
         # a copy: params are stepped in place (w0.to(bfloat16) would be w0 itself, moved by the first run)
         p = torch.nn.Parameter(w0.to(dtype, copy=True))
         opt = fusedlars.LARS([p], lr=1e-3, momentum=0.0, trust_coefficient=1.0, master_weights=master)

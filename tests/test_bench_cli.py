@@ -59,7 +59,9 @@ def test_bench_cli_tiny(tmp_path):
         assert r["gbps"] == pytest.approx(want, rel=1e-9)
     assert out_png.exists() and out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # --plot / --json say where they wrote
-    assert f"plot: wrote {out_png}" in proc.stdout.splitlines() and f"json: wrote {out_json}" in proc.stdout.splitlines()
+    assert (
+        f"plot: wrote {out_png}" in proc.stdout.splitlines() and f"json: wrote {out_json}" in proc.stdout.splitlines()
+    )
     _check_output_against_json(proc.stdout, res)
 
 
@@ -89,7 +91,11 @@ def _check_output_against_json(stdout: str, res: dict) -> None:
 
     # one summary line per fusedlars variant, right under the title, = the JSON's text
     lines = stdout.splitlines()
-    assert [ln for ln in lines if ln.startswith("result: ")] == [s["text"] for s in res["summary"]] == lines[1 : 1 + len(fused)]
+    assert (
+        [ln for ln in lines if ln.startswith("result: ")]
+        == [s["text"] for s in res["summary"]]
+        == lines[1 : 1 + len(fused)]
+    )
     for s in res["summary"]:
         f, text = s["fused"], s["text"]
         assert f in fused and text.startswith(f"result: {f} LARS step ")
@@ -108,7 +114,9 @@ def _check_output_against_json(stdout: str, res: dict) -> None:
         assert s["floor"] == floor
         assert s["x_floor"] == pytest.approx(rows[f]["median_ms"] / rows[floor]["median_ms"], rel=1e-12)
         cell = table[f][f"x {floor}"]
-        assert cell == f"{s['x_floor']:.2f}x" and text.endswith(f"{cell} the time of a fused SGD step ({floor}, no trust ratio)")
+        assert cell == f"{s['x_floor']:.2f}x" and text.endswith(
+            f"{cell} the time of a fused SGD step ({floor}, no trust ratio)"
+        )
         # and it names no other number
         assert re.findall(r"\d+\.\d+x", text) == [f"{v:.2f}x" for v in s["vs"].values()] + [cell]
 

@@ -106,9 +106,7 @@ def _bert_large():
             dict(
                 attention=nn.ModuleDict(
                     dict(
-                        self=nn.ModuleDict(
-                            dict(query=nn.Linear(d, d), key=nn.Linear(d, d), value=nn.Linear(d, d))
-                        ),
+                        self=nn.ModuleDict(dict(query=nn.Linear(d, d), key=nn.Linear(d, d), value=nn.Linear(d, d))),
                         output=nn.ModuleDict(dict(dense=nn.Linear(d, d), LayerNorm=nn.LayerNorm(d))),
                     )
                 ),
@@ -239,10 +237,10 @@ def test_baselines_registry_and_groups():
     q = [t.clone() for t in p]
     for t, s in zip(q, p):
         t.grad = s.grad.clone()
-    groups = lambda ps: [  # noqa: E731
-        {"params": ps[:4], "lr": 0.1},
-        {"params": ps[4:], "lr": 0.3, "weight_decay": 1e-3},
-    ]
+
+    def groups(ps):
+        return [{"params": ps[:4], "lr": 0.1}, {"params": ps[4:], "lr": 0.3, "weight_decay": 1e-3}]
+
     o1 = baselines.PerParamLARS(groups(p), lr=1.0)
     o2 = baselines.ForeachLARS(groups(q), lr=1.0)
     for _ in range(3):

@@ -47,7 +47,10 @@ def test_build_record_matches_the_extension():
     assert rec["problems"] == [], rec
     assert rec["kernels"] == rec["ext"] and rec["torch"] == torch.__version__
     if rec["kernels"] == "cpu":
-        assert rec["why_not_cuda"] and rec["decision"] == f"CPU kernels only (CUDA kernels not built: {rec['why_not_cuda']})"
+        assert (
+            rec["why_not_cuda"]
+            and rec["decision"] == f"CPU kernels only (CUDA kernels not built: {rec['why_not_cuda']})"
+        )
         if torch.version.cuda is None:
             assert rec["why_not_cuda"] == f"the installed torch {torch.__version__} has no CUDA"
     else:

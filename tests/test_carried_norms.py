@@ -144,7 +144,8 @@ def _no_grad_for_a_while(t, params, opt):
 
 
 @pytest.mark.parametrize(
-    "between", [_inplace, _repoint, _load_model_state, _backend_switch, _skip_step, _no_grad_for_a_while],
+    "between",
+    [_inplace, _repoint, _load_model_state, _backend_switch, _skip_step, _no_grad_for_a_while],
     ids=lambda f: f.__name__.strip("_"),
 )
 def test_changes_between_steps_are_noticed(between):

@@ -301,7 +301,8 @@ SGD_CASES = [
 def test_apex_larc_trajectory(sgd_kw, clip):
     base = 0.05  # the ratios of SPEC's layers fall both sides of lr: clip binds for some, not others
     ours = run_optimizer(
-        lambda g: capex.LARC(torch.optim.SGD(g, lr=base, **sgd_kw), trust_coefficient=0.02, clip=clip), base,
+        lambda g: capex.LARC(torch.optim.SGD(g, lr=base, **sgd_kw), trust_coefficient=0.02, clip=clip),
+        base,
         ({}, {"weight_decay": 0.0}),
     )
     hyper = {k: v for k, v in sgd_kw.items() if k != "weight_decay"}
@@ -441,6 +442,7 @@ def test_compat_classes_are_fusedlars_optimizers():
 
 def test_tvlars_step_arguments_through_gradscaler():
     """The TVLARS repo calls scaler.step(opt, unit_step_cnt): GradScaler forwards the arguments."""
+
     def run(scaled):
         torch.manual_seed(0)
         m = torch.nn.Linear(4, 3)

@@ -231,7 +231,9 @@ def test_capturable_keeps_per_step_values_on_device_and_matches(kind):
         sched.step()
     # the scheduler updated the same tensors in place (what a captured graph reads)
     assert all(g["lr"] is v for g, v in zip(opt.param_groups, lr_tensors))
-    assert float(lr_tensors[0]) == pytest.approx(0.1 / (1.0 + 0.5 * STEPS) if kind != "LAMB" else 1e-2 / (1 + 0.5 * STEPS))
+    assert float(lr_tensors[0]) == pytest.approx(
+        0.1 / (1.0 + 0.5 * STEPS) if kind != "LAMB" else 1e-2 / (1 + 0.5 * STEPS)
+    )
     for a, b in zip(plain, [p.detach() for p in m.parameters()]):
         assert torch.equal(a, b)
 
@@ -318,7 +320,11 @@ def test_readme_compile_example_runs():
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _data(0)
     env = dict(
-        torch=torch, fusedlars=fusedlars, model=model, batch=256, loss_fn=torch.nn.functional.mse_loss,
+        torch=torch,
+        fusedlars=fusedlars,
+        model=model,
+        batch=256,
+        loss_fn=torch.nn.functional.mse_loss,
         loader=[(x, y)] * 4,
     )
     exec(compile(code, "README.md", "exec"), env)

@@ -190,8 +190,9 @@ def test_inactive_params_unchanged():
 
 
 @pytestmark_ext
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "dtype,master", [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)], ids=str
+)
 @pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
 def test_params_and_grads_that_are_views_into_one_buffer_step_in_place(cls, dtype, master):
     """The kernels step the user's tensors where they are, even views at odd element offsets into one
@@ -212,7 +213,9 @@ def test_grad_scaler_protocol(cls):
     scale = 1024.0
     ref, _ = run(cls, "cpu", steps=3, **kw)
     params = make_params()
-    opt = cls(params, lr=0.1 if cls is fusedlars.LARS else 1e-2, backend="cpu", **{k: v for k, v in kw.items() if k != "lr"})
+    opt = cls(
+        params, lr=0.1 if cls is fusedlars.LARS else 1e-2, backend="cpu", **{k: v for k, v in kw.items() if k != "lr"}
+    )
     for t in range(3):
         for (_, p), gr in zip(params, make_grads(params, t)):
             p.grad = gr * scale
@@ -399,8 +402,11 @@ def test_opcheck(op, dtype):
     S = b.num_segments
     lr = torch.tensor(1e-2, dtype=torch.float64)  # the ops take lr as a 0-dim float64 tensor
     # phase 0: a whole step; 1: the partial sums into `sums` [3, S]; 2: the update from (reduced) sums
-    phases = [(0, None), (1, torch.zeros(3, S, dtype=torch.float64)),
-              (2, torch.rand(3, S, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5)]
+    phases = [
+        (0, None),
+        (1, torch.zeros(3, S, dtype=torch.float64)),
+        (2, torch.rand(3, S, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.5),
+    ]
     if op == "lars":
         hyper = [0.9, 0.0, 1e-4, 1e-3, 1e-8, 0.0, float("inf"), 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0]
         modes = [0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]
@@ -420,5 +426,6 @@ def test_opcheck(op, dtype):
         args = (grads, torch.tensor(0.5))
         torch.library.opcheck(torch.ops.fusedlars.grad_sumsq_cpu.default, args)
         want = sum(float((g.double() * 0.5).square().sum()) for g in grads)
-        torch.testing.assert_close(float(torch.ops.fusedlars.grad_sumsq_cpu(grads, torch.tensor(0.5))), want,
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            float(torch.ops.fusedlars.grad_sumsq_cpu(grads, torch.tensor(0.5))), want, rtol=1e-6, atol=0
+        )

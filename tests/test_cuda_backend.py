@@ -26,7 +26,9 @@ from helpers import assert_backend_matches_reference, lamb_preset_fused, make_na
 OK, WHY = kernels.status("cuda")
 HAVE_GPU = torch.cuda.is_available()
 EMULATED = not HAVE_GPU
-pytestmark = [pytest.mark.skipif(HAVE_GPU and not OK, reason=f"a CUDA device is visible but the cuda backend is not: {WHY}")]
+pytestmark = [
+    pytest.mark.skipif(HAVE_GPU and not OK, reason=f"a CUDA device is visible but the cuda backend is not: {WHY}")
+]
 
 SHAPES = [
     ("a", (1,)),
@@ -121,8 +123,13 @@ def test_excluded_and_inactive_layers():
         gs = make_grads(ps, t)
         return [None if (name == "fc.weight" and t == 1) or name == "b" else g for (name, _), g in zip(ps, gs)]
 
-    oa, _ = assert_same(fusedlars.LARS, grad_fn=grads, weight_decay=1e-3, exclude_from_adaptation=["bias", "a"],
-                        exclude_from_weight_decay=["bias"])
+    oa, _ = assert_same(
+        fusedlars.LARS,
+        grad_fn=grads,
+        weight_decay=1e-3,
+        exclude_from_adaptation=["bias", "a"],
+        exclude_from_weight_decay=["bias"],
+    )
     b = oa.buckets()[0]
     assert b.step.tolist()[1] == 0 and b.has_state.tolist()[1] == 0
 
@@ -148,7 +155,9 @@ def test_grad_scaler_skip_changes_nothing(cls):
     opt.step()
     assert all(torch.equal(x, p.detach()) for x, (_, p) in zip(before, params))
     assert all(torch.equal(v, opt.state[params[i][1]][k]) for (i, k), v in snap.items())
-    assert all(torch.equal(x, y) for x, y in zip(side, (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio)))
+    assert all(
+        torch.equal(x, y) for x, y in zip(side, (b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio))
+    )
 
 
 def test_real_grad_scaler_autocast():
@@ -212,20 +221,53 @@ def test_opcheck(op):
     tt = sc.tiles
     params, grads, state = K._lists(b, sc)
     head = (params, grads, state, K._addresses(b, sc), False)
-    seg = (b.wd_mask, b.adapt_mask, b.active, b.has_state, b.step, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio,
-           tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap)
+    seg = (
+        b.wd_mask,
+        b.adapt_mask,
+        b.active,
+        b.has_state,
+        b.step,
+        b.w_norm,
+        b.g_norm,
+        b.u_norm,
+        b.trust_ratio,
+        tt.tile_seg,
+        tt.tile_start,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        sc.group_seg,
+        sc.part,
+        sc.snap,
+    )
     tail = (None, 0.01, None, None)
     for path, ssq in ((0, None), (3, sc.ssq), (4, sc.ssq.clone())):
         if op == "lars":
-            args = (*head, *seg, ssq, *tail, [0.9] + [0.0] * 2 + [1e-3, 0.0, 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0,
-                    0.0, 0.0], [0] * 11, path)
-            torch.library.opcheck(torch.ops.fusedlars.lars_step_cuda.default, args,
-                                  test_utils=("test_schema", "test_faketensor"))
+            args = (
+                *head,
+                *seg,
+                ssq,
+                *tail,
+                [0.9] + [0.0] * 2 + [1e-3, 0.0, 0.0, float("inf"), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                [0] * 11,
+                path,
+            )
+            torch.library.opcheck(
+                torch.ops.fusedlars.lars_step_cuda.default, args, test_utils=("test_schema", "test_faketensor")
+            )
         else:
-            args = (*head, *seg, ssq, *tail, None, [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, 0.0, 0.0],
-                    [0] * 6, path)
-            torch.library.opcheck(torch.ops.fusedlars.lamb_step_cuda.default, args,
-                                  test_utils=("test_schema", "test_faketensor"))
+            args = (
+                *head,
+                *seg,
+                ssq,
+                *tail,
+                None,
+                [0.9, 0.999, 0.1, 1e-6, 0.0, 0.01, 0.0, float("inf"), 0.0, 0.0, 0.0],
+                [0] * 6,
+                path,
+            )
+            torch.library.opcheck(
+                torch.ops.fusedlars.lamb_step_cuda.default, args, test_utils=("test_schema", "test_faketensor")
+            )
 
 
 @pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB], ids=lambda c: c.__name__)
@@ -287,8 +329,14 @@ def test_tensor_above_2_pow_31_elements():
     b = opt.buckets()[0]
     # ||w|| = sqrt(n), ||g|| = 2 sqrt(n); no momentum, no decay: w = 1 - lr * r * 2 everywhere
     r = b.trust_ratio[0].item()
-    torch.testing.assert_close(b.w_norm[0].double(), torch.tensor(float(n) ** 0.5, dtype=torch.float64, device=DEV), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        b.w_norm[0].double(), torch.tensor(float(n) ** 0.5, dtype=torch.float64, device=DEV), rtol=1e-5, atol=0
+    )
     expect = 1.0 - 0.1 * r * 2.0
     assert torch.all(p.detach()[-4097:] == p.detach()[0])
-    torch.testing.assert_close(p.detach()[[0, 2**31 - 1, 2**31, n - 1]].double(),
-                               torch.full((4,), expect, dtype=torch.float64, device=DEV), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        p.detach()[[0, 2**31 - 1, 2**31, n - 1]].double(),
+        torch.full((4,), expect, dtype=torch.float64, device=DEV),
+        rtol=1e-6,
+        atol=0,
+    )

@@ -45,10 +45,12 @@ def _cpu_args(kind: str):
         inv_scale=None, found_inf=None,
     )  # fmt: skip
     if kind == "lars":
-        return torch.ops.fusedlars.lars_step_cuda, dict(state=[f(32), f(32)], **common, hyper=[0.9] + [0.0] * 13,
-                                                         modes=[0] * 11)
-    return torch.ops.fusedlars.lamb_step_cuda, dict(state=[f(32)] * 4, **common, clip_coef=None, hyper=[0.0] * 11,
-                                                     modes=[0] * 6)
+        return torch.ops.fusedlars.lars_step_cuda, dict(
+            state=[f(32), f(32)], **common, hyper=[0.9] + [0.0] * 13, modes=[0] * 11
+        )
+    return torch.ops.fusedlars.lamb_step_cuda, dict(
+        state=[f(32)] * 4, **common, clip_coef=None, hyper=[0.0] * 11, modes=[0] * 6
+    )
 
 
 def test_cuda_build_expected():
@@ -79,8 +81,13 @@ def test_cuda_ops_reject_cpu_tensors_clearly(kind):
 def test_grad_sumsq_cuda_rejects_cpu_tensors():
     with pytest.raises(RuntimeError, match="CUDA tensors only|has no CUDA kernels"):
         torch.ops.fusedlars.grad_sumsq_cuda(
-            [torch.zeros(8)], torch.zeros((2, 1), dtype=torch.int64), torch.ones(1), torch.zeros(1, dtype=torch.int32),
-            torch.zeros(1, dtype=torch.int64), torch.ones(1, dtype=torch.int32), torch.zeros(1, dtype=torch.float64),
+            [torch.zeros(8)],
+            torch.zeros((2, 1), dtype=torch.int64),
+            torch.ones(1),
+            torch.zeros(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.int64),
+            torch.ones(1, dtype=torch.int32),
+            torch.zeros(1, dtype=torch.float64),
             None,
         )
 

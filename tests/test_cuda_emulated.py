@@ -21,7 +21,9 @@ import fusedlars
 import cuda_emu
 from helpers import assert_backend_matches_reference, make_named_grads, run_named
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: tests/test_cuda_backend.py runs there")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="a GPU is visible: tests/test_cuda_backend.py runs there"
+)
 
 SHAPES = [
     ("a", (1,)),
@@ -39,13 +41,21 @@ SHAPES = [
 CONFIGS = {
     "lars": (fusedlars.LARS, dict(weight_decay=1e-3, exclude_from_adaptation=["bias"])),
     "lars-dampening": (fusedlars.LARS, dict(weight_decay=1e-3, dampening=0.1)),
-    "lars-nesterov-larc": (fusedlars.LARS, dict(weight_decay=1e-3, momentum=0.9, nesterov=True, preset="apex_larc_clip")),
+    "lars-nesterov-larc": (
+        fusedlars.LARS,
+        dict(weight_decay=1e-3, momentum=0.9, nesterov=True, preset="apex_larc_clip"),
+    ),
     "tvlars": (fusedlars.TVLARS, dict(weight_decay=1e-3, lmbda=0.5, gate=1)),
     "lamb": (fusedlars.LAMB, dict(lr=1e-2, weight_decay=1e-2, exclude_from_weight_decay=["bias"])),
     "lamb-clip": (fusedlars.LAMB, dict(lr=1e-2, weight_decay=1e-2, max_grad_norm=0.05)),
 }
-DTYPES = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False), "bf16+master": (torch.bfloat16, True),
-          "fp16": (torch.float16, False), "fp16+master": (torch.float16, True)}
+DTYPES = {
+    "fp32": (torch.float32, False),
+    "bf16": (torch.bfloat16, False),
+    "bf16+master": (torch.bfloat16, True),
+    "fp16": (torch.float16, False),
+    "fp16+master": (torch.float16, True),
+}
 SEEDS = (0, 1, 2, 3)
 
 
@@ -85,8 +95,14 @@ def test_low_precision_matches_reference(emu, config, dtype):
 def _outputs(params, opt):
     """Everything a step writes: params, per-layer outputs, state and masters (opt.state), in a fixed order."""
     b = opt.buckets()[0]
-    out = [p.detach().clone() for _, p in params] + [b.trust_ratio.clone(), b.w_norm.clone(), b.u_norm.clone(),
-                                                     b.g_norm.clone(), b.step.clone(), b.has_state.clone()]
+    out = [p.detach().clone() for _, p in params] + [
+        b.trust_ratio.clone(),
+        b.w_norm.clone(),
+        b.u_norm.clone(),
+        b.g_norm.clone(),
+        b.step.clone(),
+        b.has_state.clone(),
+    ]
     for _, p in params:
         out += [v.clone() for _, v in sorted(opt.state.get(p, {}).items()) if isinstance(v, torch.Tensor)]
     return out
@@ -100,20 +116,28 @@ def _bitwise(a, b):
     def raw(x):
         return x.reshape(-1).view(torch.uint8) if x.numel() else x
 
-    return all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in zip(a, b, strict=True))
+    return all(
+        x.dtype == y.dtype and x.shape == y.shape and torch.equal(raw(x), raw(y)) for x, y in zip(a, b, strict=True)
+    )
 
 
 # (path, device, L2 bytes, seed): both paths, cooperative grids of 1, 6 and every tile, one segment group
 # or several (64 KiB of L2), every schedule
 RUNS = [("auto", (3, 2), None, seed) for seed in SEEDS] + [
-    ("auto", (3, 2), 64 << 10, 1), ("auto", (1, 1), None, 2), ("auto", (1, 1), 64 << 10, 3),
-    ("auto", (64, 4), None, 0), ("auto", (64, 4), 64 << 10, 2),
-    ("two_launch", (1, 1), None, 1), ("two_launch", (3, 2), None, 3), ("two_launch", (64, 4), None, 2),
+    ("auto", (3, 2), 64 << 10, 1),
+    ("auto", (1, 1), None, 2),
+    ("auto", (1, 1), 64 << 10, 3),
+    ("auto", (64, 4), None, 0),
+    ("auto", (64, 4), 64 << 10, 2),
+    ("two_launch", (1, 1), None, 1),
+    ("two_launch", (3, 2), None, 3),
+    ("two_launch", (64, 4), None, 2),
 ]
 
 
-@pytest.mark.parametrize(("config", "dtype"), [(c, "fp32") for c in CONFIGS] + [("lars", "bf16+master"),
-                                                                                  ("lamb-clip", "fp16+master")])
+@pytest.mark.parametrize(
+    ("config", "dtype"), [(c, "fp32") for c in CONFIGS] + [("lars", "bf16+master"), ("lamb-clip", "fp16+master")]
+)
 def test_bitwise_equal_across_paths_grids_groups_and_schedules(emu, config, dtype):
     """Every number is computed with the same operations in the same order whatever the launch path,
     the grid size, the segment grouping of the cooperative path and the schedule."""
@@ -149,8 +173,16 @@ def _some_grads_missing(ps, t):
     return [None if n == "bias" or (n == "c" and t == 1) else g for (n, _), g in zip(ps, gs, strict=True)]
 
 
-@pytest.mark.parametrize(("config", "dtype"), [("lars", "fp32"), ("lars-nesterov-larc", "bf16+master"),
-                                               ("tvlars", "fp16"), ("lamb", "fp32"), ("lamb-clip", "bf16+master")])
+@pytest.mark.parametrize(
+    ("config", "dtype"),
+    [
+        ("lars", "fp32"),
+        ("lars-nesterov-larc", "bf16+master"),
+        ("tvlars", "fp16"),
+        ("lamb", "fp32"),
+        ("lamb-clip", "bf16+master"),
+    ],
+)
 def test_partials_then_apply_is_the_step_bitwise(emu, emu_lib, monkeypatch, config, dtype):
     """FSDP2 split (NOTE [Partials and apply], cuda.py): partials (launch 1 + the per-segment reduction)
     then apply (launch 2) from the unchanged sums give bitwise the step's results; the sums follow the
@@ -391,7 +423,7 @@ def test_launch_budget(emu, emu_lib, cls):
     two launches of the global gradient norm."""
     counts = {}
     for path in ("auto", "two_launch"):
-        for clip in ((None, 1.0) if cls is fusedlars.LAMB else (None,)):
+        for clip in (None, 1.0) if cls is fusedlars.LAMB else (None,):
             ops = emu(path=path)
             n = []
             for name in ("lars_step_cuda", "lamb_step_cuda", "grad_sumsq_cuda"):
@@ -471,8 +503,9 @@ def test_global_clip_skips_layers_without_grad(emu):
         gs = make_named_grads(ps, t)
         return [None if n in ("c", "fc.weight") and t == 1 else g for (n, _), g in zip(ps, gs, strict=True)]
 
-    assert_backend_matches_reference(fusedlars.LAMB, "cuda", SHAPES, steps=3, grad_fn=grads, lr=1e-2,
-                                     weight_decay=1e-2, max_grad_norm=0.05)
+    assert_backend_matches_reference(
+        fusedlars.LAMB, "cuda", SHAPES, steps=3, grad_fn=grads, lr=1e-2, weight_decay=1e-2, max_grad_norm=0.05
+    )
 
 
 def test_compiled_step_refreshes_its_own_address_table(emu, monkeypatch):

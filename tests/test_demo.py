@@ -79,7 +79,8 @@ def test_quick_demo_results(quick_run):
     with open(out / "results.json") as fh:
         saved = json.load(fh)["results"]
     assert [(r["name"], r["final_test_acc"], r["train_loss"]) for r in saved] == [
-        (r["name"], r["final_test_acc"], r["train_loss"]) for r in res["results"]]
+        (r["name"], r["final_test_acc"], r["train_loss"]) for r in res["results"]
+    ]
 
 
 def test_quick_demo_stats_csvs(quick_run):
@@ -92,8 +93,9 @@ def test_quick_demo_stats_csvs(quick_run):
 
 
 def test_demo_cli_quick_subset(tmp_path, capsys):
-    rc = cli_main(["demo", "--quick", "--epochs", "1", "--optimizers", "sgd,lars",
-                   "--out", str(tmp_path), "--no-progress"])
+    rc = cli_main(
+        ["demo", "--quick", "--epochs", "1", "--optimizers", "sgd,lars", "--out", str(tmp_path), "--no-progress"]
+    )
     assert rc == 0
     text = capsys.readouterr().out
     with open(tmp_path / "results.json") as fh:

@@ -176,8 +176,12 @@ def scenario_ddp(opt_name, rank, world, counter, bucket_view):
         grads = [(p.grad, p.grad.data_ptr(), p.data_ptr()) for p in ddp.parameters()]
         grad_ptrs.append([gp for _, gp, _ in grads])
         opt.step()
-        repointed.append(any(p.grad is not g or p.grad.data_ptr() != gp or p.data_ptr() != pp
-                             for p, (g, gp, pp) in zip(ddp.parameters(), grads)))
+        repointed.append(
+            any(
+                p.grad is not g or p.grad.data_ptr() != gp or p.data_ptr() != pp
+                for p, (g, gp, pp) in zip(ddp.parameters(), grads)
+            )
+        )
 
     counts = _train(ddp, opt, rank, world, counter, step)
     return {
@@ -372,7 +376,9 @@ def _result(runs, world, name):
 def _assert_params(got, ref, what):
     assert len(got) == len(ref)
     for i, (a, b) in enumerate(zip(got, ref)):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL * float(b.abs().max()), msg=lambda m: f"{what} param {i}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=RTOL, atol=RTOL * float(b.abs().max()), msg=lambda m: f"{what} param {i}: {m}"
+        )
 
 
 # ----------------------------------------------------------------------------- tests

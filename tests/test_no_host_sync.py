@@ -29,7 +29,11 @@ class SyncDetector(TorchDispatchMode):
         elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default, torch.ops.aten.copy.default):
             src = args[1] if func is not torch.ops.aten._to_copy.default else args[0]
             dst = kwargs.get("device") if func is torch.ops.aten._to_copy.default else args[0].device
-            if isinstance(src, torch.Tensor) and src.device.type != "cpu" and torch.device(dst or src.device).type == "cpu":
+            if (
+                isinstance(src, torch.Tensor)
+                and src.device.type != "cpu"
+                and torch.device(dst or src.device).type == "cpu"
+            ):
                 self.hits.append(f"{func} {src.device} -> cpu")
         return func(*args, **kwargs)
 

@@ -55,19 +55,57 @@ def test_cpp_enums_are_the_python_tables():
 def test_cpp_list_lengths_are_the_python_ones():
     text = (CSRC / "option_decode.h").read_text()
     got = {k: int(v) for k, v in re.findall(r"(k(?:Lars|Lamb)(?:Hyper|Modes))\s*=\s*(\d+)", text)}
-    assert got == {"kLarsHyper": codes.LARS_HYPER, "kLarsModes": codes.LARS_MODES,
-                   "kLambHyper": codes.LAMB_HYPER, "kLambModes": codes.LAMB_MODES}
-    lars = LarsConfig(lr=0.1, momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.0, eta=1e-3, eps=0.0,
-                      maximize=False, denominator="sum_of_norms", weight_decay_mode="l2", zero_norm="one",
-                      zero_norm_check="raw_grad", clamp_lo=0.0, clamp_hi=math.inf, trust_clip=None, clip_lo=0.0,
-                      clip_hi=0.0, adapt_enabled=True, momentum_mode="torch", first_step_buffer="clone",
-                      tv=tuple(formulas.TV_DEFAULTS.values()))
+    assert got == {
+        "kLarsHyper": codes.LARS_HYPER,
+        "kLarsModes": codes.LARS_MODES,
+        "kLambHyper": codes.LAMB_HYPER,
+        "kLambModes": codes.LAMB_MODES,
+    }
+    lars = LarsConfig(
+        lr=0.1,
+        momentum=0.9,
+        dampening=0.0,
+        nesterov=False,
+        weight_decay=0.0,
+        eta=1e-3,
+        eps=0.0,
+        maximize=False,
+        denominator="sum_of_norms",
+        weight_decay_mode="l2",
+        zero_norm="one",
+        zero_norm_check="raw_grad",
+        clamp_lo=0.0,
+        clamp_hi=math.inf,
+        trust_clip=None,
+        clip_lo=0.0,
+        clip_hi=0.0,
+        adapt_enabled=True,
+        momentum_mode="torch",
+        first_step_buffer="clone",
+        tv=tuple(formulas.TV_DEFAULTS.values()),
+    )
     hyper, modes = packing.lars_options(lars)
     assert (len(hyper), len(modes)) == (codes.LARS_HYPER, codes.LARS_MODES)
-    lamb = LambConfig(lr=0.1, beta1=0.9, beta2=0.999, beta3=0.1, eps=1e-6, eps_root=0.0, weight_decay=0.0,
-                      maximize=False, bias_correction="both", weight_decay_mode="in_update", adapt_enabled=True,
-                      clamp_lo=0.0, clamp_hi=math.inf, trust_clip=None, clip_lo=0.0, clip_hi=0.0,
-                      trust_ratio_eps=0.0, adam=False)
+    lamb = LambConfig(
+        lr=0.1,
+        beta1=0.9,
+        beta2=0.999,
+        beta3=0.1,
+        eps=1e-6,
+        eps_root=0.0,
+        weight_decay=0.0,
+        maximize=False,
+        bias_correction="both",
+        weight_decay_mode="in_update",
+        adapt_enabled=True,
+        clamp_lo=0.0,
+        clamp_hi=math.inf,
+        trust_clip=None,
+        clip_lo=0.0,
+        clip_hi=0.0,
+        trust_ratio_eps=0.0,
+        adam=False,
+    )
     hyper, modes = packing.lamb_options(lamb)
     assert (len(hyper), len(modes)) == (codes.LAMB_HYPER, codes.LAMB_MODES)
 
@@ -133,7 +171,8 @@ def test_trust_clip_definitions():
     cfg.trust_clip = "range"
     out = formulas.trust_clip(r, cfg, lr)
     assert out[:3].tolist() == [0.25, 0.5, 1.5] and math.isnan(out[3])
-    from fusedlars.kernels import reference, torch as torch_backend
+    from fusedlars.kernels import reference
+    from fusedlars.kernels import torch as torch_backend
 
     assert reference.trust_clip is formulas.trust_clip and torch_backend.trust_clip is formulas.trust_clip
 
@@ -162,10 +201,19 @@ def test_kernel_phi_is_the_formula(backend):
     g = torch.randn(4, 8)
     p = torch.nn.Parameter(w0.clone())
     eta, lr = 0.1, 1.0
-    opt = fusedlars.TVLARS([p], lr=lr, momentum=0.0, weight_decay=0.0, eps=0.0, trust_coefficient=eta,
-                           norm_clamp=None, backend=backend, **TV)
+    opt = fusedlars.TVLARS(
+        [p],
+        lr=lr,
+        momentum=0.0,
+        weight_decay=0.0,
+        eps=0.0,
+        trust_coefficient=eta,
+        norm_clamp=None,
+        backend=backend,
+        **TV,
+    )
     phi_seen = []
-    for t in range(6):
+    for _t in range(6):
         w = p.detach().clone().double()
         p.grad = g.clone()
         opt.step()

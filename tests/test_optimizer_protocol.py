@@ -216,10 +216,18 @@ def test_pickle_and_save_sizes_match_torch_optim(kind, ref, backend):
     """pickle / torch.save of the model, the optimizer, its state_dict and a submodule's state_dict
     are within 1.1x of the same with torch.optim (nothing drags a bucket along). A small CNN
     (300K params), so that a per-param "step" scalar does not dominate."""
+
     def run(make):
         torch.manual_seed(0)
-        m = nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 6 * 6, 256),
-                          nn.ReLU(), nn.Linear(256, 5))
+        m = nn.Sequential(
+            nn.Conv2d(3, 32, 3),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(32 * 6 * 6, 256),
+            nn.ReLU(),
+            nn.Linear(256, 5),
+        )
         o = make(m)
         train(m, o, batches(2))
         return [_pickled(m), _pickled(o), _saved(o.state_dict()), _saved(m[6].state_dict()), _saved(m[1].state_dict())]
@@ -439,7 +447,9 @@ def test_tvlars_ratio_matches_formula_exactly():
 
 def test_tvlars_gate_keeps_phi_one():
     p = torch.nn.Parameter(torch.full((4,), 1.0, dtype=torch.float64))
-    o = fusedlars.TVLARS([p], lr=0.0, lmbda=0.5, gate=3, weight_decay=0.0, exclude_from_adaptation=False, backend="torch")
+    o = fusedlars.TVLARS(
+        [p], lr=0.0, lmbda=0.5, gate=3, weight_decay=0.0, exclude_from_adaptation=False, backend="torch"
+    )
     got = []
     for _ in range(5):
         p.grad = torch.full((4,), 1.0, dtype=torch.float64)
@@ -532,8 +542,19 @@ def test_unavailable_backend_raises_with_reason():
 
 def test_presets_listing_and_info():
     table = fusedlars.presets()
-    for name in ["paper", "timm", "apex_larc_clip", "apex_larc_scale", "lightning", "barlowtwins",
-                 "tvlars_official", "optax", "mlperf", "pytorch_optimizer", "torchlars"]:
+    for name in [
+        "paper",
+        "timm",
+        "apex_larc_clip",
+        "apex_larc_scale",
+        "lightning",
+        "barlowtwins",
+        "tvlars_official",
+        "optax",
+        "mlperf",
+        "pytorch_optimizer",
+        "torchlars",
+    ]:
         assert table["LARS"][name]
     for name in ["paper", "apex", "timm", "cybertron", "optax", "deepspeed", "pytorch_optimizer"]:
         assert table["LAMB"][name]

@@ -51,7 +51,15 @@ LARS_PRESET_NAMES = {
     "torchlars",
 }
 LAMB_PRESET_NAMES = {
-    "default", "paper", "apex", "timm", "cybertron", "optax", "deepspeed", "deepspeed_legacy", "pytorch_optimizer"
+    "default",
+    "paper",
+    "apex",
+    "timm",
+    "cybertron",
+    "optax",
+    "deepspeed",
+    "deepspeed_legacy",
+    "pytorch_optimizer",
 }
 
 # ---------------------------------------------------------------------------
@@ -81,8 +89,20 @@ SPECS["main"] = [
 # adapted, only '*_weight' and the fc bias are decayed); every other preset ignores them.
 NAMES = {}
 NAMES["main"] = [
-    "conv0_weight", "fc1_weight", "bn0_gamma", "fc1_bias", "bn0_beta", "conv1_bias", "conv2_weight",
-    "conv3_weight", "bn1_gamma", "fc2_weight", "conv4_weight", "conv5_weight", "conv6_weight", "fc2_bias",
+    "conv0_weight",
+    "fc1_weight",
+    "bn0_gamma",
+    "fc1_bias",
+    "bn0_beta",
+    "conv1_bias",
+    "conv2_weight",
+    "conv3_weight",
+    "bn1_gamma",
+    "fc2_weight",
+    "conv4_weight",
+    "conv5_weight",
+    "conv6_weight",
+    "fc2_bias",
 ]
 # 0-dim parameters (a learnable scale or temperature): Barlow Twins and the official TVLARS
 # filter ``p.ndim == 1`` only, MLPerf and pytorch_optimizer everything with ndim <= 1.
@@ -98,6 +118,7 @@ NAMES["scalar"] = ["temperature_weight", "conv0_weight", "bn0_beta", "scale_gamm
 
 def group_idx(name):
     return [[i for i, s in enumerate(SPECS[name]) if s[0] == k] for k in (0, 1)]
+
 
 W_STD = 0.5
 TINY_STEPS = {4, 9, 14, 19}  # gradients scaled by 1e-4: ||G|| < 1, LAMB's clip does not bind
@@ -738,10 +759,24 @@ def test_mlperf_exclusions_on_torch_names():
     names = [n for n, _ in model.named_parameters()]
     decayed = dict(zip(names, b.wd_mask.tolist()))
     adapted = dict(zip(names, b.adapt_mask.tolist()))
-    assert decayed == {"conv1.weight": 1, "bn1.weight": 0, "bn1.bias": 0, "conv2.weight": 1, "conv2.bias": 0,
-                       "fc.weight": 1, "fc.bias": 1}
-    assert adapted == {"conv1.weight": 1, "bn1.weight": 0, "bn1.bias": 0, "conv2.weight": 1, "conv2.bias": 0,
-                       "fc.weight": 1, "fc.bias": 0}
+    assert decayed == {
+        "conv1.weight": 1,
+        "bn1.weight": 0,
+        "bn1.bias": 0,
+        "conv2.weight": 1,
+        "conv2.bias": 0,
+        "fc.weight": 1,
+        "fc.bias": 1,
+    }
+    assert adapted == {
+        "conv1.weight": 1,
+        "bn1.weight": 0,
+        "bn1.bias": 0,
+        "conv2.weight": 1,
+        "conv2.bias": 0,
+        "fc.weight": 1,
+        "fc.bias": 0,
+    }
 
 
 def test_mlperf_state_dict_loads_with_weights_only():

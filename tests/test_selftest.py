@@ -18,8 +18,22 @@ from fusedlars.cli import main
 CPU_OK, CPU_WHY = kernels.status("cpu")
 LIVE = ["cpu", "torch"] if CPU_OK else ["torch"]
 
-RESULT_KEYS = {"backend", "optimizer", "dtype", "status", "reason", "master_weights", "max_abs_err", "max_rel_err",
-               "rtol", "atol", "tol_used", "seconds", "failed_checks", "shapes"}
+RESULT_KEYS = {
+    "backend",
+    "optimizer",
+    "dtype",
+    "status",
+    "reason",
+    "master_weights",
+    "max_abs_err",
+    "max_rel_err",
+    "rtol",
+    "atol",
+    "tol_used",
+    "seconds",
+    "failed_checks",
+    "shapes",
+}
 TOP_KEYS = {"fusedlars", "torch", "python", "device", "steps", "shapes", "ok", "summary", "wall_s", "results"}
 
 
@@ -50,9 +64,13 @@ def test_cli_passes_for_cpu_and_torch_and_writes_the_documented_json(tmp_path, c
 
 def test_python_dash_m_entry_point(tmp_path):
     out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "fusedlars", "selftest", "--device", "cpu", "--backend", "torch",
-                        "--json", str(out)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "COLUMNS": "200"})
+    p = subprocess.run(
+        [sys.executable, "-m", "fusedlars", "selftest", "--device", "cpu", "--backend", "torch", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "selftest PASS: 8 passed, 0 failed, 0 skipped on cpu" in p.stdout
     assert json.loads(out.read_text())["ok"] is True
@@ -85,8 +103,7 @@ def test_a_perturbed_weight_fails_and_exits_1(monkeypatch, capsys):
     assert rc == 1, text
     assert "selftest FAIL: 4 passed, 4 failed (torch), 0 skipped" in text, text
 
-    report = selftest.run_selftest("cpu", ["torch"], optimizers=["LARS", "TVLARS", "LAMB"],
-                                   dtypes=[torch.float32])
+    report = selftest.run_selftest("cpu", ["torch"], optimizers=["LARS", "TVLARS", "LAMB"], dtypes=[torch.float32])
     status = {r.optimizer: r.status for r in report.results}
     assert status == {"LARS": "FAIL", "TVLARS": "FAIL", "LAMB": "PASS"}  # TVLARS steps through lars_step
     lars = report.results[0]
@@ -113,7 +130,11 @@ def test_the_perturbation_is_seen_on_the_cpu_backend_too(monkeypatch):
     _perturb_after(monkeypatch, kernels.get("cpu"), "lamb_step", _one_weight)
     report = selftest.run_selftest("cpu", ["cpu", "torch"], optimizers=["LAMB+clip"])
     assert [(r.backend, r.dtype, r.status) for r in report.results] == [
-        ("cpu", "fp32", "FAIL"), ("cpu", "bf16", "FAIL"), ("torch", "fp32", "PASS"), ("torch", "bf16", "PASS")]
+        ("cpu", "fp32", "FAIL"),
+        ("cpu", "bf16", "FAIL"),
+        ("torch", "fp32", "PASS"),
+        ("torch", "bf16", "PASS"),
+    ]
     # failed on the numbers (not on an error of the edit): the perturbed weight, and in bf16 its fp32 master
     assert report.results[0].reason.startswith("param c: "), report.results[0].reason
     assert any(c.startswith("master weights") for c in report.results[1].failed_checks), report.results[1]
@@ -132,7 +153,11 @@ def test_an_unavailable_backend_is_skip_but_fail_when_asked_for(monkeypatch, cap
     _unavailable(monkeypatch, {"cuda", "triton", "cpu"})
     report = selftest.run_selftest("cpu", optimizers=["LARS"], dtypes=[torch.float32])
     assert [(r.backend, r.status) for r in report.results] == [
-        ("cuda", "SKIP"), ("triton", "SKIP"), ("cpu", "SKIP"), ("torch", "PASS")]
+        ("cuda", "SKIP"),
+        ("triton", "SKIP"),
+        ("cpu", "SKIP"),
+        ("torch", "PASS"),
+    ]
     assert report.ok
     assert report.results[2].reason == "not available: test: pretend it is not built"
 
@@ -170,7 +195,11 @@ def test_a_backend_that_does_not_run_a_case_is_skipped_with_the_reason(monkeypat
     _unavailable(monkeypatch, {"cuda", "triton"})
     report = selftest.run_selftest("cpu", optimizers=["LARS"], dtypes=[torch.float32])
     assert [(r.backend, r.optimizer, r.status) for r in report.results] == [
-        ("cuda", "-", "SKIP"), ("triton", "-", "SKIP"), ("cpu", "-", "SKIP"), ("torch", "LARS", "PASS")]
+        ("cuda", "-", "SKIP"),
+        ("triton", "-", "SKIP"),
+        ("cpu", "-", "SKIP"),
+        ("torch", "LARS", "PASS"),
+    ]
     assert report.results[2].reason == "not live on cpu: test: not on this device"
     report = selftest.run_selftest("cpu", ["cpu"], optimizers=["LARS"], dtypes=[torch.float32])
     assert [(r.backend, r.status) for r in report.results] == [("cpu", "FAIL")] and not report.ok
@@ -194,7 +223,8 @@ def test_triton_runs_in_the_interpreter_on_its_smaller_shapes(capsys):
     assert sum(math.prod(s) for _, s in selftest.INTERPRETER_SHAPES) == 15843
     selftest.print_report(report, use_rich=False)
     assert "triton on cpu runs in Triton's interpreter: 15843 elements (d (8193,) instead of (65537,))" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
@@ -209,11 +239,18 @@ def test_unknown_backend_is_refused():
 
 
 def test_plain_text_without_rich_one_line_per_result(monkeypatch, capsys):
-    report = selftest.Report("cpu", 3, [("a", (1,))], [
-        selftest.Result("torch", "LARS", "fp32", "PASS", max_abs_err=1e-7, max_rel_err=2e-7, rtol=1e-5, atol=1e-6,
-                        tol_used=0.02),
-        selftest.Result("cuda", "-", "-", "SKIP", reason="not available: [no GPU]"),
-    ], wall_s=1.0)
+    report = selftest.Report(
+        "cpu",
+        3,
+        [("a", (1,))],
+        [
+            selftest.Result(
+                "torch", "LARS", "fp32", "PASS", max_abs_err=1e-7, max_rel_err=2e-7, rtol=1e-5, atol=1e-6, tol_used=0.02
+            ),
+            selftest.Result("cuda", "-", "-", "SKIP", reason="not available: [no GPU]"),
+        ],
+        wall_s=1.0,
+    )
     monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
     monkeypatch.setitem(sys.modules, "rich.console", None)
     selftest.print_report(report)
@@ -226,9 +263,15 @@ def test_plain_text_without_rich_one_line_per_result(monkeypatch, capsys):
 
 def test_rich_table_keeps_brackets_in_reasons(capsys):
     pytest.importorskip("rich")
-    report = selftest.Report("cpu", 3, [("a", (1,))], [
-        selftest.Result("torch", "LARS", "fp32", "FAIL", reason="backend in use: MISMATCH: ['cpu']"),
-    ], wall_s=1.0)
+    report = selftest.Report(
+        "cpu",
+        3,
+        [("a", (1,))],
+        [
+            selftest.Result("torch", "LARS", "fp32", "FAIL", reason="backend in use: MISMATCH: ['cpu']"),
+        ],
+        wall_s=1.0,
+    )
     selftest.print_report(report, use_rich=True)
     text = capsys.readouterr().out
     assert "[1] torch LARS fp32 FAIL: backend in use: MISMATCH: ['cpu']" in text

@@ -35,7 +35,9 @@ def test_stats_match_reference_and_independent_norms(kind):
     # independent check of the grad norms, and of the LARS weight norms (before the step)
     torch.testing.assert_close(got["grad_norm"], torch.stack([g.norm() for g in gs]).float(), rtol=1e-6, atol=0)
     if kind == "LARS":
-        torch.testing.assert_close(got["weight_norm"], torch.stack([w.norm() for w in w_before]).float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            got["weight_norm"], torch.stack([w.norm() for w in w_before]).float(), rtol=1e-6, atol=0
+        )
         lr = 0.01
         torch.testing.assert_close(got["effective_lr"], got["trust_ratio"] * lr)
 

@@ -82,10 +82,14 @@ LAMB_OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, True),
-                                          (torch.float16, False)])
-@pytest.mark.parametrize("kind,opts", [("LARS", o) for o in LARS_OPTIONS] + [("LAMB", o) for o in LAMB_OPTIONS],
-                         ids=lambda v: str(v) if isinstance(v, dict) else v)
+@pytest.mark.parametrize(
+    "dtype,master", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, True), (torch.float16, False)]
+)
+@pytest.mark.parametrize(
+    "kind,opts",
+    [("LARS", o) for o in LARS_OPTIONS] + [("LAMB", o) for o in LAMB_OPTIONS],
+    ids=lambda v: str(v) if isinstance(v, dict) else v,
+)
 def test_grad_scaler_skip_and_gradless_segments_leave_everything_bitwise(kind, opts, dtype, master):
     """A found_inf step changes nothing; a segment without a grad is untouched while the others step;
     the unscaled steps match the reference."""
@@ -108,7 +112,9 @@ def test_grad_scaler_skip_and_gradless_segments_leave_everything_bitwise(kind, o
             opt.step()
             assert pointers(opt) == ptrs, "a step re-pointed a param or a grad"
             if t == 3 and check:
-                assert_bitwise_equal(seg1, snapshot(opt, segments=[1], tables=("step", "has_state")), "grad-less segment")
+                assert_bitwise_equal(
+                    seg1, snapshot(opt, segments=[1], tables=("step", "has_state")), "grad-less segment"
+                )
                 assert opt.buckets()[0].step.tolist() == [4, 3, 4, 4, 4]
             if t == 2 and check:
                 before = snapshot(opt)

@@ -170,8 +170,10 @@ def test_hooks_run_as_in_torch_optim():
 
 
 @pytest.mark.parametrize("kind", ["LARS", "LAMB"])
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("auto", torch.float64), ("cpu", torch.float32),
-                                           ("reference", torch.float32)])
+@pytest.mark.parametrize(
+    "backend,dtype",
+    [("torch", torch.float32), ("auto", torch.float64), ("cpu", torch.float32), ("reference", torch.float32)],
+)
 def test_one_element_lr_tensor_of_any_rank(kind, backend, dtype):
     if backend == "cpu" and not fusedlars.kernels.status("cpu")[0]:
         pytest.skip("cpu backend not built")
@@ -220,8 +222,10 @@ def test_lamb_bias_correction_bool_set_on_a_group_later():
     "group_kw,ctor_kw",
     [
         (dict(eta=0.02), dict(eta=0.02)),
-        (dict(weight_decay_filter=True, lars_adaptation_filter=True), dict(weight_decay_filter=True,
-                                                                            lars_adaptation_filter=True)),
+        (
+            dict(weight_decay_filter=True, lars_adaptation_filter=True),
+            dict(weight_decay_filter=True, lars_adaptation_filter=True),
+        ),
         (dict(exclude="ndim<=1"), dict(exclude="ndim<=1")),
     ],
 )

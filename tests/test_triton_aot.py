@@ -37,9 +37,19 @@ def rows():
     env.pop("TRITON_INTERPRET", None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     r = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "triton_aot_report.py"), "--covering", "--json",
-         "--targets", ",".join(map(str, TARGETS))],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "triton_aot_report.py"),
+            "--covering",
+            "--json",
+            "--targets",
+            ",".join(map(str, TARGETS)),
+        ],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
@@ -48,8 +58,13 @@ def rows():
 def test_every_kernel_compiles_for_every_target(rows):
     errors = [r for r in rows if "error" in r]
     assert not errors, errors
-    kernels = {"lars_partials_kernel", "lars_update_kernel", "lamb_moments_kernel", "lamb_update_kernel",
-               "grad_sumsq_kernel"}
+    kernels = {
+        "lars_partials_kernel",
+        "lars_update_kernel",
+        "lamb_moments_kernel",
+        "lamb_update_kernel",
+        "grad_sumsq_kernel",
+    }
     for arch in TARGETS:
         got = {r["kernel"] for r in rows if r["arch"] == arch}
         assert got == kernels, (arch, got)

@@ -154,13 +154,15 @@ def test_available_says_interpreter_or_cuda():
 
 
 def test_supports_reasons(monkeypatch):
-    (_, p), = make_params(torch.float64, [((4,), "rand")])
-    b = fusedlars.buckets.Bucket([p.detach()], [None], state_names=(), master_weights=False,
-                                 wd_excluded=[False], adapt_excluded=[False])
+    ((_, p),) = make_params(torch.float64, [((4,), "rand")])
+    b = fusedlars.buckets.Bucket(
+        [p.detach()], [None], state_names=(), master_weights=False, wd_excluded=[False], adapt_excluded=[False]
+    )
     assert "float64" in tb.supports("LARS", None, b)
-    (_, p), = make_params(torch.float32, [((4,), "rand")])
-    b = fusedlars.buckets.Bucket([p.detach()], [None], state_names=(), master_weights=False,
-                                 wd_excluded=[False], adapt_excluded=[False])
+    ((_, p),) = make_params(torch.float32, [((4,), "rand")])
+    b = fusedlars.buckets.Bucket(
+        [p.detach()], [None], state_names=(), master_weights=False, wd_excluded=[False], adapt_excluded=[False]
+    )
     assert tb.supports("LARS", None, b) is None
     if not torch.cuda.is_available():
         monkeypatch.setattr(tb.K, "INTERPRET", False)
@@ -184,10 +186,17 @@ LARS_CASES = {
     "decoupled_skip_lambc": dict(
         weight_decay=1e-2, weight_decay_mode="decoupled", zero_norm="skip", trust_clip="lambc"
     ),
-    "ratio_only_range_grad_only": dict(weight_decay=1e-2, weight_decay_mode="ratio_only", trust_clip=("range", 0.5, 2.0)),
-    "grad_only_no_momentum": dict(weight_decay=1e-2, denominator="grad_only", momentum=0.0, zero_norm_check="denominator"),
-    "tv_gate_clamp": dict(weight_decay=1e-3, tv={"lmbda": 0.5, "alpha": 0.1, "shift": 0.0, "gamma_min": 0.01, "gate": 1},
-                          norm_clamp=(0.0, 1.0)),
+    "ratio_only_range_grad_only": dict(
+        weight_decay=1e-2, weight_decay_mode="ratio_only", trust_clip=("range", 0.5, 2.0)
+    ),
+    "grad_only_no_momentum": dict(
+        weight_decay=1e-2, denominator="grad_only", momentum=0.0, zero_norm_check="denominator"
+    ),
+    "tv_gate_clamp": dict(
+        weight_decay=1e-3,
+        tv={"lmbda": 0.5, "alpha": 0.1, "shift": 0.0, "gamma_min": 0.01, "gate": 1},
+        norm_clamp=(0.0, 1.0),
+    ),
 }
 
 
@@ -315,15 +324,18 @@ def test_lamb_bitwise_deterministic():
 # ------------------------------------------------------------------------------------------
 # launch budget: constant in the number of layers
 # ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,opts,budget", [
-    ("LARS", dict(weight_decay=1e-3), 2),
-    ("LAMB", dict(weight_decay=1e-2, lr=1e-2), 3),
-    ("LAMB", dict(preset="apex", weight_decay=1e-2, lr=1e-2), 3),  # + grad_sumsq for the global clip
-])
+@pytest.mark.parametrize(
+    "kind,opts,budget",
+    [
+        ("LARS", dict(weight_decay=1e-3), 2),
+        ("LAMB", dict(weight_decay=1e-2, lr=1e-2), 3),
+        ("LAMB", dict(preset="apex", weight_decay=1e-2, lr=1e-2), 3),  # + grad_sumsq for the global clip
+    ],
+)
 def test_launches_per_step(monkeypatch, kind, opts, budget):
     monkeypatch.setattr(tb, "TILE", 4096)
     monkeypatch.setattr(tb, "BLOCK", 4096)
-    specs = [((8, 3),  "rand") if i % 2 else ((5,), "rand") for i in range(30)]
+    specs = [((8, 3), "rand") if i % 2 else ((5,), "rand") for i in range(30)]
     named = make_params(torch.float32, specs)
     cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
     opt = cls([p for _, p in named], backend="triton", **{"lr": 0.1, **opts})
@@ -374,8 +386,9 @@ def count_partial_reads(opt):
     return n[0]
 
 
-@pytest.mark.parametrize("kind,opts", [("LARS", dict(weight_decay=1e-3)),
-                                       ("LAMB", dict(weight_decay=1e-2, lr=1e-2, max_grad_norm=1.0))])
+@pytest.mark.parametrize(
+    "kind,opts", [("LARS", dict(weight_decay=1e-3)), ("LAMB", dict(weight_decay=1e-2, lr=1e-2, max_grad_norm=1.0))]
+)
 def test_partial_reads_counted_in_the_interpreter_match_the_plan(monkeypatch, kind, opts):
     # TILE=256 and RBLOCK=4: segments of 0, 1, 2, 16, 17 and 24 tiles (24 tiles: 6 reduction chunks)
     monkeypatch.setattr(tb, "TILE", 256)
@@ -521,11 +534,14 @@ def outside(big, spans):
     return big[keep]
 
 
-@pytest.mark.parametrize("kind,dtype,opts", [
-    ("LARS", torch.float32, dict(weight_decay=1e-3)),
-    ("LARS", torch.bfloat16, dict(preset="barlowtwins", weight_decay=1e-3, master_weights=True)),
-    ("LAMB", torch.float32, dict(weight_decay=1e-2, lr=1e-2)),
-])
+@pytest.mark.parametrize(
+    "kind,dtype,opts",
+    [
+        ("LARS", torch.float32, dict(weight_decay=1e-3)),
+        ("LARS", torch.bfloat16, dict(preset="barlowtwins", weight_decay=1e-3, master_weights=True)),
+        ("LAMB", torch.float32, dict(weight_decay=1e-2, lr=1e-2)),
+    ],
+)
 def test_views_at_odd_offsets_match_reference(kind, dtype, opts, fast_paths):
     cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
     opts = {"lr": 0.1, **opts}
@@ -563,8 +579,14 @@ def test_inactive_segment_is_never_touched(kind):
     named = make_params(torch.bfloat16, specs)
     params = [p for _, p in named]
     cls = fusedlars.LARS if kind == "LARS" else fusedlars.LAMB
-    opt = cls(params, lr=1e-2, weight_decay=1e-2, backend="triton", master_weights=True,
-              **({"max_grad_norm": 1.0} if kind == "LAMB" else {}))
+    opt = cls(
+        params,
+        lr=1e-2,
+        weight_decay=1e-2,
+        backend="triton",
+        master_weights=True,
+        **({"max_grad_norm": 1.0} if kind == "LAMB" else {}),
+    )
     set_grads(named, specs, 0)
     opt.step()
     idle = params[2]
@@ -592,17 +614,21 @@ def test_inactive_segment_is_never_touched(kind):
 SPLIT_SPECS = SPECS + [((5, 2), "none_g")]
 
 
-@pytest.mark.parametrize("kind,opts", [
-    ("LARS", dict(weight_decay=1e-3)),
-    ("LARS", dict(preset="barlowtwins", weight_decay=1e-3)),
-    ("LAMB", dict(weight_decay=1e-2, lr=1e-2)),
-    ("LAMB", dict(preset="apex", weight_decay=1e-2, lr=1e-2)),
-])
+@pytest.mark.parametrize(
+    "kind,opts",
+    [
+        ("LARS", dict(weight_decay=1e-3)),
+        ("LARS", dict(preset="barlowtwins", weight_decay=1e-3)),
+        ("LAMB", dict(weight_decay=1e-2, lr=1e-2)),
+        ("LAMB", dict(preset="apex", weight_decay=1e-2, lr=1e-2)),
+    ],
+)
 def test_partials_then_apply_equal_step(monkeypatch, kind, opts):
     # *_step against *_partials + *_apply with a copy of the sums (an all_reduce returns a new tensor):
     # bitwise equal, also through a GradScaler-skipped step; the sums follow NOTE [Partials and apply]
-    step_fn, part_fn, apply_fn = ("lars_step", "lars_partials", "lars_apply") if kind == "LARS" else (
-        "lamb_step", "lamb_partials", "lamb_apply")
+    step_fn, part_fn, apply_fn = (
+        ("lars_step", "lars_partials", "lars_apply") if kind == "LARS" else ("lamb_step", "lamb_partials", "lamb_apply")
+    )
     sums = []
 
     def split(bucket, cfg):

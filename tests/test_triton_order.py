@@ -45,8 +45,10 @@ SPECS = [
 
 CASES = {
     "lars": ("LARS", dict(lr=0.1, weight_decay=1e-3, momentum=0.9)),
-    "lars_barlowtwins_bf16_master": ("LARS", dict(lr=0.1, preset="barlowtwins", weight_decay=1e-3,
-                                                  dtype=torch.bfloat16, master_weights=True)),
+    "lars_barlowtwins_bf16_master": (
+        "LARS",
+        dict(lr=0.1, preset="barlowtwins", weight_decay=1e-3, dtype=torch.bfloat16, master_weights=True),
+    ),
     "tvlars": ("TVLARS", dict(lr=1.0, lmbda=0.3, weight_decay=1e-3)),
     "lamb": ("LAMB", dict(lr=1e-2, weight_decay=1e-2)),
     "lamb_max_grad_norm": ("LAMB", dict(lr=1e-2, weight_decay=1e-2, preset="apex", max_grad_norm=0.5)),
@@ -112,7 +114,8 @@ def assert_bitwise(got, want, label):
     assert got.keys() == want.keys()
     for k in want:
         assert torch.equal(bits(got[k]), bits(want[k])), (
-            f"{label}: {k} differs from the natural program order\n{got[k]}\n{want[k]}")
+            f"{label}: {k} differs from the natural program order\n{got[k]}\n{want[k]}"
+        )
 
 
 # ------------------------------------------------------------------------------------------
@@ -222,4 +225,6 @@ def test_counters_rearmed_after_every_step_and_after_an_interrupted_launch():
     assert torch.all(count == 0)
     opt.step()  # LARS's launch 1 writes only scratch: the retried step is the uninterrupted one
     got = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
-    assert_bitwise(got, {k: v for k, v in want.items() if k.startswith("param") and "." not in k}, "after an interrupted launch")
+    assert_bitwise(
+        got, {k: v for k, v in want.items() if k.startswith("param") and "." not in k}, "after an interrupted launch"
+    )

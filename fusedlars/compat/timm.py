@@ -157,8 +157,13 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any], bool, bool, str]] = {
     "fusedlarslamb": (Lamb, {}, False, True, "fusedlars LAMB (timm Lamb semantics)"),
     "fusedlarslambc": (Lamb, {"trust_clip": True}, False, True, "fusedlars LAMB with trust ratio clipping"),
     "fusedlarslambw": (Lamb, {"decoupled_decay": True}, False, True, "fusedlars LAMB, decoupled decay"),
-    "fusedlarslambcw": (Lamb, {"trust_clip": True, "decoupled_decay": True}, False, True,
-                        "fusedlars LAMB, trust ratio clipping and decoupled decay"),  # fmt: skip
+    "fusedlarslambcw": (
+        Lamb,
+        {"trust_clip": True, "decoupled_decay": True},
+        False,
+        True,
+        "fusedlars LAMB, trust ratio clipping and decoupled decay",
+    ),  # fmt: skip
     "fusedlarstvlars": (_TimmTVLARS, {}, True, False, "fusedlars TVLARS (official code's phi_t)"),
 }
 
@@ -181,7 +186,9 @@ def register(registry: Any = None, optim_info: Any = None) -> list[str]:
         if name in taken:
             held = registry.get_optimizer_info(name).opt_class
             if not (isinstance(held, type) and held.__module__.startswith("fusedlars.")):
-                raise ValueError(f"fusedlars.compat.timm.register: timm already has an optimizer named {name!r} ({held}).")
+                raise ValueError(
+                    f"fusedlars.compat.timm.register: timm already has an optimizer named {name!r} ({held})."
+                )
             names.append(name)  # registered before: nothing to do
             continue
         registry.register(

@@ -13,11 +13,10 @@ needs no host sync.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 
-Scalar = Union[float, torch.Tensor]
+Scalar = float | torch.Tensor
 
 # NOTE: [Skipped steps]
 # When ``found_inf`` is non-zero nothing of the bucket changes: params, master
@@ -126,8 +125,9 @@ def check_scalars(cfg, device: torch.device, dtypes: tuple[torch.dtype, ...] | N
     return None
 
 
-def check_fused(kind: str, cfg, bucket, device_type: str, label: str,
-                scalar_dtypes: tuple[torch.dtype, ...] | None = None) -> str | None:
+def check_fused(
+    kind: str, cfg, bucket, device_type: str, label: str, scalar_dtypes: tuple[torch.dtype, ...] | None = None
+) -> str | None:
     """The checks of the compiled backends (``cpu``, ``cuda``): bucket device and dtype, per-step
     values, optimizer kind. None when they pass, else the reason."""
     if bucket.device.type != device_type:

@@ -50,14 +50,56 @@ def _register_fakes() -> None:
     """Fake (meta) kernels, so the ops trace under torch.compile / FakeTensor (see torch.library.opcheck)."""
 
     @torch.library.register_fake("fusedlars::lars_step_cpu")
-    def _lars_fake(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step, w_norm,
-                   g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq, sums, phase, hyper, modes):
+    def _lars_fake(
+        params,
+        grads,
+        masters,
+        momentum,
+        seg_ids,
+        wd_mask,
+        adapt_mask,
+        has_state,
+        step,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        lr,
+        inv_scale,
+        found_inf,
+        w_sumsq,
+        sums,
+        phase,
+        hyper,
+        modes,
+    ):
         return None
 
     @torch.library.register_fake("fusedlars::lamb_step_cpu")
-    def _lamb_fake(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask, has_state, step,
-                   w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, clip_coef, sums, phase, hyper,
-                   modes):
+    def _lamb_fake(
+        params,
+        grads,
+        masters,
+        exp_avg,
+        exp_avg_sq,
+        seg_ids,
+        wd_mask,
+        adapt_mask,
+        has_state,
+        step,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        lr,
+        inv_scale,
+        found_inf,
+        clip_coef,
+        sums,
+        phase,
+        hyper,
+        modes,
+    ):
         return None
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cpu")

@@ -63,7 +63,11 @@ def _load() -> str | None:
     if missing:
         return f"fusedlars._C lacks the ops {missing}: it was built from older sources, rebuild it"
     if "+cuda" not in torch.ops.fusedlars.build_info():
-        why = "the installed torch has no CUDA" if torch.version.cuda is None else "nvcc / CUDA_HOME was not found or FUSEDLARS_NO_CUDA=1"
+        why = (
+            "the installed torch has no CUDA"
+            if torch.version.cuda is None
+            else "nvcc / CUDA_HOME was not found or FUSEDLARS_NO_CUDA=1"
+        )
         return f"fusedlars._C was built without CUDA kernels ({why}; the build: line of `fusedlars info` says why)"
     return None
 
@@ -73,15 +77,72 @@ _WHY_NOT = _load()
 
 def _register_fakes() -> None:
     @torch.library.register_fake("fusedlars::lars_step_cuda")
-    def _lars_fake(params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
-                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials,
-                   snap, ssq, lr_tensor, lr, inv_scale, found_inf, hyper, modes, path=0):
+    def _lars_fake(
+        params,
+        grads,
+        state,
+        addresses,
+        master,
+        wd_mask,
+        adapt_mask,
+        active,
+        has_state,
+        step,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        tile_seg,
+        tile_start,
+        tile_len,
+        seg_tile_ptr,
+        group_seg,
+        partials,
+        snap,
+        ssq,
+        lr_tensor,
+        lr,
+        inv_scale,
+        found_inf,
+        hyper,
+        modes,
+        path=0,
+    ):
         return None
 
     @torch.library.register_fake("fusedlars::lamb_step_cuda")
-    def _lamb_fake(params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step, w_norm,
-                   g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials,
-                   snap, ssq, lr_tensor, lr, inv_scale, found_inf, clip_coef, hyper, modes, path=0):
+    def _lamb_fake(
+        params,
+        grads,
+        state,
+        addresses,
+        master,
+        wd_mask,
+        adapt_mask,
+        active,
+        has_state,
+        step,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        tile_seg,
+        tile_start,
+        tile_len,
+        seg_tile_ptr,
+        group_seg,
+        partials,
+        snap,
+        ssq,
+        lr_tensor,
+        lr,
+        inv_scale,
+        found_inf,
+        clip_coef,
+        hyper,
+        modes,
+        path=0,
+    ):
         return None
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cuda")
@@ -124,7 +185,10 @@ def available() -> tuple[bool, str]:
     major, minor = torch.cuda.get_device_capability()
     cap = 10 * major + minor
     if not any(a // 10 == cap // 10 and a <= cap for a in archs()):
-        return False, f"CUDA kernels built for {sm}; the device is sm_{cap} (rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor})"
+        return (
+            False,
+            f"CUDA kernels built for {sm}; the device is sm_{cap} (rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor})",
+        )
     env = os.environ.get("FUSEDLARS_CUDA_PATH", "auto")
     if info.get("coop") == "1" and env != "two_launch" and os.environ.get("FUSEDLARS_CUDA_COOP") != "0":
         how = f"1 cooperative launch per bucket step ({info.get('sms')} SMs x {info.get('blocks_per_sm')} blocks)"

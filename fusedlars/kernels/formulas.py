@@ -55,8 +55,9 @@ def tv_phi(t: float, lmbda: float, alpha: float, shift: float, gamma_min: float,
     return 1.0 / (alpha + e) + gamma_min
 
 
-def tv_phi_tensor(t: torch.Tensor, lmbda: float, alpha: float, shift: float, gamma_min: float,
-                  gate: int) -> torch.Tensor:
+def tv_phi_tensor(
+    t: torch.Tensor, lmbda: float, alpha: float, shift: float, gamma_min: float, gate: int
+) -> torch.Tensor:
     """:func:`tv_phi` elementwise on a floating tensor ``t`` of step counts, in ``t``'s dtype and on its
     device (no host sync; the gate is a ``torch.where``, skipped when ``gate == 0`` as ``t >= 0``)."""
     phi = 1.0 / (alpha + torch.exp(lmbda * (t - shift))) + gamma_min

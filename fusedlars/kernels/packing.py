@@ -6,10 +6,9 @@ those of :mod:`.codes`."""
 
 from __future__ import annotations
 
-from .common import LambConfig, LarsConfig
-
 # option codes: the tables of .codes (the enums of csrc/lars_math.h, checked by tests/test_one_source.py)
 from .codes import BIAS, CLIP, DENOMINATOR, FIRST, LAMB_WD, LARS_WD, MOMENTUM, ZERO_CHECK, ZERO_NORM  # noqa: F401
+from .common import LambConfig, LarsConfig
 
 
 def lars_options(cfg: LarsConfig) -> tuple[list[float], list[int]]:

@@ -8,7 +8,7 @@ It is written for clarity, not speed, but it still makes no host sync (guards ar
 ``torch.where``, per-step values stay tensors).
 
 LARS, per layer (You, Gitman & Ginsburg 2017, "Large Batch Training of Convolutional
-Networks", eq. 6 and Alg. 1, with the variants catalogued in shared/research/semantics.md):
+Networks", arXiv:1708.03888, eq. 6 and Alg. 1; the variants are the options of fusedlars/optim/options.py):
 
     g   = grad * inv_scale, negated if maximize        (GradScaler unscale inside the step)
     lam = weight_decay if the layer is not excluded from decay else 0
@@ -76,7 +76,11 @@ def _f64(x):
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64) if x.numel() else x.new_zeros((), dtype=torch.float64)
+    return (
+        torch.linalg.vector_norm(x.reshape(-1), dtype=torch.float64)
+        if x.numel()
+        else x.new_zeros((), dtype=torch.float64)
+    )
 
 
 def _grad(bucket: Bucket, i: int, cfg) -> torch.Tensor:

@@ -80,9 +80,7 @@ class _Lists:
         self.bucket = bucket
         self.idx = idx
         self.n = len(idx)
-        self.sel = (
-            None if self.n == bucket.num_segments else torch.tensor(idx, dtype=torch.int64, device=bucket.device)
-        )
+        self.sel = None if self.n == bucket.num_segments else torch.tensor(idx, dtype=torch.int64, device=bucket.device)
         self._key: tuple = ()
         self._scratch: dict[str, list[torch.Tensor]] = {}
         self._rows: dict[tuple[str, ...], torch.Tensor] = {}
@@ -96,8 +94,10 @@ class _Lists:
         params = [b.param_tensors[i] for i in idx]
         masters = [b.master_tensors[i] for i in idx] if b.master_tensors is not None else None
         state = {name: [lst[i] for i in idx] for name, lst in b.state_tensors.items()}
-        key = tuple(map(id, params)) + (tuple(map(id, masters)) if masters else ()) + tuple(
-            id(t) for lst in state.values() for t in lst
+        key = (
+            tuple(map(id, params))
+            + (tuple(map(id, masters)) if masters else ())
+            + tuple(id(t) for lst in state.values() for t in lst)
         )
         if key != self._key:
             self._key = key
@@ -481,7 +481,9 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
     ssq_g = _sumsq(L, (gname,)) if l2 else None  # (l2 changes G below: its norm first)
     lam_s = wd * bucket.wd_mask
     if l2:
-        _axpy(G, W, _per_seg(L, _neutral(found, lam_s, 0.0, sdt)) if found is not None or bucket.any_wd_excluded else wd)
+        _axpy(
+            G, W, _per_seg(L, _neutral(found, lam_s, 0.0, sdt)) if found is not None or bucket.any_wd_excluded else wd
+        )
     m_buf, v_buf = L.state("exp_avg"), L.state("exp_avg_sq")
     if cfg.beta3 == 1.0 - b1:
         # m + (1-b1)*(g - m): one pass instead of two (a skipped step has g = 0 and weight 0)

@@ -55,13 +55,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Optional
 
 import torch
 
 from ..buckets import Bucket
-from .common import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
 from .codes import BIAS, CLIP, DENOMINATOR, LAMB_WD, LARS_WD, MOM, MOM_NONE, ZERO_CHECK, triton_mom
+from .common import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
 
 NAME = "triton"
 
@@ -105,7 +104,10 @@ def available() -> tuple[bool, str]:
         return False, (
             "TRITON_INTERPRET=1 was set after fusedlars' Triton kernels were imported; set it before importing fusedlars"
         )
-    return False, f"Triton {triton.__version__} is installed but no CUDA device is available and TRITON_INTERPRET is not set"
+    return (
+        False,
+        f"Triton {triton.__version__} is installed but no CUDA device is available and TRITON_INTERPRET is not set",
+    )
 
 
 def supports(kind: str, cfg, bucket: Bucket) -> str | None:
@@ -193,7 +195,8 @@ def _traced_table(bucket: Bucket) -> torch.Tensor:
     table = cache.get(("traced_addr", kinds))
     if table is None:
         table = cache[("traced_addr", kinds)] = torch.zeros(
-            (len(kinds), bucket.num_segments), dtype=torch.int64, device=bucket.device)
+            (len(kinds), bucket.num_segments), dtype=torch.int64, device=bucket.device
+        )
     return table
 
 
@@ -365,98 +368,355 @@ T_ = torch.Tensor
 
 @_register("triton_lars_partials", ("part", "snap", "ssq", "count"))
 def _lars_partials_op(
-    addr: T_, wd_mask: T_, active: T_, step: T_, has_state: T_, inv_scale: T_, found_inf: T_,
-    part: T_, snap: T_, ssq: T_, count: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
-    num_tiles: int, num_segs: int, weight_decay: float, sign: float,
-    pdt: int, has_master: bool, tile: int, block: int, rblock: int, sblock: int,
+    addr: T_,
+    wd_mask: T_,
+    active: T_,
+    step: T_,
+    has_state: T_,
+    inv_scale: T_,
+    found_inf: T_,
+    part: T_,
+    snap: T_,
+    ssq: T_,
+    count: T_,
+    tile_seg: T_,
+    tile_len: T_,
+    seg_tile_ptr: T_,
+    num_tiles: int,
+    num_segs: int,
+    weight_decay: float,
+    sign: float,
+    pdt: int,
+    has_master: bool,
+    tile: int,
+    block: int,
+    rblock: int,
+    sblock: int,
 ) -> None:
     with _rearm_on_error(count):
         _launch(
-            K.lars_partials_kernel, num_tiles + triton.cdiv(num_segs, sblock),
-            addr, wd_mask, active, step, has_state, inv_scale, found_inf, part, snap, ssq, count,
-            tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs, weight_decay, sign,
-            PDT=_pdt(pdt), HAS_MASTER=has_master, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+            K.lars_partials_kernel,
+            num_tiles + triton.cdiv(num_segs, sblock),
+            addr,
+            wd_mask,
+            active,
+            step,
+            has_state,
+            inv_scale,
+            found_inf,
+            part,
+            snap,
+            ssq,
+            count,
+            tile_seg,
+            tile_len,
+            seg_tile_ptr,
+            num_tiles,
+            num_segs,
+            weight_decay,
+            sign,
+            PDT=_pdt(pdt),
+            HAS_MASTER=has_master,
+            TILE=tile,
+            BLOCK=block,
+            RBLOCK=rblock,
+            SBLOCK=sblock,
         )
 
 
 @_register("triton_lars_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
 def _lars_update_op(
-    addr: T_, wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
-    step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
-    lr: T_, inv_scale: T_, found_inf: T_, ssq: T_, snap: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
-    num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
-    pdt: int, has_master: bool, mom_mode: int, tile: int, block: int, sblock: int,
+    addr: T_,
+    wd_mask: T_,
+    adapt_mask: T_,
+    active: T_,
+    seg_numel: T_,
+    step: T_,
+    has_state: T_,
+    w_norm: T_,
+    g_norm: T_,
+    u_norm: T_,
+    trust_ratio: T_,
+    lr: T_,
+    inv_scale: T_,
+    found_inf: T_,
+    ssq: T_,
+    snap: T_,
+    tile_seg: T_,
+    tile_len: T_,
+    seg_tile_ptr: T_,
+    num_tiles: int,
+    num_segs: int,
+    fvals: list[float],
+    ivals: list[int],
+    pdt: int,
+    has_master: bool,
+    mom_mode: int,
+    tile: int,
+    block: int,
+    sblock: int,
 ) -> None:
-    (weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
-     tv_lmbda, tv_alpha, tv_shift, tv_gamma_min) = fvals
+    (
+        weight_decay,
+        sign,
+        eta,
+        eps,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        momentum,
+        dampening,
+        tv_lmbda,
+        tv_alpha,
+        tv_shift,
+        tv_gamma_min,
+    ) = fvals
     tv_gate, den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first = ivals
     _launch(
-        K.lars_update_kernel, num_tiles + triton.cdiv(num_segs, sblock),
-        addr, wd_mask, adapt_mask, active, seg_numel,
-        step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-        lr, inv_scale, found_inf, ssq, snap,
-        tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs,
-        weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, momentum, dampening,
-        tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-        den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
-        PDT=_pdt(pdt), HAS_MASTER=has_master, MOM=mom_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+        K.lars_update_kernel,
+        num_tiles + triton.cdiv(num_segs, sblock),
+        addr,
+        wd_mask,
+        adapt_mask,
+        active,
+        seg_numel,
+        step,
+        has_state,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        lr,
+        inv_scale,
+        found_inf,
+        ssq,
+        snap,
+        tile_seg,
+        tile_len,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
+        sign,
+        eta,
+        eps,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        momentum,
+        dampening,
+        tv_lmbda,
+        tv_alpha,
+        tv_shift,
+        tv_gamma_min,
+        tv_gate,
+        den_mode,
+        wd_mode,
+        check_mode,
+        zero_skip,
+        clip_mode,
+        adapt_enabled,
+        use_tv,
+        nesterov,
+        clone_first,
+        PDT=_pdt(pdt),
+        HAS_MASTER=has_master,
+        MOM=mom_mode,
+        TILE=tile,
+        BLOCK=block,
+        SBLOCK=sblock,
     )
 
 
 @_register("triton_lamb_partials", ("part", "snap", "ssq", "count"))
 def _lamb_partials_op(
-    addr: T_, wd_mask: T_, active: T_, step: T_, has_state: T_,
-    lr: T_, inv_scale: T_, found_inf: T_, clip_coef: T_, part: T_, snap: T_, ssq: T_, count: T_,
-    tile_seg: T_, tile_len: T_, seg_tile_ptr: T_, num_tiles: int, num_segs: int, fvals: list[float], wd_mode: int,
-    pdt: int, has_master: bool, bc_mode: int, tile: int, block: int, rblock: int, sblock: int,
+    addr: T_,
+    wd_mask: T_,
+    active: T_,
+    step: T_,
+    has_state: T_,
+    lr: T_,
+    inv_scale: T_,
+    found_inf: T_,
+    clip_coef: T_,
+    part: T_,
+    snap: T_,
+    ssq: T_,
+    count: T_,
+    tile_seg: T_,
+    tile_len: T_,
+    seg_tile_ptr: T_,
+    num_tiles: int,
+    num_segs: int,
+    fvals: list[float],
+    wd_mode: int,
+    pdt: int,
+    has_master: bool,
+    bc_mode: int,
+    tile: int,
+    block: int,
+    rblock: int,
+    sblock: int,
 ) -> None:
     weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root = fvals
     with _rearm_on_error(count):
         _launch(
-            K.lamb_moments_kernel, num_tiles + triton.cdiv(num_segs, sblock),
-            addr, wd_mask, active, step, has_state,
-            lr, inv_scale, found_inf, clip_coef, part, snap, ssq, count,
-            tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs,
-            weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode,
-            PDT=_pdt(pdt), HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock,
+            K.lamb_moments_kernel,
+            num_tiles + triton.cdiv(num_segs, sblock),
+            addr,
+            wd_mask,
+            active,
+            step,
+            has_state,
+            lr,
+            inv_scale,
+            found_inf,
+            clip_coef,
+            part,
+            snap,
+            ssq,
+            count,
+            tile_seg,
+            tile_len,
+            seg_tile_ptr,
+            num_tiles,
+            num_segs,
+            weight_decay,
+            sign,
+            beta1,
+            beta2,
+            beta3,
+            omb1,
+            omb2,
+            eps,
+            eps_root,
+            wd_mode,
+            PDT=_pdt(pdt),
+            HAS_MASTER=has_master,
+            BC=bc_mode,
+            TILE=tile,
+            BLOCK=block,
+            RBLOCK=rblock,
+            SBLOCK=sblock,
         )
 
 
 @_register("triton_lamb_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
 def _lamb_update_op(
-    addr: T_, wd_mask: T_, adapt_mask: T_, active: T_, seg_numel: T_,
-    step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
-    lr: T_, found_inf: T_, ssq: T_, snap: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
-    num_tiles: int, num_segs: int, fvals: list[float], ivals: list[int],
-    pdt: int, has_master: bool, bc_mode: int, tile: int, block: int, sblock: int,
+    addr: T_,
+    wd_mask: T_,
+    adapt_mask: T_,
+    active: T_,
+    seg_numel: T_,
+    step: T_,
+    has_state: T_,
+    w_norm: T_,
+    g_norm: T_,
+    u_norm: T_,
+    trust_ratio: T_,
+    lr: T_,
+    found_inf: T_,
+    ssq: T_,
+    snap: T_,
+    tile_seg: T_,
+    tile_len: T_,
+    seg_tile_ptr: T_,
+    num_tiles: int,
+    num_segs: int,
+    fvals: list[float],
+    ivals: list[int],
+    pdt: int,
+    has_master: bool,
+    bc_mode: int,
+    tile: int,
+    block: int,
+    sblock: int,
 ) -> None:
     weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps = fvals
     wd_mode, clip_mode, adapt_enabled = ivals
     _launch(
-        K.lamb_update_kernel, num_tiles + triton.cdiv(num_segs, sblock),
-        addr, wd_mask, adapt_mask, active, seg_numel,
-        step, has_state, w_norm, g_norm, u_norm, trust_ratio,
-        lr, found_inf, ssq, snap,
-        tile_seg, tile_len, seg_tile_ptr, num_tiles, num_segs,
-        weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
-        wd_mode, clip_mode, adapt_enabled,
-        PDT=_pdt(pdt), HAS_MASTER=has_master, BC=bc_mode, TILE=tile, BLOCK=block, SBLOCK=sblock,
+        K.lamb_update_kernel,
+        num_tiles + triton.cdiv(num_segs, sblock),
+        addr,
+        wd_mask,
+        adapt_mask,
+        active,
+        seg_numel,
+        step,
+        has_state,
+        w_norm,
+        g_norm,
+        u_norm,
+        trust_ratio,
+        lr,
+        found_inf,
+        ssq,
+        snap,
+        tile_seg,
+        tile_len,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
+        omb1,
+        omb2,
+        eps,
+        eps_root,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        tr_eps,
+        wd_mode,
+        clip_mode,
+        adapt_enabled,
+        PDT=_pdt(pdt),
+        HAS_MASTER=has_master,
+        BC=bc_mode,
+        TILE=tile,
+        BLOCK=block,
+        SBLOCK=sblock,
     )
 
 
 @_register("triton_grad_sumsq", ("part",))
 def _grad_sumsq_op(
-    addr: T_, active: T_, inv_scale: T_, part: T_, tile_seg: T_, tile_len: T_, seg_tile_ptr: T_,
-    num_tiles: int, num_segs: int, pdt: int, tile: int, block: int,
+    addr: T_,
+    active: T_,
+    inv_scale: T_,
+    part: T_,
+    tile_seg: T_,
+    tile_len: T_,
+    seg_tile_ptr: T_,
+    num_tiles: int,
+    num_segs: int,
+    pdt: int,
+    tile: int,
+    block: int,
 ) -> None:
-    _launch(K.grad_sumsq_kernel, num_tiles, addr, active, inv_scale, part, tile_seg, tile_len, seg_tile_ptr,
-            num_segs, PDT=_pdt(pdt), TILE=tile, BLOCK=block)
+    _launch(
+        K.grad_sumsq_kernel,
+        num_tiles,
+        addr,
+        active,
+        inv_scale,
+        part,
+        tile_seg,
+        tile_len,
+        seg_tile_ptr,
+        num_segs,
+        PDT=_pdt(pdt),
+        TILE=tile,
+        BLOCK=block,
+    )
 
 
 _seen_addresses: dict[int, tuple[int, ...]] = {}  # table data_ptr -> the addresses it holds
 
 
-def _addresses_op(table: T_, tensors: list[Optional[T_]]) -> None:
+def _addresses_op(table: T_, tensors: list[T_ | None]) -> None:
     """Write the base addresses of ``tensors`` (row-major ``[rows, S]``, 0 for None) into ``table``,
     copying only when they changed (NOTE [Addresses in a compiled step])."""
     ptrs = tuple(0 if t is None else t.data_ptr() for t in tensors)
@@ -506,16 +766,33 @@ def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
     mom_mode = triton_mom(cfg.momentum, cfg.momentum_mode)
     tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
     fvals = [
-        float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.eta), float(cfg.eps),
-        float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi),
-        float(cfg.momentum), float(cfg.dampening),
-        float(tv[0]), float(tv[1]), float(tv[2]), float(tv[3]),
+        float(cfg.weight_decay),
+        -1.0 if cfg.maximize else 1.0,
+        float(cfg.eta),
+        float(cfg.eps),
+        float(cfg.clamp_lo),
+        float(cfg.clamp_hi),
+        float(cfg.clip_lo),
+        float(cfg.clip_hi),
+        float(cfg.momentum),
+        float(cfg.dampening),
+        float(tv[0]),
+        float(tv[1]),
+        float(tv[2]),
+        float(tv[3]),
     ]
     # runtime mode codes of the kernels: those of the C++ option structs (.codes); zero_skip, clone_first: 0/1 flags
     ivals = [
-        int(tv[4]), DENOMINATOR[cfg.denominator], LARS_WD[cfg.weight_decay_mode], ZERO_CHECK[cfg.zero_norm_check],
-        int(cfg.zero_norm == "skip"), CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled)),
-        int(cfg.tv is not None), int(bool(cfg.nesterov)), int(cfg.first_step_buffer == "clone"),
+        int(tv[4]),
+        DENOMINATOR[cfg.denominator],
+        LARS_WD[cfg.weight_decay_mode],
+        ZERO_CHECK[cfg.zero_norm_check],
+        int(cfg.zero_norm == "skip"),
+        CLIP[cfg.trust_clip],
+        int(bool(cfg.adapt_enabled)),
+        int(cfg.tv is not None),
+        int(bool(cfg.nesterov)),
+        int(cfg.first_step_buffer == "clone"),
     ]
     return fvals, ivals, mom_mode
 
@@ -531,11 +808,30 @@ def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]
     tt = sc.tiles
     addr = _addresses(bucket)
     _op("triton_lars_partials")(
-        addr, bucket.wd_mask, bucket.active, bucket.step, bucket.has_state,
-        _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), sc.part, sc.snap, sc.ssq, sc.count,
-        tt.tile_seg, tt.tile_len, tt.seg_tile_ptr, tt.num_tiles, bucket.num_segments,
-        float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0,
-        _PDT_CODE[bucket.dtype], bucket.uses_masters, TILE, BLOCK, RBLOCK, SBLOCK,
+        addr,
+        bucket.wd_mask,
+        bucket.active,
+        bucket.step,
+        bucket.has_state,
+        _t(cfg.inv_scale, sc.one),
+        _t(cfg.found_inf, sc.zero),
+        sc.part,
+        sc.snap,
+        sc.ssq,
+        sc.count,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        float(cfg.weight_decay),
+        -1.0 if cfg.maximize else 1.0,
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        TILE,
+        BLOCK,
+        RBLOCK,
+        SBLOCK,
     )
     return sc.ssq[: 3 * bucket.num_segments].view(3, bucket.num_segments), (addr,)
 
@@ -548,12 +844,35 @@ def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -
     tt = sc.tiles
     fvals, ivals, mom_mode = _lars_values(cfg)
     _op("triton_lars_update")(
-        addr, bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
-        bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero),
-        _sums_for_apply(bucket, ssq), sc.snap, tt.tile_seg, tt.tile_len, tt.seg_tile_ptr,
-        tt.num_tiles, bucket.num_segments, fvals, ivals,
-        _PDT_CODE[bucket.dtype], bucket.uses_masters, mom_mode, TILE, BLOCK, SBLOCK,
+        addr,
+        bucket.wd_mask,
+        bucket.adapt_mask,
+        bucket.active,
+        bucket.seg_numel,
+        bucket.step,
+        bucket.has_state,
+        bucket.w_norm,
+        bucket.g_norm,
+        bucket.u_norm,
+        bucket.trust_ratio,
+        _lr_tensor(sc, cfg.lr),
+        _t(cfg.inv_scale, sc.one),
+        _t(cfg.found_inf, sc.zero),
+        _sums_for_apply(bucket, ssq),
+        sc.snap,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        fvals,
+        ivals,
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        mom_mode,
+        TILE,
+        BLOCK,
+        SBLOCK,
     )
 
 
@@ -575,16 +894,45 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = sc.clip(clip)
     fvals = [
-        float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0, float(cfg.beta1), float(cfg.beta2),
-        float(cfg.beta3), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
+        float(cfg.weight_decay),
+        -1.0 if cfg.maximize else 1.0,
+        float(cfg.beta1),
+        float(cfg.beta2),
+        float(cfg.beta3),
+        1.0 - float(cfg.beta1),
+        1.0 - float(cfg.beta2),
+        float(cfg.eps),
+        float(cfg.eps_root),
     ]
     addr = _addresses(bucket)
     _op("triton_lamb_partials")(
-        addr, bucket.wd_mask, bucket.active, bucket.step, bucket.has_state,
-        _lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), _t(clip, sc.one),
-        sc.part, sc.snap, sc.ssq, sc.count, tt.tile_seg, tt.tile_len, tt.seg_tile_ptr,
-        tt.num_tiles, bucket.num_segments, fvals, LAMB_WD[cfg.weight_decay_mode],
-        _PDT_CODE[bucket.dtype], bucket.uses_masters, BIAS[cfg.bias_correction], TILE, BLOCK, RBLOCK, SBLOCK,
+        addr,
+        bucket.wd_mask,
+        bucket.active,
+        bucket.step,
+        bucket.has_state,
+        _lr_tensor(sc, cfg.lr),
+        _t(cfg.inv_scale, sc.one),
+        _t(cfg.found_inf, sc.zero),
+        _t(clip, sc.one),
+        sc.part,
+        sc.snap,
+        sc.ssq,
+        sc.count,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        fvals,
+        LAMB_WD[cfg.weight_decay_mode],
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        BIAS[cfg.bias_correction],
+        TILE,
+        BLOCK,
+        RBLOCK,
+        SBLOCK,
     )
     return sc.ssq[: 3 * bucket.num_segments].view(3, bucket.num_segments), (addr,)
 
@@ -596,16 +944,47 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
     sc = _scratch(bucket)
     tt = sc.tiles
     fvals = [
-        float(cfg.weight_decay), 1.0 - float(cfg.beta1), 1.0 - float(cfg.beta2), float(cfg.eps), float(cfg.eps_root),
-        float(cfg.clamp_lo), float(cfg.clamp_hi), float(cfg.clip_lo), float(cfg.clip_hi), float(cfg.trust_ratio_eps),
+        float(cfg.weight_decay),
+        1.0 - float(cfg.beta1),
+        1.0 - float(cfg.beta2),
+        float(cfg.eps),
+        float(cfg.eps_root),
+        float(cfg.clamp_lo),
+        float(cfg.clamp_hi),
+        float(cfg.clip_lo),
+        float(cfg.clip_hi),
+        float(cfg.trust_ratio_eps),
     ]
     ivals = [LAMB_WD[cfg.weight_decay_mode], CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
     _op("triton_lamb_update")(
-        addr, bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.seg_numel,
-        bucket.step, bucket.has_state, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        _lr_tensor(sc, cfg.lr), _t(cfg.found_inf, sc.zero), _sums_for_apply(bucket, ssq), sc.snap,
-        tt.tile_seg, tt.tile_len, tt.seg_tile_ptr, tt.num_tiles, bucket.num_segments, fvals, ivals,
-        _PDT_CODE[bucket.dtype], bucket.uses_masters, BIAS[cfg.bias_correction], TILE, BLOCK, SBLOCK,
+        addr,
+        bucket.wd_mask,
+        bucket.adapt_mask,
+        bucket.active,
+        bucket.seg_numel,
+        bucket.step,
+        bucket.has_state,
+        bucket.w_norm,
+        bucket.g_norm,
+        bucket.u_norm,
+        bucket.trust_ratio,
+        _lr_tensor(sc, cfg.lr),
+        _t(cfg.found_inf, sc.zero),
+        _sums_for_apply(bucket, ssq),
+        sc.snap,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        fvals,
+        ivals,
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        BIAS[cfg.bias_correction],
+        TILE,
+        BLOCK,
+        SBLOCK,
     )
 
 
@@ -623,15 +1002,31 @@ def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     if tt.num_tiles == 0:
         return torch.zeros((), dtype=torch.float64, device=bucket.device)
     _op("triton_grad_sumsq")(
-        _addresses(bucket), bucket.active, _t(cfg.inv_scale, sc.one), sc.gpart,
-        tt.tile_seg, tt.tile_len, tt.seg_tile_ptr, tt.num_tiles, bucket.num_segments,
-        _PDT_CODE[bucket.dtype], TILE, BLOCK,
+        _addresses(bucket),
+        bucket.active,
+        _t(cfg.inv_scale, sc.one),
+        sc.gpart,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        _PDT_CODE[bucket.dtype],
+        TILE,
+        BLOCK,
     )
     return sc.gpart[: tt.num_tiles].sum()
 
 
-def launch_plan(seg_numels, kind: str = "LARS", max_grad_norm: bool = False, *, tile: int | None = None,
-                sblock: int | None = None, rblock: int | None = None) -> dict:
+def launch_plan(
+    seg_numels,
+    kind: str = "LARS",
+    max_grad_norm: bool = False,
+    *,
+    tile: int | None = None,
+    sblock: int | None = None,
+    rblock: int | None = None,
+) -> dict:
     """What one step over a bucket whose segments have ``seg_numels`` elements launches and reads,
     from the tile geometry alone (nothing is allocated: a 1e9-element layer is fine).
 
@@ -657,8 +1052,12 @@ def launch_plan(seg_numels, kind: str = "LARS", max_grad_norm: bool = False, *, 
     # launch 1: the last tile program of segment s to arrive reads [seg_tile_ptr[s], seg_tile_ptr[s+1]) once;
     # launch 2 reads the segment's reduced sums, no partials
     partial_reads = sum(tiles)
-    return dict(launches=launches, num_tiles=num_tiles, partial_reads=partial_reads,
-                max_reduction_iters=max((-(-t // rblock) for t in tiles), default=0))
+    return dict(
+        launches=launches,
+        num_tiles=num_tiles,
+        partial_reads=partial_reads,
+        max_reduction_iters=max((-(-t // rblock) for t in tiles), default=0),
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -677,7 +1076,7 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     import inspect  # noqa: PLC0415
 
     sig = {}
-    for name, prm in inspect.signature(fn).parameters.items():
+    for name in inspect.signature(fn).parameters:
         if name.isupper():
             sig[name] = "constexpr"
         elif name in ("tile_seg_ptr", "tile_len_ptr", "count_ptr"):
@@ -688,8 +1087,10 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
             sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = _PTR_F32
-        elif name in ("num_tiles", "num_segs", "tv_gate") or name.endswith("_mode") or name in (
-            "zero_skip", "adapt_enabled", "use_tv", "nesterov", "clone_first"
+        elif (
+            name in ("num_tiles", "num_segs", "tv_gate")
+            or name.endswith("_mode")
+            or name in ("zero_skip", "adapt_enabled", "use_tv", "nesterov", "clone_first")
         ):
             sig[name] = "i32"
         else:
@@ -713,8 +1114,14 @@ def aot_specializations(covering: bool = False) -> list[dict]:
 
     def add(kernel, dtype, **cx):
         cx = dict(PDT=_pdt(_PDT_CODE[dtype]), **cx)  # the param dtype, a constexpr (pointers come from the table)
-        out.append(dict(kernel=kernel, name=kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
-                        dtype=dtype, constexprs=cx))
+        out.append(
+            dict(
+                kernel=kernel,
+                name=kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__,
+                dtype=dtype,
+                constexprs=cx,
+            )
+        )
 
     if covering:  # fp32 with every MOM / BC value, fp16 without and bf16 with master weights
         layouts = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
@@ -747,9 +1154,15 @@ def aot_compile(spec: dict, arch: int) -> dict:
     sig = _signature(spec["kernel"], spec["dtype"])
     src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=dict(spec["constexprs"]))
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS})
-    res = dict(kernel=spec["name"], dtype=str(spec["dtype"]).replace("torch.", ""), arch=arch,
-               constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MOM", "BC")},
-               triton_shared=int(ck.metadata.shared), ptx_chars=len(ck.asm["ptx"]), cubin_bytes=len(ck.asm["cubin"]))
+    res = dict(
+        kernel=spec["name"],
+        dtype=str(spec["dtype"]).replace("torch.", ""),
+        arch=arch,
+        constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MOM", "BC")},
+        triton_shared=int(ck.metadata.shared),
+        ptx_chars=len(ck.asm["ptx"]),
+        cubin_bytes=len(ck.asm["cubin"]),
+    )
     import re  # noqa: PLC0415
 
     # the synchronization the kernel was compiled with (NOTE [Last-arriving program] in the kernels):
@@ -758,8 +1171,7 @@ def aot_compile(spec: dict, arch: int) -> dict:
     ptx = ck.asm["ptx"]
     res["atomics"] = sorted(set(re.findall(r"\b(?:atom|red)\.[\w.:]+", ptx)))
     res["barrier_before_atomics"] = all(
-        "bar.sync" in ptx[ptx.rfind("st.global", 0, m.start()):m.start()]
-        for m in re.finditer(r"\batom\.", ptx)
+        "bar.sync" in ptx[ptx.rfind("st.global", 0, m.start()) : m.start()] for m in re.finditer(r"\batom\.", ptx)
     )
     res["cg_loads"] = len(re.findall(r"\bld\.global\.cg\b", ptx))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -148,8 +148,9 @@ def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo,
-                               acc0, acc1, acc2, RBLOCK: tl.constexpr):
+def _store_partials_and_reduce(
+    part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc0, acc1, acc2, RBLOCK: tl.constexpr
+):
     """Launch 1's tile epilogue: store this tile's partials; the segment's last-arriving tile program
     then reduces all of the segment's partials (:func:`_seg_sum3`) into ``ssq[:, s]`` and re-arms
     the segment's arrival counter for the next step. ``lo``: the segment's first tile.
@@ -183,10 +184,31 @@ def _load_seg_sums(ssq_ptr, num_segs, s):
 
 
 @triton.jit
-def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr,
-                eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
-                tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-                den_mode, check_mode, zero_skip, clip_mode, use_tv):
+def _lars_ratio(
+    ssq_w,
+    ssq_g,
+    ssq_u,
+    lam,
+    adapt,
+    t,
+    lr,
+    eta,
+    eps,
+    clamp_lo,
+    clamp_hi,
+    clip_lo,
+    clip_hi,
+    tv_lmbda,
+    tv_alpha,
+    tv_shift,
+    tv_gamma_min,
+    tv_gate,
+    den_mode,
+    check_mode,
+    zero_skip,
+    clip_mode,
+    use_tv,
+):
     """Per-segment LARS scalars (scalars or [SBLOCK] vectors): (r, lam_eff, ||w||, ||g||, ||g+lam w||)."""
     n_w_raw = tl.sqrt(ssq_w)
     n_g_raw = tl.sqrt(ssq_g)
@@ -310,8 +332,9 @@ def _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2):
 
 
 @triton.jit
-def _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, idx, mask,
-                       n_w, n_g, n_u, r, one, t_new):
+def _store_seg_outputs(
+    w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, idx, mask, n_w, n_g, n_u, r, one, t_new
+):
     """A segment's (or a block of empty segments') outputs of the step: norms, ratio, has_state = 1 and
     the new step count, stored where ``mask`` holds."""
     tl.store(w_norm_ptr + idx, n_w, mask=mask)
@@ -333,8 +356,9 @@ def _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK: tl.
 
 
 @triton.jit
-def _segment_prologue(step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, sblk, num_segs,
-                      SBLOCK: tl.constexpr):
+def _segment_prologue(
+    step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, sblk, num_segs, SBLOCK: tl.constexpr
+):
     """Segment-program lanes of launch 1: snapshot ``step`` / ``has_state`` for launch 2, and zero the
     sums of the segments no tile program sums this launch (inactive, no tiles, or a skipped step):
     disjoint from the entries the tile programs write, so no race."""
@@ -366,9 +390,20 @@ def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl
 
 
 @triton.jit
-def _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
-                    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr,
-                    TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _lars_tile_sums(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    inv_scale,
+    lam,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile's elementwise accumulators of w^2, g^2 and (g + lam*w)^2, g = grad * inv_scale (signed)."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
@@ -390,22 +425,47 @@ def _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
 @triton.jit(do_not_specialize=["num_tiles", "num_segs"])
 def lars_partials_kernel(
     addr_ptr,
-    wd_mask_ptr, active_ptr, step_ptr, has_ptr,
-    inv_scale_ptr, found_inf_ptr,
-    part_ptr, snap_ptr, ssq_ptr, count_ptr,
-    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
-    num_tiles, num_segs,
-    weight_decay, sign,
-    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    wd_mask_ptr,
+    active_ptr,
+    step_ptr,
+    has_ptr,
+    inv_scale_ptr,
+    found_inf_ptr,
+    part_ptr,
+    snap_ptr,
+    ssq_ptr,
+    count_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    sign,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
 ):
     """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
     their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _segment_prologue(step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, pid - num_tiles,
-                          num_segs, SBLOCK)
+        _segment_prologue(
+            step_ptr,
+            has_ptr,
+            snap_ptr,
+            ssq_ptr,
+            active_ptr,
+            seg_tile_ptr,
+            found_inf_ptr,
+            pid - num_tiles,
+            num_segs,
+            SBLOCK,
+        )
     else:
         s = tl.load(tile_seg_ptr + pid)
         if go & (tl.load(active_ptr + s) != 0):
@@ -417,20 +477,41 @@ def lars_partials_kernel(
             else:
                 aw = _addr(addr_ptr, 0, num_segs, s)
             if _fast(n, aw | _addr(addr_ptr, 1, num_segs, s), TILE):
-                acc_w, acc_g, acc_u = _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
-                                                      PDT, HAS_MASTER, True, TILE, BLOCK)
+                acc_w, acc_g, acc_u = _lars_tile_sums(
+                    addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER, True, TILE, BLOCK
+                )
             else:
-                acc_w, acc_g, acc_u = _lars_tile_sums(addr_ptr, num_segs, s, start, n, inv_scale, lam,
-                                                      PDT, HAS_MASTER, False, TILE, BLOCK)
-            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo,
-                                       acc_w, acc_g, acc_u, RBLOCK)
+                acc_w, acc_g, acc_u = _lars_tile_sums(
+                    addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER, False, TILE, BLOCK
+                )
+            _store_partials_and_reduce(
+                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc_w, acc_g, acc_u, RBLOCK
+            )
 
 
 @triton.jit
-def _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
-                      wd_mode, nesterov,
-                      PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr, FAST: tl.constexpr,
-                      TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _lars_tile_update(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    inv_scale,
+    r,
+    lam_eff,
+    lr,
+    has,
+    c_new,
+    momentum,
+    wd_mode,
+    nesterov,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MOM: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile of the LARS update: g' = r*(g + lam_eff*w) (l2) or r*g; momentum; decoupled decay; store."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
@@ -469,22 +550,74 @@ def _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr
         _st(pp, offs, w_new.to(PDT), m, FAST)
 
 
-@triton.jit(do_not_specialize=["num_tiles", "num_segs", "tv_gate", "den_mode", "wd_mode", "check_mode", "zero_skip",
-                               "clip_mode", "adapt_enabled", "use_tv", "nesterov", "clone_first"])
+@triton.jit(
+    do_not_specialize=[
+        "num_tiles",
+        "num_segs",
+        "tv_gate",
+        "den_mode",
+        "wd_mode",
+        "check_mode",
+        "zero_skip",
+        "clip_mode",
+        "adapt_enabled",
+        "use_tv",
+        "nesterov",
+        "clone_first",
+    ]
+)
 def lars_update_kernel(
     addr_ptr,
-    wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
-    step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr,
-    lr_ptr, inv_scale_ptr, found_inf_ptr,
-    ssq_ptr, snap_ptr,
-    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
-    num_tiles, num_segs,
-    weight_decay, sign, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
-    momentum, dampening,
-    tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-    den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first,
-    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    wd_mask_ptr,
+    adapt_mask_ptr,
+    active_ptr,
+    seg_numel_ptr,
+    step_ptr,
+    has_ptr,
+    w_norm_ptr,
+    g_norm_ptr,
+    u_norm_ptr,
+    ratio_ptr,
+    lr_ptr,
+    inv_scale_ptr,
+    found_inf_ptr,
+    ssq_ptr,
+    snap_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    sign,
+    eta,
+    eps,
+    clamp_lo,
+    clamp_hi,
+    clip_lo,
+    clip_hi,
+    momentum,
+    dampening,
+    tv_lmbda,
+    tv_alpha,
+    tv_shift,
+    tv_gamma_min,
+    tv_gate,
+    den_mode,
+    wd_mode,
+    check_mode,
+    zero_skip,
+    clip_mode,
+    adapt_enabled,
+    use_tv,
+    nesterov,
+    clone_first,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MOM: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
 ):
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
     ratio, momentum update, store."""
@@ -500,10 +633,46 @@ def lars_update_kernel(
             t = tl.load(step_ptr + offs, mask=m, other=0.0)
             zero = tl.zeros([SBLOCK], dtype=tl.float32)
             r, lam_eff, n_w, n_g, n_u = _lars_ratio(
-                zero, zero, zero, lam, adapt, t, lr, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
-                tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-                den_mode, check_mode, zero_skip, clip_mode, use_tv)
-            _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, offs, m, n_w, n_g, n_u, r, zero + 1.0, t + 1.0)
+                zero,
+                zero,
+                zero,
+                lam,
+                adapt,
+                t,
+                lr,
+                eta,
+                eps,
+                clamp_lo,
+                clamp_hi,
+                clip_lo,
+                clip_hi,
+                tv_lmbda,
+                tv_alpha,
+                tv_shift,
+                tv_gamma_min,
+                tv_gate,
+                den_mode,
+                check_mode,
+                zero_skip,
+                clip_mode,
+                use_tv,
+            )
+            _store_seg_outputs(
+                w_norm_ptr,
+                g_norm_ptr,
+                u_norm_ptr,
+                ratio_ptr,
+                has_ptr,
+                step_ptr,
+                offs,
+                m,
+                n_w,
+                n_g,
+                n_u,
+                r,
+                zero + 1.0,
+                t + 1.0,
+            )
         else:
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
@@ -514,11 +683,47 @@ def lars_update_kernel(
                 lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
                 adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
                 r, lam_eff, n_w, n_g, n_u = _lars_ratio(
-                    ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi,
-                    tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate,
-                    den_mode, check_mode, zero_skip, clip_mode, use_tv)
+                    ssq_w,
+                    ssq_g,
+                    ssq_u,
+                    lam,
+                    adapt,
+                    t,
+                    lr,
+                    eta,
+                    eps,
+                    clamp_lo,
+                    clamp_hi,
+                    clip_lo,
+                    clip_hi,
+                    tv_lmbda,
+                    tv_alpha,
+                    tv_shift,
+                    tv_gamma_min,
+                    tv_gate,
+                    den_mode,
+                    check_mode,
+                    zero_skip,
+                    clip_mode,
+                    use_tv,
+                )
                 # the segment's first tile writes its outputs
-                _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, n_g, n_u, r, 1.0, t + 1.0)
+                _store_seg_outputs(
+                    w_norm_ptr,
+                    g_norm_ptr,
+                    u_norm_ptr,
+                    ratio_ptr,
+                    has_ptr,
+                    step_ptr,
+                    s,
+                    pid == lo,
+                    n_w,
+                    n_g,
+                    n_u,
+                    r,
+                    1.0,
+                    t + 1.0,
+                )
                 inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
                 # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
                 if MOM == MOM_TORCH:
@@ -531,11 +736,51 @@ def lars_update_kernel(
                 if MOM != MOM_NONE:
                     aligned = aligned | _addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s)
                 if _fast(n, aligned, TILE):
-                    _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
-                                      wd_mode, nesterov, PDT, HAS_MASTER, MOM, True, TILE, BLOCK)
+                    _lars_tile_update(
+                        addr_ptr,
+                        num_segs,
+                        s,
+                        start,
+                        n,
+                        inv_scale,
+                        r,
+                        lam_eff,
+                        lr,
+                        has,
+                        c_new,
+                        momentum,
+                        wd_mode,
+                        nesterov,
+                        PDT,
+                        HAS_MASTER,
+                        MOM,
+                        True,
+                        TILE,
+                        BLOCK,
+                    )
                 else:
-                    _lars_tile_update(addr_ptr, num_segs, s, start, n, inv_scale, r, lam_eff, lr, has, c_new, momentum,
-                                      wd_mode, nesterov, PDT, HAS_MASTER, MOM, False, TILE, BLOCK)
+                    _lars_tile_update(
+                        addr_ptr,
+                        num_segs,
+                        s,
+                        start,
+                        n,
+                        inv_scale,
+                        r,
+                        lam_eff,
+                        lr,
+                        has,
+                        c_new,
+                        momentum,
+                        wd_mode,
+                        nesterov,
+                        PDT,
+                        HAS_MASTER,
+                        MOM,
+                        False,
+                        TILE,
+                        BLOCK,
+                    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -563,10 +808,32 @@ def _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER: tl.constexpr, WITH_GRAD: tl
 
 
 @triton.jit
-def _lamb_tile_moments(addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, bc1, bc2,
-                       beta1, beta2, beta3, omb2, eps, eps_root, wd_mode,
-                       PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr,
-                       TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _lamb_tile_moments(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    gscale,
+    clip,
+    lam,
+    lr,
+    bc1,
+    bc2,
+    beta1,
+    beta2,
+    beta3,
+    omb2,
+    eps,
+    eps_root,
+    wd_mode,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile of LAMB's launch 1: new m, v stored; elementwise accumulators of w_d^2, u^2, g^2."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
@@ -601,23 +868,58 @@ def _lamb_tile_moments(addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, b
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode"])
 def lamb_moments_kernel(
     addr_ptr,
-    wd_mask_ptr, active_ptr, step_ptr, has_ptr,
-    lr_ptr, inv_scale_ptr, found_inf_ptr, clip_ptr,
-    part_ptr, snap_ptr, ssq_ptr, count_ptr,
-    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
-    num_tiles, num_segs,
-    weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root,
+    wd_mask_ptr,
+    active_ptr,
+    step_ptr,
+    has_ptr,
+    lr_ptr,
+    inv_scale_ptr,
+    found_inf_ptr,
+    clip_ptr,
+    part_ptr,
+    snap_ptr,
+    ssq_ptr,
+    count_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    sign,
+    beta1,
+    beta2,
+    beta3,
+    omb1,
+    omb2,
+    eps,
+    eps_root,
     wd_mode,
-    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
 ):
     """Launch 1: new m, v (stored); per tile sums of w_d^2, u^2 and g^2 (before L2); per segment their
     totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _segment_prologue(step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, pid - num_tiles,
-                          num_segs, SBLOCK)
+        _segment_prologue(
+            step_ptr,
+            has_ptr,
+            snap_ptr,
+            ssq_ptr,
+            active_ptr,
+            seg_tile_ptr,
+            found_inf_ptr,
+            pid - num_tiles,
+            num_segs,
+            SBLOCK,
+        )
     else:
         s = tl.load(tile_seg_ptr + pid)
         if go & (tl.load(active_ptr + s) != 0):
@@ -631,20 +933,85 @@ def lamb_moments_kernel(
             bc2 = _bias_corr(t, omb2)
             if _fast(n, _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER, True), TILE):
                 acc_w, acc_u, acc_g = _lamb_tile_moments(
-                    addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, bc1, bc2,
-                    beta1, beta2, beta3, omb2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC, True, TILE, BLOCK)
+                    addr_ptr,
+                    num_segs,
+                    s,
+                    start,
+                    n,
+                    gscale,
+                    clip,
+                    lam,
+                    lr,
+                    bc1,
+                    bc2,
+                    beta1,
+                    beta2,
+                    beta3,
+                    omb2,
+                    eps,
+                    eps_root,
+                    wd_mode,
+                    PDT,
+                    HAS_MASTER,
+                    BC,
+                    True,
+                    TILE,
+                    BLOCK,
+                )
             else:
                 acc_w, acc_u, acc_g = _lamb_tile_moments(
-                    addr_ptr, num_segs, s, start, n, gscale, clip, lam, lr, bc1, bc2,
-                    beta1, beta2, beta3, omb2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC, False, TILE, BLOCK)
-            _store_partials_and_reduce(part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo,
-                                       acc_w, acc_u, acc_g, RBLOCK)
+                    addr_ptr,
+                    num_segs,
+                    s,
+                    start,
+                    n,
+                    gscale,
+                    clip,
+                    lam,
+                    lr,
+                    bc1,
+                    bc2,
+                    beta1,
+                    beta2,
+                    beta3,
+                    omb2,
+                    eps,
+                    eps_root,
+                    wd_mode,
+                    PDT,
+                    HAS_MASTER,
+                    BC,
+                    False,
+                    TILE,
+                    BLOCK,
+                )
+            _store_partials_and_reduce(
+                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc_w, acc_u, acc_g, RBLOCK
+            )
 
 
 @triton.jit
-def _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode,
-                      PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr,
-                      TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _lamb_tile_update(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    lam,
+    lr,
+    scale,
+    bc1,
+    bc2,
+    eps,
+    eps_root,
+    wd_mode,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile of LAMB's launch 2: u from the new m, v; w <- w_d - lr * scale * u; store."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
@@ -669,16 +1036,44 @@ def _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2,
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
 def lamb_update_kernel(
     addr_ptr,
-    wd_mask_ptr, adapt_mask_ptr, active_ptr, seg_numel_ptr,
-    step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr,
-    lr_ptr, found_inf_ptr,
-    ssq_ptr, snap_ptr,
-    tile_seg_ptr, tile_len_ptr, seg_tile_ptr,
-    num_tiles, num_segs,
-    weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
-    wd_mode, clip_mode, adapt_enabled,
-    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr,
-    TILE: tl.constexpr, BLOCK: tl.constexpr, SBLOCK: tl.constexpr,
+    wd_mask_ptr,
+    adapt_mask_ptr,
+    active_ptr,
+    seg_numel_ptr,
+    step_ptr,
+    has_ptr,
+    w_norm_ptr,
+    g_norm_ptr,
+    u_norm_ptr,
+    ratio_ptr,
+    lr_ptr,
+    found_inf_ptr,
+    ssq_ptr,
+    snap_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    omb1,
+    omb2,
+    eps,
+    eps_root,
+    clamp_lo,
+    clamp_hi,
+    clip_lo,
+    clip_hi,
+    tr_eps,
+    wd_mode,
+    clip_mode,
+    adapt_enabled,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
 ):
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
     ratio, w <- w_d - lr*s*r*u (u from the new m, v)."""
@@ -691,9 +1086,23 @@ def lamb_update_kernel(
             adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
             t = tl.load(step_ptr + offs, mask=m, other=0.0)
             zero = tl.zeros([SBLOCK], dtype=tl.float32)
-            r, n_w, n_u = _lamb_ratio(zero, zero, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
-                                      clip_mode)
-            _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, offs, m, n_w, zero, n_u, r, zero + 1.0, t + 1.0)
+            r, n_w, n_u = _lamb_ratio(zero, zero, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode)
+            _store_seg_outputs(
+                w_norm_ptr,
+                g_norm_ptr,
+                u_norm_ptr,
+                ratio_ptr,
+                has_ptr,
+                step_ptr,
+                offs,
+                m,
+                n_w,
+                zero,
+                n_u,
+                r,
+                zero + 1.0,
+                t + 1.0,
+            )
         else:
             s = tl.load(tile_seg_ptr + pid)
             if tl.load(active_ptr + s) != 0:
@@ -703,10 +1112,26 @@ def lamb_update_kernel(
                 t = t0 + 1.0
                 lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
                 adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
-                r, n_w, n_u = _lamb_ratio(ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps,
-                                          clip_mode)
+                r, n_w, n_u = _lamb_ratio(
+                    ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode
+                )
                 # the segment's first tile writes its outputs
-                _store_seg_outputs(w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, s, pid == lo, n_w, tl.sqrt(ssq_g), n_u, r, 1.0, t)
+                _store_seg_outputs(
+                    w_norm_ptr,
+                    g_norm_ptr,
+                    u_norm_ptr,
+                    ratio_ptr,
+                    has_ptr,
+                    step_ptr,
+                    s,
+                    pid == lo,
+                    n_w,
+                    tl.sqrt(ssq_g),
+                    n_u,
+                    r,
+                    1.0,
+                    t,
+                )
                 bc1 = _bias_corr(t, omb1)
                 bc2 = _bias_corr(t, omb2)
                 if BC == BC_FIRST_OUTSIDE:
@@ -714,19 +1139,58 @@ def lamb_update_kernel(
                 else:
                     scale = r
                 if _fast(n, _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER, False), TILE):
-                    _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root,
-                                      wd_mode, PDT, HAS_MASTER, BC, True, TILE, BLOCK)
+                    _lamb_tile_update(
+                        addr_ptr,
+                        num_segs,
+                        s,
+                        start,
+                        n,
+                        lam,
+                        lr,
+                        scale,
+                        bc1,
+                        bc2,
+                        eps,
+                        eps_root,
+                        wd_mode,
+                        PDT,
+                        HAS_MASTER,
+                        BC,
+                        True,
+                        TILE,
+                        BLOCK,
+                    )
                 else:
-                    _lamb_tile_update(addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root,
-                                      wd_mode, PDT, HAS_MASTER, BC, False, TILE, BLOCK)
+                    _lamb_tile_update(
+                        addr_ptr,
+                        num_segs,
+                        s,
+                        start,
+                        n,
+                        lam,
+                        lr,
+                        scale,
+                        bc1,
+                        bc2,
+                        eps,
+                        eps_root,
+                        wd_mode,
+                        PDT,
+                        HAS_MASTER,
+                        BC,
+                        False,
+                        TILE,
+                        BLOCK,
+                    )
 
 
 # ------------------------------------------------------------------------------------------
 # global gradient norm (LAMB max_grad_norm)
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT: tl.constexpr, FAST: tl.constexpr,
-                     TILE: tl.constexpr, BLOCK: tl.constexpr):
+def _grad_tile_sumsq(
+    gaddr, start, n, inv_scale, PDT: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr
+):
     gp = _ptr(gaddr, start, PDT, FAST)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for k in range(0, TILE, BLOCK):
@@ -738,9 +1202,17 @@ def _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT: tl.constexpr, FAST: tl.con
 
 @triton.jit(do_not_specialize=["num_segs"])
 def grad_sumsq_kernel(
-    addr_ptr, active_ptr, inv_scale_ptr, part_ptr,
-    tile_seg_ptr, tile_len_ptr, seg_tile_ptr, num_segs,
-    PDT: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+    addr_ptr,
+    active_ptr,
+    inv_scale_ptr,
+    part_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_segs,
+    PDT: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Per tile sum of (grad * inv_scale)^2 (grads: row 1 of the address table), 0 for inactive
     segments (fp64 partials)."""

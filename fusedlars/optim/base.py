@@ -186,14 +186,12 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         """All buckets (built at the first step), in group order."""
         return [b for gi in sorted(self._buckets) for b in self._buckets[gi]]
 
-
     def stats(self) -> dict[str, Any]:
         """Per-layer weight norm, grad norm, update norm, trust ratio and effective lr of the
         last step, as tensors on the parameters' device (no extra pass, no host sync)."""
         from ..stats import collect
 
         return collect(self)
-
 
     # -- step ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -262,7 +260,6 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
             dt = torch.float64 if dev.type in ("cpu", "cuda") else torch.float32
             group["lr"] = torch.tensor(float(lr), dtype=dt, device=dev)
 
-
     # -- torch.compile / CUDA graphs (NOTE [Compiled steps], fusedlars/optim/compiled.py) ----------
     def _init_group(self, _group=None, _tensors=None) -> None:
         """Eager prelude of a compiled step (NOTE [Compiled steps]); not part of the public API."""
@@ -282,4 +279,3 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
                 why = grad_mismatch(p.grad, p.shape, p.dtype, p.device)
                 if why:
                     raise RuntimeError(f"{self._KIND} (param group {gi}): parameter {name or '#' + str(j)}{why}")
-

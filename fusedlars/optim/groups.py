@@ -166,7 +166,9 @@ class ParamGroupsMixin:
                         f"with a str name, got {type(item[0]).__name__ if item else 'an empty tuple'} names."
                     )
             if "param_names" in group:
-                raise ValueError(f"{self._KIND}{where}: pass names as (name, tensor) pairs or as param_names, not both.")
+                raise ValueError(
+                    f"{self._KIND}{where}: pass names as (name, tensor) pairs or as param_names, not both."
+                )
             group["param_names"] = [n for n, _ in params]
             params = [p for _, p in params]
         self._impl_keys(group, where)
@@ -228,4 +230,3 @@ class ParamGroupsMixin:
         group["params"] = params
         super().add_param_group(group)
         self._seen |= ids
-

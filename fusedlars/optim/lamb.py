@@ -136,11 +136,15 @@ class LAMB(BucketedOptimizer):
             group.setdefault("exclude_from_weight_decay", spec)
             group.setdefault("exclude_from_adaptation", spec)
         if "bias_correction" in group:
-            group["bias_correction"] = bias_correction_value(group["bias_correction"], getattr(self, "_corrected", "both"))
+            group["bias_correction"] = bias_correction_value(
+                group["bias_correction"], getattr(self, "_corrected", "both")
+            )
 
     def _validate_group(self, group, where):
         if isinstance(group.get("bias_correction"), bool):  # set on a group after construction
-            group["bias_correction"] = bias_correction_value(group["bias_correction"], getattr(self, "_corrected", "both"))
+            group["bias_correction"] = bias_correction_value(
+                group["bias_correction"], getattr(self, "_corrected", "both")
+            )
         validate_lamb_group(group, where)
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             raise ValueError(

@@ -49,7 +49,6 @@ def lars_aliases(kind: str, group: dict[str, Any], where: str) -> None:
         group.setdefault("exclude_from_adaptation", spec)
 
 
-
 def lars_config(group: dict[str, Any], inv_scale=None, found_inf=None) -> LarsConfig:
     clamp = group["norm_clamp"] or (0.0, math.inf)
     clip_kind, clip_lo, clip_hi = trust_clip_spec(group["trust_clip"])
@@ -220,7 +219,9 @@ class LARS(BucketedOptimizer):
     def _extra_options(self, options: dict[str, Any]) -> dict[str, Any]:
         unknown = set(options) - set(LARS_DEFAULTS)
         if unknown:
-            raise TypeError(f"{type(self).__name__}: unknown option(s) {sorted(unknown)}. Known: {sorted(LARS_DEFAULTS)}.")
+            raise TypeError(
+                f"{type(self).__name__}: unknown option(s) {sorted(unknown)}. Known: {sorted(LARS_DEFAULTS)}."
+            )
         return options
 
     def _validate_group(self, group, where):

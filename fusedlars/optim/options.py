@@ -1,7 +1,7 @@
 """Option sets of LARS and LAMB, their validation, and the presets.
 
 Every LARS / LAMB implementation in use differs from the others in a handful of
-choices (see ``shared/research/semantics.md``, section e). Each choice is an
+choices (each option's docstring names the implementations and files it follows). Each choice is an
 option here, so that each implementation is an exact special case: a *preset*
 is nothing but a dict of option values. Resolution order for one param group:
 
@@ -114,9 +114,7 @@ def mlperf_no_weight_decay(name: str | None, p: Any) -> bool:
     """MLPerf ResNet-50 (NVIDIA MXNet) weight-decay exclusion: all but weights and the fc bias."""
     if name is None:
         return p.ndim <= 1
-    decayed = (
-        name.endswith("_weight") or (name.endswith("weight") and p.ndim > 1) or ("fc" in name and "bias" in name)
-    )
+    decayed = name.endswith("_weight") or (name.endswith("weight") and p.ndim > 1) or ("fc" in name and "bias" in name)
     return not decayed
 
 
@@ -335,8 +333,7 @@ def resolve(
     name = preset or "default"
     if name not in table:
         raise ValueError(
-            f"{kind}: unknown preset={name!r}. Choose one of {sorted(table)} "
-            f"(fusedlars.presets() describes each)."
+            f"{kind}: unknown preset={name!r}. Choose one of {sorted(table)} (fusedlars.presets() describes each)."
         )
     out = dict(base)
     out.update(table[name][1])

@@ -115,9 +115,7 @@ class StateDictMixin:
             self._validate_group(ng, f" (loaded param group {gi})")
             new_groups.append(ng)
         if ignored:
-            warnings.warn(
-                f"{k}.load_state_dict: ignored entries with no meaning here: {sorted(ignored)}", stacklevel=2
-            )
+            warnings.warn(f"{k}.load_state_dict: ignored entries with no meaning here: {sorted(ignored)}", stacklevel=2)
         # -- nothing above mutated the optimizer; now commit
         for g, ng in zip(self.param_groups, new_groups):
             g.clear()
@@ -134,8 +132,10 @@ class StateDictMixin:
                 del self.state[p]
             for p, st in new_state.items():
                 cur = self.state.get(p)
-                if cur is not None and cur.keys() == st.keys() and all(
-                    distributed.local_tensor(cur[k]).shape == v.shape for k, v in st.items() if k != "step"
+                if (
+                    cur is not None
+                    and cur.keys() == st.keys()
+                    and all(distributed.local_tensor(cur[k]).shape == v.shape for k, v in st.items() if k != "step")
                 ):
                     for k, v in st.items():
                         cur[k].copy_(v) if k == "step" else distributed.local_tensor(cur[k]).copy_(v)
@@ -163,7 +163,9 @@ class StateDictMixin:
         for p, st in self.state.items():
             if id(p) in skip:
                 continue
-            state[p] = {k: v.detach().clone() if k == "step" and isinstance(v, torch.Tensor) else v for k, v in st.items()}
+            state[p] = {
+                k: v.detach().clone() if k == "step" and isinstance(v, torch.Tensor) else v for k, v in st.items()
+            }
         out["state"] = state
         return out
 

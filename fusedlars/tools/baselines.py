@@ -107,9 +107,9 @@ def foreach_lars_(
         return
     w_norms = torch.stack(torch._foreach_norm(params))
     g_norms = torch.stack(torch._foreach_norm(grads))
-    ratios = _trust_ratio(
-        w_norms, g_norms, eta=trust_coefficient, weight_decay=weight_decay, eps=eps
-    ).to(params[0].dtype)
+    ratios = _trust_ratio(w_norms, g_norms, eta=trust_coefficient, weight_decay=weight_decay, eps=eps).to(
+        params[0].dtype
+    )
     ratio_list = list(ratios.unbind(0))
     if weight_decay != 0:
         d = torch._foreach_add(grads, params, alpha=weight_decay)

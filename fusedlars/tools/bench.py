@@ -119,7 +119,7 @@ def _carries(backend: str) -> bool:
     from .. import kernels
 
     ok, _ = kernels.status(backend)
-    return ok and getattr(kernels.get(backend), "CARRIES_WEIGHT_NORMS", False)
+    return ok and kernels.get(backend).CARRIES_WEIGHT_NORMS
 
 
 def _pytorch_optimizer():
@@ -150,7 +150,9 @@ def fused_backends(spec: str, device: torch.device, n_params: int) -> tuple[list
             skipped.append((f"fusedlars[{name}]", "needs CPU tensors (--device cpu)"))
             return False
         if name == "reference" and not explicit and n_params > REFERENCE_MAX_PARAMS:
-            skipped.append((f"fusedlars[{name}]", "float64 one tensor at a time: too slow (name it in --backend to force)"))
+            skipped.append(
+                (f"fusedlars[{name}]", "float64 one tensor at a time: too slow (name it in --backend to force)")
+            )
             return False
         return True
 
@@ -186,12 +188,28 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
             kw.update(trust_coefficient=h["trust_coefficient"], eps=h["eps"])
         for b in backends:
             algo = "lars_carried" if _carries(b) else "lars"
-            out.append(Variant(f"fusedlars[{b}]", "fusedlars", algo, lambda p, b=b: cls(p, backend=b, **kw), cls.__name__))
+            out.append(
+                Variant(f"fusedlars[{b}]", "fusedlars", algo, lambda p, b=b: cls(p, backend=b, **kw), cls.__name__)
+            )
         lk = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient", "eps")}
-        out.append(Variant("per_param_lars", "baseline", "lars", lambda p: PerParamLARS(p, **lk),
-                           "fusedlars.tools.baselines.PerParamLARS: Python loop, plain PyTorch"))
-        out.append(Variant("foreach_lars", "baseline", "lars", lambda p: ForeachLARS(p, **lk),
-                           "fusedlars.tools.baselines.ForeachLARS: torch._foreach_*"))
+        out.append(
+            Variant(
+                "per_param_lars",
+                "baseline",
+                "lars",
+                lambda p: PerParamLARS(p, **lk),
+                "fusedlars.tools.baselines.PerParamLARS: Python loop, plain PyTorch",
+            )
+        )
+        out.append(
+            Variant(
+                "foreach_lars",
+                "baseline",
+                "lars",
+                lambda p: ForeachLARS(p, **lk),
+                "fusedlars.tools.baselines.ForeachLARS: torch._foreach_*",
+            )
+        )
         kw_po = {k: h[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient")}
         _pytorch_optimizer_variants(po, "LARS", "lars", kw_po, out, skipped)
         out.append(
@@ -210,8 +228,9 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
                     f"fusedlars[{b}]",
                     "fusedlars",
                     "lamb",
-                    lambda p, b=b: fusedlars.LAMB(p, lr=h["lr"], betas=h["betas"], eps=h["eps"],
-                                                  weight_decay=h["weight_decay"], backend=b),  # fmt: skip
+                    lambda p, b=b: fusedlars.LAMB(
+                        p, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"], backend=b
+                    ),  # fmt: skip
                     "LAMB",
                 )
             )
@@ -222,8 +241,9 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
                 "torch.AdamW(fused)",
                 "floor",
                 "adamw",
-                lambda p: torch.optim.AdamW(p, lr=h["lr"], betas=h["betas"], eps=h["eps"],
-                                            weight_decay=h["weight_decay"], fused=True),  # fmt: skip
+                lambda p: torch.optim.AdamW(
+                    p, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"], fused=True
+                ),  # fmt: skip
                 "fused=True: no trust ratio",
             )
         )
@@ -487,11 +507,22 @@ def run(
         bpp = BYTES_PER_PARAM[v.algo] * scale
         gbps = bpp * n / (st["median_ms"] * 1e-3) / 1e9
         rows.append(
-            dict(name=v.name, kind=v.kind, algo=v.algo, note=v.note.strip(), bytes_per_param=bpp, gbps=gbps,
-                 frac_probe=gbps / p_gbps, times_ms=[t * 1e3 for t in v.times], **st)  # fmt: skip
+            dict(
+                name=v.name,
+                kind=v.kind,
+                algo=v.algo,
+                note=v.note.strip(),
+                bytes_per_param=bpp,
+                gbps=gbps,
+                frac_probe=gbps / p_gbps,
+                times_ms=[t * 1e3 for t in v.times],
+                **st,
+            )  # fmt: skip
         )
     med = {r["name"]: r["median_ms"] for r in rows}
-    ratios = {f["name"]: {o: med[o] / f["median_ms"] for o in med if o != f["name"]} for f in rows if f["kind"] == "fusedlars"}
+    ratios = {
+        f["name"]: {o: med[o] / f["median_ms"] for o in med if o != f["name"]} for f in rows if f["kind"] == "fusedlars"
+    }
     floor = next((r for r in rows if r["kind"] == "floor"), None)
     for r in rows:  # time of a step in units of the floor's (torch's fused SGD / AdamW step)
         r["x_floor"] = r["median_ms"] / floor["median_ms"] if floor else None
@@ -521,8 +552,15 @@ def run(
             wall_s=wall,
             interleaved="round-robin, start rotated every round",
         ),
-        probe=dict(name="triad", expr="a.add_(b, alpha=s)", bytes_per_elem=BYTES_PER_PARAM["triad"] * scale,
-                   elems=n, gbps=p_gbps, times_ms=[t * 1e3 for t in probe.times], **p_stats),  # fmt: skip
+        probe=dict(
+            name="triad",
+            expr="a.add_(b, alpha=s)",
+            bytes_per_elem=BYTES_PER_PARAM["triad"] * scale,
+            elems=n,
+            gbps=p_gbps,
+            times_ms=[t * 1e3 for t in probe.times],
+            **p_stats,
+        ),  # fmt: skip
         variants=rows,
         ratios=ratios,
         floor=floor["name"] if floor else None,
@@ -646,7 +684,9 @@ def format_table(res: dict[str, Any]) -> str:
     if "fusedlars" in kinds:
         src.append("fusedlars = this package's fused step")
     if "baseline" in kinds:
-        src.append("ours, unfused = fusedlars.tools.baselines (the same LARS math in plain PyTorch, written for this comparison)")
+        src.append(
+            "ours, unfused = fusedlars.tools.baselines (the same LARS math in plain PyTorch, written for this comparison)"
+        )
     if "third_party" in kinds:
         vers = sorted({r["note"].split(",")[0] for r in res["variants"] if r["kind"] == "third_party"})
         src.append(f"third party = {', '.join(vers)} as published ((loop): foreach=False)")
@@ -679,7 +719,9 @@ def figure(res: dict[str, Any]):
     from .plot import pyplot
 
     plt = pyplot()
-    rows = res["variants"] + [dict(name="triad probe", kind="probe", **{k: res["probe"][k] for k in ("median_ms", "q1_ms", "q3_ms")})]
+    rows = res["variants"] + [
+        dict(name="triad probe", kind="probe", **{k: res["probe"][k] for k in ("median_ms", "q1_ms", "q3_ms")})
+    ]
     fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 3.2))
     try:
         y = list(range(len(rows)))[::-1]
@@ -692,7 +734,9 @@ def figure(res: dict[str, Any]):
         ax.set_xlim(0, 1.18 * max(r["q3_ms"] for r in rows))
         m = res["meta"]
         ax.set_xlabel("ms / step (median; whiskers: q1-q3)")
-        title = f"{m['optimizer'].upper()} {m['shapes']} {m['dtype']} | {m['machine']}, {m['threads']} thr, {m['device']}"
+        title = (
+            f"{m['optimizer'].upper()} {m['shapes']} {m['dtype']} | {m['machine']}, {m['threads']} thr, {m['device']}"
+        )
         sub = "\n".join(textwrap.fill(s["text"], 110) for s in res.get("summary", ()))
         ax.set_title(title + ("\n" + sub if sub else ""), fontsize=8, loc="left")
         kinds = [k for k in PLOT_COLORS if any(r["kind"] == k for r in rows)]
@@ -755,7 +799,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--grads",
         default="kept",
         choices=sorted(GRAD_STYLES),
-        help="the loop's grads, for every variant: " + "; ".join(f"{k}: {v}" for k, v in GRAD_STYLES.items())
+        help="the loop's grads, for every variant: "
+        + "; ".join(f"{k}: {v}" for k, v in GRAD_STYLES.items())
         + " (default kept)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")

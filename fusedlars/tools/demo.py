@@ -175,9 +175,7 @@ def _evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float
     return loss, acc
 
 
-def train_one(
-    name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tensor], on_step=None
-) -> dict[str, Any]:
+def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tensor], on_step=None) -> dict[str, Any]:
     """Train :class:`SmallCNN` from ``init_state`` with optimizer ``name``; returns the curves
     and the summary numbers."""
     from ..stats import StatsLogger
@@ -282,8 +280,13 @@ def _run(cfg: DemoConfig, progress: Any) -> dict[str, Any]:
     if with_stats:
         plots.append(plot_trust_ratios(with_stats, os.path.join(cfg.out, "trust_ratio.png"), cfg))
     out = {
-        "config": {**asdict(cfg), "lr": {o: cfg.peak_lr(o) for o in cfg.optimizers},
-                   "train_samples": n, "test_samples": int(data[2].shape[0]), "total_steps": total},
+        "config": {
+            **asdict(cfg),
+            "lr": {o: cfg.peak_lr(o) for o in cfg.optimizers},
+            "train_samples": n,
+            "test_samples": int(data[2].shape[0]),
+            "total_steps": total,
+        },
         "results": results,
         "plots": plots,
         "wall_s": time.perf_counter() - t0,
@@ -352,16 +355,17 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
     target = res["config"]["target"]
     rows = []
     for r in res["results"]:
-        rows.append([
-            r["label"],
-            r["config"],
-            "diverged" if r["diverged"] else f"{100 * r['final_test_acc']:.1f}%",
-            f"{100 * r['best_test_acc']:.1f}%",
-            str(r["steps_to_target"]) if r["steps_to_target"] is not None else "-",
-            f"{r['median_step_ms']:.3f}",
-        ])
-    header = ["optimizer", "schedule", "final test acc", "best",
-              f"steps to {100 * target:g}%", "median ms/step"]
+        rows.append(
+            [
+                r["label"],
+                r["config"],
+                "diverged" if r["diverged"] else f"{100 * r['final_test_acc']:.1f}%",
+                f"{100 * r['best_test_acc']:.1f}%",
+                str(r["steps_to_target"]) if r["steps_to_target"] is not None else "-",
+                f"{r['median_step_ms']:.3f}",
+            ]
+        )
+    header = ["optimizer", "schedule", "final test acc", "best", f"steps to {100 * target:g}%", "median ms/step"]
     return [header] + rows
 
 
@@ -379,8 +383,10 @@ def _rich_table(res: dict[str, Any]):
 
     rows = table_rows(res)
     c = res["config"]
-    t = Table(title=f"digits: {c['train_samples']} train / {c['test_samples']} test, batch {c['batch_size']}, "
-                    f"{c['epochs']} epochs = {c['total_steps']} steps, seed {c['seed']}")
+    t = Table(
+        title=f"digits: {c['train_samples']} train / {c['test_samples']} test, batch {c['batch_size']}, "
+        f"{c['epochs']} epochs = {c['total_steps']} steps, seed {c['seed']}"
+    )
     for i, h in enumerate(rows[0]):
         t.add_column(h, justify="left" if i < 2 else "right", no_wrap=True)
     for r in rows[1:]:
@@ -408,17 +414,30 @@ def _parse_lr(items: list[str]) -> dict[str, float]:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default 60; --quick: 2)")
     ap.add_argument("--batch-size", type=int, default=512, help="batch size (default 512 of 1437 training images)")
-    ap.add_argument("--out", default="fusedlars-demo", metavar="DIR", help="output directory (default ./fusedlars-demo)")
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS),
-                    help=f"comma list of {', '.join(OPTIMIZERS)} (default all)")
+    ap.add_argument(
+        "--out", default="fusedlars-demo", metavar="DIR", help="output directory (default ./fusedlars-demo)"
+    )
+    ap.add_argument(
+        "--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)} (default all)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="initial weights and batch order (default 0)")
     ap.add_argument("--target", type=float, default=0.90, help="test accuracy for 'steps to target' (default 0.90)")
-    ap.add_argument("--lr", action="append", default=[], metavar="NAME=LR",
-                    help="override a peak lr, e.g. --lr lars=4 (defaults: "
-                    + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items()) + ")")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads while training (default 1: the model is tiny, and extra threads "
-                    "only add contention on a shared machine)")
+    ap.add_argument(
+        "--lr",
+        action="append",
+        default=[],
+        metavar="NAME=LR",
+        help="override a peak lr, e.g. --lr lars=4 (defaults: "
+        + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_LR.items())
+        + ")",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while training (default 1: the model is tiny, and extra threads "
+        "only add contention on a shared machine)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny configuration (2 epochs) for tests")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -450,8 +469,13 @@ def main(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # piped / captured: do not wrap the table at 80 columns
         console = Console(width=max(console.width, 130))
     if cfg.progress:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("test acc {task.fields[acc]:.1%}"), TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("test acc {task.fields[acc]:.1%}"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console, transient=False) as progress:
             res = run(cfg, progress)
     else:

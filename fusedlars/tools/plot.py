@@ -38,9 +38,7 @@ def require(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as e:
         pip_name = _PIP_NAMES.get(module.split(".")[0], module)
-        raise ImportError(
-            f"{what} needs {pip_name}, which is not installed: pip install \"fusedlars[demo]\""
-        ) from e
+        raise ImportError(f'{what} needs {pip_name}, which is not installed: pip install "fusedlars[demo]"') from e
 
 
 def pyplot():
@@ -103,8 +101,14 @@ def draw_stats(
         if quantity not in d:
             continue
         # 10 colors, then the next line style: layers stay distinguishable past 10 lines
-        ax.plot(d["step"], d[quantity], label=name, linewidth=1.4, color=f"C{n % 10}",
-                linestyle=styles[(n // 10) % len(styles)])
+        ax.plot(
+            d["step"],
+            d[quantity],
+            label=name,
+            linewidth=1.4,
+            color=f"C{n % 10}",
+            linestyle=styles[(n // 10) % len(styles)],
+        )
         allv += d[quantity]
         n += 1
     if scale == "log" or (scale == "auto" and _use_log(allv)):
@@ -147,7 +151,10 @@ def plot_stats(
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     try:
         n = draw_stats(
-            ax, data, quantity, layers,
+            ax,
+            data,
+            quantity,
+            layers,
             title or f"{_LABELS[quantity]} per layer: {os.path.basename(os.fspath(csv_path))}",
             scale,
         )
@@ -165,10 +172,16 @@ def plot_stats(
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("csv", metavar="STATS_CSV", help="a CSV written by fusedlars.stats.StatsLogger")
     ap.add_argument("--out", default=None, help="output PNG (default: <STATS_CSV stem>_<quantity>.png)")
-    ap.add_argument("--quantity", default="trust_ratio", choices=QUANTITIES, help="column to plot (default trust_ratio)")
+    ap.add_argument(
+        "--quantity", default="trust_ratio", choices=QUANTITIES, help="column to plot (default trust_ratio)"
+    )
     ap.add_argument("--layers", default=None, metavar="REGEX", help="only layers whose name matches REGEX (re.search)")
-    ap.add_argument("--scale", default="auto", choices=("auto", "log", "linear"),
-                    help="y scale; auto: log when all values are positive and span a factor >= 3")
+    ap.add_argument(
+        "--scale",
+        default="auto",
+        choices=("auto", "log", "linear"),
+        help="y scale; auto: log when all values are positive and span a factor >= 3",
+    )
     ap.add_argument("--title", default=None)
 
 
