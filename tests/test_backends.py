@@ -234,30 +234,53 @@ def test_params_and_grads_that_are_views_into_one_buffer_step_in_place(kind, dty
     assert opt.backends_in_use() == ["torch"]
 
 
-def test_constant_number_of_torch_ops_whatever_the_layer_count():
-    """The torch backend's op count per step does not grow with the number of layers."""
+def _torch_backend_op_counts(cls, layers, numel=33, **kw):
+    """{aten op name: calls} of one step of the torch backend over ``layers`` params of ``numel``."""
+    from collections import Counter
+
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Count(TorchDispatchMode):
-        n = 0
+    calls = Counter()
 
+    class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
+            calls[func.overloadpacket.__name__] += 1
             return func(*args, **(kwargs or {}))
 
-    counts = []
-    for layers in (4, 64):
-        ps = [torch.nn.Parameter(torch.randn(33)) for _ in range(layers)]
-        opt = fusedlars.LARS(ps, lr=0.1, weight_decay=1e-4, backend="torch")
-        for p in ps:
-            p.grad = torch.randn(33)
-        opt.step()  # builds buckets
-        Count.n = 0
-        with Count():
-            opt.step()
-        counts.append(Count.n)
+    ps = [torch.nn.Parameter(torch.randn(numel)) for _ in range(layers)]
+    opt = cls(ps, lr=0.1, weight_decay=1e-4, backend="torch", **kw)
+    for p in ps:
+        p.grad = torch.randn(numel)
+    opt.step()  # builds buckets
+    with Count():
+        opt.step()
+    return calls
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB])
+def test_constant_number_of_torch_ops_whatever_the_layer_count(cls, monkeypatch):
+    """The torch backend's op count per step does not grow with the number of layers on the path
+    that devices other than the CPU take (foreach norms: NOTE [Norms on the CPU])."""
+    import fusedlars.kernels.torch as torch_backend
+
+    monkeypatch.setattr(torch_backend, "_dots_ok", lambda L, names: False)
+    counts = [sum(_torch_backend_op_counts(cls, layers).values()) for layers in (4, 64)]
     assert counts[0] == counts[1], counts
-    assert counts[0] < 60
+    assert counts[0] < 80
+
+
+@pytest.mark.parametrize("cls", [fusedlars.LARS, fusedlars.LAMB])
+def test_cpu_norms_take_one_dot_per_chunk_and_nothing_else_per_layer(cls):
+    """On the CPU the sums of squares are one torch.dot per chunk (NOTE [Norms on the CPU]): going
+    from 4 to 64 layers adds exactly one dot per chunk and list, and no other op that touches data
+    (the grads' chunk views, new tensors every step, are cut again: view and split)."""
+    from fusedlars.kernels.torch import _CHUNK
+
+    few, many = (_torch_backend_op_counts(cls, layers, numel=_CHUNK + 5) for layers in (4, 64))
+    lists = 3  # LARS: w.w, g.g, g.w (NOTE [Update norm from a cross term]); LAMB: w, u, g
+    assert many["dot"] - few["dot"] == 60 * 2 * lists  # two chunks per layer
+    meta = {"dot", "view", "split", "as_strided"}
+    assert {k: v for k, v in many.items() if k not in meta} == {k: v for k, v in few.items() if k not in meta}
 
 
 def test_shapes_cover_the_required_odd_sizes():
