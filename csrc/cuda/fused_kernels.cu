@@ -287,6 +287,66 @@ __device__ __forceinline__ void snapshot(const Plan& p, const Segs& s, const Ran
 }
 
 // ------------------------------------------------------------------------------------------------
+// the two-phase skeleton, written once for both kinds
+
+// One launch of a LARS or LAMB step. phase 0: both phases with a grid sync (cooperative launch);
+// 1: phase 1 only; 2: phase 2 only. K is the kind's step (LarsStep / LambStep below), built once per
+// launch from its Args (which has b, s, p, lr, inv_scale, found_inf); it provides
+//   K::Coef                 what pass 2 of a segment needs (coefficients, maybe its Mem), computed
+//                           once per run of the block's tiles of that segment;
+//   pass1(s, st, len, x)    tile [st, st + len) of segment s: this thread's 3 partial sums into x, in
+//                           the kind's row order (the rows of Plan::part / ssq_out / ssq_in);
+//   coefficients(s, ssq)    segment s's K::Coef from its 3 sums ssq (reads step / has_state from
+//                           Plan::snap: phase 2 of the same step may already have advanced them);
+//   pass2(s, c, st, len)    the update of tile [st, st + len) of segment s with c;
+//   segment(s, ssq)         segment s's n_w, n_g, n_u, r (lars_math.h) for commit_segment.
+// Everything else (skip, groups, snapshots, tile ranges, partials, barrier, fixed-order segment
+// reduction, finishing) is here, so the two kinds cannot drift apart.
+template <class K>
+__device__ __forceinline__ void two_phase(const typename K::Args& a, const int phase) {
+  if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
+  const K k(a);
+  const Plan& p = a.p;
+  const int64_t ng = phase == 0 ? p.num_groups : 1;
+  for (int64_t gi = 0; gi < ng; ++gi) {
+    const Range r = group_range(p, phase, gi);
+    if (phase != 2) {
+      snapshot(p, a.s, r);
+      for (int64_t t = r.a; t < r.b; ++t) {
+        const int64_t s = p.tile_seg[t];
+        if (a.s.active[s] == 0.f) continue;  // NOTE [Inactive segments]
+        double x[3];
+        k.pass1(s, p.tile_start[t], p.tile_len[t], x);
+        store_partials(p, t, x);
+      }
+    }
+    if (phase == 0) grid_barrier();
+    if (phase != 1) {
+      int64_t cur = -1;
+      typename K::Coef c{};
+      for (int64_t t = r.a; t < r.b; ++t) {
+        const int64_t s = p.tile_seg[t];
+        if (a.s.active[s] == 0.f) continue;
+        if (s != cur) {
+          double ssq[3];
+          step_sums(p, s, ssq);
+          c = k.coefficients(s, ssq);
+          cur = s;
+        }
+        k.pass2(s, c, p.tile_start[t], p.tile_len[t]);
+      }
+      for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
+        if (a.s.active[s] == 0.f) continue;
+        double ssq[3];
+        step_sums(p, s, ssq);
+        const auto sg = k.segment(s, ssq);
+        commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
 // LARS
 
 template <class PT, bool MASTER>
@@ -349,67 +409,55 @@ __device__ __forceinline__ void lars_tile_update_mom(const LarsArgs& a, int64_t 
   else lars_tile_update<PT, MASTER, WD, 1, false>(a.b, s, gscale, c, st, len);
 }
 
-__device__ __forceinline__ LarsSegment lars_seg(const LarsArgs& a, int64_t s, double lr, const double (&ssq)[3]) {
-  const double lam = a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
-  const bool adapt = a.o.adapt_enabled && a.s.adapt_mask[s] != 0.f;
-  return lars_segment(a.o, ssq[0], ssq[1], ssq[2], lam, adapt, static_cast<double>(a.p.snap[2 * s]), lr);
-}
-
-// phase 0: both phases with a grid sync (cooperative launch); 1: phase 1 only; 2: phase 2 only.
-// Partials (per tile, then per segment): [w^2, g^2, (g + lam*w)^2], g = grad * inv_scale (negated for maximize).
+// The LARS step for two_phase. Partials (per tile, then per segment): [w^2, g^2, (g + lam*w)^2],
+// g = grad * inv_scale (negated for maximize).
 template <class PT, bool MASTER>
-__global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, const int phase) {
-  if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
-  const double inv = read(a.inv_scale);
-  const float gscale = static_cast<float>(a.o.maximize ? -inv : inv);
-  const double lr = read(a.lr);
-  const Plan& p = a.p;
-  constexpr int VEC = 16 / sizeof(PT);
-  const int64_t ng = phase == 0 ? p.num_groups : 1;
-  for (int64_t gi = 0; gi < ng; ++gi) {
-    const Range r = group_range(p, phase, gi);
-    if (phase != 2) {
-      snapshot(p, a.s, r);
-      for (int64_t t = r.a; t < r.b; ++t) {
-        const int64_t s = p.tile_seg[t];
-        if (a.s.active[s] == 0.f) continue;  // NOTE [Inactive segments]
-        LarsSumsq<PT, MASTER> f{Mem<PT, MASTER>(a.b, s), gscale,
-                                static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
-        for_tile<VEC>(p.tile_start[t], p.tile_len[t], f.mem.vec, f);
-        double x[3] = {f.sw, f.sg, f.su};
-        store_partials(p, t, x);
-      }
-    }
-    if (phase == 0) grid_barrier();
-    if (phase != 1) {
-      int64_t cur = -1;
-      LarsCoef c{};
-      for (int64_t t = r.a; t < r.b; ++t) {
-        const int64_t s = p.tile_seg[t];
-        if (a.s.active[s] == 0.f) continue;
-        if (s != cur) {
-          double ssq[3];
-          step_sums(p, s, ssq);
-          c = lars_coef(a.o, lars_seg(a, s, lr, ssq), lr, p.snap[2 * s + 1] != 0.f);
-          cur = s;
-        }
-        const int64_t st = p.tile_start[t];
-        const int len = p.tile_len[t];
-        switch (a.o.wd_mode) {
-          case kLarsL2: lars_tile_update_mom<PT, MASTER, kLarsL2>(a, s, gscale, c, st, len); break;
-          case kLarsDecoupled: lars_tile_update_mom<PT, MASTER, kLarsDecoupled>(a, s, gscale, c, st, len); break;
-          default: lars_tile_update_mom<PT, MASTER, kLarsRatioOnly>(a, s, gscale, c, st, len); break;
-        }
-      }
-      for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
-        if (a.s.active[s] == 0.f) continue;
-        double ssq[3];
-        step_sums(p, s, ssq);
-        const LarsSegment sg = lars_seg(a, s, lr, ssq);
-        commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
-      }
+struct LarsStep {
+  using Args = LarsArgs;
+  using Coef = LarsCoef;  // Mem is rebuilt per tile (lars_tile_update)
+  const LarsArgs& a;
+  const float gscale;
+  const double lr;
+
+  static __device__ __forceinline__ float gscale_of(const LarsArgs& a) {
+    const double inv = read(a.inv_scale);
+    return static_cast<float>(a.o.maximize ? -inv : inv);
+  }
+  __device__ __forceinline__ explicit LarsStep(const LarsArgs& args)
+      : a(args), gscale(gscale_of(args)), lr(read(args.lr)) {}
+
+  __device__ __forceinline__ void pass1(int64_t s, int64_t st, int len, double (&x)[3]) const {
+    LarsSumsq<PT, MASTER> f{Mem<PT, MASTER>(a.b, s), gscale,
+                            static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
+    for_tile<16 / sizeof(PT)>(st, len, f.mem.vec, f);
+    x[0] = f.sw;
+    x[1] = f.sg;
+    x[2] = f.su;
+  }
+
+  __device__ __forceinline__ LarsSegment segment(int64_t s, const double (&ssq)[3]) const {
+    const double lam = a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
+    const bool adapt = a.o.adapt_enabled && a.s.adapt_mask[s] != 0.f;
+    return lars_segment(a.o, ssq[0], ssq[1], ssq[2], lam, adapt, static_cast<double>(a.p.snap[2 * s]), lr);
+  }
+
+  __device__ __forceinline__ LarsCoef coefficients(int64_t s, const double (&ssq)[3]) const {
+    const Plan& p = a.p;
+    return lars_coef(a.o, segment(s, ssq), lr, p.snap[2 * s + 1] != 0.f);
+  }
+
+  __device__ __forceinline__ void pass2(int64_t s, const LarsCoef& c, int64_t st, int len) const {
+    switch (a.o.wd_mode) {
+      case kLarsL2: lars_tile_update_mom<PT, MASTER, kLarsL2>(a, s, gscale, c, st, len); break;
+      case kLarsDecoupled: lars_tile_update_mom<PT, MASTER, kLarsDecoupled>(a, s, gscale, c, st, len); break;
+      default: lars_tile_update_mom<PT, MASTER, kLarsRatioOnly>(a, s, gscale, c, st, len); break;
     }
   }
+};
+
+template <class PT, bool MASTER>
+__global__ void __launch_bounds__(kThreads, 3) lars_kernel(const LarsArgs a, const int phase) {
+  two_phase<LarsStep<PT, MASTER>>(a, phase);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -479,76 +527,71 @@ __device__ __forceinline__ void lamb_tile2(const Mem<PT, MASTER>& mem, const Lam
   for_tile<16 / sizeof(PT)>(st, len, mem.vec, f);
 }
 
-// ssq = [w_d^2, u^2, g^2] (lamb_tile1)
-__device__ __forceinline__ LambSegment lamb_seg(const LambArgs& a, int64_t s, double lr, const double (&ssq)[3]) {
-  return lamb_segment(a.o, ssq[0], ssq[2], ssq[1], a.s.adapt_mask[s] != 0.f, lr);
-}
+// The LAMB step for two_phase. Partials (per tile, then per segment): [w_d^2, u^2, g^2] (lamb_tile1),
+// g = grad * inv_scale / clip_coef (negated for maximize).
+template <class PT, bool MASTER>
+struct LambStep {
+  using Args = LambArgs;
+  // pass 2 of a segment: its coefficients and its Mem, held across the block's tiles of the segment
+  struct Coef {
+    LambCoef c;
+    Mem<PT, MASTER> mem;
+    __device__ __forceinline__ Coef() : c{} {}  // mem is set before any use (coefficients)
+  };
+  const LambArgs& a;
+  const double gscale;
+  const double lr;
+
+  static __device__ __forceinline__ double gscale_of(const LambArgs& a) {
+    const double inv = read(a.inv_scale);
+    return (a.o.maximize ? -inv : inv) / read(a.clip_coef);
+  }
+  __device__ __forceinline__ explicit LambStep(const LambArgs& args)
+      : a(args), gscale(gscale_of(args)), lr(read(args.lr)) {}
+
+  __device__ __forceinline__ double lam(int64_t s) const {
+    return a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
+  }
+
+  __device__ __forceinline__ void pass1(int64_t s, int64_t st, int len, double (&x)[3]) const {
+    // step[s] is written only in phase 2 (after the grid sync / in a later launch)
+    const LambCoef c = lamb_coef(a.o, gscale, lam(s), lr, static_cast<double>(a.s.step[s]) + 1.0);
+    const Mem<PT, MASTER> mem(a.b, s);
+    switch (a.o.wd_mode) {
+      case kLambL2: lamb_tile1<PT, MASTER, kLambL2>(mem, c, st, len, x); break;
+      case kLambDecoupled: lamb_tile1<PT, MASTER, kLambDecoupled>(mem, c, st, len, x); break;
+      default: lamb_tile1<PT, MASTER, kLambInUpdate>(mem, c, st, len, x); break;
+    }
+  }
+
+  // ssq = [w_d^2, u^2, g^2] (lamb_tile1)
+  __device__ __forceinline__ LambSegment segment(int64_t s, const double (&ssq)[3]) const {
+    return lamb_segment(a.o, ssq[0], ssq[2], ssq[1], a.s.adapt_mask[s] != 0.f, lr);
+  }
+
+  __device__ __forceinline__ Coef coefficients(int64_t s, const double (&ssq)[3]) const {
+    const Plan& p = a.p;
+    const double t_new = static_cast<double>(p.snap[2 * s]) + 1.0;
+    const LambSegment sg = segment(s, ssq);
+    Coef out;
+    out.c = lamb_coef(a.o, gscale, lam(s), lr, t_new);
+    out.c.k = lamb_step_scale(a.o, lr, sg.r, t_new);
+    out.mem = Mem<PT, MASTER>(a.b, s);
+    return out;
+  }
+
+  __device__ __forceinline__ void pass2(int64_t, const Coef& c, int64_t st, int len) const {
+    switch (a.o.wd_mode) {
+      case kLambL2: lamb_tile2<PT, MASTER, kLambL2>(c.mem, c.c, st, len); break;
+      case kLambDecoupled: lamb_tile2<PT, MASTER, kLambDecoupled>(c.mem, c.c, st, len); break;
+      default: lamb_tile2<PT, MASTER, kLambInUpdate>(c.mem, c.c, st, len); break;
+    }
+  }
+};
 
 template <class PT, bool MASTER>
 __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, const int phase) {
-  if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
-  const double inv = read(a.inv_scale);
-  const double gscale = (a.o.maximize ? -inv : inv) / read(a.clip_coef);
-  const double lr = read(a.lr);
-  const Plan& p = a.p;
-  const int64_t ng = phase == 0 ? p.num_groups : 1;
-  for (int64_t gi = 0; gi < ng; ++gi) {
-    const Range r = group_range(p, phase, gi);
-    if (phase != 2) {
-      snapshot(p, a.s, r);
-      for (int64_t t = r.a; t < r.b; ++t) {
-        const int64_t s = p.tile_seg[t];
-        if (a.s.active[s] == 0.f) continue;  // NOTE [Inactive segments]
-        // step[s] is written only in phase 2 (after the grid sync / in a later launch)
-        const LambCoef c = lamb_coef(a.o, gscale, a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]), lr,
-                                     static_cast<double>(a.s.step[s]) + 1.0);
-        const Mem<PT, MASTER> mem(a.b, s);
-        double x[3];
-        const int64_t st = p.tile_start[t];
-        const int len = p.tile_len[t];
-        switch (a.o.wd_mode) {
-          case kLambL2: lamb_tile1<PT, MASTER, kLambL2>(mem, c, st, len, x); break;
-          case kLambDecoupled: lamb_tile1<PT, MASTER, kLambDecoupled>(mem, c, st, len, x); break;
-          default: lamb_tile1<PT, MASTER, kLambInUpdate>(mem, c, st, len, x); break;
-        }
-        store_partials(p, t, x);
-      }
-    }
-    if (phase == 0) grid_barrier();
-    if (phase != 1) {
-      int64_t cur = -1;
-      LambCoef c{};
-      Mem<PT, MASTER> mem;
-      for (int64_t t = r.a; t < r.b; ++t) {
-        const int64_t s = p.tile_seg[t];
-        if (a.s.active[s] == 0.f) continue;
-        if (s != cur) {
-          double ssq[3];
-          step_sums(p, s, ssq);
-          const double t_new = static_cast<double>(p.snap[2 * s]) + 1.0;
-          const LambSegment sg = lamb_seg(a, s, lr, ssq);
-          c = lamb_coef(a.o, gscale, a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]), lr, t_new);
-          c.k = lamb_step_scale(a.o, lr, sg.r, t_new);
-          mem = Mem<PT, MASTER>(a.b, s);
-          cur = s;
-        }
-        const int64_t st = p.tile_start[t];
-        const int len = p.tile_len[t];
-        switch (a.o.wd_mode) {
-          case kLambL2: lamb_tile2<PT, MASTER, kLambL2>(mem, c, st, len); break;
-          case kLambDecoupled: lamb_tile2<PT, MASTER, kLambDecoupled>(mem, c, st, len); break;
-          default: lamb_tile2<PT, MASTER, kLambInUpdate>(mem, c, st, len); break;
-        }
-      }
-      for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
-        if (a.s.active[s] == 0.f) continue;
-        double ssq[3];
-        step_sums(p, s, ssq);
-        const LambSegment sg = lamb_seg(a, s, lr, ssq);
-        commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
-      }
-    }
-  }
+  two_phase<LambStep<PT, MASTER>>(a, phase);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -734,26 +777,35 @@ LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t
   return info;
 }
 
-}  // namespace
+// The step kernel of Args' kind for a param type and master flag (the variants of launch.h Variant).
+template <class PT, bool MASTER>
+constexpr auto kernel_for(const LarsArgs&) {
+  return &lars_kernel<PT, MASTER>;
+}
+template <class PT, bool MASTER>
+constexpr auto kernel_for(const LambArgs&) {
+  return &lamb_kernel<PT, MASTER>;
+}
 
-LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path) {
+template <class Args>
+LaunchInfo launch_variant(const Args& a, int variant, cudaStream_t stream, int path) {
   switch (variant) {
-    case kF32: return launch(&lars_kernel<float, false>, a, stream, path);
-    case kBF16: return launch(&lars_kernel<__nv_bfloat16, false>, a, stream, path);
-    case kBF16Master: return launch(&lars_kernel<__nv_bfloat16, true>, a, stream, path);
-    case kF16: return launch(&lars_kernel<__half, false>, a, stream, path);
-    default: return launch(&lars_kernel<__half, true>, a, stream, path);
+    case kF32: return launch(kernel_for<float, false>(a), a, stream, path);
+    case kBF16: return launch(kernel_for<__nv_bfloat16, false>(a), a, stream, path);
+    case kBF16Master: return launch(kernel_for<__nv_bfloat16, true>(a), a, stream, path);
+    case kF16: return launch(kernel_for<__half, false>(a), a, stream, path);
+    default: return launch(kernel_for<__half, true>(a), a, stream, path);
   }
 }
 
+}  // namespace
+
+LaunchInfo launch_lars(const LarsArgs& a, int variant, cudaStream_t stream, int path) {
+  return launch_variant(a, variant, stream, path);
+}
+
 LaunchInfo launch_lamb(const LambArgs& a, int variant, cudaStream_t stream, int path) {
-  switch (variant) {
-    case kF32: return launch(&lamb_kernel<float, false>, a, stream, path);
-    case kBF16: return launch(&lamb_kernel<__nv_bfloat16, false>, a, stream, path);
-    case kBF16Master: return launch(&lamb_kernel<__nv_bfloat16, true>, a, stream, path);
-    case kF16: return launch(&lamb_kernel<__half, false>, a, stream, path);
-    default: return launch(&lamb_kernel<__half, true>, a, stream, path);
-  }
+  return launch_variant(a, variant, stream, path);
 }
 
 cudaError_t launch_grad_sumsq(const Addr& b, int variant, const float* active, const Plan& p, Scalar inv_scale,
