@@ -61,18 +61,26 @@ at::ScalarType check_lists(at::TensorList params, at::TensorList grads, at::Tens
   return dt;
 }
 
+// The parameters both step ops' schemas (csrc/ops.cpp) start with, params .. found_inf, written once for
+// check_common and the two ops; FUSEDLARS_STEP_ARGS: the same names, as arguments.
+#define FUSEDLARS_STEP_PARAMS                                                                                        \
+  at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& addresses, bool master,      \
+      const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,                             \
+      const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm, const at::Tensor& g_norm,       \
+      const at::Tensor& u_norm, const at::Tensor& trust_ratio, const at::Tensor& tile_seg,                           \
+      const at::Tensor& tile_start, const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr,                      \
+      const at::Tensor& group_seg, const at::Tensor& partials, const at::Tensor& snap,                               \
+      const std::optional<at::Tensor>& ssq, const std::optional<at::Tensor>& lr_tensor, double lr,                   \
+      const std::optional<at::Tensor>& inv_scale, const std::optional<at::Tensor>& found_inf
+#define FUSEDLARS_STEP_ARGS                                                                                      \
+  params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, \
+      trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap, ssq, lr_tensor, lr,  \
+      inv_scale, found_inf
+
 // Checks the arguments LARS and LAMB share and fills the common fields of `a` (LarsArgs / LambArgs):
-// b, s, p, lr, inv_scale, found_inf. Returns the variant.
+// b, s, p, lr, inv_scale, found_inf. min_rows: the address table rows the kind needs. Returns the variant.
 template <class Args>
-int check_common(Args& a, at::TensorList params, at::TensorList grads, at::TensorList state,
-                 const at::Tensor& addresses, bool master, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
-                 const at::Tensor& active, const at::Tensor& has_state, const at::Tensor& step,
-                 const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
-                 const at::Tensor& trust_ratio, const at::Tensor& tile_seg, const at::Tensor& tile_start,
-                 const at::Tensor& tile_len, const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg,
-                 const at::Tensor& partials, const at::Tensor& snap, const std::optional<at::Tensor>& ssq,
-                 const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
-                 const std::optional<at::Tensor>& found_inf, int64_t path, int min_rows) {
+int check_common(Args& a, FUSEDLARS_STEP_PARAMS, int64_t path, int min_rows) {
   TORCH_CHECK(addresses.is_cuda(), "fusedlars cuda: the address table must be a CUDA tensor, got ",
               addresses.device());
   const at::Device dev = addresses.device();
@@ -134,56 +142,39 @@ int check_common(Args& a, at::TensorList params, at::TensorList grads, at::Tenso
   return variant;
 }
 
-void check_launch(const LaunchInfo& info, const char* op) {
+// Launches the step `a` (filled by check_common and the kind's own fields) on the current stream of
+// `dev`; an unavailable requested path or a failed launch is an error of `op`.
+template <class Args>
+void launch_step(LaunchInfo (*launch)(const Args&, int, cudaStream_t, int), const Args& a, int variant,
+                 const at::Device& dev, int64_t path, const char* op) {
+  const c10::cuda::CUDAGuard guard(dev);
+  const LaunchInfo info = launch(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path));
   TORCH_CHECK(info.why == nullptr, "fusedlars cuda: ", op, ": cooperative launch requested but unavailable: ",
               info.why);
   TORCH_CHECK(info.err == cudaSuccess, "fusedlars cuda: ", op, " launch failed: ", cudaGetErrorString(info.err));
 }
 
-void lars_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& addresses,
-                    bool master, const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
-                    const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
-                    const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
-                    const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
-                    const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
-                    const at::Tensor& snap, const std::optional<at::Tensor>& ssq,
-                    const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
-                    const std::optional<at::Tensor>& found_inf, at::ArrayRef<double> hyper,
-                    at::ArrayRef<int64_t> modes, int64_t path) {
+void lars_step_cuda(FUSEDLARS_STEP_PARAMS, at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path) {
   LarsArgs a{};
   a.o = lars_options(hyper, modes, "fusedlars cuda: lars_step_cuda");
   // rows param, grad, master (+ momentum buffer)
-  const int variant = check_common(a, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state,
-                                   step, w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len,
-                                   seg_tile_ptr, group_seg, partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf,
-                                   path, a.o.momentum != 0.0 ? kRowS0 + 1 : kRowMaster + 1);
-  const c10::cuda::CUDAGuard guard(addresses.device());
-  check_launch(launch_lars(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
-               "lars_step_cuda");
+  const int variant =
+      check_common(a, FUSEDLARS_STEP_ARGS, path, a.o.momentum != 0.0 ? kRowS0 + 1 : kRowMaster + 1);
+  launch_step(&launch_lars, a, variant, addresses.device(), path, "lars_step_cuda");
 }
 
-void lamb_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& addresses,
-                    bool master, const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& active,
-                    const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
-                    const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
-                    const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
-                    const at::Tensor& seg_tile_ptr, const at::Tensor& group_seg, const at::Tensor& partials,
-                    const at::Tensor& snap, const std::optional<at::Tensor>& ssq,
-                    const std::optional<at::Tensor>& lr_tensor, double lr, const std::optional<at::Tensor>& inv_scale,
-                    const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
-                    at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path) {
+void lamb_step_cuda(FUSEDLARS_STEP_PARAMS, const std::optional<at::Tensor>& clip_coef, at::ArrayRef<double> hyper,
+                    at::ArrayRef<int64_t> modes, int64_t path) {
   LambArgs a{};
   a.o = lamb_options(hyper, modes, "fusedlars cuda: lamb_step_cuda");
   // rows param, grad, master, exp_avg, exp_avg_sq
-  const int variant = check_common(a, params, grads, state, addresses, master, wd_mask, adapt_mask, active, has_state,
-                                   step, w_norm, g_norm, u_norm, trust_ratio, tile_seg, tile_start, tile_len,
-                                   seg_tile_ptr, group_seg, partials, snap, ssq, lr_tensor, lr, inv_scale, found_inf,
-                                   path, kRowS1 + 1);
+  const int variant = check_common(a, FUSEDLARS_STEP_ARGS, path, kRowS1 + 1);
   a.clip_coef = scalar(clip_coef, "clip_coef", addresses.device(), 1.0);
-  const c10::cuda::CUDAGuard guard(addresses.device());
-  check_launch(launch_lamb(a, variant, c10::cuda::getCurrentCUDAStream().stream(), static_cast<int>(path)),
-               "lamb_step_cuda");
+  launch_step(&launch_lamb, a, variant, addresses.device(), path, "lamb_step_cuda");
 }
+
+#undef FUSEDLARS_STEP_ARGS
+#undef FUSEDLARS_STEP_PARAMS
 
 at::Tensor grad_sumsq_cuda(at::TensorList grads, const at::Tensor& addresses, const at::Tensor& active,
                            const at::Tensor& tile_seg, const at::Tensor& tile_start, const at::Tensor& tile_len,
