@@ -8,7 +8,8 @@ through the real ``fusedlars.kernels.cuda`` backend.
   caches it by content hash under ``build/cuda_emu/`` (or ``FUSEDLARS_EMU_BUILD_DIR``).
   ``FUSEDLARS_EMU_SOURCE`` replaces the kernel source (the mutation check,
   ``scripts/cuda_emu_mutants.py``, builds each mutant this way).
-* :class:`EmuOps` has the signatures of ``torch.ops.fusedlars.{lars,lamb}_step_cuda`` /
+* :class:`EmuOps` has the signatures of ``torch.ops.fusedlars.{lars,lamb}_step_cuda`` (the step ops'
+  from the backend's own parameter list, ``fusedlars.kernels.cuda.step_params``) /
   ``grad_sumsq_cuda`` / ``cuda_info`` and takes CPU tensors. It poisons the step's scratch (per-tile
   partials, snapshots, the split's per-segment sums) with NaN before every launch, so a kernel that
   reads a partial it did not write in this step shows as NaN instead of reusing last step's value.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import inspect
 import os
 import re
 import shutil
@@ -222,6 +224,37 @@ def _check_lists(params, grads, state, addresses, S: int, min_rows: int) -> torc
     return dt
 
 
+#: the step ops' arguments in emu_abi.cpp's slot order (clip_coef, LAMB only, follows)
+_SLOT_ARGS = (
+    "addresses", "wd_mask", "adapt_mask", "active", "has_state", "step", "w_norm", "g_norm", "u_norm",
+    "trust_ratio", "tile_seg", "tile_start", "tile_len", "seg_tile_ptr", "group_seg", "partials", "snap", "ssq",
+    "lr_tensor", "inv_scale", "found_inf",
+)  # fmt: skip
+
+
+def _step_op(kind: str):
+    """EmuOps' method for ``kind``'s step op: the op's parameters (fusedlars.kernels.cuda.step_params,
+    the same list the backend packs its call from), by position or name, defaults applied."""
+    from fusedlars.kernels import cuda as K
+
+    P = inspect.Parameter
+    sig = inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD)]
+        + [P(n, P.POSITIONAL_OR_KEYWORD, default=K.STEP_DEFAULTS.get(n, P.empty)) for n in K.step_params(kind)]
+    )
+
+    def op(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        a = dict(bound.arguments)
+        del a["self"]
+        self._step(kind, a)
+
+    op.__signature__ = sig
+    op.__name__ = op.__qualname__ = K.STEP_OPS[kind]
+    return op
+
+
 class EmuOps:
     """Stand-in for ``torch.ops.fusedlars`` (the CUDA ops) over CPU tensors."""
 
@@ -248,27 +281,14 @@ class EmuOps:
             raise EmulationError(f"emulated CUDA launch failed (cudaError {out[2]}): {err or 'no emulation message'}")
         self.last = (PATHS.get(out[0], "none"), out[1])
 
-    def _common(
-        self,
-        params,
-        grads,
-        state,
-        addresses,
-        master,
-        segs,
-        tables,
-        partials,
-        snap,
-        ssq,
-        lr_tensor,
-        inv_scale,
-        found_inf,
-        clip_coef,
-        path,
-        min_rows,
-    ):
-        S = segs[0].numel()
-        dt = _check_lists(params, grads, state, addresses, S, min_rows)
+    def _step(self, kind: str, a: dict) -> None:
+        """One step op of ``kind`` on the arguments ``a`` (by parameter name, fusedlars.kernels.cuda.step_params)."""
+        S = a["wd_mask"].numel()
+        # rows param, grad, master, then LARS's momentum buffer (packing.lars_options: hyper[0] is the
+        # momentum) or LAMB's exp_avg, exp_avg_sq (ops_cuda.cpp)
+        min_rows = 5 if kind == "LAMB" else 4 if float(a["hyper"][0]) != 0.0 else 3
+        dt = _check_lists(a["params"], a["grads"], a["state"], a["addresses"], S, min_rows)
+        path, ssq, partials, snap = a["path"], a["ssq"], a["partials"], a["snap"]
         if (path in (3, 4)) != (ssq is not None):
             raise RuntimeError("fusedlars cuda: ssq is given exactly for path 3 (partials) and 4 (apply)")
         if ssq is not None and (ssq.dtype != torch.float64 or ssq.numel() != 3 * S):
@@ -281,142 +301,22 @@ class EmuOps:
                 snap.fill_(float("nan"))
             if path == 3:
                 ssq.fill_(float("nan"))
-        variant = VARIANTS[(dt, bool(master))]
-        tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg = tables
-        slots = [
-            addresses,
-            *segs,
-            tile_seg,
-            tile_start,
-            tile_len,
-            seg_tile_ptr,
-            group_seg,
-            partials,
-            snap,
-            ssq,
-            lr_tensor,
-            inv_scale,
-            found_inf,
-            clip_coef,
-        ]
+        # emu_abi.cpp's slots and ints
+        slots = [a[n] for n in _SLOT_ARGS] + [a.get("clip_coef")]
         ints = [
-            variant,
-            tile_start.numel(),
+            VARIANTS[(dt, bool(a["master"]))],
+            a["tile_start"].numel(),
             S,
-            group_seg.numel(),
-            addresses.shape[0],
-            _is_double(lr_tensor),
-            _is_double(inv_scale),
-            _is_double(found_inf),
-            _is_double(clip_coef),
+            a["group_seg"].numel(),
+            a["addresses"].shape[0],
+            *(_is_double(a[n]) for n in ("lr_tensor", "inv_scale", "found_inf")),
+            _is_double(a.get("clip_coef")),
         ]
-        return slots, ints
+        fn = self.lib.L.emu_lamb_step if kind == "LAMB" else self.lib.L.emu_lars_step
+        self._run(fn, slots, ints, a["hyper"], a["modes"], a["lr"], path)
 
-    def lars_step_cuda(
-        self,
-        params,
-        grads,
-        state,
-        addresses,
-        master,
-        wd_mask,
-        adapt_mask,
-        active,
-        has_state,
-        step,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        tile_seg,
-        tile_start,
-        tile_len,
-        seg_tile_ptr,
-        group_seg,
-        partials,
-        snap,
-        ssq,
-        lr_tensor,
-        lr,
-        inv_scale,
-        found_inf,
-        hyper,
-        modes,
-        path=0,
-    ):
-        momentum = float(hyper[0]) != 0.0  # packing.lars_options: hyper[0] is the momentum
-        slots, ints = self._common(
-            params,
-            grads,
-            state,
-            addresses,
-            master,
-            (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
-            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg),
-            partials,
-            snap,
-            ssq,
-            lr_tensor,
-            inv_scale,
-            found_inf,
-            None,
-            path,
-            4 if momentum else 3,
-        )
-        self._run(self.lib.L.emu_lars_step, slots, ints, hyper, modes, lr, path)
-
-    def lamb_step_cuda(
-        self,
-        params,
-        grads,
-        state,
-        addresses,
-        master,
-        wd_mask,
-        adapt_mask,
-        active,
-        has_state,
-        step,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        tile_seg,
-        tile_start,
-        tile_len,
-        seg_tile_ptr,
-        group_seg,
-        partials,
-        snap,
-        ssq,
-        lr_tensor,
-        lr,
-        inv_scale,
-        found_inf,
-        clip_coef,
-        hyper,
-        modes,
-        path=0,
-    ):
-        slots, ints = self._common(
-            params,
-            grads,
-            state,
-            addresses,
-            master,
-            (wd_mask, adapt_mask, active, has_state, step, w_norm, g_norm, u_norm, trust_ratio),
-            (tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg),
-            partials,
-            snap,
-            ssq,
-            lr_tensor,
-            inv_scale,
-            found_inf,
-            clip_coef,
-            path,
-            5,
-        )
-        self._run(self.lib.L.emu_lamb_step, slots, ints, hyper, modes, lr, path)
+    lars_step_cuda = _step_op("LARS")
+    lamb_step_cuda = _step_op("LAMB")
 
     def grad_sumsq_cuda(self, grads, addresses, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
         S = active.numel()

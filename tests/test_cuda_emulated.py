@@ -530,3 +530,20 @@ def test_compiled_step_refreshes_its_own_address_table(emu, monkeypatch):
         assert torch.equal(table, b.address_table(sc.kinds)), t
         empty = sum(p.numel() == 0 for _, p in params)  # an empty tensor's data_ptr() is 0 (it has no tile)
         assert (table[1] == 0).sum() == empty + (1 if t == 1 else 0)
+
+
+def test_step_op_parameters_are_the_schemas(emu):
+    """The one list of the step ops' parameters (fusedlars.kernels.cuda.step_params: the backend packs
+    its call from it, and the emulated ops take their signatures from it) is the schemas' of csrc/ops.cpp,
+    names, order and defaults (the schemas are registered in a CPU-only build too)."""
+    import inspect
+
+    from fusedlars.kernels import cuda as K
+
+    pytest.importorskip("fusedlars._C")
+    ops = emu()
+    for kind, op in K.STEP_OPS.items():
+        args = getattr(torch.ops.fusedlars, op).default._schema.arguments
+        assert tuple(a.name for a in args) == K.step_params(kind)
+        assert {a.name: a.default_value for a in args if a.has_default_value()} == K.STEP_DEFAULTS
+        assert tuple(inspect.signature(getattr(ops, op)).parameters) == K.step_params(kind)

@@ -75,75 +75,36 @@ def _load() -> str | None:
 _WHY_NOT = _load()
 
 
+#: The parameters of the step ops ``fusedlars::lars_step_cuda`` / ``lamb_step_cuda`` (csrc/ops.cpp
+#: schemas), in order; only LAMB has ``clip_coef``. One list for the call (:func:`_step`), the fake
+#: kernels and the CUDA-on-CPU stand-in of the ops in the tests (tests/cuda_emu.py).
+_STEP_HEAD = (
+    "params", "grads", "state", "addresses", "master",
+    "wd_mask", "adapt_mask", "active", "has_state", "step", "w_norm", "g_norm", "u_norm", "trust_ratio",
+    "tile_seg", "tile_start", "tile_len", "seg_tile_ptr", "group_seg", "partials", "snap", "ssq",
+    "lr_tensor", "lr", "inv_scale", "found_inf",
+)  # fmt: skip
+_STEP_TAIL = ("hyper", "modes", "path")
+#: the step op of each kind
+STEP_OPS = {"LARS": "lars_step_cuda", "LAMB": "lamb_step_cuda"}
+#: defaults of the schemas (``int path=0``)
+STEP_DEFAULTS = {"path": 0}
+
+
+def step_params(kind: str) -> tuple[str, ...]:
+    """The parameter names of ``kind``'s step op (``STEP_OPS``), in schema order."""
+    return _STEP_HEAD + (("clip_coef",) if kind == "LAMB" else ()) + _STEP_TAIL
+
+
+_PARAMS = {kind: step_params(kind) for kind in STEP_OPS}
+
+
 def _register_fakes() -> None:
-    @torch.library.register_fake("fusedlars::lars_step_cuda")
-    def _lars_fake(
-        params,
-        grads,
-        state,
-        addresses,
-        master,
-        wd_mask,
-        adapt_mask,
-        active,
-        has_state,
-        step,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        tile_seg,
-        tile_start,
-        tile_len,
-        seg_tile_ptr,
-        group_seg,
-        partials,
-        snap,
-        ssq,
-        lr_tensor,
-        lr,
-        inv_scale,
-        found_inf,
-        hyper,
-        modes,
-        path=0,
-    ):
+    def _step_fake(*args, **kwargs):  # the step ops return nothing (they write their arguments)
         return None
 
-    @torch.library.register_fake("fusedlars::lamb_step_cuda")
-    def _lamb_fake(
-        params,
-        grads,
-        state,
-        addresses,
-        master,
-        wd_mask,
-        adapt_mask,
-        active,
-        has_state,
-        step,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        tile_seg,
-        tile_start,
-        tile_len,
-        seg_tile_ptr,
-        group_seg,
-        partials,
-        snap,
-        ssq,
-        lr_tensor,
-        lr,
-        inv_scale,
-        found_inf,
-        clip_coef,
-        hyper,
-        modes,
-        path=0,
-    ):
-        return None
+    for op in STEP_OPS.values():
+        torch.library.register_fake(f"fusedlars::{op}")(_step_fake)
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cuda")
     def _sumsq_fake(grads, addresses, active, tile_seg, tile_start, tile_len, gpart, inv_scale):
@@ -343,51 +304,44 @@ def _given_sums(bucket: Bucket, ssq: torch.Tensor) -> torch.Tensor:
     return ssq.to(device=bucket.device, dtype=torch.float64).contiguous()
 
 
-def _lars(bucket: Bucket, cfg: LarsConfig, path: int, ssq: torch.Tensor | None) -> _Scratch:
-    _check("LARS", cfg, bucket)
-    sc = _scratch(bucket, "LARS")
+def _step_args(kind: str, bucket: Bucket, cfg, path: int, ssq: torch.Tensor | None) -> tuple[_Scratch, dict]:
+    """The bucket's scratch and the arguments of ``kind``'s step op by parameter name (:func:`step_params`)."""
+    _check(kind, cfg, bucket)
+    sc = _scratch(bucket, kind)
     tt = sc.tiles
-    hyper, modes = lars_options(cfg)
-    lr_t, lr = _lr(cfg.lr)
-    params, grads, state = _lists(bucket, sc)
-    _ops().lars_step_cuda(
-        params, grads, state, _addresses(bucket, sc), bucket.uses_masters,
-        bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.has_state, bucket.step,
-        bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap, ssq,
-        lr_t, lr, cfg.inv_scale, cfg.found_inf, hyper, modes, path,
-    )  # fmt: skip
-    return sc
-
-
-def _lamb(bucket: Bucket, cfg: LambConfig, path: int, ssq: torch.Tensor | None) -> _Scratch:
-    _check("LAMB", cfg, bucket)
-    sc = _scratch(bucket, "LAMB")
-    tt = sc.tiles
-    hyper, modes = lamb_options(cfg)
-    clip = cfg.clip_coef
+    hyper, modes = lamb_options(cfg) if kind == "LAMB" else lars_options(cfg)
+    clip = cfg.clip_coef if kind == "LAMB" else None  # LAMB's clip_coef: a float goes through a cached tensor
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = sc.clip(clip)
     lr_t, lr = _lr(cfg.lr)
     params, grads, state = _lists(bucket, sc)
-    _ops().lamb_step_cuda(
-        params, grads, state, _addresses(bucket, sc), bucket.uses_masters,
-        bucket.wd_mask, bucket.adapt_mask, bucket.active, bucket.has_state, bucket.step,
-        bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
-        tt.tile_seg, tt.tile_start, tt.tile_len, tt.seg_tile_ptr, sc.group_seg, sc.part, sc.snap, ssq,
-        lr_t, lr, cfg.inv_scale, cfg.found_inf, clip, hyper, modes, path,
+    args = dict(
+        params=params, grads=grads, state=state, addresses=_addresses(bucket, sc), master=bucket.uses_masters,
+        wd_mask=bucket.wd_mask, adapt_mask=bucket.adapt_mask, active=bucket.active, has_state=bucket.has_state,
+        step=bucket.step, w_norm=bucket.w_norm, g_norm=bucket.g_norm, u_norm=bucket.u_norm,
+        trust_ratio=bucket.trust_ratio, tile_seg=tt.tile_seg, tile_start=tt.tile_start, tile_len=tt.tile_len,
+        seg_tile_ptr=tt.seg_tile_ptr, group_seg=sc.group_seg, partials=sc.part, snap=sc.snap, ssq=ssq,
+        lr_tensor=lr_t, lr=lr, inv_scale=cfg.inv_scale, found_inf=cfg.found_inf, hyper=hyper, modes=modes, path=path,
     )  # fmt: skip
+    if kind == "LAMB":
+        args["clip_coef"] = clip
+    return sc, args
+
+
+def _step(kind: str, bucket: Bucket, cfg, path: int, ssq: torch.Tensor | None) -> _Scratch:
+    sc, args = _step_args(kind, bucket, cfg, path, ssq)
+    getattr(_ops(), STEP_OPS[kind])(*[args[n] for n in _PARAMS[kind]])
     return sc
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     """One LARS step of the bucket: 1 cooperative launch, or 2 (``FUSEDLARS_CUDA_PATH``)."""
-    _lars(bucket, cfg, _path_code(), None)
+    _step("LARS", bucket, cfg, _path_code(), None)
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     """One LAMB step of the bucket: 1 cooperative launch, or 2 (``FUSEDLARS_CUDA_PATH``)."""
-    _lamb(bucket, cfg, _path_code(), None)
+    _step("LAMB", bucket, cfg, _path_code(), None)
 
 
 # NOTE: [Partials and apply] (fusedlars/kernels/torch.py states the convention)
@@ -403,25 +357,25 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
 
 def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, None]:
     """Per-segment sums of squares ``[w², g², (g+λw)²]`` (float64 ``[3, S]``) and the context (None)."""
-    sc = _lars(bucket, cfg, _PARTIALS, _scratch(bucket, "LARS").ssq)
+    sc = _step("LARS", bucket, cfg, _PARTIALS, _scratch(bucket, "LARS").ssq)
     return sc.ssq, None
 
 
 def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx=None) -> None:
     """The LARS update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
-    _lars(bucket, cfg, _APPLY, _given_sums(bucket, ssq))
+    _step("LARS", bucket, cfg, _APPLY, _given_sums(bucket, ssq))
 
 
 def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, None]:
     """Per-segment sums of squares ``[w_d², u², g²]`` (float64 ``[3, S]``) and the context (None); the
     moments are updated in place."""
-    sc = _lamb(bucket, cfg, _PARTIALS, _scratch(bucket, "LAMB").ssq)
+    sc = _step("LAMB", bucket, cfg, _PARTIALS, _scratch(bucket, "LAMB").ssq)
     return sc.ssq, None
 
 
 def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx=None) -> None:
     """The LAMB update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
-    _lamb(bucket, cfg, _APPLY, _given_sums(bucket, ssq))
+    _step("LAMB", bucket, cfg, _APPLY, _given_sums(bucket, ssq))
 
 
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
