@@ -67,8 +67,8 @@ def assert_close_lists(a, b, rtol, atol, equal_nan=False, msg=""):
 
 
 # ---------------------------------------------------------------------------------------------
-# "fused backend X against backend='reference'" harness (tests/test_cpu_backend.py,
-# tests/test_cuda_backend.py). It lives in the package, where `fusedlars selftest` runs it too:
+# "fused backend X against backend='reference'" harness (tests/test_fused_backends.py, every fused
+# backend; tests/test_cuda_backend.py). It lives in the package, where `fusedlars selftest` runs it too:
 # parameters are named (name, tensor) pairs; the names "zero_w" (zero-initialised weight) and
 # "zero_g" (gradient always zero) are special.
 
