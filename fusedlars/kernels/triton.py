@@ -366,319 +366,151 @@ T_ = torch.Tensor
 # graph that also reads params after the step must not rely on the op's schema to order the reads.
 
 
-@_register("triton_lars_partials", ("part", "snap", "ssq", "count"))
-def _lars_partials_op(
-    addr: T_,
-    wd_mask: T_,
-    active: T_,
-    step: T_,
-    has_state: T_,
-    inv_scale: T_,
-    found_inf: T_,
-    part: T_,
-    snap: T_,
-    ssq: T_,
-    count: T_,
-    tile_seg: T_,
-    tile_len: T_,
-    seg_tile_ptr: T_,
-    num_tiles: int,
-    num_segs: int,
-    weight_decay: float,
-    sign: float,
-    pdt: int,
-    has_master: bool,
-    tile: int,
-    block: int,
-    rblock: int,
-    sblock: int,
-) -> None:
-    with _rearm_on_error(count):
+def _constexprs(pdt: int, has_master: bool, mode_name: str | None, mode: int, **geometry) -> dict:
+    """The constexprs of a launch: the param dtype, masters, the kind's mode (``MOM`` / ``BC``, or none)
+    and the tile geometry."""
+    cx = dict(PDT=_pdt(pdt), HAS_MASTER=has_master)
+    if mode_name is not None:
+        cx[mode_name] = mode
+    return dict(cx, **geometry)
+
+
+# NOTE: [One launch sequence] Both kinds launch through the same two op bodies, as the kernels run the
+# same two skeletons (NOTE [One skeleton] in the kernels): launch 1 (``_partials_op``) and launch 2
+# (``_update_op``) take the bucket tables, scratch and geometry in one order for both kinds, and a kind
+# adds only its kernel, its per-step scalar tensors (``scalars``), hyper-parameters (``fvals``, then
+# ``ivals``: the kernel's argument order) and its mode constexpr. One op is still registered per kind
+# and launch (``fusedlars::triton_lars_partials`` ...): the op names and the 2 launches per step are
+# what tests and traces see. (The mode argument is ``mode_code``: an op argument named ``mode`` collides
+# with the ``mode`` keyword torch.compile's dispatch passes along.)
+def _partials_op(name: str, kernel: str, mode_name: str | None):
+    """Register launch 1 of a kind as op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the
+    segment programs; the arrival counters are re-armed if the launch raises."""
+
+    @_register(name, ("part", "snap", "ssq", "count"))
+    def op(
+        addr: T_,
+        wd_mask: T_,
+        active: T_,
+        step: T_,
+        has_state: T_,
+        scalars: list[T_],
+        part: T_,
+        snap: T_,
+        ssq: T_,
+        count: T_,
+        tile_seg: T_,
+        tile_len: T_,
+        seg_tile_ptr: T_,
+        num_tiles: int,
+        num_segs: int,
+        fvals: list[float],
+        ivals: list[int],
+        pdt: int,
+        has_master: bool,
+        mode_code: int,
+        tile: int,
+        block: int,
+        rblock: int,
+        sblock: int,
+    ) -> None:
+        with _rearm_on_error(count):
+            _launch(
+                getattr(K, kernel),
+                num_tiles + triton.cdiv(num_segs, sblock),
+                addr,
+                wd_mask,
+                active,
+                step,
+                has_state,
+                *scalars,
+                part,
+                snap,
+                ssq,
+                count,
+                tile_seg,
+                tile_len,
+                seg_tile_ptr,
+                num_tiles,
+                num_segs,
+                *fvals,
+                *ivals,
+                **_constexprs(
+                    pdt, has_master, mode_name, mode_code, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock
+                ),
+            )
+
+    return op
+
+
+def _update_op(name: str, kernel: str, mode_name: str):
+    """Register launch 2 of a kind as op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the
+    segment programs."""
+
+    @_register(name, ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
+    def op(
+        addr: T_,
+        wd_mask: T_,
+        adapt_mask: T_,
+        active: T_,
+        seg_numel: T_,
+        step: T_,
+        has_state: T_,
+        w_norm: T_,
+        g_norm: T_,
+        u_norm: T_,
+        trust_ratio: T_,
+        scalars: list[T_],
+        ssq: T_,
+        snap: T_,
+        tile_seg: T_,
+        tile_len: T_,
+        seg_tile_ptr: T_,
+        num_tiles: int,
+        num_segs: int,
+        fvals: list[float],
+        ivals: list[int],
+        pdt: int,
+        has_master: bool,
+        mode_code: int,
+        tile: int,
+        block: int,
+        sblock: int,
+    ) -> None:
         _launch(
-            K.lars_partials_kernel,
+            getattr(K, kernel),
             num_tiles + triton.cdiv(num_segs, sblock),
             addr,
             wd_mask,
+            adapt_mask,
             active,
+            seg_numel,
             step,
             has_state,
-            inv_scale,
-            found_inf,
-            part,
-            snap,
+            w_norm,
+            g_norm,
+            u_norm,
+            trust_ratio,
+            *scalars,
             ssq,
-            count,
+            snap,
             tile_seg,
             tile_len,
             seg_tile_ptr,
             num_tiles,
             num_segs,
-            weight_decay,
-            sign,
-            PDT=_pdt(pdt),
-            HAS_MASTER=has_master,
-            TILE=tile,
-            BLOCK=block,
-            RBLOCK=rblock,
-            SBLOCK=sblock,
+            *fvals,
+            *ivals,
+            **_constexprs(pdt, has_master, mode_name, mode_code, TILE=tile, BLOCK=block, SBLOCK=sblock),
         )
 
-
-@_register("triton_lars_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
-def _lars_update_op(
-    addr: T_,
-    wd_mask: T_,
-    adapt_mask: T_,
-    active: T_,
-    seg_numel: T_,
-    step: T_,
-    has_state: T_,
-    w_norm: T_,
-    g_norm: T_,
-    u_norm: T_,
-    trust_ratio: T_,
-    lr: T_,
-    inv_scale: T_,
-    found_inf: T_,
-    ssq: T_,
-    snap: T_,
-    tile_seg: T_,
-    tile_len: T_,
-    seg_tile_ptr: T_,
-    num_tiles: int,
-    num_segs: int,
-    fvals: list[float],
-    ivals: list[int],
-    pdt: int,
-    has_master: bool,
-    mom_mode: int,
-    tile: int,
-    block: int,
-    sblock: int,
-) -> None:
-    (
-        weight_decay,
-        sign,
-        eta,
-        eps,
-        clamp_lo,
-        clamp_hi,
-        clip_lo,
-        clip_hi,
-        momentum,
-        dampening,
-        tv_lmbda,
-        tv_alpha,
-        tv_shift,
-        tv_gamma_min,
-    ) = fvals
-    tv_gate, den_mode, wd_mode, check_mode, zero_skip, clip_mode, adapt_enabled, use_tv, nesterov, clone_first = ivals
-    _launch(
-        K.lars_update_kernel,
-        num_tiles + triton.cdiv(num_segs, sblock),
-        addr,
-        wd_mask,
-        adapt_mask,
-        active,
-        seg_numel,
-        step,
-        has_state,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        lr,
-        inv_scale,
-        found_inf,
-        ssq,
-        snap,
-        tile_seg,
-        tile_len,
-        seg_tile_ptr,
-        num_tiles,
-        num_segs,
-        weight_decay,
-        sign,
-        eta,
-        eps,
-        clamp_lo,
-        clamp_hi,
-        clip_lo,
-        clip_hi,
-        momentum,
-        dampening,
-        tv_lmbda,
-        tv_alpha,
-        tv_shift,
-        tv_gamma_min,
-        tv_gate,
-        den_mode,
-        wd_mode,
-        check_mode,
-        zero_skip,
-        clip_mode,
-        adapt_enabled,
-        use_tv,
-        nesterov,
-        clone_first,
-        PDT=_pdt(pdt),
-        HAS_MASTER=has_master,
-        MOM=mom_mode,
-        TILE=tile,
-        BLOCK=block,
-        SBLOCK=sblock,
-    )
+    return op
 
 
-@_register("triton_lamb_partials", ("part", "snap", "ssq", "count"))
-def _lamb_partials_op(
-    addr: T_,
-    wd_mask: T_,
-    active: T_,
-    step: T_,
-    has_state: T_,
-    lr: T_,
-    inv_scale: T_,
-    found_inf: T_,
-    clip_coef: T_,
-    part: T_,
-    snap: T_,
-    ssq: T_,
-    count: T_,
-    tile_seg: T_,
-    tile_len: T_,
-    seg_tile_ptr: T_,
-    num_tiles: int,
-    num_segs: int,
-    fvals: list[float],
-    wd_mode: int,
-    pdt: int,
-    has_master: bool,
-    bc_mode: int,
-    tile: int,
-    block: int,
-    rblock: int,
-    sblock: int,
-) -> None:
-    weight_decay, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root = fvals
-    with _rearm_on_error(count):
-        _launch(
-            K.lamb_moments_kernel,
-            num_tiles + triton.cdiv(num_segs, sblock),
-            addr,
-            wd_mask,
-            active,
-            step,
-            has_state,
-            lr,
-            inv_scale,
-            found_inf,
-            clip_coef,
-            part,
-            snap,
-            ssq,
-            count,
-            tile_seg,
-            tile_len,
-            seg_tile_ptr,
-            num_tiles,
-            num_segs,
-            weight_decay,
-            sign,
-            beta1,
-            beta2,
-            beta3,
-            omb1,
-            omb2,
-            eps,
-            eps_root,
-            wd_mode,
-            PDT=_pdt(pdt),
-            HAS_MASTER=has_master,
-            BC=bc_mode,
-            TILE=tile,
-            BLOCK=block,
-            RBLOCK=rblock,
-            SBLOCK=sblock,
-        )
-
-
-@_register("triton_lamb_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
-def _lamb_update_op(
-    addr: T_,
-    wd_mask: T_,
-    adapt_mask: T_,
-    active: T_,
-    seg_numel: T_,
-    step: T_,
-    has_state: T_,
-    w_norm: T_,
-    g_norm: T_,
-    u_norm: T_,
-    trust_ratio: T_,
-    lr: T_,
-    found_inf: T_,
-    ssq: T_,
-    snap: T_,
-    tile_seg: T_,
-    tile_len: T_,
-    seg_tile_ptr: T_,
-    num_tiles: int,
-    num_segs: int,
-    fvals: list[float],
-    ivals: list[int],
-    pdt: int,
-    has_master: bool,
-    bc_mode: int,
-    tile: int,
-    block: int,
-    sblock: int,
-) -> None:
-    weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps = fvals
-    wd_mode, clip_mode, adapt_enabled = ivals
-    _launch(
-        K.lamb_update_kernel,
-        num_tiles + triton.cdiv(num_segs, sblock),
-        addr,
-        wd_mask,
-        adapt_mask,
-        active,
-        seg_numel,
-        step,
-        has_state,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        lr,
-        found_inf,
-        ssq,
-        snap,
-        tile_seg,
-        tile_len,
-        seg_tile_ptr,
-        num_tiles,
-        num_segs,
-        weight_decay,
-        omb1,
-        omb2,
-        eps,
-        eps_root,
-        clamp_lo,
-        clamp_hi,
-        clip_lo,
-        clip_hi,
-        tr_eps,
-        wd_mode,
-        clip_mode,
-        adapt_enabled,
-        PDT=_pdt(pdt),
-        HAS_MASTER=has_master,
-        BC=bc_mode,
-        TILE=tile,
-        BLOCK=block,
-        SBLOCK=sblock,
-    )
+_partials_op("triton_lars_partials", "lars_partials_kernel", None)
+_update_op("triton_lars_update", "lars_update_kernel", "MOM")
+_partials_op("triton_lamb_partials", "lamb_moments_kernel", "BC")
+_update_op("triton_lamb_update", "lamb_update_kernel", "BC")
 
 
 @_register("triton_grad_sumsq", ("part",))
@@ -761,6 +593,83 @@ def _sums_for_apply(bucket: Bucket, ssq: torch.Tensor) -> torch.Tensor:
 # also reads the step/has_state snapshot launch 1 took, so apply must follow its bucket's partials.
 
 
+def _partials(
+    bucket: Bucket, op: str, scalars: list, fvals: list, ivals: list, mode: int
+) -> tuple[torch.Tensor, tuple]:
+    """Launch 1 of either kind through op ``op`` (NOTE [One launch sequence]): the per-segment sums as an
+    fp32 ``[3, S]`` view of the bucket's scratch, and the context launch 2 needs (this step's address table)."""
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    S = bucket.num_segments
+    addr = _addresses(bucket)
+    _op(op)(
+        addr,
+        bucket.wd_mask,
+        bucket.active,
+        bucket.step,
+        bucket.has_state,
+        scalars,
+        sc.part,
+        sc.snap,
+        sc.ssq,
+        sc.count,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        S,
+        fvals,
+        ivals,
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        mode,
+        TILE,
+        BLOCK,
+        RBLOCK,
+        SBLOCK,
+    )
+    return sc.ssq[: 3 * S].view(3, S), (addr,)
+
+
+def _apply(
+    bucket: Bucket, op: str, ssq: torch.Tensor, ctx: tuple, scalars: list, fvals: list, ivals: list, mode: int
+) -> None:
+    """Launch 2 of either kind through op ``op`` from the per-segment sums ``ssq`` (launch 1's or summed over
+    ranks) and launch 1's context."""
+    (addr,) = ctx
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    _op(op)(
+        addr,
+        bucket.wd_mask,
+        bucket.adapt_mask,
+        bucket.active,
+        bucket.seg_numel,
+        bucket.step,
+        bucket.has_state,
+        bucket.w_norm,
+        bucket.g_norm,
+        bucket.u_norm,
+        bucket.trust_ratio,
+        scalars,
+        _sums_for_apply(bucket, ssq),
+        sc.snap,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        fvals,
+        ivals,
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        mode,
+        TILE,
+        BLOCK,
+        SBLOCK,
+    )
+
+
 def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
     """(fp32 hyper-parameters, int modes, MOM) of launch 2, in the kernel's argument order."""
     mom_mode = triton_mom(cfg.momentum, cfg.momentum_mode)
@@ -805,75 +714,18 @@ def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]
     if (cfg.momentum != 0) != ("momentum_buffer" in bucket.state_names):
         raise RuntimeError(f"LARS: momentum={cfg.momentum} but the bucket's state is {bucket.state_names}")
     sc = _scratch(bucket)
-    tt = sc.tiles
-    addr = _addresses(bucket)
-    _op("triton_lars_partials")(
-        addr,
-        bucket.wd_mask,
-        bucket.active,
-        bucket.step,
-        bucket.has_state,
-        _t(cfg.inv_scale, sc.one),
-        _t(cfg.found_inf, sc.zero),
-        sc.part,
-        sc.snap,
-        sc.ssq,
-        sc.count,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        bucket.num_segments,
-        float(cfg.weight_decay),
-        -1.0 if cfg.maximize else 1.0,
-        _PDT_CODE[bucket.dtype],
-        bucket.uses_masters,
-        TILE,
-        BLOCK,
-        RBLOCK,
-        SBLOCK,
-    )
-    return sc.ssq[: 3 * bucket.num_segments].view(3, bucket.num_segments), (addr,)
+    scalars = [_t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero)]
+    fvals = [float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0]
+    return _partials(bucket, "triton_lars_partials", scalars, fvals, [], 0)
 
 
 def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """Launch 2: the LARS update from the per-segment sums ``ssq`` (``[3, S]``, as :func:`lars_partials`
     returns them, or summed over the ranks of a sharded bucket)."""
-    (addr,) = ctx
     sc = _scratch(bucket)
-    tt = sc.tiles
+    scalars = [_lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero)]
     fvals, ivals, mom_mode = _lars_values(cfg)
-    _op("triton_lars_update")(
-        addr,
-        bucket.wd_mask,
-        bucket.adapt_mask,
-        bucket.active,
-        bucket.seg_numel,
-        bucket.step,
-        bucket.has_state,
-        bucket.w_norm,
-        bucket.g_norm,
-        bucket.u_norm,
-        bucket.trust_ratio,
-        _lr_tensor(sc, cfg.lr),
-        _t(cfg.inv_scale, sc.one),
-        _t(cfg.found_inf, sc.zero),
-        _sums_for_apply(bucket, ssq),
-        sc.snap,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        bucket.num_segments,
-        fvals,
-        ivals,
-        _PDT_CODE[bucket.dtype],
-        bucket.uses_masters,
-        mom_mode,
-        TILE,
-        BLOCK,
-        SBLOCK,
-    )
+    _apply(bucket, "triton_lars_update", ssq, ctx, scalars, fvals, ivals, mom_mode)
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
@@ -889,10 +741,10 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
     tensor (0 for segments without a grad), and the step's context."""
     _check("LAMB", cfg, bucket)
     sc = _scratch(bucket)
-    tt = sc.tiles
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = sc.clip(clip)
+    scalars = [_lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), _t(clip, sc.one)]
     fvals = [
         float(cfg.weight_decay),
         -1.0 if cfg.maximize else 1.0,
@@ -904,45 +756,15 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
         float(cfg.eps),
         float(cfg.eps_root),
     ]
-    addr = _addresses(bucket)
-    _op("triton_lamb_partials")(
-        addr,
-        bucket.wd_mask,
-        bucket.active,
-        bucket.step,
-        bucket.has_state,
-        _lr_tensor(sc, cfg.lr),
-        _t(cfg.inv_scale, sc.one),
-        _t(cfg.found_inf, sc.zero),
-        _t(clip, sc.one),
-        sc.part,
-        sc.snap,
-        sc.ssq,
-        sc.count,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        bucket.num_segments,
-        fvals,
-        LAMB_WD[cfg.weight_decay_mode],
-        _PDT_CODE[bucket.dtype],
-        bucket.uses_masters,
-        BIAS[cfg.bias_correction],
-        TILE,
-        BLOCK,
-        RBLOCK,
-        SBLOCK,
-    )
-    return sc.ssq[: 3 * bucket.num_segments].view(3, bucket.num_segments), (addr,)
+    ivals = [LAMB_WD[cfg.weight_decay_mode]]
+    return _partials(bucket, "triton_lamb_partials", scalars, fvals, ivals, BIAS[cfg.bias_correction])
 
 
 def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """Launch 2: trust ratio from the per-segment sums ``ssq`` (``[3, S]``, as :func:`lamb_partials`
     returns them, or summed over ranks) and w <- w_d - lr * ratio * u (u recomputed from m, v)."""
-    (addr,) = ctx
     sc = _scratch(bucket)
-    tt = sc.tiles
+    scalars = [_lr_tensor(sc, cfg.lr), _t(cfg.found_inf, sc.zero)]
     fvals = [
         float(cfg.weight_decay),
         1.0 - float(cfg.beta1),
@@ -956,36 +778,7 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
         float(cfg.trust_ratio_eps),
     ]
     ivals = [LAMB_WD[cfg.weight_decay_mode], CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
-    _op("triton_lamb_update")(
-        addr,
-        bucket.wd_mask,
-        bucket.adapt_mask,
-        bucket.active,
-        bucket.seg_numel,
-        bucket.step,
-        bucket.has_state,
-        bucket.w_norm,
-        bucket.g_norm,
-        bucket.u_norm,
-        bucket.trust_ratio,
-        _lr_tensor(sc, cfg.lr),
-        _t(cfg.found_inf, sc.zero),
-        _sums_for_apply(bucket, ssq),
-        sc.snap,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        bucket.num_segments,
-        fvals,
-        ivals,
-        _PDT_CODE[bucket.dtype],
-        bucket.uses_masters,
-        BIAS[cfg.bias_correction],
-        TILE,
-        BLOCK,
-        SBLOCK,
-    )
+    _apply(bucket, "triton_lamb_update", ssq, ctx, scalars, fvals, ivals, BIAS[cfg.bias_correction])
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:

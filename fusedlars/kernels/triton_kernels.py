@@ -184,32 +184,28 @@ def _load_seg_sums(ssq_ptr, num_segs, s):
 
 
 @triton.jit
-def _lars_ratio(
-    ssq_w,
-    ssq_g,
-    ssq_u,
-    lam,
-    adapt,
-    t,
-    lr,
-    eta,
-    eps,
-    clamp_lo,
-    clamp_hi,
-    clip_lo,
-    clip_hi,
-    tv_lmbda,
-    tv_alpha,
-    tv_shift,
-    tv_gamma_min,
-    tv_gate,
-    den_mode,
-    check_mode,
-    zero_skip,
-    clip_mode,
-    use_tv,
-):
-    """Per-segment LARS scalars (scalars or [SBLOCK] vectors): (r, lam_eff, ||w||, ||g||, ||g+lam w||)."""
+def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, rargs):
+    """LARS's per-segment scalars (scalars or [SBLOCK] vectors) from ``ssq`` rows ``[w^2, g^2, (g+lam*w)^2]``
+    and the step count before this step ``t``: (r, lam_eff, ||w||, ||g||, ||g+lam w||). A ``SEG_RATIO`` of
+    :func:`_update_program`; ``rargs`` as :func:`lars_update_kernel` packs them."""
+    (
+        eta,
+        eps,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        tv_lmbda,
+        tv_alpha,
+        tv_shift,
+        tv_gamma_min,
+        tv_gate,
+        den_mode,
+        check_mode,
+        zero_skip,
+        clip_mode,
+        use_tv,
+    ) = rargs
     n_w_raw = tl.sqrt(ssq_w)
     n_g_raw = tl.sqrt(ssq_g)
     n_u_raw = tl.sqrt(ssq_u)
@@ -254,13 +250,17 @@ def _bias_corr(t, omb):
 
 
 @triton.jit
-def _lamb_ratio(ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode):
+def _lamb_ratio(ssq_w, ssq_u, ssq_g, lam, adapt, t, lr, rargs):
+    """LAMB's per-segment scalars from ``ssq`` rows ``[w_d^2, u^2, g^2]``: (r, lam, ||w_d||, ||g||, ||u||)
+    (the decay is never skipped; ``t`` unused). A ``SEG_RATIO`` of :func:`_update_program`; ``rargs`` as
+    :func:`lamb_update_kernel` packs them."""
+    clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode = rargs
     n_w_raw = tl.sqrt(ssq_w)
     n_u = tl.sqrt(ssq_u)
     n_w = _clamp(n_w_raw, clamp_lo, clamp_hi)
     ratio = tl.where((n_w > 0) & (n_u > 0), n_w / (n_u + tr_eps), 1.0)
     r = tl.where(adapt != 0, _clip(ratio, lr, clip_mode, clip_lo, clip_hi), 1.0)
-    return r, n_w_raw, n_u
+    return r, lam, n_w_raw, tl.sqrt(ssq_g), n_u
 
 
 @triton.jit
@@ -377,8 +377,243 @@ def _segment_prologue(
 
 
 # ------------------------------------------------------------------------------------------
-# LARS
+# the two-phase skeleton, written once for both kinds
 # ------------------------------------------------------------------------------------------
+# NOTE: [One skeleton] Every kernel of both kinds is one of two program skeletons,
+# :func:`_partials_program` (launch 1) and :func:`_update_program` (launch 2): the grid split,
+# the GradScaler skip, the segment programs, the tile geometry, the partials and their
+# reduction, the per-segment outputs. A kind supplies only constexpr jitted functions (its
+# per-tile launch-1 work, its trust ratio, its per-tile update) and tuples of the scalars they
+# read, which the skeleton passes through untouched. The kernels stay separate entry points per
+# kind and phase (their names, signatures and compiled variants are the launch contract of
+# triton.py), each a single call of its skeleton.
+@triton.jit
+def _on_path(BODY: tl.constexpr, fast, args, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """``BODY(*args, FAST, TILE, BLOCK)`` (a tile loop body returning its accumulators) on the vector path
+    when ``fast``, else masked (NOTE [Vector path]): the same body instantiated twice, values equal."""
+    if fast:
+        out = BODY(*args, True, TILE, BLOCK)
+    else:
+        out = BODY(*args, False, TILE, BLOCK)
+    return out
+
+
+@triton.jit
+def _on_path_void(BODY: tl.constexpr, fast, args, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """:func:`_on_path` for a body that only stores (Triton cannot carry a ``None`` out of a branch)."""
+    if fast:
+        BODY(*args, True, TILE, BLOCK)
+    else:
+        BODY(*args, False, TILE, BLOCK)
+
+
+@triton.jit
+def _aligned_or(
+    addr_ptr, num_segs, s, HAS_MASTER: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, NSTATE: tl.constexpr
+):
+    """OR of the base addresses a tile dereferences (for :func:`_fast`): the param when ``PARAM`` (and always
+    when there are no masters: the param is then the weights), the first ``NSTATE`` state buffers, the grad
+    when ``GRAD``, the master when there are masters. A buffer the tile body dereferences but this OR leaves
+    out would be accessed with vector instructions at a misaligned address. (The order of the ORs is each
+    kind's order before the kinds shared this helper: it does not change the value, but ptxas's register
+    allocation of ``lamb_moments_kernel`` follows it.)"""
+    row = _state_row(HAS_MASTER)
+    if PARAM or not HAS_MASTER:
+        a = _addr(addr_ptr, 0, num_segs, s)
+        for i in tl.static_range(NSTATE):
+            a = a | _addr(addr_ptr, row + i, num_segs, s)
+        if GRAD:
+            a = a | _addr(addr_ptr, 1, num_segs, s)
+        if HAS_MASTER:
+            a = a | _addr(addr_ptr, 2, num_segs, s)
+    else:  # the weights are the master, the param is not dereferenced
+        a = _addr(addr_ptr, 2, num_segs, s)
+        for i in tl.static_range(NSTATE):
+            a = a | _addr(addr_ptr, row + i, num_segs, s)
+        if GRAD:
+            a = a | _addr(addr_ptr, 1, num_segs, s)
+    return a
+
+
+@triton.jit
+def _partials_program(
+    TILE_SUMS: tl.constexpr,
+    kargs,
+    addr_ptr,
+    wd_mask_ptr,
+    active_ptr,
+    step_ptr,
+    has_ptr,
+    found_inf_ptr,
+    part_ptr,
+    snap_ptr,
+    ssq_ptr,
+    count_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MODE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    RBLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
+):
+    """Launch 1 of either kind. Programs below ``num_tiles``: an active tile of a step that is not skipped
+    runs ``TILE_SUMS(addr_ptr, num_segs, s, start, n, wd_mask_ptr, weight_decay, kargs, PDT, HAS_MASTER, MODE,
+    TILE, BLOCK)``
+    (the kind's tile work; it returns the tile's three elementwise accumulators in ``ssq`` row order),
+    then stores its partials and, if last to arrive, reduces its segment. The others: the segment
+    prologue (snapshot, zeroed sums)."""
+    pid = tl.program_id(0)
+    go = tl.load(found_inf_ptr).to(tl.float32) == 0
+    if pid >= num_tiles:
+        _segment_prologue(
+            step_ptr,
+            has_ptr,
+            snap_ptr,
+            ssq_ptr,
+            active_ptr,
+            seg_tile_ptr,
+            found_inf_ptr,
+            pid - num_tiles,
+            num_segs,
+            SBLOCK,
+        )
+    else:
+        s = tl.load(tile_seg_ptr + pid)
+        if go & (tl.load(active_ptr + s) != 0):
+            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
+            acc0, acc1, acc2 = TILE_SUMS(
+                addr_ptr, num_segs, s, start, n, wd_mask_ptr, weight_decay, kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK
+            )
+            _store_partials_and_reduce(
+                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc0, acc1, acc2, RBLOCK
+            )
+
+
+@triton.jit
+def _update_program(
+    SEG_RATIO: tl.constexpr,
+    TILE_UPDATE: tl.constexpr,
+    rargs,
+    kargs,
+    addr_ptr,
+    wd_mask_ptr,
+    adapt_mask_ptr,
+    active_ptr,
+    seg_numel_ptr,
+    step_ptr,
+    has_ptr,
+    w_norm_ptr,
+    g_norm_ptr,
+    u_norm_ptr,
+    ratio_ptr,
+    lr_ptr,
+    found_inf_ptr,
+    ssq_ptr,
+    snap_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    adapt_enabled,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MODE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SBLOCK: tl.constexpr,
+):
+    """Launch 2 of either kind (nothing when the step is skipped). ``SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt,
+    t, lr, rargs) -> (r, lam_eff, ||w||, ||g||, ||u||)`` is the kind's trust ratio (``t``: the step count
+    before this step), evaluated on zero sums for the empty segments of the segment programs and on the
+    segment's sums in every tile program; the segment's first tile stores the outputs. Then
+    ``TILE_UPDATE(addr_ptr, num_segs, s, start, n, t, has, r, lam_eff, lr, kargs, PDT, HAS_MASTER, MODE,
+    TILE, BLOCK)`` updates the tile (``t``, ``has``: launch 1's snapshot of the step count and has_state;
+    LAMB reads no ``has``, and its compiled kernel drops the unused load)."""
+    pid = tl.program_id(0)
+    go = tl.load(found_inf_ptr).to(tl.float32) == 0
+    lr = tl.load(lr_ptr).to(tl.float32)
+    if go:
+        if pid >= num_tiles:
+            # segments without tiles (empty params): norms are 0
+            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
+            lam = weight_decay * tl.load(wd_mask_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
+            t = tl.load(step_ptr + offs, mask=m, other=0.0)
+            zero = tl.zeros([SBLOCK], dtype=tl.float32)
+            r, lam_eff, n_w, n_g, n_u = SEG_RATIO(zero, zero, zero, lam, adapt, t, lr, rargs)
+            _store_seg_outputs(
+                w_norm_ptr,
+                g_norm_ptr,
+                u_norm_ptr,
+                ratio_ptr,
+                has_ptr,
+                step_ptr,
+                offs,
+                m,
+                n_w,
+                n_g,
+                n_u,
+                r,
+                zero + 1.0,
+                t + 1.0,
+            )
+        else:
+            s = tl.load(tile_seg_ptr + pid)
+            if tl.load(active_ptr + s) != 0:
+                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
+                ssq0, ssq1, ssq2 = _load_seg_sums(ssq_ptr, num_segs, s)
+                # launch 1's snapshot: the step count and has_state before this step
+                t = tl.load(snap_ptr + s)
+                has = tl.load(snap_ptr + num_segs + s) != 0
+                lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
+                adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
+                r, lam_eff, n_w, n_g, n_u = SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt, t, lr, rargs)
+                # the segment's first tile writes its outputs
+                _store_seg_outputs(
+                    w_norm_ptr,
+                    g_norm_ptr,
+                    u_norm_ptr,
+                    ratio_ptr,
+                    has_ptr,
+                    step_ptr,
+                    s,
+                    pid == lo,
+                    n_w,
+                    n_g,
+                    n_u,
+                    r,
+                    1.0,
+                    t + 1.0,
+                )
+                TILE_UPDATE(
+                    addr_ptr,
+                    num_segs,
+                    s,
+                    start,
+                    n,
+                    t,
+                    has,
+                    r,
+                    lam_eff,
+                    lr,
+                    kargs,
+                    PDT,
+                    HAS_MASTER,
+                    MODE,
+                    TILE,
+                    BLOCK,
+                )
+
+
 @triton.jit
 def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr):
     """Pointer to the weights of segment s (fp32 master when there are masters, else the param)."""
@@ -389,6 +624,9 @@ def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl
     return w
 
 
+# ------------------------------------------------------------------------------------------
+# LARS
+# ------------------------------------------------------------------------------------------
 @triton.jit
 def _lars_tile_sums(
     addr_ptr,
@@ -422,6 +660,32 @@ def _lars_tile_sums(
     return acc_w, acc_g, acc_u
 
 
+@triton.jit
+def _lars_partials_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    wd_mask_ptr,
+    weight_decay,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MODE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """LARS's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (inv_scale_ptr, sign)."""
+    inv_scale_ptr, sign = kargs
+    inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
+    lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
+    fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, False, True, 0), TILE)
+    return _on_path(
+        _lars_tile_sums, fast, (addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER), TILE, BLOCK
+    )
+
+
 @triton.jit(do_not_specialize=["num_tiles", "num_segs"])
 def lars_partials_kernel(
     addr_ptr,
@@ -451,42 +715,33 @@ def lars_partials_kernel(
 ):
     """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
     their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
-    pid = tl.program_id(0)
-    go = tl.load(found_inf_ptr).to(tl.float32) == 0
-    if pid >= num_tiles:
-        _segment_prologue(
-            step_ptr,
-            has_ptr,
-            snap_ptr,
-            ssq_ptr,
-            active_ptr,
-            seg_tile_ptr,
-            found_inf_ptr,
-            pid - num_tiles,
-            num_segs,
-            SBLOCK,
-        )
-    else:
-        s = tl.load(tile_seg_ptr + pid)
-        if go & (tl.load(active_ptr + s) != 0):
-            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-            inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
-            lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-            if HAS_MASTER:
-                aw = _addr(addr_ptr, 2, num_segs, s)
-            else:
-                aw = _addr(addr_ptr, 0, num_segs, s)
-            if _fast(n, aw | _addr(addr_ptr, 1, num_segs, s), TILE):
-                acc_w, acc_g, acc_u = _lars_tile_sums(
-                    addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER, True, TILE, BLOCK
-                )
-            else:
-                acc_w, acc_g, acc_u = _lars_tile_sums(
-                    addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER, False, TILE, BLOCK
-                )
-            _store_partials_and_reduce(
-                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc_w, acc_g, acc_u, RBLOCK
-            )
+    _partials_program(
+        _lars_partials_tile,
+        (inv_scale_ptr, sign),
+        addr_ptr,
+        wd_mask_ptr,
+        active_ptr,
+        step_ptr,
+        has_ptr,
+        found_inf_ptr,
+        part_ptr,
+        snap_ptr,
+        ssq_ptr,
+        count_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
+        PDT,
+        HAS_MASTER,
+        0,
+        TILE,
+        BLOCK,
+        RBLOCK,
+        SBLOCK,
+    )
 
 
 @triton.jit
@@ -548,6 +803,65 @@ def _lars_tile_update(
         if HAS_MASTER:
             _st(wp, offs, w_new, m, FAST)
         _st(pp, offs, w_new.to(PDT), m, FAST)
+
+
+@triton.jit
+def _lars_update_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    t,
+    has,
+    r,
+    lam_eff,
+    lr,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MOM: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """LARS's ``TILE_UPDATE`` (:func:`_update_program`); kargs = (inv_scale_ptr, sign, momentum, dampening,
+    wd_mode, nesterov, clone_first)."""
+    inv_scale_ptr, sign, momentum, dampening, wd_mode, nesterov, clone_first = kargs
+    inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
+    # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
+    if MOM == MOM_TORCH:
+        c_new = tl.where(has | (clone_first == 0), 1.0 - dampening, 1.0)
+    else:
+        c_new = lr
+    if MOM != MOM_NONE:
+        aligned = _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 1)
+    else:
+        aligned = _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 0)
+    _on_path_void(
+        _lars_tile_update,
+        _fast(n, aligned, TILE),
+        (
+            addr_ptr,
+            num_segs,
+            s,
+            start,
+            n,
+            inv_scale,
+            r,
+            lam_eff,
+            lr,
+            has,
+            c_new,
+            momentum,
+            wd_mode,
+            nesterov,
+            PDT,
+            HAS_MASTER,
+            MOM,
+        ),
+        TILE,
+        BLOCK,
+    )
 
 
 @triton.jit(
@@ -621,166 +935,58 @@ def lars_update_kernel(
 ):
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
     ratio, momentum update, store."""
-    pid = tl.program_id(0)
-    go = tl.load(found_inf_ptr).to(tl.float32) == 0
-    lr = tl.load(lr_ptr).to(tl.float32)
-    if go:
-        if pid >= num_tiles:
-            # segments without tiles (empty params): norms are 0
-            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
-            lam = weight_decay * tl.load(wd_mask_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
-            t = tl.load(step_ptr + offs, mask=m, other=0.0)
-            zero = tl.zeros([SBLOCK], dtype=tl.float32)
-            r, lam_eff, n_w, n_g, n_u = _lars_ratio(
-                zero,
-                zero,
-                zero,
-                lam,
-                adapt,
-                t,
-                lr,
-                eta,
-                eps,
-                clamp_lo,
-                clamp_hi,
-                clip_lo,
-                clip_hi,
-                tv_lmbda,
-                tv_alpha,
-                tv_shift,
-                tv_gamma_min,
-                tv_gate,
-                den_mode,
-                check_mode,
-                zero_skip,
-                clip_mode,
-                use_tv,
-            )
-            _store_seg_outputs(
-                w_norm_ptr,
-                g_norm_ptr,
-                u_norm_ptr,
-                ratio_ptr,
-                has_ptr,
-                step_ptr,
-                offs,
-                m,
-                n_w,
-                n_g,
-                n_u,
-                r,
-                zero + 1.0,
-                t + 1.0,
-            )
-        else:
-            s = tl.load(tile_seg_ptr + pid)
-            if tl.load(active_ptr + s) != 0:
-                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-                ssq_w, ssq_g, ssq_u = _load_seg_sums(ssq_ptr, num_segs, s)
-                t = tl.load(snap_ptr + s)
-                has = tl.load(snap_ptr + num_segs + s) != 0
-                lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-                adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
-                r, lam_eff, n_w, n_g, n_u = _lars_ratio(
-                    ssq_w,
-                    ssq_g,
-                    ssq_u,
-                    lam,
-                    adapt,
-                    t,
-                    lr,
-                    eta,
-                    eps,
-                    clamp_lo,
-                    clamp_hi,
-                    clip_lo,
-                    clip_hi,
-                    tv_lmbda,
-                    tv_alpha,
-                    tv_shift,
-                    tv_gamma_min,
-                    tv_gate,
-                    den_mode,
-                    check_mode,
-                    zero_skip,
-                    clip_mode,
-                    use_tv,
-                )
-                # the segment's first tile writes its outputs
-                _store_seg_outputs(
-                    w_norm_ptr,
-                    g_norm_ptr,
-                    u_norm_ptr,
-                    ratio_ptr,
-                    has_ptr,
-                    step_ptr,
-                    s,
-                    pid == lo,
-                    n_w,
-                    n_g,
-                    n_u,
-                    r,
-                    1.0,
-                    t + 1.0,
-                )
-                inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
-                # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
-                if MOM == MOM_TORCH:
-                    c_new = tl.where(has | (clone_first == 0), 1.0 - dampening, 1.0)
-                else:
-                    c_new = lr
-                aligned = _addr(addr_ptr, 0, num_segs, s) | _addr(addr_ptr, 1, num_segs, s)
-                if HAS_MASTER:
-                    aligned = aligned | _addr(addr_ptr, 2, num_segs, s)
-                if MOM != MOM_NONE:
-                    aligned = aligned | _addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s)
-                if _fast(n, aligned, TILE):
-                    _lars_tile_update(
-                        addr_ptr,
-                        num_segs,
-                        s,
-                        start,
-                        n,
-                        inv_scale,
-                        r,
-                        lam_eff,
-                        lr,
-                        has,
-                        c_new,
-                        momentum,
-                        wd_mode,
-                        nesterov,
-                        PDT,
-                        HAS_MASTER,
-                        MOM,
-                        True,
-                        TILE,
-                        BLOCK,
-                    )
-                else:
-                    _lars_tile_update(
-                        addr_ptr,
-                        num_segs,
-                        s,
-                        start,
-                        n,
-                        inv_scale,
-                        r,
-                        lam_eff,
-                        lr,
-                        has,
-                        c_new,
-                        momentum,
-                        wd_mode,
-                        nesterov,
-                        PDT,
-                        HAS_MASTER,
-                        MOM,
-                        False,
-                        TILE,
-                        BLOCK,
-                    )
+    rargs = (
+        eta,
+        eps,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        tv_lmbda,
+        tv_alpha,
+        tv_shift,
+        tv_gamma_min,
+        tv_gate,
+        den_mode,
+        check_mode,
+        zero_skip,
+        clip_mode,
+        use_tv,
+    )
+    _update_program(
+        _lars_ratio,
+        _lars_update_tile,
+        rargs,
+        (inv_scale_ptr, sign, momentum, dampening, wd_mode, nesterov, clone_first),
+        addr_ptr,
+        wd_mask_ptr,
+        adapt_mask_ptr,
+        active_ptr,
+        seg_numel_ptr,
+        step_ptr,
+        has_ptr,
+        w_norm_ptr,
+        g_norm_ptr,
+        u_norm_ptr,
+        ratio_ptr,
+        lr_ptr,
+        found_inf_ptr,
+        ssq_ptr,
+        snap_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
+        adapt_enabled,
+        PDT,
+        HAS_MASTER,
+        MOM,
+        TILE,
+        BLOCK,
+        SBLOCK,
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -793,18 +999,6 @@ def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
     else:
         u = m / (tl.sqrt(v + eps_root) + eps)
     return u
-
-
-@triton.jit
-def _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER: tl.constexpr, WITH_GRAD: tl.constexpr):
-    """OR of the base addresses a LAMB tile touches (param, [grad], [master], exp_avg, exp_avg_sq)."""
-    row = _state_row(HAS_MASTER)
-    a = _addr(addr_ptr, 0, num_segs, s) | _addr(addr_ptr, row, num_segs, s) | _addr(addr_ptr, row + 1, num_segs, s)
-    if WITH_GRAD:
-        a = a | _addr(addr_ptr, 1, num_segs, s)
-    if HAS_MASTER:
-        a = a | _addr(addr_ptr, 2, num_segs, s)
-    return a
 
 
 @triton.jit
@@ -865,6 +1059,64 @@ def _lamb_tile_moments(
     return acc_w, acc_u, acc_g
 
 
+@triton.jit
+def _lamb_partials_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    wd_mask_ptr,
+    weight_decay,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """LAMB's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr,
+    sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode)."""
+    lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode = kargs
+    lr = tl.load(lr_ptr).to(tl.float32)
+    gscale = tl.load(inv_scale_ptr).to(tl.float32) * sign
+    clip = tl.load(clip_ptr).to(tl.float32)
+    lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
+    t = tl.load(step_ptr + s).to(tl.float32) + 1.0
+    bc1 = _bias_corr(t, omb1)
+    bc2 = _bias_corr(t, omb2)
+    fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 2), TILE)
+    return _on_path(
+        _lamb_tile_moments,
+        fast,
+        (
+            addr_ptr,
+            num_segs,
+            s,
+            start,
+            n,
+            gscale,
+            clip,
+            lam,
+            lr,
+            bc1,
+            bc2,
+            beta1,
+            beta2,
+            beta3,
+            omb2,
+            eps,
+            eps_root,
+            wd_mode,
+            PDT,
+            HAS_MASTER,
+            BC,
+        ),
+        TILE,
+        BLOCK,
+    )
+
+
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode"])
 def lamb_moments_kernel(
     addr_ptr,
@@ -905,89 +1157,33 @@ def lamb_moments_kernel(
 ):
     """Launch 1: new m, v (stored); per tile sums of w_d^2, u^2 and g^2 (before L2); per segment their
     totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
-    pid = tl.program_id(0)
-    go = tl.load(found_inf_ptr).to(tl.float32) == 0
-    if pid >= num_tiles:
-        _segment_prologue(
-            step_ptr,
-            has_ptr,
-            snap_ptr,
-            ssq_ptr,
-            active_ptr,
-            seg_tile_ptr,
-            found_inf_ptr,
-            pid - num_tiles,
-            num_segs,
-            SBLOCK,
-        )
-    else:
-        s = tl.load(tile_seg_ptr + pid)
-        if go & (tl.load(active_ptr + s) != 0):
-            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-            lr = tl.load(lr_ptr).to(tl.float32)
-            gscale = tl.load(inv_scale_ptr).to(tl.float32) * sign
-            clip = tl.load(clip_ptr).to(tl.float32)
-            lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-            t = tl.load(step_ptr + s).to(tl.float32) + 1.0
-            bc1 = _bias_corr(t, omb1)
-            bc2 = _bias_corr(t, omb2)
-            if _fast(n, _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER, True), TILE):
-                acc_w, acc_u, acc_g = _lamb_tile_moments(
-                    addr_ptr,
-                    num_segs,
-                    s,
-                    start,
-                    n,
-                    gscale,
-                    clip,
-                    lam,
-                    lr,
-                    bc1,
-                    bc2,
-                    beta1,
-                    beta2,
-                    beta3,
-                    omb2,
-                    eps,
-                    eps_root,
-                    wd_mode,
-                    PDT,
-                    HAS_MASTER,
-                    BC,
-                    True,
-                    TILE,
-                    BLOCK,
-                )
-            else:
-                acc_w, acc_u, acc_g = _lamb_tile_moments(
-                    addr_ptr,
-                    num_segs,
-                    s,
-                    start,
-                    n,
-                    gscale,
-                    clip,
-                    lam,
-                    lr,
-                    bc1,
-                    bc2,
-                    beta1,
-                    beta2,
-                    beta3,
-                    omb2,
-                    eps,
-                    eps_root,
-                    wd_mode,
-                    PDT,
-                    HAS_MASTER,
-                    BC,
-                    False,
-                    TILE,
-                    BLOCK,
-                )
-            _store_partials_and_reduce(
-                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc_w, acc_u, acc_g, RBLOCK
-            )
+    _partials_program(
+        _lamb_partials_tile,
+        (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode),
+        addr_ptr,
+        wd_mask_ptr,
+        active_ptr,
+        step_ptr,
+        has_ptr,
+        found_inf_ptr,
+        part_ptr,
+        snap_ptr,
+        ssq_ptr,
+        count_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
+        PDT,
+        HAS_MASTER,
+        BC,
+        TILE,
+        BLOCK,
+        RBLOCK,
+        SBLOCK,
+    )
 
 
 @triton.jit
@@ -1031,6 +1227,44 @@ def _lamb_tile_update(
         if HAS_MASTER:
             _st(wp, offs, w_new, msk, FAST)
         _st(pp, offs, w_new.to(PDT), msk, FAST)
+
+
+@triton.jit
+def _lamb_update_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    t,
+    has,
+    r,
+    lam,
+    lr,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """LAMB's ``TILE_UPDATE`` (:func:`_update_program`); kargs = (omb1, omb2, eps, eps_root, wd_mode). The bias
+    corrections are those of the new step count ``t + 1``, as launch 1's."""
+    omb1, omb2, eps, eps_root, wd_mode = kargs
+    bc1 = _bias_corr(t + 1.0, omb1)
+    bc2 = _bias_corr(t + 1.0, omb2)
+    if BC == BC_FIRST_OUTSIDE:
+        scale = r / bc1
+    else:
+        scale = r
+    fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, False, 2), TILE)
+    _on_path_void(
+        _lamb_tile_update,
+        fast,
+        (addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC),
+        TILE,
+        BLOCK,
+    )
 
 
 @triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
@@ -1077,111 +1311,40 @@ def lamb_update_kernel(
 ):
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
     ratio, w <- w_d - lr*s*r*u (u from the new m, v)."""
-    pid = tl.program_id(0)
-    go = tl.load(found_inf_ptr).to(tl.float32) == 0
-    lr = tl.load(lr_ptr).to(tl.float32)
-    if go:
-        if pid >= num_tiles:
-            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
-            adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
-            t = tl.load(step_ptr + offs, mask=m, other=0.0)
-            zero = tl.zeros([SBLOCK], dtype=tl.float32)
-            r, n_w, n_u = _lamb_ratio(zero, zero, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode)
-            _store_seg_outputs(
-                w_norm_ptr,
-                g_norm_ptr,
-                u_norm_ptr,
-                ratio_ptr,
-                has_ptr,
-                step_ptr,
-                offs,
-                m,
-                n_w,
-                zero,
-                n_u,
-                r,
-                zero + 1.0,
-                t + 1.0,
-            )
-        else:
-            s = tl.load(tile_seg_ptr + pid)
-            if tl.load(active_ptr + s) != 0:
-                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-                ssq_w, ssq_u, ssq_g = _load_seg_sums(ssq_ptr, num_segs, s)
-                t0 = tl.load(snap_ptr + s)
-                t = t0 + 1.0
-                lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-                adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
-                r, n_w, n_u = _lamb_ratio(
-                    ssq_w, ssq_u, adapt, lr, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode
-                )
-                # the segment's first tile writes its outputs
-                _store_seg_outputs(
-                    w_norm_ptr,
-                    g_norm_ptr,
-                    u_norm_ptr,
-                    ratio_ptr,
-                    has_ptr,
-                    step_ptr,
-                    s,
-                    pid == lo,
-                    n_w,
-                    tl.sqrt(ssq_g),
-                    n_u,
-                    r,
-                    1.0,
-                    t,
-                )
-                bc1 = _bias_corr(t, omb1)
-                bc2 = _bias_corr(t, omb2)
-                if BC == BC_FIRST_OUTSIDE:
-                    scale = r / bc1
-                else:
-                    scale = r
-                if _fast(n, _lamb_aligned(addr_ptr, num_segs, s, HAS_MASTER, False), TILE):
-                    _lamb_tile_update(
-                        addr_ptr,
-                        num_segs,
-                        s,
-                        start,
-                        n,
-                        lam,
-                        lr,
-                        scale,
-                        bc1,
-                        bc2,
-                        eps,
-                        eps_root,
-                        wd_mode,
-                        PDT,
-                        HAS_MASTER,
-                        BC,
-                        True,
-                        TILE,
-                        BLOCK,
-                    )
-                else:
-                    _lamb_tile_update(
-                        addr_ptr,
-                        num_segs,
-                        s,
-                        start,
-                        n,
-                        lam,
-                        lr,
-                        scale,
-                        bc1,
-                        bc2,
-                        eps,
-                        eps_root,
-                        wd_mode,
-                        PDT,
-                        HAS_MASTER,
-                        BC,
-                        False,
-                        TILE,
-                        BLOCK,
-                    )
+    _update_program(
+        _lamb_ratio,
+        _lamb_update_tile,
+        (clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode),
+        (omb1, omb2, eps, eps_root, wd_mode),
+        addr_ptr,
+        wd_mask_ptr,
+        adapt_mask_ptr,
+        active_ptr,
+        seg_numel_ptr,
+        step_ptr,
+        has_ptr,
+        w_norm_ptr,
+        g_norm_ptr,
+        u_norm_ptr,
+        ratio_ptr,
+        lr_ptr,
+        found_inf_ptr,
+        ssq_ptr,
+        snap_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
+        adapt_enabled,
+        PDT,
+        HAS_MASTER,
+        BC,
+        TILE,
+        BLOCK,
+        SBLOCK,
+    )
 
 
 # ------------------------------------------------------------------------------------------
