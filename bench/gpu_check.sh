@@ -10,6 +10,8 @@
 #   versions   torch / triton / CUDA / driver / nvcc / compute-sanitizer versions, the device
 #   build      the extension for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), in place
 #   tests      the CUDA and Triton test suites on the GPU (junit XML in OUT/tests.xml)
+#   fused      the suite every fused backend passes (tests/test_fused_backends.py), its cuda and
+#              triton cases (junit XML in OUT/fused.xml)
 #   selftest   `fusedlars selftest` on the GPU (OUT/selftest.json)
 #   launches   kernel launches per step per fused backend (profiler events, OUT/launches.json)
 #   sanitizer  compute-sanitizer memcheck, racecheck, synccheck on a small step of every kernel
@@ -85,6 +87,12 @@ if (( DRY )); then
   step tests 120 $PY -m pytest -q -p no:cacheprovider --collect-only "${TESTS[@]}"
 else
   step tests 150 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/tests.xml" "${TESTS[@]}"
+fi
+FUSED=(tests/test_fused_backends.py -k "cuda or triton")
+if (( DRY )); then
+  step fused 120 $PY -m pytest -q -p no:cacheprovider --collect-only "${FUSED[@]}"
+else
+  step fused 120 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/fused.xml" "${FUSED[@]}"
 fi
 
 # --- selftest ---------------------------------------------------------------------------------------

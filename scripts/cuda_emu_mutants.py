@@ -26,7 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "csrc" / "cuda" / "fused_kernels.cu"
-TESTS = ["tests/test_cuda_emulated.py", "tests/test_cuda_backend.py"]
+# the shared suite's cuda cases (-k cuda keeps every test of the test_cuda_* files: their module names match)
+TESTS = ["tests/test_cuda_emulated.py", "tests/test_cuda_backend.py", "tests/test_fused_backends.py", "-k", "cuda"]
 
 # (name, text, replacement, which occurrence (0-based) when the text occurs more than once)
 MUTANTS: list[tuple[str, str, str, int]] = [
