@@ -19,6 +19,7 @@ import torch
 
 import fusedlars
 from fusedlars import kernels
+from fusedlars.selftest import SHAPES as SELFTEST_SHAPES
 
 from helpers import assert_bitwise_equal, make_named_params, run_named, snapshot
 
@@ -35,18 +36,9 @@ def test_extension_present():
 
 pytestmark_ext = pytest.mark.skipif(not OK, reason=f"cpu backend unavailable: {WHY}")
 
-# odd sizes: single element, < one vector, > one tile (16384) by 1, several tiles, empty, 2-D, 4-D
-SHAPES = [
-    ("a", (1,)),
-    ("b", (3,)),
-    ("c", (4097,)),
-    ("d", (65537,)),
-    ("e", (0,)),
-    ("fc.weight", (33, 72)),
-    ("conv.weight", (8, 3, 3, 5)),
-    ("zero_w", (40, 17)),  # zero-initialised weight
-    ("zero_g", (19, 7)),  # gradient always zero
-]
+# odd sizes (the self-test's): one element, < one vector, > one tile (16384) by 1, several tiles,
+# empty, 2-D, 4-D, a zero weight, a zero grad
+SHAPES = SELFTEST_SHAPES
 
 
 def make_params(dtype=torch.float32, shapes=SHAPES, seed=0):

@@ -28,6 +28,7 @@ import torch
 import fusedlars
 from fusedlars import kernels
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
+from fusedlars.selftest import SHAPES as SELFTEST_SHAPES
 
 from helpers import (
     assert_backend_matches_reference,
@@ -42,20 +43,9 @@ from helpers import (
 
 HAVE_GPU = torch.cuda.is_available()
 
-# odd sizes: one element, fewer than a vector, a tile (CPU/CUDA 16384 elements) plus one and several
-# tiles, empty, 2-D and 4-D weights, a zero-initialised weight, a gradient that is always zero
-SHAPES = [
-    ("a", (1,)),
-    ("b", (3,)),
-    ("c", (4097,)),
-    ("d", (65537,)),
-    ("e", (0,)),
-    ("fc.weight", (33, 72)),
-    ("conv.weight", (8, 3, 3, 5)),
-    ("zero_w", (40, 17)),
-    ("zero_g", (19, 7)),
-]
-
+# the self-test's shapes: one element, fewer than a vector, a tile (CPU/CUDA 16384 elements) plus one
+# and several tiles, empty, 2-D and 4-D weights, a zero-initialised weight, a gradient always zero
+SHAPES = SELFTEST_SHAPES
 INTERPRETED_SHAPES = [(n, (2049,) if n == "d" else s) for n, s in SHAPES]
 
 
