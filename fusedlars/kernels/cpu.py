@@ -49,58 +49,11 @@ _WHY_NOT = _load()
 def _register_fakes() -> None:
     """Fake (meta) kernels, so the ops trace under torch.compile / FakeTensor (see torch.library.opcheck)."""
 
-    @torch.library.register_fake("fusedlars::lars_step_cpu")
-    def _lars_fake(
-        params,
-        grads,
-        masters,
-        momentum,
-        seg_ids,
-        wd_mask,
-        adapt_mask,
-        has_state,
-        step,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        lr,
-        inv_scale,
-        found_inf,
-        w_sumsq,
-        sums,
-        phase,
-        hyper,
-        modes,
-    ):
+    def _step_fake(*args, **kwargs):  # the step ops return nothing (they write their arguments)
         return None
 
-    @torch.library.register_fake("fusedlars::lamb_step_cpu")
-    def _lamb_fake(
-        params,
-        grads,
-        masters,
-        exp_avg,
-        exp_avg_sq,
-        seg_ids,
-        wd_mask,
-        adapt_mask,
-        has_state,
-        step,
-        w_norm,
-        g_norm,
-        u_norm,
-        trust_ratio,
-        lr,
-        inv_scale,
-        found_inf,
-        clip_coef,
-        sums,
-        phase,
-        hyper,
-        modes,
-    ):
-        return None
+    for op in ("lars_step_cpu", "lamb_step_cpu"):
+        torch.library.register_fake(f"fusedlars::{op}")(_step_fake)
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cpu")
     def _sumsq_fake(grads, inv_scale):
