@@ -29,7 +29,7 @@ sharded bucket all-reduces.
 
 Costs (ResNet-50, fp32, CPU, defaults): LARS 3 dot passes (w.w, g.g, g.w: NOTE [Update norm from a
 cross term]) + 4 in-place passes, LAMB 3 + 10; each foreach op is one ATen call per tensor (per
-chunk for the norms). Measured side by side on a 2-core Ice Lake VM: 3.3x (LARS) and 3.5x (LAMB)
+chunk for the norms). Measured side by side on a 2-core Ice Lake VM, two runs each: 3.3-3.6x (LARS) and 3.5-3.8x (LAMB)
 the fused ``cpu`` step. A foreach op whose per-layer scalar is a
 list of 0-dim tensors takes torch's per-tensor path on GPUs too (one kernel per tensor). On a CPU
 shared with other processes, each per-tensor op over 32K elements is a parallel region that can

@@ -60,14 +60,7 @@ class DispatchMixin:
                 "Pass fused=None to let backend='auto' use the torch backend for it."
             )
         if self.backend != "auto":
-            mod = kernels.get(self.backend)
-            why = mod.supports(self._KIND, cfg, bucket)
-            if why:
-                raise RuntimeError(
-                    f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
-                    "Use backend='torch' for it, or backend='auto'."
-                )
-            return mod
+            return self._named_backend(kernels.get(self.backend), bucket, cfg)
         for name in kernels.auto_order(bucket.device.type):
             ok, _ = kernels.status(name)
             if not ok:
@@ -77,6 +70,16 @@ class DispatchMixin:
                 continue
             return mod
         return kernels.get("torch")
+
+    def _named_backend(self, mod: Backend, bucket: Bucket, cfg) -> Backend:
+        """The backend the user named (``backend=``), or an error saying why it does not run this bucket."""
+        why = mod.supports(self._KIND, cfg, bucket)
+        if why:
+            raise RuntimeError(
+                f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
+                "Use backend='torch' for it, or backend='auto'."
+            )
+        return mod
 
     def _sharded_backend(self, bucket: Bucket, cfg) -> Backend:
         """The backend of a sharded (FSDP2) bucket: one with the ``partials`` / ``apply`` split around
@@ -92,13 +95,7 @@ class DispatchMixin:
                     f"no {split[0]}/{split[1]} split around the cross-rank norm reduction. "
                     "Use backend='torch', a fused backend, or backend='auto'."
                 )
-            why = mod.supports(self._KIND, cfg, bucket)
-            if why:
-                raise RuntimeError(
-                    f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
-                    "Use backend='torch' for it, or backend='auto'."
-                )
-            return mod
+            return self._named_backend(mod, bucket, cfg)
         reasons = []
         for name in kernels.auto_order(bucket.device.type):
             ok, why = kernels.status(name)
