@@ -11,6 +11,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .optim.options import NDIM_FORMS, _looks_ndim, _ndim_rule
+
 _NORM_TYPES = (
     nn.modules.batchnorm._NormBase,
     nn.GroupNorm,
@@ -34,7 +36,8 @@ def param_groups(
     * decay group: ``weight_decay`` as given, adapted (trust ratio);
     * no-decay group: ``weight_decay=0`` and, unless ``adapt_excluded``, also
       ``exclude_from_adaptation=True``: every parameter whose name matches a regex in
-      ``exclude`` (default ``"bias"``), with ``ndim <= exclude_ndim_le`` (default 1: biases
+      ``exclude`` (default ``"bias"``; an entry like ``"ndim>=5"`` compares the dimension
+      instead, with any of <, <=, ==, !=, >=, >), with ``ndim <= exclude_ndim_le`` (default 1: biases
       and norm scales), or owned by a normalization layer (BatchNorm, GroupNorm, LayerNorm).
 
     Groups carry ``param_names``, so name-based options work on them. Empty groups are
@@ -56,8 +59,13 @@ def param_groups(
     pats = [exclude] if isinstance(exclude, str) else list(exclude or ())
     if not all(isinstance(p, str) for p in pats):
         raise ValueError(f"param_groups: exclude must be a regex or a list of regexes, got {exclude!r}.")
+    # "ndim>=5" and the like compare the dimension, as the optimizers' exclusion options do (issue #29)
+    ndim_rules = [_ndim_rule(p) for p in pats if _looks_ndim(p)]
+    if None in ndim_rules:
+        bad = [p for p in pats if _looks_ndim(p) and _ndim_rule(p) is None]
+        raise ValueError(f"param_groups: exclude {bad[0]!r} is not an ndim comparison; {NDIM_FORMS}.")
     try:
-        rx = [re.compile(p) for p in pats]
+        rx = [re.compile(p) for p in pats if not _looks_ndim(p)]
     except re.error as e:
         raise ValueError(f"param_groups: exclude has an invalid regular expression ({e}).") from None
     norm_params = set()
@@ -73,6 +81,7 @@ def param_groups(
             id(p) in norm_params
             or (exclude_ndim_le is not None and p.ndim <= exclude_ndim_le)
             or any(r.search(name) for r in rx)
+            or any(r(name, p) for r in ndim_rules)
         )
         tgt = no_decay if excluded else decay
         tgt[0].append(p)

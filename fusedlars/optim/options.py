@@ -14,6 +14,8 @@ the parameter and the fix.
 from __future__ import annotations
 
 import math
+import operator
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -353,7 +355,32 @@ def _err(kind: str, where: str, msg: str) -> ValueError:
     return ValueError(f"{kind}{where}: {msg}")
 
 
-def _check_float(kind, where, name, v, lo=None, hi=None, lo_open=False, hi_open=False, allow_tensor=False):
+#: An exclusion string that compares the parameter's dimension: "ndim" then an operator and an integer.
+_NDIM_OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt,
+             ">": operator.gt}  # fmt: skip
+_NDIM_RE = re.compile(r"\s*ndim\s*(<=|>=|==|!=|<|>)\s*(\d+)\s*")
+NDIM_FORMS = "'ndim' then one of <, <=, ==, !=, >=, > and an integer, e.g. 'ndim<=1', 'ndim>=5'"
+
+
+def _looks_ndim(s: str) -> bool:
+    """An exclusion string meant as an ndim comparison (a well-formed one or not), not a name regex."""
+    return re.match(r"\s*ndim\s*[<>=!]", s) is not None
+
+
+def _ndim_rule(s: str) -> Callable[[str | None, Any], bool] | None:
+    """``"ndim>=5"`` -> ``f(name, param) = param.ndim >= 5``; None when ``s`` is not such a comparison."""
+    m = _NDIM_RE.fullmatch(s)
+    if m is None:
+        return None
+    op, k = _NDIM_OPS[m.group(1)], int(m.group(2))
+    return lambda name, p: op(p.ndim, k)
+
+
+def _check_float(
+    kind, where, name, v, lo=None, hi=None, lo_open=False, hi_open=False, allow_tensor=False, finite=False
+):
+    """``finite``: +-inf is refused too, with the same range in the message (issue #29: ``lr=inf`` was accepted
+    while ``lr=-1`` was told the range "[0.0, inf)")."""
     import torch
 
     if allow_tensor and isinstance(v, torch.Tensor):
@@ -364,6 +391,10 @@ def _check_float(kind, where, name, v, lo=None, hi=None, lo_open=False, hi_open=
         raise _err(kind, where, f"{name} must be a number, got {type(v).__name__} {v!r}.")
     if math.isnan(v):
         raise _err(kind, where, f"{name} is NaN; pass a finite number.")
+    if finite and math.isinf(v):
+        lo_s = f"{'(' if lo_open else '['}{lo}" if lo is not None else "(-inf"
+        hi_s = f"{hi}{')' if hi_open else ']'}" if hi is not None else "inf)"
+        raise _err(kind, where, f"{name}={v} is outside {lo_s}, {hi_s}; pass a finite value in that range.")
     if lo is not None and (v < lo or (lo_open and v == lo)):
         rng = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
         raise _err(kind, where, f"{name}={v} is outside {rng}; pass a value in that range.")
@@ -386,7 +417,7 @@ def _check_exclude(kind, where, name, v):
         raise _err(
             kind,
             where,
-            f"{name} must be a bool, a callable (name, param) -> bool, 'ndim<=K', 'ndim==K', a named rule "
+            f"{name} must be a bool, a callable (name, param) -> bool, an ndim comparison ({NDIM_FORMS}), a named rule "
             f"{sorted(_RULE + r for r in RULES)}, or a regex / list of regexes matched against parameter names; "
             f"got {v!r}.",
         )
@@ -396,11 +427,9 @@ def _check_exclude(kind, where, name, v):
         if s.startswith(_RULE):
             if s[len(_RULE) :] not in RULES:
                 raise _err(kind, where, f"{name}: unknown rule {s!r}; known: {sorted(_RULE + r for r in RULES)}.")
-        elif s.startswith(("ndim<=", "ndim==")):
-            try:
-                int(s[len("ndim<=") :])
-            except ValueError:
-                raise _err(kind, where, f"{name}: {s!r} must look like 'ndim<=1' or 'ndim==1'.") from None
+        elif _looks_ndim(s):
+            if _ndim_rule(s) is None:
+                raise _err(kind, where, f"{name}: {s!r} is not an ndim comparison; {NDIM_FORMS}.")
         else:
             try:
                 re.compile(s)
@@ -434,8 +463,8 @@ def _check_trust_clip(kind, where, v, allowed):
 
 
 def _check_common(kind, where, g):
-    _check_float(kind, where, "lr", g["lr"], 0.0, allow_tensor=True)
-    _check_float(kind, where, "weight_decay", g["weight_decay"], 0.0)
+    _check_float(kind, where, "lr", g["lr"], 0.0, allow_tensor=True, finite=True)
+    _check_float(kind, where, "weight_decay", g["weight_decay"], 0.0, finite=True)
     if not isinstance(g["maximize"], bool):
         raise _err(kind, where, f"maximize must be a bool, got {g['maximize']!r}.")
     _check_exclude(kind, where, "exclude_from_weight_decay", g["exclude_from_weight_decay"])
@@ -598,12 +627,8 @@ def exclusion_fn(spec: Any) -> Callable[[str | None, Any], bool]:
     for s in items:
         if s.startswith(_RULE):
             rules.append(RULES[s[len(_RULE) :]])
-        elif s.startswith("ndim<="):
-            k = int(s[len("ndim<=") :])
-            rules.append(lambda name, p, k=k: p.ndim <= k)
-        elif s.startswith("ndim=="):
-            k = int(s[len("ndim==") :])
-            rules.append(lambda name, p, k=k: p.ndim == k)
+        elif _looks_ndim(s):
+            rules.append(_ndim_rule(s))
         else:
             rx = re.compile(s)
 
@@ -623,4 +648,4 @@ def needs_names(spec: Any) -> bool:
     if spec is None or isinstance(spec, bool) or callable(spec):
         return False
     items = [spec] if isinstance(spec, str) else list(spec)
-    return any(not s.startswith(("ndim<=", "ndim==", _RULE)) for s in items)
+    return any(not (s.startswith(_RULE) or _looks_ndim(s)) for s in items)
