@@ -30,10 +30,14 @@ What a backend reads, per step (:meth:`Bucket.refresh` builds it on the host):
 // NOTE: [Dense segments]
 // Kernels walk a segment as ``numel`` consecutive elements from its base address. That is exact
 // for any non-overlapping and dense tensor (contiguous, channels_last, transposed) provided every
-// buffer of the segment has the param's strides: state and masters are created with the param's
-// strides (``empty_like``), and a grad with other strides (autograd's layout contract makes this
-// rare) is copied into a scratch tensor of the param's strides for that step. A param that is not
-// dense (a strided slice) is refused when the bucket is built, with the fix in the message.
+// buffer of the segment walks its elements in the param's order (:func:`same_order`: equal strides
+// on every dim of size > 1; a size-1 dim's stride moves no address, e.g. a tensor-parallel shard
+// (1, n) of a (k, n) weight with strides (k, 1) pairs with a contiguous grad). State and masters
+// are created in the param's order (``empty_like``); a grad in another order (autograd's layout
+// contract makes this rare) is copied into a scratch tensor for that step. A param that is not
+// dense itself (an ``nn.Parameter`` over a strided slice, as torch.optim accepts) is stepped
+// through a dense scratch copy of its own: copied in by :meth:`Bucket.refresh`, written back by
+// :meth:`Bucket.write_back` after the kernels; every other segment is stepped in place.
 
 // NOTE: [Versions]
 // Kernels write params through raw addresses, which autograd's version counters do not see, so
@@ -54,7 +58,7 @@ import torch
 
 from .distributed import as_dtensor_like, dtensor_class, is_dtensor, local_tensor
 
-__all__ = ["Bucket", "TileTable", "state_dtype_for", "grad_mismatch", "dense_problem"]
+__all__ = ["Bucket", "TileTable", "state_dtype_for", "grad_mismatch", "same_order"]
 
 
 def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -74,15 +78,14 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def dense_problem(t: torch.Tensor) -> str | None:
-    """Why the kernels cannot walk ``t`` as a flat segment (None when they can)."""
-    if t.numel() <= 1 or _is_dense(t):
-        return None
-    return (
-        f" is not dense in memory (shape {tuple(t.shape)}, strides {t.stride()}: a strided slice of a larger "
-        "tensor); fusedlars steps params in place as flat segments. Make it a tensor of its own, e.g. "
-        "nn.Parameter(t.contiguous()), before creating the optimizer."
-    )
+def same_order(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Are ``a`` and ``b`` (same shape) dense and walked in the same memory order (NOTE [Dense
+    segments]): equal strides on every dim of size > 1?"""
+    if a.numel() <= 1:
+        return True
+    if not (_is_dense(a) and _is_dense(b)):
+        return False
+    return all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
 
 
 @dataclass(frozen=True)
@@ -142,10 +145,6 @@ class Bucket:
         self.names = list(names)
         self.shard = shard
         locs = [local_tensor(p) for p in params]
-        for i, t in enumerate(locs):
-            why = dense_problem(t)
-            if why:
-                raise ValueError(f"parameter {self.names[i] or f'#{i}'}{why}")
         self.device = locs[0].device
         self.dtype = locs[0].dtype
         self.state_dtype = state_dtype_for(self.dtype)
@@ -166,7 +165,11 @@ class Bucket:
         with torch.enable_grad():  # views of a table, written in place under any grad mode
             self._step_views = [self.step[i] for i in range(S)]
         # per step (refresh)
-        self.param_tensors: list[torch.Tensor] = locs
+        #: the user's tensors (a DTensor's local shard), and what the kernels step: the same tensor,
+        #: or a dense scratch copy of a param that is not dense (NOTE [Dense segments])
+        self.local_tensors: list[torch.Tensor] = list(locs)
+        self.param_tensors: list[torch.Tensor] = list(locs)
+        self._param_scratch: dict[int, torch.Tensor] = {}
         self.grad_tensors: list[torch.Tensor | None] = [None] * S
         self.master_tensors: list[torch.Tensor | None] | None = [None] * S if self.uses_masters else None
         self.state_tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * S for n in self.state_names}
@@ -279,9 +282,6 @@ class Bucket:
                     f"built its buckets ({self.shapes[i]}, {self.dtype}, {self.device} -> "
                     f"{tuple(loc.shape)}, {loc.dtype}, {loc.device}). Create the optimizer after moving the model."
                 )
-            why = dense_problem(loc)
-            if why:
-                raise RuntimeError(f"parameter {self.names[i] or f'#{i}'}{why}")
             g = p.grad
             if g is None:
                 continue
@@ -303,8 +303,6 @@ class Bucket:
         for p, shape in zip(self.params, self.shapes):
             if p.shape != shape or p.dtype != dtype or p.device != dev:
                 return False
-            if not p.is_contiguous() and dense_problem(p):
-                return False
             g = p.grad
             if g is None:
                 continue
@@ -324,7 +322,9 @@ class Bucket:
         plain = self.shard is None
         for i, p in enumerate(self.params):
             loc = p if plain else local_tensor(p)
-            self.param_tensors[i] = loc
+            self.local_tensors[i] = loc
+            kp = loc if loc.numel() <= 1 or _is_dense(loc) else self._scratch_param(i, loc)
+            self.param_tensors[i] = kp
             seen = self._versions[i]
             if seen is not None and (loc.data_ptr(), loc._version) != seen:
                 changed.append(i)
@@ -333,18 +333,18 @@ class Bucket:
             if g is not None:
                 if not plain:
                     g = local_tensor(g)
-                # same shape and both contiguous: the same element order (no stride tuples to compare)
-                if not (g.is_contiguous() and loc.is_contiguous()) and g.stride() != loc.stride() and g.numel() > 1:
+                # both contiguous: the same element order (no stride tuples to compare)
+                if not (g.is_contiguous() and kp.is_contiguous()) and not same_order(g, kp):
                     scratch = self._grad_scratch.get(i)
                     if scratch is None:
-                        scratch = self._grad_scratch[i] = torch.empty_like(loc)
+                        scratch = self._grad_scratch[i] = torch.empty_like(kp)
                     scratch.copy_(g)
                     g = scratch
                 active.append(i)
             else:
                 g = None
             self.grad_tensors[i] = g
-            self._adopt(i, p, loc, state, create=g is not None)
+            self._adopt(i, p, kp, state, create=g is not None)
         if changed:
             if self.w_sumsq is not None:
                 self.w_sumsq.index_fill_(0, torch.tensor(changed, dtype=torch.int64, device=self.device), -1.0)
@@ -352,7 +352,7 @@ class Bucket:
                 for i in changed:
                     m = self.master_tensors[i]
                     if m is not None:
-                        loc = self.param_tensors[i]
+                        loc = self.param_tensors[i]  # (a scratch param holds the user's values now)
                         # keep the fp32 master where the param still holds its rounding (no host sync)
                         m.copy_(torch.where(loc != m.to(loc.dtype), loc.to(m.dtype), m))
         key = tuple(active)
@@ -363,6 +363,30 @@ class Bucket:
                 mask[i] = 1.0
             self.active.copy_(torch.tensor(mask, dtype=self.state_dtype))  # same tensor: static for graphs
             self.all_active = len(key) == self.num_segments
+
+    def _scratch_param(self, i: int, loc: torch.Tensor) -> torch.Tensor:
+        """Segment i's dense stand-in for a param that is not dense, holding the param's values now."""
+        scratch = self._param_scratch.get(i)
+        if scratch is None:
+            scratch = self._param_scratch[i] = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device)
+        with torch.no_grad():
+            scratch.copy_(loc)
+        return scratch
+
+    def copy_in(self) -> None:
+        """Refresh the scratch params from the user's params (a compiled step, which does not refresh)."""
+        for i in self._param_scratch:
+            if self.param_tensors[i] is self._param_scratch[i]:
+                self._param_scratch[i].copy_(self.local_tensors[i])
+
+    def write_back(self) -> None:
+        """After the kernels: the stepped values of scratch params into the user's params (NOTE [Dense
+        segments]); params without a grad this step are not touched."""
+        if self._param_scratch:
+            for i in self.active_idx:
+                kp = self.param_tensors[i]
+                if kp is self._param_scratch.get(i):
+                    self.local_tensors[i].copy_(kp)
 
     def _wrap(self, i: int, local: torch.Tensor) -> torch.Tensor:
         return local if self.shard is None else as_dtensor_like(local, self.params[i])
@@ -410,6 +434,8 @@ class Bucket:
                         m = torch.empty_like(loc, dtype=torch.float32).copy_(m)
                         st["master_weight"] = self._wrap(i, m)
                     loc.copy_(m)  # a loaded master is the truth: the param is its rounding
+                    if loc is not self.local_tensors[i]:
+                        self.local_tensors[i].copy_(m)
                 else:
                     m = None
                 self.master_tensors[i] = m
@@ -454,7 +480,7 @@ class Bucket:
         if wrote_raw and idx:
             torch.autograd.graph.increment_version([self.param_tensors[i] for i in idx])
         for i in idx:
-            loc = self.param_tensors[i]
+            loc = self.local_tensors[i]
             self._versions[i] = (loc.data_ptr(), loc._version)
 
     def carry_buffer(self) -> torch.Tensor:

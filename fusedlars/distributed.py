@@ -8,9 +8,30 @@ in two phases (see :func:`fusedlars.kernels.torch.lars_partials`):
 1. ``partials``: every bucket computes its per-layer partial sums of squares as one
    ``[k, S]`` tensor (LARS: w², g², (g+λw)²; LAMB: w², u², g²) from its local shards;
 2. :func:`all_reduce_partials` sums them over the mesh dimensions the parameters are
-   sharded on: ONE ``all_reduce`` per (mesh, shard dims, dtype) per step, however many
-   layers and buckets there are (the buckets' ``[k, S]`` tensors are concatenated);
+   sharded on: ONE ``all_reduce`` per (mesh, dtype) per step, however many layers, buckets and
+   shard layouts there are (NOTE [One reduction for every shard layout]);
 3. ``apply``: the update runs on the local shards with the global norms.
+
+Which mesh dims are summed over: every dim whose placement shards the tensor's elements
+(``Shard`` and FSDP2's ``_StridedShard`` under tensor parallelism: torch's own shard-like
+predicate), never a ``Replicate`` dim (its ranks hold the same values).
+
+// NOTE: [One reduction for every shard layout]
+// Buckets on one mesh can be sharded on different dims (TP + FSDP: a colwise weight on
+// (dp, tp), a replicated-on-tp norm weight on dp only; HSDP: the shard dim only). One
+// all_reduce over ALL ranks of the mesh serves them all when, for each bucket, only the ranks at
+// coordinate 0 of the bucket's replicate dims contribute their sums and the others contribute
+// zeros: the total is then the sum over the shard dims alone. Adding zeros is exact, so the
+// result is the per-dim reduction's. The group spanning the whole mesh is its only group for a
+// 1-D mesh and the default group when the mesh holds every rank (the usual case); a mesh over a
+// subset of the ranks falls back to one all_reduce per shard dim (per layout).
+
+// NOTE: [Errors on every rank]
+// A step whose validation fails on one rank only (a rank-local bad grad) must not leave the
+// other ranks waiting in a collective, nor move them. Before any kernel runs, an optimizer with
+// sharded buckets all-reduces one flag (MAX) over the mesh and reads it on the host (the one
+// host read of a sharded step); when any rank failed, every rank raises before anything is
+// mutated, the failing rank with its own error and the others naming that rank's message.
 
 Nothing is gathered and nothing is copied: the local shards (FSDP2's own sharded storage, which
 it all-gathers from) and the reduce-scattered local grads are stepped in place, by the fused
@@ -40,6 +61,7 @@ import torch
 
 __all__ = [
     "ShardSpec",
+    "agree_on_error",
     "is_dtensor",
     "local_tensor",
     "as_dtensor_like",
@@ -81,16 +103,31 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _is_shard_like(pl: Any) -> bool:
+    """Does placement ``pl`` split the tensor's elements over its mesh dim? torch's own predicate
+    (``Shard`` and ``_StridedShard``) where it has one; otherwise anything neither replicated nor
+    partial (Partial is refused before this is asked)."""
+    from torch.distributed.tensor import placement_types
+
+    pred = getattr(placement_types, "_is_shard_like", None)
+    if pred is not None:
+        return bool(pred(pl))
+    return not pl.is_replicate() and not pl.is_partial()
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """How a bucket's parameters are distributed: their mesh and the mesh dims they are sharded on.
 
-    ``shard_dims == ()`` (only Replicate placements) needs no reduction.
+    ``shard_dims == ()`` (only Replicate placements) needs no reduction. ``contributes``: this rank
+    sits at coordinate 0 of every replicate dim, so its sums enter a whole-mesh reduction
+    (NOTE [One reduction for every shard layout]).
     """
 
     mesh: Any  # torch.distributed.device_mesh.DeviceMesh
     shard_dims: tuple[int, ...]
     placements: str  # for messages and the layout fingerprint
+    contributes: bool = True
 
     def describe(self) -> str:
         names = getattr(self.mesh, "mesh_dim_names", None)
@@ -108,17 +145,33 @@ def shard_spec(p: torch.Tensor) -> ShardSpec | None:
                 f"a DTensor parameter has a Partial placement ({p.placements}): its values are not "
                 "materialized; redistribute it to Shard/Replicate before optimizing it."
             )
-        if pl.is_shard():
+        if _is_shard_like(pl):
             dims.append(d)
-    return ShardSpec(p.device_mesh, tuple(dims), str(tuple(p.placements)))
+    coord = p.device_mesh.get_coordinate() or ()
+    contributes = all(c == 0 for d, c in enumerate(coord) if d not in dims)
+    return ShardSpec(p.device_mesh, tuple(dims), str(tuple(p.placements)), contributes)
+
+
+def mesh_group(mesh: Any) -> tuple[bool, Any]:
+    """``(True, group)`` when one process group spans every rank of ``mesh`` (``group`` None is the
+    default group), else ``(False, None)`` (NOTE [One reduction for every shard layout])."""
+    import torch.distributed as dist
+
+    if mesh.ndim == 1:
+        return True, mesh.get_group(0)
+    if sorted(mesh.mesh.flatten().tolist()) == list(range(dist.get_world_size())):
+        return True, None
+    return False, None
 
 
 def all_reduce_partials(items: list[tuple[ShardSpec | None, torch.Tensor]]) -> list[torch.Tensor]:
     """Sum each tensor over the ranks of its spec's shard dims; tensors of unsharded specs pass through.
 
-    Tensors that share (mesh, shard dims, dtype, device) are concatenated and reduced by
-    one ``all_reduce`` per shard dim, in the order given (identical on every rank: the
-    layout check guarantees it). No host sync.
+    Tensors on one (mesh, dtype, device) are concatenated and reduced by ONE ``all_reduce`` over
+    the whole mesh, ranks off coordinate 0 of a tensor's replicate dims contributing zeros (NOTE
+    [One reduction for every shard layout]); where no group spans the mesh, by one ``all_reduce``
+    per shard dim and layout. In the order given (identical on every rank: the layout check
+    guarantees it). No host sync.
     """
     import torch.distributed as dist
 
@@ -126,17 +179,51 @@ def all_reduce_partials(items: list[tuple[ShardSpec | None, torch.Tensor]]) -> l
     groups: OrderedDict[tuple, list[int]] = OrderedDict()
     for i, (spec, t) in enumerate(items):
         if spec is not None and spec.shard_dims:
-            groups.setdefault((spec.mesh, spec.shard_dims, t.dtype, t.device), []).append(i)
-    for (mesh, dims, _dt, _dev), idx in groups.items():
-        flat = torch.cat([out[i].reshape(-1) for i in idx])
-        for d in dims:
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
+            whole, _ = mesh_group(spec.mesh)
+            key = (spec.mesh, t.dtype, t.device) if whole else (spec.mesh, t.dtype, t.device, spec.shard_dims)
+            groups.setdefault(key, []).append(i)
+    for key, idx in groups.items():
+        mesh = key[0]
+        whole, group = mesh_group(mesh)
+        if whole:
+            flat = torch.cat([out[i].reshape(-1) if items[i][0].contributes else out[i].new_zeros(out[i].numel())
+                              for i in idx])  # fmt: skip
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        else:
+            flat = torch.cat([out[i].reshape(-1) for i in idx])
+            for d in key[3]:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=mesh.get_group(d))
         pos = 0
         for i in idx:
             n = out[i].numel()
             out[i] = flat[pos : pos + n].view(out[i].shape)
             pos += n
     return out
+
+
+def agree_on_error(mesh: Any, device: torch.device, error: BaseException | None) -> None:
+    """Raise on every rank of ``mesh`` when ``error`` is set on any of them (NOTE [Errors on every
+    rank]): one 1-element all_reduce and its host read; the messages are exchanged only then."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    whole, group = mesh_group(mesh)
+    for g in [group] if whole else [mesh.get_group(d) for d in range(mesh.ndim)]:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=g)
+    if not bool(flag.item()):  # the one host read of a sharded step
+        return
+    messages: list[str] = [] if error is None else [f"rank {dist.get_rank()}: {type(error).__name__}: {error}"]
+    for d in range(mesh.ndim):  # error path only: every rank knows the flag, so every rank is here
+        g = mesh.get_group(d)
+        gathered: list = [None] * dist.get_world_size(g)
+        dist.all_gather_object(gathered, messages, group=g)
+        messages = list(dict.fromkeys(m for ms in gathered for m in ms))
+    if error is not None:
+        raise error
+    raise RuntimeError(
+        "fusedlars: step() failed on another rank, so no rank stepped (nothing was updated):\n  - "
+        + "\n  - ".join(messages)
+    )
 
 
 def fingerprint_of(kind: str, buckets_by_group: dict[int, list]) -> list:

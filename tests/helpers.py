@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from fusedlars.selftest import TOLERANCES as BACKEND_TOL  # noqa: F401  (rtol, atol) per param dtype
 from fusedlars.selftest import compare_backend, make_named_grads, make_named_params, run_named  # noqa: F401
@@ -251,3 +252,17 @@ def check_views_into_one_buffer(
     )
     assert not torch.equal(ps[2].detach(), make_params(shapes, dtype)[2].detach())  # they moved
     return opt
+
+
+def strided_params(seed=0, dtype=torch.float32):
+    """An nn.Parameter over a strided slice (not dense), a TP-like shard (1, n) whose size-1 dim has the
+    stride of its (k, n) weight (dense), a param that gets no grad, and a plain one."""
+    torch.manual_seed(seed)
+    base = torch.randn(6, 8, dtype=dtype)
+    shard = torch.randn(3, 5, dtype=dtype)[:1, :4]
+    return [
+        ("slice", nn.Parameter(base[:, ::2])),
+        ("shard", nn.Parameter(shard)),
+        ("frozen", nn.Parameter(torch.randn(7, 4, dtype=dtype)[:, 1:3])),
+        ("plain", nn.Parameter(torch.randn(9, dtype=dtype))),
+    ]

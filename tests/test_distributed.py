@@ -51,8 +51,10 @@ OPTIMIZERS = {
     # max_grad_norm: the global clip needs the global grad norm (one more all_reduce per step)
     "lamb": lambda ps: fusedlars.LAMB(ps, lr=0.02, weight_decay=1e-2, max_grad_norm=0.05),
 }
-# all_reduce calls per step issued by our step() on a sharded model
-EXPECTED_ALL_REDUCE = {"lars": 1, "tvlars": 1, "lamb": 2}
+# all_reduce calls per step issued by our step() on a sharded model: one 1-element flag that makes a
+# rank-local error raise on every rank before anything moves (NOTE [Errors on every rank]), one of all
+# layers' sums of squares; LAMB's max_grad_norm adds the global grad norm's
+EXPECTED_ALL_REDUCE = {"lars": 2, "tvlars": 2, "lamb": 3, "lamb_noclip": 2}
 
 
 def loss_fn(model, x, y):
@@ -279,10 +281,145 @@ def scenario_errors(rank, world, counter):
     return out
 
 
+# ----------------------------------------------------------------------------- meshes (world 4)
+# TP alone, TP + FSDP2 (FSDP2 gives TP-sharded params _StridedShard placements), HSDP and FSDP2 on 4
+# ranks, against the same model trained in one process on the global batch: params and every rank's
+# per-layer norms and trust ratios (a dim reduced twice scales both norms alike and hides in params).
+
+MESH_BATCH = 12  # divisible by the 2 and 4 data-parallel ranks of the meshes
+MESH_OPTIMIZERS = {
+    **OPTIMIZERS,
+    "lamb_noclip": lambda ps: fusedlars.LAMB(ps, lr=0.02, weight_decay=1e-2),
+}
+
+
+def make_mesh_model(seed=0):
+    # TP's activations need even shards (12 over 2 or 4 ranks); the rest is uneven: the row-wise head
+    # Linear(6, 1) over 4 TP ranks is (1, 2), (1, 2), (1, 1), (1, 1), each local shard keeping the stride
+    # 6 of its size-1 dim (dense: stepped in place), and FSDP2 shards 6 and 1 rows over 2 or 4 ranks
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 12), nn.Tanh(), nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 1))
+
+
+def mesh_batch(step):
+    g = torch.Generator().manual_seed(300 + step)
+    return torch.randn(MESH_BATCH, 4, generator=g), torch.randn(MESH_BATCH, 1, generator=g)
+
+
+def _stats_by_name(opt):
+    s = opt.stats()
+    return {k: dict(zip(s["names"], s[k].tolist())) for k in ("weight_norm", "grad_norm", "trust_ratio")}
+
+
+def mesh_reference(opt_name):
+    """One process, the global batch: params and per-layer stats after each step."""
+    model = make_mesh_model()
+    opt = MESH_OPTIMIZERS[opt_name](list(model.named_parameters()))
+    stats = []
+    for t in range(STEPS):
+        x, y = mesh_batch(t)
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        opt.step()
+        stats.append(_stats_by_name(opt))
+    return [p.detach().clone() for p in model.parameters()], stats
+
+
+def _tp_plan():
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    # the head takes the replicated activations and shards them itself
+    return {"0": ColwiseParallel(), "2": RowwiseParallel(), "4": RowwiseParallel(input_layouts=Replicate())}
+
+
+def _mesh_model(layout, world):
+    """(model, data-parallel rank, data-parallel size) for a mesh layout over ``world`` ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    model = make_mesh_model()
+    rank = dist.get_rank()
+    if layout == "tp":
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+        return parallelize_module(model, mesh, _tp_plan()), 0, 1
+    if layout == "tp_fsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], _tp_plan())
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        return model, mesh["dp"].get_local_rank(), 2
+    if layout == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:  # fsdp2
+        mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, rank, world
+
+
+def scenario_mesh(layout, opt_name, rank, world, counter):
+    model, dp_rank, dp = _mesh_model(layout, world)
+    opt = MESH_OPTIMIZERS[opt_name](list(model.named_parameters()))
+    counts, stats = [], []
+    n = MESH_BATCH // dp
+    for t in range(STEPS):
+        x, y = mesh_batch(t)
+        opt.zero_grad()
+        loss_fn(model, x[dp_rank * n : (dp_rank + 1) * n], y[dp_rank * n : (dp_rank + 1) * n]).backward()
+        counts.append(counter.measure(opt.step))
+        stats.append(_stats_by_name(opt))
+    full = [p.full_tensor().detach().clone() for p in model.parameters()]
+    placements = {name: str(p.placements) for name, p in model.named_parameters()}
+    return {"params": full, "counts": counts, "stats": stats, "placements": placements,
+            "backends": opt.backends_in_use()}  # fmt: skip
+
+
+def scenario_rank_local_error(rank, world, counter):
+    """A bad grad on rank 1 only, at the first step (buckets not built yet) and at a later one: every
+    rank raises before any collective of the step's math, nothing moves, no rank hangs."""
+    out = {}
+    for when in ("first", "later"):
+        model, dp_rank, dp = _mesh_model("tp_fsdp", world)
+        opt = fusedlars.LAMB(list(model.named_parameters()), lr=0.02, max_grad_norm=1.0)
+        if when == "later":
+            _one_mesh_backward(model, dp_rank, dp)
+            opt.step()
+        _one_mesh_backward(model, dp_rank, dp)
+        before = [p.to_local().detach().clone() for p in model.parameters()]
+        if rank == 1:
+            p = next(iter(model.parameters()))
+            p.grad_dtype = None  # torch lets a grad's dtype differ from its param's only when told to
+            p.grad = p.grad.to(torch.float64)
+        # rank 1 raises its own error; the others name it and rank 1
+        out[when] = _expect_error(opt.step, *(["does not match the param"] + (["rank 1:"] if rank != 1 else [])))
+        out[when]["unchanged"] = all(torch.equal(a, p.to_local()) for a, p in zip(before, model.parameters()))
+        out[when]["own_error"] = rank != 1 or "step() failed on another rank" not in out[when]["msg"]
+    return out
+
+
+def _one_mesh_backward(model, dp_rank, dp):
+    x, y = mesh_batch(0)
+    n = MESH_BATCH // dp
+    loss_fn(model, x[dp_rank * n : (dp_rank + 1) * n], y[dp_rank * n : (dp_rank + 1) * n]).backward()
+
+
+MESH_LAYOUTS = ("tp", "tp_fsdp", "hsdp", "fsdp2")
+
+
 def _scenarios(world):
     sc = {f"fsdp2_{o}": functools.partial(scenario_fsdp2, o) for o in OPTIMIZERS}
     # the portable path too (the auto choice on CPU is the fused C++ kernels)
     sc.update({f"fsdp2_{o}_torch": functools.partial(scenario_fsdp2, o, backend="torch") for o in ("lars", "lamb")})
+    if world == 4:
+        sc = {f"{lay}_{o}": functools.partial(scenario_mesh, lay, o) for lay in MESH_LAYOUTS for o in MESH_OPTIMIZERS}
+        sc["rank_local_error"] = scenario_rank_local_error
+        return sc
     if world == 2:
         sc.update(
             {
@@ -438,6 +575,40 @@ def test_mismatched_layouts_raise_on_every_rank(runs, case):
     for r, got in enumerate(res):
         e = got[case]
         assert e["raised"] and e["ok"], f"rank {r}: {e['msg'] or 'no error'}"
+
+
+@pytest.mark.parametrize("opt_name", list(MESH_OPTIMIZERS))
+@pytest.mark.parametrize("layout", MESH_LAYOUTS)
+def test_every_mesh_matches_single_process_params_and_stats(runs, layout, opt_name):
+    """TP, TP + FSDP, HSDP, FSDP2 on 4 gloo ranks: params to 1e-5 and every rank's per-layer norms and
+    trust ratios to 1e-5 of one process on the global batch; the step's all_reduces are counted."""
+    ref_params, ref_stats = mesh_reference(opt_name)
+    res = _result(runs, 4, f"{layout}_{opt_name}")
+    if layout == "tp_fsdp":  # the placement that hid the dp dim from a Shard-only test
+        assert "_StridedShard" in res[0]["placements"]["0.weight"], res[0]["placements"]
+    for r, got in enumerate(res):
+        for i, (a, b) in enumerate(zip(got["params"], ref_params)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()),
+                                       msg=lambda m: f"{layout} {opt_name} rank {r} param {i}: {m}")  # fmt: skip
+        for t, (st, ref) in enumerate(zip(got["stats"], ref_stats)):
+            for key, per_layer in ref.items():
+                for name, want in per_layer.items():
+                    have = st[key][name]
+                    assert have == pytest.approx(want, rel=1e-5, abs=1e-7), (
+                        f"{layout} {opt_name} rank {r} step {t} {key}[{name}]: {have} vs {want}"
+                    )
+        assert got["backends"] and all(b == ("cpu" if fusedlars.kernels.status("cpu")[0] else "torch")
+                                       for b in got["backends"]), got["backends"]  # fmt: skip
+        for t, c in enumerate(got["counts"][1:], 1):  # after the first step's layout exchange
+            assert c == {"all_reduce": EXPECTED_ALL_REDUCE[opt_name]}, f"rank {r} step {t}: {c}"
+
+
+@pytest.mark.parametrize("when", ["first", "later"])
+def test_a_rank_local_error_raises_on_every_rank_and_nothing_moves(runs, when):
+    for r, got in enumerate(_result(runs, 4, "rank_local_error")):
+        e = got[when]
+        assert e["raised"] and e["ok"], f"rank {r}: {e['msg'] or 'no error'}"
+        assert e["unchanged"] and e["own_error"], f"rank {r}: {e}"
 
 
 def test_runtime_budget(runs):

@@ -39,6 +39,7 @@ from helpers import (
     make_named_params,
     run_named,
     snapshot,
+    strided_params,
 )
 
 HAVE_GPU = torch.cuda.is_available()
@@ -292,6 +293,33 @@ def test_params_and_grads_that_are_views_into_one_buffer_step_in_place(fused, cl
         cls, fused.name, dtype=dtype, master_weights=master, rtol=tol[0], atol=tol[1], **kw
     )
     assert opt.backends_in_use() == [fused.name]
+
+
+@pytest.mark.parametrize("dtype,master", [(torch.float32, False), (torch.bfloat16, True)], ids=str)
+@CLASSES
+def test_non_dense_params_step_through_a_scratch_copy(fused, cls, dtype, master):
+    """An nn.Parameter over a strided slice steps like the reference (through a dense scratch copy of
+    that param alone); a (1, n) shard whose size-1 dim has an odd stride steps in place."""
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=1e-3) if cls is fusedlars.LARS else dict(lr=1e-2, weight_decay=1e-2)
+    ps = [(n, torch.nn.Parameter(p.detach().to(fused.device))) if fused.device != "cpu" else (n, p)
+          for n, p in strided_params(dtype=dtype)]  # fmt: skip
+    ref = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in ps]
+    o = cls(ps, backend=fused.name, master_weights=master, **kw)
+    o_ref = cls(ref, backend="reference", master_weights=master, **kw)
+    for t in range(3):
+        g = torch.Generator().manual_seed(t)
+        for (n, p), (_, r) in zip(ps, ref):
+            grad = None if n == "frozen" else torch.randn(p.shape, generator=g).to(dtype=dtype, device=p.device)
+            p.grad, r.grad = grad, None if grad is None else grad.clone()
+        o.step()
+        o_ref.step()
+    eps = torch.finfo(dtype).eps
+    tol = (1e-5, 1e-6) if dtype == torch.float32 else (4 * eps, 4 * eps)
+    for (n, p), (_, r) in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=tol[0], atol=tol[1], msg=lambda m: f"{n}: {m}")
+    assert o.backends_in_use() == [fused.name]
+    (b,) = o.buckets()
+    assert b.param_tensors[0] is not b.local_tensors[0] and b.param_tensors[1] is b.local_tensors[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -348,15 +348,24 @@ void check_scalar(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() == 1 && t.device().is_cpu(), "fusedlars cpu: ", name, " must be a 1-element CPU tensor");
 }
 
-// Entry i of a segment list: on the CPU, of dtype `dt`, with param i's shape and strides (NOTE [Dense
-// segments], fusedlars/buckets.py: the kernels walk every buffer of a segment in the same order).
+// Whether dense tensors `a` and `b` of one shape walk their elements in the same memory order: equal
+// strides on every dim of size > 1 (a size-1 dim's stride never moves an address: a TP shard (1, n)
+// of a (k, n) weight has strides (n, 1) or (k, 1), both contiguous).
+bool same_order(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// Entry i of a segment list: on the CPU, of dtype `dt`, with param i's shape and element order (NOTE
+// [Dense segments], fusedlars/buckets.py: the kernels walk every buffer of a segment in the same order).
 void check_entry(const at::Tensor& t, const at::Tensor& param, const char* name, int64_t i, at::ScalarType dt) {
   TORCH_CHECK(t.device().is_cpu(), "fusedlars cpu: ", name, "[", i, "] must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == dt, "fusedlars cpu: ", name, "[", i, "] must be ", dt, ", got ", t.scalar_type());
   TORCH_CHECK(t.sizes() == param.sizes(), "fusedlars cpu: ", name, "[", i, "] has shape ", t.sizes(),
               ", its param ", param.sizes());
-  TORCH_CHECK(t.numel() <= 1 || (t.strides() == param.strides() && t.is_non_overlapping_and_dense()),
-              "fusedlars cpu: ", name, "[", i, "] must be dense with its param's strides");
+  TORCH_CHECK(t.numel() <= 1 || (same_order(t, param) && t.is_non_overlapping_and_dense()),
+              "fusedlars cpu: ", name, "[", i, "] must be dense with its param's strides (on dims of size > 1)");
 }
 
 // The segment lists of one step. `lists` are (tensors, name, dtype) and either empty or of length A.

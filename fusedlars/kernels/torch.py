@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from ..buckets import Bucket
+from ..buckets import Bucket, same_order
 from .common import LambConfig, LarsConfig
 from .formulas import trust_clip, tv_phi_tensor
 
@@ -173,7 +173,7 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 def _same_layout(L: _Lists, a: str, b: str) -> bool:
     """Do the lists ``a`` and ``b`` hold every segment with the same strides (so that their memory-
     order views pair element with element)?"""
-    return all(x.stride() == y.stride() or x.numel() <= 1 for x, y in zip(L.get(a), L.get(b)))
+    return all(same_order(x, y) for x, y in zip(L.get(a), L.get(b)))
 
 
 def _cache(bucket: Bucket) -> dict:

@@ -219,18 +219,54 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
     def _prepare_step(self) -> None:
         """The host-side part of a step: validate everything before anything is mutated, build the
         buckets, read this step's grads and state into their tables (creating state for params that
-        have their first grad) and, when capturable, put float lrs on the device."""
-        for gi, group in enumerate(self.param_groups):
-            self._validate_group(group, f" (param group {gi})")
-            if gi not in self._buckets:  # built buckets check their own params (Bucket.check)
-                self._check_grads(group, gi)
-        self._ensure_buckets()
-        for b in self.buckets():
-            b.check()
+        have their first grad) and, when capturable, put float lrs on the device.
+
+        With DTensor params, a failure on any rank raises on every rank before anything moves
+        (fusedlars.distributed: NOTE [Errors on every rank])."""
+        mesh = self._mesh()
+        if mesh is None:
+            self._validate()
+            self._build_and_check()
+        else:
+            built = all(gi in self._buckets for gi in range(len(self.param_groups)))
+            error = None
+            try:
+                self._validate()
+                if built:  # a first step agrees before its layout exchange (NOTE [Layout check])
+                    self._build_and_check()
+            except Exception as e:  # noqa: BLE001 - re-raised on this rank by agree_on_error
+                error = e
+            distributed.agree_on_error(*mesh, error)
+            if not built:
+                self._build_and_check()
         if self.capturable:
             self._lrs_on_device()
         for b in self.buckets():
             b.refresh(self.state)
+
+    def _mesh(self) -> tuple[Any, torch.device] | None:
+        """(mesh, device) of the first DTensor param, or None when no param is a DTensor."""
+        if distributed.dtensor_class() is None:
+            return None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if distributed.is_dtensor(p):
+                    return p.device_mesh, distributed.local_tensor(p).device
+        return None
+
+    def _validate(self) -> None:
+        """Group options, and the grads of groups whose buckets are not built yet (built buckets
+        check their own params: Bucket.check)."""
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(group, f" (param group {gi})")
+            if gi not in self._buckets:
+                self._check_grads(group, gi)
+
+    def _build_and_check(self) -> None:
+        """Build missing buckets, and check every bucket's params and grads (Bucket.check)."""
+        self._ensure_buckets()
+        for b in self.buckets():
+            b.check()
 
     def _run_step(self) -> None:
         """The device-side part of a step: the kernels, then the params' version counters."""
@@ -244,6 +280,8 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
             inv_scale,
             found_inf.float() if found_inf is not None else None,
         )
+        for b in self.buckets():
+            b.write_back()  # params stepped through a scratch copy (Bucket: NOTE [Dense segments])
         if not torch.compiler.is_compiling():
             for gi, j, b in self._indexed_buckets():
                 b.publish(wrote_raw=self._wrote_raw(gi, j))

@@ -69,6 +69,7 @@ class CompiledStep:
         """Traced: this call's grads, read from ``p.grad`` in the graph (the eager prelude ran at trace
         time only)."""
         for b in buckets:
+            b.copy_in()
             for i in b.active_idx:
                 g = b.params[i].grad
                 scratch = b._grad_scratch.get(i)
