@@ -98,6 +98,11 @@ def _check_output_against_json(stdout: str, res: dict) -> None:
     )
     for s in res["summary"]:
         f, text = s["fused"], s["text"]
+        # 3 timed rounds: too few for a ratio anyone should use, and the line says so first (issue #29)
+        assert not s["reliable"] and not res["reliability"]["reliable"]
+        assert text.startswith("result: UNRELIABLE (only 3 rounds timed") and "rerun on a quiet machine" in text
+        assert s["unreliable"] and all(w in text for w in s["unreliable"])
+        text = "result: " + text.split(". As measured: ", 1)[1]
         assert f in fused and text.startswith(f"result: {f} LARS step ")
         # every ratio it names is the JSON ratio, and printed exactly as the table's speedup column prints it
         want = {"per_param_lars"} | {n for n in rows if rows[n]["kind"] == "third_party"}
@@ -106,10 +111,11 @@ def _check_output_against_json(stdout: str, res: dict) -> None:
             assert ratio == res["ratios"][f][n] == pytest.approx(rows[n]["median_ms"] / rows[f]["median_ms"], rel=1e-12)
             cell = table[n][f"{f} speedup"]
             assert cell == f"{ratio:.2f}x"
-            word = "faster than" if ratio >= 1 else "as fast as"
+            # faster: the table's cell; slower: how much slower, never "0.97x as fast as"
+            words = f"{cell} faster than" if ratio >= 1 else bench._compare(ratio)
             label = {"per_param_lars": "our per-parameter loop (per_param_lars)",
                      "pytorch_optimizer.LARS(loop)": "its foreach=False loop"}.get(n, n)  # fmt: skip
-            assert f"{cell} {word} {label}" in text, (cell, text)
+            assert f"{words} {label}" in text and "as fast as" not in text, (cell, text)
         # the cost against the floor: fused median / floor median, = the table's "x <floor>" cell of the fused row
         assert s["floor"] == floor
         assert s["x_floor"] == pytest.approx(rows[f]["median_ms"] / rows[floor]["median_ms"], rel=1e-12)
@@ -118,7 +124,9 @@ def _check_output_against_json(stdout: str, res: dict) -> None:
             f"{cell} the time of a fused SGD step ({floor}, no trust ratio)"
         )
         # and it names no other number
-        assert re.findall(r"\d+\.\d+x", text) == [f"{v:.2f}x" for v in s["vs"].values()] + [cell]
+        assert re.findall(r"\d+(?:\.\d+x|%)", text) == [
+            re.search(r"\d+(?:\.\d+x|%)", bench._compare(v)).group() for v in s["vs"].values()
+        ] + [cell]
 
     # % probe: explained in one line; each cell = the row's GB/s / the probe's GB/s
     expl = [ln for ln in lines if ln.startswith("% probe: ")]
@@ -178,10 +186,78 @@ def test_bench_run_lamb_all_backends_in_process():
     assert [s["fused"] for s in res["summary"]] == [r["name"] for r in fused]
     for s, r in zip(res["summary"], fused):
         assert s["text"] in table.splitlines()
-        assert s["text"].startswith(f"result: {r['name']} LAMB step ") and "per_param_lars" not in s["text"]
+        assert s["text"].startswith("result: UNRELIABLE (only 2 rounds timed")  # steps=2
+        assert f"As measured: {r['name']} LAMB step " in s["text"] and "per_param_lars" not in s["text"]
         assert s["x_floor"] == pytest.approx(r["median_ms"] / next(
             x["median_ms"] for x in res["variants"] if x["name"] == "torch.AdamW(fused)"), rel=1e-12)  # fmt: skip
         assert f"{s['x_floor']:.2f}x the time of a fused AdamW step (torch.AdamW(fused), no trust ratio)" in s["text"]
+
+
+def _synthetic(rounds=100, spread=None, medians=None):
+    """A bench result as run() makes it, from medians (ms) and IQR / median per row: summary() and
+    reliability() read only these fields."""
+    medians = medians or {"fusedlars[cpu]": 11.9, "per_param_lars": 30.2, "pytorch_optimizer.LARS": 43.1,
+                          "torch.SGD(fused)": 10.5}  # fmt: skip
+    kinds = {"fusedlars[cpu]": "fusedlars", "per_param_lars": "baseline", "pytorch_optimizer.LARS": "third_party",
+             "torch.SGD(fused)": "floor", "foreach_lars": "baseline"}  # fmt: skip
+    spread = {n: 0.03 for n in medians} | (spread or {})
+    rows = [dict(name=n, kind=kinds[n], algo="sgd" if kinds[n] == "floor" else "lars", median_ms=m,
+                 iqr_ms=spread[n] * m, x_floor=m / medians["torch.SGD(fused)"]) for n, m in medians.items()]  # fmt: skip
+    ratios = {"fusedlars[cpu]": {n: m / medians["fusedlars[cpu]"] for n, m in medians.items() if n != "fusedlars[cpu]"}}
+    res = dict(meta=dict(optimizer="lars", steps=rounds), variants=rows, ratios=ratios, floor="torch.SGD(fused)")
+    res["reliability"] = bench.reliability(res)
+    res["summary"] = bench.summary(res)
+    return res
+
+
+def test_bench_quiet_run_headline_is_plain():
+    res = _synthetic()
+    (s,) = res["summary"]
+    assert res["reliability"]["reliable"] and s["reliable"] and s["unreliable"] == []
+    assert s["text"] == (
+        "result: fusedlars[cpu] LARS step 2.54x faster than our per-parameter loop (per_param_lars), 3.62x faster "
+        "than pytorch_optimizer.LARS and 1.13x the time of a fused SGD step (torch.SGD(fused), no trust ratio)"
+    )
+
+
+def test_bench_headline_says_when_its_ratios_are_unreliable():
+    """Issue #29: under load the bench printed "0.45x the time of a fused SGD step" from a SGD row whose
+    IQR was 4x its median, 5 of 100 rounds timed. Each of the three checks flags the line on its own."""
+    for res, why in [
+        (_synthetic(spread={"torch.SGD(fused)": 4.0}), "torch.SGD(fused)'s IQR is 400% of its median"),
+        (_synthetic(rounds=5), "only 5 rounds timed (want 10 or more)"),
+        (
+            _synthetic(
+                medians={
+                    "fusedlars[cpu]": 254.0,
+                    "per_param_lars": 600.0,
+                    "pytorch_optimizer.LARS": 700.0,
+                    "torch.SGD(fused)": 565.0,
+                }
+            ),
+            "below the byte model's floor",
+        ),  # fmt: skip
+    ]:
+        (s,) = res["summary"]
+        assert not res["reliability"]["reliable"] and not s["reliable"]
+        assert s["text"].startswith("result: UNRELIABLE (") and why in s["text"], s["text"]
+        assert "rerun on a quiet machine" in s["text"] and any(why in w for w in s["unreliable"])
+        assert any(why in r["text"] for r in res["reliability"]["reasons"])
+        json.dumps(res)  # the flags travel in the --json document
+    # a noisy row the line does not name does not flag it
+    res = _synthetic(spread={"foreach_lars": 4.0}, medians={"fusedlars[cpu]": 11.9, "per_param_lars": 30.2,
+                     "torch.SGD(fused)": 10.5, "foreach_lars": 60.0})  # fmt: skip
+    assert not res["reliability"]["reliable"] and res["summary"][0]["reliable"]
+
+
+def test_bench_says_slower_as_slower():
+    assert bench._compare(2.95) == "2.95x faster than"
+    assert bench._compare(1 / 1.03) == "3% slower than"  # not "0.97x as fast as"
+    assert bench._compare(0.45) == "2.22x slower than"
+    res = _synthetic(medians={"fusedlars[cpu]": 11.9, "per_param_lars": 30.2, "pytorch_optimizer.LARS": 11.55,
+                              "torch.SGD(fused)": 10.5})  # fmt: skip
+    text = res["summary"][0]["text"]
+    assert "3% slower than pytorch_optimizer.LARS" in text and "as fast as" not in text
 
 
 def test_bench_rejects_unknown_names():

@@ -76,6 +76,16 @@ HYPER = {
 # "reference" is float64, one tensor at a time: only benchmarked on sets this small (or by name)
 REFERENCE_MAX_PARAMS = 100_000
 
+# When a ratio is not to be trusted (NOTE [Unreliable ratios]): the headline says so, the JSON flags it.
+#: a row whose IQR is above this fraction of its median was timed on a machine busy with something else
+MAX_SPREAD = 0.25
+#: fewer timed rounds than this (--steps, or --time-limit cutting a slow run short) give no usable quartiles
+MIN_ROUNDS = 10
+#: a fused step does all the work of the floor's step (LARS: SGD's update pass and a norm pass; LAMB: AdamW's
+#: moments and update, and a second pass), so in the byte model it cannot take less time than the floor:
+#: x_floor below 1 - this tolerance is impossible, i.e. the timing was disturbed
+FLOOR_TOLERANCE = 0.10
+
 
 from .baselines import ForeachLARS, PerParamLARS  # noqa: E402
 
@@ -566,8 +576,55 @@ def run(
         floor=floor["name"] if floor else None,
         skipped=[dict(name=s, reason=r) for s, r in skipped],
     )
+    res["reliability"] = reliability(res)
     res["summary"] = summary(res)
     return res
+
+
+# NOTE [Unreliable ratios]
+# On a machine shared with other work the timings of a row scatter (a step that loses its core for
+# a scheduler slice takes several times its median), and a ratio of two such medians can come out
+# impossible: issue #29 saw "0.45x the time of a fused SGD step" with the SGD row's IQR at 4x its
+# median and 5 of 100 rounds timed. Three checks, each against the rows a headline names: the
+# spread of a row (IQR / median above MAX_SPREAD), the number of rounds timed (below MIN_ROUNDS)
+# and the byte model (a fused step taking less than 1 - FLOOR_TOLERANCE of the floor's time). Any
+# of them marks the headline unreliable, with the reasons and the advice to rerun on a quiet
+# machine; the JSON carries the same in res["reliability"] and in each summary entry.
+
+
+def reliability(res: dict[str, Any]) -> dict[str, Any]:
+    """Whether this run's ratios can be used (NOTE [Unreliable ratios]): ``{"reliable", "reasons",
+    "noisy_rows", "rounds", "thresholds"}``, each reason ``{"rows": [names it concerns; empty: the
+    whole run], "text"}``. Also sets ``spread`` (IQR / median) on every row of ``res["variants"]``."""
+    reasons: list[dict[str, Any]] = []
+    for r in res["variants"]:
+        r["spread"] = r["iqr_ms"] / r["median_ms"] if r["median_ms"] > 0 else float("inf")
+    rounds = res["meta"]["steps"]
+    if rounds < MIN_ROUNDS:
+        reasons.append(dict(rows=[], text=f"only {rounds} rounds timed (want {MIN_ROUNDS} or more)"))
+    noisy = [r for r in res["variants"] if r["spread"] > MAX_SPREAD]
+    for r in noisy:
+        reasons.append(dict(rows=[r["name"]], text=f"{r['name']}'s IQR is {100 * r['spread']:.0f}% of its median"))
+    floor = res.get("floor")
+    for r in res["variants"]:
+        if r["kind"] == "fusedlars" and floor and r["x_floor"] < 1 - FLOOR_TOLERANCE:
+            reasons.append(
+                dict(
+                    rows=[r["name"], floor],
+                    text=f"{r['name']} took {_x(r['x_floor'])} the time of {floor}, below the byte model's floor "
+                    f"({1 - FLOOR_TOLERANCE:.2f}x: it does all of that step's work and more)",
+                )
+            )
+    return dict(
+        reliable=not reasons,
+        reasons=reasons,
+        noisy_rows=[r["name"] for r in noisy],
+        rounds=rounds,
+        thresholds=dict(max_spread=MAX_SPREAD, min_rounds=MIN_ROUNDS, min_x_floor=1 - FLOOR_TOLERANCE),
+    )
+
+
+RERUN = "rerun on a quiet machine (nothing else running) for ratios you can use"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -593,10 +650,14 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     """One line per fusedlars variant saying what the run shows, e.g. ``result: fusedlars[cpu] LARS
     step 2.95x faster than our per-parameter loop (per_param_lars), ... and 1.19x the time of a fused
     SGD step (torch.SGD(fused), no trust ratio)``. Its ratios are the table's: ``vs`` = other median /
-    fusedlars median (the "speedup" column), ``x_floor`` = fusedlars median / floor median (the
-    "x <floor>" column). Returns ``[{"fused", "vs": {name: ratio}, "floor", "x_floor", "text"}]``."""
+    fusedlars median (the "speedup" column; below 1 the line says how much slower), ``x_floor`` =
+    fusedlars median / floor median (the "x <floor>" column). When ``res["reliability"]`` finds a
+    reason not to trust a ratio the line names, it starts ``result: UNRELIABLE (reasons): rerun on a
+    quiet machine ...``. Returns ``[{"fused", "vs": {name: ratio}, "floor", "x_floor", "reliable",
+    "unreliable": [reasons], "text"}]``."""
     rows = {r["name"]: r for r in res["variants"]}
     algo = res["meta"]["optimizer"].upper()
+    rel = res.get("reliability")
     out = []
     for f in (r for r in res["variants"] if r["kind"] == "fusedlars"):
         rat = res["ratios"][f["name"]]
@@ -605,7 +666,7 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
 
         def cmp(name: str, label: str) -> str:
             vs[name] = rat[name]
-            return f"{_x(rat[name])} {'faster than' if rat[name] >= 1 else 'as fast as'} {label}"
+            return f"{_compare(rat[name])} {label}"
 
         if "per_param_lars" in rat:
             parts.append(cmp("per_param_lars", "our per-parameter loop (per_param_lars)"))
@@ -625,8 +686,22 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
             text += (" and " if parts else "") + f"{_x(x_floor)} the time of {step} ({fl}, no trust ratio)"
         elif not parts:
             text = text.rstrip() + f": {f['median_ms']:.3f} ms (no other variant ran to compare with)"
-        out.append(dict(fused=f["name"], vs=vs, floor=fl, x_floor=x_floor, text=text))
+        # NOTE [Unreliable ratios]: the reasons that concern this line's rows, or the whole run
+        named = {f["name"], *vs, *([fl] if fl else [])}
+        why = [s["text"] for s in rel["reasons"] if not s["rows"] or named & set(s["rows"])] if rel else []
+        if why:
+            text = f"result: UNRELIABLE ({'; '.join(why)}): {RERUN}. As measured: " + text[len("result: ") :]
+        out.append(dict(fused=f["name"], vs=vs, floor=fl, x_floor=x_floor, reliable=not why, unreliable=why, text=text))
     return out
+
+
+def _compare(ratio: float) -> str:
+    """``ratio`` = the other row's median / ours, in words: "2.95x faster than", "3% slower than" (not
+    "0.97x as fast as"), "2.20x slower than" from twice the time on."""
+    if ratio >= 1:
+        return f"{_x(ratio)} faster than"
+    slower = 1 / ratio
+    return f"{100 * (slower - 1):.0f}% slower than" if slower < 2 else f"{_x(slower)} slower than"
 
 
 def format_table(res: dict[str, Any]) -> str:
@@ -767,8 +842,14 @@ def plot(res: dict[str, Any], path: str) -> str:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--shapes", default="resnet50", choices=sorted(SHAPE_SETS), help="shape set (default resnet50)")
-    ap.add_argument("--optimizer", default="lars", choices=("lars", "tvlars", "lamb"))
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument(
+        "--optimizer",
+        default="lars",
+        choices=("lars", "tvlars", "lamb"),
+        help="the step to time (default lars); lars and tvlars are compared with torch's fused SGD, lamb with "
+        "its fused AdamW",
+    )
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="params' and grads' dtype (default fp32)")
     ap.add_argument(
         "--backend",
         default="auto",
@@ -787,7 +868,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="stop timing after the round that passes S seconds since the start (setup included; default 90, "
         "0: none); at least 5 rounds are always timed",
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random params and grads (default 0)")
     ap.add_argument("--json", metavar="PATH", help="write all results (every timing) as JSON")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of ms/step (needs matplotlib)")
     ap.add_argument(
