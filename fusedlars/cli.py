@@ -10,7 +10,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="fusedlars", description="fused LARS / TVLARS / LAMB for PyTorch")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p_info = sub.add_parser("info", help="versions and which backends are live (and why not)")
-    p_info.add_argument("--json", action="store_true")
+    p_info.add_argument(
+        "--json", action="store_true", help="print the same as JSON (versions, build, each backend's status and why)"
+    )
     sub.add_parser("presets", help="list the presets, one line each")
     from .tools import bench as _bench
 

@@ -119,11 +119,10 @@ def draw_stats(
         ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     if legend and n:
-        kw = dict(fontsize="small", title="layer", title_fontsize="small")
-        if n > 8:  # many layers: legend outside the axes, in as many columns as it needs
-            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + (n - 1) // 30, **kw)
-        else:
-            ax.legend(loc="best", **kw)
+        # always outside the axes, right of them (in as many columns as it needs): inside, even loc="best"
+        # covers a line when the lines fill the plot (issue #29); constrained_layout makes room for it
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 + (n - 1) // 30, fontsize="small",
+                  title="layer", title_fontsize="small")  # fmt: skip
     return n
 
 
@@ -182,7 +181,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         choices=("auto", "log", "linear"),
         help="y scale; auto: log when all values are positive and span a factor >= 3",
     )
-    ap.add_argument("--title", default=None)
+    ap.add_argument(
+        "--title", default=None, help="figure title (default: '<quantity> per layer: <STATS_CSV file name>')"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
