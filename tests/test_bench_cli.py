@@ -38,6 +38,10 @@ def test_bench_cli_tiny(tmp_path):
     meta = res["meta"]
     assert meta["shapes"] == "tiny" and meta["optimizer"] == "lars" and meta["device"] == "CPU"
     assert meta["n_params"] == 3438 and meta["threads"] >= 1 and meta["machine"] and meta["date"]
+    # what else ran, and the OpenMP settings that decide how steps fare beside it (docs/numbers.md)
+    assert set(meta["omp_env"]) == {"OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}
+    assert set(meta["loadavg_1min"]) == {"start", "end"} and meta["cpus"] == os.cpu_count()
+    assert f"load {meta['loadavg_1min']['start']:.1f} on {os.cpu_count()} CPUs" in proc.stdout
     rows = {r["name"]: r for r in res["variants"]}
     assert set(rows) == _expected_variants(), res["skipped"]
     for r in rows.values():

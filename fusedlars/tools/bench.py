@@ -30,6 +30,11 @@ dtypes): LARS 28 B/param (pass 1 reads w, g for the norms; pass 2 reads w, g, b 
 24 for ``fusedlars[cpu]`` (carried weight norms: pass 1 reads only g), SGD 20, AdamW 28 (reads w,
 g, m, v, writes w, m, v), LAMB 40 (two passes), triad 12 B/elem.
 
+A headline whose ratios cannot be used (a noisy row, too few rounds, a ratio the byte model rules
+out: NOTE [Unreliable ratios]) says so and asks for a rerun on a quiet machine. Why torch's steps
+slow down more than ours on a loaded machine (OpenMP threads spinning at every parallel region):
+docs/numbers.md, "Under load".
+
 The engine is importable from the installed package (it does not use the repository's
 ``bench/`` folder); :func:`run` returns the JSON-able result that ``--json`` writes.
 """
@@ -383,6 +388,7 @@ def run(
     step, as after ``zero_grad()`` / ``model.zero_grad()`` and a backward: two sets of grads per
     variant, swapped in before each step, outside the timed region)."""
     t_run0 = time.perf_counter()
+    load0 = _loadavg()
     log = log or (lambda s: print(s, file=sys.stderr))
     if shapes not in SHAPE_SETS:
         raise ValueError(f"unknown shape set {shapes!r}; choose from {sorted(SHAPE_SETS)}")
@@ -561,6 +567,10 @@ def run(
             grads=grads_style,
             wall_s=wall,
             interleaved="round-robin, start rotated every round",
+            # what else ran (NOTE [Unreliable ratios]; docs/numbers.md "Under load")
+            loadavg_1min=dict(start=load0, end=_loadavg()),
+            cpus=os.cpu_count(),
+            omp_env={k: os.environ.get(k) for k in OMP_ENV},
         ),
         probe=dict(
             name="triad",
@@ -625,6 +635,16 @@ def reliability(res: dict[str, Any]) -> dict[str, Any]:
 
 
 RERUN = "rerun on a quiet machine (nothing else running) for ratios you can use"
+
+#: the OpenMP settings that decide how a step behaves on a shared machine (docs/numbers.md, "Under load")
+OMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,6 +724,14 @@ def _compare(ratio: float) -> str:
     return f"{100 * (slower - 1):.0f}% slower than" if slower < 2 else f"{_x(slower)} slower than"
 
 
+def _load_note(m: dict[str, Any]) -> str:
+    """`` | load 3.9 on 2 CPUs`` (1-minute load average at the start) and the OpenMP variables that are set."""
+    la = (m.get("loadavg_1min") or {}).get("start")
+    note = f" | load {la:.1f} on {m.get('cpus')} CPUs" if la is not None else ""
+    env = {k: v for k, v in (m.get("omp_env") or {}).items() if v is not None}
+    return note + "".join(f" | {k}={v}" for k, v in env.items())
+
+
 def format_table(res: dict[str, Any]) -> str:
     m, p = res["meta"], res["probe"]
     fused = [r for r in res["variants"] if r["kind"] == "fusedlars"]
@@ -712,7 +740,8 @@ def format_table(res: dict[str, Any]) -> str:
         f"fusedlars bench: {m['optimizer'].upper()} on {m['shapes']} ({m['n_tensors']} tensors, "
         f"{m['n_params']:,} params), {m['dtype']}, device {m['device']}, grads {m.get('grads', 'kept')}",
         *[s["text"] for s in res.get("summary", ())],
-        f"machine: {m['machine']}, {m['threads']} threads | {m['date']} | torch {m['torch']} | fusedlars {m['fusedlars']}",
+        f"machine: {m['machine']}, {m['threads']} threads | {m['date']} | torch {m['torch']} | fusedlars {m['fusedlars']}"
+        + _load_note(m),
         f"{m['steps']} timed steps per variant (+{m['warmup']} warmup), interleaved round-robin"
         + (f" (time limit: {m['steps']} of {m['steps_requested']})" if m["stopped_early"] else "")
         + "; "
