@@ -222,8 +222,9 @@ struct LambCoef {
   float lam;          // weight_decay * wd_mask
   float wd_keep;      // decoupled: w_d = w * wd_keep, wd_keep = 1 - lr*lam
   float b1, b3, b2, one_minus_b2;
-  float bc1, bc2;     // bias corrections (1 for 'none' / 'first_outside')
-  float eps, eps_root;
+  float bc1;          // 1 - b1^t (1 for 'none' / 'first_outside')
+  float isq2, er2;    // 1 / sqrt(1 - b2^t) and eps_root * (1 - b2^t) (1 and eps_root without correction)
+  float eps;
   float k;            // pass 2: w <- w_d - k*u, k = lr * s * r
 };
 
@@ -238,9 +239,14 @@ FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& 
 
 // The Adam direction u from the NEW moments (recomputed identically in both passes), plus the
 // in_update decay term. w is the weight before decay.
+// NOTE: [Adam direction in range]
+// u = (m/bc1) / (sqrt(v/bc2 + eps_root) + eps) is evaluated as (m/bc1) / (sqrt(v + eps_root*bc2) *
+// (1/sqrt(bc2)) + eps): v/bc2 overflows fp32 for |g| above ~1.8e19 at the first step (bc2 = 1e-3),
+// while v itself is finite up to |g| ~ 5.8e20, so the element would not move where torch's Adam
+// (sqrt(v)/sqrt(bc2)) moves it. The two forms are equal in exact arithmetic.
 template <int WD, class T>
 FUSEDLARS_HD FUSEDLARS_INLINE T lamb_direction(const LambCoef& c, T w, T m, T v) {
-  T u = (m / c.bc1) / (fl_sqrt(v / c.bc2 + c.eps_root) + c.eps);
+  T u = (m / c.bc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
   if (WD == kLambInUpdate) u = u + c.lam * w;
   return u;
 }
@@ -278,15 +284,11 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gs
   c.b3 = (float)o.beta3;
   c.b2 = (float)o.beta2;
   c.one_minus_b2 = (float)(1.0 - o.beta2);
-  if (o.bias_correction == kBcBoth) {
-    c.bc1 = (float)(1.0 - fl_pow(o.beta1, t_new));
-    c.bc2 = (float)(1.0 - fl_pow(o.beta2, t_new));
-  } else {
-    c.bc1 = 1.0f;
-    c.bc2 = 1.0f;
-  }
+  const double bc2 = o.bias_correction == kBcBoth ? 1.0 - fl_pow(o.beta2, t_new) : 1.0;
+  c.bc1 = o.bias_correction == kBcBoth ? (float)(1.0 - fl_pow(o.beta1, t_new)) : 1.0f;
+  c.isq2 = (float)(1.0 / sqrt(bc2));  // NOTE [Adam direction in range]
+  c.er2 = (float)(o.eps_root * bc2);
   c.eps = (float)o.eps;
-  c.eps_root = (float)o.eps_root;
   c.k = 0.0f;
   return c;
 }

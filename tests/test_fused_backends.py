@@ -322,6 +322,34 @@ def test_non_dense_params_step_through_a_scratch_copy(fused, cls, dtype, master)
     assert b.param_tensors[0] is not b.local_tensors[0] and b.param_tensors[1] is b.local_tensors[1]
 
 
+def _lamb_at_huge_grads(backend, device, eps_root):
+    """LAMB, fp32, gradients of magnitude 1e20 (v = (1-b2) g^2 is finite, v / bc2 is not): every element
+    moves like the float64 reference's, as torch's Adam moves it."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 7, device=device)
+    ps = [torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())]
+    kw = dict(lr=1e-2, weight_decay=0.0, eps_root=eps_root)
+    o, o_ref = fusedlars.LAMB([ps[0]], backend=backend, **kw), fusedlars.LAMB([ps[1]], backend="reference", **kw)
+    for t in range(2):
+        g = torch.randn(3, 7, generator=torch.Generator().manual_seed(t)).to(device) * 1e20
+        ps[0].grad, ps[1].grad = g.clone(), g.clone()
+        o.step()
+        o_ref.step()
+    assert torch.isfinite(ps[0]).all() and (ps[0] != w).all(), ps[0]
+    torch.testing.assert_close(ps[0].detach(), ps[1].detach(), rtol=1e-5, atol=1e-6)
+    return o
+
+
+@pytest.mark.parametrize("eps_root", [0.0, 1e-8])
+def test_lamb_stays_finite_at_huge_grads(fused, eps_root):
+    assert _lamb_at_huge_grads(fused.name, fused.device, eps_root).backends_in_use() == [fused.name]
+
+
+@pytest.mark.parametrize("eps_root", [0.0, 1e-8])
+def test_lamb_stays_finite_at_huge_grads_torch_backend(eps_root):
+    _lamb_at_huge_grads("torch", "cpu", eps_root)
+
+
 # ---------------------------------------------------------------------------------------------
 # determinism, state_dict, the global grad norm
 

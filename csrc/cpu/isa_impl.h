@@ -345,13 +345,14 @@ void lars_update_t(const TileArgs& a, float gscale, float lam_u, const LarsCoef&
 // reference tolerance). Both passes use this one function, so pass 2 recomputes pass 1's u exactly.
 // Three divisions and a sqrt per element made the LAMB passes divider-bound on AVX2.
 struct LambInv {
-  float ibc1, ibc2;
-  explicit LambInv(const LambCoef& c) : ibc1(1.0f / c.bc1), ibc2(1.0f / c.bc2) {}
+  float ibc1;
+  explicit LambInv(const LambCoef& c) : ibc1(1.0f / c.bc1) {}
 };
 
+// v's correction as lars_math.h's NOTE [Adam direction in range]: sqrt(v + eps_root*bc2) / sqrt(bc2).
 template <int WD>
 FL_AI fl_vf lamb_dir(const LambCoef& c, const LambInv& q, fl_vf w, fl_vf m, fl_vf v) {
-  fl_vf u = (m * q.ibc1) / (fl_sqrt(v * q.ibc2 + c.eps_root) + c.eps);
+  fl_vf u = (m * q.ibc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
   if (WD == kLambInUpdate) u = u + c.lam * w;
   return u;
 }

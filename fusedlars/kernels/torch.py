@@ -578,9 +578,15 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
         u_scale = (sq2 / (1 - b1**t)).to(sdt)
         torch._foreach_sqrt_(U)
         torch._foreach_add_(U, _per_seg(L, (cfg.eps * sq2).to(sdt)))
+    elif cfg.bias_correction == "both":
+        # sqrt(v/bc2 + eps_root) as sqrt(v + eps_root*bc2) / sqrt(bc2): v/bc2 overflows where v does not
+        # (csrc/lars_math.h NOTE [Adam direction in range])
+        bc2 = 1 - b2**t
+        torch._foreach_add_(U, _per_seg(L, (cfg.eps_root * bc2).to(sdt)))
+        torch._foreach_sqrt_(U)
+        torch._foreach_div_(U, _per_seg(L, bc2.sqrt().to(sdt)))
+        torch._foreach_add_(U, cfg.eps)
     else:
-        if cfg.bias_correction == "both":
-            torch._foreach_div_(U, _per_seg(L, (1 - b2**t).to(sdt)))
         if cfg.eps_root:
             torch._foreach_add_(U, cfg.eps_root)
         torch._foreach_sqrt_(U)

@@ -995,7 +995,8 @@ def lars_update_kernel(
 @triton.jit
 def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
     if BC == BC_BOTH:
-        u = (m / bc1) / (tl.sqrt(v / bc2 + eps_root) + eps)
+        # csrc/lars_math.h NOTE [Adam direction in range]: v / bc2 would overflow where v does not
+        u = (m / bc1) / (tl.sqrt(v + eps_root * bc2) / tl.sqrt(bc2) + eps)
     else:
         u = m / (tl.sqrt(v + eps_root) + eps)
     return u
