@@ -156,8 +156,9 @@ class ParamGroupsMixin:
             # named parameters, as torch.optim accepts them since 2.6: all or none
             if not all(named):
                 raise ValueError(
-                    f"{self._KIND}{where}: all parameters of a group must come with names or none: this one mixes "
-                    "(name, tensor) pairs with bare tensors. Pass model.named_parameters() or model.parameters()."
+                    "all optimizer params should be with/without names. Some param names are missing. "
+                    f"({self._KIND}{where}: this group mixes (name, tensor) pairs with bare tensors; pass "
+                    "model.named_parameters() or model.parameters().)"
                 )
             for j, item in enumerate(params):
                 if len(item) != 2 or not isinstance(item[0], str):

@@ -11,10 +11,72 @@ import torch
 
 from .. import distributed
 from ..buckets import state_dtype_for
-from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS
+from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, presets
 
 #: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
 TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_chosen", "_compiled")
+
+#: The param-group key of a saved state dict that records the optimizer kind (NOTE [Kinds of state dicts]).
+KIND_KEY = "fusedlars_kind"
+
+# NOTE: [Kinds of state dicts]
+# A LARS resumed from a LAMB checkpoint (or the reverse) would load the options both kinds share
+# (weight_decay_mode, lr, ...) with another meaning and drop or misuse the state. state_dict() records
+# the kind in every saved param group (a group key survives torch.save, distributed checkpointing and
+# torch.optim's own load_state_dict, which copies unknown group keys); a checkpoint without it (an
+# older fusedlars, torch.optim) is recognized by its state and group keys: momentum buffers and
+# SGD's momentum/dampening/nesterov are LARS-like (SGD -> LARS keeps working), Adam moments and betas
+# LAMB-like. Another kind is refused, naming both, before anything changes.
+_LARS_LIKE_STATE = frozenset({"momentum_buffer", "mu", "momentum"})
+_LAMB_LIKE_STATE = frozenset({"exp_avg", "exp_avg_sq"})
+_LARS_LIKE_GROUP = frozenset({"momentum", "dampening", "nesterov", "trust_coefficient", "momentum_mode"})
+_LAMB_LIKE_GROUP = frozenset({"betas", "bias_correction", "amsgrad"})
+
+
+def _kind_of(state_dict: dict[str, Any]) -> tuple[str | None, str]:
+    """The optimizer kind a (validated) state dict comes from, and how that is known."""
+    recorded = {g[KIND_KEY] for g in state_dict["param_groups"] if KIND_KEY in g}
+    if len(recorded) == 1:
+        return next(iter(recorded)), f"recorded as {KIND_KEY}={next(iter(recorded))!r}"
+    if len(recorded) > 1:
+        return "mixed", f"its param groups record different kinds {sorted(recorded)}"
+    skeys = {k for st in state_dict["state"].values() for k in st}
+    gkeys = {k for g in state_dict["param_groups"] for k in g}
+    lars = sorted(skeys & _LARS_LIKE_STATE) or sorted(gkeys & _LARS_LIKE_GROUP)
+    lamb = sorted(skeys & _LAMB_LIKE_STATE) or sorted(gkeys & _LAMB_LIKE_GROUP)
+    if lamb and not (skeys & _LARS_LIKE_STATE):
+        return "LAMB", f"LAMB/Adam-like: it has {lamb}"
+    if lars and not (skeys & _LAMB_LIKE_STATE):
+        return "LARS", f"LARS/SGD-like: it has {lars}"
+    return None, "unknown"
+
+
+def _malformed(k: str, what: str) -> ValueError:
+    return ValueError(f"{k}.load_state_dict: malformed state dict: {what}.")
+
+
+def _check_structure(k: str, sd: Any) -> None:
+    """The shape of a torch.optim state dict, before anything reads it (ValueError naming what is wrong)."""
+    if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+        raise ValueError(f"{k}: load_state_dict expects a dict with 'state' and 'param_groups'.")
+    if not isinstance(sd["state"], dict):
+        raise _malformed(
+            k, f"'state' must be a dict of param index -> dict of tensors, got {type(sd['state']).__name__}"
+        )
+    groups = sd["param_groups"]
+    if not isinstance(groups, (list, tuple)) or not all(isinstance(g, dict) and "params" in g for g in groups):
+        raise _malformed(k, "'param_groups' must be a list of dicts, each with a 'params' list")
+    for gi, g in enumerate(groups):
+        if not isinstance(g["params"], (list, tuple)):
+            raise _malformed(k, f"param_groups[{gi}]['params'] must be a list of param indices")
+    for pid, st in sd["state"].items():
+        if not isinstance(st, dict):
+            raise _malformed(k, f"state of param {pid!r} must be a dict, got {type(st).__name__}")
+        if "step" in st:
+            v = st["step"]
+            n = v.numel() if isinstance(v, torch.Tensor) else (1 if isinstance(v, (int, float)) else -1)
+            if n != 1:
+                raise _malformed(k, f"state of param {pid!r}, key 'step': one number expected, got {v!r}")
 
 
 class StateDictMixin:
@@ -35,6 +97,8 @@ class StateDictMixin:
         """torch-format state (``torch.optim.Optimizer.state_dict``): the per-param state tensors
         themselves, for params that have stepped. ``self.state`` is not modified."""
         sd = super().state_dict()
+        for g in sd["param_groups"]:  # NOTE [Kinds of state dicts]
+            g[KIND_KEY] = self._KIND
         skip = self._unstepped()
         if skip:
             order = [p for group in self.param_groups for p in group["params"]]  # torch's packed ids
@@ -62,8 +126,14 @@ class StateDictMixin:
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         k = self._KIND
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError(f"{k}: load_state_dict expects a dict with 'state' and 'param_groups'.")
+        _check_structure(k, state_dict)
+        kind, how = _kind_of(state_dict)
+        if kind is not None and kind != k:
+            raise ValueError(
+                f"{type(self).__name__}.load_state_dict: this state dict is not a {k} optimizer's ({how}); a {k} "
+                f"cannot resume from a {kind} checkpoint: its state and options mean other things. Load it "
+                "into the optimizer kind that saved it."
+            )
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -80,6 +150,7 @@ class StateDictMixin:
             id_map.update(zip(sg["params"], g["params"]))
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         ignored: set[str] = set()
+        dropped: list = []  # params whose saved master is not (or no longer) the master of the param
         aliases = {"mu": "momentum_buffer", "momentum": "momentum_buffer"}
         for pid, st in state_dict["state"].items():
             if pid not in id_map:
@@ -97,6 +168,9 @@ class StateDictMixin:
                         )
                     sdt = torch.float32 if key == "master_weight" else state_dtype_for(p.dtype)
                     out[key] = v.detach().to(device=p.device, dtype=sdt, copy=True)
+                    if key == "master_weight" and not self._keeps_master(p, out[key]):
+                        del out[key]
+                        dropped.append(pid)
                 elif key == "step":
                     out["step"] = torch.as_tensor(v, dtype=torch.float32).detach().clone().reshape(())
                 else:
@@ -106,8 +180,13 @@ class StateDictMixin:
         for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
             ng = dict(g)
             for key, v in sg.items():
-                if key == "params":
+                if key in ("params", KIND_KEY):
                     continue
+                if key == "preset" and v not in presets()[k]:
+                    raise ValueError(
+                        f"{k}.load_state_dict: param_groups[{gi}] has preset={v!r}, which is no {k} preset. "
+                        f"Known: {sorted(presets()[k])} (fusedlars.presets() describes each)."
+                    )
                 if key in self.defaults or key in BOOKKEEPING_KEYS:
                     ng[key] = v
                 elif key not in TORCH_INFRA_KEYS:
@@ -116,6 +195,17 @@ class StateDictMixin:
             new_groups.append(ng)
         if ignored:
             warnings.warn(f"{k}.load_state_dict: ignored entries with no meaning here: {sorted(ignored)}", stacklevel=2)
+        if dropped:
+            warnings.warn(
+                f"{k}.load_state_dict: the saved fp32 master weights of params {dropped} are not used: "
+                + (
+                    "the param is not their rounding (the param was changed after they were saved, or the "
+                    "model was loaded after the optimizer); they are rebuilt from the param."
+                    if self.master_weights
+                    else "this optimizer has master_weights=False."
+                ),
+                stacklevel=2,
+            )
         # -- nothing above mutated the optimizer; now commit
         for g, ng in zip(self.param_groups, new_groups):
             g.clear()
@@ -148,6 +238,16 @@ class StateDictMixin:
                 self.state[p] = st
             for b in self.buckets():
                 b.loaded(self.state)
+
+    def _keeps_master(self, p: torch.Tensor, master: torch.Tensor) -> bool:
+        """A saved fp32 master is loaded only into an optimizer that keeps masters for ``p``, and only
+        while it is ``p``'s master: ``p`` equals it rounded to ``p``'s dtype. Otherwise the param is
+        the truth (a stale master would roll it back at the next step) and the master is rebuilt
+        from it. One comparison per master at load time (a host sync: outside step())."""
+        if not (self.master_weights and p.dtype in (torch.float16, torch.bfloat16)):
+            return False
+        loc = distributed.local_tensor(p).detach()
+        return bool(torch.equal(distributed.local_tensor(master).to(loc.dtype), loc))
 
     # NOTE: [Copies]
     # torch.optim's __getstate__ keeps only defaults, state and param_groups; ours keeps every attribute
