@@ -39,7 +39,11 @@ cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 # torch glue of the CUDA kernels (host C++; csrc/cuda/*.cu are torch-free, see csrc/cuda/launch.h)
 cuda_host_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 
-cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas"]
+cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall", "-Wno-unknown-pragmas",
+             "-Wno-psabi"]  # fmt: skip
+# -Wno-psabi: GCC notes that passing the 64-byte vector type of csrc/cpu/isa_impl.h (fl_vf) by value
+# has another ABI with and without AVX-512. Every such function is static or in an anonymous namespace
+# and always_inline in one ISA's translation unit, so no call crosses an ABI boundary.
 # NOTE: no -march=native: SIMD levels are selected at run time inside the kernels.
 # -std=c++20: templated lambdas in csrc/cpu. -ffp-contract=off: no FMA contraction, so the AVX-512,
 # AVX2 and generic kernel builds round identically (bitwise equal results, see csrc/cpu/isa_impl.h).

@@ -34,7 +34,12 @@ namespace fusedlars {
 // must be declared before lars_math.h's templates (unqualified lookup at definition)
 static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
 #if FL_ISA == 2
-  return (fl_vf)_mm512_sqrt_ps((__m512)x);
+  // NOTE [AVX-512 intrinsics with a defined source]: GCC 12's _mm512_sqrt_ps, _mm512_cvtph_ps and
+  // _mm512_cvtps_ph pass _mm512_undefined_*() (`__m512 __Y = __Y;`) as the masked-off source, which
+  // -Wmaybe-uninitialized reports at every inlined call (411 warnings per build; GCC PR 105593). The
+  // all-ones-mask forms with a zero source are the same instruction (an all-ones mask is dropped) and
+  // the same bits, and their source is defined.
+  return (fl_vf)_mm512_maskz_sqrt_ps((__mmask16)0xFFFF, (__m512)x);
 #elif FL_ISA == 1
   fl_v8 lo = (fl_v8)_mm256_sqrt_ps((__m256)FL_LO8(x));
   fl_v8 hi = (fl_v8)_mm256_sqrt_ps((__m256)FL_HI8(x));
@@ -121,7 +126,8 @@ template <>
 struct IO<f16> {
   FL_AI fl_vf load(const f16* p) {
 #if FL_ISA == 2
-    return (fl_vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    // NOTE [AVX-512 intrinsics with a defined source]
+    return (fl_vf)_mm512_maskz_cvtph_ps((__mmask16)0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif FL_ISA == 1
     fl_v8 lo = (fl_v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     fl_v8 hi = (fl_v8)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
@@ -134,7 +140,9 @@ struct IO<f16> {
   }
   FL_AI void store(f16* p, fl_vf v) {
 #if FL_ISA == 2
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
+    // NOTE [AVX-512 intrinsics with a defined source]
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_maskz_cvtps_ph((__mmask16)0xFFFF, (__m512)v, _MM_FROUND_TO_NEAREST_INT));
 #elif FL_ISA == 1
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)FL_LO8(v), _MM_FROUND_TO_NEAREST_INT));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), _mm256_cvtps_ph((__m256)FL_HI8(v), _MM_FROUND_TO_NEAREST_INT));
