@@ -114,8 +114,8 @@ class LARS(BucketedOptimizer):
     norm_clamp: ``None`` or ``(lo, hi)`` applied to ||w|| and to the denominator's norm
     trust_clip: ``None`` | ``"larc"`` (min(r/lr, 1)) | ``"lambc"`` (min(r, 1)) | ``("range", lo, hi)``
     adapt_when: ``"always"`` | ``"weight_decay_nonzero"``
-    exclude_from_weight_decay / exclude_from_adaptation: bool, ``"ndim<=1"``, ``"ndim==1"``, regex(es) on
-    parameter names (pass ``model.named_parameters()``) or a callable ``(name, param) -> bool``
+    exclude_from_weight_decay / exclude_from_adaptation: bool, an ndim comparison (``"ndim<=1"``,
+    ``"ndim==1"``, ``"ndim>=5"``: any of <, <=, ==, !=, >=, >), regex(es) on parameter names (pass ``model.named_parameters()``) or a callable ``(name, param) -> bool``
     momentum_mode: ``"torch"`` (lr outside the buffer) | ``"classic"`` (lr inside)
     first_step_buffer: ``"clone"`` | ``"zeros"``
 
