@@ -1,4 +1,4 @@
-"""Command line: ``fusedlars info | presets | bench | selftest | demo | plot``."""
+"""Command line: ``fusedlars info | presets | bench | selftest | demo | reproduce | plot``."""
 
 from __future__ import annotations
 
@@ -31,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
             "demo", help="train a small CNN on sklearn digits at batch 512 with SGD, LARS, TVLARS, LAMB (CPU, minutes)"
         )
     )
+    from .tools import reproduce as _reproduce
+
+    _reproduce.add_arguments(
+        sub.add_parser(
+            "reproduce",
+            help="the TVLARS paper in miniature: LARS, TVLARS (2 forms), LAMB, Nesterov SGD over batch sizes, "
+            "tuned on validation (CPU, ~15 min; --quick: a few)",
+        )
+    )
     _plot.add_arguments(sub.add_parser("plot", help="plot a StatsLogger CSV: one line per layer over steps"))
     from . import selftest as _selftest
 
@@ -48,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         return _selftest.main(args)
     if args.cmd == "demo":
         return _demo.main(args)
+    if args.cmd == "reproduce":
+        return _reproduce.main(args)
     if args.cmd == "plot":
         return _plot.main(args)
     if args.cmd == "bench":
