@@ -88,12 +88,19 @@ def _check_tuning(res):
         assert max(scores, key=lambda k: scores[k]) == (t["D"], t["lr"]), t
 
 
-def _check_table(res, text):
-    """The printed table is format_table(results.json), and each cell is recomputed from the runs."""
+def _check_table(res, text, choices=True):
+    """The printed table is format_table(results.json), and each cell is recomputed from the runs;
+    with ``choices``, the table of chosen lrs too."""
+    cfg = res["config"]
     table = rp.format_table(res)
     assert table in text
     assert f"takeaway: {res['takeaway']}" in text
-    cfg = res["config"]
+    if choices:  # the chosen lr (and D) per batch size, from the tuning record
+        chosen = rp.format_choices(res)
+        assert chosen in text
+        for line, name in zip(chosen.splitlines()[1:], cfg["optimizers"]):
+            for t in (t for t in res["tuning"] if t["optimizer"] == name):
+                assert f"{t['lr']:.3g}" in line
     bss, n = cfg["batch_sizes"], cfg["seeds"]
     lines = table.splitlines()[2:]
     assert len(lines) == len(cfg["optimizers"])
@@ -107,6 +114,8 @@ def _check_table(res, text):
             assert cells[i] == f"{statistics.fmean(accs):.1f} ± {statistics.stdev(accs):.1f}", (name, bs)
             steps = [r["steps_to_target"] for r in runs if r["steps_to_target"] is not None]
             for r in runs:  # steps to target: the first per-epoch test accuracy at the target
+                if "curve_steps" not in r:  # the committed full run keeps no curves
+                    continue
                 hit = [s for s, a in zip(r["curve_steps"], r["curve_test_acc"]) if a >= cfg["target"]]
                 assert r["steps_to_target"] == (hit[0] if hit else None)
             want = "-" if not steps else f"{statistics.median(steps):g}"
@@ -205,6 +214,35 @@ def test_reproduce_tiny(tmp_path, capsys):
     out = capsys.readouterr().out
     res = check_study(str(tmp_path), out, ("lars", "tvlars_official"), n_batch=2, n_seeds=2, full_batch=False)
     assert res["config"]["batch_sizes"] == [64, 256]
+
+
+def test_committed_full_run_is_what_the_docs_show():
+    """docs/reproduce/results.json is the full run (its curves dropped); the README and
+    docs/reproduce.md show its table and takeaway, recomputed here from its runs."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    with open(root / "docs" / "reproduce" / "results.json") as fh:
+        res = json.load(fh)
+    cfg = res["config"]
+    assert not cfg["quick"] and cfg["seeds"] == 5 and tuple(cfg["optimizers"]) == rp.OPTIMIZERS
+    bss = cfg["batch_sizes"]
+    assert len(bss) >= 5 and bss[0] == 16 and bss[-1] == cfg["train_samples"]
+    assert res["wall_s"] <= 15 * 60
+    for name in rp.OPTIMIZERS:
+        for bs in bss:
+            assert [r["seed"] for r in _final_runs(res, name, bs)] == list(range(5)), (name, bs)
+    _check_tuning(res)
+    # the README's one-line reading: both TVLARS forms reach the target in fewer steps than
+    # LARS+warm-up up to batch 512, and neither is ahead of it at the full batch
+    by = {(s["optimizer"], s["batch_size"]): s for s in res["summary"]}
+    for tv in ("tvlars_paper", "tvlars_official"):
+        for bs in (b for b in bss if b <= 512):
+            assert by[(tv, bs)]["steps_to_target_median"] < by[("lars", bs)]["steps_to_target_median"]
+        assert by[(tv, bss[-1])]["test_acc_mean"] < by[("lars", bss[-1])]["test_acc_mean"]
+    _check_table(res, (root / "README.md").read_text(), choices=False)
+    _check_table(res, (root / "docs" / "reproduce.md").read_text())
+    assert (root / "docs" / "reproduce" / "accuracy_vs_batch.png").is_file()
 
 
 def test_reproduce_rejects_bad_arguments(tmp_path, capsys):

@@ -76,6 +76,7 @@ __all__ = [
     "summarize",
     "table_rows",
     "format_table",
+    "format_choices",
     "takeaway",
     "accuracy_vs_batch_data",
     "curves_data",
@@ -544,6 +545,21 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_choices(res: dict[str, Any]) -> str:
+    """Plain-text table of the chosen lr (and D = lmbda * total steps, TVLARS) per batch size."""
+    cfg = res["config"]
+    by = {(t["optimizer"], t["batch_size"]): t for t in res["tuning"]}
+    rows = [["chosen lr"] + [f"b={b}" for b in cfg["batch_sizes"]]]
+    for name in cfg["optimizers"]:
+        cells = []
+        for b in cfg["batch_sizes"]:
+            t = by[(name, b)]
+            cells.append(f"{t['lr']:.3g}" + ("" if t["D"] is None else f", D {t['D']:.3g}"))
+        rows.append([LABELS[name]] + cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
 def takeaway(res: dict[str, Any]) -> str:
     """One line from the numbers: who wins at the largest batch, and TVLARS against LARS there."""
     cfg = res["config"]
@@ -781,5 +797,6 @@ def main(args: argparse.Namespace) -> int:
     )
     console.print(format_table(res), soft_wrap=True, markup=False, highlight=False)
     console.print(f"takeaway: {res['takeaway']}", soft_wrap=True, markup=False)
+    console.print(format_choices(res), soft_wrap=True, markup=False, highlight=False)
     console.print(f"wrote {', '.join(res['plots'])}, results.json, runs.csv in {cfg.out} ({res['wall_s']:.0f} s)")
     return 0
