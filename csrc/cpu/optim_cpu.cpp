@@ -55,6 +55,11 @@
 // from w_sumsq (reading only g) and phase 2 writes the new local one. The sum of squares of
 // g + lam*w (the reported u_norm, not used by the math when weight norms are carried) is then not
 // known across ranks: phase 1 puts NaN in its row, so u_norm reads NaN for such a segment.
+// Phase 3 (LARS only) is phase 0 with the gradients' sums of squares given in row 1 of `sums`
+// (taken in backward: fusedlars/backward_norms.py): a carried segment skips pass 1 altogether, so
+// the step reads each of its gradients once (in pass 2); a segment that is not carried runs pass 1
+// as in phase 0 and ignores the given row. With the given sums equal to pass 1's (grad_sumsq_cpu,
+// same tiles and lanes), phase 3 is bitwise phase 0.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -476,7 +481,7 @@ Common check_common(const at::Tensor& wd_mask, const at::Tensor& adapt_mask, con
 
 // `sums` of NOTE [Phases]: float64 [3, S], or nullptr for phase 0.
 double* check_phase(int64_t phase, const std::optional<at::Tensor>& sums, int64_t S) {
-  TORCH_CHECK(phase >= 0 && phase <= 2, "fusedlars cpu: phase must be 0, 1 or 2, got ", phase);
+  TORCH_CHECK(phase >= 0 && phase <= 3, "fusedlars cpu: phase must be 0, 1, 2 or 3, got ", phase);
   if (phase == 0) return nullptr;
   TORCH_CHECK(sums.has_value(), "fusedlars cpu: phase ", phase, " needs a sums tensor");
   check_table(*sums, "sums", at::kDouble, 3 * S);
@@ -528,7 +533,9 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     has0[si] = c.has_state[p.seg[si]];
     if (wss && !u_in_math) carried[si] = !(wss[p.seg[si]] < 0.0);  // NaN is a valid (carried) value
   }
+  const bool whole = phase == 0 || phase == 3;  // one call steps: pass 2 reports u for carried segments
   auto pass1 = [&](int64_t t) {
+    if (phase == 3 && carried[p.t_seg[t]]) return;  // its ||g||^2 is given, its ||w||^2 carried
     const TileArgs a = tile_of(g.bases, p, t);
     if (carried[p.t_seg[t]]) {
       part[3 * t] = part[3 * t + 2] = 0.0;
@@ -561,11 +568,14 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         double ssq[3];
         if (phase == 2) {
           for (int j = 0; j < 3; ++j) ssq[j] = ext[j * c.S + s];
+        } else if (phase == 3 && carried[si]) {
+          ssq[0] = ssq[2] = 0.0;
+          ssq[1] = ext[c.S + s];
         } else {
           segment_sums<3>(p, part, si, ssq);
         }
         // ssq[2] (0 or NaN here) is not used by the math: u_in_math is false. Phase 2's sums are global.
-        if (carried[si] && phase == 0) ssq[0] = wss[s];
+        if (carried[si] && whole) ssq[0] = wss[s];
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
         const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
@@ -575,7 +585,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       [&](int64_t t, int slot) {
         const TileArgs a = tile_of(g.bases, p, t);
         const int64_t si = p.t_seg[t];
-        const int carry = !wss ? kCarryNone : (carried[si] && phase == 0) ? kCarryWU : kCarryW;
+        const int carry = !wss ? kCarryNone : (carried[si] && whole) ? kCarryWU : kCarryW;
         const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
         k.lars_update(a, g.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
                       wss ? &part2[2 * t] : nullptr);
@@ -587,7 +597,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
     double wu[2];
     segment_sums<2>(p, part2, si, wu);
     wss[s] = wu[0];
-    if (carried[si] && phase == 0) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
+    if (carried[si] && whole) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
   }
 }
 
@@ -605,6 +615,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   TORCH_CHECK(params.empty() || (exp_avg.size() == params.size() && exp_avg_sq.size() == params.size()),
               "fusedlars cpu: lamb_step_cpu needs exp_avg and exp_avg_sq for every param");
   const Segments g = check_segments(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, c.S);
+  TORCH_CHECK(phase != 3, "fusedlars cpu: phase 3 (given gradient sums) is LARS's");
   double* ext = check_phase(phase, sums, c.S);
   if (c.skip) return;
   double clip = 1.0;

@@ -14,11 +14,22 @@ import torch
 from .. import distributed
 
 
-def set_global_clip(work: list[tuple[Any, Any, Any]], max_norm: float) -> None:
+def bucket_grad_sumsq(b, cfg, mod, bwd=None) -> torch.Tensor:
+    """The bucket's sum of squares of its (unscaled) gradients: from the norms taken in backward
+    (fusedlars.backward_norms) where they are all valid and no scale applies, else one reduction by
+    the backend (``grad_sumsq``)."""
+    if bwd is not None and cfg.inv_scale is None and not torch.compiler.is_compiling():
+        s = bwd.bucket_total(b)
+        if s is not None:
+            return s
+    return mod.grad_sumsq(b, cfg)
+
+
+def set_global_clip(work: list[tuple[Any, Any, Any]], max_norm: float, bwd=None) -> None:
     """Set ``cfg.clip_coef`` of every ``(bucket, cfg, backend)`` of ``work`` (non-empty) to the
     global clip coefficient, on the bucket's device in its state dtype."""
     dev = work[0][0].device
-    sums = distributed.all_reduce_partials([(b.shard, mod.grad_sumsq(b, cfg)) for b, cfg, mod in work])
+    sums = distributed.all_reduce_partials([(b.shard, bucket_grad_sumsq(b, cfg, mod, bwd)) for b, cfg, mod in work])
     total = torch.zeros((), dtype=torch.float64, device=dev)
     for s in sums:
         total = total + s.to(dev)

@@ -163,6 +163,18 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
 # sharded bucket's all_reduce adds nothing for them); apply reads them after the all_reduce.
 
 
+def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
+    """A LARS step whose gradients' sums of squares ``g2`` (float64 [S], of the raw grads) were taken in
+    backward (fusedlars.backward_norms): NOTE [Phases]' phase 3, in which a segment with a carried
+    weight norm reads its gradient once. False (nothing done) where the step needs its own pass 1."""
+    if not cfg.carry_w or cfg.denominator == "norm_of_sum":
+        return False
+    sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
+    sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()
+    _lars(bucket, cfg, 3, sums)
+    return True
+
+
 def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
     """Per-segment sums of squares ``[w², g², (g+λw)²]`` (g = grad * inv_scale) as a float64 ``[3, S]`` tensor."""
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)

@@ -170,6 +170,10 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
 CARRIES_WEIGHT_NORMS = False
 
+#: LARS's step from gradient norms taken in backward (fusedlars.backward_norms): not fused here yet
+#: (it needs a pass over the weights alone); the step takes the norms itself
+lars_step_given_grad_sums = None
+
 
 # ------------------------------------------------------------------------------------------
 # per-bucket cached device tables and scratch (allocated once: nothing allocates in a step)

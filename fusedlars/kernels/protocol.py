@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 StepFn = Callable[["Bucket", Any], None]
 PartialsFn = Callable[["Bucket", Any], "tuple[torch.Tensor, Any]"]
 ApplyFn = Callable[["Bucket", Any, "torch.Tensor", Any], None]
+GivenSumsFn = Callable[["Bucket", Any, "torch.Tensor"], bool]
 
 
 @runtime_checkable
@@ -42,6 +43,9 @@ class Backend(Protocol):
     lars_apply: ApplyFn | None
     lamb_partials: PartialsFn | None
     lamb_apply: ApplyFn | None
+    #: LARS's step from the gradients' sums of squares taken in backward (fusedlars.backward_norms),
+    #: returning False where it needs its own norm pass; None where the backend has none
+    lars_step_given_grad_sums: GivenSumsFn | None
 
     def available(self) -> tuple[bool, str]:
         """(whether it runs here, why / what it is)."""
@@ -74,6 +78,8 @@ class KernelSet:
     apply: Callable[[Backend], ApplyFn | None]
     #: the split's names, for error messages
     split_names: tuple[str, str]
+    #: the step from gradient sums taken in backward, or None (fusedlars.backward_norms)
+    given_grad_sums: Callable[[Backend], GivenSumsFn | None] = lambda m: None
 
     def has_split(self, mod: Backend) -> bool:
         return self.partials(mod) is not None and self.apply(mod) is not None
@@ -85,6 +91,7 @@ LARS_KERNELS = KernelSet(
     partials=lambda m: m.lars_partials,
     apply=lambda m: m.lars_apply,
     split_names=("lars_partials", "lars_apply"),
+    given_grad_sums=lambda m: m.lars_step_given_grad_sums,
 )
 LAMB_KERNELS = KernelSet(
     kind="LAMB",

@@ -67,6 +67,7 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
 
 CARRIES_WEIGHT_NORMS = False
 lars_partials = lars_apply = lamb_partials = lamb_apply = None
+lars_step_given_grad_sums = None  # the specification takes every norm itself
 
 
 def _f64(x):

@@ -430,6 +430,26 @@ def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]
     return _scatter(L, sums, sdt), (W, G, U)
 
 
+def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
+    """A LARS step whose gradients' sums of squares ``g2`` (float64 [S], raw grads) were taken in
+    backward (fusedlars.backward_norms): the norms read the weights only, and the update reads g and w
+    once. ``||g + lam*w||`` is not taken (its reported u_norm is NaN). False (nothing done) where the
+    step scales the grads (GradScaler, maximize) or its ratio needs that norm (norm_of_sum)."""
+    if cfg.denominator == "norm_of_sum" or _grad_factor(cfg, bucket.state_dtype) is not None or _found(cfg) is not None:
+        return False
+    sdt = bucket.state_dtype
+    L = _lists(bucket)
+    if L.n == 0:
+        return False
+    W = _load_weights(L)
+    _, G = _load_grad(L, cfg, sdt)
+    ww = _sumsq(L, ("w",))[0]
+    gg = _sel(L, g2.to(device=bucket.device, dtype=torch.float64))
+    sums = torch.stack((ww, gg, torch.full_like(ww, float("nan"))))
+    lars_apply(bucket, cfg, _scatter(L, sums, sdt), (W, G, G if cfg.weight_decay == 0 else None))
+    return True
+
+
 def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """The LARS update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
     W, G, U = ctx

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..backward_norms import BackwardNorms
 from ..buckets import Bucket, grad_mismatch
 from .compiled import CompiledStep
 from .dispatch import DispatchMixin
@@ -47,6 +48,7 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         master_weights: bool,
         capturable: bool = False,
         carry_weight_norms: bool = False,
+        norms_in_backward: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
@@ -57,12 +59,28 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         self.master_weights = master_weights
         self.capturable = capturable
         self.carry_weight_norms = carry_weight_norms
+        if not isinstance(norms_in_backward, bool):
+            raise ValueError(f"{self._KIND}: norms_in_backward must be a bool, got {norms_in_backward!r}.")
+        self.norms_in_backward = norms_in_backward
+        self._bwd: BackwardNorms | None = None
         self.foreach = foreach
         self.fused = fused
         self._reset_transient()
         super().__init__(params, defaults)
+        self._start_backward_norms()
         if fused and backend == "auto":
             self._check_fused_devices()
+
+    def _start_backward_norms(self) -> None:
+        """Register the post-accumulate-grad hooks (``norms_in_backward``: fusedlars.backward_norms)."""
+        if self.norms_in_backward:
+            self._bwd = BackwardNorms(self, [p for g in self.param_groups for p in g["params"]])
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        n = len(self.param_groups)
+        super().add_param_group(param_group)
+        if getattr(self, "_bwd", None) is not None and len(self.param_groups) > n:
+            self._bwd.add(self.param_groups[-1]["params"])
 
     def _reset_transient(self) -> None:
         """The attributes built from the param groups (NOTE [Copies]: not copied)."""
@@ -268,6 +286,49 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         for b in self.buckets():
             b.check()
 
+    @torch.no_grad()
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False
+    ) -> torch.Tensor:
+        """Clip the gradients of this optimizer's params by their total norm, inside the next ``step()``.
+
+        ``torch.nn.utils.clip_grad_norm_``'s contract: returns the total norm of all gradients as a
+        tensor (no host sync unless ``error_if_nonfinite``), and the gradients are scaled by
+        ``min(1, max_norm / (total_norm + 1e-6))``. The scaling is applied by the next ``step()`` as
+        it reads the gradients (the kernels' gradient scale, like GradScaler's), so clipping costs one
+        read of the gradients for the norm and no write pass; ``p.grad`` itself is left unscaled. The
+        2-norm is one reduction per bucket by the step's backend (not the norms taken in backward:
+        ``GradScaler.unscale_`` rewrites grads without bumping their version counters, so they could be
+        stale here); other ``norm_type``s use ``torch.nn.utils.get_total_norm``. Sharded params: the
+        sums are all-reduced over the mesh, as the step's."""
+        from .. import distributed
+
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        self._prepare_step()
+        if norm_type == 2.0:
+            parts = []
+            for gi, _j, b in self._indexed_buckets():
+                if b.active_idx or b.shard is not None:
+                    cfg = self._make_config(self.param_groups[gi], None, None)
+                    # not the norms from backward: GradScaler.unscale_ may have rewritten the grads
+                    # without a version bump (NOTE [Norms from backward are a cache])
+                    parts.append((b.shard, self._backend_for(b, cfg).grad_sumsq(b, cfg)))
+            dev = self.buckets()[0].device if self._buckets and self.buckets() else torch.device("cpu")
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            for s in distributed.all_reduce_partials(parts):
+                total = total + s.to(dev)
+            total = total.sqrt().float()
+            if error_if_nonfinite and not bool(torch.isfinite(total)):
+                raise RuntimeError(
+                    f"{self._KIND}.clip_grad_norm_: the total norm of order {norm_type} of the gradients is "
+                    "non-finite, so it cannot be clipped. Pass error_if_nonfinite=False to skip this check."
+                )
+        else:
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite)
+        self._clip_scale = torch.clamp(max_norm / (total.double() + 1e-6), max=1.0).float()
+        return total
+
     def _run_step(self) -> None:
         """The device-side part of a step: the kernels, then the params' version counters."""
         grad_scale = getattr(self, "grad_scale", None)
@@ -275,6 +336,9 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         inv_scale = None
         if grad_scale is not None:
             inv_scale = grad_scale.double().reciprocal().float()
+        clip, self._clip_scale = getattr(self, "_clip_scale", None), None
+        if clip is not None:  # clip_grad_norm_'s coefficient, applied as the grads are read
+            inv_scale = clip if inv_scale is None else (inv_scale.double() * clip.to(inv_scale.device)).float()
         self._run(
             {gi: self._buckets[gi] for gi in range(len(self.param_groups))},
             inv_scale,

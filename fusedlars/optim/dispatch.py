@@ -126,13 +126,13 @@ class DispatchMixin:
         addresses (Bucket: NOTE [Versions])."""
         return self._chosen.get((gi, j), "torch") in _RAW_WRITERS
 
-    @staticmethod
-    def _step_buckets(work: Work, ks: KernelSet) -> None:
-        """Step ``work`` = [(bucket, cfg, backend module)]: unsharded buckets in one call each; sharded
-        ones in two phases around one all_reduce of all their partial sums of squares."""
+    def _step_buckets(self, work: Work, ks: KernelSet) -> None:
+        """Step ``work`` = [(bucket, cfg, backend module)]: unsharded buckets in one call each (from the
+        gradient norms taken in backward where they are valid); sharded ones in two phases around one
+        all_reduce of all their partial sums of squares."""
         sharded = [w for w in work if w[0].shard is not None and w[0].shard.shard_dims]
         for b, cfg, mod in work:
-            if not (b.shard is not None and b.shard.shard_dims):
+            if not (b.shard is not None and b.shard.shard_dims) and not self._step_given_grad_sums(b, cfg, mod, ks):
                 ks.step(mod)(b, cfg)
         if not sharded:
             return
@@ -140,6 +140,22 @@ class DispatchMixin:
         sums = distributed.all_reduce_partials([(b.shard, ssq) for (b, _, _), (ssq, _) in zip(sharded, parts)])
         for (b, cfg, mod), (_, ctx), ssq in zip(sharded, parts, sums):
             ks.apply(mod)(b, cfg, ssq, ctx)
+
+    def _step_given_grad_sums(self, b: Bucket, cfg, mod: Backend, ks: KernelSet) -> bool:
+        """Step ``b`` from the gradient norms taken in backward (fusedlars.backward_norms): only where
+        every active layer's norm is still valid and the backend has such a step (eager steps)."""
+        bwd = getattr(self, "_bwd", None)
+        fn = ks.given_grad_sums(mod)
+        if bwd is None or fn is None or torch.compiler.is_compiling() or self._unscaled_in_place():
+            return False
+        g2 = bwd.grad_sums(b)
+        return g2 is not None and fn(b, cfg, g2)
+
+    def _unscaled_in_place(self) -> bool:
+        """GradScaler.unscale_ ran before this step (it then passes found_inf without grad_scale). It
+        rewrites the grads without bumping their version counters (torch's
+        _amp_foreach_non_finite_check_and_unscale_), so norms taken in backward are not trusted then."""
+        return getattr(self, "found_inf", None) is not None and getattr(self, "grad_scale", None) is None
 
     def _plan(self, buckets_by_group, inv_scale, found_inf) -> Work:
         """[(bucket, cfg, backend module)] for the buckets that step now."""

@@ -95,6 +95,7 @@ class LAMB(BucketedOptimizer):
         backend: str = "auto",
         master_weights: bool = False,
         capturable: bool = False,
+        norms_in_backward: bool = False,
         exclude: Any = Default(False),
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -125,6 +126,7 @@ class LAMB(BucketedOptimizer):
             backend=backend,
             master_weights=master_weights,
             capturable=capturable,
+            norms_in_backward=norms_in_backward,
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,
@@ -162,4 +164,4 @@ class LAMB(BucketedOptimizer):
         # the global clip over every gradient of every group (fusedlars.kernels.clip)
         max_norm = self.defaults["max_grad_norm"]
         if max_norm is not None and work:
-            set_global_clip(work, max_norm)
+            set_global_clip(work, max_norm, None if self._unscaled_in_place() else getattr(self, "_bwd", None))

@@ -134,6 +134,12 @@ class LARS(BucketedOptimizer):
     norms. A param changed in place (``p.mul_``, ``p.copy_``, ``load_state_dict``, ``p.data = t``)
     is noticed through its version counter; a change through ``p.data.<op>_()`` is NOT (``.data``
     has a counter of its own): pass ``carry_weight_norms=False`` if your code edits weights that way.
+    ``norms_in_backward=True``: each layer's gradient norm is taken by a hook as backward finishes
+    that gradient (fusedlars.backward_norms), so the step need not read the gradients for their norms:
+    with carried weight norms the ``cpu`` backend's LARS step reads each gradient once (bitwise the
+    two-pass step), the ``torch`` backend reads the weights instead of the gradients for the norms.
+    A norm is used only while ``p.grad`` is the tensor it was taken from, unchanged; other backends
+    and compiled steps take the norms themselves as before. See also :meth:`clip_grad_norm_`.
     """
 
     _KIND = "LARS"
@@ -154,6 +160,7 @@ class LARS(BucketedOptimizer):
         master_weights: bool = False,
         capturable: bool = False,
         carry_weight_norms: bool = True,
+        norms_in_backward: bool = False,
         maximize: bool = Default(False),
         eta: float = Default(1e-3),
         weight_decay_filter: bool = Default(False),
@@ -208,6 +215,7 @@ class LARS(BucketedOptimizer):
             master_weights=master_weights,
             capturable=capturable,
             carry_weight_norms=carry_weight_norms,
+            norms_in_backward=norms_in_backward,
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,

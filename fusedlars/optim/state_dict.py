@@ -14,7 +14,7 @@ from ..buckets import state_dtype_for
 from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, presets
 
 #: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
-TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_chosen", "_compiled")
+TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_chosen", "_compiled", "_bwd")
 
 #: The param-group key of a saved state dict that records the optimizer kind (NOTE [Kinds of state dicts]).
 KIND_KEY = "fusedlars_kind"
@@ -275,7 +275,10 @@ class StateDictMixin:
         if not had_differentiable:  # torch's __setstate__ adds it; it is not an option here
             self.defaults.pop("differentiable", None)
         for k, v in (("backend", "auto"), ("master_weights", False), ("capturable", False),
-                     ("carry_weight_norms", False), ("foreach", None), ("fused", None)):  # fmt: skip
+                     ("carry_weight_norms", False), ("norms_in_backward", False), ("foreach", None),
+                     ("fused", None)):  # fmt: skip
             self.__dict__.setdefault(k, v)
         self._reset_transient()
+        self._bwd = None
+        self._start_backward_norms()  # hooks on this copy's params
         self._seen = {id(p) for g in self.param_groups for p in g["params"]}

@@ -1,0 +1,164 @@
+"""Per-layer gradient norms taken during backward, where the gradients already pass.
+
+A LARS step needs every layer's ``||g||`` before any element of that layer moves, so a step that
+takes the norms itself reads every gradient twice (norm, then update). With
+``norms_in_backward=True`` the optimizer registers a ``register_post_accumulate_grad_hook`` on each
+of its params: when autograd has finished accumulating a param's gradient, the hook takes its sum of
+squares while the gradient is still in cache, and the step skips its own norm pass for that layer.
+
+// NOTE: [Norms from backward are a cache]
+// A norm taken in backward is the norm of one gradient tensor at one moment. It is used by a step
+// only if ``p.grad`` is still that tensor (a weak reference, compared by identity) with the same
+// version counter, which every in-place write bumps: GradScaler.unscale_, torch's clip_grad_norm_,
+// DDP writing all-reduced values into its bucket views (views share the counter), ``p.grad.mul_``.
+// One writer does not bump it: GradScaler.unscale_ (torch's _amp_foreach_non_finite_check_and_unscale_).
+// A step after unscale_ is recognized by GradScaler's protocol (found_inf without grad_scale) and
+// takes every norm itself; ``clip_grad_norm_`` never uses these norms for the same reason.
+// A replaced or None grad fails the identity test. Anything else makes the step take that norm
+// itself, as without the option, so the option can change speed, never a result. A second
+// micro-batch accumulates into the same grad, bumps its version and runs the hook again: the
+// recorded norm is always the final gradient's.
+//
+// On the CPU the hook sums with the C++ kernels' own reduction (``grad_sumsq_cpu``: the tile and lane
+// order of the step's pass 1), so the ``cpu`` backend's step is bitwise the two-pass step's. Other
+// devices take ``torch.linalg.vector_norm`` in fp32; small gradients are batched into one
+// ``_foreach_norm`` of up to :data:`BATCH_NUMEL` elements so that a GPU pays no launch per small layer.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+__all__ = ["BackwardNorms", "BATCH_NUMEL"]
+
+#: gradients smaller than this are batched (GPU) until the batch holds this many elements
+BATCH_NUMEL = 1 << 20
+
+
+def _cpu_sumsq_op():
+    ops = getattr(torch.ops, "fusedlars", None)
+    try:
+        return ops.grad_sumsq_cpu if ops is not None else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class BackwardNorms:
+    """Sums of squares of the params' gradients, recorded by post-accumulate-grad hooks.
+
+    ``lookup(p)`` returns the float64 0-dim sum of squares of ``p.grad`` when it was taken from the
+    gradient ``p.grad`` is now (same tensor, same version), else None. ``remove()`` unregisters the
+    hooks; it also runs when the owner is garbage-collected."""
+
+    def __init__(self, owner: Any, params: list[torch.Tensor]) -> None:
+        self._records: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) not yet summed (GPU)
+        self._pending_numel = 0
+        self._handles: list[Any] = []
+        self.taken = 0  # hook calls that took a norm (tests, bench)
+        ref = weakref.ref(self)
+
+        def hook(p: torch.Tensor, ref=ref) -> None:
+            me = ref()
+            if me is not None:
+                me._take(p)
+
+        self._hook = hook
+        self.add(params)
+        weakref.finalize(owner, BackwardNorms._remove_handles, self._handles)
+
+    def add(self, params: list[torch.Tensor]) -> None:
+        """Register the hook on more params (``add_param_group``)."""
+        for p in params:
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    @staticmethod
+    def _remove_handles(handles: list[Any]) -> None:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+    def remove(self) -> None:
+        self._remove_handles(self._handles)
+        self._records.clear()
+        self._pending.clear()
+
+    # -- hook side --------------------------------------------------------------------------
+    def _take(self, p: torch.Tensor) -> None:
+        from .buckets import _is_dense
+        from .distributed import local_tensor
+
+        g = p.grad
+        if g is None or g.is_sparse:
+            return
+        loc = local_tensor(g)
+        if loc.device.type == "cpu" and loc.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            op = _cpu_sumsq_op()
+            if op is not None and (loc.numel() <= 1 or _is_dense(loc)):
+                self._record(p, g, op([loc], None))
+                return
+        if loc.numel() < BATCH_NUMEL and loc.device.type != "cpu":
+            self._pending.append((p, g))
+            self._pending_numel += loc.numel()
+            if self._pending_numel >= BATCH_NUMEL:
+                self.flush()
+            return
+        self._record(p, g, torch.linalg.vector_norm(loc, dtype=torch.float32).double().square())
+
+    def _record(self, p: torch.Tensor, g: torch.Tensor, ssq: torch.Tensor) -> None:
+        self._records[id(p)] = (weakref.ref(g), g._version, ssq)
+        self.taken += 1
+
+    def flush(self) -> None:
+        """Sum the batched small gradients (one ``_foreach_norm`` per device and dtype)."""
+        from .distributed import local_tensor
+
+        pending, self._pending, self._pending_numel = self._pending, [], 0
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p, g in pending:
+            if p.grad is g:  # replaced since: nothing to record
+                groups.setdefault((g.device, g.dtype), []).append((p, g))
+        for items in groups.values():
+            norms = torch._foreach_norm([local_tensor(g) for _, g in items], 2, dtype=torch.float32)
+            for (p, g), n in zip(items, norms):
+                self._record(p, g, n.double().square())
+
+    # -- step side --------------------------------------------------------------------------
+    def lookup(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The recorded sum of squares of ``p.grad`` if it is still the gradient it was taken from."""
+        rec = self._records.get(id(p))
+        if rec is None:
+            return None
+        g = p.grad
+        if g is None or rec[0]() is not g or g._version != rec[1]:
+            return None
+        return rec[2]
+
+    def grad_sums(self, bucket) -> torch.Tensor | None:
+        """float64 [S] of the bucket's active segments' recorded sums of squares (0 elsewhere), or None
+        unless every active segment has a valid one (NOTE [Norms from backward are a cache])."""
+        if self._pending:
+            self.flush()
+        vals = []
+        for i in bucket.active_idx:
+            v = self.lookup(bucket.params[i])
+            if v is None:
+                return None
+            vals.append(v)
+        if not vals:
+            return None
+        out = torch.zeros(bucket.num_segments, dtype=torch.float64, device=vals[0].device)
+        out[list(bucket.active_idx)] = torch.stack(vals)
+        return out
+
+    def bucket_total(self, bucket) -> torch.Tensor | None:
+        """The sum of the bucket's active segments' recorded sums of squares, added in segment order
+        (bitwise the cpu backend's grad_sumsq over the same gradients), or None if any is missing."""
+        g2 = self.grad_sums(bucket)
+        if g2 is None:
+            return None
+        return torch.cumsum(g2[list(bucket.active_idx)], 0)[-1]  # a scan: the sequential order
