@@ -269,3 +269,29 @@ def test_bench_rejects_unknown_names():
         bench.run(shapes="nope", steps=1, progress=False)
     with pytest.raises(ValueError, match="backend"):
         bench.fused_backends("nope", torch.device("cpu"), 10)
+
+
+@pytest.mark.parametrize("grads", ["kept", "fresh"])
+def test_bench_norms_in_backward_and_clip_variants_take_their_paths(monkeypatch, grads):
+    """--norms-in-backward times steps that really ran from the recorded norms (every timed step, also
+    with fresh grads, whose norms the bench records as backward's hooks would); --clip adds the
+    clipping steps of both kinds."""
+    from fusedlars import kernels
+
+    mod = kernels.get("cpu")
+    if not kernels.status("cpu")[0]:
+        pytest.skip("cpu backend not built")
+    calls = []
+    orig = mod.lars_step_given_grad_sums
+    monkeypatch.setattr(
+        mod, "lars_step_given_grad_sums", lambda b, cfg, g2: calls.append(orig(b, cfg, g2)) or calls[-1]
+    )
+    res = bench.run(shapes="tiny", optimizer="lars", backend="cpu", steps=3, warmup=1, progress=False,
+                    grads=grads, norms_in_backward=True, clip=True)  # fmt: skip
+    names = {r["name"] for r in res["variants"]}
+    assert {"fusedlars[cpu]+bwd", "fusedlars[cpu]+clip", "fusedlars[cpu]+bwd+clip", "torch clip+SGD(fused)"} <= names
+    # two +bwd variants, each: the first (untimed) step, the warmup and the timed steps, all from backward
+    assert calls and all(calls) and len(calls) == 2 * (1 + 1 + 3), calls
+    lamb = bench.run(shapes="tiny", optimizer="lamb", backend="cpu", steps=2, warmup=0, progress=False,
+                     norms_in_backward=True, clip=True)  # fmt: skip
+    assert {"fusedlars[cpu]+clip", "fusedlars[cpu]+bwd+clip"} <= {r["name"] for r in lamb["variants"]}

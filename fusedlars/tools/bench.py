@@ -61,7 +61,12 @@ from .._version import __version__
 from .shapes import SHAPE_SETS, count_params, make_params
 
 # bytes moved per parameter by one step, fp32 (scaled by element size / 4 for other dtypes)
-BYTES_PER_PARAM = {"lars": 28, "lars_carried": 24, "sgd": 20, "adamw": 28, "lamb": 40, "triad": 12}
+BYTES_PER_PARAM = {"lars": 28, "lars_carried": 24, "sgd": 20, "adamw": 28, "lamb": 40, "triad": 12,
+                   # --norms-in-backward / --clip (fusedlars.backward_norms): the step alone; the norm
+                   # taken in backward is backward's cost. A clip's own norm pass reads g (4 B), torch's
+                   # clip_grad_norm_ also scales g in place (8 B).
+                   "lars_bwd": 20, "lars_clip": 28, "lars_bwd_clip": 24, "sgd_clip": 32,
+                   "lamb_clip": 44, "lamb_bwd_clip": 40}  # fmt: skip
 
 DTYPES = {
     "fp32": torch.float32,
@@ -188,8 +193,88 @@ def fused_backends(spec: str, device: torch.device, n_params: int) -> tuple[list
     return [n for n in names if usable(n, explicit=True)], skipped
 
 
-def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], list[tuple[str, str]]]:
-    """The fusedlars variants plus the references for ``optimizer`` ("lars" | "tvlars" | "lamb")."""
+class _ClipThenStep:
+    """One training-loop step with gradient clipping: ``opt.clip_grad_norm_`` (applied in the step) or
+    ``torch.nn.utils.clip_grad_norm_`` (a norm pass and a scaling pass over the grads) before ``step``."""
+
+    def __init__(self, opt: Any, params: list[torch.Tensor], ours: bool, max_norm: float = 1.0) -> None:
+        self.opt, self.params, self.ours, self.max_norm = opt, params, ours, max_norm
+
+    def step(self) -> None:
+        if self.ours:
+            self.opt.clip_grad_norm_(self.max_norm)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+        self.opt.step()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.opt, name)
+
+
+def _extra_variants(optimizer: str, backends: list[str], norms_in_backward: bool, clip: bool) -> list[Variant]:
+    """``--norms-in-backward``: fusedlars with the gradients' norms taken in backward (primed before the
+    timed steps, as a backward's hooks would leave them); ``--clip``: the clipping step of each kind."""
+    import fusedlars
+    from fusedlars import kernels
+
+    h = HYPER[optimizer]
+    out: list[Variant] = []
+    if optimizer in ("lars", "tvlars"):
+        cls = fusedlars.LARS if optimizer == "lars" else fusedlars.TVLARS
+        kw = dict(lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"])
+        if optimizer == "tvlars":
+            kw["denominator"] = "sum_of_norms"  # the official ||g + wd*w|| needs the step's own pass
+        fast = [b for b in backends if kernels.get(b).lars_step_given_grad_sums is not None]
+        for b in fast if norms_in_backward else []:
+            out.append(Variant(f"fusedlars[{b}]+bwd", "fusedlars", "lars_bwd",
+                               lambda p, b=b: cls(p, backend=b, norms_in_backward=True, **kw),
+                               f"{cls.__name__}, norms_in_backward=True"))  # fmt: skip
+        if clip:
+            for b in backends:
+                out.append(Variant(f"fusedlars[{b}]+clip", "fusedlars", "lars_clip",
+                                   lambda p, b=b: _ClipThenStep(cls(p, backend=b, **kw), p, True),
+                                   "opt.clip_grad_norm_(1.0) + step"))  # fmt: skip
+            for b in fast if norms_in_backward else []:
+                out.append(Variant(f"fusedlars[{b}]+bwd+clip", "fusedlars", "lars_bwd_clip",
+                                   lambda p, b=b: _ClipThenStep(cls(p, backend=b, norms_in_backward=True, **kw), p,
+                                                                True),
+                                   "norms_in_backward=True, opt.clip_grad_norm_(1.0) + step"))  # fmt: skip
+            out.append(Variant("torch clip+SGD(fused)", "baseline", "sgd_clip",
+                               lambda p: _ClipThenStep(torch.optim.SGD(p, lr=h["lr"], momentum=0.9,
+                                                                       weight_decay=h["weight_decay"], fused=True),
+                                                       p, False),
+                               "torch.nn.utils.clip_grad_norm_(1.0) + SGD(fused=True)"))  # fmt: skip
+    elif optimizer == "lamb":
+        lk = dict(lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"], max_grad_norm=1.0)
+        for b in backends if clip else []:
+            out.append(Variant(f"fusedlars[{b}]+clip", "fusedlars", "lamb_clip",
+                               lambda p, b=b: fusedlars.LAMB(p, backend=b, **lk), "LAMB, max_grad_norm=1.0"))  # fmt: skip
+            if norms_in_backward:
+                out.append(Variant(f"fusedlars[{b}]+bwd+clip", "fusedlars", "lamb_bwd_clip",
+                                   lambda p, b=b: fusedlars.LAMB(p, backend=b, norms_in_backward=True, **lk),
+                                   "LAMB, max_grad_norm=1.0, norms_in_backward=True"))  # fmt: skip
+    return out
+
+
+def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
+    """For an optimizer with norms_in_backward: record every param's gradient norm now, as the hooks
+    do at the end of a backward (the bench's grads come from no backward)."""
+    bwd = getattr(getattr(opt, "opt", opt), "_bwd", None)
+    if bwd is None:
+        return None
+
+    def prime() -> None:
+        for p in params:
+            bwd._take(p)
+
+    return prime
+
+
+def build_variants(
+    optimizer: str, backends: list[str], norms_in_backward: bool = False, clip: bool = False
+) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """The fusedlars variants plus the references for ``optimizer`` ("lars" | "tvlars" | "lamb"), and
+    the ``--norms-in-backward`` / ``--clip`` variants (:func:`_extra_variants`) when asked."""
     import fusedlars
 
     h = HYPER[optimizer]
@@ -264,7 +349,7 @@ def build_variants(optimizer: str, backends: list[str]) -> tuple[list[Variant], 
         )
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose lars, tvlars or lamb")
-    return out, skipped
+    return out + _extra_variants(optimizer, backends, norms_in_backward, clip), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +446,8 @@ def _stats(times_s: list[float]) -> dict[str, float]:
 
 def _estimate_bytes(variants: list[Variant], n: int, elem: int, grad_sets: int = 1) -> int:
     # params + own grads (one set, two with --grads fresh) + state buffers, per variant; + shared grads + probe
-    per = {"lars": 2, "lars_carried": 2, "sgd": 2, "adamw": 3, "lamb": 3}
+    per = {"lars": 2, "lars_carried": 2, "sgd": 2, "adamw": 3, "lamb": 3, "lars_bwd": 2, "lars_clip": 2,
+           "lars_bwd_clip": 2, "sgd_clip": 2, "lamb_clip": 3, "lamb_bwd_clip": 3}  # fmt: skip
     return n * elem * (sum(per[v.algo] + grad_sets for v in variants) + 2)
 
 
@@ -380,6 +466,8 @@ def run(
     time_limit: float | None = 90.0,
     log: Callable[[str], None] | None = None,
     grads: str = "kept",
+    norms_in_backward: bool = False,
+    clip: bool = False,
 ) -> dict[str, Any]:
     """Benchmark and return the results (the ``--json`` document).
 
@@ -409,7 +497,7 @@ def run(
     n = count_params(shp)
 
     backends, skipped = fused_backends(backend, dev, n)
-    variants, skipped2 = build_variants(optimizer, backends)
+    variants, skipped2 = build_variants(optimizer, backends, norms_in_backward, clip)
     skipped += skipped2
 
     from .shapes import _available_bytes
@@ -446,6 +534,9 @@ def run(
             p.grad = g
         try:
             opt = v.make(ps)
+            prime = _primer(opt, ps)
+            if prime is not None:
+                prime()
             opt.step()  # first step: state allocation, bucket building; also catches unsupported dtypes
             sync()
         except Exception as e:
@@ -454,6 +545,8 @@ def run(
         v.step = opt.step
         v._opt = opt  # keep alive
         v.swap = _swapper(ps, sets) if len(sets) > 1 else None
+        if prime is not None and v.swap is not None:  # new grads: the hooks would have run in their backward
+            v.swap = lambda s=v.swap, pr=prime: (s(), pr())
         if v.kind == "fusedlars" and hasattr(opt, "backends_in_use"):
             used = sorted(set(opt.backends_in_use()))
             v.note += f" (buckets ran on: {', '.join(used)})"
@@ -914,6 +1007,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         + " (default kept)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument(
+        "--norms-in-backward",
+        action="store_true",
+        help="also time the steps whose gradient norms were taken in backward (norms_in_backward=True; the "
+        "norms are recorded before the timed steps, as backward's hooks would leave them)",
+    )
+    ap.add_argument(
+        "--clip",
+        action="store_true",
+        help="also time clipping steps: LARS with opt.clip_grad_norm_(1.0) vs torch's clip_grad_norm_ + fused "
+        "SGD; LAMB with max_grad_norm=1.0",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -951,4 +1056,6 @@ def _run_args(args: argparse.Namespace) -> dict[str, Any]:
         progress=not args.no_progress and os.environ.get("FUSEDLARS_NO_PROGRESS") is None,
         only=[o.strip() for o in args.only.split(",") if o.strip()] if args.only else None,
         grads=getattr(args, "grads", "kept"),
+        norms_in_backward=getattr(args, "norms_in_backward", False),
+        clip=getattr(args, "clip", False),
     )
