@@ -57,7 +57,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -122,7 +122,6 @@ class ReproConfig:
     quick: bool = False
     progress: bool = True
     threads: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.batch_sizes = tuple(sorted(set(int(b) for b in self.batch_sizes)))
