@@ -1,7 +1,8 @@
 """`fusedlars reproduce`: the printed table, the CSV and the plots are the runs' numbers; every
 optimizer, batch size and seed ran; no chosen lr sits at the edge of its grid.
 
-The `--quick` run through the CLI takes about two minutes on two cores: it is marked slow. A tiny
+The `--quick` run through the CLI takes about 110 s of CPU (2 to 3.5 minutes of wall time on a
+busy 2-core machine): it is marked slow. A tiny
 configuration (2 epochs, 2 batch sizes, 2 optimizers) checks the same invariants in the fast suite,
 and the grid widening is tested on a synthetic validation score."""
 
@@ -60,7 +61,9 @@ def check_study(out, text, optimizers, n_batch, n_seeds, full_batch=True):
         for bs in bss:
             runs = _final_runs(res, name, bs)
             assert [r["seed"] for r in runs] == list(range(n_seeds)), (name, bs)
-            assert all(r["epochs"] == cfg["epochs"] and len(r["curve_test_acc"]) in (0, cfg["epochs"]) for r in runs)
+            for r in runs:  # a diverged run stops at the epoch whose loss was not finite
+                assert r["epochs"] == cfg["epochs"]
+                assert r["diverged"] or len(r["curve_test_acc"]) == len(r["curve_steps"]) == cfg["epochs"]
     _check_tuning(res)
     _check_table(res, text)
     _check_csv(res, os.path.join(out, "runs.csv"))
@@ -196,7 +199,7 @@ def _check_plots(res, plot_data, out):
 
 @pytest.mark.slow
 def test_reproduce_quick_cli(tmp_path):
-    """The issue's check: `fusedlars reproduce --quick --out DIR` (about 2 minutes on 2 cores)."""
+    """The issue's check: `fusedlars reproduce --quick --out DIR` (about 110 s of CPU)."""
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         rc = cli_main(["reproduce", "--quick", "--out", str(tmp_path), "--no-progress"])
