@@ -30,6 +30,8 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -244,17 +246,24 @@ def train_one(name: str, cfg: DemoConfig, data, init_state: dict[str, torch.Tens
     }
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` for the block, the caller's count restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(cfg: DemoConfig, progress: Any = None) -> dict[str, Any]:
     """Train every optimizer of ``cfg``, write the plots and ``results.json`` into ``cfg.out``;
     returns ``{"config": ..., "results": [...], "plots": [...], "wall_s": ...}``.
 
     ``progress``: a ``rich.progress.Progress`` (started) to report to, or None."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: DemoConfig, progress: Any) -> dict[str, Any]:

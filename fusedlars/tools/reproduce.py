@@ -63,7 +63,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .demo import ADAPTED_LAYERS, WEIGHT_DECAY, SmallCNN, _evaluate, load_digits
+from .demo import ADAPTED_LAYERS, WEIGHT_DECAY, SmallCNN, _evaluate, load_digits, torch_threads
 from .plot import draw_stats, pyplot, read_stats_csv, require
 
 __all__ = [
@@ -411,12 +411,8 @@ def run(cfg: ReproConfig, progress: Any = None) -> dict[str, Any]:
     """Tune, run every seed, summarize, plot, write everything into ``cfg.out``.
 
     ``progress``: a started ``rich.progress.Progress``, or None."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         return _run(cfg, progress)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(cfg: ReproConfig, progress: Any) -> dict[str, Any]:
