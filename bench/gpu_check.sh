@@ -84,13 +84,13 @@ fi
 TESTS=(tests/test_cuda_backend.py tests/test_triton_backend.py tests/test_compile.py tests/test_no_host_sync.py tests/test_cuda_build.py)
 [[ -f tests/test_triton_order.py ]] && TESTS+=(tests/test_triton_order.py)
 if (( DRY )); then
-  step tests 120 $PY -m pytest -q -p no:cacheprovider --collect-only "${TESTS[@]}"
+  step tests 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" --collect-only "${TESTS[@]}"
 else
   step tests 150 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/tests.xml" "${TESTS[@]}"
 fi
 FUSED=(tests/test_fused_backends.py -k "cuda or triton")
 if (( DRY )); then
-  step fused 120 $PY -m pytest -q -p no:cacheprovider --collect-only "${FUSED[@]}"
+  step fused 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" --collect-only "${FUSED[@]}"
 else
   step fused 120 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/fused.xml" "${FUSED[@]}"
 fi

@@ -110,12 +110,18 @@ def _setup(request, monkeypatch, name: str, cuda_path: str | None = None) -> Fus
     return Fused("triton", "cpu", INTERPRETED_SHAPES, low_precision_steps=1)
 
 
-@pytest.fixture(params=["cpu", "cuda", "triton"])
+# Triton in its interpreter is ~1 ms a program: its run of the shared suite (most of this file's time)
+# is in the slow lane, which CI runs after the fast one (.ci/run); tests/test_triton_backend.py keeps
+# the Triton-only cases in the fast lane.
+TRITON = pytest.param("triton", marks=() if HAVE_GPU else pytest.mark.slow)
+
+
+@pytest.fixture(params=["cpu", "cuda", TRITON])
 def fused(request, monkeypatch) -> Fused:
     return _setup(request, monkeypatch, request.param)
 
 
-@pytest.fixture(params=["cpu", "cuda", "cuda-two_launch", "triton"])
+@pytest.fixture(params=["cpu", "cuda", "cuda-two_launch", TRITON])
 def fused_paths(request, monkeypatch) -> Fused:
     """As ``fused``, and the CUDA kernels also on their two-launch path (the default is one
     cooperative launch where the device supports it; the emulation does)."""
