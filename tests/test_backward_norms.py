@@ -39,12 +39,13 @@ def _opt(kind, model, backend, nib, **kw):
 
 def _run(kind, backend, nib, between=None, steps=4, clip=None, **kw):
     """Train ``steps`` steps; ``between(model, opt, t)`` runs between backward and step."""
-    model = _model()
+    dtype = kw.pop("dtype", torch.float32)
+    model = _model().to(dtype)
     opt = _opt(kind, model, backend, nib, **kw)
     for t in range(steps):
         x, y = _batch(t)
         opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
+        nn.functional.cross_entropy(model(x.to(dtype)).float(), y).backward()
         if between is not None:
             between(model, opt, t)
         if clip == "ours":
@@ -82,19 +83,25 @@ def given_calls(monkeypatch):
 
 @pytest.mark.parametrize(
     "kind,kw,fast",
-    [("LARS", {}, 4), ("TVLARS", {"denominator": "sum_of_norms"}, 4), ("TVLARS", {}, 0)],
-    ids=["lars", "tvlars", "tvlars_norm_of_sum"],
+    [
+        ("LARS", {}, 4),
+        ("LARS", {"carry_weight_norms": False}, 4),  # cpu: pass 1 sums the weights alone
+        ("LARS", {"carry_weight_norms": False, "master_weights": True, "dtype": torch.bfloat16}, 4),
+        ("TVLARS", {"denominator": "sum_of_norms"}, 4),
+        ("TVLARS", {}, 0),
+    ],
+    ids=["lars", "lars_no_carry", "lars_no_carry_masters", "tvlars", "tvlars_norm_of_sum"],
 )
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lars_from_backward_norms_equals_the_two_pass_step(backend, kind, kw, fast, given_calls):
     """TVLARS's official denominator ||g + wd*w|| needs the step's own pass (fast = 0 steps from backward)."""
-    ref, o_ref = _run(kind, backend, False, **kw)
-    got, o = _run(kind, backend, True, **kw)
+    ref, o_ref = _run(kind, backend, False, **dict(kw))
+    got, o = _run(kind, backend, True, **dict(kw))
     _same(got, ref, bitwise=backend == "cpu")
     assert given_calls.get(backend, 0) == fast
     assert o._bwd.taken == 4 * len(ref)
     if backend == "cpu" and fast:  # pass 2 reports ||g + wd*w|| as the two-pass step does
-        assert torch.equal(o.stats()["update_norm"], o_ref.stats()["update_norm"])
+        torch.testing.assert_close(o.stats()["update_norm"], o_ref.stats()["update_norm"], rtol=1e-6, atol=0)
 
 
 def _mul(model, opt, t):

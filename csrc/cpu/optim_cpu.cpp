@@ -56,10 +56,12 @@
 // g + lam*w (the reported u_norm, not used by the math when weight norms are carried) is then not
 // known across ranks: phase 1 puts NaN in its row, so u_norm reads NaN for such a segment.
 // Phase 3 (LARS only) is phase 0 with the gradients' sums of squares given in row 1 of `sums`
-// (taken in backward: fusedlars/backward_norms.py): a carried segment skips pass 1 altogether, so
-// the step reads each of its gradients once (in pass 2); a segment that is not carried runs pass 1
-// as in phase 0 and ignores the given row. With the given sums equal to pass 1's (grad_sumsq_cpu,
-// same tiles and lanes), phase 3 is bitwise phase 0.
+// (taken in backward: fusedlars/backward_norms.py), so that no segment reads its gradient in pass 1:
+// a carried segment skips pass 1 altogether, one that is not carried (params without fp32 masters)
+// sums only its weights there (grad_sumsq's loop over w, bitwise lars_sumsq's w^2), and pass 2,
+// which reads the gradient once, also sums the (g + lam*w)^2 of the report. With masters, a segment
+// that is not carried runs pass 1 as in phase 0. With the given sums equal to pass 1's
+// (grad_sumsq_cpu: same tiles and lanes), phase 3 is bitwise phase 0 for the params and state.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -520,7 +522,10 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   const Plan p = make_plan(g.numel, seg_ids.data_ptr<int64_t>(), bpe, group_budget(kLarsBudget));
   const KernelTable& k = table();
   std::vector<double> part(3 * p.num_tiles());
-  std::vector<double> part2(wss ? 2 * p.num_tiles() : 0);  // pass 2: new w^2, (g + lam*w)^2
+  const bool given = phase == 3;  // NOTE [Phases]: the gradients' sums of squares are given
+  TORCH_CHECK(!given || o.denominator != kNormOfSum, "fusedlars cpu: phase 3 cannot take ||g + lam*w|| as given");
+  const bool w_only = given && masters.empty();  // pass 1 of a segment that is not carried sums w alone
+  std::vector<double> part2(wss || given ? 2 * p.num_tiles() : 0);  // pass 2: new w^2, (g + lam*w)^2
   const int nth = plan_threads(p);
   const int64_t NS = static_cast<int64_t>(p.seg.size());
   std::vector<LarsCoef> coef(static_cast<size_t>(nth) * NS);  // one slot per thread
@@ -535,8 +540,15 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   }
   const bool whole = phase == 0 || phase == 3;  // one call steps: pass 2 reports u for carried segments
   auto pass1 = [&](int64_t t) {
-    if (phase == 3 && carried[p.t_seg[t]]) return;  // its ||g||^2 is given, its ||w||^2 carried
+    if (given && carried[p.t_seg[t]]) return;  // its ||g||^2 is given, its ||w||^2 carried
     const TileArgs a = tile_of(g.bases, p, t);
+    if (w_only) {  // ||g||^2 given: the weights alone, through the same loop as a gradient's
+      TileArgs aw = a;
+      aw.grad = a.param;
+      part[3 * t + 1] = part[3 * t + 2] = 0.0;
+      k.grad_sumsq(aw, g.variant, 1.0f, &part[3 * t]);
+      return;
+    }
     if (carried[p.t_seg[t]]) {
       part[3 * t] = part[3 * t + 2] = 0.0;
       k.grad_sumsq(a, g.variant, gscale, &part[3 * t + 1]);  // bitwise lars_sumsq's out[1]
@@ -568,9 +580,10 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         double ssq[3];
         if (phase == 2) {
           for (int j = 0; j < 3; ++j) ssq[j] = ext[j * c.S + s];
-        } else if (phase == 3 && carried[si]) {
-          ssq[0] = ssq[2] = 0.0;
+        } else if (given && (carried[si] || w_only)) {
+          segment_sums<3>(p, part, si, ssq);  // w^2 of a segment that is not carried
           ssq[1] = ext[c.S + s];
+          ssq[2] = 0.0;
         } else {
           segment_sums<3>(p, part, si, ssq);
         }
@@ -585,19 +598,20 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       [&](int64_t t, int slot) {
         const TileArgs a = tile_of(g.bases, p, t);
         const int64_t si = p.t_seg[t];
-        const int carry = !wss ? kCarryNone : (carried[si] && whole) ? kCarryWU : kCarryW;
+        const bool report_u = (carried[si] && whole) || w_only;  // pass 2 sums (g + lam*w)^2 for u_norm
+        const int carry = report_u ? kCarryWU : wss ? kCarryW : kCarryNone;
         const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
         k.lars_update(a, g.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
-                      wss ? &part2[2 * t] : nullptr);
+                      part2.empty() ? nullptr : &part2[2 * t]);
       });
-  if (!wss) return;
+  if (part2.empty()) return;
   // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
   for (int64_t si = 0; si < NS; ++si) {
     const int64_t s = p.seg[si];
     double wu[2];
     segment_sums<2>(p, part2, si, wu);
-    wss[s] = wu[0];
-    if (carried[si] && whole) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
+    if (wss) wss[s] = wu[0];
+    if ((carried[si] && whole) || w_only) c.u_norm[s] = static_cast<float>(std::sqrt(wu[1]));
   }
 }
 

@@ -165,9 +165,10 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
 
 def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
     """A LARS step whose gradients' sums of squares ``g2`` (float64 [S], of the raw grads) were taken in
-    backward (fusedlars.backward_norms): NOTE [Phases]' phase 3, in which a segment with a carried
-    weight norm reads its gradient once. False (nothing done) where the step needs its own pass 1."""
-    if not cfg.carry_w or cfg.denominator == "norm_of_sum":
+    backward (fusedlars.backward_norms): NOTE [Phases]' phase 3, in which no segment reads its gradient
+    for the norms (pass 1 skips a carried segment and sums only the weights of the others, unless they
+    have fp32 masters). False (nothing done) where the ratio needs ||g + lam*w|| (norm_of_sum)."""
+    if cfg.denominator == "norm_of_sum":
         return False
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
     sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()

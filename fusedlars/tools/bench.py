@@ -226,19 +226,23 @@ def _extra_variants(optimizer: str, backends: list[str], norms_in_backward: bool
             kw["denominator"] = "sum_of_norms"  # the official ||g + wd*w|| needs the step's own pass
         fast = [b for b in backends if kernels.get(b).lars_step_given_grad_sums is not None]
         for b in fast if norms_in_backward else []:
-            out.append(Variant(f"fusedlars[{b}]+bwd", "fusedlars", "lars_bwd",
-                               lambda p, b=b: cls(p, backend=b, norms_in_backward=True, **kw),
-                               f"{cls.__name__}, norms_in_backward=True"))  # fmt: skip
+            # with carried weight norms (cpu) the step reads no gradient for the norms: 20 B/param
+            ckw = dict(kw, carry_weight_norms=True) if _carries(b) else kw
+            out.append(Variant(f"fusedlars[{b}]+bwd", "fusedlars", "lars_bwd" if _carries(b) else "lars_carried",
+                               lambda p, b=b, ckw=ckw: cls(p, backend=b, norms_in_backward=True, **ckw),
+                               f"{cls.__name__}, norms_in_backward=True"
+                               + (", carry_weight_norms=True" if _carries(b) else "")))  # fmt: skip
         if clip:
             for b in backends:
                 out.append(Variant(f"fusedlars[{b}]+clip", "fusedlars", "lars_clip",
                                    lambda p, b=b: _ClipThenStep(cls(p, backend=b, **kw), p, True),
                                    "opt.clip_grad_norm_(1.0) + step"))  # fmt: skip
             for b in fast if norms_in_backward else []:
+                ckw = dict(kw, carry_weight_norms=True) if _carries(b) else kw
                 out.append(Variant(f"fusedlars[{b}]+bwd+clip", "fusedlars", "lars_bwd_clip",
-                                   lambda p, b=b: _ClipThenStep(cls(p, backend=b, norms_in_backward=True, **kw), p,
-                                                                True),
-                                   "norms_in_backward=True, opt.clip_grad_norm_(1.0) + step"))  # fmt: skip
+                                   lambda p, b=b, ckw=ckw: _ClipThenStep(cls(p, backend=b, norms_in_backward=True,
+                                                                             **ckw), p, True),
+                                   "norms_in_backward=True (carried norms on cpu), opt.clip_grad_norm_(1.0) + step"))  # fmt: skip
             out.append(Variant("torch clip+SGD(fused)", "baseline", "sgd_clip",
                                lambda p: _ClipThenStep(torch.optim.SGD(p, lr=h["lr"], momentum=0.9,
                                                                        weight_decay=h["weight_decay"], fused=True),
@@ -287,7 +291,7 @@ def build_variants(
         if optimizer == "lars":
             kw.update(trust_coefficient=h["trust_coefficient"], eps=h["eps"])
         for b in backends:
-            algo = "lars_carried" if _carries(b) else "lars"
+            algo = "lars"  # carry_weight_norms is opt-in (its own variant: --norms-in-backward)
             out.append(
                 Variant(f"fusedlars[{b}]", "fusedlars", algo, lambda p, b=b: cls(p, backend=b, **kw), cls.__name__)
             )

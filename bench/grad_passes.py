@@ -1,0 +1,114 @@
+"""How many passes over the gradients a step costs: two-pass LARS, norms taken in backward, clipping.
+
+    python bench/grad_passes.py [--rounds 60] [--threads 2] [--shapes resnet50]
+
+Times, interleaved round-robin in one process over the shape set's tensors (fp32, the grads kept from
+round to round as after ``zero_grad(set_to_none=False)``), one ``step()`` of:
+
+* torch's fused SGD and AdamW (no trust ratio), and torch's ``clip_grad_norm_`` + fused SGD;
+* ``fusedlars.LARS`` two-pass, with and without ``carry_weight_norms``;
+* ``fusedlars.LARS(norms_in_backward=True)``, with and without carried weight norms, also with
+  ``opt.clip_grad_norm_`` (the norms are recorded before the timed steps, as backward's hooks leave
+  them: the hook's own cost belongs to backward and is not timed here);
+* ``fusedlars.LAMB`` without and with ``max_grad_norm``, the latter also with ``norms_in_backward``.
+
+Prints the medians, their IQRs and the ratios that issue #25 names. Timings drift between runs on a
+shared machine: read the ratios of one run, and repeat the run. ``fusedlars bench --norms-in-backward
+--clip`` times the same steps inside the bench's harness (with its bandwidth probe and reliability
+checks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+import fusedlars
+from fusedlars.tools.shapes import SHAPE_SETS
+
+
+class ClipThenStep:
+    def __init__(self, opt, params, ours: bool) -> None:
+        self.opt, self.params, self.ours = opt, params, ours
+
+    def step(self) -> None:
+        if self.ours:
+            self.opt.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+
+
+def variants() -> dict:
+    lars = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    lamb = dict(lr=1e-3, weight_decay=0.01)
+
+    def sgd(ps):
+        return torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+
+    return {
+        "torch SGD(fused)": sgd,
+        "torch clip_grad_norm_ + SGD(fused)": lambda ps: ClipThenStep(sgd(ps), ps, False),
+        "LARS": lambda ps: fusedlars.LARS(ps, **lars),
+        "LARS carry": lambda ps: fusedlars.LARS(ps, carry_weight_norms=True, **lars),
+        "LARS bwd": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, **lars),
+        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **lars),
+        "LARS + clip": lambda ps: ClipThenStep(fusedlars.LARS(ps, **lars), ps, True),
+        "LARS bwd carry + clip": lambda ps: ClipThenStep(
+            fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **lars), ps, True
+        ),
+        "torch AdamW(fused)": lambda ps: torch.optim.AdamW(ps, fused=True, **lamb),
+        "LAMB": lambda ps: fusedlars.LAMB(ps, **lamb),
+        "LAMB max_grad_norm": lambda ps: fusedlars.LAMB(ps, max_grad_norm=1.0, **lamb),
+        "LAMB bwd max_grad_norm": lambda ps: fusedlars.LAMB(ps, max_grad_norm=1.0, norms_in_backward=True, **lamb),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=60, help="timed rounds (default 60)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--shapes", default="resnet50", choices=sorted(SHAPE_SETS), help="shape set (default resnet50)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = [s for _, s in SHAPE_SETS[args.shapes]()]
+    runs = {}
+    for name, make in variants().items():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        for p in ps:
+            p.grad = torch.randn(p.shape) * 0.01
+        opt = make(ps)
+        bwd = getattr(getattr(opt, "opt", opt), "_bwd", None)
+        if bwd is not None:  # what backward's hooks would have recorded
+            for p in ps:
+                bwd._take(p)
+        opt.step()  # state, buckets
+        runs[name] = opt
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.rounds):
+        for name, opt in runs.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    for k, v in times.items():
+        q = statistics.quantiles(v, n=4)
+        print(f"{k:36s} {med[k]:8.2f} ms  IQR {(q[2] - q[0]) * 1e3:6.2f} ms")
+    sgd, clip_sgd, lamb = med["torch SGD(fused)"], med["torch clip_grad_norm_ + SGD(fused)"], med["LAMB"]
+    print("in torch SGD(fused) steps: " + ", ".join(f"{k} {med[k] / sgd:.3f}x" for k in
+                                                      ("LARS", "LARS carry", "LARS bwd", "LARS bwd carry")))  # fmt: skip
+    print(f"in torch clip_grad_norm_ + SGD(fused): LARS + clip {med['LARS + clip'] / clip_sgd:.3f}x, "
+          f"LARS bwd carry + clip {med['LARS bwd carry + clip'] / clip_sgd:.3f}x")  # fmt: skip
+    print(f"in LAMB steps: LAMB max_grad_norm {med['LAMB max_grad_norm'] / lamb:.3f}x, "
+          f"LAMB bwd max_grad_norm {med['LAMB bwd max_grad_norm'] / lamb:.3f}x; "
+          f"LAMB in torch AdamW(fused) steps {lamb / med['torch AdamW(fused)']:.3f}x")  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
