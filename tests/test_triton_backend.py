@@ -614,3 +614,27 @@ def test_eager_and_compiled_steps_interleave():
     torch._dynamo.reset()
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_loaded_momentum_without_a_step_count_is_used():
+    """A state loaded without ``step`` (edited, or from an optimizer that keeps no count) has momentum
+    buffers and step 0: whether a buffer counts is has_state's to say (launch 1's snapshot of it), not the
+    step count's. (A kernel that read the step row of the snapshot instead passed every other test.)"""
+    out = {}
+    for backend in ("reference", "triton"):
+        _, opt = run("LARS", backend, torch.float32, 2, momentum=0.9, weight_decay=1e-3)
+        sd = opt.state_dict()
+        for st in sd["state"].values():
+            st.pop("step", None)
+        named = make_params(torch.float32)
+        fresh = fusedlars.LARS([{"params": named}], backend=backend, lr=0.1, momentum=0.9, weight_decay=1e-3)
+        fresh.load_state_dict(sd)
+        assert all(b.has_state.sum() > 0 and b.step.sum() == 0 for b in fresh.buckets())
+        set_grads(named, SPECS, 2)
+        fresh.step()
+        out[backend] = ([p for _, p in named], fresh)
+    (p_tri, o_tri), (p_ref, o_ref) = out["triton"], out["reference"]
+    assert set(o_tri.backends_in_use()) == {"triton"}
+    for i, (a, b) in enumerate(zip(p_tri, p_ref)):
+        close(a.detach(), b.detach(), torch.float32, f"param {i}")
+    compare_states(o_tri, p_tri, o_ref, p_ref, torch.float32)
