@@ -155,11 +155,6 @@ class _Scratch:
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
         self.lr = CachedScalar(dev, torch.float32)  # a float lr
         self.clip = CachedScalar(dev, torch.float32)  # a float clip_coef
-        # NOTE [Kernel arguments] (kernels): base addresses of the tables K.TABLES names, eager steps' and
-        # compiled steps' (NOTE [Addresses in a compiled step]: each writer skips what it wrote last)
-        self.tabs = torch.zeros(len(K.TABLES), dtype=torch.int64, device=dev)
-        self.tab_ptrs: tuple[int, ...] = ()
-        self.traced_tabs = torch.zeros(len(K.TABLES), dtype=torch.int64, device=dev)
 
 
 def _scratch(bucket: Bucket) -> _Scratch:
@@ -197,30 +192,6 @@ def _addresses(bucket: Bucket) -> torch.Tensor:
     return bucket.address_table(kinds)
 
 
-def _tables(bucket: Bucket, sc: _Scratch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(the int64 table of the base addresses of the tables ``K.TABLES`` names, those tables). The bucket's
-    per-segment and tile tables and this backend's scratch are allocated once, so the table is written once
-    (and again only if one of them is replaced); a compiled step refreshes its own table through the opaque
-    ``fusedlars::triton_addresses`` op, as the address table (NOTE [Addresses in a compiled step])."""
-    own = dict(
-        tile_seg=sc.tiles.tile_seg,
-        tile_len=sc.tiles.tile_len,
-        seg_tile_ptr=sc.tiles.seg_tile_ptr,
-        part=sc.part,
-        snap=sc.snap,
-        count=sc.count,
-    )
-    tables = [own[n] if n in own else getattr(bucket, n) for n in K.TABLES]
-    if torch.compiler.is_compiling():
-        _op("triton_addresses")(sc.traced_tabs, tables)
-        return sc.traced_tabs, tables
-    ptrs = tuple(t.data_ptr() for t in tables)
-    if ptrs != sc.tab_ptrs:
-        sc.tabs.copy_(torch.tensor(ptrs, dtype=torch.int64))
-        sc.tab_ptrs = ptrs
-    return sc.tabs, tables
-
-
 def _traced_table(bucket: Bucket) -> torch.Tensor:
     """The address table of compiled steps (NOTE [Addresses in a compiled step]), allocated once."""
     kinds = _kinds(bucket)
@@ -245,9 +216,8 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
     sc = _scratch(bucket)
     t = sc.tiles
-    _tables(bucket, sc)  # written now, outside any graph
     return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart, sc.one, sc.zero,
-            sc.tabs, sc.traced_tabs, _traced_table(bucket)]  # fmt: skip
+            _traced_table(bucket)]  # fmt: skip
 
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
@@ -409,59 +379,142 @@ def _constexprs(pdt: int, has_master: bool, mode_name: str | None, mode: int, **
     return dict(cx, **geometry)
 
 
-# NOTE: [One launch sequence] Every launch of both kinds goes through one op body (:func:`_kernel_op`), as
-# the kernels run the same two skeletons (NOTE [One skeleton] in the kernels) and take their arguments in
-# one shape (NOTE [Kernel arguments]): the address table, the table of tables (and the tables themselves,
-# which the op declares it writes: the kernels reach them through their addresses), the per-segment sums,
-# the kind's per-step scalar tensors (``scalars``), ``dims = (num_tiles, num_segs)``, its hyper-parameters
-# (``fvals``, ``ivals``: the kernel's tuples) and its mode constexpr. One op is still registered per kind
-# and launch (``fusedlars::triton_lars_partials`` ...): the op names and the 2 launches per step are what
-# tests and traces see. (The mode argument is ``mode_code``: an op argument named ``mode`` collides with
-# the ``mode`` keyword torch.compile's dispatch passes along.)
-def _kernel_op(name: str, kernel: str, mode_name: str | None, geometry: tuple[str, ...], mutates: tuple[str, ...]):
-    """Register op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the segment programs, with the
-    constexprs ``geometry`` (from ``sizes``). Launch 1 (it mutates ``ssq``) re-arms the arrival counters
-    if it raises."""
+# NOTE: [One launch sequence] Both kinds launch through the same two op bodies, as the kernels run the
+# same two skeletons (NOTE [One skeleton] in the kernels): launch 1 (``_partials_op``) and launch 2
+# (``_update_op``) take the bucket tables, scratch and geometry in one order for both kinds, and a kind
+# adds only its kernel, its per-step scalar tensors (``scalars``), hyper-parameters (``fvals``, then
+# ``ivals``: the kernel's argument order) and its mode constexpr. One op is still registered per kind
+# and launch (``fusedlars::triton_lars_partials`` ...): the op names and the 2 launches per step are
+# what tests and traces see. (The mode argument is ``mode_code``: an op argument named ``mode`` collides
+# with the ``mode`` keyword torch.compile's dispatch passes along.)
+def _partials_op(name: str, kernel: str, mode_name: str | None):
+    """Register launch 1 of a kind as op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the
+    segment programs; the arrival counters are re-armed if the launch raises."""
 
-    @_register(name, mutates)
+    @_register(name, ("part", "snap", "ssq", "count"))
     def op(
         addr: T_,
-        tabs: T_,
-        tables: list[T_],
-        ssq: T_,
+        wd_mask: T_,
+        active: T_,
+        step: T_,
+        has_state: T_,
         scalars: list[T_],
-        dims: list[int],
+        part: T_,
+        snap: T_,
+        ssq: T_,
+        count: T_,
+        tile_seg: T_,
+        tile_len: T_,
+        seg_tile_ptr: T_,
+        num_tiles: int,
+        num_segs: int,
         fvals: list[float],
         ivals: list[int],
         pdt: int,
         has_master: bool,
         mode_code: int,
-        sizes: list[int],
+        tile: int,
+        block: int,
+        rblock: int,
+        sblock: int,
     ) -> None:
-        geo = dict(zip(geometry, sizes))
-        count = tables[K.TABLES.index("count")]
-        with _rearm_on_error(count) if "ssq" in mutates else contextlib.nullcontext():
+        with _rearm_on_error(count):
             _launch(
                 getattr(K, kernel),
-                dims[0] + triton.cdiv(dims[1], geo["SBLOCK"]),
+                num_tiles + triton.cdiv(num_segs, sblock),
                 addr,
-                tabs,
-                ssq,
+                wd_mask,
+                active,
+                step,
+                has_state,
                 *scalars,
-                tuple(dims),
-                *(tuple(v) for v in (fvals, ivals) if v),
-                **_constexprs(pdt, has_master, mode_name, mode_code, **geo),
+                part,
+                snap,
+                ssq,
+                count,
+                tile_seg,
+                tile_len,
+                seg_tile_ptr,
+                num_tiles,
+                num_segs,
+                *fvals,
+                *ivals,
+                **_constexprs(
+                    pdt, has_master, mode_name, mode_code, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock
+                ),
             )
 
     return op
 
 
-_LAUNCH1 = ("TILE", "BLOCK", "RBLOCK", "SBLOCK")
-_LAUNCH2 = ("TILE", "BLOCK", "SBLOCK")
-_kernel_op("triton_lars_partials", "lars_partials_kernel", None, _LAUNCH1, ("tables", "ssq"))
-_kernel_op("triton_lars_update", "lars_update_kernel", "MOM", _LAUNCH2, ("tables",))
-_kernel_op("triton_lamb_partials", "lamb_moments_kernel", "BC", _LAUNCH1, ("tables", "ssq"))
-_kernel_op("triton_lamb_update", "lamb_update_kernel", "BC", _LAUNCH2, ("tables",))
+def _update_op(name: str, kernel: str, mode_name: str):
+    """Register launch 2 of a kind as op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the
+    segment programs."""
+
+    @_register(name, ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
+    def op(
+        addr: T_,
+        wd_mask: T_,
+        adapt_mask: T_,
+        active: T_,
+        seg_numel: T_,
+        step: T_,
+        has_state: T_,
+        w_norm: T_,
+        g_norm: T_,
+        u_norm: T_,
+        trust_ratio: T_,
+        scalars: list[T_],
+        ssq: T_,
+        snap: T_,
+        tile_seg: T_,
+        tile_len: T_,
+        seg_tile_ptr: T_,
+        num_tiles: int,
+        num_segs: int,
+        fvals: list[float],
+        ivals: list[int],
+        pdt: int,
+        has_master: bool,
+        mode_code: int,
+        tile: int,
+        block: int,
+        sblock: int,
+    ) -> None:
+        _launch(
+            getattr(K, kernel),
+            num_tiles + triton.cdiv(num_segs, sblock),
+            addr,
+            wd_mask,
+            adapt_mask,
+            active,
+            seg_numel,
+            step,
+            has_state,
+            w_norm,
+            g_norm,
+            u_norm,
+            trust_ratio,
+            *scalars,
+            ssq,
+            snap,
+            tile_seg,
+            tile_len,
+            seg_tile_ptr,
+            num_tiles,
+            num_segs,
+            *fvals,
+            *ivals,
+            **_constexprs(pdt, has_master, mode_name, mode_code, TILE=tile, BLOCK=block, SBLOCK=sblock),
+        )
+
+    return op
+
+
+_partials_op("triton_lars_partials", "lars_partials_kernel", None)
+_update_op("triton_lars_update", "lars_update_kernel", "MOM")
+_partials_op("triton_lamb_partials", "lamb_moments_kernel", "BC")
+_update_op("triton_lamb_update", "lamb_update_kernel", "BC")
 
 
 @_register("triton_grad_sumsq", ("part",))
@@ -548,22 +601,38 @@ def _partials(
     bucket: Bucket, op: str, scalars: list, fvals: list, ivals: list, mode: int
 ) -> tuple[torch.Tensor, tuple]:
     """Launch 1 of either kind through op ``op`` (NOTE [One launch sequence]): the per-segment sums as an
-    fp32 ``[3, S]`` view of the bucket's scratch, and the context launch 2 needs (this step's address table,
-    the table of tables and the tables)."""
+    fp32 ``[3, S]`` view of the bucket's scratch, and the context launch 2 needs (this step's address table)."""
     sc = _scratch(bucket)
+    tt = sc.tiles
     S = bucket.num_segments
-    ctx = (_addresses(bucket), *_tables(bucket, sc))
+    addr = _addresses(bucket)
     _op(op)(
-        *ctx,
-        sc.ssq,
+        addr,
+        bucket.wd_mask,
+        bucket.active,
+        bucket.step,
+        bucket.has_state,
         scalars,
-        [sc.tiles.num_tiles, S],
+        sc.part,
+        sc.snap,
+        sc.ssq,
+        sc.count,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        S,
         fvals,
         ivals,
-        *_kind(bucket, mode),
-        [TILE, BLOCK, RBLOCK, SBLOCK],
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        mode,
+        TILE,
+        BLOCK,
+        RBLOCK,
+        SBLOCK,
     )
-    return sc.ssq[: 3 * S].view(3, S), ctx
+    return sc.ssq[: 3 * S].view(3, S), (addr,)
 
 
 def _apply(
@@ -571,14 +640,38 @@ def _apply(
 ) -> None:
     """Launch 2 of either kind through op ``op`` from the per-segment sums ``ssq`` (launch 1's or summed over
     ranks) and launch 1's context."""
-    dims = [_scratch(bucket).tiles.num_tiles, bucket.num_segments]
-    sums = _sums_for_apply(bucket, ssq)
-    _op(op)(*ctx, sums, scalars, dims, fvals, ivals, *_kind(bucket, mode), [TILE, BLOCK, SBLOCK])
-
-
-def _kind(bucket: Bucket, mode: int) -> tuple[int, bool, int]:
-    """The ops' (pdt, has_master, mode_code): the param dtype, masters and the kind's mode constexpr."""
-    return _PDT_CODE[bucket.dtype], bucket.uses_masters, mode
+    (addr,) = ctx
+    sc = _scratch(bucket)
+    tt = sc.tiles
+    _op(op)(
+        addr,
+        bucket.wd_mask,
+        bucket.adapt_mask,
+        bucket.active,
+        bucket.seg_numel,
+        bucket.step,
+        bucket.has_state,
+        bucket.w_norm,
+        bucket.g_norm,
+        bucket.u_norm,
+        bucket.trust_ratio,
+        scalars,
+        _sums_for_apply(bucket, ssq),
+        sc.snap,
+        tt.tile_seg,
+        tt.tile_len,
+        tt.seg_tile_ptr,
+        tt.num_tiles,
+        bucket.num_segments,
+        fvals,
+        ivals,
+        _PDT_CODE[bucket.dtype],
+        bucket.uses_masters,
+        mode,
+        TILE,
+        BLOCK,
+        SBLOCK,
+    )
 
 
 def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
@@ -769,13 +862,6 @@ def launch_plan(
 # bench/triton_aot_report.py. Must run in a process where TRITON_INTERPRET is not set.
 # ------------------------------------------------------------------------------------------
 _PTR_F32 = "*fp32"
-#: lengths of the kernels' ``hyper`` / ``modes`` tuples (what lars_partials ... lamb_apply pass)
-_TUPLES = {
-    "lars_partials_kernel": {"hyper": 2},
-    "lars_update_kernel": {"hyper": 14, "modes": 10},
-    "lamb_moments_kernel": {"hyper": 9, "modes": 1},
-    "lamb_update_kernel": {"hyper": 10, "modes": 3},
-}
 _TRITON_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -787,26 +873,25 @@ def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
     import inspect  # noqa: PLC0415
 
     sig = {}
-    lengths = _TUPLES.get(fn.__name__, {})
     for name in inspect.signature(fn).parameters:
         if name.isupper():
             sig[name] = "constexpr"
-        elif name == "dims":
-            sig[name] = ("i32", "i32")
-        elif name == "hyper":
-            sig[name] = ("fp32",) * lengths[name]
-        elif name == "modes":
-            sig[name] = ("i32",) * lengths[name]
-        elif name in ("tile_seg_ptr", "tile_len_ptr"):
+        elif name in ("tile_seg_ptr", "tile_len_ptr", "count_ptr"):
             sig[name] = "*i32"
-        elif name in ("addr_ptr", "tabs_ptr", "seg_tile_ptr"):
+        elif name in ("addr_ptr", "seg_tile_ptr", "seg_numel_ptr"):
             sig[name] = "*i64"
-        elif name == "part_ptr":
-            sig[name] = "*fp64"  # grad_sumsq_kernel's fp64 partials
+        elif name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel":
+            sig[name] = "*fp64"
         elif name.endswith("_ptr"):
             sig[name] = _PTR_F32
+        elif (
+            name in ("num_tiles", "num_segs", "tv_gate")
+            or name.endswith("_mode")
+            or name in ("zero_skip", "adapt_enabled", "use_tv", "nesterov", "clone_first")
+        ):
+            sig[name] = "i32"
         else:
-            sig[name] = "i32"  # grad_sumsq_kernel's num_segs
+            sig[name] = "fp32"
     return sig
 
 

@@ -36,17 +36,6 @@ of NOTE [Partials and apply] in fusedlars/kernels/torch.py). After launch 1 ever
 ``ssq`` is defined: segments that no tile program sums (inactive, empty, a GradScaler-skipped
 step) hold 0, so a sharded bucket all-reduces exact zeros for them.
 
-NOTE: [Kernel arguments] Every kernel takes what csrc/cuda passes in its ``Addr`` / ``Segs`` /
-``Plan`` structs as two int64 tables and a few pointers: ``addr_ptr`` (the address table above),
-``tabs_ptr`` (the base addresses of the bucket's per-segment tables, its tile tables and launch 1's
-scratch, one per entry of :data:`TABLES`, in that order: :func:`_tab` turns entry ``i`` into a
-typed pointer), ``ssq_ptr`` (the per-segment sums, passed on its own because launch 2 may be
-given sums summed over ranks) and the per-step value pointers; ``dims = (num_tiles, num_segs)``,
-the fp32 hyper-parameters ``hyper`` and the int modes ``modes`` are tuples (their order: the
-kernel's unpacking and :mod:`.triton`'s ``_lars_values`` / LAMB lists). Tensors stay top-level
-arguments (never inside a tuple): torch.compile's ``wrap_triton`` keeps tuple arguments as
-trace-time constants, and would freeze the tensors in them.
-
 Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 ``num_tiles`` work on a tile; the others handle segments ``SBLOCK`` at a time:
 
@@ -61,7 +50,7 @@ Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 Per-step values are pointers to 1-element tensors: ``lr_ptr``, ``inv_scale_ptr``
 (GradScaler's 1/scale, a 1.0 tensor when absent), ``found_inf_ptr`` (0.0 when
 absent), ``clip_ptr`` (LAMB's global clip divisor, 1.0 when absent). Hyper-parameters
-are fp32 scalars (the ``hyper`` tuple). Only the param dtype ``PDT``, ``HAS_MASTER``, the momentum mode ``MOM``,
+are fp32 scalars. Only the param dtype ``PDT``, ``HAS_MASTER``, the momentum mode ``MOM``,
 the bias-correction mode ``BC`` and the tile geometry are compile-time; the per-segment
 option modes (denominator, zero-norm rule, clip, TV factor, ...) are runtime
 integers, because they cost one scalar branch per program and would otherwise
@@ -118,45 +107,6 @@ MOM_NONE = tl.constexpr(_codes.MOM_NONE)
 MOM_TORCH = tl.constexpr(_codes.MOM["torch"])
 MOM_CLASSIC = tl.constexpr(_codes.MOM["classic"])
 
-#: The tables whose base addresses ``tabs_ptr`` holds, in order (NOTE [Kernel arguments]): the bucket's
-#: per-segment tables (fp32 but ``seg_numel``, int64), its tile table (``tile_seg`` / ``tile_len`` int32,
-#: ``seg_tile_ptr`` int64 [S+1]) and launch 1's scratch (``part`` fp32 [3, T], ``snap`` fp32 [2, S],
-#: ``count`` int32 [S]). :mod:`.triton` builds the table from this tuple.
-TABLES = (
-    "seg_numel",
-    "wd_mask",
-    "adapt_mask",
-    "active",
-    "has_state",
-    "step",
-    "w_norm",
-    "g_norm",
-    "u_norm",
-    "trust_ratio",
-    "tile_seg",
-    "tile_len",
-    "seg_tile_ptr",
-    "part",
-    "snap",
-    "count",
-)
-T_SEG_NUMEL = tl.constexpr(TABLES.index("seg_numel"))
-T_WD_MASK = tl.constexpr(TABLES.index("wd_mask"))
-T_ADAPT_MASK = tl.constexpr(TABLES.index("adapt_mask"))
-T_ACTIVE = tl.constexpr(TABLES.index("active"))
-T_HAS_STATE = tl.constexpr(TABLES.index("has_state"))
-T_STEP = tl.constexpr(TABLES.index("step"))
-T_W_NORM = tl.constexpr(TABLES.index("w_norm"))
-T_G_NORM = tl.constexpr(TABLES.index("g_norm"))
-T_U_NORM = tl.constexpr(TABLES.index("u_norm"))
-T_TRUST_RATIO = tl.constexpr(TABLES.index("trust_ratio"))
-T_TILE_SEG = tl.constexpr(TABLES.index("tile_seg"))
-T_TILE_LEN = tl.constexpr(TABLES.index("tile_len"))
-T_SEG_TILE_PTR = tl.constexpr(TABLES.index("seg_tile_ptr"))
-T_PART = tl.constexpr(TABLES.index("part"))
-T_SNAP = tl.constexpr(TABLES.index("snap"))
-T_COUNT = tl.constexpr(TABLES.index("count"))
-
 
 # ------------------------------------------------------------------------------------------
 # helpers (inlined)
@@ -180,12 +130,6 @@ def _clip(r, lr, clip_mode, clip_lo, clip_hi):
 
 
 @triton.jit
-def _tab(tabs_ptr, i: tl.constexpr, DT: tl.constexpr):
-    """Typed pointer to table ``TABLES[i]`` (NOTE [Kernel arguments])."""
-    return tl.load(tabs_ptr + i).to(tl.pointer_type(DT))
-
-
-@triton.jit
 def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
     """Sums of the three partial rows over tiles [lo, hi) in a fixed order: chunks of RBLOCK partials
     added element-wise in tile order, then one ``tl.sum``. The bits depend only on the partials,
@@ -204,7 +148,9 @@ def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_partials_and_reduce(tabs_ptr, ssq_ptr, dims, pid, s, lo, acc0, acc1, acc2, RBLOCK: tl.constexpr):
+def _store_partials_and_reduce(
+    part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc0, acc1, acc2, RBLOCK: tl.constexpr
+):
     """Launch 1's tile epilogue: store this tile's partials; the segment's last-arriving tile program
     then reduces all of the segment's partials (:func:`_seg_sum3`) into ``ssq[:, s]`` and re-arms
     the segment's arrival counter for the next step. ``lo``: the segment's first tile.
@@ -219,14 +165,9 @@ def _store_partials_and_reduce(tabs_ptr, ssq_ptr, dims, pid, s, lo, acc0, acc1, 
     Every partial is read exactly once per step (O(tiles), not O(tiles^2)). The counter is an
     integer; no float atomics anywhere.
     """
-    num_tiles, num_segs = dims
-    part_ptr = _tab(tabs_ptr, T_PART, tl.float32)
-    tl.store(part_ptr + pid, tl.sum(acc0, axis=0))
-    tl.store(part_ptr + num_tiles + pid, tl.sum(acc1, axis=0))
-    tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc2, axis=0))
+    _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2)
     tl.debug_barrier()
-    hi = tl.load(_tab(tabs_ptr, T_SEG_TILE_PTR, tl.int64) + s + 1)
-    count_ptr = _tab(tabs_ptr, T_COUNT, tl.int32)
+    hi = tl.load(seg_tile_ptr + s + 1)
     arrived = tl.atomic_add(count_ptr + s, 1, sem="acq_rel", scope="gpu")
     if arrived == (hi - lo - 1).to(tl.int32):
         ssq0, ssq1, ssq2 = _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK)
@@ -246,10 +187,25 @@ def _load_seg_sums(ssq_ptr, num_segs, s):
 def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, rargs):
     """LARS's per-segment scalars (scalars or [SBLOCK] vectors) from ``ssq`` rows ``[w^2, g^2, (g+lam*w)^2]``
     and the step count before this step ``t``: (r, lam_eff, ||w||, ||g||, ||g+lam w||). A ``SEG_RATIO`` of
-    :func:`_update_program`; ``rargs = (hyper, modes)`` of :func:`lars_update_kernel`."""
-    hyper, modes = rargs
-    _, _, eta, eps, clamp_lo, clamp_hi, clip_lo, clip_hi, _, _, tv_lmbda, tv_alpha, tv_shift, tv_gamma_min = hyper
-    tv_gate, den_mode, _, check_mode, zero_skip, clip_mode, _, use_tv, _, _ = modes
+    :func:`_update_program`; ``rargs`` as :func:`lars_update_kernel` packs them."""
+    (
+        eta,
+        eps,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        tv_lmbda,
+        tv_alpha,
+        tv_shift,
+        tv_gamma_min,
+        tv_gate,
+        den_mode,
+        check_mode,
+        zero_skip,
+        clip_mode,
+        use_tv,
+    ) = rargs
     n_w_raw = tl.sqrt(ssq_w)
     n_g_raw = tl.sqrt(ssq_g)
     n_u_raw = tl.sqrt(ssq_u)
@@ -359,51 +315,58 @@ def _fast(n, addr_or, TILE: tl.constexpr):
 
 
 @triton.jit
-def _tile_geometry(tabs_ptr, pid, s, TILE: tl.constexpr):
+def _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE: tl.constexpr):
     """(first tile of segment s, element offset of this tile inside the segment, valid elements)."""
-    lo = tl.load(_tab(tabs_ptr, T_SEG_TILE_PTR, tl.int64) + s)
+    lo = tl.load(seg_tile_ptr + s)
     start = (pid - lo) * TILE  # int64, a multiple of TILE (== TileTable.tile_start[pid])
-    n = tl.load(_tab(tabs_ptr, T_TILE_LEN, tl.int32) + pid)
+    n = tl.load(tile_len_ptr + pid)
     return lo, start, n
 
 
 @triton.jit
-def _store_seg_outputs(tabs_ptr, idx, mask, n_w, n_g, n_u, r, one, t_new):
-    """A segment's (or a block of empty segments') outputs of the step: norms, ratio, has_state = 1 and
-    the new step count, stored where ``mask`` holds."""
-    tl.store(_tab(tabs_ptr, T_W_NORM, tl.float32) + idx, n_w, mask=mask)
-    tl.store(_tab(tabs_ptr, T_G_NORM, tl.float32) + idx, n_g, mask=mask)
-    tl.store(_tab(tabs_ptr, T_U_NORM, tl.float32) + idx, n_u, mask=mask)
-    tl.store(_tab(tabs_ptr, T_TRUST_RATIO, tl.float32) + idx, r, mask=mask)
-    tl.store(_tab(tabs_ptr, T_HAS_STATE, tl.float32) + idx, one, mask=mask)
-    tl.store(_tab(tabs_ptr, T_STEP, tl.float32) + idx, t_new, mask=mask)
+def _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2):
+    """This tile's three partial sums of squares, one per row of ``part`` ([3, num_tiles])."""
+    tl.store(part_ptr + pid, tl.sum(acc0, axis=0))
+    tl.store(part_ptr + num_tiles + pid, tl.sum(acc1, axis=0))
+    tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc2, axis=0))
 
 
 @triton.jit
-def _empty_segs(tabs_ptr, pid, dims, SBLOCK: tl.constexpr):
+def _store_seg_outputs(
+    w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, idx, mask, n_w, n_g, n_u, r, one, t_new
+):
+    """A segment's (or a block of empty segments') outputs of the step: norms, ratio, has_state = 1 and
+    the new step count, stored where ``mask`` holds."""
+    tl.store(w_norm_ptr + idx, n_w, mask=mask)
+    tl.store(g_norm_ptr + idx, n_g, mask=mask)
+    tl.store(u_norm_ptr + idx, n_u, mask=mask)
+    tl.store(ratio_ptr + idx, r, mask=mask)
+    tl.store(has_ptr + idx, one, mask=mask)
+    tl.store(step_ptr + idx, t_new, mask=mask)
+
+
+@triton.jit
+def _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK: tl.constexpr):
     """Segment-program lanes of launch 2: (segment indices, mask of the active empty segments)."""
-    num_tiles, num_segs = dims
     offs = (pid - num_tiles).to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
     m = offs < num_segs
-    numel = tl.load(_tab(tabs_ptr, T_SEG_NUMEL, tl.int64) + offs, mask=m, other=1)
-    act = tl.load(_tab(tabs_ptr, T_ACTIVE, tl.float32) + offs, mask=m, other=0.0)
+    numel = tl.load(seg_numel_ptr + offs, mask=m, other=1)
+    act = tl.load(active_ptr + offs, mask=m, other=0.0)
     return offs, m & (numel == 0) & (act != 0)
 
 
 @triton.jit
-def _segment_prologue(tabs_ptr, ssq_ptr, found_inf_ptr, sblk, num_segs, SBLOCK: tl.constexpr):
+def _segment_prologue(
+    step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, sblk, num_segs, SBLOCK: tl.constexpr
+):
     """Segment-program lanes of launch 1: snapshot ``step`` / ``has_state`` for launch 2, and zero the
     sums of the segments no tile program sums this launch (inactive, no tiles, or a skipped step):
     disjoint from the entries the tile programs write, so no race."""
     offs = sblk.to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
     m = offs < num_segs
-    snap_ptr = _tab(tabs_ptr, T_SNAP, tl.float32)
-    step = tl.load(_tab(tabs_ptr, T_STEP, tl.float32) + offs, mask=m, other=0.0)
-    tl.store(snap_ptr + offs, step.to(tl.float32), mask=m)
-    has = tl.load(_tab(tabs_ptr, T_HAS_STATE, tl.float32) + offs, mask=m, other=0.0)
-    tl.store(snap_ptr + num_segs + offs, has.to(tl.float32), mask=m)
-    act = tl.load(_tab(tabs_ptr, T_ACTIVE, tl.float32) + offs, mask=m, other=0.0)
-    seg_tile_ptr = _tab(tabs_ptr, T_SEG_TILE_PTR, tl.int64)
+    tl.store(snap_ptr + offs, tl.load(step_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
+    tl.store(snap_ptr + num_segs + offs, tl.load(has_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
+    act = tl.load(active_ptr + offs, mask=m, other=0.0)
     ntiles = tl.load(seg_tile_ptr + offs + 1, mask=m, other=0) - tl.load(seg_tile_ptr + offs, mask=m, other=0)
     zero = tl.zeros([SBLOCK], dtype=tl.float32)
     found = zero + tl.load(found_inf_ptr).to(tl.float32)  # as a vector: the interpreter cannot OR a scalar bool in
@@ -423,11 +386,7 @@ def _segment_prologue(tabs_ptr, ssq_ptr, found_inf_ptr, sblk, num_segs, SBLOCK: 
 # per-tile launch-1 work, its trust ratio, its per-tile update) and tuples of the scalars they
 # read, which the skeleton passes through untouched. The kernels stay separate entry points per
 # kind and phase (their names, signatures and compiled variants are the launch contract of
-# triton.py), each a single call of its skeleton. Naming: a kind's ``*_tile`` function is what the
-# skeleton calls per tile (it reads the tile's per-segment values and picks the path); its
-# ``*_loop`` function is the element loop, instantiated once per path (NOTE [Vector path]). Both take
-# the tile as ``tile = (addr_ptr, num_segs, s, start, n)`` and the constexprs (upper-case names)
-# unannotated: a constexpr argument stays one in a jitted callee.
+# triton.py), each a single call of its skeleton.
 @triton.jit
 def _on_path(BODY: tl.constexpr, fast, args, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """``BODY(*args, FAST, TILE, BLOCK)`` (a tile loop body returning its accumulators) on the vector path
@@ -480,8 +439,21 @@ def _aligned_or(
 def _partials_program(
     TILE_SUMS: tl.constexpr,
     kargs,
-    bufs,
-    dims,
+    addr_ptr,
+    wd_mask_ptr,
+    active_ptr,
+    step_ptr,
+    has_ptr,
+    found_inf_ptr,
+    part_ptr,
+    snap_ptr,
+    ssq_ptr,
+    count_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
     weight_decay,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
@@ -492,25 +464,36 @@ def _partials_program(
     SBLOCK: tl.constexpr,
 ):
     """Launch 1 of either kind. Programs below ``num_tiles``: an active tile of a step that is not skipped
-    runs ``TILE_SUMS(tile, lam, kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK)`` (the kind's tile work;
-    ``tile = (addr_ptr, num_segs, s, start, n)``, ``lam`` the segment's weight decay; it returns the tile's three elementwise
-    accumulators in ``ssq`` row order), then stores its partials and, if last to arrive, reduces its
-    segment. The others: the segment prologue (snapshot, zeroed sums). ``bufs = (addr_ptr, tabs_ptr, ssq_ptr,
-    found_inf_ptr)``."""
-    addr_ptr, tabs_ptr, ssq_ptr, found_inf_ptr = bufs
-    num_tiles, num_segs = dims
+    runs ``TILE_SUMS(addr_ptr, num_segs, s, start, n, wd_mask_ptr, weight_decay, kargs, PDT, HAS_MASTER, MODE,
+    TILE, BLOCK)``
+    (the kind's tile work; it returns the tile's three elementwise accumulators in ``ssq`` row order),
+    then stores its partials and, if last to arrive, reduces its segment. The others: the segment
+    prologue (snapshot, zeroed sums)."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _segment_prologue(tabs_ptr, ssq_ptr, found_inf_ptr, pid - num_tiles, num_segs, SBLOCK)
+        _segment_prologue(
+            step_ptr,
+            has_ptr,
+            snap_ptr,
+            ssq_ptr,
+            active_ptr,
+            seg_tile_ptr,
+            found_inf_ptr,
+            pid - num_tiles,
+            num_segs,
+            SBLOCK,
+        )
     else:
-        s = tl.load(_tab(tabs_ptr, T_TILE_SEG, tl.int32) + pid)
-        if go & (tl.load(_tab(tabs_ptr, T_ACTIVE, tl.float32) + s) != 0):
-            lo, start, n = _tile_geometry(tabs_ptr, pid, s, TILE)
-            lam = weight_decay * tl.load(_tab(tabs_ptr, T_WD_MASK, tl.float32) + s).to(tl.float32)
-            tile = (addr_ptr, num_segs, s, start, n)
-            acc0, acc1, acc2 = TILE_SUMS(tile, lam, kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK)
-            _store_partials_and_reduce(tabs_ptr, ssq_ptr, dims, pid, s, lo, acc0, acc1, acc2, RBLOCK)
+        s = tl.load(tile_seg_ptr + pid)
+        if go & (tl.load(active_ptr + s) != 0):
+            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
+            acc0, acc1, acc2 = TILE_SUMS(
+                addr_ptr, num_segs, s, start, n, wd_mask_ptr, weight_decay, kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK
+            )
+            _store_partials_and_reduce(
+                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc0, acc1, acc2, RBLOCK
+            )
 
 
 @triton.jit
@@ -519,8 +502,26 @@ def _update_program(
     TILE_UPDATE: tl.constexpr,
     rargs,
     kargs,
-    bufs,
-    dims,
+    addr_ptr,
+    wd_mask_ptr,
+    adapt_mask_ptr,
+    active_ptr,
+    seg_numel_ptr,
+    step_ptr,
+    has_ptr,
+    w_norm_ptr,
+    g_norm_ptr,
+    u_norm_ptr,
+    ratio_ptr,
+    lr_ptr,
+    found_inf_ptr,
+    ssq_ptr,
+    snap_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
     weight_decay,
     adapt_enabled,
     PDT: tl.constexpr,
@@ -534,42 +535,83 @@ def _update_program(
     t, lr, rargs) -> (r, lam_eff, ||w||, ||g||, ||u||)`` is the kind's trust ratio (``t``: the step count
     before this step), evaluated on zero sums for the empty segments of the segment programs and on the
     segment's sums in every tile program; the segment's first tile stores the outputs. Then
-    ``TILE_UPDATE(tile, (t, has, r, lam_eff, lr), kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK)`` updates the
-    tile (``t``, ``has``: launch 1's snapshot of the step count and has_state; LAMB reads no ``has``, and its
-    compiled kernel drops the unused load). ``bufs = (addr_ptr, tabs_ptr, ssq_ptr, lr_ptr, found_inf_ptr)``."""
-    addr_ptr, tabs_ptr, ssq_ptr, lr_ptr, found_inf_ptr = bufs
-    num_tiles, num_segs = dims
+    ``TILE_UPDATE(addr_ptr, num_segs, s, start, n, t, has, r, lam_eff, lr, kargs, PDT, HAS_MASTER, MODE,
+    TILE, BLOCK)`` updates the tile (``t``, ``has``: launch 1's snapshot of the step count and has_state;
+    LAMB reads no ``has``, and its compiled kernel drops the unused load)."""
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     lr = tl.load(lr_ptr).to(tl.float32)
-    wd_mask_ptr = _tab(tabs_ptr, T_WD_MASK, tl.float32)
-    adapt_mask_ptr = _tab(tabs_ptr, T_ADAPT_MASK, tl.float32)
     if go:
         if pid >= num_tiles:
             # segments without tiles (empty params): norms are 0
-            offs, m = _empty_segs(tabs_ptr, pid, dims, SBLOCK)
+            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
             lam = weight_decay * tl.load(wd_mask_ptr + offs, mask=m, other=0.0).to(tl.float32)
             adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
-            t = tl.load(_tab(tabs_ptr, T_STEP, tl.float32) + offs, mask=m, other=0.0)
+            t = tl.load(step_ptr + offs, mask=m, other=0.0)
             zero = tl.zeros([SBLOCK], dtype=tl.float32)
             r, lam_eff, n_w, n_g, n_u = SEG_RATIO(zero, zero, zero, lam, adapt, t, lr, rargs)
-            _store_seg_outputs(tabs_ptr, offs, m, n_w, n_g, n_u, r, zero + 1.0, t + 1.0)
+            _store_seg_outputs(
+                w_norm_ptr,
+                g_norm_ptr,
+                u_norm_ptr,
+                ratio_ptr,
+                has_ptr,
+                step_ptr,
+                offs,
+                m,
+                n_w,
+                n_g,
+                n_u,
+                r,
+                zero + 1.0,
+                t + 1.0,
+            )
         else:
-            s = tl.load(_tab(tabs_ptr, T_TILE_SEG, tl.int32) + pid)
-            if tl.load(_tab(tabs_ptr, T_ACTIVE, tl.float32) + s) != 0:
-                lo, start, n = _tile_geometry(tabs_ptr, pid, s, TILE)
+            s = tl.load(tile_seg_ptr + pid)
+            if tl.load(active_ptr + s) != 0:
+                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
                 ssq0, ssq1, ssq2 = _load_seg_sums(ssq_ptr, num_segs, s)
                 # launch 1's snapshot: the step count and has_state before this step
-                snap_ptr = _tab(tabs_ptr, T_SNAP, tl.float32)
                 t = tl.load(snap_ptr + s)
                 has = tl.load(snap_ptr + num_segs + s) != 0
                 lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
                 adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
                 r, lam_eff, n_w, n_g, n_u = SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt, t, lr, rargs)
                 # the segment's first tile writes its outputs
-                _store_seg_outputs(tabs_ptr, s, pid == lo, n_w, n_g, n_u, r, 1.0, t + 1.0)
-                tile = (addr_ptr, num_segs, s, start, n)
-                TILE_UPDATE(tile, (t, has, r, lam_eff, lr), kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK)
+                _store_seg_outputs(
+                    w_norm_ptr,
+                    g_norm_ptr,
+                    u_norm_ptr,
+                    ratio_ptr,
+                    has_ptr,
+                    step_ptr,
+                    s,
+                    pid == lo,
+                    n_w,
+                    n_g,
+                    n_u,
+                    r,
+                    1.0,
+                    t + 1.0,
+                )
+                TILE_UPDATE(
+                    addr_ptr,
+                    num_segs,
+                    s,
+                    start,
+                    n,
+                    t,
+                    has,
+                    r,
+                    lam_eff,
+                    lr,
+                    kargs,
+                    PDT,
+                    HAS_MASTER,
+                    MODE,
+                    TILE,
+                    BLOCK,
+                )
 
 
 @triton.jit
@@ -586,9 +628,21 @@ def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl
 # LARS
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _lars_sums_loop(tile, inv_scale, lam, PDT, HAS_MASTER, FAST, TILE, BLOCK):
+def _lars_tile_sums(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    inv_scale,
+    lam,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One tile's elementwise accumulators of w^2, g^2 and (g + lam*w)^2, g = grad * inv_scale (signed)."""
-    addr_ptr, num_segs, s, start, n = tile
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
@@ -607,24 +661,51 @@ def _lars_sums_loop(tile, inv_scale, lam, PDT, HAS_MASTER, FAST, TILE, BLOCK):
 
 
 @triton.jit
-def _lars_sums_tile(tile, lam, kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK):
+def _lars_partials_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    wd_mask_ptr,
+    weight_decay,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MODE: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """LARS's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (inv_scale_ptr, sign)."""
-    addr_ptr, num_segs, s, start, n = tile
     inv_scale_ptr, sign = kargs
     inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
+    lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
     fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, False, True, 0), TILE)
-    return _on_path(_lars_sums_loop, fast, (tile, inv_scale, lam, PDT, HAS_MASTER), TILE, BLOCK)
+    return _on_path(
+        _lars_tile_sums, fast, (addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER), TILE, BLOCK
+    )
 
 
-@triton.jit(do_not_specialize=["dims"])
+@triton.jit(do_not_specialize=["num_tiles", "num_segs"])
 def lars_partials_kernel(
     addr_ptr,
-    tabs_ptr,
-    ssq_ptr,
+    wd_mask_ptr,
+    active_ptr,
+    step_ptr,
+    has_ptr,
     inv_scale_ptr,
     found_inf_ptr,
-    dims,
-    hyper,
+    part_ptr,
+    snap_ptr,
+    ssq_ptr,
+    count_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    sign,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     TILE: tl.constexpr,
@@ -633,14 +714,25 @@ def lars_partials_kernel(
     SBLOCK: tl.constexpr,
 ):
     """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
-    their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program.
-    ``hyper = (weight_decay, sign)``."""
-    weight_decay, sign = hyper
+    their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     _partials_program(
-        _lars_sums_tile,
+        _lars_partials_tile,
         (inv_scale_ptr, sign),
-        (addr_ptr, tabs_ptr, ssq_ptr, found_inf_ptr),
-        dims,
+        addr_ptr,
+        wd_mask_ptr,
+        active_ptr,
+        step_ptr,
+        has_ptr,
+        found_inf_ptr,
+        part_ptr,
+        snap_ptr,
+        ssq_ptr,
+        count_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
         weight_decay,
         PDT,
         HAS_MASTER,
@@ -653,11 +745,29 @@ def lars_partials_kernel(
 
 
 @triton.jit
-def _lars_update_loop(tile, coefs, PDT, HAS_MASTER, MOM, FAST, TILE, BLOCK):
-    """One tile of the LARS update: g' = r*(g + lam_eff*w) (l2) or r*g; momentum; decoupled decay; store.
-    ``coefs`` as :func:`_lars_update_tile` packs them."""
-    addr_ptr, num_segs, s, start, n = tile
-    inv_scale, r, lam_eff, lr, has, c_new, momentum, wd_mode, nesterov = coefs
+def _lars_tile_update(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    inv_scale,
+    r,
+    lam_eff,
+    lr,
+    has,
+    c_new,
+    momentum,
+    wd_mode,
+    nesterov,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MOM: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One tile of the LARS update: g' = r*(g + lam_eff*w) (l2) or r*g; momentum; decoupled decay; store."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
     gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
@@ -696,11 +806,26 @@ def _lars_update_loop(tile, coefs, PDT, HAS_MASTER, MOM, FAST, TILE, BLOCK):
 
 
 @triton.jit
-def _lars_update_tile(tile, seg, kargs, PDT, HAS_MASTER, MOM, TILE, BLOCK):
+def _lars_update_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    t,
+    has,
+    r,
+    lam_eff,
+    lr,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    MOM: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """LARS's ``TILE_UPDATE`` (:func:`_update_program`); kargs = (inv_scale_ptr, sign, momentum, dampening,
     wd_mode, nesterov, clone_first)."""
-    addr_ptr, num_segs, s, start, n = tile
-    t, has, r, lam_eff, lr = seg
     inv_scale_ptr, sign, momentum, dampening, wd_mode, nesterov, clone_first = kargs
     inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
     # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
@@ -712,27 +837,95 @@ def _lars_update_tile(tile, seg, kargs, PDT, HAS_MASTER, MOM, TILE, BLOCK):
         aligned = _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 1)
     else:
         aligned = _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 0)
-    coefs = (inv_scale, r, lam_eff, lr, has, c_new, momentum, wd_mode, nesterov)
     _on_path_void(
-        _lars_update_loop,
+        _lars_tile_update,
         _fast(n, aligned, TILE),
-        (tile, coefs, PDT, HAS_MASTER, MOM),
+        (
+            addr_ptr,
+            num_segs,
+            s,
+            start,
+            n,
+            inv_scale,
+            r,
+            lam_eff,
+            lr,
+            has,
+            c_new,
+            momentum,
+            wd_mode,
+            nesterov,
+            PDT,
+            HAS_MASTER,
+            MOM,
+        ),
         TILE,
         BLOCK,
     )
 
 
-@triton.jit(do_not_specialize=["dims", "modes"])
+@triton.jit(
+    do_not_specialize=[
+        "num_tiles",
+        "num_segs",
+        "tv_gate",
+        "den_mode",
+        "wd_mode",
+        "check_mode",
+        "zero_skip",
+        "clip_mode",
+        "adapt_enabled",
+        "use_tv",
+        "nesterov",
+        "clone_first",
+    ]
+)
 def lars_update_kernel(
     addr_ptr,
-    tabs_ptr,
-    ssq_ptr,
+    wd_mask_ptr,
+    adapt_mask_ptr,
+    active_ptr,
+    seg_numel_ptr,
+    step_ptr,
+    has_ptr,
+    w_norm_ptr,
+    g_norm_ptr,
+    u_norm_ptr,
+    ratio_ptr,
     lr_ptr,
     inv_scale_ptr,
     found_inf_ptr,
-    dims,
-    hyper,
-    modes,
+    ssq_ptr,
+    snap_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    sign,
+    eta,
+    eps,
+    clamp_lo,
+    clamp_hi,
+    clip_lo,
+    clip_hi,
+    momentum,
+    dampening,
+    tv_lmbda,
+    tv_alpha,
+    tv_shift,
+    tv_gamma_min,
+    tv_gate,
+    den_mode,
+    wd_mode,
+    check_mode,
+    zero_skip,
+    clip_mode,
+    adapt_enabled,
+    use_tv,
+    nesterov,
+    clone_first,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     MOM: tl.constexpr,
@@ -741,16 +934,50 @@ def lars_update_kernel(
     SBLOCK: tl.constexpr,
 ):
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
-    ratio, momentum update, store. ``hyper``, ``modes``: as :mod:`.triton`'s ``_lars_values`` lists them."""
-    weight_decay, sign, _, _, _, _, _, _, momentum, dampening, _, _, _, _ = hyper
-    _, _, wd_mode, _, _, _, adapt_enabled, _, nesterov, clone_first = modes
+    ratio, momentum update, store."""
+    rargs = (
+        eta,
+        eps,
+        clamp_lo,
+        clamp_hi,
+        clip_lo,
+        clip_hi,
+        tv_lmbda,
+        tv_alpha,
+        tv_shift,
+        tv_gamma_min,
+        tv_gate,
+        den_mode,
+        check_mode,
+        zero_skip,
+        clip_mode,
+        use_tv,
+    )
     _update_program(
         _lars_ratio,
         _lars_update_tile,
-        (hyper, modes),
+        rargs,
         (inv_scale_ptr, sign, momentum, dampening, wd_mode, nesterov, clone_first),
-        (addr_ptr, tabs_ptr, ssq_ptr, lr_ptr, found_inf_ptr),
-        dims,
+        addr_ptr,
+        wd_mask_ptr,
+        adapt_mask_ptr,
+        active_ptr,
+        seg_numel_ptr,
+        step_ptr,
+        has_ptr,
+        w_norm_ptr,
+        g_norm_ptr,
+        u_norm_ptr,
+        ratio_ptr,
+        lr_ptr,
+        found_inf_ptr,
+        ssq_ptr,
+        snap_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
         weight_decay,
         adapt_enabled,
         PDT,
@@ -776,11 +1003,33 @@ def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
 
 
 @triton.jit
-def _lamb_moments_loop(tile, coefs, PDT, HAS_MASTER, BC, FAST, TILE, BLOCK):
-    """One tile of LAMB's launch 1: new m, v stored; elementwise accumulators of w_d^2, u^2, g^2. ``coefs`` as
-    :func:`_lamb_moments_tile` packs them."""
-    addr_ptr, num_segs, s, start, n = tile
-    gscale, clip, lam, lr, bc1, bc2, beta1, beta2, beta3, omb2, eps, eps_root, wd_mode = coefs
+def _lamb_tile_moments(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    gscale,
+    clip,
+    lam,
+    lr,
+    bc1,
+    bc2,
+    beta1,
+    beta2,
+    beta3,
+    omb2,
+    eps,
+    eps_root,
+    wd_mode,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One tile of LAMB's launch 1: new m, v stored; elementwise accumulators of w_d^2, u^2, g^2."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
     row = _state_row(HAS_MASTER)
@@ -812,35 +1061,93 @@ def _lamb_moments_loop(tile, coefs, PDT, HAS_MASTER, BC, FAST, TILE, BLOCK):
 
 
 @triton.jit
-def _lamb_moments_tile(tile, lam, kargs, PDT, HAS_MASTER, BC, TILE, BLOCK):
-    """LAMB's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (tabs_ptr, lr_ptr, inv_scale_ptr, clip_ptr,
-    hyper, wd_mode) with ``hyper`` as :func:`lamb_moments_kernel` takes it."""
-    addr_ptr, num_segs, s, start, n = tile
-    tabs_ptr, lr_ptr, inv_scale_ptr, clip_ptr, hyper, wd_mode = kargs
-    _, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root = hyper
+def _lamb_partials_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    wd_mask_ptr,
+    weight_decay,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """LAMB's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr,
+    sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode)."""
+    lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode = kargs
     lr = tl.load(lr_ptr).to(tl.float32)
     gscale = tl.load(inv_scale_ptr).to(tl.float32) * sign
     clip = tl.load(clip_ptr).to(tl.float32)
-    t = tl.load(_tab(tabs_ptr, T_STEP, tl.float32) + s).to(tl.float32) + 1.0
+    lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
+    t = tl.load(step_ptr + s).to(tl.float32) + 1.0
     bc1 = _bias_corr(t, omb1)
     bc2 = _bias_corr(t, omb2)
     fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 2), TILE)
-    coefs = (gscale, clip, lam, lr, bc1, bc2, beta1, beta2, beta3, omb2, eps, eps_root, wd_mode)
-    return _on_path(_lamb_moments_loop, fast, (tile, coefs, PDT, HAS_MASTER, BC), TILE, BLOCK)
+    return _on_path(
+        _lamb_tile_moments,
+        fast,
+        (
+            addr_ptr,
+            num_segs,
+            s,
+            start,
+            n,
+            gscale,
+            clip,
+            lam,
+            lr,
+            bc1,
+            bc2,
+            beta1,
+            beta2,
+            beta3,
+            omb2,
+            eps,
+            eps_root,
+            wd_mode,
+            PDT,
+            HAS_MASTER,
+            BC,
+        ),
+        TILE,
+        BLOCK,
+    )
 
 
-@triton.jit(do_not_specialize=["dims", "modes"])
+@triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode"])
 def lamb_moments_kernel(
     addr_ptr,
-    tabs_ptr,
-    ssq_ptr,
+    wd_mask_ptr,
+    active_ptr,
+    step_ptr,
+    has_ptr,
     lr_ptr,
     inv_scale_ptr,
     found_inf_ptr,
     clip_ptr,
-    dims,
-    hyper,
-    modes,
+    part_ptr,
+    snap_ptr,
+    ssq_ptr,
+    count_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    sign,
+    beta1,
+    beta2,
+    beta3,
+    omb1,
+    omb2,
+    eps,
+    eps_root,
+    wd_mode,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     BC: tl.constexpr,
@@ -850,15 +1157,26 @@ def lamb_moments_kernel(
     SBLOCK: tl.constexpr,
 ):
     """Launch 1: new m, v (stored); per tile sums of w_d^2, u^2 and g^2 (before L2); per segment their
-    totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program. ``hyper = (weight_decay,
-    sign, beta1, beta2, beta3, 1 - beta1, 1 - beta2, eps, eps_root)``, ``modes = (wd_mode,)``."""
-    (wd_mode,) = modes
+    totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     _partials_program(
-        _lamb_moments_tile,
-        (tabs_ptr, lr_ptr, inv_scale_ptr, clip_ptr, hyper, wd_mode),
-        (addr_ptr, tabs_ptr, ssq_ptr, found_inf_ptr),
-        dims,
-        hyper[0],
+        _lamb_partials_tile,
+        (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode),
+        addr_ptr,
+        wd_mask_ptr,
+        active_ptr,
+        step_ptr,
+        has_ptr,
+        found_inf_ptr,
+        part_ptr,
+        snap_ptr,
+        ssq_ptr,
+        count_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
+        weight_decay,
         PDT,
         HAS_MASTER,
         BC,
@@ -870,11 +1188,28 @@ def lamb_moments_kernel(
 
 
 @triton.jit
-def _lamb_update_loop(tile, coefs, PDT, HAS_MASTER, BC, FAST, TILE, BLOCK):
-    """One tile of LAMB's launch 2: u from the new m, v; w <- w_d - lr * scale * u; store. ``coefs`` as
-    :func:`_lamb_update_tile` packs them."""
-    addr_ptr, num_segs, s, start, n = tile
-    lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode = coefs
+def _lamb_tile_update(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    lam,
+    lr,
+    scale,
+    bc1,
+    bc2,
+    eps,
+    eps_root,
+    wd_mode,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    FAST: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One tile of LAMB's launch 2: u from the new m, v; w <- w_d - lr * scale * u; store."""
     wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
     pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
     row = _state_row(HAS_MASTER)
@@ -896,11 +1231,26 @@ def _lamb_update_loop(tile, coefs, PDT, HAS_MASTER, BC, FAST, TILE, BLOCK):
 
 
 @triton.jit
-def _lamb_update_tile(tile, seg, kargs, PDT, HAS_MASTER, BC, TILE, BLOCK):
+def _lamb_update_tile(
+    addr_ptr,
+    num_segs,
+    s,
+    start,
+    n,
+    t,
+    has,
+    r,
+    lam,
+    lr,
+    kargs,
+    PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr,
+    BC: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """LAMB's ``TILE_UPDATE`` (:func:`_update_program`); kargs = (omb1, omb2, eps, eps_root, wd_mode). The bias
     corrections are those of the new step count ``t + 1``, as launch 1's."""
-    addr_ptr, num_segs, s, start, n = tile
-    t, has, r, lam, lr = seg
     omb1, omb2, eps, eps_root, wd_mode = kargs
     bc1 = _bias_corr(t + 1.0, omb1)
     bc2 = _bias_corr(t + 1.0, omb2)
@@ -909,20 +1259,50 @@ def _lamb_update_tile(tile, seg, kargs, PDT, HAS_MASTER, BC, TILE, BLOCK):
     else:
         scale = r
     fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, False, 2), TILE)
-    coefs = (lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode)
-    _on_path_void(_lamb_update_loop, fast, (tile, coefs, PDT, HAS_MASTER, BC), TILE, BLOCK)
+    _on_path_void(
+        _lamb_tile_update,
+        fast,
+        (addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC),
+        TILE,
+        BLOCK,
+    )
 
 
-@triton.jit(do_not_specialize=["dims", "modes"])
+@triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
 def lamb_update_kernel(
     addr_ptr,
-    tabs_ptr,
-    ssq_ptr,
+    wd_mask_ptr,
+    adapt_mask_ptr,
+    active_ptr,
+    seg_numel_ptr,
+    step_ptr,
+    has_ptr,
+    w_norm_ptr,
+    g_norm_ptr,
+    u_norm_ptr,
+    ratio_ptr,
     lr_ptr,
     found_inf_ptr,
-    dims,
-    hyper,
-    modes,
+    ssq_ptr,
+    snap_ptr,
+    tile_seg_ptr,
+    tile_len_ptr,
+    seg_tile_ptr,
+    num_tiles,
+    num_segs,
+    weight_decay,
+    omb1,
+    omb2,
+    eps,
+    eps_root,
+    clamp_lo,
+    clamp_hi,
+    clip_lo,
+    clip_hi,
+    tr_eps,
+    wd_mode,
+    clip_mode,
+    adapt_enabled,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     BC: tl.constexpr,
@@ -931,18 +1311,32 @@ def lamb_update_kernel(
     SBLOCK: tl.constexpr,
 ):
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
-    ratio, w <- w_d - lr*s*r*u (u from the new m, v). ``hyper = (weight_decay, 1 - beta1, 1 - beta2, eps,
-    eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, trust_ratio_eps)``, ``modes = (wd_mode, clip_mode,
-    adapt_enabled)``."""
-    weight_decay, omb1, omb2, eps, eps_root, clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps = hyper
-    wd_mode, clip_mode, adapt_enabled = modes
+    ratio, w <- w_d - lr*s*r*u (u from the new m, v)."""
     _update_program(
         _lamb_ratio,
         _lamb_update_tile,
         (clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode),
         (omb1, omb2, eps, eps_root, wd_mode),
-        (addr_ptr, tabs_ptr, ssq_ptr, lr_ptr, found_inf_ptr),
-        dims,
+        addr_ptr,
+        wd_mask_ptr,
+        adapt_mask_ptr,
+        active_ptr,
+        seg_numel_ptr,
+        step_ptr,
+        has_ptr,
+        w_norm_ptr,
+        g_norm_ptr,
+        u_norm_ptr,
+        ratio_ptr,
+        lr_ptr,
+        found_inf_ptr,
+        ssq_ptr,
+        snap_ptr,
+        tile_seg_ptr,
+        tile_len_ptr,
+        seg_tile_ptr,
+        num_tiles,
+        num_segs,
         weight_decay,
         adapt_enabled,
         PDT,
@@ -991,8 +1385,7 @@ def grad_sumsq_kernel(
     inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     if tl.load(active_ptr + s) != 0:
-        start = (pid - tl.load(seg_tile_ptr + s)) * TILE  # as _tile_geometry
-        n = tl.load(tile_len_ptr + pid)
+        lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
         gaddr = _addr(addr_ptr, 1, num_segs, s)
         if _fast(n, gaddr, TILE):
             acc = _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT, True, TILE, BLOCK)
