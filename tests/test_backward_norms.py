@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import math
 import pickle
 
 import pytest
@@ -56,6 +57,12 @@ def _run(kind, backend, nib, between=None, steps=4, clip=None, **kw):
     return [p.detach().clone() for p in model.parameters()], opt
 
 
+def _sum_rtol(n: int) -> float:
+    """Relative bound between two fp32 sums of n squares taken in different orders: 4 sqrt(n) u each
+    (probabilistic, Higham & Mary 2019, with a factor 4 of margin), on any CPU's summation order."""
+    return 2 * 4 * math.sqrt(n) * 2.0**-24
+
+
 def _same(a, b, bitwise):
     for i, (x, y) in enumerate(zip(a, b)):
         if bitwise:
@@ -100,8 +107,9 @@ def test_lars_from_backward_norms_equals_the_two_pass_step(backend, kind, kw, fa
     _same(got, ref, bitwise=backend == "cpu")
     assert given_calls.get(backend, 0) == fast
     assert o._bwd.taken == 4 * len(ref)
-    if backend == "cpu" and fast:  # pass 2 reports ||g + wd*w|| as the two-pass step does
-        torch.testing.assert_close(o.stats()["update_norm"], o_ref.stats()["update_norm"], rtol=1e-6, atol=0)
+    if backend == "cpu" and fast:  # pass 2 reports ||g + wd*w|| as the two-pass step's pass 1 does
+        n = max(p.numel() for p in got)
+        torch.testing.assert_close(o.stats()["update_norm"], o_ref.stats()["update_norm"], rtol=_sum_rtol(n), atol=0)
 
 
 def _mul(model, opt, t):
@@ -189,7 +197,8 @@ def test_clip_grad_norm_matches_torchs_clip_without_touching_grads(backend, nib)
     grads = [p.grad.clone() for p in model.parameters()]
     total = opt.clip_grad_norm_(0.05)
     want = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-    assert isinstance(total, torch.Tensor) and torch.allclose(total, want, rtol=1e-6)
+    n = sum(p.numel() for p in model.parameters())
+    assert isinstance(total, torch.Tensor) and torch.allclose(total, want, rtol=_sum_rtol(n), atol=0)
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))  # applied in step()
     inf_total = opt.clip_grad_norm_(0.05, norm_type=float("inf"))
     assert torch.allclose(inf_total, torch.nn.utils.get_total_norm(grads, float("inf")))

@@ -22,6 +22,7 @@ import torch
 from .. import distributed
 from ..backward_norms import BackwardNorms
 from ..buckets import Bucket, grad_mismatch
+from ..kernels.clip import global_grad_norm
 from .compiled import CompiledStep
 from .dispatch import DispatchMixin
 from .groups import ParamGroupsMixin
@@ -301,23 +302,15 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         ``GradScaler.unscale_`` rewrites grads without bumping their version counters, so they could be
         stale here); other ``norm_type``s use ``torch.nn.utils.get_total_norm``. Sharded params: the
         sums are all-reduced over the mesh, as the step's."""
-        from .. import distributed
-
         max_norm, norm_type = float(max_norm), float(norm_type)
         self._prepare_step()
-        if norm_type == 2.0:
-            parts = []
-            for gi, _j, b in self._indexed_buckets():
-                if b.active_idx or b.shard is not None:
-                    cfg = self._make_config(self.param_groups[gi], None, None)
-                    # not the norms from backward: GradScaler.unscale_ may have rewritten the grads
-                    # without a version bump (NOTE [Norms from backward are a cache])
-                    parts.append((b.shard, self._backend_for(b, cfg).grad_sumsq(b, cfg)))
-            dev = self.buckets()[0].device if self._buckets and self.buckets() else torch.device("cpu")
-            total = torch.zeros((), dtype=torch.float64, device=dev)
-            for s in distributed.all_reduce_partials(parts):
-                total = total + s.to(dev)
-            total = total.sqrt().float()
+        work = self._plan({gi: self._buckets[gi] for gi in range(len(self.param_groups))}, None, None)
+        if norm_type == 2.0 and not work:
+            total = torch.zeros(())
+        elif norm_type == 2.0:
+            # not the norms from backward (bwd=None): GradScaler.unscale_ may have rewritten the grads
+            # without a version bump (NOTE [Norms from backward are a cache])
+            total = global_grad_norm(work).float()
             if error_if_nonfinite and not bool(torch.isfinite(total)):
                 raise RuntimeError(
                     f"{self._KIND}.clip_grad_norm_: the total norm of order {norm_type} of the gradients is "

@@ -450,9 +450,10 @@ def _stats(times_s: list[float]) -> dict[str, float]:
 
 def _estimate_bytes(variants: list[Variant], n: int, elem: int, grad_sets: int = 1) -> int:
     # params + own grads (one set, two with --grads fresh) + state buffers, per variant; + shared grads + probe
-    per = {"lars": 2, "lars_carried": 2, "sgd": 2, "adamw": 3, "lamb": 3, "lars_bwd": 2, "lars_clip": 2,
-           "lars_bwd_clip": 2, "sgd_clip": 2, "lamb_clip": 3, "lamb_bwd_clip": 3}  # fmt: skip
-    return n * elem * (sum(per[v.algo] + grad_sets for v in variants) + 2)
+    def per(algo: str) -> int:  # params + state: Adam's two moments, else one momentum buffer
+        return 3 if algo.startswith(("adamw", "lamb")) else 2
+
+    return n * elem * (sum(per(v.algo) + grad_sets for v in variants) + 2)
 
 
 def run(
