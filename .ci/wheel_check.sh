@@ -67,7 +67,7 @@ names = zipfile.ZipFile(sys.argv[1]).namelist()
 so = [n for n in names if n.startswith("fusedlars/_C") and n.endswith(".so")]
 assert len(so) == 1, f"no compiled extension in the wheel: {names}"
 assert "fusedlars/_build_info.py" in names, "no build record (fusedlars/_build_info.py) in the wheel"
-assert "fusedlars/kernels/cpu.py" in names and "fusedlars/optim/__init__.py" in names, names
+assert "fusedlars/backends/cpu.py" in names and "fusedlars/optim/__init__.py" in names, names
 bad = [n for n in names if n.startswith(("csrc/", "tests/", "bench/")) or n.endswith((".cpp", ".cu", ".h"))]
 assert not bad, f"sources in the wheel: {bad}"
 info = zipfile.ZipFile(sys.argv[1]).getinfo(so[0])

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 
 CASES = {  # name -> (optimizer class, keyword arguments)
     "LARS": (fusedlars.LARS, dict(lr=0.1, momentum=0.9, weight_decay=1e-4)),
@@ -54,7 +54,7 @@ def versions(path: str) -> int:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "backends": {name: list(kernels.status(name)) for name in kernels.BACKENDS},
+        "backends": {name: list(backends.status(name)) for name in backends.BACKENDS},
         "nvcc": _cmd(["nvcc", "--version"]).splitlines()[-1:],
         "compute_sanitizer": _cmd(["compute-sanitizer", "--version"]).splitlines()[-1:],
         "nvidia_smi": _cmd(
@@ -86,7 +86,7 @@ def versions(path: str) -> int:
 def _fused(device: torch.device) -> list[tuple[str, bool, str]]:
     """(backend, live, reason) of the fused backends that run on ``device``."""
     names = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-    return [(n, *kernels.status(n)) for n in names]
+    return [(n, *backends.status(n)) for n in names]
 
 
 def _params(dtype, device, seed=0):

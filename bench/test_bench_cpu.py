@@ -32,7 +32,7 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 import fusedlars  # noqa: E402
-from fusedlars import kernels  # noqa: E402
+from fusedlars import backends  # noqa: E402
 from fusedlars.tools.shapes import count_params, make_params, resnet50  # noqa: E402
 
 THREADS = 2
@@ -49,7 +49,7 @@ BYTES = {
     "triad": 12,
 }
 
-pytestmark = pytest.mark.skipif(not kernels.status("cpu")[0], reason=f"cpu backend: {kernels.status('cpu')[1]}")
+pytestmark = pytest.mark.skipif(not backends.status("cpu")[0], reason=f"cpu backend: {backends.status('cpu')[1]}")
 
 
 @pytest.fixture(autouse=True)

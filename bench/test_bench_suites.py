@@ -37,7 +37,7 @@ if _ROOT not in sys.path:  # the checkout's fusedlars, also when pytest runs fro
     sys.path.insert(0, _ROOT)
 
 import fusedlars  # noqa: E402
-from fusedlars import kernels  # noqa: E402
+from fusedlars import backends  # noqa: E402
 from fusedlars.tools import baselines  # noqa: E402
 from fusedlars.tools.bench import BYTES_PER_PARAM, HYPER  # noqa: E402
 from fusedlars.tools.shapes import SHAPE_SETS, count_params, make_params  # noqa: E402
@@ -62,8 +62,8 @@ SUITES = [
 
 def _backends(shapes: str) -> list[str]:
     out = []
-    for b in kernels.BACKENDS:
-        if not kernels.status(b)[0]:
+    for b in backends.BACKENDS:
+        if not backends.status(b)[0]:
             continue
         if b == "reference" and shapes != "tiny":  # float64, one tensor at a time: too slow
             continue

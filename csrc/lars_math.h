@@ -1,6 +1,6 @@
 // Per-layer (segment) and per-element math of LARS / TVLARS / LAMB, shared by every compiled backend.
 //
-// The formulas are those of fusedlars/kernels/reference.py (the specification; its module docstring
+// The formulas are those of fusedlars/backends/reference.py (the specification; its module docstring
 // states them). This header has no torch and no std-library dependencies beyond <cmath>, so the same
 // code compiles for the CPU kernels (csrc/cpu) and, with nvcc, for CUDA (csrc/cuda).
 //
@@ -45,8 +45,8 @@
 namespace fusedlars {
 
 // ---------------------------------------------------------------------------------------------
-// option codes: the values of the tables of fusedlars/kernels/codes.py (tests/test_one_source.py checks
-// each enum against its table); fusedlars/kernels/packing.py writes them into the int[] `modes` argument
+// option codes: the values of the tables of fusedlars/backends/codes.py (tests/test_one_source.py checks
+// each enum against its table); fusedlars/backends/packing.py writes them into the int[] `modes` argument
 // of the ops, decoded in csrc/option_decode.h.
 
 enum Denominator : int { kSumOfNorms = 0, kNormOfSum = 1, kGradOnly = 2 };
@@ -137,7 +137,7 @@ struct LarsCoef {
 };
 
 // TVLARS factor phi_t (1 for plain LARS and while t < gate); t = completed steps of the segment.
-// The formula's definition: fusedlars/kernels/formulas.py tv_phi (tests/test_one_source.py checks a step).
+// The formula's definition: fusedlars/backends/formulas.py tv_phi (tests/test_one_source.py checks a step).
 FUSEDLARS_HD FUSEDLARS_INLINE double lars_tv_phi(const LarsOptions& o, double t) {
   if (!o.tv_on || t < o.tv_gate) return 1.0;
   return 1.0 / (o.tv_alpha + exp(o.tv_lmbda * (t - o.tv_shift))) + o.tv_gamma_min;

@@ -53,10 +53,10 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // optimizer's masters and state, as lists over the bucket's ACTIVE segments (those with a grad this
   // step; `masters` / `momentum` empty when unused), `seg_ids` (int64, the bucket index of each)
   // and the per-segment tables with one entry per segment of the bucket. `hyper` and `modes` carry
-  // the resolved group options in the order fusedlars/kernels/packing.py writes them (decoded in
+  // the resolved group options in the order fusedlars/backends/packing.py writes them (decoded in
   // csrc/op_args.h into LarsOptions / LambOptions of csrc/lars_math.h). `phase` / `sums`: NOTE
   // [Phases] in csrc/cpu/optim_cpu.cpp (0: a whole step). Implementations: csrc/cpu/optim_cpu.cpp;
-  // fake kernels: fusedlars/kernels/cpu.py.
+  // fake kernels: fusedlars/backends/cpu.py.
   m.def(
       "lars_step_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] momentum, "
       "Tensor seg_ids, Tensor wd_mask, Tensor adapt_mask, "
@@ -83,7 +83,7 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // tensor, fp32/fp64) or, when that is None, the float `lr`. path: 0 auto, 1 cooperative (error if
   // unavailable), 2 two launches; FSDP2 split: 3 partials (writes the per-segment sums of squares into
   // `ssq`, float64 [3, S]), 4 apply (finishes the step from the sums in `ssq`). Fake kernels:
-  // fusedlars/kernels/cuda.py.
+  // fusedlars/backends/cuda.py.
   m.def(
       "lars_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor addresses, bool master, "
       "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(c!) has_state, Tensor(d!) step, "

@@ -1,7 +1,7 @@
 // Decoding of the ops' `hyper` (double[]) / `modes` (int64[]) option lists into the LarsOptions /
 // LambOptions of lars_math.h. Torch-free: used by csrc/op_args.h (the CPU and CUDA torch ops, which
 // turn a failure into a TORCH_CHECK error) and by the CUDA-on-CPU emulation driver (csrc/emu).
-// The order is the one fusedlars/kernels/packing.py writes.
+// The order is the one fusedlars/backends/packing.py writes.
 #pragma once
 
 #include <cstddef>

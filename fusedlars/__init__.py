@@ -5,7 +5,7 @@ Public API: :class:`LARS`, :class:`TVLARS`, :class:`LAMB`, :func:`presets`,
 """
 
 from ._version import __version__
-from .groups import param_groups
+from .param_groups import param_groups
 from .info import info
 from .optim import LAMB, LARS, TVLARS, presets
 from . import compat  # noqa: E402,F401  (light: its submodules load on first use)

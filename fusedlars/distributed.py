@@ -3,7 +3,7 @@
 A trust ratio needs the norm of the WHOLE layer. With FSDP2 (``fully_shard``) every
 parameter is a ``DTensor`` whose local tensor holds a slice of the layer, so a local
 sum of squares is only a partial sum. The optimizer therefore steps a sharded bucket
-in two phases (see :func:`fusedlars.kernels.torch.lars_partials`):
+in two phases (see :func:`fusedlars.backends.torch.lars_partials`):
 
 1. ``partials``: every bucket computes its per-layer partial sums of squares as one
    ``[k, S]`` tensor (LARS: w², g², (g+λw)²; LAMB: w², u², g²) from its local shards;

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import kernels
+from . import backends as _backends
 from ._version import __version__
 
 
@@ -59,8 +59,8 @@ def info() -> dict:
     """Version, torch version, devices, the extension's build record and the status of every backend
     (with the reason)."""
     backends = {}
-    for name in kernels.BACKENDS:
-        ok, why = kernels.status(name)
+    for name in _backends.BACKENDS:
+        ok, why = _backends.status(name)
         backends[name] = {"available": ok, "detail": why}
     return {
         "fusedlars": __version__,
@@ -72,7 +72,8 @@ def info() -> dict:
         "build": build_record(),
         "backends": backends,
         "auto": {
-            dev: next((b for b in kernels.auto_order(dev) if backends[b]["available"]), None) for dev in ("cpu", "cuda")
+            dev: next((b for b in _backends.auto_order(dev) if backends[b]["available"]), None)
+            for dev in ("cpu", "cuda")
         },
     }
 

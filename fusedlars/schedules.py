@@ -38,7 +38,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from .kernels.formulas import TV_DEFAULTS, tv_phi, tv_phi_tensor
+from .backends.formulas import TV_DEFAULTS, tv_phi, tv_phi_tensor
 
 __all__ = [
     "WarmupCosine",
@@ -313,7 +313,7 @@ def tv_factor(
     At ``t = 0`` with the defaults, ``phi = 1 / (0.1 + e^lmbda)`` (about 0.909 for small
     ``lmbda``); it decreases monotonically towards ``gamma_min``. An overflowing exponential
     gives exactly ``gamma_min``. The formula's one definition is
-    :func:`fusedlars.kernels.formulas.tv_phi` (this function checks the arguments).
+    :func:`fusedlars.backends.formulas.tv_phi` (this function checks the arguments).
     """
     lmbda, alpha, shift, gamma_min, gate = _check_tv_args(lmbda, alpha, shift, gamma_min, gate)
     t = _check_real("step", step, fix="pass the 0-based optimizer step count")

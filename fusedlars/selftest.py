@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import kernels
+from . import backends as _backends
 from ._version import __version__
 
 # ---------------------------------------------------------------------------------------------
@@ -461,7 +461,7 @@ def _case(
 
 def _backend_results(name: str, asked: bool, dev: torch.device, optimizers, dtypes, shapes, steps: int):
     """The results of one backend, yielded as they are made (``shapes`` None: the default ones)."""
-    ok, why = kernels.status(name)
+    ok, why = _backends.status(name)
     if not ok:
         yield Result(name, "-", "-", "FAIL" if asked else "SKIP", reason=f"not available: {why}")
         return
@@ -508,10 +508,10 @@ def run_selftest(
     dev = resolve_device(device)
     shapes = None if shapes is None else list(shapes)
     requested = list(dict.fromkeys(backends)) if backends else []
-    names = requested or [b for b in kernels.BACKENDS if b != "reference"]
+    names = requested or [b for b in _backends.BACKENDS if b != "reference"]
     for name in names:
-        if name not in kernels.BACKENDS or name == "reference":
-            choices = ", ".join(b for b in kernels.BACKENDS if b != "reference")
+        if name not in _backends.BACKENDS or name == "reference":
+            choices = ", ".join(b for b in _backends.BACKENDS if b != "reference")
             raise ValueError(f"unknown backend {name!r}: choose from {choices}")
     optimizers, dtypes = list(optimizers), list(dtypes)
     results: list[Result] = []
@@ -644,7 +644,7 @@ def print_report(report: Report, *, use_rich: bool | None = None) -> None:
 
 
 def add_arguments(p) -> None:
-    choices = [b for b in kernels.BACKENDS if b != "reference"]
+    choices = [b for b in _backends.BACKENDS if b != "reference"]
     p.add_argument("--device", default=None, help="device to test on (default: cuda when a GPU is visible, else cpu)")
     p.add_argument(
         "--backend",

@@ -1,5 +1,5 @@
 """Run csrc/cuda's kernels on the CPU: build them under the SIMT emulation (csrc/emu) and drive them
-through the real ``fusedlars.kernels.cuda`` backend.
+through the real ``fusedlars.backends.cuda`` backend.
 
 * :func:`build` rewrites the six ``kernel<<<grid, block, smem, stream>>>(args)`` launches of
   ``csrc/cuda/fused_kernels.cu`` into ``::fusedlars_emu::Launcher(grid, block, smem, stream)(kernel, args)``
@@ -9,13 +9,13 @@ through the real ``fusedlars.kernels.cuda`` backend.
   ``FUSEDLARS_EMU_SOURCE`` replaces the kernel source (the mutation check,
   ``scripts/cuda_emu_mutants.py``, builds each mutant this way).
 * :class:`EmuOps` has the signatures of ``torch.ops.fusedlars.{lars,lamb}_step_cuda`` (the step ops'
-  from the backend's own parameter list, ``fusedlars.kernels.cuda.step_params``) /
+  from the backend's own parameter list, ``fusedlars.backends.cuda.step_params``) /
   ``grad_sumsq_cuda`` / ``cuda_info`` and takes CPU tensors. It poisons the step's scratch (per-tile
   partials, snapshots, the split's per-segment sums) with NaN before every launch, so a kernel that
   reads a partial it did not write in this step shows as NaN instead of reusing last step's value.
   The kernels reach params, grads and state through the address table (raw addresses of the CPU
   tensors): an inactive segment's address 0 that a kernel dereferenced would crash the process.
-* :func:`install` points ``fusedlars.kernels.cuda`` at an :class:`EmuOps` and at CPU tensors, so
+* :func:`install` points ``fusedlars.backends.cuda`` at an :class:`EmuOps` and at CPU tensors, so
   ``LARS(..., backend="cuda")`` runs the whole host path of the backend (option packing, tile and
   group tables, scratch, launch path choice) and the kernels, on CPU tensors.
 """
@@ -233,9 +233,9 @@ _SLOT_ARGS = (
 
 
 def _step_op(kind: str):
-    """EmuOps' method for ``kind``'s step op: the op's parameters (fusedlars.kernels.cuda.step_params,
+    """EmuOps' method for ``kind``'s step op: the op's parameters (fusedlars.backends.cuda.step_params,
     the same list the backend packs its call from), by position or name, defaults applied."""
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     P = inspect.Parameter
     sig = inspect.Signature(
@@ -282,7 +282,7 @@ class EmuOps:
         self.last = (PATHS.get(out[0], "none"), out[1])
 
     def _step(self, kind: str, a: dict) -> None:
-        """One step op of ``kind`` on the arguments ``a`` (by parameter name, fusedlars.kernels.cuda.step_params)."""
+        """One step op of ``kind`` on the arguments ``a`` (by parameter name, fusedlars.backends.cuda.step_params)."""
         S = a["wd_mask"].numel()
         # rows param, grad, master, then LARS's momentum buffer (packing.lars_options: hyper[0] is the
         # momentum) or LAMB's exp_avg, exp_avg_sq (ops_cuda.cpp)
@@ -359,8 +359,8 @@ class EmuOps:
 
 
 def install(monkeypatch, lib: Lib, *, l2_bytes: int | None = None, poison: bool = True) -> EmuOps:
-    """Point ``fusedlars.kernels.cuda`` at the emulation for the duration of a test."""
-    from fusedlars.kernels import cuda as K
+    """Point ``fusedlars.backends.cuda`` at the emulation for the duration of a test."""
+    from fusedlars.backends import cuda as K
 
     ops = EmuOps(lib, poison=poison)
     monkeypatch.setattr(K, "OPS", ops)

@@ -85,9 +85,9 @@ def assert_backend_matches_reference(cls, backend, shapes, *, device="cpu", dtyp
 
 def lamb_preset_fused(preset: str) -> bool:
     """Whether the fused kernels implement LAMB preset ``preset`` (the check every fused backend's
-    ``supports()`` makes, fusedlars.kernels.common.check_options); the others run on ``torch`` only."""
+    ``supports()`` makes, fusedlars.backends.config.check_options); the others run on ``torch`` only."""
     import fusedlars
-    from fusedlars.kernels.common import check_options
+    from fusedlars.backends.config import check_options
     from fusedlars.optim.lamb import lamb_config
 
     opt = fusedlars.LAMB([torch.zeros(1, requires_grad=True)], lr=1e-3, preset=preset, backend="torch")

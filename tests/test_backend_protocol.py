@@ -1,21 +1,21 @@
-"""Every backend module provides the whole backend contract (fusedlars.kernels.protocol.Backend)."""
+"""Every backend module provides the whole backend contract (fusedlars.backends.protocol.Backend)."""
 
 import pytest
 
-from fusedlars import kernels
-from fusedlars.kernels.protocol import LAMB_KERNELS, LARS_KERNELS, Backend
+from fusedlars import backends
+from fusedlars.backends.protocol import LAMB_KERNELS, LARS_KERNELS, Backend
 
 _SPLIT = ("lars_partials", "lars_apply", "lamb_partials", "lamb_apply")
 
 
 def _module(name):
-    mod = kernels._load(name)
+    mod = backends._load(name)
     if isinstance(mod, Exception):
         pytest.skip(f"backend {name} does not import here: {mod}")
     return mod
 
 
-@pytest.mark.parametrize("name", kernels.BACKENDS)
+@pytest.mark.parametrize("name", backends.BACKENDS)
 def test_backend_module_satisfies_the_protocol(name):
     mod = _module(name)
     assert isinstance(mod, Backend)
@@ -30,7 +30,7 @@ def test_backend_module_satisfies_the_protocol(name):
     assert isinstance(ok, bool) and isinstance(why, str)
 
 
-@pytest.mark.parametrize("name", kernels.BACKENDS)
+@pytest.mark.parametrize("name", backends.BACKENDS)
 def test_kernel_sets_read_the_module(name):
     mod = _module(name)
     assert LARS_KERNELS.step(mod) is mod.lars_step

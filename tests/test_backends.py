@@ -261,7 +261,7 @@ def _torch_backend_op_counts(cls, layers, numel=33, **kw):
 def test_constant_number_of_torch_ops_whatever_the_layer_count(cls, monkeypatch):
     """The torch backend's op count per step does not grow with the number of layers on the path
     that devices other than the CPU take (foreach norms: NOTE [Norms on the CPU])."""
-    import fusedlars.kernels.torch as torch_backend
+    import fusedlars.backends.torch as torch_backend
 
     monkeypatch.setattr(torch_backend, "_dots_ok", lambda L, names: False)
     counts = [sum(_torch_backend_op_counts(cls, layers).values()) for layers in (4, 64)]
@@ -274,7 +274,7 @@ def test_cpu_norms_take_one_dot_per_chunk_and_nothing_else_per_layer(cls):
     """On the CPU the sums of squares are one torch.dot per chunk (NOTE [Norms on the CPU]): going
     from 4 to 64 layers adds exactly one dot per chunk and list, and no other op that touches data
     (the grads' chunk views, new tensors every step, are cut again: view and split)."""
-    from fusedlars.kernels.torch import _CHUNK
+    from fusedlars.backends.torch import _CHUNK
 
     few, many = (_torch_backend_op_counts(cls, layers, numel=_CHUNK + 5) for layers in (4, 64))
     lists = 3  # LARS: w.w, g.g, g.w (NOTE [Update norm from a cross term]); LAMB: w, u, g

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 
-BACKENDS = [b for b in ("cpu", "torch") if kernels.status(b)[0]]
+BACKENDS = [b for b in ("cpu", "torch") if backends.status(b)[0]]
 
 
 def _model(seed=0):
@@ -76,7 +76,7 @@ def given_calls(monkeypatch):
     """Counts the steps that ran from the norms taken in backward, per backend."""
     calls = {}
     for name in BACKENDS:
-        mod = kernels.get(name)
+        mod = backends.get(name)
         orig = mod.lars_step_given_grad_sums
 
         def wrapped(b, cfg, g2, _orig=orig, _name=name):
@@ -173,7 +173,7 @@ def test_grad_scaler_with_and_without_unscale(backend, unscale):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lamb_max_grad_norm_takes_the_global_norm_from_backward(backend, monkeypatch):
-    mod = kernels.get(backend)
+    mod = backends.get(backend)
     calls = []
     orig = mod.grad_sumsq
     monkeypatch.setattr(mod, "grad_sumsq", lambda b, cfg: calls.append(1) or orig(b, cfg))

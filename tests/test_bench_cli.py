@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fusedlars import kernels
+from fusedlars import backends
 from fusedlars.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _expected_variants() -> set[str]:
     # --backend auto on CPU: the fused C++ kernels when the extension is built, else the torch backend
-    names = {"fusedlars[cpu]" if kernels.status("cpu")[0] else "fusedlars[torch]"}
+    names = {"fusedlars[cpu]" if backends.status("cpu")[0] else "fusedlars[torch]"}
     names |= {"per_param_lars", "foreach_lars", "torch.SGD(fused)"}
     if bench._pytorch_optimizer() is not None:
         names |= {"pytorch_optimizer.LARS", "pytorch_optimizer.LARS(loop)"}
@@ -179,8 +179,8 @@ def test_bench_run_lamb_all_backends_in_process():
     names = {r["name"] for r in res["variants"]}
     assert "torch.AdamW(fused)" in names
     # every available CPU backend runs (reference included on a set this small)
-    for b in kernels.BACKENDS:
-        if kernels.status(b)[0] and b not in ("triton", "cuda"):
+    for b in backends.BACKENDS:
+        if backends.status(b)[0] and b not in ("triton", "cuda"):
             assert f"fusedlars[{b}]" in names
     assert {r["algo"] for r in res["variants"]} == {"lamb", "adamw"}
     table = bench.format_table(res)
@@ -276,10 +276,10 @@ def test_bench_norms_in_backward_and_clip_variants_take_their_paths(monkeypatch,
     """--norms-in-backward times steps that really ran from the recorded norms (every timed step, also
     with fresh grads, whose norms the bench records as backward's hooks would); --clip adds the
     clipping steps of both kinds."""
-    from fusedlars import kernels
+    from fusedlars import backends
 
-    mod = kernels.get("cpu")
-    if not kernels.status("cpu")[0]:
+    mod = backends.get("cpu")
+    if not backends.status("cpu")[0]:
         pytest.skip("cpu backend not built")
     calls = []
     orig = mod.lars_step_given_grad_sums

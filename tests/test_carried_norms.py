@@ -13,11 +13,11 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 
 from helpers import assert_bitwise_equal, make_named_grads, make_named_params, snapshot
 
-OK, WHY = kernels.status("cpu")
+OK, WHY = backends.status("cpu")
 pytestmark = pytest.mark.skipif(not OK, reason=f"cpu backend unavailable: {WHY}")
 
 SHAPES = [

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 
 STEPS = 5
 
@@ -35,7 +35,7 @@ def _fresh_dynamo():
 def _backends():
     out = []
     for name in ("torch", "cpu", "triton"):
-        ok, why = kernels.status(name)
+        ok, why = backends.status(name)
         out.append(pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name}: {why}")))
     return out
 
@@ -134,7 +134,7 @@ def test_replaced_grad_is_read_without_recompiling_and_stays_exact():
             w = m[0].weight
             w.grad = w.grad.clone() * 2.0
 
-    backend = "cpu" if kernels.status("cpu")[0] else "torch"
+    backend = "cpu" if backends.status("cpu")[0] else "torch"
     eager, _ = _train("LARS", backend, mutate=replace)
     counter = CompileCounterWithBackend("aot_eager")
     compiled, _ = _train("LARS", backend, compiler="aot_eager", mutate=replace, counter=counter)
@@ -171,7 +171,7 @@ def test_state_dict_and_load_state_dict_never_recompile(kind, backend):
 
 def test_compiled_model_and_step_train_together():
     # the usual split: the model compiled, backward eager, the optimizer step compiled on its own
-    backend = "cpu" if kernels.status("cpu")[0] else "torch"
+    backend = "cpu" if backends.status("cpu")[0] else "torch"
     results = []
     for compiled in (False, True):
         m = _model()
@@ -214,7 +214,7 @@ def test_lr_scheduler_does_not_wrap_the_step():
 
 @pytest.mark.parametrize("kind", ["LARS", "LAMB"])
 def test_capturable_keeps_per_step_values_on_device_and_matches(kind):
-    backend = "cpu" if kernels.status("cpu")[0] else "torch"
+    backend = "cpu" if backends.status("cpu")[0] else "torch"
     plain, _ = _train(kind, backend)
     m = _model()
     opt = _optimizer(kind, m.parameters(), backend, capturable=True)
@@ -246,7 +246,7 @@ def test_capturable_must_be_bool():
 def _gpu_backends():
     out = []
     for name in ("cuda", "triton", "torch"):
-        ok, why = kernels.status(name)
+        ok, why = backends.status(name)
         gpu = torch.cuda.is_available()
         out.append(
             pytest.param(

@@ -1,4 +1,4 @@
-"""What only the fused C++ CPU backend has (fusedlars/kernels/cpu.py, csrc/cpu): results bitwise the
+"""What only the fused C++ CPU backend has (fusedlars/backends/cpu.py, csrc/cpu): results bitwise the
 same across instruction sets (avx512, avx2, generic), thread counts, cache-group budgets and pass-2
 orders; the ops under torch.library.opcheck; backend selection; CPU autocast with GradScaler.
 
@@ -18,12 +18,12 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 from fusedlars.selftest import SHAPES as SELFTEST_SHAPES
 
 from helpers import assert_bitwise_equal, make_named_params, run_named, snapshot
 
-OK, WHY = kernels.status("cpu")
+OK, WHY = backends.status("cpu")
 
 
 def test_extension_present():
@@ -143,7 +143,7 @@ def test_auto_picks_cpu_and_falls_back_for_fp64():
         p.grad = torch.ones_like(p)
     opt.step()
     assert opt.backends_in_use() == ["cpu"]
-    mod = kernels.get("cpu")
+    mod = backends.get("cpu")
     p64 = [torch.zeros(3, dtype=torch.float64, requires_grad=True)]
     opt64 = fusedlars.LARS(p64, lr=0.1)
     p64[0].grad = torch.ones(3, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""What only the fused CUDA backend has (fusedlars/kernels/cuda.py, csrc/cuda): its two launch paths
+"""What only the fused CUDA backend has (fusedlars/backends/cuda.py, csrc/cuda): its two launch paths
 (one cooperative launch, or two) bitwise equal, the cooperative path taken where supported, the ops
 under torch.library.opcheck, CUDA graph capture, tensors above 2^31 elements, autocast with a real
 GradScaler. The reference-agreement matrix (presets on both paths, options, dtypes, masters,
@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 
 from helpers import make_named_grads, make_named_params, run_named
 
-OK, WHY = kernels.status("cuda")
+OK, WHY = backends.status("cuda")
 HAVE_GPU = torch.cuda.is_available()
 EMULATED = not HAVE_GPU
 pytestmark = [
@@ -99,7 +99,7 @@ def test_bitwise_deterministic_and_same_for_both_paths(cls, monkeypatch):
 
 
 def test_cooperative_path_used_when_supported():
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     run(fusedlars.LARS, "cuda", steps=1)
     info = K.build_info()
@@ -111,7 +111,7 @@ def test_cooperative_path_used_when_supported():
 @pytest.mark.skipif(EMULATED, reason="opcheck of the registered CUDA ops needs a CUDA device")
 def test_opcheck(op):
     """Schema / fake-kernel consistency of the CUDA ops (torch.library.opcheck)."""
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     cls = fusedlars.LARS if op == "lars" else fusedlars.LAMB
     _, opt = run(cls, "cuda", steps=1, lr=1e-2)

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from fusedlars import kernels
+from fusedlars import backends
 
 try:
     import fusedlars._C  # noqa: F401
@@ -94,7 +94,7 @@ def test_grad_sumsq_cuda_rejects_cpu_tensors():
 
 @pytest.mark.skipif(not CUDA_BUILD, reason="CPU-only build")
 def test_cuda_info_reports_architectures():
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     info = K.build_info()
     assert "archs" in info and "last_path" in info, info
@@ -106,7 +106,7 @@ def test_cuda_info_reports_architectures():
 
 @pytest.mark.skipif(not CUDA_BUILD, reason="CPU-only build")
 def test_cuda_backend_status_without_gpu():
-    ok, why = kernels.status("cuda")
+    ok, why = backends.status("cuda")
     if torch.cuda.is_available():
         assert ok, why
         assert "cooperative" in why or "2 launches" in why
@@ -118,7 +118,7 @@ def test_cuda_backend_status_without_gpu():
 def test_cuda_backend_status_cpu_only_build():
     if CUDA_BUILD:
         pytest.skip("CUDA build")
-    ok, why = kernels.status("cuda")
+    ok, why = backends.status("cuda")
     assert not ok and "without CUDA kernels" in why, why
 
 

@@ -188,7 +188,7 @@ def test_partials_then_apply_is_the_step_bitwise(emu, emu_lib, monkeypatch, conf
     then apply (launch 2) from the unchanged sums give bitwise the step's results; the sums follow the
     torch backend's rows (LARS [w², g², (g+λw)²], LAMB [w_d², u², g²]: their square roots are the
     reported norms) and are 0 for segments without a grad. Launches: 2 for partials, 1 for apply."""
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     cls, kw = CONFIGS[config]
     dt, master = DTYPES[dtype]
@@ -218,8 +218,8 @@ def test_apply_finishes_from_the_given_sums(emu, monkeypatch, config):
     """Sums changed between partials and apply, as an all_reduce over ranks changes them (here: the
     second row x3 and the first x2, as if other ranks held more of each layer): the CUDA backend's apply
     matches the torch backend's apply from the same sums (same rows, same math)."""
-    from fusedlars.kernels import cuda as K
-    from fusedlars.kernels import torch as T
+    from fusedlars.backends import cuda as K
+    from fusedlars.backends import torch as T
     from fusedlars.selftest import compare_runs
 
     cls, kw = CONFIGS[config]
@@ -246,7 +246,7 @@ def test_apply_finishes_from_the_given_sums(emu, monkeypatch, config):
 
 def test_several_groups_really_run(emu):
     """The small-L2 setting of the test above does cut the bucket into groups (one grid sync each)."""
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     emu(l2=64 << 10)
     _, opt = run_named(fusedlars.LARS, "cuda", SHAPES, steps=1)
@@ -457,7 +457,7 @@ def test_cooperative_path_missing(emu):
 def test_found_inf_skips_the_launch_entirely(emu):
     """GradScaler's found_inf: nothing changes, including the reported norms and step counters, on both
     paths and through the FSDP2 split (whose sums are then all zero)."""
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     for path in ("auto", "two_launch", "split"):
         emu(path="two_launch" if path == "split" else path)
@@ -512,7 +512,7 @@ def test_compiled_step_refreshes_its_own_address_table(emu, monkeypatch):
     """NOTE [Addresses in a compiled step] (cuda.py): a traced step cannot read data_ptr(); the opaque op
     cuda_addresses rewrites the table of compiled steps from the tensors at run time, so fresh grads
     (new addresses every step after zero_grad()) and a param losing its grad are seen."""
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     emu()
     params, opt = run_named(fusedlars.LARS, "cuda", SHAPES, steps=1, weight_decay=1e-3)
@@ -533,12 +533,12 @@ def test_compiled_step_refreshes_its_own_address_table(emu, monkeypatch):
 
 
 def test_step_op_parameters_are_the_schemas(emu):
-    """The one list of the step ops' parameters (fusedlars.kernels.cuda.step_params: the backend packs
+    """The one list of the step ops' parameters (fusedlars.backends.cuda.step_params: the backend packs
     its call from it, and the emulated ops take their signatures from it) is the schemas' of csrc/ops.cpp,
     names, order and defaults (the schemas are registered in a CPU-only build too)."""
     import inspect
 
-    from fusedlars.kernels import cuda as K
+    from fusedlars.backends import cuda as K
 
     pytest.importorskip("fusedlars._C")
     ops = emu()

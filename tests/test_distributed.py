@@ -527,7 +527,7 @@ def test_fsdp2_matches_single_process_with_one_all_reduce_per_step(runs, world, 
     res = _result(runs, world, f"fsdp2_{opt_name}")
     base, _, backend = opt_name.partition("_")
     ref = reference(base)
-    fused = fusedlars.kernels.status("cpu")[0]
+    fused = fusedlars.backends.status("cpu")[0]
     for r, got in enumerate(res):
         _assert_params(got["params"], ref, f"FSDP2 {opt_name} world {world} rank {r}")
         info = got["info"]
@@ -553,7 +553,7 @@ def test_ddp_matches_single_process_and_keeps_ddp_grad_views(runs, name):
         _assert_params(got["params"], ref, f"{name} rank {r}")
         assert all(c == {} for c in got["counts"]), f"our step issued collectives under DDP: {got['counts']}"
         assert not got["repointed"], "the step re-pointed a param or a grad"
-        assert got["backends"] == ["cpu" if fusedlars.kernels.status("cpu")[0] else "torch"], got["backends"]
+        assert got["backends"] == ["cpu" if fusedlars.backends.status("cpu")[0] else "torch"], got["backends"]
         if "bucket_view" in name:  # read in place from DDP's gradient buckets
             assert got["grad_ptrs_stable"], "p.grad left DDP's bucket between steps"
             assert got["grads_in_ddp_bucket"] == [True] * len(ref), got["grads_in_ddp_bucket"]
@@ -597,7 +597,7 @@ def test_every_mesh_matches_single_process_params_and_stats(runs, layout, opt_na
                     assert have == pytest.approx(want, rel=1e-5, abs=1e-7), (
                         f"{layout} {opt_name} rank {r} step {t} {key}[{name}]: {have} vs {want}"
                     )
-        assert got["backends"] and all(b == ("cpu" if fusedlars.kernels.status("cpu")[0] else "torch")
+        assert got["backends"] and all(b == ("cpu" if fusedlars.backends.status("cpu")[0] else "torch")
                                        for b in got["backends"]), got["backends"]  # fmt: skip
         for t, c in enumerate(got["counts"][1:], 1):  # after the first step's layout exchange
             assert c == {"all_reduce": EXPECTED_ALL_REDUCE[opt_name]}, f"rank {r} step {t}: {c}"

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 from fusedlars.optim.options import LAMB_PRESETS, LARS_PRESETS
 from fusedlars.selftest import SHAPES as SELFTEST_SHAPES
 
@@ -78,7 +78,7 @@ class Fused:
 
 
 def _setup(request, monkeypatch, name: str, cuda_path: str | None = None) -> Fused:
-    ok, why = kernels.status(name)
+    ok, why = backends.status(name)
     if name == "cpu":
         if not ok:
             if os.environ.get("FUSEDLARS_REQUIRE_EXT") == "1":
@@ -103,7 +103,7 @@ def _setup(request, monkeypatch, name: str, cuda_path: str | None = None) -> Fus
         pytest.skip(f"triton backend unavailable: {why}")
     if HAVE_GPU:
         return Fused("triton", "cuda", SHAPES)
-    from fusedlars.kernels import triton as tb
+    from fusedlars.backends import triton as tb
 
     for attr, value in (("TILE", 1024), ("BLOCK", 512), ("RBLOCK", 4), ("SBLOCK", 8)):
         monkeypatch.setattr(tb, attr, value)
@@ -401,7 +401,7 @@ def test_grad_sumsq_matches_reference(fused):
     _, opt = fused.run(fusedlars.LAMB, steps=1, lr=1e-2)
     b = opt.buckets()[0]
     cfg = type("C", (), {"inv_scale": torch.tensor(0.5, device=fused.device)})()
-    got = kernels.get(fused.name).grad_sumsq(b, cfg)
-    want = kernels.get("reference").grad_sumsq(b, cfg)
+    got = backends.get(fused.name).grad_sumsq(b, cfg)
+    want = backends.get("reference").grad_sumsq(b, cfg)
     assert got.dtype == torch.float64 and got.dim() == 0 and got.device.type == fused.device
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 
 from helpers import grads_for, make_params
 
@@ -41,7 +41,7 @@ class SyncDetector(TorchDispatchMode):
 def _live_backends():
     out = []
     for name in ("torch", "reference", "cpu", "triton", "cuda"):
-        ok, _ = kernels.status(name)
+        ok, _ = backends.status(name)
         if ok:
             out.append(name)
     return out

@@ -1,9 +1,9 @@
-"""One source per formula and per code table (fusedlars/kernels/codes.py, fusedlars/kernels/formulas.py).
+"""One source per formula and per code table (fusedlars/backends/codes.py, fusedlars/backends/formulas.py).
 
 * The C++ option enums of csrc/lars_math.h and the list lengths of csrc/option_decode.h are parsed
   and compared with the Python tables (the only definition of each code).
 * The Triton kernels' constexpr mode names are built from the same tables, and no mode comparison
-  in fusedlars/kernels/triton_kernels.py is written as a literal.
+  in fusedlars/backends/triton_kernels.py is written as a literal.
 * The kernels' in-kernel copies of ``phi_t`` (C++, Triton) and the torch / reference backends give
   the trust ratio ``eta * phi_t * ||w|| / ||g||`` with ``phi_t`` from :func:`formulas.tv_phi`, over
   steps before and after the gate.
@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels, schedules
-from fusedlars.kernels import codes, formulas, packing
-from fusedlars.kernels.common import LambConfig, LarsConfig
+from fusedlars import backends, schedules
+from fusedlars.backends import codes, formulas, packing
+from fusedlars.backends.config import LambConfig, LarsConfig
 from fusedlars.optim import lars, options
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,7 +122,7 @@ def test_triton_constexprs_come_from_the_tables():
     src = (ROOT / "fusedlars" / "kernels" / "triton_kernels.py").read_text()
     literal = re.findall(r"\b(?:den_mode|wd_mode|check_mode|clip_mode|MOM|BC)\s*[!=]=\s*\d", src)
     assert not literal, f"mode codes compared as literals: {literal}"
-    tk = pytest.importorskip("fusedlars.kernels.triton_kernels")
+    tk = pytest.importorskip("fusedlars.backends.triton_kernels")
     val = lambda c: getattr(c, "value", c)  # noqa: E731
     expect = {
         "DEN_SUM_OF_NORMS": codes.DENOMINATOR["sum_of_norms"], "DEN_NORM_OF_SUM": codes.DENOMINATOR["norm_of_sum"],
@@ -171,8 +171,8 @@ def test_trust_clip_definitions():
     cfg.trust_clip = "range"
     out = formulas.trust_clip(r, cfg, lr)
     assert out[:3].tolist() == [0.25, 0.5, 1.5] and math.isnan(out[3])
-    from fusedlars.kernels import reference
-    from fusedlars.kernels import torch as torch_backend
+    from fusedlars.backends import reference
+    from fusedlars.backends import torch as torch_backend
 
     assert reference.trust_clip is formulas.trust_clip and torch_backend.trust_clip is formulas.trust_clip
 
@@ -193,7 +193,7 @@ TV = dict(lmbda=0.3, alpha=0.2, shift=1.5, gamma_min=0.05, gate=2)
 def test_kernel_phi_is_the_formula(backend):
     """Each step's trust ratio, read back from the update of a constant gradient, is
     eta * phi_t * ||w_t|| / ||g|| with phi_t = formulas.tv_phi (before the gate: phi = 1)."""
-    ok, why = kernels.status(backend)
+    ok, why = backends.status(backend)
     if not ok:
         pytest.skip(f"{backend}: {why}")
     torch.manual_seed(0)

@@ -531,7 +531,7 @@ def test_bad_lr_set_by_user_mid_run_raises_before_mutation():
 
 
 def test_unavailable_backend_raises_with_reason():
-    ok, why = fusedlars.kernels.status("cuda")
+    ok, why = fusedlars.backends.status("cuda")
     if ok:
         pytest.skip("the CUDA backend is available on this machine")
     with pytest.raises(RuntimeError, match="not available"):

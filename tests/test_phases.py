@@ -1,6 +1,6 @@
 """The partials / apply split of the fused backends (what FSDP2-sharded buckets step with), in one process.
 
-``*_partials`` returns per-segment sums of squares (the rows of fusedlars/kernels/torch.py's NOTE
+``*_partials`` returns per-segment sums of squares (the rows of fusedlars/backends/torch.py's NOTE
 [Partials and apply]), ``*_apply`` finishes the step from the sums it is given. A step through
 the split must equal a whole step bitwise, the sums must agree with the reference backend's, and
 apply must use the sums it is given (what makes a sharded layer's norm global).
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels
+from fusedlars import backends
 from fusedlars.optim.lamb import lamb_config
 from fusedlars.optim.lars import lars_config
 
@@ -22,7 +22,7 @@ from helpers import grads_for, make_params
 
 SHAPES = [(3,), (4097,), (0,), (40, 17), (70000,)]
 
-pytestmark = pytest.mark.skipif(not kernels.status("cpu")[0], reason="the cpu extension is not built")
+pytestmark = pytest.mark.skipif(not backends.status("cpu")[0], reason="the cpu extension is not built")
 
 
 def _opt(kind, ps, **kw):
@@ -34,7 +34,7 @@ def _opt(kind, ps, **kw):
 def _split_step(opt, scale: float = 1.0) -> list[torch.Tensor]:
     """One step through partials -> (sums * scale) -> apply; returns the sums partials gave."""
     opt._prepare_step()
-    mod = kernels.get("cpu")
+    mod = backends.get("cpu")
     (b,) = opt.buckets()
     make = lamb_config if opt._KIND == "LAMB" else lars_config
     cfg = make(opt.param_groups[0], None, None)
@@ -104,7 +104,7 @@ def test_apply_uses_the_sums_it_is_given(kind):
 
 def test_sums_match_the_torch_backends():
     """The same rows, in the same order, as the torch backend's partials (the FSDP2 contract)."""
-    mods = [kernels.get("cpu"), kernels.get("torch")]
+    mods = [backends.get("cpu"), backends.get("torch")]
     res = []
     for mod in mods:
         ps = make_params(SHAPES, torch.float32, zero_weight_index=3)

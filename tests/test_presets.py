@@ -723,7 +723,7 @@ def test_deepspeed_legacy_first_step_differs_from_current():
 def test_deepspeed_legacy_is_not_fused(backend):
     """The fused kernels do not implement bias_correction='both_outside': explicit fused backends raise
     with the reason, auto picks torch, and supports() names the option."""
-    ok, why = fusedlars.kernels.status(backend)
+    ok, why = fusedlars.backends.status(backend)
     if not ok:
         pytest.skip(why)
     ps = [torch.nn.Parameter(torch.randn(4, 5)), torch.nn.Parameter(torch.randn(5))]

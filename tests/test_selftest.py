@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
-from fusedlars import kernels, selftest
+from fusedlars import backends, selftest
 from fusedlars.cli import main
 
-CPU_OK, CPU_WHY = kernels.status("cpu")
+CPU_OK, CPU_WHY = backends.status("cpu")
 LIVE = ["cpu", "torch"] if CPU_OK else ["torch"]
 
 RESULT_KEYS = {
@@ -96,7 +96,7 @@ def _one_weight(bucket, rel=1e-4):
 
 
 def test_a_perturbed_weight_fails_and_exits_1(monkeypatch, capsys):
-    torch_backend = kernels.get("torch")
+    torch_backend = backends.get("torch")
     _perturb_after(monkeypatch, torch_backend, "lars_step", _one_weight)
     rc = main(["selftest", "--device", "cpu", "--backend", "torch"])
     text = capsys.readouterr().out
@@ -118,7 +118,7 @@ def test_a_perturbed_optimizer_state_fails(monkeypatch):
         bucket.state_tensors["exp_avg"][2].view(-1)[7] *= 1.01  # one element of the state, nothing else
 
     # one step: the params cannot have seen the perturbed moment, only the state check can
-    _perturb_after(monkeypatch, kernels.get("torch"), "lamb_step", edit)
+    _perturb_after(monkeypatch, backends.get("torch"), "lamb_step", edit)
     report = selftest.run_selftest("cpu", ["torch"], optimizers=["LAMB"], dtypes=[torch.float32], steps=1)
     (r,) = report.results
     assert r.status == "FAIL" and r.reason.startswith("state exp_avg: "), r
@@ -127,7 +127,7 @@ def test_a_perturbed_optimizer_state_fails(monkeypatch):
 
 @pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {CPU_WHY}")
 def test_the_perturbation_is_seen_on_the_cpu_backend_too(monkeypatch):
-    _perturb_after(monkeypatch, kernels.get("cpu"), "lamb_step", _one_weight)
+    _perturb_after(monkeypatch, backends.get("cpu"), "lamb_step", _one_weight)
     report = selftest.run_selftest("cpu", ["cpu", "torch"], optimizers=["LAMB+clip"])
     assert [(r.backend, r.dtype, r.status) for r in report.results] == [
         ("cpu", "fp32", "FAIL"),
@@ -141,12 +141,12 @@ def test_the_perturbation_is_seen_on_the_cpu_backend_too(monkeypatch):
 
 
 def _unavailable(monkeypatch, names, why="test: pretend it is not built"):
-    real = kernels.status
+    real = backends.status
 
     def status(name):
         return (False, why) if name in names else real(name)
 
-    monkeypatch.setattr(kernels, "status", status)
+    monkeypatch.setattr(backends, "status", status)
 
 
 def test_an_unavailable_backend_is_skip_but_fail_when_asked_for(monkeypatch, capsys):
@@ -167,19 +167,19 @@ def test_an_unavailable_backend_is_skip_but_fail_when_asked_for(monkeypatch, cap
     assert "test: pretend it is not built" in text and "selftest FAIL: 0 passed, 1 failed (cpu)" in text, text
 
 
-@pytest.mark.skipif(kernels.status("cuda")[0], reason="the cuda backend is available here")
+@pytest.mark.skipif(backends.status("cuda")[0], reason="the cuda backend is available here")
 def test_asking_for_the_cuda_backend_without_it_is_a_fail_with_its_reason(tmp_path, capsys):
     out = tmp_path / "r.json"
     rc = main(["selftest", "--device", "cpu", "--backend", "cuda", "--json", str(out)])
     assert rc == 1
     (row,) = json.loads(out.read_text())["results"]
-    assert row["status"] == "FAIL" and row["reason"] == "not available: " + kernels.status("cuda")[1]
-    assert kernels.status("cuda")[1] in capsys.readouterr().out
+    assert row["status"] == "FAIL" and row["reason"] == "not available: " + backends.status("cuda")[1]
+    assert backends.status("cuda")[1] in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not CPU_OK, reason=f"cpu backend unavailable: {CPU_WHY}")
 def test_a_backend_that_does_not_run_a_case_is_skipped_with_the_reason(monkeypatch):
-    cpu = kernels.get("cpu")
+    cpu = backends.get("cpu")
     real = cpu.supports
 
     def no_bf16(kind, cfg, bucket):
@@ -209,13 +209,13 @@ def test_a_crashing_backend_is_a_fail(monkeypatch):
     def crash(bucket, cfg):
         raise RuntimeError("test: kernel crashed")
 
-    monkeypatch.setattr(kernels.get("torch"), "lars_step", crash)
+    monkeypatch.setattr(backends.get("torch"), "lars_step", crash)
     report = selftest.run_selftest("cpu", ["torch"], optimizers=["LARS"], dtypes=[torch.float32])
     assert report.results[0].status == "FAIL"
     assert report.results[0].reason == "error: RuntimeError: test: kernel crashed"
 
 
-@pytest.mark.skipif(not kernels.status("triton")[0], reason=f"triton unavailable: {kernels.status('triton')[1]}")
+@pytest.mark.skipif(not backends.status("triton")[0], reason=f"triton unavailable: {backends.status('triton')[1]}")
 def test_triton_runs_in_the_interpreter_on_its_smaller_shapes(capsys):
     report = selftest.run_selftest("cpu", ["triton"], optimizers=["LARS"], dtypes=[torch.float32])
     assert [(r.backend, r.status) for r in report.results] == [("triton", "PASS")], report.results

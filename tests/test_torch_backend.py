@@ -203,7 +203,7 @@ def _cross_term_bound(g: torch.Tensor, w: torch.Tensor, wd: float) -> float:
 def test_low_precision_norms_accumulate_in_fp32(dtype):
     """Norms of bf16 / fp16 tensors (the grads of low-precision params, LAMB's global clip) are taken in
     fp32, not rounded to the tensors' dtype (bf16 keeps ~3 significant digits)."""
-    from fusedlars import kernels
+    from fusedlars import backends
 
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s).to(dtype)) for s in ((4097,), (33, 71), (3,))]
@@ -212,7 +212,7 @@ def test_low_precision_norms_accumulate_in_fp32(dtype):
         p.grad = (torch.randn(p.shape) * 0.37).to(dtype)
     opt.step()
     b = opt.buckets()[0]
-    got = kernels.get("torch").grad_sumsq(b, type("C", (), {"inv_scale": None})())
+    got = backends.get("torch").grad_sumsq(b, type("C", (), {"inv_scale": None})())
     want = sum(float(p.grad.double().square().sum()) for p in ps)
     assert got.dtype == torch.float64
     assert abs(float(got) - want) <= 1e-6 * want, (float(got), want)

@@ -49,8 +49,8 @@ def opt_params(opt):
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_copy_keeps_every_attribute_and_steps_bitwise(kind, backend, how):
-    if not fusedlars.kernels.status(backend)[0]:
-        pytest.skip(fusedlars.kernels.status(backend)[1])
+    if not fusedlars.backends.status(backend)[0]:
+        pytest.skip(fusedlars.backends.status(backend)[1])
     ps = params()
     opt = getattr(fusedlars, kind)(ps, backend=backend, **KINDS[kind])
     for t in range(2):
@@ -175,7 +175,7 @@ def test_hooks_run_as_in_torch_optim():
     [("torch", torch.float32), ("auto", torch.float64), ("cpu", torch.float32), ("reference", torch.float32)],
 )
 def test_one_element_lr_tensor_of_any_rank(kind, backend, dtype):
-    if backend == "cpu" and not fusedlars.kernels.status("cpu")[0]:
+    if backend == "cpu" and not fusedlars.backends.status("cpu")[0]:
         pytest.skip("cpu backend not built")
     cls = getattr(fusedlars, kind)
     ps, qs = params(dtype), params(dtype)
@@ -303,7 +303,7 @@ def test_foreach_false_and_none_change_nothing():
 
 
 def test_fused_true_requires_a_fused_backend():
-    if not fusedlars.kernels.status("cpu")[0]:
+    if not fusedlars.backends.status("cpu")[0]:
         pytest.skip("cpu backend not built")
     ps = params()
     opt = fusedlars.LARS(ps, lr=0.1, fused=True)

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars import kernels
-from fusedlars.kernels import triton as tb
+from fusedlars import backends
+from fusedlars.backends import triton as tb
 
 pytestmark = [
     pytest.mark.skipif(not tb.available()[0], reason=f"triton backend unavailable: {tb.available()[1]}"),
@@ -150,7 +150,7 @@ def test_available_says_interpreter_or_cuda():
     ok, why = tb.available()
     assert ok
     assert ("interpreter" in why) or ("CUDA" in why)
-    assert kernels.status("triton")[0]
+    assert backends.status("triton")[0]
 
 
 def test_supports_reasons(monkeypatch):

@@ -4,7 +4,7 @@ A GPU runs the programs of a launch in any order, and concurrently. In Triton's 
 (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) they run one after the other in
 program-id order, so a result that silently depends on which program of a segment runs first
 or last would pass every other test. Here every launch runs with its programs reversed and
-shuffled (``fusedlars.kernels.triton.PROGRAM_ORDER``, a test-only hook around the launch) and
+shuffled (``fusedlars.backends.triton.PROGRAM_ORDER``, a test-only hook around the launch) and
 the results must be bitwise equal to the natural order: params, optimizer state, master
 weights, per-layer norms, trust ratios, step counters.
 
@@ -15,7 +15,7 @@ a param without a grad (an inactive segment).
 What the interpreter cannot show: concurrency. Programs still run one at a time, so this
 checks the order-dependence of the algorithm (who reduces, in which order, who writes a
 segment's outputs), not the memory ordering of a real GPU (see the NOTE on the last-arriving
-program in fusedlars/kernels/triton_kernels.py).
+program in fusedlars/backends/triton_kernels.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import fusedlars
-from fusedlars.kernels import triton as tb
+from fusedlars.backends import triton as tb
 
 pytestmark = [
     pytest.mark.skipif(not tb.available()[0], reason=f"triton backend unavailable: {tb.available()[1]}"),

@@ -35,7 +35,7 @@
 // sums the (g + lam*w)^2 of the report (u_norm) instead. Results are bitwise those of a step that
 // reads w. Pass 1 then moves 4 B/param (fp32) instead of 8. Not with denominator='norm_of_sum',
 // whose ratio needs ||g + lam*w|| before the update. The CALLER owns validity: it writes -1 into
-// an entry whenever the weights may have changed outside this op (fusedlars.kernels.cpu).
+// an entry whenever the weights may have changed outside this op (fusedlars.backends.cpu).
 //
 // NOTE: [Determinism]
 // A tile's partial is computed by one thread in a fixed lane order, and a segment's norm is the sum
@@ -48,7 +48,7 @@
 // NOTE: [Phases]
 // `phase` splits a step around a cross-rank reduction (FSDP2: fusedlars/distributed.py): 1 runs
 // pass 1 and writes each active segment's sums of squares into `sums` (float64 [3, S]; LARS rows
-// w^2, g^2, (g + lam*w)^2; LAMB rows w^2, u^2, g^2 as fusedlars/kernels/torch.py), 2 takes the
+// w^2, g^2, (g + lam*w)^2; LAMB rows w^2, u^2, g^2 as fusedlars/backends/torch.py), 2 takes the
 // (all-reduced) sums from `sums` and runs the scalars and pass 2. LAMB's pass 1 writes the moments,
 // so phase 2 must follow phase 1 exactly once. Phase 0 (a whole step) is bitwise phase 1 then 2.
 // Carried weight norms work across phases too: phase 1 takes a carried segment's LOCAL ||w||^2

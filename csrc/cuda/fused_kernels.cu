@@ -1,12 +1,12 @@
 // Fused CUDA LARS / TVLARS / LAMB steps over a bucket: segments (parameter tensors) reached through a
 // per-segment table of base addresses (launch.h Addr: the user's params and grads, our state and
 // masters), cut into tiles of kTileElems elements of one segment each. Math: csrc/lars_math.h (shared
-// with the CPU kernels); spec: fusedlars/kernels/reference.py. Host interface: launch.h (no torch here).
+// with the CPU kernels); spec: fusedlars/backends/reference.py. Host interface: launch.h (no torch here).
 //
 // One step of a bucket is ONE cooperative launch of a persistent grid (a few blocks per SM):
 //
 //   for each group of segments (consecutive segments whose pass-1 bytes fit in about half the L2,
-//   chosen by fusedlars/kernels/cuda.py; one group when the bucket fits):
+//   chosen by fusedlars/backends/cuda.py; one group when the bucket fits):
 //     phase 1  each block takes a contiguous range of the group's tiles and writes per-tile partial
 //              sums of squares (LARS: w^2, g^2, (g+lam*w)^2; LAMB: w_d^2, u^2, g^2 after writing the
 //              new moments) into the preallocated Plan::part; it also snapshots step / has_state of
@@ -24,7 +24,7 @@
 // any grid size (a tile's partial belongs to one block; a segment's reduction order depends only on
 // kThreads).
 //
-// FSDP2 split (path kPathPartials, then kPathApply; fusedlars/kernels/cuda.py lars_partials / apply):
+// FSDP2 split (path kPathPartials, then kPathApply; fusedlars/backends/cuda.py lars_partials / apply):
 // phase 1 plus segment_reduce, which writes each segment's sums (the same fixed-order reduction as
 // phase 2's) into Plan::ssq_out; the caller all-reduces them over the ranks; then phase 2 alone,
 // reading the sums from Plan::ssq_in instead of reducing partials. With unreduced sums this is
@@ -509,7 +509,7 @@ struct LambPass2 {
   }
 };
 
-// Tile partials in the order of the sharded split's rows (fusedlars/kernels/torch.py lamb_partials):
+// Tile partials in the order of the sharded split's rows (fusedlars/backends/torch.py lamb_partials):
 // [w_d^2, u^2, g^2].
 template <class PT, bool MASTER, int WD>
 __device__ __forceinline__ void lamb_tile1(const Mem<PT, MASTER>& mem, const LambCoef& c, int64_t st, int len,

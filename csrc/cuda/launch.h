@@ -17,7 +17,7 @@ namespace fusedlars {
 namespace cuda {
 
 // Elements per tile: a tile is a slice of ONE segment; one block computes a tile's partial sums of
-// squares in a fixed order. Must equal fusedlars/kernels/cuda.py TILE (the tile tables come from
+// squares in a fixed order. Must equal fusedlars/backends/cuda.py TILE (the tile tables come from
 // Bucket.tiles(TILE)).
 constexpr int kTileElems = 16384;
 constexpr int kThreads = 256;  // threads per block (fixed: the reduction order depends on it)
@@ -25,7 +25,7 @@ static_assert(kTileElems % 8 == 0, "tiles start on multiples of every 128-bit ve
 
 enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master = 4 };
 // kPathAuto / kPathCooperative / kPathTwoLaunch: a whole step. kPathPartials: launch 1 and the
-// per-segment reduction into Plan::ssq_out (FSDP2 split, fusedlars/kernels/cuda.py lars_partials);
+// per-segment reduction into Plan::ssq_out (FSDP2 split, fusedlars/backends/cuda.py lars_partials);
 // kPathApply: launch 2 from the given per-segment sums Plan::ssq_in (lars_apply).
 enum Path : int { kPathAuto = 0, kPathCooperative = 1, kPathTwoLaunch = 2, kPathPartials = 3, kPathApply = 4 };
 

@@ -1,4 +1,4 @@
-"""Optimizer classes (no math here: see fusedlars.kernels)."""
+"""Optimizer classes (no math here: see fusedlars.backends)."""
 
 from .lamb import LAMB
 from .lars import LARS, TVLARS

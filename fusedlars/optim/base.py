@@ -20,9 +20,9 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..backends.clip import global_grad_norm
 from ..backward_norms import BackwardNorms
 from ..buckets import Bucket, grad_mismatch
-from ..kernels.clip import global_grad_norm
 from .compiled import CompiledStep
 from .dispatch import DispatchMixin
 from .groups import ParamGroupsMixin

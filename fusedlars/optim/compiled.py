@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..kernels.protocol import Backend
+from ..backends.protocol import Backend
 
 if TYPE_CHECKING:
     from ..buckets import Bucket

@@ -1,9 +1,9 @@
 """Backend dispatch: which backend steps each bucket, and the calls of its kernels.
 
-The optimizer class declares its kernels (``_kernels``, a :class:`fusedlars.kernels.protocol.KernelSet`)
+The optimizer class declares its kernels (``_kernels``, a :class:`fusedlars.backends.protocol.KernelSet`)
 and how a group becomes a kernel config (``_make_config``); a kind whose step needs a pass over all
 buckets before the kernels (LAMB's global clip) overrides ``_before_kernels``. Every backend module
-provides the whole :class:`fusedlars.kernels.protocol.Backend` contract, so nothing here probes it.
+provides the whole :class:`fusedlars.backends.protocol.Backend` contract, so nothing here probes it.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from .. import distributed, kernels
+from .. import backends, distributed
+from ..backends.protocol import Backend, KernelSet
 from ..buckets import Bucket
-from ..kernels.protocol import Backend, KernelSet
 
 #: backends whose kernels write params through raw addresses (Bucket: NOTE [Versions])
 _RAW_WRITERS = ("cpu", "cuda", "triton")
@@ -44,12 +44,12 @@ class DispatchMixin:
             return self._sharded_backend(bucket, cfg)
         if self.backend == "auto" and self.fused:
             reasons = []
-            for name in kernels.auto_order(bucket.device.type):
+            for name in backends.auto_order(bucket.device.type):
                 if name in ("torch", "reference"):
                     continue
-                ok, why = kernels.status(name)
+                ok, why = backends.status(name)
                 if ok:
-                    mod = kernels.get(name)
+                    mod = backends.get(name)
                     why = mod.supports(self._KIND, cfg, bucket)
                     if not why:
                         return mod
@@ -60,16 +60,16 @@ class DispatchMixin:
                 "Pass fused=None to let backend='auto' use the torch backend for it."
             )
         if self.backend != "auto":
-            return self._named_backend(kernels.get(self.backend), bucket, cfg)
-        for name in kernels.auto_order(bucket.device.type):
-            ok, _ = kernels.status(name)
+            return self._named_backend(backends.get(self.backend), bucket, cfg)
+        for name in backends.auto_order(bucket.device.type):
+            ok, _ = backends.status(name)
             if not ok:
                 continue
-            mod = kernels.get(name)
+            mod = backends.get(name)
             if mod.supports(self._KIND, cfg, bucket):
                 continue
             return mod
-        return kernels.get("torch")
+        return backends.get("torch")
 
     def _named_backend(self, mod: Backend, bucket: Bucket, cfg) -> Backend:
         """The backend the user named (``backend=``), or an error saying why it does not run this bucket."""
@@ -88,7 +88,7 @@ class DispatchMixin:
         ks = self._kernels
         split = ks.split_names
         if self.backend != "auto":
-            mod = kernels.get(self.backend)
+            mod = backends.get(self.backend)
             if not ks.has_split(mod):
                 raise RuntimeError(
                     f"{self._KIND}: backend={self.backend!r} cannot step FSDP2/DTensor-sharded parameters: it has "
@@ -97,10 +97,10 @@ class DispatchMixin:
                 )
             return self._named_backend(mod, bucket, cfg)
         reasons = []
-        for name in kernels.auto_order(bucket.device.type):
-            ok, why = kernels.status(name)
+        for name in backends.auto_order(bucket.device.type):
+            ok, why = backends.status(name)
             if ok:
-                mod = kernels.get(name)
+                mod = backends.get(name)
                 why = mod.supports(self._KIND, cfg, bucket)
                 if not why and not ks.has_split(mod):
                     why = f"no {split[0]}/{split[1]} split"

@@ -12,13 +12,13 @@ from typing import Any
 
 import torch
 
-from .. import distributed, kernels
+from .. import backends, distributed
 from .options import BOOKKEEPING_KEYS, needs_names, prefers_names
 
 #: torch.optim keywords that select an implementation; here optimizer-wide (NOTE [foreach and fused]).
 _IMPL_KEYS = ("foreach", "fused", "differentiable")
 
-VALID_BACKENDS = ("auto",) + kernels.BACKENDS
+VALID_BACKENDS = ("auto",) + backends.BACKENDS
 
 
 class ParamGroupsMixin:
@@ -33,7 +33,7 @@ class ParamGroupsMixin:
         if backend not in VALID_BACKENDS:
             raise ValueError(f"{self._KIND}: backend={backend!r} is not one of {VALID_BACKENDS}.")
         if backend != "auto":
-            ok, why = kernels.status(backend)
+            ok, why = backends.status(backend)
             if not ok:
                 raise RuntimeError(
                     f"{self._KIND}: backend={backend!r} is not available: {why}. "
@@ -105,10 +105,10 @@ class ParamGroupsMixin:
 
     @staticmethod
     def _no_fused_backend(device_type: str) -> str | None:
-        names = [n for n in kernels.auto_order(device_type) if n not in ("torch", "reference")]
+        names = [n for n in backends.auto_order(device_type) if n not in ("torch", "reference")]
         reasons = []
         for n in names:
-            ok, why = kernels.status(n)
+            ok, why = backends.status(n)
             if ok:
                 return None
             reasons.append(f"{n}: {why}")

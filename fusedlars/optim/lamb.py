@@ -2,7 +2,7 @@
 Learning: Training BERT in 76 minutes", Algorithm 2), with the known variants as presets.
 
 Per layer: an Adam direction ``u`` (plus ``wd*w``), scaled by ``||w|| / ||u||``. The
-full formula with every option is in :mod:`fusedlars.kernels.reference`.
+full formula with every option is in :mod:`fusedlars.backends.reference`.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..kernels.clip import set_global_clip
-from ..kernels.common import LambConfig
-from ..kernels.protocol import LAMB_KERNELS
+from ..backends.clip import set_global_clip
+from ..backends.config import LambConfig
+from ..backends.protocol import LAMB_KERNELS
 from .base import BucketedOptimizer
 from .lars import step_lr
 from .options import (
@@ -161,7 +161,7 @@ class LAMB(BucketedOptimizer):
     _kernels = LAMB_KERNELS
 
     def _before_kernels(self, work) -> None:
-        # the global clip over every gradient of every group (fusedlars.kernels.clip)
+        # the global clip over every gradient of every group (fusedlars.backends.clip)
         max_norm = self.defaults["max_grad_norm"]
         if max_norm is not None and work:
             set_global_clip(work, max_norm, None if self._unscaled_in_place() else getattr(self, "_bwd", None))

@@ -5,7 +5,7 @@ scales each layer's step by the trust ratio ``eta * ||w|| / (||g|| + wd*||w|| + 
 TVLARS ("Revisiting LARS for Large Batch Training Generalization of Neural Networks",
 Do et al.) multiplies the ratio by ``phi_t = 1/(alpha + exp(lmbda*(t - shift))) + gamma_min``
 instead of warming the learning rate up. The full per-layer formula, with every
-option, is in :mod:`fusedlars.kernels.reference`.
+option, is in :mod:`fusedlars.backends.reference`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from ..kernels.common import LarsConfig
-from ..kernels.formulas import TV_DEFAULTS, TV_KEYS
-from ..kernels.protocol import LARS_KERNELS
+from ..backends.config import LarsConfig
+from ..backends.formulas import TV_DEFAULTS, TV_KEYS
+from ..backends.protocol import LARS_KERNELS
 from .base import BucketedOptimizer
 from .options import LARS_DEFAULTS, REQUIRED, Default, passed, resolve, trust_clip_spec, validate_lars_group
 

@@ -19,7 +19,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..kernels.formulas import TV_DEFAULTS, TV_KEYS
+from ..backends.formulas import TV_DEFAULTS, TV_KEYS
 
 __all__ = [
     "LARS_DEFAULTS",

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from .. import kernels
+from .. import backends as _backends
 from .._version import __version__
 from .shapes import SHAPE_SETS, count_params, make_params
 
@@ -136,10 +136,10 @@ def _pytorch_optimizer_variants(po, cls_name: str, algo: str, kw: dict, out: lis
 
 def _carries(backend: str) -> bool:
     """Does this backend carry LARS weight norms across steps (pass 1 reads only g)?"""
-    from .. import kernels
+    from .. import backends as _backends
 
-    ok, _ = kernels.status(backend)
-    return ok and kernels.get(backend).CARRIES_WEIGHT_NORMS
+    ok, _ = _backends.status(backend)
+    return ok and _backends.get(backend).CARRIES_WEIGHT_NORMS
 
 
 def _pytorch_optimizer():
@@ -156,7 +156,7 @@ def fused_backends(spec: str, device: torch.device, n_params: int) -> tuple[list
     skipped: list[tuple[str, str]] = []
 
     def usable(name: str, explicit: bool) -> bool:
-        ok, why = kernels.status(name)
+        ok, why = _backends.status(name)
         if not ok:
             skipped.append((f"fusedlars[{name}]", why))
             return False
@@ -178,18 +178,18 @@ def fused_backends(spec: str, device: torch.device, n_params: int) -> tuple[list
 
     spec = spec.strip().lower()
     if spec == "auto":
-        for name in kernels.auto_order(device.type):
+        for name in _backends.auto_order(device.type):
             if name == "triton" and device.type != "cuda":
                 continue
-            if kernels.status(name)[0]:
+            if _backends.status(name)[0]:
                 return [name], []
         return ["torch"], []
     if spec == "all":
-        return [b for b in kernels.BACKENDS if usable(b, explicit=False)], skipped
+        return [b for b in _backends.BACKENDS if usable(b, explicit=False)], skipped
     names = [s.strip() for s in spec.split(",") if s.strip()]
     for n in names:
-        if n not in kernels.BACKENDS:
-            raise ValueError(f"unknown backend {n!r}; choose from {kernels.BACKENDS}, 'auto' or 'all'")
+        if n not in _backends.BACKENDS:
+            raise ValueError(f"unknown backend {n!r}; choose from {_backends.BACKENDS}, 'auto' or 'all'")
     return [n for n in names if usable(n, explicit=True)], skipped
 
 
@@ -215,7 +215,7 @@ def _extra_variants(optimizer: str, backends: list[str], norms_in_backward: bool
     """``--norms-in-backward``: fusedlars with the gradients' norms taken in backward (primed before the
     timed steps, as a backward's hooks would leave them); ``--clip``: the clipping step of each kind."""
     import fusedlars
-    from fusedlars import kernels
+    from fusedlars import backends as _backends
 
     h = HYPER[optimizer]
     out: list[Variant] = []
@@ -224,7 +224,7 @@ def _extra_variants(optimizer: str, backends: list[str], norms_in_backward: bool
         kw = dict(lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"])
         if optimizer == "tvlars":
             kw["denominator"] = "sum_of_norms"  # the official ||g + wd*w|| needs the step's own pass
-        fast = [b for b in backends if kernels.get(b).lars_step_given_grad_sums is not None]
+        fast = [b for b in backends if _backends.get(b).lars_step_given_grad_sums is not None]
         for b in fast if norms_in_backward else []:
             # with carried weight norms (cpu) the step reads no gradient for the norms: 20 B/param
             ckw = dict(kw, carry_weight_norms=True) if _carries(b) else kw
@@ -981,7 +981,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "--backend",
         default="auto",
         help="fusedlars backend(s): 'auto' (the best available, default), 'all', or a comma list of "
-        + ", ".join(kernels.BACKENDS),
+        + ", ".join(_backends.BACKENDS),
     )
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")

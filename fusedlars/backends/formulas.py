@@ -12,7 +12,7 @@ Who uses what:
 * :func:`trust_clip` is the clip of the reference and ``torch`` backends.
 
 The compiled kernels cannot import Python: ``csrc/lars_math.h`` (``lars_tv_phi``,
-``fl_trust_clip``) and ``fusedlars/kernels/triton_kernels.py`` (``_lars_ratio``, ``_clip``) keep
+``fl_trust_clip``) and ``fusedlars/backends/triton_kernels.py`` (``_lars_ratio``, ``_clip``) keep
 their own copy, and ``tests/test_one_source.py`` checks that a kernel step's trust ratio is
 ``eta * phi_t * ||w|| / (||g|| + eps)`` with ``phi_t`` from here.
 

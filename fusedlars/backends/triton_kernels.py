@@ -32,7 +32,7 @@ tests/test_triton_order.py runs every launch with its programs reversed and shuf
 requires the natural order's bits).
 
 ``ssq`` rows: LARS ``[w^2, g^2, (g + lam*w)^2]``, LAMB ``[w_d^2, u^2, g^2]`` (the conventions
-of NOTE [Partials and apply] in fusedlars/kernels/torch.py). After launch 1 every entry of
+of NOTE [Partials and apply] in fusedlars/backends/torch.py). After launch 1 every entry of
 ``ssq`` is defined: segments that no tile program sums (inactive, empty, a GradScaler-skipped
 step) hold 0, so a sharded bucket all-reduces exact zeros for them.
 
@@ -80,7 +80,7 @@ from . import codes as _codes
 #: Whether the kernels below were decorated in interpreter mode (fixed at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-# Mode codes the kernels test: the tables of fusedlars.kernels.codes (the C++ option enums), as
+# Mode codes the kernels test: the tables of fusedlars.backends.codes (the C++ option enums), as
 # constexpr globals (the only globals a jitted function may read). Runtime ints (den_mode, wd_mode,
 # check_mode, clip_mode) come from triton.py's _lars_values / LAMB ivals; MOM and BC are constexprs.
 DEN_SUM_OF_NORMS = tl.constexpr(_codes.DENOMINATOR["sum_of_norms"])

@@ -5,7 +5,7 @@ bucket's device table of base addresses (:meth:`Bucket.address_table`), refreshe
 moves. Tensors may sit at any element offset (DDP bucket views, FSDP2 shards): 128-bit access is chosen
 per segment from its addresses, with bitwise the same results either way.
 
-Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), in fp32 with norms
+Same math as :mod:`fusedlars.backends.reference` (which states the formulas), in fp32 with norms
 accumulated per tile of ``TILE`` elements and reduced in a fixed order (bitwise reproducible, for any
 grid size and for both launch paths). One step of a bucket is ONE cooperative launch of a persistent
 grid: per-tile partial sums of squares, ``grid.sync()``, then every block reduces its segments'
@@ -29,7 +29,7 @@ import os
 import torch
 
 from ..buckets import Bucket
-from .common import CachedScalar, LambConfig, LarsConfig, check_fused
+from .config import CachedScalar, LambConfig, LarsConfig, check_fused
 from .packing import lamb_options, lars_options
 
 NAME = "cuda"
@@ -250,7 +250,7 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
 def _addresses(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
     """This step's int64 ``[rows, S]`` address table.
 
-    NOTE: [Addresses in a compiled step] (as fusedlars/kernels/triton.py) Eager steps take the table
+    NOTE: [Addresses in a compiled step] (as fusedlars/backends/triton.py) Eager steps take the table
     from :meth:`Bucket.address_table`. A compiled step cannot: dynamo does not trace ``data_ptr()``, and
     its grads are graph inputs (a new tensor each step after ``zero_grad()``) whose addresses exist only
     at run time. It uses a table of its own (``_Scratch.traced_addr``, allocated by :func:`prepare` in
@@ -348,7 +348,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     _step("LAMB", bucket, cfg, _path_code(), None)
 
 
-# NOTE: [Partials and apply] (fusedlars/kernels/torch.py states the convention)
+# NOTE: [Partials and apply] (fusedlars/backends/torch.py states the convention)
 # ``*_partials(bucket, cfg) -> (ssq, ctx)`` runs launch 1 of the two-launch path (per-tile partials;
 # LAMB also writes the new moments, which do not depend on the norms) and one more launch that reduces
 # each segment's partials, in the fixed order a whole step uses, into ``ssq``: float64 ``[3, S]``,

@@ -1,6 +1,6 @@
 """Portable backend: pure PyTorch, ``torch._foreach_*`` over per-layer tensor lists.
 
-The same math as :mod:`fusedlars.kernels.reference` (which states the formulas), computed in the
+The same math as :mod:`fusedlars.backends.reference` (which states the formulas), computed in the
 state dtype (fp32, or fp64 for fp64 params) with a constant number of tensor operations per
 bucket, whatever the number of layers (a foreach op counts once), and no host sync. The one
 exception is on the CPU, where no op is a launch: there the sums of squares are one ``torch.dot``
@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from ..buckets import Bucket, same_order
-from .common import LambConfig, LarsConfig
+from .config import LambConfig, LarsConfig
 from .formulas import trust_clip, tv_phi_tensor
 
 NAME = "torch"

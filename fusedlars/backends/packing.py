@@ -8,7 +8,7 @@ from __future__ import annotations
 
 # option codes: the tables of .codes (the enums of csrc/lars_math.h, checked by tests/test_one_source.py)
 from .codes import BIAS, CLIP, DENOMINATOR, FIRST, LAMB_WD, LARS_WD, MOMENTUM, ZERO_CHECK, ZERO_NORM  # noqa: F401
-from .common import LambConfig, LarsConfig
+from .config import LambConfig, LarsConfig
 
 
 def lars_options(cfg: LarsConfig) -> tuple[list[float], list[int]]:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from ..buckets import Bucket
-from .common import LambConfig, LarsConfig
+from .config import LambConfig, LarsConfig
 from .formulas import trust_clip, tv_phi_tensor  # noqa: F401  (shared definitions: see .formulas)
 
 NAME = "reference"
@@ -55,7 +55,7 @@ def available() -> tuple[bool, str]:
     return True, "pure PyTorch, float64, one parameter at a time (the specification)"
 
 
-# The backend contract (fusedlars.kernels.protocol.Backend): every configuration runs here, nothing is
+# The backend contract (fusedlars.backends.protocol.Backend): every configuration runs here, nothing is
 # cached per bucket, no weight norms are carried, and there is no partials/apply split (FSDP2).
 def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     return None

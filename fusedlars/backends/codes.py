@@ -4,7 +4,7 @@ Each table maps an option's Python value (as the resolved configs of :mod:`.comm
 the int the kernels receive. They are, in order, the enums of ``csrc/lars_math.h`` (the C++ CPU and
 CUDA kernels; :data:`CPP_ENUMS` names each one and its enumerators, and
 ``tests/test_one_source.py`` parses the header and checks it against these tables) and the
-runtime mode ints of the Triton kernels (``fusedlars/kernels/triton_kernels.py`` builds its
+runtime mode ints of the Triton kernels (``fusedlars/backends/triton_kernels.py`` builds its
 ``tl.constexpr`` names from these tables). :mod:`.packing` writes them into the ops' ``modes``
 lists; the Triton backend passes them as kernel arguments.
 

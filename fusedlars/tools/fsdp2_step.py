@@ -1,6 +1,6 @@
 """FSDP2-sharded optimizer step vs the unsharded fused step on the same per-rank element count.
 
-    python bench/fsdp2_step.py [--shapes resnet50] [--optimizer lars|lamb] [--world 2] [--steps 30]
+    python -m fusedlars.tools.fsdp2_step [--shapes resnet50] [--optimizer lars|lamb] [--world 2] [--steps 30]
 
 Spawns ``--world`` gloo ranks on this machine. Each rank shards a model of the shape set with
 ``fully_shard`` (dim-0 shards, FSDP2's layout), puts a reduce-scattered-like local grad on every

@@ -1,6 +1,6 @@
 """The contract between the optimizers and a backend module, and the kernel table of each optimizer kind.
 
-Every backend module (``fusedlars.kernels.cpu``, ``cuda``, ``triton``, ``torch``, ``reference``)
+Every backend module (``fusedlars.backends.cpu``, ``cuda``, ``triton``, ``torch``, ``reference``)
 defines every name of :class:`Backend`; a capability it lacks is declared, not missing:
 ``lars_partials`` / ``lars_apply`` / ``lamb_partials`` / ``lamb_apply`` are ``None`` where the
 backend has no split around the cross-rank norm reduction (FSDP2), ``supports`` returns ``None``

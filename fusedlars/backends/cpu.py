@@ -1,6 +1,6 @@
 """Fused CPU backend: the C++ kernels of ``fusedlars._C`` (csrc/cpu, math in csrc/lars_math.h).
 
-Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), computed in fp32
+Same math as :mod:`fusedlars.backends.reference` (which states the formulas), computed in fp32
 with norms accumulated per fixed-size tile and reduced in a fixed order (bitwise reproducible for
 any thread count), SIMD chosen at run time (AVX-512, AVX2 or generic x86-64), threads from
 ``torch.get_num_threads()``. One step of a bucket is one call into C++:
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..buckets import Bucket
-from .common import CachedScalar, LambConfig, LarsConfig, check_fused
+from .config import CachedScalar, LambConfig, LarsConfig, check_fused
 from .packing import lamb_options, lars_options
 
 NAME = "cpu"
@@ -158,7 +158,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     _lamb(bucket, cfg, 0, None)
 
 
-# NOTE [Partials and apply] (fusedlars/kernels/torch.py) on the C++ kernels: NOTE [Phases] in
+# NOTE [Partials and apply] (fusedlars/backends/torch.py) on the C++ kernels: NOTE [Phases] in
 # csrc/cpu/optim_cpu.cpp. The sums are float64 [3, S] (zero for segments without a grad, so that a
 # sharded bucket's all_reduce adds nothing for them); apply reads them after the all_reduce.
 

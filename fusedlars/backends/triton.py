@@ -1,6 +1,6 @@
 """Triton backend: LARS / TVLARS / LAMB over a bucket of the user's tensors in two launches per step.
 
-Same math as :mod:`fusedlars.kernels.reference` (which states the formulas), in fp32
+Same math as :mod:`fusedlars.backends.reference` (which states the formulas), in fp32
 (the state dtype of fp32 / fp16 / bf16 buckets). Kernels: :mod:`.triton_kernels`. Params and
 grads stay the user's tensors: the kernels reach every segment's param, grad, fp32 master and
 state buffers through the bucket's int64 address table (:meth:`Bucket.address_table`, rows
@@ -60,7 +60,7 @@ import torch
 
 from ..buckets import Bucket
 from .codes import BIAS, CLIP, DENOMINATOR, LAMB_WD, LARS_WD, MOM, MOM_NONE, ZERO_CHECK, triton_mom
-from .common import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
+from .config import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
 
 NAME = "triton"
 

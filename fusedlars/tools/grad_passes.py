@@ -1,6 +1,6 @@
 """How many passes over the gradients a step costs: two-pass LARS, norms taken in backward, clipping.
 
-    python bench/grad_passes.py [--rounds 60] [--threads 2] [--shapes resnet50]
+    python -m fusedlars.tools.grad_passes [--rounds 60] [--threads 2] [--shapes resnet50]
 
 Times, interleaved round-robin in one process over the shape set's tensors (fp32, the grads kept from
 round to round as after ``zero_grad(set_to_none=False)``), one ``step()`` of:
