@@ -19,7 +19,19 @@ warnings.warn(
 )
 
 _RENAMED = {"common": "config"}
-for _name in ("clip", "codes", "common", "cpu", "cuda", "formulas", "packing", "protocol", "reference", "torch", "triton"):
+for _name in (
+    "clip",
+    "codes",
+    "common",
+    "cpu",
+    "cuda",
+    "formulas",
+    "packing",
+    "protocol",
+    "reference",
+    "torch",
+    "triton",
+):
     try:
         sys.modules[f"{__name__}.{_name}"] = importlib.import_module(f"fusedlars.backends.{_RENAMED.get(_name, _name)}")
     except ImportError:  # an optional backend that cannot import is reported by status(), as before
