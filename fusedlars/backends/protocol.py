@@ -8,8 +8,7 @@ where every configuration runs, ``prepare`` returns ``[]`` where nothing is cach
 ``CARRIES_WEIGHT_NORMS`` is False where the kernels do not carry weight norms across steps.
 
 The optimizers never build kernel names: an optimizer class declares its :class:`KernelSet`
-(``LARS_KERNELS`` or ``LAMB_KERNELS``), which reads the module's attribute at each call (a
-function replaced on the module, as tests do, is the one that runs).
+(``LARS_KERNELS`` or ``LAMB_KERNELS``), the one place that maps a kind to the names above.
 """
 
 from __future__ import annotations
@@ -70,33 +69,35 @@ class Backend(Protocol):
 
 @dataclass(frozen=True)
 class KernelSet:
-    """The kernels of one optimizer kind, as accessors on a backend module."""
+    """The kernels of one optimizer kind on a backend module: ``<op>_step``, ``<op>_partials``,
+    ``<op>_apply`` and ``<op>_step_given_grad_sums`` with ``op = kind.lower()``, the names of
+    :class:`Backend`. Looked up at each call, so a function replaced on the module (as tests do) is
+    the one that runs."""
 
     kind: str
-    step: Callable[[Backend], StepFn]
-    partials: Callable[[Backend], PartialsFn | None]
-    apply: Callable[[Backend], ApplyFn | None]
-    #: the split's names, for error messages
-    split_names: tuple[str, str]
-    #: the step from gradient sums taken in backward, or None (fusedlars.backward_norms)
-    given_grad_sums: Callable[[Backend], GivenSumsFn | None] = lambda m: None
+
+    @property
+    def split_names(self) -> tuple[str, str]:
+        """The two phases around the cross-rank norm reduction (FSDP2), for messages."""
+        op = self.kind.lower()
+        return f"{op}_partials", f"{op}_apply"
+
+    def step(self, mod: Backend) -> StepFn:
+        return getattr(mod, f"{self.kind.lower()}_step")
+
+    def partials(self, mod: Backend) -> PartialsFn | None:
+        return getattr(mod, self.split_names[0])
+
+    def apply(self, mod: Backend) -> ApplyFn | None:
+        return getattr(mod, self.split_names[1])
+
+    def given_grad_sums(self, mod: Backend) -> GivenSumsFn | None:
+        """The step from gradient sums taken in backward (fusedlars.backward_norms), or None."""
+        return getattr(mod, f"{self.kind.lower()}_step_given_grad_sums", None)
 
     def has_split(self, mod: Backend) -> bool:
         return self.partials(mod) is not None and self.apply(mod) is not None
 
 
-LARS_KERNELS = KernelSet(
-    kind="LARS",
-    step=lambda m: m.lars_step,
-    partials=lambda m: m.lars_partials,
-    apply=lambda m: m.lars_apply,
-    split_names=("lars_partials", "lars_apply"),
-    given_grad_sums=lambda m: m.lars_step_given_grad_sums,
-)
-LAMB_KERNELS = KernelSet(
-    kind="LAMB",
-    step=lambda m: m.lamb_step,
-    partials=lambda m: m.lamb_partials,
-    apply=lambda m: m.lamb_apply,
-    split_names=("lamb_partials", "lamb_apply"),
-)
+LARS_KERNELS = KernelSet("LARS")
+LAMB_KERNELS = KernelSet("LAMB")

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .. import backends, distributed
+from .. import distributed
+from ..backends import choice
 from ..backends.protocol import Backend, KernelSet
 from ..buckets import Bucket
 
@@ -40,78 +41,8 @@ class DispatchMixin:
         """Hook: runs with the whole step's work before any kernel (LAMB: the global clip)."""
 
     def _backend_for(self, bucket: Bucket, cfg) -> Backend:
-        if bucket.shard is not None and bucket.shard.shard_dims:
-            return self._sharded_backend(bucket, cfg)
-        if self.backend == "auto" and self.fused:
-            reasons = []
-            for name in backends.auto_order(bucket.device.type):
-                if name in ("torch", "reference"):
-                    continue
-                ok, why = backends.status(name)
-                if ok:
-                    mod = backends.get(name)
-                    why = mod.supports(self._KIND, cfg, bucket)
-                    if not why:
-                        return mod
-                reasons.append(f"{name}: {why}")
-            raise RuntimeError(
-                f"{self._KIND}: fused=True, but no fused backend runs this bucket ({bucket.dtype} on {bucket.device}): "
-                f"{'; '.join(reasons) or 'no fused kernel exists for ' + bucket.device.type}. "
-                "Pass fused=None to let backend='auto' use the torch backend for it."
-            )
-        if self.backend != "auto":
-            return self._named_backend(backends.get(self.backend), bucket, cfg)
-        for name in backends.auto_order(bucket.device.type):
-            ok, _ = backends.status(name)
-            if not ok:
-                continue
-            mod = backends.get(name)
-            if mod.supports(self._KIND, cfg, bucket):
-                continue
-            return mod
-        return backends.get("torch")
-
-    def _named_backend(self, mod: Backend, bucket: Bucket, cfg) -> Backend:
-        """The backend the user named (``backend=``), or an error saying why it does not run this bucket."""
-        why = mod.supports(self._KIND, cfg, bucket)
-        if why:
-            raise RuntimeError(
-                f"{self._KIND}: backend={self.backend!r} does not fuse this configuration: {why}. "
-                "Use backend='torch' for it, or backend='auto'."
-            )
-        return mod
-
-    def _sharded_backend(self, bucket: Bucket, cfg) -> Backend:
-        """The backend of a sharded (FSDP2) bucket: one with the ``partials`` / ``apply`` split around
-        the cross-rank reduction of the per-layer sums (fusedlars.distributed). ``auto`` prefers the
-        fused kernels, as for any bucket; the local shards are stepped in place either way."""
-        ks = self._kernels
-        split = ks.split_names
-        if self.backend != "auto":
-            mod = backends.get(self.backend)
-            if not ks.has_split(mod):
-                raise RuntimeError(
-                    f"{self._KIND}: backend={self.backend!r} cannot step FSDP2/DTensor-sharded parameters: it has "
-                    f"no {split[0]}/{split[1]} split around the cross-rank norm reduction. "
-                    "Use backend='torch', a fused backend, or backend='auto'."
-                )
-            return self._named_backend(mod, bucket, cfg)
-        reasons = []
-        for name in backends.auto_order(bucket.device.type):
-            ok, why = backends.status(name)
-            if ok:
-                mod = backends.get(name)
-                why = mod.supports(self._KIND, cfg, bucket)
-                if not why and not ks.has_split(mod):
-                    why = f"no {split[0]}/{split[1]} split"
-                if not why and (name != "torch" or not self.fused):
-                    return mod
-            if name != "torch":
-                reasons.append(f"{name}: {why}")
-        raise RuntimeError(
-            f"{self._KIND}: fused=True, but no fused backend steps this sharded bucket ({bucket.dtype} on "
-            f"{bucket.device}): {'; '.join(reasons)}. Pass fused=None to let backend='auto' use the torch backend."
-        )
+        """The backend that steps ``bucket`` (fusedlars.backends.choice.choose: every rule in one place)."""
+        return choice.choose(self._kernels, cfg, bucket, backend=self.backend, fused=self.fused)
 
     def backends_in_use(self) -> list[str]:
         """Backend name of every bucket, as chosen at the last step."""
@@ -136,7 +67,7 @@ class DispatchMixin:
                 ks.step(mod)(b, cfg)
         if not sharded:
             return
-        parts = [ks.partials(mod)(b, cfg) for b, cfg, mod in sharded]
+        parts = [self._sharded_partials(b, cfg, mod, ks) for b, cfg, mod in sharded]
         sums = distributed.all_reduce_partials([(b.shard, ssq) for (b, _, _), (ssq, _) in zip(sharded, parts)])
         for (b, cfg, mod), (_, ctx), ssq in zip(sharded, parts, sums):
             ks.apply(mod)(b, cfg, ssq, ctx)
@@ -150,6 +81,20 @@ class DispatchMixin:
             return False
         g2 = bwd.grad_sums(b)
         return g2 is not None and fn(b, cfg, g2)
+
+    def _sharded_partials(self, b: Bucket, cfg, mod: Backend, ks: KernelSet):
+        """Phase 1 of a sharded bucket: from the local shards' gradient sums taken where FSDP2 set the
+        reduce-scattered grads (fusedlars.backward_norms) where every active one is valid and the
+        backend has ``<kind>_partials_given_grad_sums``, else the backend's own partials. Either way
+        the sums then go into the step's one all_reduce."""
+        bwd = getattr(self, "_bwd", None)
+        fn = getattr(mod, f"{ks.kind.lower()}_partials_given_grad_sums", None)
+        if bwd is not None and fn is not None and not torch.compiler.is_compiling() and not self._unscaled_in_place():
+            g2 = bwd.grad_sums(b)
+            out = None if g2 is None else fn(b, cfg, g2)
+            if out is not None:
+                return out
+        return ks.partials(mod)(b, cfg)
 
     def _unscaled_in_place(self) -> bool:
         """GradScaler.unscale_ ran before this step (it then passes found_inf without grad_scale). It

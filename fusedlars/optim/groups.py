@@ -12,13 +12,12 @@ from typing import Any
 
 import torch
 
-from .. import backends, distributed
+from .. import distributed
+from ..backends import choice
 from .options import BOOKKEEPING_KEYS, needs_names, prefers_names
 
 #: torch.optim keywords that select an implementation; here optimizer-wide (NOTE [foreach and fused]).
 _IMPL_KEYS = ("foreach", "fused", "differentiable")
-
-VALID_BACKENDS = ("auto",) + backends.BACKENDS
 
 
 class ParamGroupsMixin:
@@ -28,17 +27,9 @@ class ParamGroupsMixin:
 
     def _check_options(self, backend, master_weights, capturable, carry_weight_norms, foreach, fused,
                        differentiable) -> str:  # fmt: skip
-        """Validate the constructor's optimizer-wide options; the backend they select."""
-        backend = self._implementation(backend, foreach, fused, differentiable)
-        if backend not in VALID_BACKENDS:
-            raise ValueError(f"{self._KIND}: backend={backend!r} is not one of {VALID_BACKENDS}.")
-        if backend != "auto":
-            ok, why = backends.status(backend)
-            if not ok:
-                raise RuntimeError(
-                    f"{self._KIND}: backend={backend!r} is not available: {why}. "
-                    "Use backend='auto' or see `python -m fusedlars info`."
-                )
+        """Validate the constructor's optimizer-wide options; the backend request they make
+        (fusedlars.backends.choice.implementation, NOTE [foreach and fused])."""
+        backend = choice.implementation(self._KIND, backend, foreach, fused, differentiable)
         if not isinstance(master_weights, bool):
             raise ValueError(f"{self._KIND}: master_weights must be a bool, got {master_weights!r}.")
         for name, v in (("capturable", capturable), ("carry_weight_norms", carry_weight_norms)):
@@ -46,73 +37,13 @@ class ParamGroupsMixin:
                 raise ValueError(f"{type(self).__name__}: {name} must be a bool, got {v!r}.")
         return backend
 
-    # NOTE: [foreach and fused]
-    # torch.optim's implementation keywords, accepted because users pass them out of habit. Every
-    # fusedlars backend works on whole buckets, so they select backends:
-    #   foreach=True   the ``torch`` backend (vectorized tensor ops over each bucket);
-    #   foreach=False / None   no constraint (there is no per-parameter loop to pick; the float64
-    #                  ``reference`` backend is the one-parameter-at-a-time form: backend="reference");
-    #   fused=True     a fused kernel (``cpu``, ``cuda``, ``triton``) for every bucket: with
-    #                  backend="auto" the step raises with the reason instead of falling back to
-    #                  ``torch``; at construction when no fused backend runs the params' device;
-    #   fused=False    no fused kernel: the ``torch`` backend;  fused=None  backend="auto"'s choice;
-    #   differentiable=True   not supported (the step writes params in place under no_grad).
-    # They are optimizer-wide; a param group may repeat the optimizer's value (or None).
-    def _implementation(self, backend, foreach, fused, differentiable) -> str:
-        k = self._KIND
-        for name, v in (("foreach", foreach), ("fused", fused)):
-            if v is not None and not isinstance(v, bool):
-                raise ValueError(f"{k}: {name} must be None, True or False, got {v!r}.")
-        if differentiable not in (None, False):
-            if differentiable is True:
-                raise ValueError(
-                    f"{k}: differentiable=True is not supported: the step updates the parameters in place "
-                    "under torch.no_grad(), so autograd cannot differentiate through it. Use a torch.optim "
-                    "optimizer with differentiable=True for that."
-                )
-            raise ValueError(f"{k}: differentiable must be False, got {differentiable!r}.")
-        if foreach and fused:
-            raise ValueError(f"{k}: foreach=True and fused=True select different backends; pass at most one of them.")
-        if foreach:
-            if backend not in ("auto", "torch"):
-                raise ValueError(
-                    f"{k}: foreach=True selects the 'torch' backend (vectorized tensor ops over each bucket), "
-                    f"which contradicts backend={backend!r}; pass one of them."
-                )
-            return "torch"
-        if fused is False:
-            if backend in ("cpu", "cuda", "triton"):
-                raise ValueError(f"{k}: fused=False excludes the fused kernels, which contradicts backend={backend!r}.")
-            return "torch" if backend == "auto" else backend
-        if fused and backend in ("torch", "reference"):
-            raise ValueError(
-                f"{k}: fused=True asks for a fused kernel (cpu, cuda, triton), which contradicts backend={backend!r}."
-            )
-        return backend
-
     def _check_fused_devices(self) -> None:
         """fused=True with backend='auto': raise now when no fused backend runs a param's device type."""
-        types = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                t = distributed.local_tensor(p).device.type
-                if t not in types:
-                    types.append(t)
+        types = dict.fromkeys(distributed.local_tensor(p).device.type for g in self.param_groups for p in g["params"])
         for t in types:
-            why = self._no_fused_backend(t)
+            why = choice.no_fused_backend(t)
             if why:
                 raise RuntimeError(f"{self._KIND}: fused=True, but no fused backend runs {t} tensors: {why}.")
-
-    @staticmethod
-    def _no_fused_backend(device_type: str) -> str | None:
-        names = [n for n in backends.auto_order(device_type) if n not in ("torch", "reference")]
-        reasons = []
-        for n in names:
-            ok, why = backends.status(n)
-            if ok:
-                return None
-            reasons.append(f"{n}: {why}")
-        return "; ".join(reasons) or f"fusedlars has no fused kernel for {device_type} (only the torch backend)"
 
     # -- subclass hooks: what a kind's groups hold ----------------------------------------------
     def _validate_group(self, group: dict[str, Any], where: str) -> None:

@@ -102,10 +102,6 @@ class LAMB(BucketedOptimizer):
         differentiable: bool = False,
         **options: Any,
     ) -> None:
-        explicit = {k: v for k, v in dict(betas=betas, eps=eps, weight_decay=weight_decay).items() if passed(v)}
-        if passed(exclude):
-            explicit.setdefault("exclude_from_weight_decay", exclude)
-            explicit.setdefault("exclude_from_adaptation", exclude)
         unknown = set(options) - set(LAMB_DEFAULTS)
         if unknown:
             raise TypeError(f"LAMB: unknown option(s) {sorted(unknown)}. Known: {sorted(LAMB_DEFAULTS)}.")
@@ -113,9 +109,9 @@ class LAMB(BucketedOptimizer):
         # bias_correction=True means the preset's corrected form (DeepSpeed's legacy kernel corrects
         # outside the ratio), False means none, as in apex, timm and DeepSpeed
         self._corrected = corrected_form(resolve("LAMB", name, {})["bias_correction"])
-        if "bias_correction" in options:
-            options["bias_correction"] = bias_correction_value(options["bias_correction"], self._corrected)
-        explicit.update(options)
+        args = dict(betas=betas, eps=eps, weight_decay=weight_decay, exclude=exclude, **options)
+        explicit = {k: v for k, v in args.items() if passed(v)}
+        self._normalize_group(explicit, "")  # the one translation of the aliases, as for a param group
         defaults = resolve("LAMB", name, explicit)
         defaults["lr"] = lr
         validate_lamb_group(defaults)

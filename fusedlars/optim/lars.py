@@ -31,17 +31,20 @@ def step_lr(lr):
     return lr
 
 
-def lars_aliases(kind: str, group: dict[str, Any], where: str) -> None:
-    """The LARS constructor's aliases as group keys: eta, weight_decay_filter, lars_adaptation_filter, exclude."""
+def lars_aliases(kind: str, group: dict[str, Any], where: str, error: type[Exception] = ValueError) -> None:
+    """Translate LARS's aliases into its options, in place: ``eta`` (trust_coefficient), the Barlow Twins /
+    TVLARS flags ``weight_decay_filter`` / ``lars_adaptation_filter`` (True excludes params with ndim == 1:
+    biases, norm scales) and ``exclude`` (both exclusions). The one translation, for the constructor's
+    arguments (``error=TypeError``, as for any bad argument) and for param-group keys."""
     if "eta" in group:
         if "trust_coefficient" in group:
-            raise ValueError(f"{kind}{where}: pass trust_coefficient or its alias eta, not both.")
+            raise error(f"{kind}{where}: pass trust_coefficient or its alias eta, not both.")
         group["trust_coefficient"] = group.pop("eta")
     for alias, key in (("weight_decay_filter", "exclude_from_weight_decay"),
                        ("lars_adaptation_filter", "exclude_from_adaptation")):  # fmt: skip
         if alias in group:
             if key in group:
-                raise ValueError(f"{kind}{where}: pass {key} or its Barlow Twins alias {alias}, not both.")
+                raise error(f"{kind}{where}: pass {key} or its Barlow Twins alias {alias}, not both.")
             group[key] = "ndim==1" if group.pop(alias) else False
     if "exclude" in group:
         spec = group.pop("exclude")
@@ -184,22 +187,15 @@ class LARS(BucketedOptimizer):
                 trust_coefficient=trust_coefficient,
                 eps=eps,
                 maximize=maximize,
+                eta=eta,
+                weight_decay_filter=weight_decay_filter,
+                lars_adaptation_filter=lars_adaptation_filter,
+                exclude=exclude,
             ).items()
             if passed(v)
         }
-        if passed(eta):
-            if passed(trust_coefficient):
-                raise TypeError("LARS: pass trust_coefficient or its alias eta, not both.")
-            explicit["trust_coefficient"] = eta
-        # Barlow Twins / TVLARS compatible flags: True excludes params with ndim == 1 (biases, norms).
-        if passed(weight_decay_filter):
-            explicit["exclude_from_weight_decay"] = "ndim==1" if weight_decay_filter else False
-        if passed(lars_adaptation_filter):
-            explicit["exclude_from_adaptation"] = "ndim==1" if lars_adaptation_filter else False
-        if passed(exclude):
-            explicit.setdefault("exclude_from_weight_decay", exclude)
-            explicit.setdefault("exclude_from_adaptation", exclude)
         explicit.update(self._extra_options(options))
+        lars_aliases(type(self).__name__, explicit, "", error=TypeError)  # the one translation of the aliases
         name = preset or self._default_preset()
         defaults = resolve("LARS", name, explicit)
         if passed(lr):
