@@ -308,14 +308,15 @@ def test_cuda_graph_capture_and_replay_match_eager(kind, backend):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
-def test_readme_compile_example_runs():
-    # the README's example, executed as written (model, batch, loader and loss_fn supplied here)
+def test_docs_compile_example_runs():
+    # docs/usage.md's example, executed as written (model, batch, loader and loss_fn supplied here)
     import pathlib
     import re
 
-    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme.split("## Compiled and captured steps", 1)[1]
+    usage = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    section = usage.split("\n## Compiled and captured steps\n", 1)[1].split("\n## ", 1)[0]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "torch.compile(opt.step, fullgraph=True)" in code
     model = _model()
     before = [p.detach().clone() for p in model.parameters()]
     x, y = _data(0)
@@ -327,7 +328,7 @@ def test_readme_compile_example_runs():
         loss_fn=torch.nn.functional.mse_loss,
         loader=[(x, y)] * 4,
     )
-    exec(compile(code, "README.md", "exec"), env)
+    exec(compile(code, "docs/usage.md", "exec"), env)
     after = list(env["model"].parameters())
     assert all(not torch.equal(a, b.detach()) for a, b in zip(before, after))
     assert isinstance(env["opt"].param_groups[0]["lr"], torch.Tensor)
