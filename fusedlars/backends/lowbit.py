@@ -247,7 +247,7 @@ def _decades(signed: bool) -> list[float]:
     return vals
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _maps(signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     vals = sorted(_decades(signed) + [0.0, 1.0])
     code_map = torch.tensor(vals, dtype=torch.float64).to(torch.float32)

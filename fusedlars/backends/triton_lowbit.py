@@ -1,0 +1,139 @@
+"""Triton helpers of the low-bit state arithmetic (issue #26): the functions of
+:mod:`fusedlars.backends.lowbit` (the specification: formulas, sources and NOTE blocks there), bit for bit,
+as ``@triton.jit`` functions that the Triton kernels inline per element (or per quantization block).
+
+* :func:`philox_words`: ``tl.philox`` (Philox-4x32-10) on the counter (element mod 2**32, step, param
+  index, element >> 32) under the 64-bit seed, as ``lowbit.philox_words``;
+* :func:`bf16_rne_bits` / :func:`bf16_sr_bits` (uint16 patterns) and :func:`bf16_rne` / :func:`bf16_sr`
+  (bf16 values): rounding in uint32 integer ops, never through a float conversion (NOTE [bf16 rounding
+  in integers] in lowbit.py; the interpreter truncates bf16 casts and the GPU's conversion makes its own
+  NaN);
+* :func:`block_absmax` (one scale per row of a ``[rows, QBLOCK]`` tile), :func:`normalize`,
+  :func:`quantize_code` (the 8-step midpoint search, loading a midpoint table in global memory) and
+  :func:`dequantize`;
+* :func:`master_split` / :func:`master_rebuild`.
+
+``normalize`` divides with ``tl.math.div_rn``: Triton's ``/`` on fp32 lowers to an approximate division
+on NVIDIA GPUs, and the code of a value near a midpoint would then differ from the other backends'.
+
+``tests/test_lowbit.py`` runs each helper in small test kernels under TRITON_INTERPRET=1 and compares the
+bits against lowbit.py.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+#: The quiet NaN a block holding a NaN gets as its scale (lowbit: NOTE [Block scale]).
+SCALE_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
+
+
+@triton.jit
+def philox_words(seed, step, param_index, element):
+    """Four uint32 words per element of the int64 index tensor ``element`` (lowbit.philox_words).
+    ``seed``: the 64-bit seed (int argument; tl.philox takes its low word as k0, its high word as k1)."""
+    e = element.to(tl.int64)
+    c0 = e.to(tl.uint32)
+    c3 = (e >> 32).to(tl.uint32)
+    zero = c0 * 0
+    c1 = zero + step.to(tl.int64).to(tl.uint32)
+    c2 = zero + param_index.to(tl.int64).to(tl.uint32)
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def _bits(x):
+    return x.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _is_nan_bits(b):
+    return (b & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def bf16_rne_bits(x):
+    """Round-to-nearest-even fp32 -> bf16 pattern (uint16); NaN -> ``(b >> 16) | 0x40``."""
+    b = _bits(x)
+    h = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    h = tl.where(_is_nan_bits(b), (b >> 16) | 0x40, h)
+    return h.to(tl.uint16)
+
+
+@triton.jit
+def bf16_sr_bits(x, rand):
+    """Stochastic rounding fp32 -> bf16 pattern (uint16) with the low 16 bits of the uint32 ``rand``;
+    inf and NaN as :func:`bf16_rne_bits`."""
+    b = _bits(x)
+    h = ((b + (rand.to(tl.uint32) & 0xFFFF)) >> 16).to(tl.uint16)
+    finite = (b & 0x7F800000) != 0x7F800000
+    return tl.where(finite, h, bf16_rne_bits(x))
+
+
+@triton.jit
+def bf16_rne(x):
+    return bf16_rne_bits(x).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def bf16_sr(x, rand):
+    return bf16_sr_bits(x, rand).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def block_absmax(x):
+    """One scale per row of the fp32 tile ``x`` ``[rows, QBLOCK]`` (lanes past a param's end hold 0):
+    ``max |x|``, the quiet NaN ``0x7FC00000`` for a row holding a NaN."""
+    a = tl.abs(x)
+    isnan = a != a
+    nan_rows = tl.max(isnan.to(tl.int32), axis=1)
+    m = tl.max(tl.where(isnan, 0.0, a), axis=1)
+    nan = tl.full(m.shape, SCALE_NAN_BITS, tl.uint32).to(tl.float32, bitcast=True)
+    return tl.where(nan_rows > 0, nan, m)
+
+
+@triton.jit
+def normalize(x, scale):
+    """``x / scale`` (correctly rounded) where ``scale > 0``, else 0."""
+    ok = scale > 0.0
+    return tl.where(ok, tl.math.div_rn(x, tl.where(ok, scale, 1.0)), 0.0)
+
+
+@triton.jit
+def quantize_code(v, mid_ptr):
+    """The code (uint8) of normalized ``v``: ``#{i : mid[i] < v}`` by the 8-step binary search over the
+    255 fp32 midpoints at ``mid_ptr`` (lowbit.code_midpoints)."""
+    c = tl.zeros(v.shape, tl.int32)
+    for k in tl.static_range(8):
+        step: tl.constexpr = 128 >> k
+        probe = tl.load(mid_ptr + c + (step - 1))
+        c = tl.where(probe < v, c + step, c)
+    return c.to(tl.uint8)
+
+
+@triton.jit
+def dequantize(code, scale, map_ptr):
+    """``map[code] * scale`` (fp32), ``map_ptr``: the 256 fp32 codes (lowbit.dynamic_map)."""
+    return tl.load(map_ptr + code.to(tl.int32)) * scale
+
+
+@triton.jit
+def master_split(master):
+    """``(param bf16, remainder int16)`` of an fp32 master (lowbit: NOTE [Master split])."""
+    b = _bits(master)
+    t = b + 0x8000
+    p = t >> 16
+    r = (t & 0xFFFF).to(tl.int32) - 0x8000
+    nan = _is_nan_bits(b)
+    p = tl.where(nan, ((b >> 16) & 0x8000) | 0x7FC0, p)
+    r = tl.where(nan, 0, r)
+    return p.to(tl.uint16).to(tl.bfloat16, bitcast=True), r.to(tl.int16)
+
+
+@triton.jit
+def master_rebuild(param, remainder):
+    """The fp32 master ``((p << 16) + r) mod 2**32`` of a bf16 param and its int16 remainder."""
+    p = param.to(tl.uint16, bitcast=True).to(tl.uint32)
+    r = remainder.to(tl.int32).to(tl.uint32, bitcast=True)
+    return ((p << 16) + r).to(tl.float32, bitcast=True)
