@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BackwardNorms", "BATCH_NUMEL"]
+__all__ = ["BackwardNorms", "BATCH_NUMEL", "sumsq_each"]
 
 #: gradients smaller than this are batched (GPU) until the batch holds this many elements
 BATCH_NUMEL = 1 << 20
@@ -46,6 +46,35 @@ def _cpu_sumsq_op():
         return None
 
 
+def _cpu_summable(t: torch.Tensor) -> bool:
+    """Whether the C++ kernels' own reduction sums ``t`` (a CPU float tensor whose elements are dense)."""
+    from .buckets import _is_dense
+
+    return (
+        t.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and _cpu_sumsq_op() is not None
+        and (t.numel() <= 1 or _is_dense(t))
+    )
+
+
+def sumsq_each(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor's sum of squares, float64 0-dim: on the CPU by the kernels' own reduction
+    (``grad_sumsq_cpu``: the tile and lane order of the step's pass 1, so bitwise the step's), else
+    one fp32 ``_foreach_norm`` per device and dtype, squared (one launch for the lot on a GPU)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    rest: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.device.type == "cpu" and _cpu_summable(t):
+            out[i] = _cpu_sumsq_op()([t], None)
+        else:
+            rest.setdefault((t.device, t.dtype), []).append(i)
+    for idx in rest.values():
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=torch.float32)
+        for i, n in zip(idx, norms):
+            out[i] = n.double().square()
+    return out  # type: ignore[return-value]
+
+
 class BackwardNorms:
     """Sums of squares of the params' gradients, recorded by post-accumulate-grad hooks.
 
@@ -54,7 +83,8 @@ class BackwardNorms:
     hooks; it also runs when the owner is garbage-collected."""
 
     def __init__(self, owner: Any, params: list[torch.Tensor]) -> None:
-        self._records: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+        # id(param) -> (grad, its version, a DTensor grad's local tensor or None, its version, sum of squares)
+        self._records: dict[int, tuple] = {}
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) not yet summed (GPU)
         self._pending_numel = 0
         self._handles: list[Any] = []
@@ -89,18 +119,15 @@ class BackwardNorms:
 
     # -- hook side --------------------------------------------------------------------------
     def _take(self, p: torch.Tensor) -> None:
-        from .buckets import _is_dense
         from .distributed import local_tensor
 
         g = p.grad
         if g is None or g.is_sparse:
             return
         loc = local_tensor(g)
-        if loc.device.type == "cpu" and loc.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            op = _cpu_sumsq_op()
-            if op is not None and (loc.numel() <= 1 or _is_dense(loc)):
-                self._record(p, g, op([loc], None))
-                return
+        if loc.device.type == "cpu" and _cpu_summable(loc):
+            self._record(p, g, sumsq_each([loc])[0])
+            return
         if loc.numel() < BATCH_NUMEL and loc.device.type != "cpu":
             self._pending.append((p, g))
             self._pending_numel += loc.numel()
@@ -109,9 +136,26 @@ class BackwardNorms:
             return
         self._record(p, g, torch.linalg.vector_norm(loc, dtype=torch.float32).double().square())
 
-    def _record(self, p: torch.Tensor, g: torch.Tensor, ssq: torch.Tensor) -> None:
-        self._records[id(p)] = (weakref.ref(g), g._version, ssq)
+    def _record(self, p: torch.Tensor, g: torch.Tensor, ssq: torch.Tensor, version: int | None = None) -> None:
+        """Record ``ssq`` as the sum of squares of ``g`` (``p.grad``) at ``version`` (its version now
+        by default). A DTensor grad's local tensor is pinned too (NOTE [Norms from backward are a cache])."""
+        from .distributed import is_dtensor
+
+        loc = g._local_tensor if is_dtensor(g) else None
+        self._records[id(p)] = (
+            weakref.ref(g),
+            g._version if version is None else version,
+            None if loc is None else weakref.ref(loc),
+            -1 if loc is None else loc._version,
+            ssq,
+        )
         self.taken += 1
+
+    def record(self, p: torch.Tensor, g: torch.Tensor, version: int, ssq: torch.Tensor) -> None:
+        """Record ``ssq`` (float64 0-dim) as the sum of squares of ``g`` once ``g._version == version``:
+        for a writer that knows the version its grad will have when it is final (the DDP comm hook,
+        fusedlars.ddp). The step uses it only while ``p.grad is g`` at exactly that version."""
+        self._record(p, g, ssq, version)
 
     def flush(self) -> None:
         """Sum the batched small gradients (one ``_foreach_norm`` per device and dtype)."""
@@ -136,7 +180,11 @@ class BackwardNorms:
         g = p.grad
         if g is None or rec[0]() is not g or g._version != rec[1]:
             return None
-        return rec[2]
+        if rec[2] is not None:  # a DTensor grad: its local tensor, which FSDP2 accumulates into, too
+            loc = g._local_tensor
+            if rec[2]() is not loc or loc._version != rec[3]:
+                return None
+        return rec[4]
 
     def grad_sums(self, bucket) -> torch.Tensor | None:
         """float64 [S] of the bucket's active segments' recorded sums of squares (0 elsewhere), or None

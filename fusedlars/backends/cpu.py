@@ -176,6 +176,28 @@ def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor)
     return True
 
 
+def lars_partials_given_grad_sums(
+    bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor
+) -> tuple[torch.Tensor, tuple] | None:
+    """:func:`lars_partials` of a sharded bucket whose LOCAL gradients' sums of squares ``g2`` (float64
+    [S], raw grads, by ``grad_sumsq_cpu``) were taken where FSDP2 set the reduce-scattered grads
+    (fusedlars.backward_norms): no gradient is read. The weights' (or fp32 masters') sums are
+    ``grad_sumsq_cpu``'s, bitwise pass 1's w^2 (NOTE [Phases]); the (g + lam*w)^2 row is NaN (only
+    reported, as u_norm), as for a carried segment. None where the ratio needs ||g + lam*w||."""
+    if cfg.denominator == "norm_of_sum":
+        return None
+    idx = list(bucket.active_idx)
+    if not idx:
+        return None
+    params, masters = _lists(bucket, "param", "master")
+    ws = [m if m is not None else p for p, m in zip(params, masters or [None] * len(params))]
+    sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
+    sums[0, idx] = torch.stack([torch.ops.fusedlars.grad_sumsq_cpu([w], None) for w in ws])
+    sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()
+    sums[2, idx] = float("nan")
+    return sums, ()
+
+
 def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
     """Per-segment sums of squares ``[w², g², (g+λw)²]`` (g = grad * inv_scale) as a float64 ``[3, S]`` tensor."""
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)

@@ -450,6 +450,27 @@ def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor)
     return True
 
 
+def lars_partials_given_grad_sums(
+    bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor
+) -> tuple[torch.Tensor, tuple] | None:
+    """:func:`lars_partials` of a sharded bucket whose LOCAL gradients' sums of squares ``g2`` (float64
+    [S], raw grads) were taken where FSDP2 set the reduce-scattered grads (fusedlars.backward_norms):
+    the weights' sums alone are taken here, the (g + lam*w)^2 row is NaN (not known without reading
+    g; only reported, as u_norm). None (nothing done) where lars_step_given_grad_sums declines."""
+    if cfg.denominator == "norm_of_sum" or _grad_factor(cfg, bucket.state_dtype) is not None or _found(cfg) is not None:
+        return None
+    sdt = bucket.state_dtype
+    L = _lists(bucket)
+    if L.n == 0:
+        return None
+    W = _load_weights(L)
+    _, G = _load_grad(L, cfg, sdt)
+    ww = _sumsq(L, ("w",))[0]
+    gg = _sel(L, g2.to(device=bucket.device, dtype=torch.float64))
+    sums = torch.stack((ww, gg, torch.full_like(ww, float("nan"))))
+    return _scatter(L, sums, sdt), (W, G, G if cfg.weight_decay == 0 else None)
+
+
 def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """The LARS update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
     W, G, U = ctx
