@@ -532,7 +532,7 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    """Plain-text table (also what the README shows), then the takeaway line."""
+    """Plain-text table (also what docs/reproduce.md shows; the README quotes the takeaway), then the takeaway line."""
     rows = table_rows(res)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
