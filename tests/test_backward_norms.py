@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import fusedlars
+import fusedlars.backward_norms
 from fusedlars import backends
 
 BACKENDS = [b for b in ("cpu", "torch") if backends.status(b)[0]]
@@ -24,7 +25,9 @@ def _model(seed=0):
     # noise that any other summation order (another CPU's SIMD width) changes completely, and LAMB's
     # trust ratio scales that noise up to ||w||: the two paths' results would then differ by host.
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
+    )
 
 
 def _batch(t):
@@ -247,3 +250,25 @@ def test_compiled_model_with_hooks():
 def test_option_is_validated():
     with pytest.raises(ValueError, match="norms_in_backward must be a bool"):
         fusedlars.LARS(_model().parameters(), lr=0.1, norms_in_backward="yes")
+
+
+def test_sumsq_each_is_the_sum_of_squares_in_float64():
+    """The reduction the DDP hook applies to each layer's slice of a reduced bucket (cpu: the kernels' own)."""
+    g = torch.Generator().manual_seed(3)
+    ts = [torch.randn(n, generator=g) for n in (0, 1, 7, 4099)] + [torch.randn(64, generator=g).to(torch.bfloat16)]
+    ts.append(torch.randn(6, 5, generator=g).t())  # dense, not contiguous
+    for t, s in zip(ts, fusedlars.backward_norms.sumsq_each(ts)):
+        want = t.double().square().sum()
+        assert s.dtype == torch.float64 and s.dim() == 0
+        torch.testing.assert_close(s, want, rtol=_sum_rtol(max(t.numel(), 1)), atol=0)
+
+
+def test_ddp_comm_hook_wants_a_fusedlars_optimizer_without_norms_in_backward():
+    model = _model()
+    with pytest.raises(TypeError, match="fusedlars optimizer"):
+        fusedlars.ddp_comm_hook(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(UserWarning, match="norms_in_backward=False"):
+        fusedlars.ddp_comm_hook(_opt("LARS", model, "auto", True))
+    opt = _opt("LARS", model, "auto", False)
+    hook = fusedlars.ddp_comm_hook(opt)
+    assert callable(hook) and opt._bwd is not None and not model[0].weight._post_accumulate_grad_hooks

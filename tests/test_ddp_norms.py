@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import (
+    EXPECTED_ALL_REDUCE,
     STEPS,
     CollectiveCounter,
     _free_port,
@@ -157,9 +158,9 @@ def _fsdp2_model():
     return model
 
 
-def scenario_fsdp2(opt_name, nib, backend, rank, counter, uses, between=None):
+def scenario_fsdp2(opt_name, nib, backend, rank, counter, uses, between=None, **kw):
     model = _fsdp2_model()
-    opt = OPTIMIZERS[opt_name](list(model.parameters()), norms_in_backward=nib)
+    opt = OPTIMIZERS[opt_name](list(model.parameters()), norms_in_backward=nib, **kw)
     opt.backend = backend
     out = _train(model, opt, rank, counter, uses, between)
     out["params"] = [p.full_tensor().detach().clone() for p in model.parameters()]  # collective on every rank
@@ -186,6 +187,10 @@ def _scenarios():
     for nib in (True, False):
         sc[f"fsdp2_lars_auto_{'nib' if nib else 'two_pass'}_edit"] = functools.partial(
             scenario_fsdp2, "lars", nib, "auto", between=_scale_first_grad
+        )
+        # with carried weight norms the cpu backend's phase 2 writes each shard's new ||w||^2
+        sc[f"fsdp2_lars_auto_{'nib' if nib else 'two_pass'}_carry"] = functools.partial(
+            scenario_fsdp2, "lars", nib, "auto", carry_weight_norms=True
         )
     return sc
 
@@ -323,6 +328,12 @@ def test_fsdp2_norms_from_reduce_scatter_are_exact_and_used(runs, opt_name, back
     _same_run(nib, two_pass, f"FSDP2 {backend} {opt_name}: norms from backward vs the two-pass step")
     n_layers = len(nib[0]["params"])
     for got, base in zip(nib, two_pass):
+        # the step's collectives are the two-pass step's: a 1-element error flag and the one all_reduce
+        # of all layers' sums, and LAMB's global grad norm; the first step exchanges the layout once
+        # (tests/test_distributed.py)
+        n = EXPECTED_ALL_REDUCE[opt_name]
+        want = [{"all_reduce": n, "all_gather_object": 1}] + [{"all_reduce": n}] * (STEPS - 1)
+        assert got["step_counts"] == want, got["step_counts"]
         assert got["step_counts"] == base["step_counts"], (got["step_counts"], base["step_counts"])
         assert got["bwd_counts"] == base["bwd_counts"], (got["bwd_counts"], base["bwd_counts"])
         if opt_name == "lars":
@@ -340,3 +351,14 @@ def test_fsdp2_grad_changed_after_backward_is_normed_by_the_step(runs):
     for got in ours:
         # the edited layer's bucket takes its own norms; FSDP2's layers are in one bucket
         assert got["from_records"] == [0] * STEPS, got["from_records"]
+
+
+@pytest.mark.parametrize("carry", ["carry"])
+def test_fsdp2_norms_from_reduce_scatter_with_carried_weight_norms(runs, carry):
+    """carry_weight_norms=True: the sharded step from recorded grad sums reads neither the grads nor,
+    after the first step, the weights for its norms; the result is the two-pass step's."""
+    nib = _result(runs, f"fsdp2_lars_auto_nib_{carry}")
+    _exact_against_one_process(nib, "lars", "FSDP2 carry lars")
+    _same_run(nib, _result(runs, f"fsdp2_lars_auto_two_pass_{carry}"), "FSDP2 carry: from backward vs two-pass")
+    for got in nib:
+        assert got["from_records"] == [len(got["params"])] * STEPS, got["from_records"]
