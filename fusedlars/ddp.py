@@ -81,15 +81,21 @@ class _Binder:
             self._params = {id(q) for g in opt.param_groups for q in g["params"]}
         return id(p) in self._params
 
-    def start_backward(self) -> None:
-        """First bucket of a backward: drop what an interrupted backward left; queue the binding."""
+    def start_backward(self) -> bool:
+        """First bucket of a backward: drop what an interrupted backward left and queue the binding.
+        False outside a backward (DDP's Join runs the hook for ranks that ran out of inputs): then
+        nothing is recorded."""
         if self.queued:
-            return
+            return True
+        engine = torch.autograd.Variable._execution_engine
+        try:
+            # the second callback runs after DDP's finalize (NOTE [The version DDP leaves])
+            engine.queue_callback(lambda: engine.queue_callback(self.bind))
+        except RuntimeError:  # "Final callbacks can only be installed during backward pass."
+            return False
         self.queued = True
         self.pending = []
-        engine = torch.autograd.Variable._execution_engine
-        # the second callback runs after DDP's finalize (NOTE [The version DDP leaves])
-        engine.queue_callback(lambda: engine.queue_callback(self.bind))
+        return True
 
     def bind(self) -> None:
         self.queued = False
@@ -135,10 +141,9 @@ def ddp_comm_hook(opt: Any) -> Callable[[Any, Any], torch.futures.Future]:
         group = process_group if process_group is not None else dist.group.WORLD
         buf = bucket.buffer()
         buf.div_(group.size())  # torch's allreduce_hook: divide first, then sum (no overflow in fp16)
-        binder.start_backward()
         entries = []
         offset = 0
-        for p in bucket.parameters():
+        for p in bucket.parameters() if binder.start_backward() else ():
             n = p.numel()
             g = p.grad
             if g is not None and binder.owns(p) and not g.is_sparse:
@@ -147,7 +152,7 @@ def ddp_comm_hook(opt: Any) -> Callable[[Any, Any], torch.futures.Future]:
                 binder.pending.append(entry)
                 entries.append((entry, offset, n))
             offset += n
-        if offset != buf.numel():  # not the layout assumed here (params back to back): record nothing
+        if entries and offset != buf.numel():  # not the layout assumed here (params back to back): record nothing
             binder.pending = [e for e in binder.pending if all(e is not x for x, _, _ in entries)]
             entries = []
         fut = dist.all_reduce(buf, group=group, async_op=True).get_future()

@@ -145,6 +145,40 @@ def scenario_ddp(opt_name, bucket_view, hook, rank, counter, uses, between=None)
     return out
 
 
+class _SkipOnRank1(nn.Module):
+    """make_model() whose middle Linear is skipped on rank 1: its grad is None there at hook time and
+    DDP creates it after the reduction (find_unused_parameters=True)."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.net, self.rank = make_model(), rank
+
+    def forward(self, x):
+        h = self.net[1](self.net[0](x))
+        h = h[:, :5] if self.rank == 1 else self.net[3](self.net[2](h))
+        return self.net[4](h)
+
+
+def scenario_ddp_edges(bucket_view, hook, rank, counter, uses):
+    """Grads DDP creates (a layer unused on one rank) and DDP's Join (rank 1 runs out of inputs: the
+    hook then runs outside backward for its shadow all_reduces)."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    model = _SkipOnRank1(rank)
+    ddp = nn.parallel.DistributedDataParallel(
+        model, gradient_as_bucket_view=bucket_view, bucket_cap_mb=1e-4, find_unused_parameters=True
+    )
+    opt = OPTIMIZERS["lars"](list(ddp.parameters()))
+    ddp.register_comm_hook(None, fusedlars.ddp_comm_hook(opt) if hook == "ours" else allreduce_hook)
+    with ddp.join():
+        for t in range(STEPS - rank):
+            x, y = batch(t)
+            opt.zero_grad()
+            loss_fn(ddp, _local_slice(x, rank, WORLD), _local_slice(y, rank, WORLD)).backward()
+            opt.step()
+    return {"params": [p.detach().clone() for p in model.parameters()], "backends": opt.backends_in_use()}
+
+
 def _fsdp2_model():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -184,6 +218,9 @@ def _scenarios():
             sc[f"ddp_lars_{'view' if bv else 'copy'}_{hook}_edit"] = functools.partial(
                 scenario_ddp, "lars", bv, hook, between=_scale_first_grad
             )
+    for bv in (False, True):
+        for hook in ("ours", "torch"):
+            sc[f"ddp_edges_{'view' if bv else 'copy'}_{hook}"] = functools.partial(scenario_ddp_edges, bv, hook)
     for nib in (True, False):
         sc[f"fsdp2_lars_auto_{'nib' if nib else 'two_pass'}_edit"] = functools.partial(
             scenario_fsdp2, "lars", nib, "auto", between=_scale_first_grad
@@ -311,6 +348,13 @@ def test_ddp_grad_changed_after_the_hook_is_normed_by_the_step(runs, view):
     _same_run(ours, base, f"DDP {view}, grad edited after backward")
     for got in ours:
         assert got["from_records"] == [0] * STEPS, got["from_records"]  # one bucket in the optimizer
+
+
+@pytest.mark.parametrize("view", ["copy", "view"])
+def test_ddp_hook_with_grads_ddp_creates_and_join(runs, view):
+    """A layer unused on one rank (its grad is created by DDP after the hook: no record, the step takes
+    that bucket's norms) and Join's shadow all_reduces outside backward: the torch hook's results."""
+    _same_run(_result(runs, f"ddp_edges_{view}_ours"), _result(runs, f"ddp_edges_{view}_torch"), f"DDP {view} edges")
 
 
 # ----------------------------------------------------------------------------- tests: FSDP2
