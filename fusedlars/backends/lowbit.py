@@ -186,9 +186,11 @@ def round_bf16_stochastic_bits(x: torch.Tensor, rand: torch.Tensor) -> torch.Ten
     """Stochastic rounding fp32 -> bf16, as 16-bit patterns. For finite ``b``:
     ``h = (b + (rand & 0xFFFF)) >> 16``: adding 16 uniform random bits to the 16 bits the truncation
     drops carries into the kept part with probability ``(b & 0xFFFF) / 2**16``, so
-    ``E[bf16(h)] = x`` (the usual construction: Gupta et al., "Deep learning with limited numerical
-    precision", ICML 2015, for the rounding; Zamirai et al. 2020, "Revisiting BFloat16 Training", for
-    this bit form). A value above the largest finite bf16 rounds up to inf with the same probability.
+    ``E[bf16(h)] = x``. Stochastic rounding: Gupta et al., "Deep learning with limited numerical
+    precision", ICML 2015; for bf16 weights and optimizer state: Zamirai et al., "Revisiting BFloat16
+    Training", 2020. This add-and-truncate bit form is the usual one (e.g. torchao's bf16 stochastic-
+    rounding optimizers). A value above the largest finite bf16 rounds up to inf with the same
+    probability.
     Non-finite ``b`` take :func:`round_bf16_nearest_bits` (inf stays inf, NaN stays NaN).
     ``rand``: 32-bit words (int64 tensor), only the low 16 bits are used."""
     b = float_bits(x)
@@ -337,8 +339,8 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, signed: bool
 # (store_param_remainders: the remainder is the low half, the high half is incremented when the
 # remainder's top bit is set, and decremented back on rebuild). It cannot be round-to-nearest-EVEN:
 # at a tie both candidates' masters differ from even p by +0x8000 (rounded down) and -0x8000
-# (rounded up), and an int16 holds only one of them. Only exact ties (2**-16 of all patterns)
-# differ from the param `master.to(torch.bfloat16)` would give, by one bf16 ulp.
+# (rounded up), and an int16 holds only one of them. Only exact ties with an even truncated part
+# (2**-17 of all patterns) differ from the param `master.to(torch.bfloat16)` would give, by one ulp.
 # NaN masters are the exception: the formula would turn some NaNs into inf or -0.0 (CUDA's
 # canonical NaN 0x7FFFFFFF gives p = 0x8000, -0.0), hiding the NaN from the forward pass, so a NaN
 # master splits to p = sign | 0x7FC0 (a quiet NaN), r = 0, and rebuilds as that quiet NaN with its
