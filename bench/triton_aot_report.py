@@ -1,7 +1,7 @@
 """Compile every Triton kernel specialization of fusedlars ahead of time, without a GPU.
 
 For each kernel x param dtype x constexpr combination the backend can launch
-(``fusedlars.backends.triton.aot_specializations``) and each target (sm_80, sm_90, sm_100),
+(``fusedlars._testing.aot_specializations``) and each target (sm_80, sm_90, sm_100),
 ``triton.compile`` produces PTX and a cubin (Triton's bundled ptxas); the cubin's resource
 usage (registers, spilled local memory, stack, static shared memory) is read with Triton's
 bundled ``cuobjdump``, and the atomic instructions of the PTX are listed (launch 1's kernels:
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _work(args):
     idx, arch, covering = args
-    from fusedlars.backends import triton as tb
+    from fusedlars import _testing as tb
 
     spec = tb.aot_specializations(covering)[idx]
     try:
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated (silences a warning)
     sys.path.insert(0, str(ROOT))
-    from fusedlars.backends import triton as tb
+    from fusedlars import _testing as tb
 
     n = len(tb.aot_specializations(a.covering))
     jobs = [(i, int(t), a.covering) for t in a.targets.split(",") for i in range(n)]

@@ -22,3 +22,14 @@ def emu_lib():
     import cuda_emu
 
     return cuda_emu.Lib(cuda_emu.build())
+
+
+if os.environ.get("FUSEDLARS_TRITON_PROGRAM_ORDER"):
+
+    @pytest.fixture(autouse=True)
+    def _triton_program_order(monkeypatch):
+        """FUSEDLARS_TRITON_PROGRAM_ORDER=reversed|shuffled: every Triton launch of the run in that program
+        order (fusedlars._testing.PROGRAM_ORDER, read from the variable)."""
+        from fusedlars import _testing
+
+        _testing.install_program_order(monkeypatch)

@@ -361,11 +361,16 @@ class EmuOps:
 def install(monkeypatch, lib: Lib, *, l2_bytes: int | None = None, poison: bool = True) -> EmuOps:
     """Point ``fusedlars.backends.cuda`` at the emulation for the duration of a test."""
     from fusedlars.backends import cuda as K
+    from fusedlars.backends.config import check_fused
 
     ops = EmuOps(lib, poison=poison)
-    monkeypatch.setattr(K, "OPS", ops)
-    monkeypatch.setattr(K, "DEVICE_TYPE", "cpu")
+    monkeypatch.setattr(K, "_ops", lambda: ops)
+    # the backend's checks, for the CPU tensors the emulated kernels run on
+    monkeypatch.setattr(
+        K, "supports", lambda kind, cfg, bucket: check_fused(kind, cfg, bucket, "cpu", "CUDA", K._SCALAR_DTYPES)
+    )
     monkeypatch.setattr(K, "_WHY_NOT", None)
-    monkeypatch.setattr(K, "L2_BYTES", l2_bytes)
+    if l2_bytes is not None:
+        monkeypatch.setattr(K, "_l2_bytes", lambda device: l2_bytes)
     monkeypatch.setattr(K, "available", lambda: (True, f"CUDA kernels under the SIMT emulation ({lib.path.name})"))
     return ops

@@ -6,7 +6,7 @@ program, so the tiles here are small (TILE=1024, inner BLOCK=512, RBLOCK=4: the 
 layer spans 5 tiles, 2 reduction chunks and 2 inner iterations) and the tensors few.
 
 Launches per step (counted at ``_launch``) and the partials the segment reduction loads
-(counted in the interpreter) must equal ``launch_plan``, which also shows the reduction is
+(counted in the interpreter) must equal ``fusedlars._testing.launch_plan``, which also shows the reduction is
 linear for a 1e9-element layer without allocating it. Reversed and shuffled program orders:
 tests/test_triton_order.py.
 
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import fusedlars
+from fusedlars import _testing as T
 from fusedlars import backends
 from fusedlars.backends import triton as tb
 
@@ -258,7 +259,7 @@ def test_launches_per_step(monkeypatch, kind, opts, budget):
         return real(kernel, grid, *a, **k)
 
     monkeypatch.setattr(tb, "_launch", counting)
-    plan = tb.launch_plan([math.prod(s) for s, _ in specs], kind, max_grad_norm="preset" in opts)
+    plan = T.launch_plan([math.prod(s) for s, _ in specs], kind, max_grad_norm="preset" in opts)
     for step in range(2):
         calls.clear()
         set_grads(named, specs, step)
@@ -310,7 +311,7 @@ def test_partial_reads_counted_in_the_interpreter_match_the_plan(monkeypatch, ki
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()  # builds the bucket
-    plan = tb.launch_plan(numels, kind, max_grad_norm="max_grad_norm" in opts)
+    plan = T.launch_plan(numels, kind, max_grad_norm="max_grad_norm" in opts)
     assert plan["num_tiles"] == 17 + 1 + 0 + 24 + 2 + 2 + 16
     # every tile's 3 partials are loaded exactly once per step (the re-reducing design loaded 3 * sum(tiles^2))
     assert count_partial_reads(opt) == 3 * plan["partial_reads"] == 3 * plan["num_tiles"]
@@ -320,10 +321,10 @@ def test_partial_reads_counted_in_the_interpreter_match_the_plan(monkeypatch, ki
 def test_reduction_is_linear_at_any_layer_size(numels):
     # the default geometry (TILE=4096); the plan is computed, nothing is allocated
     for kind in ("LARS", "LAMB"):
-        plan = tb.launch_plan(numels, kind, max_grad_norm=kind == "LAMB", tile=4096, rblock=512)
+        plan = T.launch_plan(numels, kind, max_grad_norm=kind == "LAMB", tile=4096, rblock=512)
         assert plan["partial_reads"] <= 1.1 * plan["num_tiles"], plan
         assert len(plan["launches"]) == (2 if kind == "LARS" else 3)
-    big = tb.launch_plan([1_000_000_000], tile=4096, rblock=512)
+    big = T.launch_plan([1_000_000_000], tile=4096, rblock=512)
     assert big["num_tiles"] == 244_141 and big["max_reduction_iters"] == 477
 
 

@@ -4,7 +4,7 @@ A GPU runs the programs of a launch in any order, and concurrently. In Triton's 
 (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU) they run one after the other in
 program-id order, so a result that silently depends on which program of a segment runs first
 or last would pass every other test. Here every launch runs with its programs reversed and
-shuffled (``fusedlars.backends.triton.PROGRAM_ORDER``, a test-only hook around the launch) and
+shuffled (``fusedlars._testing.PROGRAM_ORDER``, a test hook installed over the backend's launch) and
 the results must be bitwise equal to the natural order: params, optimizer state, master
 weights, per-layer norms, trust ratios, step counters.
 
@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import fusedlars
+from fusedlars import _testing as T
 from fusedlars.backends import triton as tb
 
 pytestmark = [
@@ -61,7 +62,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(tb, "BLOCK", 128)
     monkeypatch.setattr(tb, "RBLOCK", 4)
     monkeypatch.setattr(tb, "SBLOCK", 4)
-    monkeypatch.setattr(tb, "PROGRAM_ORDER", None)
+    monkeypatch.setattr(T, "PROGRAM_ORDER", None)
+    T.install_program_order(monkeypatch)
 
 
 def _run(case, steps=2):
@@ -140,7 +142,7 @@ def test_hook_runs_programs_in_the_requested_order(monkeypatch, order):
     elif order == "callable":
         want = [(7 * i) % n for i in range(n)]
         order = lambda m: [(7 * i) % m for i in range(m)]  # noqa: E731
-    monkeypatch.setattr(tb, "PROGRAM_ORDER", order)
+    monkeypatch.setattr(T, "PROGRAM_ORDER", order)
     counter = torch.zeros(1, dtype=torch.int32)
     seen = torch.full((n,), -1, dtype=torch.int32)
     tb._launch(_record_order, n, counter, seen)
@@ -149,14 +151,14 @@ def test_hook_runs_programs_in_the_requested_order(monkeypatch, order):
         assert sorted(seen.tolist()) == want and seen.tolist() != want
     else:
         assert seen.tolist() == want
-    monkeypatch.setattr(tb, "PROGRAM_ORDER", None)
+    monkeypatch.setattr(T, "PROGRAM_ORDER", None)
     seen.fill_(-1), counter.zero_()
     tb._launch(_record_order, n, counter, seen)
     assert seen.tolist() == list(range(n))
 
 
 def test_hook_rejects_a_non_permutation(monkeypatch):
-    monkeypatch.setattr(tb, "PROGRAM_ORDER", lambda m: [0] * m)
+    monkeypatch.setattr(T, "PROGRAM_ORDER", lambda m: [0] * m)
     with pytest.raises(ValueError, match="not a permutation"):
         tb._launch(_record_order, 3, torch.zeros(1, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
 
@@ -169,11 +171,11 @@ def test_hook_rejects_a_non_permutation(monkeypatch):
 def test_bitwise_equal_in_any_program_order(monkeypatch, case, order):
     want = natural(case)
     name, _, seed = order.partition(":")
-    monkeypatch.setattr(tb, "PROGRAM_ORDER", name)
-    monkeypatch.setattr(tb, "ORDER_SEED", int(seed or 0))
+    monkeypatch.setattr(T, "PROGRAM_ORDER", name)
+    monkeypatch.setattr(T, "ORDER_SEED", int(seed or 0))
     calls = []
-    real = tb._launch_reordered
-    monkeypatch.setattr(tb, "_launch_reordered", lambda k, grid, a, kw: (calls.append(grid), real(k, grid, a, kw)))
+    real = T.launch_reordered
+    monkeypatch.setattr(T, "launch_reordered", lambda k, grid, a, kw: (calls.append(grid), real(k, grid, a, kw)))
     got = _run(case)
     # every launch of the step was reordered, and at least one had several programs per segment
     assert len(calls) >= 4 and max(calls) > 20, calls

@@ -40,17 +40,11 @@ _PATHS = {"auto": 0, "cooperative": 1, "two_launch": 2}
 _OPS = ("lars_step_cuda", "lamb_step_cuda", "grad_sumsq_cuda", "cuda_info", "build_info")
 _SCALAR_DTYPES = (torch.float32, torch.float64)
 
-#: Where the kernels run. The CUDA-on-CPU emulation of the tests (tests/cuda_emu.py) points these at
-#: its own ops object and at CPU tensors, so that everything below runs unmodified around the
-#: emulated kernels. OPS None: the extension's ``torch.ops.fusedlars``.
-OPS = None
-DEVICE_TYPE = "cuda"
-#: L2 bytes for the cooperative path's segment groups; None: ask the device (40 MiB if it cannot say).
-L2_BYTES: int | None = None
-
 
 def _ops():
-    return OPS if OPS is not None else torch.ops.fusedlars
+    """The ops the kernels run through: the extension's. (The CUDA-on-CPU emulation of the tests,
+    tests/cuda_emu.py, replaces this, :func:`supports` and :func:`_l2_bytes` for a test.)"""
+    return torch.ops.fusedlars
 
 
 def _load() -> str | None:
@@ -164,7 +158,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    return check_fused(kind, cfg, bucket, DEVICE_TYPE, "CUDA", _SCALAR_DTYPES)
+    return check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
 
 
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
@@ -208,15 +202,17 @@ class _Scratch:
         self.traced_addr = torch.zeros((len(self.kinds), S), dtype=torch.int64, device=dev)
 
 
+def _l2_bytes(device: torch.device) -> int:
+    """The device's L2 bytes (40 MiB if it cannot say), for the cooperative path's segment groups."""
+    try:
+        return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or (40 << 20)
+    except Exception:
+        return 40 << 20
+
+
 def _groups(bucket: Bucket, kind: str) -> list[int]:
     """Segment boundaries of groups of consecutive segments whose phase-1 bytes fit in ~half the L2."""
-    l2 = L2_BYTES
-    if l2 is None:
-        try:
-            l2 = int(getattr(torch.cuda.get_device_properties(bucket.device), "L2_cache_size", 0)) or (40 << 20)
-        except Exception:
-            l2 = 40 << 20
-    budget = l2 // 2
+    budget = _l2_bytes(bucket.device) // 2
     item = torch.empty((), dtype=bucket.dtype).element_size()
     bpe = (4 if bucket.uses_masters else item) + item + (8 if kind == "LAMB" else 0)
     bounds, acc = [0], 0
