@@ -23,6 +23,19 @@ squares while the gradient is still in cache, and the step skips its own norm pa
 // order of the step's pass 1), so the ``cpu`` backend's step is bitwise the two-pass step's. Other
 // devices take ``torch.linalg.vector_norm`` in fp32; small gradients are batched into one
 // ``_foreach_norm`` of up to :data:`BATCH_NUMEL` elements so that a GPU pays no launch per small layer.
+
+// NOTE: [Norms where distributed grads are reduced]
+// FSDP2 (``fully_shard``) runs the params' post-accumulate-grad hooks itself, on the sharded DTensor
+// param, right after it sets (or accumulates into) the reduce-scattered grad (torch 2.13:
+// torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py, ``foreach_reduce``). So with
+// ``norms_in_backward=True`` the hooks record each layer's LOCAL shard sum, and the sharded step
+// (``<kind>_partials_given_grad_sums``) puts them into the one all_reduce of all layers' sums it
+// issues anyway: no collective is added and no gradient is read for the norms. FSDP2 accumulates a
+// second micro-batch into the DTensor grad's local tensor, whose version counter is not the
+// wrapper's, so a DTensor record pins the local tensor and its version too.
+// DDP runs the hooks on the LOCAL grads, before it averages them into the same tensors: every such
+// record is invalidated by DDP's write (the version check), a pass for nothing. DDP users register
+// fusedlars.ddp_comm_hook instead, which takes the sums from the averaged buckets (fusedlars.ddp).
 """
 
 from __future__ import annotations

@@ -121,7 +121,9 @@ def ddp_comm_hook(opt: Any) -> Callable[[Any, Any], torch.futures.Future]:
     over the grads). No collective is added: one ``all_reduce`` per bucket, as DDP's default."""
     import torch.distributed as dist
 
-    if getattr(opt, "_kernels", None) is None:
+    from .optim.base import BucketedOptimizer
+
+    if not isinstance(opt, BucketedOptimizer):
         raise TypeError(
             f"ddp_comm_hook: expected a fusedlars optimizer (LARS, TVLARS, LAMB), got {type(opt).__name__}."
         )
