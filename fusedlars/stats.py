@@ -26,7 +26,7 @@ def collect(opt) -> dict[str, Any]:
     names, cols = [], {k: [] for k in ("weight_norm", "grad_norm", "update_norm", "trust_ratio", "effective_lr")}
     dev = None
     for gi, group in enumerate(opt.param_groups):
-        for b in opt._buckets.get(gi, []):
+        for b in opt._layout.of_group(gi):
             dev = dev or b.device
             names += [n or f"group{gi}.param{i}" for i, n in enumerate(b.names)]
             lr = group["lr"]

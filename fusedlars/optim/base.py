@@ -6,14 +6,17 @@ own params, grads and the optimizer's per-param state: fusedlars.buckets) lazily
 keep ``state`` in torch's format: ``state[p]`` holds per-param tensors, created the first time
 ``p`` has a grad, and a param whose ``.grad`` is None is skipped, as in torch.optim.
 
-One module per job, composed here: param groups and validation (:mod:`.groups`), state_dict
-conversion and copies (:mod:`.state_dict`), backend dispatch (:mod:`.dispatch`) and the
-compiled-step set-up (:mod:`.compiled`). This module builds the buckets and runs the step.
+One module per job, composed here. Objects with one owner each: the buckets (:class:`.layout.Layout`),
+the backend of each bucket and the kernel calls (:class:`.dispatch.Dispatch`, which asks
+:func:`fusedlars.backends.choice.choose`), the compiled step's static tables
+(:class:`.compiled.CompiledStep`), the norms taken in backward (fusedlars.backward_norms). The
+torch.optim methods that subclasses extend through hooks stay methods: param groups and their
+validation (:mod:`.groups`), state_dict conversion and copies (:mod:`.state_dict`). This module runs
+the step.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -24,13 +27,13 @@ from ..backends.clip import global_grad_norm
 from ..backward_norms import BackwardNorms
 from ..buckets import Bucket, grad_mismatch
 from .compiled import CompiledStep
-from .dispatch import DispatchMixin
+from .dispatch import Dispatch, Work
 from .groups import ParamGroupsMixin
-from .options import exclusion_fn
+from .layout import Layout
 from .state_dict import StateDictMixin
 
 
-class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.optim.Optimizer):
+class BucketedOptimizer(ParamGroupsMixin, StateDictMixin, torch.optim.Optimizer):
     """Base class: a real ``torch.optim.Optimizer`` whose step runs on buckets of its params.
 
     A subclass declares ``_KIND``, its kernels (``_kernels``), ``_make_config`` and the group hooks
@@ -85,125 +88,18 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
 
     def _reset_transient(self) -> None:
         """The attributes built from the param groups (NOTE [Copies]: not copied)."""
-        self._buckets: dict[int, list[Bucket]] = {}
-        self._bucket_specs: dict[int, tuple] = {}
+        self._layout = Layout(self._KIND)
         self._seen: set[int] = set()
-        #: (group index, index in the group's bucket list) -> backend name chosen at the last step
-        self._chosen: dict[tuple[int, int], str] = {}
+        self._dispatch = Dispatch(self._kernels, self._make_config)
         self._compiled = CompiledStep()
 
-    # -- buckets -----------------------------------------------------------------------------
-    def _exclusions(self, group, gi):
-        names = group.get("param_names") or [None] * len(group["params"])
-        wd_fn = exclusion_fn(group["exclude_from_weight_decay"])
-        ad_fn = exclusion_fn(group["exclude_from_adaptation"])
-        wd = [wd_fn(n, p) for n, p in zip(names, group["params"])]
-        ad = [ad_fn(n, p) for n, p in zip(names, group["params"])]
-        return names, wd, ad
-
-    def _build_group(self, gi: int, errors: list[str]) -> None:
-        """Build group ``gi``'s buckets: one per (device, dtype, shard spec). Layout problems go to ``errors``
-        (raised by the caller, on every rank when DTensors are involved) and leave the group unbuilt."""
-        group = self.param_groups[gi]
-        names, wd_ex, ad_ex = self._exclusions(group, gi)
-        by_key: OrderedDict[tuple, list[int]] = OrderedDict()
-        specs: dict[tuple, Any] = {}
-        kinds = set()
-        for j, p in enumerate(group["params"]):
-            label = f"{self._KIND} (param group {gi}): parameter {names[j] or '#' + str(j)}"
-            try:
-                spec = distributed.shard_spec(p)
-            except distributed.LayoutError as e:
-                errors.append(f"{label}: {e}")
-                return
-            kinds.add(spec is not None)
-            skey = None if spec is None else (spec.mesh, spec.shard_dims, spec.placements)
-            key = (p.device, p.dtype, skey)
-            by_key.setdefault(key, []).append(j)
-            specs[key] = spec
-        if len(kinds) > 1:
-            plain = [names[j] or f"#{j}" for j, p in enumerate(group["params"]) if not distributed.is_dtensor(p)]
-            errors.append(
-                f"{self._KIND} (param group {gi}) mixes DTensor (FSDP2-sharded) parameters with plain tensors "
-                f"({plain[:5]}{'...' if len(plain) > 5 else ''}): a plain tensor's grad is not reduced by FSDP2 "
-                "and its norm is not sharded. Wrap its module with fully_shard too (e.g. the root model), or put "
-                "it in a param group of its own if it is really meant to be replicated and reduced elsewhere."
-            )
-            return
-        meshes = []
-        for spec in specs.values():
-            if spec is not None and all(spec.mesh != m for m in meshes):
-                meshes.append(spec.mesh)
-        if len(meshes) > 1:
-            errors.append(
-                f"{self._KIND} (param group {gi}): parameters live on different device meshes "
-                f"({', '.join(str(m.mesh.tolist()) + ' ' + str(m.mesh_dim_names) for m in meshes)}); "
-                "one optimizer steps the parameters of one mesh."
-            )
-            return
-        state_names = self._state_names(group)
-        blist = []
-        for key, idx in by_key.items():
-            ps = [group["params"][j] for j in idx]
-            b = Bucket(
-                ps,
-                [names[j] for j in idx],
-                state_names=state_names,
-                master_weights=self.master_weights,
-                wd_excluded=[wd_ex[j] for j in idx],
-                adapt_excluded=[ad_ex[j] for j in idx],
-                shard=specs[key],
-            )
-            blist.append(b)
-        self._buckets[gi] = blist
-        self._bucket_specs[gi] = (group["exclude_from_weight_decay"], group["exclude_from_adaptation"])
-
-    def _ensure_buckets(self) -> None:
-        missing = [gi for gi in range(len(self.param_groups)) if gi not in self._buckets]
-        if missing:
-            errors: list[str] = []
-            for gi in missing:
-                try:
-                    self._build_group(gi, errors)
-                except ValueError as e:  # a param the kernels cannot walk (Bucket: NOTE [Dense segments])
-                    errors.append(f"{self._KIND} (param group {gi}): {e}")
-            self._check_layout(missing, errors)
-        for gi, group in enumerate(self.param_groups):
-            if gi in missing:
-                continue
-            spec = (group["exclude_from_weight_decay"], group["exclude_from_adaptation"])
-            if spec != self._bucket_specs[gi]:
-                names, wd_ex, ad_ex = self._exclusions(group, gi)
-                pos = {id(p): j for j, p in enumerate(group["params"])}
-                for b in self._buckets[gi]:
-                    js = [pos[id(p)] for p in b.params]
-                    b.set_exclusions([wd_ex[j] for j in js], [ad_ex[j] for j in js])
-                self._bucket_specs[gi] = spec
-            names = self._state_names(group)
-            for b in self._buckets[gi]:
-                # momentum switched on (or off) after the buckets were built: state follows at the next refresh
-                b.set_state_names(names)
-
-    def _check_layout(self, built: list[int], errors: list[str]) -> None:
-        """Raise layout errors; on every rank of the mesh when any parameter is a DTensor (NOTE [Layout check])."""
-        mesh = None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if distributed.is_dtensor(p):
-                    mesh = p.device_mesh
-                    break
-            if mesh is not None:
-                break
-        if mesh is None:
-            if errors:
-                raise distributed.LayoutError("fusedlars: " + "\n".join(errors))
-            return
-        fp = distributed.fingerprint_of(self._KIND, {gi: self._buckets.get(gi, []) for gi in built})
-        distributed.check_layout(mesh, fp, errors)
+    def backends_in_use(self) -> list[str]:
+        """Backend name of every bucket, as chosen at the last step."""
+        return self._dispatch.in_use(self._layout.indexed())
 
     def buckets(self) -> list[Bucket]:
         """All buckets (built at the first step), in group order."""
-        return [b for gi in sorted(self._buckets) for b in self._buckets[gi]]
+        return self._layout.all()
 
     def stats(self) -> dict[str, Any]:
         """Per-layer weight norm, grad norm, update norm, trust ratio and effective lr of the
@@ -247,7 +143,7 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
             self._validate()
             self._build_and_check()
         else:
-            built = all(gi in self._buckets for gi in range(len(self.param_groups)))
+            built = all(self._layout.built(gi) for gi in range(len(self.param_groups)))
             error = None
             try:
                 self._validate()
@@ -278,12 +174,12 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         check their own params: Bucket.check)."""
         for gi, group in enumerate(self.param_groups):
             self._validate_group(group, f" (param group {gi})")
-            if gi not in self._buckets:
+            if not self._layout.built(gi):
                 self._check_grads(group, gi)
 
     def _build_and_check(self) -> None:
         """Build missing buckets, and check every bucket's params and grads (Bucket.check)."""
-        self._ensure_buckets()
+        self._layout.ensure(self.param_groups, self._state_names, self.master_weights)
         for b in self.buckets():
             b.check()
 
@@ -304,7 +200,7 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         sums are all-reduced over the mesh, as the step's."""
         max_norm, norm_type = float(max_norm), float(norm_type)
         self._prepare_step()
-        work = self._plan({gi: self._buckets[gi] for gi in range(len(self.param_groups))}, None, None)
+        work = self._dispatch.plan(self, self._layout.by_group(len(self.param_groups)), None, None)
         if norm_type == 2.0 and not work:
             total = torch.zeros(())
         elif norm_type == 2.0:
@@ -333,15 +229,29 @@ class BucketedOptimizer(ParamGroupsMixin, DispatchMixin, StateDictMixin, torch.o
         if clip is not None:  # clip_grad_norm_'s coefficient, applied as the grads are read
             inv_scale = clip if inv_scale is None else (inv_scale.double() * clip.to(inv_scale.device)).float()
         self._run(
-            {gi: self._buckets[gi] for gi in range(len(self.param_groups))},
+            self._layout.by_group(len(self.param_groups)),
             inv_scale,
             found_inf.float() if found_inf is not None else None,
         )
         for b in self.buckets():
             b.write_back()  # params stepped through a scratch copy (Bucket: NOTE [Dense segments])
         if not torch.compiler.is_compiling():
-            for gi, j, b in self._indexed_buckets():
-                b.publish(wrote_raw=self._wrote_raw(gi, j))
+            for gi, j, b in self._layout.indexed():
+                b.publish(wrote_raw=self._dispatch.wrote_raw(gi, j))
+
+    def _run(self, buckets_by_group: dict[int, list[Bucket]], inv_scale, found_inf) -> None:
+        work = self._dispatch.plan(self, buckets_by_group, inv_scale, found_inf)
+        self._before_kernels(work)
+        self._dispatch.run(work, None if self._unscaled_in_place() or torch.compiler.is_compiling() else self._bwd)
+
+    def _before_kernels(self, work: Work) -> None:
+        """Hook: runs with the whole step's work before any kernel (LAMB: the global clip)."""
+
+    def _unscaled_in_place(self) -> bool:
+        """GradScaler.unscale_ ran before this step (it then passes found_inf without grad_scale). It
+        rewrites the grads without bumping their version counters (torch's
+        _amp_foreach_non_finite_check_and_unscale_), so norms taken in backward are not trusted then."""
+        return getattr(self, "found_inf", None) is not None and getattr(self, "grad_scale", None) is None
 
     def _lrs_on_device(self) -> None:
         """Replace every float lr by a 0-dim tensor on its group's device, which LR schedulers then

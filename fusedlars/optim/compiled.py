@@ -6,8 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..backends.protocol import Backend
-
 if TYPE_CHECKING:
     from ..buckets import Bucket
 
@@ -26,13 +24,11 @@ if TYPE_CHECKING:
 
 
 class CompiledStep:
-    """The bookkeeping of an optimizer's compiled step (NOTE [Compiled steps] above): the backend of
-    each bucket, chosen by the eager prelude and read by the traced step, and the tensors the
-    prelude marked static. Rebuilt with the buckets (never copied: NOTE [Copies])."""
+    """The bookkeeping of an optimizer's compiled step (NOTE [Compiled steps] above): the tensors the
+    eager prelude marked static (the backend of each bucket it chose is kept by the optimizer's
+    Dispatch). Rebuilt with the buckets (never copied: NOTE [Copies])."""
 
     def __init__(self) -> None:
-        #: (group index, index in the group's bucket list) -> the backend the traced step calls
-        self.backends: dict[tuple[int, int], Backend] = {}
         #: every tensor marked static by the last prelude (bucket tables, active ids, backend caches)
         self.static: list[torch.Tensor] = []
 
@@ -45,23 +41,19 @@ class CompiledStep:
         opt._lrs_on_device()
         opt._prepare_step()
         static = []
-        for gi, blist in opt._buckets.items():
-            group = opt.param_groups[gi]
-            for j, b in enumerate(blist):
-                if b.shard is not None:
-                    raise RuntimeError(
-                        f"{opt._KIND}: a step over FSDP2/DTensor-sharded parameters cannot be compiled (the "
-                        "cross-rank norm reduction runs between two kernels). Compile the model, and call "
-                        "opt.step() outside the compiled region."
-                    )
-                cfg = opt._make_config(group, None, None)
-                mod = self.backends[gi, j] = opt._backend_for(b, cfg)
-                if b.any_active():  # the buckets the traced step runs (DispatchMixin._plan)
-                    opt._chosen[gi, j] = mod.NAME
-                b.drop_carry()  # the compiled step does not carry weight norms
-                for t in b.tables() + [b.active_ids()] + mod.prepare(b, opt._KIND):
-                    mark_static_address(t, guard=True)
-                    static.append(t)
+        for gi, j, b in opt._layout.indexed():
+            if b.shard is not None:
+                raise RuntimeError(
+                    f"{opt._KIND}: a step over FSDP2/DTensor-sharded parameters cannot be compiled (the "
+                    "cross-rank norm reduction runs between two kernels). Compile the model, and call "
+                    "opt.step() outside the compiled region."
+                )
+            cfg = opt._make_config(opt.param_groups[gi], None, None)
+            mod = opt._dispatch.choose_compiled(opt, gi, j, b, cfg)
+            b.drop_carry()  # the compiled step does not carry weight norms
+            for t in b.tables() + [b.active_ids()] + mod.prepare(b, opt._KIND):
+                mark_static_address(t, guard=True)
+                static.append(t)
         self.static = static
 
     @staticmethod

@@ -14,7 +14,7 @@ from ..buckets import state_dtype_for
 from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, presets
 
 #: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
-TRANSIENT = ("_buckets", "_bucket_specs", "_seen", "_chosen", "_compiled", "_bwd")
+TRANSIENT = ("_layout", "_seen", "_dispatch", "_compiled", "_bwd")
 
 #: The param-group key of a saved state dict that records the optimizer kind (NOTE [Kinds of state dicts]).
 KIND_KEY = "fusedlars_kind"
