@@ -89,7 +89,6 @@ class BucketedOptimizer(ParamGroupsMixin, StateDictMixin, torch.optim.Optimizer)
     def _reset_transient(self) -> None:
         """The attributes built from the param groups (NOTE [Copies]: not copied)."""
         self._layout = Layout(self._KIND)
-        self._seen: set[int] = set()
         self._dispatch = Dispatch(self._kernels, self._make_config)
         self._compiled = CompiledStep()
 

@@ -115,7 +115,8 @@ class ParamGroupsMixin:
             raise ValueError(
                 f"{self._KIND}{where}: 'preset' applies to the whole optimizer; set the group's options explicitly."
             )
-        ids = set()
+        ids: set[int] = set()
+        earlier = {id(q) for g in getattr(self, "param_groups", ()) for q in g["params"]}
         for j, p in enumerate(params):
             name = group.get("param_names", [None] * len(params))[j] if group.get("param_names") else None
             label = f"parameter {name!r}" if name else f"parameter #{j}"
@@ -134,7 +135,7 @@ class ParamGroupsMixin:
                 )
             if p.is_sparse:
                 raise ValueError(f"{self._KIND}{where}: {label} is sparse; fusedlars needs dense params.")
-            if id(p) in ids or id(p) in self._seen:
+            if id(p) in ids or id(p) in earlier:
                 raise ValueError(
                     f"{self._KIND}{where}: {label} appears twice (in this group or an earlier one); "
                     "pass every parameter once."
@@ -161,4 +162,3 @@ class ParamGroupsMixin:
                 )
         group["params"] = params
         super().add_param_group(group)
-        self._seen |= ids

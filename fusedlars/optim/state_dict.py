@@ -14,7 +14,7 @@ from ..buckets import state_dtype_for
 from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, presets
 
 #: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
-TRANSIENT = ("_layout", "_seen", "_dispatch", "_compiled", "_bwd")
+TRANSIENT = ("_layout", "_dispatch", "_compiled", "_bwd")
 
 #: The param-group key of a saved state dict that records the optimizer kind (NOTE [Kinds of state dicts]).
 KIND_KEY = "fusedlars_kind"
@@ -281,4 +281,3 @@ class StateDictMixin:
         self._reset_transient()
         self._bwd = None
         self._start_backward_norms()  # hooks on this copy's params
-        self._seen = {id(p) for g in self.param_groups for p in g["params"]}
