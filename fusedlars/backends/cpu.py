@@ -181,8 +181,9 @@ def lars_partials_given_grad_sums(
 ) -> tuple[torch.Tensor, tuple] | None:
     """:func:`lars_partials` of a sharded bucket whose LOCAL gradients' sums of squares ``g2`` (float64
     [S], raw grads, by ``grad_sumsq_cpu``) were taken where FSDP2 set the reduce-scattered grads
-    (fusedlars.backward_norms): no gradient is read. The weights' (or fp32 masters') sums are
-    ``grad_sumsq_cpu``'s, bitwise pass 1's w^2 (NOTE [Phases]); the (g + lam*w)^2 row is NaN (only
+    (fusedlars.backward_norms): no gradient is read. The weights' (or fp32 masters') sums are the
+    carried ones (carry_w) or ``grad_sumsq_cpu``'s, bitwise pass 1's w^2 (NOTE [Phases]), so a
+    carried segment reads nothing here; the (g + lam*w)^2 row is NaN (only
     reported, as u_norm), as for a carried segment. None where the ratio needs ||g + lam*w||."""
     if cfg.denominator == "norm_of_sum":
         return None
@@ -191,8 +192,13 @@ def lars_partials_given_grad_sums(
         return None
     params, masters = _lists(bucket, "param", "master")
     ws = [m if m is not None else p for p, m in zip(params, masters or [None] * len(params))]
+    # a carried ||w||^2 (NOTE [Carried weight norms]: valid where not negative) is bitwise the sum
+    carried = bucket.carry_buffer()[idx].tolist() if cfg.carry_w else [-1.0] * len(idx)
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
-    sums[0, idx] = torch.stack([torch.ops.fusedlars.grad_sumsq_cpu([w], None) for w in ws])
+    sums[0, idx] = torch.tensor(
+        [c if c >= 0 else float(torch.ops.fusedlars.grad_sumsq_cpu([w], None)) for c, w in zip(carried, ws)],
+        dtype=torch.float64,
+    )
     sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()
     sums[2, idx] = float("nan")
     return sums, ()
