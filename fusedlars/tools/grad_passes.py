@@ -12,6 +12,12 @@ round to round as after ``zero_grad(set_to_none=False)``), one ``step()`` of:
   them: the hook's own cost belongs to backward and is not timed here);
 * ``fusedlars.LAMB`` without and with ``max_grad_norm``, the latter also with ``norms_in_backward``.
 
+With ``--backward``, each timed round is instead ``zero_grad()``, a forward and a backward that produce
+every grad, then ``step()`` (the hooks' cost inside backward included), for fused SGD, two-pass LARS
+and LARS with its norms taken in backward. The forward is one elementwise product and sum per tensor
+(``loss = sum((p * x).sum())``): the cheapest backward that writes every grad, so the hooks' share of
+the time is as large as it can be; a real network's backward is longer and dilutes it.
+
 Prints the medians, their IQRs and the ratios that issue #25 names. Timings drift between runs on a
 shared machine: read the ratios of one run, and repeat the run. ``fusedlars bench --norms-in-backward
 --clip`` times the same steps inside the bench's harness (with its bandwidth probe and reliability
@@ -68,14 +74,67 @@ def variants() -> dict:
     }
 
 
+def backward_variants() -> dict:
+    lars = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    return {
+        "torch SGD(fused)": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True),
+        "LARS": lambda ps: fusedlars.LARS(ps, **lars),
+        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **lars),
+    }
+
+
+def time_backward_and_step(shapes, rounds: int) -> dict[str, list[float]]:
+    """Seconds per round of zero_grad + forward + backward + step, interleaved round-robin."""
+    runs = {}
+    for name, make in backward_variants().items():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        xs = [torch.randn(s) * 0.01 for s in shapes]
+        runs[name] = (ps, xs, make(ps))
+
+    def one(ps, xs, opt) -> None:
+        opt.zero_grad()
+        loss = sum((p * x).sum() for p, x in zip(ps, xs))
+        loss.backward()
+        opt.step()
+
+    for r in runs.values():  # state, buckets
+        one(*r)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, r in runs.items():
+            t0 = time.perf_counter()
+            one(*r)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _report(times: dict[str, list[float]]) -> dict[str, float]:
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    for k, v in times.items():
+        q = statistics.quantiles(v, n=4)
+        print(f"{k:36s} {med[k]:8.2f} ms  IQR {(q[2] - q[0]) * 1e3:6.2f} ms")
+    return med
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=60, help="timed rounds (default 60)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--shapes", default="resnet50", choices=sorted(SHAPE_SETS), help="shape set (default resnet50)")
+    ap.add_argument(
+        "--backward", action="store_true", help="time zero_grad + forward + backward + step (the hooks' cost included)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [s for _, s in SHAPE_SETS[args.shapes]()]
+    if args.backward:
+        med = _report(time_backward_and_step(shapes, args.rounds))
+        sgd = med["torch SGD(fused)"]
+        print(f"backward + step, in torch SGD(fused) rounds: LARS {med['LARS'] / sgd:.3f}x, "
+              f"LARS bwd carry {med['LARS bwd carry'] / sgd:.3f}x")  # fmt: skip
+        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+        return
     runs = {}
     for name, make in variants().items():
         torch.manual_seed(0)
@@ -95,10 +154,7 @@ def main() -> None:
             t0 = time.perf_counter()
             opt.step()
             times[name].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    for k, v in times.items():
-        q = statistics.quantiles(v, n=4)
-        print(f"{k:36s} {med[k]:8.2f} ms  IQR {(q[2] - q[0]) * 1e3:6.2f} ms")
+    med = _report(times)
     sgd, clip_sgd, lamb = med["torch SGD(fused)"], med["torch clip_grad_norm_ + SGD(fused)"], med["LAMB"]
     print("in torch SGD(fused) steps: " + ", ".join(f"{k} {med[k] / sgd:.3f}x" for k in
                                                       ("LARS", "LARS carry", "LARS bwd", "LARS bwd carry")))  # fmt: skip
