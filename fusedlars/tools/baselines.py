@@ -21,22 +21,25 @@ PyTorch-style momentum (lr outside the buffer, as in timm ``Lars`` and ``torch.o
 nesterov and no clipping. A zero-initialised buffer gives the same first step as torch SGD's
 ``clone`` (no dampening).
 
-* :func:`per_param_lars_` / :class:`PerParamLARS`: a plain Python loop over tensors, one norm
-  pair and a few elementwise kernels per tensor.
-* :func:`foreach_lars_` / :class:`ForeachLARS`: ``torch._foreach_norm`` and ``torch._foreach_*``
-  over the whole list, the trust ratios computed for all tensors at once.
+* :func:`lars_` with ``foreach=False`` (:func:`per_param_lars_`, :class:`PerParamLARS`): a plain
+  Python loop over tensors, one norm pair and a few elementwise kernels per tensor.
+* :func:`lars_` with ``foreach=True`` (:func:`foreach_lars_`, :class:`ForeachLARS`):
+  ``torch._foreach_norm`` and ``torch._foreach_*`` over the whole list, the trust ratios computed
+  for all tensors at once.
 
 Neither calls ``.item()`` or branches on tensor values, so neither synchronises with the device.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer
 
 __all__ = [
+    "lars_",
     "per_param_lars_",
     "foreach_lars_",
     "PerParamLARS",
@@ -55,7 +58,7 @@ def _trust_ratio(
 
 
 @torch.no_grad()
-def per_param_lars_(
+def lars_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     momentum_buffers: list[torch.Tensor],
@@ -65,52 +68,32 @@ def per_param_lars_(
     weight_decay: float = 0.0,
     trust_coefficient: float = 1e-3,
     eps: float = 1e-8,
+    foreach: bool = False,
 ) -> None:
-    """One LARS step (module docstring formula), a Python loop over tensors. In place.
+    """One LARS step (module docstring formula), in place: ``foreach=False`` a Python loop over tensors
+    (one norm pair and a few elementwise kernels per tensor), ``foreach=True`` ``torch._foreach_*`` ops
+    over the whole list (all tensors on one device).
 
     ``momentum_buffers[i]`` must be a tensor like ``params[i]`` (zeros before the first step);
     it is ignored when ``momentum == 0``.
-    """
-    for w, g, b in zip(params, grads, momentum_buffers, strict=True):
-        w_norm = torch.linalg.vector_norm(w)
-        g_norm = torch.linalg.vector_norm(g)
-        r = _trust_ratio(w_norm, g_norm, eta=trust_coefficient, weight_decay=weight_decay, eps=eps)
-        if weight_decay != 0:
-            d = torch.add(g, w, alpha=weight_decay).mul_(r)
-        else:
-            d = torch.mul(g, r)
-        if momentum != 0:
-            b.mul_(momentum).add_(d)
-            d = b
-        w.add_(d, alpha=-lr)
-
-
-@torch.no_grad()
-def foreach_lars_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    *,
-    lr: float,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    trust_coefficient: float = 1e-3,
-    eps: float = 1e-8,
-) -> None:
-    """One LARS step (module docstring formula) with ``torch._foreach_*`` ops. In place.
-
-    Same contract as :func:`per_param_lars_`. All tensors must share one device.
     """
     if len(params) != len(grads) or len(params) != len(momentum_buffers):
         raise ValueError("params, grads and momentum_buffers must have the same length")
     if not params:
         return
+    if not foreach:
+        for w, g, b in zip(params, grads, momentum_buffers):
+            w_norm, g_norm = torch.linalg.vector_norm(w), torch.linalg.vector_norm(g)
+            r = _trust_ratio(w_norm, g_norm, eta=trust_coefficient, weight_decay=weight_decay, eps=eps)
+            d = torch.add(g, w, alpha=weight_decay).mul_(r) if weight_decay != 0 else torch.mul(g, r)
+            if momentum != 0:
+                d = b.mul_(momentum).add_(d)
+            w.add_(d, alpha=-lr)
+        return
     w_norms = torch.stack(torch._foreach_norm(params))
     g_norms = torch.stack(torch._foreach_norm(grads))
-    ratios = _trust_ratio(w_norms, g_norms, eta=trust_coefficient, weight_decay=weight_decay, eps=eps).to(
-        params[0].dtype
-    )
-    ratio_list = list(ratios.unbind(0))
+    ratios = _trust_ratio(w_norms, g_norms, eta=trust_coefficient, weight_decay=weight_decay, eps=eps)
+    ratio_list = list(ratios.to(params[0].dtype).unbind(0))
     if weight_decay != 0:
         d = torch._foreach_add(grads, params, alpha=weight_decay)
         torch._foreach_mul_(d, ratio_list)
@@ -123,10 +106,17 @@ def foreach_lars_(
     torch._foreach_add_(params, d, alpha=-lr)
 
 
+#: :func:`lars_` as a Python loop over tensors
+per_param_lars_ = functools.partial(lars_, foreach=False)
+#: :func:`lars_` with ``torch._foreach_*`` ops
+foreach_lars_ = functools.partial(lars_, foreach=True)
+
+
 class _LARSBase(Optimizer):
     """torch.optim protocol around a LARS step function; state key ``momentum_buffer``."""
 
-    _step_fn = staticmethod(per_param_lars_)
+    #: keyword of :func:`lars_` that selects the loop (set by each subclass)
+    _foreach = False
 
     def __init__(
         self,
@@ -176,7 +166,7 @@ class _LARSBase(Optimizer):
                 grads.append(p.grad)
                 bufs.append(state["momentum_buffer"])
             if params:
-                type(self)._step_fn(
+                lars_(
                     params,
                     grads,
                     bufs,
@@ -185,20 +175,19 @@ class _LARSBase(Optimizer):
                     weight_decay=group["weight_decay"],
                     trust_coefficient=group["trust_coefficient"],
                     eps=group["eps"],
+                    foreach=self._foreach,
                 )
         return loss
 
 
 class PerParamLARS(_LARSBase):
-    """LARS as a per-parameter Python loop (:func:`per_param_lars_`); see the module docstring."""
-
-    _step_fn = staticmethod(per_param_lars_)
+    """LARS as a per-parameter Python loop (:func:`lars_` with ``foreach=False``); see the module docstring."""
 
 
 class ForeachLARS(_LARSBase):
-    """LARS with ``torch._foreach_*`` ops over each group (:func:`foreach_lars_`); see the module docstring."""
+    """LARS with ``torch._foreach_*`` ops over each group (:func:`lars_` with ``foreach=True``); see the module docstring."""
 
-    _step_fn = staticmethod(foreach_lars_)
+    _foreach = True
 
 
 BASELINES: dict[str, type[Optimizer]] = {
