@@ -39,6 +39,21 @@ What a backend reads, per step (:meth:`Bucket.refresh` builds it on the host):
 // through a dense scratch copy of its own: copied in by :meth:`Bucket.refresh`, written back by
 // :meth:`Bucket.write_back` after the kernels; every other segment is stepped in place.
 
+// NOTE: [Low-bit buckets]
+// Whether a bucket's state is fp32, bf16 or int8 (``state_storage``, the param group's ``state_dtype``)
+// and whether its fp32 masters are kept whole or as a remainder (``uses_masters`` /
+// ``uses_remainder``) are properties of the bucket: every segment of a bucket has the same layout,
+// so a kernel walks one format. ``state_tensors[name][s]`` is the stored tensor (fp32, bf16, or uint8
+// codes), ``scale_tensors[name][s]`` its int8 block scales, ``remainder_tensors[s]`` the int16
+// remainder; their keys and formats are fusedlars.backends.lowbit_state's. The random bits of a
+// stochastic rounding are keyed by the optimizer's ``seed``, the segment's ``param_indices[s]`` (its
+// position in the optimizer's flat param order: its state_dict id, stable across a resume) and its
+// step count. State found in another format (loaded, or ``state_dtype`` changed) is converted when
+// the bucket adopts it, rounding to nearest (lowbit_state NOTE [Low-bit state: where values become
+// fp32]). A remainder never goes stale: whatever the param holds, param + remainder is a master that
+// rounds to the param (lowbit NOTE [Master split]); only where the user wrote a zero, infinite or NaN
+// param over a remainder of the other sign is the remainder dropped (it would make a NaN master).
+
 // NOTE: [Versions]
 // Kernels write params through raw addresses, which autograd's version counters do not see, so
 // :meth:`publish` bumps the counters of the params a fused step wrote (as an in-place op would):
@@ -56,6 +71,7 @@ from typing import Any
 
 import torch
 
+from .backends import lowbit, lowbit_state
 from .distributed import as_dtensor_like, dtensor_class, is_dtensor, local_tensor
 
 __all__ = ["Bucket", "TileTable", "state_dtype_for", "grad_mismatch", "same_order"]
@@ -122,7 +138,8 @@ class Bucket:
 
     Static: ``params`` (the user's tensors, DTensors under FSDP2), ``names``, ``shapes`` and
     ``numels`` (local), ``num_segments``, ``device``, ``dtype``, ``state_dtype``, ``shard``,
-    ``state_names``, ``uses_masters``; device tables ``seg_numel`` (int64), ``wd_mask`` /
+    ``state_names``, ``uses_masters``, the state's format ``state_storage`` and the masters' form
+    (NOTE [Low-bit buckets]); device tables ``seg_numel`` (int64), ``wd_mask`` /
     ``adapt_mask`` (1 where decay / a ratio applies), ``has_state`` (1 once the segment stepped),
     ``step`` (float32 completed steps, whose 0-dim views are ``state[p]["step"]``), and the last
     step's ``w_norm``, ``g_norm``, ``u_norm``, ``trust_ratio``. Per step: see the module docstring.
@@ -138,8 +155,14 @@ class Bucket:
         wd_excluded: list[bool],
         adapt_excluded: list[bool],
         shard=None,
+        state_storage: str = "float32",
+        seed: int = lowbit_state.DEFAULT_SEED,
+        param_indices: list[int] | None = None,
     ) -> None:
-        """``shard``: the :class:`fusedlars.distributed.ShardSpec` of a bucket of DTensor params, else None."""
+        """``shard``: the :class:`fusedlars.distributed.ShardSpec` of a bucket of DTensor params, else None.
+        ``master_weights``: False, True (fp32 masters of bf16/fp16 params) or ``"remainder"`` (bf16
+        params: an int16 remainder each); ``state_storage``, ``seed``, ``param_indices``: NOTE [Low-bit
+        buckets] (``param_indices`` default to 0..S-1)."""
         assert params
         self.params = list(params)
         self.names = list(names)
@@ -152,7 +175,14 @@ class Bucket:
         self.numels = [t.numel() for t in locs]
         self.num_segments = S = len(params)
         self.state_names = tuple(state_names)
-        self.uses_masters = bool(master_weights) and self.dtype in (torch.float16, torch.bfloat16)
+        #: fp32 master tensors (master_weights=True); bf16 params with master_weights="remainder" keep
+        #: an int16 remainder instead (``uses_remainder``, ``remainder_tensors``)
+        self.uses_remainder = master_weights == "remainder" and self.dtype == torch.bfloat16
+        low = self.dtype in (torch.float16, torch.bfloat16)
+        self.uses_masters = bool(master_weights) and not self.uses_remainder and low
+        self.state_storage = lowbit_state.storage_name(state_storage)
+        self.seed = int(seed)
+        self.param_indices = list(range(S)) if param_indices is None else [int(i) for i in param_indices]
         dev, sdt = self.device, self.state_dtype
         self.seg_numel = torch.tensor(self.numels, dtype=torch.int64, device=dev)
         self.set_exclusions(wd_excluded, adapt_excluded)
@@ -173,6 +203,9 @@ class Bucket:
         self.grad_tensors: list[torch.Tensor | None] = [None] * S
         self.master_tensors: list[torch.Tensor | None] | None = [None] * S if self.uses_masters else None
         self.state_tensors: dict[str, list[torch.Tensor | None]] = {n: [None] * S for n in self.state_names}
+        #: int8 state: the per-block fp32 scales of each buffer (NOTE [Low-bit buckets])
+        self.scale_tensors: dict[str, list[torch.Tensor | None]] = self._scale_lists()
+        self.remainder_tensors: list[torch.Tensor | None] | None = [None] * S if self.uses_remainder else None
         self.active_idx: tuple[int, ...] = ()
         self.active = torch.zeros(S, dtype=sdt, device=dev)
         self.all_active = False
@@ -197,15 +230,46 @@ class Bucket:
         self.adapt_mask = torch.tensor([0.0 if e else 1.0 for e in adapt_excluded], dtype=sdt, device=dev)
         self.any_wd_excluded = any(wd_excluded)
 
-    def set_state_names(self, names: tuple[str, ...]) -> None:
+    def set_state_names(self, names: tuple[str, ...], storage: str | None = None) -> None:
         """The state buffers the group's options need now (momentum switched on or off after the
-        buckets were built): missing ones are created at the next refresh, as at a first step."""
+        buckets were built): missing ones are created at the next refresh, as at a first step.
+        ``storage``: the group's state format now (its ``state_dtype`` changed: the state is converted
+        at the next refresh, NOTE [Low-bit buckets])."""
         names = tuple(names)
-        if names == self.state_names:
+        storage = self.state_storage if storage is None else lowbit_state.storage_name(storage)
+        if names == self.state_names and storage == self.state_storage:
             return
         self.state_names = names
+        self.state_storage = storage
         self.state_tensors = {n: [None] * self.num_segments for n in names}
+        self.scale_tensors = self._scale_lists()
         self._seen_state = [None] * self.num_segments
+        self.cache.clear()
+
+    def _scale_lists(self) -> dict[str, list[torch.Tensor | None]]:
+        if self.state_storage != "int8":
+            return {}
+        return {n: [None] * self.num_segments for n in self.state_names}
+
+    @property
+    def lowbit_state(self) -> bool:
+        """Is the state stored in bf16 or int8 (NOTE [Low-bit buckets])?"""
+        return self.state_storage != "float32" and bool(self.state_names)
+
+    def fused_unsupported(self) -> str | None:
+        """Why the fused kernels (cpu, cuda, triton) cannot step this bucket yet, or None: low-bit state
+        and remainder masters run on the torch and reference backends only (issue #26, part 1)."""
+        what = []
+        if self.lowbit_state:
+            what.append(f"state_dtype={self.state_storage!r} (low-bit optimizer state)")
+        if self.uses_remainder:
+            what.append('master_weights="remainder"')
+        if not what:
+            return None
+        return (
+            f"{' and '.join(what)} is not fused yet: the torch and reference backends step it "
+            "(backend='auto' picks torch)"
+        )
 
     def tiles(self, tile_elems: int) -> TileTable:
         """The tile table for ``tile_elems`` (cached), over every segment. Empty segments have no tiles."""
@@ -239,6 +303,10 @@ class Bucket:
             return self.grad_tensors
         if kind == "master":
             return self.master_tensors if self.master_tensors is not None else [None] * self.num_segments
+        if kind == "remainder":
+            return self.remainder_tensors if self.remainder_tensors is not None else [None] * self.num_segments
+        if kind.endswith("_absmax") and kind[: -len("_absmax")] in self.scale_tensors:
+            return self.scale_tensors[kind[: -len("_absmax")]]
         return self.state_tensors[kind]
 
     def address_table(self, kinds: tuple[str, ...]) -> torch.Tensor:
@@ -355,6 +423,11 @@ class Bucket:
                         loc = self.param_tensors[i]  # (a scratch param holds the user's values now)
                         # keep the fp32 master where the param still holds its rounding (no host sync)
                         m.copy_(torch.where(loc != m.to(loc.dtype), loc.to(m.dtype), m))
+            if self.remainder_tensors is not None:
+                for i in changed:
+                    r = self.remainder_tensors[i]
+                    if r is not None:  # NOTE [Low-bit buckets]: a remainder that would make a NaN master
+                        r.masked_fill_(~torch.isfinite(self.weights(i)) & torch.isfinite(self.param_tensors[i]), 0)
         key = tuple(active)
         if key != self._active_key:
             self._active_key = self.active_idx = key
@@ -391,6 +464,15 @@ class Bucket:
     def _wrap(self, i: int, local: torch.Tensor) -> torch.Tensor:
         return local if self.shard is None else as_dtensor_like(local, self.params[i])
 
+    def _keys(self) -> tuple[str, ...]:
+        """The state keys segment state is adopted from (NOTE [Low-bit buckets])."""
+        keys = self.state_names + tuple(lowbit_state.absmax_key(n) for n in self.scale_tensors)
+        if self.uses_masters:
+            keys += ("master_weight",)
+        if self.uses_remainder:
+            keys += (lowbit_state.REMAINDER_KEY,)
+        return keys + ("step",)
+
     def _adopt(self, i: int, p: torch.Tensor, loc: torch.Tensor, state: MutableMapping, create: bool) -> None:
         """Point segment i's state at ``state[p]``'s tensors; create them when missing and ``create``."""
         st = state.get(p)
@@ -398,11 +480,15 @@ class Bucket:
             if not create:
                 for name in self.state_names:
                     self.state_tensors[name][i] = None
+                for lst in self.scale_tensors.values():
+                    lst[i] = None
                 if self.master_tensors is not None:
                     self.master_tensors[i] = None
+                if self.remainder_tensors is not None:
+                    self.remainder_tensors[i] = None
                 return
             st = state[p] = {}
-        keys = self.state_names + (("master_weight",) if self.uses_masters else ()) + ("step",)
+        keys = self._keys()
         if tuple(map(id, map(st.get, keys))) == self._seen_state[i]:  # builtins only: per-step host time
             return
         sdt = self.state_dtype
@@ -413,15 +499,22 @@ class Bucket:
                 if v is None:
                     if not create:
                         self.state_tensors[name][i] = None
+                        if name in self.scale_tensors:
+                            self.scale_tensors[name][i] = None
                         continue
-                    loc_v = torch.zeros_like(loc, dtype=sdt)
-                    st[name] = self._wrap(i, loc_v)
+                    loc_v, scale = lowbit_state.fresh(name, loc, self.state_storage, sdt)
                     fresh = True
                 else:
-                    loc_v = local_tensor(v)
-                    if loc_v.stride() != loc.stride() or loc_v.dtype != sdt or loc_v.device != loc.device:
-                        loc_v = torch.empty_like(loc, dtype=sdt).copy_(loc_v)
-                        st[name] = self._wrap(i, loc_v)
+                    loc_v, scale = self._adopt_buffer(i, name, st, local_tensor(v), loc)
+                if loc_v is not st.get(name) and (v is None or loc_v is not local_tensor(v)):
+                    st[name] = self._wrap(i, loc_v)
+                akey = lowbit_state.absmax_key(name)
+                if scale is not None:
+                    if st.get(akey) is not scale:
+                        st[akey] = scale
+                    self.scale_tensors[name][i] = scale
+                else:
+                    st.pop(akey, None)
                 self.state_tensors[name][i] = loc_v
             if self.master_tensors is not None:
                 v = st.get("master_weight")
@@ -439,6 +532,20 @@ class Bucket:
                 else:
                     m = None
                 self.master_tensors[i] = m
+            if self.remainder_tensors is not None:
+                key = lowbit_state.REMAINDER_KEY
+                v = st.get(key)
+                if v is None and create:
+                    r = torch.zeros_like(loc, dtype=torch.int16)  # master = the param exactly
+                    st[key] = self._wrap(i, r)
+                elif v is not None:
+                    r = local_tensor(v)
+                    if r.stride() != loc.stride() or r.dtype != torch.int16 or r.device != loc.device:
+                        r = torch.empty_like(loc, dtype=torch.int16).copy_(r)
+                        st[key] = self._wrap(i, r)
+                else:
+                    r = None
+                self.remainder_tensors[i] = r
             s = st.get("step")
             if s is not self._step_views[i]:
                 if s is not None:
@@ -453,6 +560,37 @@ class Bucket:
                 0.0 if fresh else (1.0 if any(n in st for n in self.state_names) or s is not None else 0.0)
             )
         self._seen_state[i] = tuple(map(id, map(st.get, keys)))
+
+    def _adopt_buffer(
+        self, i: int, name: str, st: dict, v: torch.Tensor, loc: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Segment i's stored buffer ``name`` (local tensor ``v``) in this bucket's format, layout and
+        device: ``v`` itself when it is, else a converted copy (NOTE [Low-bit buckets]); and its scales."""
+        akey = lowbit_state.absmax_key(name)
+        scale = st.get(akey)
+        scale = None if scale is None else local_tensor(scale)
+        fmt = lowbit_state.format_of(v)
+        want = self.state_storage
+        sdt = self.state_dtype
+        nblocks = lowbit.num_blocks(loc.numel())
+        same_fmt = fmt == want and (want != "float32" or v.dtype == sdt)
+        if same_fmt and v.stride() == loc.stride() and v.device == loc.device:
+            if want != "int8":
+                return v, None
+            if (
+                scale is not None
+                and scale.dtype == torch.float32
+                and scale.device == loc.device
+                and (tuple(scale.shape) == (nblocks,))
+            ):
+                return v, scale
+        if fmt == "int8" and scale is None:
+            raise ValueError(f"parameter {self.names[i] or '#' + str(i)}: int8 state {name!r} has no {akey!r} scales")
+        if same_fmt:  # only the layout or device differs: move it, bit for bit
+            out = torch.empty_like(loc, dtype=v.dtype).copy_(v)
+            return out, (None if want != "int8" else scale.to(device=loc.device, dtype=torch.float32).clone())
+        x = lowbit_state.decode(name, v.to(loc.device), None if scale is None else scale.to(loc.device))
+        return lowbit_state.encode_nearest(name, torch.empty_like(loc, dtype=x.dtype).copy_(x), want, sdt)
 
     def loaded(self, state: MutableMapping[torch.Tensor, dict]) -> None:
         """After ``load_state_dict`` (NOTE [Loading in place], fusedlars/optim/base.py): adopt the
@@ -497,9 +635,12 @@ class Bucket:
         return bool(self.active_idx)
 
     def weights(self, i: int) -> torch.Tensor:
-        """The tensor the math reads segment i's weights from: its fp32 master if any, else the param."""
+        """The tensor the math reads segment i's weights from: its fp32 master if any (a new tensor
+        rebuilt from the param and its remainder for ``master_weights="remainder"``), else the param."""
         if self.master_tensors is not None and self.master_tensors[i] is not None:
             return self.master_tensors[i]
+        if self.remainder_tensors is not None and self.remainder_tensors[i] is not None:
+            return lowbit.master_rebuild(self.param_tensors[i], self.remainder_tensors[i]).view(self.shapes[i])
         return self.param_tensors[i]
 
     def tables(self) -> list[torch.Tensor]:

@@ -75,7 +75,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    return check_fused(kind, cfg, bucket, "cpu", "CPU")
+    return bucket.fused_unsupported() or check_fused(kind, cfg, bucket, "cpu", "CPU")
 
 
 class _Scalars:

@@ -158,7 +158,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    return check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
+    return bucket.fused_unsupported() or check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
 
 
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)

@@ -38,6 +38,17 @@ LAMB, per layer (You et al. 2019, "Large Batch Optimization for Deep Learning", 
     r = clamp(||w||) / (||u|| + trust_ratio_eps) if both norms > 0 else 1;  r = clip(r);  r = 1 if not adapted
     w <- w - lr * s * r * u,   s = 1/(1-b1^t) for first_outside (pytorch_optimizer),
                                sqrt(1-b2^t)/(1-b1^t) for both_outside (DeepSpeed FusedLamb <= v0.19.6), else 1
+
+Low-bit state (issue #26, ``state_dtype`` bf16 / int8): b, m, v above are the stored state dequantized
+exactly, the step is the same float64 computation, and the new value is rounded to fp32 and quantized
+(fusedlars.backends.lowbit_state, NOTE [Low-bit state: where values become fp32]). Remainder masters
+(``master_weights="remainder"``): w is the fp32 master rebuilt from the bf16 param and its remainder, and
+the new master is split back (fusedlars.backends.lowbit, NOTE [Master split]).
+
+The per-layer scalars (the trust ratio, LAMB's bias corrections) are the functions
+:func:`lars_layer_scalars`, :func:`lamb_bias_corrections` and :func:`lamb_layer_scalars`, on 0-dim
+float64 tensors; the torch backend's low-bit step calls the same functions, so that its per-layer
+values are the reference's bit for bit given the same norms.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ from __future__ import annotations
 import torch
 
 from ..buckets import Bucket
+from . import lowbit, lowbit_state
 from .config import LambConfig, LarsConfig
 from .formulas import trust_clip, tv_phi_tensor  # noqa: F401  (shared definitions: see .formulas)
 
@@ -101,13 +113,53 @@ def _weights(bucket: Bucket, i: int) -> torch.Tensor:
 
 def _write(bucket: Bucket, i: int, w_new: torch.Tensor, keep: torch.Tensor) -> None:
     """Store new weights (and master weights) unless ``keep`` (skip) is true."""
-    if bucket.master_tensors is not None:
+    if bucket.remainder_tensors is not None:
+        # the new fp32 master, split into the bf16 param and its remainder (lowbit NOTE [Master split])
+        old = bucket.weights(i)
+        m32 = torch.where(keep, old.to(torch.float64), w_new).to(torch.float32)
+        p, r = lowbit.master_split(m32)
+        bucket.param_tensors[i].copy_(p.view(old.shape))
+        bucket.remainder_tensors[i].copy_(r.view(old.shape))
+    elif bucket.master_tensors is not None:
         mv = bucket.master_tensors[i]
         mv.copy_(torch.where(keep, mv.to(torch.float64), w_new).to(mv.dtype))
         bucket.param_tensors[i].copy_(mv.to(bucket.dtype))
     else:
         pv = bucket.param_tensors[i]
         pv.copy_(torch.where(keep, pv.to(torch.float64), w_new).to(pv.dtype))
+
+
+def _state(bucket: Bucket, name: str, i: int) -> torch.Tensor:
+    """The stored state buffer ``name`` of segment i, dequantized exactly, in float64."""
+    v = bucket.state_tensors[name][i].detach()
+    scales = bucket.scale_tensors.get(name)
+    return lowbit_state.decode(name, v, None if scales is None else scales[i]).to(torch.float64)
+
+
+def _store(bucket: Bucket, name: str, i: int, new: torch.Tensor, keep: torch.Tensor) -> None:
+    """Store the new value ``new`` (float64) of state buffer ``name`` of segment i unless ``keep``:
+    rounded to the state dtype, or (low-bit state) to fp32 and then quantized (lowbit_state NOTE [Low-bit
+    state: where values become fp32])."""
+    buf = bucket.state_tensors[name][i]
+    storage = bucket.state_storage
+    if storage == "float32":
+        buf.copy_(torch.where(keep, buf.to(torch.float64), new).to(buf.dtype))
+        return
+    # fp32 (one rounding), its elements in the param's memory order (lowbit_state.mem_flat)
+    x32 = lowbit_state.mem_flat(torch.empty_like(buf, dtype=torch.float32).copy_(new))
+    out = torch.empty_like(buf)
+    if storage == "bfloat16":
+        elem = torch.arange(x32.numel(), dtype=torch.int64, device=x32.device)
+        step = (bucket.step[i] + 1).to(torch.int64)  # the step count once this step is done
+        rand = lowbit_state.words(bucket.seed, step, bucket.param_indices[i], elem, lowbit_state.WORD[name])
+        lowbit_state.mem_flat(out).copy_(lowbit.round_bf16_stochastic(x32, rand))
+        buf.copy_(torch.where(keep, buf, out))
+        return
+    codes, scales = lowbit.quantize_blockwise(x32, lowbit_state.SIGNED[name])
+    lowbit_state.mem_flat(out).copy_(codes)
+    sbuf = bucket.scale_tensors[name][i]
+    buf.copy_(torch.where(keep, buf, out))
+    sbuf.copy_(torch.where(keep, sbuf, scales))
 
 
 def _keep(bucket: Bucket, i: int, cfg) -> torch.Tensor:
@@ -129,53 +181,17 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         adapt = bool(cfg.adapt_enabled) & (bucket.adapt_mask[i] != 0)
         n_w_raw, n_g_raw = _norm(w), _norm(g)
         n_u_raw = _norm(g + lam * w)
-        n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
-        side_raw = n_u_raw if cfg.denominator == "norm_of_sum" else n_g_raw
-        side = torch.clamp(side_raw, cfg.clamp_lo, cfg.clamp_hi)
-        if cfg.denominator == "sum_of_norms":
-            den = side + lam * n_w + cfg.eps
-        else:
-            den = side + cfg.eps
         t = bucket.step[i].to(torch.float64)
-        if cfg.tv is None:
-            phi = torch.ones((), dtype=torch.float64, device=bucket.device)
-        else:
-            phi = tv_phi_tensor(t, *cfg.tv)
-        ratio = cfg.eta * phi * n_w / den
-        if cfg.zero_norm_check == "raw_grad":
-            ok = (n_w_raw > 0) & (n_g_raw > 0)
-        elif cfg.zero_norm_check == "update":
-            ok = (n_w_raw > 0) & (side_raw > 0)
-        else:
-            ok = (n_w_raw > 0) & (den > 0)
-        one = torch.ones((), dtype=torch.float64, device=bucket.device)
-        if cfg.zero_norm == "one":
-            r_adapt = trust_clip(torch.where(ok, ratio, one), cfg, lr)
-            lam_eff = lam
-        else:  # skip: no ratio, no clip and no weight decay on a zero norm
-            r_adapt = torch.where(ok, trust_clip(ratio, cfg, lr), one)
-            lam_eff = torch.where(ok | ~adapt, lam, torch.zeros_like(lam))
-        r = torch.where(adapt, r_adapt, one)
+        r, lam_eff = lars_layer_scalars(cfg, lr, lam, adapt, n_w_raw, n_g_raw, n_u_raw, t)
         if cfg.weight_decay_mode == "l2":
             gp = r * (g + lam_eff * w)
         else:
             gp = r * g
-        mu, d = cfg.momentum, cfg.dampening
         has = bucket.has_state[i] != 0
-        if mu != 0:
-            buf_view = bucket.state_tensors["momentum_buffer"][i]
-            b = buf_view.detach().to(torch.float64)
-            if cfg.momentum_mode == "torch":
-                if cfg.first_step_buffer == "clone":
-                    b_new = torch.where(has, mu * b + (1 - d) * gp, gp)
-                else:
-                    b_new = mu * torch.where(has, b, torch.zeros_like(b)) + (1 - d) * gp
-                upd = gp + mu * b_new if cfg.nesterov else b_new
-                step = lr * upd
-            else:  # classic: lr inside the buffer
-                b_new = mu * torch.where(has, b, torch.zeros_like(b)) + lr * gp
-                step = lr * gp + mu * b_new if cfg.nesterov else b_new
-            buf_view.copy_(torch.where(keep, b, b_new).to(buf_view.dtype))
+        if cfg.momentum != 0:
+            b = _state(bucket, "momentum_buffer", i)
+            b_new, step = lars_momentum(cfg, lr, b, gp, has)
+            _store(bucket, "momentum_buffer", i, b_new, keep)
         else:
             step = lr * gp
         w_new = w - step
@@ -183,6 +199,55 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
             w_new = w_new - lr * lam_eff * w
         _write(bucket, i, w_new, keep)
         _finish(bucket, i, keep, n_w_raw, n_g_raw, n_u_raw, r)
+
+
+def lars_layer_scalars(cfg: LarsConfig, lr, lam, adapt, n_w_raw, n_g_raw, n_u_raw, t):
+    """One layer's trust ratio ``r`` and effective weight decay ``lam_eff`` (0-dim float64) from its
+    norms, its decay ``lam``, whether it is ``adapt``ed and its completed steps ``t``."""
+    n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
+    side_raw = n_u_raw if cfg.denominator == "norm_of_sum" else n_g_raw
+    side = torch.clamp(side_raw, cfg.clamp_lo, cfg.clamp_hi)
+    if cfg.denominator == "sum_of_norms":
+        den = side + lam * n_w + cfg.eps
+    else:
+        den = side + cfg.eps
+    if cfg.tv is None:
+        phi = torch.ones((), dtype=torch.float64, device=n_w.device)
+    else:
+        phi = tv_phi_tensor(t, *cfg.tv)
+    ratio = cfg.eta * phi * n_w / den
+    if cfg.zero_norm_check == "raw_grad":
+        ok = (n_w_raw > 0) & (n_g_raw > 0)
+    elif cfg.zero_norm_check == "update":
+        ok = (n_w_raw > 0) & (side_raw > 0)
+    else:
+        ok = (n_w_raw > 0) & (den > 0)
+    one = torch.ones((), dtype=torch.float64, device=n_w.device)
+    if cfg.zero_norm == "one":
+        r_adapt = trust_clip(torch.where(ok, ratio, one), cfg, lr)
+        lam_eff = lam
+    else:  # skip: no ratio, no clip and no weight decay on a zero norm
+        r_adapt = torch.where(ok, trust_clip(ratio, cfg, lr), one)
+        lam_eff = torch.where(ok | ~adapt, lam, torch.zeros_like(lam))
+    r = torch.where(adapt, r_adapt, one)
+    return r, lam_eff
+
+
+def lars_momentum(cfg: LarsConfig, lr, b, gp, has):
+    """The new buffer ``b_new`` from the old one ``b`` (float64, zeros-as-first-step where not ``has``)
+    and ``g' = gp``, and the weights' step (``w <- w - step``)."""
+    mu, d = cfg.momentum, cfg.dampening
+    if cfg.momentum_mode == "torch":
+        if cfg.first_step_buffer == "clone":
+            b_new = torch.where(has, mu * b + (1 - d) * gp, gp)
+        else:
+            b_new = mu * torch.where(has, b, torch.zeros_like(b)) + (1 - d) * gp
+        upd = gp + mu * b_new if cfg.nesterov else b_new
+        step = lr * upd
+    else:  # classic: lr inside the buffer
+        b_new = mu * torch.where(has, b, torch.zeros_like(b)) + lr * gp
+        step = lr * gp + mu * b_new if cfg.nesterov else b_new
+    return b_new, step
 
 
 def _finish(bucket: Bucket, i: int, keep, n_w, n_g, n_u, r) -> None:
@@ -216,33 +281,52 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         adapt = bool(cfg.adapt_enabled and not cfg.adam) & (bucket.adapt_mask[i] != 0)
         if cfg.weight_decay_mode == "l2":
             g = g + lam * w
-        mv, vv = bucket.state_tensors["exp_avg"][i], bucket.state_tensors["exp_avg_sq"][i]
-        m_old, v_old = mv.detach().to(torch.float64), vv.detach().to(torch.float64)
+        m_old, v_old = _state(bucket, "exp_avg", i), _state(bucket, "exp_avg_sq", i)
         m = b1 * m_old + cfg.beta3 * g
         v = b2 * v_old + (1 - b2) * g * g
         t = bucket.step[i].to(torch.float64) + 1
-        if cfg.bias_correction == "both":
-            bc1, bc2 = 1 - b1**t, 1 - b2**t
-            u = (m / bc1) / (torch.sqrt(v / bc2 + cfg.eps_root) + cfg.eps)
-        else:
-            u = m / (torch.sqrt(v + cfg.eps_root) + cfg.eps)
+        bc = lamb_bias_corrections(cfg, t)
+        u = lamb_direction(cfg, m, v, bc)
         if cfg.weight_decay_mode == "in_update":
             u = u + lam * w
         if cfg.weight_decay_mode == "decoupled":
             w = w * (1 - lr * lam)
         n_w_raw, n_u = _norm(w), _norm(u)
-        n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
-        one = torch.ones((), dtype=torch.float64, device=bucket.device)
-        ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
-        r = torch.where(adapt, trust_clip(ratio, cfg, lr), one)
-        if cfg.bias_correction == "first_outside":
-            s = 1 / (1 - b1**t)
-        elif cfg.bias_correction == "both_outside":
-            s = torch.sqrt(1 - b2**t) / (1 - b1**t)
-        else:
-            s = one
+        r, s = lamb_layer_scalars(cfg, lr, adapt, n_w_raw, n_u, t)
         w_new = w - lr * s * r * u
-        mv.copy_(torch.where(keep, m_old, m).to(mv.dtype))
-        vv.copy_(torch.where(keep, v_old, v).to(vv.dtype))
+        _store(bucket, "exp_avg", i, m, keep)
+        _store(bucket, "exp_avg_sq", i, v, keep)
         _write(bucket, i, w_new, keep)
         _finish(bucket, i, keep, n_w_raw, n_g_raw, n_u, r)
+
+
+def lamb_bias_corrections(cfg: LambConfig, t):
+    """``(1 - b1^t, 1 - b2^t)`` (0-dim float64) for bias_correction="both" at step ``t`` (1 at the
+    first), else None: the direction takes the raw moments."""
+    if cfg.bias_correction != "both":
+        return None
+    return 1 - cfg.beta1**t, 1 - cfg.beta2**t
+
+
+def lamb_direction(cfg: LambConfig, m, v, bc):
+    """The Adam direction from the new moments (float64) and :func:`lamb_bias_corrections`."""
+    if bc is not None:
+        bc1, bc2 = bc
+        return (m / bc1) / (torch.sqrt(v / bc2 + cfg.eps_root) + cfg.eps)
+    return m / (torch.sqrt(v + cfg.eps_root) + cfg.eps)
+
+
+def lamb_layer_scalars(cfg: LambConfig, lr, adapt, n_w_raw, n_u, t):
+    """One layer's trust ratio ``r`` and step scale ``s`` (``w <- w - lr*s*r*u``), 0-dim float64."""
+    b1, b2 = cfg.beta1, cfg.beta2
+    n_w = torch.clamp(n_w_raw, cfg.clamp_lo, cfg.clamp_hi)
+    one = torch.ones((), dtype=torch.float64, device=n_w.device)
+    ratio = torch.where((n_w > 0) & (n_u > 0), n_w / (n_u + cfg.trust_ratio_eps), one)
+    r = torch.where(adapt, trust_clip(ratio, cfg, lr), one)
+    if cfg.bias_correction == "first_outside":
+        s = 1 / (1 - b1**t)
+    elif cfg.bias_correction == "both_outside":
+        s = torch.sqrt(1 - b2**t) / (1 - b1**t)
+    else:
+        s = one
+    return r, s

@@ -36,6 +36,13 @@ shared with other processes, each per-tensor op over 32K elements is a parallel 
 stall for a time slice: prefer fewer threads there.
 
 It runs on any device torch supports and is the fallback when no fused kernel is built.
+
+Low-bit state (issue #26: ``state_dtype`` bf16 / int8) takes a path of its own,
+:mod:`fusedlars.backends.torch_lowbit` (the reference's float64 step vectorized over the bucket, so that
+the quantized state is the reference's bitwise). Remainder masters (``master_weights="remainder"``)
+with fp32 state run here: the fp32 masters are rebuilt into a scratch list before the step and split
+back into the bf16 params and their remainders after it, so the masters are those of
+``master_weights=True`` bit for bit.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from __future__ import annotations
 import torch
 
 from ..buckets import Bucket, same_order
+from . import lowbit, torch_lowbit
 from .config import LambConfig, LarsConfig
 from .formulas import trust_clip, tv_phi_tensor
 
@@ -54,7 +62,12 @@ def available() -> tuple[bool, str]:
 
 
 def supports(kind: str, cfg, bucket: Bucket) -> str | None:
-    """Every configuration runs here (the fallback of backend='auto')."""
+    """Every configuration runs here (the fallback of backend='auto'), except low-bit state of sharded
+    (FSDP2) params or in a compiled step, which no backend steps yet."""
+    if bucket.lowbit_state and bucket.shard is not None and bucket.shard.shard_dims:
+        return "low-bit optimizer state (state_dtype bf16/int8) of FSDP2-sharded params is not supported yet"
+    if bucket.lowbit_state and torch.compiler.is_compiling():
+        return "low-bit optimizer state (state_dtype bf16/int8) does not run in a compiled step yet"
     return None
 
 
@@ -97,15 +110,20 @@ class _Lists:
         self.grads = [b.grad_tensors[i] for i in idx]
         params = [b.param_tensors[i] for i in idx]
         masters = [b.master_tensors[i] for i in idx] if b.master_tensors is not None else None
+        #: master_weights="remainder": the int16 remainders; the masters are a scratch list rebuilt each step
+        rems = [b.remainder_tensors[i] for i in idx] if b.remainder_tensors is not None else None
+        if rems is not None:
+            masters = self.scratch("m")
         state = {name: [lst[i] for i in idx] for name, lst in b.state_tensors.items()}
         key = (
             tuple(map(id, params))
             + (tuple(map(id, masters)) if masters else ())
+            + (tuple(map(id, rems)) if rems else ())
             + tuple(id(t) for lst in state.values() for t in lst)
         )
         if key != self._key:
             self._key = key
-            self.params, self.masters, self._state = params, masters, state
+            self.params, self.masters, self._state, self.remainders = params, masters, state, rems
             self._chunks: dict[tuple[str, ...], tuple[list[torch.Tensor], torch.Tensor]] = {}
 
     def state(self, name: str) -> list[torch.Tensor]:
@@ -212,7 +230,9 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Build the bucket's lists, scratch and chunk tables now (a compiled step must not build them
     in its graph); returns the scratch buffers, so that they can be marked static."""
     L = _lists(bucket)
-    names = ["g", "u"] + ([] if L.weights_direct() else ["w"])
+    if bucket.lowbit_state:  # torch_lowbit builds its tables at its first step
+        return []
+    names = ["g", "u"] + ([] if L.weights_direct() else ["w"]) + (["m"] if L.remainders is not None else [])
     for name in names:
         L.scratch(name)
     for name in bucket.state_tensors:
@@ -343,14 +363,29 @@ def _load_grad(L: _Lists, cfg, sdt, need_copy: bool = False) -> tuple[str, list[
 
 def _load_weights(L: _Lists) -> list[torch.Tensor]:
     W = L.get("w")
-    if not L.weights_direct():
+    if L.remainders is not None and L.n:
+        # the fp32 masters of master_weights="remainder", rebuilt bitwise (lowbit NOTE [Master split])
+        m = lowbit.master_rebuild(_cat_flat(L.params), _cat_flat(L.remainders))
+        torch._foreach_copy_([_flat(t) for t in W], list(m.split([t.numel() for t in W])))
+    elif not L.weights_direct():
         torch._foreach_copy_(W, L.params)
     return W
 
 
 def _store_weights(L: _Lists, W: list[torch.Tensor]) -> None:
-    if W is not L.params:
+    if L.remainders is not None:
+        if L.n:  # split the new masters into the bf16 params and their remainders
+            p, r = lowbit.master_split(_cat_flat(W))
+            sizes = [t.numel() for t in W]
+            torch._foreach_copy_([_flat(t) for t in L.params], list(p.split(sizes)))
+            torch._foreach_copy_([_flat(t) for t in L.remainders], list(r.split(sizes)))
+    elif W is not L.params:
         torch._foreach_copy_(L.params, W)
+
+
+def _cat_flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors' elements in memory order, one after the other (one new tensor)."""
+    return torch.cat([_flat(t) for t in ts])
 
 
 def _keep_s(bucket: Bucket, cfg) -> torch.Tensor | None:
@@ -434,7 +469,10 @@ def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor)
     """A LARS step whose gradients' sums of squares ``g2`` (float64 [S], raw grads) were taken in
     backward (fusedlars.backward_norms): the norms read the weights only, and the update reads g and w
     once. ``||g + lam*w||`` is not taken (its reported u_norm is NaN). False (nothing done) where the
-    step scales the grads (GradScaler, maximize) or its ratio needs that norm (norm_of_sum)."""
+    step scales the grads (GradScaler, maximize) or its ratio needs that norm (norm_of_sum), and for
+    low-bit state (its step takes the reference's norms)."""
+    if bucket.lowbit_state:
+        return False
     if cfg.denominator == "norm_of_sum" or _grad_factor(cfg, bucket.state_dtype) is not None or _found(cfg) is not None:
         return False
     sdt = bucket.state_dtype
@@ -457,6 +495,8 @@ def lars_partials_given_grad_sums(
     [S], raw grads) were taken where FSDP2 set the reduce-scattered grads (fusedlars.backward_norms):
     the weights' sums alone are taken here, the (g + lam*w)^2 row is NaN (not known without reading
     g; only reported, as u_norm). None (nothing done) where lars_step_given_grad_sums declines."""
+    if bucket.lowbit_state:
+        return None
     if cfg.denominator == "norm_of_sum" or _grad_factor(cfg, bucket.state_dtype) is not None or _found(cfg) is not None:
         return None
     sdt = bucket.state_dtype
@@ -560,6 +600,8 @@ def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    if bucket.lowbit_state:
+        return torch_lowbit.lars_step(bucket, cfg)
     ssq, ctx = lars_partials(bucket, cfg)
     lars_apply(bucket, cfg, ssq, ctx)
 
@@ -687,5 +729,7 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
+    if bucket.lowbit_state:
+        return torch_lowbit.lamb_step(bucket, cfg)
     ssq, ctx = lamb_partials(bucket, cfg)
     lamb_apply(bucket, cfg, ssq, ctx)

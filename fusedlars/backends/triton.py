@@ -115,6 +115,9 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     ok, why = available()
     if not ok:
         return why
+    why = bucket.fused_unsupported()  # low-bit state, remainder masters (issue #26): torch backend for now
+    if why:
+        return why
     if bucket.dtype not in FUSED_DTYPES:
         return (
             f"{bucket.dtype} buckets are not fused by the Triton backend (its kernels compute in fp32 and take "

@@ -24,6 +24,7 @@ import torch
 
 from .. import distributed
 from ..backends.clip import global_grad_norm
+from ..backends.lowbit_state import DEFAULT_SEED
 from ..backward_norms import BackwardNorms
 from ..buckets import Bucket, grad_mismatch
 from .compiled import CompiledStep
@@ -178,7 +179,8 @@ class BucketedOptimizer(ParamGroupsMixin, StateDictMixin, torch.optim.Optimizer)
 
     def _build_and_check(self) -> None:
         """Build missing buckets, and check every bucket's params and grads (Bucket.check)."""
-        self._layout.ensure(self.param_groups, self._state_names, self.master_weights)
+        seed = getattr(self, "seed", DEFAULT_SEED)  # stochastic rounding of low-bit state (issue #26)
+        self._layout.ensure(self.param_groups, self._state_names, self.master_weights, seed)
         for b in self.buckets():
             b.check()
 

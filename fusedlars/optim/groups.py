@@ -14,7 +14,7 @@ import torch
 
 from .. import distributed
 from ..backends import choice
-from .options import BOOKKEEPING_KEYS, needs_names, prefers_names
+from .options import BOOKKEEPING_KEYS, check_master_weights, needs_names, prefers_names
 
 #: torch.optim keywords that select an implementation; here optimizer-wide (NOTE [foreach and fused]).
 _IMPL_KEYS = ("foreach", "fused", "differentiable")
@@ -30,8 +30,7 @@ class ParamGroupsMixin:
         """Validate the constructor's optimizer-wide options; the backend request they make
         (fusedlars.backends.choice.implementation, NOTE [foreach and fused])."""
         backend = choice.implementation(self._KIND, backend, foreach, fused, differentiable)
-        if not isinstance(master_weights, bool):
-            raise ValueError(f"{self._KIND}: master_weights must be a bool, got {master_weights!r}.")
+        check_master_weights(self._KIND, master_weights)  # False, True or "remainder" (issue #26)
         for name, v in (("capturable", capturable), ("carry_weight_norms", carry_weight_norms)):
             if not isinstance(v, bool):
                 raise ValueError(f"{type(self).__name__}: {name} must be a bool, got {v!r}.")

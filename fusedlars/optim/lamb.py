@@ -10,8 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from ..backends.clip import set_global_clip
 from ..backends.config import LambConfig
+from ..backends.lowbit_state import DEFAULT_SEED
 from ..backends.protocol import LAMB_KERNELS
 from .base import BucketedOptimizer
 from .lars import step_lr
@@ -19,6 +22,9 @@ from .options import (
     LAMB_DEFAULTS,
     Default,
     bias_correction_value,
+    check_remainder_optimizer,
+    check_remainder_params,
+    check_seed,
     corrected_form,
     passed,
     resolve,
@@ -76,8 +82,11 @@ class LAMB(BucketedOptimizer):
     groups: g / max(1, ||G|| / max_grad_norm)), ``adapt_when``, ``trust_clip`` (``"lambc"`` |
     ``("range", lo, hi)``), ``weight_norm_clamp``, ``trust_ratio_eps`` (a float or ``"eps"``),
     ``eps_root``, ``adam`` (ratio 1), exclusions as in :class:`fusedlars.LARS`. ``backend``,
-    ``master_weights``, ``capturable``, ``foreach``, ``fused`` and ``differentiable`` as in
-    :class:`fusedlars.LARS`. ``bias_correction="both_outside"`` (preset ``"deepspeed_legacy"``) runs
+    ``master_weights`` (False, True or ``"remainder"``), ``capturable``, ``foreach``, ``fused``,
+    ``differentiable``, ``state_dtype`` and ``seed`` as in :class:`fusedlars.LARS`: ``state_dtype``
+    (``torch.float32`` | ``torch.bfloat16`` | ``"int8"``, also a param-group key) stores ``exp_avg`` and
+    ``exp_avg_sq`` (int8: the signed map for exp_avg, the unsigned one for exp_avg_sq, each with its
+    ``<name>_absmax`` scales): 8 / 4 / ~2.03 B/param. ``bias_correction="both_outside"`` (preset ``"deepspeed_legacy"``) runs
     on the ``torch`` and ``reference`` backends only.
     """
 
@@ -97,11 +106,14 @@ class LAMB(BucketedOptimizer):
         capturable: bool = False,
         norms_in_backward: bool = False,
         exclude: Any = Default(False),
+        state_dtype: Any = Default(torch.float32),
+        seed: int = DEFAULT_SEED,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
         **options: Any,
     ) -> None:
+        self.seed = check_seed("LAMB", seed)
         unknown = set(options) - set(LAMB_DEFAULTS)
         if unknown:
             raise TypeError(f"LAMB: unknown option(s) {sorted(unknown)}. Known: {sorted(LAMB_DEFAULTS)}.")
@@ -109,7 +121,9 @@ class LAMB(BucketedOptimizer):
         # bias_correction=True means the preset's corrected form (DeepSpeed's legacy kernel corrects
         # outside the ratio), False means none, as in apex, timm and DeepSpeed
         self._corrected = corrected_form(resolve("LAMB", name, {})["bias_correction"])
-        args = dict(betas=betas, eps=eps, weight_decay=weight_decay, exclude=exclude, **options)
+        args = dict(
+            betas=betas, eps=eps, weight_decay=weight_decay, exclude=exclude, state_dtype=state_dtype, **options
+        )
         explicit = {k: v for k, v in args.items() if passed(v)}
         self._normalize_group(explicit, "")  # the one translation of the aliases, as for a param group
         defaults = resolve("LAMB", name, explicit)
@@ -127,6 +141,7 @@ class LAMB(BucketedOptimizer):
             fused=fused,
             differentiable=differentiable,
         )
+        check_remainder_optimizer("LAMB", self.param_groups, master_weights)
 
     def _normalize_group(self, group, where):
         if "exclude" in group:
@@ -144,6 +159,7 @@ class LAMB(BucketedOptimizer):
                 group["bias_correction"], getattr(self, "_corrected", "both")
             )
         validate_lamb_group(group, where)
+        check_remainder_params("LAMB", where, group, getattr(self, "master_weights", False))
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             raise ValueError(
                 f"LAMB{where}: max_grad_norm clips the global norm over all groups; set it once on the "

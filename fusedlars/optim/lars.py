@@ -17,9 +17,21 @@ import torch
 
 from ..backends.config import LarsConfig
 from ..backends.formulas import TV_DEFAULTS, TV_KEYS
+from ..backends.lowbit_state import DEFAULT_SEED
 from ..backends.protocol import LARS_KERNELS
 from .base import BucketedOptimizer
-from .options import LARS_DEFAULTS, REQUIRED, Default, passed, resolve, trust_clip_spec, validate_lars_group
+from .options import (
+    LARS_DEFAULTS,
+    REQUIRED,
+    Default,
+    check_remainder_optimizer,
+    check_remainder_params,
+    check_seed,
+    passed,
+    resolve,
+    trust_clip_spec,
+    validate_lars_group,
+)
 
 _TV_KEYS = TV_KEYS
 
@@ -123,7 +135,21 @@ class LARS(BucketedOptimizer):
     first_step_buffer: ``"clone"`` | ``"zeros"``
 
     ``backend``: ``"auto"`` | ``"cpu"`` | ``"cuda"`` | ``"triton"`` | ``"torch"`` | ``"reference"``.
-    ``master_weights=True`` keeps fp32 master copies of bf16/fp16 params (saved in ``state_dict``).
+    ``master_weights=True`` keeps fp32 master copies of bf16/fp16 params (saved in ``state_dict``);
+    ``master_weights="remainder"`` (bf16 params) keeps each master as the bf16 param plus an int16
+    remainder (state key ``master_remainder``): the same fp32 masters bit for bit, 2 B/param instead of
+    4. fp32 params beside them need no master; fp16 params are refused (use True).
+    ``state_dtype`` (also a param-group key): the momentum buffer's storage. ``torch.float32`` (default,
+    4 B/param), ``torch.bfloat16`` (2 B/param, stored with stochastic rounding) or ``"int8"`` (uint8
+    dynamic-tree codes ``momentum_buffer`` plus one fp32 scale per 256 elements ``momentum_buffer_absmax``:
+    ~1.02 B/param). The step dequantizes exactly, computes as with fp32 state (the trust ratio from the
+    exact norms) and quantizes the new buffer (fusedlars.backends.lowbit_state, NOTE [Low-bit state: where
+    values become fp32]). ``seed`` (optimizer-wide, saved in ``state_dict``): the key of the stochastic
+    rounding's random bits, drawn per (seed, step, param, element): runs are reproducible and continue
+    bitwise on resume. Low-bit state and remainder masters run on the ``torch`` and ``reference``
+    backends for now (``auto`` picks ``torch``; a named fused backend raises). A state dict loads across
+    state dtypes: fp32 state into a bf16/int8 optimizer is rounded to nearest, low-bit state into an fp32
+    one is dequantized; the optimizer keeps its own ``state_dtype``.
     ``capturable=True`` keeps every per-step value on the device (a float lr becomes a 0-dim tensor
     that LR schedulers update in place), so the step can be captured in a CUDA graph; a step under
     ``torch.compile`` does this by itself (README, "Compiled and captured steps").
@@ -172,11 +198,14 @@ class LARS(BucketedOptimizer):
         weight_decay_filter: bool = Default(False),
         lars_adaptation_filter: bool = Default(False),
         exclude: Any = Default(False),
+        state_dtype: Any = Default(torch.float32),
+        seed: int = DEFAULT_SEED,
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
         **options: Any,
     ) -> None:
+        self.seed = check_seed(type(self).__name__, seed)
         explicit = {
             k: v
             for k, v in dict(
@@ -191,6 +220,7 @@ class LARS(BucketedOptimizer):
                 weight_decay_filter=weight_decay_filter,
                 lars_adaptation_filter=lars_adaptation_filter,
                 exclude=exclude,
+                state_dtype=state_dtype,
             ).items()
             if passed(v)
         }
@@ -219,6 +249,7 @@ class LARS(BucketedOptimizer):
             fused=fused,
             differentiable=differentiable,
         )
+        check_remainder_optimizer(type(self).__name__, self.param_groups, master_weights)
 
     def _default_preset(self) -> str:
         return "default"
@@ -233,6 +264,7 @@ class LARS(BucketedOptimizer):
 
     def _validate_group(self, group, where):
         validate_lars_group(group, where)
+        check_remainder_params(self._KIND, where, group, getattr(self, "master_weights", False))
 
     def _normalize_group(self, group, where):
         lars_aliases(self._KIND, group, where)

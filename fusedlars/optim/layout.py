@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import distributed
+from ..backends.lowbit_state import DEFAULT_SEED
 from ..buckets import Bucket
 from .options import exclusion_fn
 
@@ -64,15 +65,19 @@ class Layout:
         return [(gi, j, b) for gi in sorted(self._groups) for j, b in enumerate(self._groups[gi])]
 
     # -- building --------------------------------------------------------------------------------
-    def ensure(self, param_groups: list[dict[str, Any]], state_names: StateNames, master_weights: bool) -> None:
+    def ensure(
+        self, param_groups: list[dict[str, Any]], state_names: StateNames, master_weights, seed: int = DEFAULT_SEED
+    ) -> None:
         """Build the groups not built yet, and bring built ones up to date with their options
-        (``state_names``: the optimizer kind's per-param state tensors of a group)."""
+        (``state_names``: the optimizer kind's per-param state tensors of a group; ``master_weights``
+        False, True or "remainder"; ``seed``: the stochastic rounding's, Bucket NOTE [Low-bit buckets])."""
         missing = [gi for gi in range(len(param_groups)) if gi not in self._groups]
         if missing:
             errors: list[str] = []
             for gi in missing:
                 try:
-                    self._build(gi, param_groups[gi], state_names(param_groups[gi]), master_weights, errors)
+                    first = sum(len(g["params"]) for g in param_groups[:gi])  # state_dict ids: flat param order
+                    self._build(gi, param_groups[gi], state_names(param_groups[gi]), master_weights, errors, first)
                 except ValueError as e:  # a param the kernels cannot walk (Bucket: NOTE [Dense segments])
                     errors.append(f"{self.kind} (param group {gi}): {e}")
             self._check(param_groups, missing, errors)
@@ -89,11 +94,17 @@ class Layout:
                 self._specs[gi] = spec
             names = state_names(group)
             for b in self._groups[gi]:
-                # momentum switched on (or off) after the buckets were built: state follows at the next refresh
-                b.set_state_names(names)
+                # momentum switched on (or off), or state_dtype changed, after the buckets were built: state
+                # follows at the next refresh
+                b.set_state_names(names, group.get("state_dtype", "float32"))
+                b.seed = seed
+        if missing:
+            for gi in missing:
+                for b in self._groups.get(gi, []):
+                    b.seed = seed
 
-    def _build(self, gi: int, group: dict[str, Any], state_names: tuple[str, ...], master_weights: bool,
-               errors: list[str]) -> None:  # fmt: skip
+    def _build(self, gi: int, group: dict[str, Any], state_names: tuple[str, ...], master_weights,
+               errors: list[str], first: int = 0) -> None:  # fmt: skip
         """Build group ``gi``'s buckets: one per (device, dtype, shard spec). Layout problems go to ``errors``
         (raised by :meth:`_check`, on every rank when DTensors are involved) and leave the group unbuilt."""
         names, wd_ex, ad_ex = _exclusions(group)
@@ -141,6 +152,8 @@ class Layout:
                 wd_excluded=[wd_ex[j] for j in idx],
                 adapt_excluded=[ad_ex[j] for j in idx],
                 shard=specs[key],
+                state_storage=group.get("state_dtype", "float32"),
+                param_indices=[first + j for j in idx],
             )
             for key, idx in by_key.items()
         ]

@@ -19,6 +19,9 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
+from ..backends import lowbit_state
 from ..backends.formulas import TV_DEFAULTS, TV_KEYS
 
 __all__ = [
@@ -32,9 +35,25 @@ __all__ = [
     "mlperf_no_adaptation",
     "validate_lars_group",
     "validate_lamb_group",
+    "STATE_DTYPES",
+    "check_master_weights",
+    "check_seed",
 ]
 
 _INF = math.inf
+
+# ---------------------------------------------------------------------------
+# Low-memory state (issue #26): both kinds
+# ---------------------------------------------------------------------------
+
+#: ``state_dtype`` values (constructor keyword and param-group key), with what they store.
+STATE_DTYPES: dict[str, str] = {
+    "torch.float32": "state in fp32 (fp64 for fp64 params), as torch.optim: the default",
+    "torch.bfloat16": "state in bf16, updated in fp32 and stored with stochastic rounding (Philox bits keyed "
+    "by seed, step, param and element): 2 B per buffer element",
+    "'int8'": "block-wise 8-bit dynamic-tree codes (signed map for momentum / exp_avg, unsigned for "
+    "exp_avg_sq) plus one fp32 absmax per 256-element block: ~1.02 B per buffer element",
+}
 
 # ---------------------------------------------------------------------------
 # LARS
@@ -98,6 +117,8 @@ LARS_DEFAULTS: dict[str, Any] = {
     "first_step_buffer": "clone",
     # TVLARS time-varying factor (None: plain LARS).
     "tv": None,
+    # storage of the momentum buffer (issue #26): torch.float32 | torch.bfloat16 | "int8"
+    "state_dtype": torch.float32,
 }
 
 _NDIM1 = "ndim<=1"  # biases and norm scales, and 0-dim scalars
@@ -269,6 +290,8 @@ LAMB_DEFAULTS: dict[str, Any] = {
     "adam": False,
     "exclude_from_weight_decay": False,
     "exclude_from_adaptation": False,
+    # storage of exp_avg / exp_avg_sq (issue #26): torch.float32 | torch.bfloat16 | "int8"
+    "state_dtype": torch.float32,
 }
 
 LAMB_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -462,6 +485,85 @@ def _check_trust_clip(kind, where, v, allowed):
     )
 
 
+def state_storage(v: Any) -> str | None:
+    """The format name (lowbit_state.STORAGES) of a ``state_dtype`` value, None when it is not one."""
+    try:
+        return lowbit_state.storage_name(v)
+    except (ValueError, TypeError):
+        return None
+
+
+def _check_state_dtype(kind, where, g):
+    """``state_dtype`` and what it needs of the group's params (when the group lists them)."""
+    v = g["state_dtype"]
+    storage = state_storage(v)
+    if storage is None:
+        lines = "; ".join(f"{k}: {d}" for k, d in STATE_DTYPES.items())
+        raise _err(kind, where, f"state_dtype={v!r} is not supported. Choose one of: {lines}.")
+    if storage == "float32":
+        return
+    names = g.get("param_names") or [None] * len(g.get("params", ()))
+    for j, p in enumerate(g.get("params", ())):
+        if isinstance(p, torch.Tensor) and p.dtype == torch.float64:
+            label = f"parameter {names[j]!r}" if names[j] else f"parameter #{j}"
+            raise _err(
+                kind,
+                where,
+                f"state_dtype={v!r} stores the state below fp32, but {label} is float64 (its state is fp64): "
+                "put float64 params in a param group with state_dtype=torch.float32.",
+            )
+
+
+def check_master_weights(kind: str, master_weights: Any) -> None:
+    """``master_weights``: False, True (fp32 masters of bf16/fp16 params) or ``"remainder"``."""
+    if isinstance(master_weights, bool) or master_weights == "remainder":
+        return
+    raise ValueError(
+        f"{kind}: master_weights must be False, True (fp32 masters of bf16/fp16 params) or 'remainder' (bf16 "
+        f"params: the fp32 master kept as the param plus a 16-bit remainder), got {master_weights!r}."
+    )
+
+
+def check_remainder_params(kind: str, where: str, g: Mapping[str, Any], master_weights: Any) -> None:
+    """``master_weights="remainder"`` rebuilds an fp32 master from a bf16 param: an fp16 param cannot
+    hold the top half of an fp32 (its exponent is 5 bits), so it is refused; fp32 / fp64 params are
+    their own masters and need none."""
+    if master_weights != "remainder":
+        return
+    names = g.get("param_names") or [None] * len(g.get("params", ()))
+    for j, p in enumerate(g.get("params", ())):
+        if isinstance(p, torch.Tensor) and p.dtype == torch.float16:
+            label = f"parameter {names[j]!r}" if names[j] else f"parameter #{j}"
+            raise _err(
+                kind,
+                where,
+                f"master_weights='remainder' keeps the fp32 master of a bf16 param as the param plus a 16-bit "
+                f"remainder, but {label} is float16, whose bits are not the top half of an fp32: use "
+                "master_weights=True for float16 params (or train them in bfloat16).",
+            )
+
+
+def check_remainder_optimizer(kind: str, param_groups: list, master_weights: Any) -> None:
+    """``master_weights="remainder"`` on an optimizer without a single bf16 param is a mistake (there is
+    nothing to split): refused, naming the fix."""
+    if master_weights != "remainder":
+        return
+    dtypes = {p.dtype for g in param_groups for p in g["params"]}
+    if dtypes and torch.bfloat16 not in dtypes:
+        raise ValueError(
+            f"{kind}: master_weights='remainder' keeps fp32 masters of bfloat16 params as a 16-bit remainder, "
+            f"but the params are {sorted(str(d) for d in dtypes)}: pass master_weights=False (fp32 params "
+            "are their own masters), or cast the model to bfloat16 first (model.to(torch.bfloat16))."
+        )
+
+
+def check_seed(kind: str, seed: Any) -> int:
+    """The stochastic-rounding seed: an int in [0, 2**64)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"{kind}: seed must be an int in [0, 2**64) (the stochastic rounding's key), got {seed!r}.")
+    return int(seed)
+
+
 def _check_common(kind, where, g):
     _check_float(kind, where, "lr", g["lr"], 0.0, allow_tensor=True, finite=True)
     _check_float(kind, where, "weight_decay", g["weight_decay"], 0.0, finite=True)
@@ -469,6 +571,7 @@ def _check_common(kind, where, g):
         raise _err(kind, where, f"maximize must be a bool, got {g['maximize']!r}.")
     _check_exclude(kind, where, "exclude_from_weight_decay", g["exclude_from_weight_decay"])
     _check_exclude(kind, where, "exclude_from_adaptation", g["exclude_from_adaptation"])
+    _check_state_dtype(kind, where, g)
 
 
 def validate_lars_group(g: Mapping[str, Any], where: str = "") -> None:
