@@ -169,3 +169,61 @@ def quantize_padded(x32: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torc
 def state_bytes(st: dict) -> int:
     """Bytes of the optimizer-state tensors of one param's state dict entry (step counters excluded)."""
     return sum(v.numel() * v.element_size() for k, v in st.items() if k != "step" and isinstance(v, torch.Tensor))
+
+
+#: state keys of the low-bit formats besides the buffers themselves (state_dict loading)
+def is_lowbit_key(key: str) -> bool:
+    return key == REMAINDER_KEY or (key.endswith("_absmax") and key[: -len("_absmax")] in SIGNED)
+
+
+def load_entry(entry: dict, param: torch.Tensor, storage: str, full_dtype: torch.dtype, master_weights) -> bool:
+    """Bring one param's loaded state ``entry`` (tensors already on the param's device) into this
+    optimizer's formats, in place: buffers converted to ``storage`` with round-to-nearest (fp32 into
+    bf16 / int8, bf16 / int8 into fp32: exact), masters between ``master_weight`` (fp32) and
+    ``master_remainder`` (int16) as ``master_weights`` keeps them. Returns False when a saved master
+    is dropped because it is not the param's (its split is not the param: the param is the truth).
+    ValueError when an int8 buffer's scales are missing or of the wrong size."""
+    for name in SIGNED:
+        v = entry.get(name)
+        akey = absmax_key(name)
+        scale = entry.pop(akey, None)
+        if v is None:
+            continue
+        if format_of(v) == "int8":
+            nb = lowbit.num_blocks(v.numel())
+            if not isinstance(scale, torch.Tensor) or tuple(scale.shape) != (nb,):
+                got = tuple(scale.shape) if isinstance(scale, torch.Tensor) else None
+                raise ValueError(
+                    f"int8 state {name!r} needs {akey!r}: {nb} fp32 scales (one per {lowbit.QBLOCK} elements), "
+                    f"got {got}"
+                )
+            scale = scale.to(torch.float32)
+        fmt = format_of(v)
+        if fmt == storage and (storage != "float32" or v.dtype == full_dtype):
+            entry[name] = v
+            if scale is not None:
+                entry[akey] = scale
+            continue
+        stored, new_scale = encode_nearest(name, decode(name, v, scale), storage, full_dtype)
+        entry[name] = stored
+        if new_scale is not None:
+            entry[akey] = new_scale
+    kept = True
+    rem = entry.pop(REMAINDER_KEY, None)
+    remainder = master_weights == "remainder" and param.dtype == torch.bfloat16
+    if rem is not None:
+        if tuple(rem.shape) != tuple(param.shape):
+            raise ValueError(f"{REMAINDER_KEY!r} has shape {tuple(rem.shape)}, the param has {tuple(param.shape)}")
+        if remainder:
+            entry[REMAINDER_KEY] = rem.to(torch.int16)
+        elif master_weights and param.dtype == torch.bfloat16 and "master_weight" not in entry:
+            # the fp32 master the remainder stands for, with the param it was saved beside
+            entry["master_weight"] = lowbit.master_rebuild(param.detach(), rem.to(torch.int16)).view(param.shape)
+    m = entry.pop("master_weight", None) if remainder else None
+    if m is not None and REMAINDER_KEY not in entry:
+        p_bits, r = lowbit.master_split(m.to(torch.float32))
+        if torch.equal(p_bits.view(param.shape), param.detach()):
+            entry[REMAINDER_KEY] = r.view(param.shape)
+        else:
+            kept = False
+    return kept

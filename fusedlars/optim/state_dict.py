@@ -10,14 +10,26 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..backends import lowbit_state
 from ..buckets import state_dtype_for
-from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, presets
+from .options import BOOKKEEPING_KEYS, TORCH_INFRA_KEYS, check_seed, presets
 
 #: Attributes rebuilt from the param groups after a copy (NOTE [Copies]).
 TRANSIENT = ("_layout", "_dispatch", "_compiled", "_bwd")
 
 #: The param-group key of a saved state dict that records the optimizer kind (NOTE [Kinds of state dicts]).
 KIND_KEY = "fusedlars_kind"
+#: ... and the one that records the stochastic rounding's seed (NOTE [Low-bit state in state dicts]).
+SEED_KEY = "fusedlars_seed"
+
+# NOTE: [Low-bit state in state dicts]
+# Every saved group records its ``state_dtype`` (an option) and the optimizer's ``seed`` (SEED_KEY);
+# the state tensors are saved as stored (bf16, uint8 codes with their ``<name>_absmax`` scales, the
+# int16 ``master_remainder``), all loadable with torch.load(weights_only=True). On load the state is
+# brought into THIS optimizer's format (fusedlars.backends.lowbit_state.load_entry: dequantized
+# exactly, then rounded to nearest), and the optimizer keeps its own ``state_dtype``, as it keeps its
+# master_weights: it says how this run stores its state, not what the step computes. The saved seed is
+# adopted, so that a resumed run draws the random bits the uninterrupted one would have.
 
 # NOTE: [Kinds of state dicts]
 # A LARS resumed from a LAMB checkpoint (or the reverse) would load the options both kinds share
@@ -99,6 +111,7 @@ class StateDictMixin:
         sd = super().state_dict()
         for g in sd["param_groups"]:  # NOTE [Kinds of state dicts]
             g[KIND_KEY] = self._KIND
+            g[SEED_KEY] = getattr(self, "seed", lowbit_state.DEFAULT_SEED)  # NOTE [Low-bit state in state dicts]
         skip = self._unstepped()
         if skip:
             order = [p for group in self.param_groups for p in group["params"]]  # torch's packed ids
@@ -148,6 +161,8 @@ class StateDictMixin:
                     f"{len(sg['params'])}: it comes from a different parameter layout."
                 )
             id_map.update(zip(sg["params"], g["params"]))
+        storage = {id(p): lowbit_state.storage_name(g.get("state_dtype", "float32")) for g in self.param_groups
+                   for p in g["params"]}  # fmt: skip
         new_state: dict[torch.Tensor, dict[str, Any]] = {}
         ignored: set[str] = set()
         dropped: list = []  # params whose saved master is not (or no longer) the master of the param
@@ -167,20 +182,31 @@ class StateDictMixin:
                             f"{tuple(p.shape)}: the state dict comes from a different parameter layout."
                         )
                     sdt = torch.float32 if key == "master_weight" else state_dtype_for(p.dtype)
+                    if v.dtype in (torch.bfloat16, torch.uint8) and key != "master_weight":
+                        sdt = v.dtype  # low-bit state: converted below (NOTE [Low-bit state in state dicts])
                     out[key] = v.detach().to(device=p.device, dtype=sdt, copy=True)
-                    if key == "master_weight" and not self._keeps_master(p, out[key]):
+                    if key == "master_weight" and self.master_weights == "remainder" and p.dtype == torch.bfloat16:
+                        pass  # split into a remainder below
+                    elif key == "master_weight" and not self._keeps_master(p, out[key]):
                         del out[key]
                         dropped.append(pid)
                 elif key == "step":
                     out["step"] = torch.as_tensor(v, dtype=torch.float32).detach().clone().reshape(())
+                elif lowbit_state.is_lowbit_key(key) and isinstance(v, torch.Tensor):
+                    out[key] = v.detach().to(device=p.device, copy=True)
                 else:
                     ignored.add(key)
+            try:
+                if not lowbit_state.load_entry(out, p, storage[id(p)], state_dtype_for(p.dtype), self.master_weights):
+                    dropped.append(pid)
+            except ValueError as e:
+                raise ValueError(f"{k}: state of param id {pid}: {e}: the state dict is malformed.") from None
             new_state[p] = out
         new_groups = []
         for gi, (g, sg) in enumerate(zip(self.param_groups, saved_groups)):
             ng = dict(g)
             for key, v in sg.items():
-                if key in ("params", KIND_KEY):
+                if key in ("params", KIND_KEY, SEED_KEY, "state_dtype"):  # NOTE [Low-bit state in state dicts]
                     continue
                 if key == "preset" and v not in presets()[k]:
                     raise ValueError(
@@ -206,10 +232,14 @@ class StateDictMixin:
                 ),
                 stacklevel=2,
             )
+        seeds = {sg[SEED_KEY] for sg in saved_groups if SEED_KEY in sg}
+        seed = check_seed(k, seeds.pop()) if len(seeds) == 1 else None
         # -- nothing above mutated the optimizer; now commit
         for g, ng in zip(self.param_groups, new_groups):
             g.clear()
             g.update(ng)
+        if seed is not None:
+            self.seed = seed
         # NOTE: [Loading in place]
         # Where a param already has state of the same keys and shapes, the loaded values are copied
         # into the existing tensors (and "step" into its bucket table), so that a compiled step, whose
