@@ -109,10 +109,31 @@ def build_record() -> dict:
     }
 
 
+def write_option_fields_header() -> None:
+    """Regenerate csrc/option_fields.h from the table of fusedlars/backends/option_fields.py (it is rewritten
+    only when its text changes). The table module imports only its sibling codes.py, so it is loaded from
+    its folder as a package of its own, without importing fusedlars (whose extension is being built)."""
+    import importlib
+    import types
+
+    pkg = types.ModuleType("_fusedlars_option_tables")
+    pkg.__path__ = [os.path.join(ROOT, "fusedlars", "backends")]
+    sys.modules[pkg.__name__] = pkg
+    try:
+        importlib.import_module(f"{pkg.__name__}.option_fields").write_header(
+            os.path.join(ROOT, "csrc", "option_fields.h")
+        )
+    finally:
+        for name in [n for n in sys.modules if n == pkg.__name__ or n.startswith(pkg.__name__ + ".")]:
+            del sys.modules[name]
+
+
 class build_ext(BuildExtension.with_options(use_ninja=True)):
-    """torch's BuildExtension, plus the build record next to the built extension."""
+    """torch's BuildExtension, after regenerating csrc/option_fields.h, plus the build record next to the
+    built extension."""
 
     def run(self):
+        write_option_fields_header()
         super().run()
         text = (
             '"""Written by setup.py when fusedlars._C was built (do not edit; not in git)."""\n\n'

@@ -34,6 +34,8 @@
 
 #include <cmath>
 
+#include "option_fields.h"
+
 #if defined(__CUDACC__)
 #define FUSEDLARS_HD __host__ __device__
 #define FUSEDLARS_INLINE __forceinline__
@@ -46,8 +48,8 @@ namespace fusedlars {
 
 // ---------------------------------------------------------------------------------------------
 // option codes: the values of the tables of fusedlars/backends/codes.py (tests/test_one_source.py checks
-// each enum against its table); fusedlars/backends/packing.py writes them into the int[] `modes` argument
-// of the ops, decoded in csrc/option_decode.h.
+// each enum against its table); fusedlars/backends/option_fields.py writes them into the int[] `modes`
+// argument of the ops, decoded in csrc/option_decode.h.
 
 enum Denominator : int { kSumOfNorms = 0, kNormOfSum = 1, kGradOnly = 2 };
 enum LarsWdMode : int { kLarsL2 = 0, kLarsRatioOnly = 1, kLarsDecoupled = 2 };
@@ -59,20 +61,24 @@ enum FirstStepBuffer : int { kFirstClone = 0, kFirstZeros = 1 };
 enum BiasCorrection : int { kBcBoth = 0, kBcNone = 1, kBcFirstOutside = 2 };
 enum LambWdMode : int { kLambInUpdate = 0, kLambL2 = 1, kLambDecoupled = 2 };
 
-// The resolved options of a LARS param group (plain data: copied by value to any device).
+// The resolved options of a LARS / LAMB param group (plain data: copied by value to any device). Their
+// members are the rows of the table of fusedlars/backends/option_fields.py, through the X-macros of the
+// header generated from it (csrc/option_fields.h): doubles first, then ints, each in the table's order.
+#define FUSEDLARS_DOUBLE_MEMBER(name, index) double name;
+#define FUSEDLARS_INT_MEMBER(name, index) int name;
+
 struct LarsOptions {
-  double momentum, dampening, weight_decay, eta, eps;
-  double clamp_lo, clamp_hi, clip_lo, clip_hi;
-  double tv_lmbda, tv_alpha, tv_shift, tv_gamma_min, tv_gate;
-  int nesterov, maximize, denominator, wd_mode, zero_norm, zero_norm_check, trust_clip;
-  int adapt_enabled, momentum_mode, first_step_buffer, tv_on;
+  FUSEDLARS_LARS_HYPER(FUSEDLARS_DOUBLE_MEMBER)
+  FUSEDLARS_LARS_MODES(FUSEDLARS_INT_MEMBER)
 };
 
 struct LambOptions {
-  double beta1, beta2, beta3, eps, eps_root, weight_decay;
-  double clamp_lo, clamp_hi, clip_lo, clip_hi, trust_ratio_eps;
-  int maximize, bias_correction, wd_mode, adapt_enabled, trust_clip, adam;
+  FUSEDLARS_LAMB_HYPER(FUSEDLARS_DOUBLE_MEMBER)
+  FUSEDLARS_LAMB_MODES(FUSEDLARS_INT_MEMBER)
 };
+
+#undef FUSEDLARS_DOUBLE_MEMBER
+#undef FUSEDLARS_INT_MEMBER
 
 // ---------------------------------------------------------------------------------------------
 // scalar helpers (NaN-propagating like torch.clamp: a NaN ratio stays NaN)

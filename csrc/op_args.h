@@ -1,7 +1,7 @@
 // The ops' `hyper` (float[]) / `modes` (int[]) arguments as LarsOptions / LambOptions (lars_math.h),
 // for the CPU (csrc/cpu/optim_cpu.cpp) and CUDA (csrc/cuda/ops_cuda.cpp) op implementations: the
 // torch-free decoder of csrc/option_decode.h behind a TORCH_CHECK on the list lengths. The order is
-// the one fusedlars/backends/packing.py writes.
+// the table's of fusedlars/backends/option_fields.py.
 #pragma once
 
 #include <c10/util/ArrayRef.h>

@@ -42,6 +42,7 @@ EMU_FILES = sorted((CSRC / "emu").rglob("*.h")) + [
     CSRC / "cuda" / "launch.h",
     CSRC / "lars_math.h",
     CSRC / "option_decode.h",
+    CSRC / "option_fields.h",
 ]
 #: what each emulation library is made of: (kernel source with <<<>>> launches, plain C++ sources)
 LIBS = {

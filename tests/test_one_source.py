@@ -1,7 +1,9 @@
 """One source per formula and per code table (fusedlars/backends/codes.py, fusedlars/backends/formulas.py).
 
-* The C++ option enums of csrc/lars_math.h and the list lengths of csrc/option_decode.h are parsed
-  and compared with the Python tables (the only definition of each code).
+* The C++ option enums of csrc/lars_math.h are parsed and compared with the Python tables (the only
+  definition of each code). The option structs' members, the ops' option lists and their decoder come
+  from the one table of fusedlars/backends/option_fields.py: the committed csrc/option_fields.h is
+  what it generates, and a C++ program decodes a packed config member by member.
 * The Triton kernels' constexpr mode names are built from the same tables, and no mode comparison
   in fusedlars/backends/triton_kernels.py is written as a literal.
 * The kernels' in-kernel copies of ``phi_t`` (C++, Triton) and the torch / reference backends give
@@ -12,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
@@ -23,7 +26,7 @@ import torch
 
 import fusedlars
 from fusedlars import backends, schedules
-from fusedlars.backends import codes, formulas, packing
+from fusedlars.backends import codes, formulas, option_fields, packing
 from fusedlars.backends.config import LambConfig, LarsConfig
 from fusedlars.optim import lars, options
 
@@ -52,16 +55,8 @@ def test_cpp_enums_are_the_python_tables():
         assert [v for _, v in enums[name]] == list(table.values()), name
 
 
-def test_cpp_list_lengths_are_the_python_ones():
-    text = (CSRC / "option_decode.h").read_text()
-    got = {k: int(v) for k, v in re.findall(r"(k(?:Lars|Lamb)(?:Hyper|Modes))\s*=\s*(\d+)", text)}
-    assert got == {
-        "kLarsHyper": codes.LARS_HYPER,
-        "kLarsModes": codes.LARS_MODES,
-        "kLambHyper": codes.LAMB_HYPER,
-        "kLambModes": codes.LAMB_MODES,
-    }
-    lars = LarsConfig(
+def _lars_config(**kw) -> LarsConfig:
+    base = dict(
         lr=0.1,
         momentum=0.9,
         dampening=0.0,
@@ -84,9 +79,11 @@ def test_cpp_list_lengths_are_the_python_ones():
         first_step_buffer="clone",
         tv=tuple(formulas.TV_DEFAULTS.values()),
     )
-    hyper, modes = packing.lars_options(lars)
-    assert (len(hyper), len(modes)) == (codes.LARS_HYPER, codes.LARS_MODES)
-    lamb = LambConfig(
+    return LarsConfig(**{**base, **kw})
+
+
+def _lamb_config(**kw) -> LambConfig:
+    base = dict(
         lr=0.1,
         beta1=0.9,
         beta2=0.999,
@@ -106,20 +103,130 @@ def test_cpp_list_lengths_are_the_python_ones():
         trust_ratio_eps=0.0,
         adam=False,
     )
-    hyper, modes = packing.lamb_options(lamb)
-    assert (len(hyper), len(modes)) == (codes.LAMB_HYPER, codes.LAMB_MODES)
+    return LambConfig(**{**base, **kw})
+
+
+def test_committed_option_header_is_the_tables():
+    """csrc/option_fields.h is generated from option_fields' table (setup.py regenerates it before a build);
+    the committed file must be what the generator writes now."""
+    assert (CSRC / "option_fields.h").read_text() == option_fields.header(), (
+        "csrc/option_fields.h is stale: run `python -m fusedlars.backends.option_fields` and commit it"
+    )
+
+
+def test_option_structs_and_decoders_are_built_from_the_header():
+    """No hand-written member list or list position is left in the C++ structs and decoders."""
+    math_h = (CSRC / "lars_math.h").read_text()
+    for kind, struct in option_fields.STRUCTS.items():
+        body = re.search(rf"struct {struct} \{{(.*?)\}};", math_h, re.S).group(1)
+        assert [ln.strip() for ln in body.strip().splitlines()] == [
+            f"FUSEDLARS_{kind}_HYPER(FUSEDLARS_DOUBLE_MEMBER)",
+            f"FUSEDLARS_{kind}_MODES(FUSEDLARS_INT_MEMBER)",
+        ]
+    decode = (CSRC / "option_decode.h").read_text()
+    assert not re.search(r"(hyper|modes)\[\d+\]", decode), "a list position written by hand"
+    assert not re.search(r"k(Lars|Lamb)(Hyper|Modes)\s*=", decode), "a list length written by hand"
+
+
+def _lars_distinct():
+    return _lars_config(
+        momentum=0.5, dampening=0.25, nesterov=True, weight_decay=0.125, eta=2.0, eps=3.0, maximize=True,
+        denominator="norm_of_sum", weight_decay_mode="decoupled", zero_norm="skip", zero_norm_check="denominator",
+        clamp_lo=4.0, clamp_hi=5.0, trust_clip="range", clip_lo=6.0, clip_hi=7.0, adapt_enabled=True,
+        momentum_mode="classic", first_step_buffer="zeros", tv=(8.0, 9.0, 10.0, 11.0, 12),
+    )  # fmt: skip
+
+
+def _lamb_distinct():
+    return _lamb_config(
+        beta1=0.5, beta2=0.75, beta3=0.125, eps=2.0, eps_root=3.0, weight_decay=4.0, maximize=True,
+        bias_correction="first_outside", weight_decay_mode="decoupled", adapt_enabled=True, clamp_lo=5.0,
+        clamp_hi=6.0, trust_clip="lambc", clip_lo=7.0, clip_hi=8.0, trust_ratio_eps=9.0, adam=True,
+    )  # fmt: skip
+
+
+# every member of the option structs, by the name it has in C++, with the value the config above gives it
+EXPECT_MEMBERS = {
+    "LARS": dict(
+        momentum=0.5, dampening=0.25, weight_decay=0.125, eta=2.0, eps=3.0, clamp_lo=4.0, clamp_hi=5.0, clip_lo=6.0,
+        clip_hi=7.0, tv_lmbda=8.0, tv_alpha=9.0, tv_shift=10.0, tv_gamma_min=11.0, tv_gate=12.0, nesterov=1,
+        maximize=1, denominator=1, wd_mode=2, zero_norm=1, zero_norm_check=2, trust_clip=3, adapt_enabled=1,
+        momentum_mode=1, first_step_buffer=1, tv_on=1,
+    ),
+    "LAMB": dict(
+        beta1=0.5, beta2=0.75, beta3=0.125, eps=2.0, eps_root=3.0, weight_decay=4.0, clamp_lo=5.0, clamp_hi=6.0,
+        clip_lo=7.0, clip_hi=8.0, trust_ratio_eps=9.0, maximize=1, bias_correction=2, wd_mode=2, adapt_enabled=1,
+        trust_clip=2, adam=1,
+    ),
+}  # fmt: skip
+
+
+def test_cpp_decoder_round_trip(tmp_path):
+    """A config whose options all differ, packed by the table and decoded by csrc/option_decode.h in a C++
+    program: every struct member (named as the C++ code names it, written here by hand) holds its value."""
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    src = ['#include "option_decode.h"', "#include <cstdio>", "using namespace fusedlars;", "int main() {"]
+    for kind, cfg in (("LARS", _lars_distinct()), ("LAMB", _lamb_distinct())):
+        struct = option_fields.STRUCTS[kind]
+        hyper, modes = option_fields.pack(kind, cfg)
+        src.append("{")
+        src.append(f"double h[] = {{{', '.join(repr(float(x)) for x in hyper)}}};")
+        src.append(f"int64_t m[] = {{{', '.join(str(int(x)) for x in modes)}}};")
+        src.append(f"{struct} o; if (!decode_{kind.lower()}_options(h, {len(hyper)}, m, {len(modes)}, o)) return 1;")
+        src.append(f"if (decode_{kind.lower()}_options(h, {len(hyper) - 1}, m, {len(modes)}, o)) return 2;")
+        for name in EXPECT_MEMBERS[kind]:
+            src.append(f'std::printf("{kind} {name} %.17g\\n", (double)o.{name});')
+        src.append("}")
+    src.append("return 0; }")
+    (tmp_path / "t.cpp").write_text("\n".join(src))
+    subprocess.run([cxx, "-std=c++17", f"-I{CSRC}", str(tmp_path / "t.cpp"), "-o", str(tmp_path / "t")], check=True)
+    out = subprocess.run([str(tmp_path / "t")], check=True, capture_output=True, text=True).stdout
+    got = {}
+    for line in out.splitlines():
+        kind, name, v = line.split()
+        got.setdefault(kind, {})[name] = float(v)
+    assert got == {k: {n: float(v) for n, v in d.items()} for k, d in EXPECT_MEMBERS.items()}
+
+
+def test_every_config_option_is_a_row():
+    """Each option of the resolved configs reaches the kernels through a row of the table: the attributes
+    the rows read are the configs' fields, but for the per-step values and the host-side flags."""
+
+    class Recorder:
+        def __init__(self, cfg):
+            self.cfg, self.read = cfg, set()
+
+        def __getattr__(self, name):
+            self.read.add(name)
+            return getattr(self.cfg, name)
+
+    host_side = {"lr", "inv_scale", "found_inf", "clip_coef", "carry_w"}
+    for kind, cfg in (("LARS", _lars_distinct()), ("LAMB", _lamb_distinct())):
+        rec = Recorder(cfg)
+        for f in option_fields.TABLES[kind]:
+            f.value(rec)
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        assert rec.read == fields - host_side, kind
+        for f in option_fields.TABLES[kind]:
+            assert f.codes is None or any(f.codes is t for t, _ in codes.CPP_ENUMS.values()), f.name
 
 
 def test_packing_and_triton_mom_use_the_tables():
-    for name in ("DENOMINATOR", "LARS_WD", "ZERO_NORM", "ZERO_CHECK", "CLIP", "MOMENTUM", "FIRST", "BIAS", "LAMB_WD"):
-        assert getattr(packing, name) is getattr(codes, name)
+    assert packing.lars_options(_lars_distinct()) == option_fields.pack("LARS", _lars_distinct())
+    hyper, modes = packing.lamb_options(_lamb_distinct())
+    assert dict(zip(EXPECT_MEMBERS["LAMB"], hyper + modes)) == EXPECT_MEMBERS["LAMB"]
     assert codes.triton_mom(0.0, "torch") == codes.triton_mom(0.0, "classic") == codes.MOM_NONE
     assert codes.triton_mom(0.9, "torch") != codes.triton_mom(0.9, "classic")
     assert codes.MOM_NONE not in codes.MOM.values()
 
 
 def test_triton_constexprs_come_from_the_tables():
-    src = (ROOT / "fusedlars" / "kernels" / "triton_kernels.py").read_text()
+    src = (ROOT / "fusedlars" / "backends" / "triton_kernels.py").read_text()
     literal = re.findall(r"\b(?:den_mode|wd_mode|check_mode|clip_mode|MOM|BC)\s*[!=]=\s*\d", src)
     assert not literal, f"mode codes compared as literals: {literal}"
     tk = pytest.importorskip("fusedlars.backends.triton_kernels")

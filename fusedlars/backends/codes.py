@@ -1,12 +1,13 @@
 """The option codes the compiled kernels take: one table per option, the only definition.
 
-Each table maps an option's Python value (as the resolved configs of :mod:`.common` hold it) to
+Each table maps an option's Python value (as the resolved configs of :mod:`.config` hold it) to
 the int the kernels receive. They are, in order, the enums of ``csrc/lars_math.h`` (the C++ CPU and
 CUDA kernels; :data:`CPP_ENUMS` names each one and its enumerators, and
 ``tests/test_one_source.py`` parses the header and checks it against these tables) and the
-runtime mode ints of the Triton kernels (``fusedlars/backends/triton_kernels.py`` builds its
-``tl.constexpr`` names from these tables). :mod:`.packing` writes them into the ops' ``modes``
-lists; the Triton backend passes them as kernel arguments.
+mode codes of the Triton kernels (``fusedlars/backends/triton_kernels.py`` builds its
+``tl.constexpr`` names from these tables). The table of option fields (:mod:`.option_fields`) names
+the code table of each field it encodes; the ops' ``modes`` lists and the Triton kernels' ``opts``
+tuples are derived from it.
 
 The one encoding that differs is Triton's ``MOM`` constexpr: it folds "the group has a momentum
 buffer" (``momentum != 0``, a separate float for the C++ kernels) into the momentum mode so that
@@ -40,9 +41,6 @@ CPP_ENUMS = {
     "BiasCorrection": (BIAS, ("kBcBoth", "kBcNone", "kBcFirstOutside")),
     "LambWdMode": (LAMB_WD, ("kLambInUpdate", "kLambL2", "kLambDecoupled")),
 }
-
-#: Lengths of the ops' ``hyper`` / ``modes`` lists (``kLarsHyper`` ... of ``csrc/option_decode.h``).
-LARS_HYPER, LARS_MODES, LAMB_HYPER, LAMB_MODES = 14, 11, 11, 6
 
 #: Triton's ``MOM`` constexpr: no momentum buffer, else 1 + :data:`MOMENTUM` of the mode.
 MOM_NONE = 0
