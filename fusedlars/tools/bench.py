@@ -35,6 +35,10 @@ out: NOTE [Unreliable ratios]) says so and asks for a rerun on a quiet machine. 
 slow down more than ours on a loaded machine (OpenMP threads spinning at every parallel region):
 docs/numbers.md, "Under load".
 
+``--state-dtype float32,bfloat16,int8`` (issue #26) adds ``fusedlars[torch,<state dtype>]``: the
+optimizer with each optimizer-state storage on the ``torch`` backend (the one that runs low-bit state
+so far), side by side with the others; compare them with each other as ratios.
+
 The engine is importable from the installed package (it does not use the repository's
 ``bench/`` folder); :func:`run` returns the JSON-able result that ``--json`` writes.
 """
@@ -274,8 +278,37 @@ def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
     return prime
 
 
+def _state_dtype_variants(optimizer: str, state_dtypes: list[str]) -> list[Variant]:
+    """``--state-dtype``: the optimizer on the torch backend with each optimizer-state storage."""
+    import fusedlars
+
+    h = HYPER[optimizer]
+    out: list[Variant] = []
+    for sd in state_dtypes:
+        value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}[sd]
+        if optimizer in ("lars", "tvlars"):
+            cls = fusedlars.LARS if optimizer == "lars" else fusedlars.TVLARS
+            kw = dict(lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"])
+            make = lambda p, kw=kw, cls=cls, v=value: cls(p, backend="torch", state_dtype=v, **kw)  # noqa: E731
+            algo = "lars"
+        else:
+            kw = dict(lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
+            make = lambda p, kw=kw, v=value: fusedlars.LAMB(p, backend="torch", state_dtype=v, **kw)  # noqa: E731
+            algo = "lamb"
+        out.append(Variant(f"fusedlars[torch,{sd}]", "fusedlars", algo, make, f"state_dtype={sd}, torch backend"))
+    return out
+
+
+#: --state-dtype choices
+STATE_DTYPE_CHOICES = ("float32", "bfloat16", "int8")
+
+
 def build_variants(
-    optimizer: str, backends: list[str], norms_in_backward: bool = False, clip: bool = False
+    optimizer: str,
+    backends: list[str],
+    norms_in_backward: bool = False,
+    clip: bool = False,
+    state_dtypes: list[str] | None = None,
 ) -> tuple[list[Variant], list[tuple[str, str]]]:
     """The fusedlars variants plus the references for ``optimizer`` ("lars" | "tvlars" | "lamb"), and
     the ``--norms-in-backward`` / ``--clip`` variants (:func:`_extra_variants`) when asked."""
@@ -353,7 +386,8 @@ def build_variants(
         )
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose lars, tvlars or lamb")
-    return out + _extra_variants(optimizer, backends, norms_in_backward, clip), skipped
+    extra = _extra_variants(optimizer, backends, norms_in_backward, clip)
+    return out + extra + _state_dtype_variants(optimizer, state_dtypes or []), skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,6 +507,7 @@ def run(
     grads: str = "kept",
     norms_in_backward: bool = False,
     clip: bool = False,
+    state_dtypes: list[str] | None = None,
 ) -> dict[str, Any]:
     """Benchmark and return the results (the ``--json`` document).
 
@@ -502,7 +537,7 @@ def run(
     n = count_params(shp)
 
     backends, skipped = fused_backends(backend, dev, n)
-    variants, skipped2 = build_variants(optimizer, backends, norms_in_backward, clip)
+    variants, skipped2 = build_variants(optimizer, backends, norms_in_backward, clip, state_dtypes)
     skipped += skipped2
 
     from .shapes import _available_bytes
@@ -1019,6 +1054,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         "norms are recorded before the timed steps, as backward's hooks would leave them)",
     )
     ap.add_argument(
+        "--state-dtype",
+        nargs="?",
+        const=",".join(STATE_DTYPE_CHOICES),
+        default=None,
+        metavar="LIST",
+        help="also time the optimizer with each optimizer-state storage on the torch backend (issue #26): a comma "
+        f"list of {', '.join(STATE_DTYPE_CHOICES)} (default when given without a value: all three)",
+    )
+    ap.add_argument(
         "--clip",
         action="store_true",
         help="also time clipping steps: LARS with opt.clip_grad_norm_(1.0) vs torch's clip_grad_norm_ + fused "
@@ -1063,4 +1107,15 @@ def _run_args(args: argparse.Namespace) -> dict[str, Any]:
         grads=getattr(args, "grads", "kept"),
         norms_in_backward=getattr(args, "norms_in_backward", False),
         clip=getattr(args, "clip", False),
+        state_dtypes=_state_dtypes(getattr(args, "state_dtype", None)),
     )
+
+
+def _state_dtypes(spec: str | None) -> list[str] | None:
+    if spec is None:
+        return None
+    out = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [s for s in out if s not in STATE_DTYPE_CHOICES]
+    if bad or not out:
+        raise ValueError(f"--state-dtype {spec!r}: choose a comma list of {', '.join(STATE_DTYPE_CHOICES)}")
+    return out

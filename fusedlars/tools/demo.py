@@ -18,6 +18,10 @@ per-layer statistics with :class:`~fusedlars.stats.StatsLogger` to ``<out>/stats
 Outputs: a results table (final test accuracy, steps to the target accuracy, median ms per
 ``opt.step()``), ``<out>/loss.png``, ``<out>/trust_ratio.png`` and ``<out>/results.json``.
 
+``--state-dtype bfloat16`` / ``int8`` (issue #26) stores the fusedlars optimizers' state in bf16
+(stochastic rounding) or block-wise 8-bit codes instead of fp32; training should end where fp32
+state does (tests/test_low_memory_state.py checks it over seeds).
+
 scikit-learn, matplotlib and rich are imported lazily: ``pip install "fusedlars[demo]"``.
 """
 
@@ -43,6 +47,8 @@ from .plot import draw_stats, pyplot, read_stats_csv, require
 __all__ = ["DemoConfig", "OPTIMIZERS", "DEFAULT_LR", "run", "format_table", "add_arguments", "main"]
 
 OPTIMIZERS = ("sgd", "lars", "tvlars", "lamb")
+#: --state-dtype choices and the optimizers' state_dtype values
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}
 LABELS = {"sgd": "SGD+momentum", "lars": "LARS", "tvlars": "TVLARS", "lamb": "LAMB"}
 
 #: Peak learning rates for batch 512 on digits (tuned on this demo: see README).
@@ -69,8 +75,12 @@ class DemoConfig:
     quick: bool = False
     progress: bool = True
     threads: int = 1
+    #: the fusedlars optimizers' state storage (issue #26): "float32" | "bfloat16" | "int8"
+    state_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={self.state_dtype!r}: choose from {', '.join(STATE_DTYPES)}")
         self.optimizers = tuple(self.optimizers)
         bad = [o for o in self.optimizers if o not in OPTIMIZERS]
         if bad or not self.optimizers:
@@ -147,20 +157,23 @@ def make_optimizer(name: str, model: nn.Module, cfg: DemoConfig, total_steps: in
     lr = cfg.peak_lr(name)
     groups = fusedlars.param_groups(model, weight_decay=WEIGHT_DECAY)
     warmup = int(round(cfg.warmup_frac * total_steps))
+    sd = {} if cfg.state_dtype == "float32" else {"state_dtype": STATE_DTYPES[cfg.state_dtype]}
+    note = "" if not sd else f", {cfg.state_dtype} state"
     if name == "sgd":
         opt = torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        note = ""
     elif name == "lars":
-        opt = fusedlars.LARS(groups, lr=lr, momentum=0.9)
+        opt = fusedlars.LARS(groups, lr=lr, momentum=0.9, **sd)
     elif name == "lamb":
-        opt = fusedlars.LAMB(groups, lr=lr)
+        opt = fusedlars.LAMB(groups, lr=lr, **sd)
     elif name == "tvlars":
         lmbda = TV_DECAY / total_steps
-        opt = fusedlars.TVLARS(groups, lr=lr, lmbda=lmbda)
-        return opt, None, f"lr {lr:g} constant, lmbda {lmbda:.3g}, no warm-up"
+        opt = fusedlars.TVLARS(groups, lr=lr, lmbda=lmbda, **sd)
+        return opt, None, f"lr {lr:g} constant, lmbda {lmbda:.3g}, no warm-up{note}"
     else:  # pragma: no cover - validated in DemoConfig
         raise ValueError(name)
     sched = WarmupCosine(opt, warmup_steps=warmup, total_steps=total_steps)
-    return opt, sched, f"peak lr {lr:g}, warm-up {warmup} steps + cosine"
+    return opt, sched, f"peak lr {lr:g}, warm-up {warmup} steps + cosine{note}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,6 +460,13 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         help="torch threads while training (default 1: the model is tiny, and extra threads "
         "only add contention on a shared machine)",
     )
+    ap.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=tuple(STATE_DTYPES),
+        help="optimizer-state storage of the fusedlars optimizers (issue #26; default float32): bfloat16 "
+        "(stochastic rounding) or int8 (block-wise dynamic-tree codes); runs on the torch backend",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny configuration (2 epochs) for tests")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -464,6 +484,7 @@ def main(args: argparse.Namespace) -> int:
             quick=args.quick,
             progress=not args.no_progress,
             threads=args.threads,
+            state_dtype=getattr(args, "state_dtype", "float32"),
         )
         require("sklearn", "fusedlars demo")
         require("matplotlib", "fusedlars demo")
