@@ -75,6 +75,7 @@ def _cxx_flags() -> list[str]:
     raise AssertionError("setup.py has no cxx_flags list")
 
 
+@pytest.mark.slow  # ~50 s of compiling on 2 cores; CI's slow lane runs it
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "generic"])
 def test_cpu_kernels_compile_without_warnings(isa, tmp_path):
     cxx = os.environ.get("CXX", "c++")
