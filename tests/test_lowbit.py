@@ -158,6 +158,21 @@ def test_philox_torch_matches_scalar_reference():
             assert got[:, j].tolist() == philox_scalar(ctr[:, j].tolist(), [k0, k1]), (k0, k1, j)
 
 
+def test_philox_uint64_product_and_int64_split_give_the_same_words(monkeypatch):
+    """philox4x32 multiplies in torch.uint64 where the device can (CPU here) and in four int64 products
+    elsewhere: both are the scalar reference's words (the split is forced here)."""
+    assert L._uint64_mul_ok("cpu")
+    g = torch.Generator().manual_seed(2)
+    ctr = torch.randint(0, 2**32, (4, 4096), generator=g, dtype=torch.int64)
+    ctr[:, :4] = torch.tensor([[0, M32, 1, 2**31]] * 4)
+    fast = torch.stack(L.philox4x32(*ctr, 0x9E3779B9, M32))
+    monkeypatch.setattr(L, "_uint64_mul_ok", lambda device: False)
+    split = torch.stack(L.philox4x32(*ctr, 0x9E3779B9, M32))
+    assert torch.equal(fast, split)
+    for j in (0, 1, 2, 3, 4095):
+        assert fast[:, j].tolist() == philox_scalar(ctr[:, j].tolist(), [0x9E3779B9, M32])
+
+
 def test_philox_words_counter_layout():
     """(element mod 2**32, step, param index, element >> 32) under (seed low, seed high), from any start."""
     seed, step, param = 0xDEADBEEF_0BADF00D, 2**32 + 9, 3
