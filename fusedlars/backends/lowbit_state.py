@@ -41,6 +41,18 @@ fp32 master is the bf16 param plus it (lowbit NOTE [Master split]).
 # A skipped step (GradScaler found an inf) stores nothing: codes, scales and bf16 bits unchanged.
 # Loading or converting state between formats (load_state_dict, a changed state_dtype) rounds to
 # nearest: bf16 round-to-nearest-even, int8 nearest codes; no random bits are drawn.
+#
+# NOTE: [Every tensor is quantized]
+# A group's state_dtype applies to every param of the group, however small: there is no
+# ``min_8bit_size`` (bitsandbytes and torchao keep tensors under 4096 elements in fp32). Measured on
+# the parity tasks (issue #26): one-shot int8 quantization of a trained LAMB state changes the Adam
+# direction of LayerNorm weights/biases, biases, the embedding and the head by 0.5-4% (norm of the
+# difference over the norm), as much as of the large matrices (2-2.3%); the outlier was a 2048-element
+# FFN weight (2.5x), where units whose ReLU died keep an exp_avg_sq far below their block's absmax:
+# it codes to 0 while exp_avg does not, so u = m / eps (the "zero-point problem" of Li et al., "Memory
+# Efficient Optimizers with 4-bit States", NeurIPS 2023). A size rule would hide that only in models
+# whose matrices are all small, and the parity runs end equal without one (tests/test_low_memory_state
+# NOTE [Training parity over seeds]). bf16 has no such failure (a relative error of 2**-9 per value).
 """
 
 from __future__ import annotations
@@ -142,14 +154,19 @@ def fresh(
     return codes, torch.zeros(lowbit.num_blocks(like.numel()), dtype=torch.float32, device=like.device)
 
 
-def words(seed: int, step, param_index, elem: torch.Tensor, word: int) -> torch.Tensor:
-    """Philox word ``word`` of elements ``elem`` (int64 tensor of element indices inside their param) of
-    param ``param_index`` at step ``step`` (ints or int64 tensors broadcasting with ``elem``): the
+def all_words(seed: int, step, param_index, elem: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The four Philox words of elements ``elem`` (int64 tensor of element indices inside their param)
+    of param ``param_index`` at step ``step`` (ints or int64 tensors broadcasting with ``elem``): the
     counter and key of :func:`fusedlars.backends.lowbit.philox_words`."""
     m = lowbit.M32
     step = step & m if isinstance(step, int) else step.to(torch.int64) & m
     pidx = param_index & m if isinstance(param_index, int) else param_index.to(torch.int64) & m
-    return lowbit.philox4x32(elem & m, step, pidx, elem >> 32, seed & m, seed >> 32)[word]
+    return lowbit.philox4x32(elem & m, step, pidx, elem >> 32, seed & m, seed >> 32)
+
+
+def words(seed: int, step, param_index, elem: torch.Tensor, word: int) -> torch.Tensor:
+    """Philox word ``word`` of :func:`all_words`."""
+    return all_words(seed, step, param_index, elem)[word]
 
 
 def store_bf16(x32: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:
