@@ -15,28 +15,28 @@ then skips its norm pass for those layers (LARS, TVLARS; LAMB's ``max_grad_norm`
 taken by the step's own reduction, so results are bitwise those of the step that takes the norms
 itself.
 
-// NOTE: [The version DDP leaves]
-// A recorded norm is used only while ``p.grad`` is the same tensor at the same version counter
-// (NOTE [Norms from backward are a cache]), so the record must carry the version the grad has once
-// DDP has finished writing it, and that is known at hook time (DDP calls the hook when the bucket's
-// last grad is ready; reducer.cpp):
-// - ``gradient_as_bucket_view=True``: ``p.grad`` is a view of the bucket buffer (DDP re-points it
-//   before the hook), sharing the buffer's version counter. The hook's ``div_`` bumps it; the
-//   ``all_reduce`` writes in place without a bump, and DDP does not copy afterwards because the
-//   future's value is the buffer itself. Final version: the one read right after ``div_``.
-// - ``gradient_as_bucket_view=False``: ``p.grad`` is the local gradient; after the reduction DDP
-//   copies the bucket into it (``grad.copy_``: one bump). Final version: the one at hook time + 1.
-// Which case holds is read per param (does ``p.grad`` alias the buffer?). The record is bound to the
-// grad only at the end of backward, after DDP's own end-of-backward callback has written the grads:
-// the binding checks that the version is then exactly the predicted one, so a grad DDP did not
-// write (a globally unused param keeps its stale local grad), a grad DDP created (None at hook time)
-// or a changed layout leaves no record, and the step takes that norm itself. Anything after the
-// binding (an in-place edit, GradScaler.unscale_, torch's clip_grad_norm_, a replaced grad) is seen
-// by the step's own check, as for norms_in_backward. So the hook can change speed, never a result.
-// The binding runs in an autograd end-of-backward callback queued by the first bucket's hook, which
-// queues a second one: callbacks run in the order queued, and DDP queues its own (which waits for
-// every bucket's future and writes the grads) after the first bucket's hook, so the second runs
-// after it. Should that order ever change, the version check fails and nothing is used.
+NOTE: [The version DDP leaves]
+A recorded norm is used only while ``p.grad`` is the same tensor at the same version counter
+(NOTE [Norms from backward are a cache]), so the record must carry the version the grad has once
+DDP has finished writing it, and that is known at hook time (DDP calls the hook when the bucket's
+last grad is ready; reducer.cpp):
+- ``gradient_as_bucket_view=True``: ``p.grad`` is a view of the bucket buffer (DDP re-points it
+  before the hook), sharing the buffer's version counter. The hook's ``div_`` bumps it; the
+  ``all_reduce`` writes in place without a bump, and DDP does not copy afterwards because the
+  future's value is the buffer itself. Final version: the one read right after ``div_``.
+- ``gradient_as_bucket_view=False``: ``p.grad`` is the local gradient; after the reduction DDP
+  copies the bucket into it (``grad.copy_``: one bump). Final version: the one at hook time + 1.
+Which case holds is read per param (does ``p.grad`` alias the buffer?). The record is bound to the
+grad only at the end of backward, after DDP's own end-of-backward callback has written the grads:
+the binding checks that the version is then exactly the predicted one, so a grad DDP did not
+write (a globally unused param keeps its stale local grad), a grad DDP created (None at hook time)
+or a changed layout leaves no record, and the step takes that norm itself. Anything after the
+binding (an in-place edit, GradScaler.unscale_, torch's clip_grad_norm_, a replaced grad) is seen
+by the step's own check, as for norms_in_backward. So the hook can change speed, never a result.
+The binding runs in an autograd end-of-backward callback queued by the first bucket's hook, which
+queues a second one: callbacks run in the order queued, and DDP queues its own (which waits for
+every bucket's future and writes the grads) after the first bucket's hook, so the second runs
+after it. Should that order ever change, the version check fails and nothing is used.
 """
 
 from __future__ import annotations
