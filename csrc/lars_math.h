@@ -304,4 +304,115 @@ FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double
   return (float)(lr * s * r);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Exact element math of low-bit state (issue #26; fusedlars/backends/lowbit_state.py)
+//
+// NOTE: [Exact element math of low-bit state]
+// With bf16 / int8 state (or remainder masters) the stored state must be bitwise the reference's:
+// the reference computes the new state s in float64 and rounds it ONCE to fp32 (s32 = fl32(s))
+// before quantizing. An fp32 evaluation of the same formula rounds at every operation and differs
+// from fl32(s) by an ulp now and then, which flips a stochastic rounding or a code. So these
+// functions evaluate the reference's element formulas in double, operation for operation in the
+// reference's order (each an IEEE-correct double op, no contraction), from the per-segment scalars
+// in double (lars_segment / lamb_segment: the reference's given the same norms). Every choice that is
+// uniform over a segment is an int in the coefficient struct (branch-free selects, so a loop over
+// elements vectorizes). T is double (or a vector of doubles with the same operators).
+
+struct LarsExactCoef {
+  double r, lam;     // trust ratio and lam_eff (lars_segment)
+  double mu, c_g;    // b_new = mu*b + c_g*g' ((1-d) for torch momentum, lr for classic)
+  double lr, dec;    // dec = lr*lam_eff (decoupled decay)
+  int l2;            // g' = r*(g + lam*w) (l2) or r*g
+  int decoupled;     // w_new -= dec*w
+  int zero_b;        // no state yet: the old buffer reads 0
+  int copy_first;    // torch momentum, first_step_buffer='clone', no state yet: b_new = g'
+  int step_mode;     // 0 no momentum, 1 torch, 2 torch nesterov, 3 classic, 4 classic nesterov
+};
+
+FUSEDLARS_HD FUSEDLARS_INLINE LarsExactCoef lars_exact_coef(const LarsOptions& o, const LarsSegment& s, double lr,
+                                                           bool has_state) {
+  LarsExactCoef c;
+  c.r = s.r;
+  c.lam = s.lam_eff;
+  c.mu = o.momentum;
+  const bool torch_mode = o.momentum_mode == kMomentumTorch;
+  c.c_g = torch_mode ? 1.0 - o.dampening : lr;
+  c.lr = lr;
+  c.dec = lr * s.lam_eff;
+  c.l2 = o.wd_mode == kLarsL2;
+  c.decoupled = o.wd_mode == kLarsDecoupled;
+  c.zero_b = !has_state;
+  c.copy_first = torch_mode && o.first_step_buffer == kFirstClone && !has_state;
+  if (o.momentum == 0.0)
+    c.step_mode = 0;
+  else
+    c.step_mode = (torch_mode ? 1 : 3) + (o.nesterov ? 1 : 0);
+  return c;
+}
+
+// reference.lars_step / lars_momentum for one element: returns w_new, sets b_new (when step_mode > 0).
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_exact_update(const LarsExactCoef& c, T w, T g, T b, T& b_new) {
+  const T gp = c.l2 ? c.r * (g + c.lam * w) : c.r * g;
+  const T bz = c.zero_b ? T(0.0) : b;  // the reference's zeros_like where there is no state yet
+  b_new = c.copy_first ? gp : c.mu * bz + c.c_g * gp;
+  T step;
+  switch (c.step_mode) {
+    case 0: step = c.lr * gp; break;
+    case 1: step = c.lr * b_new; break;
+    case 2: step = c.lr * (gp + c.mu * b_new); break;
+    case 3: step = b_new; break;
+    default: step = c.lr * gp + c.mu * b_new; break;
+  }
+  T w_new = w - step;
+  if (c.decoupled) w_new = w_new - c.dec * w;
+  return w_new;
+}
+
+struct LambExactCoef {
+  double lam, wd_keep;   // weight_decay * wd_mask; decoupled: w_d = w * (1 - lr*lam)
+  double b1, b3, b2, omb2;
+  double bc1, bc2;       // 1 - b^t (bias_correction='both')
+  double eps_root, eps;
+  double k;              // pass 2: w_new = w_d - k*u, k = (lr*s)*r
+  int wd_mode;           // LambWdMode
+  int both;              // bias_correction == 'both'
+};
+
+FUSEDLARS_HD FUSEDLARS_INLINE LambExactCoef lamb_exact_coef(const LambOptions& o, double lam, double lr, double t_new) {
+  LambExactCoef c;
+  c.lam = lam;
+  c.wd_keep = 1.0 - lr * lam;
+  c.b1 = o.beta1;
+  c.b3 = o.beta3;
+  c.b2 = o.beta2;
+  c.omb2 = 1.0 - o.beta2;
+  c.both = o.bias_correction == kBcBoth;
+  c.bc1 = c.both ? 1.0 - fl_pow(o.beta1, t_new) : 1.0;
+  c.bc2 = c.both ? 1.0 - fl_pow(o.beta2, t_new) : 1.0;
+  c.eps_root = o.eps_root;
+  c.eps = o.eps;
+  c.k = 0.0;
+  c.wd_mode = o.wd_mode;
+  return c;
+}
+
+// reference.lamb_step's element math from the scaled gradient g: the new moments (m, v in/out), the
+// direction u; returns the decayed weight w_d.
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lamb_exact_direction(const LambExactCoef& c, T w, T g, T& m, T& v, T& u) {
+  if (c.wd_mode == kLambL2) g = g + c.lam * w;
+  m = c.b1 * m + c.b3 * g;
+  v = c.b2 * v + c.omb2 * g * g;
+  u = c.both ? (m / c.bc1) / (fl_sqrt(v / c.bc2 + c.eps_root) + c.eps) : m / (fl_sqrt(v + c.eps_root) + c.eps);
+  if (c.wd_mode == kLambInUpdate) u = u + c.lam * w;
+  return c.wd_mode == kLambDecoupled ? w * c.wd_keep : w;
+}
+
+// lamb_step_scale in double: k = (lr * s) * r.
+FUSEDLARS_HD FUSEDLARS_INLINE double lamb_exact_step_scale(const LambOptions& o, double lr, double r, double t_new) {
+  const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - fl_pow(o.beta1, t_new)) : 1.0;
+  return lr * s * r;
+}
+
 }  // namespace fusedlars

@@ -69,6 +69,26 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
       "Tensor(e!) has_state, Tensor(f!) step, Tensor(g!) w_norm, Tensor(h!) g_norm, "
       "Tensor(i!) u_norm, Tensor(j!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, "
       "Tensor? clip_coef, Tensor(k!)? sums, int phase, float[] hyper, int[] modes) -> ()");
+  // The same steps with low-bit state (issue #26): `storage` 0 fp32, 1 bf16, 2 int8 (state lists of
+  // that dtype: fp32, bf16, uint8 codes with one fp32 absmax per 256-element block in the *_absmax
+  // lists), `remainders` the int16 remainders of master_weights="remainder" (bf16 params), `param_ids`
+  // int64 [S] the params' state_dict ids and `seed` the 64-bit seed (as int64 bits) of the stochastic
+  // rounding (NOTE [Low-bit buckets] in fusedlars/buckets.py). The element math is the reference's in
+  // float64 (csrc/cpu/exact_impl.h); whole steps only; `w_sumsq` entries of the stepped segments
+  // are invalidated (no carried norms).
+  m.def(
+      "lars_step_lowbit_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] remainders, "
+      "Tensor(d!)[] momentum, Tensor(e!)[] momentum_absmax, Tensor seg_ids, Tensor param_ids, Tensor wd_mask, "
+      "Tensor adapt_mask, Tensor(f!) has_state, Tensor(g!) step, Tensor(h!) w_norm, Tensor(i!) g_norm, "
+      "Tensor(j!) u_norm, Tensor(k!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, "
+      "Tensor(l!)? w_sumsq, int storage, int seed, float[] hyper, int[] modes) -> ()");
+  m.def(
+      "lamb_step_lowbit_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] remainders, "
+      "Tensor(d!)[] exp_avg, Tensor(e!)[] exp_avg_absmax, Tensor(f!)[] exp_avg_sq, Tensor(g!)[] exp_avg_sq_absmax, "
+      "Tensor seg_ids, Tensor param_ids, Tensor wd_mask, Tensor adapt_mask, Tensor(h!) has_state, Tensor(i!) step, "
+      "Tensor(j!) w_norm, Tensor(k!) g_norm, Tensor(l!) u_norm, Tensor(m!) trust_ratio, Tensor lr, "
+      "Tensor? inv_scale, Tensor? found_inf, Tensor? clip_coef, int storage, int seed, float[] hyper, "
+      "int[] modes) -> ()");
   // sum of ||grad * inv_scale||^2 over the given grads, float64 0-dim
   m.def("grad_sumsq_cpu(Tensor[] grads, Tensor? inv_scale) -> Tensor");
   // CUDA steps (csrc/cuda: one cooperative launch per bucket, or 2 launches) over the bucket's own

@@ -53,6 +53,7 @@ static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
 }  // namespace fusedlars
 
 #include "../lars_math.h"
+#include "../lowbit.h"
 
 #include <type_traits>
 
@@ -484,6 +485,11 @@ void grad_sumsq_t(const TileArgs& a, float gscale, double* out) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// low-bit state: the exact kernels
+
+#include "exact_impl.h"
+
+// ------------------------------------------------------------------------------------------------
 // run-time option -> template dispatch
 
 template <class F>
@@ -556,7 +562,8 @@ void grad_sumsq(const TileArgs& a, int variant, float gscale, double* out) {
 }  // namespace
 
 const KernelTable* FL_TABLE_FN() {
-  static const KernelTable t = {FL_ISA_NAME, &lars_sumsq, &lars_update_k, &lamb_pass1, &lamb_pass2, &grad_sumsq};
+  static const KernelTable t = {FL_ISA_NAME, &lars_sumsq, &lars_update_k, &lamb_pass1, &lamb_pass2, &grad_sumsq,
+                                 &lars_exact_sumsq, &lars_exact_update_k, &lamb_exact_pass1, &lamb_exact_pass2};
   return &t;
 }
 

@@ -14,6 +14,8 @@ namespace fusedlars {
 
 struct LarsCoef;  // lars_math.h (not included here, see NOTE [Internal linkage on the host])
 struct LambCoef;
+struct LarsExactCoef;
+struct LambExactCoef;
 
 namespace cpu {
 
@@ -25,7 +27,10 @@ constexpr int64_t kTileElems = 16384;
 enum Carry : int { kCarryNone = 0, kCarryW = 1, kCarryWU = 2 };
 
 // Storage variant of the param / grad / master buffers.
-enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master = 4 };
+enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master = 4, kBF16Remainder = 5 };
+
+// Format of the optimizer state of the exact (low-bit) kernels (lowbit_state.STORAGES).
+enum Storage : int { kStoreF32 = 0, kStoreBF16 = 1, kStoreInt8 = 2 };
 
 struct TileArgs {
   void* param;       // param dtype
@@ -35,6 +40,32 @@ struct TileArgs {
   float* s1;         // exp_avg_sq (LAMB); fp32
   int64_t start;
   int64_t len;
+};
+
+// A tile of the exact kernels (low-bit state and remainder masters, NOTE [Exact element math of
+// low-bit state] in lars_math.h). The tile starts at a multiple of kTileElems inside its segment, so
+// it holds whole 256-element quantization blocks (the last one may be short: the segment's end).
+struct ExactTile {
+  void* param;        // param dtype
+  float* master;      // fp32 masters or nullptr
+  int16_t* rem;       // remainders of master_weights="remainder" (kBF16Remainder) or nullptr
+  const void* grad;   // param dtype
+  void* s0;           // momentum_buffer (LARS) / exp_avg (LAMB): float, bf16 bits or uint8 codes
+  void* s1;           // exp_avg_sq (LAMB)
+  float* a0;          // int8: the segment's block scales of s0 (block k at a0[k])
+  float* a1;          // ... of s1
+  int64_t start, len;
+  uint32_t pidx;      // the param's state_dict id (Philox counter word 2)
+  uint64_t step_after;  // the param's step count once this step is done (Philox counter word 1)
+};
+
+// Per-step values of the exact kernels: g = ((grad * inv) / clip), negated if neg (the reference's
+// _grad, operation for operation).
+struct ExactCtx {
+  int storage;  // Storage
+  uint64_t seed;
+  double inv, clip;
+  int has_clip, neg;
 };
 
 struct KernelTable {
@@ -50,6 +81,13 @@ struct KernelTable {
   void (*lamb_pass2)(const TileArgs&, int variant, int wd, const LambCoef&);
   // out[0] = sum (g*gscale)^2
   void (*grad_sumsq)(const TileArgs&, int variant, float gscale, double* out);
+  // exact kernels (float64 element math, low-bit state): out = sum w^2, g^2, (g + lam*w)^2 in double
+  void (*lars_exact_sumsq)(const ExactTile&, int variant, const ExactCtx&, double lam, double* out);
+  void (*lars_exact_update)(const ExactTile&, int variant, const ExactCtx&, const LarsExactCoef&);
+  // out = sum w_d^2, g^2, u^2 (nothing written)
+  void (*lamb_exact_pass1)(const ExactTile&, int variant, const ExactCtx&, const LambExactCoef&, double* out);
+  // weights and the new state written
+  void (*lamb_exact_pass2)(const ExactTile&, int variant, const ExactCtx&, const LambExactCoef&);
 };
 
 const KernelTable* kernel_table_avx512();

@@ -78,6 +78,7 @@
 #include <vector>
 
 #include "../lars_math.h"
+#include "../lowbit.h"
 #include "../op_args.h"
 #include "kernels.h"
 
@@ -691,6 +692,197 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       });
 }
 
+// ------------------------------------------------------------------------------------------------
+// low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Exact element math
+// of low-bit state]). Same plan, schedule and per-segment scalars as the fp32 ops above; the element
+// math is the reference's in double, the state is stored through csrc/lowbit.h. Phase 0 only (the
+// python side declines given gradient sums and sharded buckets), no carried weight norms: an entry
+// of w_sumsq, if given, is invalidated (-1) for every segment stepped here.
+
+struct ExactSegments {
+  int variant = kF32;
+  std::vector<int64_t> numel;
+  std::vector<ExactTile> bases;
+};
+
+// `state`: (s0, absmax0), (s1, absmax1) lists, each empty or of length A.
+ExactSegments check_exact_segments(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                                   at::TensorList remainders, at::TensorList s0, at::TensorList a0,
+                                   at::TensorList s1, at::TensorList a1, const at::Tensor& seg_ids,
+                                   const at::Tensor& param_ids, int64_t storage, int64_t S) {
+  TORCH_CHECK(storage >= kStoreF32 && storage <= kStoreInt8, "fusedlars cpu: storage must be 0 (fp32), 1 (bf16) or 2 (int8)");
+  const Segments base = check_segments(params, grads, masters, {}, {}, seg_ids, S);
+  check_table(param_ids, "param_ids", at::kLong, S);
+  ExactSegments g;
+  g.variant = base.variant;
+  g.numel = base.numel;
+  const int64_t A = static_cast<int64_t>(params.size());
+  TORCH_CHECK(remainders.empty() || (static_cast<int64_t>(remainders.size()) == A && masters.empty()),
+              "fusedlars cpu: remainders need one int16 tensor per param and no fp32 masters");
+  if (!remainders.empty() && A) {
+    TORCH_CHECK(params[0].scalar_type() == at::kBFloat16, "fusedlars cpu: remainder masters need bf16 params");
+    g.variant = kBF16Remainder;
+  }
+  const at::ScalarType sdt = storage == kStoreF32 ? at::kFloat : storage == kStoreBF16 ? at::kBFloat16 : at::kByte;
+  for (const auto& [lst, al] : {std::pair<at::TensorList, at::TensorList>{s0, a0}, {s1, a1}}) {
+    TORCH_CHECK(lst.empty() || static_cast<int64_t>(lst.size()) == A, "fusedlars cpu: state has ", lst.size(),
+                " tensors for ", A, " params");
+    TORCH_CHECK(storage != kStoreInt8 || al.size() == lst.size(), "fusedlars cpu: int8 state needs its absmax scales");
+  }
+  const int64_t* pid = param_ids.data_ptr<int64_t>();
+  const int64_t* ids = seg_ids.data_ptr<int64_t>();
+  g.bases.resize(A);
+  for (int64_t i = 0; i < A; ++i) {
+    ExactTile& b = g.bases[i];
+    b = ExactTile{params[i].data_ptr(), base.bases[i].master, nullptr, grads[i].data_ptr(), nullptr, nullptr,
+                  nullptr, nullptr, 0, 0, static_cast<uint32_t>(pid[ids[i]]), 0};
+    if (!remainders.empty()) {
+      check_entry(remainders[i], params[i], "remainders", i, at::kShort);
+      b.rem = remainders[i].data_ptr<int16_t>();
+    }
+    const int64_t nb = (params[i].numel() + lowbit::kQBlock - 1) / lowbit::kQBlock;
+    auto take = [&](at::TensorList lst, at::TensorList al, void*& sp, float*& ap) {
+      if (lst.empty()) return;
+      check_entry(lst[i], params[i], "state", i, sdt);
+      sp = lst[i].data_ptr();
+      if (storage == kStoreInt8) {
+        TORCH_CHECK(al[i].device().is_cpu() && al[i].is_contiguous() && al[i].scalar_type() == at::kFloat &&
+                        al[i].numel() == nb,
+                    "fusedlars cpu: absmax[", i, "] must be a contiguous CPU float tensor of ", nb, " blocks");
+        ap = al[i].data_ptr<float>();
+      }
+    };
+    take(s0, a0, b.s0, b.a0);
+    take(s1, a1, b.s1, b.a1);
+  }
+  return g;
+}
+
+ExactTile exact_tile_of(const std::vector<ExactTile>& bases, const Plan& p, int64_t t, uint64_t step_after) {
+  ExactTile a = bases[p.t_seg[t]];
+  a.start = p.t_start[t];
+  a.len = p.t_len[t];
+  a.step_after = step_after;
+  return a;
+}
+
+void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                          at::TensorList remainders, at::TensorList momentum, at::TensorList momentum_absmax,
+                          const at::Tensor& seg_ids, const at::Tensor& param_ids, const at::Tensor& wd_mask,
+                          const at::Tensor& adapt_mask, const at::Tensor& has_state, const at::Tensor& step,
+                          const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
+                          const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& w_sumsq,
+                          int64_t storage, int64_t seed, at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
+  const LarsOptions o = lars_options(hyper, modes, "fusedlars cpu: lars_step_lowbit_cpu");
+  Common c = check_common(wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale,
+                          found_inf);
+  const bool mom = o.momentum != 0.0;
+  TORCH_CHECK(!mom || !momentum.empty() || params.empty(), "fusedlars cpu: momentum != 0 needs momentum buffers");
+  const ExactSegments g = check_exact_segments(params, grads, masters, remainders, mom ? momentum : at::TensorList(),
+                                               momentum_absmax, {}, {}, seg_ids, param_ids, storage, c.S);
+  if (c.skip) return;  // NOTE [Skips]: codes, scales, bf16 bits and remainders unchanged
+  const ExactCtx x{static_cast<int>(storage), static_cast<uint64_t>(seed), c.inv_scale, 1.0, 0, o.maximize ? 1 : 0};
+  const int64_t bpe = weight_bytes(g.variant == kBF16Remainder ? kBF16Master : g.variant) + grad_bytes(g.variant);
+  const Plan p = make_plan(g.numel, seg_ids.data_ptr<int64_t>(), bpe, group_budget(kLarsBudget));
+  const KernelTable& k = table();
+  std::vector<double> part(3 * p.num_tiles());
+  const int nth = plan_threads(p);
+  const int64_t NS = static_cast<int64_t>(p.seg.size());
+  std::vector<LarsExactCoef> coef(static_cast<size_t>(nth) * NS);
+  std::vector<float> step0(NS), has0(NS);
+  for (int64_t si = 0; si < NS; ++si) {
+    step0[si] = c.step[p.seg[si]];
+    has0[si] = c.has_state[p.seg[si]];
+  }
+  auto step_after = [&](int64_t si) { return static_cast<uint64_t>(static_cast<double>(step0[si]) + 1.0); };
+  run_plan(
+      p, nth,
+      [&](int64_t t) {
+        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[p.seg[p.t_seg[t]]]);
+        k.lars_exact_sumsq(exact_tile_of(g.bases, p, t, 0), g.variant, x, lam, &part[3 * t]);
+      },
+      [&](int64_t si, int slot, bool commit) {
+        const int64_t s = p.seg[si];
+        double ssq[3];
+        segment_sums<3>(p, part, si, ssq);
+        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
+        const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
+        const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
+        coef[slot * NS + si] = lars_exact_coef(o, r, c.lr, has0[si] != 0);
+        if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
+      },
+      [&](int64_t t, int slot) {
+        const int64_t si = p.t_seg[t];
+        k.lars_exact_update(exact_tile_of(g.bases, p, t, step_after(si)), g.variant, x, coef[slot * NS + si]);
+      });
+  if (w_sumsq) {  // the weights changed without their sums being carried
+    check_table(*w_sumsq, "w_sumsq", at::kDouble, c.S);
+    double* wss = w_sumsq->data_ptr<double>();
+    for (int64_t si = 0; si < NS; ++si) wss[p.seg[si]] = -1.0;
+  }
+}
+
+void lamb_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters,
+                          at::TensorList remainders, at::TensorList exp_avg, at::TensorList exp_avg_absmax,
+                          at::TensorList exp_avg_sq, at::TensorList exp_avg_sq_absmax, const at::Tensor& seg_ids,
+                          const at::Tensor& param_ids, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
+                          const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                          const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                          const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+                          const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                          int64_t storage, int64_t seed, at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
+  const LambOptions o = lamb_options(hyper, modes, "fusedlars cpu: lamb_step_lowbit_cpu");
+  Common c = check_common(wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale,
+                          found_inf);
+  TORCH_CHECK(params.empty() || (exp_avg.size() == params.size() && exp_avg_sq.size() == params.size()),
+              "fusedlars cpu: lamb_step_lowbit_cpu needs exp_avg and exp_avg_sq for every param");
+  const ExactSegments g = check_exact_segments(params, grads, masters, remainders, exp_avg, exp_avg_absmax,
+                                               exp_avg_sq, exp_avg_sq_absmax, seg_ids, param_ids, storage, c.S);
+  if (c.skip) return;
+  ExactCtx x{static_cast<int>(storage), static_cast<uint64_t>(seed), c.inv_scale, 1.0, 0, o.maximize ? 1 : 0};
+  if (clip_coef) {
+    check_scalar(*clip_coef, "clip_coef");
+    x.clip = clip_coef->item<double>();
+    x.has_clip = 1;
+  }
+  const int64_t sb = storage == kStoreF32 ? 8 : storage == kStoreBF16 ? 4 : 2;
+  const int64_t bpe = weight_bytes(g.variant == kBF16Remainder ? kBF16Master : g.variant) + grad_bytes(g.variant) + sb;
+  const Plan p = make_plan(g.numel, seg_ids.data_ptr<int64_t>(), bpe, group_budget(kLambBudget));
+  const KernelTable& k = table();
+  std::vector<double> part(3 * p.num_tiles());
+  const int nth = plan_threads(p);
+  const int64_t NS = static_cast<int64_t>(p.seg.size());
+  std::vector<LambExactCoef> coef(static_cast<size_t>(nth) * NS);
+  std::vector<float> step0(NS);
+  for (int64_t si = 0; si < NS; ++si) {
+    const int64_t s = p.seg[si];
+    step0[si] = c.step[s];
+    const LambExactCoef c0 = lamb_exact_coef(o, o.weight_decay * static_cast<double>(c.wd_mask[s]), c.lr,
+                                             static_cast<double>(step0[si]) + 1.0);
+    for (int j = 0; j < nth; ++j) coef[j * NS + si] = c0;
+  }
+  auto step_after = [&](int64_t si) { return static_cast<uint64_t>(static_cast<double>(step0[si]) + 1.0); };
+  run_plan(
+      p, nth,
+      [&](int64_t t) {
+        k.lamb_exact_pass1(exact_tile_of(g.bases, p, t, 0), g.variant, x, coef[p.t_seg[t]], &part[3 * t]);
+      },
+      [&](int64_t si, int slot, bool commit) {
+        const int64_t s = p.seg[si];
+        double ssq[3];
+        segment_sums<3>(p, part, si, ssq);
+        const LambSegment r = lamb_segment(o, ssq[0], ssq[1], ssq[2], c.adapt_mask[s] != 0, c.lr);
+        const double t_new = static_cast<double>(step0[si]) + 1.0;
+        coef[slot * NS + si].k = lamb_exact_step_scale(o, c.lr, r.r, t_new);
+        if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
+      },
+      [&](int64_t t, int slot) {
+        const int64_t si = p.t_seg[t];
+        k.lamb_exact_pass2(exact_tile_of(g.bases, p, t, step_after(si)), g.variant, x, coef[slot * NS + si]);
+      });
+}
+
 at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale) {
   float gscale = 1.0f;
   if (inv_scale) {
@@ -746,4 +938,6 @@ TORCH_LIBRARY_IMPL(fusedlars, CPU, m) {
   m.impl("lars_step_cpu", &fusedlars::cpu::lars_step_cpu);
   m.impl("lamb_step_cpu", &fusedlars::cpu::lamb_step_cpu);
   m.impl("grad_sumsq_cpu", &fusedlars::cpu::grad_sumsq_cpu);
+  m.impl("lars_step_lowbit_cpu", &fusedlars::cpu::lars_step_lowbit_cpu);
+  m.impl("lamb_step_lowbit_cpu", &fusedlars::cpu::lamb_step_lowbit_cpu);
 }

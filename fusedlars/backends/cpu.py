@@ -16,6 +16,15 @@ any thread count), SIMD chosen at run time (AVX-512, AVX2 or generic x86-64), th
 
 fp32, bf16 and fp16 params (fp32 state, optional fp32 master weights) are fused; fp64 buckets and
 non-CPU buckets are not (:func:`supports` gives the reason, ``backend='auto'`` then uses ``torch``).
+
+Low-bit state (issue #26: ``state_dtype`` bf16 / int8) and ``master_weights="remainder"`` run in the
+exact kernels (``lars_step_lowbit_cpu`` / ``lamb_step_lowbit_cpu``, csrc/cpu/exact_impl.h): the same
+plan and per-layer scalars, the element math in float64 as the reference states it, the state stored
+through csrc/lowbit.h (bitwise lowbit.py), so the stored state is the reference's bit for bit given the
+same per-layer norms (csrc/cpu/exact_impl.h NOTE [What "bitwise" means for the cpu backend's low-bit
+state]). Whole steps only: gradient norms taken in backward are declined (the step takes its own),
+no weight norms are carried, and sharded (FSDP2) buckets and compiled steps are refused, as the
+torch backend refuses them.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from .packing import lamb_options, lars_options
 
 NAME = "cpu"
 
-_OPS = ("lars_step_cpu", "lamb_step_cpu", "grad_sumsq_cpu", "cpu_isa")
+_OPS = ("lars_step_cpu", "lamb_step_cpu", "grad_sumsq_cpu", "cpu_isa", "lars_step_lowbit_cpu", "lamb_step_lowbit_cpu")
 
 
 def _load() -> str | None:
@@ -52,7 +61,7 @@ def _register_fakes() -> None:
     def _step_fake(*args, **kwargs):  # the step ops return nothing (they write their arguments)
         return None
 
-    for op in ("lars_step_cpu", "lamb_step_cpu"):
+    for op in ("lars_step_cpu", "lamb_step_cpu", "lars_step_lowbit_cpu", "lamb_step_lowbit_cpu"):
         torch.library.register_fake(f"fusedlars::{op}")(_step_fake)
 
     @torch.library.register_fake("fusedlars::grad_sumsq_cpu")
@@ -75,7 +84,46 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    return bucket.fused_unsupported() or check_fused(kind, cfg, bucket, "cpu", "CPU")
+    if _exact(bucket):
+        if bucket.shard is not None and bucket.shard.shard_dims:
+            return "low-bit optimizer state (state_dtype bf16/int8) of FSDP2-sharded params is not supported yet"
+        if torch.compiler.is_compiling():
+            return "low-bit optimizer state (state_dtype bf16/int8) does not run in a compiled step yet"
+    return check_fused(kind, cfg, bucket, "cpu", "CPU")
+
+
+def _exact(bucket: Bucket) -> bool:
+    """Does this bucket step in the exact kernels (low-bit state or remainder masters)?"""
+    return bucket.lowbit_state or bucket.uses_remainder
+
+
+#: the ops' ``storage`` code of each state format (lowbit_state.STORAGES; csrc/cpu/kernels.h Storage)
+_STORAGE = {"float32": 0, "bfloat16": 1, "int8": 2}
+
+
+def _param_ids(bucket: Bucket) -> torch.Tensor:
+    """int64 [S]: each segment's state_dict id (the Philox counter's param word), cached."""
+    t = bucket.cache.get("cpu_param_ids")
+    if t is None:
+        t = bucket.cache["cpu_param_ids"] = torch.tensor(bucket.param_indices, dtype=torch.int64)
+    return t
+
+
+def _seed(bucket: Bucket) -> int:
+    """The 64-bit seed as the int64 the op takes (its bits)."""
+    s = bucket.seed & ((1 << 64) - 1)
+    return s - (1 << 64) if s >= 1 << 63 else s
+
+
+def _lowbit_lists(bucket: Bucket, names: tuple[str, ...]) -> list[list[torch.Tensor]]:
+    """Remainders, then per state name its tensors and (int8) its scales."""
+    (rem,) = _lists(bucket, "remainder") if bucket.uses_remainder else ([],)
+    out = [rem]
+    for n in names:
+        (st,) = _lists(bucket, n)
+        out.append(st)
+        out.append(_lists(bucket, n + "_absmax")[0] if bucket.state_storage == "int8" else [])
+    return out
 
 
 class _Scalars:
@@ -127,6 +175,21 @@ def _lists(bucket: Bucket, *names: str) -> list[list[torch.Tensor]]:
 
 def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None) -> None:
     hyper, modes = lars_options(cfg)
+    if _exact(bucket):
+        if phase != 0:
+            raise RuntimeError("fusedlars cpu: low-bit state steps whole (no partials/apply split)")
+        names = ("momentum_buffer",) if cfg.uses_buffer else ()
+        params, grads, masters = _lists(bucket, "param", "grad", "master")
+        rem, *st = _lowbit_lists(bucket, names)
+        mom, mabs = st if st else ([], [])
+        wss = bucket.carry_buffer() if cfg.carry_w else None
+        torch.ops.fusedlars.lars_step_lowbit_cpu(
+            params, grads, masters, rem, mom, mabs, bucket.active_ids(), _param_ids(bucket), bucket.wd_mask,
+            bucket.adapt_mask, bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm,
+            bucket.trust_ratio, _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss,
+            _STORAGE[bucket.state_storage], _seed(bucket), hyper, modes,
+        )  # fmt: skip
+        return
     wss = bucket.carry_buffer() if cfg.carry_w else None
     mom = ("momentum_buffer",) if cfg.uses_buffer else ()
     params, grads, masters, *moms = _lists(bucket, "param", "grad", "master", *mom)
@@ -142,6 +205,18 @@ def _lamb(bucket: Bucket, cfg: LambConfig, phase: int, sums: torch.Tensor | None
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = _scalars(bucket).clip(clip)
+    if _exact(bucket):
+        if phase != 0:
+            raise RuntimeError("fusedlars cpu: low-bit state steps whole (no partials/apply split)")
+        params, grads, masters = _lists(bucket, "param", "grad", "master")
+        rem, m, ma, v, va = _lowbit_lists(bucket, ("exp_avg", "exp_avg_sq"))
+        torch.ops.fusedlars.lamb_step_lowbit_cpu(
+            params, grads, masters, rem, m, ma, v, va, bucket.active_ids(), _param_ids(bucket), bucket.wd_mask,
+            bucket.adapt_mask, bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm,
+            bucket.trust_ratio, _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, clip,
+            _STORAGE[bucket.state_storage], _seed(bucket), hyper, modes,
+        )  # fmt: skip
+        return
     params, grads, masters, m, v = _lists(bucket, "param", "grad", "master", "exp_avg", "exp_avg_sq")
     torch.ops.fusedlars.lamb_step_cpu(
         params, grads, masters, m, v, bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
@@ -167,8 +242,9 @@ def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor)
     """A LARS step whose gradients' sums of squares ``g2`` (float64 [S], of the raw grads) were taken in
     backward (fusedlars.backward_norms): NOTE [Phases]' phase 3, in which no segment reads its gradient
     for the norms (pass 1 skips a carried segment and sums only the weights of the others, unless they
-    have fp32 masters). False (nothing done) where the ratio needs ||g + lam*w|| (norm_of_sum)."""
-    if cfg.denominator == "norm_of_sum":
+    have fp32 masters). False (nothing done) where the ratio needs ||g + lam*w|| (norm_of_sum), and for
+    low-bit state or remainder masters (the exact step takes its own norms: a whole step runs instead)."""
+    if cfg.denominator == "norm_of_sum" or _exact(bucket):
         return False
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
     sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()
@@ -184,8 +260,9 @@ def lars_partials_given_grad_sums(
     (fusedlars.backward_norms): no gradient is read. The weights' (or fp32 masters') sums are the
     carried ones (carry_w) or ``grad_sumsq_cpu``'s, bitwise pass 1's w^2 (NOTE [Phases]), so a
     carried segment reads nothing here; the (g + lam*w)^2 row is NaN (only
-    reported, as u_norm), as for a carried segment. None where the ratio needs ||g + lam*w||."""
-    if cfg.denominator == "norm_of_sum":
+    reported, as u_norm), as for a carried segment. None where the ratio needs ||g + lam*w|| or the
+    bucket has low-bit state."""
+    if cfg.denominator == "norm_of_sum" or _exact(bucket):
         return None
     idx = list(bucket.active_idx)
     if not idx:

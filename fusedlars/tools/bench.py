@@ -35,9 +35,10 @@ out: NOTE [Unreliable ratios]) says so and asks for a rerun on a quiet machine. 
 slow down more than ours on a loaded machine (OpenMP threads spinning at every parallel region):
 docs/numbers.md, "Under load".
 
-``--state-dtype float32,bfloat16,int8`` (issue #26) adds ``fusedlars[torch,<state dtype>]``: the
-optimizer with each optimizer-state storage on the ``torch`` backend (the one that runs low-bit state
-so far), side by side with the others; compare them with each other as ratios.
+``--state-dtype float32,bfloat16,int8`` (issue #26) adds ``fusedlars[cpu,<state dtype>]`` (where the
+cpu backend is available: its exact low-bit kernels) and ``fusedlars[torch,<state dtype>]``: the
+optimizer with each optimizer-state storage on each backend, side by side with the others; compare
+them with each other as ratios (``--only`` picks some).
 
 The engine is importable from the installed package (it does not use the repository's
 ``bench/`` folder); :func:`run` returns the JSON-able result that ``--json`` writes.
@@ -279,23 +280,26 @@ def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
 
 
 def _state_dtype_variants(optimizer: str, state_dtypes: list[str]) -> list[Variant]:
-    """``--state-dtype``: the optimizer on the torch backend with each optimizer-state storage."""
+    """``--state-dtype``: the optimizer on the cpu (where available) and torch backends with each
+    optimizer-state storage."""
     import fusedlars
+    from fusedlars import backends
 
     h = HYPER[optimizer]
     out: list[Variant] = []
-    for sd in state_dtypes:
+    names = (["cpu"] if backends.status("cpu")[0] else []) + ["torch"]
+    for sd, be in [(sd, be) for be in names for sd in state_dtypes]:
         value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}[sd]
         if optimizer in ("lars", "tvlars"):
             cls = fusedlars.LARS if optimizer == "lars" else fusedlars.TVLARS
             kw = dict(lr=h["lr"], momentum=h["momentum"], weight_decay=h["weight_decay"])
-            make = lambda p, kw=kw, cls=cls, v=value: cls(p, backend="torch", state_dtype=v, **kw)  # noqa: E731
+            make = lambda p, kw=kw, cls=cls, v=value, be=be: cls(p, backend=be, state_dtype=v, **kw)  # noqa: E731
             algo = "lars"
         else:
             kw = dict(lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
-            make = lambda p, kw=kw, v=value: fusedlars.LAMB(p, backend="torch", state_dtype=v, **kw)  # noqa: E731
+            make = lambda p, kw=kw, v=value, be=be: fusedlars.LAMB(p, backend=be, state_dtype=v, **kw)  # noqa: E731
             algo = "lamb"
-        out.append(Variant(f"fusedlars[torch,{sd}]", "fusedlars", algo, make, f"state_dtype={sd}, torch backend"))
+        out.append(Variant(f"fusedlars[{be},{sd}]", "fusedlars", algo, make, f"state_dtype={sd}, {be} backend"))
     return out
 
 
