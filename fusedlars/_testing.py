@@ -22,6 +22,7 @@ import tempfile
 
 import torch
 
+from .backends import option_fields
 from .backends import triton as tb
 from .backends.codes import BIAS, MOM, MOM_NONE
 
@@ -172,35 +173,27 @@ def launch_plan(
 # ------------------------------------------------------------------------------------------
 # ahead-of-time compilation of the Triton kernels (no GPU needed)
 # ------------------------------------------------------------------------------------------
-_PTR_F32 = "*fp32"
 _TRITON_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+#: Triton type of the kernels' pointer arguments that do not point at fp32
+_PTR_TYPES = {"addr_ptr": "*i64", "plan_ptr": "*i64", "count_ptr": "*i32"}
 
 
-def _signature(kernel, dtype: torch.dtype) -> dict[str, str]:
-    """Triton type of every argument of ``kernel`` as the backend launches it for a ``dtype`` bucket (the
-    param dtype itself is the constexpr ``PDT``: params, grads and state are reached through the int64
-    address table ``addr_ptr``)."""
+def _signature(kernel) -> dict[str, str]:
+    """Triton type of every argument of ``kernel`` as the backend launches it (the param dtype itself is the
+    constexpr ``PDT``: params, grads and state are reached through the int64 address table ``addr_ptr``;
+    ``opts`` is the kind's tuple of fp32 options, one per row of its table in backends/option_fields.py)."""
     fn = kernel.fn if hasattr(kernel, "fn") else kernel
+    kind = fn.__name__.split("_")[0].upper()
     sig = {}
     for name in inspect.signature(fn).parameters:
         if name.isupper():
             sig[name] = "constexpr"
-        elif name in ("tile_seg_ptr", "tile_len_ptr", "count_ptr"):
-            sig[name] = "*i32"
-        elif name in ("addr_ptr", "seg_tile_ptr", "seg_numel_ptr"):
-            sig[name] = "*i64"
+        elif name == "opts":
+            sig[name] = ("fp32",) * len(option_fields.TABLES[kind])
         elif name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel":
             sig[name] = "*fp64"
-        elif name.endswith("_ptr"):
-            sig[name] = _PTR_F32
-        elif (
-            name in ("num_tiles", "num_segs", "tv_gate")
-            or name.endswith("_mode")
-            or name in ("zero_skip", "adapt_enabled", "use_tv", "nesterov", "clone_first")
-        ):
-            sig[name] = "i32"
         else:
-            sig[name] = "fp32"
+            sig[name] = _PTR_TYPES.get(name, "*fp32")
     return sig
 
 
@@ -212,9 +205,7 @@ def aot_specializations(covering: bool = False) -> list[dict]:
     """
     if tb.K is None:
         return []
-    geo = dict(TILE=tb.TILE, BLOCK=tb.BLOCK)
-    red = dict(geo, RBLOCK=tb.RBLOCK, SBLOCK=tb.SBLOCK)  # launch 1 (reduces a segment's partials)
-    upd = dict(geo, SBLOCK=tb.SBLOCK)  # launch 2
+    geo = dict(GEO=tuple(tb._geometry()))  # (TILE, BLOCK, RBLOCK, SBLOCK)
     layouts = [(dt, False) for dt in _TRITON_DT] + [(torch.float16, True), (torch.bfloat16, True)]
     out = []
 
@@ -232,16 +223,16 @@ def aot_specializations(covering: bool = False) -> list[dict]:
     if covering:  # fp32 with every MOM / BC value, fp16 without and bf16 with master weights
         layouts = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
     for dt, master in layouts:
-        add(tb.K.lars_partials_kernel, dt, HAS_MASTER=master, **red)
+        add(tb.K.lars_partials_kernel, dt, HAS_MASTER=master, **geo)
         for mom in (MOM_NONE, *MOM.values()):
             if covering and dt != torch.float32 and mom != MOM["classic" if master else "torch"]:
                 continue
-            add(tb.K.lars_update_kernel, dt, HAS_MASTER=master, MOM=mom, **upd)
+            add(tb.K.lars_update_kernel, dt, HAS_MASTER=master, MOM=mom, **geo)
         for bc in BIAS.values():
             if covering and dt != torch.float32 and bc != BIAS["first_outside" if master else "both"]:
                 continue
-            add(tb.K.lamb_moments_kernel, dt, HAS_MASTER=master, BC=bc, **red)
-            add(tb.K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **upd)
+            add(tb.K.lamb_moments_kernel, dt, HAS_MASTER=master, BC=bc, **geo)
+            add(tb.K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **geo)
     for dt in _TRITON_DT:
         add(tb.K.grad_sumsq_kernel, dt, **geo)
     return out
@@ -255,7 +246,7 @@ def aot_compile(spec: dict, arch: int) -> dict:
 
     if tb.K.INTERPRET:
         raise RuntimeError("aot_compile needs a process without TRITON_INTERPRET (kernels are interpreted here)")
-    sig = _signature(spec["kernel"], spec["dtype"])
+    sig = _signature(spec["kernel"])
     src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=dict(spec["constexprs"]))
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": tb.NUM_WARPS})
     res = dict(

@@ -229,6 +229,8 @@ def test_triton_constexprs_come_from_the_tables():
     src = (ROOT / "fusedlars" / "backends" / "triton_kernels.py").read_text()
     literal = re.findall(r"\b(?:den_mode|wd_mode|check_mode|clip_mode|MOM|BC)\s*[!=]=\s*\d", src)
     assert not literal, f"mode codes compared as literals: {literal}"
+    # options are read by their slot in the table, never by a position written by hand
+    assert not re.findall(r"opts\[\s*\d", src)
     tk = pytest.importorskip("fusedlars.backends.triton_kernels")
     val = lambda c: getattr(c, "value", c)  # noqa: E731
     expect = {
@@ -244,8 +246,27 @@ def test_triton_constexprs_come_from_the_tables():
         "CLIP_RANGE": codes.CLIP["range"],
         "BC_BOTH": codes.BIAS["both"], "BC_NONE": codes.BIAS["none"], "BC_FIRST_OUTSIDE": codes.BIAS["first_outside"],
         "MOM_NONE": codes.MOM_NONE, "MOM_TORCH": codes.MOM["torch"], "MOM_CLASSIC": codes.MOM["classic"],
+        "ZN_SKIP": codes.ZERO_NORM["skip"], "FIRST_CLONE": codes.FIRST["clone"],
     }  # fmt: skip
     assert {k: val(getattr(tk, k)) for k in expect} == expect
+
+
+def test_triton_opts_are_the_table_rows():
+    """The Triton kernels' ``opts`` tuple: every row of the kind's table, in order, as an exact float; the
+    kernels' slot names are the rows' (the C++ members') names."""
+    tk = pytest.importorskip("fusedlars.backends.triton_kernels")
+    for kind, cfg in (("LARS", _lars_distinct()), ("LAMB", _lamb_distinct())):
+        rows = option_fields.TABLES[kind]
+        values = option_fields.triton_values(kind, cfg)
+        members = EXPECT_MEMBERS[kind]
+        slots = getattr(tk, kind)
+        for f in rows:
+            i = getattr(slots, f.name).value
+            if f.cpp:
+                assert values[i] == members[f.name], f.name
+        assert len(values) == len(rows)
+    lamb = option_fields.triton_values("LAMB", _lamb_distinct())
+    assert (lamb[tk.LAMB.one_minus_beta1.value], lamb[tk.LAMB.one_minus_beta2.value]) == (0.5, 0.25)
 
 
 def test_tv_defaults_have_one_source():

@@ -638,3 +638,12 @@ def test_loaded_momentum_without_a_step_count_is_used():
     for i, (a, b) in enumerate(zip(p_tri, p_ref)):
         close(a.detach(), b.detach(), torch.float32, f"param {i}")
     compare_states(o_tri, p_tri, o_ref, p_ref, torch.float32)
+
+
+def test_tv_gate_beyond_fp32_is_refused():
+    # the kernels take every option as an fp32 (NOTE [Triton modes are fp32]): a TVLARS gate is exact below 2**24
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.ones(4)
+    fusedlars.TVLARS([p], lr=0.1, gate=2**24 - 1, backend="triton").step()
+    with pytest.raises(RuntimeError, match="gate of 16777216 steps"):
+        fusedlars.TVLARS([p], lr=0.1, gate=2**24, backend="triton").step()

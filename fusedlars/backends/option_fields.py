@@ -37,7 +37,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -64,14 +63,17 @@ class Field:
         return float(v) if self.type == "f" else int(v)
 
 
+def _getter(attr: str) -> Callable[[Any], Any]:
+    # a plain function, not operator.attrgetter: dynamo traces it in a compiled step
+    return lambda cfg: getattr(cfg, attr)
+
+
 def _f(name: str, attr: str | Callable | None = None, *, cpp: bool = True) -> Field:
-    get = attr if callable(attr) else attrgetter(attr or name)
-    return Field(name, "f", get, cpp=cpp)
+    return Field(name, "f", attr if callable(attr) else _getter(attr or name), cpp=cpp)
 
 
 def _i(name: str, attr: str | Callable | None = None, table: Mapping | None = None) -> Field:
-    get = attr if callable(attr) else attrgetter(attr or name)
-    return Field(name, "i", get, table)
+    return Field(name, "i", attr if callable(attr) else _getter(attr or name), table)
 
 
 _TV_OFF = (0.0, 0.0, 0.0, 0.0, 0)  # (lmbda, alpha, shift, gamma_min, gate) of a group without TVLARS

@@ -29,7 +29,8 @@ writes w) = 40, plus 4 for ``grad_sumsq`` when ``max_grad_norm`` is set. Per til
 launch 1 writes 3 fp32 partials and does one int32 atomic on its segment's arrival counter, the
 segment's reduction reads each partial once, launch 2 reads the segment's 3 sums, and each tile
 program loads its segment's 2-5 base addresses: about 80 B per tile of TILE=4096 elements
-(0.02 B/param). Full tiles of 16-byte-aligned buffers use 128-bit accesses (NOTE [Vector path]).
+(0.02 B/param), plus a few entries of the plan table (the same 8-byte words in every program:
+cache hits). Full tiles of 16-byte-aligned buffers use 128-bit accesses (NOTE [Vector path]).
 
 Reduction cost: linear, every tile's partials are read exactly once per step at any layer size
 (``fusedlars._testing.launch_plan`` computes the reads; tests check it against loads counted in the interpreter and
@@ -59,7 +60,8 @@ import os
 import torch
 
 from ..buckets import Bucket
-from .codes import BIAS, CLIP, DENOMINATOR, LAMB_WD, LARS_WD, ZERO_CHECK, triton_mom
+from . import option_fields
+from .codes import BIAS, triton_mom
 from .config import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
 
 NAME = "triton"
@@ -130,6 +132,9 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
         return f"the bucket is on {dev}; the Triton backend launches on CUDA devices"
     if dev == "cuda" and _interpreting():
         return "Triton is in interpreter mode (TRITON_INTERPRET=1): it runs on CPU tensors only here"
+    tv = getattr(cfg, "tv", None)
+    if tv is not None and tv[4] >= option_fields.FP32_EXACT_INT:  # NOTE [Triton modes are fp32]
+        return f"a TVLARS gate of {tv[4]} steps is not exact in the Triton kernels' fp32 options (below 2**24 is)"
     return check_scalars(cfg, bucket.device) or check_kind(kind)
 
 
@@ -145,19 +150,34 @@ lars_step_given_grad_sums = None
 # per-bucket cached device tensors
 # ------------------------------------------------------------------------------------------
 class _Scratch:
+    """The bucket's launch-1 scratch and per-step constants for one tile geometry. ``work`` holds the tile
+    partials ``[3, T]`` at 0, the per-segment sums ``ssq`` ``[3, S]`` at ``ssq_at`` and the step / has_state
+    snapshot ``[2, S]`` at ``snap_at`` (offsets multiples of 4: each region 16-byte aligned)."""
+
     def __init__(self, bucket: Bucket, tile: int) -> None:
         dev = bucket.device
         self.tiles = bucket.tiles(tile)
-        T, S = self.tiles.num_tiles, bucket.num_segments
-        self.part = torch.zeros(3 * max(T, 1), dtype=torch.float32, device=dev)
-        self.snap = torch.zeros(2 * max(S, 1), dtype=torch.float32, device=dev)
-        self.ssq = torch.zeros(3 * max(S, 1), dtype=torch.float32, device=dev)  # per-segment sums, launch 1 -> 2
-        self.count = torch.zeros(max(S, 1), dtype=torch.int32, device=dev)  # arrivals per segment, 0 between steps
-        self.gpart = torch.zeros(max(T, 1), dtype=torch.float64, device=dev)
+        T, S = max(self.tiles.num_tiles, 1), max(bucket.num_segments, 1)
+        self.ssq_at = _round4(3 * T)
+        self.snap_at = self.ssq_at + _round4(3 * S)
+        self.work = torch.zeros(self.snap_at + 2 * S, dtype=torch.float32, device=dev)
+        self.part = self.work[: 3 * self.tiles.num_tiles]  # the tile partials, a view
+        self.count = torch.zeros(S, dtype=torch.int32, device=dev)  # arrivals per segment, 0 between steps
+        self.gpart = torch.zeros(T, dtype=torch.float64, device=dev)
         self.one = torch.ones(1, dtype=torch.float32, device=dev)
         self.zero = torch.zeros(1, dtype=torch.float32, device=dev)
         self.lr = CachedScalar(dev, torch.float32)  # a float lr
         self.clip = CachedScalar(dev, torch.float32)  # a float clip_coef
+        self.plan: torch.Tensor | None = None  # the plan table (_plan)
+        self.plan_key: tuple[int, ...] | None = None
+
+    def ssq(self, num_segs: int) -> torch.Tensor:
+        """The per-segment sums in ``work``, a ``[3, S]`` view."""
+        return self.work[self.ssq_at : self.ssq_at + 3 * num_segs].view(3, num_segs)
+
+
+def _round4(n: int) -> int:
+    return -(-n // 4) * 4
 
 
 def _scratch(bucket: Bucket) -> _Scratch:
@@ -166,6 +186,37 @@ def _scratch(bucket: Bucket) -> _Scratch:
     if sc is None:
         sc = cache[TILE] = _Scratch(bucket, TILE)
     return sc
+
+
+def _plan(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
+    """The int64 plan table of the kernels (``K.PLAN``: NOTE [Kernel arguments] in the kernels), rebuilt when
+    one of the bucket tables it points at was replaced. A compiled step uses the table its eager prelude
+    built (:func:`prepare`): the tables are static there, and dynamo does not trace ``data_ptr()``."""
+    if sc.plan is not None and torch.compiler.is_compiling():
+        return sc.plan
+    tt = sc.tiles
+    tables = dict(
+        seg_numel=bucket.seg_numel,
+        wd_mask=bucket.wd_mask,
+        adapt_mask=bucket.adapt_mask,
+        active=bucket.active,
+        tile_seg=tt.tile_seg,
+        tile_len=tt.tile_len,
+        seg_tile_ptr=tt.seg_tile_ptr,
+    )
+    ptrs = {k: t.data_ptr() for k, t in tables.items()}
+    if any(p % 16 for p in ptrs.values()):  # the kernels hint these aligned (K._tab)
+        raise RuntimeError(f"triton backend: a bucket table is not 16-byte aligned: {ptrs}")
+    values = dict(ptrs, num_tiles=tt.num_tiles, num_segs=bucket.num_segments, ssq_at=sc.ssq_at, snap_at=sc.snap_at)
+    key = tuple(values[k] for k in K.PLAN)
+    if key != sc.plan_key:
+        host = torch.tensor(key, dtype=torch.int64)
+        if sc.plan is None:
+            sc.plan = host.to(bucket.device)
+        else:
+            sc.plan.copy_(host)
+        sc.plan_key = key
+    return sc.plan
 
 
 def _kinds(bucket: Bucket) -> tuple[str, ...]:
@@ -215,11 +266,17 @@ def _pdt(code: int):
     return (K.tl.float32, K.tl.float16, K.tl.bfloat16)[code]
 
 
+def _geometry() -> list[int]:
+    """The kernels' ``GEO`` constexpr: (TILE, BLOCK, RBLOCK, SBLOCK) of this module."""
+    return [TILE, BLOCK, RBLOCK, SBLOCK]
+
+
 def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
     sc = _scratch(bucket)
     t = sc.tiles
-    return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.ssq, sc.count, sc.gpart, sc.one, sc.zero,
+    plan = _plan(bucket, sc)
+    return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.work, sc.count, sc.gpart, sc.one, sc.zero, plan,
             _traced_table(bucket)]  # fmt: skip
 
 
@@ -288,84 +345,69 @@ def _register(name: str, mutates: tuple[str, ...]):
 
 T_ = torch.Tensor
 
-# NOTE: [Ops and raw addresses] One torch.library op per launch. The kernels write params, masters
-# and state through the address table ``addr``, which these schemas cannot name: an op declares only
-# the bucket tables and scratch it mutates. Eager and interpreted steps are unaffected; a compiled
-# graph that also reads params after the step must not rely on the op's schema to order the reads.
+# NOTE: [Written tensors are arguments] Every tensor a kernel of the step writes through its own base
+# address is an argument of the op that launches it, declared mutated, and the kernel takes its address
+# from that argument (never from a table of addresses): launch 1's scratch ``work`` and ``count``, and
+# launch 2's ``step``, ``has_state`` and per-segment outputs. Under torch.compile an op's mutated arguments
+# are functionalized (a clone goes in, and is copied back after the graph): a kernel writing through an
+# address taken before would write the original while the clone is copied back over it, which is what
+# broke compiled steps in the reverted table-of-tables design (879fae0). The plan table points only at
+# tables no op of the step writes. The kernels also write params, masters and state, through the address
+# table ``addr``, which these schemas cannot name, as csrc/cuda writes them through its ``Addr``: eager
+# and interpreted steps are unaffected; a compiled graph that also reads params after the step must not
+# rely on the ops' schemas to order the reads.
+#
+# NOTE: [One launch sequence] Both kinds launch through the same two op bodies, as the kernels run the
+# same two skeletons (NOTE [One skeleton] in the kernels): launch 1 (``_partials_op``) and launch 2
+# (``_update_op``) take the tables in one order for both kinds, and a kind adds only its kernel, its
+# per-step scalar tensors (``scalars``, in the kernel's argument order), its ``opts`` and its mode
+# constexpr. One op is still registered per kind and launch (``fusedlars::triton_lars_partials`` ...):
+# the op names and the 2 launches per step are what traces see. (The mode argument is ``mode_code``: an
+# op argument named ``mode`` collides with the ``mode`` keyword torch.compile's dispatch passes along.)
 
 
-def _constexprs(pdt: int, has_master: bool, mode_name: str | None, mode: int, **geometry) -> dict:
+def _constexprs(pdt: int, has_master: bool, mode_name: str | None, mode: int, geo: list[int]) -> dict:
     """The constexprs of a launch: the param dtype, masters, the kind's mode (``MOM`` / ``BC``, or none)
-    and the tile geometry."""
+    and the tile geometry ``GEO``."""
     cx = dict(PDT=_pdt(pdt), HAS_MASTER=has_master)
     if mode_name is not None:
         cx[mode_name] = mode
-    return dict(cx, **geometry)
+    return dict(cx, GEO=tuple(geo))
 
 
-# NOTE: [One launch sequence] Both kinds launch through the same two op bodies, as the kernels run the
-# same two skeletons (NOTE [One skeleton] in the kernels): launch 1 (``_partials_op``) and launch 2
-# (``_update_op``) take the bucket tables, scratch and geometry in one order for both kinds, and a kind
-# adds only its kernel, its per-step scalar tensors (``scalars``), hyper-parameters (``fvals``, then
-# ``ivals``: the kernel's argument order) and its mode constexpr. One op is still registered per kind
-# and launch (``fusedlars::triton_lars_partials`` ...): the op names and the 2 launches per step are
-# what tests and traces see. (The mode argument is ``mode_code``: an op argument named ``mode`` collides
-# with the ``mode`` keyword torch.compile's dispatch passes along.)
 def _partials_op(name: str, kernel: str, mode_name: str | None):
     """Register launch 1 of a kind as op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the
     segment programs; the arrival counters are re-armed if the launch raises."""
 
-    @_register(name, ("part", "snap", "ssq", "count"))
+    @_register(name, ("work", "count"))
     def op(
         addr: T_,
-        wd_mask: T_,
-        active: T_,
+        plan: T_,
+        work: T_,
+        count: T_,
         step: T_,
         has_state: T_,
         scalars: list[T_],
-        part: T_,
-        snap: T_,
-        ssq: T_,
-        count: T_,
-        tile_seg: T_,
-        tile_len: T_,
-        seg_tile_ptr: T_,
-        num_tiles: int,
-        num_segs: int,
-        fvals: list[float],
-        ivals: list[int],
+        opts: list[float],
+        grid: int,
         pdt: int,
         has_master: bool,
         mode_code: int,
-        tile: int,
-        block: int,
-        rblock: int,
-        sblock: int,
+        geo: list[int],
     ) -> None:
         with _rearm_on_error(count):
             _launch(
                 getattr(K, kernel),
-                num_tiles + triton.cdiv(num_segs, sblock),
+                grid,
                 addr,
-                wd_mask,
-                active,
+                plan,
+                work,
+                count,
                 step,
                 has_state,
                 *scalars,
-                part,
-                snap,
-                ssq,
-                count,
-                tile_seg,
-                tile_len,
-                seg_tile_ptr,
-                num_tiles,
-                num_segs,
-                *fvals,
-                *ivals,
-                **_constexprs(
-                    pdt, has_master, mode_name, mode_code, TILE=tile, BLOCK=block, RBLOCK=rblock, SBLOCK=sblock
-                ),
+                tuple(opts),
+                **_constexprs(pdt, has_master, mode_name, mode_code, geo),
             )
 
     return op
@@ -378,10 +420,8 @@ def _update_op(name: str, kernel: str, mode_name: str):
     @_register(name, ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
     def op(
         addr: T_,
-        wd_mask: T_,
-        adapt_mask: T_,
-        active: T_,
-        seg_numel: T_,
+        plan: T_,
+        work: T_,
         step: T_,
         has_state: T_,
         w_norm: T_,
@@ -389,48 +429,16 @@ def _update_op(name: str, kernel: str, mode_name: str):
         u_norm: T_,
         trust_ratio: T_,
         scalars: list[T_],
-        ssq: T_,
-        snap: T_,
-        tile_seg: T_,
-        tile_len: T_,
-        seg_tile_ptr: T_,
-        num_tiles: int,
-        num_segs: int,
-        fvals: list[float],
-        ivals: list[int],
+        opts: list[float],
+        grid: int,
         pdt: int,
         has_master: bool,
         mode_code: int,
-        tile: int,
-        block: int,
-        sblock: int,
+        geo: list[int],
     ) -> None:
-        _launch(
-            getattr(K, kernel),
-            num_tiles + triton.cdiv(num_segs, sblock),
-            addr,
-            wd_mask,
-            adapt_mask,
-            active,
-            seg_numel,
-            step,
-            has_state,
-            w_norm,
-            g_norm,
-            u_norm,
-            trust_ratio,
-            *scalars,
-            ssq,
-            snap,
-            tile_seg,
-            tile_len,
-            seg_tile_ptr,
-            num_tiles,
-            num_segs,
-            *fvals,
-            *ivals,
-            **_constexprs(pdt, has_master, mode_name, mode_code, TILE=tile, BLOCK=block, SBLOCK=sblock),
-        )
+        outs = (step, has_state, w_norm, g_norm, u_norm, trust_ratio)
+        cx = _constexprs(pdt, has_master, mode_name, mode_code, geo)
+        _launch(getattr(K, kernel), grid, addr, plan, work, *outs, *scalars, tuple(opts), **cx)
 
     return op
 
@@ -442,35 +450,8 @@ _update_op("triton_lamb_update", "lamb_update_kernel", "BC")
 
 
 @_register("triton_grad_sumsq", ("part",))
-def _grad_sumsq_op(
-    addr: T_,
-    active: T_,
-    inv_scale: T_,
-    part: T_,
-    tile_seg: T_,
-    tile_len: T_,
-    seg_tile_ptr: T_,
-    num_tiles: int,
-    num_segs: int,
-    pdt: int,
-    tile: int,
-    block: int,
-) -> None:
-    _launch(
-        K.grad_sumsq_kernel,
-        num_tiles,
-        addr,
-        active,
-        inv_scale,
-        part,
-        tile_seg,
-        tile_len,
-        seg_tile_ptr,
-        num_segs,
-        PDT=_pdt(pdt),
-        TILE=tile,
-        BLOCK=block,
-    )
+def _grad_sumsq_op(addr: T_, plan: T_, inv_scale: T_, part: T_, grid: int, pdt: int, geo: list[int]) -> None:
+    _launch(K.grad_sumsq_kernel, grid, addr, plan, inv_scale, part, PDT=_pdt(pdt), GEO=tuple(geo))
 
 
 _seen_addresses: dict[int, tuple[int, ...]] = {}  # table data_ptr -> the addresses it holds
@@ -504,134 +485,59 @@ def _check(kind: str, cfg, bucket: Bucket) -> None:
         raise RuntimeError(f"{kind}: backend='triton' cannot run this bucket: {why}.")
 
 
-def _sums_for_apply(bucket: Bucket, ssq: torch.Tensor) -> torch.Tensor:
-    """``ssq`` as launch 2 reads it: a contiguous fp32 ``[3, S]`` on the bucket's device (a no-op for
-    launch 1's own buffer and for an all-reduced fp32 one)."""
+# NOTE: [Triton partials and apply] The FSDP2 split of NOTE [Partials and apply] (backends/torch.py)
+# is the step's own two launches: ``*_partials`` is launch 1 (it returns launch 1's per-segment sums,
+# a view of the bucket's scratch, valid until the bucket's next launch 1; LAMB's launch 1 has already
+# updated the moments), ``*_apply`` is launch 2 reading the sums it is given (copied into that scratch
+# first unless they are that view). ``*_step`` runs the same two ops on launch 1's own sums: 2 launches,
+# bitwise equal to apply(partials). Launch 2 also reads the step/has_state snapshot launch 1 took, so
+# apply must follow its bucket's partials.
+
+
+def _launch1(bucket: Bucket, op: str, scalars: list, opts: list, mode: int) -> tuple:
+    """Launch 1 of either kind through op ``op`` (NOTE [One launch sequence]); returns the context launch 2
+    needs (this step's address table)."""
+    sc = _scratch(bucket)
+    addr = _addresses(bucket)
+    grid = sc.tiles.num_tiles + triton.cdiv(bucket.num_segments, SBLOCK)
+    _op(op)(addr, _plan(bucket, sc), sc.work, sc.count, bucket.step, bucket.has_state, scalars, opts, grid,
+            _PDT_CODE[bucket.dtype], bucket.uses_masters, mode, _geometry())  # fmt: skip
+    return (addr,)
+
+
+def _launch2(bucket: Bucket, op: str, ctx: tuple, scalars: list, opts: list, mode: int) -> None:
+    """Launch 2 of either kind through op ``op`` from the sums in the scratch and launch 1's context."""
+    (addr,) = ctx
+    sc = _scratch(bucket)
+    b = bucket
+    grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
+    _op(op)(addr, _plan(b, sc), sc.work, b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm, b.trust_ratio, scalars,
+            opts, grid, _PDT_CODE[b.dtype], b.uses_masters, mode, _geometry())  # fmt: skip
+
+
+def _sums_into_scratch(bucket: Bucket, ssq: torch.Tensor) -> None:
+    """Put the per-segment sums ``ssq`` (``[3, S]``: launch 1's own view, or summed over ranks) where launch 2
+    reads them."""
     S = bucket.num_segments
     if tuple(ssq.shape) != (3, S):
         raise ValueError(f"ssq must have shape (3, {S}) (per-segment sums of squares), got {tuple(ssq.shape)}")
-    return ssq.to(device=bucket.device, dtype=torch.float32).contiguous()
+    dst = _scratch(bucket).ssq(S)
+    if torch.compiler.is_compiling() or ssq.data_ptr() != dst.data_ptr() or ssq.stride() != dst.stride():
+        dst.copy_(ssq)
 
 
-# NOTE: [Triton partials and apply] The FSDP2 split of NOTE [Partials and apply] (kernels/torch.py)
-# is the step's own two launches: ``*_partials`` is launch 1 (it returns launch 1's per-segment sums,
-# a view of the bucket's scratch, valid until the bucket's next launch 1; LAMB's launch 1 has already
-# updated the moments), ``*_apply`` is launch 2 reading the sums it is given. ``*_step`` calls the
-# same two ops with launch 1's own buffer: 2 launches, bitwise equal to apply(partials). Launch 2
-# also reads the step/has_state snapshot launch 1 took, so apply must follow its bucket's partials.
-
-
-def _partials(
-    bucket: Bucket, op: str, scalars: list, fvals: list, ivals: list, mode: int
-) -> tuple[torch.Tensor, tuple]:
-    """Launch 1 of either kind through op ``op`` (NOTE [One launch sequence]): the per-segment sums as an
-    fp32 ``[3, S]`` view of the bucket's scratch, and the context launch 2 needs (this step's address table)."""
-    sc = _scratch(bucket)
-    tt = sc.tiles
-    S = bucket.num_segments
-    addr = _addresses(bucket)
-    _op(op)(
-        addr,
-        bucket.wd_mask,
-        bucket.active,
-        bucket.step,
-        bucket.has_state,
-        scalars,
-        sc.part,
-        sc.snap,
-        sc.ssq,
-        sc.count,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        S,
-        fvals,
-        ivals,
-        _PDT_CODE[bucket.dtype],
-        bucket.uses_masters,
-        mode,
-        TILE,
-        BLOCK,
-        RBLOCK,
-        SBLOCK,
-    )
-    return sc.ssq[: 3 * S].view(3, S), (addr,)
-
-
-def _apply(
-    bucket: Bucket, op: str, ssq: torch.Tensor, ctx: tuple, scalars: list, fvals: list, ivals: list, mode: int
-) -> None:
-    """Launch 2 of either kind through op ``op`` from the per-segment sums ``ssq`` (launch 1's or summed over
-    ranks) and launch 1's context."""
-    (addr,) = ctx
-    sc = _scratch(bucket)
-    tt = sc.tiles
-    _op(op)(
-        addr,
-        bucket.wd_mask,
-        bucket.adapt_mask,
-        bucket.active,
-        bucket.seg_numel,
-        bucket.step,
-        bucket.has_state,
-        bucket.w_norm,
-        bucket.g_norm,
-        bucket.u_norm,
-        bucket.trust_ratio,
-        scalars,
-        _sums_for_apply(bucket, ssq),
-        sc.snap,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        bucket.num_segments,
-        fvals,
-        ivals,
-        _PDT_CODE[bucket.dtype],
-        bucket.uses_masters,
-        mode,
-        TILE,
-        BLOCK,
-        SBLOCK,
-    )
-
-
-def _lars_values(cfg: LarsConfig) -> tuple[list[float], list[int], int]:
-    """(fp32 hyper-parameters, int modes, MOM) of launch 2, in the kernel's argument order."""
-    mom_mode = triton_mom(cfg.momentum, cfg.momentum_mode)
-    tv = cfg.tv or (0.0, 0.0, 0.0, 0.0, 0)
-    fvals = [
-        float(cfg.weight_decay),
-        -1.0 if cfg.maximize else 1.0,
-        float(cfg.eta),
-        float(cfg.eps),
-        float(cfg.clamp_lo),
-        float(cfg.clamp_hi),
-        float(cfg.clip_lo),
-        float(cfg.clip_hi),
-        float(cfg.momentum),
-        float(cfg.dampening),
-        float(tv[0]),
-        float(tv[1]),
-        float(tv[2]),
-        float(tv[3]),
-    ]
-    # runtime mode codes of the kernels: those of the C++ option structs (.codes); zero_skip, clone_first: 0/1 flags
-    ivals = [
-        int(tv[4]),
-        DENOMINATOR[cfg.denominator],
-        LARS_WD[cfg.weight_decay_mode],
-        ZERO_CHECK[cfg.zero_norm_check],
-        int(cfg.zero_norm == "skip"),
-        CLIP[cfg.trust_clip],
-        int(bool(cfg.adapt_enabled)),
-        int(cfg.tv is not None),
-        int(bool(cfg.nesterov)),
-        int(cfg.first_step_buffer == "clone"),
-    ]
-    return fvals, ivals, mom_mode
+def _step_scalars(sc: _Scratch, cfg, *names: str) -> list[torch.Tensor]:
+    """The per-step value tensors ``names`` of ``cfg`` in a kernel's argument order (1 / 0 tensors when absent)."""
+    out = []
+    for name in names:
+        if name == "lr":
+            out.append(_lr_tensor(sc, cfg.lr))
+        elif name == "clip":  # LAMB's global clip divisor: a tensor, a float (a cached tensor) or none
+            clip = cfg.clip_coef
+            out.append(_t(clip if clip is None or isinstance(clip, torch.Tensor) else sc.clip(clip), sc.one))
+        else:
+            out.append(_t(getattr(cfg, name), sc.zero if name == "found_inf" else sc.one))
+    return out
 
 
 def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
@@ -642,24 +548,28 @@ def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]
     if (cfg.momentum != 0) != ("momentum_buffer" in bucket.state_names):
         raise RuntimeError(f"LARS: momentum={cfg.momentum} but the bucket's state is {bucket.state_names}")
     sc = _scratch(bucket)
-    scalars = [_t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero)]
-    fvals = [float(cfg.weight_decay), -1.0 if cfg.maximize else 1.0]
-    return _partials(bucket, "triton_lars_partials", scalars, fvals, [], 0)
+    scalars = _step_scalars(sc, cfg, "inv_scale", "found_inf")
+    ctx = _launch1(bucket, "triton_lars_partials", scalars, option_fields.triton_values("LARS", cfg), 0)
+    return sc.ssq(bucket.num_segments), ctx
+
+
+def _lars_apply(bucket: Bucket, cfg: LarsConfig, ctx: tuple) -> None:
+    scalars = _step_scalars(_scratch(bucket), cfg, "lr", "inv_scale", "found_inf")
+    mom = triton_mom(cfg.momentum, cfg.momentum_mode)
+    _launch2(bucket, "triton_lars_update", ctx, scalars, option_fields.triton_values("LARS", cfg), mom)
 
 
 def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """Launch 2: the LARS update from the per-segment sums ``ssq`` (``[3, S]``, as :func:`lars_partials`
     returns them, or summed over the ranks of a sharded bucket)."""
-    sc = _scratch(bucket)
-    scalars = [_lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero)]
-    fvals, ivals, mom_mode = _lars_values(cfg)
-    _apply(bucket, "triton_lars_update", ssq, ctx, scalars, fvals, ivals, mom_mode)
+    _sums_into_scratch(bucket, ssq)
+    _lars_apply(bucket, cfg, ctx)
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
-    """One LARS step: :func:`lars_partials` then :func:`lars_apply` on launch 1's own sums (2 launches)."""
-    ssq, ctx = lars_partials(bucket, cfg)
-    lars_apply(bucket, cfg, ssq, ctx)
+    """One LARS step: :func:`lars_partials` then launch 2 on launch 1's own sums (2 launches)."""
+    _, ctx = lars_partials(bucket, cfg)
+    _lars_apply(bucket, cfg, ctx)
 
 
 def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]:
@@ -669,71 +579,42 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, tuple]
     tensor (0 for segments without a grad), and the step's context."""
     _check("LAMB", cfg, bucket)
     sc = _scratch(bucket)
-    clip = cfg.clip_coef
-    if clip is not None and not isinstance(clip, torch.Tensor):
-        clip = sc.clip(clip)
-    scalars = [_lr_tensor(sc, cfg.lr), _t(cfg.inv_scale, sc.one), _t(cfg.found_inf, sc.zero), _t(clip, sc.one)]
-    fvals = [
-        float(cfg.weight_decay),
-        -1.0 if cfg.maximize else 1.0,
-        float(cfg.beta1),
-        float(cfg.beta2),
-        float(cfg.beta3),
-        1.0 - float(cfg.beta1),
-        1.0 - float(cfg.beta2),
-        float(cfg.eps),
-        float(cfg.eps_root),
-    ]
-    ivals = [LAMB_WD[cfg.weight_decay_mode]]
-    return _partials(bucket, "triton_lamb_partials", scalars, fvals, ivals, BIAS[cfg.bias_correction])
+    scalars = _step_scalars(sc, cfg, "lr", "inv_scale", "found_inf", "clip")
+    ctx = _launch1(bucket, "triton_lamb_partials", scalars, option_fields.triton_values("LAMB", cfg), _bc(cfg))
+    return sc.ssq(bucket.num_segments), ctx
+
+
+def _bc(cfg: LambConfig) -> int:
+    """The ``BC`` constexpr: the bias-correction code of the ``bias_correction`` row."""
+    return BIAS[cfg.bias_correction]
+
+
+def _lamb_apply(bucket: Bucket, cfg: LambConfig, ctx: tuple) -> None:
+    scalars = _step_scalars(_scratch(bucket), cfg, "lr", "found_inf")
+    _launch2(bucket, "triton_lamb_update", ctx, scalars, option_fields.triton_values("LAMB", cfg), _bc(cfg))
 
 
 def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -> None:
     """Launch 2: trust ratio from the per-segment sums ``ssq`` (``[3, S]``, as :func:`lamb_partials`
     returns them, or summed over ranks) and w <- w_d - lr * ratio * u (u recomputed from m, v)."""
-    sc = _scratch(bucket)
-    scalars = [_lr_tensor(sc, cfg.lr), _t(cfg.found_inf, sc.zero)]
-    fvals = [
-        float(cfg.weight_decay),
-        1.0 - float(cfg.beta1),
-        1.0 - float(cfg.beta2),
-        float(cfg.eps),
-        float(cfg.eps_root),
-        float(cfg.clamp_lo),
-        float(cfg.clamp_hi),
-        float(cfg.clip_lo),
-        float(cfg.clip_hi),
-        float(cfg.trust_ratio_eps),
-    ]
-    ivals = [LAMB_WD[cfg.weight_decay_mode], CLIP[cfg.trust_clip], int(bool(cfg.adapt_enabled) and not cfg.adam)]
-    _apply(bucket, "triton_lamb_update", ssq, ctx, scalars, fvals, ivals, BIAS[cfg.bias_correction])
+    _sums_into_scratch(bucket, ssq)
+    _lamb_apply(bucket, cfg, ctx)
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
-    """One LAMB step: :func:`lamb_partials` then :func:`lamb_apply` on launch 1's own sums (2 launches)."""
-    ssq, ctx = lamb_partials(bucket, cfg)
-    lamb_apply(bucket, cfg, ssq, ctx)
+    """One LAMB step: :func:`lamb_partials` then launch 2 on launch 1's own sums (2 launches)."""
+    _, ctx = lamb_partials(bucket, cfg)
+    _lamb_apply(bucket, cfg, ctx)
 
 
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2 (float64 scalar): one launch + a fixed-order sum."""
     _check("LAMB", cfg, bucket)
     sc = _scratch(bucket)
-    tt = sc.tiles
-    if tt.num_tiles == 0:
+    T = sc.tiles.num_tiles
+    if T == 0:
         return torch.zeros((), dtype=torch.float64, device=bucket.device)
-    _op("triton_grad_sumsq")(
-        _addresses(bucket),
-        bucket.active,
-        _t(cfg.inv_scale, sc.one),
-        sc.gpart,
-        tt.tile_seg,
-        tt.tile_len,
-        tt.seg_tile_ptr,
-        tt.num_tiles,
-        bucket.num_segments,
-        _PDT_CODE[bucket.dtype],
-        TILE,
-        BLOCK,
-    )
-    return sc.gpart[: tt.num_tiles].sum()
+    inv_scale = _t(cfg.inv_scale, sc.one)
+    _op("triton_grad_sumsq")(_addresses(bucket), _plan(bucket, sc), inv_scale, sc.gpart, T, _PDT_CODE[bucket.dtype],
+                             _geometry())  # fmt: skip
+    return sc.gpart[:T].sum()

@@ -19,14 +19,37 @@ starts at element ``(t - seg_tile_ptr[s]) * TILE`` of the segment (the ``tile_st
 :class:`TileTable`, recomputed here so that the compiler knows it is a multiple of TILE).
 No float atomics.
 
+NOTE: [Kernel arguments] The kernels take what csrc/cuda passes in its ``Addr`` / ``Segs`` / ``Plan``
+structs, split by who writes what (the rule of NOTE [Written tensors are arguments] in :mod:`.triton`):
+
+* ``addr_ptr``: the address table above (the user's tensors and the optimizer's state, written in place
+  through it, as the CUDA kernels write them through ``Addr``);
+* ``plan_ptr``: an int64 table, read only, of what no kernel of a step writes: the counts
+  ``num_tiles`` / ``num_segs``, the offsets of the sums and the snapshot in ``work``, and the base
+  addresses of the bucket's read-only per-segment tables and of its tile table, one entry per name of
+  :data:`PLAN`, in that order (:mod:`.triton` builds it from that tuple);
+* every tensor a kernel of the step writes, as an argument of its own: ``work`` (launch 1's scratch,
+  fp32: the tile partials ``part`` [3, num_tiles] at 0, the per-segment sums ``ssq`` [3, S] at
+  ``ssq_at``, the step / has_state snapshot ``snap`` [2, S] at ``snap_at``), ``count`` (int32 [S], the
+  arrival counters), ``step``, ``has_state`` and the per-segment outputs ``w_norm`` ... ``trust_ratio``;
+* the per-step value pointers (``lr``, ``inv_scale``, ``found_inf``, ``clip``);
+* ``opts``: the kind's options, one fp32 per row of the table of :mod:`.option_fields`, in its order
+  (NOTE [Triton modes are fp32] there); the kernels read ``opts[LARS.eta]`` ..., slot constants derived
+  from that table below;
+* constexprs: the param dtype ``PDT``, ``HAS_MASTER``, the kind's mode (``MOM`` / ``BC``) and the tile
+  geometry ``GEO = (TILE, BLOCK, RBLOCK, SBLOCK)``.
+
+Tensors are never inside a tuple argument: torch.compile's ``wrap_triton`` keeps tuple arguments as
+trace-time constants.
+
 Reduction (linear in the number of tiles): every tile program of launch 1 writes one
 partial sum of squares per quantity into ``part`` (fp32 [3, num_tiles]), then counts
 itself into its segment's int32 arrival counter ``count[s]``; the program that arrives
 last reduces the segment's partials in a fixed order (chunks of ``RBLOCK`` partials
 added element-wise in tile order, then one ``tl.sum``) into ``ssq`` (fp32 [3, S]) and
-resets ``count[s]`` to 0. Launch 2 reads the three sums of its segment from an ``ssq`` it is
-given: the one launch 1 wrote (``*_step``) or one summed over the ranks of a sharded bucket
-(``*_partials`` / ``*_apply``). Each partial is read once per step; which program reduces
+resets ``count[s]`` to 0. Launch 2 reads the three sums of its segment from ``ssq``: the ones
+launch 1 wrote (``*_step``) or ones summed over the ranks of a sharded bucket, copied there by
+``*_apply`` (``*_partials`` returns a view of ``ssq``). Each partial is read once per step; which program reduces
 depends on scheduling, the bits do not (NOTE [Last-arriving program] below;
 tests/test_triton_order.py runs every launch with its programs reversed and shuffled and
 requires the natural order's bits).
@@ -36,7 +59,7 @@ of NOTE [Partials and apply] in fusedlars/backends/torch.py). After launch 1 eve
 ``ssq`` is defined: segments that no tile program sums (inactive, empty, a GradScaler-skipped
 step) hold 0, so a sharded bucket all-reduces exact zeros for them.
 
-Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
+Grid of every step kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 ``num_tiles`` work on a tile; the others handle segments ``SBLOCK`` at a time:
 
 * launch 1 (partials): they snapshot ``step`` and ``has_state`` into ``snap``
@@ -49,11 +72,10 @@ Grid of every kernel: ``num_tiles + cdiv(S, SBLOCK)`` programs. Programs below
 
 Per-step values are pointers to 1-element tensors: ``lr_ptr``, ``inv_scale_ptr``
 (GradScaler's 1/scale, a 1.0 tensor when absent), ``found_inf_ptr`` (0.0 when
-absent), ``clip_ptr`` (LAMB's global clip divisor, 1.0 when absent). Hyper-parameters
-are fp32 scalars. Only the param dtype ``PDT``, ``HAS_MASTER``, the momentum mode ``MOM``,
-the bias-correction mode ``BC`` and the tile geometry are compile-time; the per-segment
-option modes (denominator, zero-norm rule, clip, TV factor, ...) are runtime
-integers, because they cost one scalar branch per program and would otherwise
+absent), ``clip_ptr`` (LAMB's global clip divisor, 1.0 when absent). Only the param dtype
+``PDT``, ``HAS_MASTER``, the momentum mode ``MOM``, the bias-correction mode ``BC`` and the tile
+geometry are compile-time; the option modes (denominator, zero-norm rule, clip, TV factor, ...) are
+runtime values of ``opts``, because they cost one scalar branch per program and would otherwise
 multiply the number of compiled variants.
 
 NOTE: [Vector path] A pointer loaded from a table carries no alignment the compiler could
@@ -71,18 +93,20 @@ per-segment scalars that suffer cancellation (Adam bias corrections) use fp64.
 from __future__ import annotations
 
 import os
+import types
 
 import triton
 import triton.language as tl
 
 from . import codes as _codes
+from . import option_fields as _fields
 
 #: Whether the kernels below were decorated in interpreter mode (fixed at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # Mode codes the kernels test: the tables of fusedlars.backends.codes (the C++ option enums), as
-# constexpr globals (the only globals a jitted function may read). Runtime ints (den_mode, wd_mode,
-# check_mode, clip_mode) come from triton.py's _lars_values / LAMB ivals; MOM and BC are constexprs.
+# constexpr globals (the only globals a jitted function may read). The runtime modes are slots of
+# ``opts``; MOM and BC are constexprs.
 DEN_SUM_OF_NORMS = tl.constexpr(_codes.DENOMINATOR["sum_of_norms"])
 DEN_NORM_OF_SUM = tl.constexpr(_codes.DENOMINATOR["norm_of_sum"])
 DEN_GRAD_ONLY = tl.constexpr(_codes.DENOMINATOR["grad_only"])
@@ -95,6 +119,8 @@ LWD_DECOUPLED = tl.constexpr(_codes.LAMB_WD["decoupled"])
 CHECK_RAW_GRAD = tl.constexpr(_codes.ZERO_CHECK["raw_grad"])
 CHECK_UPDATE = tl.constexpr(_codes.ZERO_CHECK["update"])
 CHECK_DENOMINATOR = tl.constexpr(_codes.ZERO_CHECK["denominator"])
+ZN_SKIP = tl.constexpr(_codes.ZERO_NORM["skip"])
+FIRST_CLONE = tl.constexpr(_codes.FIRST["clone"])
 CLIP_NONE = tl.constexpr(_codes.CLIP[None])
 CLIP_LARC = tl.constexpr(_codes.CLIP["larc"])
 CLIP_LAMBC = tl.constexpr(_codes.CLIP["lambc"])
@@ -106,6 +132,40 @@ BC_FIRST_OUTSIDE = tl.constexpr(_codes.BIAS["first_outside"])
 MOM_NONE = tl.constexpr(_codes.MOM_NONE)
 MOM_TORCH = tl.constexpr(_codes.MOM["torch"])
 MOM_CLASSIC = tl.constexpr(_codes.MOM["classic"])
+
+#: The entries of ``plan_ptr``, in order (NOTE [Kernel arguments]): two counts, two element offsets into
+#: ``work``, then the base addresses of the bucket's per-segment tables (``seg_numel`` int64, the others
+#: fp32) and of its tile table (``tile_seg`` / ``tile_len`` int32, ``seg_tile_ptr`` int64 [S+1]).
+PLAN = (
+    "num_tiles",
+    "num_segs",
+    "ssq_at",
+    "snap_at",
+    "seg_numel",
+    "wd_mask",
+    "adapt_mask",
+    "active",
+    "tile_seg",
+    "tile_len",
+    "seg_tile_ptr",
+)
+
+
+def _slots(names) -> types.ModuleType:
+    """A namespace with one ``tl.constexpr`` index per name, in order: a module object, since jitted code may
+    read the attributes of a module (not those of other objects)."""
+    ns = types.ModuleType("slots")
+    for i, name in enumerate(names):
+        setattr(ns, name, tl.constexpr(i))
+    return ns
+
+
+#: Slots of the ``opts`` tuples (NOTE [Kernel arguments]): ``opts[LARS.eta]`` is the row ``eta`` of the
+#: LARS table of .option_fields (the member ``eta`` of the C++ ``LarsOptions``), derived from that table.
+LARS = _slots(_fields.slots("LARS"))
+LAMB = _slots(_fields.slots("LAMB"))
+#: Slots of ``plan_ptr``: ``plan_ptr + P.active`` holds the address of the bucket's ``active`` table.
+P = _slots(PLAN)
 
 
 # ------------------------------------------------------------------------------------------
@@ -130,6 +190,31 @@ def _clip(r, lr, clip_mode, clip_lo, clip_hi):
 
 
 @triton.jit
+def _sign(maximize):
+    """-1 for ``maximize`` (the grads enter negated), else 1 (exact: ``maximize`` is 0 or 1)."""
+    return 1.0 - 2.0 * maximize
+
+
+@triton.jit
+def _dims(plan_ptr):
+    """(num_tiles, num_segs) of the bucket, int32."""
+    return tl.load(plan_ptr + P.num_tiles).to(tl.int32), tl.load(plan_ptr + P.num_segs).to(tl.int32)
+
+
+@triton.jit
+def _tab(plan_ptr, SLOT: tl.constexpr, DT: tl.constexpr):
+    """The bucket table at plan entry ``SLOT`` as a DT pointer (the bucket's own allocations, 16-byte
+    aligned: :mod:`.triton` checks it when it builds the plan)."""
+    return tl.multiple_of(tl.load(plan_ptr + SLOT).to(tl.pointer_type(DT)), 16)
+
+
+@triton.jit
+def _at(work_ptr, plan_ptr, SLOT: tl.constexpr):
+    """The region of ``work`` at the element offset of plan entry ``SLOT`` (a multiple of 4: 16-byte aligned)."""
+    return tl.multiple_of(work_ptr + tl.load(plan_ptr + SLOT), 16)
+
+
+@triton.jit
 def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
     """Sums of the three partial rows over tiles [lo, hi) in a fixed order: chunks of RBLOCK partials
     added element-wise in tile order, then one ``tl.sum``. The bits depend only on the partials,
@@ -148,9 +233,7 @@ def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _store_partials_and_reduce(
-    part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc0, acc1, acc2, RBLOCK: tl.constexpr
-):
+def _store_partials_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, acc1, acc2, RBLOCK: tl.constexpr):
     """Launch 1's tile epilogue: store this tile's partials; the segment's last-arriving tile program
     then reduces all of the segment's partials (:func:`_seg_sum3`) into ``ssq[:, s]`` and re-arms
     the segment's arrival counter for the next step. ``lo``: the segment's first tile.
@@ -165,12 +248,18 @@ def _store_partials_and_reduce(
     Every partial is read exactly once per step (O(tiles), not O(tiles^2)). The counter is an
     integer; no float atomics anywhere.
     """
-    _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2)
+    part_ptr = work_ptr  # the partials are work's first region
+    # the counts are read here, after the tile loop, not kept in registers across it
+    num_tiles, num_segs = _dims(plan_ptr)
+    tl.store(part_ptr + pid, tl.sum(acc0, axis=0))
+    tl.store(part_ptr + num_tiles + pid, tl.sum(acc1, axis=0))
+    tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc2, axis=0))
     tl.debug_barrier()
-    hi = tl.load(seg_tile_ptr + s + 1)
+    hi = tl.load(_tab(plan_ptr, P.seg_tile_ptr, tl.int64) + s + 1)
     arrived = tl.atomic_add(count_ptr + s, 1, sem="acq_rel", scope="gpu")
     if arrived == (hi - lo - 1).to(tl.int32):
         ssq0, ssq1, ssq2 = _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK)
+        ssq_ptr = _at(work_ptr, plan_ptr, P.ssq_at)
         tl.store(ssq_ptr + s, ssq0)
         tl.store(ssq_ptr + num_segs + s, ssq1)
         tl.store(ssq_ptr + 2 * num_segs + s, ssq2)
@@ -178,34 +267,13 @@ def _store_partials_and_reduce(
 
 
 @triton.jit
-def _load_seg_sums(ssq_ptr, num_segs, s):
-    """Segment s's three sums of squares, reduced in launch 1."""
-    return tl.load(ssq_ptr + s), tl.load(ssq_ptr + num_segs + s), tl.load(ssq_ptr + 2 * num_segs + s)
-
-
-@triton.jit
-def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, rargs):
+def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, opts):
     """LARS's per-segment scalars (scalars or [SBLOCK] vectors) from ``ssq`` rows ``[w^2, g^2, (g+lam*w)^2]``
     and the step count before this step ``t``: (r, lam_eff, ||w||, ||g||, ||g+lam w||). A ``SEG_RATIO`` of
-    :func:`_update_program`; ``rargs`` as :func:`lars_update_kernel` packs them."""
-    (
-        eta,
-        eps,
-        clamp_lo,
-        clamp_hi,
-        clip_lo,
-        clip_hi,
-        tv_lmbda,
-        tv_alpha,
-        tv_shift,
-        tv_gamma_min,
-        tv_gate,
-        den_mode,
-        check_mode,
-        zero_skip,
-        clip_mode,
-        use_tv,
-    ) = rargs
+    :func:`_update_program`."""
+    clamp_lo = opts[LARS.clamp_lo]
+    clamp_hi = opts[LARS.clamp_hi]
+    den_mode = opts[LARS.denominator]
     n_w_raw = tl.sqrt(ssq_w)
     n_g_raw = tl.sqrt(ssq_g)
     n_u_raw = tl.sqrt(ssq_u)
@@ -216,16 +284,17 @@ def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, rargs):
         side_raw = n_g_raw
     side = _clamp(side_raw, clamp_lo, clamp_hi)
     if den_mode == DEN_SUM_OF_NORMS:
-        den = side + lam * n_w + eps
+        den = side + lam * n_w + opts[LARS.eps]
     else:
-        den = side + eps
-    ratio = eta * n_w / den
-    if use_tv != 0:
+        den = side + opts[LARS.eps]
+    ratio = opts[LARS.eta] * n_w / den
+    if opts[LARS.tv_on] != 0:
         tt = t.to(tl.float64)
-        e = tl.exp(tv_lmbda * (tt - tv_shift))  # fp64: fp32 scalars promote
-        phi = 1.0 / (tv_alpha + e) + tv_gamma_min
-        phi = tl.where(tt < tv_gate, 1.0, phi)
+        e = tl.exp(opts[LARS.tv_lmbda] * (tt - opts[LARS.tv_shift]))  # fp64: fp32 scalars promote
+        phi = 1.0 / (opts[LARS.tv_alpha] + e) + opts[LARS.tv_gamma_min]
+        phi = tl.where(tt < opts[LARS.tv_gate], 1.0, phi)
         ratio = ratio * phi.to(tl.float32)
+    check_mode = opts[LARS.zero_norm_check]
     if check_mode == CHECK_RAW_GRAD:
         ok = (n_w_raw > 0) & (n_g_raw > 0)
     elif check_mode == CHECK_UPDATE:
@@ -233,11 +302,12 @@ def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, rargs):
     else:
         ok = (n_w_raw > 0) & (den > 0)
     lam_eff = lam
-    if zero_skip != 0:
-        r_adapt = tl.where(ok, _clip(ratio, lr, clip_mode, clip_lo, clip_hi), 1.0)
+    clip_mode = opts[LARS.trust_clip]
+    if opts[LARS.zero_norm] == ZN_SKIP:
+        r_adapt = tl.where(ok, _clip(ratio, lr, clip_mode, opts[LARS.clip_lo], opts[LARS.clip_hi]), 1.0)
         lam_eff = tl.where(ok | (adapt == 0), lam, 0.0)
     else:
-        r_adapt = _clip(tl.where(ok, ratio, 1.0), lr, clip_mode, clip_lo, clip_hi)
+        r_adapt = _clip(tl.where(ok, ratio, 1.0), lr, clip_mode, opts[LARS.clip_lo], opts[LARS.clip_hi])
     r = tl.where(adapt != 0, r_adapt, 1.0)
     return r, lam_eff, n_w_raw, n_g_raw, n_u_raw
 
@@ -250,16 +320,14 @@ def _bias_corr(t, omb):
 
 
 @triton.jit
-def _lamb_ratio(ssq_w, ssq_u, ssq_g, lam, adapt, t, lr, rargs):
+def _lamb_ratio(ssq_w, ssq_u, ssq_g, lam, adapt, t, lr, opts):
     """LAMB's per-segment scalars from ``ssq`` rows ``[w_d^2, u^2, g^2]``: (r, lam, ||w_d||, ||g||, ||u||)
-    (the decay is never skipped; ``t`` unused). A ``SEG_RATIO`` of :func:`_update_program`; ``rargs`` as
-    :func:`lamb_update_kernel` packs them."""
-    clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode = rargs
+    (the decay is never skipped; ``t`` unused). A ``SEG_RATIO`` of :func:`_update_program`."""
     n_w_raw = tl.sqrt(ssq_w)
     n_u = tl.sqrt(ssq_u)
-    n_w = _clamp(n_w_raw, clamp_lo, clamp_hi)
-    ratio = tl.where((n_w > 0) & (n_u > 0), n_w / (n_u + tr_eps), 1.0)
-    r = tl.where(adapt != 0, _clip(ratio, lr, clip_mode, clip_lo, clip_hi), 1.0)
+    n_w = _clamp(n_w_raw, opts[LAMB.clamp_lo], opts[LAMB.clamp_hi])
+    ratio = tl.where((n_w > 0) & (n_u > 0), n_w / (n_u + opts[LAMB.trust_ratio_eps]), 1.0)
+    r = tl.where(adapt != 0, _clip(ratio, lr, opts[LAMB.trust_clip], opts[LAMB.clip_lo], opts[LAMB.clip_hi]), 1.0)
     return r, lam, n_w_raw, tl.sqrt(ssq_g), n_u
 
 
@@ -315,28 +383,20 @@ def _fast(n, addr_or, TILE: tl.constexpr):
 
 
 @triton.jit
-def _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE: tl.constexpr):
+def _tile_geometry(plan_ptr, pid, s, TILE: tl.constexpr):
     """(first tile of segment s, element offset of this tile inside the segment, valid elements)."""
-    lo = tl.load(seg_tile_ptr + s)
+    lo = tl.load(_tab(plan_ptr, P.seg_tile_ptr, tl.int64) + s)
     start = (pid - lo) * TILE  # int64, a multiple of TILE (== TileTable.tile_start[pid])
-    n = tl.load(tile_len_ptr + pid)
+    n = tl.load(_tab(plan_ptr, P.tile_len, tl.int32) + pid)
     return lo, start, n
 
 
 @triton.jit
-def _store_partials(part_ptr, num_tiles, pid, acc0, acc1, acc2):
-    """This tile's three partial sums of squares, one per row of ``part`` ([3, num_tiles])."""
-    tl.store(part_ptr + pid, tl.sum(acc0, axis=0))
-    tl.store(part_ptr + num_tiles + pid, tl.sum(acc1, axis=0))
-    tl.store(part_ptr + 2 * num_tiles + pid, tl.sum(acc2, axis=0))
-
-
-@triton.jit
-def _store_seg_outputs(
-    w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr, idx, mask, n_w, n_g, n_u, r, one, t_new
-):
-    """A segment's (or a block of empty segments') outputs of the step: norms, ratio, has_state = 1 and
-    the new step count, stored where ``mask`` holds."""
+def _store_seg_outputs(outs, idx, mask, n_w, n_g, n_u, r, one, t_new):
+    """A segment's (or a block of empty segments') outputs of the step, stored where ``mask`` holds:
+    ``outs = (w_norm, g_norm, u_norm, trust_ratio, has_state, step)`` get the norms, the ratio,
+    has_state = 1 and the new step count."""
+    w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr = outs
     tl.store(w_norm_ptr + idx, n_w, mask=mask)
     tl.store(g_norm_ptr + idx, n_g, mask=mask)
     tl.store(u_norm_ptr + idx, n_u, mask=mask)
@@ -346,31 +406,33 @@ def _store_seg_outputs(
 
 
 @triton.jit
-def _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK: tl.constexpr):
+def _empty_segs(plan_ptr, pid, num_tiles, num_segs, SBLOCK: tl.constexpr):
     """Segment-program lanes of launch 2: (segment indices, mask of the active empty segments)."""
     offs = (pid - num_tiles).to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
     m = offs < num_segs
-    numel = tl.load(seg_numel_ptr + offs, mask=m, other=1)
-    act = tl.load(active_ptr + offs, mask=m, other=0.0)
+    numel = tl.load(_tab(plan_ptr, P.seg_numel, tl.int64) + offs, mask=m, other=1)
+    act = tl.load(_tab(plan_ptr, P.active, tl.float32) + offs, mask=m, other=0.0)
     return offs, m & (numel == 0) & (act != 0)
 
 
 @triton.jit
-def _segment_prologue(
-    step_ptr, has_ptr, snap_ptr, ssq_ptr, active_ptr, seg_tile_ptr, found_inf_ptr, sblk, num_segs, SBLOCK: tl.constexpr
-):
+def _segment_prologue(bufs, sblk, num_tiles, num_segs, SBLOCK: tl.constexpr):
     """Segment-program lanes of launch 1: snapshot ``step`` / ``has_state`` for launch 2, and zero the
     sums of the segments no tile program sums this launch (inactive, no tiles, or a skipped step):
     disjoint from the entries the tile programs write, so no race."""
+    _, plan_ptr, work_ptr, _, step_ptr, has_ptr, found_inf_ptr = bufs
     offs = sblk.to(tl.int64) * SBLOCK + tl.arange(0, SBLOCK)
     m = offs < num_segs
+    snap_ptr = _at(work_ptr, plan_ptr, P.snap_at)
     tl.store(snap_ptr + offs, tl.load(step_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
     tl.store(snap_ptr + num_segs + offs, tl.load(has_ptr + offs, mask=m, other=0.0).to(tl.float32), mask=m)
-    act = tl.load(active_ptr + offs, mask=m, other=0.0)
+    act = tl.load(_tab(plan_ptr, P.active, tl.float32) + offs, mask=m, other=0.0)
+    seg_tile_ptr = _tab(plan_ptr, P.seg_tile_ptr, tl.int64)
     ntiles = tl.load(seg_tile_ptr + offs + 1, mask=m, other=0) - tl.load(seg_tile_ptr + offs, mask=m, other=0)
     zero = tl.zeros([SBLOCK], dtype=tl.float32)
     found = zero + tl.load(found_inf_ptr).to(tl.float32)  # as a vector: the interpreter cannot OR a scalar bool in
     idle = m & ((act == 0) | (ntiles == 0) | (found != 0))
+    ssq_ptr = _at(work_ptr, plan_ptr, P.ssq_at)
     tl.store(ssq_ptr + offs, zero, mask=idle)
     tl.store(ssq_ptr + num_segs + offs, zero, mask=idle)
     tl.store(ssq_ptr + 2 * num_segs + offs, zero, mask=idle)
@@ -383,10 +445,15 @@ def _segment_prologue(
 # :func:`_partials_program` (launch 1) and :func:`_update_program` (launch 2): the grid split,
 # the GradScaler skip, the segment programs, the tile geometry, the partials and their
 # reduction, the per-segment outputs. A kind supplies only constexpr jitted functions (its
-# per-tile launch-1 work, its trust ratio, its per-tile update) and tuples of the scalars they
-# read, which the skeleton passes through untouched. The kernels stay separate entry points per
-# kind and phase (their names, signatures and compiled variants are the launch contract of
-# triton.py), each a single call of its skeleton.
+# per-tile launch-1 work, its trust ratio, its per-tile update), the tuple ``kargs`` of the
+# per-step pointers they read and its ``opts``, which the skeleton passes through untouched. The
+# kernels stay separate entry points per kind and phase (their names, signatures and compiled
+# variants are the launch contract of triton.py), each a single call of its skeleton.
+#
+# The per-tile functions of a kind come in pairs named by role: ``_<kind>_<what>_tile`` is what the
+# skeleton calls (it reads the segment's scalars and chooses the path), ``_<kind>_<what>_loop`` the
+# element loop it runs, once per path (NOTE [Vector path]). ``tile = (addr_ptr, num_segs, s, start, n)``
+# locates the tile: the address table, segment s, the tile's first element and its valid elements.
 @triton.jit
 def _on_path(BODY: tl.constexpr, fast, args, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """``BODY(*args, FAST, TILE, BLOCK)`` (a tile loop body returning its accumulators) on the vector path
@@ -408,15 +475,14 @@ def _on_path_void(BODY: tl.constexpr, fast, args, TILE: tl.constexpr, BLOCK: tl.
 
 
 @triton.jit
-def _aligned_or(
-    addr_ptr, num_segs, s, HAS_MASTER: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, NSTATE: tl.constexpr
-):
+def _aligned_or(tile, HAS_MASTER: tl.constexpr, PARAM: tl.constexpr, GRAD: tl.constexpr, NSTATE: tl.constexpr):
     """OR of the base addresses a tile dereferences (for :func:`_fast`): the param when ``PARAM`` (and always
     when there are no masters: the param is then the weights), the first ``NSTATE`` state buffers, the grad
     when ``GRAD``, the master when there are masters. A buffer the tile body dereferences but this OR leaves
     out would be accessed with vector instructions at a misaligned address. (The order of the ORs is each
     kind's order before the kinds shared this helper: it does not change the value, but ptxas's register
     allocation of ``lamb_moments_kernel`` follows it.)"""
+    addr_ptr, num_segs, s, _, _ = tile
     row = _state_row(HAS_MASTER)
     if PARAM or not HAS_MASTER:
         a = _addr(addr_ptr, 0, num_segs, s)
@@ -439,184 +505,105 @@ def _aligned_or(
 def _partials_program(
     TILE_SUMS: tl.constexpr,
     kargs,
-    addr_ptr,
-    wd_mask_ptr,
-    active_ptr,
-    step_ptr,
-    has_ptr,
-    found_inf_ptr,
-    part_ptr,
-    snap_ptr,
-    ssq_ptr,
-    count_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_tiles,
-    num_segs,
+    bufs,
+    opts,
     weight_decay,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     MODE: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
+    GEO: tl.constexpr,
 ):
-    """Launch 1 of either kind. Programs below ``num_tiles``: an active tile of a step that is not skipped
-    runs ``TILE_SUMS(addr_ptr, num_segs, s, start, n, wd_mask_ptr, weight_decay, kargs, PDT, HAS_MASTER, MODE,
-    TILE, BLOCK)``
-    (the kind's tile work; it returns the tile's three elementwise accumulators in ``ssq`` row order),
-    then stores its partials and, if last to arrive, reduces its segment. The others: the segment
-    prologue (snapshot, zeroed sums)."""
+    """Launch 1 of either kind; ``bufs = (addr, plan, work, count, step, has_state, found_inf)`` pointers.
+    Programs below ``num_tiles``: an active tile of a step that is not skipped runs ``TILE_SUMS(tile, lam,
+    kargs, opts, PDT, HAS_MASTER, MODE, TILE, BLOCK)`` (the kind's tile work, ``lam = weight_decay * wd_mask[s]``;
+    it returns the tile's three elementwise accumulators in ``ssq`` row order), then stores its partials and,
+    if last to arrive, reduces its segment. The others: the segment prologue (snapshot, zeroed sums)."""
+    TILE: tl.constexpr = GEO[0]
+    BLOCK: tl.constexpr = GEO[1]
+    RBLOCK: tl.constexpr = GEO[2]
+    SBLOCK: tl.constexpr = GEO[3]
+    addr_ptr, plan_ptr, work_ptr, count_ptr, _, _, found_inf_ptr = bufs
+    num_tiles, num_segs = _dims(plan_ptr)
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _segment_prologue(
-            step_ptr,
-            has_ptr,
-            snap_ptr,
-            ssq_ptr,
-            active_ptr,
-            seg_tile_ptr,
-            found_inf_ptr,
-            pid - num_tiles,
-            num_segs,
-            SBLOCK,
-        )
+        _segment_prologue(bufs, pid - num_tiles, num_tiles, num_segs, SBLOCK)
     else:
-        s = tl.load(tile_seg_ptr + pid)
-        if go & (tl.load(active_ptr + s) != 0):
-            lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-            acc0, acc1, acc2 = TILE_SUMS(
-                addr_ptr, num_segs, s, start, n, wd_mask_ptr, weight_decay, kargs, PDT, HAS_MASTER, MODE, TILE, BLOCK
-            )
-            _store_partials_and_reduce(
-                part_ptr, ssq_ptr, count_ptr, seg_tile_ptr, num_tiles, num_segs, pid, s, lo, acc0, acc1, acc2, RBLOCK
-            )
+        s = tl.load(_tab(plan_ptr, P.tile_seg, tl.int32) + pid)
+        if go & (tl.load(_tab(plan_ptr, P.active, tl.float32) + s) != 0):
+            lo, start, n = _tile_geometry(plan_ptr, pid, s, TILE)
+            lam = weight_decay * tl.load(_tab(plan_ptr, P.wd_mask, tl.float32) + s).to(tl.float32)
+            tile = (addr_ptr, num_segs, s, start, n)
+            acc0, acc1, acc2 = TILE_SUMS(tile, lam, kargs, opts, PDT, HAS_MASTER, MODE, TILE, BLOCK)
+            _store_partials_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, acc1, acc2, RBLOCK)
 
 
 @triton.jit
 def _update_program(
     SEG_RATIO: tl.constexpr,
     TILE_UPDATE: tl.constexpr,
-    rargs,
     kargs,
-    addr_ptr,
-    wd_mask_ptr,
-    adapt_mask_ptr,
-    active_ptr,
-    seg_numel_ptr,
-    step_ptr,
-    has_ptr,
-    w_norm_ptr,
-    g_norm_ptr,
-    u_norm_ptr,
-    ratio_ptr,
-    lr_ptr,
-    found_inf_ptr,
-    ssq_ptr,
-    snap_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_tiles,
-    num_segs,
+    bufs,
+    outs,
+    opts,
     weight_decay,
     adapt_enabled,
     PDT: tl.constexpr,
     HAS_MASTER: tl.constexpr,
     MODE: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
+    GEO: tl.constexpr,
 ):
-    """Launch 2 of either kind (nothing when the step is skipped). ``SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt,
-    t, lr, rargs) -> (r, lam_eff, ||w||, ||g||, ||u||)`` is the kind's trust ratio (``t``: the step count
-    before this step), evaluated on zero sums for the empty segments of the segment programs and on the
-    segment's sums in every tile program; the segment's first tile stores the outputs. Then
-    ``TILE_UPDATE(addr_ptr, num_segs, s, start, n, t, has, r, lam_eff, lr, kargs, PDT, HAS_MASTER, MODE,
-    TILE, BLOCK)`` updates the tile (``t``, ``has``: launch 1's snapshot of the step count and has_state;
-    LAMB reads no ``has``, and its compiled kernel drops the unused load)."""
+    """Launch 2 of either kind (nothing when the step is skipped); ``bufs = (addr, plan, work, lr, found_inf)``
+    pointers, ``outs`` as :func:`_store_seg_outputs` takes them. ``SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt, t,
+    lr, opts) -> (r, lam_eff, ||w||, ||g||, ||u||)`` is the kind's trust ratio (``t``: the step count before
+    this step), evaluated on zero sums for the empty segments of the segment programs and on the segment's
+    sums in every tile program; the segment's first tile stores the outputs. Then ``TILE_UPDATE(tile, t,
+    has, r, lam_eff, lr, kargs, opts, PDT, HAS_MASTER, MODE, TILE, BLOCK)`` updates the tile (``t``, ``has``:
+    launch 1's snapshot of the step count and has_state; LAMB reads no ``has``, and its compiled kernel drops
+    the unused load)."""
+    TILE: tl.constexpr = GEO[0]
+    BLOCK: tl.constexpr = GEO[1]
+    SBLOCK: tl.constexpr = GEO[3]
+    addr_ptr, plan_ptr, work_ptr, lr_ptr, found_inf_ptr = bufs
+    num_tiles, num_segs = _dims(plan_ptr)
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     lr = tl.load(lr_ptr).to(tl.float32)
     if go:
         if pid >= num_tiles:
             # segments without tiles (empty params): norms are 0
-            offs, m = _empty_segs(pid, num_tiles, num_segs, seg_numel_ptr, active_ptr, SBLOCK)
-            lam = weight_decay * tl.load(wd_mask_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            adapt = tl.load(adapt_mask_ptr + offs, mask=m, other=0.0).to(tl.float32) * adapt_enabled
-            t = tl.load(step_ptr + offs, mask=m, other=0.0)
+            offs, m = _empty_segs(plan_ptr, pid, num_tiles, num_segs, SBLOCK)
+            lam = weight_decay * tl.load(_tab(plan_ptr, P.wd_mask, tl.float32) + offs, mask=m, other=0.0)
+            adapt = tl.load(_tab(plan_ptr, P.adapt_mask, tl.float32) + offs, mask=m, other=0.0) * adapt_enabled
+            t = tl.load(outs[5] + offs, mask=m, other=0.0)
             zero = tl.zeros([SBLOCK], dtype=tl.float32)
-            r, lam_eff, n_w, n_g, n_u = SEG_RATIO(zero, zero, zero, lam, adapt, t, lr, rargs)
-            _store_seg_outputs(
-                w_norm_ptr,
-                g_norm_ptr,
-                u_norm_ptr,
-                ratio_ptr,
-                has_ptr,
-                step_ptr,
-                offs,
-                m,
-                n_w,
-                n_g,
-                n_u,
-                r,
-                zero + 1.0,
-                t + 1.0,
-            )
+            r, lam_eff, n_w, n_g, n_u = SEG_RATIO(zero, zero, zero, lam, adapt, t, lr, opts)
+            _store_seg_outputs(outs, offs, m, n_w, n_g, n_u, r, zero + 1.0, t + 1.0)
         else:
-            s = tl.load(tile_seg_ptr + pid)
-            if tl.load(active_ptr + s) != 0:
-                lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-                ssq0, ssq1, ssq2 = _load_seg_sums(ssq_ptr, num_segs, s)
+            s = tl.load(_tab(plan_ptr, P.tile_seg, tl.int32) + pid)
+            if tl.load(_tab(plan_ptr, P.active, tl.float32) + s) != 0:
+                lo, start, n = _tile_geometry(plan_ptr, pid, s, TILE)
+                ssq_ptr = _at(work_ptr, plan_ptr, P.ssq_at)
+                ssq0 = tl.load(ssq_ptr + s)
+                ssq1 = tl.load(ssq_ptr + num_segs + s)
+                ssq2 = tl.load(ssq_ptr + 2 * num_segs + s)
                 # launch 1's snapshot: the step count and has_state before this step
+                snap_ptr = _at(work_ptr, plan_ptr, P.snap_at)
                 t = tl.load(snap_ptr + s)
                 has = tl.load(snap_ptr + num_segs + s) != 0
-                lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-                adapt = tl.load(adapt_mask_ptr + s).to(tl.float32) * adapt_enabled
-                r, lam_eff, n_w, n_g, n_u = SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt, t, lr, rargs)
+                lam = weight_decay * tl.load(_tab(plan_ptr, P.wd_mask, tl.float32) + s)
+                adapt = tl.load(_tab(plan_ptr, P.adapt_mask, tl.float32) + s) * adapt_enabled
+                r, lam_eff, n_w, n_g, n_u = SEG_RATIO(ssq0, ssq1, ssq2, lam, adapt, t, lr, opts)
                 # the segment's first tile writes its outputs
-                _store_seg_outputs(
-                    w_norm_ptr,
-                    g_norm_ptr,
-                    u_norm_ptr,
-                    ratio_ptr,
-                    has_ptr,
-                    step_ptr,
-                    s,
-                    pid == lo,
-                    n_w,
-                    n_g,
-                    n_u,
-                    r,
-                    1.0,
-                    t + 1.0,
-                )
-                TILE_UPDATE(
-                    addr_ptr,
-                    num_segs,
-                    s,
-                    start,
-                    n,
-                    t,
-                    has,
-                    r,
-                    lam_eff,
-                    lr,
-                    kargs,
-                    PDT,
-                    HAS_MASTER,
-                    MODE,
-                    TILE,
-                    BLOCK,
-                )
+                _store_seg_outputs(outs, s, pid == lo, n_w, n_g, n_u, r, 1.0, t + 1.0)
+                tile = (addr_ptr, num_segs, s, start, n)
+                TILE_UPDATE(tile, t, has, r, lam_eff, lr, kargs, opts, PDT, HAS_MASTER, MODE, TILE, BLOCK)
 
 
 @triton.jit
-def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr):
-    """Pointer to the weights of segment s (fp32 master when there are masters, else the param)."""
+def _weights_ptr(tile, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr):
+    """Pointer to the weights of the tile (fp32 master when there are masters, else the param)."""
+    addr_ptr, num_segs, s, start, _ = tile
     if HAS_MASTER:
         w = _ptr(_addr(addr_ptr, 2, num_segs, s), start, tl.float32, FAST)
     else:
@@ -624,27 +611,25 @@ def _weights_ptr(addr_ptr, num_segs, s, start, PDT: tl.constexpr, HAS_MASTER: tl
     return w
 
 
+@triton.jit
+def _buf_ptr(tile, row, DT: tl.constexpr, FAST: tl.constexpr):
+    """Pointer to the tile's first element in row ``row`` of the address table (a DT buffer)."""
+    addr_ptr, num_segs, s, start, _ = tile
+    return _ptr(_addr(addr_ptr, row, num_segs, s), start, DT, FAST)
+
+
 # ------------------------------------------------------------------------------------------
 # LARS
 # ------------------------------------------------------------------------------------------
 @triton.jit
-def _lars_tile_sums(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    inv_scale,
-    lam,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    FAST: tl.constexpr,
-    TILE: tl.constexpr,
+def _lars_sums_loop(
+    tile, inv_scale, lam, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr,
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     """One tile's elementwise accumulators of w^2, g^2 and (g + lam*w)^2, g = grad * inv_scale (signed)."""
-    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
-    gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
+    n = tile[4]
+    wp = _weights_ptr(tile, PDT, HAS_MASTER, FAST)
+    gp = _buf_ptr(tile, 1, PDT, FAST)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK], dtype=tl.float32)
@@ -661,118 +646,41 @@ def _lars_tile_sums(
 
 
 @triton.jit
-def _lars_partials_tile(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    wd_mask_ptr,
-    weight_decay,
-    kargs,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    MODE: tl.constexpr,
-    TILE: tl.constexpr,
+def _lars_sums_tile(
+    tile, lam, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr, TILE: tl.constexpr,
     BLOCK: tl.constexpr,
-):
-    """LARS's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (inv_scale_ptr, sign)."""
-    inv_scale_ptr, sign = kargs
-    inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
-    lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-    fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, False, True, 0), TILE)
-    return _on_path(
-        _lars_tile_sums, fast, (addr_ptr, num_segs, s, start, n, inv_scale, lam, PDT, HAS_MASTER), TILE, BLOCK
-    )
-
-
-@triton.jit(do_not_specialize=["num_tiles", "num_segs"])
-def lars_partials_kernel(
-    addr_ptr,
-    wd_mask_ptr,
-    active_ptr,
-    step_ptr,
-    has_ptr,
-    inv_scale_ptr,
-    found_inf_ptr,
-    part_ptr,
-    snap_ptr,
-    ssq_ptr,
-    count_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_tiles,
-    num_segs,
-    weight_decay,
-    sign,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
-):
-    """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
-    their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
-    _partials_program(
-        _lars_partials_tile,
-        (inv_scale_ptr, sign),
-        addr_ptr,
-        wd_mask_ptr,
-        active_ptr,
-        step_ptr,
-        has_ptr,
-        found_inf_ptr,
-        part_ptr,
-        snap_ptr,
-        ssq_ptr,
-        count_ptr,
-        tile_seg_ptr,
-        tile_len_ptr,
-        seg_tile_ptr,
-        num_tiles,
-        num_segs,
-        weight_decay,
-        PDT,
-        HAS_MASTER,
-        0,
-        TILE,
-        BLOCK,
-        RBLOCK,
-        SBLOCK,
-    )
+):  # fmt: skip
+    """LARS's ``TILE_SUMS`` (:func:`_partials_program`); ``kargs = (inv_scale_ptr,)``."""
+    inv_scale = tl.load(kargs[0]).to(tl.float32) * _sign(opts[LARS.maximize])
+    fast = _fast(tile[4], _aligned_or(tile, HAS_MASTER, False, True, 0), TILE)
+    return _on_path(_lars_sums_loop, fast, (tile, inv_scale, lam, PDT, HAS_MASTER), TILE, BLOCK)
 
 
 @triton.jit
-def _lars_tile_update(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    inv_scale,
-    r,
-    lam_eff,
-    lr,
-    has,
-    c_new,
-    momentum,
-    wd_mode,
-    nesterov,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    MOM: tl.constexpr,
-    FAST: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One tile of the LARS update: g' = r*(g + lam_eff*w) (l2) or r*g; momentum; decoupled decay; store."""
-    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
-    pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
-    gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
+def lars_partials_kernel(
+    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, inv_scale_ptr, found_inf_ptr, opts,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
+    their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
+    _partials_program(_lars_sums_tile, (inv_scale_ptr,), bufs, opts, opts[LARS.weight_decay], PDT, HAS_MASTER, 0, GEO)
+
+
+@triton.jit
+def _lars_update_loop(
+    tile, coefs, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr, FAST: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One tile of the LARS update: g' = r*(g + lam_eff*w) (l2) or r*g; momentum; decoupled decay; store.
+    ``coefs`` as :func:`_lars_update_tile` packs them."""
+    inv_scale, r, lam_eff, lr, has, c_new, momentum, wd_mode, nesterov = coefs
+    n = tile[4]
+    wp = _weights_ptr(tile, PDT, HAS_MASTER, FAST)
+    pp = _buf_ptr(tile, 0, PDT, FAST)
+    gp = _buf_ptr(tile, 1, PDT, FAST)
     if MOM != MOM_NONE:
-        bp = _ptr(_addr(addr_ptr, _state_row(HAS_MASTER), num_segs, s), start, tl.float32, FAST)
+        bp = _buf_ptr(tile, _state_row(HAS_MASTER), tl.float32, FAST)
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         m = offs < n
@@ -807,185 +715,49 @@ def _lars_tile_update(
 
 @triton.jit
 def _lars_update_tile(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    t,
-    has,
-    r,
-    lam_eff,
-    lr,
-    kargs,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    MOM: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """LARS's ``TILE_UPDATE`` (:func:`_update_program`); kargs = (inv_scale_ptr, sign, momentum, dampening,
-    wd_mode, nesterov, clone_first)."""
-    inv_scale_ptr, sign, momentum, dampening, wd_mode, nesterov, clone_first = kargs
-    inv_scale = tl.load(inv_scale_ptr).to(tl.float32) * sign
+    tile, t, has, r, lam_eff, lr, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """LARS's ``TILE_UPDATE`` (:func:`_update_program`); ``kargs = (inv_scale_ptr,)``."""
+    inv_scale = tl.load(kargs[0]).to(tl.float32) * _sign(opts[LARS.maximize])
+    momentum = opts[LARS.momentum]
     # momentum coefficient of the new gradient (the old buffer counts only once the segment has state)
     if MOM == MOM_TORCH:
-        c_new = tl.where(has | (clone_first == 0), 1.0 - dampening, 1.0)
+        c_new = tl.where(has | (opts[LARS.first_step_buffer] != FIRST_CLONE), 1.0 - opts[LARS.dampening], 1.0)
     else:
         c_new = lr
     if MOM != MOM_NONE:
-        aligned = _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 1)
+        aligned = _aligned_or(tile, HAS_MASTER, True, True, 1)
     else:
-        aligned = _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 0)
-    _on_path_void(
-        _lars_tile_update,
-        _fast(n, aligned, TILE),
-        (
-            addr_ptr,
-            num_segs,
-            s,
-            start,
-            n,
-            inv_scale,
-            r,
-            lam_eff,
-            lr,
-            has,
-            c_new,
-            momentum,
-            wd_mode,
-            nesterov,
-            PDT,
-            HAS_MASTER,
-            MOM,
-        ),
-        TILE,
-        BLOCK,
+        aligned = _aligned_or(tile, HAS_MASTER, True, True, 0)
+    # wd_mode as an int: the loop's compares of it cost ptxas fewer registers than fp32 ones (AOT report)
+    coefs = (
+        inv_scale,
+        r,
+        lam_eff,
+        lr,
+        has,
+        c_new,
+        momentum,
+        tl.cast(opts[LARS.wd_mode], tl.int32),
+        opts[LARS.nesterov],
     )
+    _on_path_void(_lars_update_loop, _fast(tile[4], aligned, TILE), (tile, coefs, PDT, HAS_MASTER, MOM), TILE, BLOCK)
 
 
-@triton.jit(
-    do_not_specialize=[
-        "num_tiles",
-        "num_segs",
-        "tv_gate",
-        "den_mode",
-        "wd_mode",
-        "check_mode",
-        "zero_skip",
-        "clip_mode",
-        "adapt_enabled",
-        "use_tv",
-        "nesterov",
-        "clone_first",
-    ]
-)
+@triton.jit
 def lars_update_kernel(
-    addr_ptr,
-    wd_mask_ptr,
-    adapt_mask_ptr,
-    active_ptr,
-    seg_numel_ptr,
-    step_ptr,
-    has_ptr,
-    w_norm_ptr,
-    g_norm_ptr,
-    u_norm_ptr,
-    ratio_ptr,
-    lr_ptr,
-    inv_scale_ptr,
-    found_inf_ptr,
-    ssq_ptr,
-    snap_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_tiles,
-    num_segs,
-    weight_decay,
-    sign,
-    eta,
-    eps,
-    clamp_lo,
-    clamp_hi,
-    clip_lo,
-    clip_hi,
-    momentum,
-    dampening,
-    tv_lmbda,
-    tv_alpha,
-    tv_shift,
-    tv_gamma_min,
-    tv_gate,
-    den_mode,
-    wd_mode,
-    check_mode,
-    zero_skip,
-    clip_mode,
-    adapt_enabled,
-    use_tv,
-    nesterov,
-    clone_first,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    MOM: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
-):
+    addr_ptr, plan_ptr, work_ptr, step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, lr_ptr,
+    inv_scale_ptr, found_inf_ptr, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MOM: tl.constexpr,
+    GEO: tl.constexpr,
+):  # fmt: skip
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
     ratio, momentum update, store."""
-    rargs = (
-        eta,
-        eps,
-        clamp_lo,
-        clamp_hi,
-        clip_lo,
-        clip_hi,
-        tv_lmbda,
-        tv_alpha,
-        tv_shift,
-        tv_gamma_min,
-        tv_gate,
-        den_mode,
-        check_mode,
-        zero_skip,
-        clip_mode,
-        use_tv,
-    )
+    bufs = (addr_ptr, plan_ptr, work_ptr, lr_ptr, found_inf_ptr)
+    outs = (w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr)
+    wd, adapt_enabled = opts[LARS.weight_decay], opts[LARS.adapt_enabled]
     _update_program(
-        _lars_ratio,
-        _lars_update_tile,
-        rargs,
-        (inv_scale_ptr, sign, momentum, dampening, wd_mode, nesterov, clone_first),
-        addr_ptr,
-        wd_mask_ptr,
-        adapt_mask_ptr,
-        active_ptr,
-        seg_numel_ptr,
-        step_ptr,
-        has_ptr,
-        w_norm_ptr,
-        g_norm_ptr,
-        u_norm_ptr,
-        ratio_ptr,
-        lr_ptr,
-        found_inf_ptr,
-        ssq_ptr,
-        snap_ptr,
-        tile_seg_ptr,
-        tile_len_ptr,
-        seg_tile_ptr,
-        num_tiles,
-        num_segs,
-        weight_decay,
-        adapt_enabled,
-        PDT,
-        HAS_MASTER,
-        MOM,
-        TILE,
-        BLOCK,
-        SBLOCK,
+        _lars_ratio, _lars_update_tile, (inv_scale_ptr,), bufs, outs, opts, wd, adapt_enabled, PDT, HAS_MASTER, MOM, GEO
     )
 
 
@@ -1003,38 +775,19 @@ def _adam_dir(m, v, bc1, bc2, eps, eps_root, BC: tl.constexpr):
 
 
 @triton.jit
-def _lamb_tile_moments(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    gscale,
-    clip,
-    lam,
-    lr,
-    bc1,
-    bc2,
-    beta1,
-    beta2,
-    beta3,
-    omb2,
-    eps,
-    eps_root,
-    wd_mode,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    BC: tl.constexpr,
-    FAST: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One tile of LAMB's launch 1: new m, v stored; elementwise accumulators of w_d^2, u^2, g^2."""
-    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
-    gp = _ptr(_addr(addr_ptr, 1, num_segs, s), start, PDT, FAST)
+def _lamb_moments_loop(
+    tile, coefs, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One tile of LAMB's launch 1: new m, v stored; elementwise accumulators of w_d^2, u^2, g^2. ``coefs`` as
+    :func:`_lamb_moments_tile` packs them."""
+    gscale, clip, lam, lr, bc1, bc2, beta1, beta2, beta3, omb2, eps, eps_root, wd_mode = coefs
+    n = tile[4]
+    wp = _weights_ptr(tile, PDT, HAS_MASTER, FAST)
+    gp = _buf_ptr(tile, 1, PDT, FAST)
     row = _state_row(HAS_MASTER)
-    mp = _ptr(_addr(addr_ptr, row, num_segs, s), start, tl.float32, FAST)
-    vp = _ptr(_addr(addr_ptr, row + 1, num_segs, s), start, tl.float32, FAST)
+    mp = _buf_ptr(tile, row, tl.float32, FAST)
+    vp = _buf_ptr(tile, row + 1, tl.float32, FAST)
     acc_g = tl.zeros([BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK], dtype=tl.float32)
@@ -1061,160 +814,50 @@ def _lamb_tile_moments(
 
 
 @triton.jit
-def _lamb_partials_tile(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    wd_mask_ptr,
-    weight_decay,
-    kargs,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    BC: tl.constexpr,
-    TILE: tl.constexpr,
+def _lamb_moments_tile(
+    tile, lam, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, TILE: tl.constexpr,
     BLOCK: tl.constexpr,
-):
-    """LAMB's ``TILE_SUMS`` (:func:`_partials_program`); kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr,
-    sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode)."""
-    lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode = kargs
+):  # fmt: skip
+    """LAMB's ``TILE_SUMS`` (:func:`_partials_program`); ``kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr)``."""
+    lr_ptr, inv_scale_ptr, clip_ptr, step_ptr = kargs
     lr = tl.load(lr_ptr).to(tl.float32)
-    gscale = tl.load(inv_scale_ptr).to(tl.float32) * sign
+    gscale = tl.load(inv_scale_ptr).to(tl.float32) * _sign(opts[LAMB.maximize])
     clip = tl.load(clip_ptr).to(tl.float32)
-    lam = weight_decay * tl.load(wd_mask_ptr + s).to(tl.float32)
-    t = tl.load(step_ptr + s).to(tl.float32) + 1.0
-    bc1 = _bias_corr(t, omb1)
-    bc2 = _bias_corr(t, omb2)
-    fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, True, 2), TILE)
-    return _on_path(
-        _lamb_tile_moments,
-        fast,
-        (
-            addr_ptr,
-            num_segs,
-            s,
-            start,
-            n,
-            gscale,
-            clip,
-            lam,
-            lr,
-            bc1,
-            bc2,
-            beta1,
-            beta2,
-            beta3,
-            omb2,
-            eps,
-            eps_root,
-            wd_mode,
-            PDT,
-            HAS_MASTER,
-            BC,
-        ),
-        TILE,
-        BLOCK,
-    )
-
-
-@triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode"])
-def lamb_moments_kernel(
-    addr_ptr,
-    wd_mask_ptr,
-    active_ptr,
-    step_ptr,
-    has_ptr,
-    lr_ptr,
-    inv_scale_ptr,
-    found_inf_ptr,
-    clip_ptr,
-    part_ptr,
-    snap_ptr,
-    ssq_ptr,
-    count_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_tiles,
-    num_segs,
-    weight_decay,
-    sign,
-    beta1,
-    beta2,
-    beta3,
-    omb1,
-    omb2,
-    eps,
-    eps_root,
-    wd_mode,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    BC: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    RBLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
-):
-    """Launch 1: new m, v (stored); per tile sums of w_d^2, u^2 and g^2 (before L2); per segment their
-    totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
-    _partials_program(
-        _lamb_partials_tile,
-        (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, sign, beta1, beta2, beta3, omb1, omb2, eps, eps_root, wd_mode),
-        addr_ptr,
-        wd_mask_ptr,
-        active_ptr,
-        step_ptr,
-        has_ptr,
-        found_inf_ptr,
-        part_ptr,
-        snap_ptr,
-        ssq_ptr,
-        count_ptr,
-        tile_seg_ptr,
-        tile_len_ptr,
-        seg_tile_ptr,
-        num_tiles,
-        num_segs,
-        weight_decay,
-        PDT,
-        HAS_MASTER,
-        BC,
-        TILE,
-        BLOCK,
-        RBLOCK,
-        SBLOCK,
-    )
+    t = tl.load(step_ptr + tile[2]).to(tl.float32) + 1.0
+    bc1 = _bias_corr(t, opts[LAMB.one_minus_beta1])
+    bc2 = _bias_corr(t, opts[LAMB.one_minus_beta2])
+    fast = _fast(tile[4], _aligned_or(tile, HAS_MASTER, True, True, 2), TILE)
+    coefs = (gscale, clip, lam, lr, bc1, bc2, opts[LAMB.beta1], opts[LAMB.beta2], opts[LAMB.beta3], opts[LAMB.one_minus_beta2],
+             opts[LAMB.eps], opts[LAMB.eps_root], opts[LAMB.wd_mode])  # fmt: skip
+    return _on_path(_lamb_moments_loop, fast, (tile, coefs, PDT, HAS_MASTER, BC), TILE, BLOCK)
 
 
 @triton.jit
-def _lamb_tile_update(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    lam,
-    lr,
-    scale,
-    bc1,
-    bc2,
-    eps,
-    eps_root,
-    wd_mode,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    BC: tl.constexpr,
-    FAST: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """One tile of LAMB's launch 2: u from the new m, v; w <- w_d - lr * scale * u; store."""
-    wp = _weights_ptr(addr_ptr, num_segs, s, start, PDT, HAS_MASTER, FAST)
-    pp = _ptr(_addr(addr_ptr, 0, num_segs, s), start, PDT, FAST)
+def lamb_moments_kernel(
+    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, lr_ptr, inv_scale_ptr, found_inf_ptr, clip_ptr,
+    opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 1: new m, v (stored); per tile sums of w_d^2, u^2 and g^2 (before L2); per segment their
+    totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
+    kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr)
+    _partials_program(_lamb_moments_tile, kargs, bufs, opts, opts[LAMB.weight_decay], PDT, HAS_MASTER, BC, GEO)
+
+
+@triton.jit
+def _lamb_update_loop(
+    tile, coefs, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, FAST: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """One tile of LAMB's launch 2: u from the new m, v; w <- w_d - lr * scale * u; store. ``coefs`` as
+    :func:`_lamb_update_tile` packs them."""
+    lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode = coefs
+    n = tile[4]
+    wp = _weights_ptr(tile, PDT, HAS_MASTER, FAST)
+    pp = _buf_ptr(tile, 0, PDT, FAST)
     row = _state_row(HAS_MASTER)
-    mp = _ptr(_addr(addr_ptr, row, num_segs, s), start, tl.float32, FAST)
-    vp = _ptr(_addr(addr_ptr, row + 1, num_segs, s), start, tl.float32, FAST)
+    mp = _buf_ptr(tile, row, tl.float32, FAST)
+    vp = _buf_ptr(tile, row + 1, tl.float32, FAST)
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         msk = offs < n
@@ -1232,120 +875,36 @@ def _lamb_tile_update(
 
 @triton.jit
 def _lamb_update_tile(
-    addr_ptr,
-    num_segs,
-    s,
-    start,
-    n,
-    t,
-    has,
-    r,
-    lam,
-    lr,
-    kargs,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    BC: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """LAMB's ``TILE_UPDATE`` (:func:`_update_program`); kargs = (omb1, omb2, eps, eps_root, wd_mode). The bias
-    corrections are those of the new step count ``t + 1``, as launch 1's."""
-    omb1, omb2, eps, eps_root, wd_mode = kargs
-    bc1 = _bias_corr(t + 1.0, omb1)
-    bc2 = _bias_corr(t + 1.0, omb2)
+    tile, t, has, r, lam, lr, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """LAMB's ``TILE_UPDATE`` (:func:`_update_program`); no ``kargs``. The bias corrections are those of the
+    new step count ``t + 1``, as launch 1's."""
+    bc1 = _bias_corr(t + 1.0, opts[LAMB.one_minus_beta1])
+    bc2 = _bias_corr(t + 1.0, opts[LAMB.one_minus_beta2])
     if BC == BC_FIRST_OUTSIDE:
         scale = r / bc1
     else:
         scale = r
-    fast = _fast(n, _aligned_or(addr_ptr, num_segs, s, HAS_MASTER, True, False, 2), TILE)
-    _on_path_void(
-        _lamb_tile_update,
-        fast,
-        (addr_ptr, num_segs, s, start, n, lam, lr, scale, bc1, bc2, eps, eps_root, wd_mode, PDT, HAS_MASTER, BC),
-        TILE,
-        BLOCK,
-    )
+    fast = _fast(tile[4], _aligned_or(tile, HAS_MASTER, True, False, 2), TILE)
+    coefs = (lam, lr, scale, bc1, bc2, opts[LAMB.eps], opts[LAMB.eps_root], opts[LAMB.wd_mode])
+    _on_path_void(_lamb_update_loop, fast, (tile, coefs, PDT, HAS_MASTER, BC), TILE, BLOCK)
 
 
-@triton.jit(do_not_specialize=["num_tiles", "num_segs", "wd_mode", "clip_mode", "adapt_enabled"])
+@triton.jit
 def lamb_update_kernel(
-    addr_ptr,
-    wd_mask_ptr,
-    adapt_mask_ptr,
-    active_ptr,
-    seg_numel_ptr,
-    step_ptr,
-    has_ptr,
-    w_norm_ptr,
-    g_norm_ptr,
-    u_norm_ptr,
-    ratio_ptr,
-    lr_ptr,
-    found_inf_ptr,
-    ssq_ptr,
-    snap_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_tiles,
-    num_segs,
-    weight_decay,
-    omb1,
-    omb2,
-    eps,
-    eps_root,
-    clamp_lo,
-    clamp_hi,
-    clip_lo,
-    clip_hi,
-    tr_eps,
-    wd_mode,
-    clip_mode,
-    adapt_enabled,
-    PDT: tl.constexpr,
-    HAS_MASTER: tl.constexpr,
-    BC: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-    SBLOCK: tl.constexpr,
-):
+    addr_ptr, plan_ptr, work_ptr, step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, lr_ptr,
+    found_inf_ptr, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, BC: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
     """Launch 2: the segment's sums of squares ``ssq[0:3, s]`` (launch 1's, or summed over ranks), trust
-    ratio, w <- w_d - lr*s*r*u (u from the new m, v)."""
+    ratio, w <- w_d - lr*s*r*u (u from the new m, v). ``adam``: ratio 1 everywhere."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, lr_ptr, found_inf_ptr)
+    outs = (w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr)
+    adapt_enabled = tl.where(opts[LAMB.adam] != 0, 0.0, opts[LAMB.adapt_enabled])
     _update_program(
-        _lamb_ratio,
-        _lamb_update_tile,
-        (clamp_lo, clamp_hi, clip_lo, clip_hi, tr_eps, clip_mode),
-        (omb1, omb2, eps, eps_root, wd_mode),
-        addr_ptr,
-        wd_mask_ptr,
-        adapt_mask_ptr,
-        active_ptr,
-        seg_numel_ptr,
-        step_ptr,
-        has_ptr,
-        w_norm_ptr,
-        g_norm_ptr,
-        u_norm_ptr,
-        ratio_ptr,
-        lr_ptr,
-        found_inf_ptr,
-        ssq_ptr,
-        snap_ptr,
-        tile_seg_ptr,
-        tile_len_ptr,
-        seg_tile_ptr,
-        num_tiles,
-        num_segs,
-        weight_decay,
-        adapt_enabled,
-        PDT,
-        HAS_MASTER,
-        BC,
-        TILE,
-        BLOCK,
-        SBLOCK,
-    )
+        _lamb_ratio, _lamb_update_tile, (), bufs, outs, opts, opts[LAMB.weight_decay], adapt_enabled, PDT, HAS_MASTER,
+        BC, GEO,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------
@@ -1364,29 +923,19 @@ def _grad_tile_sumsq(
     return acc
 
 
-@triton.jit(do_not_specialize=["num_segs"])
-def grad_sumsq_kernel(
-    addr_ptr,
-    active_ptr,
-    inv_scale_ptr,
-    part_ptr,
-    tile_seg_ptr,
-    tile_len_ptr,
-    seg_tile_ptr,
-    num_segs,
-    PDT: tl.constexpr,
-    TILE: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
+@triton.jit
+def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.constexpr, GEO: tl.constexpr):
     """Per tile sum of (grad * inv_scale)^2 (grads: row 1 of the address table), 0 for inactive
-    segments (fp64 partials)."""
+    segments (fp64 partials ``part`` [num_tiles]; one program per tile)."""
+    TILE: tl.constexpr = GEO[0]
+    BLOCK: tl.constexpr = GEO[1]
     pid = tl.program_id(0)
-    s = tl.load(tile_seg_ptr + pid)
+    s = tl.load(_tab(plan_ptr, P.tile_seg, tl.int32) + pid)
     inv_scale = tl.load(inv_scale_ptr).to(tl.float32)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    if tl.load(active_ptr + s) != 0:
-        lo, start, n = _tile_geometry(pid, s, tile_len_ptr, seg_tile_ptr, TILE)
-        gaddr = _addr(addr_ptr, 1, num_segs, s)
+    if tl.load(_tab(plan_ptr, P.active, tl.float32) + s) != 0:
+        lo, start, n = _tile_geometry(plan_ptr, pid, s, TILE)
+        gaddr = _addr(addr_ptr, 1, tl.load(plan_ptr + P.num_segs).to(tl.int32), s)
         if _fast(n, gaddr, TILE):
             acc = _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT, True, TILE, BLOCK)
         else:
