@@ -647,3 +647,21 @@ def test_tv_gate_beyond_fp32_is_refused():
     fusedlars.TVLARS([p], lr=0.1, gate=2**24 - 1, backend="triton").step()
     with pytest.raises(RuntimeError, match="gate of 16777216 steps"):
         fusedlars.TVLARS([p], lr=0.1, gate=2**24, backend="triton").step()
+
+
+def test_a_step_after_the_exclusions_change_reads_the_new_masks():
+    # the kernels reach the bucket's masks through the plan table; Bucket.set_exclusions replaces the mask
+    # tensors when a group's exclusions change, and the plan must follow (a stale one would still decay p2, p4)
+    out = {}
+    for backend in ("triton", "reference"):
+        named = make_params(torch.float32)
+        opt = fusedlars.LARS([{"params": named}], lr=0.1, weight_decay=0.1, momentum=0.9, backend=backend)
+        for k in range(3):
+            if k == 2:
+                opt.param_groups[0]["exclude_from_weight_decay"] = ["p2_rand", "p4_rand"]
+                opt.param_groups[0]["exclude_from_adaptation"] = ["p1_rand"]
+            set_grads(named, SPECS, k)
+            opt.step()
+        out[backend] = [p.detach().clone() for _, p in named]
+    for got, want in zip(out["triton"], out["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
