@@ -100,20 +100,27 @@ FL_AI void exact_state_load(const void* s, const float* absmax, bool sign, int64
     const uint8_t* c = static_cast<const uint8_t*>(s) + i;
     const float* map = sign ? lowbit::kSignedMap : lowbit::kUnsignedMap;
     const float scale = absmax[i / kQB];
-    for (int j = 0; j < n; ++j) out[j] = lowbit::dequantize(c[j], scale, map);
+    int j = 0;
+#if FL_ISA == 2
+    for (; j + kW <= n; j += kW) {  // map[code] * scale on 16 lanes: the same product
+      const __m512i idx = _mm512_maskz_cvtepu8_epi32((__mmask16)0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
+      _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)0xFFFF, idx, map, 4), _mm512_set1_ps(scale)));
+    }
+#endif
+    for (; j < n; ++j) out[j] = lowbit::dequantize(c[j], scale, map);
   }
 }
 
-// Philox words `word0` (and `word1`, if non-null) of elements e0 .. e0+n-1 (counter: element, step,
-// param id, element >> 32; key: the seed), lowbit.h philox_words per element, in a loop over the
-// elements that vectorizes (32x32->64 multiplies).
-FL_AI void exact_philox(const ExactCtx& x, const ExactTile& a, int64_t e0, int n, int w0, uint32_t* out0, int w1,
-                        uint32_t* out1) {
+// Philox words 0 (and 1 with TWO: LAMB's second buffer) of elements e0 .. e0+n-1 (counter: element,
+// step, param id, element >> 32; key: the seed), lowbit.h philox_words per element, in a loop over
+// the elements that vectorizes (32x32->64 multiplies on the lanes; no run-time word index).
+template <bool TWO>
+FL_AI void exact_philox(const ExactCtx& x, const ExactTile& a, int64_t e0, int n, uint32_t* out0, uint32_t* out1) {
   const uint32_t k0i = uint32_t(x.seed), k1i = uint32_t(x.seed >> 32);
   const uint32_t c1i = uint32_t(a.step_after), c2i = a.pidx;
+  const uint32_t hi = uint32_t(uint64_t(e0) >> 32), lo0 = uint32_t(e0);  // a block never crosses 2**32
   for (int j = 0; j < n; ++j) {
-    const uint64_t e = uint64_t(e0 + j);
-    uint32_t c0 = uint32_t(e), c1 = c1i, c2 = c2i, c3 = uint32_t(e >> 32);
+    uint32_t c0 = lo0 + uint32_t(j), c1 = c1i, c2 = c2i, c3 = hi;
     uint32_t k0 = k0i, k1 = k1i;
     for (int r = 0; r < 10; ++r) {
       const uint64_t p0 = uint64_t(c0) * lowbit::kPhiloxM0;
@@ -126,9 +133,8 @@ FL_AI void exact_philox(const ExactCtx& x, const ExactTile& a, int64_t e0, int n
       k0 += lowbit::kPhiloxW0;
       k1 += lowbit::kPhiloxW1;
     }
-    const uint32_t o[4] = {c0, c1, c2, c3};
-    out0[j] = o[w0];
-    if (out1) out1[j] = o[w1];
+    out0[j] = c0;
+    if constexpr (TWO) out1[j] = c1;
   }
 }
 
@@ -147,7 +153,23 @@ FL_AI void exact_state_store(void* s, float* absmax, bool sign, int64_t i, int n
     const float* mid = sign ? lowbit::kSignedMid : lowbit::kUnsignedMid;
     const float scale = lowbit::block_absmax(s32, n);
     absmax[i / kQB] = scale;
-    for (int j = 0; j < n; ++j) c[j] = lowbit::quantize_code(lowbit::normalize(s32[j], scale), mid);
+    int j = 0;
+#if FL_ISA == 2
+    // (the maskz / mask forms: NOTE [AVX-512 intrinsics with a defined source] in isa_impl.h)
+    // lowbit::quantize_code's 8-step search on 16 lanes (gathers of the midpoints); the same compares
+    const bool pos = scale > 0.0f;
+    for (; j + kW <= n; j += kW) {
+      const __m512 v = pos ? _mm512_maskz_div_ps((__mmask16)0xFFFF, _mm512_loadu_ps(s32 + j), _mm512_set1_ps(scale)) : _mm512_setzero_ps();
+      __m512i cc = _mm512_setzero_si512();
+      for (int step = 128; step > 0; step >>= 1) {
+        const __m512i idx = _mm512_add_epi32(cc, _mm512_set1_epi32(step - 1));
+        const __m512 m = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)0xFFFF, idx, mid, 4);
+        cc = _mm512_mask_add_epi32(cc, _mm512_cmp_ps_mask(m, v, _CMP_LT_OQ), cc, _mm512_set1_epi32(step));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_maskz_cvtepi32_epi8((__mmask16)0xFFFF, cc));
+    }
+#endif
+    for (; j < n; ++j) c[j] = lowbit::quantize_code(lowbit::normalize(s32[j], scale), mid);
   }
 }
 
@@ -223,7 +245,7 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
     }
     W.store(i, n, w32);
     if (mom) {
-      if constexpr (ST == kStoreBF16) exact_philox(x, a, a.start + i, n, 0, rnd, 0, nullptr);
+      if constexpr (ST == kStoreBF16) exact_philox<false>(x, a, a.start + i, n, rnd, nullptr);
       exact_state_store<ST>(a.s0, a.a0, true, a.start + i, n, s32, rnd);
     }
   }
@@ -288,7 +310,7 @@ void lamb_exact_pass2_t(const ExactTile& a, const ExactCtx& x, const LambExactCo
     lamb_exact_block<PT, MASTER, REM, ST, true>(a, x, c, i, n, nullptr, nullptr, nullptr, m32, v32, w32);
     W.store(i, n, w32);
     // LAMB's two buffers take words 0 and 1 of one Philox call (lowbit_state.WORD)
-    if constexpr (ST == kStoreBF16) exact_philox(x, a, a.start + i, n, 0, r0, 1, r1);
+    if constexpr (ST == kStoreBF16) exact_philox<true>(x, a, a.start + i, n, r0, r1);
     exact_state_store<ST>(a.s0, a.a0, true, a.start + i, n, m32, r0);
     exact_state_store<ST>(a.s1, a.a1, false, a.start + i, n, v32, r1);
   }
