@@ -416,7 +416,7 @@ def _empty_segs(plan_ptr, pid, num_tiles, num_segs, SBLOCK: tl.constexpr):
 
 
 @triton.jit
-def _segment_prologue(bufs, sblk, num_tiles, num_segs, SBLOCK: tl.constexpr):
+def _segment_prologue(bufs, sblk, num_segs, SBLOCK: tl.constexpr):
     """Segment-program lanes of launch 1: snapshot ``step`` / ``has_state`` for launch 2, and zero the
     sums of the segments no tile program sums this launch (inactive, no tiles, or a skipped step):
     disjoint from the entries the tile programs write, so no race."""
@@ -527,7 +527,7 @@ def _partials_program(
     pid = tl.program_id(0)
     go = tl.load(found_inf_ptr).to(tl.float32) == 0
     if pid >= num_tiles:
-        _segment_prologue(bufs, pid - num_tiles, num_tiles, num_segs, SBLOCK)
+        _segment_prologue(bufs, pid - num_tiles, num_segs, SBLOCK)
     else:
         s = tl.load(_tab(plan_ptr, P.tile_seg, tl.int32) + pid)
         if go & (tl.load(_tab(plan_ptr, P.active, tl.float32) + s) != 0):
