@@ -354,7 +354,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE LarsExactCoef lars_exact_coef(const LarsOptions& o
 template <class T>
 FUSEDLARS_HD FUSEDLARS_INLINE T lars_exact_update(const LarsExactCoef& c, T w, T g, T b, T& b_new) {
   const T gp = c.l2 ? c.r * (g + c.lam * w) : c.r * g;
-  const T bz = c.zero_b ? T(0.0) : b;  // the reference's zeros_like where there is no state yet
+  const T bz = c.zero_b ? T{} : b;  // (T{}: 0.0, or zero lanes) the reference's zeros_like where there is no state yet
   b_new = c.copy_first ? gp : c.mu * bz + c.c_g * gp;
   T step;
   switch (c.step_mode) {

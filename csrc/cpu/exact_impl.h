@@ -13,6 +13,9 @@
 //             + int16 remainder), and the state: fp32, bf16 by stochastic rounding with the Philox
 //             word of (seed, step after this step, param id, element), or int8 (the block's absmax
 //             over all its new values first, then the codes): csrc/lowbit.h, bitwise lowbit.py.
+// The element math, Philox, the bf16 rounding and the int8 codes run on 16 lanes (GCC vectors of 16
+// doubles / 16 words: NOTE [Exact math on lanes] below); the per-element scalar helpers of lowbit.h
+// and lars_math.h remain the specification, and the lanes do the same operations in the same order.
 // Sums of squares (pass 1) are taken in double, 16 lanes (lane = element index mod 16), tile partial
 // = the lanes summed in lane order: fixed order on every ISA and thread count (NOTE [Determinism]).
 //
@@ -28,6 +31,78 @@
 // and on general inputs the params within the fp32 tolerance and the state within one rounding step.
 
 constexpr int kQB = lowbit::kQBlock;
+
+// NOTE: [Exact math on lanes]
+// Each lane of a 16-lane vector does what the scalar helper does for its element: double ops are
+// IEEE-correct per lane (+ - * / sqrt, no contraction: -ffp-contract=off), fp32 <-> double
+// conversions are exact / round to nearest even as static_cast, and integer ops wrap mod 2**32. So
+// results are bitwise the scalar code's, on every ISA (the AVX-512 / AVX2 intrinsics below are the
+// same lane operations). Lanes past a block's end compute on whatever the buffers hold and are never
+// stored; the sums mask them.
+typedef uint64_t fl_vq __attribute__((vector_size(128)));
+typedef uint16_t fl_vh_a __attribute__((vector_size(32), aligned(2), may_alias));
+typedef int16_t fl_vs __attribute__((vector_size(32)));
+typedef int16_t fl_vs_u __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint8_t fl_vb_u __attribute__((vector_size(16), aligned(1), may_alias));
+typedef uint8_t fl_vb __attribute__((vector_size(16)));
+typedef int64_t fl_vl __attribute__((vector_size(128)));
+
+FL_AI fl_vd to_d(fl_vf x) { return __builtin_convertvector(x, fl_vd); }
+FL_AI fl_vf to_f(fl_vd x) { return __builtin_convertvector(x, fl_vf); }
+FL_AI fl_vf ld16(const float* p) { return *reinterpret_cast<const fl_vf_u*>(p); }
+FL_AI void st16(float* p, fl_vf v) { *reinterpret_cast<fl_vf_u*>(p) = v; }
+FL_AI fl_vu bits(fl_vf x) { return (fl_vu)x; }
+
+// lanes >= n -> 0.0 (n <= 16)
+FL_AI fl_vd lane_mask_d(fl_vd x, int n) {
+  const fl_vl idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return (fl_vd)((fl_vl)x & (idx < n));
+}
+
+// 32x32 -> 64-bit products of 16 lanes by m: hi and lo words (lowbit::mulhilo32 per lane)
+FL_AI void mulhilo_v(fl_vu a, uint32_t m, fl_vu& hi, fl_vu& lo) {
+#if FL_ISA == 2
+  const __m512i av = (__m512i)a, mv = _mm512_set1_epi64(m);
+  // (maskz forms: NOTE [AVX-512 intrinsics with a defined source] in isa_impl.h)
+  const __mmask8 all = 0xFF;
+  const __m512i pe = _mm512_maskz_mul_epu32(all, av, mv);                                   // lanes 0, 2, ..
+  const __m512i po = _mm512_maskz_mul_epu32(all, _mm512_maskz_srli_epi64(all, av, 32), mv);  // lanes 1, 3, ..
+  lo = (fl_vu)_mm512_mask_blend_epi32((__mmask16)0xAAAA, pe, _mm512_maskz_slli_epi64(all, po, 32));
+  hi = (fl_vu)_mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_maskz_srli_epi64(all, pe, 32), po);
+#elif FL_ISA == 1
+  const __m256i mv = _mm256_set1_epi64x(m);
+  __m256i h[2], l[2];
+  for (int q = 0; q < 2; ++q) {
+    const __m256i av = q ? (__m256i)FL_HI8(a) : (__m256i)FL_LO8(a);
+    const __m256i pe = _mm256_mul_epu32(av, mv);
+    const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(av, 32), mv);
+    l[q] = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+    h[q] = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  }
+  typedef uint32_t v8u __attribute__((vector_size(32)));
+  lo = FL_CAT8((v8u)l[0], (v8u)l[1]);
+  hi = FL_CAT8((v8u)h[0], (v8u)h[1]);
+#else
+  const fl_vq p = __builtin_convertvector(a, fl_vq) * uint64_t(m);
+  lo = __builtin_convertvector(p, fl_vu);
+  hi = __builtin_convertvector(p >> 32, fl_vu);
+#endif
+}
+
+// lowbit::bf16_sr_bits per lane (the 16-bit results in 32-bit lanes)
+FL_AI fl_vu bf16_sr_v(fl_vf x, fl_vu rand) {
+  const fl_vu b = bits(x);
+  const fl_vu sr = (b + (rand & 0xFFFFu)) >> 16;
+  const fl_vu rne = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const fl_vu qnan = (b >> 16) | 0x0040u;
+  const fl_vu nonfin = (fl_vu)((b & 0x7FFFFFFFu) > 0x7F800000u) ? qnan : rne;
+  return (fl_vu)((b & 0x7F800000u) != 0x7F800000u) ? sr : nonfin;
+}
+
+FL_AI void store_h16(uint16_t* p, fl_vu v) { *reinterpret_cast<fl_vh_a*>(p) = __builtin_convertvector(v, fl_vh); }
+FL_AI fl_vf bf16_load_v(const uint16_t* p) {
+  return (fl_vf)(__builtin_convertvector(*reinterpret_cast<const fl_vh_a*>(p), fl_vu) << 16);
+}
 
 // weights of a variant as fp32 (exact), stored back from the fp32 value of the new weight
 template <class PT, bool MASTER, bool REM>
@@ -46,8 +121,14 @@ struct ExactW {
       if constexpr (MASTER) w = k == kW ? IO<float>::load(m + i + j) : load_part(m + i + j, k);
       else w = k == kW ? IO<PT>::load(p + i + j) : load_part(p + i + j, k);
       if constexpr (REM) {
-        for (int l = 0; l < k; ++l)
-          out[j + l] = lowbit::master_rebuild(reinterpret_cast<const uint16_t*>(p)[i + j + l], r[i + j + l]);
+        if (k == kW) {  // lowbit::master_rebuild per lane
+          const fl_vu hb = __builtin_convertvector(*reinterpret_cast<const fl_vh_a*>(reinterpret_cast<const uint16_t*>(p) + i + j), fl_vu);
+          const fl_vu rb = (fl_vu)__builtin_convertvector(*reinterpret_cast<const fl_vs_u*>(r + i + j), fl_vi);
+          st16(out + j, (fl_vf)((hb << 16) + rb));
+        } else {
+          for (int l = 0; l < k; ++l)
+            out[j + l] = lowbit::master_rebuild(reinterpret_cast<const uint16_t*>(p)[i + j + l], r[i + j + l]);
+        }
       } else {
         IO<float>::store(out + j, w);
       }
@@ -56,7 +137,17 @@ struct ExactW {
   FL_MI void store(int64_t i, int n, const float* w32) const {
     if constexpr (REM) {
       uint16_t* pb = reinterpret_cast<uint16_t*>(p);
-      for (int j = 0; j < n; ++j) {
+      int j = 0;
+      for (; j + kW <= n; j += kW) {  // lowbit::master_split per lane
+        const fl_vu b = bits(ld16(w32 + j));
+        const fl_vu t = b + 0x8000u;
+        const fl_vi nan = (b & 0x7FFFFFFFu) > 0x7F800000u;
+        const fl_vu ph = nan ? (((b >> 16) & 0x8000u) | 0x7FC0u) : (t >> 16);
+        const fl_vi rm = nan ? fl_vi{} : ((fl_vi)(t & 0xFFFFu) - 0x8000);
+        store_h16(pb + i + j, ph);
+        *reinterpret_cast<fl_vs_u*>(r + i + j) = __builtin_convertvector(rm, fl_vs);
+      }
+      for (; j < n; ++j) {
         uint16_t hb;
         int16_t rb;
         lowbit::master_split(w32[j], hb, rb);
@@ -95,7 +186,9 @@ FL_AI void exact_state_load(const void* s, const float* absmax, bool sign, int64
     __builtin_memcpy(out, static_cast<const float*>(s) + i, n * sizeof(float));
   } else if constexpr (ST == kStoreBF16) {
     const uint16_t* h = static_cast<const uint16_t*>(s) + i;
-    for (int j = 0; j < n; ++j) out[j] = lowbit::bf16_bits_to_float(h[j]);
+    int j = 0;
+    for (; j + kW <= n; j += kW) st16(out + j, bf16_load_v(h + j));
+    for (; j < n; ++j) out[j] = lowbit::bf16_bits_to_float(h[j]);
   } else {
     const uint8_t* c = static_cast<const uint8_t*>(s) + i;
     const float* map = sign ? lowbit::kSignedMap : lowbit::kUnsignedMap;
@@ -106,36 +199,89 @@ FL_AI void exact_state_load(const void* s, const float* absmax, bool sign, int64
       const __m512i idx = _mm512_maskz_cvtepu8_epi32((__mmask16)0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
       _mm512_storeu_ps(out + j, _mm512_mul_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)0xFFFF, idx, map, 4), _mm512_set1_ps(scale)));
     }
+#elif FL_ISA == 1
+    for (; j + 8 <= n; j += 8) {  // map[code] * scale on 8 lanes
+      const __m256i idx = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j)));
+      _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_i32gather_ps(map, idx, 4), _mm256_set1_ps(scale)));
+    }
 #endif
     for (; j < n; ++j) out[j] = lowbit::dequantize(c[j], scale, map);
   }
 }
 
 // Philox words 0 (and 1 with TWO: LAMB's second buffer) of elements e0 .. e0+n-1 (counter: element,
-// step, param id, element >> 32; key: the seed), lowbit.h philox_words per element, in a loop over
-// the elements that vectorizes (32x32->64 multiplies on the lanes; no run-time word index).
+// step, param id, element >> 32; key: the seed): lowbit.h philox_words per element, on 16 lanes
+// (element j in lane j % 16; round 0's second product is of the uniform word 2, done once).
 template <bool TWO>
 FL_AI void exact_philox(const ExactCtx& x, const ExactTile& a, int64_t e0, int n, uint32_t* out0, uint32_t* out1) {
   const uint32_t k0i = uint32_t(x.seed), k1i = uint32_t(x.seed >> 32);
   const uint32_t c1i = uint32_t(a.step_after), c2i = a.pidx;
   const uint32_t hi = uint32_t(uint64_t(e0) >> 32), lo0 = uint32_t(e0);  // a block never crosses 2**32
-  for (int j = 0; j < n; ++j) {
-    uint32_t c0 = lo0 + uint32_t(j), c1 = c1i, c2 = c2i, c3 = hi;
+  const fl_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const uint64_t q1 = uint64_t(c2i) * lowbit::kPhiloxM1;
+  for (int j = 0; j < n; j += kW) {
+    fl_vu c0 = lane + (lo0 + uint32_t(j)), c1, c2, c3, h0, l0, h1, l1;
+    mulhilo_v(c0, lowbit::kPhiloxM0, h0, l0);  // round 0
     uint32_t k0 = k0i, k1 = k1i;
-    for (int r = 0; r < 10; ++r) {
-      const uint64_t p0 = uint64_t(c0) * lowbit::kPhiloxM0;
-      const uint64_t p1 = uint64_t(c2) * lowbit::kPhiloxM1;
-      const uint32_t n0 = uint32_t(p1 >> 32) ^ c1 ^ k0, n2 = uint32_t(p0 >> 32) ^ c3 ^ k1;
-      c1 = uint32_t(p1);
-      c3 = uint32_t(p0);
-      c0 = n0;
-      c2 = n2;
+    c0 = (fl_vu{} + (uint32_t(q1 >> 32) ^ c1i ^ k0));
+    c2 = h0 ^ (hi ^ k1);
+    c1 = fl_vu{} + uint32_t(q1);
+    c3 = l0;
+#pragma GCC unroll 9
+    for (int r = 1; r < 10; ++r) {
       k0 += lowbit::kPhiloxW0;
       k1 += lowbit::kPhiloxW1;
+      mulhilo_v(c0, lowbit::kPhiloxM0, h0, l0);
+      mulhilo_v(c2, lowbit::kPhiloxM1, h1, l1);
+      c0 = h1 ^ c1 ^ k0;
+      c2 = h0 ^ c3 ^ k1;
+      c1 = l1;
+      c3 = l0;
     }
-    out0[j] = c0;
-    if constexpr (TWO) out1[j] = c1;
+    *reinterpret_cast<fl_vu*>(out0 + j) = c0;
+    if constexpr (TWO) *reinterpret_cast<fl_vu*>(out1 + j) = c1;
   }
+}
+
+// The midpoints by search level (lowbit::quantize_code's step s = 128 >> L at level L): level L holds
+// the 2**L candidates mid[k*2s + s - 1], k = 0 .. 2**L - 1, at offset 2**L - 1.
+struct MidTree {
+  float t[255 + 16];  // (+16: whole-register loads of the short levels stay inside)
+};
+constexpr MidTree mid_tree(const float* mid) {
+  MidTree r{};
+  for (int L = 0; L < 8; ++L) {
+    const int s = 128 >> L;
+    for (int k = 0; k < (1 << L); ++k) r.t[(1 << L) - 1 + k] = mid[k * 2 * s + s - 1];
+  }
+  return r;
+}
+[[maybe_unused]] constexpr MidTree kSignedTree = mid_tree(lowbit::kSignedMid);
+[[maybe_unused]] constexpr MidTree kUnsignedTree = mid_tree(lowbit::kUnsignedMid);
+
+// lowbit::block_absmax on 16 lanes: the max of the |x| (all >= +0: any order gives the same value,
+// the same compare a > m ? a : m per lane), the quiet NaN kScaleNaN if any is NaN
+FL_AI float block_absmax_v(const float* x, int n) {
+  fl_vf m = {};
+  fl_vi nan = {};
+  int j = 0;
+  for (; j + kW <= n; j += kW) {
+    const fl_vf a = (fl_vf)(bits(ld16(x + j)) & 0x7FFFFFFFu);
+    nan |= a != a;
+    m = a > m ? a : m;
+  }
+  float r = 0.0f;
+  bool any = false;
+  for (int l = 0; l < kW; ++l) {
+    r = m[l] > r ? m[l] : r;
+    any |= nan[l] != 0;
+  }
+  for (; j < n; ++j) {
+    const float a = fabsf(x[j]);
+    any |= a != a;
+    r = a > r ? a : r;
+  }
+  return any ? lowbit::float_from_bits(lowbit::kScaleNaN) : r;
 }
 
 // store the new state of one block from its fp32 values s32 (lowbit_state NOTE [Low-bit state: where
@@ -147,46 +293,85 @@ FL_AI void exact_state_store(void* s, float* absmax, bool sign, int64_t i, int n
     __builtin_memcpy(static_cast<float*>(s) + i, s32, n * sizeof(float));
   } else if constexpr (ST == kStoreBF16) {
     uint16_t* h = static_cast<uint16_t*>(s) + i;
-    for (int j = 0; j < n; ++j) h[j] = lowbit::bf16_sr_bits(s32[j], rand[j]);
+    int j = 0;
+    for (; j + kW <= n; j += kW) store_h16(h + j, bf16_sr_v(ld16(s32 + j), *reinterpret_cast<const fl_vu*>(rand + j)));
+    for (; j < n; ++j) h[j] = lowbit::bf16_sr_bits(s32[j], rand[j]);
   } else {
     uint8_t* c = static_cast<uint8_t*>(s) + i;
     const float* mid = sign ? lowbit::kSignedMid : lowbit::kUnsignedMid;
-    const float scale = lowbit::block_absmax(s32, n);
+    const float scale = block_absmax_v(s32, n);
     absmax[i / kQB] = scale;
     int j = 0;
+    [[maybe_unused]] const bool pos = scale > 0.0f;
 #if FL_ISA == 2
     // (the maskz / mask forms: NOTE [AVX-512 intrinsics with a defined source] in isa_impl.h)
-    // lowbit::quantize_code's 8-step search on 16 lanes (gathers of the midpoints); the same compares
-    const bool pos = scale > 0.0f;
+    // lowbit::quantize_code's 8-step search on 16 lanes, the same compares: the candidates of step s
+    // are mid[k*2s + s - 1] (k = the code so far / 2s), MidTree's level of 128/s values, picked by
+    // in-register permutes (levels of up to 16 values: one register; 32: two; 64, 128: 4, 8)
+    const float* t = sign ? kSignedTree.t : kUnsignedTree.t;
+    const __m512 l1 = _mm512_loadu_ps(t + 1), l2 = _mm512_loadu_ps(t + 3), l3 = _mm512_loadu_ps(t + 7);
+    const __m512 l4 = _mm512_loadu_ps(t + 15), l5a = _mm512_loadu_ps(t + 31), l5b = _mm512_loadu_ps(t + 47);
+    __m512 l6[4], l7[8];
+    for (int q = 0; q < 4; ++q) l6[q] = _mm512_loadu_ps(t + 63 + 16 * q);
+    for (int q = 0; q < 8; ++q) l7[q] = _mm512_loadu_ps(t + 127 + 16 * q);
+    const __m512 m0 = _mm512_set1_ps(t[0]);
     for (; j + kW <= n; j += kW) {
       const __m512 v = pos ? _mm512_maskz_div_ps((__mmask16)0xFFFF, _mm512_loadu_ps(s32 + j), _mm512_set1_ps(scale)) : _mm512_setzero_ps();
-      __m512i cc = _mm512_setzero_si512();
-      for (int step = 128; step > 0; step >>= 1) {
-        const __m512i idx = _mm512_add_epi32(cc, _mm512_set1_epi32(step - 1));
-        const __m512 m = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), (__mmask16)0xFFFF, idx, mid, 4);
-        cc = _mm512_mask_add_epi32(cc, _mm512_cmp_ps_mask(m, v, _CMP_LT_OQ), cc, _mm512_set1_epi32(step));
+      // k: the code's bits above the current step (the candidate index within the level)
+      __m512i k = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(m0, v, _CMP_LT_OQ), _mm512_set1_epi32(1));
+      auto step = [&](__m512 m) {
+        k = _mm512_add_epi32(_mm512_add_epi32(k, k), _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(m, v, _CMP_LT_OQ), _mm512_set1_epi32(1)));
+      };
+      step(_mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, k, l1));
+      step(_mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, k, l2));
+      step(_mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, k, l3));
+      step(_mm512_maskz_permutexvar_ps((__mmask16)0xFFFF, k, l4));
+      step(_mm512_permutex2var_ps(l5a, k, l5b));
+      {
+        const __mmask16 b5 = _mm512_test_epi32_mask(k, _mm512_set1_epi32(32));
+        step(_mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l6[0], k, l6[1]), _mm512_permutex2var_ps(l6[2], k, l6[3])));
       }
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_maskz_cvtepi32_epi8((__mmask16)0xFFFF, cc));
+      {
+        const __mmask16 b5 = _mm512_test_epi32_mask(k, _mm512_set1_epi32(32));
+        const __mmask16 b6 = _mm512_test_epi32_mask(k, _mm512_set1_epi32(64));
+        const __m512 lo = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l7[0], k, l7[1]), _mm512_permutex2var_ps(l7[2], k, l7[3]));
+        const __m512 hi = _mm512_mask_blend_ps(b5, _mm512_permutex2var_ps(l7[4], k, l7[5]), _mm512_permutex2var_ps(l7[6], k, l7[7]));
+        step(_mm512_mask_blend_ps(b6, lo, hi));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(c + j), _mm512_maskz_cvtepi32_epi8((__mmask16)0xFFFF, k));
+    }
+#elif FL_ISA == 1
+    // lowbit::quantize_code's 8-step search on 8 lanes (gathers of the midpoints); the same compares
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = pos ? _mm256_div_ps(_mm256_loadu_ps(s32 + j), _mm256_set1_ps(scale)) : _mm256_setzero_ps();
+      __m256i cc = _mm256_setzero_si256();
+      for (int step = 128; step > 0; step >>= 1) {
+        const __m256 m = _mm256_i32gather_ps(mid, _mm256_add_epi32(cc, _mm256_set1_epi32(step - 1)), 4);
+        cc = _mm256_add_epi32(cc, _mm256_and_si256(_mm256_castps_si256(_mm256_cmp_ps(m, v, _CMP_LT_OQ)), _mm256_set1_epi32(step)));
+      }
+      alignas(32) int32_t q[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(q), cc);
+      for (int l = 0; l < 8; ++l) c[j + l] = uint8_t(q[l]);
     }
 #endif
     for (; j < n; ++j) c[j] = lowbit::quantize_code(lowbit::normalize(s32[j], scale), mid);
   }
 }
 
-FL_AI double exact_grad(const ExactCtx& x, double g) {
+// the reference's _grad per lane: ((g * inv) / clip), negated if neg
+FL_AI fl_vd exact_grad(const ExactCtx& x, fl_vd g) {
   g = g * x.inv;
   if (x.has_clip) g = g / x.clip;
   return x.neg ? -g : g;
 }
 
-// 16 double lanes of a sum of squares: lane l takes the elements j with j % 16 == l
+// 16 double lanes of a sum of squares: lane l takes the elements j with j % 16 == l (lanes past the
+// block's end add +0.0: a sum of squares is +0, positive, inf or NaN, which + 0.0 leaves as it is)
 struct DAcc {
-  double v[kW] = {};
-  FL_MI void add(const double* x, int n) {
-    int j = 0;
-    for (; j + kW <= n; j += kW)
-      for (int l = 0; l < kW; ++l) v[l] += x[j + l] * x[j + l];
-    for (int l = 0; j + l < n; ++l) v[l] += x[j + l] * x[j + l];
+  fl_vd v = {};
+  FL_MI void add(fl_vd x, int k) {
+    if (k < kW) x = lane_mask_d(x, k);
+    v += x * x;
   }
   FL_MI double sum() const {
     double s = 0.0;
@@ -203,20 +388,18 @@ void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, doubl
   const ExactW<PT, MASTER, REM> W(a);
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
   DAcc sw, sg, su;
-  alignas(64) float wf[kQB], gf[kQB];
-  alignas(64) double w[kQB], g[kQB], u[kQB];
+  alignas(64) float wf[kQB] = {}, gf[kQB] = {};
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     W.load(i, n, wf);
     exact_grads(gp, i, n, gf);
-    for (int j = 0; j < n; ++j) {
-      w[j] = wf[j];
-      g[j] = exact_grad(x, gf[j]);
-      u[j] = g[j] + lam * w[j];
+    for (int j = 0; j < n; j += kW) {
+      const int k = n - j < kW ? n - j : kW;
+      const fl_vd w = to_d(ld16(wf + j)), g = exact_grad(x, to_d(ld16(gf + j)));
+      sw.add(w, k);
+      sg.add(g, k);
+      su.add(g + lam * w, k);
     }
-    sw.add(w, n);
-    sg.add(g, n);
-    su.add(u, n);
   }
   out[0] = sw.sum();
   out[1] = sg.sum();
@@ -229,19 +412,18 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
   const ExactW<PT, MASTER, REM> W(a);
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
   const bool mom = c.step_mode != 0;
-  alignas(64) float wf[kQB], gf[kQB], sf[kQB], s32[kQB], w32[kQB];
+  alignas(64) float wf[kQB] = {}, gf[kQB] = {}, sf[kQB] = {}, s32[kQB], w32[kQB];
   alignas(64) uint32_t rnd[kQB];
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     W.load(i, n, wf);
     exact_grads(gp, i, n, gf);
     if (mom) exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, sf);
-    else for (int j = 0; j < n; ++j) sf[j] = 0.0f;
-    for (int j = 0; j < n; ++j) {
-      double b_new;
-      const double wn = lars_exact_update<double>(c, wf[j], exact_grad(x, gf[j]), sf[j], b_new);
-      s32[j] = static_cast<float>(b_new);
-      w32[j] = static_cast<float>(wn);
+    for (int j = 0; j < n; j += kW) {
+      fl_vd b_new;
+      const fl_vd wn = lars_exact_update<fl_vd>(c, to_d(ld16(wf + j)), exact_grad(x, to_d(ld16(gf + j))), to_d(ld16(sf + j)), b_new);
+      st16(s32 + j, to_f(b_new));
+      st16(w32 + j, to_f(wn));
     }
     W.store(i, n, w32);
     if (mom) {
@@ -254,30 +436,34 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
 // ------------------------------------------------------------------------------------------------
 // LAMB
 
-// one block's element math: fills wd (decayed weight), g (scaled grad, before l2), u, and the new
-// moments' fp32 values; w32 (the new weights) when K is given (pass 2)
+// one block's element math: pass 1 adds w_d, g (scaled grad, before l2) and u into the sums; pass 2
+// writes the new moments' fp32 values and the new weights' (w_d - k*u)
 template <class PT, bool MASTER, bool REM, int ST, bool PASS2>
 FL_AI void lamb_exact_block(const ExactTile& a, const ExactCtx& x, const LambExactCoef& c, int64_t i, int n,
-                            double* wd, double* g, double* u, float* m32, float* v32, float* w32) {
+                            DAcc* acc, float* m32, float* v32, float* w32) {
   const ExactW<PT, MASTER, REM> W(a);
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
   alignas(64) float wf[kQB], gf[kQB], mf[kQB], vf[kQB];
+  if (n < kQB) {  // the lanes past the end: defined values (never stored, masked in the sums)
+    for (int j = n; j < kQB; ++j) wf[j] = gf[j] = mf[j] = vf[j] = 0.0f;
+  }
   W.load(i, n, wf);
   exact_grads(gp, i, n, gf);
   exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, mf);
   exact_state_load<ST>(a.s1, a.a1, false, a.start + i, n, vf);
-  for (int j = 0; j < n; ++j) {
-    const double gj = exact_grad(x, gf[j]);
-    double m = mf[j], v = vf[j], uj;
-    const double wdj = lamb_exact_direction<double>(c, double(wf[j]), gj, m, v, uj);
+  for (int j = 0; j < n; j += kW) {
+    const fl_vd gj = exact_grad(x, to_d(ld16(gf + j)));
+    fl_vd m = to_d(ld16(mf + j)), v = to_d(ld16(vf + j)), uj;
+    const fl_vd wdj = lamb_exact_direction<fl_vd>(c, to_d(ld16(wf + j)), gj, m, v, uj);
     if constexpr (PASS2) {
-      m32[j] = static_cast<float>(m);
-      v32[j] = static_cast<float>(v);
-      w32[j] = static_cast<float>(wdj - c.k * uj);
+      st16(m32 + j, to_f(m));
+      st16(v32 + j, to_f(v));
+      st16(w32 + j, to_f(wdj - c.k * uj));
     } else {
-      wd[j] = wdj;
-      g[j] = gj;
-      u[j] = uj;
+      const int k = n - j < kW ? n - j : kW;
+      acc[0].add(wdj, k);
+      acc[1].add(gj, k);
+      acc[2].add(uj, k);
     }
   }
 }
@@ -285,18 +471,14 @@ FL_AI void lamb_exact_block(const ExactTile& a, const ExactCtx& x, const LambExa
 template <class PT, bool MASTER, bool REM, int ST>
 void lamb_exact_pass1_t(const ExactTile& a, const ExactCtx& x, const LambExactCoef& c_in, double* out) {
   const LambExactCoef c = c_in;
-  DAcc sw, sg, su;
-  alignas(64) double wd[kQB], g[kQB], u[kQB];
+  DAcc acc[3];
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
-    lamb_exact_block<PT, MASTER, REM, ST, false>(a, x, c, i, n, wd, g, u, nullptr, nullptr, nullptr);
-    sw.add(wd, n);
-    sg.add(g, n);
-    su.add(u, n);
+    lamb_exact_block<PT, MASTER, REM, ST, false>(a, x, c, i, n, acc, nullptr, nullptr, nullptr);
   }
-  out[0] = sw.sum();
-  out[1] = sg.sum();
-  out[2] = su.sum();
+  out[0] = acc[0].sum();
+  out[1] = acc[1].sum();
+  out[2] = acc[2].sum();
 }
 
 template <class PT, bool MASTER, bool REM, int ST>
@@ -307,7 +489,7 @@ void lamb_exact_pass2_t(const ExactTile& a, const ExactCtx& x, const LambExactCo
   alignas(64) uint32_t r0[kQB], r1[kQB];
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
-    lamb_exact_block<PT, MASTER, REM, ST, true>(a, x, c, i, n, nullptr, nullptr, nullptr, m32, v32, w32);
+    lamb_exact_block<PT, MASTER, REM, ST, true>(a, x, c, i, n, nullptr, m32, v32, w32);
     W.store(i, n, w32);
     // LAMB's two buffers take words 0 and 1 of one Philox call (lowbit_state.WORD)
     if constexpr (ST == kStoreBF16) exact_philox<true>(x, a, a.start + i, n, r0, r1);

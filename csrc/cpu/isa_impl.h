@@ -50,6 +50,26 @@ static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
   return r;
 #endif
 }
+// the exact low-bit kernels' double math on 16 lanes (exact_impl.h): IEEE sqrt per lane, every ISA
+typedef double fl_vd8 __attribute__((vector_size(64)));
+typedef double fl_vd4 __attribute__((vector_size(32)));
+static inline __attribute__((always_inline)) fl_vd fl_sqrt(fl_vd x) {
+#if FL_ISA == 2
+  const fl_vd8 lo = (fl_vd8)_mm512_maskz_sqrt_pd((__mmask8)0xFF, (__m512d)FL_LO8(x));
+  const fl_vd8 hi = (fl_vd8)_mm512_maskz_sqrt_pd((__mmask8)0xFF, (__m512d)FL_HI8(x));
+  return FL_CAT8(lo, hi);
+#elif FL_ISA == 1
+  const fl_vd4 q0 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 0, 1, 2, 3));
+  const fl_vd4 q1 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 4, 5, 6, 7));
+  const fl_vd4 q2 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 8, 9, 10, 11));
+  const fl_vd4 q3 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 12, 13, 14, 15));
+  return FL_CAT8(__builtin_shufflevector(q0, q1, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(q2, q3, 0, 1, 2, 3, 4, 5, 6, 7));
+#else
+  fl_vd r;
+  for (int i = 0; i < 16; ++i) r[i] = __builtin_sqrt(x[i]);
+  return r;
+#endif
+}
 }  // namespace fusedlars
 
 #include "../lars_math.h"
