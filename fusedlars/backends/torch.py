@@ -471,30 +471,21 @@ def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor)
     once. ``||g + lam*w||`` is not taken (its reported u_norm is NaN). False (nothing done) where the
     step scales the grads (GradScaler, maximize) or its ratio needs that norm (norm_of_sum), and for
     low-bit state (its step takes the reference's norms)."""
-    if bucket.lowbit_state:
+    out = lars_partials_given_grad_sums(bucket, cfg, g2)
+    if out is None:
         return False
-    if cfg.denominator == "norm_of_sum" or _grad_factor(cfg, bucket.state_dtype) is not None or _found(cfg) is not None:
-        return False
-    sdt = bucket.state_dtype
-    L = _lists(bucket)
-    if L.n == 0:
-        return False
-    W = _load_weights(L)
-    _, G = _load_grad(L, cfg, sdt)
-    ww = _sumsq(L, ("w",))[0]
-    gg = _sel(L, g2.to(device=bucket.device, dtype=torch.float64))
-    sums = torch.stack((ww, gg, torch.full_like(ww, float("nan"))))
-    lars_apply(bucket, cfg, _scatter(L, sums, sdt), (W, G, G if cfg.weight_decay == 0 else None))
+    lars_apply(bucket, cfg, *out)
     return True
 
 
 def lars_partials_given_grad_sums(
     bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor
 ) -> tuple[torch.Tensor, tuple] | None:
-    """:func:`lars_partials` of a sharded bucket whose LOCAL gradients' sums of squares ``g2`` (float64
-    [S], raw grads) were taken where FSDP2 set the reduce-scattered grads (fusedlars.backward_norms):
-    the weights' sums alone are taken here, the (g + lam*w)^2 row is NaN (not known without reading
-    g; only reported, as u_norm). None (nothing done) where lars_step_given_grad_sums declines."""
+    """:func:`lars_partials` of a bucket whose gradients' sums of squares ``g2`` (float64 [S], raw grads;
+    a sharded bucket's LOCAL ones, taken where FSDP2 set the reduce-scattered grads) are given
+    (fusedlars.backward_norms): the weights' sums alone are taken here, the (g + lam*w)^2 row is NaN (not
+    known without reading g; only reported, as u_norm). None (nothing done) where the step scales the
+    grads, its ratio needs ||g + lam*w||, or the state is low-bit."""
     if bucket.lowbit_state:
         return None
     if cfg.denominator == "norm_of_sum" or _grad_factor(cfg, bucket.state_dtype) is not None or _found(cfg) is not None:
