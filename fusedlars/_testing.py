@@ -133,6 +133,7 @@ def launch_plan(
     kind: str = "LARS",
     max_grad_norm: bool = False,
     *,
+    given_grad_sums: bool = False,
     tile: int | None = None,
     sblock: int | None = None,
     rblock: int | None = None,
@@ -143,7 +144,9 @@ def launch_plan(
     Returns ``launches`` (kernel name, grid) in launch order, ``num_tiles``, ``partial_reads``
     (tile partial records read per step; each record is the tile's 3 fp32 sums, read once, by the
     program that reduces its segment), ``max_reduction_iters`` (the longest serial reduction:
-    ``cdiv(tiles, RBLOCK)`` iterations for the largest segment). Assumes every segment is active.
+    ``cdiv(tiles, RBLOCK)`` iterations for the largest segment), ``partial_rows`` (fp32 sums per record).
+    ``given_grad_sums``: a LARS step from gradient sums taken in backward (``lars_step_given_grad_sums``:
+    launch 1 sums the weights alone, records of 1 fp32). Assumes every segment is active.
     """
     tile = tb.TILE if tile is None else tile
     sblock = tb.SBLOCK if sblock is None else sblock
@@ -156,7 +159,8 @@ def launch_plan(
         if max_grad_norm and num_tiles:
             launches.insert(0, ("grad_sumsq_kernel", num_tiles))
     elif kind == "LARS":
-        launches = [("lars_partials_kernel", grid), ("lars_update_kernel", grid)]
+        launch1 = "lars_wsums_kernel" if given_grad_sums else "lars_partials_kernel"
+        launches = [(launch1, grid), ("lars_update_kernel", grid)]
     else:
         raise ValueError(f"kind must be 'LARS' or 'LAMB', not {kind!r}")
     # launch 1: the last tile program of segment s to arrive reads [seg_tile_ptr[s], seg_tile_ptr[s+1]) once;
@@ -166,6 +170,7 @@ def launch_plan(
         launches=launches,
         num_tiles=num_tiles,
         partial_reads=partial_reads,
+        partial_rows=1 if given_grad_sums and kind == "LARS" else 3,
         max_reduction_iters=max((-(-t // rblock) for t in tiles), default=0),
     )
 
@@ -190,7 +195,7 @@ def _signature(kernel) -> dict[str, str]:
             sig[name] = "constexpr"
         elif name == "opts":
             sig[name] = ("fp32",) * len(option_fields.TABLES[kind])
-        elif name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel":
+        elif (name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel") or name == "g2_ptr":
             sig[name] = "*fp64"
         else:
             sig[name] = _PTR_TYPES.get(name, "*fp32")
@@ -224,6 +229,7 @@ def aot_specializations(covering: bool = False) -> list[dict]:
         layouts = [(torch.float32, False), (torch.float16, False), (torch.bfloat16, True)]
     for dt, master in layouts:
         add(tb.K.lars_partials_kernel, dt, HAS_MASTER=master, **geo)
+        add(tb.K.lars_wsums_kernel, dt, HAS_MASTER=master, **geo)
         for mom in (MOM_NONE, *MOM.values()):
             if covering and dt != torch.float32 and mom != MOM["classic" if master else "torch"]:
                 continue

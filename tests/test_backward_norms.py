@@ -17,7 +17,7 @@ import fusedlars
 import fusedlars.backward_norms
 from fusedlars import backends
 
-BACKENDS = [b for b in ("cpu", "torch") if backends.status(b)[0]]
+BACKENDS = [b for b in ("cpu", "torch", "triton") if backends.status(b)[0]]
 
 
 def _model(seed=0):

@@ -665,3 +665,158 @@ def test_a_step_after_the_exclusions_change_reads_the_new_masks():
         out[backend] = [p.detach().clone() for _, p in named]
     for got, want in zip(out["triton"], out["reference"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------
+# issue #25: a LARS step from gradient sums taken in backward (NOTE [Given gradient sums])
+# ------------------------------------------------------------------------------------------
+class _GivenSums:
+    """Stands for fusedlars.backward_norms.BackwardNorms in ``Dispatch.run``: every bucket's gradient sums
+    are ``g2`` (float64 [S]) where it is set, else none (the two-pass step)."""
+
+    g2: torch.Tensor | None = None
+
+    def grad_sums(self, bucket):
+        return self.g2
+
+
+GIVEN_SPECS = [((1100,), "rand"), ((3,), "rand"), ((0,), "rand"), ((17, 33), "rand"), ((6, 4), "zero_w"),
+               ((3, 5), "zero_g"), ((5, 2), "none_g")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "dtype,opts,scale",
+    [
+        (torch.float32, dict(momentum=0.9, weight_decay=1e-3), None),
+        (torch.float32, dict(momentum=0.9, weight_decay=1e-3, nesterov=True, maximize=True), 2.0**10),
+        (torch.bfloat16, dict(momentum=0.9, weight_decay=1e-3, master_weights=True), None),
+        (torch.float32, dict(momentum=0.9, weight_decay=1e-3), "skip"),
+    ],
+    ids=["fp32", "fp32_grad_scale_maximize", "bf16_masters", "skipped"],
+)
+def test_lars_step_from_given_grad_sums_is_bitwise_the_two_pass_step(monkeypatch, dtype, opts, scale):
+    """Given the two-pass step's own fp32 g^2 sums (float64, exact; times scale^2 for GradScaler's scaled
+    grads, exact for a power of two), the step that reads no grad in launch 1 writes bitwise the two-pass
+    step's params, state and norms (u_norm, ||g + lam*w||, is not known: NaN), in 2 launches."""
+    calls = []
+    real = tb._launch
+
+    def counting(kernel, grid, *a, **k):
+        calls.append(getattr(kernel, "__name__", None) or kernel.fn.__name__)
+        return real(kernel, grid, *a, **k)
+
+    monkeypatch.setattr(tb, "_launch", counting)
+    master = opts.pop("master_weights", False)
+    named_a, named_b = make_params(dtype, GIVEN_SPECS), make_params(dtype, GIVEN_SPECS)
+    oa = fusedlars.LARS(named_a, lr=0.1, backend="triton", master_weights=master, **opts)
+    ob = fusedlars.LARS(named_b, lr=0.1, backend="triton", master_weights=master, **opts)
+    ob._bwd = given = _GivenSums()
+    for k in range(3):
+        s = 1.0 if not isinstance(scale, float) else scale
+        set_grads(named_a, GIVEN_SPECS, k, scale=s)
+        set_grads(named_b, GIVEN_SPECS, k, scale=s)
+        for o in (oa, ob):
+            if scale is not None:  # (found_inf without grad_scale: unscale_ ran, the sums are not used)
+                o.grad_scale = torch.tensor(s)
+            if scale == "skip" and k == 1:
+                o.found_inf = torch.tensor([1.0])
+        given.g2 = None
+        calls.clear()
+        oa.step()
+        assert calls == ["lars_partials_kernel", "lars_update_kernel"]
+        ba = oa.buckets()[0]
+        ssq = tb._scratch(ba).ssq(ba.num_segments)
+        given.g2 = ssq[1].double() * (s * s)  # the raw grads' sums (scaled sums times scale^2: exact)
+        if k == 0:  # the bucket is built by the first step: the two-pass one
+            ob._bwd = None
+            ob.step()
+            ob._bwd = given
+        else:
+            calls.clear()
+            ob.step()
+            assert calls == ["lars_wsums_kernel", "lars_update_kernel"]
+        for o in (oa, ob):
+            for attr in ("grad_scale", "found_inf"):
+                if hasattr(o, attr):
+                    delattr(o, attr)
+        for i, ((_, a), (_, b)) in enumerate(zip(named_a, named_b)):
+            assert torch.equal(a.detach(), b.detach()), f"step {k} param {i}"
+            sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
+            assert sa.keys() == sb.keys()
+            for name in sa:
+                assert torch.equal(torch.as_tensor(sa[name]), torch.as_tensor(sb[name])), (k, i, name)
+        bb = ob.buckets()[0]
+        for attr in ("w_norm", "g_norm", "trust_ratio", "step", "has_state"):
+            assert torch.equal(getattr(ba, attr), getattr(bb, attr)), (k, attr)
+        if k > 0 and scale != "skip":
+            active = bb.active.bool() & (bb.seg_numel > 0)
+            assert bb.u_norm[active].isnan().all()
+
+
+def test_given_grad_sums_decline_norm_of_sum():
+    named = make_params(torch.float32, GIVEN_SPECS)
+    set_grads(named, GIVEN_SPECS, 0)
+    opt = fusedlars.TVLARS(named, lr=0.1, weight_decay=1e-3, backend="triton")  # ||g + wd*w|| in the ratio
+    opt.step()
+    b = opt.buckets()[0]
+    cfg = opt._dispatch.make_config(opt.param_groups[0], None, None)
+    g2 = torch.ones(b.num_segments, dtype=torch.float64)
+    assert tb.lars_step_given_grad_sums(b, cfg, g2) is False
+    assert tb.lars_partials_given_grad_sums(b, cfg, g2) is None
+
+
+def test_given_grad_sums_launch_1_reads_no_grad_and_one_partial_per_tile(monkeypatch):
+    """Loads counted in the interpreter during launch 1 of a step from given sums: none in any grad's
+    storage, one per tile from the partials (launch_plan's records of 1 row), where the two-pass launch 1
+    loads every grad element and 3 partials per tile."""
+    import numpy as np
+    from triton.runtime import interpreter as interp
+
+    monkeypatch.setattr(tb, "TILE", 256)
+    monkeypatch.setattr(tb, "BLOCK", 256)
+    numels = [4097, 3, 0, 6000, 512, 300]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in numels]
+    opt = fusedlars.LARS(params, lr=0.1, momentum=0.9, weight_decay=1e-3, backend="triton")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds the bucket
+    b = opt.buckets()[0]
+    part = tb._scratch(b).part
+    ranges = dict(
+        part=[(part.data_ptr(), part.data_ptr() + part.nbytes)],
+        grad=[(p.grad.data_ptr(), p.grad.data_ptr() + p.grad.nbytes) for p in params if p.numel()],
+    )
+    builder = interp.interpreter_builder
+    real_load = type(builder).create_masked_load
+    real_launch = tb._launch
+
+    def launch1_loads(given):
+        counts = dict(part=0, grad=0)
+
+        def counting(ptrs, mask, other, cache_policy, is_volatile):
+            addr = ptrs.data.astype(np.uint64)
+            m = np.broadcast_to(mask.data, addr.shape)
+            for what, rs in ranges.items():
+                counts[what] += sum(int(((addr >= lo) & (addr < hi) & m).sum()) for lo, hi in rs)
+            return real_load(builder, ptrs, mask, other, cache_policy, is_volatile)
+
+        def launch(kernel, grid, *a, **k):
+            if kernel.fn.__name__ in ("lars_partials_kernel", "lars_wsums_kernel"):
+                builder.create_masked_load = counting
+            try:
+                return real_launch(kernel, grid, *a, **k)
+            finally:
+                builder.__dict__.pop("create_masked_load", None)
+
+        monkeypatch.setattr(tb, "_launch", launch)
+        opt._bwd = _GivenSums()
+        opt._bwd.g2 = torch.ones(b.num_segments, dtype=torch.float64) if given else None
+        opt.step()
+        return counts
+
+    two_pass = T.launch_plan(numels, "LARS")
+    plan = T.launch_plan(numels, "LARS", given_grad_sums=True)
+    assert plan["launches"][0] == ("lars_wsums_kernel", two_pass["launches"][0][1]) and len(plan["launches"]) == 2
+    assert launch1_loads(False) == dict(part=3 * two_pass["partial_reads"], grad=sum(numels))
+    assert launch1_loads(True) == dict(part=plan["partial_rows"] * plan["partial_reads"], grad=0)
+    assert plan["partial_rows"] == 1 and plan["partial_reads"] == plan["num_tiles"] == 17 + 1 + 24 + 2 + 2

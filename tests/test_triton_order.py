@@ -50,6 +50,8 @@ CASES = {
         "LARS",
         dict(lr=0.1, preset="barlowtwins", weight_decay=1e-3, dtype=torch.bfloat16, master_weights=True),
     ),
+    # issue #25: launch 1 from gradient sums taken in backward (a stand-in for them: _GivenSums)
+    "lars_given_grad_sums": ("LARS", dict(lr=0.1, weight_decay=1e-3, momentum=0.9, given=True)),
     "tvlars": ("TVLARS", dict(lr=1.0, lmbda=0.3, weight_decay=1e-3)),
     "lamb": ("LAMB", dict(lr=1e-2, weight_decay=1e-2)),
     "lamb_max_grad_norm": ("LAMB", dict(lr=1e-2, weight_decay=1e-2, preset="apex", max_grad_norm=0.5)),
@@ -66,10 +68,18 @@ def small_tiles(monkeypatch):
     T.install_program_order(monkeypatch)
 
 
+class _GivenSums:
+    """Stands for fusedlars.backward_norms.BackwardNorms in ``Dispatch.run``: fixed gradient sums."""
+
+    def grad_sums(self, bucket):
+        return torch.linspace(0.5, 2.0, bucket.num_segments, dtype=torch.float64)
+
+
 def _run(case, steps=2):
     kind, opts = CASES[case]
     opts = dict(opts)
     dtype = opts.pop("dtype", torch.float32)
+    given = opts.pop("given", False)
     gen = torch.Generator().manual_seed(0)
     params = []
     for shape, what in SPECS:
@@ -78,6 +88,8 @@ def _run(case, steps=2):
             w.zero_()
         params.append(torch.nn.Parameter(w.to(dtype)))
     opt = getattr(fusedlars, kind)(params, backend="triton", **opts)
+    if given:
+        opt._bwd = _GivenSums()
     for k in range(steps):
         g = torch.Generator().manual_seed(100 + k)
         for p, (shape, what) in zip(params, SPECS):
@@ -85,6 +97,9 @@ def _run(case, steps=2):
             p.grad = None if what == "none_g" else (x * (what != "zero_g")).to(dtype)
         opt.step()
     assert set(opt.backends_in_use()) == {"triton"}
+    if given:  # the steps took the given sums: ||g + lam*w|| was not taken
+        b = opt.buckets()[0]
+        assert b.u_norm[b.active.bool() & (b.seg_numel > 0)].isnan().all()
     out = {f"param{i}": p.detach().clone() for i, p in enumerate(params)}
     for i, p in enumerate(params):  # momentum / moments, fp32 masters, step (state of params that had a grad)
         for name, t in opt.state.get(p, {}).items():

@@ -19,6 +19,12 @@ Per bucket and step, whatever the number of layers:
   from m, v, store). 2 launches, plus one ``grad_sumsq_kernel`` launch before them when
   ``max_grad_norm`` is set (its fp64 per-tile partials summed by one ``torch.sum``).
 
+LARS from gradient sums taken in backward (issue #25, fusedlars.backward_norms):
+``lars_step_given_grad_sums`` runs launch 1 as ``lars_wsums_kernel`` (sums w^2 alone, reads no grad;
+g^2 from the given float64 sums times inv_scale^2) and launch 2 as above: 2 launches, 8 B/param fewer
+(fp32 params with momentum: 4 + 20 = 24). ``lars_partials_given_grad_sums`` is its launch 1 for sharded
+buckets. NOTE [Given gradient sums] in the kernels.
+
 FSDP2 / DTensor buckets: ``lars_partials`` / ``lamb_partials`` are launch 1 and return the
 per-segment sums ``[3, S]``; ``lars_apply`` / ``lamb_apply`` are launch 2 from sums the caller
 has all-reduced (NOTE [Triton partials and apply]). ``*_step`` is exactly apply(partials).
@@ -140,10 +146,6 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
 
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
 CARRIES_WEIGHT_NORMS = False
-
-#: LARS's step from gradient norms taken in backward (fusedlars.backward_norms): not fused here yet
-#: (it needs a pass over the weights alone); the step takes the norms itself
-lars_step_given_grad_sums = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -444,6 +446,7 @@ def _update_op(name: str, kernel: str, mode_name: str):
 
 
 _partials_op("triton_lars_partials", "lars_partials_kernel", None)
+_partials_op("triton_lars_wsums", "lars_wsums_kernel", None)  # scalars: (g2, inv_scale, found_inf)
 _update_op("triton_lars_update", "lars_update_kernel", "MOM")
 _partials_op("triton_lamb_partials", "lamb_moments_kernel", "BC")
 _update_op("triton_lamb_update", "lamb_update_kernel", "BC")
@@ -551,6 +554,49 @@ def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]
     scalars = _step_scalars(sc, cfg, "inv_scale", "found_inf")
     ctx = _launch1(bucket, "triton_lars_partials", scalars, option_fields.triton_values("LARS", cfg), 0)
     return sc.ssq(bucket.num_segments), ctx
+
+
+def _given_g2(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> torch.Tensor | None:
+    """``g2`` as launch 1 from given gradient sums reads it (float64 [S] on the bucket's device), or None
+    where that launch cannot stand for :func:`lars_partials`: the ratio's denominator needs ||g + lam*w||
+    (``norm_of_sum``), or the bucket is not fused here."""
+    _check("LARS", cfg, bucket)
+    if cfg.denominator == "norm_of_sum" or bucket.num_segments == 0:
+        return None
+    if (cfg.momentum != 0) != ("momentum_buffer" in bucket.state_names):
+        raise RuntimeError(f"LARS: momentum={cfg.momentum} but the bucket's state is {bucket.state_names}")
+    g2 = g2.reshape(-1)
+    if g2.numel() != bucket.num_segments:
+        raise ValueError(f"g2 must have {bucket.num_segments} entries (one per segment), got {g2.numel()}")
+    return g2.to(device=bucket.device, dtype=torch.float64).contiguous()
+
+
+def lars_partials_given_grad_sums(
+    bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor
+) -> tuple[torch.Tensor, tuple] | None:
+    """:func:`lars_partials` whose gradients' sums of squares ``g2`` (float64 [S], raw grads) were taken in
+    backward (fusedlars.backward_norms; a sharded bucket's local shards'): launch 1 reads the weights alone
+    (``lars_wsums_kernel``, NOTE [Given gradient sums] in the kernels) and returns ``[w^2, g2 * inv_scale^2,
+    NaN]`` (the last row, ||g + lam*w||^2, only reported as u_norm). None (nothing done) for the
+    ``norm_of_sum`` denominator."""
+    g2 = _given_g2(bucket, cfg, g2)
+    if g2 is None:
+        return None
+    sc = _scratch(bucket)
+    scalars = [g2, *_step_scalars(sc, cfg, "inv_scale", "found_inf")]
+    ctx = _launch1(bucket, "triton_lars_wsums", scalars, option_fields.triton_values("LARS", cfg), 0)
+    return sc.ssq(bucket.num_segments), ctx
+
+
+def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
+    """A LARS step from the gradients' sums of squares ``g2`` taken in backward: launch 1 reads no grad
+    (:func:`lars_partials_given_grad_sums`), launch 2 as :func:`lars_step`'s (2 launches; given the two-pass
+    step's own g^2 sums, bitwise its params). False (nothing done) where that function declines."""
+    out = lars_partials_given_grad_sums(bucket, cfg, g2)
+    if out is None:
+        return False
+    _lars_apply(bucket, cfg, out[1])
+    return True
 
 
 def _lars_apply(bucket: Bucket, cfg: LarsConfig, ctx: tuple) -> None:

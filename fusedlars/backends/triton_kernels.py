@@ -267,6 +267,36 @@ def _store_partials_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, 
 
 
 @triton.jit
+def _seg_sum1(part_ptr, lo, hi, RBLOCK: tl.constexpr):
+    """:func:`_seg_sum3` of the first partial row alone (the given-grad-sums launch 1 stores no others)."""
+    a0 = tl.zeros([RBLOCK], dtype=tl.float32)
+    for j in range(lo, hi, RBLOCK):
+        idx = j + tl.arange(0, RBLOCK)
+        a0 += tl.load(part_ptr + idx, mask=idx < hi, other=0.0, cache_modifier=".cg")
+    return tl.sum(a0, axis=0)
+
+
+@triton.jit
+def _store_w_partial_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, ssq1, ssq2, RBLOCK: tl.constexpr):
+    """:func:`_store_partials_and_reduce` of launch 1 from given gradient sums (NOTE [Given gradient sums]):
+    the tile stores its one partial (w^2), the segment's last-arriving program reduces that row and stores
+    the segment's given ``ssq1`` / ``ssq2`` beside it (the same synchronization, NOTE [Last-arriving
+    program])."""
+    part_ptr = work_ptr
+    num_segs = tl.load(plan_ptr + P.num_segs).to(tl.int32)
+    tl.store(part_ptr + pid, tl.sum(acc0, axis=0))
+    tl.debug_barrier()
+    hi = tl.load(_tab(plan_ptr, P.seg_tile_ptr, tl.int64) + s + 1)
+    arrived = tl.atomic_add(count_ptr + s, 1, sem="acq_rel", scope="gpu")
+    if arrived == (hi - lo - 1).to(tl.int32):
+        ssq_ptr = _at(work_ptr, plan_ptr, P.ssq_at)
+        tl.store(ssq_ptr + s, _seg_sum1(part_ptr, lo, hi, RBLOCK))
+        tl.store(ssq_ptr + num_segs + s, ssq1)
+        tl.store(ssq_ptr + 2 * num_segs + s, ssq2)
+        tl.store(count_ptr + s, 0)
+
+
+@triton.jit
 def _lars_ratio(ssq_w, ssq_g, ssq_u, lam, adapt, t, lr, opts):
     """LARS's per-segment scalars (scalars or [SBLOCK] vectors) from ``ssq`` rows ``[w^2, g^2, (g+lam*w)^2]``
     and the step count before this step ``t``: (r, lam_eff, ||w||, ||g||, ||g+lam w||). A ``SEG_RATIO`` of
@@ -512,12 +542,14 @@ def _partials_program(
     HAS_MASTER: tl.constexpr,
     MODE: tl.constexpr,
     GEO: tl.constexpr,
+    GIVEN: tl.constexpr,
 ):
     """Launch 1 of either kind; ``bufs = (addr, plan, work, count, step, has_state, found_inf)`` pointers.
     Programs below ``num_tiles``: an active tile of a step that is not skipped runs ``TILE_SUMS(tile, lam,
     kargs, opts, PDT, HAS_MASTER, MODE, TILE, BLOCK)`` (the kind's tile work, ``lam = weight_decay * wd_mask[s]``;
     it returns the tile's three elementwise accumulators in ``ssq`` row order), then stores its partials and,
-    if last to arrive, reduces its segment. The others: the segment prologue (snapshot, zeroed sums)."""
+    if last to arrive, reduces its segment. ``GIVEN``: ``TILE_SUMS`` returns one accumulator and the
+    segment's two other sums, given (NOTE [Given gradient sums]): one partial row is stored and reduced. The others: the segment prologue (snapshot, zeroed sums)."""
     TILE: tl.constexpr = GEO[0]
     BLOCK: tl.constexpr = GEO[1]
     RBLOCK: tl.constexpr = GEO[2]
@@ -535,7 +567,10 @@ def _partials_program(
             lam = weight_decay * tl.load(_tab(plan_ptr, P.wd_mask, tl.float32) + s).to(tl.float32)
             tile = (addr_ptr, num_segs, s, start, n)
             acc0, acc1, acc2 = TILE_SUMS(tile, lam, kargs, opts, PDT, HAS_MASTER, MODE, TILE, BLOCK)
-            _store_partials_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, acc1, acc2, RBLOCK)
+            if GIVEN:  # acc1, acc2: the segment's given sums (NOTE [Given gradient sums])
+                _store_w_partial_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, acc1, acc2, RBLOCK)
+            else:
+                _store_partials_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, acc1, acc2, RBLOCK)
 
 
 @triton.jit
@@ -664,7 +699,65 @@ def lars_partials_kernel(
     """Launch 1: per tile, sums of w^2, g^2 and (g + lam*w)^2 (g unscaled, signed); per segment
     their totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
-    _partials_program(_lars_sums_tile, (inv_scale_ptr,), bufs, opts, opts[LARS.weight_decay], PDT, HAS_MASTER, 0, GEO)
+    _partials_program(
+        _lars_sums_tile, (inv_scale_ptr,), bufs, opts, opts[LARS.weight_decay], PDT, HAS_MASTER, 0, GEO, False
+    )
+
+
+# NOTE: [Given gradient sums] (issue #25) A LARS step whose gradients' sums of squares were taken in
+# backward (fusedlars.backward_norms: float64 [S], of the raw grads) reads no grad in launch 1:
+# ``lars_wsums_kernel`` is :func:`lars_partials_kernel` with a tile body that sums w^2 alone (the same
+# loop, so ``ssq[0]`` is bitwise the two-pass step's) and stores one partial per tile; the segment's
+# last-arriving program reduces that row and stores beside it ``ssq[1] = fp32(g2[s] * inv_scale^2)``
+# (float64 product, rounded once; inv_scale carries GradScaler's 1/scale and a clip coefficient) and
+# ``ssq[2] = NaN``: ||g + lam*w|| is not known without reading g and is only reported (u_norm), so
+# the backend declines the ``norm_of_sum`` denominator. Launch 2 is the unchanged
+# :func:`lars_update_kernel`: 2 launches, and given the two-pass step's own g^2 sums the params are
+# bitwise the two-pass step's. A skipped step (found_inf) or an inactive segment: the segment
+# prologue zeroes the three sums, as in launch 1.
+NAN = tl.constexpr(float("nan"))
+
+
+@triton.jit
+def _lars_wsum_loop(
+    tile, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, FAST: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One tile's elementwise accumulator of w^2, as :func:`_lars_sums_loop` takes it."""
+    n = tile[4]
+    wp = _weights_ptr(tile, PDT, HAS_MASTER, FAST)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        w = _ld(wp, offs, offs < n, FAST).to(tl.float32)
+        acc_w += w * w
+    return acc_w
+
+
+@triton.jit
+def _lars_wsums_tile(
+    tile, lam, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr, TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """LARS's ``TILE_SUMS`` from given gradient sums (NOTE [Given gradient sums]); ``kargs = (g2_ptr,
+    inv_scale_ptr)``: (the w^2 accumulator, the segment's g^2, NaN)."""
+    g2_ptr, inv_scale_ptr = kargs
+    inv = tl.load(inv_scale_ptr).to(tl.float64)
+    g2 = (tl.load(g2_ptr + tile[2]).to(tl.float64) * (inv * inv)).to(tl.float32)
+    fast = _fast(tile[4], _aligned_or(tile, HAS_MASTER, False, False, 0), TILE)
+    acc_w = _on_path(_lars_wsum_loop, fast, (tile, PDT, HAS_MASTER), TILE, BLOCK)
+    return acc_w, g2, tl.full([], NAN, tl.float32)
+
+
+@triton.jit
+def lars_wsums_kernel(
+    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, g2_ptr, inv_scale_ptr, found_inf_ptr, opts,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 1 from given gradient sums ``g2`` (float64 [S]): per tile the sum of w^2; per segment
+    ``ssq[:, s] = [sum w^2, fp32(g2[s] * inv_scale^2), NaN]`` (NOTE [Given gradient sums]). No grad is read."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
+    kargs = (g2_ptr, inv_scale_ptr)
+    _partials_program(_lars_wsums_tile, kargs, bufs, opts, opts[LARS.weight_decay], PDT, HAS_MASTER, 0, GEO, True)
 
 
 @triton.jit
@@ -841,7 +934,7 @@ def lamb_moments_kernel(
     totals ``ssq[0:3, s]``, reduced by the segment's last-arriving tile program."""
     bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
     kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr)
-    _partials_program(_lamb_moments_tile, kargs, bufs, opts, opts[LAMB.weight_decay], PDT, HAS_MASTER, BC, GEO)
+    _partials_program(_lamb_moments_tile, kargs, bufs, opts, opts[LAMB.weight_decay], PDT, HAS_MASTER, BC, GEO, False)
 
 
 @triton.jit
