@@ -45,18 +45,22 @@ typedef int16_t fl_vs __attribute__((vector_size(32)));
 typedef int16_t fl_vs_u __attribute__((vector_size(32), aligned(2), may_alias));
 typedef uint8_t fl_vb_u __attribute__((vector_size(16), aligned(1), may_alias));
 typedef uint8_t fl_vb __attribute__((vector_size(16)));
-typedef int64_t fl_vl __attribute__((vector_size(128)));
 
-FL_AI fl_vd to_d(fl_vf x) { return __builtin_convertvector(x, fl_vd); }
-FL_AI fl_vf to_f(fl_vd x) { return __builtin_convertvector(x, fl_vf); }
+// the double math runs kDN lanes at a time (one register: a 16-double vector lives on the stack)
+typedef float fl_fn __attribute__((vector_size(4 * kDN)));
+typedef float fl_fn_u __attribute__((vector_size(4 * kDN), aligned(4), may_alias));
+typedef int64_t fl_ln __attribute__((vector_size(8 * kDN)));
+FL_AI fl_dn ldd(const float* p) { return __builtin_convertvector(*reinterpret_cast<const fl_fn_u*>(p), fl_dn); }
+FL_AI void stf(float* p, fl_dn x) { *reinterpret_cast<fl_fn_u*>(p) = __builtin_convertvector(x, fl_fn); }
 FL_AI fl_vf ld16(const float* p) { return *reinterpret_cast<const fl_vf_u*>(p); }
 FL_AI void st16(float* p, fl_vf v) { *reinterpret_cast<fl_vf_u*>(p) = v; }
 FL_AI fl_vu bits(fl_vf x) { return (fl_vu)x; }
 
-// lanes >= n -> 0.0 (n <= 16)
-FL_AI fl_vd lane_mask_d(fl_vd x, int n) {
-  const fl_vl idx = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  return (fl_vd)((fl_vl)x & (idx < n));
+// lanes >= n -> 0.0
+FL_AI fl_dn lane_mask_d(fl_dn x, int n) {
+  fl_ln idx;
+  for (int l = 0; l < kDN; ++l) idx[l] = l;
+  return (fl_dn)((fl_ln)x & (idx < n));
 }
 
 // 32x32 -> 64-bit products of 16 lanes by m: hi and lo words (lowbit::mulhilo32 per lane)
@@ -359,23 +363,26 @@ FL_AI void exact_state_store(void* s, float* absmax, bool sign, int64_t i, int n
 }
 
 // the reference's _grad per lane: ((g * inv) / clip), negated if neg
-FL_AI fl_vd exact_grad(const ExactCtx& x, fl_vd g) {
+FL_AI fl_dn exact_grad(const ExactCtx& x, fl_dn g) {
   g = g * x.inv;
   if (x.has_clip) g = g / x.clip;
   return x.neg ? -g : g;
 }
 
-// 16 double lanes of a sum of squares: lane l takes the elements j with j % 16 == l (lanes past the
-// block's end add +0.0: a sum of squares is +0, positive, inf or NaN, which + 0.0 leaves as it is)
+// 16 double lanes of a sum of squares: lane l takes the elements j with j % 16 == l, held as 16/kDN
+// registers (lanes past the block's end add +0.0: a sum of squares is +0, positive, inf or NaN,
+// which + 0.0 leaves as it is)
+constexpr int kDQ = kW / kDN;
 struct DAcc {
-  fl_vd v = {};
-  FL_MI void add(fl_vd x, int k) {
-    if (k < kW) x = lane_mask_d(x, k);
-    v += x * x;
+  fl_dn v[kDQ] = {};
+  FL_MI void add(int q, fl_dn x, int k) {
+    if (k < kDN) x = lane_mask_d(x, k);
+    v[q] += x * x;
   }
   FL_MI double sum() const {
     double s = 0.0;
-    for (int l = 0; l < kW; ++l) s += v[l];
+    for (int q = 0; q < kDQ; ++q)
+      for (int l = 0; l < kDN; ++l) s += v[q][l];
     return s;
   }
 };
@@ -394,11 +401,14 @@ void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, doubl
     W.load(i, n, wf);
     exact_grads(gp, i, n, gf);
     for (int j = 0; j < n; j += kW) {
-      const int k = n - j < kW ? n - j : kW;
-      const fl_vd w = to_d(ld16(wf + j)), g = exact_grad(x, to_d(ld16(gf + j)));
-      sw.add(w, k);
-      sg.add(g, k);
-      su.add(g + lam * w, k);
+#pragma GCC unroll 8
+      for (int q = 0; q < kDQ; ++q) {
+        const int o = j + q * kDN, k = n - o;
+        const fl_dn w = ldd(wf + o), g = exact_grad(x, ldd(gf + o));
+        sw.add(q, w, k);
+        sg.add(q, g, k);
+        su.add(q, g + lam * w, k);
+      }
     }
   }
   out[0] = sw.sum();
@@ -419,11 +429,11 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
     W.load(i, n, wf);
     exact_grads(gp, i, n, gf);
     if (mom) exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, sf);
-    for (int j = 0; j < n; j += kW) {
-      fl_vd b_new;
-      const fl_vd wn = lars_exact_update<fl_vd>(c, to_d(ld16(wf + j)), exact_grad(x, to_d(ld16(gf + j))), to_d(ld16(sf + j)), b_new);
-      st16(s32 + j, to_f(b_new));
-      st16(w32 + j, to_f(wn));
+    for (int j = 0; j < n; j += kDN) {
+      fl_dn b_new;
+      const fl_dn wn = lars_exact_update<fl_dn>(c, ldd(wf + j), exact_grad(x, ldd(gf + j)), ldd(sf + j), b_new);
+      stf(s32 + j, b_new);
+      stf(w32 + j, wn);
     }
     W.store(i, n, w32);
     if (mom) {
@@ -452,18 +462,22 @@ FL_AI void lamb_exact_block(const ExactTile& a, const ExactCtx& x, const LambExa
   exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, mf);
   exact_state_load<ST>(a.s1, a.a1, false, a.start + i, n, vf);
   for (int j = 0; j < n; j += kW) {
-    const fl_vd gj = exact_grad(x, to_d(ld16(gf + j)));
-    fl_vd m = to_d(ld16(mf + j)), v = to_d(ld16(vf + j)), uj;
-    const fl_vd wdj = lamb_exact_direction<fl_vd>(c, to_d(ld16(wf + j)), gj, m, v, uj);
-    if constexpr (PASS2) {
-      st16(m32 + j, to_f(m));
-      st16(v32 + j, to_f(v));
-      st16(w32 + j, to_f(wdj - c.k * uj));
-    } else {
-      const int k = n - j < kW ? n - j : kW;
-      acc[0].add(wdj, k);
-      acc[1].add(gj, k);
-      acc[2].add(uj, k);
+#pragma GCC unroll 8
+    for (int q = 0; q < kDQ; ++q) {
+      const int o = j + q * kDN;
+      const fl_dn gj = exact_grad(x, ldd(gf + o));
+      fl_dn m = ldd(mf + o), v = ldd(vf + o), uj;
+      const fl_dn wdj = lamb_exact_direction<fl_dn>(c, ldd(wf + o), gj, m, v, uj);
+      if constexpr (PASS2) {
+        stf(m32 + o, m);
+        stf(v32 + o, v);
+        stf(w32 + o, wdj - c.k * uj);
+      } else {
+        const int k = n - o;
+        acc[0].add(q, wdj, k);
+        acc[1].add(q, gj, k);
+        acc[2].add(q, uj, k);
+      }
     }
   }
 }

@@ -50,23 +50,24 @@ static inline __attribute__((always_inline)) fl_vf fl_sqrt(fl_vf x) {
   return r;
 #endif
 }
-// the exact low-bit kernels' double math on 16 lanes (exact_impl.h): IEEE sqrt per lane, every ISA
-typedef double fl_vd8 __attribute__((vector_size(64)));
-typedef double fl_vd4 __attribute__((vector_size(32)));
-static inline __attribute__((always_inline)) fl_vd fl_sqrt(fl_vd x) {
+// the exact low-bit kernels' double math (exact_impl.h) in native registers: 8 doubles (AVX-512),
+// 4 (AVX2), 2 (otherwise); IEEE sqrt per lane
 #if FL_ISA == 2
-  const fl_vd8 lo = (fl_vd8)_mm512_maskz_sqrt_pd((__mmask8)0xFF, (__m512d)FL_LO8(x));
-  const fl_vd8 hi = (fl_vd8)_mm512_maskz_sqrt_pd((__mmask8)0xFF, (__m512d)FL_HI8(x));
-  return FL_CAT8(lo, hi);
+constexpr int kDN = 8;
 #elif FL_ISA == 1
-  const fl_vd4 q0 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 0, 1, 2, 3));
-  const fl_vd4 q1 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 4, 5, 6, 7));
-  const fl_vd4 q2 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 8, 9, 10, 11));
-  const fl_vd4 q3 = (fl_vd4)_mm256_sqrt_pd((__m256d)__builtin_shufflevector(x, x, 12, 13, 14, 15));
-  return FL_CAT8(__builtin_shufflevector(q0, q1, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(q2, q3, 0, 1, 2, 3, 4, 5, 6, 7));
+constexpr int kDN = 4;
 #else
-  fl_vd r;
-  for (int i = 0; i < 16; ++i) r[i] = __builtin_sqrt(x[i]);
+constexpr int kDN = 2;
+#endif
+typedef double fl_dn __attribute__((vector_size(8 * kDN)));
+static inline __attribute__((always_inline)) fl_dn fl_sqrt(fl_dn x) {
+#if FL_ISA == 2
+  return (fl_dn)_mm512_maskz_sqrt_pd((__mmask8)0xFF, (__m512d)x);
+#elif FL_ISA == 1
+  return (fl_dn)_mm256_sqrt_pd((__m256d)x);
+#else
+  fl_dn r;
+  for (int i = 0; i < kDN; ++i) r[i] = __builtin_sqrt(x[i]);
   return r;
 #endif
 }
