@@ -78,6 +78,8 @@ VARIANTS = {
     (torch.float16, True): 4,
 }
 PATHS = {1: "cooperative", 2: "two_launch", 3: "partials", 4: "apply"}
+#: launch.h kPathGivenG2: the flag on a LARS path whose grads' sums of squares are given
+GIVEN_G2 = 8
 
 
 class EmulationError(RuntimeError):
@@ -290,18 +292,24 @@ class EmuOps:
         min_rows = 5 if kind == "LAMB" else 4 if float(a["hyper"][0]) != 0.0 else 3
         dt = _check_lists(a["params"], a["grads"], a["state"], a["addresses"], S, min_rows)
         path, ssq, partials, snap = a["path"], a["ssq"], a["partials"], a["snap"]
-        if (path in (3, 4)) != (ssq is not None):
-            raise RuntimeError("fusedlars cuda: ssq is given exactly for path 3 (partials) and 4 (apply)")
-        if ssq is not None and (ssq.dtype != torch.float64 or ssq.numel() != 3 * S):
-            raise RuntimeError("fusedlars cuda: ssq must be float64 [3, S]")
+        # path: launch.h Path, + GIVEN_G2 where the grads' sums taken in backward are given (ssq: [S]
+        # on a whole step, row 1 of the output on the partials path)
+        base, given = path & ~GIVEN_G2, bool(path & GIVEN_G2)
+        if base not in (0, 1, 2, 3, 4) or (given and (base == 4 or kind == "LAMB")):
+            raise RuntimeError(f"fusedlars cuda: path {path} is not a {kind} path")
+        if (base in (3, 4) or given) != (ssq is not None):
+            raise RuntimeError("fusedlars cuda: ssq is given exactly for path 3 (partials), 4 (apply) and +8")
+        if ssq is not None and (ssq.dtype != torch.float64 or ssq.numel() != (S if given and base < 3 else 3 * S)):
+            raise RuntimeError("fusedlars cuda: ssq must be float64 [3, S] ([S] for given grad sums)")
         if self.poison:
             # a kernel must write every partial it reads in the same step; the apply launch of the split
             # reads the snapshots the partials launch took (not the partials) and the given sums
             partials.fill_(float("nan"))
-            if path != 4:
+            if base != 4:
                 snap.fill_(float("nan"))
-            if path == 3:
-                ssq.fill_(float("nan"))
+            if base == 3:
+                ssq[0 if given else slice(None)].fill_(float("nan"))  # row 1 holds the given grad sums
+                ssq[2].fill_(float("nan"))
         # emu_abi.cpp's slots and ints
         slots = [a[n] for n in _SLOT_ARGS] + [a.get("clip_coef")]
         ints = [

@@ -547,3 +547,173 @@ def test_step_op_parameters_are_the_schemas(emu):
         assert tuple(a.name for a in args) == K.step_params(kind)
         assert {a.name: a.default_value for a in args if a.has_default_value()} == K.STEP_DEFAULTS
         assert tuple(inspect.signature(getattr(ops, op)).parameters) == K.step_params(kind)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue #25: LARS from the grads' sums of squares taken in backward (NOTE [Grad sums from backward] in
+# csrc/cuda/fused_kernels.cu)
+
+GIVEN_CONFIGS = {
+    "lars": CONFIGS["lars"],
+    "lars-nesterov-larc": CONFIGS["lars-nesterov-larc"],
+    "tvlars-sum": (fusedlars.TVLARS, dict(weight_decay=1e-3, lmbda=0.5, gate=1, denominator="sum_of_norms")),
+}
+
+
+def _given_own_sums(K, seen):
+    """A ``lars_step`` that takes the two-pass step's own g^2 (row 1 of ``lars_partials``: launch 1 and
+    the reduction, which write only scratch) and then steps from them as given (``seen``: the results)."""
+
+    def step(b, cfg):
+        ssq, _ = K.lars_partials(b, cfg)
+        seen.append(K.lars_step_given_grad_sums(b, cfg, ssq[1].clone()))
+
+    return step
+
+
+@pytest.mark.parametrize("path", ["auto", "two_launch"])
+@pytest.mark.parametrize(
+    ("config", "dtype"),
+    [("lars", "fp32"), ("lars-nesterov-larc", "bf16+master"), ("tvlars-sum", "fp16"), ("lars", "bf16")],
+)
+def test_step_from_given_grad_sums_is_the_two_pass_step(emu, emu_lib, monkeypatch, config, dtype, path):
+    """Given the very g^2 the two-pass step computes, the step from given sums writes bitwise what the
+    two-pass step writes (its pass 1 sums w^2 in the same order from the same loads), except u_norm:
+    NaN, as ||g + lam*w|| is not taken. The same launches: 1 cooperative, or 2."""
+    from fusedlars.backends import cuda as K
+
+    cls, kw = GIVEN_CONFIGS[config]
+    dt, master = DTYPES[dtype]
+    emu(seed=1, path=path)
+    want = _run(cls, kw, dt, master, grad_fn=_some_grads_missing)
+    ops = emu(seed=1, path=path)
+    paths, seen = [], []
+    hook(
+        ops, "lars_step_cuda", lambda a: None, lambda a, _: paths.append((ops.last[0], emu_lib.counters()["launches"]))
+    )
+    monkeypatch.setattr(K, "lars_step", _given_own_sums(K, seen))
+    params, opt = run_named(cls, "cuda", SHAPES, dtype=dt, master=master, steps=3, grad_fn=_some_grads_missing, **kw)
+    got = _outputs(params, opt)
+    one = ("cooperative", 1) if path == "auto" else ("two_launch", 2)
+    assert seen == [True] * 3 and paths == [("partials", 2), one] * 3
+    u = len(params) + 2  # _outputs: params, trust_ratio, w_norm, u_norm, ...
+    assert _bitwise(want[:u] + want[u + 1 :], got[:u] + got[u + 1 :])
+    b = opt.buckets()[0]
+    assert got[u][b.active != 0].isnan().all()
+
+
+def test_given_grad_sums_decline_norm_of_sum(emu):
+    """TVLARS's default denominator ||g + lam*w|| needs the grads' pass: the backend declines (False, nothing
+    written) and the dispatch takes the two-pass step."""
+    from fusedlars.backends import cuda as K
+
+    emu()
+    params, opt = run_named(fusedlars.TVLARS, "cuda", SHAPES, steps=1, weight_decay=1e-3)
+    b = opt.buckets()[0]
+    before = [p.detach().clone() for _, p in params]
+    cfg = opt._make_config(opt.param_groups[0], None, None)
+    assert cfg.denominator == "norm_of_sum"
+    assert K.lars_step_given_grad_sums(b, cfg, torch.ones(b.num_segments, dtype=torch.float64)) is False
+    assert all(torch.equal(x, p) for x, (_, p) in zip(before, params, strict=True))
+
+
+@pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad_scaler"])
+def test_backward_norms_on_cuda_match_the_two_pass_step(emu, monkeypatch, scaler):
+    """norms_in_backward=True on the cuda backend: every step runs from the sums the hooks took (torch's
+    float64 sums of the raw grads; with GradScaler scaled by inv_scale^2 on the device), and the params
+    are the two-pass step's within the tolerance of two summation orders."""
+    import test_backward_norms as bn
+    from torch import nn
+
+    from fusedlars.backends import cuda as K
+
+    calls = []
+    orig = K.lars_step_given_grad_sums
+    monkeypatch.setattr(K, "lars_step_given_grad_sums", lambda b, cfg, g2: calls.append(orig(b, cfg, g2)) or calls[-1])
+
+    def run(nib):
+        emu(seed=3)
+        model = bn._model()
+        opt = bn._opt("LARS", model, "cuda", nib)
+        amp = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaler else None
+        for t in range(4):
+            x, y = bn._batch(t)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if amp is None:
+                loss.backward()
+                opt.step()
+            else:
+                amp.scale(loss).backward()
+                amp.step(opt)
+                amp.update()
+        return [p.detach().clone() for p in model.parameters()]
+
+    ref = run(False)
+    assert calls == []
+    got = run(True)
+    assert calls == [True] * 4
+    bn._same(got, ref, bitwise=False)
+
+
+_NO_GRAD_CHILD = r"""
+import sys
+import pytest, torch
+sys.path.insert(0, sys.argv[1])
+import cuda_emu, fusedlars
+from fusedlars.backends import cuda as K
+from fusedlars.selftest import run_named
+
+given = sys.argv[2] == "given"
+mp = pytest.MonkeyPatch()
+lib = cuda_emu.Lib(cuda_emu.build())
+ops = cuda_emu.install(mp, lib)
+real = ops.lars_step_cuda
+
+def no_grads(*args, **kwargs):
+    # every grad address 0: a grad load of an active segment dereferences null
+    import inspect
+    a = inspect.signature(real).bind(*args, **kwargs)
+    a.arguments["addresses"] = a.arguments["addresses"].clone()
+    a.arguments["addresses"][1] = 0
+    real(*a.args, **a.kwargs)
+
+def step(b, cfg):
+    mp.setattr(ops, "lars_step_cuda", no_grads)
+    g2 = torch.arange(1, b.num_segments + 1, dtype=torch.float64)
+    ssq = K.lars_partials_given_grad_sums(b, cfg, g2)[0] if given else K.lars_partials(b, cfg)[0]
+    mp.setattr(ops, "lars_step_cuda", real)
+    ws = [(m if m is not None else p).double().square().sum() for p, m in zip(b.param_tensors, b.master_tensors or [None] * b.num_segments)]
+    print("ROW0", max(abs(float(x) - float(w)) / max(float(w), 1e-30) for x, w in zip(ssq[0], ws)))
+    print("ROW1", torch.equal(ssq[1], g2), "ROW2", bool(ssq[2].isnan().all()))
+
+mp.setattr(K, "lars_step", step)
+run_named(fusedlars.LARS, "cuda", [("a", (3,)), ("d", (65537,)), ("fc", (33, 72))], steps=1, weight_decay=1e-3,
+          dtype=torch.bfloat16, master=True)
+print("DONE")
+"""
+
+
+@pytest.mark.parametrize("mode", ["given", "own"])
+def test_pass1_from_given_grad_sums_loads_no_grad(emu_lib, mode):
+    """With every grad address 0 (a grad load dereferences null and kills the process), the partials
+    launch from given grad sums completes: w^2 matches float64 sums (fp32 masters), the g^2 row is the
+    given one (inv_scale 1), the (g + lam*w)^2 row NaN. The two-pass partials launch, which loads the
+    grads, dies in the same setting: the check can fail. In a child process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    r = subprocess.run(
+        [sys.executable, "-c", _NO_GRAD_CHILD, str(Path(__file__).parent), mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if mode == "own":
+        assert r.returncode != 0 and "DONE" not in r.stdout and "null pointer" in r.stderr, r.stderr[-3000:]
+        return
+    assert r.returncode == 0, r.stderr[-3000:]
+    row0 = float(r.stdout.split("ROW0")[1].split()[0])
+    assert row0 < 1e-5
+    assert "ROW1 True ROW2 True" in r.stdout and "DONE" in r.stdout

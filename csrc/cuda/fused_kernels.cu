@@ -30,6 +30,9 @@
 // reading the sums from Plan::ssq_in instead of reducing partials. With unreduced sums this is
 // bitwise the two-launch step.
 //
+// LARS from the grads' sums of squares taken in backward (launch.h kPathGivenG2, on any of the paths
+// above but apply): pass 1 sums the weights alone, NOTE [Grad sums from backward].
+//
 // NOTE: [Skips] found_inf != 0 (read on the device) makes every block return before touching
 // anything, including has_state / step. Segments with active == 0 are skipped by every phase.
 //
@@ -217,14 +220,31 @@ __device__ __forceinline__ void segment_sums(const Plan& p, int64_t s, double (&
   block_sum<3>(ssq);
 }
 
-// The sums a segment's trust ratio is computed from: its partials' (segment_sums), or on the apply
-// launch of the FSDP2 split the given ones (Plan::ssq_in, already summed over the ranks).
-__device__ __forceinline__ void step_sums(const Plan& p, int64_t s, double (&ssq)[3]) {
+// NOTE: [Grad sums from backward] (issue #25; launch.h kPathGivenG2) A LARS step whose grads' sums of
+// squares were taken in backward (fusedlars/backward_norms.py) gets them as Plan::g2_in, of the raw
+// grads: the g^2 row is g2_in[s] * inv_scale^2 in double (the cpu backend's phase 3 scales them the
+// same way, fusedlars/backends/cpu.py), pass 1 sums the weights alone (LarsStep::pass1: no grad is
+// loaded, its partials' g^2 and (g + lam*w)^2 rows are 0), and the (g + lam*w)^2 row is NaN: it is not
+// known without reading g, and is only reported (u_norm; cuda.py declines a ratio that needs it).
+// Given the very g^2 a two-pass step computes, the step is bitwise the two-pass step: its w^2 row is
+// summed in the same order from the same loads. LAMB never gets g2_in.
+__device__ __forceinline__ void given_g2(const Plan& p, int64_t s, double g2_scale, double (&ssq)[3]) {
+  ssq[1] = p.g2_in[s] * g2_scale;
+  ssq[2] = __builtin_nan("");
+}
+
+// The sums a segment's trust ratio is computed from: its partials' (segment_sums) with the given g^2
+// (NOTE [Grad sums from backward]), or on the apply launch of the FSDP2 split the given ones
+// (Plan::ssq_in, already summed over the ranks). GIVEN: the kind takes given grad sums (LARS; LAMB's
+// kernels do not carry the branch).
+template <bool GIVEN>
+__device__ __forceinline__ void step_sums(const Plan& p, int64_t s, double g2_scale, double (&ssq)[3]) {
   if (p.ssq_in) {
 #pragma unroll
     for (int k = 0; k < 3; ++k) ssq[k] = p.ssq_in[k * p.num_segs + s];
   } else {
     segment_sums(p, s, ssq);
+    if (GIVEN && p.g2_in) given_g2(p, s, g2_scale, ssq);
   }
 }
 
@@ -299,7 +319,8 @@ __device__ __forceinline__ void snapshot(const Plan& p, const Segs& s, const Ran
 //   coefficients(s, ssq)    segment s's K::Coef from its 3 sums ssq (reads step / has_state from
 //                           Plan::snap: phase 2 of the same step may already have advanced them);
 //   pass2(s, c, st, len)    the update of tile [st, st + len) of segment s with c;
-//   segment(s, ssq)         segment s's n_w, n_g, n_u, r (lars_math.h) for commit_segment.
+//   segment(s, ssq)         segment s's n_w, n_g, n_u, r (lars_math.h) for commit_segment;
+//   kGivenG2                whether it takes Plan::g2_in (NOTE [Grad sums from backward]).
 // Everything else (skip, groups, snapshots, tile ranges, partials, barrier, fixed-order segment
 // reduction, finishing) is here, so the two kinds cannot drift apart.
 template <class K>
@@ -307,6 +328,8 @@ __device__ __forceinline__ void two_phase(const typename K::Args& a, const int p
   if (a.found_inf.ptr && read(a.found_inf) != 0.0) return;  // GradScaler skip: nothing changes
   const K k(a);
   const Plan& p = a.p;
+  // NOTE [Grad sums from backward]
+  const double g2_scale = K::kGivenG2 && p.g2_in ? read(a.inv_scale) * read(a.inv_scale) : 0.0;
   const int64_t ng = phase == 0 ? p.num_groups : 1;
   for (int64_t gi = 0; gi < ng; ++gi) {
     const Range r = group_range(p, phase, gi);
@@ -329,7 +352,7 @@ __device__ __forceinline__ void two_phase(const typename K::Args& a, const int p
         if (a.s.active[s] == 0.f) continue;
         if (s != cur) {
           double ssq[3];
-          step_sums(p, s, ssq);
+          step_sums<K::kGivenG2>(p, s, g2_scale, ssq);
           c = k.coefficients(s, ssq);
           cur = s;
         }
@@ -338,7 +361,7 @@ __device__ __forceinline__ void two_phase(const typename K::Args& a, const int p
       for (int64_t s = r.s0 + blockIdx.x; s < r.s1; s += gridDim.x) {  // finish the segments
         if (a.s.active[s] == 0.f) continue;
         double ssq[3];
-        step_sums(p, s, ssq);
+        step_sums<K::kGivenG2>(p, s, g2_scale, ssq);
         const auto sg = k.segment(s, ssq);
         commit_segment(a.s, p, s, sg.n_w, sg.n_g, sg.n_u, sg.r);
       }
@@ -349,7 +372,9 @@ __device__ __forceinline__ void two_phase(const typename K::Args& a, const int p
 // ------------------------------------------------------------------------------------------------
 // LARS
 
-template <class PT, bool MASTER>
+// Pass 1 of LARS: this thread's sums of w^2, g^2, (g + lam*w)^2; with GRAD false (NOTE [Grad sums
+// from backward]) w^2 alone, in the same order, and no grad is loaded.
+template <class PT, bool MASTER, bool GRAD>
 struct LarsSumsq {
   Mem<PT, MASTER> mem;
   float gscale, lam;
@@ -358,14 +383,16 @@ struct LarsSumsq {
   __device__ __forceinline__ void run(int64_t i) {
     float w[M], g[M];
     mem.template load_w<M, V>(i, w);
-    vload<M, V>(mem.g + i, g);
+    if constexpr (GRAD) vload<M, V>(mem.g + i, g);
 #pragma unroll
     for (int j = 0; j < M; ++j) {
-      const float gj = g[j] * gscale;
-      const float u = gj + lam * w[j];
       sw += w[j] * w[j];
-      sg += gj * gj;
-      su += u * u;
+      if constexpr (GRAD) {
+        const float gj = g[j] * gscale;
+        const float u = gj + lam * w[j];
+        sg += gj * gj;
+        su += u * u;
+      }
     }
   }
 };
@@ -415,6 +442,7 @@ template <class PT, bool MASTER>
 struct LarsStep {
   using Args = LarsArgs;
   using Coef = LarsCoef;  // Mem is rebuilt per tile (lars_tile_update)
+  static constexpr bool kGivenG2 = true;  // NOTE [Grad sums from backward]
   const LarsArgs& a;
   const float gscale;
   const double lr;
@@ -427,8 +455,15 @@ struct LarsStep {
       : a(args), gscale(gscale_of(args)), lr(read(args.lr)) {}
 
   __device__ __forceinline__ void pass1(int64_t s, int64_t st, int len, double (&x)[3]) const {
-    LarsSumsq<PT, MASTER> f{Mem<PT, MASTER>(a.b, s), gscale,
-                            static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
+    if (a.p.g2_in) {  // NOTE [Grad sums from backward]: the weights alone
+      LarsSumsq<PT, MASTER, false> f{Mem<PT, MASTER>(a.b, s), 0.f, 0.f};
+      for_tile<16 / sizeof(PT)>(st, len, f.mem.vec, f);
+      x[0] = f.sw;
+      x[1] = x[2] = 0.0;
+      return;
+    }
+    LarsSumsq<PT, MASTER, true> f{Mem<PT, MASTER>(a.b, s), gscale,
+                                  static_cast<float>(a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]))};
     for_tile<16 / sizeof(PT)>(st, len, f.mem.vec, f);
     x[0] = f.sw;
     x[1] = f.sg;
@@ -532,6 +567,7 @@ __device__ __forceinline__ void lamb_tile2(const Mem<PT, MASTER>& mem, const Lam
 template <class PT, bool MASTER>
 struct LambStep {
   using Args = LambArgs;
+  static constexpr bool kGivenG2 = false;  // Plan::g2_in is LARS's
   // pass 2 of a segment: its coefficients and its Mem, held across the block's tiles of the segment
   struct Coef {
     LambCoef c;
@@ -600,15 +636,21 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
 // ssq_out[k * S + s] = segment_sums(s)[k] for active segments, 0 for inactive ones (they add nothing
 // to a sum over the ranks) and for all of them when found_inf (phase 1 returned: no partials).
 // The same reduction, in the same order, as phase 2 of a whole step: lars_step == apply(partials)
-// bitwise.
-__global__ void __launch_bounds__(kThreads) segment_reduce(const Plan p, const float* active, const Scalar found_inf) {
+// bitwise. With Plan::g2_in (row 1 of ssq_out itself: NOTE [Grad sums from backward]) the g^2 row is
+// the given one scaled, read by thread 0 before it overwrites it, and the (g + lam*w)^2 row NaN.
+__global__ void __launch_bounds__(kThreads) segment_reduce(const Plan p, const float* active, const Scalar found_inf,
+                                                           const Scalar inv_scale) {
   const bool skip = found_inf.ptr && read(found_inf) != 0.0;
+  const double g2_scale = p.g2_in ? read(inv_scale) * read(inv_scale) : 0.0;
   for (int64_t s = blockIdx.x; s < p.num_segs; s += gridDim.x) {
     double x[3] = {0.0, 0.0, 0.0};
-    if (!skip && active[s] != 0.f) segment_sums(p, s, x);  // block-uniform condition
-    if (threadIdx.x == 0)
+    const bool on = !skip && active[s] != 0.f;  // block-uniform
+    if (on) segment_sums(p, s, x);
+    if (threadIdx.x == 0) {
+      if (on && p.g2_in) given_g2(p, s, g2_scale, x);
 #pragma unroll
       for (int k = 0; k < 3; ++k) p.ssq_out[k * p.num_segs + s] = x[k];
+    }
   }
 }
 
@@ -706,6 +748,7 @@ bool env_off(const char* name) {
 template <class Args>
 LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t stream, int path) {
   LaunchInfo info{cudaSuccess, kPathTwoLaunch, 0, nullptr};
+  path &= ~kPathGivenG2;  // carried by Plan::g2_in (NOTE [Grad sums from backward])
   int dev = 0;
   if ((info.err = cudaGetDevice(&dev)) != cudaSuccess) return info;
   const DevAttr d = dev_attr(dev);
@@ -735,7 +778,8 @@ LaunchInfo launch(void (*fn)(const Args, const int), const Args& a, cudaStream_t
       fn<<<static_cast<unsigned>(g), kThreads, 0, stream>>>(a, 1);
       const int64_t S = a.p.num_segs;
       const int64_t gs = S < cap ? (S > 0 ? S : 1) : cap;
-      segment_reduce<<<static_cast<unsigned>(gs), kThreads, 0, stream>>>(a.p, a.s.active, a.found_inf);
+      segment_reduce<<<static_cast<unsigned>(gs), kThreads, 0, stream>>>(a.p, a.s.active, a.found_inf,
+                                                                          a.inv_scale);
     } else {
       fn<<<static_cast<unsigned>(g), kThreads, 0, stream>>>(a, 2);
     }

@@ -28,6 +28,11 @@ enum Variant : int { kF32 = 0, kBF16 = 1, kBF16Master = 2, kF16 = 3, kF16Master 
 // per-segment reduction into Plan::ssq_out (FSDP2 split, fusedlars/backends/cuda.py lars_partials);
 // kPathApply: launch 2 from the given per-segment sums Plan::ssq_in (lars_apply).
 enum Path : int { kPathAuto = 0, kPathCooperative = 1, kPathTwoLaunch = 2, kPathPartials = 3, kPathApply = 4 };
+// A flag on a LARS path (kPathAuto / kPathCooperative / kPathTwoLaunch / kPathPartials): the grads'
+// sums of squares are given (taken in backward, fusedlars/backward_norms.py; issue #25), Plan::g2_in.
+// Pass 1 then sums the weights alone (no grad is loaded), and the (g + lam*w)^2 row is NaN (only
+// reported, as u_norm: the ratio must not need it, cuda.py declines norm_of_sum).
+constexpr int kPathGivenG2 = 8;
 
 // Rows of the address table (Bucket.address_table(kinds), kinds in this order: cuda.py _kinds()).
 // Element k of segment s of buffer X is at ((X's type*) base[X * S + s]) + k; 0 where the segment has
@@ -53,6 +58,9 @@ struct Plan {
   float* snap;   // [2S] step / has_state of each segment at the start of the step
   double* ssq_out;       // kPathPartials: [3, S] per-segment sums (0 for inactive segments), else nullptr
   const double* ssq_in;  // kPathApply: [3, S] per-segment sums to finish the step from, else nullptr
+  // kPathGivenG2: [S] the raw grads' sums of squares (scaled by inv_scale^2 in double on the device),
+  // else nullptr. With kPathPartials it is row 1 of ssq_out, read and then overwritten (scaled).
+  const double* g2_in;
 };
 
 struct Segs {

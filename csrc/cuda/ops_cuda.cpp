@@ -122,10 +122,18 @@ int check_common(Args& a, FUSEDLARS_STEP_PARAMS, int64_t path, int min_rows) {
   TORCH_CHECK(partials.numel() >= 3 * T, "fusedlars cuda: partials needs 3 * num_tiles = ", 3 * T, " elements");
   check_buf(snap, "snap", dev, at::kFloat, -1);
   TORCH_CHECK(snap.numel() >= 2 * S, "fusedlars cuda: snap needs 2 * num_segments = ", 2 * S, " elements");
-  TORCH_CHECK(path >= kPathAuto && path <= kPathApply, "fusedlars cuda: path must be 0..4, got ", path);
-  const bool split = path == kPathPartials || path == kPathApply;
-  TORCH_CHECK(split == ssq.has_value(), "fusedlars cuda: ssq is given exactly for path 3 (partials) and 4 (apply)");
-  if (ssq) check_buf(*ssq, "ssq", dev, at::kDouble, 3 * S);
+  // path: launch.h Path, maybe with the kPathGivenG2 flag (NOTE [Grad sums from backward] in
+  // fused_kernels.cu): then ssq holds the given grad sums, [S] on a whole step, row 1 of [3, S] on
+  // the partials path (overwritten by the sums)
+  const int64_t base = path & ~static_cast<int64_t>(kPathGivenG2);
+  const bool given = (path & kPathGivenG2) != 0;
+  TORCH_CHECK(base >= kPathAuto && base <= kPathApply && path >= 0 && path < 2 * kPathGivenG2,
+              "fusedlars cuda: path must be 0..4 (+8: grad sums given), got ", path);
+  TORCH_CHECK(!(given && base == kPathApply), "fusedlars cuda: the apply path takes no grad sums (they are in ssq)");
+  const bool split = base == kPathPartials || base == kPathApply;
+  TORCH_CHECK((split || given) == ssq.has_value(),
+              "fusedlars cuda: ssq is given exactly for path 3 (partials), 4 (apply) and with grad sums (+8)");
+  if (ssq) check_buf(*ssq, "ssq", dev, at::kDouble, given && !split ? S : 3 * S);
 
   a.b = Addr{addresses.data_ptr<int64_t>(), S, static_cast<int>(addresses.size(0))};
   a.s = Segs{wd_mask.data_ptr<float>(), adapt_mask.data_ptr<float>(), active.data_ptr<float>(),
@@ -134,8 +142,9 @@ int check_common(Args& a, FUSEDLARS_STEP_PARAMS, int64_t path, int min_rows) {
   a.p = Plan{tile_seg.data_ptr<int32_t>(), tile_start.data_ptr<int64_t>(), tile_len.data_ptr<int32_t>(),
              seg_tile_ptr.data_ptr<int64_t>(), group_seg.data_ptr<int64_t>(), T, S, group_seg.numel() - 1,
              partials.data_ptr<double>(), snap.data_ptr<float>(),
-             path == kPathPartials ? ssq->data_ptr<double>() : nullptr,
-             path == kPathApply ? ssq->data_ptr<double>() : nullptr};
+             base == kPathPartials ? ssq->data_ptr<double>() : nullptr,
+             base == kPathApply ? ssq->data_ptr<double>() : nullptr,
+             given ? ssq->data_ptr<double>() + (split ? S : 0) : nullptr};
   a.lr = scalar(lr_tensor, "lr", dev, lr);
   a.inv_scale = scalar(inv_scale, "inv_scale", dev, 1.0);
   a.found_inf = scalar(found_inf, "found_inf", dev, 0.0);
@@ -167,6 +176,7 @@ void lamb_step_cuda(FUSEDLARS_STEP_PARAMS, const std::optional<at::Tensor>& clip
                     at::ArrayRef<int64_t> modes, int64_t path) {
   LambArgs a{};
   a.o = lamb_options(hyper, modes, "fusedlars cuda: lamb_step_cuda");
+  TORCH_CHECK((path & kPathGivenG2) == 0, "fusedlars cuda: lamb_step_cuda takes no grad sums (path +8 is LARS's)");
   // rows param, grad, master, exp_avg, exp_avg_sq
   const int variant = check_common(a, FUSEDLARS_STEP_ARGS, path, kRowS1 + 1);
   a.clip_coef = scalar(clip_coef, "clip_coef", addresses.device(), 1.0);

@@ -9,7 +9,8 @@
 // optional:
 //   0 addresses (int64 [rows, S], launch.h Row)  1 wd_mask  2 adapt_mask  3 active  4 has_state  5 step
 //   6 w_norm  7 g_norm  8 u_norm  9 trust_ratio  10 tile_seg  11 tile_start  12 tile_len  13 seg_tile_ptr
-//   14 group_seg  15 partials (grad_sumsq: gpart)  16 snap  17 ssq (float64 [3, S]; grad_sumsq: out)
+//   14 group_seg  15 partials (grad_sumsq: gpart)  16 snap  17 ssq (float64 [3, S], or [S] given grad sums
+//   on a whole step with kPathGivenG2; grad_sumsq: out)
 //   18 lr tensor  19 inv_scale  20 found_inf  21 clip_coef (LAMB)
 // Integer slots (`n`): 0 variant (launch.h Variant)  1 num_tiles  2 num_segments  3 group_seg entries
 //   4 address rows  5..8 lr / inv_scale / found_inf / clip_coef tensor is float64 (else float32).
@@ -33,13 +34,19 @@ Addr addr(void* const* t, const int64_t* n) {
   return Addr{static_cast<const int64_t*>(t[0]), n[2], static_cast<int>(n[4])};
 }
 
+// ssq (slot 17) as ops_cuda.cpp check_common maps it: the split's sums (paths 3 / 4) and, with the
+// kPathGivenG2 flag, the given grad sums (the [S] tensor itself, or row 1 of the partials' output).
 Plan plan(void* const* t, const int64_t* n, int path) {
+  const int base = path & ~kPathGivenG2;
+  double* ssq = static_cast<double*>(t[17]);
+  const double* g2 = (path & kPathGivenG2) ? (base == kPathPartials ? ssq + n[2] : ssq) : nullptr;
   return Plan{static_cast<const int32_t*>(t[10]), static_cast<const int64_t*>(t[11]),
               static_cast<const int32_t*>(t[12]), static_cast<const int64_t*>(t[13]),
               static_cast<const int64_t*>(t[14]), n[1], n[2], n[3] - 1, static_cast<double*>(t[15]),
               static_cast<float*>(t[16]),
-              path == kPathPartials ? static_cast<double*>(t[17]) : nullptr,
-              path == kPathApply ? static_cast<const double*>(t[17]) : nullptr};
+              base == kPathPartials ? ssq : nullptr,
+              base == kPathApply ? ssq : nullptr,
+              g2};
 }
 
 template <class Args>
@@ -77,7 +84,8 @@ int emu_last_path() { return last_path(); }
 // Why the requested launch path could not run (LaunchInfo::why of the last step on this thread), or "".
 const char* emu_why() { return g_why.c_str(); }
 
-// 0 on success; out: path, grid, cudaError_t. -1: option lists of the wrong length.
+// 0 on success; out: path, grid, cudaError_t. -1: option lists of the wrong length; -2: grad sums
+// given to LAMB.
 int emu_lars_step(void* const* t, const int64_t* n, const double* hyper, int64_t nh, const int64_t* modes,
                   int64_t nm, double lr, int path, int* out) {
   LarsArgs a{};
@@ -89,6 +97,7 @@ int emu_lars_step(void* const* t, const int64_t* n, const double* hyper, int64_t
 int emu_lamb_step(void* const* t, const int64_t* n, const double* hyper, int64_t nh, const int64_t* modes,
                   int64_t nm, double lr, int path, int* out) {
   LambArgs a{};
+  if (path & kPathGivenG2) return -2;  // LARS's only (ops_cuda.cpp refuses it too)
   if (!decode_lamb_options(hyper, static_cast<size_t>(nh), modes, static_cast<size_t>(nm), a.o)) return -1;
   fill(a, t, n, lr, path);
   a.clip_coef = scalar(t[21], n[8], 1.0);
@@ -99,7 +108,7 @@ int emu_lamb_step(void* const* t, const int64_t* n, const double* hyper, int64_t
 // 17 out (float64 scalar), 19 inv_scale
 int emu_grad_sumsq(void* const* t, const int64_t* n) {
   Plan p{static_cast<const int32_t*>(t[10]), static_cast<const int64_t*>(t[11]), static_cast<const int32_t*>(t[12]),
-         nullptr, nullptr, n[1], n[2], 0, nullptr, nullptr, nullptr, nullptr};
+         nullptr, nullptr, n[1], n[2], 0, nullptr, nullptr, nullptr, nullptr, nullptr};
   const cudaError_t e =
       launch_grad_sumsq(addr(t, n), static_cast<int>(n[0]), static_cast<const float*>(t[3]), p,
                         scalar(t[19], n[6], 1.0), static_cast<double*>(t[15]), static_cast<double*>(t[17]), nullptr);

@@ -20,6 +20,9 @@ in a CUDA graph (pass ``lr`` as a tensor then: a float lr is baked into the capt
 
 ``FUSEDLARS_CUDA_PATH`` = ``auto`` (default) | ``cooperative`` (error if unavailable) | ``two_launch``.
 FSDP2-sharded buckets: ``lars_partials`` / ``lars_apply`` (and LAMB's), NOTE [Partials and apply].
+LARS from the grads' sums of squares taken in backward (fusedlars.backward_norms, issue #25):
+``lars_step_given_grad_sums`` / ``lars_partials_given_grad_sums``, whose pass 1 loads no grad
+(NOTE [Grad sums from backward] in csrc/cuda/fused_kernels.cu).
 """
 
 from __future__ import annotations
@@ -163,10 +166,6 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
 
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
 CARRIES_WEIGHT_NORMS = False
-
-#: LARS's step from gradient norms taken in backward (fusedlars.backward_norms): not fused here yet
-#: (it needs a pass over the weights alone); the step takes the norms itself
-lars_step_given_grad_sums = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -376,6 +375,48 @@ def lamb_partials(bucket: Bucket, cfg: LambConfig) -> tuple[torch.Tensor, None]:
 def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx=None) -> None:
     """The LAMB update from the per-segment sums of squares ``ssq`` (global ones for a sharded bucket)."""
     _step("LAMB", bucket, cfg, _APPLY, _given_sums(bucket, ssq))
+
+
+#: the path flag of a LARS step from grad sums taken in backward (csrc/cuda/launch.h kPathGivenG2)
+_GIVEN = 8
+
+
+def _declines_given(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
+    """Whether a LARS step cannot use grad sums taken in backward: its ratio needs ||g + lam*w||
+    (norm_of_sum), which only a pass over the grads gives, or the bucket has low-bit state."""
+    if tuple(g2.shape) != (bucket.num_segments,):
+        raise ValueError(f"the grads' sums of squares must have shape ({bucket.num_segments},), got {tuple(g2.shape)}")
+    return cfg.denominator == "norm_of_sum" or bool(getattr(bucket, "lowbit_state", False))
+
+
+def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
+    """A LARS step whose raw grads' sums of squares ``g2`` (float64 [S]) were taken in backward
+    (fusedlars.backward_norms): the same launches as :func:`lars_step` (1 cooperative, or 2), whose
+    pass 1 sums the weights alone and loads no grad; the g^2 row is ``g2 * inv_scale^2`` in float64 on
+    the device, the reported u_norm NaN (NOTE [Grad sums from backward] in csrc/cuda/fused_kernels.cu).
+    Given the g^2 the step's own pass takes, bitwise :func:`lars_step`. False (nothing done) where the
+    ratio needs ||g + lam*w|| (norm_of_sum) or the bucket has low-bit state."""
+    if _declines_given(bucket, cfg, g2):
+        return False
+    g2 = g2.to(device=bucket.device, dtype=torch.float64).contiguous()
+    _step("LARS", bucket, cfg, _path_code() | _GIVEN, g2)
+    return True
+
+
+def lars_partials_given_grad_sums(
+    bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor
+) -> tuple[torch.Tensor, None] | None:
+    """:func:`lars_partials` of a sharded bucket whose LOCAL raw grads' sums of squares ``g2`` (float64
+    [S]) were taken where FSDP2 set the reduce-scattered grads (fusedlars.backward_norms): launch 1
+    sums the weights alone (no grad is loaded), the reduction takes row 1 from ``g2`` (scaled by
+    inv_scale^2); the (g + lam*w)^2 row is NaN (only reported, as u_norm). None (nothing done) where
+    :func:`lars_step_given_grad_sums` declines."""
+    if _declines_given(bucket, cfg, g2):
+        return None
+    sc = _scratch(bucket, "LARS")
+    sc.ssq[1].copy_(g2)  # read by the reduction, then overwritten with the scaled sums
+    _step("LARS", bucket, cfg, _PARTIALS | _GIVEN, sc.ssq)
+    return sc.ssq, None
 
 
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
