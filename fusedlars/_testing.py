@@ -180,7 +180,8 @@ def launch_plan(
 # ------------------------------------------------------------------------------------------
 _TRITON_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 #: Triton type of the kernels' pointer arguments that do not point at fp32
-_PTR_TYPES = {"addr_ptr": "*i64", "plan_ptr": "*i64", "count_ptr": "*i32"}
+_PTR_TYPES = {"addr_ptr": "*i64", "plan_ptr": "*i64", "count_ptr": "*i32", "pidx_ptr": "*i64", "dopts_ptr": "*fp64",
+              "seed": "i64"}  # fmt: skip
 
 
 def _signature(kernel) -> dict[str, str]:
@@ -241,6 +242,13 @@ def aot_specializations(covering: bool = False) -> list[dict]:
             add(tb.K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **geo)
     for dt in _TRITON_DT:
         add(tb.K.grad_sumsq_kernel, dt, **geo)
+    # low-bit LARS (issue #26): fp32 params, bf16 with fp32 or remainder masters, fp16 with fp32 masters
+    for dt, master in ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float16, 1)):
+        add(tb.K.lars_lowbit_partials_kernel, dt, HAS_MASTER=master != 0, MASTER=master, **geo)
+        for mom in (MOM_NONE, *MOM.values()):
+            if covering and (mom == MOM_NONE) != (master == 0):
+                continue
+            add(tb.K.lars_lowbit_update_kernel, dt, HAS_MASTER=master != 0, MASTER=master, MOM=mom, **geo)
     return out
 
 
@@ -254,12 +262,15 @@ def aot_compile(spec: dict, arch: int) -> dict:
         raise RuntimeError("aot_compile needs a process without TRITON_INTERPRET (kernels are interpreted here)")
     sig = _signature(spec["kernel"])
     src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=dict(spec["constexprs"]))
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": tb.NUM_WARPS})
+    options = {"num_warps": tb.NUM_WARPS}
+    if "lowbit_update" in spec["name"]:  # launched without FMA contraction (triton._NO_FMA)
+        options["enable_fp_fusion"] = False
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     res = dict(
         kernel=spec["name"],
         dtype=str(spec["dtype"]).replace("torch.", ""),
         arch=arch,
-        constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MOM", "BC")},
+        constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MASTER", "MOM", "BC")},
         triton_shared=int(ck.metadata.shared),
         ptx_chars=len(ck.asm["ptx"]),
         cubin_bytes=len(ck.asm["cubin"]),

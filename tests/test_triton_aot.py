@@ -65,6 +65,8 @@ def test_every_kernel_compiles_for_every_target(rows):
         "lamb_moments_kernel",
         "lamb_update_kernel",
         "grad_sumsq_kernel",
+        "lars_lowbit_partials_kernel",
+        "lars_lowbit_update_kernel",
     }
     for arch in TARGETS:
         got = {r["kernel"] for r in rows if r["arch"] == arch}
@@ -86,7 +88,7 @@ def test_no_spills_and_bounded_resources(rows):
 
 
 def test_segment_reduction_synchronization_as_compiled(rows):
-    launch1 = {"lars_partials_kernel", "lars_wsums_kernel", "lamb_moments_kernel"}
+    launch1 = {"lars_partials_kernel", "lars_wsums_kernel", "lars_lowbit_partials_kernel", "lamb_moments_kernel"}
     for r in rows:
         what = f"{r['kernel']} {r['dtype']} {r['constexprs']} sm_{r['arch']}"
         assert not any(".f16" in a or ".f32" in a or ".f64" in a or "bf16" in a for a in r["atomics"]), what

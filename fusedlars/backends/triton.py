@@ -25,6 +25,11 @@ g^2 from the given float64 sums times inv_scale^2) and launch 2 as above: 2 laun
 (fp32 params with momentum: 4 + 20 = 24). ``lars_partials_given_grad_sums`` is its launch 1 for sharded
 buckets. NOTE [Given gradient sums] in the kernels.
 
+Low-bit state (issue #26): LARS with bf16 momentum and/or remainder masters runs
+``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel`` (2 launches; element math in float64,
+bitwise the reference's given the same sums: NOTE [Low-bit LARS in the Triton kernels]); int8 state,
+LAMB and TVLARS with low-bit state are refused by ``supports()`` with the reason (the torch backend runs them).
+
 FSDP2 / DTensor buckets: ``lars_partials`` / ``lamb_partials`` are launch 1 and return the
 per-segment sums ``[3, S]``; ``lars_apply`` / ``lamb_apply`` are launch 2 from sums the caller
 has all-reduced (NOTE [Triton partials and apply]). ``*_step`` is exactly apply(partials).
@@ -123,7 +128,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     ok, why = available()
     if not ok:
         return why
-    why = bucket.fused_unsupported()  # low-bit state, remainder masters (issue #26): torch backend for now
+    why = _lowbit_unsupported(kind, cfg, bucket)
     if why:
         return why
     if bucket.dtype not in FUSED_DTYPES:
@@ -142,6 +147,36 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     if tv is not None and tv[4] >= option_fields.FP32_EXACT_INT:  # NOTE [Triton modes are fp32]
         return f"a TVLARS gate of {tv[4]} steps is not exact in the Triton kernels' fp32 options (below 2**24 is)"
     return check_scalars(cfg, bucket.device) or check_kind(kind)
+
+
+def _lowbit(bucket: Bucket) -> bool:
+    """Does ``bucket`` step through the low-bit kernels (bf16 state or remainder masters, issue #26)?"""
+    return bucket.lowbit_state or bucket.uses_remainder
+
+
+def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
+    """Why the low-bit LARS kernels (NOTE [Low-bit LARS in the Triton kernels]) cannot step ``bucket``, or None
+    (also None for a bucket that is not low-bit)."""
+    if not _lowbit(bucket):
+        return None
+    tail = ": the torch and reference backends step it (backend='auto' picks torch)"
+    if kind != "LARS":
+        return f"{kind} with low-bit state or remainder masters is not fused by the Triton backend yet" + tail
+    if bucket.shard is not None and bucket.shard.shard_dims:
+        return "sharded buckets with low-bit state or remainder masters are not fused by the Triton backend" + tail
+    if bucket.state_storage == "int8":
+        return (
+            "int8 state is not fused by the Triton backend yet (its per-256-element block scale needs every new "
+            "value of a block before the block's codes are written, not done in these kernels)" + tail
+        )
+    if getattr(cfg, "tv", None) is not None:
+        return "TVLARS with low-bit state is not fused by the Triton backend (its phi is exp() in float64)" + tail
+    if bucket.dtype != torch.float32 and not (bucket.uses_masters or bucket.uses_remainder):
+        return (
+            f"{bucket.dtype} params with low-bit state need master weights in the Triton backend (the reference "
+            "rounds the float64 weights once to the param dtype)" + tail
+        )
+    return None
 
 
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
@@ -224,7 +259,8 @@ def _plan(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
 def _kinds(bucket: Bucket) -> tuple[str, ...]:
     """The address-table rows the kernels read, in their order (see :mod:`.triton_kernels`): param, grad,
     master (only for a bucket with fp32 masters), then the bucket's state buffers."""
-    return ("param", "grad") + (("master",) if bucket.uses_masters else ()) + tuple(bucket.state_names)
+    master = ("master",) if bucket.uses_masters else ("remainder",) if bucket.uses_remainder else ()
+    return ("param", "grad") + master + tuple(bucket.state_names)
 
 
 def _addresses(bucket: Bucket) -> torch.Tensor:
@@ -448,8 +484,26 @@ def _update_op(name: str, kernel: str, mode_name: str):
 _partials_op("triton_lars_partials", "lars_partials_kernel", None)
 _partials_op("triton_lars_wsums", "lars_wsums_kernel", None)  # scalars: (g2, inv_scale, found_inf)
 _update_op("triton_lars_update", "lars_update_kernel", "MOM")
+_partials_op("triton_lars_lowbit_partials", "lars_lowbit_partials_kernel", "MASTER")
 _partials_op("triton_lamb_partials", "lamb_moments_kernel", "BC")
 _update_op("triton_lamb_update", "lamb_update_kernel", "BC")
+
+
+@_register("triton_lars_lowbit_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
+def _lars_lowbit_update_op(
+    addr: T_, plan: T_, work: T_, step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
+    lr: T_, inv_scale: T_, found_inf: T_, dopts: T_, pidx: T_, seed: int, opts: list[float], grid: int, pdt: int,
+    master: int, mom: int, geo: list[int],
+) -> None:  # fmt: skip
+    """Launch 2 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]), compiled without FMA contraction."""
+    outs = (step, has_state, w_norm, g_norm, u_norm, trust_ratio)
+    cx = dict(PDT=_pdt(pdt), HAS_MASTER=master != 0, MASTER=master, MOM=mom, GEO=tuple(geo))
+    _launch(K.lars_lowbit_update_kernel, grid, addr, plan, work, *outs, lr, inv_scale, found_inf, dopts, pidx, seed,
+            tuple(opts), **cx, **_NO_FMA)  # fmt: skip
+
+
+#: launch options of the low-bit kernels: the reference's float64 operations one by one, no contraction into FMAs
+_NO_FMA = {} if _IMPORT_ERROR is not None or (K is not None and K.INTERPRET) else {"enable_fp_fusion": False}
 
 
 @_register("triton_grad_sumsq", ("part",))
@@ -543,6 +597,53 @@ def _step_scalars(sc: _Scratch, cfg, *names: str) -> list[torch.Tensor]:
     return out
 
 
+def _master_code(bucket: Bucket) -> int:
+    """The low-bit kernels' ``MASTER``: 0 the params are the weights, 1 fp32 masters, 2 remainder masters."""
+    return 2 if bucket.uses_remainder else 1 if bucket.uses_masters else 0
+
+
+def _lowbit_tables(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 option rows (``dopts``, rewritten when they change) and the params' state_dict ids
+    (int64 [S]) of the low-bit kernels, cached on the bucket."""
+    cache = bucket.cache.setdefault(NAME, {})
+    vals = tuple(option_fields.triton_values("LARS", cfg))
+    hit = cache.get("dopts")
+    if hit is None or hit[0] != vals:
+        host = torch.tensor(vals, dtype=torch.float64)
+        t = host.to(bucket.device) if hit is None else hit[1].copy_(host)
+        cache["dopts"] = hit = (vals, t)
+    pidx = cache.get("pidx")
+    if pidx is None:
+        pidx = cache["pidx"] = torch.tensor(bucket.param_indices, dtype=torch.int64, device=bucket.device)
+    return hit[1], pidx
+
+
+def _lars_lowbit_step(bucket: Bucket, cfg: LarsConfig) -> None:
+    """Both launches of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels])."""
+    sc = _scratch(bucket)
+    opts = option_fields.triton_values("LARS", cfg)
+    master = _master_code(bucket)
+    ctx = _launch1(bucket, "triton_lars_lowbit_partials", _step_scalars(sc, cfg, "inv_scale", "found_inf"), opts,
+                   master)  # fmt: skip
+    (addr,) = ctx
+    b = bucket
+    dopts, pidx = _lowbit_tables(b, cfg)
+    lr = cfg.lr.reshape(-1) if isinstance(cfg.lr, torch.Tensor) else _f64_lr(sc, cfg.lr)
+    inv_scale, found_inf = _step_scalars(sc, cfg, "inv_scale", "found_inf")
+    grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
+    mom = triton_mom(cfg.momentum, cfg.momentum_mode)
+    _op("triton_lars_lowbit_update")(addr, _plan(b, sc), sc.work, b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm,
+                                     b.trust_ratio, lr, inv_scale, found_inf, dopts, pidx, b.seed, opts, grid,
+                                     _PDT_CODE[b.dtype], master, mom, _geometry())  # fmt: skip
+
+
+def _f64_lr(sc: _Scratch, lr: float) -> torch.Tensor:
+    """A Python float lr as a float64 device tensor (the reference's double), cached."""
+    if not hasattr(sc, "lr64"):
+        sc.lr64 = CachedScalar(sc.one.device, torch.float64)
+    return sc.lr64(lr)
+
+
 def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
     """Launch 1: per-segment sums of squares ``[w², g², (g+λw)²]`` (g = grad * inv_scale, signed for
     ``maximize``; w the fp32 master when there is one) as an fp32 ``[3, S]`` tensor (0 for segments
@@ -561,7 +662,7 @@ def _given_g2(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> torch.Tensor
     where that launch cannot stand for :func:`lars_partials`: the ratio's denominator needs ||g + lam*w||
     (``norm_of_sum``), or the bucket is not fused here."""
     _check("LARS", cfg, bucket)
-    if cfg.denominator == "norm_of_sum" or bucket.num_segments == 0:
+    if cfg.denominator == "norm_of_sum" or bucket.num_segments == 0 or _lowbit(bucket):
         return None
     if (cfg.momentum != 0) != ("momentum_buffer" in bucket.state_names):
         raise RuntimeError(f"LARS: momentum={cfg.momentum} but the bucket's state is {bucket.state_names}")
@@ -613,7 +714,12 @@ def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -
 
 
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
-    """One LARS step: :func:`lars_partials` then launch 2 on launch 1's own sums (2 launches)."""
+    """One LARS step: :func:`lars_partials` then launch 2 on launch 1's own sums (2 launches); a bucket with
+    low-bit state or remainder masters through the low-bit kernels (2 launches)."""
+    if _lowbit(bucket):
+        _check("LARS", cfg, bucket)
+        _lars_lowbit_step(bucket, cfg)
+        return
     _, ctx = lars_partials(bucket, cfg)
     _lars_apply(bucket, cfg, ctx)
 

@@ -100,6 +100,7 @@ import triton.language as tl
 
 from . import codes as _codes
 from . import option_fields as _fields
+from . import triton_lowbit as _LB
 
 #: Whether the kernels below were decorated in interpreter mode (fixed at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -1034,3 +1035,233 @@ def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.const
         else:
             acc = _grad_tile_sumsq(gaddr, start, n, inv_scale, PDT, False, TILE, BLOCK)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.float64))
+
+
+# ------------------------------------------------------------------------------------------
+# LARS with low-bit state (issue #26): bf16 momentum, remainder masters
+# ------------------------------------------------------------------------------------------
+# NOTE: [Low-bit LARS in the Triton kernels] The same two launches and skeletons. Launch 1
+# (``lars_lowbit_partials_kernel``) takes the fp32 tile sums of the two-pass step from the weights as
+# stored (``MASTER``: 0 the param, 1 an fp32 master, 2 the bf16 param plus its int16 remainder, rebuilt
+# bitwise by triton_lowbit.master_rebuild). Launch 2 (``lars_lowbit_update_kernel``) follows
+# lowbit_state NOTE [Low-bit state: where values become fp32] as csrc/lars_math.h NOTE [Exact element
+# math of low-bit state] does on the CPU: the segment's norms are sqrt of its sums in float64, the trust
+# ratio is reference.lars_layer_scalars in float64 from the options in float64 (``dopts``: the rows of
+# the option table as doubles, not ``opts``' fp32), and every element is the reference's formula in
+# float64 in its order of operations (the kernels are compiled without FMA contraction); the new buffer
+# is rounded once to fp32 and stored in bf16 by stochastic rounding with Philox word 0 of (seed, step
+# after this step, the param's state_dict id, element); the new weights are rounded once to fp32 and
+# split into param and remainder (or stored as master and param). So given the same sums (exact ones,
+# e.g. dyadic inputs) params and state are the reference's bitwise. Every tile runs the masked path.
+@triton.jit
+def _weights64(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
+    """The tile's weights at ``offs`` in float64: param, fp32 master or param + remainder (MASTER 0/1/2)."""
+    if MASTER == 2:
+        p = tl.load(_buf_ptr(tile, 0, PDT, False) + offs, mask=m, other=0.0)
+        r = tl.load(_buf_ptr(tile, 2, tl.int16, False) + offs, mask=m, other=0)
+        w = _LB.master_rebuild(p, r)
+    elif MASTER == 1:
+        w = tl.load(_buf_ptr(tile, 2, tl.float32, False) + offs, mask=m, other=0.0)
+    else:
+        w = tl.load(_buf_ptr(tile, 0, PDT, False) + offs, mask=m, other=0.0).to(tl.float32)
+    return w.to(tl.float64)
+
+
+@triton.jit
+def _lars_lowbit_sums_tile(
+    tile, lam, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Launch 1's ``TILE_SUMS`` of low-bit LARS: :func:`_lars_sums_loop`'s fp32 sums of the weights as
+    stored; ``opts = (fp32 opts, dopts_ptr, lr_ptr)``, ``kargs = (inv_scale_ptr,)``."""
+    inv_scale = tl.load(kargs[0]).to(tl.float32) * _sign(opts[0][LARS.maximize])
+    n = tile[4]
+    gp = _buf_ptr(tile, 1, PDT, False)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK], dtype=tl.float32)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        m = offs < n
+        w = _weights64(tile, offs, m, PDT, MASTER).to(tl.float32)
+        g = tl.load(gp + offs, mask=m, other=0.0).to(tl.float32) * inv_scale
+        u = g + lam * w
+        acc_w += w * w
+        acc_g += g * g
+        acc_u += u * u
+    return acc_w, acc_g, acc_u
+
+
+@triton.jit
+def lars_lowbit_partials_kernel(
+    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, inv_scale_ptr, found_inf_ptr, opts,
+    PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 1 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]): :func:`lars_partials_kernel`'s
+    sums, the weights read as ``MASTER`` stores them."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
+    _partials_program(
+        _lars_lowbit_sums_tile, (inv_scale_ptr,), bufs, (opts, 0, 0), opts[LARS.weight_decay], PDT, MASTER != 0,
+        MASTER, GEO, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _d(dopts_ptr, SLOT: tl.constexpr):
+    """Option ``SLOT`` as a double (the row's value as Python holds it)."""
+    return tl.load(dopts_ptr + SLOT)
+
+
+@triton.jit
+def _clip64(r, lr, clip_mode, dopts_ptr):
+    """formulas.trust_clip in float64."""
+    out = r
+    if clip_mode == CLIP_LARC:
+        out = tl.minimum(r / lr, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    elif clip_mode == CLIP_LAMBC:
+        out = tl.minimum(r, 1.0, propagate_nan=tl.PropagateNan.ALL)
+    elif clip_mode == CLIP_RANGE:
+        out = _clamp(r, _d(dopts_ptr, LARS.clip_lo), _d(dopts_ptr, LARS.clip_hi))
+    return out
+
+
+@triton.jit
+def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
+    """reference.lars_layer_scalars in float64 (a ``SEG_RATIO``): the norms are sqrt of the sums in float64,
+    ``lam = weight_decay * wd_mask`` and ``lr`` as the reference forms them; ``opts = (fp32 opts,
+    dopts_ptr, lr_ptr)``. TVLARS is not run here (supports() refuses it)."""
+    fo, dp, lr_ptr = opts
+    lr = tl.load(lr_ptr).to(tl.float64)
+    lam = tl.where(lam32 != 0, _d(dp, LARS.weight_decay), 0.0)  # wd * wd_mask (0 or 1) as the reference forms it
+    n_w_raw = tl.sqrt(ssq_w.to(tl.float64))  # fp64 sqrt and / are correctly rounded (sqrt.rn / div.rn.f64)
+    n_g_raw = tl.sqrt(ssq_g.to(tl.float64))
+    n_u_raw = tl.sqrt(ssq_u.to(tl.float64))
+    lo = _d(dp, LARS.clamp_lo)
+    hi = _d(dp, LARS.clamp_hi)
+    n_w = _clamp(n_w_raw, lo, hi)
+    den_mode = fo[LARS.denominator]
+    if den_mode == DEN_NORM_OF_SUM:
+        side_raw = n_u_raw
+    else:
+        side_raw = n_g_raw
+    side = _clamp(side_raw, lo, hi)
+    if den_mode == DEN_SUM_OF_NORMS:
+        den = side + lam * n_w + _d(dp, LARS.eps)
+    else:
+        den = side + _d(dp, LARS.eps)
+    ratio = _d(dp, LARS.eta) * n_w / den  # eta * phi * n_w / den, phi = 1
+    check_mode = fo[LARS.zero_norm_check]
+    if check_mode == CHECK_RAW_GRAD:
+        ok = (n_w_raw > 0) & (n_g_raw > 0)
+    elif check_mode == CHECK_UPDATE:
+        ok = (n_w_raw > 0) & (side_raw > 0)
+    else:
+        ok = (n_w_raw > 0) & (den > 0)
+    lam_eff = lam
+    clip_mode = fo[LARS.trust_clip]
+    if fo[LARS.zero_norm] == ZN_SKIP:
+        r_adapt = tl.where(ok, _clip64(ratio, lr, clip_mode, dp), 1.0)
+        lam_eff = tl.where(ok | (adapt == 0), lam, 0.0)
+    else:
+        r_adapt = _clip64(tl.where(ok, ratio, 1.0), lr, clip_mode, dp)
+    r = tl.where(adapt != 0, r_adapt, 1.0)
+    return r, lam_eff, n_w_raw, n_g_raw, n_u_raw
+
+
+@triton.jit
+def _lars_lowbit_update_tile(
+    tile, t, has, r, lam_eff, lr32, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Launch 2's ``TILE_UPDATE`` of low-bit LARS: the reference's lars_step / lars_momentum per element in
+    float64 (NOTE [Low-bit LARS in the Triton kernels]); ``MODE = (MOM, MASTER)``, ``kargs = (inv_scale_ptr,
+    pidx_ptr, seed)``."""
+    MOM: tl.constexpr = MODE[0]
+    MASTER: tl.constexpr = MODE[1]
+    fo, dp, lr_ptr = opts
+    inv_scale_ptr, pidx_ptr, seed = kargs
+    lr = tl.load(lr_ptr).to(tl.float64)
+    inv_scale = tl.load(inv_scale_ptr).to(tl.float64)
+    neg = fo[LARS.maximize] != 0
+    mu = _d(dp, LARS.momentum)
+    if MOM == MOM_TORCH:
+        c_g = 1.0 - _d(dp, LARS.dampening)
+        copy_first = (fo[LARS.first_step_buffer] == FIRST_CLONE) & (has == 0)
+    else:
+        c_g = lr
+        copy_first = has != has  # False
+    l2 = tl.cast(fo[LARS.wd_mode], tl.int32) == WD_L2
+    decoupled = tl.cast(fo[LARS.wd_mode], tl.int32) == WD_DECOUPLED
+    nesterov = fo[LARS.nesterov] != 0
+    dec = lr * lam_eff
+    step_new = (t + 1.0).to(tl.int64)  # the count once this step is done
+    pidx = tl.load(pidx_ptr + tile[2])
+    n = tile[4]
+    start = tile[3]
+    gp_ptr = _buf_ptr(tile, 1, PDT, False)
+    row = _state_row(HAS_MASTER)
+    for k in range(0, TILE, BLOCK):
+        offs = k + tl.arange(0, BLOCK)
+        m = offs < n
+        w = _weights64(tile, offs, m, PDT, MASTER)
+        g = tl.load(gp_ptr + offs, mask=m, other=0.0).to(tl.float64) * inv_scale
+        g = tl.where(neg, -g, g)
+        if l2:
+            gq = r * (g + lam_eff * w)
+        else:
+            gq = r * g
+        if MOM == MOM_NONE:
+            stp = lr * gq
+        else:
+            bp = _buf_ptr(tile, row, tl.bfloat16, False)
+            b = tl.load(bp + offs, mask=m, other=0.0).to(tl.float32).to(tl.float64)
+            b = tl.where(has != 0, b, 0.0)
+            b_new = mu * b + c_g * gq
+            b_new = tl.where(copy_first, gq, b_new)
+            if MOM == MOM_TORCH:
+                if nesterov:
+                    stp = lr * (gq + mu * b_new)
+                else:
+                    stp = lr * b_new
+            else:
+                if nesterov:
+                    stp = lr * gq + mu * b_new
+                else:
+                    stp = b_new
+            words = _LB.philox_words(seed, step_new, pidx, start + offs)
+            tl.store(bp + offs, _LB.bf16_sr(b_new.to(tl.float32), words[0]), mask=m)
+        w_new = w - stp
+        if decoupled:
+            w_new = w_new - dec * w
+        w32 = w_new.to(tl.float32)
+        pp = _buf_ptr(tile, 0, PDT, False)
+        if MASTER == 2:
+            p, rem = _LB.master_split(w32)
+            tl.store(pp + offs, p, mask=m)
+            tl.store(_buf_ptr(tile, 2, tl.int16, False) + offs, rem, mask=m)
+        elif MASTER == 1:
+            tl.store(_buf_ptr(tile, 2, tl.float32, False) + offs, w32, mask=m)
+            if PDT == tl.bfloat16:
+                tl.store(pp + offs, _LB.bf16_rne(w32), mask=m)
+            else:
+                tl.store(pp + offs, w32.to(PDT), mask=m)
+        else:
+            tl.store(pp + offs, w32, mask=m)  # fp32 params (supports() refuses half params without masters)
+
+
+@triton.jit
+def lars_lowbit_update_kernel(
+    addr_ptr, plan_ptr, work_ptr, step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, lr_ptr,
+    inv_scale_ptr, found_inf_ptr, dopts_ptr, pidx_ptr, seed, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr,
+    MASTER: tl.constexpr, MOM: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 2 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]): the trust ratio in float64 from
+    the segment's sums, the update per element in float64, bf16 momentum by stochastic rounding, the new
+    weights rounded once to fp32 (split into param and remainder for ``MASTER == 2``)."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, lr_ptr, found_inf_ptr)
+    outs = (w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr)
+    _update_program(
+        _lars_ratio64, _lars_lowbit_update_tile, (inv_scale_ptr, pidx_ptr, seed), bufs, outs,
+        (opts, dopts_ptr, lr_ptr), opts[LARS.weight_decay], opts[LARS.adapt_enabled], PDT, MASTER != 0,
+        (MOM, MASTER), GEO,
+    )  # fmt: skip

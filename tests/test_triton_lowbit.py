@@ -1,0 +1,145 @@
+"""The Triton backend's low-bit LARS (issue #26): bf16 momentum by stochastic rounding and remainder masters
+in the two launches (NOTE [Low-bit LARS in the Triton kernels] in fusedlars/backends/triton_kernels.py),
+against the float64 reference, in Triton's interpreter (small tiles: 512 elements, so the 1100-element
+layer spans 3 tiles).
+
+Bitwise GIVEN the same norms, as tests/test_cpu_lowbit.py: dyadic inputs (k * 2**-4, |k| <= 8) make the
+kernels' fp32 sums of w^2 and g^2 exact, so the trust ratio, momentum bits, remainders and params equal the
+reference's. ||g + lam*w|| (only reported: u_norm, the default denominator is sum_of_norms) is not a sum of
+exact squares: compared at the fp32 tolerance. int8 state and LAMB are refused (with the reason)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_cpu_lowbit import dyadic
+from test_low_memory_state import bits
+
+import fusedlars
+from fusedlars.backends import triton as tb
+
+pytestmark = [
+    pytest.mark.skipif(not tb.available()[0], reason=f"triton backend unavailable: {tb.available()[1]}"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+SHAPES = [(1,), (3,), (255,), (257,), (1100,), (0,), (4, 3, 3, 3)]
+FORMS = [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, "remainder")]
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(tb, "TILE", 512)
+    monkeypatch.setattr(tb, "BLOCK", 256)
+    monkeypatch.setattr(tb, "RBLOCK", 4)
+    monkeypatch.setattr(tb, "SBLOCK", 4)
+
+
+def dyadic_run(backend, dtype, masters, steps=1, hook=None, **kw):
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(dyadic(s, gen, dtype)) for s in SHAPES]
+    ps[2].data.zero_()  # a zero weight
+    kw = dict(dict(lr=0.5, weight_decay=1e-3, momentum=0.9), **kw)
+    opt = fusedlars.LARS(ps, backend=backend, state_dtype=torch.bfloat16, master_weights=masters, seed=7, **kw)
+    for t in range(steps):
+        for i, p in enumerate(ps):
+            p.grad = dyadic(p.shape, gen, dtype) * (0 if i == 3 else 1)  # a zero grad
+        if hook is not None:
+            hook(ps, opt, t)
+        opt.step()
+    return ps, opt
+
+
+def assert_same(oa, pa, ob, pb, u_tol=True):
+    assert ob.backends_in_use() == ["triton"] or not ob.backends_in_use()
+    for j, (a, b) in enumerate(zip(pa, pb)):
+        assert torch.equal(bits(a), bits(b)), f"param {j}"
+        sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
+        assert sa.keys() == sb.keys(), (j, sorted(sa), sorted(sb))
+        for k in sa:
+            assert torch.equal(bits(torch.as_tensor(sa[k])), bits(torch.as_tensor(sb[k]))), f"param {j} state {k}"
+    for ba, bb in zip(oa.buckets(), ob.buckets()):
+        for name in ("w_norm", "g_norm", "trust_ratio", "step", "has_state"):
+            torch.testing.assert_close(getattr(bb, name), getattr(ba, name), rtol=0, atol=0, equal_nan=True)
+        torch.testing.assert_close(bb.u_norm, ba.u_norm, rtol=2e-6, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype, masters", FORMS, ids=["fp32", "bf16_masters", "bf16_remainder"])
+def test_bitwise_the_reference_given_exact_norms(dtype, masters):
+    """One step (the state it reads is the fresh zero buffer), odd shapes, a zero weight, a zero grad, an
+    empty param; the options and the state_dict test below run several steps."""
+    pa, oa = dyadic_run("reference", dtype, masters)
+    pb, ob = dyadic_run("triton", dtype, masters)
+    assert_same(oa, pa, ob, pb)
+
+
+@pytest.mark.parametrize("opts", [dict(nesterov=True, maximize=True), dict(momentum_mode="classic"),
+                                  dict(weight_decay_mode="decoupled", exclude="ndim<=1")],
+                         ids=["nesterov_maximize", "classic", "decoupled_excluded"])  # fmt: skip
+def test_options_bitwise(opts):
+    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", **opts)
+    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", **opts)
+    assert_same(oa, pa, ob, pb)
+
+
+def test_excluded_layers_over_steps_and_a_mid_run_state_dict_round_trip():
+    """Every layer excluded from adaptation (ratio 1: momentum independent of any norm): 3 steps bitwise,
+    then the state_dict into a new optimizer and 1 more step, bitwise the uninterrupted reference."""
+    kw = dict(exclude=lambda name, p: True)
+    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=4, **kw)
+    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=3, **kw)
+    sd = ob.state_dict()
+    gen = torch.Generator().manual_seed(3)
+    for s in SHAPES:  # the generator's draws of the first 3 steps (params, 3 x grads), for the 4th grads
+        dyadic(s, gen, torch.bfloat16)
+    for _ in range(3):
+        for s in SHAPES:
+            dyadic(s, gen, torch.bfloat16)
+    pc = [torch.nn.Parameter(p.detach().clone()) for p in pb]
+    oc = fusedlars.LARS(pc, backend="triton", lr=0.5, weight_decay=1e-3, momentum=0.9, state_dtype=torch.bfloat16,
+                        master_weights="remainder", seed=7, **kw)  # fmt: skip
+    oc.load_state_dict(sd)
+    for i, p in enumerate(pc):
+        p.grad = dyadic(p.shape, gen, torch.bfloat16) * (0 if i == 3 else 1)
+    oc.step()
+    for j, (a, c) in enumerate(zip(pa, pc)):
+        assert torch.equal(bits(a), bits(c)), f"param {j}"
+        for k in oa.state[a]:
+            assert torch.equal(bits(torch.as_tensor(oa.state[a][k])), bits(torch.as_tensor(oc.state[c][k]))), (j, k)
+
+
+def test_inf_nan_grads_and_a_skipped_step():
+    def nan_inf(ps, opt, t):
+        if t == 1:
+            ps[4].grad[3] = math.nan
+            ps[6].grad.view(-1)[0] = math.inf
+
+    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=2, hook=nan_inf)
+    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=2, hook=nan_inf)
+    for j, (a, b) in enumerate(zip(pa, pb)):  # NaN-free layers bitwise; a NaN layer NaN in both
+        assert torch.equal(bits(a), bits(b)) or (a.isnan().any() and b.isnan().any()), f"param {j}"
+    _, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=1)
+    ps = [p for g in ob.param_groups for p in g["params"]]
+    before = [bits(p).clone() for p in ps], [{k: bits(torch.as_tensor(v)).clone() for k, v in ob.state[p].items()}
+                                             for p in ps]  # fmt: skip
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    ob.grad_scale, ob.found_inf = torch.tensor(2.0), torch.tensor([1.0])
+    ob.step()
+    assert all(torch.equal(bits(p), b) for p, b in zip(ps, before[0]))
+    for p, st in zip(ps, before[1]):
+        assert all(torch.equal(bits(torch.as_tensor(ob.state[p][k])), v) for k, v in st.items())
+
+
+@pytest.mark.parametrize("kind, state_dtype, why", [("LARS", "int8", "int8 state is not fused"),
+                                                    ("LAMB", torch.bfloat16, "LAMB with low-bit state")])  # fmt: skip
+def test_refused_with_a_reason(kind, state_dtype, why):
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = getattr(fusedlars, kind)([p], lr=0.1, state_dtype=state_dtype)
+    p.grad = torch.randn(10)
+    opt.step()
+    b = opt.buckets()[0]
+    cfg = opt._dispatch.make_config(opt.param_groups[0], None, None)
+    assert why in tb.supports(kind, cfg, b)
