@@ -103,21 +103,25 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // tensor, fp32/fp64) or, when that is None, the float `lr`. path: 0 auto, 1 cooperative (error if
   // unavailable), 2 two launches; FSDP2 split: 3 partials (writes the per-segment sums of squares into
   // `ssq`, float64 [3, S]), 4 apply (finishes the step from the sums in `ssq`). Fake kernels:
-  // fusedlars/backends/cuda.py.
+  // fusedlars/backends/cuda.py. Low-bit state (issue #26): `storage` 0 fp32, 1 bf16, 2 int8 buffers in
+  // the state rows, `remainder` int16 remainder masters, then their rows (launch.h Row), `param_ids`
+  // int64 [S] state_dict ids and the 64-bit `seed` of the stochastic rounding (NOTE [Low-bit buckets]).
   m.def(
       "lars_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor addresses, bool master, "
       "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(c!) has_state, Tensor(d!) step, "
       "Tensor(e!) w_norm, Tensor(f!) g_norm, Tensor(g!) u_norm, Tensor(h!) trust_ratio, Tensor tile_seg, "
       "Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, Tensor(i!) partials, "
       "Tensor(j!) snap, Tensor(k!)? ssq, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, "
-      "float[] hyper, int[] modes, int path=0) -> ()");
+      "float[] hyper, int[] modes, int path=0, Tensor? param_ids=None, int storage=0, "
+      "bool remainder=False, int seed=0) -> ()");
   m.def(
       "lamb_step_cuda(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, Tensor addresses, bool master, "
       "Tensor wd_mask, Tensor adapt_mask, Tensor active, Tensor(c!) has_state, Tensor(d!) step, "
       "Tensor(e!) w_norm, Tensor(f!) g_norm, Tensor(g!) u_norm, Tensor(h!) trust_ratio, Tensor tile_seg, "
       "Tensor tile_start, Tensor tile_len, Tensor seg_tile_ptr, Tensor group_seg, Tensor(i!) partials, "
       "Tensor(j!) snap, Tensor(k!)? ssq, Tensor? lr_tensor, float lr, Tensor? inv_scale, Tensor? found_inf, "
-      "Tensor? clip_coef, float[] hyper, int[] modes, int path=0) -> ()");
+      "Tensor? clip_coef, float[] hyper, int[] modes, int path=0, Tensor? param_ids=None, int storage=0, "
+      "bool remainder=False, int seed=0) -> ()");
   // sum over active segments of ||grad * inv_scale||^2 (grads at row 1 of `addresses`), float64 0-dim
   m.def(
       "grad_sumsq_cuda(Tensor[] grads, Tensor addresses, Tensor active, Tensor tile_seg, Tensor tile_start, "

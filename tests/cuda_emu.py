@@ -203,7 +203,11 @@ def _is_double(t: torch.Tensor | None) -> int:
     return int(t is not None and t.dtype == torch.float64)
 
 
-def _check_lists(params, grads, state, addresses, S: int, min_rows: int) -> torch.dtype:
+#: state dtypes besides float32 that each low-bit input allows (ops_cuda.cpp check_lists)
+_LOWBIT_DTYPES = {"storage1": torch.bfloat16, "storage2": torch.uint8, "remainder": torch.int16}
+
+
+def _check_lists(params, grads, state, addresses, S: int, min_rows: int, allowed=()) -> torch.dtype:
     """The checks of csrc/cuda/ops_cuda.cpp check_lists / check_common on the lists and the address table."""
     if len(params) != S or S == 0:
         raise RuntimeError(f"fusedlars cuda: {S} segments but {len(params)} params")
@@ -212,16 +216,16 @@ def _check_lists(params, grads, state, addresses, S: int, min_rows: int) -> torc
         raise RuntimeError(f"fusedlars cuda: every param must be {dt}")
     if len(grads) > S or any(t.dtype != dt or t.device.type != "cpu" for t in grads):
         raise RuntimeError(f"fusedlars cuda: at most {S} grads, every one {dt}")
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in state):
-        raise RuntimeError("fusedlars cuda: master weights and state must be float32")
+    if any(t.dtype not in (torch.float32, *allowed) or t.device.type != "cpu" for t in state):
+        raise RuntimeError("fusedlars cuda: master weights and state must be float32 (or the low-bit formats)")
     if (
         addresses.dtype != torch.int64
         or addresses.dim() != 2
         or addresses.shape[1] != S
-        or not min_rows <= addresses.shape[0] <= 5
+        or not min_rows <= addresses.shape[0] <= 8
     ):
         raise RuntimeError(
-            f"fusedlars cuda: the address table must be int64 [{min_rows}..5, {S}], got "
+            f"fusedlars cuda: the address table must be int64 [{min_rows}..8, {S}], got "
             f"{addresses.dtype} {tuple(addresses.shape)}"
         )
     return dt
@@ -290,7 +294,13 @@ class EmuOps:
         # rows param, grad, master, then LARS's momentum buffer (packing.lars_options: hyper[0] is the
         # momentum) or LAMB's exp_avg, exp_avg_sq (ops_cuda.cpp)
         min_rows = 5 if kind == "LAMB" else 4 if float(a["hyper"][0]) != 0.0 else 3
-        dt = _check_lists(a["params"], a["grads"], a["state"], a["addresses"], S, min_rows)
+        storage, remainder = int(a["storage"]), bool(a["remainder"])
+        allowed = tuple(
+            _LOWBIT_DTYPES[k] for k in (f"storage{storage}", "remainder" * remainder) if k in _LOWBIT_DTYPES
+        )
+        dt = _check_lists(a["params"], a["grads"], a["state"], a["addresses"], S, min_rows, allowed)
+        if (storage or remainder) and (a["param_ids"] is None or a["param_ids"].numel() != S):
+            raise RuntimeError("fusedlars cuda: low-bit state needs param_ids (int64 [S])")
         path, ssq, partials, snap = a["path"], a["ssq"], a["partials"], a["snap"]
         # path: launch.h Path, + GIVEN_G2 where the grads' sums taken in backward are given (ssq: [S]
         # on a whole step, row 1 of the output on the partials path)
@@ -311,7 +321,7 @@ class EmuOps:
                 ssq[0 if given else slice(None)].fill_(float("nan"))  # row 1 holds the given grad sums
                 ssq[2].fill_(float("nan"))
         # emu_abi.cpp's slots and ints
-        slots = [a[n] for n in _SLOT_ARGS] + [a.get("clip_coef")]
+        slots = [a[n] for n in _SLOT_ARGS] + [a.get("clip_coef"), a["param_ids"] if storage or remainder else None]
         ints = [
             VARIANTS[(dt, bool(a["master"]))],
             a["tile_start"].numel(),
@@ -320,6 +330,9 @@ class EmuOps:
             a["addresses"].shape[0],
             *(_is_double(a[n]) for n in ("lr_tensor", "inv_scale", "found_inf")),
             _is_double(a.get("clip_coef")),
+            storage,
+            int(remainder),
+            int(a["seed"]),
         ]
         fn = self.lib.L.emu_lamb_step if kind == "LAMB" else self.lib.L.emu_lars_step
         self._run(fn, slots, ints, a["hyper"], a["modes"], a["lr"], path)

@@ -63,6 +63,7 @@
 #include <mutex>
 #include <utility>
 
+#include "../lowbit.h"
 #include "launch.h"
 
 namespace cg = cooperative_groups;
@@ -631,6 +632,337 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
 }
 
 // ------------------------------------------------------------------------------------------------
+// Low-bit state and remainder masters (issue #26): the exact kernels
+//
+// NOTE: [Exact kernels] With bf16 / int8 state (launch.h Lowbit) or remainder masters, the stored
+// state must be the reference's bit for bit given the same per-layer norms (fusedlars/backends/
+// lowbit_state.py NOTE [Low-bit state: where values become fp32]). These kernels run the same
+// two_phase skeleton (same launches, partials, fixed-order reductions, skips) with the element math
+// of csrc/lars_math.h NOTE [Exact element math of low-bit state] in double (the cpu backend's
+// csrc/cpu/exact_impl.h does the same), one rounding to fp32, then the storage of csrc/lowbit.h:
+// bf16 by stochastic rounding with the Philox word of (seed, step after this step, param id,
+// element), int8 as codes of the dynamic-tree maps (__constant__ kTables) with one absmax per
+// 256-element block. A tile (kTileElems, a multiple of 256, starting at a multiple of it inside its
+// segment) is walked in chunks of kThreads = 256 elements, thread k taking element k of each chunk:
+// a chunk is exactly one quantization block (a segment's last one may be short), so its absmax is a
+// block reduction (warp max, then the warps' maxima in shared memory; the max of values >= +0 is
+// the same in any order, NaN if any value is NaN: lowbit::block_absmax). Pass-1 sums are per-thread
+// doubles then block_sum (fixed order). LAMB's pass 1 takes the norms only (the new moments are not
+// stored: pass 2 recomputes them from the old state, as the cpu backend does), so both launch paths
+// and any grid read the old state in pass 1 and write it once in pass 2. Elements are accessed one by
+// one (no 128-bit access: the state is 1 or 2 bytes), so alignment never matters. Separate kernel
+// instantiations (exact_lars_kernel / exact_lamb_kernel): the fp32 kernels are unchanged.
+static_assert(kThreads == lowbit::kQBlock, "a chunk of the exact kernels is one quantization block");
+static_assert(kTileElems % lowbit::kQBlock == 0, "tiles hold whole quantization blocks");
+
+// The quantization maps and midpoints (lowbit.h's host arrays) in constant memory.
+struct QTables {
+  float smap[256], umap[256], smid[255], umid[255];
+};
+constexpr QTables q_tables() {
+  QTables t{};
+  for (int i = 0; i < 256; ++i) {
+    t.smap[i] = lowbit::kSignedMap[i];
+    t.umap[i] = lowbit::kUnsignedMap[i];
+  }
+  for (int i = 0; i < 255; ++i) {
+    t.smid[i] = lowbit::kSignedMid[i];
+    t.umid[i] = lowbit::kUnsignedMid[i];
+  }
+  return t;
+}
+__constant__ QTables kTables = q_tables();
+
+// Segment s's buffers for the exact kernels (NOTE [Inactive segments]: only for an active s).
+template <class PT, bool MASTER, bool REM>
+struct ExMem {
+  PT* p;
+  float* m;
+  int16_t* r;
+  const PT* g;
+  void* s0;
+  void* s1;
+  float* a0;
+  float* a1;
+  __device__ ExMem(const Addr& b, const Lowbit& lb, int64_t s) {
+    p = reinterpret_cast<PT*>(base_of(b, kRowParam, s));
+    g = reinterpret_cast<const PT*>(base_of(b, kRowGrad, s));
+    m = MASTER ? reinterpret_cast<float*>(base_of(b, kRowMaster, s)) : nullptr;
+    r = REM ? reinterpret_cast<int16_t*>(base_of(b, lb.row_rem, s)) : nullptr;
+    s0 = reinterpret_cast<void*>(base_of(b, kRowS0, s));
+    s1 = reinterpret_cast<void*>(base_of(b, kRowS1, s));
+    a0 = lb.row_a0 >= 0 ? reinterpret_cast<float*>(base_of(b, lb.row_a0, s)) : nullptr;
+    a1 = lb.row_a1 >= 0 ? reinterpret_cast<float*>(base_of(b, lb.row_a1, s)) : nullptr;
+  }
+  // the weight as fp32 (exact: the master, the param + its remainder, or the param)
+  __device__ __forceinline__ float load_w(int64_t i) const {
+    if constexpr (REM) return lowbit::master_rebuild(reinterpret_cast<const uint16_t*>(p)[i], r[i]);
+    else if constexpr (MASTER) return m[i];
+    else return Cvt<PT>::in(p[i]);
+  }
+  __device__ __forceinline__ void store_w(int64_t i, float w) const {
+    if constexpr (REM) {
+      uint16_t hb;
+      int16_t rb;
+      lowbit::master_split(w, hb, rb);
+      reinterpret_cast<uint16_t*>(p)[i] = hb;
+      r[i] = rb;
+    } else {
+      if constexpr (MASTER) m[i] = w;
+      p[i] = Cvt<PT>::out(w);
+    }
+  }
+};
+
+// The old value of element i of a state buffer (st: its storage), exactly (lowbit_state.decode).
+template <int ST>
+__device__ __forceinline__ float state_load(const void* st, const float* absmax, bool sign, int64_t i) {
+  if constexpr (ST == kStateF32) return static_cast<const float*>(st)[i];
+  else if constexpr (ST == kStateBF16) return lowbit::bf16_bits_to_float(static_cast<const uint16_t*>(st)[i]);
+  else
+    return lowbit::dequantize(static_cast<const uint8_t*>(st)[i], absmax[i / lowbit::kQBlock],
+                              sign ? kTables.smap : kTables.umap);
+}
+
+// lowbit::block_absmax over the chunk's values (on = this thread holds one), in every thread.
+__device__ __forceinline__ float chunk_absmax(float x, bool on) {
+  __shared__ float shm[kWarps];
+  __shared__ int shn[kWarps];
+  const float a = on ? fabsf(x) : 0.0f;
+  int nan = a != a;
+  float m = nan ? 0.0f : a;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float o = __shfl_xor_sync(0xffffffffu, m, off);
+    m = o > m ? o : m;
+    nan |= __shfl_xor_sync(0xffffffffu, nan, off);
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+    shm[warp] = m;
+    shn[warp] = nan;
+  }
+  __syncthreads();
+  float r = 0.0f;
+  int any = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    r = shm[w] > r ? shm[w] : r;
+    any |= shn[w];
+  }
+  __syncthreads();  // shm / shn are reused by the next chunk
+  return any ? lowbit::float_from_bits(lowbit::kScaleNaN) : r;
+}
+
+// Stores the new value s32 of element i (on: this thread holds one; every thread of the block calls
+// it for a chunk, int8 reduces over the chunk) of a state buffer; rand: its Philox word (bf16).
+template <int ST>
+__device__ __forceinline__ void state_store(void* st, float* absmax, bool sign, int64_t i, bool on, float s32,
+                                            uint32_t rand) {
+  if constexpr (ST == kStateF32) {
+    if (on) static_cast<float*>(st)[i] = s32;
+  } else if constexpr (ST == kStateBF16) {
+    if (on) static_cast<uint16_t*>(st)[i] = lowbit::bf16_sr_bits(s32, rand);
+  } else {
+    const float scale = chunk_absmax(s32, on);
+    if (on) {
+      static_cast<uint8_t*>(st)[i] = lowbit::quantize_code(lowbit::normalize(s32, scale), sign ? kTables.smid : kTables.umid);
+      if ((threadIdx.x) == 0) absmax[i / lowbit::kQBlock] = scale;  // the chunk's first element
+    }
+  }
+}
+
+// Philox words of element i of segment s (counter: element, step after this step, param id).
+__device__ __forceinline__ void philox_of(const Lowbit& lb, uint64_t step_after, int64_t s, int64_t i,
+                                          uint32_t (&w)[4]) {
+  lowbit::philox_words(lb.seed, step_after, static_cast<uint32_t>(lb.param_id[s]), static_cast<uint64_t>(i), w);
+}
+
+// the reference's _grad: ((grad * inv) / clip), negated for maximize
+struct ExGrad {
+  double inv, clip;
+  bool neg;
+  __device__ __forceinline__ double operator()(float g) const {
+    double x = static_cast<double>(g) * inv;
+    x = x / clip;
+    return neg ? -x : x;
+  }
+};
+
+// Calls f(i, on) for the chunks of tile [st, st + len): every thread for every chunk (int8 reduces
+// over a chunk), i = st + chunk * 256 + threadIdx.x, on = i < st + len.
+template <class F>
+__device__ __forceinline__ void for_chunks(int64_t st, int len, F&& f) {
+  for (int c = 0; c < len; c += kThreads) {
+    const int k = c + static_cast<int>(threadIdx.x);
+    f(st + k, k < len);
+  }
+}
+
+template <class PT, bool MASTER, bool REM, int ST>
+struct ExactLarsStep {
+  using Args = LarsArgs;
+  struct Coef {
+    LarsExactCoef c;
+    uint64_t step_after;
+    __device__ __forceinline__ Coef() : c{}, step_after(0) {}
+  };
+  static constexpr bool kGivenG2 = false;  // cuda.py declines given grad sums for low-bit state
+  const LarsArgs& a;
+  const ExGrad gr;
+  const double lr;
+  __device__ __forceinline__ explicit ExactLarsStep(const LarsArgs& args)
+      : a(args), gr{read(args.inv_scale), 1.0, args.o.maximize != 0}, lr(read(args.lr)) {}
+
+  __device__ __forceinline__ double lam(int64_t s) const {
+    return a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
+  }
+
+  __device__ __forceinline__ void pass1(int64_t s, int64_t st, int len, double (&x)[3]) const {
+    const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
+    const double l = lam(s);
+    double sw = 0.0, sg = 0.0, su = 0.0;
+    for_chunks(st, len, [&](int64_t i, bool on) {
+      if (!on) return;
+      const double w = mem.load_w(i), g = gr(Cvt<PT>::in(mem.g[i]));
+      const double u = g + l * w;
+      sw += w * w;
+      sg += g * g;
+      su += u * u;
+    });
+    x[0] = sw;
+    x[1] = sg;
+    x[2] = su;
+  }
+
+  __device__ __forceinline__ LarsSegment segment(int64_t s, const double (&ssq)[3]) const {
+    const bool adapt = a.o.adapt_enabled && a.s.adapt_mask[s] != 0.f;
+    return lars_segment(a.o, ssq[0], ssq[1], ssq[2], lam(s), adapt, static_cast<double>(a.p.snap[2 * s]), lr);
+  }
+
+  __device__ __forceinline__ Coef coefficients(int64_t s, const double (&ssq)[3]) const {
+    Coef out;
+    out.c = lars_exact_coef(a.o, segment(s, ssq), lr, a.p.snap[2 * s + 1] != 0.f);
+    out.step_after = static_cast<uint64_t>(static_cast<double>(a.p.snap[2 * s]) + 1.0);
+    return out;
+  }
+
+  __device__ __forceinline__ void pass2(int64_t s, const Coef& cf, int64_t st, int len) const {
+    const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
+    const LarsExactCoef& c = cf.c;
+    const bool mom = c.step_mode != 0;
+    for_chunks(st, len, [&](int64_t i, bool on) {
+      float s32 = 0.0f;
+      if (on) {
+        const double w = mem.load_w(i), g = gr(Cvt<PT>::in(mem.g[i]));
+        const double b = mom ? static_cast<double>(state_load<ST>(mem.s0, mem.a0, true, i)) : 0.0;
+        double b_new = 0.0;
+        const double wn = lars_exact_update<double>(c, w, g, b, b_new);
+        mem.store_w(i, static_cast<float>(wn));
+        s32 = static_cast<float>(b_new);
+      }
+      if (mom) {  // uniform over the block
+        uint32_t rw[4] = {0u, 0u, 0u, 0u};
+        if (ST == kStateBF16 && on) philox_of(a.lb, cf.step_after, s, i, rw);
+        state_store<ST>(mem.s0, mem.a0, true, i, on, s32, rw[0]);
+      }
+    });
+  }
+};
+
+template <class PT, bool MASTER, bool REM, int ST>
+struct ExactLambStep {
+  using Args = LambArgs;
+  struct Coef {
+    LambExactCoef c;
+    uint64_t step_after;
+    __device__ __forceinline__ Coef() : c{}, step_after(0) {}
+  };
+  static constexpr bool kGivenG2 = false;
+  const LambArgs& a;
+  const ExGrad gr;
+  const double lr;
+  __device__ __forceinline__ explicit ExactLambStep(const LambArgs& args)
+      : a(args), gr{read(args.inv_scale), read(args.clip_coef), args.o.maximize != 0}, lr(read(args.lr)) {}
+
+  __device__ __forceinline__ double lam(int64_t s) const {
+    return a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
+  }
+
+  // one element: the new moments (m, v), the direction u, the scaled grad g; returns w_d
+  __device__ __forceinline__ double element(const ExMem<PT, MASTER, REM>& mem, const LambExactCoef& c, int64_t i,
+                                            double& w, double& g, double& m, double& v, double& u) const {
+    w = mem.load_w(i);
+    g = gr(Cvt<PT>::in(mem.g[i]));
+    m = state_load<ST>(mem.s0, mem.a0, true, i);
+    v = state_load<ST>(mem.s1, mem.a1, false, i);
+    return lamb_exact_direction<double>(c, w, g, m, v, u);
+  }
+
+  // rows [w_d^2, u^2, g^2] as the fp32 LAMB kernel's (g before l2)
+  __device__ __forceinline__ void pass1(int64_t s, int64_t st, int len, double (&x)[3]) const {
+    const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
+    // step[s] is written only in phase 2 (after the grid sync / in a later launch)
+    const LambExactCoef c = lamb_exact_coef(a.o, lam(s), lr, static_cast<double>(a.s.step[s]) + 1.0);
+    double sw = 0.0, su = 0.0, sg = 0.0;
+    for_chunks(st, len, [&](int64_t i, bool on) {
+      if (!on) return;
+      double w, g, m, v, u;
+      const double wd = element(mem, c, i, w, g, m, v, u);
+      sw += wd * wd;
+      su += u * u;
+      sg += g * g;
+    });
+    x[0] = sw;
+    x[1] = su;
+    x[2] = sg;
+  }
+
+  __device__ __forceinline__ LambSegment segment(int64_t s, const double (&ssq)[3]) const {
+    return lamb_segment(a.o, ssq[0], ssq[2], ssq[1], a.s.adapt_mask[s] != 0.f, lr);
+  }
+
+  __device__ __forceinline__ Coef coefficients(int64_t s, const double (&ssq)[3]) const {
+    const double t_new = static_cast<double>(a.p.snap[2 * s]) + 1.0;
+    Coef out;
+    out.c = lamb_exact_coef(a.o, lam(s), lr, t_new);
+    out.c.k = lamb_exact_step_scale(a.o, lr, segment(s, ssq).r, t_new);
+    out.step_after = static_cast<uint64_t>(t_new);
+    return out;
+  }
+
+  __device__ __forceinline__ void pass2(int64_t s, const Coef& cf, int64_t st, int len) const {
+    const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
+    for_chunks(st, len, [&](int64_t i, bool on) {
+      float m32 = 0.0f, v32 = 0.0f;
+      uint32_t rw[4] = {0u, 0u, 0u, 0u};
+      if (on) {
+        double w, g, m, v, u;
+        const double wd = element(mem, cf.c, i, w, g, m, v, u);
+        mem.store_w(i, static_cast<float>(wd - cf.c.k * u));
+        m32 = static_cast<float>(m);
+        v32 = static_cast<float>(v);
+        // LAMB's two buffers take words 0 and 1 of one Philox call (lowbit_state.WORD)
+        if (ST == kStateBF16) philox_of(a.lb, cf.step_after, s, i, rw);
+      }
+      state_store<ST>(mem.s0, mem.a0, true, i, on, m32, rw[0]);
+      state_store<ST>(mem.s1, mem.a1, false, i, on, v32, rw[1]);
+    });
+  }
+};
+
+template <class PT, bool MASTER, bool REM, int ST>
+__global__ void __launch_bounds__(kThreads, 2) exact_lars_kernel(const LarsArgs a, const int phase) {
+  two_phase<ExactLarsStep<PT, MASTER, REM, ST>>(a, phase);
+}
+
+// (1 block per SM guaranteed: at 2, i.e. 128 registers, the int8 variants spill on sm_100)
+template <class PT, bool MASTER, bool REM, int ST>
+__global__ void __launch_bounds__(kThreads, 1) exact_lamb_kernel(const LambArgs a, const int phase) {
+  two_phase<ExactLambStep<PT, MASTER, REM, ST>>(a, phase);
+}
+
+// ------------------------------------------------------------------------------------------------
 // FSDP2 split: per-segment sums of the phase-1 partials (kPathPartials, after a phase-1 launch)
 
 // ssq_out[k * S + s] = segment_sums(s)[k] for active segments, 0 for inactive ones (they add nothing
@@ -831,8 +1163,37 @@ constexpr auto kernel_for(const LambArgs&) {
   return &lamb_kernel<PT, MASTER>;
 }
 
+template <class PT, bool MASTER, bool REM, int ST>
+constexpr auto exact_kernel_for(const LarsArgs&) {
+  return &exact_lars_kernel<PT, MASTER, REM, ST>;
+}
+template <class PT, bool MASTER, bool REM, int ST>
+constexpr auto exact_kernel_for(const LambArgs&) {
+  return &exact_lamb_kernel<PT, MASTER, REM, ST>;
+}
+
+// The exact kernels (NOTE [Exact kernels]) of a variant and state format; remainder masters are bf16's.
+template <int ST, class Args>
+LaunchInfo launch_exact(const Args& a, int variant, cudaStream_t stream, int path) {
+  if (a.lb.remainder) return launch(exact_kernel_for<__nv_bfloat16, false, true, ST>(a), a, stream, path);
+  if constexpr (ST == kStateF32) {
+    return LaunchInfo{cudaErrorInvalidValue, kPathTwoLaunch, 0, nullptr};  // fp32 without remainder: not exact
+  } else {
+    switch (variant) {
+      case kF32: return launch(exact_kernel_for<float, false, false, ST>(a), a, stream, path);
+      case kBF16: return launch(exact_kernel_for<__nv_bfloat16, false, false, ST>(a), a, stream, path);
+      case kBF16Master: return launch(exact_kernel_for<__nv_bfloat16, true, false, ST>(a), a, stream, path);
+      case kF16: return launch(exact_kernel_for<__half, false, false, ST>(a), a, stream, path);
+      default: return launch(exact_kernel_for<__half, true, false, ST>(a), a, stream, path);
+    }
+  }
+}
+
 template <class Args>
 LaunchInfo launch_variant(const Args& a, int variant, cudaStream_t stream, int path) {
+  if (a.lb.storage == kStateBF16) return launch_exact<kStateBF16>(a, variant, stream, path);
+  if (a.lb.storage == kStateInt8) return launch_exact<kStateInt8>(a, variant, stream, path);
+  if (a.lb.remainder) return launch_exact<kStateF32>(a, variant, stream, path);
   switch (variant) {
     case kF32: return launch(kernel_for<float, false>(a), a, stream, path);
     case kBF16: return launch(kernel_for<__nv_bfloat16, false>(a), a, stream, path);

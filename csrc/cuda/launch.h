@@ -38,6 +38,7 @@ constexpr int kPathGivenG2 = 8;
 // Element k of segment s of buffer X is at ((X's type*) base[X * S + s]) + k; 0 where the segment has
 // no such buffer (inactive, no master). Rows at or above Addr::rows are absent.
 enum Row : int { kRowParam = 0, kRowGrad = 1, kRowMaster = 2, kRowS0 = 3, kRowS1 = 4 };
+constexpr int kMaxRows = 8;  // + remainder and two absmax rows of low-bit state (Lowbit)
 
 // A per-step scalar: read on the device from `ptr` (fp32 or fp64) when set, else `value`.
 struct Scalar {
@@ -73,8 +74,40 @@ struct Segs {
 struct Addr {
   const int64_t* base;  // [rows, S] int64
   int64_t num_segs;     // S
-  int rows;             // rows present (3..5)
+  int rows;             // rows present (3..kMaxRows)
 };
+
+// Low-bit optimizer state (issue #26; fusedlars/backends/lowbit_state.py, NOTE [Low-bit buckets] in
+// fusedlars/buckets.py): bucket inputs, not options. storage: the format of the state rows kRowS0 /
+// kRowS1 (fp32, bf16 bits, or uint8 codes of the dynamic-tree maps); remainder: bf16 params whose
+// fp32 masters are the param plus an int16 remainder (row row_rem). int8: row_a0 / row_a1 hold each
+// state buffer's fp32 scales, one per 256-element block. The rows past the kind's state rows come in
+// the order remainder, absmax of s0, absmax of s1 (those that exist; -1 for an absent one).
+// Stochastic rounding keys Philox-4x32-10 on (seed, step after this step, param_id[s], element).
+// storage == kStateF32 && !remainder: the fp32 kernels; otherwise the exact kernels (NOTE [Exact
+// kernels] in fused_kernels.cu).
+enum StateFormat : int { kStateF32 = 0, kStateBF16 = 1, kStateInt8 = 2 };
+struct Lowbit {
+  int storage;    // StateFormat
+  int remainder;  // 0 / 1
+  int row_rem, row_a0, row_a1;
+  uint64_t seed;
+  const int64_t* param_id;  // [S] state_dict ids (exact kernels), else nullptr
+};
+
+// Fills lb's rows from the table's row count (3 + nst + remainder + (int8 ? nst : 0) rows, nst <=
+// max_states state rows); returns nst, -1 when the rows do not fit (ops_cuda.cpp, csrc/emu/emu_abi.cpp).
+inline int lowbit_layout(Lowbit& lb, int64_t rows, int max_states) {
+  const int64_t extra = rows - 3 - lb.remainder;
+  const int64_t per = lb.storage == kStateInt8 ? 2 : 1;
+  if (extra < 0 || extra % per != 0 || extra / per > max_states) return -1;
+  const int nst = static_cast<int>(extra / per);
+  int r = 3 + nst;
+  lb.row_rem = lb.remainder ? r++ : -1;
+  lb.row_a0 = lb.storage == kStateInt8 && nst >= 1 ? r++ : -1;
+  lb.row_a1 = lb.storage == kStateInt8 && nst >= 2 ? r++ : -1;
+  return nst;
+}
 
 struct LarsArgs {
   Addr b;
@@ -82,6 +115,7 @@ struct LarsArgs {
   Plan p;
   LarsOptions o;
   Scalar lr, inv_scale, found_inf;
+  Lowbit lb;
 };
 
 struct LambArgs {
@@ -90,6 +124,7 @@ struct LambArgs {
   Plan p;
   LambOptions o;
   Scalar lr, inv_scale, found_inf, clip_coef;
+  Lowbit lb;
 };
 
 struct LaunchInfo {

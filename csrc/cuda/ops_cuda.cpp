@@ -43,7 +43,7 @@ Scalar scalar(const std::optional<at::Tensor>& t, const char* name, const at::De
 // grads (the active segments' grads, read), state (masters and state buffers that exist, written).
 // Returns the param dtype.
 at::ScalarType check_lists(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Device& dev,
-                           int64_t S) {
+                           int64_t S, const Lowbit& lb) {
   TORCH_CHECK(static_cast<int64_t>(params.size()) == S, "fusedlars cuda: ", S, " segments but ", params.size(),
               " params");
   TORCH_CHECK(S > 0, "fusedlars cuda: a bucket has at least one param");
@@ -55,9 +55,14 @@ at::ScalarType check_lists(at::TensorList params, at::TensorList grads, at::Tens
   for (const auto& t : grads)
     TORCH_CHECK(t.device() == dev && t.scalar_type() == dt, "fusedlars cuda: every grad must be ", dt, " on ", dev,
                 ", got ", t.scalar_type(), " on ", t.device());
-  for (const auto& t : state)
-    TORCH_CHECK(t.device() == dev && t.scalar_type() == at::kFloat, "fusedlars cuda: master weights and state must be "
-                "float32 on ", dev, ", got ", t.scalar_type(), " on ", t.device());
+  // fp32 masters, state and int8 scales; bf16 state bits, uint8 codes, int16 remainders (launch.h Lowbit)
+  for (const auto& t : state) {
+    const at::ScalarType st = t.scalar_type();
+    const bool ok = st == at::kFloat || (st == at::kBFloat16 && lb.storage == kStateBF16) ||
+                    (st == at::kByte && lb.storage == kStateInt8) || (st == at::kShort && lb.remainder);
+    TORCH_CHECK(t.device() == dev && ok, "fusedlars cuda: master weights and state must be float32 (or the "
+                "low-bit formats of `storage` / `remainder`) on ", dev, ", got ", st, " on ", t.device());
+  }
   return dt;
 }
 
@@ -77,6 +82,29 @@ at::ScalarType check_lists(at::TensorList params, at::TensorList grads, at::Tens
       trust_ratio, tile_seg, tile_start, tile_len, seg_tile_ptr, group_seg, partials, snap, ssq, lr_tensor, lr,  \
       inv_scale, found_inf
 
+// The low-bit inputs of a step (launch.h Lowbit), before check_common: storage, remainder, seed, param ids.
+template <class Args>
+void lowbit_args(Args& a, const std::optional<at::Tensor>& param_ids, int64_t storage, bool remainder, int64_t seed,
+                 const at::Tensor& addresses) {
+  TORCH_CHECK(storage >= kStateF32 && storage <= kStateInt8, "fusedlars cuda: storage must be 0 (fp32), 1 (bf16) or "
+              "2 (int8), got ", storage);
+  a.lb = Lowbit{static_cast<int>(storage), remainder ? 1 : 0, -1, -1, -1, static_cast<uint64_t>(seed), nullptr};
+  if (storage == kStateF32 && !remainder) return;
+  TORCH_CHECK(param_ids.has_value(), "fusedlars cuda: low-bit state needs param_ids");
+  check_buf(*param_ids, "param_ids", addresses.device(), at::kLong, addresses.dim() == 2 ? addresses.size(1) : -1);
+  a.lb.param_id = param_ids->data_ptr<int64_t>();
+}
+
+// The rows after the state rows (launch.h lowbit_layout); returns the number of state rows.
+template <class Args>
+int lowbit_rows(Args& a, int64_t rows, int max_states) {
+  if (a.lb.storage == kStateF32 && !a.lb.remainder) return -1;
+  const int nst = lowbit_layout(a.lb, rows, max_states);
+  TORCH_CHECK(nst >= 0, "fusedlars cuda: ", rows,
+              " address rows do not fit the low-bit layout (param, grad, master, state, remainder, scales)");
+  return nst;
+}
+
 // Checks the arguments LARS and LAMB share and fills the common fields of `a` (LarsArgs / LambArgs):
 // b, s, p, lr, inv_scale, found_inf. min_rows: the address table rows the kind needs. Returns the variant.
 template <class Args>
@@ -85,7 +113,7 @@ int check_common(Args& a, FUSEDLARS_STEP_PARAMS, int64_t path, int min_rows) {
               addresses.device());
   const at::Device dev = addresses.device();
   const int64_t S = wd_mask.numel();
-  const at::ScalarType dt = check_lists(params, grads, state, dev, S);
+  const at::ScalarType dt = check_lists(params, grads, state, dev, S, a.lb);
   int variant = kF32;
   switch (dt) {
     case at::kFloat:
@@ -103,9 +131,11 @@ int check_common(Args& a, FUSEDLARS_STEP_PARAMS, int64_t path, int min_rows) {
   }
   check_buf(addresses, "addresses", dev, at::kLong, -1);
   TORCH_CHECK(addresses.dim() == 2 && addresses.size(1) == S && addresses.size(0) >= min_rows &&
-                  addresses.size(0) <= kRowS1 + 1,
-              "fusedlars cuda: the address table must be int64 [rows, ", S, "] with ", min_rows, "..", kRowS1 + 1,
+                  addresses.size(0) <= kMaxRows,
+              "fusedlars cuda: the address table must be int64 [rows, ", S, "] with ", min_rows, "..", kMaxRows,
               " rows, got ", addresses.sizes());
+  TORCH_CHECK(!a.lb.remainder || dt == at::kBFloat16, "fusedlars cuda: remainder masters need bf16 params");
+  TORCH_CHECK(!a.lb.remainder || !master, "fusedlars cuda: remainder masters replace the fp32 masters");
   const std::pair<const at::Tensor*, const char*> segs[] = {
       {&wd_mask, "wd_mask"}, {&adapt_mask, "adapt_mask"}, {&active, "active"}, {&has_state, "has_state"},
       {&step, "step"},       {&w_norm, "w_norm"},         {&g_norm, "g_norm"}, {&u_norm, "u_norm"},
@@ -163,26 +193,39 @@ void launch_step(LaunchInfo (*launch)(const Args&, int, cudaStream_t, int), cons
   TORCH_CHECK(info.err == cudaSuccess, "fusedlars cuda: ", op, " launch failed: ", cudaGetErrorString(info.err));
 }
 
-void lars_step_cuda(FUSEDLARS_STEP_PARAMS, at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path) {
+#define FUSEDLARS_LOWBIT_PARAMS \
+  const std::optional<at::Tensor>&param_ids, int64_t storage, bool remainder, int64_t seed
+
+void lars_step_cuda(FUSEDLARS_STEP_PARAMS, at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes, int64_t path,
+                    FUSEDLARS_LOWBIT_PARAMS) {
   LarsArgs a{};
   a.o = lars_options(hyper, modes, "fusedlars cuda: lars_step_cuda");
+  lowbit_args(a, param_ids, storage, remainder, seed, addresses);
+  const bool exact = storage != kStateF32 || remainder;
+  TORCH_CHECK(!exact || (path & kPathGivenG2) == 0, "fusedlars cuda: low-bit state takes no grad sums (path +8)");
   // rows param, grad, master (+ momentum buffer)
   const int variant =
       check_common(a, FUSEDLARS_STEP_ARGS, path, a.o.momentum != 0.0 ? kRowS0 + 1 : kRowMaster + 1);
+  const int nst = lowbit_rows(a, addresses.size(0), 1);
+  TORCH_CHECK(!exact || a.o.momentum == 0.0 || nst == 1, "fusedlars cuda: low-bit momentum needs its state rows");
   launch_step(&launch_lars, a, variant, addresses.device(), path, "lars_step_cuda");
 }
 
 void lamb_step_cuda(FUSEDLARS_STEP_PARAMS, const std::optional<at::Tensor>& clip_coef, at::ArrayRef<double> hyper,
-                    at::ArrayRef<int64_t> modes, int64_t path) {
+                    at::ArrayRef<int64_t> modes, int64_t path, FUSEDLARS_LOWBIT_PARAMS) {
   LambArgs a{};
   a.o = lamb_options(hyper, modes, "fusedlars cuda: lamb_step_cuda");
+  lowbit_args(a, param_ids, storage, remainder, seed, addresses);
   TORCH_CHECK((path & kPathGivenG2) == 0, "fusedlars cuda: lamb_step_cuda takes no grad sums (path +8 is LARS's)");
   // rows param, grad, master, exp_avg, exp_avg_sq
   const int variant = check_common(a, FUSEDLARS_STEP_ARGS, path, kRowS1 + 1);
+  const int nst = lowbit_rows(a, addresses.size(0), 2);
+  TORCH_CHECK(nst == -1 || nst == 2, "fusedlars cuda: low-bit LAMB needs both state rows");
   a.clip_coef = scalar(clip_coef, "clip_coef", addresses.device(), 1.0);
   launch_step(&launch_lamb, a, variant, addresses.device(), path, "lamb_step_cuda");
 }
 
+#undef FUSEDLARS_LOWBIT_PARAMS
 #undef FUSEDLARS_STEP_ARGS
 #undef FUSEDLARS_STEP_PARAMS
 

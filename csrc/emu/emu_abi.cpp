@@ -11,9 +11,10 @@
 //   6 w_norm  7 g_norm  8 u_norm  9 trust_ratio  10 tile_seg  11 tile_start  12 tile_len  13 seg_tile_ptr
 //   14 group_seg  15 partials (grad_sumsq: gpart)  16 snap  17 ssq (float64 [3, S], or [S] given grad sums
 //   on a whole step with kPathGivenG2; grad_sumsq: out)
-//   18 lr tensor  19 inv_scale  20 found_inf  21 clip_coef (LAMB)
+//   18 lr tensor  19 inv_scale  20 found_inf  21 clip_coef (LAMB)  22 param_ids (int64 [S], low-bit state)
 // Integer slots (`n`): 0 variant (launch.h Variant)  1 num_tiles  2 num_segments  3 group_seg entries
-//   4 address rows  5..8 lr / inv_scale / found_inf / clip_coef tensor is float64 (else float32).
+//   4 address rows  5..8 lr / inv_scale / found_inf / clip_coef tensor is float64 (else float32)
+//   9 storage (launch.h StateFormat)  10 remainder masters (0/1)  11 seed (the 64-bit seed's bits).
 #include <cstdint>
 #include <string>
 
@@ -25,8 +26,8 @@ using namespace fusedlars::cuda;
 
 namespace {
 
-constexpr int kSlots = 22;
-constexpr int kInts = 9;
+constexpr int kSlots = 23;
+constexpr int kInts = 12;
 
 Scalar scalar(const void* p, int64_t is_double, double dflt) { return Scalar{p, static_cast<int>(is_double), dflt}; }
 
@@ -59,6 +60,10 @@ void fill(Args& a, void* const* t, const int64_t* n, double lr, int path) {
   a.lr = scalar(t[18], n[5], lr);
   a.inv_scale = scalar(t[19], n[6], 1.0);
   a.found_inf = scalar(t[20], n[7], 0.0);
+  // low-bit state (launch.h Lowbit; ops_cuda.cpp lowbit_args / lowbit_rows)
+  a.lb = Lowbit{static_cast<int>(n[9]), static_cast<int>(n[10]), -1, -1, -1, static_cast<uint64_t>(n[11]),
+                static_cast<const int64_t*>(t[22])};
+  if (a.lb.storage != kStateF32 || a.lb.remainder) lowbit_layout(a.lb, n[4], 2);
 }
 
 thread_local std::string g_why;

@@ -808,6 +808,7 @@ inline T __shfl_sync_at(unsigned mask, T v, int src, const char* file, int line)
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static thread_local
+#define __constant__
 #define __syncthreads() ::fusedlars_emu::syncthreads_at(__FILE__, __LINE__)
 #define __shfl_down_sync(m, v, d) __shfl_down_sync_at((m), (v), (d), __FILE__, __LINE__)
 #define __shfl_up_sync(m, v, d) __shfl_up_sync_at((m), (v), (d), __FILE__, __LINE__)

@@ -81,11 +81,11 @@ _STEP_HEAD = (
     "tile_seg", "tile_start", "tile_len", "seg_tile_ptr", "group_seg", "partials", "snap", "ssq",
     "lr_tensor", "lr", "inv_scale", "found_inf",
 )  # fmt: skip
-_STEP_TAIL = ("hyper", "modes", "path")
+_STEP_TAIL = ("hyper", "modes", "path", "param_ids", "storage", "remainder", "seed")
 #: the step op of each kind
 STEP_OPS = {"LARS": "lars_step_cuda", "LAMB": "lamb_step_cuda"}
 #: defaults of the schemas (``int path=0``)
-STEP_DEFAULTS = {"path": 0}
+STEP_DEFAULTS = {"path": 0, "param_ids": None, "storage": 0, "remainder": False, "seed": 0}
 
 
 def step_params(kind: str) -> tuple[str, ...]:
@@ -161,7 +161,29 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    return bucket.fused_unsupported() or check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
+    if _exact(bucket):  # low-bit state / remainder masters: the exact kernels (NOTE [Exact kernels])
+        if bucket.shard is not None and bucket.shard.shard_dims:
+            return "low-bit optimizer state (state_dtype bf16/int8) of FSDP2-sharded params is not supported yet"
+    else:
+        why = bucket.fused_unsupported()
+        if why:
+            return why
+    return check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
+
+
+def _exact(bucket: Bucket) -> bool:
+    """Does this bucket step in the exact kernels (low-bit state or remainder masters)?"""
+    return bucket.lowbit_state or bucket.uses_remainder
+
+
+#: the ops' ``storage`` code of each state format (lowbit_state.STORAGES; csrc/cuda/launch.h StateFormat)
+_STORAGE = {"float32": 0, "bfloat16": 1, "int8": 2}
+
+
+def _seed(bucket: Bucket) -> int:
+    """The 64-bit seed as the int64 the op takes (its bits)."""
+    s = bucket.seed & ((1 << 64) - 1)
+    return s - (1 << 64) if s >= 1 << 63 else s
 
 
 #: the weights' norms are read at every step (NOTE [Carried weight norms] is the cpu backend's)
@@ -179,10 +201,16 @@ _PARTIALS, _APPLY = 3, 4
 
 
 def _kinds(bucket: Bucket, kind: str) -> tuple[str, ...]:
-    """The address kinds of a step, in the kernels' row order."""
+    """The address kinds of a step, in the kernels' row order: param, grad, master, the state buffers,
+    then for low-bit state the remainders and the int8 scales of each buffer (csrc/cuda/launch.h Lowbit)."""
     if kind == "LAMB":
-        return _ROWS + ("exp_avg", "exp_avg_sq")
-    return _ROWS + (("momentum_buffer",) if "momentum_buffer" in bucket.state_names else ())
+        names = ("exp_avg", "exp_avg_sq")
+    else:
+        names = ("momentum_buffer",) if "momentum_buffer" in bucket.state_names else ()
+    low = ("remainder",) if bucket.uses_remainder else ()
+    if bucket.state_storage == "int8" and _exact(bucket):
+        low += tuple(n + "_absmax" for n in names)
+    return _ROWS + names + low
 
 
 class _Scratch:
@@ -199,6 +227,8 @@ class _Scratch:
         self.clip = CachedScalar(dev, torch.float64)  # LAMB's clip_coef when given as a float
         # NOTE [Addresses in a compiled step]: the table of compiled steps
         self.traced_addr = torch.zeros((len(self.kinds), S), dtype=torch.int64, device=dev)
+        # the segments' state_dict ids (Philox counter word of low-bit state)
+        self.param_ids = torch.tensor(bucket.param_indices, dtype=torch.int64, device=dev)
 
 
 def _l2_bytes(device: torch.device) -> int:
@@ -239,7 +269,7 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     sc = _scratch(bucket, kind)
     t = sc.tiles
     return [t.tile_seg, t.tile_start, t.tile_len, t.seg_tile_ptr, sc.part, sc.snap, sc.gpart, sc.group_seg, sc.ssq,
-            sc.traced_addr]  # fmt: skip
+            sc.traced_addr, sc.param_ids]  # fmt: skip
 
 
 def _addresses(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
@@ -276,11 +306,12 @@ _cuda_addresses.register_fake(lambda table, tensors: None)
 
 def _lists(bucket: Bucket, sc: _Scratch) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(params, grads, state) of the op: what a step writes and reads, as alias information (the
-    kernels reach every tensor through the address table)."""
+    kernels reach every tensor through the address table): the state holds the masters, then the
+    tensors of every row past the master row (state buffers, remainders, int8 scales)."""
     grads = [g for g in bucket.grad_tensors if g is not None]
     state = [m for m in bucket.master_tensors if m is not None] if bucket.master_tensors is not None else []
     for name in sc.kinds[len(_ROWS) :]:
-        state += [t for t in bucket.state_tensors[name] if t is not None]
+        state += [t for t in bucket.tensors_of(name) if t is not None]
     return bucket.param_tensors, grads, state
 
 
@@ -322,6 +353,10 @@ def _step_args(kind: str, bucket: Bucket, cfg, path: int, ssq: torch.Tensor | No
         seg_tile_ptr=tt.seg_tile_ptr, group_seg=sc.group_seg, partials=sc.part, snap=sc.snap, ssq=ssq,
         lr_tensor=lr_t, lr=lr, inv_scale=cfg.inv_scale, found_inf=cfg.found_inf, hyper=hyper, modes=modes, path=path,
     )  # fmt: skip
+    args.update(param_ids=None, storage=0, remainder=False, seed=0)  # the fp32 kernels
+    if _exact(bucket):
+        args.update(param_ids=sc.param_ids, storage=_STORAGE[bucket.state_storage], remainder=bucket.uses_remainder,
+                    seed=_seed(bucket))  # fmt: skip
     if kind == "LAMB":
         args["clip_coef"] = clip
     return sc, args
@@ -386,7 +421,7 @@ def _declines_given(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
     (norm_of_sum), which only a pass over the grads gives, or the bucket has low-bit state."""
     if tuple(g2.shape) != (bucket.num_segments,):
         raise ValueError(f"the grads' sums of squares must have shape ({bucket.num_segments},), got {tuple(g2.shape)}")
-    return cfg.denominator == "norm_of_sum" or bool(getattr(bucket, "lowbit_state", False))
+    return cfg.denominator == "norm_of_sum" or _exact(bucket)
 
 
 def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
