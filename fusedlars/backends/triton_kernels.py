@@ -1074,7 +1074,8 @@ def _lars_lowbit_sums_tile(
 ):  # fmt: skip
     """Launch 1's ``TILE_SUMS`` of low-bit LARS: :func:`_lars_sums_loop`'s fp32 sums of the weights as
     stored; ``opts = (fp32 opts, dopts_ptr, lr_ptr)``, ``kargs = (inv_scale_ptr,)``."""
-    inv_scale = tl.load(kargs[0]).to(tl.float32) * _sign(opts[0][LARS.maximize])
+    fo, _dp, _lr = opts  # (fp32 opts, dopts_ptr, lr_ptr): only the fp32 options here
+    inv_scale = tl.load(kargs[0]).to(tl.float32) * _sign(fo[LARS.maximize])
     n = tile[4]
     gp = _buf_ptr(tile, 1, PDT, False)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
