@@ -502,16 +502,24 @@ def _check_state_dtype(kind, where, g):
         raise _err(kind, where, f"state_dtype={v!r} is not supported. Choose one of: {lines}.")
     if storage == "float32":
         return
+    label = _first_param_of(g, torch.float64)
+    if label is not None:
+        raise _err(
+            kind,
+            where,
+            f"state_dtype={v!r} stores the state below fp32, but {label} is float64 (its state is fp64): "
+            "put float64 params in a param group with state_dtype=torch.float32.",
+        )
+
+
+def _first_param_of(g: Mapping[str, Any], dtype: torch.dtype) -> str | None:
+    """The label ("parameter 'name'" or "parameter #j") of the group's first param of ``dtype``, or None
+    (a group being validated before it lists its params has none)."""
     names = g.get("param_names") or [None] * len(g.get("params", ()))
     for j, p in enumerate(g.get("params", ())):
-        if isinstance(p, torch.Tensor) and p.dtype == torch.float64:
-            label = f"parameter {names[j]!r}" if names[j] else f"parameter #{j}"
-            raise _err(
-                kind,
-                where,
-                f"state_dtype={v!r} stores the state below fp32, but {label} is float64 (its state is fp64): "
-                "put float64 params in a param group with state_dtype=torch.float32.",
-            )
+        if isinstance(p, torch.Tensor) and p.dtype == dtype:
+            return f"parameter {names[j]!r}" if names[j] else f"parameter #{j}"
+    return None
 
 
 def check_master_weights(kind: str, master_weights: Any) -> None:
@@ -530,17 +538,15 @@ def check_remainder_params(kind: str, where: str, g: Mapping[str, Any], master_w
     their own masters and need none."""
     if master_weights != "remainder":
         return
-    names = g.get("param_names") or [None] * len(g.get("params", ()))
-    for j, p in enumerate(g.get("params", ())):
-        if isinstance(p, torch.Tensor) and p.dtype == torch.float16:
-            label = f"parameter {names[j]!r}" if names[j] else f"parameter #{j}"
-            raise _err(
-                kind,
-                where,
-                f"master_weights='remainder' keeps the fp32 master of a bf16 param as the param plus a 16-bit "
-                f"remainder, but {label} is float16, whose bits are not the top half of an fp32: use "
-                "master_weights=True for float16 params (or train them in bfloat16).",
-            )
+    label = _first_param_of(g, torch.float16)
+    if label is not None:
+        raise _err(
+            kind,
+            where,
+            f"master_weights='remainder' keeps the fp32 master of a bf16 param as the param plus a 16-bit "
+            f"remainder, but {label} is float16, whose bits are not the top half of an fp32: use "
+            "master_weights=True for float16 params (or train them in bfloat16).",
+        )
 
 
 def check_remainder_optimizer(kind: str, param_groups: list, master_weights: Any) -> None:
