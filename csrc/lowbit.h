@@ -109,6 +109,29 @@ FUSEDLARS_HD FUSEDLARS_INLINE void philox_words(uint64_t seed, uint64_t step, ui
   philox4x32_10(out, uint32_t(seed), uint32_t(seed >> 32));
 }
 
+// NOTE: [Stochastic-rounding bits] (lowbit.py NOTE [Stochastic-rounding bits: 16 per value, 8 per
+// Philox call]): a value takes 16 random bits, a Philox call gives 8 halves, so buffer k of `buffers`
+// (1: LARS's momentum; 2: LAMB's exp_avg, exp_avg_sq) of element e takes half h = k*P + e%P of the
+// call of counter e / P, P = 8 / buffers; half h is (word[h / 2] >> 16*(h % 2)) & 0xFFFF.
+FUSEDLARS_HD FUSEDLARS_INLINE uint32_t sr_half(const uint32_t w[4], int h) {
+  // selects, not w[h >> 1]: a dynamically indexed array would live in a GPU thread's local memory
+  const int k = h >> 1;
+  const uint32_t x = k == 0 ? w[0] : k == 1 ? w[1] : k == 2 ? w[2] : w[3];
+  return (x >> (16 * (h & 1))) & 0xFFFFu;
+}
+
+// The stochastic-rounding bits of element `element` for each of `buffers` (1 or 2) state buffers:
+// out[k] for buffer k.
+FUSEDLARS_HD FUSEDLARS_INLINE void sr_bits(uint64_t seed, uint64_t step, uint32_t param_index, uint64_t element,
+                                           int buffers, uint32_t out[2]) {
+  const int per = buffers == 2 ? 4 : 8;
+  uint32_t w[4];
+  philox_words(seed, step, param_index, element / uint64_t(per), w);
+  const int j = int(element % uint64_t(per));
+  out[0] = sr_half(w, j);
+  out[1] = buffers == 2 ? sr_half(w, per + j) : 0u;
+}
+
 // ---------------------------------------------------------------------------------------------
 // bf16 rounding (lowbit.round_bf16_nearest_bits / round_bf16_stochastic_bits)
 

@@ -118,7 +118,12 @@ def test_first_step_state_is_the_quantized_gradient(state_dtype):
             assert torch.equal(st["momentum_buffer"].reshape(-1), codes)
             assert torch.equal(bits(st["momentum_buffer_absmax"]), bits(scales))
         else:
-            rand = lowbit.philox_words(seed, 1, pid, g32.numel())[0]
+            # element 8q + j takes half j of the Philox words of counter q (lowbit NOTE [Stochastic-
+            # rounding bits: 16 per value, 8 per Philox call]): the words' little-endian uint16 view
+            q = (g32.numel() + 7) // 8
+            halves = torch.stack(lowbit.philox_words(seed, 1, pid, q)).T.contiguous()  # [q, 4] words
+            rand = (halves[:, :, None] >> torch.tensor([0, 16])) & 0xFFFF  # [q, 4, 2] halves
+            rand = rand.reshape(-1)[: g32.numel()]
             want = lowbit.round_bf16_stochastic(g32, rand)
             assert torch.equal(bits(st["momentum_buffer"]), bits(want))
 
@@ -238,16 +243,24 @@ def test_grad_scaler_skip_leaves_codes_unchanged(kind, state_dtype):
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_remainder_masters_are_the_fp32_masters(backend, kind):
-    """param + remainder rebuilds the fp32 master of master_weights=True bit for bit (fp32 state: the
-    torch backend's fp32 path; int8 state: its low-bit path), and the bf16 params agree except on exact
-    ties, which the split rounds away from zero (lowbit NOTE [Master split])."""
+    """param + remainder rebuilds the fp32 master of master_weights=True bit for bit, and the bf16
+    params agree except on exact ties, which the split rounds away from zero (lowbit NOTE [Master
+    split]): on every exact path (the reference; int8 state on the torch backend, its low-bit path).
+    The torch backend's fp32-state step is its fast fp32 path, whose per-layer sums are BLAS dots over
+    chunks of whatever buffer holds the weights (the masters, or the scratch the remainder rebuilds
+    them into): other chunks, other roundings on some hosts (an AMD EPYC gave a last-bit different
+    trust ratio). There the masters are held to fp32 precision, and the low-bit step to the bits."""
     for sd in (torch.float32, "int8"):
         pa, oa = run(kind, backend, steps=4, dtype=torch.bfloat16, master_weights=True, state_dtype=sd)
         pb, ob = run(kind, backend, steps=4, dtype=torch.bfloat16, master_weights="remainder", state_dtype=sd)
+        exact = backend == "reference" or sd == "int8"
         for a, b in zip(pa, pb):
             sa, sb = oa.state[a], ob.state[b]
             assert "master_weight" not in sb and sb["master_remainder"].dtype == torch.int16
             rebuilt = lowbit.master_rebuild(b.detach(), sb["master_remainder"]).view(b.shape)
+            if not exact:
+                torch.testing.assert_close(rebuilt, sa["master_weight"], rtol=1e-6, atol=1e-7)
+                continue
             assert torch.equal(bits(rebuilt), bits(sa["master_weight"]))
             tie = (lowbit.float_bits(sa["master_weight"]) & 0xFFFF) == 0x8000
             assert torch.equal(a.detach()[~tie], b.detach()[~tie])

@@ -186,6 +186,32 @@ def test_philox_words_counter_layout():
         L.philox_words(-1, 0, 0, 1)
 
 
+@pytest.mark.parametrize("buffers", [1, 2])
+def test_sr_bits_are_the_halves_of_one_call_per_group(buffers):
+    """NOTE [Stochastic-rounding bits: 16 per value, 8 per Philox call], per element from the scalar
+    Philox: element e, buffer k takes half k*P + e%P of the call of counter e // P, P = 8 / buffers;
+    every (element, buffer) gets a different half, so no 16 bits are used twice."""
+    seed, step, param = 0xDEADBEEF_0BADF00D, 2**32 + 9, 3
+    per = 8 // buffers
+    start = per * (2**32 - 2) - 3  # counters cross into c3 = 1; the first group starts mid-way
+    elem = torch.arange(start, start + 5 * per, dtype=torch.int64)
+    got = L.sr_bits(seed, step, param, elem, buffers)
+    assert len(got) == buffers
+    seen = set()
+    for j, e in enumerate(elem.tolist()):
+        q = e // per
+        words = philox_scalar([q & M32, step & M32, param, q >> 32], [seed & M32, seed >> 32])
+        for k in range(buffers):
+            h = k * per + e % per
+            assert int(got[k][j]) == (words[h // 2] >> (16 * (h % 2))) & 0xFFFF, (e, k)
+            assert (q, h) not in seen
+            seen.add((q, h))
+    two_d = L.sr_bits(seed, step, param, elem.view(5, per), buffers)  # any shape, elementwise
+    assert all(torch.equal(a.reshape(-1), b) for a, b in zip(two_d, got))
+    with pytest.raises(ValueError, match="buffers"):
+        L.sr_bits(seed, step, param, elem, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 rounding
 
@@ -414,6 +440,13 @@ void lb_words(uint64_t seed, uint64_t step, uint32_t param, uint64_t start, long
     for (int j = 0; j < 4; ++j) out[j * n + i] = w[j];
   }
 }
+void lb_sr_bits(uint64_t seed, uint64_t step, uint32_t param, uint64_t start, long n, int buffers, uint32_t* out) {
+  for (long i = 0; i < n; ++i) {
+    uint32_t r[2];
+    sr_bits(seed, step, param, start + uint64_t(i), buffers, r);
+    for (int k = 0; k < buffers; ++k) out[k * n + i] = r[k];
+  }
+}
 void lb_rne(const float* x, long n, uint16_t* out) { for (long i = 0; i < n; ++i) out[i] = bf16_rne_bits(x[i]); }
 void lb_sr(const float* x, const uint32_t* r, long n, uint16_t* out) {
   for (long i = 0; i < n; ++i) out[i] = bf16_sr_bits(x[i], r[i]);
@@ -491,6 +524,11 @@ def test_cpp_philox(clib):
         w = np.zeros((4, 131), dtype=np.uint32)
         clib.lb_words(ctypes.c_uint64(seed), ctypes.c_uint64(step), ctypes.c_uint32(param), ctypes.c_uint64(start), ctypes.c_long(131), ptr(w))  # fmt: skip
         assert w.astype(np.int64).tolist() == torch.stack(L.philox_words(seed, step, param, 131, start=start)).tolist()
+        elem = torch.arange(start, start + 131, dtype=torch.int64)
+        for buffers in (1, 2):
+            r = np.zeros((buffers, 131), dtype=np.uint32)
+            clib.lb_sr_bits(ctypes.c_uint64(seed), ctypes.c_uint64(step), ctypes.c_uint32(param), ctypes.c_uint64(start), ctypes.c_long(131), ctypes.c_int(buffers), ptr(r))  # fmt: skip
+            assert r.astype(np.int64).tolist() == torch.stack(L.sr_bits(seed, step, param, elem, buffers)).tolist()
 
 
 @pytest.mark.parametrize("n", [1, 7, 4099])
@@ -543,9 +581,9 @@ __global__ void lowbit_all(const float* x, float* y, uint16_t* h, uint8_t* c, in
                            unsigned long long step, int n) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  uint32_t w[4];
-  philox_words(seed, step, 3u, uint64_t(i), w);
-  h[i] = bf16_sr_bits(x[i], w[0]) ^ bf16_rne_bits(x[i]);
+  uint32_t w[2];
+  sr_bits(seed, step, 3u, uint64_t(i), 2, w);
+  h[i] = bf16_sr_bits(x[i], w[0]) ^ bf16_sr_bits(x[i], w[1]) ^ bf16_rne_bits(x[i]);
   const int b = i / kQBlock * kQBlock;
   const float s = block_absmax(x + b, n - b < kQBlock ? n - b : kQBlock);
   c[i] = quantize_code(normalize(x[i], s), c_mid);
@@ -595,6 +633,15 @@ if _TRITON_ERR is None:
         tl.store(out_ptr + 3 * n + offs, w3.to(tl.int64), mask=mask)
 
     @triton.jit
+    def _k_sr_bits(out_ptr, seed, step, param, start, n, BUFFERS: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        e = start + offs.to(tl.int64)
+        tl.store(out_ptr + offs, TL.sr_bits(seed, step, param, e, 0, BUFFERS).to(tl.int64), mask=mask)
+        if BUFFERS == 2:
+            tl.store(out_ptr + n + offs, TL.sr_bits(seed, step, param, e, 1, BUFFERS).to(tl.int64), mask=mask)
+
+    @triton.jit
     def _k_round(x_ptr, rand_ptr, rne_ptr, sr_ptr, bf_ptr, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -637,6 +684,22 @@ def test_triton_philox_words():
         out = torch.zeros(4 * n, dtype=torch.int64, device=DEV)
         _k_philox[_grid(n, 128)](out, seed, step, param, start, n, BLOCK=128)
         want = torch.stack(L.philox_words(seed, step, param, n, start=start)).reshape(-1)
+        assert out.cpu().tolist() == want.tolist(), (seed, step, param, start)
+
+
+@needs_triton
+@pytest.mark.parametrize("buffers", [1, 2])
+def test_triton_sr_bits(buffers):
+    n = 300
+    for seed, step, param, start in [
+        (0, 0, 0, 0),
+        (0xA4093822_299F31D0, 2**32 + 5, 9, 8 * 2**32 - 150),
+        (77, 12, 160, 5),
+    ]:
+        out = torch.zeros(buffers * n, dtype=torch.int64, device=DEV)
+        _k_sr_bits[_grid(n, 128)](out, seed, step, param, start, n, BUFFERS=buffers, BLOCK=128)
+        elem = torch.arange(start, start + n, dtype=torch.int64)
+        want = torch.stack(L.sr_bits(seed, step, param, elem, buffers)).reshape(-1)
         assert out.cpu().tolist() == want.tolist(), (seed, step, param, start)
 
 

@@ -10,8 +10,8 @@
 //   math      the reference's element formulas in double (lars_math.h NOTE [Exact element math of
 //             low-bit state]); s32 = fl32(s) and the new weights' fp32 value into block buffers;
 //   store     the weights (the fp32 master, a bf16/fp16 param rounded from it, or split into bf16
-//             + int16 remainder), and the state: fp32, bf16 by stochastic rounding with the Philox
-//             word of (seed, step after this step, param id, element), or int8 (the block's absmax
+//             + int16 remainder), and the state: fp32, bf16 by stochastic rounding with 16 bits of
+//             the Philox call of (seed, step after this step, param id, element / P), or int8 (the block's absmax
 //             over all its new values first, then the codes): csrc/lowbit.h, bitwise lowbit.py.
 // The element math, Philox, the bf16 rounding and the int8 codes run on 16 lanes (GCC vectors of 16
 // doubles / 16 words: NOTE [Exact math on lanes] below); the per-element scalar helpers of lowbit.h
@@ -213,17 +213,26 @@ FL_AI void exact_state_load(const void* s, const float* absmax, bool sign, int64
   }
 }
 
-// Philox words 0 (and 1 with TWO: LAMB's second buffer) of elements e0 .. e0+n-1 (counter: element,
-// step, param id, element >> 32; key: the seed): lowbit.h philox_words per element, on 16 lanes
-// (element j in lane j % 16; round 0's second product is of the uniform word 2, done once).
-template <bool TWO>
-FL_AI void exact_philox(const ExactCtx& x, const ExactTile& a, int64_t e0, int n, uint32_t* out0, uint32_t* out1) {
+// The stochastic-rounding bits of elements e0 .. e0+n-1 (lowbit.h NOTE [Stochastic-rounding bits]):
+// BUFFERS = 1 (LARS: out0) or 2 (LAMB: out0, out1), 16 bits per element and buffer. Element e takes
+// half k*P + e%P of the Philox call of counter q = e / P (P = 8 / BUFFERS; counter (q, step, param
+// id, q >> 32), key the seed): lowbit.h philox_words per call, 16 calls on 16 lanes. The halves a
+// buffer takes from a call are consecutive (P of them: its words 2k/P .. ), so writing each call's
+// words in order makes the buffer's halves the uint16 array in element order (little endian).
+// e0 is a multiple of 256 (a quantization block's start), so q0 = e0 / P is a multiple of 32 and the
+// calls of a block never cross 2**32 (c3 is uniform).
+template <int BUFFERS>
+FL_AI void exact_sr_bits(const ExactCtx& x, const ExactTile& a, int64_t e0, int n, uint16_t* out0, uint16_t* out1) {
+  constexpr int P = 8 / BUFFERS, WPB = 4 / BUFFERS;  // elements per call, words per call per buffer
   const uint32_t k0i = uint32_t(x.seed), k1i = uint32_t(x.seed >> 32);
   const uint32_t c1i = uint32_t(a.step_after), c2i = a.pidx;
-  const uint32_t hi = uint32_t(uint64_t(e0) >> 32), lo0 = uint32_t(e0);  // a block never crosses 2**32
+  const uint64_t q0 = uint64_t(e0) / P;
+  const uint32_t hi = uint32_t(q0 >> 32), lo0 = uint32_t(q0);
   const fl_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const uint64_t q1 = uint64_t(c2i) * lowbit::kPhiloxM1;
-  for (int j = 0; j < n; j += kW) {
+  uint32_t* o32[2] = {reinterpret_cast<uint32_t*>(out0), reinterpret_cast<uint32_t*>(out1)};
+  const int calls = (n + P - 1) / P;
+  for (int j = 0; j < calls; j += kW) {
     fl_vu c0 = lane + (lo0 + uint32_t(j)), c1, c2, c3, h0, l0, h1, l1;
     mulhilo_v(c0, lowbit::kPhiloxM0, h0, l0);  // round 0
     uint32_t k0 = k0i, k1 = k1i;
@@ -242,8 +251,10 @@ FL_AI void exact_philox(const ExactCtx& x, const ExactTile& a, int64_t e0, int n
       c1 = l1;
       c3 = l0;
     }
-    *reinterpret_cast<fl_vu*>(out0 + j) = c0;
-    if constexpr (TWO) *reinterpret_cast<fl_vu*>(out1 + j) = c1;
+    const fl_vu w[4] = {c0, c1, c2, c3};
+    for (int l = 0; l < kW; ++l)
+      for (int b = 0; b < BUFFERS; ++b)
+        for (int k = 0; k < WPB; ++k) o32[b][(j + l) * WPB + k] = w[b * WPB + k][l];
   }
 }
 
@@ -289,16 +300,17 @@ FL_AI float block_absmax_v(const float* x, int n) {
 }
 
 // store the new state of one block from its fp32 values s32 (lowbit_state NOTE [Low-bit state: where
-// values become fp32]); `rand`: the block's Philox words for bf16
+// values become fp32]); `rand`: the block's stochastic-rounding bits for bf16 (exact_sr_bits)
 template <int ST>
 FL_AI void exact_state_store(void* s, float* absmax, bool sign, int64_t i, int n, const float* s32,
-                             const uint32_t* rand) {
+                             const uint16_t* rand) {
   if constexpr (ST == kStoreF32) {
     __builtin_memcpy(static_cast<float*>(s) + i, s32, n * sizeof(float));
   } else if constexpr (ST == kStoreBF16) {
     uint16_t* h = static_cast<uint16_t*>(s) + i;
     int j = 0;
-    for (; j + kW <= n; j += kW) store_h16(h + j, bf16_sr_v(ld16(s32 + j), *reinterpret_cast<const fl_vu*>(rand + j)));
+    for (; j + kW <= n; j += kW)
+      store_h16(h + j, bf16_sr_v(ld16(s32 + j), __builtin_convertvector(*reinterpret_cast<const fl_vh_a*>(rand + j), fl_vu)));
     for (; j < n; ++j) h[j] = lowbit::bf16_sr_bits(s32[j], rand[j]);
   } else {
     uint8_t* c = static_cast<uint8_t*>(s) + i;
@@ -423,7 +435,7 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
   const bool mom = c.step_mode != 0;
   alignas(64) float wf[kQB] = {}, gf[kQB] = {}, sf[kQB] = {}, s32[kQB], w32[kQB];
-  alignas(64) uint32_t rnd[kQB];
+  alignas(64) uint16_t rnd[kQB] = {};  // (written through uint32 words: exact_sr_bits)
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     W.load(i, n, wf);
@@ -437,7 +449,7 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
     }
     W.store(i, n, w32);
     if (mom) {
-      if constexpr (ST == kStoreBF16) exact_philox<false>(x, a, a.start + i, n, rnd, nullptr);
+      if constexpr (ST == kStoreBF16) exact_sr_bits<1>(x, a, a.start + i, n, rnd, nullptr);
       exact_state_store<ST>(a.s0, a.a0, true, a.start + i, n, s32, rnd);
     }
   }
@@ -500,13 +512,13 @@ void lamb_exact_pass2_t(const ExactTile& a, const ExactCtx& x, const LambExactCo
   const LambExactCoef c = c_in;
   const ExactW<PT, MASTER, REM> W(a);
   alignas(64) float m32[kQB], v32[kQB], w32[kQB];
-  alignas(64) uint32_t r0[kQB], r1[kQB];
+  alignas(64) uint16_t r0[kQB] = {}, r1[kQB] = {};  // (written through uint32 words: exact_sr_bits)
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     lamb_exact_block<PT, MASTER, REM, ST, true>(a, x, c, i, n, nullptr, m32, v32, w32);
     W.store(i, n, w32);
-    // LAMB's two buffers take words 0 and 1 of one Philox call (lowbit_state.WORD)
-    if constexpr (ST == kStoreBF16) exact_philox<true>(x, a, a.start + i, n, r0, r1);
+    // LAMB's two buffers take halves j and 4 + j of one Philox call (lowbit_state.BUFFER)
+    if constexpr (ST == kStoreBF16) exact_sr_bits<2>(x, a, a.start + i, n, r0, r1);
     exact_state_store<ST>(a.s0, a.a0, true, a.start + i, n, m32, r0);
     exact_state_store<ST>(a.s1, a.a1, false, a.start + i, n, v32, r1);
   }

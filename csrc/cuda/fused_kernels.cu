@@ -640,8 +640,8 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
 // two_phase skeleton (same launches, partials, fixed-order reductions, skips) with the element math
 // of csrc/lars_math.h NOTE [Exact element math of low-bit state] in double (the cpu backend's
 // csrc/cpu/exact_impl.h does the same), one rounding to fp32, then the storage of csrc/lowbit.h:
-// bf16 by stochastic rounding with the Philox word of (seed, step after this step, param id,
-// element), int8 as codes of the dynamic-tree maps (__constant__ kTables) with one absmax per
+// bf16 by stochastic rounding with 16 bits of the Philox call of (seed, step after this step, param
+// id, element / P) (lowbit.h NOTE [Stochastic-rounding bits]), int8 as codes of the dynamic-tree maps (__constant__ kTables) with one absmax per
 // 256-element block. A tile (kTileElems, a multiple of 256, starting at a multiple of it inside its
 // segment) is walked in chunks of kThreads = 256 elements, thread k taking element k of each chunk:
 // a chunk is exactly one quantization block (a segment's last one may be short), so its absmax is a
@@ -772,10 +772,12 @@ __device__ __forceinline__ void state_store(void* st, float* absmax, bool sign, 
   }
 }
 
-// Philox words of element i of segment s (counter: element, step after this step, param id).
-__device__ __forceinline__ void philox_of(const Lowbit& lb, uint64_t step_after, int64_t s, int64_t i,
-                                          uint32_t (&w)[4]) {
-  lowbit::philox_words(lb.seed, step_after, static_cast<uint32_t>(lb.param_id[s]), static_cast<uint64_t>(i), w);
+// Stochastic-rounding bits of element i of segment s for each of `buffers` state buffers (lowbit.h
+// NOTE [Stochastic-rounding bits]: the Philox call of counter (i / (8 / buffers), step after this step,
+// param id), one half each; the P neighbours sharing the call compute it alongside).
+__device__ __forceinline__ void sr_bits_of(const Lowbit& lb, uint64_t step_after, int64_t s, int64_t i, int buffers,
+                                           uint32_t (&w)[2]) {
+  lowbit::sr_bits(lb.seed, step_after, static_cast<uint32_t>(lb.param_id[s]), static_cast<uint64_t>(i), buffers, w);
 }
 
 // the reference's _grad: ((grad * inv) / clip), negated for maximize
@@ -862,8 +864,8 @@ struct ExactLarsStep {
         s32 = static_cast<float>(b_new);
       }
       if (mom) {  // uniform over the block
-        uint32_t rw[4] = {0u, 0u, 0u, 0u};
-        if (ST == kStateBF16 && on) philox_of(a.lb, cf.step_after, s, i, rw);
+        uint32_t rw[2] = {0u, 0u};
+        if (ST == kStateBF16 && on) sr_bits_of(a.lb, cf.step_after, s, i, 1, rw);
         state_store<ST>(mem.s0, mem.a0, true, i, on, s32, rw[0]);
       }
     });
@@ -935,15 +937,15 @@ struct ExactLambStep {
     const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
     for_chunks(st, len, [&](int64_t i, bool on) {
       float m32 = 0.0f, v32 = 0.0f;
-      uint32_t rw[4] = {0u, 0u, 0u, 0u};
+      uint32_t rw[2] = {0u, 0u};
       if (on) {
         double w, g, m, v, u;
         const double wd = element(mem, cf.c, i, w, g, m, v, u);
         mem.store_w(i, static_cast<float>(wd - cf.c.k * u));
         m32 = static_cast<float>(m);
         v32 = static_cast<float>(v);
-        // LAMB's two buffers take words 0 and 1 of one Philox call (lowbit_state.WORD)
-        if (ST == kStateBF16) philox_of(a.lb, cf.step_after, s, i, rw);
+        // LAMB's two buffers: halves j and 4 + j of one Philox call (lowbit_state.BUFFER)
+        if (ST == kStateBF16) sr_bits_of(a.lb, cf.step_after, s, i, 2, rw);
       }
       state_store<ST>(mem.s0, mem.a0, true, i, on, m32, rw[0]);
       state_store<ST>(mem.s1, mem.a1, false, i, on, v32, rw[1]);

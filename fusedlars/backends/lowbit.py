@@ -20,7 +20,7 @@ Conventions:
   first element; the last block of a param may be partial. No block spans two params.
 
 Who uses what (later work, issue #26): bf16 optimizer state is stored with
-:func:`round_bf16_stochastic` using bits from :func:`philox_words`; int8 state with
+:func:`round_bf16_stochastic` using bits from :func:`sr_bits`; int8 state with
 :func:`quantize_blockwise` / :func:`dequantize_blockwise`; ``master_weights="remainder"`` with
 :func:`master_split` / :func:`master_rebuild`.
 """
@@ -137,6 +137,51 @@ def philox_words(
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     idx = torch.arange(start, start + numel, dtype=torch.int64, device=device)
     return philox4x32(idx & M32, step & M32, param_index & M32, idx >> 32, seed & M32, seed >> 32)
+
+
+# NOTE: [Stochastic-rounding bits: 16 per value, 8 per Philox call]
+# Stochastic rounding to bf16 uses 16 random bits per value (round_bf16_stochastic), and one Philox
+# call gives 128. So a call serves several elements: a step with ``buffers`` rounded state tensors per
+# element (LARS / TVLARS: 1, momentum_buffer; LAMB: 2, exp_avg then exp_avg_sq) gives each call to
+# ``P = 8 // buffers`` consecutive elements of one param:
+#
+#     q = e // P          the call's counter: philox_words(seed, step, param, element q)
+#     h = buffer * P + e % P,   bits = (word[h // 2] >> (16 * (h % 2))) & 0xFFFF
+#
+# i.e. the call's four words read as eight 16-bit halves, low half first (the little-endian uint16
+# view of the words): LARS's element 8q + j takes half j, LAMB's element 4q + j takes half j for
+# exp_avg and half 4 + j for exp_avg_sq. Every (seed, step, param, element, buffer) still has its own
+# 16 bits, used once. Drawing one call per element cost 8x the Philox work (measured on the cpu
+# backend: about half of a bf16 LARS step); a GPU kernel may compute the call per element (it is the
+# same call for the P elements) and pick its half.
+#: state tensors stochastically rounded per element -> elements per Philox call
+SR_PER_CALL = {1: 8, 2: 4}
+
+
+def sr_bits(seed: int, step, param_index, elem: torch.Tensor, buffers: int) -> tuple[torch.Tensor, ...]:
+    """The 16 random bits (int64 tensors in ``[0, 2**16)``, one per buffer, each of ``elem``'s shape)
+    with which each of the ``buffers`` state tensors rounded per element is stochastically rounded, for
+    elements ``elem`` (int64 tensor of indices inside the param) of param ``param_index`` at step
+    ``step``: NOTE [Stochastic-rounding bits: 16 per value, 8 per Philox call] (one Philox evaluation
+    per element serves all buffers). ``step`` / ``param_index``: ints or int64 tensors broadcasting with
+    ``elem``."""
+    if buffers not in SR_PER_CALL:
+        raise ValueError(f"buffers must be 1 or 2, got {buffers}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    per = SR_PER_CALL[buffers]
+    elem = elem.to(torch.int64)
+    q = elem // per
+    step = step & M32 if isinstance(step, int) else step.to(torch.int64) & M32
+    pidx = param_index & M32 if isinstance(param_index, int) else param_index.to(torch.int64) & M32
+    w = torch.stack(torch.broadcast_tensors(*philox4x32(q & M32, step, pidx, q >> 32, seed & M32, seed >> 32)))
+    w = w.reshape(4, -1)
+    out = []
+    for buffer in range(buffers):
+        h = (buffer * per + elem % per).reshape(1, -1)
+        word = torch.gather(w, 0, (h >> 1).expand(1, w.shape[1]))
+        out.append(((word >> (16 * (h & 1))) & 0xFFFF).reshape(elem.shape))
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------------------------

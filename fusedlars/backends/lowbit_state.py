@@ -26,9 +26,10 @@ fp32 master is the bf16 param plus it (lowbit NOTE [Master split]).
 #     bf16:  bits = (fp32_bits(s32) + (word & 0xFFFF)) >> 16        stochastic rounding (lowbit)
 #     int8:  absmax = max |s32| over the block,  code = nearest map code of s32 / absmax
 #
-# with ``word`` the Philox-4x32-10 word ``WORD[name]`` of the counter (element index, step, param
-# index, element index >> 32) under the optimizer's 64-bit seed (lowbit.philox_words), where
-# ``step`` is the param's step count AFTER this step (state["step"] once it is done: 1 at the first
+# with ``word`` the 16 random bits of the element for this buffer (lowbit.sr_bits: NOTE [Stochastic-
+# rounding bits: 16 per value, 8 per Philox call]; the buffer's slot is BUFFER[name]), drawn from the
+# Philox-4x32-10 call of counter (element // per call, step, param index) under the optimizer's
+# 64-bit seed, where ``step`` is the param's step count AFTER this step (state["step"] once it is done: 1 at the first
 # step) and ``param index`` its position in the optimizer's flat param order (the state_dict id).
 # fp32 is the point of the contract: the quantization of a given s32 is bitwise the same in every
 # backend (tests/test_lowbit.py), and s32 is the fp32 a backend computing in fp32 holds in its
@@ -65,8 +66,8 @@ from . import lowbit
 STORAGES = ("float32", "bfloat16", "int8")
 #: which map quantizes each state buffer (exp_avg_sq is never negative: the unsigned map)
 SIGNED = {"momentum_buffer": True, "exp_avg": True, "exp_avg_sq": False}
-#: which of the four Philox words of an element each buffer's stochastic rounding takes
-WORD = {"momentum_buffer": 0, "exp_avg": 0, "exp_avg_sq": 1}
+#: each buffer's slot for stochastic rounding: (its index, buffers rounded per element) in lowbit.sr_bits
+BUFFER = {"momentum_buffer": (0, 1), "exp_avg": (0, 2), "exp_avg_sq": (1, 2)}
 #: the key of the int16 remainder of ``master_weights="remainder"``
 REMAINDER_KEY = "master_remainder"
 #: the seed of the stochastic rounding when the constructor is given none (any fixed value: runs are
@@ -154,19 +155,12 @@ def fresh(
     return codes, torch.zeros(lowbit.num_blocks(like.numel()), dtype=torch.float32, device=like.device)
 
 
-def all_words(seed: int, step, param_index, elem: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The four Philox words of elements ``elem`` (int64 tensor of element indices inside their param)
-    of param ``param_index`` at step ``step`` (ints or int64 tensors broadcasting with ``elem``): the
-    counter and key of :func:`fusedlars.backends.lowbit.philox_words`."""
-    m = lowbit.M32
-    step = step & m if isinstance(step, int) else step.to(torch.int64) & m
-    pidx = param_index & m if isinstance(param_index, int) else param_index.to(torch.int64) & m
-    return lowbit.philox4x32(elem & m, step, pidx, elem >> 32, seed & m, seed >> 32)
-
-
-def words(seed: int, step, param_index, elem: torch.Tensor, word: int) -> torch.Tensor:
-    """Philox word ``word`` of :func:`all_words`."""
-    return all_words(seed, step, param_index, elem)[word]
+def sr_bits(seed: int, step, param_index, elem: torch.Tensor, name: str) -> torch.Tensor:
+    """The 16 random bits with which buffer ``name`` of elements ``elem`` (int64 tensor of element
+    indices inside their param) of param ``param_index`` at step ``step`` (ints or int64 tensors
+    broadcasting with ``elem``) is stochastically rounded (lowbit.sr_bits, slot BUFFER[name])."""
+    k, buffers = BUFFER[name]
+    return lowbit.sr_bits(seed, step, param_index, elem, buffers)[k]
 
 
 def store_bf16(x32: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:

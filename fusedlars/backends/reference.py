@@ -151,7 +151,7 @@ def _store(bucket: Bucket, name: str, i: int, new: torch.Tensor, keep: torch.Ten
     if storage == "bfloat16":
         elem = torch.arange(x32.numel(), dtype=torch.int64, device=x32.device)
         step = (bucket.step[i] + 1).to(torch.int64)  # the step count once this step is done
-        rand = lowbit_state.words(bucket.seed, step, bucket.param_indices[i], elem, lowbit_state.WORD[name])
+        rand = lowbit_state.sr_bits(bucket.seed, step, bucket.param_indices[i], elem, name)
         lowbit_state.mem_flat(out).copy_(lowbit.round_bf16_stochastic(x32, rand))
         buf.copy_(torch.where(keep, buf, out))
         return

@@ -15,8 +15,8 @@ become fp32]):
 * per-layer values (norms, trust ratio, bias corrections) are taken per segment with the reference's
   own functions (:func:`~fusedlars.backends.reference.lars_layer_scalars` and friends) on the same
   inputs, and gathered per element with one index op;
-* the new state is rounded to fp32 once and quantized over the chunk: bf16 with the Philox words of
-  every element in one call (LAMB's two buffers take two words of the same call), int8 over a padded
+* the new state is rounded to fp32 once and quantized over the chunk: bf16 with the random bits of
+  every element from one Philox evaluation (lowbit.sr_bits; LAMB's two buffers take two halves), int8 over a padded
   ``[blocks, 256]`` view whose rows are the quantization blocks (a block never spans two params);
 * results go back to the user's tensors with ``torch._foreach_copy_``.
 
@@ -185,13 +185,14 @@ def _scatter(dst: list[torch.Tensor], flat: torch.Tensor, numels: list[int]) -> 
         torch._foreach_copy_([_flat(t) for t in dst], list(flat.split(numels)))
 
 
-def _words(bucket: Bucket, P: _Plan) -> tuple[torch.Tensor, ...] | None:
-    """bf16 state: the four Philox words of every element of the chunk at this step (one call for all
-    the buffers of the step: each takes its word, lowbit_state.WORD); None for int8."""
+def _words(bucket: Bucket, P: _Plan, buffers: int) -> tuple[torch.Tensor, ...] | None:
+    """bf16 state: the 16 random bits of every element of the chunk at this step for each of the
+    step's ``buffers`` rounded buffers (one Philox evaluation for all: lowbit.sr_bits; buffer ``name``
+    takes entry lowbit_state.BUFFER[name][0]); None for int8."""
     if bucket.state_storage != "bfloat16":
         return None
     step = bucket.step.index_select(0, P.sel).to(torch.int64) + 1  # the count once this step is done
-    return lowbit_state.all_words(bucket.seed, P.per_elem(step), P.per_elem(P.pidx_seg), P.elem)
+    return lowbit.sr_bits(bucket.seed, P.per_elem(step), P.per_elem(P.pidx_seg), P.elem, buffers)
 
 
 def _store(bucket: Bucket, P: _Plan, name: str, new: torch.Tensor, keep: torch.Tensor, words) -> None:
@@ -201,7 +202,7 @@ def _store(bucket: Bucket, P: _Plan, name: str, new: torch.Tensor, keep: torch.T
     bufs = [bucket.state_tensors[name][i] for i in P.idx]
     old = _cat(bufs)
     if bucket.state_storage == "bfloat16":
-        h = lowbit.round_bf16_stochastic(x32, words[lowbit_state.WORD[name]])
+        h = lowbit.round_bf16_stochastic(x32, words[lowbit_state.BUFFER[name][0]])
         _scatter(bufs, torch.where(keep, old, h), P.numels)
         return
     if P.n == 1 and P.total % lowbit.QBLOCK == 0:  # whole blocks of one param: no padding
@@ -305,7 +306,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
             has = P.per_elem(bucket.has_state.index_select(0, P.sel) != 0)
             b = _state(bucket, P, "momentum_buffer")
             b_new, step = ref.lars_momentum(cfg, lr, b, gp, has)
-            _store(bucket, P, "momentum_buffer", b_new, keep, _words(bucket, P))
+            _store(bucket, P, "momentum_buffer", b_new, keep, _words(bucket, P, 1))
         else:
             step = lr * gp
         w_new = w - step
@@ -351,7 +352,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
             r_s.append(r_k)
             coef_s.append(lr * s_k * r_k)
         w_new = w - P.per_elem(coef_s) * u
-        words = _words(bucket, P)
+        words = _words(bucket, P, 2)
         _store(bucket, P, "exp_avg", m, keep, words)
         _store(bucket, P, "exp_avg_sq", v, keep, words)
         _write(bucket, P, w_old, w_new, keep)

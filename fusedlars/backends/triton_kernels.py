@@ -1049,8 +1049,9 @@ def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.const
 # ratio is reference.lars_layer_scalars in float64 from the options in float64 (``dopts``: the rows of
 # the option table as doubles, not ``opts``' fp32), and every element is the reference's formula in
 # float64 in its order of operations (the kernels are compiled without FMA contraction); the new buffer
-# is rounded once to fp32 and stored in bf16 by stochastic rounding with Philox word 0 of (seed, step
-# after this step, the param's state_dict id, element); the new weights are rounded once to fp32 and
+# is rounded once to fp32 and stored in bf16 by stochastic rounding with the element's 16 bits of the
+# Philox call of (seed, step after this step, the param's state_dict id, element // 8) (lowbit.sr_bits);
+# the new weights are rounded once to fp32 and
 # split into param and remainder (or stored as master and param). So given the same sums (exact ones,
 # e.g. dyadic inputs) params and state are the reference's bitwise. Every tile runs the masked path.
 @triton.jit
@@ -1229,8 +1230,8 @@ def _lars_lowbit_update_tile(
                     stp = lr * gq + mu * b_new
                 else:
                     stp = b_new
-            words = _LB.philox_words(seed, step_new, pidx, start + offs)
-            tl.store(bp + offs, _LB.bf16_sr(b_new.to(tl.float32), words[0]), mask=m)
+            rand = _LB.sr_bits(seed, step_new, pidx, start + offs, 0, 1)
+            tl.store(bp + offs, _LB.bf16_sr(b_new.to(tl.float32), rand), mask=m)
         w_new = w - stp
         if decoupled:
             w_new = w_new - dec * w

@@ -3,7 +3,8 @@
 as ``@triton.jit`` functions that the Triton kernels inline per element (or per quantization block).
 
 * :func:`philox_words`: ``tl.philox`` (Philox-4x32-10) on the counter (element mod 2**32, step, param
-  index, element >> 32) under the 64-bit seed, as ``lowbit.philox_words``;
+  index, element >> 32) under the 64-bit seed, as ``lowbit.philox_words``; :func:`sr_bits` the
+  16 bits of one buffer of an element from its group's call, as ``lowbit.sr_bits``;
 * :func:`bf16_rne_bits` / :func:`bf16_sr_bits` (uint16 patterns) and :func:`bf16_rne` / :func:`bf16_sr`
   (bf16 values): rounding in uint32 integer ops, never through a float conversion (NOTE [bf16 rounding
   in integers] in lowbit.py; the interpreter truncates bf16 casts and the GPU's conversion makes its own
@@ -27,6 +28,20 @@ import triton.language as tl
 
 #: The quiet NaN a block holding a NaN gets as its scale (lowbit: NOTE [Block scale]).
 SCALE_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
+
+
+@triton.jit
+def sr_bits(seed, step, param_index, element, BUFFER: tl.constexpr, BUFFERS: tl.constexpr):
+    """The 16 stochastic-rounding bits (uint32) of buffer ``BUFFER`` of ``BUFFERS`` (1 or 2) per element of
+    the int64 index tensor ``element`` (lowbit.sr_bits: half ``BUFFER * P + e % P`` of the call of
+    counter ``e // P``, ``P = 8 // BUFFERS``; each element computes its group's call)."""
+    P: tl.constexpr = 8 // BUFFERS
+    e = element.to(tl.int64)
+    w0, w1, w2, w3 = philox_words(seed, step, param_index, e // P)
+    h = BUFFER * P + (e % P).to(tl.int32)
+    k = h >> 1
+    w = tl.where(k == 0, w0, tl.where(k == 1, w1, tl.where(k == 2, w2, w3)))
+    return (w >> (16 * (h & 1)).to(tl.uint32)) & 0xFFFF
 
 
 @triton.jit
