@@ -121,6 +121,12 @@ FUSEDLARS_HD FUSEDLARS_INLINE double fl_pow(double b, double t) {
 }
 FUSEDLARS_HD FUSEDLARS_INLINE double fl_sqrt(double x) { return sqrt(x); }
 
+// b^t for the exact (low-bit state) kernels: pow() on the host and the device, as the reference's
+// torch.pow computes it on each (fl_pow's exp(t*log(b)) differs from it by a few ulp of a double, and
+// the exact kernels round double values to fp32 once: a few ulp would change the stored fp32 bits of
+// the rare element that lies within them of a rounding boundary). Once per segment, not per element.
+FUSEDLARS_HD FUSEDLARS_INLINE double fl_pow_exact(double b, double t) { return pow(b, t); }
+
 // ---------------------------------------------------------------------------------------------
 // LARS / TVLARS
 
@@ -388,8 +394,8 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambExactCoef lamb_exact_coef(const LambOptions& o
   c.b2 = o.beta2;
   c.omb2 = 1.0 - o.beta2;
   c.both = o.bias_correction == kBcBoth;
-  c.bc1 = c.both ? 1.0 - fl_pow(o.beta1, t_new) : 1.0;
-  c.bc2 = c.both ? 1.0 - fl_pow(o.beta2, t_new) : 1.0;
+  c.bc1 = c.both ? 1.0 - fl_pow_exact(o.beta1, t_new) : 1.0;
+  c.bc2 = c.both ? 1.0 - fl_pow_exact(o.beta2, t_new) : 1.0;
   c.eps_root = o.eps_root;
   c.eps = o.eps;
   c.k = 0.0;
@@ -411,7 +417,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE T lamb_exact_direction(const LambExactCoef& c, T w
 
 // lamb_step_scale in double: k = (lr * s) * r.
 FUSEDLARS_HD FUSEDLARS_INLINE double lamb_exact_step_scale(const LambOptions& o, double lr, double r, double t_new) {
-  const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - fl_pow(o.beta1, t_new)) : 1.0;
+  const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - fl_pow_exact(o.beta1, t_new)) : 1.0;
   return lr * s * r;
 }
 

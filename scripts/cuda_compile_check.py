@@ -5,7 +5,9 @@
 
 Compiles csrc/cuda/fused_kernels.cu (torch-free by design, see csrc/cuda/launch.h) once per
 architecture with ``-Xptxas -v``, prints one row per kernel and architecture (registers, stack frame,
-spill stores / loads, shared memory) and exits 1 when a compile fails or any kernel spills.
+spill stores / loads, shared memory) and exits 1 when a compile fails, any kernel spills, or the PTX
+holds a contractible float op (setup.py NOTE [No FMA contraction in the CUDA kernels]: every f32/f64
+add, sub and mul must carry its rounding mode, which ptxas never fuses into an FMA).
 nvcc: $NVCC, else $CUDA_HOME/bin/nvcc, else nvcc on PATH. Architectures run in parallel.
 """
 
@@ -23,8 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "csrc", "cuda", "fused_kernels.cu")
-# the same device flags as setup.py's nvcc flags (minus torch's)
-FLAGS = ["-std=c++17", "-O3", "-Xptxas", "-v", "--resource-usage"]
+# the same device flags as setup.py's nvcc_flags (minus torch's; tests/test_cuda_build.py compares them)
+FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-Xptxas", "-v", "--resource-usage"]
+# a float add / sub / mul without a rounding mode: ptxas may fuse it with its neighbour into an FMA
+_CONTRACTIBLE = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:add|sub|mul)(?:\.ftz)?(?:\.sat)?\.f(?:32|64))\s", re.M)
 
 _ENTRY = re.compile(r"(?:Compiling entry function|Function properties for) '?([\w$]+)'?")
 _REGS = re.compile(r"Used (\d+) registers")
@@ -61,11 +65,27 @@ def short(name: str) -> str:
     return head.rsplit("::", 1)[-1] + sep + tail
 
 
-def compile_arch(nvcc: str, arch: int, out_dir: str) -> tuple[int, str, float]:
-    cmd = [nvcc, "-c", SOURCE, "-o", os.path.join(out_dir, f"k{arch}.o"), f"-arch=sm_{arch}", *FLAGS]
+def compile_arch(nvcc: str, arch: int, out_dir: str) -> tuple[int, str, float, str]:
+    """(rc, ptxas log, seconds, the PTX nvcc generated: kept with --keep, no second compile)"""
+    keep = os.path.join(out_dir, f"keep{arch}")
+    os.makedirs(keep, exist_ok=True)
+    cmd = [nvcc, "-c", SOURCE, "-o", os.path.join(out_dir, f"k{arch}.o"), f"-arch=sm_{arch}", *FLAGS, "--keep", "--keep-dir", keep]  # fmt: skip
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    return p.returncode, p.stdout + p.stderr, time.time() - t0
+    ptx = ""
+    for name in sorted(os.listdir(keep)):
+        if name.endswith(".ptx"):
+            with open(os.path.join(keep, name)) as f:
+                ptx += f.read()
+    return p.returncode, p.stdout + p.stderr, time.time() - t0, ptx
+
+
+def contractible_ops(ptx: str) -> dict[str, int]:
+    """Count of each float add / sub / mul without a rounding mode in ``ptx``."""
+    out: dict[str, int] = {}
+    for m in _CONTRACTIBLE.finditer(ptx):
+        out[m.group(1)] = out.get(m.group(1), 0) + 1
+    return out
 
 
 def parse(log: str) -> list[dict]:
@@ -102,11 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max_workers=len(args.arch)) as ex:
         results = dict(zip(args.arch, ex.map(lambda a: compile_arch(nvcc, a, tmp), args.arch)))
     table = []
-    for arch, (rc, log, secs) in results.items():
+    for arch, (rc, log, secs, ptx) in results.items():
         if rc != 0:
             print(f"sm_{arch}: nvcc FAILED (rc={rc}) after {secs:.1f} s\n{log}")
             ok = False
             continue
+        if not ptx:
+            print(f"sm_{arch}: no PTX kept by nvcc --keep")
+            ok = False
+        elif bad := contractible_ops(ptx):
+            print(f"sm_{arch}: FAIL: contractible float ops in the PTX (FMA contraction possible): {bad}")
+            ok = False
         rows = parse(log)
         if not rows:
             print(f"sm_{arch}: no kernels found in the ptxas output\n{log}")
@@ -130,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: {len(spills)} kernel(s) spill registers: {', '.join(spills)}")
         ok = False
     if ok:
-        print("OK: every kernel compiled for " + ", ".join(f"sm_{a}" for a in args.arch) + " without spills")
+        print(
+            "OK: every kernel compiled for " + ", ".join(f"sm_{a}" for a in args.arch)
+            + " without spills, and no float op in the PTX can be contracted into an FMA"
+        )  # fmt: skip
     return 0 if ok else 1
 
 

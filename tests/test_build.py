@@ -92,3 +92,53 @@ def test_build_record_problems_are_reported(monkeypatch):
     assert len(rec["problems"]) == 2
     text = "\n".join(info_mod.format_build(rec))
     assert "stale record" in text and "built against torch 0.0.1" in text and text.count("WARNING") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# setup.py NOTE [No FMA contraction in the CUDA kernels]
+
+
+def _load_compile_check():
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "cuda_compile_check", os.path.join(root, "scripts", "cuda_compile_check.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return root, mod
+
+
+def test_nvcc_flags_forbid_fma_contraction_in_the_build_and_its_check():
+    """setup.py builds the CUDA kernels with --fmad=false, and scripts/cuda_compile_check.py (which CI
+    runs for registers, spills and contractible PTX) compiles with every flag setup.py passes nvcc."""
+    import ast
+
+    root, check = _load_compile_check()
+    tree = ast.parse(open(os.path.join(root, "setup.py")).read())
+    flags = next(
+        ast.literal_eval(n.value)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "nvcc_flags" for t in n.targets)
+    )
+    assert "--fmad=false" in flags
+    assert set(flags) <= set(check.FLAGS), sorted(set(flags) - set(check.FLAGS))
+
+
+def test_contractible_ptx_ops_are_found():
+    """The check flags float add / sub / mul without a rounding mode (what ptxas may fuse), predicated
+    or not, and passes the same ops with .rn and the integer ones."""
+    _, check = _load_compile_check()
+    ptx = """
+    mul.f64 %fd3, %fd1, %fd2;
+    @%p1 add.f32 %f3, %f1, %f2;
+    sub.ftz.f32 %f4, %f1, %f2;
+    mul.rn.f64 %fd4, %fd1, %fd2;
+    add.rn.f32 %f5, %f1, %f2;
+    add.s32 %r3, %r1, %r2;
+    mul.lo.s64 %rd3, %rd1, %rd2;
+    fma.rn.f64 %fd5, %fd1, %fd2, %fd3;
+    """
+    assert check.contractible_ops(ptx) == {"mul.f64": 1, "add.f32": 1, "sub.ftz.f32": 1}
+    assert check.contractible_ops("mul.rn.f32 %f1, %f2, %f3;\n") == {}
