@@ -161,11 +161,12 @@ class BucketedOptimizer(ParamGroupsMixin, StateDictMixin, torch.optim.Optimizer)
 
     def _mesh(self) -> tuple[Any, torch.device] | None:
         """(mesh, device) of the first DTensor param, or None when no param is a DTensor."""
-        if distributed.dtensor_class() is None:
+        cls = distributed.dtensor_class()
+        if cls is None:
             return None
-        for group in self.param_groups:
+        for group in self.param_groups:  # (per step: builtins only, NOTE [Host time per param])
             for p in group["params"]:
-                if distributed.is_dtensor(p):
+                if isinstance(p, cls):
                     return p.device_mesh, distributed.local_tensor(p).device
         return None
 
