@@ -45,7 +45,12 @@ from typing import Any
 
 import torch
 
+from .distributed import is_dtensor, local_tensor
+
 __all__ = ["BackwardNorms", "BATCH_NUMEL", "sumsq_each"]
+
+#: the dtypes the C++ reduction sums
+_CPU_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 #: gradients smaller than this are batched (GPU) until the batch holds this many elements
 BATCH_NUMEL = 1 << 20
@@ -64,9 +69,7 @@ def _cpu_summable(t: torch.Tensor) -> bool:
     from .buckets import _is_dense
 
     return (
-        t.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and _cpu_sumsq_op() is not None
-        and (t.numel() <= 1 or _is_dense(t))
+        t.dtype in _CPU_DTYPES and _cpu_sumsq_op() is not None and (t.is_contiguous() or t.numel() <= 1 or _is_dense(t))
     )
 
 
@@ -101,6 +104,7 @@ class BackwardNorms:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, grad) not yet summed (GPU)
         self._pending_numel = 0
         self._handles: list[Any] = []
+        self._cpu_op = _cpu_sumsq_op()  # (the extension is loaded with fusedlars, before any optimizer)
         self.taken = 0  # hook calls that took a norm (tests, bench)
         ref = weakref.ref(self)
 
@@ -132,15 +136,21 @@ class BackwardNorms:
 
     # -- hook side --------------------------------------------------------------------------
     def _take(self, p: torch.Tensor) -> None:
-        from .distributed import local_tensor
-
+        # NOTE: [Host time of the hook] this runs once per param per backward, in autograd's thread, so
+        # its common case on the CPU (a plain dense float grad) is a few builtin calls and the one C++
+        # reduction. Measured with 4-element params in ResNet-50's layout (161 hooks per backward):
+        # 19 us per hook through the general path (function-level imports, the summable test twice,
+        # the per-device grouping of sumsq_each), 6.6 us through this one.
         g = p.grad
         if g is None or g.is_sparse:
             return
-        loc = local_tensor(g)
-        if loc.device.type == "cpu" and _cpu_summable(loc):
-            self._record(p, g, sumsq_each([loc])[0])
-            return
+        plain = type(g) is torch.Tensor  # not a DTensor (nor another subclass)
+        loc = g if plain else local_tensor(g)
+        if loc.is_cpu:
+            op = self._cpu_op
+            if op is not None and loc.dtype in _CPU_DTYPES and (loc.is_contiguous() or _cpu_summable(loc)):
+                self._record(p, g, op([loc], None), plain=plain)
+                return
         if loc.numel() < BATCH_NUMEL and loc.device.type != "cpu":
             self._pending.append((p, g))
             self._pending_numel += loc.numel()
@@ -149,12 +159,13 @@ class BackwardNorms:
             return
         self._record(p, g, torch.linalg.vector_norm(loc, dtype=torch.float32).double().square())
 
-    def _record(self, p: torch.Tensor, g: torch.Tensor, ssq: torch.Tensor, version: int | None = None) -> None:
+    def _record(
+        self, p: torch.Tensor, g: torch.Tensor, ssq: torch.Tensor, version: int | None = None, plain: bool = False
+    ) -> None:
         """Record ``ssq`` as the sum of squares of ``g`` (``p.grad``) at ``version`` (its version now
-        by default). A DTensor grad's local tensor is pinned too (NOTE [Norms from backward are a cache])."""
-        from .distributed import is_dtensor
-
-        loc = g._local_tensor if is_dtensor(g) else None
+        by default). A DTensor grad's local tensor is pinned too (NOTE [Norms from backward are a cache]).
+        ``plain``: the caller knows ``g`` is a plain tensor."""
+        loc = None if plain or not is_dtensor(g) else g._local_tensor
         self._records[id(p)] = (
             weakref.ref(g),
             g._version if version is None else version,
@@ -172,8 +183,6 @@ class BackwardNorms:
 
     def flush(self) -> None:
         """Sum the batched small gradients (one ``_foreach_norm`` per device and dtype)."""
-        from .distributed import local_tensor
-
         pending, self._pending, self._pending_numel = self._pending, [], 0
         groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p, g in pending:
@@ -205,13 +214,22 @@ class BackwardNorms:
         if self._pending:
             self.flush()
         vals = []
-        for i in bucket.active_idx:
-            v = self.lookup(bucket.params[i])
+        records, params = self._records, bucket.params
+        for i in bucket.active_idx:  # lookup(), inline for a plain grad (NOTE [Host time of the hook])
+            p = params[i]
+            rec = records.get(id(p))
+            if rec is None or rec[2] is not None:
+                v = self.lookup(p)  # none, or a DTensor grad's
+            else:
+                g = p.grad
+                v = rec[4] if g is not None and rec[0]() is g and g._version == rec[1] else None
             if v is None:
                 return None
             vals.append(v)
         if not vals:
             return None
+        if len(vals) == bucket.num_segments:  # every segment active: the stack is the table
+            return torch.stack(vals)
         out = torch.zeros(bucket.num_segments, dtype=torch.float64, device=vals[0].device)
         out[list(bucket.active_idx)] = torch.stack(vals)
         return out
