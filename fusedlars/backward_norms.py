@@ -105,6 +105,7 @@ class BackwardNorms:
         self._pending_numel = 0
         self._handles: list[Any] = []
         self._cpu_op = _cpu_sumsq_op()  # (the extension is loaded with fusedlars, before any optimizer)
+        self._owner = weakref.ref(owner)
         self.taken = 0  # hook calls that took a norm (tests, bench)
         ref = weakref.ref(self)
 
@@ -144,6 +145,9 @@ class BackwardNorms:
         g = p.grad
         if g is None or g.is_sparse:
             return
+        owner = self._owner()
+        if owner is None or not owner._grad_sums_used():
+            return  # no step of the owner, as configured now, would read the sum
         plain = type(g) is torch.Tensor  # not a DTensor (nor another subclass)
         loc = g if plain else local_tensor(g)
         if loc.is_cpu:

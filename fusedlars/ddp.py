@@ -118,7 +118,9 @@ def ddp_comm_hook(opt: Any) -> Callable[[Any, Any], torch.futures.Future]:
 
     Use it with ``norms_in_backward=False``: that option's post-accumulate-grad hooks sum the LOCAL
     grads before DDP averages them, and DDP's write then invalidates every such record (a wasted pass
-    over the grads). No collective is added: one ``all_reduce`` per bucket, as DDP's default."""
+    over the grads). No collective is added: one ``all_reduce`` per bucket, as DDP's default. Where
+    ``opt`` as configured at hook time would read no sum (``_grad_sums_used``: LAMB without
+    ``max_grad_norm``, LARS with ``denominator="norm_of_sum"``), the hook takes none."""
     import torch.distributed as dist
 
     from .optim.base import BucketedOptimizer
@@ -145,7 +147,9 @@ def ddp_comm_hook(opt: Any) -> Callable[[Any, Any], torch.futures.Future]:
         buf.div_(group.size())  # torch's allreduce_hook: divide first, then sum (no overflow in fp16)
         entries = []
         offset = 0
-        for p in bucket.parameters() if binder.start_backward() else ():
+        opt = binder.opt_ref()
+        wanted = opt is not None and opt._grad_sums_used()  # none where no step would read them
+        for p in bucket.parameters() if wanted and binder.start_backward() else ():
             n = p.numel()
             g = p.grad
             if g is not None and binder.owns(p) and not g.is_sparse:

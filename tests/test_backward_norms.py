@@ -112,7 +112,7 @@ def test_lars_from_backward_norms_equals_the_two_pass_step(backend, kind, kw, fa
     got, o = _run(kind, backend, True, **dict(kw))
     _same(got, ref, bitwise=backend == "cpu")
     assert given_calls.get(backend, 0) == fast
-    assert o._bwd.taken == 4 * len(ref)
+    assert o._bwd.taken == (4 * len(ref) if fast else 0)  # norm_of_sum reads no grad sum: none is taken
     if backend == "cpu" and fast:  # pass 2 reports ||g + wd*w|| as the two-pass step's pass 1 does
         n = max(p.numel() for p in got)
         torch.testing.assert_close(o.stats()["update_norm"], o_ref.stats()["update_norm"], rtol=_sum_rtol(n), atol=0)
@@ -272,3 +272,56 @@ def test_ddp_comm_hook_wants_a_fusedlars_optimizer_without_norms_in_backward():
     opt = _opt("LARS", model, "auto", False)
     hook = fusedlars.ddp_comm_hook(opt)
     assert callable(hook) and opt._bwd is not None and not model[0].weight._post_accumulate_grad_hooks
+
+
+def _backward(model, t=0):
+    x, y = _batch(t)
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize(
+    "kind, kw, used",
+    [
+        ("LAMB", {}, False),  # LAMB's ratio is ||w|| / ||u||: only max_grad_norm reads ||g||
+        ("LAMB", {"max_grad_norm": 1.0}, True),
+        ("LARS", {"denominator": "norm_of_sum"}, False),  # ||g + lam*w||: not a sum of the grad alone
+        ("LARS", {}, True),
+    ],
+)
+def test_hooks_take_no_sum_that_no_step_reads(kind, kw, used):
+    """A backward's hooks read every grad once: where the optimizer as configured would not use the
+    sums, they take none, and follow a later change of the configuration."""
+    model = _model()
+    opt = _opt(kind, model, "auto", True, **kw)
+    n = len(list(model.parameters()))
+    _backward(model)
+    assert opt._bwd.taken == (n if used else 0)
+    opt.step()
+    if kind == "LAMB":  # switched on (or off) later: the next backward follows
+        opt.defaults["max_grad_norm"] = None if used else 1.0
+    else:
+        for g in opt.param_groups:
+            g["denominator"] = "norm_of_sum" if used else "sum_of_norms"
+    opt.zero_grad()
+    _backward(model, 1)
+    assert opt._bwd.taken == n
+
+
+def test_ddp_hook_takes_no_sum_that_no_step_reads():
+    """fusedlars.ddp_comm_hook with a LAMB without max_grad_norm binds no sum (one gloo rank); with it,
+    one per layer. Either way the bucket is averaged as torch's allreduce_hook does."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
+        pytest.skip("needs gloo and no process group yet")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for max_norm, bound in ((None, 0), (1.0, 1)):
+            model = nn.parallel.DistributedDataParallel(_model())
+            opt = fusedlars.LAMB(model.parameters(), lr=0.01, max_grad_norm=max_norm)
+            hook = fusedlars.ddp_comm_hook(opt)
+            model.register_comm_hook(None, hook)
+            _backward(model)
+            assert hook.binder.bound == bound * len(list(model.parameters()))
+            opt.step()
+    finally:
+        dist.destroy_process_group()

@@ -249,6 +249,12 @@ class BucketedOptimizer(ParamGroupsMixin, StateDictMixin, torch.optim.Optimizer)
     def _before_kernels(self, work: Work) -> None:
         """Hook: runs with the whole step's work before any kernel (LAMB: the global clip)."""
 
+    def _grad_sums_used(self) -> bool:
+        """Whether a step of this optimizer, as configured now, can use gradient sums of squares
+        taken outside it (norms_in_backward's hooks, fusedlars.ddp_comm_hook): the hooks take none
+        where nothing would read them. Overridden by LARS and LAMB."""
+        return True
+
     def _unscaled_in_place(self) -> bool:
         """GradScaler.unscale_ ran before this step (it then passes found_inf without grad_scale). It
         rewrites the grads without bumping their version counters (torch's

@@ -166,6 +166,10 @@ class LAMB(BucketedOptimizer):
                 f"optimizer (it is {self.defaults['max_grad_norm']!r}), not per group."
             )
 
+    def _grad_sums_used(self) -> bool:
+        # LAMB's ratio is ||w|| / ||u||: the grad's norm serves only the global clip of max_grad_norm
+        return self.defaults["max_grad_norm"] is not None
+
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq")
 

@@ -282,6 +282,11 @@ class LARS(BucketedOptimizer):
             merged.update(tv)
             group["tv"] = merged
 
+    def _grad_sums_used(self) -> bool:
+        # the trust ratio reads ||g|| unless its denominator is ||g + lam*w|| (norm_of_sum), which a
+        # sum of the grad alone cannot give
+        return any(g["denominator"] != "norm_of_sum" for g in self.param_groups)
+
     def _state_names(self, group):
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
 
