@@ -74,14 +74,16 @@ TORCH_LIBRARY_FRAGMENT(fusedlars, m) {
   // lists), `remainders` the int16 remainders of master_weights="remainder" (bf16 params), `param_ids`
   // int64 [S] the params' state_dict ids and `seed` the 64-bit seed (as int64 bits) of the stochastic
   // rounding (NOTE [Low-bit buckets] in fusedlars/buckets.py). The element math is the reference's in
-  // float64 (csrc/cpu/exact_impl.h); whole steps only; `w_sumsq` entries of the stepped segments
-  // are invalidated (no carried norms).
+  // float64 (csrc/cpu/exact_impl.h); whole steps only. `w_sumsq` (carry_weight_norms): the stepped
+  // segments' new sums of the weights' squares, as the next pass 1 would take them. `sums` ([3, S], row 1
+  // the gradients' sums of squares taken in backward: NOTE [Phases]' phase 3): no gradient is read
+  // for the norms, and a carried segment reads nothing in pass 1.
   m.def(
       "lars_step_lowbit_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] remainders, "
       "Tensor(d!)[] momentum, Tensor(e!)[] momentum_absmax, Tensor seg_ids, Tensor param_ids, Tensor wd_mask, "
       "Tensor adapt_mask, Tensor(f!) has_state, Tensor(g!) step, Tensor(h!) w_norm, Tensor(i!) g_norm, "
       "Tensor(j!) u_norm, Tensor(k!) trust_ratio, Tensor lr, Tensor? inv_scale, Tensor? found_inf, "
-      "Tensor(l!)? w_sumsq, int storage, int seed, float[] hyper, int[] modes) -> ()");
+      "Tensor(l!)? w_sumsq, Tensor? sums, int storage, int seed, float[] hyper, int[] modes) -> ()");
   m.def(
       "lamb_step_lowbit_cpu(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] masters, Tensor(c!)[] remainders, "
       "Tensor(d!)[] exp_avg, Tensor(e!)[] exp_avg_absmax, Tensor(f!)[] exp_avg_sq, Tensor(g!)[] exp_avg_sq_absmax, "

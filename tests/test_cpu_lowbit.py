@@ -207,6 +207,49 @@ def test_state_dict_round_trip_mid_run_continues_bitwise(kind, state_dtype, tmp_
     assert_same_state(oa, pa, oc, pc)
 
 
+def _backward_run(dtype, steps, monkeypatch=None, **kw):
+    """LARS with low-bit state over dyadic params, stepped from a backward whose grads are dyadic
+    (loss = sum(p * c): grad = c), so the gradients' sums are exact in any order."""
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.nn.Parameter(dyadic(s, gen, dtype)) for s in SHAPES]
+    ps[2].data.zero_()  # a zero weight
+    opt = KINDS["LARS"](ps, backend="cpu", **kw)
+    for _ in range(steps):
+        cs = [dyadic(p.shape, gen, dtype) * (0 if i == 4 else 1) for i, p in enumerate(ps)]  # a zero grad
+        opt.zero_grad()
+        torch.autograd.backward([(p * c).sum() for p, c in zip(ps, cs)])
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("dtype, masters", FORMS)
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"])
+def test_norms_from_backward_and_carried_weight_norms_step_exactly(state_dtype, dtype, masters, monkeypatch):
+    """norms_in_backward (the gradients' sums given: pass 1 sums the weights alone) and with
+    carry_weight_norms (pass 1 reads nothing: pass 2 summed the new weights as pass 1 loads them, NOTE
+    [Carried weight norms of the exact step]) step the exact path bitwise as the two-pass step, over
+    several steps, for every param form (a bf16 param's carried sum is of its rounded values)."""
+    cpu = backends.get("cpu")
+    calls = []
+    orig = cpu.lars_step_given_grad_sums
+    monkeypatch.setattr(cpu, "lars_step_given_grad_sums", lambda b, c, g2: calls.append(orig(b, c, g2)) or calls[-1])
+    kw = dict(state_dtype=state_dtype, master_weights=masters)
+    pa, oa = _backward_run(dtype, 4, **kw)
+    assert calls == []
+    pb, ob = _backward_run(dtype, 4, norms_in_backward=True, **kw)
+    assert calls == [True] * 4
+    pc, oc = _backward_run(dtype, 4, norms_in_backward=True, carry_weight_norms=True, **kw)
+    assert calls == [True] * 8
+    (bucket,) = oc.buckets()
+    assert bool((bucket.w_sumsq >= 0).all()), "every segment's weights carried"
+    for o in (ob, oc):  # ||g + wd*w|| is not taken when the gradients' sums are given
+        for b in o.buckets():
+            assert bool(b.u_norm.isnan().all())
+            b.u_norm.copy_(oa.buckets()[0].u_norm)
+    assert_same_nan_any_sign(oa, pa, ob, pb)
+    assert_same_nan_any_sign(oa, pa, oc, pc)
+
+
 def test_norms_in_backward_and_carried_norms_still_step_exactly():
     """carry_weight_norms and norms taken in backward are declined for low-bit state (the exact step
     takes its own norms): the results are those of a plain step."""

@@ -399,8 +399,39 @@ struct DAcc {
   }
 };
 
+// the weights' squares of one block (fp32 values in wf, n of them) into sw: lars_exact_sumsq_t's w
+// accumulation, the same adds in the same order
+FL_AI void exact_wsum_block(DAcc& sw, const float* wf, int n) {
+  for (int j = 0; j < n; j += kW) {
+#pragma GCC unroll 8
+    for (int q = 0; q < kDQ; ++q) {
+      const int o = j + q * kDN;
+      sw.add(q, ldd(wf + o), n - o);
+    }
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // LARS
+
+// NOTE: [Carried weight norms of the exact step]
+// With the gradients' sums given (taken in backward), pass 1 sums only the weights
+// (lars_exact_wsumsq_t), and with carry_weight_norms not even that: pass 2 sums the new weights as
+// the next pass 1 would load them (ExactW::load of what it just stored: the fp32 master, the rebuilt
+// remainder master or the bf16/fp16 param) with the same DAcc lanes and order, so a carried sum is
+// bitwise the one pass 1 would take, and the step is the same with or without carrying.
+template <class PT, bool MASTER, bool REM>
+void lars_exact_wsumsq_t(const ExactTile& a, double* out) {
+  const ExactW<PT, MASTER, REM> W(a);
+  DAcc sw;
+  alignas(64) float wf[kQB] = {};
+  for (int64_t i = 0; i < a.len; i += kQB) {
+    const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
+    W.load(i, n, wf);
+    exact_wsum_block(sw, wf, n);
+  }
+  out[0] = sw.sum();
+}
 
 template <class PT, bool MASTER, bool REM>
 void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, double* out) {
@@ -429,13 +460,14 @@ void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, doubl
 }
 
 template <class PT, bool MASTER, bool REM, int ST>
-void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactCoef& c_in) {
+void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactCoef& c_in, double* wsum) {
   const LarsExactCoef c = c_in;
   const ExactW<PT, MASTER, REM> W(a);
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
   const bool mom = c.step_mode != 0;
   alignas(64) float wf[kQB] = {}, gf[kQB] = {}, sf[kQB] = {}, s32[kQB], w32[kQB];
   alignas(64) uint16_t rnd[kQB] = {};  // (written through uint32 words: exact_sr_bits)
+  DAcc sw;  // the new weights' squares (wsum: NOTE [Carried weight norms of the exact step])
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     W.load(i, n, wf);
@@ -448,11 +480,16 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
       stf(w32 + j, wn);
     }
     W.store(i, n, w32);
+    if (wsum) {  // as the next pass 1 loads them (wf is free again)
+      W.load(i, n, wf);
+      exact_wsum_block(sw, wf, n);
+    }
     if (mom) {
       if constexpr (ST == kStoreBF16) exact_sr_bits<1>(x, a, a.start + i, n, rnd, nullptr);
       exact_state_store<ST>(a.s0, a.a0, true, a.start + i, n, s32, rnd);
     }
   }
+  if (wsum) *wsum = sw.sum();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -550,9 +587,13 @@ void lars_exact_sumsq(const ExactTile& a, int variant, const ExactCtx& x, double
   });
 }
 
-void lars_exact_update_k(const ExactTile& a, int variant, const ExactCtx& x, const LarsExactCoef& c) {
+void lars_exact_wsumsq(const ExactTile& a, int variant, double* out) {
+  by_exact_variant(variant, kStoreF32, [&]<class PT, bool M, bool R, int ST>() { lars_exact_wsumsq_t<PT, M, R>(a, out); });
+}
+
+void lars_exact_update_k(const ExactTile& a, int variant, const ExactCtx& x, const LarsExactCoef& c, double* wsum) {
   by_exact_variant(variant, x.storage, [&]<class PT, bool M, bool R, int ST>() {
-    lars_exact_update_t<PT, M, R, ST>(a, x, c);
+    lars_exact_update_t<PT, M, R, ST>(a, x, c, wsum);
   });
 }
 

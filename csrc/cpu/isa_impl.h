@@ -584,7 +584,8 @@ void grad_sumsq(const TileArgs& a, int variant, float gscale, double* out) {
 
 const KernelTable* FL_TABLE_FN() {
   static const KernelTable t = {FL_ISA_NAME, &lars_sumsq, &lars_update_k, &lamb_pass1, &lamb_pass2, &grad_sumsq,
-                                 &lars_exact_sumsq, &lars_exact_update_k, &lamb_exact_pass1, &lamb_exact_pass2};
+                                 &lars_exact_sumsq, &lars_exact_wsumsq, &lars_exact_update_k, &lamb_exact_pass1,
+                                 &lamb_exact_pass2};
   return &t;
 }
 

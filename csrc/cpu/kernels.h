@@ -83,7 +83,10 @@ struct KernelTable {
   void (*grad_sumsq)(const TileArgs&, int variant, float gscale, double* out);
   // exact kernels (float64 element math, low-bit state): out = sum w^2, g^2, (g + lam*w)^2 in double
   void (*lars_exact_sumsq)(const ExactTile&, int variant, const ExactCtx&, double lam, double* out);
-  void (*lars_exact_update)(const ExactTile&, int variant, const ExactCtx&, const LarsExactCoef&);
+  // out[0] = sum w^2 alone, bitwise lars_exact_sumsq's out[0] (the gradients' sums are given)
+  void (*lars_exact_wsumsq)(const ExactTile&, int variant, double* out);
+  // wsum (or nullptr): the new weights' sum of squares as lars_exact_wsumsq will take it next step
+  void (*lars_exact_update)(const ExactTile&, int variant, const ExactCtx&, const LarsExactCoef&, double* wsum);
   // out = sum w_d^2, g^2, u^2 (nothing written)
   void (*lamb_exact_pass1)(const ExactTile&, int variant, const ExactCtx&, const LambExactCoef&, double* out);
   // weights and the new state written

@@ -773,7 +773,8 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
                           const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
                           const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
                           const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& w_sumsq,
-                          int64_t storage, int64_t seed, at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
+                          const std::optional<at::Tensor>& sums, int64_t storage, int64_t seed,
+                          at::ArrayRef<double> hyper, at::ArrayRef<int64_t> modes) {
   const LarsOptions o = lars_options(hyper, modes, "fusedlars cpu: lars_step_lowbit_cpu");
   Common c = check_common(wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale,
                           found_inf);
@@ -781,6 +782,14 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   TORCH_CHECK(!mom || !momentum.empty() || params.empty(), "fusedlars cpu: momentum != 0 needs momentum buffers");
   const ExactSegments g = check_exact_segments(params, grads, masters, remainders, mom ? momentum : at::TensorList(),
                                                momentum_absmax, {}, {}, seg_ids, param_ids, storage, c.S);
+  // NOTE [Phases]' phase 3: the gradients' sums of squares are given (row 1 of `sums`)
+  const double* ext = sums ? check_phase(3, sums, c.S) : nullptr;
+  TORCH_CHECK(!ext || o.denominator != kNormOfSum, "fusedlars cpu: given sums cannot give ||g + lam*w||");
+  double* wss = nullptr;
+  if (w_sumsq) {
+    check_table(*w_sumsq, "w_sumsq", at::kDouble, c.S);
+    wss = w_sumsq->data_ptr<double>();
+  }
   if (c.skip) return;  // NOTE [Skips]: codes, scales, bf16 bits and remainders unchanged
   const ExactCtx x{static_cast<int>(storage), static_cast<uint64_t>(seed), c.inv_scale, 1.0, 0, o.maximize ? 1 : 0};
   const int64_t bpe = weight_bytes(g.variant == kBF16Remainder ? kBF16Master : g.variant) + grad_bytes(g.variant);
@@ -791,21 +800,37 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   const int64_t NS = static_cast<int64_t>(p.seg.size());
   std::vector<LarsExactCoef> coef(static_cast<size_t>(nth) * NS);
   std::vector<float> step0(NS), has0(NS);
+  // carried[si]: ||w||^2 from w_sumsq when the gradients' sums are given: pass 1 reads nothing
+  // (NOTE [Carried weight norms of the exact step] in exact_impl.h)
+  std::vector<char> carried(NS, 0);
   for (int64_t si = 0; si < NS; ++si) {
     step0[si] = c.step[p.seg[si]];
     has0[si] = c.has_state[p.seg[si]];
+    if (ext && wss) carried[si] = !(wss[p.seg[si]] < 0.0);  // NaN is a valid (carried) value
   }
+  std::vector<double> part2(wss ? p.num_tiles() : 0);  // pass 2: the new weights' squares
   auto step_after = [&](int64_t si) { return static_cast<uint64_t>(static_cast<double>(step0[si]) + 1.0); };
   run_plan(
       p, nth,
       [&](int64_t t) {
-        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[p.seg[p.t_seg[t]]]);
+        const int64_t si = p.t_seg[t];
+        if (ext) {  // the gradients' sums are given: the weights' alone, unless carried
+          part[3 * t] = part[3 * t + 1] = part[3 * t + 2] = 0.0;
+          if (!carried[si]) k.lars_exact_wsumsq(exact_tile_of(g.bases, p, t, 0), g.variant, &part[3 * t]);
+          return;
+        }
+        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[p.seg[si]]);
         k.lars_exact_sumsq(exact_tile_of(g.bases, p, t, 0), g.variant, x, lam, &part[3 * t]);
       },
       [&](int64_t si, int slot, bool commit) {
         const int64_t s = p.seg[si];
         double ssq[3];
         segment_sums<3>(p, part, si, ssq);
+        if (ext) {  // ||g + lam*w|| is not known (not used by the math: not norm_of_sum): u_norm NaN
+          if (carried[si]) ssq[0] = wss[s];
+          ssq[1] = ext[c.S + s];
+          ssq[2] = std::numeric_limits<double>::quiet_NaN();
+        }
         const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
         const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
         const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
@@ -814,12 +839,11 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       },
       [&](int64_t t, int slot) {
         const int64_t si = p.t_seg[t];
-        k.lars_exact_update(exact_tile_of(g.bases, p, t, step_after(si)), g.variant, x, coef[slot * NS + si]);
+        k.lars_exact_update(exact_tile_of(g.bases, p, t, step_after(si)), g.variant, x, coef[slot * NS + si],
+                            wss ? &part2[t] : nullptr);
       });
-  if (w_sumsq) {  // the weights changed without their sums being carried
-    check_table(*w_sumsq, "w_sumsq", at::kDouble, c.S);
-    double* wss = w_sumsq->data_ptr<double>();
-    for (int64_t si = 0; si < NS; ++si) wss[p.seg[si]] = -1.0;
+  if (wss) {  // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
+    for (int64_t si = 0; si < NS; ++si) segment_sums<1>(p, part2, si, &wss[p.seg[si]]);
   }
 }
 

@@ -176,7 +176,7 @@ def _lists(bucket: Bucket, *names: str) -> list[list[torch.Tensor]]:
 def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None) -> None:
     hyper, modes = lars_options(cfg)
     if _exact(bucket):
-        if phase != 0:
+        if phase not in (0, 3):
             raise RuntimeError("fusedlars cpu: low-bit state steps whole (no partials/apply split)")
         names = ("momentum_buffer",) if cfg.uses_buffer else ()
         params, grads, masters = _lists(bucket, "param", "grad", "master")
@@ -186,7 +186,7 @@ def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None
         torch.ops.fusedlars.lars_step_lowbit_cpu(
             params, grads, masters, rem, mom, mabs, bucket.active_ids(), _param_ids(bucket), bucket.wd_mask,
             bucket.adapt_mask, bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm,
-            bucket.trust_ratio, _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss,
+            bucket.trust_ratio, _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss, sums if phase == 3 else None,
             _STORAGE[bucket.state_storage], _seed(bucket), hyper, modes,
         )  # fmt: skip
         return
@@ -242,9 +242,10 @@ def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor)
     """A LARS step whose gradients' sums of squares ``g2`` (float64 [S], of the raw grads) were taken in
     backward (fusedlars.backward_norms): NOTE [Phases]' phase 3, in which no segment reads its gradient
     for the norms (pass 1 skips a carried segment and sums only the weights of the others, unless they
-    have fp32 masters). False (nothing done) where the ratio needs ||g + lam*w|| (norm_of_sum), and for
-    low-bit state or remainder masters (the exact step takes its own norms: a whole step runs instead)."""
-    if cfg.denominator == "norm_of_sum" or _exact(bucket):
+    have fp32 masters). Low-bit state and remainder masters: the exact step's pass 1 sums only the
+    weights, or nothing where they are carried (csrc/cpu/exact_impl.h NOTE [Carried weight norms of the
+    exact step]). False (nothing done) where the ratio needs ||g + lam*w|| (norm_of_sum)."""
+    if cfg.denominator == "norm_of_sum":
         return False
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
     sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()
