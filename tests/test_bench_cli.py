@@ -295,3 +295,23 @@ def test_bench_norms_in_backward_and_clip_variants_take_their_paths(monkeypatch,
     lamb = bench.run(shapes="tiny", optimizer="lamb", backend="cpu", steps=2, warmup=0, progress=False,
                      norms_in_backward=True, clip=True)  # fmt: skip
     assert {"fusedlars[cpu]+clip", "fusedlars[cpu]+bwd+clip"} <= {r["name"] for r in lamb["variants"]}
+
+
+def test_bench_low_bit_state_with_norms_in_backward_takes_the_given_path(monkeypatch):
+    """--state-dtype with --norms-in-backward adds the cpu low-bit LARS steps that read each gradient
+    once (norms from backward, carried weight norms), and every one of their steps ran that path."""
+    from fusedlars import backends
+
+    if not backends.status("cpu")[0]:
+        pytest.skip("cpu backend not built")
+    mod = backends.get("cpu")
+    calls = []
+    orig = mod.lars_step_given_grad_sums
+    monkeypatch.setattr(
+        mod, "lars_step_given_grad_sums", lambda b, cfg, g2: calls.append(orig(b, cfg, g2)) or calls[-1]
+    )
+    res = bench.run(shapes="tiny", optimizer="lars", backend="cpu", steps=3, warmup=1, progress=False,
+                    norms_in_backward=True, state_dtypes=["bfloat16", "int8"], only=["bfloat16", "int8"])  # fmt: skip
+    names = {r["name"] for r in res["variants"]}
+    assert {"fusedlars[cpu,bfloat16]+bwd", "fusedlars[cpu,int8]+bwd"} <= names, names
+    assert calls and all(calls) and len(calls) == 2 * (1 + 1 + 3), calls

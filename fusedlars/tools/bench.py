@@ -279,9 +279,10 @@ def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
     return prime
 
 
-def _state_dtype_variants(optimizer: str, state_dtypes: list[str]) -> list[Variant]:
+def _state_dtype_variants(optimizer: str, state_dtypes: list[str], norms_in_backward: bool = False) -> list[Variant]:
     """``--state-dtype``: the optimizer on the cpu (where available) and torch backends with each
-    optimizer-state storage."""
+    optimizer-state storage; with ``--norms-in-backward`` also LARS on the cpu backend with the norms
+    taken in backward and carried weight norms (``+bwd``: the step that reads each gradient once)."""
     import fusedlars
     from fusedlars import backends
 
@@ -300,6 +301,12 @@ def _state_dtype_variants(optimizer: str, state_dtypes: list[str]) -> list[Varia
             make = lambda p, kw=kw, v=value, be=be: fusedlars.LAMB(p, backend=be, state_dtype=v, **kw)  # noqa: E731
             algo = "lamb"
         out.append(Variant(f"fusedlars[{be},{sd}]", "fusedlars", algo, make, f"state_dtype={sd}, {be} backend"))
+        if norms_in_backward and optimizer == "lars" and be == "cpu":
+            make_bwd = lambda p, kw=kw, v=value: fusedlars.LARS(  # noqa: E731
+                p, backend="cpu", state_dtype=v, norms_in_backward=True, carry_weight_norms=True, **kw
+            )
+            out.append(Variant(f"fusedlars[cpu,{sd}]+bwd", "fusedlars", "lars_bwd", make_bwd,
+                               f"state_dtype={sd}, norms_in_backward=True, carry_weight_norms=True"))  # fmt: skip
     return out
 
 
@@ -391,7 +398,7 @@ def build_variants(
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose lars, tvlars or lamb")
     extra = _extra_variants(optimizer, backends, norms_in_backward, clip)
-    return out + extra + _state_dtype_variants(optimizer, state_dtypes or []), skipped
+    return out + extra + _state_dtype_variants(optimizer, state_dtypes or [], norms_in_backward), skipped
 
 
 # ---------------------------------------------------------------------------------------------
