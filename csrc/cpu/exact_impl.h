@@ -460,7 +460,8 @@ void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, doubl
 }
 
 template <class PT, bool MASTER, bool REM, int ST>
-void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactCoef& c_in, double* wsum) {
+void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactCoef& c_in, double* wsum, double lam_u,
+                         double* usum) {
   const LarsExactCoef c = c_in;
   const ExactW<PT, MASTER, REM> W(a);
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
@@ -468,6 +469,7 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
   alignas(64) float wf[kQB] = {}, gf[kQB] = {}, sf[kQB] = {}, s32[kQB], w32[kQB];
   alignas(64) uint16_t rnd[kQB] = {};  // (written through uint32 words: exact_sr_bits)
   DAcc sw;  // the new weights' squares (wsum: NOTE [Carried weight norms of the exact step])
+  DAcc su;  // usum: (g + lam_u*w)^2 of the old weights, as lars_exact_sumsq_t's out[2] (the same lanes)
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     W.load(i, n, wf);
@@ -475,9 +477,11 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
     if (mom) exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, sf);
     for (int j = 0; j < n; j += kDN) {
       fl_dn b_new;
-      const fl_dn wn = lars_exact_update<fl_dn>(c, ldd(wf + j), exact_grad(x, ldd(gf + j)), ldd(sf + j), b_new);
+      const fl_dn w = ldd(wf + j), g = exact_grad(x, ldd(gf + j));
+      const fl_dn wn = lars_exact_update<fl_dn>(c, w, g, ldd(sf + j), b_new);
       stf(s32 + j, b_new);
       stf(w32 + j, wn);
+      if (usum) su.add((j / kDN) % kDQ, g + lam_u * w, n - j);  // register (j mod kW) / kDN, as pass 1
     }
     W.store(i, n, w32);
     if (wsum) {  // as the next pass 1 loads them (wf is free again)
@@ -490,6 +494,7 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
     }
   }
   if (wsum) *wsum = sw.sum();
+  if (usum) *usum = su.sum();
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -591,9 +596,10 @@ void lars_exact_wsumsq(const ExactTile& a, int variant, double* out) {
   by_exact_variant(variant, kStoreF32, [&]<class PT, bool M, bool R, int ST>() { lars_exact_wsumsq_t<PT, M, R>(a, out); });
 }
 
-void lars_exact_update_k(const ExactTile& a, int variant, const ExactCtx& x, const LarsExactCoef& c, double* wsum) {
+void lars_exact_update_k(const ExactTile& a, int variant, const ExactCtx& x, const LarsExactCoef& c, double* wsum,
+                         double lam_u, double* usum) {
   by_exact_variant(variant, x.storage, [&]<class PT, bool M, bool R, int ST>() {
-    lars_exact_update_t<PT, M, R, ST>(a, x, c, wsum);
+    lars_exact_update_t<PT, M, R, ST>(a, x, c, wsum, lam_u, usum);
   });
 }
 

@@ -85,8 +85,10 @@ struct KernelTable {
   void (*lars_exact_sumsq)(const ExactTile&, int variant, const ExactCtx&, double lam, double* out);
   // out[0] = sum w^2 alone, bitwise lars_exact_sumsq's out[0] (the gradients' sums are given)
   void (*lars_exact_wsumsq)(const ExactTile&, int variant, double* out);
-  // wsum (or nullptr): the new weights' sum of squares as lars_exact_wsumsq will take it next step
-  void (*lars_exact_update)(const ExactTile&, int variant, const ExactCtx&, const LarsExactCoef&, double* wsum);
+  // wsum (or nullptr): the new weights' sum of squares as lars_exact_wsumsq will take it next step;
+  // usum (or nullptr): sum (g + lam_u*w)^2 of the old weights, bitwise lars_exact_sumsq's out[2]
+  void (*lars_exact_update)(const ExactTile&, int variant, const ExactCtx&, const LarsExactCoef&, double* wsum,
+                            double lam_u, double* usum);
   // out = sum w_d^2, g^2, u^2 (nothing written)
   void (*lamb_exact_pass1)(const ExactTile&, int variant, const ExactCtx&, const LambExactCoef&, double* out);
   // weights and the new state written

@@ -809,6 +809,7 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
     if (ext && wss) carried[si] = !(wss[p.seg[si]] < 0.0);  // NaN is a valid (carried) value
   }
   std::vector<double> part2(wss ? p.num_tiles() : 0);  // pass 2: the new weights' squares
+  std::vector<double> part3(ext ? p.num_tiles() : 0);  // pass 2, given sums: (g + lam*w)^2 for u_norm
   auto step_after = [&](int64_t si) { return static_cast<uint64_t>(static_cast<double>(step0[si]) + 1.0); };
   run_plan(
       p, nth,
@@ -826,7 +827,7 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
         const int64_t s = p.seg[si];
         double ssq[3];
         segment_sums<3>(p, part, si, ssq);
-        if (ext) {  // ||g + lam*w|| is not known (not used by the math: not norm_of_sum): u_norm NaN
+        if (ext) {  // ||g + lam*w|| is not used by the math (not norm_of_sum): pass 2 sums it for u_norm
           if (carried[si]) ssq[0] = wss[s];
           ssq[1] = ext[c.S + s];
           ssq[2] = std::numeric_limits<double>::quiet_NaN();
@@ -839,11 +840,19 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       },
       [&](int64_t t, int slot) {
         const int64_t si = p.t_seg[t];
+        const double lam_u = o.weight_decay * static_cast<double>(c.wd_mask[p.seg[si]]);
         k.lars_exact_update(exact_tile_of(g.bases, p, t, step_after(si)), g.variant, x, coef[slot * NS + si],
-                            wss ? &part2[t] : nullptr);
+                            wss ? &part2[t] : nullptr, lam_u, ext ? &part3[t] : nullptr);
       });
-  if (wss) {  // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
-    for (int64_t si = 0; si < NS; ++si) segment_sums<1>(p, part2, si, &wss[p.seg[si]]);
+  // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
+  for (int64_t si = 0; si < NS; ++si) {
+    const int64_t s = p.seg[si];
+    if (wss) segment_sums<1>(p, part2, si, &wss[s]);
+    if (ext) {  // what the two-pass step reports (lars_segment's n_u from pass 1's out[2])
+      double u2;
+      segment_sums<1>(p, part3, si, &u2);
+      c.u_norm[s] = static_cast<float>(std::sqrt(u2));
+    }
   }
 }
 
