@@ -52,6 +52,18 @@ CASES = {
     ),
     # issue #25: launch 1 from gradient sums taken in backward (a stand-in for them: _GivenSums)
     "lars_given_grad_sums": ("LARS", dict(lr=0.1, weight_decay=1e-3, momentum=0.9, given=True)),
+    # issue #26: the low-bit kernel (bf16 momentum by stochastic rounding, remainder masters)
+    "lars_bf16_state_remainder": (
+        "LARS",
+        dict(
+            lr=0.1,
+            weight_decay=1e-3,
+            momentum=0.9,
+            dtype=torch.bfloat16,
+            state_dtype=torch.bfloat16,
+            master_weights="remainder",
+        ),
+    ),  # fmt: skip
     "tvlars": ("TVLARS", dict(lr=1.0, lmbda=0.3, weight_decay=1e-3)),
     "lamb": ("LAMB", dict(lr=1e-2, weight_decay=1e-2)),
     "lamb_max_grad_norm": ("LAMB", dict(lr=1e-2, weight_decay=1e-2, preset="apex", max_grad_norm=0.5)),

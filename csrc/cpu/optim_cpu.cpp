@@ -447,6 +447,13 @@ struct Common {
     has_state[s] = 1.0f;
     step[s] = step_before + 1.0f;
   }
+  // segment s's weight decay (its wd_mask applied), in double as the reference takes it
+  double lam(double weight_decay, int64_t s) const { return weight_decay * static_cast<double>(wd_mask[s]); }
+  // segment s's LARS scalars (lars_math.h lars_segment) from its sums of squares ssq
+  LarsSegment lars_scalars(const LarsOptions& o, int64_t s, const double ssq[3], float step_before) const {
+    const bool adapt = o.adapt_enabled && adapt_mask[s] != 0;
+    return lars_segment(o, ssq[0], ssq[1], ssq[2], lam(o.weight_decay, s), adapt, step_before, lr);
+  }
 };
 
 Common check_common(const at::Tensor& wd_mask, const at::Tensor& adapt_mask, const at::Tensor& has_state,
@@ -555,7 +562,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       k.grad_sumsq(a, g.variant, gscale, &part[3 * t + 1]);  // bitwise lars_sumsq's out[1]
       return;
     }
-    const float lam = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[p.t_seg[t]]]);
+    const float lam = static_cast<float>(c.lam(o.weight_decay, p.seg[p.t_seg[t]]));
     k.lars_sumsq(a, g.variant, gscale, lam, &part[3 * t]);
   };
   if (phase == 1) {
@@ -590,9 +597,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         }
         // ssq[2] (0 or NaN here) is not used by the math: u_in_math is false. Phase 2's sums are global.
         if (carried[si] && whole) ssq[0] = wss[s];
-        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
-        const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
-        const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
+        const LarsSegment r = c.lars_scalars(o, s, ssq, step0[si]);
         coef[slot * NS + si] = lars_coef(o, r, c.lr, has0[si] != 0);
         if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
@@ -601,7 +606,7 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         const int64_t si = p.t_seg[t];
         const bool report_u = (carried[si] && whole) || w_only;  // pass 2 sums (g + lam*w)^2 for u_norm
         const int carry = report_u ? kCarryWU : wss ? kCarryW : kCarryNone;
-        const float lam_u = static_cast<float>(o.weight_decay * c.wd_mask[p.seg[si]]);
+        const float lam_u = static_cast<float>(c.lam(o.weight_decay, p.seg[si]));
         k.lars_update(a, g.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
                       part2.empty() ? nullptr : &part2[2 * t]);
       });
@@ -650,7 +655,7 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   for (int64_t si = 0; si < NS; ++si) {
     const int64_t s = p.seg[si];
     step0[si] = c.step[s];
-    const LambCoef c0 = lamb_coef(o, gscale, o.weight_decay * static_cast<double>(c.wd_mask[s]), c.lr,
+    const LambCoef c0 = lamb_coef(o, gscale, c.lam(o.weight_decay, s), c.lr,
                                   static_cast<double>(c.step[s]) + 1.0);
     for (int j = 0; j < nth; ++j) coef[j * NS + si] = c0;
   }
@@ -820,7 +825,7 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
           if (!carried[si]) k.lars_exact_wsumsq(exact_tile_of(g.bases, p, t, 0), g.variant, &part[3 * t]);
           return;
         }
-        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[p.seg[si]]);
+        const double lam = c.lam(o.weight_decay, p.seg[si]);
         k.lars_exact_sumsq(exact_tile_of(g.bases, p, t, 0), g.variant, x, lam, &part[3 * t]);
       },
       [&](int64_t si, int slot, bool commit) {
@@ -832,15 +837,13 @@ void lars_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
           ssq[1] = ext[c.S + s];
           ssq[2] = std::numeric_limits<double>::quiet_NaN();
         }
-        const double lam = o.weight_decay * static_cast<double>(c.wd_mask[s]);
-        const bool adapt = o.adapt_enabled && c.adapt_mask[s] != 0;
-        const LarsSegment r = lars_segment(o, ssq[0], ssq[1], ssq[2], lam, adapt, step0[si], c.lr);
+        const LarsSegment r = c.lars_scalars(o, s, ssq, step0[si]);
         coef[slot * NS + si] = lars_exact_coef(o, r, c.lr, has0[si] != 0);
         if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
       [&](int64_t t, int slot) {
         const int64_t si = p.t_seg[t];
-        const double lam_u = o.weight_decay * static_cast<double>(c.wd_mask[p.seg[si]]);
+        const double lam_u = c.lam(o.weight_decay, p.seg[si]);
         k.lars_exact_update(exact_tile_of(g.bases, p, t, step_after(si)), g.variant, x, coef[slot * NS + si],
                             wss ? &part2[t] : nullptr, lam_u, ext ? &part3[t] : nullptr);
       });
@@ -891,7 +894,7 @@ void lamb_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   for (int64_t si = 0; si < NS; ++si) {
     const int64_t s = p.seg[si];
     step0[si] = c.step[s];
-    const LambExactCoef c0 = lamb_exact_coef(o, o.weight_decay * static_cast<double>(c.wd_mask[s]), c.lr,
+    const LambExactCoef c0 = lamb_exact_coef(o, c.lam(o.weight_decay, s), c.lr,
                                              static_cast<double>(step0[si]) + 1.0);
     for (int j = 0; j < nth; ++j) coef[j * NS + si] = c0;
   }
