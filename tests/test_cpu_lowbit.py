@@ -34,17 +34,6 @@ FORMS = [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)
          (torch.float16, True)]  # fmt: skip
 
 
-def assert_same_nan_any_sign(oa, pa, ob, pb):
-    """assert_same_state, except that a NaN per-layer norm may have either sign (a NaN's sign bit
-    depends on the summation order; the params and state are still compared bit for bit)."""
-    for ba, bb in zip(oa.buckets(), ob.buckets()):
-        for name in ("w_norm", "g_norm", "u_norm", "trust_ratio"):
-            a, b = getattr(ba, name), getattr(bb, name)
-            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
-            getattr(bb, name).copy_(a)
-    assert_same_state(oa, pa, ob, pb)
-
-
 def dyadic(shape, gen, dtype):
     """Values k * 2**-4, |k| <= 8: squares and their sums are exact in double in any order."""
     return (torch.randint(-8, 9, shape, generator=gen).to(torch.float64) / 16).to(dtype)
@@ -121,7 +110,7 @@ def test_options_inf_nan_grads_and_excluded_layers(kind):
             ps[4].grad[3] = math.nan
             ps[3].grad[0] = math.inf
             opt.step()
-        assert_same_nan_any_sign(oa, pa, ob, pb)
+        assert_same_state(oa, pa, ob, pb, nan_any_sign=True)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"])
@@ -245,8 +234,8 @@ def test_norms_from_backward_and_carried_weight_norms_step_exactly(state_dtype, 
     assert bool((bucket.w_sumsq >= 0).all()), "every segment's weights carried"
     # (||g + wd*w||, update_norm, is summed by pass 2 when the gradients' sums are given: the same bits)
     assert not bool(ob.buckets()[0].u_norm.isnan().any())
-    assert_same_nan_any_sign(oa, pa, ob, pb)
-    assert_same_nan_any_sign(oa, pa, oc, pc)
+    assert_same_state(oa, pa, ob, pb, nan_any_sign=True)
+    assert_same_state(oa, pa, oc, pc, nan_any_sign=True)
 
 
 def test_norms_in_backward_and_carried_norms_still_step_exactly():

@@ -77,7 +77,14 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.uint8 else t.view(torch.uint8)
 
 
-def assert_same_state(oa, pa, ob, pb):
+#: the per-layer tables of a bucket that assert_same_state compares
+NORMS = ("w_norm", "g_norm", "u_norm", "trust_ratio", "step", "has_state")
+
+
+def assert_same_state(oa, pa, ob, pb, norms=NORMS, nan_any_sign=False):
+    """Params, optimizer state and the buckets' per-layer tables ``norms`` bitwise. ``nan_any_sign``:
+    where both runs have a NaN, its sign bit may differ (it depends on a sum's order); every other
+    value, zeros' signs included, is still compared bit for bit."""
     for j, (a, b) in enumerate(zip(pa, pb)):
         assert torch.equal(bits(a), bits(b)), f"param {j}"
         sa, sb = oa.state.get(a, {}), ob.state.get(b, {})
@@ -85,8 +92,12 @@ def assert_same_state(oa, pa, ob, pb):
         for k in sa:
             assert torch.equal(bits(torch.as_tensor(sa[k])), bits(torch.as_tensor(sb[k]))), f"param {j} state {k}"
     for ba, bb in zip(oa.buckets(), ob.buckets()):
-        for name in ("w_norm", "g_norm", "u_norm", "trust_ratio", "step", "has_state"):
-            assert torch.equal(bits(getattr(ba, name)), bits(getattr(bb, name))), name
+        for name in norms:
+            a, b = getattr(ba, name), getattr(bb, name)
+            if nan_any_sign:
+                both = a.isnan() & b.isnan()
+                a, b = a.masked_fill(both, 0.0), b.masked_fill(both, 0.0)
+            assert torch.equal(bits(a), bits(b)), name
 
 
 # ---------------------------------------------------------------------------------------------
