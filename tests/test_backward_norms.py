@@ -305,23 +305,3 @@ def test_hooks_take_no_sum_that_no_step_reads(kind, kw, used):
     opt.zero_grad()
     _backward(model, 1)
     assert opt._bwd.taken == n
-
-
-def test_ddp_hook_takes_no_sum_that_no_step_reads():
-    """fusedlars.ddp_comm_hook with a LAMB without max_grad_norm binds no sum (one gloo rank); with it,
-    one per layer. Either way the bucket is averaged as torch's allreduce_hook does."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available() or dist.is_initialized():
-        pytest.skip("needs gloo and no process group yet")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        for max_norm, bound in ((None, 0), (1.0, 1)):
-            model = nn.parallel.DistributedDataParallel(_model())
-            opt = fusedlars.LAMB(model.parameters(), lr=0.01, max_grad_norm=max_norm)
-            hook = fusedlars.ddp_comm_hook(opt)
-            model.register_comm_hook(None, hook)
-            _backward(model)
-            assert hook.binder.bound == bound * len(list(model.parameters()))
-            opt.step()
-    finally:
-        dist.destroy_process_group()
