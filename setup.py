@@ -1,6 +1,6 @@
 """Build of the C++ extension ``fusedlars._C``.
 
-* The CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp) are always built.
+* The CPU kernels (csrc/ops.cpp, csrc/host.cpp, csrc/cpu/*.cpp) are always built.
 * The CUDA kernels (csrc/cuda/*.cu) are added when the installed torch has CUDA and
   nvcc is found, unless FUSEDLARS_NO_CUDA=1. The reason is printed either way (pip shows it
   only with -v), and recorded next to the extension in ``fusedlars/_build_info.py`` (written by
@@ -34,7 +34,10 @@ def _rel(paths):
     return sorted(os.path.relpath(p, ROOT) for p in paths)
 
 
-cpu_sources = _rel([os.path.join(ROOT, "csrc", "ops.cpp")] + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+cpu_sources = _rel(
+    [os.path.join(ROOT, "csrc", "ops.cpp"), os.path.join(ROOT, "csrc", "host.cpp")]
+    + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))
+)
 cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 # torch glue of the CUDA kernels (host C++; csrc/cuda/*.cu are torch-free, see csrc/cuda/launch.h)
 cuda_host_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))

@@ -7,10 +7,16 @@
 
 #include "cpu/kernels.h"
 
+PyMethodDef* fusedlars_host_methods();  // csrc/host.cpp
+
 extern "C" {
-// A minimal module object: importing it runs the static TORCH_LIBRARY registrations.
+// A minimal module object: importing it runs the static TORCH_LIBRARY registrations. Its functions
+// are the host-side bookkeeping of csrc/host.cpp (the ops are reached through torch.ops.fusedlars).
 static struct PyModuleDef fusedlars_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&fusedlars_c_module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  fusedlars_c_module.m_methods = fusedlars_host_methods();
+  return PyModule_Create(&fusedlars_c_module);
+}
 }
 
 #ifdef FUSEDLARS_WITH_CUDA

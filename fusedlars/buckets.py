@@ -71,6 +71,7 @@ from typing import Any
 
 import torch
 
+from . import host
 from .backends import lowbit, lowbit_state
 from .distributed import as_dtensor_like, dtensor_class, is_dtensor, local_tensor
 
@@ -216,6 +217,9 @@ class Bucket:
         self._ids: dict[tuple[int, ...], torch.Tensor] = {}
         self._seen_state: list[tuple | None] = [None] * S  # ids of the state tensors last adopted
         self._versions: list[tuple[int, int] | None] = [None] * S  # (data_ptr, _version) after our last step
+        self._scanned: tuple | None = None  # (state, the C walk's result) from check() for refresh()
+        #: (records, code, sums) of this step's check(): the walk's answer for BackwardNorms.grad_sums
+        self.scanned_sums: tuple | None = None
         # NOTE [Carried weight norms] (csrc/cpu/optim_cpu.cpp): per-segment ||w||^2 written by the
         # last step, -1 where unknown; None when the last step did not carry them.
         self.w_sumsq: torch.Tensor | None = None
@@ -337,11 +341,29 @@ class Bucket:
         return t
 
     # -- per step -------------------------------------------------------------------------------
-    def check(self) -> None:
+    def check(self, state: MutableMapping[torch.Tensor, dict] | None = None, records: dict | None = None) -> None:
         """Validation that must pass before anything is mutated: every param still has its shape,
-        dtype, device and a dense layout; every grad matches its param."""
-        if self.shard is None and self._plain_ok():
-            return
+        dtype, device and a dense layout; every grad matches its param.
+
+        ``state`` (the optimizer's ``state``): a plain bucket's common case is then checked and
+        walked at once in C (fusedlars.host: csrc/host.cpp), writing nothing but this step's tensor
+        lists, and the next :meth:`refresh` of the same ``state`` finishes from that walk.
+        ``records`` (a BackwardNorms' records): the walk also reads this step's recorded gradient sums
+        (``scanned_sums``, which BackwardNorms.grad_sums takes)."""
+        self._scanned = self.scanned_sums = None
+        if self.shard is None:
+            scan = host.bucket_scan
+            if state is not None and scan is not None:
+                sums = None if records is None else torch.zeros(self.num_segments, dtype=torch.float64)
+                r = scan(self.params, self.shapes, self.dtype, self.device, self.local_tensors, self.param_tensors,
+                         self.grad_tensors, self._versions, state, self._keys(), self._seen_state, records, sums)  # fmt: skip
+                if r is not None:
+                    self._scanned = (state, r)
+                    if records is not None and r[3] >= 0:
+                        self.scanned_sums = (records, r[3], sums)
+                    return
+            if self._plain_ok():
+                return
         for i, p in enumerate(self.params):
             loc = local_tensor(p)
             if tuple(loc.shape) != self.shapes[i] or loc.dtype != self.dtype or loc.device != self.device:
@@ -385,7 +407,20 @@ class Bucket:
         """This step's tensors (host side, after :meth:`check`): locals and grads of the params,
         state from ``state`` (the optimizer's ``state``), created zero-filled for a segment that has
         a grad and none yet (NOTE [Dense segments]); masters re-synced where the user wrote a param
-        (NOTE [Versions])."""
+        (NOTE [Versions]). After a :meth:`check` of the same ``state`` whose C walk succeeded, only its
+        results are applied (the same as this walk's, csrc/host.cpp)."""
+        scanned, self._scanned = self._scanned, None
+        if scanned is not None and scanned[0] is state:
+            active_idx, changed, adopt, _ = scanned[1]
+            for i in changed:
+                self._versions[i] = None
+            if adopt:
+                keys = self._keys()
+                for i in adopt:
+                    self._adopt(i, self.params[i], self.param_tensors[i], state,
+                                create=self.grad_tensors[i] is not None, keys=keys)  # fmt: skip
+            self._after_walk(active_idx, changed)
+            return
         active = []
         changed = []  # params written outside our steps: drop their carried norm, re-sync masters
         plain = self.shard is None
@@ -425,6 +460,11 @@ class Bucket:
             if st is not None and tuple(map(id, map(st.get, keys))) == seen_state[i]:
                 continue  # the state tensors of last time (Bucket._adopt's first test)
             self._adopt(i, p, kp, state, create=g is not None, keys=keys)
+        self._after_walk(tuple(active), changed)
+
+    def _after_walk(self, key: tuple[int, ...], changed: list[int]) -> None:
+        """The end of :meth:`refresh`: forget what the user's writes made stale (``changed``), and the
+        active set ``key`` into the tables."""
         if changed:
             if self.w_sumsq is not None:
                 self.w_sumsq.index_fill_(0, torch.tensor(changed, dtype=torch.int64, device=self.device), -1.0)
@@ -440,7 +480,6 @@ class Bucket:
                     r = self.remainder_tensors[i]
                     if r is not None:  # NOTE [Low-bit buckets]: a remainder that would make a NaN master
                         r.masked_fill_(~torch.isfinite(self.weights(i)) & torch.isfinite(self.param_tensors[i]), 0)
-        key = tuple(active)
         if key != self._active_key:
             self._active_key = self.active_idx = key
             mask = [0.0] * self.num_segments
@@ -631,6 +670,9 @@ class Bucket:
         """After a step: bump the version counters of the params a kernel wrote through raw
         addresses (``wrote_raw``) and record every active param's (data_ptr, version) (NOTE [Versions])."""
         idx = self.active_idx
+        if host.bucket_publish is not None:
+            host.bucket_publish(self.param_tensors, self.local_tensors, idx, self._versions, wrote_raw)
+            return
         if wrote_raw and idx:
             torch.autograd.graph.increment_version([self.param_tensors[i] for i in idx])
         for i in idx:

@@ -80,6 +80,7 @@
 #include "../lars_math.h"
 #include "../lowbit.h"
 #include "../op_args.h"
+#include "entries.h"
 #include "kernels.h"
 
 namespace fusedlars {
@@ -955,6 +956,35 @@ at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>&
 }
 
 }  // namespace
+
+// The direct entries (entries.h): the registered implementations themselves.
+void lars_step_entry(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList momentum,
+                     const at::Tensor& seg_ids, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
+                     const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
+                     const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
+                     const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& w_sumsq,
+                     const std::optional<at::Tensor>& sums, int64_t phase, at::ArrayRef<double> hyper,
+                     at::ArrayRef<int64_t> modes) {
+  lars_step_cpu(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step, w_norm, g_norm,
+                u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq, sums, phase, hyper, modes);
+}
+
+void lamb_step_entry(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList exp_avg,
+                     at::TensorList exp_avg_sq, const at::Tensor& seg_ids, const at::Tensor& wd_mask,
+                     const at::Tensor& adapt_mask, const at::Tensor& has_state, const at::Tensor& step,
+                     const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
+                     const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
+                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
+                     const std::optional<at::Tensor>& sums, int64_t phase, at::ArrayRef<double> hyper,
+                     at::ArrayRef<int64_t> modes) {
+  lamb_step_cpu(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask, has_state, step, w_norm,
+                g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, clip_coef, sums, phase, hyper, modes);
+}
+
+at::Tensor grad_sumsq_entry(at::TensorList grads, const std::optional<at::Tensor>& inv_scale) {
+  return grad_sumsq_cpu(grads, inv_scale);
+}
 
 // Which kernel table runs; `want` (avx512 | avx2 | generic) switches it (tests compare ISAs).
 std::string cpu_isa(c10::string_view want) {

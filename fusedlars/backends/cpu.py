@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import host
 from ..buckets import Bucket
 from .config import CachedScalar, LambConfig, LarsConfig, check_fused
 from .packing import lamb_options, lars_options
@@ -76,8 +77,19 @@ if _WHY_NOT is None:
 def available() -> tuple[bool, str]:
     if _WHY_NOT is not None:
         return False, _WHY_NOT
-    isa = torch.ops.fusedlars.cpu_isa("")
-    return True, f"fused C++ kernels, {isa} SIMD, {torch.get_num_threads()} threads"
+    return True, f"fused C++ kernels, {isa()} SIMD, {torch.get_num_threads()} threads"
+
+
+_ISA: list[str] = []
+
+
+def isa() -> str:
+    """The kernel table (avx512 | avx2 | generic) chosen at the first call (FUSEDLARS_CPU_ISA or the
+    CPU), asked once: ``available()`` runs at every step's backend choice. (Tests that switch tables
+    with ``torch.ops.fusedlars.cpu_isa(want)`` switch back before this is read again.)"""
+    if not _ISA:
+        _ISA.append(torch.ops.fusedlars.cpu_isa(""))
+    return _ISA[0]
 
 
 def supports(kind: str, cfg, bucket: Bucket) -> str | None:
@@ -193,8 +205,8 @@ def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None
     wss = bucket.carry_buffer() if cfg.carry_w else None
     mom = ("momentum_buffer",) if cfg.uses_buffer else ()
     params, grads, masters, *moms = _lists(bucket, "param", "grad", "master", *mom)
-    torch.ops.fusedlars.lars_step_cpu(
-        params, grads, masters, moms[0] if moms else [], bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
+    host.call(
+        "lars_step_cpu", params, grads, masters, moms[0] if moms else [], bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
         _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, wss, sums, phase, hyper, modes,
     )  # fmt: skip
@@ -218,8 +230,8 @@ def _lamb(bucket: Bucket, cfg: LambConfig, phase: int, sums: torch.Tensor | None
         )  # fmt: skip
         return
     params, grads, masters, m, v = _lists(bucket, "param", "grad", "master", "exp_avg", "exp_avg_sq")
-    torch.ops.fusedlars.lamb_step_cpu(
-        params, grads, masters, m, v, bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
+    host.call(
+        "lamb_step_cpu", params, grads, masters, m, v, bucket.active_ids(), bucket.wd_mask, bucket.adapt_mask,
         bucket.has_state, bucket.step, bucket.w_norm, bucket.g_norm, bucket.u_norm, bucket.trust_ratio,
         _lr(cfg.lr, bucket), cfg.inv_scale, cfg.found_inf, clip, sums, phase, hyper, modes,
     )  # fmt: skip
@@ -274,7 +286,7 @@ def lars_partials_given_grad_sums(
     carried = bucket.carry_buffer()[idx].tolist() if cfg.carry_w else [-1.0] * len(idx)
     sums = torch.zeros((3, bucket.num_segments), dtype=torch.float64)
     sums[0, idx] = torch.tensor(
-        [c if c >= 0 else float(torch.ops.fusedlars.grad_sumsq_cpu([w], None)) for c, w in zip(carried, ws)],
+        [c if c >= 0 else float(host.call("grad_sumsq_cpu", [w], None)) for c, w in zip(carried, ws)],
         dtype=torch.float64,
     )
     sums[1] = g2 if cfg.inv_scale is None else g2 * cfg.inv_scale.double().square()
@@ -309,4 +321,4 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
 def grad_sumsq(bucket: Bucket, cfg) -> torch.Tensor:
     """Sum over active segments of ||grad * inv_scale||^2, as a float64 0-dim tensor."""
     (grads,) = _lists(bucket, "grad")
-    return torch.ops.fusedlars.grad_sumsq_cpu(grads, cfg.inv_scale)
+    return host.call("grad_sumsq_cpu", grads, cfg.inv_scale)

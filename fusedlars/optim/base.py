@@ -182,8 +182,9 @@ class BucketedOptimizer(ParamGroupsMixin, StateDictMixin, torch.optim.Optimizer)
         """Build missing buckets, and check every bucket's params and grads (Bucket.check)."""
         seed = getattr(self, "seed", DEFAULT_SEED)  # stochastic rounding of low-bit state (issue #26)
         self._layout.ensure(self.param_groups, self._state_names, self.master_weights, seed)
+        records = getattr(self._bwd, "scan_records", None)  # (the recorded grad sums, read on the way)
         for b in self.buckets():
-            b.check()
+            b.check(self.state, records)
 
     @torch.no_grad()
     def clip_grad_norm_(
