@@ -250,3 +250,14 @@ def test_baselines_registry_and_groups():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-12)
     with pytest.raises(ValueError, match="momentum"):
         baselines.ForeachLARS(p, lr=1.0, momentum=1.5)
+
+
+def test_the_timing_resnet50_has_the_resnet50_layout():
+    """grad_passes --network times a real ResNet-50: its params are the shape set's, name for name."""
+    from fusedlars.tools.resnet import ResNet50
+    from fusedlars.tools.shapes import resnet50
+
+    model = ResNet50()
+    assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == [(n, tuple(s)) for n, s in resnet50()]
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 1000)

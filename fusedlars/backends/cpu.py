@@ -22,9 +22,12 @@ exact kernels (``lars_step_lowbit_cpu`` / ``lamb_step_lowbit_cpu``, csrc/cpu/exa
 plan and per-layer scalars, the element math in float64 as the reference states it, the state stored
 through csrc/lowbit.h (bitwise lowbit.py), so the stored state is the reference's bit for bit given the
 same per-layer norms (csrc/cpu/exact_impl.h NOTE [What "bitwise" means for the cpu backend's low-bit
-state]). Whole steps only: gradient norms taken in backward are declined (the step takes its own),
-no weight norms are carried, and sharded (FSDP2) buckets and compiled steps are refused, as the
-torch backend refuses them.
+state]). Whole steps only (LARS may take the gradient norms from backward and carry the weight norms:
+csrc/cpu/exact_impl.h NOTE [Carried weight norms of the exact step]); sharded (FSDP2) buckets and
+compiled steps are refused, as the torch backend refuses them.
+
+Eager steps call the ops' implementations directly (fusedlars.host.call: csrc/host.cpp NOTE [Direct
+calls]); compiled steps, and calls under a TorchDispatchMode, go through ``torch.ops``.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ round to round as after ``zero_grad(set_to_none=False)``), one ``step()`` of:
   them: the hook's own cost belongs to backward and is not timed here);
 * ``fusedlars.LAMB`` without and with ``max_grad_norm``, the latter also with ``norms_in_backward``.
 
+With ``--backward --network BATCH SIDE`` the forward and backward are a real ResNet-50's
+(fusedlars.tools.resnet) on random images: the hooks' share of a training step as a user sees it.
 With ``--backward``, each timed round is instead ``zero_grad()``, a forward and a backward that produce
 every grad, then ``step()`` (the hooks' cost inside backward included), for fused SGD, two-pass LARS
 and LARS with its norms taken in backward. The forward is one elementwise product and sum per tensor
@@ -83,18 +85,30 @@ def backward_variants() -> dict:
     }
 
 
-def time_backward_and_step(shapes, rounds: int) -> dict[str, list[float]]:
-    """Seconds per round of zero_grad + forward + backward + step, interleaved round-robin."""
+def time_backward_and_step(shapes, rounds: int, network: tuple[int, int] | None = None) -> dict[str, list[float]]:
+    """Seconds per round of zero_grad + forward + backward + step, interleaved round-robin.
+    ``network`` (batch, image side): a real ResNet-50 (fusedlars.tools.resnet) on random images
+    instead of the one-product-per-tensor forward."""
     runs = {}
     for name, make in backward_variants().items():
         torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-        xs = [torch.randn(s) * 0.01 for s in shapes]
+        if network is None:
+            ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+            xs = [torch.randn(s) * 0.01 for s in shapes]
+        else:
+            from .resnet import ResNet50
+
+            model = ResNet50()
+            ps = list(model.parameters())
+            xs = [model, torch.randn(network[0], 3, network[1], network[1])]
         runs[name] = (ps, xs, make(ps))
 
     def one(ps, xs, opt) -> None:
         opt.zero_grad()
-        loss = sum((p * x).sum() for p, x in zip(ps, xs))
+        if network is None:
+            loss = sum((p * x).sum() for p, x in zip(ps, xs))
+        else:
+            loss = xs[0](xs[1]).logsumexp(1).mean()
         loss.backward()
         opt.step()
 
@@ -125,11 +139,16 @@ def main() -> None:
     ap.add_argument(
         "--backward", action="store_true", help="time zero_grad + forward + backward + step (the hooks' cost included)"
     )
+    ap.add_argument(
+        "--network", type=int, nargs=2, metavar=("BATCH", "SIDE"),
+        help="with --backward: a real ResNet-50's forward and backward on BATCH random SIDExSIDE images "
+        "(fusedlars.tools.resnet; --shapes is then ResNet-50's) instead of one product per tensor",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [s for _, s in SHAPE_SETS[args.shapes]()]
     if args.backward:
-        med = _report(time_backward_and_step(shapes, args.rounds))
+        med = _report(time_backward_and_step(shapes, args.rounds, tuple(args.network) if args.network else None))
         sgd = med["torch SGD(fused)"]
         print(f"backward + step, in torch SGD(fused) rounds: LARS {med['LARS'] / sgd:.3f}x, "
               f"LARS bwd carry {med['LARS bwd carry'] / sgd:.3f}x")  # fmt: skip
