@@ -475,7 +475,7 @@ PyObject* call_lars_step_cpu(PyObject*, PyObject* const* a, Py_ssize_t n) {
     return not_here();
   const bool ok = run_released([&] {
     RECORD_FUNCTION("fusedlars::lars_step_cpu", std::vector<c10::IValue>());
-    fusedlars::cpu::lars_step_entry(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step,
+    fusedlars::cpu::lars_step_cpu(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step,
                                     w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq, sums,
                                     phase, hyper, modes);
   });
@@ -502,7 +502,7 @@ PyObject* call_lamb_step_cpu(PyObject*, PyObject* const* a, Py_ssize_t n) {
     return not_here();
   const bool ok = run_released([&] {
     RECORD_FUNCTION("fusedlars::lamb_step_cpu", std::vector<c10::IValue>());
-    fusedlars::cpu::lamb_step_entry(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask,
+    fusedlars::cpu::lamb_step_cpu(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask,
                                     has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf,
                                     clip_coef, sums, phase, hyper, modes);
   });
@@ -519,7 +519,7 @@ PyObject* call_grad_sumsq_cpu(PyObject*, PyObject* const* a, Py_ssize_t n) {
   at::Tensor out;
   const bool ok = run_released([&] {
     RECORD_FUNCTION("fusedlars::grad_sumsq_cpu", std::vector<c10::IValue>());
-    out = fusedlars::cpu::grad_sumsq_entry(grads, inv_scale);
+    out = fusedlars::cpu::grad_sumsq_cpu(grads, inv_scale);
   });
   if (!ok) return nullptr;
   return THPVariable_Wrap(std::move(out));

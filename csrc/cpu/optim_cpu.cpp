@@ -502,8 +502,10 @@ double* check_phase(int64_t phase, const std::optional<at::Tensor>& sums, int64_
 int64_t weight_bytes(int variant) { return variant == kF32 || variant == kBF16Master || variant == kF16Master ? 4 : 2; }
 int64_t grad_bytes(int variant) { return variant == kF32 ? 4 : 2; }
 
+}  // namespace
+
 // ------------------------------------------------------------------------------------------------
-// ops
+// ops (the fp32 ones and grad_sumsq_cpu have external linkage: entries.h, for csrc/host.cpp's direct calls)
 
 void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList momentum,
                    const at::Tensor& seg_ids, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
@@ -706,6 +708,8 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         k.lamb_pass2(tile_of(g.bases, p, t), g.variant, o.wd_mode, coef[slot * NS + p.t_seg[t]]);
       });
 }
+
+namespace {
 
 // ------------------------------------------------------------------------------------------------
 // low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Exact element math
@@ -929,6 +933,8 @@ void lamb_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       });
 }
 
+}  // namespace
+
 at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale) {
   float gscale = 1.0f;
   if (inv_scale) {
@@ -962,37 +968,6 @@ at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>&
     total += seg;
   }
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
-}
-
-}  // namespace
-
-// The direct entries (entries.h): the registered implementations themselves.
-void lars_step_entry(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList momentum,
-                     const at::Tensor& seg_ids, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
-                     const at::Tensor& has_state, const at::Tensor& step, const at::Tensor& w_norm,
-                     const at::Tensor& g_norm, const at::Tensor& u_norm, const at::Tensor& trust_ratio,
-                     const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
-                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& w_sumsq,
-                     const std::optional<at::Tensor>& sums, int64_t phase, at::ArrayRef<double> hyper,
-                     at::ArrayRef<int64_t> modes) {
-  lars_step_cpu(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step, w_norm, g_norm,
-                u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq, sums, phase, hyper, modes);
-}
-
-void lamb_step_entry(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList exp_avg,
-                     at::TensorList exp_avg_sq, const at::Tensor& seg_ids, const at::Tensor& wd_mask,
-                     const at::Tensor& adapt_mask, const at::Tensor& has_state, const at::Tensor& step,
-                     const at::Tensor& w_norm, const at::Tensor& g_norm, const at::Tensor& u_norm,
-                     const at::Tensor& trust_ratio, const at::Tensor& lr, const std::optional<at::Tensor>& inv_scale,
-                     const std::optional<at::Tensor>& found_inf, const std::optional<at::Tensor>& clip_coef,
-                     const std::optional<at::Tensor>& sums, int64_t phase, at::ArrayRef<double> hyper,
-                     at::ArrayRef<int64_t> modes) {
-  lamb_step_cpu(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask, has_state, step, w_norm,
-                g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, clip_coef, sums, phase, hyper, modes);
-}
-
-at::Tensor grad_sumsq_entry(at::TensorList grads, const std::optional<at::Tensor>& inv_scale) {
-  return grad_sumsq_cpu(grads, inv_scale);
 }
 
 // Which kernel table runs; `want` (avx512 | avx2 | generic) switches it (tests compare ISAs).
