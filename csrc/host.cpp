@@ -1,4 +1,4 @@
-// Host-side bookkeeping of a step, in C (fusedlars._C.bucket_scan / bucket_publish / grad_sums_scan).
+// Host-side bookkeeping of a step, in C (fusedlars._C.bucket_scan / bucket_publish / call_op).
 //
 // Every step walks every param on the host before any kernel runs (fusedlars/buckets.py:
 // Bucket.check, Bucket.refresh, Bucket.publish; fusedlars/backward_norms.py: grad_sums). In Python
@@ -19,6 +19,8 @@
 // returns None before anything is written. `p.grad` is read through the attribute, as Python reads
 // it (so a TorchFunctionMode sees it); the sizes, strides, dtype and device from the C++ tensor.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <ATen/record_function.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Device.h>
@@ -27,9 +29,8 @@
 #include <torch/csrc/autograd/variable.h>
 
 #include <string>
+#include <unordered_map>
 #include <vector>
-
-#include "cpu/entries.h"
 
 namespace {
 
@@ -145,8 +146,9 @@ struct Refs {  // new references, released at scope exit
 // segments whose state must be adopted (Bucket._adopt: state[p] missing, or its tensors at `keys` not
 // the ones whose ids are seen_state[i]). It writes nothing else; the caller clears the versions of
 // `changed` and adopts. None: the Python walk decides (nothing was written). `records` (a
-// BackwardNorms' records, or None) and `sums` (float64 [S]): grad_sums_scan on the way, the grads
-// being at hand; sums_code is its answer (-1 without records).
+// BackwardNorms' records, or None) and `sums` (float64 [S]): BackwardNorms.grad_sums' walk on the
+// way, the grads being at hand; sums_code is recorded_sum's first answer other than 1, else 1 (-1
+// without records).
 // (check() runs at the start of every step, and nothing between it and the kernels writes a grad.)
 PyObject* bucket_scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 13) {
@@ -164,7 +166,7 @@ PyObject* bucket_scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     if (!PyList_Check(l) || PyList_GET_SIZE(l) != S) Py_RETURN_NONE;
   double* sums = records == Py_None ? nullptr : sums_table(args[12], S);
   if (records != Py_None && !sums) Py_RETURN_NONE;
-  int sums_code = 1;  // grad_sums_scan's answer, taken on the way (records given)
+  int sums_code = 1;  // BackwardNorms.grad_sums' answer, taken on the way (records given)
   const at::ScalarType dt = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
   const at::Device dev = reinterpret_cast<THPDevice*>(device)->device;
   Refs grads;  // p.grad of each param (new references; Py_None included)
@@ -304,121 +306,93 @@ PyObject* bucket_publish(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// grad_sums_scan(params, active_idx, records, out) -> 1 | 0 | -1
-//
-// BackwardNorms.grad_sums for a bucket whose records are plain (fusedlars/backward_norms.py: records
-// map id(p) to (weakref(grad), version, None, -1, ssq)): for each i in active_idx, when p.grad is
-// still the recorded grad at the recorded version, out[i] = ssq (a CPU float64 0-dim tensor's value).
-// 1: every active segment had one (out filled); 0: one had none or a stale one (the step takes its
-// own norms); -1: a record this scan does not read (a DTensor grad's, a sum on another device):
-// Python's walk decides.
-PyObject* grad_sums_scan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 4 || !PyList_Check(args[0]) || !PyTuple_Check(args[1]) || !PyDict_Check(args[2])) {
-    PyErr_SetString(PyExc_TypeError, "grad_sums_scan(params: list, active_idx: tuple, records: dict, out: Tensor)");
-    return nullptr;
-  }
-  PyObject *params = args[0], *idx = args[1], *records = args[2];
-  double* o = sums_table(args[3], PyList_GET_SIZE(params));
-  if (!o) {
-    PyErr_SetString(PyExc_ValueError, "grad_sums_scan: out must be a contiguous CPU float64 tensor, one per param");
-    return nullptr;
-  }
-  try {
-    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(idx); ++k) {
-      const Py_ssize_t i = PyLong_AsSsize_t(PyTuple_GET_ITEM(idx, k));
-      if (i < 0 || i >= PyList_GET_SIZE(params)) {
-        PyErr_Clear();
-        return PyLong_FromLong(-1);
-      }
-      PyObject* p = PyList_GET_ITEM(params, i);
-      PyObject* g = PyObject_GetAttr(p, g_grad_str);
-      if (!g) return nullptr;
-      const int r = g == Py_None ? 0 : recorded_sum(p, g, records, &o[i]);
-      Py_DECREF(g);
-      if (r == -2) return nullptr;
-      if (r != 1) return PyLong_FromLong(r);
-    }
-  } catch (...) {
-    PyErr_Clear();
-    return PyLong_FromLong(-1);
-  }
-  return PyLong_FromLong(1);
-}
-
 // ------------------------------------------------------------------------------------------------
 // NOTE: [Direct calls]
-// torch.ops.fusedlars.<op>(...) boxes every argument into an IValue (each tensor of each list through
-// pybind11), runs the dispatcher and its autograd fallback, and unboxes them again: ~0.06 us per
-// tensor plus ~3 us per call, measured on the op with 161 tiny params (ResNet-50's layout): 3 lists
-// are ~30 us of a step, and the backward hook's one-grad sum is a 3 us call per param. The eager CPU
-// steps call the same implementations here (fusedlars.backends.cpu), unpacking exact tensors with
-// THPVariable_Unpack, with the GIL released while they run (as the op binding releases it) and a
-// profiler record under the op's name. Anything that is not an exact tensor (a subclass, a
-// FakeTensor) returns NotImplemented and the caller takes torch.ops; a compiled step always does
-// (the ops and their fake kernels are what dynamo traces), and so does a call under a Python
-// TorchDispatchMode, which must see the op whole (as the dispatcher presents it), not the aten ops
-// the implementation runs inside (lr.item() on the CPU). Errors are the ops' own messages.
+// torch.ops.fusedlars.<op>(...) converts every argument to an IValue through pybind11 (each tensor
+// of each list on its own), then runs the dispatcher and its autograd fallback: ~0.06 us per tensor
+// plus ~3 us per call, measured on the op with 161 tiny params (ResNet-50's layout): 3 lists are
+// ~30 us of a step, and the backward hook's one-grad sum is a 3 us call per param. call_op builds the
+// same stack here, reading the op's registered schema (csrc/ops.cpp, the one declaration of its
+// arguments) and unpacking exact tensors with THPVariable_Unpack, and hands it to the op's CPU kernel
+// (redispatchBoxed to the CPU key: the autograd fallback has nothing to do in a step under no_grad),
+// with the GIL released while it runs (as the op binding releases it) and a profiler record under the
+// op's name. An argument it does not unpack (a subclass, a FakeTensor, a type no CPU op's schema has)
+// returns NotImplemented and the caller takes torch.ops; a compiled step always does (the ops and their
+// fake kernels are what dynamo traces), and so does a call under a Python TorchDispatchMode, which
+// must see the op whole (as the dispatcher presents it), not the aten ops its kernel runs inside
+// (lr.item() on the CPU). Errors are the ops' own messages.
 
+// The exact tensor `o`, or false.
 bool arg_tensor(PyObject* o, at::Tensor& out) {
   if (!THPVariable_CheckExact(o)) return false;
   out = THPVariable_Unpack(o);
   return true;
 }
 
-bool arg_optional(PyObject* o, std::optional<at::Tensor>& out) {
-  if (o == Py_None) {
-    out = std::nullopt;
-    return true;
+// Python argument `o` as the IValue of schema type `t` (Tensor, Tensor?, Tensor[], int, float[], int[]),
+// or false.
+bool arg_ivalue(PyObject* o, const c10::TypePtr& t, c10::IValue& out) {
+  using K = c10::TypeKind;
+  at::Tensor x;
+  switch (t->kind()) {
+    case K::TensorType:
+      if (!arg_tensor(o, x)) return false;
+      out = std::move(x);
+      return true;
+    case K::OptionalType:
+      if (o == Py_None) {
+        out = c10::IValue();
+        return true;
+      }
+      if (t->castRaw<c10::OptionalType>()->getElementType()->kind() != K::TensorType || !arg_tensor(o, x)) return false;
+      out = std::move(x);
+      return true;
+    case K::IntType:
+      if (!PyLong_Check(o)) return false;
+      out = static_cast<int64_t>(PyLong_AsLongLong(o));
+      return !PyErr_Occurred();
+    case K::ListType: {
+      if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
+      const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+      PyObject** items = PySequence_Fast_ITEMS(o);
+      switch (t->castRaw<c10::ListType>()->getElementType()->kind()) {
+        case K::TensorType: {
+          c10::List<at::Tensor> l;
+          l.reserve(n);
+          for (Py_ssize_t i = 0; i < n; ++i) {
+            if (!arg_tensor(items[i], x)) return false;
+            l.push_back(std::move(x));
+          }
+          out = std::move(l);
+          return true;
+        }
+        case K::FloatType: {
+          c10::List<double> l;
+          l.reserve(n);
+          for (Py_ssize_t i = 0; i < n; ++i) {
+            if (!PyFloat_Check(items[i]) && !PyLong_Check(items[i])) return false;
+            l.push_back(PyFloat_AsDouble(items[i]));
+          }
+          out = std::move(l);
+          return !PyErr_Occurred();
+        }
+        case K::IntType: {
+          c10::List<int64_t> l;
+          l.reserve(n);
+          for (Py_ssize_t i = 0; i < n; ++i) {
+            if (!PyLong_Check(items[i])) return false;
+            l.push_back(PyLong_AsLongLong(items[i]));
+          }
+          out = std::move(l);
+          return !PyErr_Occurred();
+        }
+        default:
+          return false;
+      }
+    }
+    default:
+      return false;
   }
-  at::Tensor t;
-  if (!arg_tensor(o, t)) return false;
-  out = std::move(t);
-  return true;
-}
-
-bool arg_list(PyObject* o, std::vector<at::Tensor>& out) {
-  if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
-  out.clear();
-  out.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_CheckExact(items[i])) return false;
-    out.push_back(THPVariable_Unpack(items[i]));
-  }
-  return true;
-}
-
-bool arg_doubles(PyObject* o, std::vector<double>& out) {
-  if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
-  out.resize(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!PyFloat_Check(items[i]) && !PyLong_Check(items[i])) return false;
-    out[i] = PyFloat_AsDouble(items[i]);
-    if (out[i] == -1.0 && PyErr_Occurred()) return false;
-  }
-  return true;
-}
-
-bool arg_ints(PyObject* o, std::vector<int64_t>& out) {
-  if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
-  out.resize(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!PyLong_Check(items[i])) return false;
-    out[i] = PyLong_AsLongLong(items[i]);
-    if (out[i] == -1 && PyErr_Occurred()) return false;
-  }
-  return true;
-}
-
-bool arg_int(PyObject* o, int64_t& out) {
-  if (!PyLong_Check(o)) return false;
-  out = PyLong_AsLongLong(o);
-  return !(out == -1 && PyErr_Occurred());
 }
 
 // NotImplemented: the caller takes torch.ops (an argument this path does not unpack, or a mode).
@@ -427,14 +401,43 @@ PyObject* not_here() {
   Py_RETURN_NOTIMPLEMENTED;
 }
 
-// Run `fn` with the GIL released; a C++ exception becomes the Python exception torch would raise.
-template <class F>
-bool run_released(F&& fn) {
+// call_op(name, *args) -> the op's result | NotImplemented: fusedlars::<name>'s CPU kernel on the
+// arguments of its schema, in order, all of them given (NOTE [Direct calls]).
+PyObject* call_op(PyObject*, PyObject* const* a, Py_ssize_t n) {
+  if (n < 1 || !PyUnicode_Check(a[0]) || c10::impl::dispatch_mode_enabled()) return not_here();
+  const char* name = PyUnicode_AsUTF8(a[0]);
+  if (!name) return nullptr;
+  // the handles of the ops called so far (an op's handle never changes once registered; the GIL
+  // guards this map)
+  static std::unordered_map<std::string, c10::OperatorHandle> handles;
+  auto it = handles.find(name);
+  if (it == handles.end()) {
+    std::optional<c10::OperatorHandle> h;
+    try {
+      h = c10::Dispatcher::singleton().findOp({std::string("fusedlars::") + name, ""});
+    } catch (...) {
+      return not_here();
+    }
+    if (!h) return not_here();
+    it = handles.emplace(name, *h).first;
+  }
+  const c10::OperatorHandle* op = &it->second;
+  const c10::FunctionSchema& schema = op->schema();
+  const auto& args = schema.arguments();
+  if (static_cast<size_t>(n - 1) != args.size() || schema.returns().size() > 1) return not_here();
+  torch::jit::Stack stack;
+  stack.reserve(args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    c10::IValue v;
+    if (!arg_ivalue(a[i + 1], args[i].type(), v)) return not_here();
+    stack.push_back(std::move(v));
+  }
   std::string msg;
   PyObject* type = nullptr;
   Py_BEGIN_ALLOW_THREADS;
   try {
-    fn();
+    RECORD_FUNCTION(schema.name(), std::vector<c10::IValue>());
+    op->redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), &stack);
   } catch (const c10::ValueError& e) {
     type = PyExc_ValueError;
     msg = e.what_without_backtrace();
@@ -452,92 +455,25 @@ bool run_released(F&& fn) {
     msg = e.what();
   }
   Py_END_ALLOW_THREADS;
-  if (type) PyErr_SetString(type, msg.c_str());
-  return type == nullptr;
-}
-
-// call_lars_step_cpu(<the 21 arguments of fusedlars::lars_step_cpu>) -> None | NotImplemented
-PyObject* call_lars_step_cpu(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  if (n != 21 || c10::impl::dispatch_mode_enabled()) return not_here();
-  std::vector<at::Tensor> params, grads, masters, momentum;
-  at::Tensor seg_ids, wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr;
-  std::optional<at::Tensor> inv_scale, found_inf, w_sumsq, sums;
-  int64_t phase = 0;
-  std::vector<double> hyper;
-  std::vector<int64_t> modes;
-  if (!(arg_list(a[0], params) && arg_list(a[1], grads) && arg_list(a[2], masters) && arg_list(a[3], momentum) &&
-        arg_tensor(a[4], seg_ids) && arg_tensor(a[5], wd_mask) && arg_tensor(a[6], adapt_mask) &&
-        arg_tensor(a[7], has_state) && arg_tensor(a[8], step) && arg_tensor(a[9], w_norm) &&
-        arg_tensor(a[10], g_norm) && arg_tensor(a[11], u_norm) && arg_tensor(a[12], trust_ratio) &&
-        arg_tensor(a[13], lr) && arg_optional(a[14], inv_scale) && arg_optional(a[15], found_inf) &&
-        arg_optional(a[16], w_sumsq) && arg_optional(a[17], sums) && arg_int(a[18], phase) &&
-        arg_doubles(a[19], hyper) && arg_ints(a[20], modes)))
-    return not_here();
-  const bool ok = run_released([&] {
-    RECORD_FUNCTION("fusedlars::lars_step_cpu", std::vector<c10::IValue>());
-    fusedlars::cpu::lars_step_cpu(params, grads, masters, momentum, seg_ids, wd_mask, adapt_mask, has_state, step,
-                                    w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf, w_sumsq, sums,
-                                    phase, hyper, modes);
-  });
-  if (!ok) return nullptr;
-  Py_RETURN_NONE;
-}
-
-// call_lamb_step_cpu(<the 22 arguments of fusedlars::lamb_step_cpu>) -> None | NotImplemented
-PyObject* call_lamb_step_cpu(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  if (n != 22 || c10::impl::dispatch_mode_enabled()) return not_here();
-  std::vector<at::Tensor> params, grads, masters, exp_avg, exp_avg_sq;
-  at::Tensor seg_ids, wd_mask, adapt_mask, has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr;
-  std::optional<at::Tensor> inv_scale, found_inf, clip_coef, sums;
-  int64_t phase = 0;
-  std::vector<double> hyper;
-  std::vector<int64_t> modes;
-  if (!(arg_list(a[0], params) && arg_list(a[1], grads) && arg_list(a[2], masters) && arg_list(a[3], exp_avg) &&
-        arg_list(a[4], exp_avg_sq) && arg_tensor(a[5], seg_ids) && arg_tensor(a[6], wd_mask) &&
-        arg_tensor(a[7], adapt_mask) && arg_tensor(a[8], has_state) && arg_tensor(a[9], step) &&
-        arg_tensor(a[10], w_norm) && arg_tensor(a[11], g_norm) && arg_tensor(a[12], u_norm) &&
-        arg_tensor(a[13], trust_ratio) && arg_tensor(a[14], lr) && arg_optional(a[15], inv_scale) &&
-        arg_optional(a[16], found_inf) && arg_optional(a[17], clip_coef) && arg_optional(a[18], sums) &&
-        arg_int(a[19], phase) && arg_doubles(a[20], hyper) && arg_ints(a[21], modes)))
-    return not_here();
-  const bool ok = run_released([&] {
-    RECORD_FUNCTION("fusedlars::lamb_step_cpu", std::vector<c10::IValue>());
-    fusedlars::cpu::lamb_step_cpu(params, grads, masters, exp_avg, exp_avg_sq, seg_ids, wd_mask, adapt_mask,
-                                    has_state, step, w_norm, g_norm, u_norm, trust_ratio, lr, inv_scale, found_inf,
-                                    clip_coef, sums, phase, hyper, modes);
-  });
-  if (!ok) return nullptr;
-  Py_RETURN_NONE;
-}
-
-// call_grad_sumsq_cpu(grads, inv_scale) -> Tensor | NotImplemented (fusedlars::grad_sumsq_cpu)
-PyObject* call_grad_sumsq_cpu(PyObject*, PyObject* const* a, Py_ssize_t n) {
-  if (n != 2 || c10::impl::dispatch_mode_enabled()) return not_here();
-  std::vector<at::Tensor> grads;
-  std::optional<at::Tensor> inv_scale;
-  if (!(arg_list(a[0], grads) && arg_optional(a[1], inv_scale))) return not_here();
-  at::Tensor out;
-  const bool ok = run_released([&] {
-    RECORD_FUNCTION("fusedlars::grad_sumsq_cpu", std::vector<c10::IValue>());
-    out = fusedlars::cpu::grad_sumsq_cpu(grads, inv_scale);
-  });
-  if (!ok) return nullptr;
-  return THPVariable_Wrap(std::move(out));
+  if (type) {
+    PyErr_SetString(type, msg.c_str());
+    return nullptr;
+  }
+  if (schema.returns().empty()) Py_RETURN_NONE;
+  if (stack.size() != 1 || !stack[0].isTensor()) {
+    PyErr_SetString(PyExc_RuntimeError, "call_op: only ops returning nothing or one tensor are called directly");
+    return nullptr;
+  }
+  return THPVariable_Wrap(std::move(stack[0]).toTensor());
 }
 
 PyMethodDef g_methods[] = {
-    {"call_lars_step_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_lars_step_cpu)),
-     METH_FASTCALL, "fusedlars::lars_step_cpu without the dispatcher (NOTE [Direct calls], csrc/host.cpp)."},
-    {"call_lamb_step_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_lamb_step_cpu)),
-     METH_FASTCALL, "fusedlars::lamb_step_cpu without the dispatcher (NOTE [Direct calls], csrc/host.cpp)."},
-    {"call_grad_sumsq_cpu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_grad_sumsq_cpu)),
-     METH_FASTCALL, "fusedlars::grad_sumsq_cpu without the dispatcher (NOTE [Direct calls], csrc/host.cpp)."},
+    {"call_op", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_op)), METH_FASTCALL,
+     "call_op(name, *args): fusedlars::<name>'s CPU kernel without the Python op binding (csrc/host.cpp)."},
     {"bucket_scan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bucket_scan)), METH_FASTCALL,
      "Bucket.check + Bucket.refresh's walk of a plain bucket, or None (csrc/host.cpp)."},
     {"bucket_publish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bucket_publish)), METH_FASTCALL,
      "Bucket.publish (csrc/host.cpp)."},
-    {"grad_sums_scan", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grad_sums_scan)), METH_FASTCALL,
-     "BackwardNorms.grad_sums of plain records into a float64 table (csrc/host.cpp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -26,9 +26,8 @@ STEPS = 5
 
 
 def _off(monkeypatch) -> None:
-    for name in ("bucket_scan", "bucket_publish", "grad_sums_scan"):
+    for name in ("bucket_scan", "bucket_publish", "call_op"):
         monkeypatch.setattr(host, name, None)
-    monkeypatch.setattr(host, "direct", {})
 
 
 def _params(conv_channels_last=False, dtype=torch.float32):
@@ -203,11 +202,11 @@ class _Sub(torch.Tensor):
 def test_direct_calls_equal_the_ops():
     g = [torch.randn(4097), torch.randn(3)]
     want = torch.ops.fusedlars.grad_sumsq_cpu(g, torch.tensor(0.5))
-    got = host.direct["grad_sumsq_cpu"](g, torch.tensor(0.5))
+    got = host.call_op("grad_sumsq_cpu", g, torch.tensor(0.5))
     assert got.dtype == torch.float64 and got.dim() == 0 and got.item() == want.item()
     # not an exact tensor: NotImplemented, and host.call takes the op
     sub = [g[0].as_subclass(_Sub)]
-    assert host.direct["grad_sumsq_cpu"](sub, None) is NotImplemented
+    assert host.call_op("grad_sumsq_cpu", sub, None) is NotImplemented
     assert host.call("grad_sumsq_cpu", sub, None).item() == torch.ops.fusedlars.grad_sumsq_cpu([g[0]], None).item()
 
 
@@ -216,7 +215,7 @@ def test_direct_calls_raise_the_ops_errors():
     with pytest.raises(RuntimeError) as op_err:
         torch.ops.fusedlars.grad_sumsq_cpu(bad, None)
     with pytest.raises(RuntimeError) as direct_err:
-        host.direct["grad_sumsq_cpu"](bad, None)
+        host.call_op("grad_sumsq_cpu", bad, None)
     assert "unsupported param dtype" in str(direct_err.value)
     assert str(direct_err.value).splitlines()[0] == str(op_err.value).splitlines()[0]
 
@@ -247,6 +246,6 @@ def test_a_dispatch_mode_sees_the_op_whole():
 
     g = [torch.randn(5)]
     with Seen() as mode:
-        assert host.direct["grad_sumsq_cpu"](g, None) is NotImplemented
+        assert host.call_op("grad_sumsq_cpu", g, None) is NotImplemented
         host.call("grad_sumsq_cpu", g, None)
     assert mode.ops == ["fusedlars.grad_sumsq_cpu.default"]

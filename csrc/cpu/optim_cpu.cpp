@@ -80,7 +80,6 @@
 #include "../lars_math.h"
 #include "../lowbit.h"
 #include "../op_args.h"
-#include "entries.h"
 #include "kernels.h"
 
 namespace fusedlars {
@@ -502,10 +501,8 @@ double* check_phase(int64_t phase, const std::optional<at::Tensor>& sums, int64_
 int64_t weight_bytes(int variant) { return variant == kF32 || variant == kBF16Master || variant == kF16Master ? 4 : 2; }
 int64_t grad_bytes(int variant) { return variant == kF32 ? 4 : 2; }
 
-}  // namespace
-
 // ------------------------------------------------------------------------------------------------
-// ops (the fp32 ones and grad_sumsq_cpu have external linkage: entries.h, for csrc/host.cpp's direct calls)
+// ops
 
 void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList masters, at::TensorList momentum,
                    const at::Tensor& seg_ids, const at::Tensor& wd_mask, const at::Tensor& adapt_mask,
@@ -708,8 +705,6 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         k.lamb_pass2(tile_of(g.bases, p, t), g.variant, o.wd_mode, coef[slot * NS + p.t_seg[t]]);
       });
 }
-
-namespace {
 
 // ------------------------------------------------------------------------------------------------
 // low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Exact element math
@@ -933,8 +928,6 @@ void lamb_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
       });
 }
 
-}  // namespace
-
 at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>& inv_scale) {
   float gscale = 1.0f;
   if (inv_scale) {
@@ -969,6 +962,8 @@ at::Tensor grad_sumsq_cpu(at::TensorList grads, const std::optional<at::Tensor>&
   }
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kDouble));
 }
+
+}  // namespace
 
 // Which kernel table runs; `want` (avx512 | avx2 | generic) switches it (tests compare ISAs).
 std::string cpu_isa(c10::string_view want) {

@@ -26,7 +26,7 @@ state]). Whole steps only (LARS may take the gradient norms from backward and ca
 csrc/cpu/exact_impl.h NOTE [Carried weight norms of the exact step]); sharded (FSDP2) buckets and
 compiled steps are refused, as the torch backend refuses them.
 
-Eager steps call the ops' implementations directly (fusedlars.host.call: csrc/host.cpp NOTE [Direct
+Eager steps call the ops' CPU kernels directly (fusedlars.host.call: csrc/host.cpp NOTE [Direct
 calls]); compiled steps, and calls under a TorchDispatchMode, go through ``torch.ops``.
 """
 
