@@ -209,20 +209,27 @@ FUSEDLARS_HD FUSEDLARS_INLINE LarsCoef lars_coef(const LarsOptions& o, const Lar
   return c;
 }
 
-// Element update. WD: LarsWdMode; MOM: 0 none, 1 with buffer; NEST: nesterov.
+// Element update. wd: LarsWdMode; mom: 0 none, 1 with buffer; nest: nesterov.
 // g: the unscaled (and sign-applied) gradient; w: weight (master if any); b: momentum buffer in/out.
-template <int WD, int MOM, bool NEST, class T>
-FUSEDLARS_HD FUSEDLARS_INLINE T lars_update(const LarsCoef& c, T w, T g, T& b) {
-  T gp = WD == kLarsL2 ? (g + c.lam * w) * c.r : g * c.r;
+// One body for the fp32 kernels (lars_update: the modes as template constants) and the low-bit ones
+// (the modes uniform per segment, read at run time: NOTE [Low-bit LARS element math in fp32]).
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_update_modes(const LarsCoef& c, int wd, int mom, bool nest, T w, T g, T& b) {
+  T gp = wd == kLarsL2 ? (g + c.lam * w) * c.r : g * c.r;
   T w_new;
-  if (MOM) {
+  if (mom) {
     b = c.mu_b * b + c.c_g * gp;
-    w_new = NEST ? w - (c.a_g * gp + c.a_b * b) : w - c.a_b * b;
+    w_new = nest ? w - (c.a_g * gp + c.a_b * b) : w - c.a_b * b;
   } else {
     w_new = w - c.a_g * gp;
   }
-  if (WD == kLarsDecoupled) w_new = w_new - c.dec * w;
+  if (wd == kLarsDecoupled) w_new = w_new - c.dec * w;
   return w_new;
+}
+
+template <int WD, int MOM, bool NEST, class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_update(const LarsCoef& c, T w, T g, T& b) {
+  return lars_update_modes<T>(c, WD, MOM, NEST, w, g, b);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -313,68 +320,57 @@ FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double
 // ---------------------------------------------------------------------------------------------
 // Exact element math of low-bit state (issue #26; fusedlars/backends/lowbit_state.py)
 //
-// NOTE: [Exact element math of low-bit state]
-// With bf16 / int8 state (or remainder masters) the stored state must be bitwise the reference's:
-// the reference computes the new state s in float64 and rounds it ONCE to fp32 (s32 = fl32(s))
-// before quantizing. An fp32 evaluation of the same formula rounds at every operation and differs
-// from fl32(s) by an ulp now and then, which flips a stochastic rounding or a code. So these
-// functions evaluate the reference's element formulas in double, operation for operation in the
-// reference's order (each an IEEE-correct double op, no contraction), from the per-segment scalars
-// in double (lars_segment / lamb_segment: the reference's given the same norms). Every choice that is
-// uniform over a segment is an int in the coefficient struct (branch-free selects, so a loop over
-// elements vectorizes). T is double (or a vector of doubles with the same operators).
+// NOTE: [Low-bit LARS element math in fp32]
+// With bf16 / int8 state (or remainder masters) every backend must store the same bits, so the
+// element math is specified operation by operation. For LARS / TVLARS it is the fp32 kernels' own:
+// the per-segment scalars (lars_segment, in double from the norms) become the fp32 coefficients of
+// lars_coef (each formed in double and rounded once), the gradient is fl32(grad) * fl32(+-inv_scale)
+// (one fp32 product, the sign of maximize in the factor), and lars_update_modes runs in fp32, each
+// operation an IEEE-correct fp32 op in the written order, never contracted to an FMA
+// (-ffp-contract=off on the host, --fmad=false in CUDA, enable_fp_fusion=False in Triton; the
+// reference and the torch backend do it as one torch op per operation). The old buffer reads +0 where
+// the segment has no state yet. The new buffer value is the fp32 that is stored by stochastic rounding
+// or quantized (lowbit_state NOTE [Low-bit state: where values become fp32]); the new weight is the
+// fp32 master (or the value rounded to the param). The sums of squares stay in double (pass 1, and
+// the carried ones of the new fp32 weights). Why fp32 and not float64: the float64 element math of
+// stop 23 cost the kernels twice the fp32 instructions (8 double lanes per 16 fp32 ones) and made
+// low-bit LARS slower than fp32-state LARS on the CPU (docs/numbers.md).
 
 struct LarsExactCoef {
-  double r, lam;     // trust ratio and lam_eff (lars_segment)
-  double mu, c_g;    // b_new = mu*b + c_g*g' ((1-d) for torch momentum, lr for classic)
-  double lr, dec;    // dec = lr*lam_eff (decoupled decay)
-  int l2;            // g' = r*(g + lam*w) (l2) or r*g
-  int decoupled;     // w_new -= dec*w
-  int zero_b;        // no state yet: the old buffer reads 0
-  int copy_first;    // torch momentum, first_step_buffer='clone', no state yet: b_new = g'
-  int step_mode;     // 0 no momentum, 1 torch, 2 torch nesterov, 3 classic, 4 classic nesterov
+  LarsCoef c;    // lars_coef's fp32 coefficients (mu_b = 0 where the segment has no state)
+  int wd;        // LarsWdMode
+  int mom;       // 1: a momentum buffer (momentum != 0)
+  int nest;      // nesterov
+  int zero_b;    // no state yet: the old buffer reads +0
 };
 
 FUSEDLARS_HD FUSEDLARS_INLINE LarsExactCoef lars_exact_coef(const LarsOptions& o, const LarsSegment& s, double lr,
                                                            bool has_state) {
   LarsExactCoef c;
-  c.r = s.r;
-  c.lam = s.lam_eff;
-  c.mu = o.momentum;
-  const bool torch_mode = o.momentum_mode == kMomentumTorch;
-  c.c_g = torch_mode ? 1.0 - o.dampening : lr;
-  c.lr = lr;
-  c.dec = lr * s.lam_eff;
-  c.l2 = o.wd_mode == kLarsL2;
-  c.decoupled = o.wd_mode == kLarsDecoupled;
+  c.c = lars_coef(o, s, lr, has_state);
+  c.wd = o.wd_mode;
+  c.mom = o.momentum != 0.0;
+  c.nest = o.nesterov ? 1 : 0;
   c.zero_b = !has_state;
-  c.copy_first = torch_mode && o.first_step_buffer == kFirstClone && !has_state;
-  if (o.momentum == 0.0)
-    c.step_mode = 0;
-  else
-    c.step_mode = (torch_mode ? 1 : 3) + (o.nesterov ? 1 : 0);
   return c;
 }
 
-// reference.lars_step / lars_momentum for one element: returns w_new, sets b_new (when step_mode > 0).
+// NOTE [Low-bit LARS element math in fp32] for one element (T: float or a vector of floats): returns
+// w_new, sets b (in: the old buffer, out: the new one) when c.mom.
 template <class T>
-FUSEDLARS_HD FUSEDLARS_INLINE T lars_exact_update(const LarsExactCoef& c, T w, T g, T b, T& b_new) {
-  const T gp = c.l2 ? c.r * (g + c.lam * w) : c.r * g;
-  const T bz = c.zero_b ? T{} : b;  // (T{}: 0.0, or zero lanes) the reference's zeros_like where there is no state yet
-  b_new = c.copy_first ? gp : c.mu * bz + c.c_g * gp;
-  T step;
-  switch (c.step_mode) {
-    case 0: step = c.lr * gp; break;
-    case 1: step = c.lr * b_new; break;
-    case 2: step = c.lr * (gp + c.mu * b_new); break;
-    case 3: step = b_new; break;
-    default: step = c.lr * gp + c.mu * b_new; break;
-  }
-  T w_new = w - step;
-  if (c.decoupled) w_new = w_new - c.dec * w;
-  return w_new;
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_exact_update(const LarsExactCoef& c, T w, T g, T& b) {
+  if (c.zero_b) b = T{};
+  return lars_update_modes<T>(c.c, c.wd, c.mom, c.nest != 0, w, g, b);
 }
 
+// NOTE: [Low-bit LAMB element math in float64]
+// LAMB's element math with low-bit state is still the reference's in float64, operation for
+// operation in its order (each an IEEE-correct double op, no contraction), from the per-segment
+// scalars in double, rounded once to fp32 (s32 = fl32(s)) before the state is quantized. Every choice
+// that is uniform over a segment is an int in the coefficient struct (branch-free selects, so a loop
+// over elements vectorizes). T is double (or a vector of doubles with the same operators). (LARS moved
+// to fp32: NOTE [Low-bit LARS element math in fp32]; LAMB's divisions and square root are the same
+// change, not made yet.)
 struct LambExactCoef {
   double lam, wd_keep;   // weight_decay * wd_mask; decoupled: w_d = w * (1 - lr*lam)
   double b1, b3, b2, omb2;

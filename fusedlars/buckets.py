@@ -260,6 +260,12 @@ class Bucket:
         """Is the state stored in bf16 or int8 (NOTE [Low-bit buckets])?"""
         return self.state_storage != "float32" and bool(self.state_names)
 
+    @property
+    def exact_elements(self) -> bool:
+        """Does this bucket step through the exact element math (low-bit state or remainder masters:
+        every backend stores the same bits, csrc/lars_math.h NOTE [Low-bit LARS element math in fp32])?"""
+        return self.lowbit_state or self.uses_remainder
+
     def fused_unsupported(self) -> str | None:
         """Why the fused kernels (cpu, cuda, triton) cannot step this bucket yet, or None: low-bit state
         and remainder masters run on the torch and reference backends only (issue #26, part 1)."""

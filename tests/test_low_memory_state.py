@@ -260,17 +260,22 @@ def test_remainder_masters_are_the_fp32_masters(backend, kind):
     The torch backend's fp32-state step is its fast fp32 path, whose per-layer sums are BLAS dots over
     chunks of whatever buffer holds the weights (the masters, or the scratch the remainder rebuilds
     them into): other chunks, other roundings on some hosts (an AMD EPYC gave a last-bit different
-    trust ratio). There the masters are held to fp32 precision, and the low-bit step to the bits."""
+    trust ratio). There the masters are held to fp32 precision, and the low-bit step to the bits.
+    LARS with fp32 state and remainder masters runs the exact element math, which is fp32 (csrc/lars_math.h
+    NOTE [Low-bit LARS element math in fp32]), while the reference's step with fp32 masters is float64:
+    those agree to fp32 precision too (with int8 state both are the fp32 element math: bitwise)."""
     for sd in (torch.float32, "int8"):
         pa, oa = run(kind, backend, steps=4, dtype=torch.bfloat16, master_weights=True, state_dtype=sd)
         pb, ob = run(kind, backend, steps=4, dtype=torch.bfloat16, master_weights="remainder", state_dtype=sd)
-        exact = backend == "reference" or sd == "int8"
+        exact = sd == "int8" or (backend == "reference" and kind == "LAMB")
         for a, b in zip(pa, pb):
             sa, sb = oa.state[a], ob.state[b]
             assert "master_weight" not in sb and sb["master_remainder"].dtype == torch.int16
             rebuilt = lowbit.master_rebuild(b.detach(), sb["master_remainder"]).view(b.shape)
-            if not exact:
-                torch.testing.assert_close(rebuilt, sa["master_weight"], rtol=1e-6, atol=1e-7)
+            if not exact:  # fp32 roundings: a few per step, each at most half an ulp of the largest weight
+                m = sa["master_weight"]
+                atol = 4 * 4 * torch.finfo(torch.float32).eps / 2 * (float(m.abs().max()) if m.numel() else 0.0)
+                torch.testing.assert_close(rebuilt, sa["master_weight"], rtol=1e-6, atol=atol)
                 continue
             assert torch.equal(bits(rebuilt), bits(sa["master_weight"]))
             tie = (lowbit.float_bits(sa["master_weight"]) & 0xFFFF) == 0x8000

@@ -7,8 +7,10 @@
 //   load      weights, grads and the old state into fp32 block buffers on the stack (the weights
 //             are fp32 values in every form: masters, remainder masters rebuilt, bf16/fp16/fp32
 //             params; the old state is dequantized exactly: bf16 -> fp32, int8 map[code] * absmax);
-//   math      the reference's element formulas in double (lars_math.h NOTE [Exact element math of
-//             low-bit state]); s32 = fl32(s) and the new weights' fp32 value into block buffers;
+//   math      LARS: the fp32 kernels' element update on 16 fp32 lanes (lars_math.h NOTE [Low-bit LARS
+//             element math in fp32]); LAMB: the reference's formulas in double (lars_math.h NOTE
+//             [Low-bit LAMB element math in float64]), s32 = fl32(s); the new state's and the new
+//             weights' fp32 values into block buffers;
 //   store     the weights (the fp32 master, a bf16/fp16 param rounded from it, or split into bf16
 //             + int16 remainder), and the state: fp32, bf16 by stochastic rounding with 16 bits of
 //             the Philox call of (seed, step after this step, param id, element / P), or int8 (the block's absmax
@@ -55,6 +57,8 @@ FL_AI void stf(float* p, fl_dn x) { *reinterpret_cast<fl_fn_u*>(p) = __builtin_c
 FL_AI fl_vf ld16(const float* p) { return *reinterpret_cast<const fl_vf_u*>(p); }
 FL_AI void st16(float* p, fl_vf v) { *reinterpret_cast<fl_vf_u*>(p) = v; }
 FL_AI fl_vu bits(fl_vf x) { return (fl_vu)x; }
+typedef uint32_t fl_vu_u __attribute__((vector_size(64), aligned(4), may_alias));
+FL_AI void st16u(uint32_t* p, fl_vu v) { *reinterpret_cast<fl_vu_u*>(p) = v; }
 
 // lanes >= n -> 0.0
 FL_AI fl_dn lane_mask_d(fl_dn x, int n) {
@@ -223,7 +227,7 @@ FL_AI void exact_state_load(const void* s, const float* absmax, bool sign, int64
 // calls of a block never cross 2**32 (c3 is uniform).
 template <int BUFFERS>
 FL_AI void exact_sr_bits(const ExactCtx& x, const ExactTile& a, int64_t e0, int n, uint16_t* out0, uint16_t* out1) {
-  constexpr int P = 8 / BUFFERS, WPB = 4 / BUFFERS;  // elements per call, words per call per buffer
+  constexpr int P = 8 / BUFFERS;  // elements per call (4 / BUFFERS words of it per buffer)
   const uint32_t k0i = uint32_t(x.seed), k1i = uint32_t(x.seed >> 32);
   const uint32_t c1i = uint32_t(a.step_after), c2i = a.pidx;
   const uint64_t q0 = uint64_t(e0) / P;
@@ -251,10 +255,24 @@ FL_AI void exact_sr_bits(const ExactCtx& x, const ExactTile& a, int64_t e0, int 
       c1 = l1;
       c3 = l0;
     }
-    const fl_vu w[4] = {c0, c1, c2, c3};
-    for (int l = 0; l < kW; ++l)
-      for (int b = 0; b < BUFFERS; ++b)
-        for (int k = 0; k < WPB; ++k) o32[b][(j + l) * WPB + k] = w[b * WPB + k][l];
+    // word k of lane l (call j + l) goes to o32[b][(j + l) * WPB + k]: a transpose in registers
+    const fl_vu lo01 = __builtin_shufflevector(c0, c1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const fl_vu hi01 = __builtin_shufflevector(c0, c1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const fl_vu lo23 = __builtin_shufflevector(c2, c3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const fl_vu hi23 = __builtin_shufflevector(c2, c3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    if constexpr (BUFFERS == 2) {  // (c0, c1) pairs to buffer 0, (c2, c3) to buffer 1
+      st16u(o32[0] + j * 2, lo01);
+      st16u(o32[0] + j * 2 + kW, hi01);
+      st16u(o32[1] + j * 2, lo23);
+      st16u(o32[1] + j * 2 + kW, hi23);
+    } else {  // (c0, c1, c2, c3) quadruples: the pairs interleaved as 64-bit lanes
+      typedef uint64_t v8q __attribute__((vector_size(64)));
+      const v8q a = (v8q)lo01, b = (v8q)lo23, c = (v8q)hi01, d = (v8q)hi23;
+      st16u(o32[0] + j * 4, (fl_vu)__builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11));
+      st16u(o32[0] + j * 4 + kW, (fl_vu)__builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15));
+      st16u(o32[0] + j * 4 + 2 * kW, (fl_vu)__builtin_shufflevector(c, d, 0, 8, 1, 9, 2, 10, 3, 11));
+      st16u(o32[0] + j * 4 + 3 * kW, (fl_vu)__builtin_shufflevector(c, d, 4, 12, 5, 13, 6, 14, 7, 15));
+    }
   }
 }
 
@@ -459,13 +477,18 @@ void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, doubl
   out[2] = su.sum();
 }
 
+// Pass 2 (NOTE [Low-bit LARS element math in fp32] in lars_math.h): the element math on 16 fp32
+// lanes, as the fp32 kernels run it; the sums (usum, wsum) in double as pass 1 takes them.
 template <class PT, bool MASTER, bool REM, int ST>
 void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactCoef& c_in, double* wsum, double lam_u,
                          double* usum) {
   const LarsExactCoef c = c_in;
   const ExactW<PT, MASTER, REM> W(a);
   const PT* gp = static_cast<const PT*>(a.grad) + a.start;
-  const bool mom = c.step_mode != 0;
+  const bool mom = c.mom != 0;
+  const float gscale = static_cast<float>(x.neg ? -x.inv : x.inv);  // the fp32 kernels' factor
+  // the register holds what the next pass 1 loads (the fp32 param or master); otherwise reload it
+  constexpr bool kRegW = !REM && (MASTER || std::is_same<PT, float>::value);
   alignas(64) float wf[kQB] = {}, gf[kQB] = {}, sf[kQB] = {}, s32[kQB], w32[kQB];
   alignas(64) uint16_t rnd[kQB] = {};  // (written through uint32 words: exact_sr_bits)
   DAcc sw;  // the new weights' squares (wsum: NOTE [Carried weight norms of the exact step])
@@ -475,16 +498,26 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
     W.load(i, n, wf);
     exact_grads(gp, i, n, gf);
     if (mom) exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, sf);
-    for (int j = 0; j < n; j += kDN) {
-      fl_dn b_new;
-      const fl_dn w = ldd(wf + j), g = exact_grad(x, ldd(gf + j));
-      const fl_dn wn = lars_exact_update<fl_dn>(c, w, g, ldd(sf + j), b_new);
-      stf(s32 + j, b_new);
-      stf(w32 + j, wn);
-      if (usum) su.add((j / kDN) % kDQ, g + lam_u * w, n - j);  // register (j mod kW) / kDN, as pass 1
+    for (int j = 0; j < n; j += kW) {
+      const fl_vf w = ld16(wf + j);
+      fl_vf b = ld16(sf + j);
+      const fl_vf wn = lars_exact_update<fl_vf>(c, w, ld16(gf + j) * gscale, b);
+      st16(s32 + j, b);
+      st16(w32 + j, wn);
+      if (usum || (wsum && kRegW)) {
+#pragma GCC unroll 8
+        for (int q = 0; q < kDQ; ++q) {
+          const int o = j + q * kDN, k = n - o;
+          if (usum) {
+            const fl_dn wd = ldd(wf + o);
+            su.add(q, exact_grad(x, ldd(gf + o)) + lam_u * wd, k);
+          }
+          if (kRegW && wsum) sw.add(q, ldd(w32 + o), k);
+        }
+      }
     }
     W.store(i, n, w32);
-    if (wsum) {  // as the next pass 1 loads them (wf is free again)
+    if (wsum && !kRegW) {  // as the next pass 1 loads them (wf is free again)
       W.load(i, n, wf);
       exact_wsum_block(sw, wf, n);
     }

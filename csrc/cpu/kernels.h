@@ -42,8 +42,8 @@ struct TileArgs {
   int64_t len;
 };
 
-// A tile of the exact kernels (low-bit state and remainder masters, NOTE [Exact element math of
-// low-bit state] in lars_math.h). The tile starts at a multiple of kTileElems inside its segment, so
+// A tile of the exact kernels (low-bit state and remainder masters, NOTE [Low-bit LARS element math
+// in fp32] in lars_math.h). The tile starts at a multiple of kTileElems inside its segment, so
 // it holds whole 256-element quantization blocks (the last one may be short: the segment's end).
 struct ExactTile {
   void* param;        // param dtype
@@ -81,7 +81,7 @@ struct KernelTable {
   void (*lamb_pass2)(const TileArgs&, int variant, int wd, const LambCoef&);
   // out[0] = sum (g*gscale)^2
   void (*grad_sumsq)(const TileArgs&, int variant, float gscale, double* out);
-  // exact kernels (float64 element math, low-bit state): out = sum w^2, g^2, (g + lam*w)^2 in double
+  // exact kernels (low-bit state): out = sum w^2, g^2, (g + lam*w)^2 in double
   void (*lars_exact_sumsq)(const ExactTile&, int variant, const ExactCtx&, double lam, double* out);
   // out[0] = sum w^2 alone, bitwise lars_exact_sumsq's out[0] (the gradients' sums are given)
   void (*lars_exact_wsumsq)(const ExactTile&, int variant, double* out);

@@ -707,11 +707,10 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 }
 
 // ------------------------------------------------------------------------------------------------
-// low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Exact element math
-// of low-bit state]). Same plan, schedule and per-segment scalars as the fp32 ops above; the element
-// math is the reference's in double, the state is stored through csrc/lowbit.h. Phase 0 only (the
-// python side declines given gradient sums and sharded buckets), no carried weight norms: an entry
-// of w_sumsq, if given, is invalidated (-1) for every segment stepped here.
+// low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Low-bit LARS element
+// math in fp32] and NOTE [Low-bit LAMB element math in float64]). Same plan, schedule and per-segment
+// scalars as the fp32 ops above; the state is stored through csrc/lowbit.h. LARS takes given gradient
+// sums and carries weight norms (NOTE [Carried weight norms of the exact step] in exact_impl.h).
 
 struct ExactSegments {
   int variant = kF32;

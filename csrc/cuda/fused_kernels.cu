@@ -638,8 +638,9 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
 // state must be the reference's bit for bit given the same per-layer norms (fusedlars/backends/
 // lowbit_state.py NOTE [Low-bit state: where values become fp32]). These kernels run the same
 // two_phase skeleton (same launches, partials, fixed-order reductions, skips) with the element math
-// of csrc/lars_math.h NOTE [Exact element math of low-bit state] in double (the cpu backend's
-// csrc/cpu/exact_impl.h does the same), one rounding to fp32, then the storage of csrc/lowbit.h:
+// of csrc/lars_math.h (LARS: NOTE [Low-bit LARS element math in fp32], fp32 and uncontracted; LAMB:
+// NOTE [Low-bit LAMB element math in float64], in double and rounded once to fp32; the cpu backend's
+// csrc/cpu/exact_impl.h does the same), then the storage of csrc/lowbit.h:
 // bf16 by stochastic rounding with 16 bits of the Philox call of (seed, step after this step, param
 // id, element / P) (lowbit.h NOTE [Stochastic-rounding bits]), int8 as codes of the dynamic-tree maps (__constant__ kTables) with one absmax per
 // 256-element block. A tile (kTileElems, a multiple of 256, starting at a multiple of it inside its
@@ -852,16 +853,16 @@ struct ExactLarsStep {
   __device__ __forceinline__ void pass2(int64_t s, const Coef& cf, int64_t st, int len) const {
     const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
     const LarsExactCoef& c = cf.c;
-    const bool mom = c.step_mode != 0;
+    const bool mom = c.mom != 0;
+    // lars_math.h NOTE [Low-bit LARS element math in fp32]: fp32, uncontracted (--fmad=false)
+    const float gscale = static_cast<float>(gr.neg ? -gr.inv : gr.inv);
     for_chunks(st, len, [&](int64_t i, bool on) {
       float s32 = 0.0f;
       if (on) {
-        const double w = mem.load_w(i), g = gr(Cvt<PT>::in(mem.g[i]));
-        const double b = mom ? static_cast<double>(state_load<ST>(mem.s0, mem.a0, true, i)) : 0.0;
-        double b_new = 0.0;
-        const double wn = lars_exact_update<double>(c, w, g, b, b_new);
-        mem.store_w(i, static_cast<float>(wn));
-        s32 = static_cast<float>(b_new);
+        const float w = static_cast<float>(mem.load_w(i)), g = Cvt<PT>::in(mem.g[i]) * gscale;
+        float b = mom ? state_load<ST>(mem.s0, mem.a0, true, i) : 0.0f;
+        mem.store_w(i, lars_exact_update<float>(c, w, g, b));
+        s32 = b;
       }
       if (mom) {  // uniform over the block
         uint32_t rw[2] = {0u, 0u};

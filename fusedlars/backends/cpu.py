@@ -109,7 +109,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
 
 def _exact(bucket: Bucket) -> bool:
     """Does this bucket step in the exact kernels (low-bit state or remainder masters)?"""
-    return bucket.lowbit_state or bucket.uses_remainder
+    return bucket.exact_elements
 
 
 #: the ops' ``storage`` code of each state format (lowbit_state.STORAGES; csrc/cpu/kernels.h Storage)

@@ -183,11 +183,20 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         n_u_raw = _norm(g + lam * w)
         t = bucket.step[i].to(torch.float64)
         r, lam_eff = lars_layer_scalars(cfg, lr, lam, adapt, n_w_raw, n_g_raw, n_u_raw, t)
+        has = bucket.has_state[i] != 0
+        if bucket.exact_elements:  # low-bit state, remainder masters: NOTE [Low-bit LARS element math in fp32]
+            c = lars_coef32(cfg, lr, r, lam_eff, has)
+            b = _state(bucket, "momentum_buffer", i).to(torch.float32) if cfg.momentum != 0 else None
+            w_new, b_new = lars_update32(cfg, c, w.to(torch.float32), lars_grad32(bucket.grad_tensors[i], cfg), b)
+            if b_new is not None:
+                _store(bucket, "momentum_buffer", i, b_new.to(torch.float64), keep)
+            _write(bucket, i, w_new.to(torch.float64), keep)
+            _finish(bucket, i, keep, n_w_raw, n_g_raw, n_u_raw, r)
+            continue
         if cfg.weight_decay_mode == "l2":
             gp = r * (g + lam_eff * w)
         else:
             gp = r * g
-        has = bucket.has_state[i] != 0
         if cfg.momentum != 0:
             b = _state(bucket, "momentum_buffer", i)
             b_new, step = lars_momentum(cfg, lr, b, gp, has)
@@ -248,6 +257,63 @@ def lars_momentum(cfg: LarsConfig, lr, b, gp, has):
         b_new = mu * torch.where(has, b, torch.zeros_like(b)) + lr * gp
         step = lr * gp + mu * b_new if cfg.nesterov else b_new
     return b_new, step
+
+
+def _fl32(x, like: torch.Tensor) -> torch.Tensor:
+    """``x`` (a float64 tensor or a Python float) rounded once to fp32, on ``like``'s device."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=like.device, dtype=torch.float32)
+    return torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+def lars_coef32(cfg: LarsConfig, lr, r, lam_eff, has) -> dict[str, torch.Tensor]:
+    """The fp32 coefficients of low-bit LARS's element math (csrc/lars_math.h ``lars_coef``; NOTE [Low-bit
+    LARS element math in fp32] there): each formed in float64 from the trust ratio ``r``, ``lam_eff``, ``lr``
+    (float64 tensors, 0-dim or one value per element) and the options, then rounded once. ``has``: where
+    the segment has state (bool, broadcasting with ``r``)."""
+    zero = torch.zeros((), dtype=torch.float32, device=r.device)
+    one = torch.ones((), dtype=torch.float32, device=r.device)
+    mu = cfg.momentum
+    c = {"r": _fl32(r, r), "lam": _fl32(lam_eff, r), "dec": _fl32(lr * lam_eff, r), "has": has}
+    c["mu_b"] = torch.where(has, _fl32(mu, r), zero)
+    if cfg.momentum_mode == "torch":
+        clone_first = (cfg.first_step_buffer == "clone") & ~has
+        c["c_g"] = torch.where(clone_first, one, _fl32(1.0 - cfg.dampening, r))
+        c["a_g"] = _fl32(lr, r)
+        c["a_b"] = _fl32(lr * mu, r) if cfg.nesterov else _fl32(lr, r)
+    else:  # classic: lr inside the buffer
+        c["c_g"] = _fl32(lr, r)
+        c["a_g"] = _fl32(lr, r)
+        c["a_b"] = _fl32(mu, r) if cfg.nesterov else one
+    return c
+
+
+def lars_grad32(grad: torch.Tensor, cfg: LarsConfig) -> torch.Tensor:
+    """Low-bit LARS's gradient: fl32(grad) * fl32(+-inv_scale), one fp32 product (the sign of maximize in
+    the factor, as the fp32 kernels form it)."""
+    inv = 1.0 if cfg.inv_scale is None else cfg.inv_scale.to(device=grad.device, dtype=torch.float64).reshape(())
+    gscale = _fl32(-inv if cfg.maximize else inv, grad)
+    return grad.detach().to(torch.float32) * gscale
+
+
+def lars_update32(cfg: LarsConfig, c: dict[str, torch.Tensor], w, g, b):
+    """Low-bit LARS's element math in fp32 (csrc/lars_math.h ``lars_update_modes``, one torch op per fp32
+    operation, so each is rounded as the kernels round it): ``(w_new, b_new)`` from the fp32 weights,
+    gradients and old buffer (None without momentum; it reads +0 where the segment has no state)."""
+    if cfg.weight_decay_mode == "l2":
+        gp = (g + c["lam"] * w) * c["r"]
+    else:
+        gp = g * c["r"]
+    b_new = None
+    if cfg.momentum != 0:
+        b = torch.where(c["has"], b, torch.zeros((), dtype=b.dtype, device=b.device))
+        b_new = c["mu_b"] * b + c["c_g"] * gp
+        w_new = w - (c["a_g"] * gp + c["a_b"] * b_new) if cfg.nesterov else w - c["a_b"] * b_new
+    else:
+        w_new = w - c["a_g"] * gp
+    if cfg.weight_decay_mode == "decoupled":
+        w_new = w_new - c["dec"] * w
+    return w_new, b_new
 
 
 def _finish(bucket: Bucket, i: int, keep, n_w, n_g, n_u, r) -> None:

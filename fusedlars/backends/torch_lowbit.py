@@ -1,10 +1,11 @@
 """The ``torch`` backend's step of buckets with low-bit state (issue #26: ``state_dtype`` bf16 or int8),
 vectorized over the bucket.
 
-The reference (:mod:`fusedlars.backends.reference`) states the step one param at a time in float64;
-this module computes the same float64 values over the whole bucket at once, so that the stored state
-is the reference's bit for bit (fusedlars.backends.lowbit_state, NOTE [Low-bit state: where values
-become fp32]):
+The reference (:mod:`fusedlars.backends.reference`) states the step one param at a time; this module
+computes the same values over the whole bucket at once (LARS's element math in fp32 with the
+reference's :func:`~fusedlars.backends.reference.lars_update32`, csrc/lars_math.h NOTE [Low-bit LARS
+element math in fp32]; LAMB's in float64), so that the stored state is the reference's bit for bit
+(fusedlars.backends.lowbit_state, NOTE [Low-bit state: where values become fp32]):
 
 * the active segments are taken in chunks of consecutive whole segments (about ``CHUNK_ELEMS``
   elements each, a larger segment alone): a chunk's weights, grads and dequantized state are gathered
@@ -296,23 +297,15 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
             r_k, le_k = ref.lars_layer_scalars(cfg, lr, lam_s[k], adapt, n_w[k], n_g[k], n_u[k], t)
             r_s.append(r_k)
             lam_eff_s.append(le_k)
-        r = P.per_elem(r_s)
-        lam_eff = P.per_elem(lam_eff_s)
-        if cfg.weight_decay_mode == "l2":
-            gp = r * (g + lam_eff * w)
-        else:
-            gp = r * g
-        if cfg.momentum != 0:
-            has = P.per_elem(bucket.has_state.index_select(0, P.sel) != 0)
-            b = _state(bucket, P, "momentum_buffer")
-            b_new, step = ref.lars_momentum(cfg, lr, b, gp, has)
+        # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit LARS element math in fp32])
+        has = P.per_elem(bucket.has_state.index_select(0, P.sel) != 0)
+        c = ref.lars_coef32(cfg, lr, P.per_elem(r_s), P.per_elem(lam_eff_s), has)
+        g32 = ref.lars_grad32(_cat([bucket.grad_tensors[i] for i in P.idx]), cfg)
+        b = _state(bucket, P, "momentum_buffer").to(torch.float32) if cfg.momentum != 0 else None
+        w_new, b_new = ref.lars_update32(cfg, c, w.to(torch.float32), g32, b)
+        if b_new is not None:
             _store(bucket, P, "momentum_buffer", b_new, keep, _words(bucket, P, 1))
-        else:
-            step = lr * gp
-        w_new = w - step
-        if cfg.weight_decay_mode == "decoupled":
-            w_new = w_new - lr * lam_eff * w
-        _write(bucket, P, w, w_new, keep)
+        _write(bucket, P, w, w_new.to(_f64), keep)
         return n_w, n_g, n_u, r_s
 
     _run(bucket, cfg, chunk)

@@ -26,7 +26,7 @@ g^2 from the given float64 sums times inv_scale^2) and launch 2 as above: 2 laun
 buckets. NOTE [Given gradient sums] in the kernels.
 
 Low-bit state (issue #26): LARS with bf16 momentum and/or remainder masters runs
-``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel`` (2 launches; element math in float64,
+``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel`` (2 launches; element math in fp32, uncontracted,
 bitwise the reference's given the same sums: NOTE [Low-bit LARS in the Triton kernels]); int8 state,
 LAMB and TVLARS with low-bit state are refused by ``supports()`` with the reason (the torch backend runs them).
 
@@ -151,7 +151,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
 
 def _lowbit(bucket: Bucket) -> bool:
     """Does ``bucket`` step through the low-bit kernels (bf16 state or remainder masters, issue #26)?"""
-    return bucket.lowbit_state or bucket.uses_remainder
+    return bucket.exact_elements
 
 
 def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
@@ -502,7 +502,7 @@ def _lars_lowbit_update_op(
             tuple(opts), **cx, **_NO_FMA)  # fmt: skip
 
 
-#: launch options of the low-bit kernels: the reference's float64 operations one by one, no contraction into FMAs
+#: launch options of the low-bit kernels: the element math operation by operation, no contraction into FMAs
 _NO_FMA = {} if _IMPORT_ERROR is not None or (K is not None and K.INTERPRET) else {"enable_fp_fusion": False}
 
 

@@ -1044,19 +1044,20 @@ def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.const
 # (``lars_lowbit_partials_kernel``) takes the fp32 tile sums of the two-pass step from the weights as
 # stored (``MASTER``: 0 the param, 1 an fp32 master, 2 the bf16 param plus its int16 remainder, rebuilt
 # bitwise by triton_lowbit.master_rebuild). Launch 2 (``lars_lowbit_update_kernel``) follows
-# lowbit_state NOTE [Low-bit state: where values become fp32] as csrc/lars_math.h NOTE [Exact element
-# math of low-bit state] does on the CPU: the segment's norms are sqrt of its sums in float64, the trust
-# ratio is reference.lars_layer_scalars in float64 from the options in float64 (``dopts``: the rows of
-# the option table as doubles, not ``opts``' fp32), and every element is the reference's formula in
-# float64 in its order of operations (the kernels are compiled without FMA contraction); the new buffer
-# is rounded once to fp32 and stored in bf16 by stochastic rounding with the element's 16 bits of the
-# Philox call of (seed, step after this step, the param's state_dict id, element // 8) (lowbit.sr_bits);
-# the new weights are rounded once to fp32 and
-# split into param and remainder (or stored as master and param). So given the same sums (exact ones,
-# e.g. dyadic inputs) params and state are the reference's bitwise. Every tile runs the masked path.
+# lowbit_state NOTE [Low-bit state: where values become fp32] and csrc/lars_math.h NOTE [Low-bit LARS
+# element math in fp32], as the cpu and cuda backends do: the segment's norms are sqrt of its sums in
+# float64, the trust ratio is reference.lars_layer_scalars in float64 from the options in float64
+# (``dopts``: the rows of the option table as doubles, not ``opts``' fp32), the fp32 coefficients of
+# ``lars_coef`` are formed from it in float64 and rounded once, and every element is
+# ``lars_update_modes`` in fp32 in its order of operations (the kernel is launched without FMA
+# contraction: triton._NO_FMA); the new buffer is stored in bf16 by stochastic rounding with the
+# element's 16 bits of the Philox call of (seed, step after this step, the param's state_dict id,
+# element // 8) (lowbit.sr_bits); the new weights are split into param and remainder (or stored as
+# master and param). So given the same sums (exact ones, e.g. dyadic inputs) params and state are the
+# reference's bitwise. Every tile runs the masked path.
 @triton.jit
-def _weights64(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
-    """The tile's weights at ``offs`` in float64: param, fp32 master or param + remainder (MASTER 0/1/2)."""
+def _weights32(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
+    """The tile's weights at ``offs`` in fp32 (exact): param, fp32 master or param + remainder (MASTER 0/1/2)."""
     if MASTER == 2:
         p = tl.load(_buf_ptr(tile, 0, PDT, False) + offs, mask=m, other=0.0)
         r = tl.load(_buf_ptr(tile, 2, tl.int16, False) + offs, mask=m, other=0)
@@ -1065,7 +1066,7 @@ def _weights64(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
         w = tl.load(_buf_ptr(tile, 2, tl.float32, False) + offs, mask=m, other=0.0)
     else:
         w = tl.load(_buf_ptr(tile, 0, PDT, False) + offs, mask=m, other=0.0).to(tl.float32)
-    return w.to(tl.float64)
+    return w
 
 
 @triton.jit
@@ -1085,7 +1086,7 @@ def _lars_lowbit_sums_tile(
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         m = offs < n
-        w = _weights64(tile, offs, m, PDT, MASTER).to(tl.float32)
+        w = _weights32(tile, offs, m, PDT, MASTER)
         g = tl.load(gp + offs, mask=m, other=0.0).to(tl.float32) * inv_scale
         u = g + lam * w
         acc_w += w * w
@@ -1175,27 +1176,36 @@ def _lars_lowbit_update_tile(
     tile, t, has, r, lam_eff, lr32, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr,
     TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Launch 2's ``TILE_UPDATE`` of low-bit LARS: the reference's lars_step / lars_momentum per element in
-    float64 (NOTE [Low-bit LARS in the Triton kernels]); ``MODE = (MOM, MASTER)``, ``kargs = (inv_scale_ptr,
-    pidx_ptr, seed)``."""
+    """Launch 2's ``TILE_UPDATE`` of low-bit LARS: csrc/lars_math.h NOTE [Low-bit LARS element math in fp32]
+    (NOTE [Low-bit LARS in the Triton kernels]): ``lars_coef``'s fp32 coefficients, each formed in float64
+    and rounded once, then ``lars_update_modes`` per element in fp32, launched without FMA contraction;
+    ``MODE = (MOM, MASTER)``, ``kargs = (inv_scale_ptr, pidx_ptr, seed)``."""
     MOM: tl.constexpr = MODE[0]
     MASTER: tl.constexpr = MODE[1]
     fo, dp, lr_ptr = opts
     inv_scale_ptr, pidx_ptr, seed = kargs
     lr = tl.load(lr_ptr).to(tl.float64)
     inv_scale = tl.load(inv_scale_ptr).to(tl.float64)
-    neg = fo[LARS.maximize] != 0
+    gscale = tl.where(fo[LARS.maximize] != 0, -inv_scale, inv_scale).to(tl.float32)
     mu = _d(dp, LARS.momentum)
+    has_state = has != 0
+    nesterov = fo[LARS.nesterov] != 0
+    # lars_coef
+    r32 = r.to(tl.float32)
+    lam32 = lam_eff.to(tl.float32)
+    dec32 = (lr * lam_eff).to(tl.float32)
+    mu_b = tl.where(has_state, mu, 0.0).to(tl.float32)
     if MOM == MOM_TORCH:
-        c_g = 1.0 - _d(dp, LARS.dampening)
-        copy_first = (fo[LARS.first_step_buffer] == FIRST_CLONE) & (has == 0)
-    else:
-        c_g = lr
-        copy_first = has != has  # False
+        clone_first = (fo[LARS.first_step_buffer] == FIRST_CLONE) & (has == 0)
+        c_g = tl.where(clone_first, 1.0, 1.0 - _d(dp, LARS.dampening)).to(tl.float32)
+        a_g = lr.to(tl.float32)
+        a_b = tl.where(nesterov, lr * mu, lr).to(tl.float32)
+    else:  # classic (or no momentum: a_g alone)
+        c_g = lr.to(tl.float32)
+        a_g = lr.to(tl.float32)
+        a_b = tl.where(nesterov, mu, 1.0).to(tl.float32)
     l2 = tl.cast(fo[LARS.wd_mode], tl.int32) == WD_L2
     decoupled = tl.cast(fo[LARS.wd_mode], tl.int32) == WD_DECOUPLED
-    nesterov = fo[LARS.nesterov] != 0
-    dec = lr * lam_eff
     step_new = (t + 1.0).to(tl.int64)  # the count once this step is done
     pidx = tl.load(pidx_ptr + tile[2])
     n = tile[4]
@@ -1205,37 +1215,28 @@ def _lars_lowbit_update_tile(
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         m = offs < n
-        w = _weights64(tile, offs, m, PDT, MASTER)
-        g = tl.load(gp_ptr + offs, mask=m, other=0.0).to(tl.float64) * inv_scale
-        g = tl.where(neg, -g, g)
+        w = _weights32(tile, offs, m, PDT, MASTER)
+        g = tl.load(gp_ptr + offs, mask=m, other=0.0).to(tl.float32) * gscale
         if l2:
-            gq = r * (g + lam_eff * w)
+            gq = (g + lam32 * w) * r32
         else:
-            gq = r * g
+            gq = g * r32
         if MOM == MOM_NONE:
-            stp = lr * gq
+            w_new = w - a_g * gq
         else:
             bp = _buf_ptr(tile, row, tl.bfloat16, False)
-            b = tl.load(bp + offs, mask=m, other=0.0).to(tl.float32).to(tl.float64)
-            b = tl.where(has != 0, b, 0.0)
-            b_new = mu * b + c_g * gq
-            b_new = tl.where(copy_first, gq, b_new)
-            if MOM == MOM_TORCH:
-                if nesterov:
-                    stp = lr * (gq + mu * b_new)
-                else:
-                    stp = lr * b_new
+            b = tl.load(bp + offs, mask=m, other=0.0).to(tl.float32)
+            b = tl.where(has_state, b, 0.0)
+            b_new = mu_b * b + c_g * gq
+            if nesterov:
+                w_new = w - (a_g * gq + a_b * b_new)
             else:
-                if nesterov:
-                    stp = lr * gq + mu * b_new
-                else:
-                    stp = b_new
+                w_new = w - a_b * b_new
             rand = _LB.sr_bits(seed, step_new, pidx, start + offs, 0, 1)
-            tl.store(bp + offs, _LB.bf16_sr(b_new.to(tl.float32), rand), mask=m)
-        w_new = w - stp
+            tl.store(bp + offs, _LB.bf16_sr(b_new, rand), mask=m)
         if decoupled:
-            w_new = w_new - dec * w
-        w32 = w_new.to(tl.float32)
+            w_new = w_new - dec32 * w
+        w32 = w_new
         pp = _buf_ptr(tile, 0, PDT, False)
         if MASTER == 2:
             p, rem = _LB.master_split(w32)
