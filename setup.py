@@ -51,12 +51,12 @@ cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-ffp-contract=
 # -std=c++20: templated lambdas in csrc/cpu. -ffp-contract=off: no FMA contraction, so the AVX-512,
 # AVX2 and generic kernel builds round identically (bitwise equal results, see csrc/cpu/isa_impl.h).
 # NOTE: [No FMA contraction in the CUDA kernels] --fmad=false: nvcc otherwise emits every float
-# multiply and add as contractible PTX (mul.f64, add.f64) and ptxas fuses a*b + c into one FMA. The
-# low-bit state kernels promise the reference's float64 operations one by one (csrc/lars_math.h NOTE
-# [Exact element math of low-bit state]), and a fused product-sum differs in the last bit, so the
-# stored fp32 state would differ from the reference's now and then (the CPU emulation, compiled by g++
-# with -ffp-contract=off, cannot see it). scripts/cuda_compile_check.py fails on any contractible op
-# in the PTX. The cost is one more instruction per fused pair in memory-bound kernels.
+# multiply and add as contractible PTX (mul.f32, add.f32) and ptxas fuses a*b + c into one FMA. The
+# low-bit state kernels promise the specified fp32 operations one by one (csrc/lars_math.h NOTE
+# [Low-bit element math in fp32]), and a fused product-sum differs in the last bit, so the stored
+# state would differ from the other backends' now and then (the CPU emulation, compiled by g++ with
+# -ffp-contract=off, cannot see it). scripts/cuda_compile_check.py fails on any contractible op in
+# the PTX. The cost is one more instruction per fused pair in memory-bound kernels.
 nvcc_flags = ["-O3", "-std=c++17", "--fmad=false"]
 link_flags = ["-fopenmp"]
 define_macros = [("FUSEDLARS_EXT", "1")]

@@ -212,7 +212,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE LarsCoef lars_coef(const LarsOptions& o, const Lar
 // Element update. wd: LarsWdMode; mom: 0 none, 1 with buffer; nest: nesterov.
 // g: the unscaled (and sign-applied) gradient; w: weight (master if any); b: momentum buffer in/out.
 // One body for the fp32 kernels (lars_update: the modes as template constants) and the low-bit ones
-// (the modes uniform per segment, read at run time: NOTE [Low-bit LARS element math in fp32]).
+// (the modes uniform per segment, read at run time: NOTE [Low-bit element math in fp32]).
 template <class T>
 FUSEDLARS_HD FUSEDLARS_INLINE T lars_update_modes(const LarsCoef& c, int wd, int mom, bool nest, T w, T g, T& b) {
   T gp = wd == kLarsL2 ? (g + c.lam * w) * c.r : g * c.r;
@@ -247,13 +247,19 @@ struct LambCoef {
   float k;            // pass 2: w <- w_d - k*u, k = lr * s * r
 };
 
-// Pass 1: new moments (in place) from the unscaled, clipped gradient g. WD: LambWdMode; the l2 mode
-// adds lam*w to g here (||g|| is taken by the caller before that).
-template <int WD, class T>
-FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& m, T& v) {
-  if (WD == kLambL2) g = g + c.lam * w;
+// Pass 1: new moments (in place) from the unscaled, clipped gradient g. wd: LambWdMode; the l2 mode
+// adds lam*w to g here (||g|| is taken by the caller before that). One body for the fp32 kernels (the
+// mode a template constant) and the low-bit ones (read at run time: NOTE [Low-bit element math in fp32]).
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments_mode(const LambCoef& c, int wd, T w, T g, T& m, T& v) {
+  if (wd == kLambL2) g = g + c.lam * w;
   m = c.b1 * m + c.b3 * g;
   v = c.b2 * v + c.one_minus_b2 * g * g;
+}
+
+template <int WD, class T>
+FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& m, T& v) {
+  lamb_moments_mode<T>(c, WD, w, g, m, v);
 }
 
 // The Adam direction u from the NEW moments (recomputed identically in both passes), plus the
@@ -263,11 +269,16 @@ FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& 
 // (1/sqrt(bc2)) + eps): v/bc2 overflows fp32 for |g| above ~1.8e19 at the first step (bc2 = 1e-3),
 // while v itself is finite up to |g| ~ 5.8e20, so the element would not move where torch's Adam
 // (sqrt(v)/sqrt(bc2)) moves it. The two forms are equal in exact arithmetic.
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lamb_direction_mode(const LambCoef& c, int wd, T w, T m, T v) {
+  T u = (m / c.bc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
+  if (wd == kLambInUpdate) u = u + c.lam * w;
+  return u;
+}
+
 template <int WD, class T>
 FUSEDLARS_HD FUSEDLARS_INLINE T lamb_direction(const LambCoef& c, T w, T m, T v) {
-  T u = (m / c.bc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
-  if (WD == kLambInUpdate) u = u + c.lam * w;
-  return u;
+  return lamb_direction_mode<T>(c, WD, w, m, v);
 }
 
 template <int WD, class T>
@@ -293,8 +304,11 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambSegment lamb_segment(const LambOptions& o, dou
 }
 
 // Per-segment LAMB coefficients before the ratio is known (k is filled in after pass 1).
+// (EXACT_POW: beta^t as the reference forms it, fl_pow_exact: the low-bit kernels' coefficients)
+template <bool EXACT_POW = false>
 FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gscale, double lam, double lr,
                                                  double t_new) {
+  auto pw = [](double b, double t) { return EXACT_POW ? fl_pow_exact(b, t) : fl_pow(b, t); };
   LambCoef c;
   c.gscale = (float)gscale;
   c.lam = (float)lam;
@@ -303,8 +317,8 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gs
   c.b3 = (float)o.beta3;
   c.b2 = (float)o.beta2;
   c.one_minus_b2 = (float)(1.0 - o.beta2);
-  const double bc2 = o.bias_correction == kBcBoth ? 1.0 - fl_pow(o.beta2, t_new) : 1.0;
-  c.bc1 = o.bias_correction == kBcBoth ? (float)(1.0 - fl_pow(o.beta1, t_new)) : 1.0f;
+  const double bc2 = o.bias_correction == kBcBoth ? 1.0 - pw(o.beta2, t_new) : 1.0;
+  c.bc1 = o.bias_correction == kBcBoth ? (float)(1.0 - pw(o.beta1, t_new)) : 1.0f;
   c.isq2 = (float)(1.0 / sqrt(bc2));  // NOTE [Adam direction in range]
   c.er2 = (float)(o.eps_root * bc2);
   c.eps = (float)o.eps;
@@ -318,11 +332,11 @@ FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double
 }
 
 // ---------------------------------------------------------------------------------------------
-// Exact element math of low-bit state (issue #26; fusedlars/backends/lowbit_state.py)
+// The element math of low-bit state (issue #26; fusedlars/backends/lowbit_state.py)
 //
-// NOTE: [Low-bit LARS element math in fp32]
+// NOTE: [Low-bit element math in fp32]
 // With bf16 / int8 state (or remainder masters) every backend must store the same bits, so the
-// element math is specified operation by operation. For LARS / TVLARS it is the fp32 kernels' own:
+// element math is specified operation by operation. It is the fp32 kernels' own; for LARS / TVLARS:
 // the per-segment scalars (lars_segment, in double from the norms) become the fp32 coefficients of
 // lars_coef (each formed in double and rounded once), the gradient is fl32(grad) * fl32(+-inv_scale)
 // (one fp32 product, the sign of maximize in the factor), and lars_update_modes runs in fp32, each
@@ -333,8 +347,9 @@ FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double
 // or quantized (lowbit_state NOTE [Low-bit state: where values become fp32]); the new weight is the
 // fp32 master (or the value rounded to the param). The sums of squares stay in double (pass 1, and
 // the carried ones of the new fp32 weights). Why fp32 and not float64: the float64 element math of
-// stop 23 cost the kernels twice the fp32 instructions (8 double lanes per 16 fp32 ones) and made
-// low-bit LARS slower than fp32-state LARS on the CPU (docs/numbers.md).
+// stop 23 cost the kernels twice the fp32 instructions (8 double lanes per 16 fp32 ones), and LAMB's
+// double divisions and square roots far more: it made the low-bit steps 2-5x slower than the fp32-state
+// ones on the CPU (docs/numbers.md).
 
 struct LarsExactCoef {
   LarsCoef c;    // lars_coef's fp32 coefficients (mu_b = 0 where the segment has no state)
@@ -355,7 +370,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE LarsExactCoef lars_exact_coef(const LarsOptions& o
   return c;
 }
 
-// NOTE [Low-bit LARS element math in fp32] for one element (T: float or a vector of floats): returns
+// NOTE [Low-bit element math in fp32] for one element (T: float or a vector of floats): returns
 // w_new, sets b (in: the old buffer, out: the new one) when c.mom.
 template <class T>
 FUSEDLARS_HD FUSEDLARS_INLINE T lars_exact_update(const LarsExactCoef& c, T w, T g, T& b) {
@@ -363,58 +378,37 @@ FUSEDLARS_HD FUSEDLARS_INLINE T lars_exact_update(const LarsExactCoef& c, T w, T
   return lars_update_modes<T>(c.c, c.wd, c.mom, c.nest != 0, w, g, b);
 }
 
-// NOTE: [Low-bit LAMB element math in float64]
-// LAMB's element math with low-bit state is still the reference's in float64, operation for
-// operation in its order (each an IEEE-correct double op, no contraction), from the per-segment
-// scalars in double, rounded once to fp32 (s32 = fl32(s)) before the state is quantized. Every choice
-// that is uniform over a segment is an int in the coefficient struct (branch-free selects, so a loop
-// over elements vectorizes). T is double (or a vector of doubles with the same operators). (LARS moved
-// to fp32: NOTE [Low-bit LARS element math in fp32]; LAMB's divisions and square root are the same
-// change, not made yet.)
+// LAMB with low-bit state: the same rule (NOTE [Low-bit element math in fp32]): lamb_coef's fp32
+// coefficients (beta^t as the reference forms it: fl_pow_exact), the gradient fl32(grad) * gscale with
+// gscale = fl32(+-inv_scale / clip_coef), lamb_moments_mode / lamb_direction_mode in fp32 (sqrt and
+// division IEEE-correct), the decayed weight w * wd_keep, and w_new = w_d - k*u with k = fl32(lr * s * r).
+// The sums of squares of pass 1 are of the fp32 w_d and u, in double; ||g|| of the exact g in double.
 struct LambExactCoef {
-  double lam, wd_keep;   // weight_decay * wd_mask; decoupled: w_d = w * (1 - lr*lam)
-  double b1, b3, b2, omb2;
-  double bc1, bc2;       // 1 - b^t (bias_correction='both')
-  double eps_root, eps;
-  double k;              // pass 2: w_new = w_d - k*u, k = (lr*s)*r
-  int wd_mode;           // LambWdMode
-  int both;              // bias_correction == 'both'
+  LambCoef c;  // lamb_coef<true>; c.k filled in after pass 1 (lamb_exact_step_scale)
+  int wd;      // LambWdMode
 };
 
-FUSEDLARS_HD FUSEDLARS_INLINE LambExactCoef lamb_exact_coef(const LambOptions& o, double lam, double lr, double t_new) {
+FUSEDLARS_HD FUSEDLARS_INLINE LambExactCoef lamb_exact_coef(const LambOptions& o, double gscale, double lam, double lr,
+                                                           double t_new) {
   LambExactCoef c;
-  c.lam = lam;
-  c.wd_keep = 1.0 - lr * lam;
-  c.b1 = o.beta1;
-  c.b3 = o.beta3;
-  c.b2 = o.beta2;
-  c.omb2 = 1.0 - o.beta2;
-  c.both = o.bias_correction == kBcBoth;
-  c.bc1 = c.both ? 1.0 - fl_pow_exact(o.beta1, t_new) : 1.0;
-  c.bc2 = c.both ? 1.0 - fl_pow_exact(o.beta2, t_new) : 1.0;
-  c.eps_root = o.eps_root;
-  c.eps = o.eps;
-  c.k = 0.0;
-  c.wd_mode = o.wd_mode;
+  c.c = lamb_coef<true>(o, gscale, lam, lr, t_new);
+  c.wd = o.wd_mode;
   return c;
 }
 
-// reference.lamb_step's element math from the scaled gradient g: the new moments (m, v in/out), the
-// direction u; returns the decayed weight w_d.
+// One element from the scaled fp32 gradient g (T: float or a vector of floats): the new moments (m, v
+// in/out) and the direction u; returns the decayed weight w_d.
 template <class T>
-FUSEDLARS_HD FUSEDLARS_INLINE T lamb_exact_direction(const LambExactCoef& c, T w, T g, T& m, T& v, T& u) {
-  if (c.wd_mode == kLambL2) g = g + c.lam * w;
-  m = c.b1 * m + c.b3 * g;
-  v = c.b2 * v + c.omb2 * g * g;
-  u = c.both ? (m / c.bc1) / (fl_sqrt(v / c.bc2 + c.eps_root) + c.eps) : m / (fl_sqrt(v + c.eps_root) + c.eps);
-  if (c.wd_mode == kLambInUpdate) u = u + c.lam * w;
-  return c.wd_mode == kLambDecoupled ? w * c.wd_keep : w;
+FUSEDLARS_HD FUSEDLARS_INLINE T lamb_exact_direction(const LambExactCoef& e, T w, T g, T& m, T& v, T& u) {
+  lamb_moments_mode<T>(e.c, e.wd, w, g, m, v);
+  u = lamb_direction_mode<T>(e.c, e.wd, w, m, v);
+  return e.wd == kLambDecoupled ? w * e.c.wd_keep : w;
 }
 
-// lamb_step_scale in double: k = (lr * s) * r.
-FUSEDLARS_HD FUSEDLARS_INLINE double lamb_exact_step_scale(const LambOptions& o, double lr, double r, double t_new) {
+// lamb_step_scale with beta^t as the reference forms it: k = fl32((lr * s) * r).
+FUSEDLARS_HD FUSEDLARS_INLINE float lamb_exact_step_scale(const LambOptions& o, double lr, double r, double t_new) {
   const double s = o.bias_correction == kBcFirstOutside ? 1.0 / (1.0 - fl_pow_exact(o.beta1, t_new)) : 1.0;
-  return lr * s * r;
+  return (float)(lr * s * r);
 }
 
 }  // namespace fusedlars

@@ -263,7 +263,7 @@ class Bucket:
     @property
     def exact_elements(self) -> bool:
         """Does this bucket step through the exact element math (low-bit state or remainder masters:
-        every backend stores the same bits, csrc/lars_math.h NOTE [Low-bit LARS element math in fp32])?"""
+        every backend stores the same bits, csrc/lars_math.h NOTE [Low-bit element math in fp32])?"""
         return self.lowbit_state or self.uses_remainder
 
     def fused_unsupported(self) -> str | None:

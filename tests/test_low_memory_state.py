@@ -261,13 +261,13 @@ def test_remainder_masters_are_the_fp32_masters(backend, kind):
     chunks of whatever buffer holds the weights (the masters, or the scratch the remainder rebuilds
     them into): other chunks, other roundings on some hosts (an AMD EPYC gave a last-bit different
     trust ratio). There the masters are held to fp32 precision, and the low-bit step to the bits.
-    LARS with fp32 state and remainder masters runs the exact element math, which is fp32 (csrc/lars_math.h
-    NOTE [Low-bit LARS element math in fp32]), while the reference's step with fp32 masters is float64:
-    those agree to fp32 precision too (with int8 state both are the fp32 element math: bitwise)."""
+    With fp32 state, remainder masters run the exact element math, which is fp32 (csrc/lars_math.h NOTE
+    [Low-bit element math in fp32]), while the reference's step with fp32 masters is float64: those
+    agree to fp32 precision too (with int8 state both are the fp32 element math: bitwise)."""
     for sd in (torch.float32, "int8"):
         pa, oa = run(kind, backend, steps=4, dtype=torch.bfloat16, master_weights=True, state_dtype=sd)
         pb, ob = run(kind, backend, steps=4, dtype=torch.bfloat16, master_weights="remainder", state_dtype=sd)
-        exact = sd == "int8" or (backend == "reference" and kind == "LAMB")
+        exact = sd == "int8"
         for a, b in zip(pa, pb):
             sa, sb = oa.state[a], ob.state[b]
             assert "master_weight" not in sb and sb["master_remainder"].dtype == torch.int16

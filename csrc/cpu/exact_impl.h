@@ -7,10 +7,8 @@
 //   load      weights, grads and the old state into fp32 block buffers on the stack (the weights
 //             are fp32 values in every form: masters, remainder masters rebuilt, bf16/fp16/fp32
 //             params; the old state is dequantized exactly: bf16 -> fp32, int8 map[code] * absmax);
-//   math      LARS: the fp32 kernels' element update on 16 fp32 lanes (lars_math.h NOTE [Low-bit LARS
-//             element math in fp32]); LAMB: the reference's formulas in double (lars_math.h NOTE
-//             [Low-bit LAMB element math in float64]), s32 = fl32(s); the new state's and the new
-//             weights' fp32 values into block buffers;
+//   math      the fp32 kernels' element math on 16 fp32 lanes (lars_math.h NOTE [Low-bit element math
+//             in fp32]); the new state's and the new weights' fp32 values into block buffers;
 //   store     the weights (the fp32 master, a bf16/fp16 param rounded from it, or split into bf16
 //             + int16 remainder), and the state: fp32, bf16 by stochastic rounding with 16 bits of
 //             the Philox call of (seed, step after this step, param id, element / P), or int8 (the block's absmax
@@ -477,7 +475,7 @@ void lars_exact_sumsq_t(const ExactTile& a, const ExactCtx& x, double lam, doubl
   out[2] = su.sum();
 }
 
-// Pass 2 (NOTE [Low-bit LARS element math in fp32] in lars_math.h): the element math on 16 fp32
+// Pass 2 (NOTE [Low-bit element math in fp32] in lars_math.h): the element math on 16 fp32
 // lanes, as the fp32 kernels run it; the sums (usum, wsum) in double as pass 1 takes them.
 template <class PT, bool MASTER, bool REM, int ST>
 void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactCoef& c_in, double* wsum, double lam_u,
@@ -533,8 +531,9 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
 // ------------------------------------------------------------------------------------------------
 // LAMB
 
-// one block's element math: pass 1 adds w_d, g (scaled grad, before l2) and u into the sums; pass 2
-// writes the new moments' fp32 values and the new weights' (w_d - k*u)
+// one block's element math (lars_math.h NOTE [Low-bit element math in fp32], on 16 fp32 lanes): pass 1
+// adds w_d, g (the exact scaled grad, before l2) and u into the sums; pass 2 writes the new moments'
+// fp32 values and the new weights' (w_d - k*u)
 template <class PT, bool MASTER, bool REM, int ST, bool PASS2>
 FL_AI void lamb_exact_block(const ExactTile& a, const ExactCtx& x, const LambExactCoef& c, int64_t i, int n,
                             DAcc* acc, float* m32, float* v32, float* w32) {
@@ -548,22 +547,24 @@ FL_AI void lamb_exact_block(const ExactTile& a, const ExactCtx& x, const LambExa
   exact_grads(gp, i, n, gf);
   exact_state_load<ST>(a.s0, a.a0, true, a.start + i, n, mf);
   exact_state_load<ST>(a.s1, a.a1, false, a.start + i, n, vf);
+  const float gscale = c.c.gscale;
   for (int j = 0; j < n; j += kW) {
+    fl_vf m = ld16(mf + j), v = ld16(vf + j), u;
+    const fl_vf wd = lamb_exact_direction<fl_vf>(c, ld16(wf + j), ld16(gf + j) * gscale, m, v, u);
+    if constexpr (PASS2) {
+      st16(m32 + j, m);
+      st16(v32 + j, v);
+      st16(w32 + j, wd - c.c.k * u);
+    } else {  // the sums in double: w_d and u as computed, ||g|| of the exact gradient (as pass 1 of LARS)
+      alignas(64) float tw[kW], tu[kW];
+      st16(tw, wd);
+      st16(tu, u);
 #pragma GCC unroll 8
-    for (int q = 0; q < kDQ; ++q) {
-      const int o = j + q * kDN;
-      const fl_dn gj = exact_grad(x, ldd(gf + o));
-      fl_dn m = ldd(mf + o), v = ldd(vf + o), uj;
-      const fl_dn wdj = lamb_exact_direction<fl_dn>(c, ldd(wf + o), gj, m, v, uj);
-      if constexpr (PASS2) {
-        stf(m32 + o, m);
-        stf(v32 + o, v);
-        stf(w32 + o, wdj - c.k * uj);
-      } else {
-        const int k = n - o;
-        acc[0].add(q, wdj, k);
-        acc[1].add(q, gj, k);
-        acc[2].add(q, uj, k);
+      for (int q = 0; q < kDQ; ++q) {
+        const int o = j + q * kDN, k = n - o;
+        acc[0].add(q, ldd(tw + q * kDN), k);
+        acc[1].add(q, exact_grad(x, ldd(gf + o)), k);
+        acc[2].add(q, ldd(tu + q * kDN), k);
       }
     }
   }

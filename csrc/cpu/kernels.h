@@ -42,8 +42,8 @@ struct TileArgs {
   int64_t len;
 };
 
-// A tile of the exact kernels (low-bit state and remainder masters, NOTE [Low-bit LARS element math
-// in fp32] in lars_math.h). The tile starts at a multiple of kTileElems inside its segment, so
+// A tile of the exact kernels (low-bit state and remainder masters, NOTE [Low-bit element math in
+// fp32] in lars_math.h). The tile starts at a multiple of kTileElems inside its segment, so
 // it holds whole 256-element quantization blocks (the last one may be short: the segment's end).
 struct ExactTile {
   void* param;        // param dtype

@@ -707,8 +707,8 @@ void lamb_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 }
 
 // ------------------------------------------------------------------------------------------------
-// low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Low-bit LARS element
-// math in fp32] and NOTE [Low-bit LAMB element math in float64]). Same plan, schedule and per-segment
+// low-bit state (issue #26): the exact kernels (exact_impl.h; lars_math.h NOTE [Low-bit element math
+// in fp32]). Same plan, schedule and per-segment
 // scalars as the fp32 ops above; the state is stored through csrc/lowbit.h. LARS takes given gradient
 // sums and carries weight norms (NOTE [Carried weight norms of the exact step] in exact_impl.h).
 
@@ -902,7 +902,7 @@ void lamb_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
   for (int64_t si = 0; si < NS; ++si) {
     const int64_t s = p.seg[si];
     step0[si] = c.step[s];
-    const LambExactCoef c0 = lamb_exact_coef(o, c.lam(o.weight_decay, s), c.lr,
+    const LambExactCoef c0 = lamb_exact_coef(o, (x.neg ? -x.inv : x.inv) / x.clip, c.lam(o.weight_decay, s), c.lr,
                                              static_cast<double>(step0[si]) + 1.0);
     for (int j = 0; j < nth; ++j) coef[j * NS + si] = c0;
   }
@@ -918,7 +918,7 @@ void lamb_step_lowbit_cpu(at::TensorList params, at::TensorList grads, at::Tenso
         segment_sums<3>(p, part, si, ssq);
         const LambSegment r = lamb_segment(o, ssq[0], ssq[1], ssq[2], c.adapt_mask[s] != 0, c.lr);
         const double t_new = static_cast<double>(step0[si]) + 1.0;
-        coef[slot * NS + si].k = lamb_exact_step_scale(o, c.lr, r.r, t_new);
+        coef[slot * NS + si].c.k = lamb_exact_step_scale(o, c.lr, r.r, t_new);
         if (commit) c.commit(s, r.n_w, r.n_g, r.n_u, r.r, step0[si]);
       },
       [&](int64_t t, int slot) {

@@ -638,8 +638,7 @@ __global__ void __launch_bounds__(kThreads, 2) lamb_kernel(const LambArgs a, con
 // state must be the reference's bit for bit given the same per-layer norms (fusedlars/backends/
 // lowbit_state.py NOTE [Low-bit state: where values become fp32]). These kernels run the same
 // two_phase skeleton (same launches, partials, fixed-order reductions, skips) with the element math
-// of csrc/lars_math.h (LARS: NOTE [Low-bit LARS element math in fp32], fp32 and uncontracted; LAMB:
-// NOTE [Low-bit LAMB element math in float64], in double and rounded once to fp32; the cpu backend's
+// of csrc/lars_math.h NOTE [Low-bit element math in fp32] (fp32 and uncontracted; the cpu backend's
 // csrc/cpu/exact_impl.h does the same), then the storage of csrc/lowbit.h:
 // bf16 by stochastic rounding with 16 bits of the Philox call of (seed, step after this step, param
 // id, element / P) (lowbit.h NOTE [Stochastic-rounding bits]), int8 as codes of the dynamic-tree maps (__constant__ kTables) with one absmax per
@@ -854,7 +853,7 @@ struct ExactLarsStep {
     const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
     const LarsExactCoef& c = cf.c;
     const bool mom = c.mom != 0;
-    // lars_math.h NOTE [Low-bit LARS element math in fp32]: fp32, uncontracted (--fmad=false)
+    // lars_math.h NOTE [Low-bit element math in fp32]: fp32, uncontracted (--fmad=false)
     const float gscale = static_cast<float>(gr.neg ? -gr.inv : gr.inv);
     for_chunks(st, len, [&](int64_t i, bool on) {
       float s32 = 0.0f;
@@ -892,28 +891,33 @@ struct ExactLambStep {
     return a.o.weight_decay * static_cast<double>(a.s.wd_mask[s]);
   }
 
-  // one element: the new moments (m, v), the direction u, the scaled grad g; returns w_d
-  __device__ __forceinline__ double element(const ExMem<PT, MASTER, REM>& mem, const LambExactCoef& c, int64_t i,
-                                            double& w, double& g, double& m, double& v, double& u) const {
-    w = mem.load_w(i);
-    g = gr(Cvt<PT>::in(mem.g[i]));
+  // the fp32 gradient factor (lars_math.h NOTE [Low-bit element math in fp32]): +-inv_scale / clip_coef
+  __device__ __forceinline__ double gscale() const { return (gr.neg ? -gr.inv : gr.inv) / gr.clip; }
+
+  // one element in fp32: the new moments (m, v), the direction u; g64: the exact scaled grad (for
+  // ||g||); returns w_d
+  __device__ __forceinline__ float element(const ExMem<PT, MASTER, REM>& mem, const LambExactCoef& c, int64_t i,
+                                           float& m, float& v, float& u, double& g64) const {
+    const float w = mem.load_w(i), g = Cvt<PT>::in(mem.g[i]);
+    g64 = gr(g);
     m = state_load<ST>(mem.s0, mem.a0, true, i);
     v = state_load<ST>(mem.s1, mem.a1, false, i);
-    return lamb_exact_direction<double>(c, w, g, m, v, u);
+    return lamb_exact_direction<float>(c, w, g * c.c.gscale, m, v, u);
   }
 
-  // rows [w_d^2, u^2, g^2] as the fp32 LAMB kernel's (g before l2)
+  // rows [w_d^2, u^2, g^2] as the fp32 LAMB kernel's (g before l2), in double
   __device__ __forceinline__ void pass1(int64_t s, int64_t st, int len, double (&x)[3]) const {
     const ExMem<PT, MASTER, REM> mem(a.b, a.lb, s);
     // step[s] is written only in phase 2 (after the grid sync / in a later launch)
-    const LambExactCoef c = lamb_exact_coef(a.o, lam(s), lr, static_cast<double>(a.s.step[s]) + 1.0);
+    const LambExactCoef c = lamb_exact_coef(a.o, gscale(), lam(s), lr, static_cast<double>(a.s.step[s]) + 1.0);
     double sw = 0.0, su = 0.0, sg = 0.0;
     for_chunks(st, len, [&](int64_t i, bool on) {
       if (!on) return;
-      double w, g, m, v, u;
-      const double wd = element(mem, c, i, w, g, m, v, u);
+      float m, v, u;
+      double g;
+      const double wd = element(mem, c, i, m, v, u, g);
       sw += wd * wd;
-      su += u * u;
+      su += static_cast<double>(u) * static_cast<double>(u);
       sg += g * g;
     });
     x[0] = sw;
@@ -928,8 +932,8 @@ struct ExactLambStep {
   __device__ __forceinline__ Coef coefficients(int64_t s, const double (&ssq)[3]) const {
     const double t_new = static_cast<double>(a.p.snap[2 * s]) + 1.0;
     Coef out;
-    out.c = lamb_exact_coef(a.o, lam(s), lr, t_new);
-    out.c.k = lamb_exact_step_scale(a.o, lr, segment(s, ssq).r, t_new);
+    out.c = lamb_exact_coef(a.o, gscale(), lam(s), lr, t_new);
+    out.c.c.k = lamb_exact_step_scale(a.o, lr, segment(s, ssq).r, t_new);
     out.step_after = static_cast<uint64_t>(t_new);
     return out;
   }
@@ -940,11 +944,10 @@ struct ExactLambStep {
       float m32 = 0.0f, v32 = 0.0f;
       uint32_t rw[2] = {0u, 0u};
       if (on) {
-        double w, g, m, v, u;
-        const double wd = element(mem, cf.c, i, w, g, m, v, u);
-        mem.store_w(i, static_cast<float>(wd - cf.c.k * u));
-        m32 = static_cast<float>(m);
-        v32 = static_cast<float>(v);
+        float u;
+        double g;
+        const float wd = element(mem, cf.c, i, m32, v32, u, g);
+        mem.store_w(i, wd - cf.c.c.k * u);
         // LAMB's two buffers: halves j and 4 + j of one Philox call (lowbit_state.BUFFER)
         if (ST == kStateBF16) sr_bits_of(a.lb, cf.step_after, s, i, 2, rw);
       }

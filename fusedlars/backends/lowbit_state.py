@@ -17,12 +17,12 @@ Formats of a state buffer (``momentum_buffer``, ``exp_avg``, ``exp_avg_sq``), ch
 fp32 master is the bf16 param plus it (lowbit NOTE [Master split]).
 
 # NOTE: [Low-bit state: where values become fp32]
-# A step dequantizes the stored state exactly (bf16 -> fp32 -> float64; int8: map[code] * absmax, one
-# fp32 product, -> float64), computes the step as the fp32-state step does (the reference in float64,
-# the per-layer norms and trust ratio from the exact values, never from quantized ones), and stores
-# the new state value s (float64 in the reference) as
+# A step dequantizes the stored state exactly (bf16 -> fp32; int8: map[code] * absmax, one fp32
+# product), takes the per-layer norms and trust ratio from the exact values (never from quantized
+# ones) in float64, and computes the new state value s32 with the fp32 kernels' element math, operation
+# by operation (csrc/lars_math.h NOTE [Low-bit element math in fp32]; the reference does the same fp32
+# operations with torch), and stores it as
 #
-#     s32 = fl32(s)                                      one IEEE round-to-nearest-even to fp32
 #     bf16:  bits = (fp32_bits(s32) + (word & 0xFFFF)) >> 16        stochastic rounding (lowbit)
 #     int8:  absmax = max |s32| over the block,  code = nearest map code of s32 / absmax
 #
@@ -32,13 +32,11 @@ fp32 master is the bf16 param plus it (lowbit NOTE [Master split]).
 # 64-bit seed, where ``step`` is the param's step count AFTER this step (state["step"] once it is done: 1 at the first
 # step) and ``param index`` its position in the optimizer's flat param order (the state_dict id).
 # fp32 is the point of the contract: the quantization of a given s32 is bitwise the same in every
-# backend (tests/test_lowbit.py), and s32 is the fp32 a backend computing in fp32 holds in its
-# registers. The params are updated from the unrounded s (as the fp32-state step updates them from
+# backend (tests/test_lowbit.py), and s32 is the fp32 every backend holds in its registers (the same
+# operations in the same order, uncontracted: bitwise the reference's given the same per-layer
+# norms). The params are updated from the unquantized s32 (as the fp32-state step updates them from
 # the value it stores), so the weights do not see the quantization error of this step, only of the
 # state read at the next one.
-# A backend's s32 equals the reference's where its fp32 value of s does: the torch backend computes
-# s in float64 with the reference's operations (bitwise the reference's, given the same per-layer
-# norms); fused kernels computing s in fp32 must round at the same points to be bitwise.
 # A skipped step (GradScaler found an inf) stores nothing: codes, scales and bf16 bits unchanged.
 # Loading or converting state between formats (load_state_dict, a changed state_dtype) rounds to
 # nearest: bf16 round-to-nearest-even, int8 nearest codes; no random bits are drawn.

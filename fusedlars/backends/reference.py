@@ -39,9 +39,11 @@ LAMB, per layer (You et al. 2019, "Large Batch Optimization for Deep Learning", 
     w <- w - lr * s * r * u,   s = 1/(1-b1^t) for first_outside (pytorch_optimizer),
                                sqrt(1-b2^t)/(1-b1^t) for both_outside (DeepSpeed FusedLamb <= v0.19.6), else 1
 
-Low-bit state (issue #26, ``state_dtype`` bf16 / int8): b, m, v above are the stored state dequantized
-exactly, the step is the same float64 computation, and the new value is rounded to fp32 and quantized
-(fusedlars.backends.lowbit_state, NOTE [Low-bit state: where values become fp32]). Remainder masters
+Low-bit state (issue #26, ``state_dtype`` bf16 / int8) and remainder masters: b, m, v above are the
+stored state dequantized exactly, the norms and per-layer scalars are the same float64 computation, and
+the element math is the fp32 kernels' own, one fp32 operation at a time (:func:`lars_update32`,
+:func:`lamb_update32`; csrc/lars_math.h NOTE [Low-bit element math in fp32]); the new value is then
+quantized (fusedlars.backends.lowbit_state, NOTE [Low-bit state: where values become fp32]). Remainder masters
 (``master_weights="remainder"``): w is the fp32 master rebuilt from the bf16 param and its remainder, and
 the new master is split back (fusedlars.backends.lowbit, NOTE [Master split]).
 
@@ -184,7 +186,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         t = bucket.step[i].to(torch.float64)
         r, lam_eff = lars_layer_scalars(cfg, lr, lam, adapt, n_w_raw, n_g_raw, n_u_raw, t)
         has = bucket.has_state[i] != 0
-        if bucket.exact_elements:  # low-bit state, remainder masters: NOTE [Low-bit LARS element math in fp32]
+        if bucket.exact_elements:  # low-bit state, remainder masters: NOTE [Low-bit element math in fp32]
             c = lars_coef32(cfg, lr, r, lam_eff, has)
             b = _state(bucket, "momentum_buffer", i).to(torch.float32) if cfg.momentum != 0 else None
             w_new, b_new = lars_update32(cfg, c, w.to(torch.float32), lars_grad32(bucket.grad_tensors[i], cfg), b)
@@ -345,12 +347,26 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         n_g_raw = _norm(g)
         lam = cfg.weight_decay * bucket.wd_mask[i].to(torch.float64)
         adapt = bool(cfg.adapt_enabled and not cfg.adam) & (bucket.adapt_mask[i] != 0)
+        t = bucket.step[i].to(torch.float64) + 1
+        if bucket.exact_elements:  # low-bit state, remainder masters: NOTE [Low-bit element math in fp32]
+            c = lamb_coef32(cfg, lr, lam, t, lamb_gscale(cfg, g.device))
+            m = _state(bucket, "exp_avg", i).to(torch.float32)
+            v = _state(bucket, "exp_avg_sq", i).to(torch.float32)
+            g32 = bucket.grad_tensors[i].detach().to(torch.float32) * c["gscale"]
+            w_d, m, v, u = lamb_update32(cfg, c, w.to(torch.float32), g32, m, v)
+            n_w_raw, n_u = _norm(w_d.to(torch.float64)), _norm(u.to(torch.float64))
+            r, s = lamb_layer_scalars(cfg, lr, adapt, n_w_raw, n_u, t)
+            w_new = w_d - _fl32(lr * s * r, w_d) * u
+            _store(bucket, "exp_avg", i, m.to(torch.float64), keep)
+            _store(bucket, "exp_avg_sq", i, v.to(torch.float64), keep)
+            _write(bucket, i, w_new.to(torch.float64), keep)
+            _finish(bucket, i, keep, n_w_raw, n_g_raw, n_u, r)
+            continue
         if cfg.weight_decay_mode == "l2":
             g = g + lam * w
         m_old, v_old = _state(bucket, "exp_avg", i), _state(bucket, "exp_avg_sq", i)
         m = b1 * m_old + cfg.beta3 * g
         v = b2 * v_old + (1 - b2) * g * g
-        t = bucket.step[i].to(torch.float64) + 1
         bc = lamb_bias_corrections(cfg, t)
         u = lamb_direction(cfg, m, v, bc)
         if cfg.weight_decay_mode == "in_update":
@@ -372,6 +388,55 @@ def lamb_bias_corrections(cfg: LambConfig, t):
     if cfg.bias_correction != "both":
         return None
     return 1 - cfg.beta1**t, 1 - cfg.beta2**t
+
+
+def sqrt32(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded fp32 square root of fp32 ``x`` (what sqrtps / CUDA's sqrtf give): the float64
+    root rounded once (exact for fp32 inputs). ATen's fp32 sqrt on the CPU is not correctly rounded (an
+    ulp off for ~18% of inputs, measured with torch 2.13), so the fp32 element math does not use it."""
+    return torch.sqrt(x.to(torch.float64)).to(torch.float32)
+
+
+def lamb_gscale(cfg: LambConfig, device) -> torch.Tensor:
+    """Low-bit LAMB's gradient factor fl32((+-inv_scale) / clip_coef) (formed in float64, the sign of
+    maximize in it), on ``device``."""
+    x = torch.ones((), dtype=torch.float64, device=device)
+    if cfg.inv_scale is not None:
+        x = cfg.inv_scale.to(device=device, dtype=torch.float64).reshape(())
+    if cfg.maximize:
+        x = -x
+    if getattr(cfg, "clip_coef", None) is not None:
+        x = x / _f64(cfg.clip_coef).to(device)
+    return x.to(torch.float32)
+
+
+def lamb_coef32(cfg: LambConfig, lr, lam, t, gscale) -> dict[str, torch.Tensor]:
+    """The fp32 coefficients of low-bit LAMB's element math (csrc/lars_math.h ``lamb_coef``, NOTE [Low-bit
+    element math in fp32]): each formed in float64 from ``lr``, ``lam`` and the step ``t`` (after this
+    one; float64 tensors, 0-dim or one value per element) and rounded once."""
+    f = lambda x: _fl32(x, lam)  # noqa: E731
+    both = cfg.bias_correction == "both"
+    bc2 = 1 - cfg.beta2**t if both else torch.ones_like(lam)
+    return {
+        "gscale": gscale, "lam": f(lam), "wd_keep": f(1 - lr * lam), "b1": f(cfg.beta1), "b3": f(cfg.beta3),
+        "b2": f(cfg.beta2), "omb2": f(1.0 - cfg.beta2), "bc1": f(1 - cfg.beta1**t) if both else f(1.0),
+        "isq2": f(1.0 / torch.sqrt(bc2)), "er2": f(cfg.eps_root * bc2), "eps": f(cfg.eps),
+    }  # fmt: skip
+
+
+def lamb_update32(cfg: LambConfig, c: dict[str, torch.Tensor], w, g, m, v):
+    """Low-bit LAMB's element math in fp32 (csrc/lars_math.h ``lamb_moments_mode``, ``lamb_direction_mode``,
+    one torch op per fp32 operation; the square root :func:`sqrt32`): ``(w_d, m_new, v_new, u)`` from the
+    fp32 weights, scaled gradients and old moments."""
+    if cfg.weight_decay_mode == "l2":
+        g = g + c["lam"] * w
+    m = c["b1"] * m + c["b3"] * g
+    v = c["b2"] * v + c["omb2"] * g * g
+    u = (m / c["bc1"]) / (sqrt32(v + c["er2"]) * c["isq2"] + c["eps"])
+    if cfg.weight_decay_mode == "in_update":
+        u = u + c["lam"] * w
+    w_d = w * c["wd_keep"] if cfg.weight_decay_mode == "decoupled" else w
+    return w_d, m, v, u
 
 
 def lamb_direction(cfg: LambConfig, m, v, bc):

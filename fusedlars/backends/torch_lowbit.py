@@ -3,8 +3,9 @@ vectorized over the bucket.
 
 The reference (:mod:`fusedlars.backends.reference`) states the step one param at a time; this module
 computes the same values over the whole bucket at once (LARS's element math in fp32 with the
-reference's :func:`~fusedlars.backends.reference.lars_update32`, csrc/lars_math.h NOTE [Low-bit LARS
-element math in fp32]; LAMB's in float64), so that the stored state is the reference's bit for bit
+reference's :func:`~fusedlars.backends.reference.lars_update32` and
+:func:`~fusedlars.backends.reference.lamb_update32`, csrc/lars_math.h NOTE [Low-bit element math in
+fp32]), so that the stored state is the reference's bit for bit
 (fusedlars.backends.lowbit_state, NOTE [Low-bit state: where values become fp32]):
 
 * the active segments are taken in chunks of consecutive whole segments (about ``CHUNK_ELEMS``
@@ -23,7 +24,7 @@ element math in fp32]; LAMB's in float64), so that the stored state is the refer
 
 So params, masters, state and the per-layer outputs equal the reference's bitwise, except where a
 norm differs in its last float64 bit (the norm is the same ATen reduction over the same values in
-the same order here, so in practice never). The price is float64 arithmetic and ~100 int64 ops per
+the same order here, so in practice never). The price is ~100 int64 ops per
 element for the Philox words: this is the portable path; the fused kernels are the fast one (issue
 #26 part 2). Chunks bound the temporaries by the chunk (or the largest param), not the bucket, and
 keep them cache-sized.
@@ -297,7 +298,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
             r_k, le_k = ref.lars_layer_scalars(cfg, lr, lam_s[k], adapt, n_w[k], n_g[k], n_u[k], t)
             r_s.append(r_k)
             lam_eff_s.append(le_k)
-        # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit LARS element math in fp32])
+        # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit element math in fp32])
         has = P.per_elem(bucket.has_state.index_select(0, P.sel) != 0)
         c = ref.lars_coef32(cfg, lr, P.per_elem(r_s), P.per_elem(lam_eff_s), has)
         g32 = ref.lars_grad32(_cat([bucket.grad_tensors[i] for i in P.idx]), cfg)
@@ -313,42 +314,33 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
     """LAMB over a bucket with low-bit state: the reference's step, vectorized (module docstring)."""
-    b1, b2 = cfg.beta1, cfg.beta2
 
     def chunk(P: _Plan, lr, keep):
         w = _weights(bucket, P)
-        w_old = w
         g = _grads(bucket, P, cfg)
         n_g = _norms(P, g)
         lam_s = [cfg.weight_decay * bucket.wd_mask[i].to(_f64) for i in P.idx]
-        lam = P.per_elem(lam_s)
-        if cfg.weight_decay_mode == "l2":
-            g = g + lam * w
-        m_old, v_old = _state(bucket, P, "exp_avg"), _state(bucket, P, "exp_avg_sq")
-        m = b1 * m_old + cfg.beta3 * g
-        v = b2 * v_old + (1 - b2) * g * g
         ts = [bucket.step[i].to(_f64) + 1 for i in P.idx]
-        bcs = [ref.lamb_bias_corrections(cfg, t) for t in ts]
-        bc = None
-        if cfg.bias_correction == "both":
-            bc = (P.per_elem([x[0] for x in bcs]), P.per_elem([x[1] for x in bcs]))
-        u = ref.lamb_direction(cfg, m, v, bc)
-        if cfg.weight_decay_mode == "in_update":
-            u = u + lam * w
-        if cfg.weight_decay_mode == "decoupled":
-            w = w * P.per_elem([1 - lr * x for x in lam_s])
-        n_w, n_u = _norms(P, w), _norms(P, u)
+        # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit element math in fp32]); coefficients
+        # per segment (0-dim: ATen's scalar path, whose float64 sqrt is correctly rounded), then per element
+        gscale = ref.lamb_gscale(cfg, w.device)
+        cs = [ref.lamb_coef32(cfg, lr, lam_s[k], ts[k], gscale) for k in range(P.n)]
+        c = {key: P.per_elem([x[key] for x in cs]) for key in cs[0]} if cs else {}
+        g32 = _cat([bucket.grad_tensors[i] for i in P.idx]).to(torch.float32) * c["gscale"]
+        m, v = _state(bucket, P, "exp_avg").to(torch.float32), _state(bucket, P, "exp_avg_sq").to(torch.float32)
+        w_d, m, v, u = ref.lamb_update32(cfg, c, w.to(torch.float32), g32, m, v)
+        n_w, n_u = _norms(P, w_d.to(_f64)), _norms(P, u.to(_f64))
         r_s, coef_s = [], []
         for k, i in enumerate(P.idx):
             adapt = bool(cfg.adapt_enabled and not cfg.adam) & (bucket.adapt_mask[i] != 0)
             r_k, s_k = ref.lamb_layer_scalars(cfg, lr, adapt, n_w[k], n_u[k], ts[k])
             r_s.append(r_k)
             coef_s.append(lr * s_k * r_k)
-        w_new = w - P.per_elem(coef_s) * u
+        w_new = w_d - P.per_elem(coef_s).to(torch.float32) * u
         words = _words(bucket, P, 2)
         _store(bucket, P, "exp_avg", m, keep, words)
         _store(bucket, P, "exp_avg_sq", v, keep, words)
-        _write(bucket, P, w_old, w_new, keep)
+        _write(bucket, P, w, w_new.to(_f64), keep)
         return n_w, n_g, n_u, r_s
 
     _run(bucket, cfg, chunk)

@@ -1176,7 +1176,7 @@ def _lars_lowbit_update_tile(
     tile, t, has, r, lam_eff, lr32, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr,
     TILE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Launch 2's ``TILE_UPDATE`` of low-bit LARS: csrc/lars_math.h NOTE [Low-bit LARS element math in fp32]
+    """Launch 2's ``TILE_UPDATE`` of low-bit LARS: csrc/lars_math.h NOTE [Low-bit element math in fp32]
     (NOTE [Low-bit LARS in the Triton kernels]): ``lars_coef``'s fp32 coefficients, each formed in float64
     and rounded once, then ``lars_update_modes`` per element in fp32, launched without FMA contraction;
     ``MODE = (MOM, MASTER)``, ``kargs = (inv_scale_ptr, pidx_ptr, seed)``."""

@@ -146,8 +146,8 @@ class LARS(BucketedOptimizer):
     exact norms) and quantizes the new buffer (fusedlars.backends.lowbit_state, NOTE [Low-bit state: where
     values become fp32]). ``seed`` (optimizer-wide, saved in ``state_dict``): the key of the stochastic
     rounding's random bits, drawn per (seed, step, param, element): runs are reproducible and continue
-    bitwise on resume. Low-bit state and remainder masters run on the ``torch`` and ``reference``
-    backends for now (``auto`` picks ``torch``; a named fused backend raises). A state dict loads across
+    bitwise on resume. Every backend steps low-bit state and remainder masters and stores the same bits
+    (docs/usage.md says which backend steps what; Triton: bf16 momentum and masters). A state dict loads across
     state dtypes: fp32 state into a bf16/int8 optimizer is rounded to nearest, low-bit state into an fp32
     one is dequantized; the optimizer keeps its own ``state_dtype``.
     ``capturable=True`` keeps every per-step value on the device (a float lr becomes a 0-dim tensor
