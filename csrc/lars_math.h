@@ -242,6 +242,7 @@ struct LambCoef {
   float wd_keep;      // decoupled: w_d = w * wd_keep, wd_keep = 1 - lr*lam
   float b1, b3, b2, one_minus_b2;
   float bc1;          // 1 - b1^t (1 for 'none' / 'first_outside')
+  float ibc1;         // 1 / bc1, one fp32 division per segment (the element math multiplies by it)
   float isq2, er2;    // 1 / sqrt(1 - b2^t) and eps_root * (1 - b2^t) (1 and eps_root without correction)
   float eps;
   float k;            // pass 2: w <- w_d - k*u, k = lr * s * r
@@ -264,6 +265,8 @@ FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& 
 
 // The Adam direction u from the NEW moments (recomputed identically in both passes), plus the
 // in_update decay term. w is the weight before decay.
+// The bias correction of m is a product with ibc1 = 1/bc1 (an fp32 division once per segment, not a
+// division per element: three divisions and a sqrt per element made the LAMB passes divider-bound).
 // NOTE: [Adam direction in range]
 // u = (m/bc1) / (sqrt(v/bc2 + eps_root) + eps) is evaluated as (m/bc1) / (sqrt(v + eps_root*bc2) *
 // (1/sqrt(bc2)) + eps): v/bc2 overflows fp32 for |g| above ~1.8e19 at the first step (bc2 = 1e-3),
@@ -271,7 +274,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE void lamb_moments(const LambCoef& c, T w, T g, T& 
 // (sqrt(v)/sqrt(bc2)) moves it. The two forms are equal in exact arithmetic.
 template <class T>
 FUSEDLARS_HD FUSEDLARS_INLINE T lamb_direction_mode(const LambCoef& c, int wd, T w, T m, T v) {
-  T u = (m / c.bc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
+  T u = (m * c.ibc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
   if (wd == kLambInUpdate) u = u + c.lam * w;
   return u;
 }
@@ -319,6 +322,7 @@ FUSEDLARS_HD FUSEDLARS_INLINE LambCoef lamb_coef(const LambOptions& o, double gs
   c.one_minus_b2 = (float)(1.0 - o.beta2);
   const double bc2 = o.bias_correction == kBcBoth ? 1.0 - pw(o.beta2, t_new) : 1.0;
   c.bc1 = o.bias_correction == kBcBoth ? (float)(1.0 - pw(o.beta1, t_new)) : 1.0f;
+  c.ibc1 = 1.0f / c.bc1;
   c.isq2 = (float)(1.0 / sqrt(bc2));  // NOTE [Adam direction in range]
   c.er2 = (float)(o.eps_root * bc2);
   c.eps = (float)o.eps;

@@ -369,28 +369,9 @@ void lars_update_t(const TileArgs& a, float gscale, float lam_u, const LarsCoef&
 // ------------------------------------------------------------------------------------------------
 // LAMB
 
-// The Adam direction of lars_math.h's lamb_direction() with the two bias-correction divisions
-// replaced by multiplications with reciprocals computed once per tile (the same fp32 values on every
-// ISA, so the builds stay bitwise identical; within an ulp or so of the divided form, far inside the
-// reference tolerance). Both passes use this one function, so pass 2 recomputes pass 1's u exactly.
-// Three divisions and a sqrt per element made the LAMB passes divider-bound on AVX2.
-struct LambInv {
-  float ibc1;
-  explicit LambInv(const LambCoef& c) : ibc1(1.0f / c.bc1) {}
-};
-
-// v's correction as lars_math.h's NOTE [Adam direction in range]: sqrt(v + eps_root*bc2) / sqrt(bc2).
-template <int WD>
-FL_AI fl_vf lamb_dir(const LambCoef& c, const LambInv& q, fl_vf w, fl_vf m, fl_vf v) {
-  fl_vf u = (m * q.ibc1) / (fl_sqrt(v + c.er2) * c.isq2 + c.eps);
-  if (WD == kLambInUpdate) u = u + c.lam * w;
-  return u;
-}
-
 template <class PT, bool MASTER, int WD>
 void lamb_pass1_t(const TileArgs& a, const LambCoef& c_in, double* out) {
   const LambCoef c = c_in;
-  const LambInv q(c);
   const Buf<PT, MASTER> b(a);
   float* mp = a.s0 + a.start;
   float* vp = a.s1 + a.start;
@@ -409,7 +390,7 @@ void lamb_pass1_t(const TileArgs& a, const LambCoef& c_in, double* out) {
       IO<float>::store(mp + i, m);
       IO<float>::store(vp + i, v);
       fl_vf wd = lamb_decayed_weight<WD>(c, w);
-      fl_vf u = lamb_dir<WD>(c, q, w, m, v);
+      fl_vf u = lamb_direction<WD>(c, w, m, v);
       sw += wd * wd;
       su += u * u;
     }
@@ -423,7 +404,7 @@ void lamb_pass1_t(const TileArgs& a, const LambCoef& c_in, double* out) {
       store_part(mp + i, m, r);
       store_part(vp + i, v, r);
       fl_vf wd = lamb_decayed_weight<WD>(c, w);
-      fl_vf u = lane_mask(lamb_dir<WD>(c, q, w, m, v), r);  // 0/(0+eps) is NaN when eps == 0
+      fl_vf u = lane_mask(lamb_direction<WD>(c, w, m, v), r);  // 0/(0+eps) is NaN when eps == 0
       sw += wd * wd;
       su += u * u;
     }
@@ -439,7 +420,6 @@ void lamb_pass1_t(const TileArgs& a, const LambCoef& c_in, double* out) {
 template <class PT, bool MASTER, int WD>
 void lamb_pass2_t(const TileArgs& a, const LambCoef& c_in) {
   const LambCoef c = c_in;
-  const LambInv q(c);
   const Buf<PT, MASTER> b(a);
   const float* mp = a.s0 + a.start;
   const float* vp = a.s1 + a.start;
@@ -447,13 +427,13 @@ void lamb_pass2_t(const TileArgs& a, const LambCoef& c_in) {
   int64_t i = 0;
   for (; i + kW <= n; i += kW) {
     fl_vf w = b.w(i);
-    fl_vf u = lamb_dir<WD>(c, q, w, IO<float>::load(mp + i), IO<float>::load(vp + i));
+    fl_vf u = lamb_direction<WD>(c, w, IO<float>::load(mp + i), IO<float>::load(vp + i));
     b.put(i, lamb_decayed_weight<WD>(c, w) - c.k * u);
   }
   if (i < n) {
     const int r = static_cast<int>(n - i);
     fl_vf w = b.w_part(i, r);
-    fl_vf u = lamb_dir<WD>(c, q, w, load_part(mp + i, r), load_part(vp + i, r));
+    fl_vf u = lamb_direction<WD>(c, w, load_part(mp + i, r), load_part(vp + i, r));
     b.put_part(i, lamb_decayed_weight<WD>(c, w) - c.k * u, r);
   }
 }

@@ -417,11 +417,13 @@ def lamb_coef32(cfg: LambConfig, lr, lam, t, gscale) -> dict[str, torch.Tensor]:
     f = lambda x: _fl32(x, lam)  # noqa: E731
     both = cfg.bias_correction == "both"
     bc2 = 1 - cfg.beta2**t if both else torch.ones_like(lam)
-    return {
+    c = {
         "gscale": gscale, "lam": f(lam), "wd_keep": f(1 - lr * lam), "b1": f(cfg.beta1), "b3": f(cfg.beta3),
         "b2": f(cfg.beta2), "omb2": f(1.0 - cfg.beta2), "bc1": f(1 - cfg.beta1**t) if both else f(1.0),
         "isq2": f(1.0 / torch.sqrt(bc2)), "er2": f(cfg.eps_root * bc2), "eps": f(cfg.eps),
     }  # fmt: skip
+    c["ibc1"] = torch.ones_like(c["bc1"]) / c["bc1"]  # one fp32 division (lamb_coef)
+    return c
 
 
 def lamb_update32(cfg: LambConfig, c: dict[str, torch.Tensor], w, g, m, v):
@@ -432,7 +434,7 @@ def lamb_update32(cfg: LambConfig, c: dict[str, torch.Tensor], w, g, m, v):
         g = g + c["lam"] * w
     m = c["b1"] * m + c["b3"] * g
     v = c["b2"] * v + c["omb2"] * g * g
-    u = (m / c["bc1"]) / (sqrt32(v + c["er2"]) * c["isq2"] + c["eps"])
+    u = (m * c["ibc1"]) / (sqrt32(v + c["er2"]) * c["isq2"] + c["eps"])
     if cfg.weight_decay_mode == "in_update":
         u = u + c["lam"] * w
     w_d = w * c["wd_keep"] if cfg.weight_decay_mode == "decoupled" else w
