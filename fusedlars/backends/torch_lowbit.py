@@ -322,7 +322,7 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         lam_s = [cfg.weight_decay * bucket.wd_mask[i].to(_f64) for i in P.idx]
         ts = [bucket.step[i].to(_f64) + 1 for i in P.idx]
         # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit element math in fp32]); coefficients
-        # per segment (0-dim: ATen's scalar path, whose float64 sqrt is correctly rounded), then per element
+        # per segment on 0-dim tensors with the reference's own function, then per element
         gscale = ref.lamb_gscale(cfg, w.device)
         cs = [ref.lamb_coef32(cfg, lr, lam_s[k], ts[k], gscale) for k in range(P.n)]
         c = {key: P.per_elem([x[key] for x in cs]) for key in cs[0]} if cs else {}
