@@ -1,10 +1,11 @@
 """Low-bit optimizer state and remainder masters (issue #26 part 1): ``state_dtype`` bf16 / int8 and
 ``master_weights="remainder"`` for LARS, TVLARS and LAMB.
 
-* The float64 reference is the specification (fusedlars.backends.lowbit_state, NOTE [Low-bit state:
-  where values become fp32]); it is checked against an independent computation of a first step
-  (codes, scales and bf16 bits from the lowbit functions applied by hand), and the torch backend
-  against it BITWISE: state (bf16 bits, codes, scales), params, masters, remainders, per-layer norms.
+* The reference is the specification (fusedlars.backends.lowbit_state, NOTE [Low-bit state: where
+  values become fp32]); it is checked against an independent computation of a first step (codes,
+  scales and bf16 bits from the lowbit functions applied by hand), its element math (and the cpu
+  kernels') against numpy float32 one operation at a time, and the torch backend against it BITWISE:
+  state (bf16 bits, codes, scales), params, masters, remainders, per-layer norms.
 * Remainder masters are the fp32 masters of ``master_weights=True`` bit for bit.
 * Memory: state bytes per param from the state dict.
 * state_dict: round trip (weights_only), fp32 <-> bf16 / int8 conversions against lowbit's rounding,
@@ -137,6 +138,82 @@ def test_first_step_state_is_the_quantized_gradient(state_dtype):
             rand = rand.reshape(-1)[: g32.numel()]
             want = lowbit.round_bf16_stochastic(g32, rand)
             assert torch.equal(bits(st["momentum_buffer"]), bits(want))
+
+
+def _np32(t: torch.Tensor):
+    import numpy as np
+
+    return t.detach().to(torch.float32).reshape(-1).numpy().astype(np.float32)
+
+
+def _exact_backends() -> list[str]:
+    """The backends whose fp32-state step with remainder masters is the exact element math (the torch
+    backend's is its fast fp32 path; its low-bit path is the reference's bitwise: the tests below)."""
+    from fusedlars import backends
+
+    return ["reference"] + (["cpu"] if backends.status("cpu")[0] else [])
+
+
+@pytest.mark.parametrize("backend", _exact_backends())
+def test_lars_element_math_is_fp32_operation_by_operation(backend):
+    """The low-bit element math (csrc/lars_math.h NOTE [Low-bit element math in fp32]) redone here in
+    numpy float32, one IEEE operation at a time, from the trust ratio the step reports: remainder masters
+    with fp32 state store both results unrounded, so the rebuilt master and the buffer must equal it
+    bitwise, at the first step (no state: the buffer is g') and the second (mu * b + g'). A float64
+    evaluation rounded once differs from it in some of the 4097 elements."""
+    import numpy as np
+
+    f = np.float32
+    ps = make_params(torch.bfloat16, shapes=[(4097,)])
+    lr, wd, mu = 0.5, 1e-3, 0.9
+    opt = fusedlars.LARS(ps, lr=lr, momentum=mu, weight_decay=wd, master_weights="remainder", backend=backend)
+    w, b = _np32(ps[0]), None
+    for t in range(2):
+        set_grads(ps, t)
+        g = _np32(ps[0].grad) * f(1.0)  # gscale: no GradScaler, no maximize
+        opt.step()
+        r = f(opt.stats()["trust_ratio"][0].item())
+        gp = (g + f(wd) * w) * r
+        b = gp if b is None else f(mu) * b + f(1.0) * gp  # c_g = 1 - dampening; 'clone' first step
+        w = w - f(lr) * b
+        st = opt.state[ps[0]]
+        master = lowbit.master_rebuild(ps[0].detach(), st["master_remainder"]).reshape(-1)
+        assert np.array_equal(_np32(master).view(np.uint32), w.view(np.uint32)), f"step {t + 1}: weights"
+        assert np.array_equal(_np32(st["momentum_buffer"]).view(np.uint32), b.view(np.uint32)), f"step {t + 1}"
+
+
+@pytest.mark.parametrize("backend", _exact_backends())
+def test_lamb_element_math_is_fp32_operation_by_operation(backend):
+    """LAMB's low-bit element math redone in numpy float32 (the moments, u = (m * (1/bc1)) / (sqrt(v +
+    eps_root*bc2) * (1/sqrt(bc2)) + eps), w - lr*u with adaptation off so that the ratio is 1), bitwise
+    against the stored fp32 moments and the rebuilt remainder master, two steps."""
+    import numpy as np
+
+    f = np.float32
+    ps = make_params(torch.bfloat16, shapes=[(4097,)])
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-6
+    opt = fusedlars.LAMB(
+        ps, lr=lr, betas=(b1, b2), eps=eps, master_weights="remainder", exclude_from_adaptation=True,
+        backend=backend,
+    )  # fmt: skip
+    w = _np32(ps[0])
+    m = np.zeros_like(w)
+    v = np.zeros_like(w)
+    for t in range(1, 3):
+        set_grads(ps, t)
+        g = _np32(ps[0].grad) * f(1.0)
+        opt.step()
+        bc2 = 1.0 - b2**t  # the coefficients in float64, each rounded once (lamb_coef)
+        ibc1 = f(1.0) / f(1.0 - b1**t)
+        m = f(b1) * m + f(1.0 - b1) * g
+        v = f(b2) * v + f(1.0 - b2) * g * g
+        u = (m * ibc1) / (np.sqrt(v + f(0.0 * bc2)) * f(1.0 / math.sqrt(bc2)) + f(eps))
+        w = w - f(lr) * u
+        st = opt.state[ps[0]]
+        assert np.array_equal(_np32(st["exp_avg"]).view(np.uint32), m.view(np.uint32)), f"step {t}: exp_avg"
+        assert np.array_equal(_np32(st["exp_avg_sq"]).view(np.uint32), v.view(np.uint32)), f"step {t}"
+        master = lowbit.master_rebuild(ps[0].detach(), st["master_remainder"]).reshape(-1)
+        assert np.array_equal(_np32(master).view(np.uint32), w.view(np.uint32)), f"step {t}: weights"
 
 
 def test_lamb_state_follows_the_float64_moments_within_the_quantization():
