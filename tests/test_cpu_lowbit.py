@@ -239,8 +239,9 @@ def test_norms_from_backward_and_carried_weight_norms_step_exactly(state_dtype, 
 
 
 def test_norms_in_backward_and_carried_norms_still_step_exactly():
-    """carry_weight_norms and norms taken in backward are declined for low-bit state (the exact step
-    takes its own norms): the results are those of a plain step."""
+    """carry_weight_norms on low-bit state (pass 2 sums the new weights as pass 1 would load them: NOTE
+    [Carried weight norms of the exact step]; with fp32 params from the registers): the results are
+    those of a plain step, bitwise."""
     kw = dict(state_dtype=torch.bfloat16)
     pa, oa = run("LARS", "cpu", **kw)
     pb, ob = run("LARS", "cpu", carry_weight_norms=True, **kw)
