@@ -1,8 +1,9 @@
 """The cpu backend's low-bit state (issue #26 part 2): bf16 / int8 optimizer state and remainder
-masters in the fused C++ kernels (csrc/cpu/exact_impl.h), against the float64 reference.
+masters in the fused C++ kernels (csrc/cpu/exact_impl.h), against the reference.
 
 What is bitwise (csrc/cpu/exact_impl.h NOTE [What "bitwise" means for the cpu backend's low-bit
-state]): the kernels evaluate the reference's element formulas in double, so the stored state (bf16
+state]): the kernels evaluate the reference's element math (fp32, operation by operation: csrc/
+lars_math.h NOTE [Low-bit element math in fp32]), so the stored state (bf16
 bits, int8 codes and scales, remainders) and the params are the reference's bit for bit GIVEN the same
 per-layer norms. The kernel's norms are sums in another order than ATen's ``vector_norm``, so:
 

@@ -216,6 +216,40 @@ def test_lamb_element_math_is_fp32_operation_by_operation(backend):
         assert np.array_equal(_np32(master).view(np.uint32), w.view(np.uint32)), f"step {t}: weights"
 
 
+@pytest.mark.parametrize("state_dtype", STATE_DTYPES)
+@pytest.mark.parametrize("kind", ["LARS", "LAMB"])
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_gradient_factor_is_the_reference_s(backend, kind, state_dtype):
+    """The fp32 element math's gradient factor, fl32(grad) * fl32(+-inv_scale [/ clip_coef]) (csrc/
+    lars_math.h NOTE [Low-bit element math in fp32]), where it is not a power of two: a GradScaler of
+    3 unscaled inside the step and, for LAMB on the cpu backend, a global clip (max_grad_norm): two
+    steps, bitwise the reference's (state, params, remainders, per-layer tables). The torch backend's
+    global norm is another reduction (the sum of g^2 times inv_scale^2, not of (g * inv_scale)^2), so
+    its clip factor can differ in the last bit: a norm, outside "bitwise given the same norms"."""
+    from fusedlars import backends
+
+    if backend == "cpu" and not backends.status("cpu")[0]:
+        pytest.skip("the cpu backend is not built")
+    kw = dict(state_dtype=state_dtype, master_weights="remainder")
+    if kind == "LAMB" and backend == "cpu":
+        kw["max_grad_norm"] = 0.5
+    runs = []
+    for b in ("reference", backend):
+        ps = make_params(torch.bfloat16)
+        opt = KINDS[kind](ps, backend=b, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=3.0)
+        scaler.scale(torch.ones(()))
+        for t in range(2):
+            set_grads(ps, t, scale=3.0)
+            scaler.step(opt)
+            scaler.update()
+        assert scaler.get_scale() == 3.0  # no inf: every step was taken with inv_scale = fl32(1/3)
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert ob.backends_in_use() == [backend]
+    assert_same_state(oa, pa, ob, pb)
+
+
 def test_lamb_state_follows_the_float64_moments_within_the_quantization():
     """LAMB int8 after 3 steps: the dequantized moments are within one code of float64 moments computed
     here from the dequantized state of each step (an independent recurrence)."""

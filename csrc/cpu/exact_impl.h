@@ -14,14 +14,14 @@
 //             the Philox call of (seed, step after this step, param id, element / P), or int8 (the block's absmax
 //             over all its new values first, then the codes): csrc/lowbit.h, bitwise lowbit.py.
 // The element math, Philox, the bf16 rounding and the int8 codes run on 16 lanes (GCC vectors of 16
-// doubles / 16 words: NOTE [Exact math on lanes] below); the per-element scalar helpers of lowbit.h
+// floats / 16 words: NOTE [Exact math on lanes] below); the per-element scalar helpers of lowbit.h
 // and lars_math.h remain the specification, and the lanes do the same operations in the same order.
 // Sums of squares (pass 1) are taken in double, 16 lanes (lane = element index mod 16), tile partial
 // = the lanes summed in lane order: fixed order on every ISA and thread count (NOTE [Determinism]).
 //
 // NOTE: [What "bitwise" means for the cpu backend's low-bit state]
 // The state and weights are the reference's bitwise GIVEN the same per-layer scalars: the element
-// math is the reference's double operations in its order, and the per-layer scalars come from
+// math is the reference's fp32 operations in its order, and the per-layer scalars come from
 // lars_segment / lamb_segment on the kernel's norms. The norms themselves are sums in another order
 // than ATen's float64 vector_norm, so they can differ from the reference's in the last bit, and with
 // them LARS's trust ratio (LAMB's moments do not depend on any norm). tests/test_cpu_lowbit.py checks
@@ -33,8 +33,8 @@
 constexpr int kQB = lowbit::kQBlock;
 
 // NOTE: [Exact math on lanes]
-// Each lane of a 16-lane vector does what the scalar helper does for its element: double ops are
-// IEEE-correct per lane (+ - * / sqrt, no contraction: -ffp-contract=off), fp32 <-> double
+// Each lane of a 16-lane vector does what the scalar helper does for its element: fp32 and double
+// ops are IEEE-correct per lane (+ - * / sqrt, no contraction: -ffp-contract=off), fp32 <-> double
 // conversions are exact / round to nearest even as static_cast, and integer ops wrap mod 2**32. So
 // results are bitwise the scalar code's, on every ISA (the AVX-512 / AVX2 intrinsics below are the
 // same lane operations). Lanes past a block's end compute on whatever the buffers hold and are never
