@@ -221,3 +221,35 @@ def test_launch_budget_is_unchanged(emu):
         opt.step()
         counts.append(ops.lib.counters()["launches"])
     assert counts == [1, 2]
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["LARS", "LAMB"])
+def test_gradient_factor_not_a_power_of_two(emu, kind, state_dtype):
+    """A GradScaler of 3 unscaled inside the step: the fp32 element math multiplies fl32(grad) by
+    fl32(1/3) (csrc/lars_math.h NOTE [Low-bit element math in fp32]), as the reference does, bitwise
+    over two steps (dividing by 3 instead differs). Adaptation is excluded so that no norm enters the
+    math (a ratio of 1): the grads can have full mantissas; the reported norms are sums in another order
+    and are not compared."""
+    kw = dict(state_dtype=state_dtype, master_weights="remainder")
+    if kind == "LARS":
+        kw["exclude"] = lambda name, p: True
+    else:
+        kw["exclude_from_adaptation"] = True
+    runs = []
+    for backend in ("reference", "cuda"):
+        gen = torch.Generator().manual_seed(5)
+        ps = [torch.nn.Parameter(dyadic(s, gen, torch.bfloat16)) for s in SHAPES]
+        opt = KINDS[kind](ps, backend=backend, **kw)
+        scaler = torch.amp.GradScaler("cpu", init_scale=3.0)
+        scaler.scale(torch.ones(()))
+        for _ in range(2):
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)  # full mantissas
+            scaler.step(opt)
+            scaler.update()
+        assert scaler.get_scale() == 3.0
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert ob.backends_in_use() == ["cuda"]
+    assert_same_state(oa, pa, ob, pb, norms=())
