@@ -19,7 +19,8 @@ non-CPU buckets are not (:func:`supports` gives the reason, ``backend='auto'`` t
 
 Low-bit state (issue #26: ``state_dtype`` bf16 / int8) and ``master_weights="remainder"`` run in the
 exact kernels (``lars_step_lowbit_cpu`` / ``lamb_step_lowbit_cpu``, csrc/cpu/exact_impl.h): the same
-plan and per-layer scalars, the element math in float64 as the reference states it, the state stored
+plan and per-layer scalars, the element math in fp32 as the reference states it (csrc/lars_math.h NOTE
+[Low-bit element math in fp32]), the state stored
 through csrc/lowbit.h (bitwise lowbit.py), so the stored state is the reference's bit for bit given the
 same per-layer norms (csrc/cpu/exact_impl.h NOTE [What "bitwise" means for the cpu backend's low-bit
 state]). Whole steps only (LARS may take the gradient norms from backward and carry the weight norms:

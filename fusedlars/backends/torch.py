@@ -38,7 +38,7 @@ stall for a time slice: prefer fewer threads there.
 It runs on any device torch supports and is the fallback when no fused kernel is built.
 
 Low-bit state (issue #26: ``state_dtype`` bf16 / int8) takes a path of its own,
-:mod:`fusedlars.backends.torch_lowbit` (the reference's float64 step vectorized over the bucket, so that
+:mod:`fusedlars.backends.torch_lowbit` (the reference's step vectorized over the bucket, so that
 the quantized state is the reference's bitwise). Remainder masters (``master_weights="remainder"``)
 with fp32 state run here: the fp32 masters are rebuilt into a scratch list before the step and split
 back into the bf16 params and their remainders after it, so the masters are those of
