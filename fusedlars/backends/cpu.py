@@ -100,17 +100,12 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    if _exact(bucket):
+    if bucket.exact_elements:
         if bucket.shard is not None and bucket.shard.shard_dims:
             return "low-bit optimizer state (state_dtype bf16/int8) of FSDP2-sharded params is not supported yet"
         if torch.compiler.is_compiling():
             return "low-bit optimizer state (state_dtype bf16/int8) does not run in a compiled step yet"
     return check_fused(kind, cfg, bucket, "cpu", "CPU")
-
-
-def _exact(bucket: Bucket) -> bool:
-    """Does this bucket step in the exact kernels (low-bit state or remainder masters)?"""
-    return bucket.exact_elements
 
 
 #: the ops' ``storage`` code of each state format (lowbit_state.STORAGES; csrc/cpu/kernels.h Storage)
@@ -191,7 +186,7 @@ def _lists(bucket: Bucket, *names: str) -> list[list[torch.Tensor]]:
 
 def _lars(bucket: Bucket, cfg: LarsConfig, phase: int, sums: torch.Tensor | None) -> None:
     hyper, modes = lars_options(cfg)
-    if _exact(bucket):
+    if bucket.exact_elements:
         if phase not in (0, 3):
             raise RuntimeError("fusedlars cpu: low-bit state steps whole (no partials/apply split)")
         names = ("momentum_buffer",) if cfg.uses_buffer else ()
@@ -221,7 +216,7 @@ def _lamb(bucket: Bucket, cfg: LambConfig, phase: int, sums: torch.Tensor | None
     clip = cfg.clip_coef
     if clip is not None and not isinstance(clip, torch.Tensor):
         clip = _scalars(bucket).clip(clip)
-    if _exact(bucket):
+    if bucket.exact_elements:
         if phase != 0:
             raise RuntimeError("fusedlars cpu: low-bit state steps whole (no partials/apply split)")
         params, grads, masters = _lists(bucket, "param", "grad", "master")
@@ -279,7 +274,7 @@ def lars_partials_given_grad_sums(
     carried segment reads nothing here; the (g + lam*w)^2 row is NaN (only
     reported, as u_norm), as for a carried segment. None where the ratio needs ||g + lam*w|| or the
     bucket has low-bit state."""
-    if cfg.denominator == "norm_of_sum" or _exact(bucket):
+    if cfg.denominator == "norm_of_sum" or bucket.exact_elements:
         return None
     idx = list(bucket.active_idx)
     if not idx:

@@ -161,7 +161,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """None when this bucket and configuration run fused here, else the reason."""
     if _WHY_NOT is not None:
         return _WHY_NOT
-    if _exact(bucket):  # low-bit state / remainder masters: the exact kernels (NOTE [Exact kernels])
+    if bucket.exact_elements:  # low-bit state / remainder masters: the exact kernels (NOTE [Exact kernels])
         if bucket.shard is not None and bucket.shard.shard_dims:
             return "low-bit optimizer state (state_dtype bf16/int8) of FSDP2-sharded params is not supported yet"
     else:
@@ -169,11 +169,6 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
         if why:
             return why
     return check_fused(kind, cfg, bucket, "cuda", "CUDA", _SCALAR_DTYPES)
-
-
-def _exact(bucket: Bucket) -> bool:
-    """Does this bucket step in the exact kernels (low-bit state or remainder masters)?"""
-    return bucket.exact_elements
 
 
 #: the ops' ``storage`` code of each state format (lowbit_state.STORAGES; csrc/cuda/launch.h StateFormat)
@@ -208,7 +203,7 @@ def _kinds(bucket: Bucket, kind: str) -> tuple[str, ...]:
     else:
         names = ("momentum_buffer",) if "momentum_buffer" in bucket.state_names else ()
     low = ("remainder",) if bucket.uses_remainder else ()
-    if bucket.state_storage == "int8" and _exact(bucket):
+    if bucket.state_storage == "int8" and bucket.exact_elements:
         low += tuple(n + "_absmax" for n in names)
     return _ROWS + names + low
 
@@ -354,7 +349,7 @@ def _step_args(kind: str, bucket: Bucket, cfg, path: int, ssq: torch.Tensor | No
         lr_tensor=lr_t, lr=lr, inv_scale=cfg.inv_scale, found_inf=cfg.found_inf, hyper=hyper, modes=modes, path=path,
     )  # fmt: skip
     args.update(param_ids=None, storage=0, remainder=False, seed=0)  # the fp32 kernels
-    if _exact(bucket):
+    if bucket.exact_elements:
         args.update(param_ids=sc.param_ids, storage=_STORAGE[bucket.state_storage], remainder=bucket.uses_remainder,
                     seed=_seed(bucket))  # fmt: skip
     if kind == "LAMB":
@@ -421,7 +416,7 @@ def _declines_given(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:
     (norm_of_sum), which only a pass over the grads gives, or the bucket has low-bit state."""
     if tuple(g2.shape) != (bucket.num_segments,):
         raise ValueError(f"the grads' sums of squares must have shape ({bucket.num_segments},), got {tuple(g2.shape)}")
-    return cfg.denominator == "norm_of_sum" or _exact(bucket)
+    return cfg.denominator == "norm_of_sum" or bucket.exact_elements
 
 
 def lars_step_given_grad_sums(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> bool:

@@ -189,7 +189,8 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         if bucket.exact_elements:  # low-bit state, remainder masters: NOTE [Low-bit element math in fp32]
             c = lars_coef32(cfg, lr, r, lam_eff, has)
             b = _state(bucket, "momentum_buffer", i).to(torch.float32) if cfg.momentum != 0 else None
-            w_new, b_new = lars_update32(cfg, c, w.to(torch.float32), lars_grad32(bucket.grad_tensors[i], cfg), b)
+            g32 = bucket.grad_tensors[i].detach().to(torch.float32) * gscale32(cfg, w.device)
+            w_new, b_new = lars_update32(cfg, c, w.to(torch.float32), g32, b)
             if b_new is not None:
                 _store(bucket, "momentum_buffer", i, b_new.to(torch.float64), keep)
             _write(bucket, i, w_new.to(torch.float64), keep)
@@ -290,14 +291,6 @@ def lars_coef32(cfg: LarsConfig, lr, r, lam_eff, has) -> dict[str, torch.Tensor]
     return c
 
 
-def lars_grad32(grad: torch.Tensor, cfg: LarsConfig) -> torch.Tensor:
-    """Low-bit LARS's gradient: fl32(grad) * fl32(+-inv_scale), one fp32 product (the sign of maximize in
-    the factor, as the fp32 kernels form it)."""
-    inv = 1.0 if cfg.inv_scale is None else cfg.inv_scale.to(device=grad.device, dtype=torch.float64).reshape(())
-    gscale = _fl32(-inv if cfg.maximize else inv, grad)
-    return grad.detach().to(torch.float32) * gscale
-
-
 def lars_update32(cfg: LarsConfig, c: dict[str, torch.Tensor], w, g, b):
     """Low-bit LARS's element math in fp32 (csrc/lars_math.h ``lars_update_modes``, one torch op per fp32
     operation, so each is rounded as the kernels round it): ``(w_new, b_new)`` from the fp32 weights,
@@ -349,10 +342,10 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         adapt = bool(cfg.adapt_enabled and not cfg.adam) & (bucket.adapt_mask[i] != 0)
         t = bucket.step[i].to(torch.float64) + 1
         if bucket.exact_elements:  # low-bit state, remainder masters: NOTE [Low-bit element math in fp32]
-            c = lamb_coef32(cfg, lr, lam, t, lamb_gscale(cfg, g.device))
+            c = lamb_coef32(cfg, lr, lam, t)
             m = _state(bucket, "exp_avg", i).to(torch.float32)
             v = _state(bucket, "exp_avg_sq", i).to(torch.float32)
-            g32 = bucket.grad_tensors[i].detach().to(torch.float32) * c["gscale"]
+            g32 = bucket.grad_tensors[i].detach().to(torch.float32) * gscale32(cfg, w.device)
             w_d, m, v, u = lamb_update32(cfg, c, w.to(torch.float32), g32, m, v)
             n_w_raw, n_u = _norm(w_d.to(torch.float64)), _norm(u.to(torch.float64))
             r, s = lamb_layer_scalars(cfg, lr, adapt, n_w_raw, n_u, t)
@@ -397,9 +390,10 @@ def sqrt32(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.to(torch.float64)).to(torch.float32)
 
 
-def lamb_gscale(cfg: LambConfig, device) -> torch.Tensor:
-    """Low-bit LAMB's gradient factor fl32((+-inv_scale) / clip_coef) (formed in float64, the sign of
-    maximize in it), on ``device``."""
+def gscale32(cfg: LarsConfig | LambConfig, device) -> torch.Tensor:
+    """The gradient factor of the low-bit element math, fl32((+-inv_scale) / clip_coef): formed in float64
+    (the sign of maximize in it; LARS has no clip_coef: its clip is in inv_scale) and rounded once, as the
+    fp32 kernels form it; the gradient is fl32(grad) times it, one fp32 product. On ``device``."""
     x = torch.ones((), dtype=torch.float64, device=device)
     if cfg.inv_scale is not None:
         x = cfg.inv_scale.to(device=device, dtype=torch.float64).reshape(())
@@ -410,7 +404,7 @@ def lamb_gscale(cfg: LambConfig, device) -> torch.Tensor:
     return x.to(torch.float32)
 
 
-def lamb_coef32(cfg: LambConfig, lr, lam, t, gscale) -> dict[str, torch.Tensor]:
+def lamb_coef32(cfg: LambConfig, lr, lam, t) -> dict[str, torch.Tensor]:
     """The fp32 coefficients of low-bit LAMB's element math (csrc/lars_math.h ``lamb_coef``, NOTE [Low-bit
     element math in fp32]): each formed in float64 from ``lr``, ``lam`` and the step ``t`` (after this
     one; float64 tensors, 0-dim or one value per element) and rounded once."""
@@ -418,7 +412,7 @@ def lamb_coef32(cfg: LambConfig, lr, lam, t, gscale) -> dict[str, torch.Tensor]:
     both = cfg.bias_correction == "both"
     bc2 = 1 - cfg.beta2**t if both else torch.ones_like(lam)
     c = {
-        "gscale": gscale, "lam": f(lam), "wd_keep": f(1 - lr * lam), "b1": f(cfg.beta1), "b3": f(cfg.beta3),
+        "lam": f(lam), "wd_keep": f(1 - lr * lam), "b1": f(cfg.beta1), "b3": f(cfg.beta3),
         "b2": f(cfg.beta2), "omb2": f(1.0 - cfg.beta2), "bc1": f(1 - cfg.beta1**t) if both else f(1.0),
         "isq2": f(1.0 / torch.sqrt(bc2)), "er2": f(cfg.eps_root * bc2), "eps": f(cfg.eps),
     }  # fmt: skip

@@ -301,7 +301,7 @@ def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
         # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit element math in fp32])
         has = P.per_elem(bucket.has_state.index_select(0, P.sel) != 0)
         c = ref.lars_coef32(cfg, lr, P.per_elem(r_s), P.per_elem(lam_eff_s), has)
-        g32 = ref.lars_grad32(_cat([bucket.grad_tensors[i] for i in P.idx]), cfg)
+        g32 = _cat([bucket.grad_tensors[i] for i in P.idx]).to(torch.float32) * ref.gscale32(cfg, w.device)
         b = _state(bucket, P, "momentum_buffer").to(torch.float32) if cfg.momentum != 0 else None
         w_new, b_new = ref.lars_update32(cfg, c, w.to(torch.float32), g32, b)
         if b_new is not None:
@@ -323,10 +323,9 @@ def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
         ts = [bucket.step[i].to(_f64) + 1 for i in P.idx]
         # the element math in fp32 (csrc/lars_math.h NOTE [Low-bit element math in fp32]); coefficients
         # per segment on 0-dim tensors with the reference's own function, then per element
-        gscale = ref.lamb_gscale(cfg, w.device)
-        cs = [ref.lamb_coef32(cfg, lr, lam_s[k], ts[k], gscale) for k in range(P.n)]
-        c = {key: P.per_elem([x[key] for x in cs]) for key in cs[0]} if cs else {}
-        g32 = _cat([bucket.grad_tensors[i] for i in P.idx]).to(torch.float32) * c["gscale"]
+        cs = [ref.lamb_coef32(cfg, lr, lam_s[k], ts[k]) for k in range(P.n)]
+        c = {key: P.per_elem([x[key] for x in cs]) for key in cs[0]}
+        g32 = _cat([bucket.grad_tensors[i] for i in P.idx]).to(torch.float32) * ref.gscale32(cfg, w.device)
         m, v = _state(bucket, P, "exp_avg").to(torch.float32), _state(bucket, P, "exp_avg_sq").to(torch.float32)
         w_d, m, v, u = ref.lamb_update32(cfg, c, w.to(torch.float32), g32, m, v)
         n_w, n_u = _norms(P, w_d.to(_f64)), _norms(P, u.to(_f64))

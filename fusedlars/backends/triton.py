@@ -149,15 +149,10 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     return check_scalars(cfg, bucket.device) or check_kind(kind)
 
 
-def _lowbit(bucket: Bucket) -> bool:
-    """Does ``bucket`` step through the low-bit kernels (bf16 state or remainder masters, issue #26)?"""
-    return bucket.exact_elements
-
-
 def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
     """Why the low-bit LARS kernels (NOTE [Low-bit LARS in the Triton kernels]) cannot step ``bucket``, or None
     (also None for a bucket that is not low-bit)."""
-    if not _lowbit(bucket):
+    if not bucket.exact_elements:
         return None
     tail = ": the torch and reference backends step it (backend='auto' picks torch)"
     if kind != "LARS":
@@ -662,7 +657,7 @@ def _given_g2(bucket: Bucket, cfg: LarsConfig, g2: torch.Tensor) -> torch.Tensor
     where that launch cannot stand for :func:`lars_partials`: the ratio's denominator needs ||g + lam*w||
     (``norm_of_sum``), or the bucket is not fused here."""
     _check("LARS", cfg, bucket)
-    if cfg.denominator == "norm_of_sum" or bucket.num_segments == 0 or _lowbit(bucket):
+    if cfg.denominator == "norm_of_sum" or bucket.num_segments == 0 or bucket.exact_elements:
         return None
     if (cfg.momentum != 0) != ("momentum_buffer" in bucket.state_names):
         raise RuntimeError(f"LARS: momentum={cfg.momentum} but the bucket's state is {bucket.state_names}")
@@ -716,7 +711,7 @@ def lars_apply(bucket: Bucket, cfg: LarsConfig, ssq: torch.Tensor, ctx: tuple) -
 def lars_step(bucket: Bucket, cfg: LarsConfig) -> None:
     """One LARS step: :func:`lars_partials` then launch 2 on launch 1's own sums (2 launches); a bucket with
     low-bit state or remainder masters through the low-bit kernels (2 launches)."""
-    if _lowbit(bucket):
+    if bucket.exact_elements:
         _check("LARS", cfg, bucket)
         _lars_lowbit_step(bucket, cfg)
         return
