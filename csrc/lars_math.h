@@ -352,8 +352,8 @@ FUSEDLARS_HD FUSEDLARS_INLINE float lamb_step_scale(const LambOptions& o, double
 // fp32 master (or the value rounded to the param). The sums of squares stay in double (pass 1, and
 // the carried ones of the new fp32 weights). Why fp32 and not float64: the float64 element math of
 // stop 23 cost the kernels twice the fp32 instructions (8 double lanes per 16 fp32 ones), and LAMB's
-// double divisions and square roots far more; in fp32 the cpu's bf16 LARS step is 1.1-1.2x and bf16
-// LAMB 1.6-1.7x faster (docs/numbers.md, "The element math in fp32").
+// double divisions and square roots far more; in fp32 the cpu's bf16 LARS step is 1.1-1.3x and bf16
+// LAMB 1.7-1.9x faster (docs/numbers.md, "The element math in fp32").
 
 struct LarsExactCoef {
   LarsCoef c;    // lars_coef's fp32 coefficients (mu_b = 0 where the segment has no state)
