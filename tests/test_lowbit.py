@@ -212,6 +212,28 @@ def test_sr_bits_are_the_halves_of_one_call_per_group(buffers):
         L.sr_bits(seed, step, param, elem, 3)
 
 
+@pytest.mark.parametrize("buffers", [1, 2])
+def test_sr_bits_runs_is_sr_bits_of_each_run(buffers):
+    """lowbit.sr_bits_runs (one Philox evaluation per call, the torch backend's path) gives every run's
+    elements the bits lowbit.sr_bits gives them one element at a time: runs of every length mod P
+    (0, 1, 3, P, P+1, 4097), steps and param ids past 2**31 and 2**32, a single run."""
+    seed = 0x0123456789ABCDEF
+    counts = [0, 1, 3, 8, 9, 4097, 4]
+    step = torch.tensor([5, 1, 2**32 + 7, 3, 9, 11, 2**31 + 1])
+    pidx = torch.tensor([0, 4, 7, 1, 2, 2**31 + 5, 2])
+    got = L.sr_bits_runs(seed, step, pidx, counts, buffers)
+    want = [L.sr_bits(seed, int(s), int(p), torch.arange(n), buffers) for n, s, p in zip(counts, step, pidx)]
+    assert len(got) == buffers
+    for k in range(buffers):
+        assert torch.equal(got[k], torch.cat([w[k] for w in want]))
+    one = L.sr_bits_runs(seed, step[5:6], pidx[5:6], [4097], buffers)
+    assert all(torch.equal(a, b) for a, b in zip(one, want[5]))
+    empty = L.sr_bits_runs(seed, step[:1], pidx[:1], [0], buffers)
+    assert [t.numel() for t in empty] == [0] * buffers
+    with pytest.raises(ValueError, match="buffers"):
+        L.sr_bits_runs(seed, step, pidx, counts, 3)
+
+
 # ---------------------------------------------------------------------------------------------
 # bf16 rounding
 

@@ -28,6 +28,7 @@ Who uses what (later work, issue #26): bf16 optimizer state is stored with
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 
@@ -184,6 +185,53 @@ def sr_bits(seed: int, step, param_index, elem: torch.Tensor, buffers: int) -> t
     return tuple(out)
 
 
+def sr_bits_runs(
+    seed: int, step: torch.Tensor, param_index: torch.Tensor, counts: list[int], buffers: int
+) -> tuple[torch.Tensor, ...]:
+    """:func:`sr_bits` of whole params at once, with one Philox call per call, not per element: the
+    bits of elements ``0 .. counts[r] - 1`` of param ``param_index[r]`` at step ``step[r]`` (int64
+    tensors of one value per run, on the device of the result), the runs one after another (so
+    ``sum(counts)`` values per buffer). Bitwise :func:`sr_bits` on the same elements (NOTE
+    [Stochastic-rounding bits: 16 per value, 8 per Philox call]: a call serves ``P`` consecutive
+    elements, so evaluating it once per element, as ``sr_bits`` on arbitrary indices must, is ``P``
+    times the work: tests/test_lowbit.py compares the two)."""
+    if buffers not in SR_PER_CALL:
+        raise ValueError(f"buffers must be 1 or 2, got {buffers}")
+    if not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    per = SR_PER_CALL[buffers]
+    dev = step.device
+    calls = [(n + per - 1) // per for n in counts]
+    ncall = sum(calls)
+    if ncall == 0:
+        return tuple(torch.zeros(0, dtype=torch.int64, device=dev) for _ in range(buffers))
+    if len(counts) == 1:
+        q = torch.arange(ncall, dtype=torch.int64, device=dev)
+        st, pi = step.reshape(()), param_index.reshape(())
+    else:
+        run = torch.repeat_interleave(
+            torch.arange(len(counts), device=dev), torch.tensor(calls, dtype=torch.int64, device=dev), output_size=ncall
+        )
+        first = torch.tensor([0, *itertools.accumulate(calls)][:-1], dtype=torch.int64, device=dev)
+        q = torch.arange(ncall, dtype=torch.int64, device=dev) - first[run]
+        st, pi = step.reshape(-1)[run], param_index.reshape(-1)[run]
+    w = philox4x32(q & M32, st.to(torch.int64) & M32, pi.to(torch.int64) & M32, q >> 32, seed & M32, seed >> 32)
+    # the call's eight 16-bit halves, low half of word 0 first: [calls, 8]
+    halves = torch.stack([h for x in w for h in (x & 0xFFFF, x >> 16)], dim=1)
+    out = []
+    for b in range(buffers):
+        hb = halves[:, b * per : (b + 1) * per].reshape(-1)  # run r's elements from first_call[r] * per on
+        if all(n % per == 0 for n in counts):
+            out.append(hb)
+        else:  # drop the halves past each run's last element
+            pieces, c0 = [], 0
+            for n, c in zip(counts, calls):
+                pieces.append(hb[c0 * per : c0 * per + n])
+                c0 += c
+            out.append(torch.cat(pieces))
+    return tuple(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # fp32 <-> bf16 bit patterns
 
@@ -260,11 +308,15 @@ def round_bf16_stochastic_bits(x: torch.Tensor, rand: torch.Tensor) -> torch.Ten
     Training", 2020. This add-and-truncate bit form is the usual one (e.g. torchao's bf16 stochastic-
     rounding optimizers). A value above the largest finite bf16 rounds up to inf with the same
     probability.
-    Non-finite ``b`` take :func:`round_bf16_nearest_bits` (inf stays inf, NaN stays NaN).
-    ``rand``: 32-bit words (int64 tensor), only the low 16 bits are used."""
+    Non-finite ``b`` round as :func:`round_bf16_nearest_bits` does (inf stays inf, NaN stays NaN).
+    ``rand``: 32-bit words (int64 tensor), only the low 16 bits are used.
+
+    (An inf's low 16 bits are zero, so the add-and-truncate form already gives ``b >> 16`` there,
+    the nearest rounding's inf: only NaN needs its own branch, which saves the nearest rounding's
+    pass over every element.)"""
     b = float_bits(x)
     h = (b + (rand.to(torch.int64) & 0xFFFF)) >> 16
-    return torch.where(_is_finite_bits(b), h, round_bf16_nearest_bits(x))
+    return torch.where(_is_nan_bits(b), _nan_bf16(b), h)
 
 
 def round_bf16_stochastic(x: torch.Tensor, rand: torch.Tensor) -> torch.Tensor:

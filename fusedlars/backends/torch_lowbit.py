@@ -18,14 +18,15 @@ fp32]), so that the stored state is the reference's bit for bit
   own functions (:func:`~fusedlars.backends.reference.lars_layer_scalars` and friends) on the same
   inputs, and gathered per element with one index op;
 * the new state is rounded to fp32 once and quantized over the chunk: bf16 with the random bits of
-  every element from one Philox evaluation (lowbit.sr_bits; LAMB's two buffers take two halves), int8 over a padded
+  every element from one Philox call per P elements (lowbit.sr_bits_runs; LAMB's two buffers take two
+  halves of the same call), int8 over a padded
   ``[blocks, 256]`` view whose rows are the quantization blocks (a block never spans two params);
 * results go back to the user's tensors with ``torch._foreach_copy_``.
 
 So params, masters, state and the per-layer outputs equal the reference's bitwise, except where a
 norm differs in its last float64 bit (the norm is the same ATen reduction over the same values in
 the same order here, so in practice never). The price is ~100 int64 ops per
-element for the Philox words: this is the portable path; the fused kernels are the fast one (issue
+Philox call (one per 8 elements for LARS, 4 for LAMB) for the random bits: this is the portable path; the fused kernels are the fast one (issue
 #26 part 2). Chunks bound the temporaries by the chunk (or the largest param), not the bucket, and
 keep them cache-sized.
 Sharded (FSDP2) buckets and compiled steps with low-bit state are not supported yet (``supports``).
@@ -189,12 +190,13 @@ def _scatter(dst: list[torch.Tensor], flat: torch.Tensor, numels: list[int]) -> 
 
 def _words(bucket: Bucket, P: _Plan, buffers: int) -> tuple[torch.Tensor, ...] | None:
     """bf16 state: the 16 random bits of every element of the chunk at this step for each of the
-    step's ``buffers`` rounded buffers (one Philox evaluation for all: lowbit.sr_bits; buffer ``name``
-    takes entry lowbit_state.BUFFER[name][0]); None for int8."""
+    step's ``buffers`` rounded buffers (one Philox call per P elements serves all buffers:
+    lowbit.sr_bits_runs, bitwise lowbit.sr_bits; buffer ``name`` takes entry
+    lowbit_state.BUFFER[name][0]); None for int8."""
     if bucket.state_storage != "bfloat16":
         return None
     step = bucket.step.index_select(0, P.sel).to(torch.int64) + 1  # the count once this step is done
-    return lowbit.sr_bits(bucket.seed, P.per_elem(step), P.per_elem(P.pidx_seg), P.elem, buffers)
+    return lowbit.sr_bits_runs(bucket.seed, step, P.pidx_seg, P.numels, buffers)
 
 
 def _store(bucket: Bucket, P: _Plan, name: str, new: torch.Tensor, keep: torch.Tensor, words) -> None:
