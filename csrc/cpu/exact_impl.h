@@ -215,12 +215,34 @@ FL_AI void exact_state_load(const void* s, const float* absmax, bool sign, int64
   }
 }
 
+// 8 Philox calls in 64-bit lanes: each lane holds a 32-bit word in its low half. The high halves
+// hold whatever the round left there: the products read only the low halves (vpmuludq), and every
+// value leaves through a truncation or a shift by 32, so they never reach a result.
+typedef uint64_t fl_v8q __attribute__((vector_size(64)));
+
+// the 64-bit products lo32(a) * m of 8 lanes (lowbit::mulhilo32 per lane: hi = p >> 32, lo = low half)
+FL_AI fl_v8q mul32_v(fl_v8q a, uint32_t m) {
+#if FL_ISA == 2
+  // (maskz form: NOTE [AVX-512 intrinsics with a defined source] in isa_impl.h)
+  return (fl_v8q)_mm512_maskz_mul_epu32((__mmask8)0xFF, (__m512i)a, _mm512_set1_epi64(m));
+#elif FL_ISA == 1
+  typedef uint64_t v4q __attribute__((vector_size(32)));
+  const __m256i mv = _mm256_set1_epi64x(m);
+  const v4q lo = (v4q)_mm256_mul_epu32((__m256i)__builtin_shufflevector(a, a, 0, 1, 2, 3), mv);
+  const v4q hi = (v4q)_mm256_mul_epu32((__m256i)__builtin_shufflevector(a, a, 4, 5, 6, 7), mv);
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+  return (a & 0xFFFFFFFFull) * uint64_t(m);
+#endif
+}
+
 // The stochastic-rounding bits of elements e0 .. e0+n-1 (lowbit.h NOTE [Stochastic-rounding bits]):
 // BUFFERS = 1 (LARS: out0) or 2 (LAMB: out0, out1), 16 bits per element and buffer. Element e takes
 // half k*P + e%P of the Philox call of counter q = e / P (P = 8 / BUFFERS; counter (q, step, param
-// id, q >> 32), key the seed): lowbit.h philox_words per call, 16 calls on 16 lanes. The halves a
-// buffer takes from a call are consecutive (P of them: its words 2k/P .. ), so writing each call's
-// words in order makes the buffer's halves the uint16 array in element order (little endian).
+// id, q >> 32), key the seed): lowbit.h philox_words per call, 8 calls per vector of 64-bit lanes,
+// two vectors at a time. The halves a buffer takes from a call are consecutive (P of them: its words
+// 2k/P .. ), so writing each call's words in order makes the buffer's halves the uint16 array in
+// element order (little endian).
 // e0 is a multiple of 256 (a quantization block's start), so q0 = e0 / P is a multiple of 32 and the
 // calls of a block never cross 2**32 (c3 is uniform).
 template <int BUFFERS>
@@ -230,46 +252,52 @@ FL_AI void exact_sr_bits(const ExactCtx& x, const ExactTile& a, int64_t e0, int 
   const uint32_t c1i = uint32_t(a.step_after), c2i = a.pidx;
   const uint64_t q0 = uint64_t(e0) / P;
   const uint32_t hi = uint32_t(q0 >> 32), lo0 = uint32_t(q0);
-  const fl_vu lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const fl_v8q lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  // round 0's product of c2 (the param id: the same for every call) and its halves
   const uint64_t q1 = uint64_t(c2i) * lowbit::kPhiloxM1;
-  uint32_t* o32[2] = {reinterpret_cast<uint32_t*>(out0), reinterpret_cast<uint32_t*>(out1)};
+  uint64_t* o64[2] = {reinterpret_cast<uint64_t*>(out0), reinterpret_cast<uint64_t*>(out1)};
   const int calls = (n + P - 1) / P;
-  for (int j = 0; j < calls; j += kW) {
-    fl_vu c0 = lane + (lo0 + uint32_t(j)), c1, c2, c3, h0, l0, h1, l1;
-    mulhilo_v(c0, lowbit::kPhiloxM0, h0, l0);  // round 0
+  for (int j = 0; j < calls; j += 16) {
+    fl_v8q c0[2], c1[2], c2[2], c3[2];
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // round 0
+      const fl_v8q p0 = mul32_v(lane + uint64_t(lo0 + uint32_t(j + 8 * h)), lowbit::kPhiloxM0);
+      c0[h] = fl_v8q{} + uint64_t(uint32_t(q1 >> 32) ^ c1i ^ k0i);
+      c2[h] = (p0 >> 32) ^ uint64_t(hi ^ k1i);
+      c1[h] = fl_v8q{} + uint64_t(uint32_t(q1));
+      c3[h] = p0;
+    }
     uint32_t k0 = k0i, k1 = k1i;
-    c0 = (fl_vu{} + (uint32_t(q1 >> 32) ^ c1i ^ k0));
-    c2 = h0 ^ (hi ^ k1);
-    c1 = fl_vu{} + uint32_t(q1);
-    c3 = l0;
 #pragma GCC unroll 9
     for (int r = 1; r < 10; ++r) {
       k0 += lowbit::kPhiloxW0;
       k1 += lowbit::kPhiloxW1;
-      mulhilo_v(c0, lowbit::kPhiloxM0, h0, l0);
-      mulhilo_v(c2, lowbit::kPhiloxM1, h1, l1);
-      c0 = h1 ^ c1 ^ k0;
-      c2 = h0 ^ c3 ^ k1;
-      c1 = l1;
-      c3 = l0;
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const fl_v8q p0 = mul32_v(c0[h], lowbit::kPhiloxM0), p1 = mul32_v(c2[h], lowbit::kPhiloxM1);
+        c0[h] = (p1 >> 32) ^ c1[h] ^ uint64_t(k0);
+        c2[h] = (p0 >> 32) ^ c3[h] ^ uint64_t(k1);
+        c1[h] = p1;
+        c3[h] = p0;
+      }
     }
-    // word k of lane l (call j + l) goes to o32[b][(j + l) * WPB + k]: a transpose in registers
-    const fl_vu lo01 = __builtin_shufflevector(c0, c1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const fl_vu hi01 = __builtin_shufflevector(c0, c1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    const fl_vu lo23 = __builtin_shufflevector(c2, c3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-    const fl_vu hi23 = __builtin_shufflevector(c2, c3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-    if constexpr (BUFFERS == 2) {  // (c0, c1) pairs to buffer 0, (c2, c3) to buffer 1
-      st16u(o32[0] + j * 2, lo01);
-      st16u(o32[0] + j * 2 + kW, hi01);
-      st16u(o32[1] + j * 2, lo23);
-      st16u(o32[1] + j * 2 + kW, hi23);
-    } else {  // (c0, c1, c2, c3) quadruples: the pairs interleaved as 64-bit lanes
-      typedef uint64_t v8q __attribute__((vector_size(64)));
-      const v8q a = (v8q)lo01, b = (v8q)lo23, c = (v8q)hi01, d = (v8q)hi23;
-      st16u(o32[0] + j * 4, (fl_vu)__builtin_shufflevector(a, b, 0, 8, 1, 9, 2, 10, 3, 11));
-      st16u(o32[0] + j * 4 + kW, (fl_vu)__builtin_shufflevector(a, b, 4, 12, 5, 13, 6, 14, 7, 15));
-      st16u(o32[0] + j * 4 + 2 * kW, (fl_vu)__builtin_shufflevector(c, d, 0, 8, 1, 9, 2, 10, 3, 11));
-      st16u(o32[0] + j * 4 + 3 * kW, (fl_vu)__builtin_shufflevector(c, d, 4, 12, 5, 13, 6, 14, 7, 15));
+    // call j + 8h + l's words (w0, w1) and (w2, w3) as the two 32-bit halves of one 64-bit lane
+    fl_v8q w01[2], w23[2];
+    for (int h = 0; h < 2; ++h) {
+      w01[h] = (c0[h] & 0xFFFFFFFFull) | (c1[h] << 32);
+      w23[h] = (c2[h] & 0xFFFFFFFFull) | (c3[h] << 32);
+    }
+    typedef uint64_t fl_v8q_u __attribute__((vector_size(64), aligned(8), may_alias));
+    if constexpr (BUFFERS == 2) {  // (w0, w1) of each call to buffer 0, (w2, w3) to buffer 1
+      for (int h = 0; h < 2; ++h) {
+        *reinterpret_cast<fl_v8q_u*>(o64[0] + j + 8 * h) = w01[h];
+        *reinterpret_cast<fl_v8q_u*>(o64[1] + j + 8 * h) = w23[h];
+      }
+    } else {  // (w0, w1, w2, w3) of each call in turn
+      for (int h = 0; h < 2; ++h) {
+        *reinterpret_cast<fl_v8q_u*>(o64[0] + 2 * (j + 8 * h)) = __builtin_shufflevector(w01[h], w23[h], 0, 8, 1, 9, 2, 10, 3, 11);
+        *reinterpret_cast<fl_v8q_u*>(o64[0] + 2 * (j + 8 * h) + 8) = __builtin_shufflevector(w01[h], w23[h], 4, 12, 5, 13, 6, 14, 7, 15);
+      }
     }
   }
 }
@@ -488,7 +516,7 @@ void lars_exact_update_t(const ExactTile& a, const ExactCtx& x, const LarsExactC
   // the register holds what the next pass 1 loads (the fp32 param or master); otherwise reload it
   constexpr bool kRegW = !REM && (MASTER || std::is_same<PT, float>::value);
   alignas(64) float wf[kQB] = {}, gf[kQB] = {}, sf[kQB] = {}, s32[kQB], w32[kQB];
-  alignas(64) uint16_t rnd[kQB] = {};  // (written through uint32 words: exact_sr_bits)
+  alignas(64) uint16_t rnd[kQB] = {};  // (written through uint64 words: exact_sr_bits)
   DAcc sw;  // the new weights' squares (wsum: NOTE [Carried weight norms of the exact step])
   DAcc su;  // usum: (g + lam_u*w)^2 of the old weights, as lars_exact_sumsq_t's out[2] (the same lanes)
   for (int64_t i = 0; i < a.len; i += kQB) {
@@ -588,7 +616,7 @@ void lamb_exact_pass2_t(const ExactTile& a, const ExactCtx& x, const LambExactCo
   const LambExactCoef c = c_in;
   const ExactW<PT, MASTER, REM> W(a);
   alignas(64) float m32[kQB], v32[kQB], w32[kQB];
-  alignas(64) uint16_t r0[kQB] = {}, r1[kQB] = {};  // (written through uint32 words: exact_sr_bits)
+  alignas(64) uint16_t r0[kQB] = {}, r1[kQB] = {};  // (written through uint64 words: exact_sr_bits)
   for (int64_t i = 0; i < a.len; i += kQB) {
     const int n = static_cast<int>(a.len - i < kQB ? a.len - i : kQB);
     lamb_exact_block<PT, MASTER, REM, ST, true>(a, x, c, i, n, nullptr, m32, v32, w32);
