@@ -55,7 +55,6 @@ FUSEDLARS_HD FUSEDLARS_INLINE float float_from_bits(uint32_t b) {
 }
 
 FUSEDLARS_HD FUSEDLARS_INLINE bool is_nan_bits(uint32_t b) { return (b & 0x7FFFFFFFu) > 0x7F800000u; }
-FUSEDLARS_HD FUSEDLARS_INLINE bool is_finite_bits(uint32_t b) { return (b & 0x7F800000u) != 0x7F800000u; }
 
 // A bf16 pattern as the fp32 it represents (exact).
 FUSEDLARS_HD FUSEDLARS_INLINE float bf16_bits_to_float(uint16_t h) { return float_from_bits(uint32_t(h) << 16); }
@@ -142,10 +141,12 @@ FUSEDLARS_HD FUSEDLARS_INLINE uint16_t bf16_rne_bits(float x) {
   return uint16_t((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
 }
 
-// Stochastic rounding with the low 16 bits of `rand`; inf / NaN as bf16_rne_bits.
+// Stochastic rounding with the low 16 bits of `rand`; inf / NaN as bf16_rne_bits. An inf's low 16
+// bits are zero, so the add-and-truncate already gives its bf16 inf (bf16_rne_bits' value): only NaN
+// takes its own branch.
 FUSEDLARS_HD FUSEDLARS_INLINE uint16_t bf16_sr_bits(float x, uint32_t rand) {
   const uint32_t b = float_bits(x);
-  if (!is_finite_bits(b)) return bf16_rne_bits(x);
+  if (is_nan_bits(b)) return uint16_t((b >> 16) | 0x0040u);  // NaN: bf16_rne_bits'
   return uint16_t((b + (rand & 0xFFFFu)) >> 16);
 }
 

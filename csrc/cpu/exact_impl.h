@@ -99,10 +99,7 @@ FL_AI void mulhilo_v(fl_vu a, uint32_t m, fl_vu& hi, fl_vu& lo) {
 FL_AI fl_vu bf16_sr_v(fl_vf x, fl_vu rand) {
   const fl_vu b = bits(x);
   const fl_vu sr = (b + (rand & 0xFFFFu)) >> 16;
-  const fl_vu rne = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-  const fl_vu qnan = (b >> 16) | 0x0040u;
-  const fl_vu nonfin = (fl_vu)((b & 0x7FFFFFFFu) > 0x7F800000u) ? qnan : rne;
-  return (fl_vu)((b & 0x7F800000u) != 0x7F800000u) ? sr : nonfin;
+  return (fl_vu)((b & 0x7FFFFFFFu) > 0x7F800000u) ? ((b >> 16) | 0x0040u) : sr;
 }
 
 FL_AI void store_h16(uint16_t* p, fl_vu v) { *reinterpret_cast<fl_vh_a*>(p) = __builtin_convertvector(v, fl_vh); }

@@ -267,10 +267,6 @@ def _is_nan_bits(b: torch.Tensor) -> torch.Tensor:
     return (b & 0x7FFFFFFF) > 0x7F800000
 
 
-def _is_finite_bits(b: torch.Tensor) -> torch.Tensor:
-    return (b & 0x7F800000) != 0x7F800000
-
-
 def _nan_bf16(b: torch.Tensor) -> torch.Tensor:
     # sign and the top 7 payload bits kept, quiet bit set: a NaN whatever the payload was
     return (b >> 16) | 0x0040

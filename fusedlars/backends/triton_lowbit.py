@@ -79,11 +79,11 @@ def bf16_rne_bits(x):
 @triton.jit
 def bf16_sr_bits(x, rand):
     """Stochastic rounding fp32 -> bf16 pattern (uint16) with the low 16 bits of the uint32 ``rand``;
-    inf and NaN as :func:`bf16_rne_bits`."""
+    inf and NaN as :func:`bf16_rne_bits` (an inf's low half is zero: add-and-truncate keeps it, so
+    only NaN branches)."""
     b = _bits(x)
-    h = ((b + (rand.to(tl.uint32) & 0xFFFF)) >> 16).to(tl.uint16)
-    finite = (b & 0x7F800000) != 0x7F800000
-    return tl.where(finite, h, bf16_rne_bits(x))
+    h = (b + (rand.to(tl.uint32) & 0xFFFF)) >> 16
+    return tl.where(_is_nan_bits(b), (b >> 16) | 0x40, h).to(tl.uint16)
 
 
 @triton.jit
