@@ -12,11 +12,17 @@
 #   tests      the CUDA and Triton test suites on the GPU (junit XML in OUT/tests.xml)
 #   fused      the suite every fused backend passes (tests/test_fused_backends.py), its cuda and
 #              triton cases (junit XML in OUT/fused.xml)
+#   lowbit     bf16 / int8 state and remainder masters on the GPU: the cuda, triton and torch backends
+#              bitwise against the CPU reference (tests/test_gpu_lowbit.py, OUT/lowbit.xml); on the
+#              dry run its CPU harness test
 #   selftest   `fusedlars selftest` on the GPU (OUT/selftest.json)
-#   launches   kernel launches per step per fused backend (profiler events, OUT/launches.json)
-#   sanitizer  compute-sanitizer memcheck, racecheck, synccheck on a small step of every kernel
-#   bench      ResNet-50 / ViT-B/16 / BERT-large shapes, fp32 and bf16, LARS / TVLARS / LAMB on cuda and
-#              triton vs torch fused SGD / AdamW and the unfused references, HBM probe (OUT/bench/)
+#   launches   kernel launches per step per fused backend, low-bit state included (profiler events, OUT/launches.json)
+#   sanitizer  compute-sanitizer memcheck, racecheck, synccheck on a small step of every kernel, the
+#              low-bit (exact) kernels included
+#   bench      first ResNet-50 LARS and LAMB with fp32 / bf16 / int8 state on cuda, triton and torch (and
+#              LARS with norms from backward: issues #25, #26), then ResNet-50 / ViT-B/16 / BERT-large
+#              shapes, fp32 and bf16, LARS / TVLARS / LAMB on cuda and triton vs torch fused SGD / AdamW
+#              and the unfused references, HBM probe (OUT/bench/)
 # A missing tool or a refusal (compute-sanitizer may not be allowed on the device) is recorded as
 # "skipped" with the reason; the script goes on. Exit status: 0 when no step failed.
 set -uo pipefail
@@ -95,6 +101,14 @@ else
   step fused 120 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/fused.xml" "${FUSED[@]}"
 fi
 
+# --- low-bit state (issue #26) on the hardware: cuda, triton and torch backends against the reference --
+LOWBIT=(tests/test_gpu_lowbit.py)
+if (( DRY )); then
+  step lowbit 90 $PY -m pytest -q -p no:cacheprovider -o addopts="" "${LOWBIT[@]}"
+else
+  step lowbit 120 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/lowbit.xml" "${LOWBIT[@]}"
+fi
+
 # --- selftest ---------------------------------------------------------------------------------------
 step selftest 90 $PY -m fusedlars selftest --device "$DEV" --json "$OUT/selftest.json"
 
@@ -109,7 +123,7 @@ elif ! command -v compute-sanitizer > /dev/null 2>&1; then
   note sanitizer skipped 0 "compute-sanitizer not found on PATH"
 else
   for tool in memcheck racecheck synccheck; do
-    step "sanitizer-$tool" 70 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 50 \
+    step "sanitizer-$tool" 90 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 50 \
       $PY bench/gpu_kernels.py step --device cuda
     if grep -q -i -E "not supported|unable to|could not|permission" "$OUT/sanitizer-$tool.log" 2>/dev/null \
        && ! grep -q "ERROR SUMMARY: [1-9]" "$OUT/sanitizer-$tool.log"; then

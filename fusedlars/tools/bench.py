@@ -279,16 +279,40 @@ def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
     return prime
 
 
-def _state_dtype_variants(optimizer: str, state_dtypes: list[str], norms_in_backward: bool = False) -> list[Variant]:
-    """``--state-dtype``: the optimizer on the cpu (where available) and torch backends with each
-    optimizer-state storage; with ``--norms-in-backward`` also LARS on the cpu backend with the norms
-    taken in backward and carried weight norms (``+bwd``: the step that reads each gradient once)."""
+def _lowbit_refusal(make: Callable[[list[torch.Tensor]], Any], device: torch.device) -> str | None:
+    """Why this optimizer's backend refuses a step of its state storage (the backend's own message: e.g.
+    the Triton backend fuses LARS with bf16 state but not int8 or LAMB), or None: one step on a
+    3-element param on ``device``."""
+    p = torch.zeros(3, device=device, requires_grad=True)
+    p.grad = torch.ones(3, device=device)
+    try:
+        make([p]).step()
+    except RuntimeError as e:
+        return str(e).split("\n")[0]
+    return None
+
+
+def _state_dtype_variants(
+    optimizer: str,
+    state_dtypes: list[str],
+    norms_in_backward: bool = False,
+    backends: list[str] | None = None,
+    device: torch.device | None = None,
+) -> tuple[list[Variant], list[tuple[str, str]]]:
+    """``--state-dtype``: the optimizer on this run's fused backends (``backends``, those live for
+    ``device``; the reference is left out) and the torch backend, with each optimizer-state storage;
+    a backend that refuses a storage is listed as skipped with its reason. With
+    ``--norms-in-backward`` also LARS with the norms taken in backward (``+bwd``; carried weight norms
+    where the backend carries them: the step that reads each gradient once)."""
     import fusedlars
-    from fusedlars import backends
 
     h = HYPER[optimizer]
+    device = device or torch.device("cpu")
     out: list[Variant] = []
-    names = (["cpu"] if backends.status("cpu")[0] else []) + ["torch"]
+    skipped: list[tuple[str, str]] = []
+    if backends is None:
+        backends = ["cpu"] if _backends.status("cpu")[0] else []
+    names = [b for b in backends if b not in ("reference", "torch")] + ["torch"]
     for sd, be in [(sd, be) for be in names for sd in state_dtypes]:
         value = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": "int8"}[sd]
         if optimizer in ("lars", "tvlars"):
@@ -300,14 +324,21 @@ def _state_dtype_variants(optimizer: str, state_dtypes: list[str], norms_in_back
             kw = dict(lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["weight_decay"])
             make = lambda p, kw=kw, v=value, be=be: fusedlars.LAMB(p, backend=be, state_dtype=v, **kw)  # noqa: E731
             algo = "lamb"
-        out.append(Variant(f"fusedlars[{be},{sd}]", "fusedlars", algo, make, f"state_dtype={sd}, {be} backend"))
-        if norms_in_backward and optimizer == "lars" and be == "cpu":
-            make_bwd = lambda p, kw=kw, v=value: fusedlars.LARS(  # noqa: E731
-                p, backend="cpu", state_dtype=v, norms_in_backward=True, carry_weight_norms=True, **kw
+        name = f"fusedlars[{be},{sd}]"
+        why = _lowbit_refusal(make, device)
+        if why is not None:
+            skipped.append((name, why))
+            continue
+        out.append(Variant(name, "fusedlars", algo, make, f"state_dtype={sd}, {be} backend"))
+        if norms_in_backward and optimizer == "lars" and be != "torch":
+            carry = _carries(be)
+            make_bwd = lambda p, kw=kw, v=value, be=be, carry=carry: fusedlars.LARS(  # noqa: E731
+                p, backend=be, state_dtype=v, norms_in_backward=True, carry_weight_norms=carry, **kw
             )
-            out.append(Variant(f"fusedlars[cpu,{sd}]+bwd", "fusedlars", "lars_bwd", make_bwd,
-                               f"state_dtype={sd}, norms_in_backward=True, carry_weight_norms=True"))  # fmt: skip
-    return out
+            out.append(Variant(f"fusedlars[{be},{sd}]+bwd", "fusedlars", "lars_bwd" if carry else "lars_carried",
+                               make_bwd, f"state_dtype={sd}, norms_in_backward=True"
+                               + (", carry_weight_norms=True" if carry else "")))  # fmt: skip
+    return out, skipped
 
 
 #: --state-dtype choices
@@ -320,9 +351,11 @@ def build_variants(
     norms_in_backward: bool = False,
     clip: bool = False,
     state_dtypes: list[str] | None = None,
+    device: torch.device | None = None,
 ) -> tuple[list[Variant], list[tuple[str, str]]]:
     """The fusedlars variants plus the references for ``optimizer`` ("lars" | "tvlars" | "lamb"), and
-    the ``--norms-in-backward`` / ``--clip`` variants (:func:`_extra_variants`) when asked."""
+    the ``--norms-in-backward`` / ``--clip`` / ``--state-dtype`` variants (:func:`_extra_variants`,
+    :func:`_state_dtype_variants`, on ``device``) when asked."""
     import fusedlars
 
     h = HYPER[optimizer]
@@ -398,7 +431,8 @@ def build_variants(
     else:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose lars, tvlars or lamb")
     extra = _extra_variants(optimizer, backends, norms_in_backward, clip)
-    return out + extra + _state_dtype_variants(optimizer, state_dtypes or [], norms_in_backward), skipped
+    low, skipped_low = _state_dtype_variants(optimizer, state_dtypes or [], norms_in_backward, backends, device)
+    return out + extra + low, skipped + skipped_low
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,7 +582,7 @@ def run(
     n = count_params(shp)
 
     backends, skipped = fused_backends(backend, dev, n)
-    variants, skipped2 = build_variants(optimizer, backends, norms_in_backward, clip, state_dtypes)
+    variants, skipped2 = build_variants(optimizer, backends, norms_in_backward, clip, state_dtypes, dev)
     skipped += skipped2
 
     from .shapes import _available_bytes
@@ -1070,8 +1104,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
         const=",".join(STATE_DTYPE_CHOICES),
         default=None,
         metavar="LIST",
-        help="also time the optimizer with each optimizer-state storage on the torch backend (issue #26): a comma "
-        f"list of {', '.join(STATE_DTYPE_CHOICES)} (default when given without a value: all three)",
+        help="also time the optimizer with each optimizer-state storage (issue #26) on this run's fused backends "
+        "and the torch backend (a storage a backend refuses is listed as skipped, with its reason): a comma list of "
+        f"{', '.join(STATE_DTYPE_CHOICES)} (default when given without a value: all three)",
     )
     ap.add_argument(
         "--clip",
