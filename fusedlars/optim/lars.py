@@ -169,9 +169,10 @@ class LARS(BucketedOptimizer):
     ``norms_in_backward=True``: each layer's gradient norm is taken by a hook as backward finishes
     that gradient (fusedlars.backward_norms), so the step need not read the gradients for their norms:
     with carried weight norms the ``cpu`` backend's LARS step reads each gradient once (bitwise the
-    two-pass step), the ``torch`` backend reads the weights instead of the gradients for the norms.
-    A norm is used only while ``p.grad`` is the tensor it was taken from, unchanged; other backends
-    and compiled steps take the norms themselves as before. See also :meth:`clip_grad_norm_`.
+    two-pass step); the ``torch``, ``cuda`` and ``triton`` steps read the weights instead of the
+    gradients for the norms (fp32 state; docs/usage.md has the table per backend). A norm is used only
+    while ``p.grad`` is the tensor it was taken from, unchanged; the ``reference`` backend and compiled
+    steps take the norms themselves as before. See also :meth:`clip_grad_norm_`.
     """
 
     _KIND = "LARS"
