@@ -19,6 +19,9 @@
 #   launches   kernel launches per step per fused backend, low-bit state included (profiler events, OUT/launches.json)
 #   sanitizer  compute-sanitizer memcheck, racecheck, synccheck on a small step of every kernel, the
 #              low-bit (exact) kernels included
+#   grad-passes  issue #25's ratios on the GPU (fusedlars.tools.grad_passes): LARS with norms from
+#              backward, clipping, LAMB max_grad_norm against torch's fused steps; backward + step of a
+#              real ResNet-50 (batch 32, 224x224) with and without the hooks
 #   bench      first ResNet-50 LARS and LAMB with fp32 / bf16 / int8 state on cuda, triton and torch (and
 #              LARS with norms from backward: issues #25, #26), then ResNet-50 / ViT-B/16 / BERT-large
 #              shapes, fp32 and bf16, LARS / TVLARS / LAMB on cuda and triton vs torch fused SGD / AdamW
@@ -130,6 +133,15 @@ else
       note "sanitizer-$tool" skipped 0 "compute-sanitizer refused the device, see sanitizer-$tool.log"
     fi
   done
+fi
+
+# --- issue #25 on the GPU: the steps with norms from backward, and backward + step with the hooks ------
+if (( DRY )); then
+  step grad-passes 60 $PY -m fusedlars.tools.grad_passes --device cpu --shapes tiny --rounds 3
+  step grad-passes-backward 60 $PY -m fusedlars.tools.grad_passes --device cpu --shapes tiny --rounds 3 --backward
+else
+  step grad-passes 60 $PY -m fusedlars.tools.grad_passes --device cuda --rounds 30
+  step grad-passes-backward 60 $PY -m fusedlars.tools.grad_passes --device cuda --rounds 15 --backward --network 32 224
 fi
 
 # --- bench ------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """How many passes over the gradients a step costs: two-pass LARS, norms taken in backward, clipping.
 
-    python -m fusedlars.tools.grad_passes [--rounds 60] [--threads 2] [--shapes resnet50]
+    python -m fusedlars.tools.grad_passes [--rounds 60] [--threads 2] [--shapes resnet50] [--device cuda]
 
 Times, interleaved round-robin in one process over the shape set's tensors (fp32, the grads kept from
 round to round as after ``zero_grad(set_to_none=False)``), one ``step()`` of:
@@ -76,31 +76,43 @@ def variants() -> dict:
     }
 
 
-def backward_variants() -> dict:
+def backward_variants(device: torch.device | None = None) -> dict:
+    """fused SGD, two-pass LARS, LARS with norms from backward (and carried weight norms where the
+    device's backend carries them: the cpu backend; on a GPU the step's norm pass reads the weights)."""
     lars = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+    carry = device is None or device.type == "cpu"
     return {
         "torch SGD(fused)": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True),
         "LARS": lambda ps: fusedlars.LARS(ps, **lars),
-        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **lars),
+        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=carry, **lars),
     }
 
 
-def time_backward_and_step(shapes, rounds: int, network: tuple[int, int] | None = None) -> dict[str, list[float]]:
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (a CUDA step is timed to its end, not to its launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_backward_and_step(
+    shapes, rounds: int, network: tuple[int, int] | None = None, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
     """Seconds per round of zero_grad + forward + backward + step, interleaved round-robin.
     ``network`` (batch, image side): a real ResNet-50 (fusedlars.tools.resnet) on random images
     instead of the one-product-per-tensor forward."""
+    dev = torch.device(device)
     runs = {}
-    for name, make in backward_variants().items():
+    for name, make in backward_variants(dev).items():
         torch.manual_seed(0)
         if network is None:
-            ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
-            xs = [torch.randn(s) * 0.01 for s in shapes]
+            ps = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.1) for s in shapes]
+            xs = [torch.randn(s, device=dev) * 0.01 for s in shapes]
         else:
             from .resnet import ResNet50
 
-            model = ResNet50()
+            model = ResNet50().to(dev)
             ps = list(model.parameters())
-            xs = [model, torch.randn(network[0], 3, network[1], network[1])]
+            xs = [model, torch.randn(network[0], 3, network[1], network[1], device=dev)]
         runs[name] = (ps, xs, make(ps))
 
     def one(ps, xs, opt) -> None:
@@ -117,8 +129,10 @@ def time_backward_and_step(shapes, rounds: int, network: tuple[int, int] | None 
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(rounds):
         for name, r in runs.items():
+            _sync(dev)
             t0 = time.perf_counter()
             one(*r)
+            _sync(dev)
             times[name].append(time.perf_counter() - t0)
     return times
 
@@ -136,6 +150,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=60, help="timed rounds (default 60)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--shapes", default="resnet50", choices=sorted(SHAPE_SETS), help="shape set (default resnet50)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: every step is timed to its end")
     ap.add_argument(
         "--backward", action="store_true", help="time zero_grad + forward + backward + step (the hooks' cost included)"
     )
@@ -147,19 +162,23 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     shapes = [s for _, s in SHAPE_SETS[args.shapes]()]
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible")
     if args.backward:
-        med = _report(time_backward_and_step(shapes, args.rounds, tuple(args.network) if args.network else None))
+        net = tuple(args.network) if args.network else None
+        med = _report(time_backward_and_step(shapes, args.rounds, net, dev))
         sgd = med["torch SGD(fused)"]
         print(f"backward + step, in torch SGD(fused) rounds: LARS {med['LARS'] / sgd:.3f}x, "
               f"LARS bwd carry {med['LARS bwd carry'] / sgd:.3f}x")  # fmt: skip
-        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+        print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}, {dev}")
         return
     runs = {}
     for name, make in variants().items():
         torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        ps = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.1) for s in shapes]
         for p in ps:
-            p.grad = torch.randn(p.shape) * 0.01
+            p.grad = torch.randn(p.shape, device=dev) * 0.01
         opt = make(ps)
         bwd = getattr(getattr(opt, "opt", opt), "_bwd", None)
         if bwd is not None:  # what backward's hooks would have recorded
@@ -170,8 +189,10 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(args.rounds):
         for name, opt in runs.items():
+            _sync(dev)
             t0 = time.perf_counter()
             opt.step()
+            _sync(dev)
             times[name].append(time.perf_counter() - t0)
     med = _report(times)
     sgd, clip_sgd, lamb = med["torch SGD(fused)"], med["torch clip_grad_norm_ + SGD(fused)"], med["LAMB"]
@@ -182,7 +203,7 @@ def main() -> None:
     print(f"in LAMB steps: LAMB max_grad_norm {med['LAMB max_grad_norm'] / lamb:.3f}x, "
           f"LAMB bwd max_grad_norm {med['LAMB bwd max_grad_norm'] / lamb:.3f}x; "
           f"LAMB in torch AdamW(fused) steps {lamb / med['torch AdamW(fused)']:.3f}x")  # fmt: skip
-    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}, {dev}")
 
 
 if __name__ == "__main__":
