@@ -197,7 +197,7 @@ def launches(device: str, out: str) -> int:
     budget = {
         "cuda": {"LARS": 1, "TVLARS": 1, "LAMB": 1, "LAMB+clip": 3, "LARS bf16": 1, "LARS int8": 1,
                  "LAMB bf16": 1, "LAMB int8": 1},
-        "triton": {"LARS": 2, "TVLARS": 2, "LAMB": 2, "LAMB+clip": 3, "LARS bf16": 2},
+        "triton": {"LARS": 2, "TVLARS": 2, "LAMB": 2, "LAMB+clip": 3, "LARS bf16": 2, "LARS int8": 2},
     }  # fmt: skip
     # low-bit state (issue #26): the same budgets; a case a backend refuses has no budget here
     cases = dict(CASES)

@@ -242,13 +242,16 @@ def aot_specializations(covering: bool = False) -> list[dict]:
             add(tb.K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **geo)
     for dt in _TRITON_DT:
         add(tb.K.grad_sumsq_kernel, dt, **geo)
-    # low-bit LARS (issue #26): fp32 params, bf16 with fp32 or remainder masters, fp16 with fp32 masters
+    # low-bit LARS (issue #26): fp32 params, bf16 with fp32 or remainder masters, fp16 with fp32 masters;
+    # STORE 0: bf16 momentum, 1: int8 (with momentum only: without, there is no state)
     for dt, master in ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float16, 1)):
         add(tb.K.lars_lowbit_partials_kernel, dt, HAS_MASTER=master != 0, MASTER=master, **geo)
         for mom in (MOM_NONE, *MOM.values()):
-            if covering and (mom == MOM_NONE) != (master == 0):
-                continue
-            add(tb.K.lars_lowbit_update_kernel, dt, HAS_MASTER=master != 0, MASTER=master, MOM=mom, **geo)
+            for store in (0, 1) if mom != MOM_NONE else (0,):
+                if covering and ((mom == MOM_NONE) != (master == 0) or store != (master == 2)):
+                    continue
+                add(tb.K.lars_lowbit_update_kernel, dt, HAS_MASTER=master != 0, MASTER=master, MOM=mom, STORE=store,
+                    **geo)  # fmt: skip
     return out
 
 
@@ -270,7 +273,7 @@ def aot_compile(spec: dict, arch: int) -> dict:
         kernel=spec["name"],
         dtype=str(spec["dtype"]).replace("torch.", ""),
         arch=arch,
-        constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MASTER", "MOM", "BC")},
+        constexprs={k: v for k, v in spec["constexprs"].items() if k in ("HAS_MASTER", "MASTER", "MOM", "BC", "STORE")},
         triton_shared=int(ck.metadata.shared),
         ptx_chars=len(ck.asm["ptx"]),
         cubin_bytes=len(ck.asm["cubin"]),

@@ -320,19 +320,18 @@ def test_bench_low_bit_state_with_norms_in_backward_takes_the_given_path(monkeyp
 def test_bench_low_bit_state_on_each_fused_backend_or_its_refusal():
     """--state-dtype times the run's own fused backends (here Triton, in the interpreter on CPU tensors
     as on a GPU) beside the torch backend; a storage that backend refuses is listed as skipped with the
-    backend's own reason, not timed and not an error (Triton fuses LARS with bf16 state, not int8 or LAMB)."""
+    backend's own reason, not timed and not an error (Triton fuses LARS with low-bit state, not TVLARS or LAMB)."""
     from fusedlars import backends
 
     if not backends.status("triton")[0]:
         pytest.skip(f"triton backend unavailable: {backends.status('triton')[1]}")
     dev = torch.device("cpu")
     lars, skipped = bench._state_dtype_variants("lars", ["bfloat16", "int8"], backends=["triton"], device=dev)
-    assert [v.name for v in lars] == [
-        "fusedlars[triton,bfloat16]",
-        "fusedlars[torch,bfloat16]",
-        "fusedlars[torch,int8]",
-    ]
-    assert [n for n, _ in skipped] == ["fusedlars[triton,int8]"] and "int8 state is not fused" in skipped[0][1]
+    assert [v.name for v in lars] == [f"fusedlars[{b},{s}]" for b in ("triton", "torch") for s in ("bfloat16", "int8")]
+    assert skipped == []
+    tv, skipped = bench._state_dtype_variants("tvlars", ["int8"], backends=["triton"], device=dev)
+    assert [v.name for v in tv] == ["fusedlars[torch,int8]"]
+    assert [n for n, _ in skipped] == ["fusedlars[triton,int8]"] and "TVLARS with low-bit state" in skipped[0][1]
     lamb, skipped = bench._state_dtype_variants("lamb", ["bfloat16"], backends=["triton", "reference"], device=dev)
     assert [v.name for v in lamb] == ["fusedlars[torch,bfloat16]"]
     assert skipped == [("fusedlars[triton,bfloat16]", skipped[0][1])] and "LAMB with low-bit state" in skipped[0][1]

@@ -581,8 +581,8 @@ def test_named_fused_backend_raises_with_the_reason(backend):
         (dict(state_dtype=torch.bfloat16), "state_dtype='bfloat16'"),
         (dict(master_weights="remainder"), "remainder"),
     )
-    if backend == "triton":  # LARS with bf16 state / remainder masters runs there: tests/test_triton_lowbit.py
-        cases = ((dict(state_dtype="int8"), "int8 state is not fused"),
+    if backend == "triton":  # LARS with bf16 / int8 state, remainder masters runs there: tests/test_triton_lowbit.py
+        cases = ((dict(state_dtype="int8", kind="TVLARS"), "TVLARS with low-bit state"),
                  (dict(state_dtype=torch.bfloat16, kind="LAMB"), "LAMB with low-bit state"))  # fmt: skip
     for kw, what in cases:
         kw = dict(kw)

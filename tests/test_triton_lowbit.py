@@ -1,12 +1,13 @@
-"""The Triton backend's low-bit LARS (issue #26): bf16 momentum by stochastic rounding and remainder masters
-in the two launches (NOTE [Low-bit LARS in the Triton kernels] in fusedlars/backends/triton_kernels.py),
+"""The Triton backend's low-bit LARS (issue #26): bf16 momentum by stochastic rounding, int8 momentum in
+256-element blocks, and remainder masters in the two launches (NOTE [Low-bit LARS in the Triton kernels] in fusedlars/backends/triton_kernels.py),
 against the float64 reference, in Triton's interpreter (small tiles: 512 elements, so the 1100-element
 layer spans 3 tiles).
 
 Bitwise GIVEN the same norms, as tests/test_cpu_lowbit.py: dyadic inputs (k * 2**-4, |k| <= 8) make the
 kernels' fp32 sums of w^2 and g^2 exact, so the trust ratio, momentum bits, remainders and params equal the
 reference's. ||g + lam*w|| (only reported: u_norm, the default denominator is sum_of_norms) is not a sum of
-exact squares: compared at the fp32 tolerance. int8 state and LAMB are refused (with the reason)."""
+exact squares: compared at the fp32 tolerance. LAMB and TVLARS with low-bit state are refused (with the
+reason)."""
 
 from __future__ import annotations
 
@@ -37,12 +38,12 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(tb, "SBLOCK", 4)
 
 
-def dyadic_run(backend, dtype, masters, steps=1, hook=None, **kw):
+def dyadic_run(backend, dtype, masters, steps=1, hook=None, state_dtype=torch.bfloat16, **kw):
     gen = torch.Generator().manual_seed(3)
     ps = [torch.nn.Parameter(dyadic(s, gen, dtype)) for s in SHAPES]
     ps[2].data.zero_()  # a zero weight
     kw = dict(dict(lr=0.5, weight_decay=1e-3, momentum=0.9), **kw)
-    opt = fusedlars.LARS(ps, backend=backend, state_dtype=torch.bfloat16, master_weights=masters, seed=7, **kw)
+    opt = fusedlars.LARS(ps, backend=backend, state_dtype=state_dtype, master_weights=masters, seed=7, **kw)
     for t in range(steps):
         for i, p in enumerate(ps):
             p.grad = dyadic(p.shape, gen, dtype) * (0 if i == 3 else 1)  # a zero grad
@@ -74,30 +75,38 @@ def assert_same(oa, pa, ob, pb):
         torch.testing.assert_close(bb.u_norm, ba.u_norm, rtol=u_norm_rtol(), atol=0, equal_nan=True)
 
 
+STORAGES = pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
+
+
+@STORAGES
 @pytest.mark.parametrize("dtype, masters", FORMS, ids=["fp32", "bf16_masters", "bf16_remainder"])
-def test_bitwise_the_reference_given_exact_norms(dtype, masters):
+def test_bitwise_the_reference_given_exact_norms(dtype, masters, state_dtype):
     """One step (the state it reads is the fresh zero buffer), odd shapes, a zero weight, a zero grad, an
-    empty param; the options and the state_dict test below run several steps."""
-    pa, oa = dyadic_run("reference", dtype, masters)
-    pb, ob = dyadic_run("triton", dtype, masters)
+    empty param; the options and the state_dict test below run several steps. int8: the 1100-element
+    layer's blocks span 3 tiles of 512 and end in a partial block."""
+    pa, oa = dyadic_run("reference", dtype, masters, state_dtype=state_dtype)
+    pb, ob = dyadic_run("triton", dtype, masters, state_dtype=state_dtype)
     assert_same(oa, pa, ob, pb)
 
 
 @pytest.mark.parametrize("opts", [dict(nesterov=True, maximize=True), dict(momentum_mode="classic"),
                                   dict(weight_decay_mode="decoupled", exclude="ndim<=1")],
                          ids=["nesterov_maximize", "classic", "decoupled_excluded"])  # fmt: skip
-def test_options_bitwise(opts):
-    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", **opts)
-    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", **opts)
+@STORAGES
+def test_options_bitwise(opts, state_dtype):
+    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
+    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
     assert_same(oa, pa, ob, pb)
 
 
-def test_excluded_layers_over_steps_and_a_mid_run_state_dict_round_trip():
+@STORAGES
+def test_excluded_layers_over_steps_and_a_mid_run_state_dict_round_trip(state_dtype):
     """Every layer excluded from adaptation (ratio 1: momentum independent of any norm): 3 steps bitwise,
-    then the state_dict into a new optimizer and 1 more step, bitwise the uninterrupted reference."""
+    then the state_dict into a new optimizer and 1 more step, bitwise the uninterrupted reference (int8:
+    the codes and block scales the kernel dequantizes, stores and hands to state_dict)."""
     kw = dict(exclude=lambda name, p: True)
-    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=4, **kw)
-    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=3, **kw)
+    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=4, state_dtype=state_dtype, **kw)
+    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=3, state_dtype=state_dtype, **kw)
     sd = ob.state_dict()
     gen = torch.Generator().manual_seed(3)
     for s in SHAPES:  # the generator's draws of the first 3 steps (params, 3 x grads), for the 4th grads
@@ -106,7 +115,7 @@ def test_excluded_layers_over_steps_and_a_mid_run_state_dict_round_trip():
         for s in SHAPES:
             dyadic(s, gen, torch.bfloat16)
     pc = [torch.nn.Parameter(p.detach().clone()) for p in pb]
-    oc = fusedlars.LARS(pc, backend="triton", lr=0.5, weight_decay=1e-3, momentum=0.9, state_dtype=torch.bfloat16,
+    oc = fusedlars.LARS(pc, backend="triton", lr=0.5, weight_decay=1e-3, momentum=0.9, state_dtype=state_dtype,
                         master_weights="remainder", seed=7, **kw)  # fmt: skip
     oc.load_state_dict(sd)
     for i, p in enumerate(pc):
@@ -118,17 +127,21 @@ def test_excluded_layers_over_steps_and_a_mid_run_state_dict_round_trip():
             assert torch.equal(bits(torch.as_tensor(oa.state[a][k])), bits(torch.as_tensor(oc.state[c][k]))), (j, k)
 
 
-def test_inf_nan_grads_and_a_skipped_step():
+@STORAGES
+def test_inf_nan_grads_and_a_skipped_step(state_dtype):
     def nan_inf(ps, opt, t):
         if t == 1:
             ps[4].grad[3] = math.nan
             ps[6].grad.view(-1)[0] = math.inf
 
-    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=2, hook=nan_inf)
-    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=2, hook=nan_inf)
+    kw = dict(state_dtype=state_dtype, exclude=lambda name, p: True)  # ratio 1: the state bitwise too
+    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=2, hook=nan_inf, **kw)
+    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=2, hook=nan_inf, **kw)
     for j, (a, b) in enumerate(zip(pa, pb)):  # NaN-free layers bitwise; a NaN layer NaN in both
         assert torch.equal(bits(a), bits(b)) or (a.isnan().any() and b.isnan().any()), f"param {j}"
-    _, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=1)
+        for k in oa.state[a]:  # int8: a block holding a NaN gets the NaN scale 0x7FC00000 in both
+            assert torch.equal(bits(torch.as_tensor(oa.state[a][k])), bits(torch.as_tensor(ob.state[b][k]))), (j, k)
+    _, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=1, state_dtype=state_dtype)
     ps = [p for g in ob.param_groups for p in g["params"]]
     before = [bits(p).clone() for p in ps], [{k: bits(torch.as_tensor(v)).clone() for k, v in ob.state[p].items()}
                                              for p in ps]  # fmt: skip
@@ -141,7 +154,7 @@ def test_inf_nan_grads_and_a_skipped_step():
         assert all(torch.equal(bits(torch.as_tensor(ob.state[p][k])), v) for k, v in st.items())
 
 
-@pytest.mark.parametrize("kind, state_dtype, why", [("LARS", "int8", "int8 state is not fused"),
+@pytest.mark.parametrize("kind, state_dtype, why", [("TVLARS", "int8", "TVLARS with low-bit state"),
                                                     ("LAMB", torch.bfloat16, "LAMB with low-bit state")])  # fmt: skip
 def test_refused_with_a_reason(kind, state_dtype, why):
     p = torch.nn.Parameter(torch.randn(10))
@@ -151,3 +164,15 @@ def test_refused_with_a_reason(kind, state_dtype, why):
     b = opt.buckets()[0]
     cfg = opt._dispatch.make_config(opt.param_groups[0], None, None)
     assert why in tb.supports(kind, cfg, b)
+
+
+def test_int8_needs_whole_quantization_blocks_per_chunk(monkeypatch):
+    """int8 quantizes each 256-element row of a chunk as one block: a geometry whose BLOCK is not a
+    multiple of 256 is refused with the reason (and auto then picks another backend)."""
+    monkeypatch.setattr(tb, "BLOCK", 128)
+    p = torch.nn.Parameter(torch.randn(300))
+    opt = fusedlars.LARS([p], lr=0.1, momentum=0.9, state_dtype="int8")
+    p.grad = torch.randn(300)
+    opt.step()
+    cfg = opt._dispatch.make_config(opt.param_groups[0], None, None)
+    assert "whole 256-element quantization blocks" in tb.supports("LARS", cfg, opt.buckets()[0])

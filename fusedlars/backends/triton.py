@@ -27,8 +27,10 @@ buckets. NOTE [Given gradient sums] in the kernels.
 
 Low-bit state (issue #26): LARS with bf16 momentum and/or remainder masters runs
 ``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel`` (2 launches; element math in fp32, uncontracted,
-bitwise the reference's given the same sums: NOTE [Low-bit LARS in the Triton kernels]); int8 state,
-LAMB and TVLARS with low-bit state are refused by ``supports()`` with the reason (the torch backend runs them).
+bitwise the reference's given the same sums: NOTE [Low-bit LARS in the Triton kernels]); so does LARS with
+int8 momentum (launch 2 quantizes each 256-element block of a chunk as one row: TILE and BLOCK are
+multiples of it). LAMB and TVLARS with low-bit state are refused by ``supports()`` with the reason (the
+torch backend runs them).
 
 FSDP2 / DTensor buckets: ``lars_partials`` / ``lamb_partials`` are launch 1 and return the
 per-segment sums ``[3, S]``; ``lars_apply`` / ``lamb_apply`` are launch 2 from sums the caller
@@ -71,7 +73,7 @@ import os
 import torch
 
 from ..buckets import Bucket
-from . import option_fields
+from . import lowbit, lowbit_state, option_fields
 from .codes import BIAS, triton_mom
 from .config import FUSED_DTYPES, CachedScalar, LambConfig, LarsConfig, check_kind, check_scalars
 
@@ -159,10 +161,10 @@ def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
         return f"{kind} with low-bit state or remainder masters is not fused by the Triton backend yet" + tail
     if bucket.shard is not None and bucket.shard.shard_dims:
         return "sharded buckets with low-bit state or remainder masters are not fused by the Triton backend" + tail
-    if bucket.state_storage == "int8":
+    if bucket.state_storage == "int8" and (TILE % lowbit.QBLOCK or BLOCK % lowbit.QBLOCK):
         return (
-            "int8 state is not fused by the Triton backend yet (its per-256-element block scale needs every new "
-            "value of a block before the block's codes are written, not done in these kernels)" + tail
+            f"int8 state needs the Triton tile geometry in whole {lowbit.QBLOCK}-element quantization blocks "
+            f"(TILE={TILE}, BLOCK={BLOCK})" + tail
         )
     if getattr(cfg, "tv", None) is not None:
         return "TVLARS with low-bit state is not fused by the Triton backend (its phi is exp() in float64)" + tail
@@ -253,9 +255,11 @@ def _plan(bucket: Bucket, sc: _Scratch) -> torch.Tensor:
 
 def _kinds(bucket: Bucket) -> tuple[str, ...]:
     """The address-table rows the kernels read, in their order (see :mod:`.triton_kernels`): param, grad,
-    master (only for a bucket with fp32 masters), then the bucket's state buffers."""
+    master (only for a bucket with fp32 masters) or remainder, the bucket's state buffers, then the block
+    scales of its int8 ones."""
     master = ("master",) if bucket.uses_masters else ("remainder",) if bucket.uses_remainder else ()
-    return ("param", "grad") + master + tuple(bucket.state_names)
+    scales = tuple(lowbit_state.absmax_key(n) for n in bucket.state_names if n in bucket.scale_tensors)
+    return ("param", "grad") + master + tuple(bucket.state_names) + scales
 
 
 def _addresses(bucket: Bucket) -> torch.Tensor:
@@ -487,14 +491,15 @@ _update_op("triton_lamb_update", "lamb_update_kernel", "BC")
 @_register("triton_lars_lowbit_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
 def _lars_lowbit_update_op(
     addr: T_, plan: T_, work: T_, step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
-    lr: T_, inv_scale: T_, found_inf: T_, dopts: T_, pidx: T_, seed: int, opts: list[float], grid: int, pdt: int,
-    master: int, mom: int, geo: list[int],
+    lr: T_, inv_scale: T_, found_inf: T_, dopts: T_, pidx: T_, seed: int, qmap: T_, qmid: T_, opts: list[float],
+    grid: int, pdt: int, master: int, mom: int, store: int, geo: list[int],
 ) -> None:  # fmt: skip
-    """Launch 2 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]), compiled without FMA contraction."""
+    """Launch 2 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]), compiled without FMA contraction;
+    ``store`` 1: int8 momentum with the signed map ``qmap`` and its midpoints ``qmid``."""
     outs = (step, has_state, w_norm, g_norm, u_norm, trust_ratio)
-    cx = dict(PDT=_pdt(pdt), HAS_MASTER=master != 0, MASTER=master, MOM=mom, GEO=tuple(geo))
+    cx = dict(PDT=_pdt(pdt), HAS_MASTER=master != 0, MASTER=master, MOM=mom, STORE=store, GEO=tuple(geo))
     _launch(K.lars_lowbit_update_kernel, grid, addr, plan, work, *outs, lr, inv_scale, found_inf, dopts, pidx, seed,
-            tuple(opts), **cx, **_NO_FMA)  # fmt: skip
+            qmap, qmid, tuple(opts), **cx, **_NO_FMA)  # fmt: skip
 
 
 #: launch options of the low-bit kernels: the element math operation by operation, no contraction into FMAs
@@ -627,9 +632,22 @@ def _lars_lowbit_step(bucket: Bucket, cfg: LarsConfig) -> None:
     inv_scale, found_inf = _step_scalars(sc, cfg, "inv_scale", "found_inf")
     grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
     mom = triton_mom(cfg.momentum, cfg.momentum_mode)
+    store = 1 if b.state_storage == "int8" and b.state_names else 0  # int8 momentum (none: no state at all)
+    qmap, qmid = _qtables(b.device)
     _op("triton_lars_lowbit_update")(addr, _plan(b, sc), sc.work, b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm,
-                                     b.trust_ratio, lr, inv_scale, found_inf, dopts, pidx, b.seed, opts, grid,
-                                     _PDT_CODE[b.dtype], master, mom, _geometry())  # fmt: skip
+                                     b.trust_ratio, lr, inv_scale, found_inf, dopts, pidx, b.seed, qmap, qmid, opts,
+                                     grid, _PDT_CODE[b.dtype], master, mom, store, _geometry())  # fmt: skip
+
+
+_QTABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _qtables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed dynamic map (256 fp32 codes) and its 255 midpoints (lowbit) on ``device``, cached."""
+    t = _QTABLES.get(device)
+    if t is None:
+        t = _QTABLES[device] = (lowbit.dynamic_map(True).to(device), lowbit.code_midpoints(True).to(device))
+    return t
 
 
 def _f64_lr(sc: _Scratch, lr: float) -> torch.Tensor:

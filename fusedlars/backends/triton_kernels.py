@@ -101,6 +101,7 @@ import triton.language as tl
 from . import codes as _codes
 from . import option_fields as _fields
 from . import triton_lowbit as _LB
+from .lowbit import QBLOCK as _LB_QBLOCK
 
 #: Whether the kernels below were decorated in interpreter mode (fixed at import).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -1052,9 +1053,17 @@ def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.const
 # ``lars_update_modes`` in fp32 in its order of operations (the kernel is launched without FMA
 # contraction: triton._NO_FMA); the new buffer is stored in bf16 by stochastic rounding with the
 # element's 16 bits of the Philox call of (seed, step after this step, the param's state_dict id,
-# element // 8) (lowbit.sr_bits); the new weights are split into param and remainder (or stored as
-# master and param). So given the same sums (exact ones, e.g. dyadic inputs) params and state are the
-# reference's bitwise. Every tile runs the masked path.
+# element // 8) (lowbit.sr_bits), or in int8 (``STORE`` 1): the old codes dequantized with their block's
+# scale (map[code] * scale), the new values of a chunk quantized as rows of QBLOCK elements, each one
+# block of the param (TILE and BLOCK are multiples of QBLOCK, and so are a tile's and a chunk's starts):
+# the row's absmax, x / scale correctly rounded, the 8-step midpoint search (triton_lowbit); the new
+# weights are split into param and remainder (or stored as master and param). So given the same sums
+# (exact ones, e.g. dyadic inputs) params and state are the reference's bitwise. Every tile runs the
+# masked path.
+#: elements per int8 quantization block (lowbit.QBLOCK)
+QBLOCK: tl.constexpr = tl.constexpr(_LB_QBLOCK)
+
+
 @triton.jit
 def _weights32(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
     """The tile's weights at ``offs`` in fp32 (exact): param, fp32 master or param + remainder (MASTER 0/1/2)."""
@@ -1179,11 +1188,14 @@ def _lars_lowbit_update_tile(
     """Launch 2's ``TILE_UPDATE`` of low-bit LARS: csrc/lars_math.h NOTE [Low-bit element math in fp32]
     (NOTE [Low-bit LARS in the Triton kernels]): ``lars_coef``'s fp32 coefficients, each formed in float64
     and rounded once, then ``lars_update_modes`` per element in fp32, launched without FMA contraction;
-    ``MODE = (MOM, MASTER)``, ``kargs = (inv_scale_ptr, pidx_ptr, seed)``."""
+    ``MODE = (MOM, MASTER, STORE)`` (STORE 0: bf16 momentum, 1: int8 codes and block scales),
+    ``kargs = (inv_scale_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr)`` (the signed map and its midpoints)."""
     MOM: tl.constexpr = MODE[0]
     MASTER: tl.constexpr = MODE[1]
+    STORE: tl.constexpr = MODE[2]
+    QB: tl.constexpr = QBLOCK
     fo, dp, lr_ptr = opts
-    inv_scale_ptr, pidx_ptr, seed = kargs
+    inv_scale_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr = kargs
     lr = tl.load(lr_ptr).to(tl.float64)
     inv_scale = tl.load(inv_scale_ptr).to(tl.float64)
     gscale = tl.where(fo[LARS.maximize] != 0, -inv_scale, inv_scale).to(tl.float32)
@@ -1212,6 +1224,8 @@ def _lars_lowbit_update_tile(
     start = tile[3]
     gp_ptr = _buf_ptr(tile, 1, PDT, False)
     row = _state_row(HAS_MASTER)
+    if STORE == 1:  # int8: the segment's block scales (the row after the codes), block j at scale_ptr + j
+        scale_ptr = _ptr(_addr(tile[0], row + 1, tile[1], tile[2]), 0, tl.float32, False)
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         m = offs < n
@@ -1224,16 +1238,33 @@ def _lars_lowbit_update_tile(
         if MOM == MOM_NONE:
             w_new = w - a_g * gq
         else:
-            bp = _buf_ptr(tile, row, tl.bfloat16, False)
-            b = tl.load(bp + offs, mask=m, other=0.0).to(tl.float32)
+            if STORE == 1:  # lowbit.dequantize_blockwise: map[code] * the block's scale
+                cp = _buf_ptr(tile, row, tl.uint8, False)
+                code = tl.load(cp + offs, mask=m, other=0)
+                b = _LB.dequantize(code, tl.load(scale_ptr + (start + offs) // QB, mask=m, other=0.0), qmap_ptr)
+            else:
+                bp = _buf_ptr(tile, row, tl.bfloat16, False)
+                b = tl.load(bp + offs, mask=m, other=0.0).to(tl.float32)
             b = tl.where(has_state, b, 0.0)
             b_new = mu_b * b + c_g * gq
             if nesterov:
                 w_new = w - (a_g * gq + a_b * b_new)
             else:
                 w_new = w - a_b * b_new
-            rand = _LB.sr_bits(seed, step_new, pidx, start + offs, 0, 1)
-            tl.store(bp + offs, _LB.bf16_sr(b_new, rand), mask=m)
+            if STORE == 1:
+                # lowbit.quantize_blockwise over the chunk's quantization blocks (rows): a tile starts at
+                # a multiple of TILE and a chunk at a multiple of BLOCK, both multiples of QBLOCK, so a
+                # row is one block of the param; lanes past its end hold +-0 (w, g, code 0 and scale 0
+                # loaded), which no |max| sees
+                x = tl.reshape(b_new, [BLOCK // QB, QB])
+                sc = _LB.block_absmax(x)
+                codes = _LB.quantize_code(_LB.normalize(x, sc[:, None]), qmid_ptr)
+                tl.store(cp + offs, tl.reshape(codes, [BLOCK]), mask=m)
+                rows = tl.arange(0, BLOCK // QB)
+                tl.store(scale_ptr + (start + k) // QB + rows, sc, mask=(k + rows * QB) < n)
+            else:
+                rand = _LB.sr_bits(seed, step_new, pidx, start + offs, 0, 1)
+                tl.store(bp + offs, _LB.bf16_sr(b_new, rand), mask=m)
         if decoupled:
             w_new = w_new - dec32 * w
         w32 = w_new
@@ -1255,16 +1286,18 @@ def _lars_lowbit_update_tile(
 @triton.jit
 def lars_lowbit_update_kernel(
     addr_ptr, plan_ptr, work_ptr, step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, lr_ptr,
-    inv_scale_ptr, found_inf_ptr, dopts_ptr, pidx_ptr, seed, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr,
-    MASTER: tl.constexpr, MOM: tl.constexpr, GEO: tl.constexpr,
+    inv_scale_ptr, found_inf_ptr, dopts_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr, opts, PDT: tl.constexpr,
+    HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, MOM: tl.constexpr, STORE: tl.constexpr, GEO: tl.constexpr,
 ):  # fmt: skip
     """Launch 2 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]): the trust ratio in float64 from
     the segment's sums, the update per element in float64, bf16 momentum by stochastic rounding, the new
-    weights rounded once to fp32 (split into param and remainder for ``MASTER == 2``)."""
+    weights rounded once to fp32 (split into param and remainder for ``MASTER == 2``); ``STORE`` 1: int8
+    momentum, dequantized and quantized per 256-element block with the signed map at ``qmap_ptr`` and its
+    midpoints at ``qmid_ptr``."""
     bufs = (addr_ptr, plan_ptr, work_ptr, lr_ptr, found_inf_ptr)
     outs = (w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr)
     _update_program(
-        _lars_ratio64, _lars_lowbit_update_tile, (inv_scale_ptr, pidx_ptr, seed), bufs, outs,
+        _lars_ratio64, _lars_lowbit_update_tile, (inv_scale_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr), bufs, outs,
         (opts, dopts_ptr, lr_ptr), opts[LARS.weight_decay], opts[LARS.adapt_enabled], PDT, MASTER != 0,
-        (MOM, MASTER), GEO,
+        (MOM, MASTER, STORE), GEO,
     )  # fmt: skip

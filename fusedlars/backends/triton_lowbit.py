@@ -120,10 +120,9 @@ def quantize_code(v, mid_ptr):
     """The code (uint8) of normalized ``v``: ``#{i : mid[i] < v}`` by the 8-step binary search over the
     255 fp32 midpoints at ``mid_ptr`` (lowbit.code_midpoints)."""
     c = tl.zeros(v.shape, tl.int32)
-    for k in tl.static_range(8):
-        step: tl.constexpr = 128 >> k
-        probe = tl.load(mid_ptr + c + (step - 1))
-        c = tl.where(probe < v, c + step, c)
+    for k in tl.static_range(8):  # step 128 >> k (no constexpr name: a compiled loop cannot rebind one)
+        probe = tl.load(mid_ptr + c + ((128 >> k) - 1))
+        c = tl.where(probe < v, c + (128 >> k), c)
     return c.to(tl.uint8)
 
 

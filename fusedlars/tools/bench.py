@@ -281,7 +281,7 @@ def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
 
 def _lowbit_refusal(make: Callable[[list[torch.Tensor]], Any], device: torch.device) -> str | None:
     """Why this optimizer's backend refuses a step of its state storage (the backend's own message: e.g.
-    the Triton backend fuses LARS with bf16 state but not int8 or LAMB), or None: one step on a
+    the Triton backend fuses LARS with bf16 or int8 state but not LAMB or TVLARS), or None: one step on a
     3-element param on ``device``."""
     p = torch.zeros(3, device=device, requires_grad=True)
     p.grad = torch.ones(3, device=device)
