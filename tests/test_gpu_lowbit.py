@@ -154,14 +154,15 @@ def test_cuda_state_dict_round_trip_continues_bitwise(tmp_path, kind, state_dtyp
 
 @needs_gpu
 @pytest.mark.parametrize("form", list(FORMS))
-def test_triton_lars_bf16_bitwise_where_norms_are_exact(form):
-    """The Triton backend's low-bit LARS (bf16 momentum, remainder masters) at its own tile sizes; u_norm
-    (||g + wd*w||, only reported, summed in fp32) within tests/test_triton_lowbit.py's derived bound."""
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
+def test_triton_lars_bitwise_where_norms_are_exact(state_dtype, form):
+    """The Triton backend's low-bit LARS (bf16 or int8 momentum, remainder masters) at its own tile sizes;
+    u_norm (||g + wd*w||, only reported, summed in fp32) within tests/test_triton_lowbit.py's bound."""
     _live("triton")
     from test_triton_lowbit import u_norm_rtol
 
     dtype, masters = FORMS[form]
-    kw = dict(state_dtype=torch.bfloat16, master_weights=masters)
+    kw = dict(state_dtype=state_dtype, master_weights=masters)
     pa, oa = dyadic_run("LARS", "reference", "cpu", dtype, **kw)
     pb, ob = dyadic_run("LARS", "triton", "cuda", dtype, **kw)
     assert ob.backends_in_use() == ["triton"]
