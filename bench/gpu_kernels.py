@@ -96,36 +96,22 @@ def _params(dtype, device, seed=0):
 
 def step(device: str) -> int:
     """One step (two: the second with state) of every fused kernel: LARS, TVLARS, LAMB, LAMB with the
-    global clip, fp32 and bf16 with fp32 masters, both CUDA launch paths. Small sizes (a run under
-    compute-sanitizer instruments every access)."""
+    global clip, fp32 and bf16 with fp32 masters, then the low-bit cases of :data:`LOWBIT`, both CUDA
+    launch paths. Small sizes (a run under compute-sanitizer instruments every access)."""
     dev = torch.device(device)
     failures = 0
     paths = ("auto", "two_launch")
+    base = [(name, dtype, master, {}) for name in CASES for dtype, master in ((torch.float32, False),
+                                                                               (torch.bfloat16, True))]  # fmt: skip
+    lowbit = [(name, dtype, master, dict(state_dtype=sd)) for name, sd, dtype, master in LOWBIT]
     for backend, live, why in _fused(dev):
         if not live:
             print(f"skip {backend}: {why}")
             continue
-        for name, (cls, kw) in CASES.items():
-            for dtype, master in ((torch.float32, False), (torch.bfloat16, True)):
-                for path in paths if backend == "cuda" else ("auto",):
-                    os.environ["FUSEDLARS_CUDA_PATH"] = path
-                    ps = _params(dtype, dev)
-                    try:
-                        opt = cls(ps, backend=backend, master_weights=master, **kw)
-                        for _t in range(2):
-                            for p in ps:
-                                p.grad = torch.randn_like(p) * 0.01
-                            opt.step()
-                        if dev.type == "cuda":
-                            torch.cuda.synchronize()
-                        ok = all(torch.isfinite(p).all() for p in ps)
-                        print(f"{'ok  ' if ok else 'FAIL'} {backend} {name} {dtype} master={master} path={path}")
-                        failures += not ok
-                    except Exception as e:
-                        print(f"FAIL {backend} {name} {dtype} master={master} path={path}: {type(e).__name__}: {e}")
-                        failures += 1
+        for name, dtype, master, extra in base + lowbit:
+            for path in paths if backend == "cuda" else ("auto",):
+                failures += _two_steps(dev, backend, name, dtype, master, path, extra)
     os.environ.pop("FUSEDLARS_CUDA_PATH", None)
-    failures += _lowbit_steps(dev, paths)
     return 1 if failures else 0
 
 
@@ -141,42 +127,30 @@ LOWBIT = [
 ]
 
 
-def _lowbit_steps(dev: torch.device, paths: tuple[str, ...]) -> int:
-    """Two steps of every fused backend's low-bit kernels (bf16 / int8 state, remainder masters; the
-    exact kernels of csrc/cuda NOTE [Exact kernels] and Triton's low-bit LARS). A storage a backend
-    refuses (its reason names it) is listed, not failed."""
-    failures = 0
-    for backend, live, _why in _fused(dev):
-        if not live:
-            continue
-        for name, sd, dtype, master in LOWBIT:
-            cls, kw = CASES[name]
-            for path in paths if backend == "cuda" else ("auto",):
-                os.environ["FUSEDLARS_CUDA_PATH"] = path
-                what = f"{backend} {name} state={sd} {dtype} master={master} path={path}"
-                ps = _params(dtype, dev)
-                try:
-                    opt = cls(ps, backend=backend, state_dtype=sd, master_weights=master, **kw)
-                    for _t in range(2):
-                        for p in ps:
-                            p.grad = torch.randn_like(p) * 0.01
-                        opt.step()
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                    ok = all(torch.isfinite(p).all() for p in ps) and opt.backends_in_use() == [backend]
-                    print(f"{'ok  ' if ok else 'FAIL'} {what}")
-                    failures += not ok
-                except RuntimeError as e:
-                    if "not fused" in str(e):
-                        print(f"refused (by design) {what}: {str(e).splitlines()[0][:120]}")
-                    else:
-                        print(f"FAIL {what}: {type(e).__name__}: {e}")
-                        failures += 1
-                except Exception as e:
-                    print(f"FAIL {what}: {type(e).__name__}: {e}")
-                    failures += 1
-    os.environ.pop("FUSEDLARS_CUDA_PATH", None)
-    return failures
+def _two_steps(dev: torch.device, backend: str, name: str, dtype, master, path: str, extra: dict) -> int:
+    """Two steps of one case (1 when it fails: an error or a non-finite param; a storage the backend
+    refuses by design, its reason saying "not fused", is listed and not failed)."""
+    os.environ["FUSEDLARS_CUDA_PATH"] = path
+    cls, kw = CASES[name]
+    what = f"{backend} {name} {dtype} master={master} path={path}" + "".join(f" {k}={v}" for k, v in extra.items())
+    ps = _params(dtype, dev)
+    try:
+        opt = cls(ps, backend=backend, master_weights=master, **kw, **extra)
+        for _t in range(2):
+            for p in ps:
+                p.grad = torch.randn_like(p) * 0.01
+            opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ok = all(torch.isfinite(p).all() for p in ps) and opt.backends_in_use() == [backend]
+        print(f"{'ok  ' if ok else 'FAIL'} {what}")
+        return int(not ok)
+    except Exception as e:
+        if isinstance(e, RuntimeError) and "not fused" in str(e):
+            print(f"refused (by design) {what}: {str(e).splitlines()[0][:120]}")
+            return 0
+        print(f"FAIL {what}: {type(e).__name__}: {e}")
+        return 1
 
 
 def launches(device: str, out: str) -> int:

@@ -176,33 +176,10 @@ def test_grad_scaler_skip_leaves_everything_unchanged(emu, kind, state_dtype):
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
 @pytest.mark.parametrize("kind", ["LARS", "LAMB"])
 def test_state_dict_round_trip_mid_run_continues_bitwise(emu, kind, state_dtype, tmp_path):
-    kw = dict(state_dtype=state_dtype, master_weights="remainder")
+    from test_gpu_lowbit import round_trip_runs
 
-    def grads(ps, t):
-        gen = torch.Generator().manual_seed(10 + t)
-        for p in ps:
-            p.grad = dyadic(p.shape, gen, torch.bfloat16)
-
-    def fresh():
-        gen = torch.Generator().manual_seed(0)
-        return [torch.nn.Parameter(dyadic(s, gen, torch.bfloat16)) for s in SHAPES]
-
-    pa = fresh()
-    oa = KINDS[kind](pa, backend="cuda", **kw)
-    for t in range(3):
-        grads(pa, t)
-        oa.step()
-    pb = fresh()
-    ob = KINDS[kind](pb, backend="cuda", **kw)
-    grads(pb, 0)
-    ob.step()
-    torch.save(ob.state_dict(), tmp_path / "sd.pt")
-    pc = [torch.nn.Parameter(p.detach().clone()) for p in pb]
-    oc = KINDS[kind](pc, backend="cuda", **kw)
-    oc.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
-    for t in range(1, 3):
-        grads(pc, t)
-        oc.step()
+    (pa, oa), (pc, oc) = round_trip_runs(kind, "cuda", "cpu", tmp_path, state_dtype=state_dtype,
+                                         master_weights="remainder")  # fmt: skip
     assert_same_state(oa, pa, oc, pc)
 
 

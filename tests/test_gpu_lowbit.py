@@ -113,40 +113,46 @@ def test_cuda_remainder_masters_with_fp32_state(kind):
     check_against_reference(kind, "cuda", "cuda", torch.bfloat16, "remainder", torch.float32)
 
 
-@needs_gpu
-@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
-@pytest.mark.parametrize("kind", ["LARS", "LAMB"])
-def test_cuda_state_dict_round_trip_continues_bitwise(tmp_path, kind, state_dtype):
-    """Three steps straight against one step, a state_dict saved and loaded (weights_only) into a new
-    optimizer, and two more steps: the same bits."""
-    _live("cuda")
-    kw = dict(state_dtype=state_dtype, master_weights="remainder")
+def round_trip_runs(kind, backend, device, tmp_path, **kw):
+    """Three steps straight, and one step, a state_dict saved and loaded (weights_only) into a new
+    optimizer, two more steps: ``((params, opt) straight, (params, opt) resumed)``, on ``device``."""
 
     def fresh():
         gen = torch.Generator().manual_seed(0)
-        return [torch.nn.Parameter(dyadic(s, gen, torch.bfloat16).cuda()) for s in SHAPES]
+        return [torch.nn.Parameter(dyadic(s, gen, torch.bfloat16).to(device)) for s in SHAPES]
 
     def grads(ps, t):
         gen = torch.Generator().manual_seed(10 + t)
         for p in ps:
-            p.grad = dyadic(p.shape, gen, torch.bfloat16).cuda()
+            p.grad = dyadic(p.shape, gen, torch.bfloat16).to(device)
 
     pa = fresh()
-    oa = KINDS[kind](pa, backend="cuda", **kw)
+    oa = KINDS[kind](pa, backend=backend, **kw)
     for t in range(3):
         grads(pa, t)
         oa.step()
     pb = fresh()
-    ob = KINDS[kind](pb, backend="cuda", **kw)
+    ob = KINDS[kind](pb, backend=backend, **kw)
     grads(pb, 0)
     ob.step()
     torch.save(ob.state_dict(), tmp_path / "sd.pt")
     pc = [torch.nn.Parameter(p.detach().clone()) for p in pb]
-    oc = KINDS[kind](pc, backend="cuda", **kw)
+    oc = KINDS[kind](pc, backend=backend, **kw)
     oc.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
     for t in range(1, 3):
         grads(pc, t)
         oc.step()
+    return (pa, oa), (pc, oc)
+
+
+@needs_gpu
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
+@pytest.mark.parametrize("kind", ["LARS", "LAMB"])
+def test_cuda_state_dict_round_trip_continues_bitwise(tmp_path, kind, state_dtype):
+    """tests/test_cuda_lowbit.py's resume test on the GPU: the resumed run's bits are the straight run's."""
+    _live("cuda")
+    (pa, oa), (pc, oc) = round_trip_runs(kind, "cuda", "cuda", tmp_path, state_dtype=state_dtype,
+                                         master_weights="remainder")  # fmt: skip
     ha, hoa = on_host(pa, oa)
     hc, hoc = on_host(pc, oc)
     assert_same_state(hoa, ha, hoc, hc)
