@@ -226,6 +226,8 @@ def test_sr_bits_runs_is_sr_bits_of_each_run(buffers):
     assert len(got) == buffers
     for k in range(buffers):
         assert torch.equal(got[k], torch.cat([w[k] for w in want]))
+    kept = L.sr_bits_runs(seed, step, pidx, counts, buffers, torch.tensor(counts))  # the caller's counts tensor
+    assert all(torch.equal(a, b) for a, b in zip(kept, got))
     one = L.sr_bits_runs(seed, step[5:6], pidx[5:6], [4097], buffers)
     assert all(torch.equal(a, b) for a, b in zip(one, want[5]))
     empty = L.sr_bits_runs(seed, step[:1], pidx[:1], [0], buffers)

@@ -39,60 +39,24 @@ constexpr int kQB = lowbit::kQBlock;
 // results are bitwise the scalar code's, on every ISA (the AVX-512 / AVX2 intrinsics below are the
 // same lane operations). Lanes past a block's end compute on whatever the buffers hold and are never
 // stored; the sums mask them.
-typedef uint64_t fl_vq __attribute__((vector_size(128)));
 typedef uint16_t fl_vh_a __attribute__((vector_size(32), aligned(2), may_alias));
 typedef int16_t fl_vs __attribute__((vector_size(32)));
 typedef int16_t fl_vs_u __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint8_t fl_vb_u __attribute__((vector_size(16), aligned(1), may_alias));
-typedef uint8_t fl_vb __attribute__((vector_size(16)));
 
 // the double math runs kDN lanes at a time (one register: a 16-double vector lives on the stack)
 typedef float fl_fn __attribute__((vector_size(4 * kDN)));
 typedef float fl_fn_u __attribute__((vector_size(4 * kDN), aligned(4), may_alias));
 typedef int64_t fl_ln __attribute__((vector_size(8 * kDN)));
 FL_AI fl_dn ldd(const float* p) { return __builtin_convertvector(*reinterpret_cast<const fl_fn_u*>(p), fl_dn); }
-FL_AI void stf(float* p, fl_dn x) { *reinterpret_cast<fl_fn_u*>(p) = __builtin_convertvector(x, fl_fn); }
 FL_AI fl_vf ld16(const float* p) { return *reinterpret_cast<const fl_vf_u*>(p); }
 FL_AI void st16(float* p, fl_vf v) { *reinterpret_cast<fl_vf_u*>(p) = v; }
 FL_AI fl_vu bits(fl_vf x) { return (fl_vu)x; }
-typedef uint32_t fl_vu_u __attribute__((vector_size(64), aligned(4), may_alias));
-FL_AI void st16u(uint32_t* p, fl_vu v) { *reinterpret_cast<fl_vu_u*>(p) = v; }
 
 // lanes >= n -> 0.0
 FL_AI fl_dn lane_mask_d(fl_dn x, int n) {
   fl_ln idx;
   for (int l = 0; l < kDN; ++l) idx[l] = l;
   return (fl_dn)((fl_ln)x & (idx < n));
-}
-
-// 32x32 -> 64-bit products of 16 lanes by m: hi and lo words (lowbit::mulhilo32 per lane)
-FL_AI void mulhilo_v(fl_vu a, uint32_t m, fl_vu& hi, fl_vu& lo) {
-#if FL_ISA == 2
-  const __m512i av = (__m512i)a, mv = _mm512_set1_epi64(m);
-  // (maskz forms: NOTE [AVX-512 intrinsics with a defined source] in isa_impl.h)
-  const __mmask8 all = 0xFF;
-  const __m512i pe = _mm512_maskz_mul_epu32(all, av, mv);                                   // lanes 0, 2, ..
-  const __m512i po = _mm512_maskz_mul_epu32(all, _mm512_maskz_srli_epi64(all, av, 32), mv);  // lanes 1, 3, ..
-  lo = (fl_vu)_mm512_mask_blend_epi32((__mmask16)0xAAAA, pe, _mm512_maskz_slli_epi64(all, po, 32));
-  hi = (fl_vu)_mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_maskz_srli_epi64(all, pe, 32), po);
-#elif FL_ISA == 1
-  const __m256i mv = _mm256_set1_epi64x(m);
-  __m256i h[2], l[2];
-  for (int q = 0; q < 2; ++q) {
-    const __m256i av = q ? (__m256i)FL_HI8(a) : (__m256i)FL_LO8(a);
-    const __m256i pe = _mm256_mul_epu32(av, mv);
-    const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(av, 32), mv);
-    l[q] = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
-    h[q] = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  }
-  typedef uint32_t v8u __attribute__((vector_size(32)));
-  lo = FL_CAT8((v8u)l[0], (v8u)l[1]);
-  hi = FL_CAT8((v8u)h[0], (v8u)h[1]);
-#else
-  const fl_vq p = __builtin_convertvector(a, fl_vq) * uint64_t(m);
-  lo = __builtin_convertvector(p, fl_vu);
-  hi = __builtin_convertvector(p >> 32, fl_vu);
-#endif
 }
 
 // lowbit::bf16_sr_bits per lane (the 16-bit results in 32-bit lanes)

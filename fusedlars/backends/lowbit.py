@@ -28,7 +28,6 @@ Who uses what (later work, issue #26): bf16 optimizer state is stored with
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 
@@ -186,7 +185,12 @@ def sr_bits(seed: int, step, param_index, elem: torch.Tensor, buffers: int) -> t
 
 
 def sr_bits_runs(
-    seed: int, step: torch.Tensor, param_index: torch.Tensor, counts: list[int], buffers: int
+    seed: int,
+    step: torch.Tensor,
+    param_index: torch.Tensor,
+    counts: list[int],
+    buffers: int,
+    counts_t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """:func:`sr_bits` of whole params at once, with one Philox call per call, not per element: the
     bits of elements ``0 .. counts[r] - 1`` of param ``param_index[r]`` at step ``step[r]`` (int64
@@ -194,7 +198,9 @@ def sr_bits_runs(
     ``sum(counts)`` values per buffer). Bitwise :func:`sr_bits` on the same elements (NOTE
     [Stochastic-rounding bits: 16 per value, 8 per Philox call]: a call serves ``P`` consecutive
     elements, so evaluating it once per element, as ``sr_bits`` on arbitrary indices must, is ``P``
-    times the work: tests/test_lowbit.py compares the two)."""
+    times the work: tests/test_lowbit.py compares the two). ``counts_t``: the same counts as an int64
+    tensor on that device, when the caller keeps one (a step then copies nothing from the host:
+    a pageable host-to-device copy waits for the device's queue); made from ``counts`` otherwise."""
     if buffers not in SR_PER_CALL:
         raise ValueError(f"buffers must be 1 or 2, got {buffers}")
     if not 0 <= seed < 2**64:
@@ -209,10 +215,11 @@ def sr_bits_runs(
         q = torch.arange(ncall, dtype=torch.int64, device=dev)
         st, pi = step.reshape(()), param_index.reshape(())
     else:
-        run = torch.repeat_interleave(
-            torch.arange(len(counts), device=dev), torch.tensor(calls, dtype=torch.int64, device=dev), output_size=ncall
-        )
-        first = torch.tensor([0, *itertools.accumulate(calls)][:-1], dtype=torch.int64, device=dev)
+        if counts_t is None:
+            counts_t = torch.tensor(counts, dtype=torch.int64, device=dev)
+        calls_t = (counts_t + (per - 1)) // per
+        run = torch.repeat_interleave(torch.arange(len(counts), device=dev), calls_t, output_size=ncall)
+        first = torch.cumsum(calls_t, 0) - calls_t  # each run's first call
         q = torch.arange(ncall, dtype=torch.int64, device=dev) - first[run]
         st, pi = step.reshape(-1)[run], param_index.reshape(-1)[run]
     w = philox4x32(q & M32, st.to(torch.int64) & M32, pi.to(torch.int64) & M32, q >> 32, seed & M32, seed >> 32)

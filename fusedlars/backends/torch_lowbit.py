@@ -196,7 +196,7 @@ def _words(bucket: Bucket, P: _Plan, buffers: int) -> tuple[torch.Tensor, ...] |
     if bucket.state_storage != "bfloat16":
         return None
     step = bucket.step.index_select(0, P.sel).to(torch.int64) + 1  # the count once this step is done
-    return lowbit.sr_bits_runs(bucket.seed, step, P.pidx_seg, P.numels, buffers)
+    return lowbit.sr_bits_runs(bucket.seed, step, P.pidx_seg, P.numels, buffers, P.counts)
 
 
 def _store(bucket: Bucket, P: _Plan, name: str, new: torch.Tensor, keep: torch.Tensor, words) -> None:

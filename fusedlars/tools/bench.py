@@ -302,8 +302,8 @@ def _state_dtype_variants(
     """``--state-dtype``: the optimizer on this run's fused backends (``backends``, those live for
     ``device``; the reference is left out) and the torch backend, with each optimizer-state storage;
     a backend that refuses a storage is listed as skipped with its reason. With
-    ``--norms-in-backward`` also LARS with the norms taken in backward (``+bwd``; carried weight norms
-    where the backend carries them: the step that reads each gradient once)."""
+    ``--norms-in-backward`` also LARS on the cpu backend with the norms taken in backward and carried
+    weight norms (``+bwd``: the step that reads each gradient once)."""
     import fusedlars
 
     h = HYPER[optimizer]
@@ -330,14 +330,14 @@ def _state_dtype_variants(
             skipped.append((name, why))
             continue
         out.append(Variant(name, "fusedlars", algo, make, f"state_dtype={sd}, {be} backend"))
-        if norms_in_backward and optimizer == "lars" and be != "torch":
-            carry = _carries(be)
-            make_bwd = lambda p, kw=kw, v=value, be=be, carry=carry: fusedlars.LARS(  # noqa: E731
-                p, backend=be, state_dtype=v, norms_in_backward=True, carry_weight_norms=carry, **kw
+        # only the cpu backend's low-bit step takes the norms from backward (with carried weight norms);
+        # cuda, triton and torch decline them for low-bit state: their "+bwd" would be the two-pass step
+        if norms_in_backward and optimizer == "lars" and _carries(be):
+            make_bwd = lambda p, kw=kw, v=value, be=be: fusedlars.LARS(  # noqa: E731
+                p, backend=be, state_dtype=v, norms_in_backward=True, carry_weight_norms=True, **kw
             )
-            out.append(Variant(f"fusedlars[{be},{sd}]+bwd", "fusedlars", "lars_bwd" if carry else "lars_carried",
-                               make_bwd, f"state_dtype={sd}, norms_in_backward=True"
-                               + (", carry_weight_norms=True" if carry else "")))  # fmt: skip
+            out.append(Variant(f"fusedlars[{be},{sd}]+bwd", "fusedlars", "lars_bwd", make_bwd,
+                               f"state_dtype={sd}, norms_in_backward=True, carry_weight_norms=True"))  # fmt: skip
     return out, skipped
 
 
