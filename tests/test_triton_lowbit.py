@@ -6,8 +6,8 @@ layer spans 3 tiles).
 Bitwise GIVEN the same norms, as tests/test_cpu_lowbit.py: dyadic inputs (k * 2**-4, |k| <= 8) make the
 kernels' fp32 sums of w^2 and g^2 exact, so the trust ratio, momentum bits, remainders and params equal the
 reference's. ||g + lam*w|| (only reported: u_norm, the default denominator is sum_of_norms) is not a sum of
-exact squares: compared at the fp32 tolerance. LAMB and TVLARS with low-bit state are refused (with the
-reason)."""
+exact squares: compared at the fp32 tolerance. TVLARS's phi_t is formed in float64 in launch 2 (bitwise over
+steps); LAMB with low-bit state is refused (with the reason)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from fusedlars.backends import triton as tb
 pytestmark = [
     pytest.mark.skipif(not tb.available()[0], reason=f"triton backend unavailable: {tb.available()[1]}"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
 ]
 
 SHAPES = [(1,), (3,), (255,), (257,), (1100,), (0,), (4, 3, 3, 3)]
@@ -154,8 +155,43 @@ def test_inf_nan_grads_and_a_skipped_step(state_dtype):
         assert all(torch.equal(bits(torch.as_tensor(ob.state[p][k])), v) for k, v in st.items())
 
 
-@pytest.mark.parametrize("kind, state_dtype, why", [("TVLARS", "int8", "TVLARS with low-bit state"),
-                                                    ("LAMB", torch.bfloat16, "LAMB with low-bit state")])  # fmt: skip
+@STORAGES
+@pytest.mark.parametrize("gate", [0, 2])
+def test_tvlars_phi_in_float64_over_steps(state_dtype, gate):
+    """TVLARS: phi_t = 1/(alpha + exp(lmbda (t - shift))) + gamma_min in float64 from the double options and
+    each layer's completed steps, 3 steps (phi = 1 while t < gate). The weights are reset to new dyadic values
+    before each step (fp32 params, no masters), so every step's sums are exact while the momentum state carries
+    the previous ratios: params, state and tables bitwise. lmbda is large so that phi moves per step."""
+    gen = torch.Generator().manual_seed(5)
+
+    def fresh_weights(ps, opt, t):
+        for p in ps:
+            p.data.copy_(dyadic(p.shape, gen, torch.float32))
+
+    kw = dict(lmbda=0.7, alpha=0.3, shift=-0.5, gamma_min=0.01, gate=gate, weight_decay=2**-4,
+              lars_adaptation_filter=False, trust_coefficient=0.02)  # fmt: skip
+    runs = []
+    for backend in ("reference", "triton"):
+        gen.manual_seed(5)
+        ps, opt = tv_run(backend, state_dtype, fresh_weights, **kw)
+        runs += [opt, ps]
+    assert runs[2].backends_in_use() == ["triton"]
+    assert_same_state(*runs, nan_any_sign=True)
+
+
+def tv_run(backend, state_dtype, hook, steps=3, **kw):
+    gen = torch.Generator().manual_seed(3)
+    ps = [torch.nn.Parameter(dyadic(s, gen, torch.float32)) for s in SHAPES]
+    opt = fusedlars.TVLARS(ps, lr=0.5, backend=backend, state_dtype=state_dtype, seed=7, **kw)
+    for t in range(steps):
+        for i, p in enumerate(ps):
+            p.grad = dyadic(p.shape, gen, torch.float32) * (0 if i == 3 else 1)
+        hook(ps, opt, t)
+        opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("kind, state_dtype, why", [("LAMB", torch.bfloat16, "LAMB with low-bit state")])
 def test_refused_with_a_reason(kind, state_dtype, why):
     p = torch.nn.Parameter(torch.randn(10))
     opt = getattr(fusedlars, kind)([p], lr=0.1, state_dtype=state_dtype)

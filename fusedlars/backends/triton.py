@@ -29,8 +29,8 @@ Low-bit state (issue #26): LARS with bf16 momentum and/or remainder masters runs
 ``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel`` (2 launches; element math in fp32, uncontracted,
 bitwise the reference's given the same sums: NOTE [Low-bit LARS in the Triton kernels]); so does LARS with
 int8 momentum (launch 2 quantizes each 256-element block of a chunk as one row: TILE and BLOCK are
-multiples of it). LAMB and TVLARS with low-bit state are refused by ``supports()`` with the reason (the
-torch backend runs them).
+multiples of it); TVLARS too (its phi_t in float64 in launch 2). LAMB with low-bit state is refused by
+``supports()`` with the reason (the torch backend runs it).
 
 FSDP2 / DTensor buckets: ``lars_partials`` / ``lamb_partials`` are launch 1 and return the
 per-segment sums ``[3, S]``; ``lars_apply`` / ``lamb_apply`` are launch 2 from sums the caller
@@ -166,8 +166,6 @@ def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
             f"int8 state needs the Triton tile geometry in whole {lowbit.QBLOCK}-element quantization blocks "
             f"(TILE={TILE}, BLOCK={BLOCK})" + tail
         )
-    if getattr(cfg, "tv", None) is not None:
-        return "TVLARS with low-bit state is not fused by the Triton backend (its phi is exp() in float64)" + tail
     if bucket.dtype != torch.float32 and not (bucket.uses_masters or bucket.uses_remainder):
         return (
             f"{bucket.dtype} params with low-bit state need master weights in the Triton backend (the reference "

@@ -1141,7 +1141,8 @@ def _clip64(r, lr, clip_mode, dopts_ptr):
 def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
     """reference.lars_layer_scalars in float64 (a ``SEG_RATIO``): the norms are sqrt of the sums in float64,
     ``lam = weight_decay * wd_mask`` and ``lr`` as the reference forms them; ``opts = (fp32 opts,
-    dopts_ptr, lr_ptr)``. TVLARS is not run here (supports() refuses it)."""
+    dopts_ptr, lr_ptr)``; TVLARS's phi_t in float64 from the double options, as the reference forms it
+    (``exp`` is the device's: CUDA's on a GPU as torch.exp there, numpy's in the interpreter)."""
     fo, dp, lr_ptr = opts
     lr = tl.load(lr_ptr).to(tl.float64)
     lam = tl.where(lam32 != 0, _d(dp, LARS.weight_decay), 0.0)  # wd * wd_mask (0 or 1) as the reference forms it
@@ -1161,7 +1162,13 @@ def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
         den = side + lam * n_w + _d(dp, LARS.eps)
     else:
         den = side + _d(dp, LARS.eps)
-    ratio = _d(dp, LARS.eta) * n_w / den  # eta * phi * n_w / den, phi = 1
+    eta_phi = _d(dp, LARS.eta)  # eta * phi, phi = 1 for plain LARS (exact)
+    if fo[LARS.tv_on] != 0:  # formulas.tv_phi_tensor in float64 (t: the completed steps, exact in fp32)
+        tt = t.to(tl.float64)
+        e = tl.exp(_d(dp, LARS.tv_lmbda) * (tt - _d(dp, LARS.tv_shift)))
+        phi = 1.0 / (_d(dp, LARS.tv_alpha) + e) + _d(dp, LARS.tv_gamma_min)
+        eta_phi = eta_phi * tl.where(tt < _d(dp, LARS.tv_gate), 1.0, phi)
+    ratio = eta_phi * n_w / den
     check_mode = fo[LARS.zero_norm_check]
     if check_mode == CHECK_RAW_GRAD:
         ok = (n_w_raw > 0) & (n_g_raw > 0)
