@@ -198,6 +198,10 @@ def _signature(kernel) -> dict[str, str]:
             sig[name] = ("fp32",) * len(option_fields.TABLES[kind])
         elif (name == "part_ptr" and fn.__name__ == "grad_sumsq_kernel") or name == "g2_ptr":
             sig[name] = "*fp64"
+        elif "lowbit" in fn.__name__ and name == "lr_ptr":  # a float lr is a float64 scalar there (_f64_lr)
+            sig[name] = "*fp64"
+        elif fn.__name__.startswith("lamb_lowbit") and name in ("work_ptr", "clip_ptr"):  # the float64 scratch
+            sig[name] = "*fp64"
         else:
             sig[name] = _PTR_TYPES.get(name, "*fp32")
     return sig
@@ -252,7 +256,22 @@ def aot_specializations(covering: bool = False) -> list[dict]:
                     continue
                 add(tb.K.lars_lowbit_update_kernel, dt, HAS_MASTER=master != 0, MASTER=master, MOM=mom, STORE=store,
                     **geo)  # fmt: skip
+    # low-bit LAMB: the same param forms; STORE 0 bf16, 1 int8, 2 fp32 moments (beside remainder masters only)
+    lamb_cover = {(torch.float32, 0, 1, BIAS["both"]), (torch.bfloat16, 1, 0, BIAS["none"]),
+                  (torch.bfloat16, 2, 1, BIAS["first_outside"]), (torch.bfloat16, 2, 2, BIAS["both"]),
+                  (torch.float16, 1, 1, BIAS["both"])}  # fmt: skip
+    for dt, master in ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float16, 1)):
+        for store in (0, 1, 2) if master == 2 else (0, 1):
+            for bc in BIAS.values():
+                if covering and (dt, master, store, bc) not in lamb_cover:
+                    continue
+                for k in (tb.K.lamb_lowbit_partials_kernel, tb.K.lamb_lowbit_update_kernel):
+                    add(k, dt, MASTER=master, STORE=store, BC=bc, **geo)
     return out
+
+
+#: the kernels the backend launches with ``enable_fp_fusion=False`` (triton._NO_FMA)
+_NO_FMA_KERNELS = ("lars_lowbit_update_kernel", "lamb_lowbit_partials_kernel", "lamb_lowbit_update_kernel")
 
 
 def aot_compile(spec: dict, arch: int) -> dict:
@@ -266,7 +285,7 @@ def aot_compile(spec: dict, arch: int) -> dict:
     sig = _signature(spec["kernel"])
     src = ASTSource(fn=spec["kernel"], signature=sig, constexprs=dict(spec["constexprs"]))
     options = {"num_warps": tb.NUM_WARPS}
-    if "lowbit_update" in spec["name"]:  # launched without FMA contraction (triton._NO_FMA)
+    if spec["name"] in _NO_FMA_KERNELS:  # launched without FMA contraction (triton._NO_FMA)
         options["enable_fp_fusion"] = False
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     res = dict(

@@ -151,7 +151,7 @@ def _exact_backends() -> list[str]:
     backend's is its fast fp32 path; its low-bit path is the reference's bitwise: the tests below)."""
     from fusedlars import backends
 
-    return ["reference"] + (["cpu"] if backends.status("cpu")[0] else [])
+    return ["reference"] + [b for b in ("cpu", "triton") if backends.status(b)[0]]
 
 
 @pytest.mark.parametrize("backend", _exact_backends())

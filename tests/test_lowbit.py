@@ -696,6 +696,14 @@ if _TRITON_ERR is None:
         tl.store(r_ptr + offs, r, mask=mask)
         tl.store(back_ptr + offs, TL.master_rebuild(p, r), mask=mask)
 
+    @triton.jit
+    def _k_libm(b_ptr, t_ptr, pow_ptr, exp_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        t = tl.load(t_ptr + offs, mask=mask, other=1.0)
+        tl.store(pow_ptr + offs, TL.pow64(tl.load(b_ptr + offs, mask=mask, other=0.5), t), mask=mask)
+        tl.store(exp_ptr + offs, TL.exp64(-t * 0.0171), mask=mask)
+
 
 def _grid(n, block):
     return (max(1, triton.cdiv(n, block)),)
@@ -767,6 +775,30 @@ def test_triton_quantize(signed):
         assert codes.cpu().tolist() == want_c.tolist(), name
         assert same_bits(scales.cpu(), want_s), name
         assert same_or_both_nan(deq.cpu(), L.dequantize_blockwise(want_c, want_s, signed)), name
+
+
+@needs_triton
+def test_triton_pow_and_exp_are_the_references():
+    """triton_lowbit NOTE [Device libm in the kernels]: ``pow64(b, t)`` is the reference's ``b ** t`` (a float
+    to the power of a 0-dim float64 tensor) and ``exp64`` its torch.exp, bit for bit, on the kernel's device,
+    for the betas of LAMB presets and t up to 3000; the exponents also cover TVLARS's phi. exp(t * log(b)) (what
+    the fp32-state kernels use) differs from the reference's pow for most of these, and numpy's exp (the
+    interpreter's tl.exp) for some, so this test fails for either substitute."""
+    betas = [0.9, 0.999, 0.95, 0.98, 0.99, 0.5, 0.9999, 0.875]
+    ts = [float(t) for t in range(1, 3001, 7)]
+    b = torch.tensor([x for x in betas for _ in ts], dtype=torch.float64)
+    t = torch.tensor(ts * len(betas), dtype=torch.float64)
+    n = b.numel()
+    pw, ex = torch.zeros(n, dtype=torch.float64, device=DEV), torch.zeros(n, dtype=torch.float64, device=DEV)
+    _k_libm[_grid(n, 256)](b.to(DEV), t.to(DEV), pw, ex, n, BLOCK=256)
+    if DEV == "cpu":  # the reference's own expressions, on 0-dim tensors
+        want_pow = torch.tensor([bi.item() ** ti for bi, ti in zip(b, t)], dtype=torch.float64)
+        want_exp = torch.tensor([torch.exp(-ti * 0.0171).item() for ti in t], dtype=torch.float64)
+    else:
+        want_pow = (b.to(DEV) ** t.to(DEV)).cpu()
+        want_exp = torch.exp(-t.to(DEV) * 0.0171).cpu()
+    assert same_bits(pw.cpu(), want_pow)
+    assert same_bits(ex.cpu(), want_exp)
 
 
 @needs_triton

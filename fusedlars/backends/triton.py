@@ -157,8 +157,6 @@ def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
     if not bucket.exact_elements:
         return None
     tail = ": the torch and reference backends step it (backend='auto' picks torch)"
-    if kind != "LARS":
-        return f"{kind} with low-bit state or remainder masters is not fused by the Triton backend yet" + tail
     if bucket.shard is not None and bucket.shard.shard_dims:
         return "sharded buckets with low-bit state or remainder masters are not fused by the Triton backend" + tail
     if bucket.state_storage == "int8" and (TILE % lowbit.QBLOCK or BLOCK % lowbit.QBLOCK):
@@ -202,6 +200,13 @@ class _Scratch:
         self.clip = CachedScalar(dev, torch.float32)  # a float clip_coef
         self.plan: torch.Tensor | None = None  # the plan table (_plan)
         self.plan_key: tuple[int, ...] | None = None
+
+    def work64(self) -> torch.Tensor:
+        """``work``'s layout in float64: the scratch of the exact (low-bit) LAMB kernels, whose sums are in
+        float64 (NOTE [Low-bit LAMB in the Triton kernels]); allocated on first use."""
+        if not hasattr(self, "_work64"):
+            self._work64 = torch.zeros(self.work.numel(), dtype=torch.float64, device=self.work.device)
+        return self._work64
 
     def ssq(self, num_segs: int) -> torch.Tensor:
         """The per-segment sums in ``work``, a ``[3, S]`` view."""
@@ -500,6 +505,35 @@ def _lars_lowbit_update_op(
             qmap, qmid, tuple(opts), **cx, **_NO_FMA)  # fmt: skip
 
 
+@_register("triton_lamb_lowbit_partials", ("work", "count"))
+def _lamb_lowbit_partials_op(
+    addr: T_, plan: T_, work: T_, count: T_, step: T_, has_state: T_, lr: T_, inv_scale: T_, found_inf: T_, clip: T_,
+    dopts: T_, qmap: T_, umap: T_, opts: list[float], grid: int, pdt: int, master: int, store: int, bc: int,
+    geo: list[int],
+) -> None:  # fmt: skip
+    """Launch 1 of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]): float64 sums into ``work`` (the
+    float64 scratch), compiled without FMA contraction; the arrival counters re-armed if it raises."""
+    cx = dict(PDT=_pdt(pdt), MASTER=master, STORE=store, BC=bc, GEO=tuple(geo))
+    with _rearm_on_error(count):
+        _launch(K.lamb_lowbit_partials_kernel, grid, addr, plan, work, count, step, has_state, lr, inv_scale,
+                found_inf, clip, dopts, qmap, umap, tuple(opts), **cx, **_NO_FMA)  # fmt: skip
+
+
+@_register("triton_lamb_lowbit_update", ("step", "has_state", "w_norm", "g_norm", "u_norm", "trust_ratio"))
+def _lamb_lowbit_update_op(
+    addr: T_, plan: T_, work: T_, step: T_, has_state: T_, w_norm: T_, g_norm: T_, u_norm: T_, trust_ratio: T_,
+    lr: T_, inv_scale: T_, found_inf: T_, clip: T_, dopts: T_, pidx: T_, seed: int, qmap: T_, umap: T_, qmid: T_,
+    umid: T_, opts: list[float], grid: int, pdt: int, master: int, store: int, bc: int, geo: list[int],
+) -> None:  # fmt: skip
+    """Launch 2 of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]), compiled without FMA contraction;
+    ``store`` 1: int8 moments (signed ``qmap`` / ``qmid`` for exp_avg, unsigned ``umap`` / ``umid`` for
+    exp_avg_sq)."""
+    outs = (step, has_state, w_norm, g_norm, u_norm, trust_ratio)
+    cx = dict(PDT=_pdt(pdt), MASTER=master, STORE=store, BC=bc, GEO=tuple(geo))
+    _launch(K.lamb_lowbit_update_kernel, grid, addr, plan, work, *outs, lr, inv_scale, found_inf, clip, dopts, pidx,
+            seed, qmap, umap, qmid, umid, tuple(opts), **cx, **_NO_FMA)  # fmt: skip
+
+
 #: launch options of the low-bit kernels: the element math operation by operation, no contraction into FMAs
 _NO_FMA = {} if _IMPORT_ERROR is not None or (K is not None and K.INTERPRET) else {"enable_fp_fusion": False}
 
@@ -595,16 +629,20 @@ def _step_scalars(sc: _Scratch, cfg, *names: str) -> list[torch.Tensor]:
     return out
 
 
+#: the low-bit kernels' ``STORE`` per state storage (float32: fp32 state beside remainder masters)
+_STORE = {"bfloat16": 0, "int8": 1, "float32": 2}
+
+
 def _master_code(bucket: Bucket) -> int:
     """The low-bit kernels' ``MASTER``: 0 the params are the weights, 1 fp32 masters, 2 remainder masters."""
     return 2 if bucket.uses_remainder else 1 if bucket.uses_masters else 0
 
 
-def _lowbit_tables(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The float64 option rows (``dopts``, rewritten when they change) and the params' state_dict ids
-    (int64 [S]) of the low-bit kernels, cached on the bucket."""
+def _lowbit_tables(bucket: Bucket, cfg, kind: str = "LARS") -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 option rows of ``kind`` (``dopts``, rewritten when they change) and the params' state_dict
+    ids (int64 [S]) of the low-bit kernels, cached on the bucket."""
     cache = bucket.cache.setdefault(NAME, {})
-    vals = tuple(option_fields.triton_values("LARS", cfg))
+    vals = tuple(option_fields.triton_values(kind, cfg))
     hit = cache.get("dopts")
     if hit is None or hit[0] != vals:
         host = torch.tensor(vals, dtype=torch.float64)
@@ -630,29 +668,57 @@ def _lars_lowbit_step(bucket: Bucket, cfg: LarsConfig) -> None:
     inv_scale, found_inf = _step_scalars(sc, cfg, "inv_scale", "found_inf")
     grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
     mom = triton_mom(cfg.momentum, cfg.momentum_mode)
-    store = 1 if b.state_storage == "int8" and b.state_names else 0  # int8 momentum (none: no state at all)
+    store = _STORE[b.state_storage]
     qmap, qmid = _qtables(b.device)
     _op("triton_lars_lowbit_update")(addr, _plan(b, sc), sc.work, b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm,
                                      b.trust_ratio, lr, inv_scale, found_inf, dopts, pidx, b.seed, qmap, qmid, opts,
                                      grid, _PDT_CODE[b.dtype], master, mom, store, _geometry())  # fmt: skip
 
 
-_QTABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_QTABLES: dict[tuple[torch.device, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _qtables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The signed dynamic map (256 fp32 codes) and its 255 midpoints (lowbit) on ``device``, cached."""
-    t = _QTABLES.get(device)
+def _qtables(device: torch.device, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed (or unsigned) dynamic map (256 fp32 codes) and its 255 midpoints (lowbit) on ``device``, cached."""
+    t = _QTABLES.get((device, signed))
     if t is None:
-        t = _QTABLES[device] = (lowbit.dynamic_map(True).to(device), lowbit.code_midpoints(True).to(device))
+        t = _QTABLES[device, signed] = (lowbit.dynamic_map(signed).to(device), lowbit.code_midpoints(signed).to(device))
     return t
+
+
+def _lamb_lowbit_step(bucket: Bucket, cfg: LambConfig) -> None:
+    """Both launches of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]), on the float64 scratch."""
+    sc = _scratch(bucket)
+    b = bucket
+    opts = option_fields.triton_values("LAMB", cfg)
+    dopts, pidx = _lowbit_tables(b, cfg, "LAMB")
+    lr = cfg.lr.reshape(-1) if isinstance(cfg.lr, torch.Tensor) else _f64_lr(sc, cfg.lr)
+    inv_scale, found_inf = _step_scalars(sc, cfg, "inv_scale", "found_inf")
+    clip = cfg.clip_coef
+    clip = _t(clip if clip is None or isinstance(clip, torch.Tensor) else _f64_scalar(sc, "clip64", clip), sc.one)
+    (qmap, qmid), (umap, umid) = _qtables(b.device, True), _qtables(b.device, False)
+    store = _STORE[b.state_storage]
+    modes = (_PDT_CODE[b.dtype], _master_code(b), store, _bc(cfg), _geometry())
+    addr = _addresses(b)
+    grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
+    work, plan = sc.work64(), _plan(b, sc)
+    _op("triton_lamb_lowbit_partials")(addr, plan, work, sc.count, b.step, b.has_state, lr, inv_scale, found_inf, clip,
+                                       dopts, qmap, umap, opts, grid, *modes)  # fmt: skip
+    _op("triton_lamb_lowbit_update")(addr, plan, work, b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm,
+                                     b.trust_ratio, lr, inv_scale, found_inf, clip, dopts, pidx, b.seed, qmap, umap,
+                                     qmid, umid, opts, grid, *modes)  # fmt: skip
 
 
 def _f64_lr(sc: _Scratch, lr: float) -> torch.Tensor:
     """A Python float lr as a float64 device tensor (the reference's double), cached."""
-    if not hasattr(sc, "lr64"):
-        sc.lr64 = CachedScalar(sc.one.device, torch.float64)
-    return sc.lr64(lr)
+    return _f64_scalar(sc, "lr64", lr)
+
+
+def _f64_scalar(sc: _Scratch, name: str, x: float) -> torch.Tensor:
+    """A Python float as a float64 device tensor (the reference's double), cached as ``sc.<name>``."""
+    if not hasattr(sc, name):
+        setattr(sc, name, CachedScalar(sc.one.device, torch.float64))
+    return getattr(sc, name)(x)
 
 
 def lars_partials(bucket: Bucket, cfg: LarsConfig) -> tuple[torch.Tensor, tuple]:
@@ -765,7 +831,12 @@ def lamb_apply(bucket: Bucket, cfg: LambConfig, ssq: torch.Tensor, ctx: tuple) -
 
 
 def lamb_step(bucket: Bucket, cfg: LambConfig) -> None:
-    """One LAMB step: :func:`lamb_partials` then launch 2 on launch 1's own sums (2 launches)."""
+    """One LAMB step: :func:`lamb_partials` then launch 2 on launch 1's own sums (2 launches); a bucket with
+    low-bit state or remainder masters through the low-bit kernels (2 launches)."""
+    if bucket.exact_elements:
+        _check("LAMB", cfg, bucket)
+        _lamb_lowbit_step(bucket, cfg)
+        return
     _, ctx = lamb_partials(bucket, cfg)
     _lamb_apply(bucket, cfg, ctx)
 

@@ -222,9 +222,10 @@ def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
     added element-wise in tile order, then one ``tl.sum``. The bits depend only on the partials,
     ``lo``, ``hi`` and RBLOCK, not on which program runs it. Loads bypass L1 (``.cg``): the partials
     were written by other programs of this launch."""
-    a0 = tl.zeros([RBLOCK], dtype=tl.float32)
-    a1 = tl.zeros([RBLOCK], dtype=tl.float32)
-    a2 = tl.zeros([RBLOCK], dtype=tl.float32)
+    DT: tl.constexpr = part_ptr.dtype.element_ty  # fp32, or float64 (the exact LAMB kernels' scratch)
+    a0 = tl.zeros([RBLOCK], dtype=DT)
+    a1 = tl.zeros([RBLOCK], dtype=DT)
+    a2 = tl.zeros([RBLOCK], dtype=DT)
     for j in range(lo, hi, RBLOCK):
         idx = j + tl.arange(0, RBLOCK)
         m = idx < hi
@@ -271,7 +272,7 @@ def _store_partials_and_reduce(work_ptr, plan_ptr, count_ptr, pid, s, lo, acc0, 
 @triton.jit
 def _seg_sum1(part_ptr, lo, hi, RBLOCK: tl.constexpr):
     """:func:`_seg_sum3` of the first partial row alone (the given-grad-sums launch 1 stores no others)."""
-    a0 = tl.zeros([RBLOCK], dtype=tl.float32)
+    a0 = tl.zeros([RBLOCK], dtype=part_ptr.dtype.element_ty)
     for j in range(lo, hi, RBLOCK):
         idx = j + tl.arange(0, RBLOCK)
         a0 += tl.load(part_ptr + idx, mask=idx < hi, other=0.0, cache_modifier=".cg")
@@ -1079,6 +1080,79 @@ def _weights32(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
 
 
 @triton.jit
+def _weights_store(tile, offs, m, w32, PDT: tl.constexpr, MASTER: tl.constexpr):
+    """Store the new fp32 weights: param and remainder (lowbit NOTE [Master split]), fp32 master and the param
+    rounded to nearest from it, or the fp32 param (MASTER 2/1/0; half params without masters are refused)."""
+    pp = _buf_ptr(tile, 0, PDT, False)
+    if MASTER == 2:
+        p, rem = _LB.master_split(w32)
+        tl.store(pp + offs, p, mask=m)
+        tl.store(_buf_ptr(tile, 2, tl.int16, False) + offs, rem, mask=m)
+    elif MASTER == 1:
+        tl.store(_buf_ptr(tile, 2, tl.float32, False) + offs, w32, mask=m)
+        if PDT == tl.bfloat16:
+            tl.store(pp + offs, _LB.bf16_rne(w32), mask=m)
+        else:
+            tl.store(pp + offs, w32.to(PDT), mask=m)
+    else:
+        tl.store(pp + offs, w32, mask=m)
+
+
+@triton.jit
+def _scales_ptr(tile, srow, STORE: tl.constexpr):
+    """int8 (``STORE`` 1): the segment's block scales in address-table row ``srow`` (block j at + j); else the
+    tile's first address (never dereferenced)."""
+    if STORE == 1:
+        sp = _ptr(_addr(tile[0], srow, tile[1], tile[2]), 0, tl.float32, False)
+    else:
+        sp = _ptr(_addr(tile[0], 0, tile[1], tile[2]), 0, tl.float32, False)
+    return sp
+
+
+@triton.jit
+def _state_load32(tile, row, scale_ptr, offs, m, map_ptr, STORE: tl.constexpr, BLOCK: tl.constexpr):
+    """The stored state buffer of row ``row`` at the chunk ``offs``, in fp32 (exact): bf16 widened (``STORE``
+    0), int8 codes dequantized with their block's scale (1: lowbit.dequantize_blockwise, map[code] * scale)
+    or fp32 (2: fp32 state beside remainder masters)."""
+    if STORE == 1:
+        code = tl.load(_buf_ptr(tile, row, tl.uint8, False) + offs, mask=m, other=0)
+        x = _LB.dequantize(code, tl.load(scale_ptr + (tile[3] + offs) // QBLOCK, mask=m, other=0.0), map_ptr)
+    elif STORE == 2:
+        x = tl.load(_buf_ptr(tile, row, tl.float32, False) + offs, mask=m, other=0.0)
+    else:
+        x = tl.load(_buf_ptr(tile, row, tl.bfloat16, False) + offs, mask=m, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _state_store(
+    tile, row, scale_ptr, k, offs, m, x, mid_ptr, sr, STORE: tl.constexpr, BUF: tl.constexpr, BUFS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Store the chunk's new fp32 state ``x`` (at ``offs = k + arange(BLOCK)``) in row ``row``: bf16 by
+    stochastic rounding with the Philox bits of ``sr = (seed, step after this step, param id)`` for buffer
+    ``BUF`` of ``BUFS`` (lowbit.sr_bits), or int8 (``STORE`` 1): lowbit.quantize_blockwise over the chunk's
+    quantization blocks (rows) with the map's midpoints at ``mid_ptr``. A tile starts at a multiple of TILE
+    and a chunk at a multiple of BLOCK, both multiples of QBLOCK, so a row is one block of the param; lanes
+    past its end hold +-0 (w, g, code 0 and scale 0 loaded), which no |max| sees. ``STORE`` 2: fp32, as is."""
+    QB: tl.constexpr = QBLOCK
+    start = tile[3]
+    if STORE == 1:
+        xr = tl.reshape(x, [BLOCK // QB, QB])
+        sc = _LB.block_absmax(xr)
+        codes = _LB.quantize_code(_LB.normalize(xr, sc[:, None]), mid_ptr)
+        tl.store(_buf_ptr(tile, row, tl.uint8, False) + offs, tl.reshape(codes, [BLOCK]), mask=m)
+        rows = tl.arange(0, BLOCK // QB)
+        tl.store(scale_ptr + (start + k) // QB + rows, sc, mask=(k + rows * QB) < tile[4])
+    elif STORE == 2:
+        tl.store(_buf_ptr(tile, row, tl.float32, False) + offs, x, mask=m)
+    else:
+        seed, step_new, pidx = sr
+        rand = _LB.sr_bits(seed, step_new, pidx, start + offs, BUF, BUFS)
+        tl.store(_buf_ptr(tile, row, tl.bfloat16, False) + offs, _LB.bf16_sr(x, rand), mask=m)
+
+
+@triton.jit
 def _lars_lowbit_sums_tile(
     tile, lam, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -1125,15 +1199,15 @@ def _d(dopts_ptr, SLOT: tl.constexpr):
 
 
 @triton.jit
-def _clip64(r, lr, clip_mode, dopts_ptr):
-    """formulas.trust_clip in float64."""
+def _clip64(r, lr, clip_mode, dopts_ptr, LO: tl.constexpr, HI: tl.constexpr):
+    """formulas.trust_clip in float64 (``LO``, ``HI``: the kind's clip_lo / clip_hi slots)."""
     out = r
     if clip_mode == CLIP_LARC:
         out = tl.minimum(r / lr, 1.0, propagate_nan=tl.PropagateNan.ALL)
     elif clip_mode == CLIP_LAMBC:
         out = tl.minimum(r, 1.0, propagate_nan=tl.PropagateNan.ALL)
     elif clip_mode == CLIP_RANGE:
-        out = _clamp(r, _d(dopts_ptr, LARS.clip_lo), _d(dopts_ptr, LARS.clip_hi))
+        out = _clamp(r, _d(dopts_ptr, LO), _d(dopts_ptr, HI))
     return out
 
 
@@ -1142,7 +1216,7 @@ def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
     """reference.lars_layer_scalars in float64 (a ``SEG_RATIO``): the norms are sqrt of the sums in float64,
     ``lam = weight_decay * wd_mask`` and ``lr`` as the reference forms them; ``opts = (fp32 opts,
     dopts_ptr, lr_ptr)``; TVLARS's phi_t in float64 from the double options, as the reference forms it
-    (``exp`` is the device's: CUDA's on a GPU as torch.exp there, numpy's in the interpreter)."""
+    (``exp`` the device's libm: triton_lowbit NOTE [Device libm in the kernels])."""
     fo, dp, lr_ptr = opts
     lr = tl.load(lr_ptr).to(tl.float64)
     lam = tl.where(lam32 != 0, _d(dp, LARS.weight_decay), 0.0)  # wd * wd_mask (0 or 1) as the reference forms it
@@ -1162,10 +1236,10 @@ def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
         den = side + lam * n_w + _d(dp, LARS.eps)
     else:
         den = side + _d(dp, LARS.eps)
-    eta_phi = _d(dp, LARS.eta)  # eta * phi, phi = 1 for plain LARS (exact)
-    if fo[LARS.tv_on] != 0:  # formulas.tv_phi_tensor in float64 (t: the completed steps, exact in fp32)
-        tt = t.to(tl.float64)
-        e = tl.exp(_d(dp, LARS.tv_lmbda) * (tt - _d(dp, LARS.tv_shift)))
+    tt = t.to(tl.float64)  # the completed steps (exact in fp32); a vector in the segment programs
+    eta_phi = tl.zeros_like(tt) + _d(dp, LARS.eta)  # eta * phi, phi = 1 for plain LARS (exact); t's shape
+    if fo[LARS.tv_on] != 0:  # formulas.tv_phi_tensor in float64
+        e = _LB.exp64(_d(dp, LARS.tv_lmbda) * (tt - _d(dp, LARS.tv_shift)))
         phi = 1.0 / (_d(dp, LARS.tv_alpha) + e) + _d(dp, LARS.tv_gamma_min)
         eta_phi = eta_phi * tl.where(tt < _d(dp, LARS.tv_gate), 1.0, phi)
     ratio = eta_phi * n_w / den
@@ -1179,10 +1253,10 @@ def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
     lam_eff = lam
     clip_mode = fo[LARS.trust_clip]
     if fo[LARS.zero_norm] == ZN_SKIP:
-        r_adapt = tl.where(ok, _clip64(ratio, lr, clip_mode, dp), 1.0)
+        r_adapt = tl.where(ok, _clip64(ratio, lr, clip_mode, dp, LARS.clip_lo, LARS.clip_hi), 1.0)
         lam_eff = tl.where(ok | (adapt == 0), lam, 0.0)
     else:
-        r_adapt = _clip64(tl.where(ok, ratio, 1.0), lr, clip_mode, dp)
+        r_adapt = _clip64(tl.where(ok, ratio, 1.0), lr, clip_mode, dp, LARS.clip_lo, LARS.clip_hi)
     r = tl.where(adapt != 0, r_adapt, 1.0)
     return r, lam_eff, n_w_raw, n_g_raw, n_u_raw
 
@@ -1195,12 +1269,11 @@ def _lars_lowbit_update_tile(
     """Launch 2's ``TILE_UPDATE`` of low-bit LARS: csrc/lars_math.h NOTE [Low-bit element math in fp32]
     (NOTE [Low-bit LARS in the Triton kernels]): ``lars_coef``'s fp32 coefficients, each formed in float64
     and rounded once, then ``lars_update_modes`` per element in fp32, launched without FMA contraction;
-    ``MODE = (MOM, MASTER, STORE)`` (STORE 0: bf16 momentum, 1: int8 codes and block scales),
+    ``MODE = (MOM, MASTER, STORE)`` (STORE 0: bf16 momentum, 1: int8 codes and block scales, 2: fp32),
     ``kargs = (inv_scale_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr)`` (the signed map and its midpoints)."""
     MOM: tl.constexpr = MODE[0]
     MASTER: tl.constexpr = MODE[1]
     STORE: tl.constexpr = MODE[2]
-    QB: tl.constexpr = QBLOCK
     fo, dp, lr_ptr = opts
     inv_scale_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr = kargs
     lr = tl.load(lr_ptr).to(tl.float64)
@@ -1228,11 +1301,9 @@ def _lars_lowbit_update_tile(
     step_new = (t + 1.0).to(tl.int64)  # the count once this step is done
     pidx = tl.load(pidx_ptr + tile[2])
     n = tile[4]
-    start = tile[3]
     gp_ptr = _buf_ptr(tile, 1, PDT, False)
     row = _state_row(HAS_MASTER)
-    if STORE == 1:  # int8: the segment's block scales (the row after the codes), block j at scale_ptr + j
-        scale_ptr = _ptr(_addr(tile[0], row + 1, tile[1], tile[2]), 0, tl.float32, False)
+    scale_ptr = _scales_ptr(tile, row + 1, STORE)  # int8: the block scales, the row after the codes
     for k in range(0, TILE, BLOCK):
         offs = k + tl.arange(0, BLOCK)
         m = offs < n
@@ -1245,49 +1316,16 @@ def _lars_lowbit_update_tile(
         if MOM == MOM_NONE:
             w_new = w - a_g * gq
         else:
-            if STORE == 1:  # lowbit.dequantize_blockwise: map[code] * the block's scale
-                cp = _buf_ptr(tile, row, tl.uint8, False)
-                code = tl.load(cp + offs, mask=m, other=0)
-                b = _LB.dequantize(code, tl.load(scale_ptr + (start + offs) // QB, mask=m, other=0.0), qmap_ptr)
-            else:
-                bp = _buf_ptr(tile, row, tl.bfloat16, False)
-                b = tl.load(bp + offs, mask=m, other=0.0).to(tl.float32)
-            b = tl.where(has_state, b, 0.0)
+            b = tl.where(has_state, _state_load32(tile, row, scale_ptr, offs, m, qmap_ptr, STORE, BLOCK), 0.0)
             b_new = mu_b * b + c_g * gq
             if nesterov:
                 w_new = w - (a_g * gq + a_b * b_new)
             else:
                 w_new = w - a_b * b_new
-            if STORE == 1:
-                # lowbit.quantize_blockwise over the chunk's quantization blocks (rows): a tile starts at
-                # a multiple of TILE and a chunk at a multiple of BLOCK, both multiples of QBLOCK, so a
-                # row is one block of the param; lanes past its end hold +-0 (w, g, code 0 and scale 0
-                # loaded), which no |max| sees
-                x = tl.reshape(b_new, [BLOCK // QB, QB])
-                sc = _LB.block_absmax(x)
-                codes = _LB.quantize_code(_LB.normalize(x, sc[:, None]), qmid_ptr)
-                tl.store(cp + offs, tl.reshape(codes, [BLOCK]), mask=m)
-                rows = tl.arange(0, BLOCK // QB)
-                tl.store(scale_ptr + (start + k) // QB + rows, sc, mask=(k + rows * QB) < n)
-            else:
-                rand = _LB.sr_bits(seed, step_new, pidx, start + offs, 0, 1)
-                tl.store(bp + offs, _LB.bf16_sr(b_new, rand), mask=m)
+            _state_store(tile, row, scale_ptr, k, offs, m, b_new, qmid_ptr, (seed, step_new, pidx), STORE, 0, 1, BLOCK)
         if decoupled:
             w_new = w_new - dec32 * w
-        w32 = w_new
-        pp = _buf_ptr(tile, 0, PDT, False)
-        if MASTER == 2:
-            p, rem = _LB.master_split(w32)
-            tl.store(pp + offs, p, mask=m)
-            tl.store(_buf_ptr(tile, 2, tl.int16, False) + offs, rem, mask=m)
-        elif MASTER == 1:
-            tl.store(_buf_ptr(tile, 2, tl.float32, False) + offs, w32, mask=m)
-            if PDT == tl.bfloat16:
-                tl.store(pp + offs, _LB.bf16_rne(w32), mask=m)
-            else:
-                tl.store(pp + offs, w32.to(PDT), mask=m)
-        else:
-            tl.store(pp + offs, w32, mask=m)  # fp32 params (supports() refuses half params without masters)
+        _weights_store(tile, offs, m, w_new, PDT, MASTER)
 
 
 @triton.jit
@@ -1307,4 +1345,217 @@ def lars_lowbit_update_kernel(
         _lars_ratio64, _lars_lowbit_update_tile, (inv_scale_ptr, pidx_ptr, seed, qmap_ptr, qmid_ptr), bufs, outs,
         (opts, dopts_ptr, lr_ptr), opts[LARS.weight_decay], opts[LARS.adapt_enabled], PDT, MASTER != 0,
         (MOM, MASTER, STORE), GEO,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------
+# LAMB with low-bit state (issue #26): bf16 / int8 moments, remainder masters
+# ------------------------------------------------------------------------------------------
+# NOTE: [Low-bit LAMB in the Triton kernels] Two launches, the skeletons of the fp32 kernels, the element
+# math of csrc/lars_math.h NOTE [Low-bit element math in fp32] (``lamb_coef`` formed in float64 with
+# beta^t from the device's pow (triton_lowbit NOTE [Device libm in the kernels]), each coefficient rounded
+# once; ``lamb_moments_mode`` / ``lamb_direction_mode`` per element in fp32, sqrt and division correctly
+# rounded (sqrt_rn, div_rn), no FMA contraction). Launch 1 (``lamb_lowbit_partials_kernel``) evaluates
+# them from the stored moments (dequantized exactly) and sums w_d^2, u^2 (the fp32 values) and g^2 (the
+# exact scaled gradient) in float64, as the cuda and cpu exact kernels do, into a float64 scratch: it
+# stores nothing else. Launch 2 (``lamb_lowbit_update_kernel``) takes the trust ratio in float64 from the
+# sums (reference.lamb_layer_scalars), k = fl32(lr * s * r), recomputes each element from the same inputs
+# and stores w_d - k*u (split or rounded as MASTER says) and the new moments: bf16 by stochastic rounding
+# with halves BUFFER * 4 + e % 4 of the Philox call of element // 4 (exp_avg 0, exp_avg_sq 1), or int8
+# per 256-element block (exp_avg with the signed map, exp_avg_sq with the unsigned one). Recomputing in
+# launch 2 (not storing in launch 1) is what keeps u exact: it is formed from the new moments before they
+# are rounded to their storage, as the reference forms it.
+@triton.jit
+def _lamb_lam64(lam32, dp):
+    """``weight_decay * wd_mask`` in float64 as the reference forms it (``lam32``: the fp32 product)."""
+    return tl.where(lam32 != 0, _d(dp, LAMB.weight_decay), 0.0)
+
+
+@triton.jit
+def _lamb_gscales(inv_scale_ptr, clip_ptr, fo):
+    """``(gscale32, inv64, clip64)``: reference.gscale32 (fl32((+-inv_scale) / clip_coef), formed in float64)
+    and the float64 factors of the scaled gradient whose norm is reported (reference._grad)."""
+    inv = tl.load(inv_scale_ptr).to(tl.float64)
+    clip = tl.load(clip_ptr).to(tl.float64)
+    gscale = (tl.where(fo[LAMB.maximize] != 0, -inv, inv) / clip).to(tl.float32)
+    return gscale, inv, clip
+
+
+@triton.jit
+def _lamb_coef32(dp, lr, lam, t_new, BC: tl.constexpr):
+    """reference.lamb_coef32 (csrc/lars_math.h ``lamb_coef<true>``): ``(lam, wd_keep, b1, b3, b2, omb2, ibc1,
+    isq2, er2, eps)`` in fp32, each formed in float64 from ``lr``, ``lam`` and the step after this one and
+    rounded once; ``ibc1`` one fp32 division."""
+    b1 = _d(dp, LAMB.beta1)
+    b2 = _d(dp, LAMB.beta2)
+    if BC == BC_BOTH:
+        bc2 = 1.0 - _LB.pow64(b2, t_new)
+        bc1 = (1.0 - _LB.pow64(b1, t_new)).to(tl.float32)
+    else:
+        bc2 = tl.full([], 1.0, tl.float64)
+        bc1 = tl.full([], 1.0, tl.float32)
+    ibc1 = tl.math.div_rn(tl.full([], 1.0, tl.float32), bc1)
+    isq2 = (1.0 / tl.sqrt(bc2)).to(tl.float32)  # fp64 sqrt and division: correctly rounded
+    er2 = (_d(dp, LAMB.eps_root) * bc2).to(tl.float32)
+    return (lam.to(tl.float32), (1.0 - lr * lam).to(tl.float32), b1.to(tl.float32),
+            _d(dp, LAMB.beta3).to(tl.float32), b2.to(tl.float32), (1.0 - b2).to(tl.float32), ibc1, isq2, er2,
+            _d(dp, LAMB.eps).to(tl.float32))  # fmt: skip
+
+
+@triton.jit
+def _lamb_elem32(c, wd_mode, w, g, m, v):
+    """reference.lamb_update32 for fp32 ``w``, scaled ``g``, old ``m``, ``v``: ``(w_d, m_new, v_new, u)``,
+    one IEEE fp32 operation at a time in the reference's order."""
+    lam, wd_keep, b1, b3, b2, omb2, ibc1, isq2, er2, eps = c
+    if wd_mode == LWD_L2:
+        g = g + lam * w
+    m = b1 * m + b3 * g
+    v = b2 * v + omb2 * g * g
+    u = tl.math.div_rn(m * ibc1, tl.math.sqrt_rn(v + er2) * isq2 + eps)
+    if wd_mode == LWD_IN_UPDATE:
+        u = u + lam * w
+    if wd_mode == LWD_DECOUPLED:
+        w = w * wd_keep
+    return w, m, v, u
+
+
+@triton.jit
+def _lamb_lowbit_chunk(tile, offs, msk, c, gscale, fo, qmaps, PDT: tl.constexpr, MASTER: tl.constexpr,
+                       STORE: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """One chunk's ``(w_d, m_new, v_new, u, grad as stored)`` from the weights, the grad and the stored moments
+    (``qmaps = (signed map, unsigned map)``)."""
+    row = _state_row(MASTER != 0)
+    w = _weights32(tile, offs, msk, PDT, MASTER)
+    gr = tl.load(_buf_ptr(tile, 1, PDT, False) + offs, mask=msk, other=0.0).to(tl.float32)
+    m = _state_load32(tile, row, _scales_ptr(tile, row + 2, STORE), offs, msk, qmaps[0], STORE, BLOCK)
+    v = _state_load32(tile, row + 1, _scales_ptr(tile, row + 3, STORE), offs, msk, qmaps[1], STORE, BLOCK)
+    w_d, m, v, u = _lamb_elem32(c, fo[LAMB.wd_mode], w, gr * gscale, m, v)
+    return w_d, m, v, u, gr
+
+
+@triton.jit
+def _lamb_lowbit_sums_tile(
+    tile, lam32, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr, TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Launch 1's ``TILE_SUMS`` of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]): float64 sums of
+    w_d^2, u^2 and g^2; ``MODE = (MASTER, STORE, BC)``, ``opts = (fp32 opts, dopts_ptr)``, ``kargs =
+    (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, qmaps)``."""
+    MASTER: tl.constexpr = MODE[0]
+    STORE: tl.constexpr = MODE[1]
+    BC: tl.constexpr = MODE[2]
+    fo, dp = opts
+    lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, qmaps = kargs
+    lr = tl.load(lr_ptr).to(tl.float64)
+    gscale, inv, clip = _lamb_gscales(inv_scale_ptr, clip_ptr, fo)
+    t_new = tl.load(step_ptr + tile[2]).to(tl.float64) + 1.0  # step[s] is written by launch 2
+    c = _lamb_coef32(dp, lr, _lamb_lam64(lam32, dp), t_new, BC)
+    # Chunks of BLOCK // 2 (launch 1 stores nothing, so any chunk start is a whole element) and float64
+    # accumulators of CH // 4 lanes, each adding 4 neighbouring squares per chunk: BLOCK-wide chunks with
+    # [BLOCK] accumulators hold 3 x 8 doubles per thread (156 registers on sm_90, over the 128 of 4 CTAs
+    # per SM). The g^2 row sums (g * inv_scale)^2 and divides the tile's sums by clip_coef^2 once: a
+    # division per element would be the slow path of a float64 division; it moves ||g|| (reported, not in
+    # the ratio) by ulps of a double, as the order of the sums does.
+    CH: tl.constexpr = BLOCK // 2
+    R: tl.constexpr = CH // 4
+    acc_w = tl.zeros([R], dtype=tl.float64)
+    acc_u = tl.zeros([R], dtype=tl.float64)
+    acc_g = tl.zeros([R], dtype=tl.float64)
+    for k in range(0, TILE, CH):
+        offs = k + tl.arange(0, CH)
+        msk = offs < tile[4]
+        w_d, _m, _v, u, gr = _lamb_lowbit_chunk(tile, offs, msk, c, gscale, fo, qmaps, PDT, MASTER, STORE, CH)
+        g64 = gr.to(tl.float64) * inv
+        wd64 = w_d.to(tl.float64)
+        u64 = u.to(tl.float64)
+        acc_w += tl.sum(tl.reshape(tl.where(msk, wd64 * wd64, 0.0), [R, 4]), axis=1)
+        acc_u += tl.sum(tl.reshape(tl.where(msk, u64 * u64, 0.0), [R, 4]), axis=1)  # masked: u may be 0/0
+        acc_g += tl.sum(tl.reshape(g64 * g64, [R, 4]), axis=1)
+    acc_g = acc_g / (clip * clip)
+    return acc_w, acc_u, acc_g
+
+
+@triton.jit
+def lamb_lowbit_partials_kernel(
+    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, lr_ptr, inv_scale_ptr, found_inf_ptr, clip_ptr,
+    dopts_ptr, qmap_ptr, umap_ptr, opts, PDT: tl.constexpr, MASTER: tl.constexpr, STORE: tl.constexpr,
+    BC: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 1 of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]): per segment the float64 sums
+    ``[w_d^2, u^2, g^2]`` into the float64 scratch ``work``; nothing else is stored."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
+    kargs = (lr_ptr, inv_scale_ptr, clip_ptr, step_ptr, (qmap_ptr, umap_ptr))
+    _partials_program(
+        _lamb_lowbit_sums_tile, kargs, bufs, (opts, dopts_ptr), opts[LAMB.weight_decay], PDT, MASTER != 0,
+        (MASTER, STORE, BC), GEO, False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _lamb_ratio64(ssq_w, ssq_u, ssq_g, lam32, adapt, t, lr32, opts):
+    """reference.lamb_layer_scalars in float64 (a ``SEG_RATIO``): ``(r, lam, ||w_d||, ||g||, ||u||)`` from the
+    float64 sums, the options as doubles; ``opts = (fp32 opts, dopts_ptr, lr_ptr)``."""
+    fo, dp, lr_ptr = opts
+    lr = tl.load(lr_ptr).to(tl.float64)
+    n_w_raw = tl.sqrt(ssq_w.to(tl.float64))
+    n_u = tl.sqrt(ssq_u.to(tl.float64))
+    n_w = _clamp(n_w_raw, _d(dp, LAMB.clamp_lo), _d(dp, LAMB.clamp_hi))
+    ratio = tl.where((n_w > 0) & (n_u > 0), n_w / (n_u + _d(dp, LAMB.trust_ratio_eps)), 1.0)
+    clipped = _clip64(ratio, lr, fo[LAMB.trust_clip], dp, LAMB.clip_lo, LAMB.clip_hi)
+    r = tl.where(adapt != 0, clipped, 1.0)
+    return r, lam32, n_w_raw, tl.sqrt(ssq_g.to(tl.float64)), n_u
+
+
+@triton.jit
+def _lamb_lowbit_update_tile(
+    tile, t, has, r, lam32, lr32, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MODE: tl.constexpr,
+    TILE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Launch 2's ``TILE_UPDATE`` of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]): ``k = fl32((lr *
+    s) * r)`` (s = 1/(1 - b1^t) for first_outside, else 1), each element recomputed, w_d - k*u and the new
+    moments stored; ``kargs = (inv_scale_ptr, clip_ptr, pidx_ptr, seed, qmaps, qmids)``."""
+    MASTER: tl.constexpr = MODE[0]
+    STORE: tl.constexpr = MODE[1]
+    BC: tl.constexpr = MODE[2]
+    fo, dp, lr_ptr = opts
+    inv_scale_ptr, clip_ptr, pidx_ptr, seed, qmaps, qmids = kargs
+    lr = tl.load(lr_ptr).to(tl.float64)
+    gscale, _inv, _clip_ = _lamb_gscales(inv_scale_ptr, clip_ptr, fo)
+    t_new = t.to(tl.float64) + 1.0
+    c = _lamb_coef32(dp, lr, _lamb_lam64(lam32, dp), t_new, BC)
+    if BC == BC_FIRST_OUTSIDE:
+        s = 1.0 / (1.0 - _LB.pow64(_d(dp, LAMB.beta1), t_new))
+    else:
+        s = tl.full([], 1.0, tl.float64)
+    k32 = (lr * s * r.to(tl.float64)).to(tl.float32)
+    sr = (seed, t_new.to(tl.int64), tl.load(pidx_ptr + tile[2]))
+    row = _state_row(MASTER != 0)
+    # chunks of BLOCK // 2 (4 elements per thread at the default geometry) where that is a whole number of
+    # int8 quantization blocks (a chunk's rows are blocks: powers of two, so at least one), else BLOCK
+    CH: tl.constexpr = BLOCK // 2 if QBLOCK <= BLOCK // 2 else BLOCK
+    for k in range(0, TILE, CH):
+        offs = k + tl.arange(0, CH)
+        msk = offs < tile[4]
+        w_d, m, v, u, _g = _lamb_lowbit_chunk(tile, offs, msk, c, gscale, fo, qmaps, PDT, MASTER, STORE, CH)
+        _weights_store(tile, offs, msk, w_d - k32 * u, PDT, MASTER)
+        _state_store(tile, row, _scales_ptr(tile, row + 2, STORE), k, offs, msk, m, qmids[0], sr, STORE, 0, 2, CH)
+        _state_store(tile, row + 1, _scales_ptr(tile, row + 3, STORE), k, offs, msk, v, qmids[1], sr, STORE, 1, 2, CH)
+
+
+@triton.jit
+def lamb_lowbit_update_kernel(
+    addr_ptr, plan_ptr, work_ptr, step_ptr, has_ptr, w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, lr_ptr,
+    inv_scale_ptr, found_inf_ptr, clip_ptr, dopts_ptr, pidx_ptr, seed, qmap_ptr, umap_ptr, qmid_ptr, umid_ptr, opts,
+    PDT: tl.constexpr, MASTER: tl.constexpr, STORE: tl.constexpr, BC: tl.constexpr, GEO: tl.constexpr,
+):  # fmt: skip
+    """Launch 2 of low-bit LAMB (NOTE [Low-bit LAMB in the Triton kernels]): the trust ratio in float64 from
+    the float64 sums in ``work``, the update per element in fp32, the new moments stored in bf16 by stochastic
+    rounding or in int8 (``STORE`` 1: signed map and midpoints for exp_avg, unsigned ones for exp_avg_sq)."""
+    bufs = (addr_ptr, plan_ptr, work_ptr, lr_ptr, found_inf_ptr)
+    outs = (w_norm_ptr, g_norm_ptr, u_norm_ptr, ratio_ptr, has_ptr, step_ptr)
+    kargs = (inv_scale_ptr, clip_ptr, pidx_ptr, seed, (qmap_ptr, umap_ptr), (qmid_ptr, umid_ptr))
+    adapt_enabled = tl.where(opts[LAMB.adam] != 0, 0.0, opts[LAMB.adapt_enabled])
+    _update_program(
+        _lamb_ratio64, _lamb_lowbit_update_tile, kargs, bufs, outs, (opts, dopts_ptr, lr_ptr),
+        opts[LAMB.weight_decay], adapt_enabled, PDT, MASTER != 0, (MASTER, STORE, BC), GEO,
     )  # fmt: skip

@@ -12,7 +12,9 @@ as ``@triton.jit`` functions that the Triton kernels inline per element (or per 
 * :func:`block_absmax` (one scale per row of a ``[rows, QBLOCK]`` tile), :func:`normalize`,
   :func:`quantize_code` (the 8-step midpoint search, loading a midpoint table in global memory) and
   :func:`dequantize`;
-* :func:`master_split` / :func:`master_rebuild`.
+* :func:`master_split` / :func:`master_rebuild`;
+* :func:`pow64` / :func:`exp64`: float64 ``pow`` and ``exp`` as the reference's torch.pow / torch.exp
+  compute them on the kernel's device (NOTE [Device libm in the kernels]).
 
 ``normalize`` divides with ``tl.math.div_rn``: Triton's ``/`` on fp32 lowers to an approximate division
 on NVIDIA GPUs, and the code of a value near a midpoint would then differ from the other backends'.
@@ -23,8 +25,14 @@ bits against lowbit.py.
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import triton
 import triton.language as tl
+
+#: triton.jit decorates for the interpreter when TRITON_INTERPRET is set at import (as triton_kernels.INTERPRET)
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 #: The quiet NaN a block holding a NaN gets as its scale (lowbit: NOTE [Block scale]).
 SCALE_NAN_BITS: tl.constexpr = tl.constexpr(0x7FC00000)
@@ -151,3 +159,53 @@ def master_rebuild(param, remainder):
     p = param.to(tl.uint16, bitcast=True).to(tl.uint32)
     r = remainder.to(tl.int32).to(tl.uint32, bitcast=True)
     return ((p << 16) + r).to(tl.float32, bitcast=True)
+
+
+# NOTE: [Device libm in the kernels] The exact (low-bit) kernels form per-segment coefficients from
+# beta^t (LAMB's bias corrections) and exp (TVLARS's phi) in float64 and round them to fp32 once, as the
+# reference does with ``beta ** t`` and torch.exp on 0-dim float64 tensors of the bucket's device. Two
+# libms agree to an ulp of a double, not bit for bit (on this project's CPU host, exp(t*log(b)) differs
+# from torch's b**t for two thirds of (b, t), and numpy's and the C library's exp from torch's for 5% and
+# 0.5% of arguments: tests/test_lowbit.py), and an ulp can move the fp32 rounding of a coefficient. So
+# each kernel takes the function torch uses on its device: CUDA's libdevice (``__nv_pow``, ``__nv_exp``,
+# which torch's CUDA kernels call) when compiled, and in the interpreter, whose tensors are CPU tensors,
+# torch's own CPU functions on 0-dim tensors, element by element (the interpreter cannot run libdevice:
+# extern calls are not interpreted). Once per segment, never per element.
+if _INTERPRET:
+    import torch
+
+    def _torch_cpu(fn, *args):
+        """``fn`` (of 0-dim float64 CPU tensors) elementwise on interpreter tensors, as a float64 tensor."""
+        from triton.runtime.interpreter import TensorHandle
+
+        arrs = np.broadcast_arrays(*[np.asarray(a.handle.data, dtype=np.float64) for a in args])
+        zd = [[torch.tensor(float(x), dtype=torch.float64) for x in a.ravel()] for a in arrs]
+        out = np.array([fn(*xs).item() for xs in zip(*zd)], dtype=np.float64).reshape(arrs[0].shape)
+        ty = max((a.type for a in args), key=lambda t: len(getattr(t, "shape", ())))
+        return tl.core.tensor(TensorHandle(out, tl.float64), ty)
+
+    def _pow_as_reference(b, t):
+        return b.item() ** t  # a float to the power of a 0-dim tensor, as reference.lamb_coef32 writes it
+
+    @triton.jit
+    def pow64(b, t):
+        """``b ** t`` in float64 (NOTE [Device libm in the kernels])."""
+        return _torch_cpu(_pow_as_reference, b.to(tl.float64), t.to(tl.float64))
+
+    @triton.jit
+    def exp64(x):
+        """``exp(x)`` in float64 (NOTE [Device libm in the kernels])."""
+        return _torch_cpu(torch.exp, x.to(tl.float64))
+
+else:
+    from triton.language.extra import libdevice
+
+    @triton.jit
+    def pow64(b, t):
+        """``b ** t`` in float64 (NOTE [Device libm in the kernels])."""
+        return libdevice.pow(b.to(tl.float64), t.to(tl.float64))
+
+    @triton.jit
+    def exp64(x):
+        """``exp(x)`` in float64 (NOTE [Device libm in the kernels])."""
+        return libdevice.exp(x.to(tl.float64))
