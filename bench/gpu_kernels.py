@@ -124,6 +124,8 @@ LOWBIT = [
     ("LARS", torch.float32, torch.bfloat16, "remainder"),
     ("LAMB", torch.bfloat16, torch.bfloat16, "remainder"),
     ("LAMB", "int8", torch.float32, False),
+    ("LAMB", torch.float32, torch.bfloat16, "remainder"),
+    ("TVLARS", "int8", torch.float16, True),
 ]
 
 
@@ -170,12 +172,13 @@ def launches(device: str, out: str) -> int:
 
     budget = {
         "cuda": {"LARS": 1, "TVLARS": 1, "LAMB": 1, "LAMB+clip": 3, "LARS bf16": 1, "LARS int8": 1,
-                 "LAMB bf16": 1, "LAMB int8": 1},
-        "triton": {"LARS": 2, "TVLARS": 2, "LAMB": 2, "LAMB+clip": 3, "LARS bf16": 2, "LARS int8": 2},
+                 "LAMB bf16": 1, "LAMB int8": 1, "TVLARS int8": 1},
+        "triton": {"LARS": 2, "TVLARS": 2, "LAMB": 2, "LAMB+clip": 3, "LARS bf16": 2, "LARS int8": 2,
+                   "LAMB bf16": 2, "LAMB int8": 2, "TVLARS int8": 2},
     }  # fmt: skip
     # low-bit state (issue #26): the same budgets; a case a backend refuses has no budget here
     cases = dict(CASES)
-    for name in ("LARS", "LAMB"):
+    for name in ("LARS", "LAMB", "TVLARS"):
         for sd, tag in ((torch.bfloat16, "bf16"), ("int8", "int8")):
             cases[f"{name} {tag}"] = (CASES[name][0], dict(CASES[name][1], state_dtype=sd))
     bad = 0

@@ -200,7 +200,7 @@ def _signature(kernel) -> dict[str, str]:
             sig[name] = "*fp64"
         elif "lowbit" in fn.__name__ and name == "lr_ptr":  # a float lr is a float64 scalar there (_f64_lr)
             sig[name] = "*fp64"
-        elif fn.__name__.startswith("lamb_lowbit") and name in ("work_ptr", "clip_ptr"):  # the float64 scratch
+        elif "lowbit" in fn.__name__ and name in ("work_ptr", "clip_ptr"):  # the float64 scratch
             sig[name] = "*fp64"
         else:
             sig[name] = _PTR_TYPES.get(name, "*fp32")
@@ -271,7 +271,8 @@ def aot_specializations(covering: bool = False) -> list[dict]:
 
 
 #: the kernels the backend launches with ``enable_fp_fusion=False`` (triton._NO_FMA)
-_NO_FMA_KERNELS = ("lars_lowbit_update_kernel", "lamb_lowbit_partials_kernel", "lamb_lowbit_update_kernel")
+_NO_FMA_KERNELS = ("lars_lowbit_partials_kernel", "lars_lowbit_update_kernel", "lamb_lowbit_partials_kernel",
+                   "lamb_lowbit_update_kernel")  # fmt: skip
 
 
 def aot_compile(spec: dict, arch: int) -> dict:

@@ -1,5 +1,5 @@
 """Low-bit optimizer state (issue #26) on a real GPU: the cuda backend's exact kernels, the Triton
-backend's low-bit LARS and the torch backend's vectorized path, each against the float64 reference run
+backend's low-bit LARS / TVLARS / LAMB and the torch backend's vectorized path, each against the float64 reference run
 on the CPU, bit for bit. Without a GPU these kernels run under the CUDA emulation
 (tests/test_cuda_lowbit.py) and Triton's interpreter (tests/test_triton_lowbit.py); this module is what
 bench/gpu_check.sh runs on the first GPU it is lent, so that the same claims are checked on the
@@ -70,6 +70,28 @@ def check_against_reference(kind, backend, device, dtype, masters, state_dtype, 
     assert_same_state(oa, pa, hob, hb, norms=norms, nan_any_sign=True)
 
 
+def check_random_run(kind, backend, device, state_dtype):
+    """Three adaptive steps of ``kind`` on normal bf16 inputs with remainder masters, drawn on the CPU, on
+    ``device`` against the CPU reference: params, state and tables bitwise."""
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(1,), (300,), (4097,), (64, 3, 3, 3)]
+    vals = [torch.randn(s, generator=gen).bfloat16() for s in shapes]
+    grads = [[torch.randn(s, generator=gen).bfloat16() for s in shapes] for _ in range(3)]
+    runs = []
+    for be, dev in (("reference", "cpu"), (backend, device)):
+        ps = [torch.nn.Parameter(v.clone().to(dev)) for v in vals]
+        opt = KINDS[kind](ps, backend=be, state_dtype=state_dtype, master_weights="remainder")
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g.to(dev)
+            opt.step()
+        runs.append((ps, opt))
+    (pa, oa), (pb, ob) = runs
+    assert ob.backends_in_use() == [backend]
+    hb, hob = on_host(pb, ob)
+    assert_same_state(oa, pa, hob, hb, nan_any_sign=True)
+
+
 def test_harness_on_the_cpu_backend():
     """The helpers below, with the cpu backend on CPU tensors (bitwise there: tests/test_cpu_lowbit.py),
     and a mutant: a changed state bit must fail the comparison."""
@@ -78,6 +100,10 @@ def test_harness_on_the_cpu_backend():
     for kind in ("LARS", "LAMB"):
         check_against_reference(kind, "cpu", "cpu", torch.bfloat16, "remainder", "int8")
         check_against_reference(kind, "cpu", "cpu", torch.float32, False, torch.bfloat16)
+        check_random_run(kind, "cpu", "cpu", "int8")
+    if backends.status("triton")[0]:  # the interpreter: the Triton tests' helpers on CPU tensors
+        check_against_reference("TVLARS", "triton", "cpu", torch.float32, False, torch.bfloat16)
+        check_random_run("LAMB", "triton", "cpu", torch.float32)
     kw = dict(state_dtype=torch.bfloat16, master_weights=False)
     pa, oa = dyadic_run("LARS", "reference", "cpu", torch.float32, **kw)
     pb, ob = dyadic_run("LARS", "cpu", "cpu", torch.float32, **kw)
@@ -161,21 +187,23 @@ def test_cuda_state_dict_round_trip_continues_bitwise(tmp_path, kind, state_dtyp
 @needs_gpu
 @pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
-def test_triton_lars_bitwise_where_norms_are_exact(state_dtype, form):
-    """The Triton backend's low-bit LARS (bf16 or int8 momentum, remainder masters) at its own tile sizes;
-    u_norm (||g + wd*w||, only reported, summed in fp32) within tests/test_triton_lowbit.py's bound."""
+@pytest.mark.parametrize("kind", ["LARS", "TVLARS", "LAMB"])
+def test_triton_bitwise_where_norms_are_exact(kind, state_dtype, form):
+    """The Triton backend's low-bit kernels (bf16 or int8 state, fp32 / remainder masters) at their own tile
+    sizes, two steps: float64 sums, libdevice's pow and exp for LAMB's bias corrections and TVLARS's phi."""
     _live("triton")
-    from test_triton_lowbit import u_norm_rtol
-
     dtype, masters = FORMS[form]
-    kw = dict(state_dtype=state_dtype, master_weights=masters)
-    pa, oa = dyadic_run("LARS", "reference", "cpu", dtype, **kw)
-    pb, ob = dyadic_run("LARS", "triton", "cuda", dtype, **kw)
-    assert ob.backends_in_use() == ["triton"]
-    hb, hob = on_host(pb, ob)
-    assert_same_state(oa, pa, hob, hb, norms=tuple(n for n in NORMS if n != "u_norm"), nan_any_sign=True)
-    for ba, bb in zip(oa.buckets(), hob.buckets()):
-        torch.testing.assert_close(bb.u_norm, ba.u_norm, rtol=u_norm_rtol(), atol=0, equal_nan=True)
+    check_against_reference(kind, "triton", "cuda", dtype, masters, state_dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["LARS", "LAMB"])
+def test_triton_random_inputs_and_fp32_state_beside_remainders(kind):
+    """Not dyadic: three adaptive steps on normal inputs (the float64 sums' order against the reference's),
+    remainder masters with int8 state, then with fp32 state."""
+    _live("triton")
+    for state_dtype in ("int8", torch.float32):
+        check_random_run(kind, "triton", "cuda", state_dtype)
 
 
 @needs_gpu

@@ -581,13 +581,13 @@ def test_named_fused_backend_raises_with_the_reason(backend):
         (dict(state_dtype=torch.bfloat16), "state_dtype='bfloat16'"),
         (dict(master_weights="remainder"), "remainder"),
     )
-    if backend == "triton":  # LARS with bf16 / int8 state, remainder masters runs there: tests/test_triton_lowbit.py
-        cases = ((dict(state_dtype="int8", kind="TVLARS"), "TVLARS with low-bit state"),
-                 (dict(state_dtype=torch.bfloat16, kind="LAMB"), "LAMB with low-bit state"))  # fmt: skip
+    if backend == "triton":  # low-bit state and remainder masters run there: tests/test_triton_lowbit.py
+        cases = ((dict(state_dtype="int8", kind="TVLARS", half=True), "params with low-bit state need master"),
+                 (dict(state_dtype=torch.bfloat16, kind="LAMB", half=True), "params with low-bit state need master"))  # fmt: skip
     for kw, what in cases:
         kw = dict(kw)
         cls = getattr(fusedlars, kw.pop("kind", "LARS"))
-        dtype = torch.bfloat16 if "master_weights" in kw else torch.float32
+        dtype = torch.bfloat16 if "master_weights" in kw or kw.pop("half", False) else torch.float32
         ps = make_params(dtype)
         opt = cls(ps, lr=0.5, backend=backend, **kw)
         set_grads(ps, 0)

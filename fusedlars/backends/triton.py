@@ -316,8 +316,9 @@ def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
     sc = _scratch(bucket)
     t = sc.tiles
     plan = _plan(bucket, sc)
+    exact = [sc.work64()] if bucket.exact_elements else []  # the low-bit kernels' float64 scratch
     return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.work, sc.count, sc.gpart, sc.one, sc.zero, plan,
-            _traced_table(bucket)]  # fmt: skip
+            _traced_table(bucket)] + exact  # fmt: skip
 
 
 def _lr_tensor(sc: _Scratch, lr) -> torch.Tensor:
@@ -415,9 +416,10 @@ def _constexprs(pdt: int, has_master: bool, mode_name: str | None, mode: int, ge
     return dict(cx, GEO=tuple(geo))
 
 
-def _partials_op(name: str, kernel: str, mode_name: str | None):
+def _partials_op(name: str, kernel: str, mode_name: str | None, exact: bool = False):
     """Register launch 1 of a kind as op ``fusedlars::<name>``: ``K.<kernel>`` over the tiles and the
-    segment programs; the arrival counters are re-armed if the launch raises."""
+    segment programs; the arrival counters are re-armed if the launch raises. ``exact``: launched without
+    FMA contraction (a low-bit kernel's float64 sums)."""
 
     @_register(name, ("work", "count"))
     def op(
@@ -448,6 +450,7 @@ def _partials_op(name: str, kernel: str, mode_name: str | None):
                 *scalars,
                 tuple(opts),
                 **_constexprs(pdt, has_master, mode_name, mode_code, geo),
+                **(_NO_FMA if exact else {}),
             )
 
     return op
@@ -486,7 +489,7 @@ def _update_op(name: str, kernel: str, mode_name: str):
 _partials_op("triton_lars_partials", "lars_partials_kernel", None)
 _partials_op("triton_lars_wsums", "lars_wsums_kernel", None)  # scalars: (g2, inv_scale, found_inf)
 _update_op("triton_lars_update", "lars_update_kernel", "MOM")
-_partials_op("triton_lars_lowbit_partials", "lars_lowbit_partials_kernel", "MASTER")
+_partials_op("triton_lars_lowbit_partials", "lars_lowbit_partials_kernel", "MASTER", exact=True)
 _partials_op("triton_lamb_partials", "lamb_moments_kernel", "BC")
 _update_op("triton_lamb_update", "lamb_update_kernel", "BC")
 
@@ -583,13 +586,13 @@ def _check(kind: str, cfg, bucket: Bucket) -> None:
 # apply must follow its bucket's partials.
 
 
-def _launch1(bucket: Bucket, op: str, scalars: list, opts: list, mode: int) -> tuple:
-    """Launch 1 of either kind through op ``op`` (NOTE [One launch sequence]); returns the context launch 2
-    needs (this step's address table)."""
+def _launch1(bucket: Bucket, op: str, scalars: list, opts: list, mode: int, work: torch.Tensor | None = None) -> tuple:
+    """Launch 1 of either kind through op ``op`` (NOTE [One launch sequence]) into the scratch ``work`` (the
+    bucket's fp32 one by default); returns the context launch 2 needs (this step's address table)."""
     sc = _scratch(bucket)
     addr = _addresses(bucket)
     grid = sc.tiles.num_tiles + triton.cdiv(bucket.num_segments, SBLOCK)
-    _op(op)(addr, _plan(bucket, sc), sc.work, sc.count, bucket.step, bucket.has_state, scalars, opts, grid,
+    _op(op)(addr, _plan(bucket, sc), sc.work if work is None else work, sc.count, bucket.step, bucket.has_state, scalars, opts, grid,
             _PDT_CODE[bucket.dtype], bucket.uses_masters, mode, _geometry())  # fmt: skip
     return (addr,)
 
@@ -657,20 +660,19 @@ def _lowbit_tables(bucket: Bucket, cfg, kind: str = "LARS") -> tuple[torch.Tenso
 def _lars_lowbit_step(bucket: Bucket, cfg: LarsConfig) -> None:
     """Both launches of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels])."""
     sc = _scratch(bucket)
+    b = bucket
     opts = option_fields.triton_values("LARS", cfg)
     master = _master_code(bucket)
-    ctx = _launch1(bucket, "triton_lars_lowbit_partials", _step_scalars(sc, cfg, "inv_scale", "found_inf"), opts,
-                   master)  # fmt: skip
-    (addr,) = ctx
-    b = bucket
     dopts, pidx = _lowbit_tables(b, cfg)
+    scalars = _step_scalars(sc, cfg, "inv_scale", "found_inf") + [dopts]
+    (addr,) = _launch1(bucket, "triton_lars_lowbit_partials", scalars, opts, master, sc.work64())
     lr = cfg.lr.reshape(-1) if isinstance(cfg.lr, torch.Tensor) else _f64_lr(sc, cfg.lr)
     inv_scale, found_inf = _step_scalars(sc, cfg, "inv_scale", "found_inf")
     grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
     mom = triton_mom(cfg.momentum, cfg.momentum_mode)
     store = _STORE[b.state_storage]
     qmap, qmid = _qtables(b.device)
-    _op("triton_lars_lowbit_update")(addr, _plan(b, sc), sc.work, b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm,
+    _op("triton_lars_lowbit_update")(addr, _plan(b, sc), sc.work64(), b.step, b.has_state, b.w_norm, b.g_norm, b.u_norm,
                                      b.trust_ratio, lr, inv_scale, found_inf, dopts, pidx, b.seed, qmap, qmid, opts,
                                      grid, _PDT_CODE[b.dtype], master, mom, store, _geometry())  # fmt: skip
 

@@ -1043,9 +1043,10 @@ def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.const
 # LARS with low-bit state (issue #26): bf16 momentum, remainder masters
 # ------------------------------------------------------------------------------------------
 # NOTE: [Low-bit LARS in the Triton kernels] The same two launches and skeletons. Launch 1
-# (``lars_lowbit_partials_kernel``) takes the fp32 tile sums of the two-pass step from the weights as
-# stored (``MASTER``: 0 the param, 1 an fp32 master, 2 the bf16 param plus its int16 remainder, rebuilt
-# bitwise by triton_lowbit.master_rebuild). Launch 2 (``lars_lowbit_update_kernel``) follows
+# (``lars_lowbit_partials_kernel``) sums w^2, g^2 and (g + lam*w)^2 in float64 (the weights as stored,
+# ``MASTER``: 0 the param, 1 an fp32 master, 2 the bf16 param plus its int16 remainder, rebuilt bitwise by
+# triton_lowbit.master_rebuild; g and u formed in float64 as the reference forms them) into a float64
+# scratch, as the cuda and cpu exact kernels do. Launch 2 (``lars_lowbit_update_kernel``) follows
 # lowbit_state NOTE [Low-bit state: where values become fp32] and csrc/lars_math.h NOTE [Low-bit LARS
 # element math in fp32], as the cpu and cuda backends do: the segment's norms are sqrt of its sums in
 # float64, the trust ratio is reference.lars_layer_scalars in float64 from the options in float64
@@ -1058,8 +1059,10 @@ def grad_sumsq_kernel(addr_ptr, plan_ptr, inv_scale_ptr, part_ptr, PDT: tl.const
 # scale (map[code] * scale), the new values of a chunk quantized as rows of QBLOCK elements, each one
 # block of the param (TILE and BLOCK are multiples of QBLOCK, and so are a tile's and a chunk's starts):
 # the row's absmax, x / scale correctly rounded, the 8-step midpoint search (triton_lowbit); the new
-# weights are split into param and remainder (or stored as master and param). So given the same sums
-# (exact ones, e.g. dyadic inputs) params and state are the reference's bitwise. Every tile runs the
+# weights are split into param and remainder (or stored as master and param). The sums are the
+# reference's but for their order, which moves a norm by ulps of a double: the fp32 coefficients are the
+# reference's unless one lies that close to a rounding boundary, and params and state are its bits (given
+# equal sums they always are). Every tile runs the
 # masked path.
 #: elements per int8 quantization block (lowbit.QBLOCK)
 QBLOCK: tl.constexpr = tl.constexpr(_LB_QBLOCK)
@@ -1153,42 +1156,60 @@ def _state_store(
 
 
 @triton.jit
+def _lam64(lam32, wd64):
+    """``weight_decay * wd_mask`` in float64 as the reference forms it (``lam32``: the fp32 product)."""
+    return tl.where(lam32 != 0, wd64, 0.0)
+
+
+@triton.jit
+def _sum4(acc, x, m, R: tl.constexpr):
+    """``acc`` ([R] float64) plus the float64 ``x`` ([4 R], 0 where not ``m``), 4 neighbours per lane."""
+    return acc + tl.sum(tl.reshape(tl.where(m, x, 0.0), [R, 4]), axis=1)
+
+
+@triton.jit
 def _lars_lowbit_sums_tile(
-    tile, lam, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
+    tile, lam32, kargs, opts, PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, TILE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Launch 1's ``TILE_SUMS`` of low-bit LARS: :func:`_lars_sums_loop`'s fp32 sums of the weights as
-    stored; ``opts = (fp32 opts, dopts_ptr, lr_ptr)``, ``kargs = (inv_scale_ptr,)``."""
-    fo, _dp, _lr = opts  # (fp32 opts, dopts_ptr, lr_ptr): only the fp32 options here
-    inv_scale = tl.load(kargs[0]).to(tl.float32) * _sign(fo[LARS.maximize])
-    n = tile[4]
+    """Launch 1's ``TILE_SUMS`` of low-bit LARS: float64 sums of w^2, g^2 and (g + lam*w)^2 from the weights as
+    stored (exact in fp32) and g = grad * (+-inv_scale) in float64, as reference.lars_step forms its norms
+    (launched without FMA contraction); ``opts = (fp32 opts, dopts_ptr)``, ``kargs = (inv_scale_ptr,)``.
+    Chunks and accumulators as low-bit LAMB's (NOTE [Low-bit LAMB in the Triton kernels])."""
+    fo, dp = opts
+    inv = tl.load(kargs[0]).to(tl.float64)
+    inv = tl.where(fo[LARS.maximize] != 0, -inv, inv)
+    lam = _lam64(lam32, _d(dp, LARS.weight_decay))
+    CH: tl.constexpr = BLOCK // 2
+    R: tl.constexpr = CH // 4
     gp = _buf_ptr(tile, 1, PDT, False)
-    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(0, TILE, BLOCK):
-        offs = k + tl.arange(0, BLOCK)
-        m = offs < n
-        w = _weights32(tile, offs, m, PDT, MASTER)
-        g = tl.load(gp + offs, mask=m, other=0.0).to(tl.float32) * inv_scale
+    acc_w = tl.zeros([R], dtype=tl.float64)
+    acc_g = tl.zeros([R], dtype=tl.float64)
+    acc_u = tl.zeros([R], dtype=tl.float64)
+    for k in range(0, TILE, CH):
+        offs = k + tl.arange(0, CH)
+        m = offs < tile[4]
+        w = _weights32(tile, offs, m, PDT, MASTER).to(tl.float64)
+        g = tl.load(gp + offs, mask=m, other=0.0).to(tl.float64) * inv
         u = g + lam * w
-        acc_w += w * w
-        acc_g += g * g
-        acc_u += u * u
+        acc_w = _sum4(acc_w, w * w, m, R)
+        acc_g = _sum4(acc_g, g * g, m, R)
+        acc_u = _sum4(acc_u, u * u, m, R)
     return acc_w, acc_g, acc_u
 
 
 @triton.jit
 def lars_lowbit_partials_kernel(
-    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, inv_scale_ptr, found_inf_ptr, opts,
+    addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, inv_scale_ptr, found_inf_ptr, dopts_ptr, opts,
     PDT: tl.constexpr, HAS_MASTER: tl.constexpr, MASTER: tl.constexpr, GEO: tl.constexpr,
 ):  # fmt: skip
-    """Launch 1 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]): :func:`lars_partials_kernel`'s
-    sums, the weights read as ``MASTER`` stores them."""
+    """Launch 1 of low-bit LARS (NOTE [Low-bit LARS in the Triton kernels]): per segment the float64 sums
+    ``[w^2, g^2, (g + lam*w)^2]`` into the float64 scratch ``work``, the weights read as ``MASTER`` stores
+    them."""
     bufs = (addr_ptr, plan_ptr, work_ptr, count_ptr, step_ptr, has_ptr, found_inf_ptr)
     _partials_program(
-        _lars_lowbit_sums_tile, (inv_scale_ptr,), bufs, (opts, 0, 0), opts[LARS.weight_decay], PDT, MASTER != 0,
-        MASTER, GEO, False,
+        _lars_lowbit_sums_tile, (inv_scale_ptr,), bufs, (opts, dopts_ptr), opts[LARS.weight_decay], PDT,
+        MASTER != 0, MASTER, GEO, False,
     )  # fmt: skip
 
 
@@ -1219,7 +1240,7 @@ def _lars_ratio64(ssq_w, ssq_g, ssq_u, lam32, adapt, t, lr32, opts):
     (``exp`` the device's libm: triton_lowbit NOTE [Device libm in the kernels])."""
     fo, dp, lr_ptr = opts
     lr = tl.load(lr_ptr).to(tl.float64)
-    lam = tl.where(lam32 != 0, _d(dp, LARS.weight_decay), 0.0)  # wd * wd_mask (0 or 1) as the reference forms it
+    lam = _lam64(lam32, _d(dp, LARS.weight_decay))
     n_w_raw = tl.sqrt(ssq_w.to(tl.float64))  # fp64 sqrt and / are correctly rounded (sqrt.rn / div.rn.f64)
     n_g_raw = tl.sqrt(ssq_g.to(tl.float64))
     n_u_raw = tl.sqrt(ssq_u.to(tl.float64))
@@ -1366,12 +1387,6 @@ def lars_lowbit_update_kernel(
 # launch 2 (not storing in launch 1) is what keeps u exact: it is formed from the new moments before they
 # are rounded to their storage, as the reference forms it.
 @triton.jit
-def _lamb_lam64(lam32, dp):
-    """``weight_decay * wd_mask`` in float64 as the reference forms it (``lam32``: the fp32 product)."""
-    return tl.where(lam32 != 0, _d(dp, LAMB.weight_decay), 0.0)
-
-
-@triton.jit
 def _lamb_gscales(inv_scale_ptr, clip_ptr, fo):
     """``(gscale32, inv64, clip64)``: reference.gscale32 (fl32((+-inv_scale) / clip_coef), formed in float64)
     and the float64 factors of the scaled gradient whose norm is reported (reference._grad)."""
@@ -1449,7 +1464,7 @@ def _lamb_lowbit_sums_tile(
     lr = tl.load(lr_ptr).to(tl.float64)
     gscale, inv, clip = _lamb_gscales(inv_scale_ptr, clip_ptr, fo)
     t_new = tl.load(step_ptr + tile[2]).to(tl.float64) + 1.0  # step[s] is written by launch 2
-    c = _lamb_coef32(dp, lr, _lamb_lam64(lam32, dp), t_new, BC)
+    c = _lamb_coef32(dp, lr, _lam64(lam32, _d(dp, LAMB.weight_decay)), t_new, BC)
     # Chunks of BLOCK // 2 (launch 1 stores nothing, so any chunk start is a whole element) and float64
     # accumulators of CH // 4 lanes, each adding 4 neighbouring squares per chunk: BLOCK-wide chunks with
     # [BLOCK] accumulators hold 3 x 8 doubles per thread (156 registers on sm_90, over the 128 of 4 CTAs
@@ -1468,9 +1483,9 @@ def _lamb_lowbit_sums_tile(
         g64 = gr.to(tl.float64) * inv
         wd64 = w_d.to(tl.float64)
         u64 = u.to(tl.float64)
-        acc_w += tl.sum(tl.reshape(tl.where(msk, wd64 * wd64, 0.0), [R, 4]), axis=1)
-        acc_u += tl.sum(tl.reshape(tl.where(msk, u64 * u64, 0.0), [R, 4]), axis=1)  # masked: u may be 0/0
-        acc_g += tl.sum(tl.reshape(g64 * g64, [R, 4]), axis=1)
+        acc_w = _sum4(acc_w, wd64 * wd64, msk, R)
+        acc_u = _sum4(acc_u, u64 * u64, msk, R)  # masked lanes: u may be 0/0
+        acc_g = _sum4(acc_g, g64 * g64, msk, R)
     acc_g = acc_g / (clip * clip)
     return acc_w, acc_u, acc_g
 
@@ -1522,7 +1537,7 @@ def _lamb_lowbit_update_tile(
     lr = tl.load(lr_ptr).to(tl.float64)
     gscale, _inv, _clip_ = _lamb_gscales(inv_scale_ptr, clip_ptr, fo)
     t_new = t.to(tl.float64) + 1.0
-    c = _lamb_coef32(dp, lr, _lamb_lam64(lam32, dp), t_new, BC)
+    c = _lamb_coef32(dp, lr, _lam64(lam32, _d(dp, LAMB.weight_decay)), t_new, BC)
     if BC == BC_FIRST_OUTSIDE:
         s = 1.0 / (1.0 - _LB.pow64(_d(dp, LAMB.beta1), t_new))
     else:

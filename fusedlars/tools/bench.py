@@ -281,8 +281,8 @@ def _primer(opt: Any, params: list[torch.Tensor]) -> Callable[[], None] | None:
 
 def _lowbit_refusal(make: Callable[[list[torch.Tensor]], Any], device: torch.device) -> str | None:
     """Why this optimizer's backend refuses a step of its state storage (the backend's own message: e.g.
-    the Triton backend fuses LARS with bf16 or int8 state but not LAMB or TVLARS), or None: one step on a
-    3-element param on ``device``."""
+    the Triton backend refuses int8 state with a tile geometry that is not in whole quantization blocks),
+    or None: one step on a 3-element param on ``device``."""
     p = torch.zeros(3, device=device, requires_grad=True)
     p.grad = torch.ones(3, device=device)
     try:
