@@ -1162,6 +1162,12 @@ def _lam64(lam32, wd64):
 
 
 @triton.jit
+def _zeros3(R: tl.constexpr):
+    """Three float64 accumulators of R lanes (the exact kernels' launch 1)."""
+    return tl.zeros([R], dtype=tl.float64), tl.zeros([R], dtype=tl.float64), tl.zeros([R], dtype=tl.float64)
+
+
+@triton.jit
 def _sum4(acc, x, m, R: tl.constexpr):
     """``acc`` ([R] float64) plus the float64 ``x`` ([4 R], 0 where not ``m``), 4 neighbours per lane."""
     return acc + tl.sum(tl.reshape(tl.where(m, x, 0.0), [R, 4]), axis=1)
@@ -1183,9 +1189,7 @@ def _lars_lowbit_sums_tile(
     CH: tl.constexpr = BLOCK // 2
     R: tl.constexpr = CH // 4
     gp = _buf_ptr(tile, 1, PDT, False)
-    acc_w = tl.zeros([R], dtype=tl.float64)
-    acc_g = tl.zeros([R], dtype=tl.float64)
-    acc_u = tl.zeros([R], dtype=tl.float64)
+    acc_w, acc_g, acc_u = _zeros3(R)
     for k in range(0, TILE, CH):
         offs = k + tl.arange(0, CH)
         m = offs < tile[4]
@@ -1473,9 +1477,7 @@ def _lamb_lowbit_sums_tile(
     # the ratio) by ulps of a double, as the order of the sums does.
     CH: tl.constexpr = BLOCK // 2
     R: tl.constexpr = CH // 4
-    acc_w = tl.zeros([R], dtype=tl.float64)
-    acc_u = tl.zeros([R], dtype=tl.float64)
-    acc_g = tl.zeros([R], dtype=tl.float64)
+    acc_w, acc_u, acc_g = _zeros3(R)
     for k in range(0, TILE, CH):
         offs = k + tl.arange(0, CH)
         msk = offs < tile[4]
