@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import sys
 
 import pytest
 import torch
@@ -105,6 +107,26 @@ def test_compiled_step_matches_eager_without_recompiling(kind, backend):
     assert counter.counts[-1] == counter.counts[0] >= 1, f"compilations per step: {counter.counts}"
     assert all(isinstance(g["lr"], torch.Tensor) for g in opt.param_groups)
     assert opt.backends_in_use() == [backend]
+
+
+@pytest.mark.slow  # ~1 min of Triton's interpreter
+@pytest.mark.parametrize(
+    "kind, state_dtype", [("LARS", torch.bfloat16), ("LAMB", "int8")], ids=["LARS-bf16", "LAMB-int8"]
+)
+def test_compiled_low_bit_triton_step_matches_eager_without_recompiling(kind, state_dtype, monkeypatch):
+    """Low-bit state on the Triton backend (its float64 scratch, option rows and int8 maps built by prepare() in
+    the eager prelude, not in the first trace, whose cache writes recompiled the second step): bitwise eager's,
+    compiled once. (The cpu backend refuses low-bit state in a compiled step, with the reason.)"""
+    ok, why = backends.status("triton")
+    if not ok:
+        pytest.skip(f"triton: {why}")
+    monkeypatch.setattr(sys.modules[__name__], "_optimizer", functools.partial(_optimizer, state_dtype=state_dtype))
+    eager, _ = _train(kind, "triton")
+    counter = CompileCounterWithBackend("inductor")
+    compiled, opt = _train(kind, "triton", compiler="inductor", counter=counter)
+    _compare("triton", eager, compiled)
+    assert counter.counts[-1] == counter.counts[0] >= 1, f"compilations per step: {counter.counts}"
+    assert opt.backends_in_use() == ["triton"]
 
 
 @pytest.mark.parametrize("backend", _backends())

@@ -4,7 +4,7 @@
 when the combination runs there, else the reason it does not), ``lars_step(bucket, cfg)``,
 ``lamb_step(bucket, cfg)``, ``grad_sumsq(bucket, cfg)``, the FSDP2 split ``lars_partials`` /
 ``lars_apply`` / ``lamb_partials`` / ``lamb_apply`` (None where the backend has none),
-``prepare(bucket, kind) -> list[Tensor]``, which builds the per-bucket tables and scratch a step
+``prepare(bucket, kind, cfg=None) -> list[Tensor]``, which builds the per-bucket tables and scratch a step
 caches in ``bucket.cache[NAME]`` at once and returns them (a compiled or captured step must not
 allocate them mid-graph), and ``CARRIES_WEIGHT_NORMS``. The optimizers call the kernels of their
 kind through a :class:`fusedlars.backends.protocol.KernelSet`.

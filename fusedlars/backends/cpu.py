@@ -161,7 +161,7 @@ def _lr(lr, bucket: Bucket | None = None) -> torch.Tensor:
     return _scalars(bucket).lr(lr)
 
 
-def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+def prepare(bucket: Bucket, kind: str, cfg=None) -> list[torch.Tensor]:
     """Build the bucket's cached scalars now (a compiled step must not create them in its graph)."""
     sc = _scalars(bucket)
     return [sc.lr.tensor, sc.clip.tensor]

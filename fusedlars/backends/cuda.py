@@ -258,7 +258,7 @@ def _scratch(bucket: Bucket, kind: str) -> _Scratch:
     return sc
 
 
-def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+def prepare(bucket: Bucket, kind: str, cfg=None) -> list[torch.Tensor]:
     """Allocate the bucket's tables and scratch now (not inside a compiled graph or a CUDA graph
     capture); returns them."""
     sc = _scratch(bucket, kind)

@@ -54,8 +54,9 @@ class Backend(Protocol):
         """None when this backend steps ``bucket`` with ``cfg``, else the reason it does not."""
         ...
 
-    def prepare(self, bucket: Bucket, kind: str) -> list[torch.Tensor]:
-        """Build the per-bucket tables a step caches lazily (in ``bucket.cache[NAME]``) and return them."""
+    def prepare(self, bucket: Bucket, kind: str, cfg: Any = None) -> list[torch.Tensor]:
+        """Build the per-bucket tables a step caches lazily (in ``bucket.cache[NAME]``) and return them
+        (``cfg``: the step's config, for tables built from its options)."""
         ...
 
     def lars_step(self, bucket: Bucket, cfg: Any) -> None: ...

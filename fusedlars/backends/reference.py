@@ -75,7 +75,7 @@ def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     return None
 
 
-def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+def prepare(bucket: Bucket, kind: str, cfg=None) -> list[torch.Tensor]:
     return []
 
 

@@ -226,7 +226,7 @@ def _lists(bucket: Bucket) -> _Lists:
     return plan
 
 
-def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
+def prepare(bucket: Bucket, kind: str, cfg=None) -> list[torch.Tensor]:
     """Build the bucket's lists, scratch and chunk tables now (a compiled step must not build them
     in its graph); returns the scratch buffers, so that they can be marked static."""
     L = _lists(bucket)

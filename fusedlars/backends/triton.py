@@ -311,12 +311,18 @@ def _geometry() -> list[int]:
     return [TILE, BLOCK, RBLOCK, SBLOCK]
 
 
-def prepare(bucket: Bucket, kind: str) -> list[torch.Tensor]:
-    """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them."""
+def prepare(bucket: Bucket, kind: str, cfg=None) -> list[torch.Tensor]:
+    """Allocate the bucket's tables and scratch now (not inside a compiled graph); returns them. The low-bit
+    kernels' tables too (the float64 scratch, the option rows of ``cfg``, the state_dict ids, the int8 maps):
+    built inside the first traced step, they would change the cache the trace guards on and recompile it."""
     sc = _scratch(bucket)
     t = sc.tiles
     plan = _plan(bucket, sc)
-    exact = [sc.work64()] if bucket.exact_elements else []  # the low-bit kernels' float64 scratch
+    exact = []
+    if bucket.exact_elements:
+        exact = [sc.work64(), *_qtables(bucket.device, True), *_qtables(bucket.device, False)]
+        if cfg is not None:
+            exact += list(_lowbit_tables(bucket, cfg, "LAMB" if kind == "LAMB" else "LARS"))
     return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.work, sc.count, sc.gpart, sc.one, sc.zero, plan,
             _traced_table(bucket)] + exact  # fmt: skip
 

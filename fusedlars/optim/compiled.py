@@ -51,7 +51,7 @@ class CompiledStep:
             cfg = opt._make_config(opt.param_groups[gi], None, None)
             mod = opt._dispatch.choose_compiled(opt, gi, j, b, cfg)
             b.drop_carry()  # the compiled step does not carry weight norms
-            for t in b.tables() + [b.active_ids()] + mod.prepare(b, opt._KIND):
+            for t in b.tables() + [b.active_ids()] + mod.prepare(b, opt._KIND, cfg):
                 mark_static_address(t, guard=True)
                 static.append(t)
         self.static = static
