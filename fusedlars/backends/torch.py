@@ -63,7 +63,7 @@ def available() -> tuple[bool, str]:
 
 def supports(kind: str, cfg, bucket: Bucket) -> str | None:
     """Every configuration runs here (the fallback of backend='auto'), except low-bit state of sharded
-    (FSDP2) params or in a compiled step, which no backend steps yet."""
+    (FSDP2) params, which no backend steps yet, or in a compiled step (the triton backend runs those)."""
     if bucket.lowbit_state and bucket.shard is not None and bucket.shard.shard_dims:
         return "low-bit optimizer state (state_dtype bf16/int8) of FSDP2-sharded params is not supported yet"
     if bucket.lowbit_state and torch.compiler.is_compiling():
