@@ -109,7 +109,7 @@ LOWBIT=(tests/test_gpu_lowbit.py)
 if (( DRY )); then
   step lowbit 90 $PY -m pytest -q -p no:cacheprovider -o addopts="" "${LOWBIT[@]}"
 else
-  step lowbit 120 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/lowbit.xml" "${LOWBIT[@]}"
+  step lowbit 150 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/lowbit.xml" "${LOWBIT[@]}"
 fi
 
 # --- selftest ---------------------------------------------------------------------------------------
