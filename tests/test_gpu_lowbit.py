@@ -184,16 +184,16 @@ def test_cuda_state_dict_round_trip_continues_bitwise(tmp_path, kind, state_dtyp
     assert_same_state(hoa, ha, hoc, hc)
 
 
+#: Triton's low-bit cases: LARS and LAMB with every weight form, TVLARS (LARS's kernels with its phi) with one
+TRITON_CASES = [(k, f) for k in ("LARS", "LAMB") for f in FORMS] + [("TVLARS", "bf16+remainder")]
+
+
 @needs_gpu
-@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("kind, form", TRITON_CASES, ids=[f"{k}-{f}" for k, f in TRITON_CASES])
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
-@pytest.mark.parametrize("kind", ["LARS", "TVLARS", "LAMB"])
 def test_triton_bitwise_where_norms_are_exact(kind, state_dtype, form):
     """The Triton backend's low-bit kernels (bf16 or int8 state, fp32 / remainder masters) at their own tile
-    sizes, two steps: float64 sums, libdevice's pow and exp for LAMB's bias corrections and TVLARS's phi
-    (TVLARS runs LARS's kernels: one weight form is enough, and saves the GPU check compile time)."""
-    if kind == "TVLARS" and form != "bf16+remainder":
-        pytest.skip("TVLARS runs LARS's kernels: its phi is checked with one weight form")
+    sizes, two steps: float64 sums, libdevice's pow and exp for LAMB's bias corrections and TVLARS's phi."""
     _live("triton")
     dtype, masters = FORMS[form]
     check_against_reference(kind, "triton", "cuda", dtype, masters, state_dtype)
