@@ -15,6 +15,8 @@
 #   lowbit     bf16 / int8 state and remainder masters on the GPU: the cuda, triton and torch backends
 #              bitwise against the CPU reference (tests/test_gpu_lowbit.py, OUT/lowbit.xml); on the
 #              dry run its CPU harness test
+#   lowbit-helpers  the Triton helpers of that arithmetic (tests/test_lowbit.py -k triton) on the device,
+#              pow and exp against torch's there
 #   selftest   `fusedlars selftest` on the GPU (OUT/selftest.json)
 #   launches   kernel launches per step per fused backend, low-bit state included (profiler events, OUT/launches.json)
 #   sanitizer  compute-sanitizer memcheck, racecheck, synccheck on a small step of every kernel, the
@@ -111,6 +113,9 @@ if (( DRY )); then
 else
   step lowbit 150 env FUSEDLARS_REQUIRE_EXT=1 $PY -m pytest -q -p no:cacheprovider -o addopts="" --maxfail=25 --junitxml="$OUT/lowbit.xml" "${LOWBIT[@]}"
 fi
+# the Triton helpers of the low-bit arithmetic on the device: Philox, the roundings, the quantization, and
+# pow / exp against torch's on the same device (triton_lowbit NOTE [Device libm in the kernels])
+step lowbit-helpers 60 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_lowbit.py -k triton
 
 # --- selftest ---------------------------------------------------------------------------------------
 step selftest 90 $PY -m fusedlars selftest --device "$DEV" --json "$OUT/selftest.json"
