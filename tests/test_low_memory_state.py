@@ -571,7 +571,7 @@ def test_state_dtype_changed_mid_run_converts_the_state():
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])  # the cpu backend steps it: tests/test_cpu_lowbit.py
-def test_named_fused_backend_raises_with_the_reason(backend):
+def test_named_fused_backend_raises_with_the_reason(backend, monkeypatch):
     from fusedlars import backends
 
     if not backends.status(backend)[0]:
@@ -582,12 +582,14 @@ def test_named_fused_backend_raises_with_the_reason(backend):
         (dict(master_weights="remainder"), "remainder"),
     )
     if backend == "triton":  # low-bit state and remainder masters run there: tests/test_triton_lowbit.py
-        cases = ((dict(state_dtype="int8", kind="TVLARS", half=True), "params with low-bit state need master"),
-                 (dict(state_dtype=torch.bfloat16, kind="LAMB", half=True), "params with low-bit state need master"))  # fmt: skip
+        from fusedlars.backends import triton as tb
+
+        monkeypatch.setattr(tb, "BLOCK", 128)  # int8 rows of a chunk are no longer whole quantization blocks
+        cases = ((dict(state_dtype="int8", kind="LAMB"), "whole 256-element quantization blocks"),)
     for kw, what in cases:
         kw = dict(kw)
         cls = getattr(fusedlars, kw.pop("kind", "LARS"))
-        dtype = torch.bfloat16 if "master_weights" in kw or kw.pop("half", False) else torch.float32
+        dtype = torch.bfloat16 if "master_weights" in kw else torch.float32
         ps = make_params(dtype)
         opt = cls(ps, lr=0.5, backend=backend, **kw)
         set_grads(ps, 0)

@@ -30,7 +30,7 @@ pytestmark = [
 ]
 
 SHAPES = [(1,), (3,), (255,), (257,), (1100,), (0,), (4, 3, 3, 3)]
-FORMS = [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, "remainder")]
+FORMS = [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, "remainder"), (torch.float16, False)]
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ STORAGES = pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=
 
 
 @STORAGES
-@pytest.mark.parametrize("dtype, masters", FORMS, ids=["fp32", "bf16_masters", "bf16_remainder"])
+@pytest.mark.parametrize("dtype, masters", FORMS, ids=["fp32", "bf16_masters", "bf16_remainder", "fp16"])
 def test_bitwise_the_reference_given_exact_norms(dtype, masters, state_dtype):
     """One step (the state it reads is the fresh zero buffer), odd shapes, a zero weight, a zero grad, an
     empty param; the options and the state_dict test below run several steps. int8: the 1100-element
@@ -236,8 +236,17 @@ def lamb_run(backend, dtype, masters, steps=3, hook=None, state_dtype=torch.bflo
 LAMB_STORAGES = [(torch.bfloat16, torch.float32, False), (torch.bfloat16, torch.bfloat16, True),
                  (torch.bfloat16, torch.bfloat16, "remainder"), ("int8", torch.float32, False),
                  ("int8", torch.bfloat16, True), ("int8", torch.bfloat16, "remainder"),
-                 (torch.float32, torch.bfloat16, "remainder")]  # fmt: skip
-LAMB_IDS = ["bf16", "bf16_masters", "bf16_remainder", "int8", "int8_masters", "int8_remainder", "fp32_remainder"]
+                 (torch.float32, torch.bfloat16, "remainder"), ("int8", torch.bfloat16, False)]  # fmt: skip
+LAMB_IDS = [
+    "bf16",
+    "bf16_masters",
+    "bf16_remainder",
+    "int8",
+    "int8_masters",
+    "int8_remainder",
+    "fp32_remainder",
+    "int8_bf16_params",
+]
 
 
 @pytest.mark.parametrize("state_dtype, dtype, masters", LAMB_STORAGES, ids=LAMB_IDS)

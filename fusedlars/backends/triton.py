@@ -164,11 +164,6 @@ def _lowbit_unsupported(kind: str, cfg, bucket: Bucket) -> str | None:
             f"int8 state needs the Triton tile geometry in whole {lowbit.QBLOCK}-element quantization blocks "
             f"(TILE={TILE}, BLOCK={BLOCK})" + tail
         )
-    if bucket.dtype != torch.float32 and not (bucket.uses_masters or bucket.uses_remainder):
-        return (
-            f"{bucket.dtype} params with low-bit state need master weights in the Triton backend (the reference "
-            "rounds the float64 weights once to the param dtype)" + tail
-        )
     return None
 
 

@@ -1084,21 +1084,21 @@ def _weights32(tile, offs, m, PDT: tl.constexpr, MASTER: tl.constexpr):
 
 @triton.jit
 def _weights_store(tile, offs, m, w32, PDT: tl.constexpr, MASTER: tl.constexpr):
-    """Store the new fp32 weights: param and remainder (lowbit NOTE [Master split]), fp32 master and the param
-    rounded to nearest from it, or the fp32 param (MASTER 2/1/0; half params without masters are refused)."""
+    """Store the new fp32 weights: param and remainder (lowbit NOTE [Master split]) (MASTER 2), the fp32 master
+    and the param rounded to nearest from it (1), or the param rounded to nearest from them (0: exact for
+    fp32 params; half params round once, as the reference rounds its float64 of these fp32 values)."""
     pp = _buf_ptr(tile, 0, PDT, False)
     if MASTER == 2:
         p, rem = _LB.master_split(w32)
         tl.store(pp + offs, p, mask=m)
         tl.store(_buf_ptr(tile, 2, tl.int16, False) + offs, rem, mask=m)
-    elif MASTER == 1:
-        tl.store(_buf_ptr(tile, 2, tl.float32, False) + offs, w32, mask=m)
+    else:
+        if MASTER == 1:
+            tl.store(_buf_ptr(tile, 2, tl.float32, False) + offs, w32, mask=m)
         if PDT == tl.bfloat16:
             tl.store(pp + offs, _LB.bf16_rne(w32), mask=m)
         else:
             tl.store(pp + offs, w32.to(PDT), mask=m)
-    else:
-        tl.store(pp + offs, w32, mask=m)
 
 
 @triton.jit
