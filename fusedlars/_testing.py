@@ -246,9 +246,11 @@ def aot_specializations(covering: bool = False) -> list[dict]:
             add(tb.K.lamb_update_kernel, dt, HAS_MASTER=master, BC=bc, **geo)
     for dt in _TRITON_DT:
         add(tb.K.grad_sumsq_kernel, dt, **geo)
-    # low-bit LARS (issue #26): fp32 params, bf16 with fp32 or remainder masters, fp16 with fp32 masters;
-    # STORE 0: bf16 momentum, 1: int8 (with momentum only: without, there is no state)
-    for dt, master in ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float16, 1)):
+    # low-bit LARS (issue #26): fp32 params, bf16 with fp32 or remainder masters, fp16 with fp32 masters, half
+    # params without masters; STORE 0: bf16 momentum, 1: int8 (with momentum only: without, there is no state)
+    forms = ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float16, 1), (torch.float16, 0),
+             (torch.bfloat16, 0))  # fmt: skip
+    for dt, master in forms:
         add(tb.K.lars_lowbit_partials_kernel, dt, HAS_MASTER=master != 0, MASTER=master, **geo)
         for mom in (MOM_NONE, *MOM.values()):
             for store in (0, 1) if mom != MOM_NONE else (0,):
@@ -259,8 +261,8 @@ def aot_specializations(covering: bool = False) -> list[dict]:
     # low-bit LAMB: the same param forms; STORE 0 bf16, 1 int8, 2 fp32 moments (beside remainder masters only)
     lamb_cover = {(torch.float32, 0, 1, BIAS["both"]), (torch.bfloat16, 1, 0, BIAS["none"]),
                   (torch.bfloat16, 2, 1, BIAS["first_outside"]), (torch.bfloat16, 2, 2, BIAS["both"]),
-                  (torch.float16, 1, 1, BIAS["both"])}  # fmt: skip
-    for dt, master in ((torch.float32, 0), (torch.bfloat16, 1), (torch.bfloat16, 2), (torch.float16, 1)):
+                  (torch.float16, 1, 1, BIAS["both"]), (torch.bfloat16, 0, 0, BIAS["first_outside"])}  # fmt: skip
+    for dt, master in forms:
         for store in (0, 1, 2) if master == 2 else (0, 1):
             for bc in BIAS.values():
                 if covering and (dt, master, store, bc) not in lamb_cover:

@@ -3,8 +3,8 @@
 Runs ``bench/triton_aot_report.py --covering --json`` in a subprocess with TRITON_INTERPRET
 removed (kernels decorated under the interpreter cannot be compiled). The covering set
 compiles every kernel for fp32 with every value of every constexpr (MOM, BC, MASTER, STORE), for fp16
-without and bf16 with master weights, for each target: 45 specializations x 3 targets.
-The full set (136 x 3) is what ``python bench/triton_aot_report.py`` compiles and prints
+without and bf16 with master weights, for each target: 51 specializations x 3 targets.
+The full set (172 x 3) is what ``python bench/triton_aot_report.py`` compiles and prints
 (about 4 min on 2 cores with a cold Triton cache).
 
 Asserted per compile: success, no spilled local memory, at most an 8 B call frame (no local array),
@@ -97,8 +97,11 @@ def test_no_spills_and_bounded_resources(rows):
         # ptxas may keep a few bytes of call frame for the IEEE slow-path subroutines (fp64 div / sqrt
         # of the trust ratio, div_rn of int8's normalize, low-bit LAMB's per-element div_rn / sqrt_rn):
         # some specializations of the low-bit kernels save 2 registers around one call (8 B: 2 STL + 2 LDL
-        # in the SASS, no spill); anything larger is a real local-memory array
-        assert r["stack"] <= 8, f"{what} uses a {r['stack']} B stack frame"
+        # in the SASS, no spill). One exception, read in its SASS: sm_80's ptxas parks 5 loop-invariant
+        # registers of low-bit LARS's launch 1 over bf16 params without masters in a 24 B frame (5 STL before
+        # the tile loop, 5 LDL after it, none inside, at 56 registers). Anything else is a local array.
+        parked = r["kernel"] == "lars_lowbit_partials_kernel" and r["arch"] == 80 and r["dtype"] == "bfloat16"
+        assert r["stack"] <= (24 if parked else 8), f"{what} uses a {r['stack']} B stack frame"
         assert r["regs"] <= 128, f"{what} uses {r['regs']} registers"
         assert max(r["triton_shared"], r["static_shared"]) <= 48 * 1024, what
 
