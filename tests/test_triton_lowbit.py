@@ -70,6 +70,22 @@ def assert_same(oa, pa, ob, pb):
     assert_same_state(oa, pa, ob, pb, nan_any_sign=True)
 
 
+def assert_triton_is_the_reference(run, *args, **kw):
+    """``run("reference", *args, **kw)`` and ``run("triton", *args, **kw)`` (the same inputs), then
+    :func:`assert_same`; returns the Triton run's ``(params, optimizer)``."""
+    pa, oa = run("reference", *args, **kw)
+    pb, ob = run("triton", *args, **kw)
+    assert_same(oa, pa, ob, pb)
+    return pb, ob
+
+
+def nan_inf_at_step_1(ps, opt, t):
+    """A run's hook: a NaN grad element in the 1100-element layer and an inf in the 4-D one at the second step."""
+    if t == 1:
+        ps[4].grad[3] = math.nan
+        ps[6].grad.view(-1)[0] = math.inf
+
+
 def assert_skipped_step_changes_nothing(opt):
     """A step GradScaler skips (found_inf = 1) leaves every param and state bit as it was."""
     ps = [p for g in opt.param_groups for p in g["params"]]
@@ -93,9 +109,7 @@ def test_bitwise_the_reference_given_exact_norms(dtype, masters, state_dtype):
     """One step (the state it reads is the fresh zero buffer), odd shapes, a zero weight, a zero grad, an
     empty param; the options and the state_dict test below run several steps. int8: the 1100-element
     layer's blocks span 3 tiles of 512 and end in a partial block."""
-    pa, oa = dyadic_run("reference", dtype, masters, state_dtype=state_dtype)
-    pb, ob = dyadic_run("triton", dtype, masters, state_dtype=state_dtype)
-    assert_same(oa, pa, ob, pb)
+    assert_triton_is_the_reference(dyadic_run, dtype, masters, state_dtype=state_dtype)
 
 
 @STORAGES
@@ -105,18 +119,14 @@ def test_adaptive_steps_on_random_inputs_bitwise(dtype, masters, state_dtype):
     ratio the reference's after its rounding, so params, state and tables stay bitwise from step to step (with
     fp32 sums they parted at the second step)."""
     kw = dict(state_dtype=state_dtype, steps=3, dyadic=False)
-    pa, oa = dyadic_run("reference", dtype, masters, **kw)
-    pb, ob = dyadic_run("triton", dtype, masters, **kw)
-    assert_same(oa, pa, ob, pb)
+    assert_triton_is_the_reference(dyadic_run, dtype, masters, **kw)
 
 
 def test_fp32_state_beside_remainder_masters():
     """master_weights='remainder' with the default fp32 state: the momentum is an fp32 buffer (STORE 2), loaded
     and stored as such, not through the bf16 path of the low-bit state."""
-    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", state_dtype=torch.float32)
-    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", state_dtype=torch.float32)
-    assert oa.state[pa[4]]["momentum_buffer"].dtype == torch.float32
-    assert_same(oa, pa, ob, pb)
+    pb, ob = assert_triton_is_the_reference(dyadic_run, torch.bfloat16, "remainder", state_dtype=torch.float32)
+    assert ob.state[pb[4]]["momentum_buffer"].dtype == torch.float32
 
 
 @pytest.mark.parametrize("opts", [dict(nesterov=True, maximize=True), dict(momentum_mode="classic"),
@@ -124,9 +134,7 @@ def test_fp32_state_beside_remainder_masters():
                          ids=["nesterov_maximize", "classic", "decoupled_excluded"])  # fmt: skip
 @STORAGES
 def test_options_bitwise(opts, state_dtype):
-    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
-    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
-    assert_same(oa, pa, ob, pb)
+    assert_triton_is_the_reference(dyadic_run, torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
 
 
 @STORAGES
@@ -159,18 +167,10 @@ def test_excluded_layers_over_steps_and_a_mid_run_state_dict_round_trip(state_dt
 
 @STORAGES
 def test_inf_nan_grads_and_a_skipped_step(state_dtype):
-    def nan_inf(ps, opt, t):
-        if t == 1:
-            ps[4].grad[3] = math.nan
-            ps[6].grad.view(-1)[0] = math.inf
-
-    kw = dict(state_dtype=state_dtype, exclude=lambda name, p: True)  # ratio 1: the state bitwise too
-    pa, oa = dyadic_run("reference", torch.bfloat16, "remainder", steps=2, hook=nan_inf, **kw)
-    pb, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=2, hook=nan_inf, **kw)
-    for j, (a, b) in enumerate(zip(pa, pb)):  # NaN-free layers bitwise; a NaN layer NaN in both
-        assert torch.equal(bits(a), bits(b)) or (a.isnan().any() and b.isnan().any()), f"param {j}"
-        for k in oa.state[a]:  # int8: a block holding a NaN gets the NaN scale 0x7FC00000 in both
-            assert torch.equal(bits(torch.as_tensor(oa.state[a][k])), bits(torch.as_tensor(ob.state[b][k]))), (j, k)
+    # adaptive: the float64 sums make the NaN and inf layers' params, state and tables bitwise too (int8: a
+    # block holding a NaN gets the NaN scale 0x7FC00000 in both)
+    assert_triton_is_the_reference(dyadic_run, torch.bfloat16, "remainder", steps=2, hook=nan_inf_at_step_1,
+                                   state_dtype=state_dtype)  # fmt: skip
     _, ob = dyadic_run("triton", torch.bfloat16, "remainder", steps=1, state_dtype=state_dtype)
     assert_skipped_step_changes_nothing(ob)
 
@@ -255,9 +255,7 @@ def test_lamb_bitwise_the_reference_over_steps(state_dtype, dtype, masters):
     sums of w_d^2, u^2 and g^2 are in float64, in another order than the reference's, so the trust ratio
     agrees after its rounding to fp32: params, moments (bf16 bits, int8 codes and scales), remainders and
     every per-layer table bitwise, not only where the inputs make sums exact."""
-    pa, oa = lamb_run("reference", dtype, masters, state_dtype=state_dtype)
-    pb, ob = lamb_run("triton", dtype, masters, state_dtype=state_dtype)
-    assert_same(oa, pa, ob, pb)
+    assert_triton_is_the_reference(lamb_run, dtype, masters, state_dtype=state_dtype)
 
 
 @pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"], ids=["bf16", "int8"])
@@ -265,9 +263,7 @@ def test_lamb_random_inputs_bitwise(state_dtype):
     """Normal (not dyadic) weights and grads, three steps, remainder masters: bitwise too (the float64 sums'
     order moves a norm by an ulp of a double at most, which the fp32 coefficients do not see here)."""
     kw = dict(state_dtype=state_dtype, dyadic=False)
-    pa, oa = lamb_run("reference", torch.bfloat16, "remainder", **kw)
-    pb, ob = lamb_run("triton", torch.bfloat16, "remainder", **kw)
-    assert_same(oa, pa, ob, pb)
+    assert_triton_is_the_reference(lamb_run, torch.bfloat16, "remainder", **kw)
 
 
 @pytest.mark.parametrize(
@@ -282,9 +278,7 @@ def test_lamb_random_inputs_bitwise(state_dtype):
          "max_grad_norm_bf16", "adam_int8"],
 )  # fmt: skip
 def test_lamb_options_bitwise(opts, state_dtype):
-    pa, oa = lamb_run("reference", torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
-    pb, ob = lamb_run("triton", torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
-    assert_same(oa, pa, ob, pb)
+    assert_triton_is_the_reference(lamb_run, torch.bfloat16, "remainder", state_dtype=state_dtype, **opts)
 
 
 @STORAGES
@@ -311,14 +305,9 @@ def test_lamb_mid_run_state_dict_round_trip(state_dtype):
 
 @STORAGES
 def test_lamb_inf_nan_grads_and_a_skipped_step(state_dtype):
-    def nan_inf(ps, opt, t):
-        if t == 1:
-            ps[4].grad[3] = math.nan
-            ps[6].grad.view(-1)[0] = math.inf
-
-    pa, oa = lamb_run("reference", torch.bfloat16, "remainder", hook=nan_inf, state_dtype=state_dtype)
-    pb, ob = lamb_run("triton", torch.bfloat16, "remainder", hook=nan_inf, state_dtype=state_dtype)
-    assert_same(oa, pa, ob, pb)
+    _, ob = assert_triton_is_the_reference(
+        lamb_run, torch.bfloat16, "remainder", hook=nan_inf_at_step_1, state_dtype=state_dtype
+    )
     assert_skipped_step_changes_nothing(ob)
 
 

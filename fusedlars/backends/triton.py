@@ -25,12 +25,12 @@ g^2 from the given float64 sums times inv_scale^2) and launch 2 as above: 2 laun
 (fp32 params with momentum: 4 + 20 = 24). ``lars_partials_given_grad_sums`` is its launch 1 for sharded
 buckets. NOTE [Given gradient sums] in the kernels.
 
-Low-bit state (issue #26): LARS with bf16 momentum and/or remainder masters runs
-``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel`` (2 launches; element math in fp32, uncontracted,
-bitwise the reference's given the same sums: NOTE [Low-bit LARS in the Triton kernels]); so does LARS with
-int8 momentum (launch 2 quantizes each 256-element block of a chunk as one row: TILE and BLOCK are
-multiples of it); TVLARS too (its phi_t in float64 in launch 2). LAMB with low-bit state is refused by
-``supports()`` with the reason (the torch backend runs it).
+Low-bit state (issue #26): LARS / TVLARS with bf16, int8 or fp32 momentum and/or remainder masters run
+``lars_lowbit_partials_kernel`` and ``lars_lowbit_update_kernel``, LAMB ``lamb_lowbit_partials_kernel`` and
+``lamb_lowbit_update_kernel`` (2 launches each; norms summed in float64 into a float64 scratch, element math
+in fp32, uncontracted: NOTE [Low-bit LARS in the Triton kernels], NOTE [Low-bit LAMB in the Triton kernels]).
+int8 state is quantized per 256-element block as one row of a chunk (TILE and BLOCK are multiples of it).
+``supports()`` refuses, with the reason, sharded buckets and a geometry not in whole blocks.
 
 FSDP2 / DTensor buckets: ``lars_partials`` / ``lamb_partials`` are launch 1 and return the
 per-segment sums ``[3, S]``; ``lars_apply`` / ``lamb_apply`` are launch 2 from sums the caller
@@ -197,8 +197,8 @@ class _Scratch:
         self.plan_key: tuple[int, ...] | None = None
 
     def work64(self) -> torch.Tensor:
-        """``work``'s layout in float64: the scratch of the exact (low-bit) LAMB kernels, whose sums are in
-        float64 (NOTE [Low-bit LAMB in the Triton kernels]); allocated on first use."""
+        """``work``'s layout in float64: the scratch of the low-bit kernels, whose sums are in float64 (NOTE
+        [Low-bit LARS in the Triton kernels]); allocated on first use (or by :func:`prepare`)."""
         if not hasattr(self, "_work64"):
             self._work64 = torch.zeros(self.work.numel(), dtype=torch.float64, device=self.work.device)
         return self._work64
@@ -317,7 +317,7 @@ def prepare(bucket: Bucket, kind: str, cfg=None) -> list[torch.Tensor]:
     if bucket.exact_elements:
         exact = [sc.work64(), *_qtables(bucket.device, True), *_qtables(bucket.device, False)]
         if cfg is not None:
-            exact += list(_lowbit_tables(bucket, cfg, "LAMB" if kind == "LAMB" else "LARS"))
+            exact += list(_lowbit_tables(bucket, cfg, kind))
     return [t.tile_seg, t.tile_len, t.seg_tile_ptr, sc.work, sc.count, sc.gpart, sc.one, sc.zero, plan,
             _traced_table(bucket)] + exact  # fmt: skip
 
@@ -593,7 +593,8 @@ def _launch1(bucket: Bucket, op: str, scalars: list, opts: list, mode: int, work
     sc = _scratch(bucket)
     addr = _addresses(bucket)
     grid = sc.tiles.num_tiles + triton.cdiv(bucket.num_segments, SBLOCK)
-    _op(op)(addr, _plan(bucket, sc), sc.work if work is None else work, sc.count, bucket.step, bucket.has_state, scalars, opts, grid,
+    work = sc.work if work is None else work
+    _op(op)(addr, _plan(bucket, sc), work, sc.count, bucket.step, bucket.has_state, scalars, opts, grid,
             _PDT_CODE[bucket.dtype], bucket.uses_masters, mode, _geometry())  # fmt: skip
     return (addr,)
 
@@ -665,10 +666,9 @@ def _lars_lowbit_step(bucket: Bucket, cfg: LarsConfig) -> None:
     opts = option_fields.triton_values("LARS", cfg)
     master = _master_code(bucket)
     dopts, pidx = _lowbit_tables(b, cfg)
-    scalars = _step_scalars(sc, cfg, "inv_scale", "found_inf") + [dopts]
-    (addr,) = _launch1(bucket, "triton_lars_lowbit_partials", scalars, opts, master, sc.work64())
-    lr = cfg.lr.reshape(-1) if isinstance(cfg.lr, torch.Tensor) else _f64_lr(sc, cfg.lr)
     inv_scale, found_inf = _step_scalars(sc, cfg, "inv_scale", "found_inf")
+    (addr,) = _launch1(bucket, "triton_lars_lowbit_partials", [inv_scale, found_inf, dopts], opts, master, sc.work64())
+    lr = cfg.lr.reshape(-1) if isinstance(cfg.lr, torch.Tensor) else _f64_lr(sc, cfg.lr)
     grid = sc.tiles.num_tiles + triton.cdiv(b.num_segments, SBLOCK)
     mom = triton_mom(cfg.momentum, cfg.momentum_mode)
     store = _STORE[b.state_storage]

@@ -222,7 +222,7 @@ def _seg_sum3(part_ptr, num_tiles, lo, hi, RBLOCK: tl.constexpr):
     added element-wise in tile order, then one ``tl.sum``. The bits depend only on the partials,
     ``lo``, ``hi`` and RBLOCK, not on which program runs it. Loads bypass L1 (``.cg``): the partials
     were written by other programs of this launch."""
-    DT: tl.constexpr = part_ptr.dtype.element_ty  # fp32, or float64 (the exact LAMB kernels' scratch)
+    DT: tl.constexpr = part_ptr.dtype.element_ty  # fp32, or float64 (the low-bit kernels' scratch)
     a0 = tl.zeros([RBLOCK], dtype=DT)
     a1 = tl.zeros([RBLOCK], dtype=DT)
     a2 = tl.zeros([RBLOCK], dtype=DT)

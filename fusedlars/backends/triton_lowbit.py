@@ -167,8 +167,9 @@ def master_rebuild(param, remainder):
 # libms agree to an ulp of a double, not bit for bit (on this project's CPU host, exp(t*log(b)) differs
 # from torch's b**t for two thirds of (b, t), and numpy's and the C library's exp from torch's for 5% and
 # 0.5% of arguments: tests/test_lowbit.py), and an ulp can move the fp32 rounding of a coefficient. So
-# each kernel takes the function torch uses on its device: CUDA's libdevice (``__nv_pow``, ``__nv_exp``,
-# which torch's CUDA kernels call) when compiled, and in the interpreter, whose tensors are CPU tensors,
+# each kernel takes the function torch uses on its device: CUDA's math library when compiled (libdevice's
+# ``__nv_pow``, ``__nv_exp``; torch's CUDA kernels are compiled against the same library: bench/gpu_check.sh
+# runs tests/test_lowbit.py's check of it on a GPU, nothing here has), and in the interpreter, whose tensors are CPU tensors,
 # torch's own CPU functions on 0-dim tensors, element by element (the interpreter cannot run libdevice:
 # extern calls are not interpreted). Once per segment, never per element.
 if _INTERPRET:
