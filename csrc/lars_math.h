@@ -213,18 +213,38 @@ FUSEDLARS_HD FUSEDLARS_INLINE LarsCoef lars_coef(const LarsOptions& o, const Lar
 // g: the unscaled (and sign-applied) gradient; w: weight (master if any); b: momentum buffer in/out.
 // One body for the fp32 kernels (lars_update: the modes as template constants) and the low-bit ones
 // (the modes uniform per segment, read at run time: NOTE [Low-bit element math in fp32]).
-template <class T>
-FUSEDLARS_HD FUSEDLARS_INLINE T lars_update_modes(const LarsCoef& c, int wd, int mom, bool nest, T w, T g, T& b) {
-  T gp = wd == kLarsL2 ? (g + c.lam * w) * c.r : g * c.r;
+//
+// NOTE: [Unit coefficients]
+// x * 1.0f is x, bit for bit (a NaN stays a NaN), so a kernel may skip a product by a coefficient
+// it has checked to be exactly 1: c_g (momentum without dampening, the usual LARS, and every first
+// step) in lars_apply_modes<T, true>, and the gradient factor (no GradScaler, no clip). The cpu fp32
+// kernels do (csrc/cpu/isa_impl.h lars_update_t, UNIT), and where they also report ||g + wd*w||
+// they form g + lam*w once for the sum and the update: 11 vector operations per 16 elements instead
+// of 15 in the step that reads each gradient once, which is bound by its arithmetic where memory is
+// fast (docs/numbers.md). tests/test_cpu_backend.py checks both paths op by op against numpy fp32.
+template <class T, bool UNIT_CG = false>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_apply_modes(const LarsCoef& c, int wd, int mom, bool nest, T w, T gp, T& b) {
   T w_new;
   if (mom) {
-    b = c.mu_b * b + c.c_g * gp;
+    if constexpr (UNIT_CG) b = c.mu_b * b + gp;
+    else b = c.mu_b * b + c.c_g * gp;
     w_new = nest ? w - (c.a_g * gp + c.a_b * b) : w - c.a_b * b;
   } else {
     w_new = w - c.a_g * gp;
   }
   if (wd == kLarsDecoupled) w_new = w_new - c.dec * w;
   return w_new;
+}
+
+// g' = (g + lam*w) * r (l2) or g * r: the direction the trust ratio scales
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_direction(const LarsCoef& c, int wd, T w, T g) {
+  return wd == kLarsL2 ? (g + c.lam * w) * c.r : g * c.r;
+}
+
+template <class T>
+FUSEDLARS_HD FUSEDLARS_INLINE T lars_update_modes(const LarsCoef& c, int wd, int mom, bool nest, T w, T g, T& b) {
+  return lars_apply_modes<T>(c, wd, mom, nest, w, lars_direction<T>(c, wd, w, g), b);
 }
 
 template <int WD, int MOM, bool NEST, class T>

@@ -206,3 +206,78 @@ def test_opcheck(op, dtype):
         torch.testing.assert_close(
             float(torch.ops.fusedlars.grad_sumsq_cpu(grads, torch.tensor(0.5))), want, rtol=1e-6, atol=0
         )
+
+
+# (options, GradScaler scale, norms taken in backward with carried weight norms): the unit-coefficient
+# kernels (gscale == 1 and c_g == 1, csrc/lars_math.h NOTE [Unit coefficients]) and the general ones
+_FP32_MATH_CASES = {
+    "unit": (dict(momentum=0.9), 1.0, False),
+    "unit_nesterov": (dict(momentum=0.9, nesterov=True), 1.0, False),
+    "unit_from_backward": (dict(momentum=0.9), 1.0, True),
+    "grad_scale_3": (dict(momentum=0.9), 3.0, False),
+    "grad_scale_3_from_backward": (dict(momentum=0.9), 3.0, True),
+    "dampening": (dict(momentum=0.9, dampening=0.25), 1.0, False),
+    "classic": (dict(momentum=0.9, momentum_mode="classic"), 1.0, True),
+}
+
+
+@pytestmark_ext
+@pytest.mark.parametrize("case", list(_FP32_MATH_CASES))
+def test_lars_fp32_kernel_is_the_element_math_operation_by_operation(case):
+    """The fp32 LARS kernel (fp32 params and state) redone in numpy float32 from the trust ratio it
+    reports, one IEEE operation at a time in lars_update_modes' order: g * gscale, g' = (g + lam*w) * r,
+    b = mu_b*b + c_g*g', w - a_b*b (nesterov: w - (a_g*g' + a_b*b)). Two steps, params and buffers
+    bitwise. The kernel skips the products by exactly 1 where it may (NOTE [Unit coefficients]);
+    without this test a product by 1 + 2^-23 there passed every other test (they compare fp32 with a
+    tolerance). Also checks that the step that forms g + lam*w once for the update and the reported
+    ||g + wd*w|| reports what the two-pass step reports."""
+    import numpy as np
+
+    kw, scale, from_backward = _FP32_MATH_CASES[case]
+    f = np.float32
+    lr, wd, mu = 0.5, 1e-3, kw["momentum"]
+    shapes = [(4097,), (3,), (65537,), (1,)]
+    gen = torch.Generator().manual_seed(7)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(2)]
+    runs = {}
+    for mode in ("two_pass", "checked"):
+        gen = torch.Generator().manual_seed(3)
+        ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+        nib = from_backward and mode == "checked"
+        opt = fusedlars.LARS(ps, lr=lr, weight_decay=wd, backend="cpu", norms_in_backward=nib,
+                             carry_weight_norms=nib, **kw)  # fmt: skip
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale, enabled=scale != 1.0)
+        ws = [p.detach().numpy().copy() for p in ps]
+        bs = [np.zeros_like(w) for w in ws]
+        unorm = []
+        for t in range(2):
+            opt.zero_grad()
+            scaler.scale(sum((p * g).sum() for p, g in zip(ps, grads[t]))).backward()  # grad = fl32(scale*g)
+            seen = [p.grad.numpy().copy() for p in ps]
+            scaler.step(opt)
+            scaler.update()
+            st = opt.stats()
+            unorm.append(st["update_norm"].clone())
+            for i, p in enumerate(ps):
+                g = seen[i] * f(1.0 / scale)  # gscale = fl32(1/scale) (1 without a scaler)
+                r = f(st["trust_ratio"][i].item())
+                w, b = ws[i], bs[i]
+                gp = (g + f(wd) * w) * r
+                if kw.get("momentum_mode") == "classic":
+                    mu_b, c_g, a_g, a_b = (f(mu) if t else f(0.0)), f(lr), f(lr), f(1.0)
+                else:
+                    mu_b = f(mu) if t else f(0.0)
+                    c_g = f(1.0 - kw.get("dampening", 0.0)) if t else f(1.0)  # 'clone' first step
+                    a_g, a_b = f(lr), f(lr * mu) if kw.get("nesterov") else f(lr)
+                b = mu_b * b + c_g * gp
+                w = w - (a_g * gp + a_b * b) if kw.get("nesterov") else w - a_b * b
+                ws[i], bs[i] = w, b
+                got_w = p.detach().numpy()
+                got_b = opt.state[p]["momentum_buffer"].numpy()
+                assert np.array_equal(got_w.view(np.uint32), w.view(np.uint32)), f"{mode} step {t + 1}, param {i}"
+                assert np.array_equal(got_b.view(np.uint32), b.view(np.uint32)), f"{mode} step {t + 1}, buffer {i}"
+        if nib:
+            assert opt._bwd.taken > 0
+        runs[mode] = unorm
+    for t in range(2):
+        assert torch.equal(runs["two_pass"][t], runs["checked"][t]), f"update_norm, step {t + 1}"

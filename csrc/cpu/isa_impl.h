@@ -76,6 +76,7 @@ static inline __attribute__((always_inline)) fl_dn fl_sqrt(fl_dn x) {
 #include "../lars_math.h"
 #include "../lowbit.h"
 
+#include <cstring>
 #include <type_traits>
 
 namespace fusedlars {
@@ -312,28 +313,45 @@ void lars_sumsq_t(const TileArgs& a, float gscale, float lam, double* out) {
 // master): next step's pass 1 can take ||w||^2 from here instead of reading w (NOTE [Carried weight
 // norms] in optim_cpu.cpp). ACC_U: also sum (g + lam_u*w)^2 of the OLD weights into out[1], exactly
 // as pass 1 does, for a segment whose pass 1 read only g.
-template <class PT, bool MASTER, int WD, int MOM, bool NEST, bool CARRY, bool ACC_U>
+// UNIT (NOTE [Unit coefficients] in lars_math.h): the caller checked gscale == 1 and c.c_g == 1, and
+// with ACC_U and l2 decay that c.lam is lam_u bit for bit, so g + lam*w is formed once for the sum
+// and the update. The same values as without UNIT, with 4 of the 15 vector operations fewer.
+template <class PT, bool MASTER, int WD, int MOM, bool NEST, bool CARRY, bool ACC_U, bool UNIT>
 void lars_update_t(const TileArgs& a, float gscale, float lam_u, const LarsCoef& c_in, double* out) {
   const LarsCoef c = c_in;  // a local copy: stores through float* cannot alias it (no reloads)
   const Buf<PT, MASTER> b(a);
   float* mb = MOM ? a.s0 + a.start : nullptr;
   const int64_t n = a.len;
   constexpr bool kExact = MASTER || std::is_same<PT, float>::value;  // the register is what pass 1 loads
+  constexpr bool kShareU = UNIT && ACC_U && WD == kLarsL2;  // u is the update's g + lam*w
   fl_vd dw = {}, du = {};
+  // one element group: g already scaled and, in the tail, its lanes past the end zeroed
+  auto body = [&](fl_vf w, fl_vf g, fl_vf& buf, Acc16& su) -> fl_vf {
+    fl_vf gp;
+    if constexpr (kShareU) {
+      fl_vf u = g + c.lam * w;
+      su += u * u;
+      gp = u * c.r;
+    } else {
+      if constexpr (ACC_U) {
+        fl_vf u = g + lam_u * w;
+        su += u * u;
+      }
+      gp = lars_direction<fl_vf>(c, WD, w, g);
+    }
+    return lars_apply_modes<fl_vf, UNIT>(c, WD, MOM, NEST, w, gp, buf);
+  };
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t end = i0 + kBlock < n ? i0 + kBlock : n;
     Acc16 sw, su;
     int64_t i = i0;
     for (; i + kW <= end; i += kW) {
       fl_vf w = b.w(i);
-      fl_vf g = IO<PT>::load(b.g + i) * gscale;
-      if (ACC_U) {
-        fl_vf u = g + lam_u * w;
-        su += u * u;
-      }
+      fl_vf g = IO<PT>::load(b.g + i);
+      if constexpr (!UNIT) g = g * gscale;
       fl_vf buf = {};
       if (MOM) buf = IO<float>::load(mb + i);
-      fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
+      fl_vf wn = body(w, g, buf, su);
       if (MOM) IO<float>::store(mb + i, buf);
       b.put(i, wn);
       if (CARRY) {
@@ -344,14 +362,11 @@ void lars_update_t(const TileArgs& a, float gscale, float lam_u, const LarsCoef&
     if (i < end) {
       const int r = static_cast<int>(end - i);
       fl_vf w = b.w_part(i, r);
-      fl_vf g = load_part(b.g + i, r) * gscale;
-      if (ACC_U) {
-        fl_vf u = lane_mask(g, r) + lam_u * w;
-        su += u * u;
-      }
+      fl_vf g = load_part(b.g + i, r);
+      if constexpr (!UNIT) g = g * gscale;
       fl_vf buf = {};
       if (MOM) buf = load_part(mb + i, r);
-      fl_vf wn = lars_update<WD, MOM, NEST>(c, w, g, buf);
+      fl_vf wn = body(w, lane_mask(g, r), buf, su);
       if (MOM) store_part(mb + i, buf, r);
       b.put_part(i, wn, r);
       if (CARRY) {
@@ -511,9 +526,14 @@ void lars_sumsq(const TileArgs& a, int variant, float gscale, float lam, double*
 template <class PT, bool M, int WD, bool CARRY, bool ACC_U>
 FL_AI void lars_update_mom(const TileArgs& a, int mom, int nest, float gscale, float lam_u, const LarsCoef& c,
                            double* out) {
-  if (!mom) lars_update_t<PT, M, WD, 0, false, CARRY, ACC_U>(a, gscale, lam_u, c, out);
-  else if (nest) lars_update_t<PT, M, WD, 1, true, CARRY, ACC_U>(a, gscale, lam_u, c, out);
-  else lars_update_t<PT, M, WD, 1, false, CARRY, ACC_U>(a, gscale, lam_u, c, out);
+  // UNIT only with momentum, where c_g's product is (NOTE [Unit coefficients])
+  const bool unit = gscale == 1.0f && c.c_g == 1.0f &&
+                    (!ACC_U || WD != kLarsL2 || std::memcmp(&lam_u, &c.lam, sizeof(float)) == 0);
+  if (!mom) lars_update_t<PT, M, WD, 0, false, CARRY, ACC_U, false>(a, gscale, lam_u, c, out);
+  else if (nest && unit) lars_update_t<PT, M, WD, 1, true, CARRY, ACC_U, true>(a, gscale, lam_u, c, out);
+  else if (nest) lars_update_t<PT, M, WD, 1, true, CARRY, ACC_U, false>(a, gscale, lam_u, c, out);
+  else if (unit) lars_update_t<PT, M, WD, 1, false, CARRY, ACC_U, true>(a, gscale, lam_u, c, out);
+  else lars_update_t<PT, M, WD, 1, false, CARRY, ACC_U, false>(a, gscale, lam_u, c, out);
 }
 
 template <class PT, bool M, int WD>
