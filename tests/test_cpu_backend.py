@@ -93,7 +93,17 @@ def _det_run():
     for cls, kw in ((fusedlars.LARS, dict(weight_decay=1e-3)), (fusedlars.LAMB, dict(weight_decay=1e-2, lr=1e-2))):
         ps, opt = run(cls, "cpu", steps=2, shapes=SHAPES + [("big", (300_001,))], **kw)
         out += [p.detach() for _, p in ps] + list(snapshot(opt).values())  # state, tables
-    return out
+    # norms from backward and carried weight norms: from the second step on pass 1 reads nothing
+    # (NOTE [One group when pass 1 reads nothing]: one group, however small the budget)
+    gen = torch.Generator().manual_seed(5)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for _, s in SHAPES + [("big", (300_001,))]]
+    opt = fusedlars.LARS(ps, lr=1.0, weight_decay=1e-3, backend="cpu", norms_in_backward=True, carry_weight_norms=True)
+    for _ in range(3):
+        opt.zero_grad()
+        sum((p * torch.randn(p.shape, generator=gen)).sum() for p in ps).backward()
+        opt.step()
+    assert opt._bwd.taken > 0
+    return out + [p.detach() for p in ps] + list(snapshot(opt).values())
 
 
 _CHILD = textwrap.dedent(
