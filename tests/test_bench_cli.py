@@ -27,7 +27,7 @@ def _expected_variants() -> set[str]:
 
 def test_bench_cli_tiny(tmp_path):
     out_json, out_png = tmp_path / "out.json", tmp_path / "out.png"
-    env = dict(os.environ, FUSEDLARS_NO_PROGRESS="1", MPLBACKEND="Agg")
+    env = dict(os.environ, FUSEDLARS_NO_PROGRESS="1", MPLBACKEND="Agg", THP_MEM_ALLOC_ENABLE="1")
     cmd = [sys.executable, "-m", "fusedlars", "bench", "--shapes", "tiny", "--steps", "3", "--warmup", "1",
            "--json", str(out_json), "--plot", str(out_png)]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
@@ -40,6 +40,7 @@ def test_bench_cli_tiny(tmp_path):
     assert meta["n_params"] == 3438 and meta["threads"] >= 1 and meta["machine"] and meta["date"]
     # what else ran, and the OpenMP settings that decide how steps fare beside it (docs/numbers.md)
     assert set(meta["omp_env"]) == {"OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}
+    assert meta["alloc_env"] == {"THP_MEM_ALLOC_ENABLE": "1"} and "| THP_MEM_ALLOC_ENABLE=1" in proc.stdout
     assert set(meta["loadavg_1min"]) == {"start", "end"} and meta["cpus"] == os.cpu_count()
     assert f"load {meta['loadavg_1min']['start']:.1f} on {os.cpu_count()} CPUs" in proc.stdout
     rows = {r["name"]: r for r in res["variants"]}

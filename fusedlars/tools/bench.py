@@ -749,6 +749,7 @@ def run(
             loadavg_1min=dict(start=load0, end=_loadavg()),
             cpus=os.cpu_count(),
             omp_env={k: os.environ.get(k) for k in OMP_ENV},
+            alloc_env={k: os.environ.get(k) for k in ALLOC_ENV},
         ),
         probe=dict(
             name="triad",
@@ -816,6 +817,11 @@ RERUN = "rerun on a quiet machine (nothing else running) for ratios you can use"
 
 #: the OpenMP settings that decide how a step behaves on a shared machine (docs/numbers.md, "Under load")
 OMP_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+#: how torch backs the tensors of a variant: with 4 KiB pages, identical variants built one after the
+#: other in one process ran 3-5% apart on a VM; THP_MEM_ALLOC_ENABLE=1 (huge pages; read by torch at its
+#: first allocation, so set before Python starts) gave them the same speed (docs/numbers.md, "Issue
+#: #25's targets")
+ALLOC_ENV = ("THP_MEM_ALLOC_ENABLE",)
 
 
 def _loadavg() -> float | None:
@@ -903,10 +909,11 @@ def _compare(ratio: float) -> str:
 
 
 def _load_note(m: dict[str, Any]) -> str:
-    """`` | load 3.9 on 2 CPUs`` (1-minute load average at the start) and the OpenMP variables that are set."""
+    """`` | load 3.9 on 2 CPUs`` (1-minute load average at the start) and the OpenMP and allocation
+    variables that are set."""
     la = (m.get("loadavg_1min") or {}).get("start")
     note = f" | load {la:.1f} on {m.get('cpus')} CPUs" if la is not None else ""
-    env = {k: v for k, v in (m.get("omp_env") or {}).items() if v is not None}
+    env = {k: v for k, v in {**(m.get("omp_env") or {}), **(m.get("alloc_env") or {})}.items() if v is not None}
     return note + "".join(f" | {k}={v}" for k, v in env.items())
 
 
