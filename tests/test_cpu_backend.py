@@ -94,7 +94,7 @@ def _det_run():
         ps, opt = run(cls, "cpu", steps=2, shapes=SHAPES + [("big", (300_001,))], **kw)
         out += [p.detach() for _, p in ps] + list(snapshot(opt).values())  # state, tables
     # norms from backward and carried weight norms: from the second step on pass 1 reads nothing
-    # (NOTE [One group when pass 1 reads nothing]: one group, however small the budget)
+    # (NOTE [One group when pass 1 reads nothing]: one group, however small the budget; pass 2 forwards)
     gen = torch.Generator().manual_seed(5)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen)) for _, s in SHAPES + [("big", (300_001,))]]
     opt = fusedlars.LARS(ps, lr=1.0, weight_decay=1e-3, backend="cpu", norms_in_backward=True, carry_weight_norms=True)
@@ -134,11 +134,11 @@ def test_bitwise_same_for_1_and_2_threads_and_any_grouping(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     grouped = torch.load(path)
     assert_bitwise_equal(two, grouped, "grouping changed the results")
-    # pass 2 forwards instead of backwards (NOTE [Pass 2 runs backwards]): the order must not matter
-    env = dict(os.environ, FUSEDLARS_CPU_P2_REVERSE="0", FUSEDLARS_CPU_GROUP_BYTES="65536")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
-    forward = torch.load(path)
-    assert_bitwise_equal(two, forward, "the pass-2 order changed the results")
+    # pass 2 forced forwards, then backwards (NOTE [Pass 2 runs backwards]): the order must not matter
+    for order in "01":
+        env = dict(os.environ, FUSEDLARS_CPU_P2_REVERSE=order, FUSEDLARS_CPU_GROUP_BYTES="65536")
+        subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+        assert_bitwise_equal(two, torch.load(path), f"FUSEDLARS_CPU_P2_REVERSE={order} changed the results")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -148,15 +148,21 @@ constexpr int64_t kLambBudget = int64_t(4) << 20;
 // Each thread runs pass 2 over its tiles of a group in reverse order: the tiles pass 1 read last
 // are the likeliest still in cache, so a group larger than the cache (one big segment) gets hits
 // for its last part instead of evicting it while reading its first part. Order does not change
-// results (pass 2 is element-wise). FUSEDLARS_CPU_P2_REVERSE=0 restores the forward order for
-// benchmarks. Measured: LARS ~3% and LAMB ~2-3% faster backwards with the interleaved schedule on
-// ResNet-50 shapes; with the sequential one (NOTE [Schedule]) the two orders are within the noise
-// (ResNet-50: LARS/SGD 1.063-1.114 backwards, 1.066-1.085 forwards; 24 layers of 512K params:
-// 1.127 backwards, 1.138 forwards; 6 of 2.4M: 1.177 backwards, 1.170 forwards). Kept for the
-// interleaved case's gain and because it costs nothing.
-bool p2_reverse() {
+// results (pass 2 is element-wise). Measured: LARS ~3% and LAMB ~2-3% faster backwards with the
+// interleaved schedule on ResNet-50 shapes; with the sequential one (NOTE [Schedule]) the two orders
+// are within the noise (ResNet-50: LARS/SGD 1.063-1.114 backwards, 1.066-1.085 forwards; 24 layers
+// of 512K params: 1.127 backwards, 1.138 forwards; 6 of 2.4M: 1.177 backwards, 1.170 forwards).
+// Where pass 1 reads nothing (NOTE [One group when pass 1 reads nothing]) there is nothing to find
+// in cache, and pass 2 runs forwards: LARS with norms from backward and carried weight norms, Intel
+// Xeon VM, 2 threads, huge pages (THP_MEM_ALLOC_ENABLE=1), both orders in one process in rotated
+// rounds, in fused SGD steps: ResNet-50 1.043x / 1.040x / 1.043x / 1.036x forwards against 1.052x /
+// 1.067x / 1.055x / 1.052x backwards (four runs, the two built in either order).
+// FUSEDLARS_CPU_P2_REVERSE=0 / =1 force either order (benchmarks, and the tests of order independence).
+bool p2_reverse(bool pass1_reads) {
   const char* env = std::getenv("FUSEDLARS_CPU_P2_REVERSE");
-  return !(env && *env == '0');
+  if (env && *env == '0') return false;
+  if (env && *env == '1') return true;
+  return pass1_reads;
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -251,10 +257,10 @@ void split(const Plan& p, const Group& g, int tid, int nt, int64_t& a, int64_t& 
 // Interleaving doubles the data in flight between a tile's two passes, which costs the hits that
 // pass 2 gets from cache.
 template <class P1, class CO, class P2>
-void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2) {
+void run_plan(const Plan& p, int nth, P1&& pass1, CO&& coef, P2&& pass2, bool pass1_reads = true) {
   const int64_t G = static_cast<int64_t>(p.groups.size());
+  const bool rev = p2_reverse(pass1_reads);
   auto body = [&](int tid, int nt) {
-    const bool rev = p2_reverse();
     for (int64_t k = 0; k < G; ++k) {
       const Group& g = p.groups[k];
       int64_t a = 0, b = 0;
@@ -618,7 +624,8 @@ void lars_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
         const float lam_u = static_cast<float>(c.lam(o.weight_decay, p.seg[si]));
         k.lars_update(a, g.variant, o.wd_mode, mom, o.nesterov, carry, gscale, lam_u, coef[slot * NS + si],
                       part2.empty() ? nullptr : &part2[2 * t]);
-      });
+      },
+      !no_pass1);
   if (part2.empty()) return;
   // per segment, tiles in order (as the coefficient phase sums pass 1's partials)
   for (int64_t si = 0; si < NS; ++si) {
