@@ -261,3 +261,19 @@ def test_the_timing_resnet50_has_the_resnet50_layout():
     assert [(n, tuple(p.shape)) for n, p in model.named_parameters()] == [(n, tuple(s)) for n, s in resnet50()]
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 1000)
+
+
+def test_grad_passes_rotates_the_variants_every_round():
+    """grad_passes times its variants round-robin with the first one rotating, as the bench does: with a
+    fixed order a variant's place in the round moved its time by ~3% on a VM (docs/numbers.md)."""
+    from fusedlars.tools import grad_passes
+    from fusedlars.tools.shapes import tiny
+
+    runs = {"a": 1, "b": 2, "c": 3}
+    assert [[k for k, _ in grad_passes._rotated(runs, i)] for i in range(4)] == [
+        ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]
+    ]  # fmt: skip
+    times = grad_passes.time_backward_and_step([s for _, s in tiny()], rounds=4)
+    assert set(times) == set(grad_passes.backward_variants()) and all(len(t) == 4 for t in times.values())
+    hooks = grad_passes.time_hooks([s for _, s in tiny()], rounds=2)  # one model, hooks on and off
+    assert set(hooks) == {"backward, hooks on", "backward, hooks off"} and all(len(t) == 2 for t in hooks.values())

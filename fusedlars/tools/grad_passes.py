@@ -2,8 +2,9 @@
 
     python -m fusedlars.tools.grad_passes [--rounds 60] [--threads 2] [--shapes resnet50] [--device cuda]
 
-Times, interleaved round-robin in one process over the shape set's tensors (fp32, the grads kept from
-round to round as after ``zero_grad(set_to_none=False)``), one ``step()`` of:
+Times, interleaved round-robin (the first variant rotates every round) in one process over the shape
+set's tensors (fp32, the grads kept from round to round as after ``zero_grad(set_to_none=False)``),
+one ``step()`` of:
 
 * torch's fused SGD and AdamW (no trust ratio), and torch's ``clip_grad_norm_`` + fused SGD;
 * ``fusedlars.LARS`` two-pass, with and without ``carry_weight_norms``;
@@ -18,7 +19,10 @@ With ``--backward``, each timed round is instead ``zero_grad()``, a forward and 
 every grad, then ``step()`` (the hooks' cost inside backward included), for fused SGD, two-pass LARS
 and LARS with its norms taken in backward. The forward is one elementwise product and sum per tensor
 (``loss = sum((p * x).sum())``): the cheapest backward that writes every grad, so the hooks' share of
-the time is as large as it can be; a real network's backward is longer and dilutes it.
+the time is as large as it can be; a real network's backward is longer and dilutes it. Each variant
+has its own model, and identical models built one after the other ran up to 6% apart on a VM, so
+``--backward`` then also times the hooks alone: one model's forward and backward with the hooks
+registered and without, alternating, and prints their cost per backward.
 
 Prints the medians, their IQRs and the ratios that issue #25 names. Timings drift between runs on a
 shared machine: read the ratios of one run, and repeat the run. ``fusedlars bench --norms-in-backward
@@ -88,6 +92,14 @@ def backward_variants(device: torch.device | None = None) -> dict:
     }
 
 
+def _rotated(runs: dict, i: int) -> list:
+    """Round ``i``'s order: the variants' items, starting at the ``i``-th (mod their number), so that
+    drift and a variant's position in a round hit every variant alike, as in the bench."""
+    items = list(runs.items())
+    k = i % len(items)
+    return items[k:] + items[:k]
+
+
 def _sync(device: torch.device) -> None:
     """Wait for the device's queued work (a CUDA step is timed to its end, not to its launch)."""
     if device.type == "cuda":
@@ -97,7 +109,8 @@ def _sync(device: torch.device) -> None:
 def time_backward_and_step(
     shapes, rounds: int, network: tuple[int, int] | None = None, device: torch.device | str = "cpu"
 ) -> dict[str, list[float]]:
-    """Seconds per round of zero_grad + forward + backward + step, interleaved round-robin.
+    """Seconds per round of zero_grad + forward + backward + step, interleaved round-robin (the
+    starting variant rotates every round).
     ``network`` (batch, image side): a real ResNet-50 (fusedlars.tools.resnet) on random images
     instead of the one-product-per-tensor forward."""
     dev = torch.device(device)
@@ -127,13 +140,58 @@ def time_backward_and_step(
     for r in runs.values():  # state, buckets
         one(*r)
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(rounds):
-        for name, r in runs.items():
+    for i in range(rounds):
+        for name, r in _rotated(runs, i):
             _sync(dev)
             t0 = time.perf_counter()
             one(*r)
             _sync(dev)
             times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def time_hooks(
+    shapes, rounds: int, network: tuple[int, int] | None = None, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds per zero_grad + forward + backward of ONE model (or one set of tensors), with the hooks
+    of ``norms_in_backward=True`` registered and without, alternating (the first rotates every round).
+    Identical models built one after the other ran up to 6% apart on a VM, so the hooks' cost is
+    taken on one model; no step runs, so nothing else differs."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    if network is None:
+        ps = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.1) for s in shapes]
+        xs = [torch.randn(s, device=dev) * 0.01 for s in shapes]
+
+        def loss():
+            return sum((p * x).sum() for p, x in zip(ps, xs))
+    else:
+        from .resnet import ResNet50
+
+        model = ResNet50().to(dev)
+        ps = list(model.parameters())
+        images = torch.randn(network[0], 3, network[1], network[1], device=dev)
+
+        def loss():
+            return model(images).logsumexp(1).mean()
+
+    opt = fusedlars.LARS(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, norms_in_backward=True)
+    bwd = opt._bwd
+    runs = {"backward, hooks on": True, "backward, hooks off": False}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(rounds + 1):  # round 0 warms up
+        for name, on in _rotated(runs, i):
+            bwd.remove()
+            if on:
+                bwd.add(ps)
+            opt.zero_grad()
+            _sync(dev)
+            t0 = time.perf_counter()
+            loss().backward()
+            _sync(dev)
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    assert bwd.taken > 0
     return times
 
 
@@ -171,6 +229,10 @@ def main() -> None:
         sgd = med["torch SGD(fused)"]
         print(f"backward + step, in torch SGD(fused) rounds: LARS {med['LARS'] / sgd:.3f}x, "
               f"LARS bwd carry {med['LARS bwd carry'] / sgd:.3f}x")  # fmt: skip
+        hk = _report(time_hooks(shapes, args.rounds, net, dev))
+        on, off = hk["backward, hooks on"], hk["backward, hooks off"]
+        print(f"the hooks of norms_in_backward, on one model: {on - off:+.2f} ms per backward, "
+              f"{(on - off) / sgd:+.2%} of a fused-SGD round")  # fmt: skip
         print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, torch {torch.__version__}, {dev}")
         return
     runs = {}
@@ -187,8 +249,8 @@ def main() -> None:
         opt.step()  # state, buckets
         runs[name] = opt
     times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(args.rounds):
-        for name, opt in runs.items():
+    for i in range(args.rounds):
+        for name, opt in _rotated(runs, i):
             _sync(dev)
             t0 = time.perf_counter()
             opt.step()
