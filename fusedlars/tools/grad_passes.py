@@ -55,23 +55,26 @@ class ClipThenStep:
         self.opt.step()
 
 
+#: the hyperparameters of every LARS variant and of the fused SGD it is compared with
+LARS_KW = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+
 def variants() -> dict:
-    lars = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
     lamb = dict(lr=1e-3, weight_decay=0.01)
 
     def sgd(ps):
-        return torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True)
+        return torch.optim.SGD(ps, fused=True, **LARS_KW)
 
     return {
         "torch SGD(fused)": sgd,
         "torch clip_grad_norm_ + SGD(fused)": lambda ps: ClipThenStep(sgd(ps), ps, False),
-        "LARS": lambda ps: fusedlars.LARS(ps, **lars),
-        "LARS carry": lambda ps: fusedlars.LARS(ps, carry_weight_norms=True, **lars),
-        "LARS bwd": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, **lars),
-        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **lars),
-        "LARS + clip": lambda ps: ClipThenStep(fusedlars.LARS(ps, **lars), ps, True),
+        "LARS": lambda ps: fusedlars.LARS(ps, **LARS_KW),
+        "LARS carry": lambda ps: fusedlars.LARS(ps, carry_weight_norms=True, **LARS_KW),
+        "LARS bwd": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, **LARS_KW),
+        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **LARS_KW),
+        "LARS + clip": lambda ps: ClipThenStep(fusedlars.LARS(ps, **LARS_KW), ps, True),
         "LARS bwd carry + clip": lambda ps: ClipThenStep(
-            fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **lars), ps, True
+            fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=True, **LARS_KW), ps, True
         ),
         "torch AdamW(fused)": lambda ps: torch.optim.AdamW(ps, fused=True, **lamb),
         "LAMB": lambda ps: fusedlars.LAMB(ps, **lamb),
@@ -83,12 +86,11 @@ def variants() -> dict:
 def backward_variants(device: torch.device | None = None) -> dict:
     """fused SGD, two-pass LARS, LARS with norms from backward (and carried weight norms where the
     device's backend carries them: the cpu backend; on a GPU the step's norm pass reads the weights)."""
-    lars = dict(lr=0.1, momentum=0.9, weight_decay=1e-4)
     carry = device is None or device.type == "cpu"
     return {
-        "torch SGD(fused)": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, fused=True),
-        "LARS": lambda ps: fusedlars.LARS(ps, **lars),
-        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=carry, **lars),
+        "torch SGD(fused)": lambda ps: torch.optim.SGD(ps, fused=True, **LARS_KW),
+        "LARS": lambda ps: fusedlars.LARS(ps, **LARS_KW),
+        "LARS bwd carry": lambda ps: fusedlars.LARS(ps, norms_in_backward=True, carry_weight_norms=carry, **LARS_KW),
     }
 
 
@@ -98,6 +100,22 @@ def _rotated(runs: dict, i: int) -> list:
     items = list(runs.items())
     k = i % len(items)
     return items[k:] + items[:k]
+
+
+def _workload(shapes, network: tuple[int, int] | None, dev: torch.device):
+    """(params, loss function) of one timed model: one product and sum per tensor of ``shapes``, or
+    with ``network`` (batch, image side) a real ResNet-50 (fusedlars.tools.resnet) on random images.
+    Seeded, so every call builds the same values."""
+    torch.manual_seed(0)
+    if network is None:
+        ps = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.1) for s in shapes]
+        xs = [torch.randn(s, device=dev) * 0.01 for s in shapes]
+        return ps, lambda: sum((p * x).sum() for p, x in zip(ps, xs))
+    from .resnet import ResNet50
+
+    model = ResNet50().to(dev)
+    images = torch.randn(network[0], 3, network[1], network[1], device=dev)
+    return list(model.parameters()), lambda: model(images).logsumexp(1).mean()
 
 
 def _sync(device: torch.device) -> None:
@@ -116,25 +134,12 @@ def time_backward_and_step(
     dev = torch.device(device)
     runs = {}
     for name, make in backward_variants(dev).items():
-        torch.manual_seed(0)
-        if network is None:
-            ps = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.1) for s in shapes]
-            xs = [torch.randn(s, device=dev) * 0.01 for s in shapes]
-        else:
-            from .resnet import ResNet50
+        ps, loss = _workload(shapes, network, dev)
+        runs[name] = (ps, loss, make(ps))
 
-            model = ResNet50().to(dev)
-            ps = list(model.parameters())
-            xs = [model, torch.randn(network[0], 3, network[1], network[1], device=dev)]
-        runs[name] = (ps, xs, make(ps))
-
-    def one(ps, xs, opt) -> None:
+    def one(ps, loss, opt) -> None:
         opt.zero_grad()
-        if network is None:
-            loss = sum((p * x).sum() for p, x in zip(ps, xs))
-        else:
-            loss = xs[0](xs[1]).logsumexp(1).mean()
-        loss.backward()
+        loss().backward()
         opt.step()
 
     for r in runs.values():  # state, buckets
@@ -158,24 +163,8 @@ def time_hooks(
     Identical models built one after the other ran up to 6% apart on a VM, so the hooks' cost is
     taken on one model; no step runs, so nothing else differs."""
     dev = torch.device(device)
-    torch.manual_seed(0)
-    if network is None:
-        ps = [torch.nn.Parameter(torch.randn(s, device=dev) * 0.1) for s in shapes]
-        xs = [torch.randn(s, device=dev) * 0.01 for s in shapes]
-
-        def loss():
-            return sum((p * x).sum() for p, x in zip(ps, xs))
-    else:
-        from .resnet import ResNet50
-
-        model = ResNet50().to(dev)
-        ps = list(model.parameters())
-        images = torch.randn(network[0], 3, network[1], network[1], device=dev)
-
-        def loss():
-            return model(images).logsumexp(1).mean()
-
-    opt = fusedlars.LARS(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, norms_in_backward=True)
+    ps, loss = _workload(shapes, network, dev)
+    opt = fusedlars.LARS(ps, norms_in_backward=True, **LARS_KW)
     bwd = opt._bwd
     runs = {"backward, hooks on": True, "backward, hooks off": False}
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -191,7 +180,8 @@ def time_hooks(
             _sync(dev)
             if i:
                 times[name].append(time.perf_counter() - t0)
-    assert bwd.taken > 0
+    if not bwd.taken:
+        raise RuntimeError("grad_passes.time_hooks: the hooks of norms_in_backward took no norm")
     return times
 
 
